@@ -1,0 +1,40 @@
+# pgveil: the proxy (port 6432) and its admin server (/metrics, /healthz, /readyz; port 9187).
+#
+#   docker build -t pgveil .
+#   docker run -p 6432:6432 -p 9187:9187 -v "$PWD/pgveil.yaml:/etc/pgveil/pgveil.yaml:ro" pgveil
+#
+# The configuration is mounted, never baked in: it references key files and tokens, which must come from
+# a secret mount too. The proxy must listen on 0.0.0.0 inside the container (listen and admin addresses in
+# the configuration) for the published ports to reach it.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
+
+# A fixed numeric uid, so orchestrators can check runAsNonRoot without resolving names.
+RUN groupadd --system --gid 10001 pgveil \
+ && useradd --system --uid 10001 --gid pgveil --home-dir /var/lib/pgveil --no-create-home \
+        --shell /usr/sbin/nologin pgveil \
+ && install -d -o root -g pgveil -m 0750 /etc/pgveil \
+ && install -d -o pgveil -g pgveil -m 0700 /var/lib/pgveil
+
+# Binary wheels exist for every dependency on amd64 and arm64, so no compiler is needed.
+COPY . /tmp/pgveil-src
+RUN pip install /tmp/pgveil-src && rm -rf /tmp/pgveil-src
+
+USER 10001:10001
+WORKDIR /var/lib/pgveil
+
+EXPOSE 6432 9187
+
+# Only this check reads the variable; change it if the admin server listens elsewhere. No proxy
+# handler, so an HTTP(S)_PROXY in the environment cannot send the check off the container.
+ENV PGVEIL_HEALTHCHECK_URL=http://127.0.0.1:9187/healthz
+HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open(os.environ['PGVEIL_HEALTHCHECK_URL'], timeout=3)"]
+
+ENTRYPOINT ["pgveil"]
+CMD ["serve", "--config", "/etc/pgveil/pgveil.yaml"]

@@ -1,0 +1,502 @@
+"""The workload registry: what each benchmark does, on which targets, and against what it is compared.
+
+A workload is a function from (context, target) to a :class:`Measurement`, plus the setup it needs
+once per cluster and the hook it needs before every run. It must not start or stop the benchmarked
+targets, and it measures nothing about the middleman's CPU: the runner does that around it, the same
+way for all (and restarts the middleman first when the workload asks for a ``fresh_target``).
+
+Encrypted columns: ``pgveil-encrypted`` protects the five text columns of ``bench_wide_enc`` and
+``bench_ins_enc``. :func:`setup_encrypted` makes them ``bytea`` with the envelope CHECK (the schema
+tooling, as an operator would) and fills ``bench_wide_enc`` *through* a short-lived pgveil-encrypted
+with the rows of ``bench_wide``, so the stored values are real envelopes and the encrypted wide fetch
+returns exactly what the plaintext one does. The encrypted workloads run only on that target and divide
+by the plaintext workload on ``direct`` (``baseline``); ``wide-fetch`` and ``insert-single`` also run on
+it, on their plaintext tables, which shows what the full statement model costs before any cryptography.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from bench.pgbench import BenchError, Endpoint, PgbenchRun, pgbench_init, run_pgbench
+from bench.procfs import rss_kib
+from bench.targets import PgveilEncrypted2Target, PgveilEncryptedTarget, Target, TargetUnavailable
+from proxy.devcluster import DevCluster
+
+log = logging.getLogger(__name__)
+
+# Plaintext-table workloads run on these (pgveil-encrypted: the full statement model on a plain table).
+PLAIN_TABLE_TARGETS = ("direct", "pgveil", "pgveil-encrypted", "pgbouncer")
+ALL_TARGETS = ("direct", "pgveil", "pgveil-encrypted", "pgveil-encrypted-2w", "pgbouncer")
+ENCRYPTED_TARGETS = ("pgveil-encrypted", "pgveil-encrypted-2w")
+# The workloads on plaintext tables that compare the middlemen among themselves.
+PLAIN_TARGETS = ("direct", "pgveil", "pgbouncer")
+MIDDLEMEN = ("pgveil", "pgveil-encrypted", "pgveil-encrypted-2w", "pgbouncer")
+PGBENCH_SCALE = 10
+WIDE_ROWS = 1000
+TEXT_COLUMNS = ("c1", "c2", "c3", "c4", "c5")
+# What pgveil-encrypted protects: ``schema.table`` -> column -> declared type.
+PROTECTED_TABLES: Mapping[str, Mapping[str, str]] = {
+    "public.bench_wide_enc": dict.fromkeys(TEXT_COLUMNS, "text"),
+    "public.bench_ins_enc": dict.fromkeys(TEXT_COLUMNS, "text"),
+}
+IDLE_HOLD_S = 1.0
+IDLE_CONNECT_CONCURRENCY = 50
+BACKEND_DRAIN_TIMEOUT_S = 60.0
+
+# Benchmark fixtures, not secrets: they encrypt generated md5 strings in a throwaway cluster.
+PGCRYPTO_KEY_HEX = "5f0c6d2b8a1e4f3c9b7a6d5e4c3b2a190817263544536271809a8b7c6d5e4f30"
+PGCRYPTO_IV_HEX = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+PGP_PASSPHRASE = "pgveil-bench-passphrase"
+
+
+@dataclass(frozen=True, slots=True)
+class BenchContext:
+    cluster: DevCluster
+    direct: Endpoint
+    pgbench: Path
+    workdir: Path
+    duration: int
+    idle_connections: int
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """One run of one workload on one target. ``tps`` is None for workloads without transactions."""
+
+    transactions: int = 0
+    failed: int = 0
+    tps: float | None = None
+    latencies_us: tuple[int, ...] = ()
+    idle_kib_per_conn: float | None = None
+    progress_tps: tuple[float, ...] = ()
+    note: str = ""
+
+
+RunFn = Callable[[BenchContext, Target], Measurement]
+SetupFn = Callable[[BenchContext], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    name: str
+    description: str
+    targets: tuple[str, ...]
+    run: RunFn
+    setup: tuple[SetupFn, ...] = ()
+    before_run: SetupFn | None = None
+    baseline: tuple[str, str] | None = None
+    rows_per_tx: int | None = None
+    max_rounds: int | None = None
+    fresh_target: bool = False
+
+    @property
+    def ratio_baseline(self) -> tuple[str, str]:
+        """(workload, target) whose throughput this workload's ratio divides by."""
+        return self.baseline or (self.name, "direct")
+
+
+# -- setup ---------------------------------------------------------------------------------------
+def _sql(cluster: DevCluster, *statements: str) -> str:
+    """Runs each statement on its own (VACUUM cannot share a ``psql -c``), as the superuser."""
+    out = ""
+    for statement in statements:
+        try:
+            out = cluster.psql(statement)
+        except subprocess.CalledProcessError as exc:
+            raise BenchError(f"setup SQL failed: {str(exc.stderr).strip()}") from None
+    return out
+
+
+def setup_pgbench_tables(ctx: BenchContext) -> None:
+    pgbench_init(ctx.pgbench, ctx.direct, PGBENCH_SCALE)
+
+
+def _text_col(i: int) -> str:
+    return f"substr(md5(i::text || '-c{i}'), 1, 20)"
+
+
+def setup_wide(ctx: BenchContext) -> None:
+    cols = ", ".join(_text_col(i) for i in range(1, 6))
+    _sql(
+        ctx.cluster,
+        "DROP TABLE IF EXISTS bench_wide;"
+        "CREATE TABLE bench_wide (id int PRIMARY KEY, c1 text, c2 text, c3 text, c4 text, c5 text);"
+        f"INSERT INTO bench_wide SELECT i, {cols} FROM generate_series(1, {WIDE_ROWS}) AS i;",
+        "VACUUM ANALYZE bench_wide;",
+    )
+
+
+def setup_insert(ctx: BenchContext) -> None:
+    _sql(
+        ctx.cluster,
+        "DROP TABLE IF EXISTS bench_ins;"
+        "CREATE TABLE bench_ins (id bigserial PRIMARY KEY, c1 text, c2 text, c3 text, c4 text, c5 text);",
+    )
+
+
+def truncate_insert(ctx: BenchContext) -> None:
+    """Every target starts from the same empty table, so none pays for another's index growth."""
+    _sql(ctx.cluster, "TRUNCATE bench_ins RESTART IDENTITY;")
+
+
+def encrypted_target(ctx: BenchContext, workers: int = 1) -> PgveilEncryptedTarget:
+    cls = PgveilEncrypted2Target if workers == 2 else PgveilEncryptedTarget
+    return cls(ctx.cluster, ctx.workdir, PROTECTED_TABLES)
+
+
+def _connect(endpoint: Endpoint) -> psycopg.Connection[tuple[Any, ...]]:
+    return psycopg.connect(
+        host=endpoint.host,
+        port=endpoint.port,
+        user=endpoint.user,
+        password=endpoint.password,
+        dbname=endpoint.dbname,
+        sslmode="disable",
+        connect_timeout=10,
+    )
+
+
+async def _apply_schema(ctx: BenchContext, target: PgveilEncryptedTarget) -> None:
+    import asyncpg
+
+    from proxy.config import parse_config
+    from proxy.schema import apply_schema, plan_schema
+
+    config = parse_config(target.config_data(), base_dir=ctx.workdir, environ=target.keystore_environ)
+    conn = await asyncpg.connect(ctx.cluster.dsn())
+    try:
+        await apply_schema(conn, await plan_schema(conn, config.catalog()))
+    finally:
+        await conn.close()
+
+
+def _fill_wide_encrypted(ctx: BenchContext, target: PgveilEncryptedTarget) -> None:
+    columns = ", ".join(("id", *TEXT_COLUMNS))
+    with _connect(ctx.direct) as direct:
+        rows = direct.execute(f"SELECT {columns} FROM bench_wide ORDER BY id").fetchall()
+    placeholders = ", ".join(["%s"] * (1 + len(TEXT_COLUMNS)))
+    try:
+        with _connect(target.endpoint) as conn:
+            with conn.cursor() as cur:
+                cur.executemany(f"INSERT INTO bench_wide_enc ({columns}) VALUES ({placeholders})", rows)
+            conn.commit()
+            back = conn.execute(f"SELECT {columns} FROM bench_wide_enc ORDER BY id").fetchall()
+    except psycopg.Error as exc:
+        raise BenchError(f"filling bench_wide_enc through {target.name} failed: {type(exc).__name__}: {exc}") from None
+    # Proves that the benchmark decrypts what it should: every value survives the round trip.
+    if back != rows:
+        raise BenchError(f"bench_wide_enc read through {target.name} differs from bench_wide")
+
+
+def setup_encrypted(ctx: BenchContext) -> None:
+    """The protected tables, ready for pgveil-encrypted, with ``bench_wide_enc`` filled through it.
+
+    If pgveil cannot do that, the tables are dropped again and the run goes on: pgveil-encrypted then
+    never becomes ready (its tables are missing), so it is skipped with that reason, and the other
+    targets are still measured.
+    """
+    texts = ", ".join(f"{c} text" for c in TEXT_COLUMNS)
+    _sql(
+        ctx.cluster,
+        "DROP TABLE IF EXISTS bench_wide_enc, bench_ins_enc;"
+        f"CREATE TABLE bench_wide_enc (id int PRIMARY KEY, {texts});"
+        f"CREATE TABLE bench_ins_enc (id bigserial PRIMARY KEY, {texts});",
+    )
+    target = encrypted_target(ctx)
+    try:
+        asyncio.run(_apply_schema(ctx, target))
+        try:
+            target.start()
+        except TargetUnavailable as exc:
+            raise BenchError(f"cannot start {target.name} to fill bench_wide_enc: {exc}") from None
+        try:
+            _fill_wide_encrypted(ctx, target)
+        finally:
+            target.stop()
+    except Exception as exc:
+        log.warning("setup of the encrypted tables failed, %s will be skipped: %s", target.name, exc)
+        _sql(ctx.cluster, "DROP TABLE IF EXISTS bench_wide_enc, bench_ins_enc;")
+        return
+    _sql(ctx.cluster, "VACUUM ANALYZE bench_wide_enc;")
+
+
+def truncate_insert_encrypted(ctx: BenchContext) -> None:
+    _sql(ctx.cluster, "TRUNCATE bench_ins_enc RESTART IDENTITY;")
+
+
+def _iv_args() -> str:
+    return f"decode('{PGCRYPTO_KEY_HEX}', 'hex'), decode('{PGCRYPTO_IV_HEX}', 'hex'), 'aes-cbc'"
+
+
+def setup_pgcrypto_iv(ctx: BenchContext) -> None:
+    enc = ", ".join(f"encrypt_iv(convert_to(c{i}, 'UTF8'), {_iv_args()})" for i in range(1, 6))
+    _sql(
+        ctx.cluster,
+        "CREATE EXTENSION IF NOT EXISTS pgcrypto;"
+        "DROP TABLE IF EXISTS bench_wide_pgcrypto_iv;"
+        "CREATE TABLE bench_wide_pgcrypto_iv (id int PRIMARY KEY,"
+        " c1 bytea, c2 bytea, c3 bytea, c4 bytea, c5 bytea);"
+        f"INSERT INTO bench_wide_pgcrypto_iv SELECT id, {enc} FROM bench_wide;",
+        "VACUUM ANALYZE bench_wide_pgcrypto_iv;",
+    )
+
+
+def setup_pgcrypto_pgp(ctx: BenchContext) -> None:
+    enc = ", ".join(f"pgp_sym_encrypt(c{i}, '{PGP_PASSPHRASE}')" for i in range(1, 6))
+    _sql(
+        ctx.cluster,
+        "CREATE EXTENSION IF NOT EXISTS pgcrypto;"
+        "DROP TABLE IF EXISTS bench_wide_pgcrypto_pgp;"
+        "CREATE TABLE bench_wide_pgcrypto_pgp (id int PRIMARY KEY,"
+        " c1 bytea, c2 bytea, c3 bytea, c4 bytea, c5 bytea);"
+        f"INSERT INTO bench_wide_pgcrypto_pgp SELECT id, {enc} FROM bench_wide;",
+        "VACUUM ANALYZE bench_wide_pgcrypto_pgp;",
+    )
+
+
+# -- pgbench workloads ---------------------------------------------------------------------------
+def _from_pgbench(run: PgbenchRun) -> Measurement:
+    notes: list[str] = []
+    if run.exit_code != 0:
+        notes.append(f"pgbench exit {run.exit_code}")
+    if run.summary.aborted_clients:
+        notes.append(f"{run.summary.aborted_clients} clients aborted")
+    return Measurement(
+        transactions=run.summary.transactions,
+        failed=max(run.summary.failed, run.failed_in_log),
+        tps=run.summary.tps,
+        latencies_us=run.latencies_us,
+        progress_tps=run.progress_tps,
+        note=", ".join(notes),
+    )
+
+
+def builtin_select(mode: str) -> RunFn:
+    def run(ctx: BenchContext, target: Target) -> Measurement:
+        args = ["-S", "-M", mode, "-c", "8", "-j", "2"]
+        return _from_pgbench(run_pgbench(ctx.pgbench, target.endpoint, args, ctx.duration, ctx.workdir))
+
+    return run
+
+
+def custom_script(
+    script_name: str, sql: str, *, clients: int = 2, mode: str = "prepared", defines: Sequence[str] = ()
+) -> RunFn:
+    def run(ctx: BenchContext, target: Target) -> Measurement:
+        script = ctx.workdir / "scripts" / f"{script_name}.sql"
+        script.parent.mkdir(exist_ok=True)
+        script.write_text(sql + "\n")
+        args = ["-f", str(script), "-M", mode, "-c", str(clients), "-j", str(min(clients, 2))]
+        for define in defines:
+            args += ["-D", define]
+        return _from_pgbench(run_pgbench(ctx.pgbench, target.endpoint, args, ctx.duration, ctx.workdir))
+
+    return run
+
+
+WIDE_SQL = "SELECT id, c1, c2, c3, c4, c5 FROM bench_wide;"
+WIDE_ENCRYPTED_SQL = "SELECT id, c1, c2, c3, c4, c5 FROM bench_wide_enc;"
+INSERT_SQL = "INSERT INTO bench_ins (c1, c2, c3, c4, c5) VALUES (:txt, :txt, :txt, :txt, :txt);"
+INSERT_ENCRYPTED_SQL = "INSERT INTO bench_ins_enc (c1, c2, c3, c4, c5) VALUES (:txt, :txt, :txt, :txt, :txt);"
+INSERT_TEXT = "txt=abcdefghijklmnopqrst"
+PGCRYPTO_IV_SQL = (
+    "SELECT id, "
+    + ", ".join(f"convert_from(decrypt_iv(c{i}, {_iv_args()}), 'UTF8') AS c{i}" for i in range(1, 6))
+    + " FROM bench_wide_pgcrypto_iv;"
+)
+PGCRYPTO_PGP_SQL = (
+    "SELECT id, "
+    + ", ".join(f"pgp_sym_decrypt(c{i}, '{PGP_PASSPHRASE}') AS c{i}" for i in range(1, 6))
+    + " FROM bench_wide_pgcrypto_pgp;"
+)
+
+
+# -- idle memory ---------------------------------------------------------------------------------
+def _client_backends(cluster: DevCluster) -> int:
+    out = _sql(cluster, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'")
+    return int(out.strip())
+
+
+async def _hold_idle(endpoint: Endpoint, count: int, measure: Callable[[], int]) -> tuple[int, int, str]:
+    """Opens ``count`` connections, holds them idle, and calls ``measure`` while they are open.
+
+    Returns (connections opened, measured value, first error or "").
+    """
+    import asyncpg
+
+    gate = asyncio.Semaphore(IDLE_CONNECT_CONCURRENCY)
+    conns: list[Any] = []
+
+    async def connect() -> None:
+        async with gate:
+            conn = await asyncpg.connect(
+                host=endpoint.host,
+                port=endpoint.port,
+                user=endpoint.user,
+                password=endpoint.password,
+                database=endpoint.dbname,
+                ssl=False,
+                timeout=30,
+            )
+            conns.append(conn)
+            # An application's pooled connection has run queries; a session-mode pooler only binds a
+            # server connection at the first one, so without it the pooler would be measured half-empty.
+            await conn.fetchval("SELECT 1", timeout=30)
+
+    try:
+        results = await asyncio.gather(*(connect() for _ in range(count)), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        first_error = f"{type(errors[0]).__name__}: {errors[0]}" if errors else ""
+        await asyncio.sleep(IDLE_HOLD_S)
+        value = measure()
+        return len(conns), value, first_error
+    finally:
+        await asyncio.gather(*(c.close(timeout=5) for c in conns), return_exceptions=True)
+
+
+def _wait_for_drain(cluster: DevCluster, limit: int) -> None:
+    """Waits until a pooling middleman has closed the server connections idle-memory made it open."""
+    deadline = time.monotonic() + BACKEND_DRAIN_TIMEOUT_S
+    while _client_backends(cluster) > limit:
+        if time.monotonic() > deadline:
+            log.warning("server connections did not drain to %d within %.0f s", limit, BACKEND_DRAIN_TIMEOUT_S)
+            return
+        time.sleep(0.5)
+
+
+def run_idle_memory(ctx: BenchContext, target: Target) -> Measurement:
+    if not target.middleman_pids():
+        return Measurement()
+    backends_before = _client_backends(ctx.cluster)
+    before = rss_kib(target.middleman_pids())
+    try:
+        opened, during, error = asyncio.run(
+            _hold_idle(target.endpoint, ctx.idle_connections, lambda: rss_kib(target.middleman_pids()))
+        )
+    finally:
+        _wait_for_drain(ctx.cluster, backends_before + 10)
+    if opened == 0:
+        raise BenchError(f"no idle connection could be opened through {target.name}: {error}")
+    note = f"RSS {before} -> {during} KiB with {opened} connections"
+    if opened < ctx.idle_connections:
+        note += f"; only {opened} of {ctx.idle_connections} connected ({error})"
+    return Measurement(idle_kib_per_conn=(during - before) / opened, note=note)
+
+
+# -- the registry --------------------------------------------------------------------------------
+WORKLOADS: tuple[Workload, ...] = (
+    Workload(
+        "pgbench-S-simple",
+        "pgbench -S (select-only), simple query protocol, 8 clients",
+        PLAIN_TARGETS,
+        builtin_select("simple"),
+        setup=(setup_pgbench_tables,),
+    ),
+    Workload(
+        "pgbench-S-extended",
+        "pgbench -S, extended protocol with unnamed statements, 8 clients",
+        PLAIN_TARGETS,
+        builtin_select("extended"),
+        setup=(setup_pgbench_tables,),
+    ),
+    Workload(
+        "pgbench-S-prepared",
+        "pgbench -S, named prepared statements, 8 clients",
+        PLAIN_TARGETS,
+        builtin_select("prepared"),
+        setup=(setup_pgbench_tables,),
+    ),
+    Workload(
+        "wide-fetch",
+        f"all {WIDE_ROWS} rows of bench_wide (5 text columns of 20 chars) per transaction, 2 clients"
+        " (on pgveil-encrypted: an unprotected table under the full statement model)",
+        PLAIN_TABLE_TARGETS,
+        custom_script("wide-fetch", WIDE_SQL),
+        setup=(setup_wide, setup_encrypted),
+        rows_per_tx=WIDE_ROWS,
+    ),
+    Workload(
+        "wide-fetch-encrypted",
+        f"wide-fetch of bench_wide_enc: the same {WIDE_ROWS} rows, 5 columns encrypted, decrypted by pgveil",
+        ENCRYPTED_TARGETS,
+        custom_script("wide-fetch-encrypted", WIDE_ENCRYPTED_SQL),
+        setup=(setup_wide, setup_encrypted),
+        baseline=("wide-fetch", "direct"),
+        rows_per_tx=WIDE_ROWS,
+    ),
+    Workload(
+        "insert-single",
+        "single-row INSERT of 5 text parameters into bench_ins, 2 clients"
+        " (on pgveil-encrypted: an unprotected table under the full statement model)",
+        PLAIN_TABLE_TARGETS,
+        custom_script("insert-single", INSERT_SQL, defines=(INSERT_TEXT,)),
+        setup=(setup_insert, setup_wide, setup_encrypted),
+        before_run=truncate_insert,
+    ),
+    Workload(
+        "insert-encrypted",
+        "insert-single into bench_ins_enc: the 5 parameters encrypted by pgveil",
+        ENCRYPTED_TARGETS,
+        custom_script("insert-encrypted", INSERT_ENCRYPTED_SQL, defines=(INSERT_TEXT,)),
+        setup=(setup_insert, setup_wide, setup_encrypted),
+        before_run=truncate_insert_encrypted,
+        baseline=("insert-single", "direct"),
+    ),
+    Workload(
+        "idle-memory",
+        "middleman RSS per idle client connection (--idle-connections asyncpg connections, default 500,"
+        " one SELECT 1 each, held 1 s)",
+        PLAIN_TARGETS,
+        run_idle_memory,
+        # Allocators keep what earlier workloads used, which would hide the growth being measured.
+        fresh_target=True,
+    ),
+    Workload(
+        "wide-fetch-pgcrypto-decrypt_iv",
+        "wide-fetch decrypting 5 bytea columns with pgcrypto decrypt_iv (AES-CBC) in the server",
+        ("direct",),
+        custom_script("wide-fetch-pgcrypto-decrypt_iv", PGCRYPTO_IV_SQL),
+        setup=(setup_wide, setup_pgcrypto_iv),
+        baseline=("wide-fetch", "direct"),
+        rows_per_tx=WIDE_ROWS,
+    ),
+    Workload(
+        "wide-fetch-pgcrypto-pgp_sym",
+        "wide-fetch decrypting 5 bytea columns with pgcrypto pgp_sym_decrypt in the server",
+        ("direct",),
+        custom_script("wide-fetch-pgcrypto-pgp_sym", PGCRYPTO_PGP_SQL),
+        setup=(setup_wide, setup_pgcrypto_pgp),
+        baseline=("wide-fetch", "direct"),
+        rows_per_tx=WIDE_ROWS,
+        # Seconds per transaction: one round gives a handful of transactions, more add little.
+        max_rounds=1,
+    ),
+)
+
+
+def select_workloads(names: Sequence[str] | None) -> list[Workload]:
+    """The registry in its order, restricted to ``names`` and the workloads their ratios divide by (a
+    ratio only means something within one run); unknown names are an error."""
+    if not names:
+        return list(WORKLOADS)
+    known = {w.name: w for w in WORKLOADS}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise BenchError(f"unknown workload(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    wanted = set(names)
+    for name in names:
+        base = known[name].ratio_baseline[0]
+        if base not in wanted:
+            log.info("also running %s: %s's ratio divides by it", base, name)
+            wanted.add(base)
+    return [w for w in WORKLOADS if w.name in wanted]

@@ -1,0 +1,243 @@
+"""The ciphertext envelope, version 1, and the data key object that seals and opens it.
+
+This module owns the byte format of every encrypted value pgveil stores and the one place where
+cryptography's exceptions become :class:`~keymgmt.errors.DecryptionFailed`. It is pure: no I/O besides
+the OS random source for nonces, no key storage, no logging of values. Keys come in as :class:`DataKey`
+objects (built by the keystore); which key a value needs is the caller's business, through a lookup
+callable.
+
+Envelope v1, all integers unsigned, offsets in bytes::
+
+    offset  size  field
+    0       2     magic        b"PV": recognises a pgveil value anywhere (also the CHECK constraint's test)
+    2       1     version      0x01: this layout
+    3       1     algorithm    0x01: AES-256-GCM (96-bit nonce, 128-bit tag)
+    4       16    key id       the DEK version's UUID, 16 raw bytes (RFC 9562 byte order)
+    20      12    nonce        random per value (os.urandom)
+    32      n     ciphertext   same length as the plaintext
+    32+n    16    tag          GCM authentication tag
+
+The header is bytes 0..31 (magic through nonce). The associated data authenticated with each value is::
+
+    header · 0x00 · column id (UTF-8 "schema.table.column") [· 0x00 · subject id]
+
+The column id binds a value to its column, the subject id (present only for per-subject keys) to its
+data subject's row, and the header binds the format, algorithm and key id, so none of them can be
+edited or moved without the tag failing. The 0x00 separators keep the parts unambiguous: a column id
+cannot contain NUL, and the subject id comes last. An envelope is at least 48 bytes (empty plaintext).
+
+Nonce budget: random 96-bit nonces are safe for about 2**32 encryptions under one key (NIST SP 800-38D
+section 8.3); DEKs are per column or per subject and rotate, which keeps each key far below that.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NewType
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from keymgmt.errors import DecryptionFailed, KeyDisabled
+
+KeyId = NewType("KeyId", bytes)
+"""A DEK version's id: the 16 raw bytes of its UUID, exactly as they appear in the envelope header.
+
+Raw bytes rather than :class:`uuid.UUID` because the hot path slices them out of an envelope and looks
+them up in a dict; building a UUID object per value would cost more than the decryption.
+"""
+
+MAGIC = b"PV"
+VERSION_1 = 0x01
+ALGORITHM_AES256GCM = 0x01
+
+KEY_ID_LENGTH = 16
+NONCE_LENGTH = 12
+TAG_LENGTH = 16
+DEK_LENGTH = 32
+HEADER_LENGTH = len(MAGIC) + 1 + 1 + KEY_ID_LENGTH + NONCE_LENGTH
+MIN_LENGTH = HEADER_LENGTH + TAG_LENGTH
+
+_PREFIX_V1 = MAGIC + bytes((VERSION_1, ALGORITHM_AES256GCM))
+_KEY_ID_START = len(_PREFIX_V1)
+_NONCE_START = _KEY_ID_START + KEY_ID_LENGTH
+_SEPARATOR = b"\x00"
+
+assert HEADER_LENGTH == 32
+assert MIN_LENGTH == 48
+
+
+class KeyState(enum.Enum):
+    """A key version's lifecycle state, in Tink's vocabulary.
+
+    ENABLED keys encrypt (when they are their scope's current version) and decrypt. DISABLED keys do
+    neither but keep their material, so disabling is reversible. DESTROYED keys have no material left;
+    only a tombstone row remains. The values are what the keystore stores.
+    """
+
+    ENABLED = "ENABLED"
+    DISABLED = "DISABLED"
+    DESTROYED = "DESTROYED"
+
+
+# Enum member access goes through the class each time; the hot path compares against a module global.
+_ENABLED = KeyState.ENABLED
+
+
+def key_id_from_uuid(value: uuid.UUID) -> KeyId:
+    return KeyId(value.bytes)
+
+
+def key_id_to_uuid(key_id: bytes) -> uuid.UUID:
+    return uuid.UUID(bytes=bytes(key_id))
+
+
+@dataclass(frozen=True, slots=True, eq=False, repr=False)
+class DataKey:
+    """One DEK version, ready to use. Holds the cipher object, never exposes the key bytes.
+
+    Build it with :meth:`from_material`; the raw key is handed to the AEAD object and not kept here.
+    ``column_id`` and ``subject`` say which scope the key belongs to (the keystore's cache uses them to
+    invalidate); the envelope itself binds the scope through the associated data, not through the key.
+    """
+
+    key_id: KeyId
+    state: KeyState
+    column_id: str
+    subject: bytes | None
+    version: int
+    _aead: AESGCM = field(compare=False)
+    # magic · version · algorithm · key id: the constant part of every header this key writes.
+    _prefix: bytes = field(compare=False)
+
+    @classmethod
+    def from_material(
+        cls,
+        key_id: bytes,
+        material: bytes,
+        *,
+        state: KeyState = KeyState.ENABLED,
+        column_id: str = "",
+        subject: bytes | None = None,
+        version: int = 1,
+    ) -> DataKey:
+        if len(key_id) != KEY_ID_LENGTH:
+            raise ValueError(f"key id must be {KEY_ID_LENGTH} bytes, got {len(key_id)}")
+        if len(material) != DEK_LENGTH:
+            raise ValueError(f"data key material must be {DEK_LENGTH} bytes, got {len(material)}")
+        if state is KeyState.DESTROYED:
+            raise ValueError("a destroyed key has no material")
+        kid = KeyId(bytes(key_id))
+        return cls(
+            key_id=kid,
+            state=state,
+            column_id=column_id,
+            subject=subject,
+            version=version,
+            _aead=AESGCM(bytes(material)),
+            _prefix=_PREFIX_V1 + kid,
+        )
+
+    def with_state(self, state: KeyState) -> DataKey:
+        """The same key material in another state (the keystore uses this on enable/disable)."""
+        if state is KeyState.DESTROYED:
+            raise ValueError("a destroyed key has no material")
+        return DataKey(
+            key_id=self.key_id,
+            state=state,
+            column_id=self.column_id,
+            subject=self.subject,
+            version=self.version,
+            _aead=self._aead,
+            _prefix=self._prefix,
+        )
+
+    @property
+    def key_uuid(self) -> uuid.UUID:
+        return uuid.UUID(bytes=self.key_id)
+
+    def __repr__(self) -> str:
+        subject = "None" if self.subject is None else f"<{len(self.subject)} bytes>"
+        return (
+            f"DataKey(key_id={self.key_uuid}, state={self.state.name}, column_id={self.column_id!r}, "
+            f"subject={subject}, version={self.version})"
+        )
+
+
+def column_associated_data(column_id: str, subject: bytes | None = None) -> bytes:
+    """The associated data that follows the header: 0x00 · column id [· 0x00 · subject id].
+
+    Callers compute it once per column (and subject) and pass it to :func:`seal` / :func:`open_envelope`.
+    """
+    if not column_id or "\x00" in column_id:
+        raise ValueError("column id must be non-empty and contain no NUL")
+    associated = _SEPARATOR + column_id.encode("utf-8")
+    if subject is not None:
+        associated += _SEPARATOR + bytes(subject)
+    return associated
+
+
+def seal(key: DataKey, plaintext: bytes, associated: bytes) -> bytes:
+    """Encrypts ``plaintext`` under ``key`` into a v1 envelope.
+
+    ``associated`` is :func:`column_associated_data` for the value's column (and subject).
+    """
+    if key.state is not _ENABLED:
+        raise KeyDisabled("a data key that is not ENABLED cannot encrypt")
+    # One getrandom() call per value. Buffering random bytes would be faster but risks handing the same
+    # nonce out twice (threads, fork), and a repeated GCM nonce under one key is catastrophic.
+    nonce = os.urandom(NONCE_LENGTH)
+    header = key._prefix + nonce
+    return header + key._aead.encrypt(nonce, plaintext, header + associated)
+
+
+def _seal_with_nonce(key: DataKey, plaintext: bytes, associated: bytes, nonce: bytes) -> bytes:
+    """:func:`seal` with a caller-chosen nonce, for test vectors only: reusing a nonce breaks GCM."""
+    if len(nonce) != NONCE_LENGTH:
+        raise ValueError("nonce must be 12 bytes")
+    if key.state is not _ENABLED:
+        raise KeyDisabled("a data key that is not ENABLED cannot encrypt")
+    header = key._prefix + nonce
+    return header + key._aead.encrypt(nonce, plaintext, header + associated)
+
+
+def open_envelope(key_lookup: Callable[[bytes], DataKey], envelope: bytes, associated: bytes) -> bytes:
+    """Authenticates and decrypts a v1 envelope; returns the plaintext.
+
+    ``key_lookup`` receives the 16-byte key id from the header and returns the key or raises
+    :class:`~keymgmt.errors.UnknownKey`. Every framing or authentication failure raises the same
+    :class:`~keymgmt.errors.DecryptionFailed`, whichever check it was.
+    """
+    if len(envelope) < MIN_LENGTH or envelope[:_KEY_ID_START] != _PREFIX_V1:
+        raise DecryptionFailed()
+    key = key_lookup(envelope[_KEY_ID_START:_NONCE_START])
+    if key.state is not _ENABLED:
+        raise KeyDisabled("the data key of a protected value is disabled")
+    try:
+        return key._aead.decrypt(
+            envelope[_NONCE_START:HEADER_LENGTH],
+            envelope[HEADER_LENGTH:],
+            envelope[:HEADER_LENGTH] + associated,
+        )
+    except InvalidTag:
+        raise DecryptionFailed() from None
+
+
+def peek_key_id(envelope: bytes) -> KeyId:
+    """The key id of an envelope, after checking magic, version, algorithm and minimum length.
+
+    Lets the caller find (and if need be fetch) the key before calling :func:`open_envelope`. The
+    envelope is not authenticated yet: the key id is only a hint until the tag verifies.
+    """
+    if len(envelope) < MIN_LENGTH or envelope[:_KEY_ID_START] != _PREFIX_V1:
+        raise DecryptionFailed()
+    return KeyId(envelope[_KEY_ID_START:_NONCE_START])
+
+
+def is_envelope(value: bytes) -> bool:
+    """Whether ``value`` is framed like a v1 envelope (it may still fail to authenticate)."""
+    return len(value) >= MIN_LENGTH and value[:_KEY_ID_START] == _PREFIX_V1

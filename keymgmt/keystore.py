@@ -1,0 +1,597 @@
+"""The keystore: wrapped DEKs in schema ``pgveil`` of a PostgreSQL database, and the cache in front.
+
+This module owns the keystore's schema (versioned migrations), creating and loading DEK versions
+(wrapped by the :class:`~keymgmt.providers.KeyProvider`, unwrapped only into memory), the key cache's
+filling, and the LISTEN connection that tells the cache what to forget. It does not decide who may
+see what, never logs or stores unwrapped keys, and never writes envelopes. Rotation, shredding and the
+ledger write these tables in later modules; they NOTIFY channel ``pgveil_keys`` after committing.
+
+Notification payloads on ``pgveil_keys`` (one per NOTIFY):
+
+- a key id as a UUID string: forget that key version;
+- ``*``: forget everything (KEK rotation, restore);
+- anything else: a column id (``schema.table.column``): forget all versions and subjects' keys of it.
+
+If the LISTEN connection is lost, the cache is cleared and its TTL drops to one second until the
+listener is back, so a shred elsewhere is still honoured within about a second, at the cost of more
+keystore reads; on reconnection the cache is cleared again, since notifications may have been missed.
+
+Current key of a scope: the highest version of ``(column_id, subject_id)``. If it is ENABLED it
+encrypts; if DESTROYED the scope is shredded and stays so (writes are refused); if DISABLED writes are
+refused until an operator acts. A scope with no row yet gets version 1 on first use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from keymgmt.envelope import DEK_LENGTH, DataKey, KeyId, KeyState
+from keymgmt.errors import KeyDestroyed, KeyDisabled, KeystoreError, UnknownKey
+from keymgmt.keycache import KeyCache
+from keymgmt.providers import KeyProvider
+
+log = logging.getLogger(__name__)
+
+NOTIFY_CHANNEL = "pgveil_keys"
+# First 8 bytes of sha256(b"pgveil.keystore.migrations") as a signed bigint: an advisory lock id that
+# an application sharing the database is unlikely to use.
+MIGRATION_LOCK_ID = -7261815439346342433
+# While the listener is down, nothing tells us about shreds elsewhere; a short TTL bounds staleness.
+DEGRADED_TTL_SECONDS = 1.0
+_RECONNECT_MIN_DELAY = 0.2
+_RECONNECT_MAX_DELAY = 5.0
+
+
+# What asyncpg raises when the server, the network or the driver's connection state fails.
+_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError)
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    name: str
+    sql: str
+
+
+_STATE_CHECK = "CHECK (state IN ('ENABLED', 'DISABLED', 'DESTROYED'))"
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        "0001_keys",
+        f"""
+        CREATE TABLE pgveil.keks (
+            kek_id       text PRIMARY KEY,
+            provider_id  text NOT NULL,
+            state        text NOT NULL DEFAULT 'ENABLED' {_STATE_CHECK},
+            created_at   timestamptz NOT NULL DEFAULT now(),
+            destroyed_at timestamptz
+        );
+
+        CREATE TABLE pgveil.deks (
+            key_id       uuid PRIMARY KEY,
+            scope_kind   text NOT NULL CHECK (scope_kind IN ('column', 'subject')),
+            column_id    text NOT NULL,
+            subject_id   bytea,
+            version      integer NOT NULL CHECK (version >= 1),
+            state        text NOT NULL {_STATE_CHECK},
+            wrapped      bytea,
+            kek_id       text REFERENCES pgveil.keks (kek_id),
+            created_at   timestamptz NOT NULL DEFAULT now(),
+            destroyed_at timestamptz,
+            CHECK ((scope_kind = 'subject') = (subject_id IS NOT NULL)),
+            -- a destroyed key is a tombstone: no wrapped material may survive it
+            CHECK ((state = 'DESTROYED') = (wrapped IS NULL)),
+            CHECK (wrapped IS NULL OR kek_id IS NOT NULL),
+            CHECK (state <> 'DESTROYED' OR destroyed_at IS NOT NULL)
+        );
+        -- unique (column_id, subject_id, version) with NULL subject counted as one value; two partial
+        -- indexes rather than NULLS NOT DISTINCT, which needs PostgreSQL 15
+        CREATE UNIQUE INDEX deks_column_version ON pgveil.deks (column_id, version)
+            WHERE subject_id IS NULL;
+        CREATE UNIQUE INDEX deks_subject_version ON pgveil.deks (column_id, subject_id, version)
+            WHERE subject_id IS NOT NULL;
+        CREATE INDEX deks_subject ON pgveil.deks (subject_id) WHERE subject_id IS NOT NULL;
+
+        CREATE TABLE pgveil.blind_index_keys (
+            key_id       uuid PRIMARY KEY,
+            column_id    text NOT NULL,
+            version      integer NOT NULL CHECK (version >= 1),
+            state        text NOT NULL {_STATE_CHECK},
+            wrapped      bytea,
+            kek_id       text REFERENCES pgveil.keks (kek_id),
+            created_at   timestamptz NOT NULL DEFAULT now(),
+            destroyed_at timestamptz,
+            UNIQUE (column_id, version),
+            CHECK ((state = 'DESTROYED') = (wrapped IS NULL)),
+            CHECK (wrapped IS NULL OR kek_id IS NOT NULL)
+        );
+        """,
+    ),
+    Migration(
+        "0002_ledger",
+        """
+        -- payload holds the exact bytes the hash covers, so verification never depends on how
+        -- PostgreSQL re-renders a json value
+        CREATE TABLE pgveil.ledger (
+            seq         bigint PRIMARY KEY CHECK (seq >= 1),
+            recorded_at timestamptz NOT NULL DEFAULT now(),
+            action      text NOT NULL,
+            actor       text NOT NULL,
+            payload     bytea NOT NULL,
+            prev_hash   bytea NOT NULL,
+            hash        bytea NOT NULL UNIQUE,
+            signature   bytea
+        );
+
+        CREATE FUNCTION pgveil.ledger_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            RAISE EXCEPTION 'pgveil.ledger is append-only' USING ERRCODE = '55000';
+        END
+        $$;
+        CREATE TRIGGER ledger_no_update_delete BEFORE UPDATE OR DELETE ON pgveil.ledger
+            FOR EACH ROW EXECUTE FUNCTION pgveil.ledger_append_only();
+        CREATE TRIGGER ledger_no_truncate BEFORE TRUNCATE ON pgveil.ledger
+            FOR EACH STATEMENT EXECUTE FUNCTION pgveil.ledger_append_only();
+        """,
+    ),
+    Migration(
+        "0003_rotation_jobs",
+        """
+        CREATE TABLE pgveil.rotation_jobs (
+            job_id       uuid PRIMARY KEY,
+            kind         text NOT NULL CHECK (kind IN ('dek', 'kek')),
+            column_id    text,
+            from_key_id  uuid,
+            to_key_id    uuid,
+            from_kek_id  text,
+            to_kek_id    text,
+            state        text NOT NULL DEFAULT 'pending'
+                         CHECK (state IN ('pending', 'running', 'paused', 'done', 'failed', 'cancelled')),
+            position     jsonb,
+            rows_done    bigint NOT NULL DEFAULT 0,
+            rows_total   bigint,
+            last_error   text,
+            created_at   timestamptz NOT NULL DEFAULT now(),
+            updated_at   timestamptz NOT NULL DEFAULT now(),
+            finished_at  timestamptz,
+            CHECK ((kind = 'dek') = (column_id IS NOT NULL))
+        );
+        """,
+    ),
+)
+
+
+async def init_keystore(conn: Any) -> list[str]:
+    """Creates or upgrades the keystore schema on ``conn`` (an asyncpg connection).
+
+    Idempotent; returns the names of the migrations applied by this call (empty when up to date).
+    Everything runs in one transaction under an advisory lock, so concurrent starters serialise and a
+    failed migration leaves nothing half-applied.
+    """
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_ID)
+            await conn.execute("CREATE SCHEMA IF NOT EXISTS pgveil")
+            await conn.execute(
+                """CREATE TABLE IF NOT EXISTS pgveil.schema_migrations (
+                        name       text PRIMARY KEY,
+                        applied_at timestamptz NOT NULL DEFAULT now()
+                    )"""
+            )
+            done = {r["name"] for r in await conn.fetch("SELECT name FROM pgveil.schema_migrations")}
+            known = {m.name for m in MIGRATIONS}
+            if done - known:
+                log.warning(
+                    "keystore has migrations this version does not know (%s): a newer pgveil upgraded it",
+                    ", ".join(sorted(done - known)),
+                )
+            applied: list[str] = []
+            for migration in MIGRATIONS:
+                if migration.name in done:
+                    continue
+                await conn.execute(migration.sql)
+                await conn.execute("INSERT INTO pgveil.schema_migrations (name) VALUES ($1)", migration.name)
+                applied.append(migration.name)
+    except _DRIVER_ERRORS as exc:
+        raise KeystoreError(f"keystore migration failed ({_describe(exc)})") from exc
+    if applied:
+        log.info("keystore schema migrated: %s", ", ".join(applied))
+    return applied
+
+
+def _describe(exc: BaseException) -> str:
+    # asyncpg's message and detail can quote row values (a subject id in a key violation); report the
+    # class and SQLSTATE only.
+    sqlstate = getattr(exc, "sqlstate", None)
+    return f"{type(exc).__name__}, SQLSTATE {sqlstate}" if sqlstate else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _keystore_errors() -> Iterator[None]:
+    try:
+        yield
+    except asyncpg.UndefinedTableError as exc:
+        raise KeystoreError("the keystore schema is missing", hint="initialise the keystore (init_keystore)") from exc
+    except _DRIVER_ERRORS as exc:
+        raise KeystoreError(f"keystore query failed ({_describe(exc)})") from exc
+
+
+_CURRENT_COLUMN_KEY = """
+    SELECT key_id, column_id, subject_id, version, state, wrapped, kek_id FROM pgveil.deks
+    WHERE column_id = $1 AND subject_id IS NULL ORDER BY version DESC LIMIT 1"""
+_CURRENT_SUBJECT_KEY = """
+    SELECT key_id, column_id, subject_id, version, state, wrapped, kek_id FROM pgveil.deks
+    WHERE column_id = $1 AND subject_id = $2 ORDER BY version DESC LIMIT 1"""
+_KEY_BY_ID = """
+    SELECT key_id, column_id, subject_id, version, state, wrapped, kek_id FROM pgveil.deks
+    WHERE key_id = $1"""
+_INSERT_FIRST_VERSION = """
+    INSERT INTO pgveil.deks (key_id, scope_kind, column_id, subject_id, version, state, wrapped, kek_id)
+    VALUES ($1, $2, $3, $4, 1, 'ENABLED', $5, $6) ON CONFLICT DO NOTHING"""
+_REGISTER_KEK = """
+    INSERT INTO pgveil.keks (kek_id, provider_id) VALUES ($1, $2) ON CONFLICT (kek_id) DO NOTHING"""
+_PRELOAD = """
+    SELECT key_id, column_id, subject_id, version, state, wrapped, kek_id,
+           version = max(version) OVER (PARTITION BY column_id, subject_id) AS is_current
+    FROM pgveil.deks WHERE column_id = ANY($1::text[])
+    ORDER BY created_at DESC, version DESC LIMIT $2"""
+
+NotificationCallback = Callable[[str], None]
+
+
+class Keystore:
+    """DEK versions in the keystore database, with a bounded TTL cache of unwrapped keys in front.
+
+    ``source`` is an asyncpg pool (borrowed: :meth:`close` leaves it open, and :meth:`listen` holds one
+    of its connections) or a DSN (a small pool is created on first use and closed by :meth:`close`).
+    The ``cached_*`` methods are synchronous and never touch the database: the hot path uses them and
+    falls back to the ``async`` methods on a miss.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        provider: KeyProvider,
+        *,
+        max_keys: int = 10_000,
+        ttl_seconds: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+        pool_max_size: int = 4,
+    ) -> None:
+        self._provider = provider
+        self._cache = KeyCache(max_keys, ttl_seconds, clock)
+        self._ttl_seconds = ttl_seconds
+        if isinstance(source, str):
+            self._dsn: str | None = source
+            self._pool: Any = None
+        else:
+            self._dsn = None
+            self._pool = source
+        self._pool_max_size = pool_max_size
+        self._pool_lock = asyncio.Lock()
+        self._kek_registered = False
+        self._inflight: dict[tuple[object, ...], asyncio.Task[DataKey]] = {}
+        self._listen_conn: Any = None
+        self._listen_on_lost: Callable[[Any], None] | None = None
+        self._listen_epoch = 0
+        self._listen_callback: NotificationCallback | None = None
+        self._listen_wanted = False
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"Keystore(provider={self._provider!r}, cache={self._cache!r}, listening={self.listening})"
+
+    async def __aenter__(self) -> Keystore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def listening(self) -> bool:
+        """True while the LISTEN connection is up and the cache may keep keys for the full TTL."""
+        return self._listen_conn is not None
+
+    @property
+    def cache(self) -> KeyCache:
+        return self._cache
+
+    # -- hot path: synchronous cache lookups ------------------------------------------------------
+    def cached_key(self, key_id: bytes) -> DataKey | None:
+        return self._cache.get(key_id)
+
+    def cached_active_key(self, column_id: str, subject: bytes | None = None) -> DataKey | None:
+        return self._cache.get_current(column_id, subject)
+
+    # -- loading ----------------------------------------------------------------------------------
+    async def active_key(self, column_id: str, subject: bytes | None = None) -> DataKey:
+        """The scope's current ENABLED key version, creating version 1 if the scope has none.
+
+        Raises :class:`KeyDestroyed` for a shredded scope and :class:`KeyDisabled` when the current
+        version is disabled: in both cases nothing may be encrypted for it.
+        """
+        key = self._cache.get_current(column_id, subject)
+        if key is not None:
+            return key
+        if not column_id:
+            raise ValueError("column id must not be empty")
+        subject = None if subject is None else bytes(subject)
+        return await self._single_flight(("scope", column_id, subject), lambda: self._load_current(column_id, subject))
+
+    async def key_by_id(self, key_id: bytes) -> DataKey:
+        """The key version with this id, ENABLED or DISABLED.
+
+        Raises :class:`UnknownKey` if no such version exists and :class:`KeyDestroyed` if it was destroyed.
+        """
+        key = self._cache.get(key_id)
+        if key is not None:
+            return key
+        if len(key_id) != 16:
+            raise UnknownKey()
+        kid = KeyId(bytes(key_id))
+        return await self._single_flight(("id", kid), lambda: self._load_by_id(kid))
+
+    async def preload(self, column_ids: Iterable[str]) -> int:
+        """Loads every live key version of these columns (all subjects) into the cache.
+
+        At most ``max_keys`` versions, newest first; returns how many were cached.
+        """
+        wanted = sorted(set(column_ids))
+        if not wanted:
+            return 0
+        pool = await self._get_pool()
+        generation = self._cache.generation
+        with _keystore_errors():
+            rows = await pool.fetch(_PRELOAD, wanted, self._cache.max_keys)
+        loaded = 0
+        for row in reversed(rows):  # oldest first, so the newest end up most recently used
+            if row["state"] == KeyState.DESTROYED.value:
+                continue
+            key = self._key_from_row(row)
+            if self._cache.put(key, current=bool(row["is_current"]), generation=generation):
+                loaded += 1
+        return loaded
+
+    def invalidate(self, payload: str) -> None:
+        """Applies one ``pgveil_keys`` notification payload to the cache (see the module docstring)."""
+        if payload == "*":
+            self._cache.clear()
+            return
+        try:
+            key_uuid = uuid.UUID(payload)
+        except ValueError:
+            self._cache.invalidate_column(payload)
+            return
+        self._cache.invalidate_key(key_uuid.bytes)
+
+    async def _single_flight(self, token: tuple[object, ...], load: Callable[[], Awaitable[DataKey]]) -> DataKey:
+        # Concurrent misses for the same key share one keystore read; a caller's cancellation does not
+        # cancel the shared read (shield), the others still need it.
+        task = self._inflight.get(token)
+        if task is None:
+
+            async def run() -> DataKey:
+                return await load()
+
+            task = asyncio.get_running_loop().create_task(run())
+            self._inflight[token] = task
+
+            def done(t: asyncio.Task[DataKey]) -> None:
+                if self._inflight.get(token) is t:
+                    del self._inflight[token]
+                if not t.cancelled():
+                    t.exception()  # retrieved here so an unawaited failure is not reported at exit
+
+            task.add_done_callback(done)
+        return await asyncio.shield(task)
+
+    async def _load_current(self, column_id: str, subject: bytes | None) -> DataKey:
+        pool = await self._get_pool()
+        generation = self._cache.generation
+        row = await self._fetch_current(pool, column_id, subject)
+        if row is None:
+            await self._create_first_version(pool, column_id, subject)
+            row = await self._fetch_current(pool, column_id, subject)
+            if row is None:
+                raise KeystoreError(f"a data key for {column_id} was created but cannot be read back")
+        state = KeyState(row["state"])
+        if state is KeyState.DESTROYED:
+            raise KeyDestroyed(f"the data key of {column_id} for this scope was destroyed")
+        if state is KeyState.DISABLED:
+            raise KeyDisabled(
+                f"the current data key version of {column_id} is disabled",
+                hint="enable it or rotate to a new version",
+            )
+        key = self._key_from_row(row)
+        self._cache.put(key, current=True, generation=generation)
+        return key
+
+    async def _load_by_id(self, key_id: KeyId) -> DataKey:
+        pool = await self._get_pool()
+        generation = self._cache.generation
+        with _keystore_errors():
+            row = await pool.fetchrow(_KEY_BY_ID, uuid.UUID(bytes=key_id))
+        if row is None:
+            raise UnknownKey()
+        if row["state"] == KeyState.DESTROYED.value:
+            raise KeyDestroyed()
+        key = self._key_from_row(row)
+        # Whether it is its scope's current version is unknown here; active_key establishes that.
+        self._cache.put(key, current=False, generation=generation)
+        return key
+
+    async def _fetch_current(self, pool: Any, column_id: str, subject: bytes | None) -> Any:
+        with _keystore_errors():
+            if subject is None:
+                return await pool.fetchrow(_CURRENT_COLUMN_KEY, column_id)
+            return await pool.fetchrow(_CURRENT_SUBJECT_KEY, column_id, subject)
+
+    async def _create_first_version(self, pool: Any, column_id: str, subject: bytes | None) -> None:
+        # Two instances may both get here; the unique index lets exactly one insert win and the
+        # loser's DO NOTHING plus re-select returns the winner's key.
+        material = os.urandom(DEK_LENGTH)
+        wrapped = self._provider.wrap(material)
+        key_uuid = uuid.uuid4()
+        with _keystore_errors():
+            async with pool.acquire() as conn:
+                if not self._kek_registered:
+                    await conn.execute(_REGISTER_KEK, self._provider.kek_id, self._provider.provider_id)
+                    self._kek_registered = True
+                status = await conn.execute(
+                    _INSERT_FIRST_VERSION,
+                    key_uuid,
+                    "column" if subject is None else "subject",
+                    column_id,
+                    subject,
+                    wrapped,
+                    self._provider.kek_id,
+                )
+        if status.endswith(" 1"):
+            log.info("created data key %s (version 1) for %s", key_uuid, column_id)
+
+    def _key_from_row(self, row: Any) -> DataKey:
+        wrapped, kek_id = row["wrapped"], row["kek_id"]
+        if wrapped is None or kek_id is None:
+            raise KeystoreError(f"data key {row['key_id']} has no wrapped material but is not destroyed")
+        material = self._provider.unwrap(bytes(wrapped), kek_id)
+        return DataKey.from_material(
+            row["key_id"].bytes,
+            material,
+            state=KeyState(row["state"]),
+            column_id=row["column_id"],
+            subject=None if row["subject_id"] is None else bytes(row["subject_id"]),
+            version=row["version"],
+        )
+
+    async def _get_pool(self) -> Any:
+        if self._closed:
+            raise KeystoreError("the keystore is closed")
+        if self._pool is not None:
+            return self._pool
+        async with self._pool_lock:
+            if self._pool is None:
+                with _keystore_errors():
+                    self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=self._pool_max_size)
+        return self._pool
+
+    async def initialize(self) -> list[str]:
+        """Runs :func:`init_keystore` on a connection of this keystore's pool."""
+        pool = await self._get_pool()
+        with _keystore_errors():
+            async with pool.acquire() as conn:
+                return await init_keystore(conn)
+
+    # -- notifications ----------------------------------------------------------------------------
+    async def listen(self, callback: NotificationCallback | None = None) -> None:
+        """LISTENs on ``pgveil_keys``; returns once listening. Each payload invalidates the cache, then
+        ``callback(payload)`` runs (for the caller's own derived caches). Reconnects by itself.
+
+        If the first attempt fails the error is raised, but the keystore keeps trying in the background
+        and caches keys for at most a second meanwhile, exactly as after losing the connection.
+        """
+        self._listen_callback = callback
+        self._listen_wanted = True
+        if self._listen_conn is not None:
+            return
+        try:
+            await self._connect_listener()
+        except Exception:
+            self._enter_degraded_mode()
+            raise
+
+    async def _connect_listener(self) -> None:
+        pool = await self._get_pool()
+        with _keystore_errors():
+            conn = await pool.acquire()
+        self._listen_epoch += 1
+        # The termination callback carries the epoch it was registered in, so a late call about an
+        # old connection cannot tear down a newer one.
+        on_lost = functools.partial(self._on_listener_lost, self._listen_epoch)
+        try:
+            with _keystore_errors():
+                conn.add_termination_listener(on_lost)
+                await conn.add_listener(NOTIFY_CHANNEL, self._on_notification)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.remove_termination_listener(on_lost)
+                await pool.release(conn)
+            raise
+        self._listen_conn, self._listen_on_lost = conn, on_lost
+        # Anything cached before now may have missed a notification.
+        self._cache.clear()
+        self._cache.ttl_seconds = self._ttl_seconds
+        log.info("listening for key notifications on channel %s", NOTIFY_CHANNEL)
+
+    def _on_notification(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        log.debug("key notification from backend %d: %s", pid, payload)
+        self.invalidate(payload)
+        if self._listen_callback is not None:
+            try:
+                self._listen_callback(payload)
+            except Exception:
+                log.exception("key notification callback failed")
+
+    def _on_listener_lost(self, epoch: int, conn: Any) -> None:
+        if epoch != self._listen_epoch or self._listen_conn is None:
+            return
+        self._listen_conn = self._listen_on_lost = None
+        log.warning("lost the key notification connection")
+        self._enter_degraded_mode()
+
+    def _enter_degraded_mode(self) -> None:
+        self._cache.clear()
+        self._cache.ttl_seconds = min(self._ttl_seconds, DEGRADED_TTL_SECONDS)
+        if not self._listen_wanted or self._closed:
+            return
+        log.warning("not listening for key notifications: caching keys for at most %.1f s", self._cache.ttl_seconds)
+        if self._reconnect_task is None or self._reconnect_task.done():
+            self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        # The pool already took the dead connection back (asyncpg releases a pooled connection that
+        # closes); only a new LISTEN connection is needed.
+        delay = _RECONNECT_MIN_DELAY
+        while self._listen_wanted and not self._closed and self._listen_conn is None:
+            try:
+                await self._connect_listener()
+            except Exception as exc:
+                # Whatever the failure, a dead reconnect loop would leave this instance deaf for good.
+                reason = str(exc) if isinstance(exc, KeystoreError) else _describe(exc)
+                log.warning("key notification reconnect failed (%s); retrying in %.1f s", reason, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RECONNECT_MAX_DELAY)
+
+    async def close(self) -> None:
+        """Stops listening, drops every cached key, and closes the pool if this keystore created it."""
+        self._closed = True
+        self._listen_wanted = False
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reconnect_task
+        for task in list(self._inflight.values()):
+            task.cancel()
+        conn, on_lost = self._listen_conn, self._listen_on_lost
+        self._listen_conn = self._listen_on_lost = None
+        if conn is not None and self._pool is not None:
+            with contextlib.suppress(Exception):
+                if on_lost is not None:
+                    conn.remove_termination_listener(on_lost)
+                await conn.remove_listener(NOTIFY_CHANNEL, self._on_notification)
+            with contextlib.suppress(Exception):
+                await self._pool.release(conn)
+        self._cache.clear()
+        if self._dsn is not None and self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()

@@ -1,0 +1,268 @@
+"""The proxy's Prometheus metrics: one :class:`Metrics` object per process, on a registry of its own.
+
+Owns every metric name, its help text and its label values, and the cheap methods the rest of the proxy
+calls to move them. It must not be called per protocol message: sessions count in plain ints and flush
+once per socket read (:meth:`Metrics.add_relayed`), because each prometheus call takes a lock.
+
+Label values come only from small fixed sets (directions, peers, TLS legs, refusal reasons, SQLSTATE
+classes from PostgreSQL's Appendix A), never from users, databases, addresses, queries or full
+SQLSTATEs, so the number of series is bounded whatever clients and servers send.
+"""
+
+from __future__ import annotations
+
+import logging
+from enum import StrEnum
+from typing import Any, Final, Literal
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from proxy import __version__
+
+log = logging.getLogger(__name__)
+
+Direction = Literal["client_to_server", "server_to_client"]
+Peer = Literal["client", "server"]
+ErrorSource = Literal["proxy", "server"]
+
+DIRECTIONS: Final[tuple[Direction, ...]] = ("client_to_server", "server_to_client")
+PEERS: Final[tuple[Peer, ...]] = ("client", "server")
+
+
+class RefusalReason(StrEnum):
+    """Why the proxy refused a statement rather than risk plaintext reaching the wrong place."""
+
+    UNSUPPORTED_CONSTRUCT = "unsupported_construct"  # a protected column used in a way we cannot rewrite
+    POLICY_DENIED = "policy_denied"  # the login role may not use the column like this
+    SHREDDED_SUBJECT = "shredded_subject"  # a write for a data subject whose keys are destroyed
+    UNPARSABLE = "unparsable"  # the statement could not be analysed, so we cannot tell: fail closed
+    KEY_UNAVAILABLE = "key_unavailable"  # the keystore or key provider could not supply a key
+
+
+# PostgreSQL docs, Appendix A "PostgreSQL Error Codes": every class the server can send. Anything else
+# (a broken server, a buggy middlebox) is counted as "other" so a peer cannot mint label values.
+SQLSTATE_CLASSES: Final[frozenset[str]] = frozenset(
+    {
+        "00", "01", "02", "03", "08", "09", "0A", "0B", "0F", "0L", "0P", "0Z", "10", "20", "21",
+        "22", "23", "24", "25", "26", "27", "28", "2B", "2D", "2F", "34", "38", "39", "3B", "3D",
+        "3F", "40", "42", "44", "53", "54", "55", "57", "58", "72", "F0", "HV", "P0", "XX",
+    }
+)  # fmt: skip
+OTHER_SQLSTATE_CLASS: Final = "other"
+
+# Upstream connects range from a loopback handshake (well under a millisecond) to a TLS connect across
+# regions or a server at max_connections retrying (seconds); 10 s is where clients give up.
+UPSTREAM_CONNECT_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Sessions last from one short request to a pooled connection that lives for hours.
+SESSION_DURATION_BUCKETS: Final = (0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
+
+
+def sqlstate_class(sqlstate: str) -> str:
+    """The label value for ``sqlstate``: its two-character class if PostgreSQL defines it, else "other"."""
+    cls = sqlstate[:2]
+    return cls if len(sqlstate) == 5 and cls in SQLSTATE_CLASSES else OTHER_SQLSTATE_CLASS
+
+
+class Metrics:
+    """Every metric of one proxy process, on a private registry (tests and embedders can make several)."""
+
+    def __init__(self, version: str = __version__, *, process_metrics: bool = True) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        # What /metrics shows: this registry, or a view that adds worker processes' samples to it.
+        self.exposed: Any = self.registry
+        r = self.registry
+        if process_metrics:
+            # The standard process_* and python_* series operators expect from any Prometheus target.
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
+
+        self.build_info = Gauge("pgveil_build_info", "pgveil build; the value is always 1.", ["version"], registry=r)
+        self.build_info.labels(version).set(1)
+
+        # -- sessions -----------------------------------------------------------------------------------
+        self.sessions_active = Gauge("pgveil_sessions_active", "Client sessions open now.", registry=r)
+        self.sessions = Counter("pgveil_sessions_total", "Client sessions accepted.", registry=r)
+        self.session_duration = Histogram(
+            "pgveil_session_duration_seconds",
+            "Time from accepting a client connection to closing it.",
+            buckets=SESSION_DURATION_BUCKETS,
+            registry=r,
+        )
+
+        # -- relay --------------------------------------------------------------------------------------
+        self.relayed_bytes = Counter(
+            "pgveil_relayed_bytes_total",
+            "Bytes received from one peer to relay to the other.",
+            ["direction"],
+            registry=r,
+        )
+        self.relayed_messages = Counter(
+            "pgveil_relayed_messages_total",
+            "Protocol messages received from one peer to relay to the other.",
+            ["direction"],
+            registry=r,
+        )
+        self.backpressure_pauses = Counter(
+            "pgveil_backpressure_pauses_total",
+            "Times reading from one peer paused because the other peer was not draining its writes.",
+            ["direction"],
+            registry=r,
+        )
+        # Pre-bound children: a labels() lookup per call would cost a hash and a lock on the hot path.
+        self._relayed = {d: (self.relayed_bytes.labels(d), self.relayed_messages.labels(d)) for d in DIRECTIONS}
+        self._backpressure = {d: self.backpressure_pauses.labels(d) for d in DIRECTIONS}
+
+        # -- upstream -----------------------------------------------------------------------------------
+        self.upstream_connect = Histogram(
+            "pgveil_upstream_connect_seconds",
+            "Time to open a connection to the PostgreSQL server, TLS included.",
+            buckets=UPSTREAM_CONNECT_BUCKETS,
+            registry=r,
+        )
+        self.upstream_connect_failures = Counter(
+            "pgveil_upstream_connect_failures_total", "Failed attempts to connect to the PostgreSQL server.", registry=r
+        )
+
+        # -- errors and protocol ------------------------------------------------------------------------
+        self.errors = Counter(
+            "pgveil_errors_total",
+            "ErrorResponses sent to clients, by SQLSTATE class and by who raised them.",
+            ["sqlstate_class", "source"],
+            registry=r,
+        )
+        self.protocol_violations = Counter(
+            "pgveil_protocol_violations_total",
+            "Sessions ended because a peer broke the protocol.",
+            ["peer"],
+            registry=r,
+        )
+        self._violations = {p: self.protocol_violations.labels(p) for p in PEERS}
+        self.cancel_requests = Counter(
+            "pgveil_cancel_requests_total", "CancelRequests forwarded to the server.", registry=r
+        )
+        self.tls_sessions = Counter(
+            "pgveil_tls_sessions_total", "TLS handshakes completed, by leg.", ["leg"], registry=r
+        )
+        self._tls = {p: self.tls_sessions.labels(p) for p in PEERS}
+
+        # -- configuration ------------------------------------------------------------------------------
+        self.config_reloads = Counter(
+            "pgveil_config_reloads_total", "Configuration reloads, by result.", ["result"], registry=r
+        )
+        self._reload_ok = self.config_reloads.labels("success")
+        self._reload_failed = self.config_reloads.labels("failure")
+
+        # -- SQL analysis and encryption ----------------------------------------------------------------
+        self.statements_refused = Counter(
+            "pgveil_statements_refused_total",
+            "Statements refused by the proxy instead of being sent to the server, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self._refused = {reason: self.statements_refused.labels(reason.value) for reason in RefusalReason}
+        self.values_encrypted = Counter(
+            "pgveil_values_encrypted_total", "Column values encrypted before reaching the server.", registry=r
+        )
+        self.values_decrypted = Counter(
+            "pgveil_values_decrypted_total", "Column values decrypted for a client.", registry=r
+        )
+        self.decrypt_failures = Counter(
+            "pgveil_decrypt_failures_total",
+            "Ciphertexts from the server that failed to decrypt (tampered, moved, or key missing).",
+            registry=r,
+        )
+        self.shredded_reads = Counter(
+            "pgveil_shredded_reads_total", "Values read whose data subject's keys were destroyed.", registry=r
+        )
+        self.key_cache_hits = Counter("pgveil_key_cache_hits_total", "Unwrapped-key cache hits.", registry=r)
+        self.key_cache_misses = Counter("pgveil_key_cache_misses_total", "Unwrapped-key cache misses.", registry=r)
+        self.sql_analysis_cache_hits = Counter(
+            "pgveil_sql_analysis_cache_hits_total", "Statements whose analysis came from the cache.", registry=r
+        )
+        self.sql_analysis_cache_misses = Counter(
+            "pgveil_sql_analysis_cache_misses_total", "Statements parsed and analysed afresh.", registry=r
+        )
+
+    # -- cheap methods for the data path ---------------------------------------------------------------
+    def session_started(self) -> None:
+        self.sessions.inc()
+        self.sessions_active.inc()
+
+    def session_ended(self, duration_seconds: float) -> None:
+        self.sessions_active.dec()
+        self.session_duration.observe(duration_seconds)
+
+    def add_relayed(self, direction: Direction, nbytes: int, nmessages: int) -> None:
+        """Flushes one batch (one socket read) of relay counters; zero counts cost nothing."""
+        nbytes_counter, nmessages_counter = self._relayed[direction]
+        if nbytes:
+            nbytes_counter.inc(nbytes)
+        if nmessages:
+            nmessages_counter.inc(nmessages)
+
+    def backpressure_paused(self, direction: Direction) -> None:
+        self._backpressure[direction].inc()
+
+    def upstream_connected(self, seconds: float) -> None:
+        self.upstream_connect.observe(seconds)
+
+    def upstream_connect_failed(self, seconds: float | None = None) -> None:
+        """Counts a failed connect; the attempt's duration, when known, also feeds the connect histogram."""
+        self.upstream_connect_failures.inc()
+        if seconds is not None:
+            self.upstream_connect.observe(seconds)
+
+    def error_sent(self, sqlstate: str, source: ErrorSource) -> None:
+        self.errors.labels(sqlstate_class(sqlstate), source).inc()
+
+    def protocol_violation(self, peer: Peer) -> None:
+        self._violations[peer].inc()
+
+    def cancel_request(self) -> None:
+        self.cancel_requests.inc()
+
+    def tls_session(self, leg: Peer) -> None:
+        self._tls[leg].inc()
+
+    def config_reloaded(self, ok: bool) -> None:
+        (self._reload_ok if ok else self._reload_failed).inc()
+
+    def statement_refused(self, reason: RefusalReason) -> None:
+        self._refused[reason].inc()
+
+    def add_values(
+        self, *, encrypted: int = 0, decrypted: int = 0, decrypt_failures: int = 0, shredded: int = 0
+    ) -> None:
+        """Flushes one batch of per-value counts (a DataRow batch, a Bind, a COPY chunk)."""
+        if encrypted:
+            self.values_encrypted.inc(encrypted)
+        if decrypted:
+            self.values_decrypted.inc(decrypted)
+        if decrypt_failures:
+            self.decrypt_failures.inc(decrypt_failures)
+        if shredded:
+            self.shredded_reads.inc(shredded)
+
+    def add_key_cache(self, hits: int, misses: int) -> None:
+        if hits:
+            self.key_cache_hits.inc(hits)
+        if misses:
+            self.key_cache_misses.inc(misses)
+
+    def add_sql_analysis_cache(self, hits: int, misses: int) -> None:
+        if hits:
+            self.sql_analysis_cache_hits.inc(hits)
+        if misses:
+            self.sql_analysis_cache_misses.inc(misses)
+
+    # -- exposition ------------------------------------------------------------------------------------
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The exposition payload and its content type; ``accept`` (the scraper's Accept header) may ask
+        for OpenMetrics, otherwise it is the classic Prometheus text format."""
+        encode, content_type = choose_encoder(accept)
+        return encode(self.exposed), content_type

@@ -1,0 +1,189 @@
+"""The ``pgveil`` command: serve, check, demo, and the operator subcommands.
+
+Every subcommand takes ``--config FILE`` (default: ``$PGVEIL_CONFIG``, then ``./pgveil.yaml``).
+Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from proxy import __version__
+from proxy.config import Config, default_config_path, load_config
+from proxy.errors import ConfigError, ProxyError
+from proxy.logsetup import setup_logging
+
+log = logging.getLogger("pgveil")
+T = TypeVar("T")
+
+
+def run_async(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Runs a coroutine on uvloop when it is installed, else on asyncio's default loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is optional at runtime
+        return asyncio.run(factory())
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(factory())
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", type=Path, default=None, help="configuration file (default: $PGVEIL_CONFIG, ./pgveil.yaml)"
+    )
+
+
+def _load(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Config:
+    path = args.config if args.config is not None else default_config_path()
+    return load_config(path, overrides=overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    if args.listen:
+        overrides["listen"] = args.listen if len(args.listen) > 1 else args.listen[0]
+        # (a worker gets the supervisor's bound addresses, one --listen each)
+    if args.upstream:
+        overrides["upstream"] = args.upstream
+    config = _load(args, overrides)
+    if args.worker:
+        # A worker of a supervisor (sessions.workers): the supervisor alone serves the admin API.
+        config = dataclasses.replace(config, admin=dataclasses.replace(config.admin, listen=None))
+    setup_logging(config.logging.level, config.logging.format)
+    for w in config.warnings:
+        log.warning("config: %s", w)
+    from proxy.server import run
+
+    run_async(
+        lambda: run(
+            config,
+            overrides,
+            worker_metrics_fd=args.metrics_fd if args.worker else None,
+            listen_fds=args.listen_fd or () if args.worker else (),
+        )
+    )
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args)
+    for w in config.warnings:
+        print(f"warning: {w}")
+    print(f"configuration OK: {config.source_path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    setup_logging(os.environ.get("PGVEIL_LOG_LEVEL", "warning"))
+    from proxy.demo import run_demo
+
+    return run_async(lambda: run_demo(keep_running=args.keep_running))
+
+
+def cmd_keystore_init(args: argparse.Namespace) -> int:
+    config = _load(args)
+    setup_logging(config.logging.level, config.logging.format)
+    from proxy.encrypt.runtime import keystore_init
+
+    applied = run_async(lambda: keystore_init(config))
+    print("keystore up to date" if not applied else "applied migrations: " + ", ".join(applied))
+    return 0
+
+
+def cmd_schema_apply(args: argparse.Namespace) -> int:
+    config = _load(args)
+    setup_logging(config.logging.level, config.logging.format)
+    return run_async(lambda: _schema_apply(config, dry_run=args.dry_run))
+
+
+async def _schema_apply(config: Config, *, dry_run: bool) -> int:
+    import asyncpg
+
+    from proxy.encrypt.runtime import connect_kwargs
+    from proxy.schema import apply_schema, plan_schema
+
+    service = config.service
+    if service is None or service.dsn is None:
+        print("pgveil: service.dsn (or keystore.dsn / PGVEIL_KEYSTORE_DSN) is not set", file=sys.stderr)
+        return 2
+    conn = await asyncpg.connect(**connect_kwargs(service.dsn, service.password_file))
+    try:
+        steps = await plan_schema(conn, config.catalog())
+        if not steps:
+            print("schema up to date: nothing to do")
+            return 0
+        for step in steps:
+            print(f"{'would run' if dry_run else 'running'}: {step.description}\n    {step.sql}")
+        if not dry_run:
+            await apply_schema(conn, steps)
+            print(f"applied {len(steps)} step(s)")
+    finally:
+        await conn.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pgveil", description="PostgreSQL proxy with transparent column encryption")
+    p.add_argument("--version", action="version", version=f"pgveil {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the proxy")
+    _config_arg(s)
+    s.add_argument("--listen", metavar="HOST:PORT", action="append", help="override `listen` (repeatable)")
+    s.add_argument("--upstream", metavar="HOST:PORT", help="override `upstream.host` and `upstream.port`")
+    s.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    s.add_argument("--metrics-fd", type=int, default=None, help=argparse.SUPPRESS)
+    s.add_argument("--listen-fd", type=int, action="append", help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("check", help="validate a configuration file and print every error")
+    _config_arg(c)
+    c.set_defaults(func=cmd_check)
+
+    k = sub.add_parser("keystore", help="manage the keystore")
+    ksub = k.add_subparsers(dest="keystore_command", required=True)
+    ki = ksub.add_parser("init", help="create or migrate schema pgveil in the keystore database (idempotent)")
+    _config_arg(ki)
+    ki.set_defaults(func=cmd_keystore_init)
+
+    sc = sub.add_parser("schema", help="prepare the application's tables for encrypted columns")
+    ssub = sc.add_subparsers(dest="schema_command", required=True)
+    sa = ssub.add_parser("apply", help="make new, empty protected columns bytea and add the envelope CHECK")
+    _config_arg(sa)
+    sa.add_argument("--dry-run", action="store_true", help="print the steps without changing anything")
+    sa.set_defaults(func=cmd_schema_apply)
+
+    d = sub.add_parser("demo", help="start a throwaway PostgreSQL, put pgveil in front, show what it does")
+    _config_arg(d)
+    d.add_argument("--keep-running", action="store_true", help="keep the demo cluster and proxy up until Ctrl-C")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rc: int = args.func(args)
+    except ConfigError as e:
+        print("pgveil: invalid configuration:", file=sys.stderr)
+        for line in e.errors:
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    except ProxyError as e:
+        print(f"pgveil: {e.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

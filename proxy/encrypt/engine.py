@@ -1,0 +1,648 @@
+"""Transparent encryption of protected columns: from analysis plans to rewritten protocol messages.
+
+:class:`CryptoContext` is process-wide: the catalog of protected columns, their codecs and associated
+data, a synchronous view of the key cache, and the analysis cache (by statement text, so a prepared or
+repeated statement is analysed once). :class:`SessionCrypto` is per session: it turns one frontend or
+backend message into its rewritten form and is called by the relay. Pure: no I/O. A key that is not in
+memory raises :class:`KeyMiss`; the relay then suspends the stream and the session fetches the key.
+
+What is rewritten (PostgreSQL docs, "Extended Query" and "Message Formats"):
+
+* Query: literals bound for protected columns are replaced in place by ``'\\x…'::bytea`` literals of
+  their ciphertext; the server otherwise sees the application's own SQL.
+* Parse: parameters bound for protected columns are declared ``bytea``; ParameterDescription goes back
+  to the client with the declared types.
+* Bind: protected parameters are normalised to the type's canonical form from the client's text or
+  binary value, sealed, and sent in binary; protected result columns are requested in binary.
+* RowDescription: protected columns show the declared type and the format the client asked for.
+* DataRow: :func:`proxy.encrypt.rows.rewrite_data_row`.
+
+A statement that cannot be handled safely is never forwarded. The relay sends the server a stand-in that
+fails (so the server's own error handling, transaction state and pipeline semantics stay exact) and
+replaces the server's error with the refusal built here (SQLSTATE 0A000 for constructs, the type's
+SQLSTATE for a bad value), naming the column and the construct but never a value.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from keymgmt.envelope import DataKey, KeyState, column_associated_data, seal
+from proxy.encrypt.casts import CastNotSupported, NumericOutOfRange, canonical_through_cast
+from proxy.encrypt.keyring import KeyRing, KeyUnavailable
+from proxy.encrypt.rows import (
+    ColumnOutput,
+    RowDecryptError,
+    RowPlan,
+    rewrite_data_row,
+    rewrite_data_rows,
+    rewrite_value_text,
+)
+from proxy.errors import ProtocolViolation, ProxyError
+from proxy.pgtypes import codec_for
+from proxy.pgtypes.base import SessionFormat, TypeCodec, python_codec
+from proxy.protocol import codec
+from proxy.protocol import messages as m
+from proxy.protocol.relay import KeyMiss
+from proxy.rewrite.analysis import analyze
+from proxy.rewrite.catalog import Catalog, ProtectedColumn
+from proxy.rewrite.copyrows import CopyOptions, CopyRowRewriter
+from proxy.rewrite.plan import CopyDirection, CopyFormat, LiteralTarget, QueryPlan, StatementPlan
+
+log = logging.getLogger(__name__)
+
+BYTEA_OID = 17
+# text, varchar, bpchar, json: canonical UTF-8 is the wire value in both formats for a UTF8 client.
+_UTF8_AS_IS = frozenset({25, 1043, 1042, 114})
+_I16 = struct.Struct("!h")
+_I32 = struct.Struct("!i")
+_U32 = struct.Struct("!I")
+
+# Stand-ins sent instead of a refused message: each makes the server fail at the same protocol step.
+REFUSED_QUERY = "pgveil_refused_statement"
+REFUSED_STATEMENT_NAME = "\x01pgveil refused"
+REFUSED_PORTAL_NAME = "\x01pgveil refused"
+
+
+def refused_execute() -> tuple[bytes, bytes]:
+    """(stand-in Execute, refusal) for rows whose protected columns cannot be located."""
+    e = _unsupported(
+        "the result of this statement has encrypted columns that only a Describe can locate",
+        hint="Describe the statement or portal before Execute, or list the columns explicitly",
+    )
+    return codec.encode_frontend(m.Execute(REFUSED_PORTAL_NAME, 0)), refusal_bytes(e)
+
+
+class DecryptionError(ProxyError):
+    """A stored value failed to decrypt; names table and column, never the value. ``partial`` holds the
+    rewritten rows of the same batch that came before the failing one."""
+
+    sqlstate = "XX001"
+    partial = b""
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnCrypto:
+    column: ProtectedColumn
+    codec: TypeCodec
+    associated: bytes
+
+    def output(self, *, server_binary: bool, client_binary: bool, fmt: SessionFormat) -> ColumnOutput:
+        identity = self.codec.oid in _UTF8_AS_IS and python_codec(fmt.client_encoding) is None
+        return ColumnOutput(self.column, self.codec, self.associated, server_binary, client_binary, identity)
+
+
+@dataclass(slots=True)
+class StatementCrypto:
+    """What the proxy knows about one prepared statement that touches protected columns."""
+
+    plan: StatementPlan
+    params: dict[int, ColumnCrypto]  # 0-based parameter index -> column
+    client_param_types: tuple[int, ...]
+    result_hint: tuple[ColumnCrypto | None, ...] | None
+
+
+@dataclass(slots=True)
+class PortalCrypto:
+    statement: StatementCrypto | None
+    client_formats: tuple[int, ...]  # as the client sent them in Bind (compact form)
+    server_formats: tuple[int, ...]  # as the proxy sent them to the server
+    row_plan: RowPlan | None = None
+    described: bool = False  # the client sent Describe for this portal (its RowDescription maps the rows)
+
+    def needs_description(self) -> bool:
+        """Rows whose protected columns only a RowDescription can locate, and none was asked for."""
+        st = self.statement
+        return self.row_plan is None and not self.described and st is not None and st.plan.result_via_row_description
+
+
+@dataclass(slots=True)
+class QueryCrypto:
+    """A simple Query's plan: one statement plan per statement, advanced per CommandComplete."""
+
+    statements: tuple[StatementPlan, ...]
+    index: int = 0
+
+    def current_hint(self, ctx: CryptoContext) -> tuple[ColumnCrypto | None, ...] | None:
+        if self.index >= len(self.statements):
+            return None
+        return ctx.result_hint(self.statements[self.index])
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A frontend message after rewriting: ``replacement`` (None = forward as is), the state to keep
+    with the pending reply, and ``refusal`` (an encoded ErrorResponse) when it was refused."""
+
+    replacement: bytes | None = None
+    state: object = None
+    refusal: bytes | None = None
+
+
+def format_for(formats: Sequence[int], i: int) -> int:
+    """The protocol's compact format-code rule: none = text, one = all, else one per column."""
+    if not formats:
+        return 0
+    if len(formats) == 1:
+        return formats[0]
+    return formats[i] if i < len(formats) else 0
+
+
+def refusal_bytes(e: ProxyError) -> bytes:
+    return codec.encode_error("ERROR", e.sqlstate, e.message, detail=e.detail, hint=e.hint)
+
+
+class CryptoContext:
+    """Process-wide encryption state; shared by every session. See the module docstring."""
+
+    def __init__(self, catalog: Catalog, keys: KeyRing, *, cache_size: int = 10000) -> None:
+        self.keys = keys
+        self._cache: OrderedDict[tuple[str, tuple[str, ...]], QueryPlan] = OrderedDict()
+        self._cache_size = cache_size
+        self.cache_hits = 0
+        self.cache_misses = 0
+        # Why protected tables cannot be served right now (catalog or keys not loaded), or None.
+        self.unavailable: str | None = None
+        self.install(catalog)
+
+    def install(self, catalog: Catalog) -> None:
+        """Adopts a catalog (with OIDs and attribute numbers once read from the server)."""
+        self.catalog = catalog
+        self._cache.clear()
+        self.columns: dict[str, ColumnCrypto] = {}
+        self.by_attr: dict[tuple[int, int], ColumnCrypto] = {}
+        for table in catalog.tables.values():
+            for col in table.columns.values():
+                cc = ColumnCrypto(col, codec_for(col.declared_type), column_associated_data(col.column_id))
+                self.columns[col.column_id] = cc
+                if col.table_oid and col.attnum:
+                    self.by_attr[(col.table_oid, col.attnum)] = cc
+        self.unavailable = None
+
+    def analyze(self, sql: str, search_path: tuple[str, ...]) -> QueryPlan:
+        key = (sql, search_path)
+        cached = self._cache.get(key)
+        if cached is not None:
+            self.cache_hits += 1
+            self._cache.move_to_end(key)
+            return cached
+        self.cache_misses += 1
+        plan: QueryPlan = analyze(sql, self.catalog, search_path)
+        self._cache[key] = plan
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return plan
+
+    def column(self, col: ProtectedColumn) -> ColumnCrypto:
+        return self.columns[col.column_id]
+
+    def result_hint(self, plan: StatementPlan) -> tuple[ColumnCrypto | None, ...] | None:
+        if plan.result_columns is None:
+            return None
+        return tuple(None if c is None else self.column(c) for c in plan.result_columns)
+
+    def key_lookup(self, key_id: bytes) -> DataKey | None:
+        return self.keys.by_id(key_id)
+
+    def seal(self, cc: ColumnCrypto, canonical: bytes) -> bytes:
+        key = self.keys.active(cc.column.column_id)
+        if key.state is not KeyState.ENABLED:
+            raise KeyUnavailable(f"pgveil: the data key of column {cc.column.column_id} is not enabled")
+        return seal(key, canonical, cc.associated)
+
+
+class SessionCrypto:
+    """Per-session rewriting; the relay calls one method per message it acts on."""
+
+    def __init__(self, ctx: CryptoContext, login_role: str) -> None:
+        self.ctx = ctx
+        self.fmt = SessionFormat()
+        self.search_path: tuple[str, ...] = (login_role, "public") if login_role else ("public",)
+        self.values_encrypted = 0
+        self.values_decrypted = 0
+        self.decrypt_failures = 0
+        self._memo_plan: RowPlan | None = None
+        self._memo: dict[bytes, Any] = {}
+        self._memo_count = 0
+
+    def set_parameter(self, name: str, value: str) -> None:
+        self.fmt = self.fmt.with_parameter(name, value)
+
+    # -- simple Query ----------------------------------------------------------------------------------
+    def query(self, sql: str) -> Outcome:
+        plan = self.ctx.analyze(sql, self.search_path)
+        if not plan.touches_protected:
+            return Outcome()
+        refused: ProxyError | None = plan.refusal or self._not_ready()
+        if refused is None and sum(1 for st in plan.statements if _copies_in_protected(st)) > 1:
+            refused = _unsupported("one query string may copy into protected tables only once")
+        if refused is not None:
+            return self._refuse(refused)
+        try:
+            new_sql = self._encrypt_literals(plan)
+        except ProxyError as e:
+            return self._refuse(e)
+        replacement = None if new_sql is None else codec.encode_frontend(m.Query(new_sql))
+        return Outcome(replacement, QueryCrypto(plan.statements))
+
+    def _encrypt_literals(self, plan: QueryPlan) -> str | None:
+        """The statement text with every literal bound for a protected column sealed, or None if the
+        text needs no change."""
+        if not plan.needs_rewrite:
+            return None
+        if plan.literal_targets and not self.fmt.standard_conforming_strings:
+            # The analysis reads string literals as standard_conforming_strings = on does.
+            raise _unsupported("literals for encrypted columns need standard_conforming_strings = on")
+        ciphertexts: dict[LiteralTarget, bytes] = {}
+        for t in plan.literal_targets:
+            cc = self.ctx.column(t.column)
+            literal = t.plaintext.encode("utf-8", "surrogateescape")
+            if t.cast_type is not None:
+                try:
+                    canonical = canonical_through_cast(
+                        cc.codec, t.cast_type, literal, self.fmt, cc.column.column_id, numeric_literal=t.numeric
+                    )
+                except ProxyError as e:
+                    if isinstance(e, CastNotSupported | NumericOutOfRange):
+                        raise
+                    raise type(e)(f"{e.message} (column {cc.column.column_id})", detail=e.detail, hint=e.hint) from None
+            else:
+                canonical = self._canonical_text(cc, literal)
+            ciphertexts[t] = self.ctx.seal(cc, canonical)
+            self.values_encrypted += 1
+        return plan.rewritten_sql(ciphertexts)
+
+    def _canonical_text(self, cc: ColumnCrypto, data: bytes) -> bytes:
+        try:
+            return cc.codec.canonical_from_text(data, self.fmt)
+        except ProxyError as e:
+            raise type(e)(f"{e.message} (column {cc.column.column_id})", detail=e.detail, hint=e.hint) from None
+
+    def _canonical_binary(self, cc: ColumnCrypto, data: bytes, client_oid: int) -> bytes:
+        try:
+            if client_oid in (0, cc.codec.oid) or (client_oid == BYTEA_OID and cc.codec.oid == BYTEA_OID):
+                return cc.codec.canonical_from_binary(data, self.fmt)
+            # The client declared another type and sent its binary form: convert through its text form.
+            other = _codec_by_oid(client_oid)
+            if other is None:
+                raise _BadParameterType(
+                    f"pgveil: a binary parameter of type OID {client_oid} cannot be stored in "
+                    f"column {cc.column.column_id} (declared {cc.codec.name})"
+                )
+            text = other.to_text(other.canonical_from_binary(data, self.fmt), self.fmt)
+            return cc.codec.canonical_from_text(text, self.fmt)
+        except _BadParameterType:
+            raise
+        except ProxyError as e:
+            raise type(e)(f"{e.message} (column {cc.column.column_id})", detail=e.detail, hint=e.hint) from None
+
+    def _not_ready(self) -> ProxyError | None:
+        if self.ctx.unavailable is None:
+            return None
+        e = ProxyError(self.ctx.unavailable, hint="statements on protected tables are refused until it is ready")
+        e.sqlstate = "55000"
+        return e
+
+    def _refuse(self, e: ProxyError) -> Outcome:
+        log.info("refused a statement: %s", e.message)
+        return Outcome(codec.encode_frontend(m.Query(REFUSED_QUERY)), None, refusal_bytes(e))
+
+    # -- extended protocol -----------------------------------------------------------------------------
+    def parse(self, msg: m.Parse) -> Outcome:
+        plan = self.ctx.analyze(msg.query, self.search_path)
+        if not plan.touches_protected:
+            return Outcome()
+        refused: ProxyError | None = plan.refusal or self._not_ready()
+        if refused is None and len(plan.statements) > 1:
+            refused = _unsupported("a prepared statement cannot contain several commands")
+        if refused is not None:
+            log.info("refused a statement: %s", refused.message)
+            return Outcome(
+                codec.encode_frontend(m.Parse(msg.statement, REFUSED_QUERY, ())), None, refusal_bytes(refused)
+            )
+        if not plan.statements:
+            return Outcome()
+        st = plan.statements[0]
+        params = {n - 1: self.ctx.column(c) for n, c in st.param_targets.items()}
+        try:
+            new_sql = self._encrypt_literals(plan)
+        except ProxyError as e:
+            return Outcome(codec.encode_frontend(m.Parse(msg.statement, REFUSED_QUERY, ())), None, refusal_bytes(e))
+        stmt = StatementCrypto(st, params, msg.param_types, self.ctx.result_hint(st))
+        if not params and new_sql is None:
+            return Outcome(None, stmt)
+        types = list(msg.param_types)
+        if params:
+            need = max(params) + 1
+            if len(types) < need:
+                types.extend([0] * (need - len(types)))
+            for i in params:
+                types[i] = BYTEA_OID
+        query = msg.query if new_sql is None else new_sql
+        return Outcome(codec.encode_frontend(m.Parse(msg.statement, query, tuple(types))), stmt)
+
+    def parameter_description(self, body: bytes, stmt: StatementCrypto) -> bytes | None:
+        if not stmt.params:
+            return None
+        (n,) = struct.unpack_from("!H", body, 0)
+        oids = list(struct.unpack_from(f"!{n}I", body, 2))
+        for i, cc in stmt.params.items():
+            if i < n:
+                oids[i] = cc.codec.oid
+        return codec.encode_backend(m.ParameterDescription(tuple(oids)))
+
+    def bind(self, msg: m.Bind, stmt: StatementCrypto | None, stmt_row_desc: bytes | None) -> Outcome:
+        if stmt is None:
+            return Outcome(None, PortalCrypto(None, msg.result_formats, msg.result_formats))
+        try:
+            params, pformats = self._bind_params(msg, stmt)
+        except ProxyError as e:
+            log.info("refused a Bind: %s", e.message)
+            refused = m.Bind(msg.portal, REFUSED_STATEMENT_NAME, (), (), ())
+            return Outcome(codec.encode_frontend(refused), None, refusal_bytes(e))
+        hint = stmt.result_hint
+        if stmt_row_desc is not None:
+            hint = self._merge_hint(hint, stmt_row_desc)
+        ncols = _row_description_count(stmt_row_desc) if stmt_row_desc is not None else None
+        if ncols is None and hint is not None:
+            ncols = len(hint)
+        server_formats = msg.result_formats
+        row_plan: RowPlan | None = None
+        if hint is not None and ncols == len(hint) and any(h is not None for h in hint):
+            client = [format_for(msg.result_formats, i) for i in range(ncols)]
+            server_formats = tuple(1 if hint[i] is not None else client[i] for i in range(ncols))
+            row_plan = tuple(
+                None if h is None else h.output(server_binary=True, client_binary=client[i] == 1, fmt=self.fmt)
+                for i, h in enumerate(hint)
+            )
+        portal = PortalCrypto(stmt, msg.result_formats, server_formats, row_plan)
+        if params is msg.params and server_formats is msg.result_formats:
+            return Outcome(None, portal)
+        new = m.Bind(msg.portal, msg.statement, pformats, params, server_formats)
+        return Outcome(codec.encode_frontend(new), portal)
+
+    def _merge_hint(
+        self, hint: tuple[ColumnCrypto | None, ...] | None, row_desc: bytes
+    ) -> tuple[ColumnCrypto | None, ...] | None:
+        """The statement's RowDescription (table OID, attribute number) identifies protected columns the
+        text analysis could not place (``SELECT *`` over a join); it wins where it knows."""
+        desc = codec.decode_backend(ord("T"), row_desc)
+        assert isinstance(desc, m.RowDescription)
+        merged: list[ColumnCrypto | None] = []
+        for i, f in enumerate(desc.fields):
+            cc = self.ctx.by_attr.get((f.table_oid, f.column_attnum)) if f.table_oid else None
+            if cc is None and hint is not None and i < len(hint) and f.type_oid == BYTEA_OID:
+                cc = hint[i]
+            merged.append(cc)
+        return tuple(merged) if any(c is not None for c in merged) else hint
+
+    def _bind_params(self, msg: m.Bind, stmt: StatementCrypto) -> tuple[tuple[bytes | None, ...], tuple[int, ...]]:
+        if not stmt.params:
+            return msg.params, msg.param_formats
+        values = list(msg.params)
+        formats = [format_for(msg.param_formats, i) for i in range(len(values))]
+        for i, cc in stmt.params.items():
+            if i >= len(values) or values[i] is None:
+                continue
+            value = values[i]
+            assert value is not None
+            if formats[i] == 1:
+                oid = stmt.client_param_types[i] if i < len(stmt.client_param_types) else 0
+                canonical = self._canonical_binary(cc, value, oid)
+            else:
+                canonical = self._canonical_text(cc, value)
+            values[i] = self.ctx.seal(cc, canonical)
+            formats[i] = 1
+            self.values_encrypted += 1
+        return tuple(values), tuple(formats)
+
+    # -- results ---------------------------------------------------------------------------------------
+    def row_description(
+        self,
+        body: bytes,
+        hint: tuple[ColumnCrypto | None, ...] | None,
+        client_formats: Sequence[int] | None,
+    ) -> tuple[bytes | None, RowPlan | None]:
+        """The RowDescription the client sees and the plan for the DataRows that follow.
+
+        ``client_formats`` is None for a statement Describe (formats not known yet: all zero)."""
+        desc = codec.decode_backend(ord("T"), body)
+        assert isinstance(desc, m.RowDescription)
+        fields = list(desc.fields)
+        plan: list[ColumnOutput | None] = []
+        changed = False
+        for i, f in enumerate(fields):
+            cc = self.ctx.by_attr.get((f.table_oid, f.column_attnum)) if f.table_oid else None
+            if cc is None and hint is not None and i < len(hint) and f.type_oid == BYTEA_OID:
+                cc = hint[i]
+            if cc is None:
+                plan.append(None)
+                continue
+            client_fmt = 0 if client_formats is None else format_for(client_formats, i)
+            plan.append(cc.output(server_binary=f.format == 1, client_binary=client_fmt == 1, fmt=self.fmt))
+            fields[i] = m.FieldDescription(
+                f.name, f.table_oid, f.column_attnum, cc.codec.oid, cc.codec.typlen, cc.codec.typmod, client_fmt
+            )
+            changed = True
+        if not changed:
+            return None, None
+        return codec.encode_backend(m.RowDescription(tuple(fields))), tuple(plan)
+
+    def data_rows(self, data: bytes, start: int, end: int, plan: RowPlan, rows: int) -> bytes:
+        """A run of complete DataRow messages ``data[start:end]``, rewritten (see rows.rewrite_data_rows)."""
+        if plan is not self._memo_plan or len(self._memo) > 256:
+            self._memo_plan = plan
+            self._memo = {}
+            self._memo_count = sum(1 for p in plan if p is not None)
+        try:
+            out = rewrite_data_rows(data, start, end, plan, self.ctx.key_lookup, self.fmt, self._memo)
+        except RowDecryptError:
+            # Deliver the rows before the bad one, as a row-at-a-time proxy would, then the error.
+            good: list[bytes] = []
+            pos = start
+            while pos < end:
+                (ln,) = struct.unpack_from("!I", data, pos + 1)
+                try:
+                    row = self.data_row(data[pos + 5 : pos + 1 + ln], plan)
+                except DecryptionError as e:
+                    e.partial = b"".join(good)
+                    raise
+                good.append(codec.frame(b"D", row))
+                pos += 1 + ln
+            raise AssertionError("a failing batch has a failing row") from None
+        self.values_decrypted += self._memo_count * rows
+        return out
+
+    def data_row(self, body: bytes, plan: RowPlan) -> bytes:
+        # The keys a result's rows use are remembered for that result only (a new row plan starts a
+        # new memory, bounded), so every result sees keys disabled or destroyed before it started.
+        if plan is not self._memo_plan or len(self._memo) > 256:
+            self._memo_plan = plan
+            self._memo = {}
+            self._memo_count = sum(1 for p in plan if p is not None)
+        try:
+            out = rewrite_data_row(body, plan, self.ctx.key_lookup, self.fmt, self._memo)
+        except RowDecryptError as e:
+            self.decrypt_failures += 1
+            col = e.column
+            raise DecryptionError(
+                f"pgveil: a value of column {col.column_id} could not be decrypted: {e.reason}",
+                hint="the value was tampered with, moved from another column, or its key is gone",
+            ) from None
+        self.values_decrypted += self._memo_count
+        return out
+
+    # -- COPY ------------------------------------------------------------------------------------------
+    def copy_in_rewriter_for(self, state: object) -> CopyRowRewriter | None:
+        """The rewriter for the COPY FROM STDIN a Query or Execute will start, if it copies into protected
+        columns; built when the client sends the statement (see Relay._arm_copy_in)."""
+        plans: tuple[StatementPlan, ...]
+        if isinstance(state, QueryCrypto):
+            plans = state.statements
+        elif isinstance(state, PortalCrypto) and state.statement is not None:
+            plans = (state.statement.plan,)
+        else:
+            return None
+        copies = [i for i, st in enumerate(plans) if _copies_in_protected(st)]
+        if not copies:
+            return None
+        if isinstance(state, QueryCrypto):
+            return self.copy_rewriter(QueryCrypto(state.statements, copies[0]), b"", inbound=True)
+        return self.copy_rewriter(state, b"", inbound=True)
+
+    def copy_rewriter(self, state: object, body: bytes, *, inbound: bool) -> CopyRowRewriter | None:
+        """A row rewriter for the COPY that the server just started, or None if it carries no protected
+        column. Keys for COPY FROM are checked first (KeyMiss), so a stream never stops half-way."""
+        st = _copy_current_statement(state)
+        if st is None or st.copy is None or not st.copy.needs_rewrite:
+            return None
+        cp = st.copy
+        if cp.format is CopyFormat.BINARY or (body[:1] == b"\x01"):
+            # The analysis refuses binary COPY of protected columns; a server that still chose binary
+            # cannot be rewritten, so the session must end rather than pass ciphertext or plaintext on.
+            raise ProtocolViolation("server", "binary COPY of a protected table")
+        transforms = CopyTransforms(self)
+        fields: list[Callable[[bytes], bytes] | None] = []
+        for col in cp.protected:
+            if col is None:
+                fields.append(None)
+                continue
+            cc = self.ctx.column(col)
+            if inbound:
+                self.ctx.keys.active(col.column_id)  # KeyMiss now, not half-way through the stream
+                fields.append(transforms.sealer(cc))
+            else:
+                fields.append(transforms.opener(cc))
+        o = cp.options
+        if (o.encoding is not None and o.encoding.upper().replace("-", "").replace("_", "") != "UTF8") or (
+            self.fmt.client_encoding.upper().replace("-", "").replace("_", "") not in ("UTF8", "UNICODE")
+        ):
+            raise _unsupported(f"COPY of protected table {cp.table.qualified_name if cp.table else ''} needs UTF8")
+
+        # COPY table: the column list; COPY (query): the protected result columns' names (the others'
+        # bytes pass untouched, already quoted by the server). An alias in FORCE_* is not matched.
+        wire_names: tuple[str | None, ...] = cp.columns or tuple(
+            None if c is None else c.name for c in (st.result_columns or ())
+        )
+
+        def positions(names: tuple[str, ...]) -> frozenset[int]:
+            return frozenset(i for i, c in enumerate(wire_names) if c is not None and c in names)
+
+        csv = cp.format is CopyFormat.CSV
+        options = CopyOptions(
+            format="csv" if csv else "text",
+            delimiter=o.delimiter,
+            null=o.null,
+            quote=o.quote if csv else None,
+            escape=o.escape if csv else None,
+            header=o.header or o.header_match,
+            force_quote=frozenset(range(len(cp.protected))) if o.force_quote_all else positions(o.force_quote),
+            force_not_null=positions(o.force_not_null),
+            force_null=positions(o.force_null),
+        )
+        return CopyRowRewriter(options, fields)
+
+
+class _BadParameterType(ProxyError):
+    sqlstate = "42804"
+
+
+def _unsupported(message: str, hint: str | None = None) -> ProxyError:
+    e = ProxyError(f"pgveil: {message}", hint=hint)
+    e.sqlstate = "0A000"
+    return e
+
+
+def _row_description_count(body: bytes) -> int:
+    (n,) = _I16.unpack_from(body, 0)
+    return int(n)
+
+
+_OID_CODECS: dict[int, TypeCodec | None] = {}
+_OID_NAMES = {
+    16: "bool", 17: "bytea", 20: "int8", 21: "int2", 23: "int4", 25: "text", 114: "json", 700: "float4",
+    701: "float8", 1042: "char", 1043: "varchar", 1082: "date", 1114: "timestamp", 1184: "timestamptz",
+    1700: "numeric", 2950: "uuid", 3802: "jsonb",
+}  # fmt: skip
+
+
+def _codec_by_oid(oid: int) -> TypeCodec | None:
+    if oid not in _OID_CODECS:
+        name = _OID_NAMES.get(oid)
+        _OID_CODECS[oid] = codec_for(name) if name else None
+    return _OID_CODECS[oid]
+
+
+def _copies_in_protected(st: StatementPlan) -> bool:
+    return st.copy is not None and st.copy.direction is CopyDirection.FROM and st.copy.needs_rewrite
+
+
+def _copy_current_statement(state: object) -> StatementPlan | None:
+    if isinstance(state, QueryCrypto):
+        return state.statements[state.index] if state.index < len(state.statements) else None
+    if isinstance(state, PortalCrypto) and state.statement is not None:
+        return state.statement.plan
+    return None
+
+
+class CopyTransforms:
+    """The per-field callbacks of a COPY of a protected table (text and CSV formats)."""
+
+    def __init__(self, crypto: SessionCrypto) -> None:
+        self.crypto = crypto
+
+    def sealer(self, cc: ColumnCrypto) -> Callable[[bytes], bytes]:
+        crypto = self.crypto
+
+        def seal_field(plaintext: bytes) -> bytes:
+            canonical = crypto._canonical_text(cc, plaintext)
+            crypto.values_encrypted += 1
+            return b"\\x" + crypto.ctx.seal(cc, canonical).hex().encode("ascii")
+
+        return seal_field
+
+    def opener(self, cc: ColumnCrypto) -> Callable[[bytes], bytes]:
+        crypto = self.crypto
+        out = cc.output(server_binary=False, client_binary=False, fmt=crypto.fmt)
+
+        def open_field(stored: bytes) -> bytes:
+            def lookup(key_id: bytes) -> DataKey | None:
+                try:
+                    return crypto.ctx.keys.by_id(key_id)
+                except KeyMiss:
+                    return None  # a miss half-way through a COPY stream cannot be retried: it fails
+
+            try:
+                return rewrite_value_text(stored, out, lookup, crypto.fmt)
+            except RowDecryptError as e:
+                crypto.decrypt_failures += 1
+                raise DecryptionError(
+                    f"pgveil: a value of column {e.column.column_id} could not be decrypted: {e.reason}"
+                ) from None
+
+        return open_field

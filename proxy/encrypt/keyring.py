@@ -1,0 +1,107 @@
+"""The hot path's synchronous view of the keystore, and the asynchronous fetch behind a miss.
+
+A lookup either returns a key from memory, raises :class:`~proxy.protocol.relay.KeyMiss` (the session
+fetches the key and the relay retries the message), or reports the key as unavailable: a fetch that
+failed is remembered for a few seconds, so a dead keystore or a destroyed key fails statements quickly
+instead of looping. Nothing here logs key ids together with data.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from keymgmt.envelope import DataKey
+from keymgmt.errors import KeyManagementError
+from proxy.errors import ProxyError
+from proxy.protocol.relay import KeyMiss
+
+log = logging.getLogger(__name__)
+
+
+class KeyUnavailable(ProxyError):
+    """The keystore or key provider cannot supply the key a statement needs."""
+
+    sqlstate = "58000"
+
+
+class KeySource(Protocol):
+    def cached_key(self, key_id: bytes) -> DataKey | None: ...
+    def cached_active_key(self, column_id: str, subject: bytes | None = None) -> DataKey | None: ...
+    async def key_by_id(self, key_id: bytes) -> DataKey: ...
+    async def active_key(self, column_id: str, subject: bytes | None = None) -> DataKey: ...
+    async def preload(self, column_ids: Iterable[str]) -> int: ...
+
+
+class KeyRing:
+    def __init__(
+        self,
+        source: KeySource | None,
+        *,
+        negative_ttl: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.source = source
+        self._negative_ttl = negative_ttl
+        self._clock = clock
+        self._missing_ids: dict[bytes, float] = {}
+        self._missing_columns: dict[str, float] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def _recently_missing(self, table: dict[bytes, float] | dict[str, float], key: bytes | str) -> bool:
+        until = table.get(key)  # type: ignore[arg-type]
+        if until is None:
+            return False
+        if until < self._clock():
+            del table[key]  # type: ignore[arg-type]
+            return False
+        return True
+
+    def by_id(self, key_id: bytes) -> DataKey | None:
+        """The key for ``key_id``, None if it is known to be unavailable (unknown, destroyed, keystore
+        down), or KeyMiss when it should be fetched."""
+        if self.source is not None:
+            key = self.source.cached_key(key_id)
+            if key is not None:
+                self.hits += 1
+                return key
+        if self.source is None or self._recently_missing(self._missing_ids, key_id):
+            return None
+        self.misses += 1
+        raise KeyMiss(key_id=bytes(key_id))
+
+    def active(self, column_id: str) -> DataKey:
+        """The column's current key for writing; KeyMiss to fetch it, KeyUnavailable if it cannot be had."""
+        if self.source is not None:
+            key = self.source.cached_active_key(column_id)
+            if key is not None:
+                self.hits += 1
+                return key
+        if self.source is None or self._recently_missing(self._missing_columns, column_id):
+            raise KeyUnavailable(
+                f"pgveil: the data key of column {column_id} is unavailable (keystore or key provider down?)"
+            )
+        self.misses += 1
+        raise KeyMiss(column_id=column_id)
+
+    async def fetch(self, *, key_id: bytes | None = None, column_id: str | None = None) -> bool:
+        """Loads a missing key into the keystore's cache; remembers a failure for ``negative_ttl``."""
+        if self.source is None:
+            return False
+        try:
+            if key_id is not None:
+                await self.source.key_by_id(key_id)
+            elif column_id is not None:
+                await self.source.active_key(column_id)
+            return True
+        except (KeyManagementError, OSError) as e:
+            log.warning("key fetch failed: %s", type(e).__name__)
+            until = self._clock() + self._negative_ttl
+            if key_id is not None:
+                self._missing_ids[bytes(key_id)] = until
+            if column_id is not None:
+                self._missing_columns[column_id] = until
+            return False

@@ -1,0 +1,150 @@
+"""The encryption runtime of one proxy process: reads the server's catalog through the proxy's own
+service connection (never a client's session), opens the keystore, loads the protected columns' keys,
+and keeps retrying in the background while either is unavailable.
+
+Until both are loaded the proxy fails closed: statements that touch a protected table are refused
+(SQLSTATE 55000, naming the reason), statements that don't pass through, and ``/readyz`` says not ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from keymgmt.errors import KeyManagementError
+from keymgmt.keystore import Keystore, init_keystore
+from keymgmt.providers import KeyProvider, make_provider
+from proxy.catalog_loader import load_catalog
+from proxy.config import Config, LocalMasterKeyConfig, read_secret_file, redact_dsn
+from proxy.encrypt.engine import CryptoContext, SessionCrypto
+from proxy.encrypt.keyring import KeyRing
+
+log = logging.getLogger(__name__)
+
+RETRY_SECONDS = 2.0
+
+
+def provider_from_config(config: Config) -> KeyProvider:
+    assert config.keystore is not None
+    mk = config.keystore.master_key
+    base = config.source_path.parent if config.source_path else Path.cwd()
+    if isinstance(mk, LocalMasterKeyConfig):
+        return make_provider({"type": "local", "path": str(mk.path)}, base)
+    return make_provider({"type": "pkcs11"}, base)
+
+
+def connect_kwargs(dsn: str, password_file: Path | None) -> dict[str, Any]:
+    kw: dict[str, Any] = {"dsn": dsn}
+    if password_file is not None:
+        kw["password"] = read_secret_file(password_file)
+    return kw
+
+
+class EncryptionRuntime:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.keystore: Keystore | None = None
+        self.keyring = KeyRing(None)
+        self.context = CryptoContext(config.catalog(), self.keyring)
+        self.context.unavailable = "pgveil is still loading the catalog and keys"
+        self._task: asyncio.Task[None] | None = None
+        self._pool: Any = None  # our own pool, when a password file is used (the keystore borrows it)
+
+    @property
+    def ready(self) -> bool:
+        return self.context.unavailable is None
+
+    def session_factory(self, role: str) -> SessionCrypto:
+        return SessionCrypto(self.context, role)
+
+    async def start(self) -> None:
+        """Tries once now (so a healthy start is ready at once), then keeps trying in the background."""
+        await self._try_load()
+        if not self.ready:
+            self._task = asyncio.get_running_loop().create_task(self._retry())
+
+    async def _retry(self) -> None:
+        while not self.ready:
+            await asyncio.sleep(RETRY_SECONDS)
+            await self._try_load()
+
+    async def _try_load(self) -> None:
+        cfg = self.config
+        if cfg.service is None or cfg.service.dsn is None or cfg.keystore is None or cfg.keystore.dsn is None:
+            self.context.unavailable = "pgveil has no service/keystore DSN configured for protected tables"
+            log.error("%s", self.context.unavailable)
+            return
+        try:
+            conn = await asyncpg.connect(**connect_kwargs(cfg.service.dsn, cfg.service.password_file), timeout=10)
+        except (OSError, asyncpg.PostgresError, TimeoutError) as e:
+            log.warning("service connection %s failed", redact_dsn(cfg.service.dsn))
+            self._unavailable("cannot reach its service connection to read the catalog", e)
+            return
+        try:
+            catalog, problems = await load_catalog(conn, cfg.catalog())
+        except (OSError, asyncpg.PostgresError) as e:
+            self._unavailable("cannot read the catalog", e)
+            return
+        finally:
+            await conn.close()
+        if problems:
+            # Details (which table, which column, which type) go to the operator's log; clients learn only
+            # that protected tables are not ready.
+            log.error("protected tables are not ready: %s", "; ".join(problems))
+            self.context.unavailable = "pgveil: protected tables are not ready (see the pgveil log)"
+            return
+        try:
+            if self.keystore is None:
+                provider = provider_from_config(cfg)
+                kw = connect_kwargs(cfg.keystore.dsn, cfg.keystore.password_file)
+                if "password" in kw:
+                    self._pool = await asyncpg.create_pool(
+                        dsn=kw["dsn"], password=kw["password"], min_size=1, max_size=4
+                    )
+                    source: Any = self._pool
+                else:
+                    source = kw["dsn"]
+                self.keystore = Keystore(
+                    source, provider, max_keys=cfg.keystore.cache.max_keys, ttl_seconds=cfg.keystore.cache.ttl_seconds
+                )
+                await self.keystore.initialize()
+                with contextlib.suppress(KeyManagementError, OSError, asyncpg.PostgresError):
+                    await self.keystore.listen()
+            columns = [c.column_id for t in catalog.tables.values() for c in t.columns.values()]
+            for column_id in columns:
+                await self.keystore.active_key(column_id)  # creates version 1 on first use
+            await self.keystore.preload(columns)
+        except (KeyManagementError, OSError, asyncpg.PostgresError) as e:
+            self._unavailable("cannot load keys from the keystore", e)
+            return
+        self.keyring.source = self.keystore
+        self.context.install(catalog)
+        log.info("encryption ready: %d protected columns in %d tables", len(columns), len(catalog.tables))
+
+    def _unavailable(self, what: str, e: BaseException) -> None:
+        self.context.unavailable = f"pgveil: {what}"
+        log.warning("%s (%s); retrying every %.0f s", what, type(e).__name__, RETRY_SECONDS)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self.keystore is not None:
+            await self.keystore.close()
+        if self._pool is not None:
+            await self._pool.close()
+
+
+async def keystore_init(config: Config) -> list[str]:
+    """``pgveil keystore init``: creates or migrates schema ``pgveil`` in the keystore database."""
+    if config.keystore is None or config.keystore.dsn is None:
+        raise ValueError("keystore.dsn (or PGVEIL_KEYSTORE_DSN) is not set")
+    conn = await asyncpg.connect(**connect_kwargs(config.keystore.dsn, config.keystore.password_file))
+    try:
+        return await init_keystore(conn)
+    finally:
+        await conn.close()

@@ -1,0 +1,1185 @@
+"""The per-connection relay: a sans-I/O state machine between one client and one server.
+
+Theory of operation
+-------------------
+The session (the only code that touches sockets) feeds bytes in with :meth:`Relay.receive_client` and
+:meth:`Relay.receive_server` and drains the bytes to write from :attr:`Relay.to_server` and
+:attr:`Relay.to_client`. Things the session must do beyond writing bytes (start TLS, connect upstream,
+forward a cancel, close) come out as :attr:`Relay.events`. Nothing here awaits or touches a socket, so
+every behaviour is testable with bytes in, bytes out.
+
+Framing. Both directions are scanned message by message from the headers (type byte, Int32 length). A
+message the relay must act on is buffered until complete and decoded; any other message is forwarded
+untouched, and if it is only partly here its bytes are passed on as they arrive (``_skip``), so a huge
+DataRow or CopyData never sits whole in memory. Consecutive untouched messages leave as one slice of the
+input, never re-encoded.
+
+Startup (PostgreSQL docs, "Message Flow: Start-up"): the client's first packets have no type byte:
+SSLRequest (the session answers 'S' and starts TLS, or 'N'), GSSENCRequest (always 'N': we terminate
+TLS ourselves and cannot relay GSS encryption), CancelRequest (handed to the session, which forwards it to
+the server; the server matches pid and secret, so any instance can forward it) and StartupMessage (handed
+to the session, which connects upstream and sends it verbatim). Authentication is relayed untouched, except
+that SASL mechanisms ending in ``-PLUS`` are removed from AuthenticationSASL: channel binding would bind
+the client's TLS leg, which is not the leg PostgreSQL sees. AuthenticationOk records the login role.
+
+Extended protocol ("Extended Query"): each frontend message that the server answers pushes a
+:class:`Pending` entry on a FIFO; each backend reply is matched against the head. ParseComplete creates
+the statement, BindComplete the portal, CloseComplete removes one, ReadyForQuery pops a Sync (or a simple
+Query or FunctionCall). After an ErrorResponse in the extended protocol the server discards messages until
+Sync: the relay pops every entry up to the next Sync, and if that Sync has not been sent yet it stops
+queueing (``_discarding``) until the client sends it. Portals die at the end of their transaction, so
+ReadyForQuery with status 'I' drops them all. A reply that matches nothing means client, server and
+relay disagree about the conversation: the relay fails closed with a protocol violation.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum, auto
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from proxy.errors import ProtocolViolation, ProxyError
+from proxy.protocol import codec
+from proxy.protocol import messages as m
+
+if TYPE_CHECKING:
+    from proxy.encrypt.engine import SessionCrypto
+
+
+def refused_execute() -> tuple[bytes, bytes]:
+    from proxy.encrypt.engine import refused_execute as build
+
+    return build()
+
+
+log = logging.getLogger(__name__)
+
+
+class KeyMiss(Exception):
+    """Raised by the encryption layer when a key is not in memory: the relay holds that side of the
+    stream and asks the session (NeedKey) to fetch it. Defined here so the relay needs no import of
+    the encryption layer."""
+
+    def __init__(self, *, key_id: bytes | None = None, column_id: str | None = None) -> None:
+        super().__init__("key not cached")
+        self.key_id = key_id
+        self.column_id = column_id
+
+
+_U32 = struct.Struct("!I")
+_HDR = struct.Struct("!BI")
+
+
+class Phase(Enum):
+    STARTUP = auto()  # waiting for SSLRequest / StartupMessage / CancelRequest
+    AUTHENTICATING = auto()  # StartupMessage sent upstream; relaying authentication
+    READY = auto()  # ReadyForQuery seen once: normal operation
+    CLOSED = auto()
+
+
+class Expect(Enum):
+    PARSE = auto()
+    BIND = auto()
+    DESCRIBE_STATEMENT = auto()
+    DESCRIBE_PORTAL = auto()
+    EXECUTE = auto()
+    CLOSE = auto()
+    SYNC = auto()
+    QUERY = auto()
+    FUNCTION_CALL = auto()
+
+
+@dataclass(slots=True)
+class PreparedStatement:
+    name: str
+    query: str
+    param_types: tuple[int, ...]
+    parameter_description: m.ParameterDescription | None = None
+    row_description: bytes | None = None  # raw RowDescription body; decode_backend(ord('T'), ...)
+
+
+@dataclass(slots=True)
+class Portal:
+    name: str
+    statement: PreparedStatement
+    result_formats: tuple[int, ...]
+    row_description: bytes | None = None  # raw RowDescription body; decode_backend(ord('T'), ...)
+
+
+@dataclass(slots=True)
+class Pending:
+    """One frontend message whose reply has not arrived yet."""
+
+    expect: Expect
+    name: str = ""
+    kind: bytes = b""
+    parse: m.Parse | None = None
+    bind: m.Bind | None = None
+    state: Any = None  # the encryption layer's plan for this message's replies (see proxy.encrypt)
+    refusal: bytes | None = None  # an ErrorResponse that replaces the server's error for a refused message
+
+
+# -- events for the session -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TLSRequested:
+    """The client sent SSLRequest; the session answers 'S' (and starts TLS) or 'N'."""
+
+
+@dataclass(frozen=True, slots=True)
+class StartupReceived:
+    message: m.StartupMessage
+    raw: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class CancelReceived:
+    raw: bytes = field(repr=False)
+    process_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticated:
+    role: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionReady:
+    """The first ReadyForQuery: startup is complete."""
+
+
+@dataclass(frozen=True, slots=True)
+class NeedKey:
+    """The relay stopped reading ``side`` ("client" or "server") until this key is in memory; the
+    session fetches it and feeds ``b""`` to that side to resume."""
+
+    side: str
+    key_id: bytes | None = None
+    column_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CloseConnection:
+    """Close both sides after writing what is queued. ``error`` is what the client was told, if anything."""
+
+    error: ProtocolViolation | None = None
+
+
+Event = TLSRequested | StartupReceived | CancelReceived | Authenticated | SessionReady | NeedKey | CloseConnection
+
+# Backend message types the relay must see whole. Everything else (DataRow, CopyData, NoticeResponse,
+# NotificationResponse, FunctionCallResponse, NegotiateProtocolVersion) streams through untouched.
+_BACKEND_WATCHED = frozenset(b"RKSZET t C 1 2 3 n s I G H W c".replace(b" ", b""))
+# While a result with protected columns streams, its DataRows are watched too; while a suppressed reply
+# is being dropped (after the proxy reported an error in the middle of it), everything is.
+_BACKEND_WATCHED_ROWS = _BACKEND_WATCHED | frozenset(b"D")
+_BACKEND_WATCHED_COPY = _BACKEND_WATCHED | frozenset(b"d")
+_BACKEND_ALL = frozenset(range(256))
+_LIGHT_WATCHED = frozenset(b"ZEGHcCSK")
+# Frontend messages streamed untouched: CopyData only (PasswordMessage and friends are small and complete).
+_FRONTEND_STREAMED = frozenset(b"d")
+_NOTHING_STREAMED: frozenset[int] = frozenset()
+# The server's own limits (src/backend/tcop/postgres.c, SocketBackend; PG_MAX_AUTH_TOKEN_LENGTH):
+# only Query, Parse, Bind, FunctionCall, CopyData and the password messages may be large.
+_SMALL_MESSAGE_LIMIT = 10000
+_AUTH_MESSAGE_LIMIT = 65535 + 4
+_LARGE_FRONTEND_TYPES = frozenset(b"QPBFdp")
+
+
+class Relay:
+    """State of one client ⇄ server conversation. See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        max_message_size: int = codec.MAX_MESSAGE_SIZE,
+        crypto_factory: Callable[[str], SessionCrypto] | None = None,
+        track_statements: bool = True,
+    ) -> None:
+        self.max_message_size = max_message_size
+        # Without an encryption layer nothing is ever rewritten, and the session may choose the
+        # frame-level fast path after startup: see _receive_client_light.
+        self.light = not track_statements and crypto_factory is None
+        self.outstanding = 0  # light mode: Query/Sync/FunctionCall sent and not yet answered by ReadyForQuery
+        # The encryption layer, created once the login role is known; None = pure pass-through.
+        self._crypto_factory = crypto_factory
+        self.crypto: SessionCrypto | None = None
+        self._stmt_crypto: dict[str, Any] = {}
+        self._portal_crypto: dict[str, Any] = {}
+        self._row_plan: Any = None
+        self._copy_out_rw: Any = None  # rewrites the server's COPY TO STDOUT rows
+        # Rewrites the client's COPY FROM STDIN rows. It lives until the client's CopyDone/CopyFail, not
+        # the server's reply: a client keeps sending (plaintext) rows after the server gave up, and they
+        # must still be encrypted or dropped, never passed on.
+        self._copy_in_rw: Any = None
+        self._copy_in_failed = False
+        self._suppress = False  # drop server replies up to the next ReadyForQuery (after an injected error)
+        self._watched: frozenset[int] = _BACKEND_WATCHED
+        self._c_streamed: frozenset[int] = _FRONTEND_STREAMED
+        self._c_hold = False  # waiting for a key before the next client message can be rewritten
+        self._client_copying = False  # the client is sending COPY data (its Syncs are ignored by the server)
+        self._copy_ended_early = 0  # client CopyDone/CopyFail sent before the server's CopyInResponse
+        self._s_hold = False
+        self.phase = Phase.STARTUP
+        self.to_client: list[bytes] = []
+        self.to_server: list[bytes] = []
+        self.events: list[Event] = []
+
+        self.startup: m.StartupMessage | None = None
+        self.login_role: str | None = None
+        self.backend_key: m.BackendKeyData | None = None
+        self.parameters: dict[str, str] = {}
+        self.transaction_status: bytes = b"I"
+        self.server_fatal = False  # the server sent FATAL/PANIC: its closing the connection is expected
+        # SCRAM channel binding (-PLUS) binds the TLS leg the client sees. It can be relayed only when that
+        # leg presents the very certificate PostgreSQL has (tls-server-end-point hashes the certificate);
+        # the session clears this flag when it finds them identical.
+        self.strip_channel_binding = True
+
+        self.statements: dict[str, PreparedStatement] = {}
+        self.portals: dict[str, Portal] = {}
+        self.pending: deque[Pending] = deque()
+        self._discarding = False
+        self.copy_in = False
+        self.copy_out = False
+        # The raw RowDescription of the simple Query result streaming now (an Execute's rows are described
+        # by its portal's row_description instead).
+        self.current_result: bytes | None = None
+
+        # framing state per direction
+        self._c_buf = b""
+        self._c_skip = 0
+        self._s_buf = b""
+        self._s_skip = 0
+
+        # counters the session flushes into metrics once per read
+        self.client_bytes = 0
+        self.client_messages = 0
+        self.server_bytes = 0
+        self.server_messages = 0
+
+    def resume(self, side: str) -> None:
+        """Continues a side held by :class:`NeedKey`, once the session has fetched the key (or given up:
+        then the retry reports the key as unavailable)."""
+        if side == "client":
+            self._c_hold = False
+            buf, self._c_buf = self._c_buf, b""
+            if buf:
+                self.client_bytes -= len(buf)
+                self.receive_client(buf)
+        else:
+            self._s_hold = False
+            buf, self._s_buf = self._s_buf, b""
+            if buf:
+                self.server_bytes -= len(buf)
+                self.receive_server(buf)
+
+    @property
+    def busy(self) -> bool:
+        """Something is outstanding: a reply is owed, or a COPY is running."""
+        return bool(self.pending) or self.outstanding > 0 or self.copy_in or self.copy_out
+
+    # -- framing shared by both modes ------------------------------------------------------------------
+    def _client_frames(self, data: bytes) -> bytes:
+        """Passes on the rest of a streamed message, then prepends what was kept of a partial one:
+        the bytes that start on a message boundary, b"" if there are none yet."""
+        if self._c_skip:
+            n = len(data)
+            if n <= self._c_skip:
+                self._c_skip -= n
+                self.to_server.append(data)
+                return b""
+            self.to_server.append(data[: self._c_skip])
+            data = data[self._c_skip :]
+            self._c_skip = 0
+        if self._c_buf:
+            data = self._c_buf + data
+            self._c_buf = b""
+        return data
+
+    def _server_frames(self, data: bytes) -> bytes:
+        """:meth:`_client_frames` for the server's bytes."""
+        if self._s_skip:
+            n = len(data)
+            if n <= self._s_skip:
+                self._s_skip -= n
+                self.to_client.append(data)
+                return b""
+            self.to_client.append(data[: self._s_skip])
+            data = data[self._s_skip :]
+            self._s_skip = 0
+        if self._s_buf:
+            data = self._s_buf + data
+            self._s_buf = b""
+        return data
+
+    # -- light mode: framing, transaction status and COPY state only -----------------------------------
+    # Used when no table is protected (and sessions.track_statements is auto): frames are checked
+    # (type, length, size limits) and forwarded without decoding; message bodies are left to the server,
+    # which rejects malformed ones itself. Only ReadyForQuery, ErrorResponse, ParameterStatus,
+    # BackendKeyData and the COPY messages are looked at.
+
+    def _receive_client_light(self, data: bytes) -> None:
+        if self._c_skip or self._c_buf:
+            data = self._client_frames(data)
+            if not data:
+                return
+        n = len(data)
+        pos = 0
+        limit = self.max_message_size
+        count = 0
+        unpack = _HDR.unpack_from
+        while n - pos >= 5:
+            t, ln = unpack(data, pos)
+            if ln < 4:
+                raise codec.CodecError("client", f"invalid message length {ln}")
+            if ln > limit or (ln > _SMALL_MESSAGE_LIMIT and t not in _LARGE_FRONTEND_TYPES):
+                raise codec.CodecError("client", f"message of {ln} bytes exceeds the limit for its type")
+            if t not in codec.FRONTEND_TYPES:
+                raise codec.CodecError("client", f"invalid frontend message type {t}")
+            count += 1
+            if t == 0x53:  # Sync (ignored by the server during COPY FROM STDIN)
+                if not self._client_copying:
+                    self.outstanding += 1
+            elif t == 0x51 or t == 0x46:  # Query, FunctionCall
+                self.outstanding += 1
+            elif t == 0x63 or t == 0x66:  # CopyDone, CopyFail
+                self._client_copy_ended()
+            elif t == 0x58:  # Terminate
+                self.phase = Phase.CLOSED
+                self.events.append(CloseConnection())
+            end = pos + 1 + ln
+            if end > n:
+                self._c_skip = end - n
+                pos = n
+                break
+            pos = end
+        self.client_messages += count
+        if pos:
+            self.to_server.append(data if pos == n else data[:pos])
+        if pos < n:
+            self._c_buf = data[pos:]
+
+    def _receive_server_light(self, data: bytes) -> None:
+        if self._s_skip or self._s_buf:
+            data = self._server_frames(data)
+            if not data:
+                return
+        n = len(data)
+        pos = 0
+        count = 0
+        unpack = _HDR.unpack_from
+        watched = _LIGHT_WATCHED
+        while n - pos >= 5:
+            t, ln = unpack(data, pos)
+            if ln < 4:
+                raise codec.CodecError("server", f"invalid message length {ln}")
+            end = pos + 1 + ln
+            if t in watched:
+                if end > n:
+                    break
+                self._light_server_message(t, data, pos + 5, end)
+            elif end > n:
+                count += 1
+                self._s_skip = end - n
+                pos = n
+                break
+            count += 1
+            pos = end
+        self.server_messages += count
+        if pos:
+            self.to_client.append(data if pos == n else data[:pos])
+        if pos < n:
+            self._s_buf = data[pos:]
+
+    def _light_server_message(self, t: int, data: bytes, start: int, end: int) -> None:
+        if t == 0x5A:  # ReadyForQuery
+            status = data[start:end]
+            if status not in (b"I", b"T", b"E"):
+                raise codec.CodecError("server", "malformed ReadyForQuery message")
+            if self.outstanding:
+                self.outstanding -= 1
+            if not self.outstanding:
+                self._copy_ended_early = 0
+            self.transaction_status = status
+            self.copy_in = self.copy_out = self._client_copying = False
+        elif t == 0x45:  # ErrorResponse
+            msg = codec.decode_backend(t, data[start:end])
+            assert isinstance(msg, m.ErrorResponse)
+            if msg.severity in ("FATAL", "PANIC"):
+                self.server_fatal = True
+            self.copy_in = self.copy_out = False
+        elif t == 0x47:  # CopyInResponse
+            self.copy_in = True
+            self._client_copy_started()
+        elif t == 0x48:  # CopyOutResponse
+            self.copy_out = True
+        elif t == 0x63 or t == 0x43:  # CopyDone, CommandComplete
+            self.copy_out = False
+            if t == 0x43:
+                self.copy_in = False
+        elif t == 0x53:
+            self._on_parameter_status(data[start:end])
+        elif t == 0x4B:
+            self._on_backend_key_data(data[start:end])
+
+    # -- properties for the session --------------------------------------------------------------------
+    @property
+    def client_at_boundary(self) -> bool:
+        """True when the bytes sent to the client so far end on a message boundary."""
+        return self._s_skip == 0
+
+    @property
+    def has_buffered_client_bytes(self) -> bool:
+        return bool(self._c_buf)
+
+    # -- client → server -------------------------------------------------------------------------------
+    def receive_client(self, data: bytes) -> None:
+        self.client_bytes += len(data)
+        if self._c_hold:
+            self._c_buf += data
+            return
+        try:
+            if self.phase is Phase.STARTUP:
+                self._c_buf += data
+                self._receive_startup()
+            elif self.phase is Phase.READY and self.light:
+                self._receive_client_light(data)
+            elif self.phase is not Phase.CLOSED:
+                self._receive_client_messages(data)
+        except ProtocolViolation as e:
+            self._fail(e)
+
+    def _receive_startup(self) -> None:
+        buf = self._c_buf
+        while self.phase is Phase.STARTUP and len(buf) >= 4:
+            (n,) = _U32.unpack_from(buf, 0)
+            if n < 8 or n > codec.MAX_STARTUP_PACKET:
+                raise codec.CodecError("client", f"invalid startup packet length {n}")
+            if len(buf) < n:
+                break
+            raw, buf = buf[:n], buf[n:]
+            self._c_buf = buf
+            self.client_messages += 1
+            msg = codec.decode_startup(raw[4:])
+            if isinstance(msg, m.SSLRequest):
+                self.events.append(TLSRequested())
+                # The session must check has_buffered_client_bytes: bytes sent before the TLS handshake
+                # would be injected into the encrypted session (CVE-2021-23214).
+                return
+            if isinstance(msg, m.GSSENCRequest):
+                self.to_client.append(b"N")
+            elif isinstance(msg, m.CancelRequest):
+                self.phase = Phase.CLOSED
+                self.events.append(CancelReceived(raw, msg.process_id))
+            else:
+                assert isinstance(msg, m.StartupMessage)
+                if msg.protocol >> 16 != 3:
+                    raise codec.CodecError("client", "unsupported frontend protocol")
+                self.startup = msg
+                self.phase = Phase.AUTHENTICATING
+                self.events.append(StartupReceived(msg, raw))
+        self._c_buf = buf
+        if self.phase is Phase.AUTHENTICATING and buf:
+            self._c_buf = b""
+            self._receive_client_messages(buf)
+
+    def _receive_client_messages(self, data: bytes) -> None:
+        data = self._client_frames(data)
+        if not data:
+            return
+        n = len(data)
+        pos = 0
+        start = 0
+        out = self.to_server
+        limit = self.max_message_size
+        while n - pos >= 5:
+            t, ln = _HDR.unpack_from(data, pos)
+            if ln < 4:
+                raise codec.CodecError("client", f"invalid message length {ln}")
+            if ln > limit or (ln > _SMALL_MESSAGE_LIMIT and t not in _LARGE_FRONTEND_TYPES):
+                raise codec.CodecError("client", f"message of {ln} bytes exceeds the limit for its type")
+            if t not in codec.FRONTEND_TYPES:
+                raise codec.CodecError("client", f"invalid frontend message type {t}")
+            if self.phase is Phase.AUTHENTICATING and ln > _AUTH_MESSAGE_LIMIT:
+                raise codec.CodecError("client", "authentication message too long")
+            end = pos + 1 + ln
+            self.client_messages += 1
+            if t in self._c_streamed:
+                if end > n:
+                    self._c_skip = end - n
+                    pos = n
+                    break
+                pos = end
+                continue
+            if end > n:
+                self.client_messages -= 1
+                break
+            try:
+                replacement = self._handle_client_message(t, data[pos + 5 : end])
+            except KeyMiss as miss:
+                # Keep this message and the rest until the session has fetched the key.
+                self.client_messages -= 1
+                self._c_hold = True
+                self.events.append(NeedKey("client", miss.key_id, miss.column_id))
+                break
+            if replacement is not None:
+                if start < pos:
+                    out.append(data[start:pos])
+                if replacement:
+                    out.append(replacement)
+                start = end
+            pos = end
+            if self.phase is Phase.CLOSED:
+                break
+        if start < pos:
+            out.append(data[start:pos] if start or pos != n else data)
+        if pos < n and self.phase is not Phase.CLOSED:
+            self._c_buf = data[pos:]
+
+    def _handle_client_message(self, t: int, body: bytes) -> bytes | None:
+        """Acts on one complete frontend message; returns replacement bytes, or None to forward it as is."""
+        if self.phase is Phase.AUTHENTICATING:
+            if t == 0x70 or t == 0x58:  # 'p' password/SASL/GSS response, 'X' Terminate
+                if t == 0x58:
+                    self.phase = Phase.CLOSED
+                    self.events.append(CloseConnection())
+                return None
+            raise codec.CodecError("client", f"unexpected message type {t} during authentication")
+        if t == 0x70:  # 'p' after authentication is a protocol violation the server would report too
+            raise codec.CodecError("client", "unexpected password message")
+        if self.crypto is not None:
+            return self._handle_client_message_crypto(t, body, self.crypto)
+        msg = codec.decode_frontend(t, body)
+        if isinstance(msg, m.Query):
+            self._expect(Pending(Expect.QUERY))
+        elif isinstance(msg, m.Parse):
+            self._expect(Pending(Expect.PARSE, name=msg.statement, parse=msg))
+        elif isinstance(msg, m.Bind):
+            self._expect(Pending(Expect.BIND, name=msg.portal, bind=msg))
+        elif isinstance(msg, m.Describe):
+            kind = Expect.DESCRIBE_STATEMENT if msg.kind == b"S" else Expect.DESCRIBE_PORTAL
+            self._expect(Pending(kind, name=msg.name))
+        elif isinstance(msg, m.Execute):
+            self._expect(Pending(Expect.EXECUTE, name=msg.portal))
+        elif isinstance(msg, m.Close):
+            self._expect(Pending(Expect.CLOSE, name=msg.name, kind=msg.kind))
+        elif isinstance(msg, m.Sync):
+            self._on_client_sync()
+        elif isinstance(msg, m.FunctionCall):
+            self._expect(Pending(Expect.FUNCTION_CALL))
+        elif isinstance(msg, m.Terminate):
+            self.phase = Phase.CLOSED
+            self.events.append(CloseConnection())
+        elif isinstance(msg, m.CopyDone | m.CopyFail):
+            self._client_copy_ended()
+        # Flush needs no bookkeeping, CopyDone and CopyFail are answered as part of the running command.
+        return None
+
+    def _on_client_sync(self) -> None:
+        if self._client_copying:
+            return  # ignored by the server during COPY FROM STDIN
+        self._discarding = False
+        self.pending.append(Pending(Expect.SYNC))
+
+    def _handle_client_message_crypto(self, t: int, body: bytes, crypto: SessionCrypto) -> bytes | None:
+        """The same bookkeeping as the pass-through path, with each message offered to the encryption
+        layer first. Nothing is queued before the layer has accepted the message, so a KeyMiss can
+        retry it from scratch."""
+        if t == 0x64:  # 'd' CopyData while a COPY FROM STDIN of a protected table streams
+            return self._copy_in_data(body)
+        if t == 0x63 or t == 0x66:  # CopyDone / CopyFail
+            self._client_copy_ended()
+            return self._copy_in_end(t, body)
+        if self._copy_in_rw is not None and not self._client_copying and t not in (0x53, 0x48):
+            # A rewriter armed for a COPY that never started (the server refused the statement): the
+            # client has moved on to another command.
+            self._copy_in_rw = None
+            self._copy_in_failed = False
+            self._c_streamed = _FRONTEND_STREAMED
+        msg = codec.decode_frontend(t, body)
+        if isinstance(msg, m.Query):
+            out = crypto.query(msg.query)
+            if out.refusal is None:
+                self._arm_copy_in(crypto, out.state)
+            self._expect(Pending(Expect.QUERY, state=out.state, refusal=out.refusal))
+            return out.replacement
+        if isinstance(msg, m.Parse):
+            out = crypto.parse(msg)
+            if out.state is not None:
+                self._stmt_crypto[msg.statement] = out.state
+            else:
+                self._stmt_crypto.pop(msg.statement, None)
+            self._expect(Pending(Expect.PARSE, name=msg.statement, parse=msg, refusal=out.refusal))
+            return out.replacement
+        if isinstance(msg, m.Bind):
+            stmt = self._stmt_crypto.get(msg.statement)
+            known = self.statements.get(msg.statement)
+            out = crypto.bind(msg, stmt, known.row_description if known is not None else None)
+            if len(self._portal_crypto) > 1000:
+                self._portal_crypto.clear()  # named portals the client never closed; bounded memory
+            self._portal_crypto[msg.portal] = out.state
+            self._expect(Pending(Expect.BIND, name=msg.portal, bind=msg, refusal=out.refusal))
+            return out.replacement
+        if isinstance(msg, m.Describe):
+            if msg.kind == b"S":
+                self._expect(Pending(Expect.DESCRIBE_STATEMENT, name=msg.name, state=self._stmt_crypto.get(msg.name)))
+            else:
+                portal = self._portal_crypto.get(msg.name)
+                if portal is not None:
+                    portal.described = True
+                self._expect(Pending(Expect.DESCRIBE_PORTAL, name=msg.name, state=portal))
+        elif isinstance(msg, m.Execute):
+            portal = self._portal_crypto.get(msg.portal)
+            if portal is not None and portal.needs_description():
+                stand_in, refusal = refused_execute()
+                self._expect(Pending(Expect.EXECUTE, name=msg.portal, refusal=refusal))
+                return stand_in
+            self._arm_copy_in(crypto, portal)
+            self._expect(Pending(Expect.EXECUTE, name=msg.portal, state=portal))
+            # If nothing else was outstanding (Bind + Flush, then Execute: asyncpg cursors, JDBC fetch
+            # sizes), this Execute is the head now and its rows must be watched from the first one.
+            self._refresh_watch()
+        elif isinstance(msg, m.Close):
+            (self._stmt_crypto if msg.kind == b"S" else self._portal_crypto).pop(msg.name, None)
+            self._expect(Pending(Expect.CLOSE, name=msg.name, kind=msg.kind))
+        elif isinstance(msg, m.Sync):
+            self._on_client_sync()
+        elif isinstance(msg, m.FunctionCall):
+            self._expect(Pending(Expect.FUNCTION_CALL))
+        elif isinstance(msg, m.Terminate):
+            self.phase = Phase.CLOSED
+            self.events.append(CloseConnection())
+        return None
+
+    def _arm_copy_in(self, crypto: SessionCrypto, state: Any) -> None:
+        """A statement that copies into a protected table: its row rewriter starts now, when the client
+        sends the statement, not when the server answers. Clients may send the rows without waiting
+        for CopyInResponse (asyncpg does), and none of them may reach the server unrewritten."""
+        if self._copy_in_rw is not None or state is None:
+            return
+        rw = crypto.copy_in_rewriter_for(state)  # KeyMiss: the message is retried once the key is in
+        if rw is not None:
+            self._copy_in_rw = rw
+            self._copy_in_failed = False
+            self._c_streamed = _NOTHING_STREAMED
+
+    def _copy_in_data(self, body: bytes) -> bytes | None:
+        rw = self._copy_in_rw
+        if self._copy_in_failed:
+            return b""
+        if rw is None:
+            return None
+        try:
+            rows = rw.feed(body)
+        except ProtocolViolation:
+            raise
+        except ProxyError as e:
+            return self._fail_copy_in(e)
+        return codec.frame(b"d", rows) if rows else b""
+
+    def _copy_in_end(self, t: int, body: bytes) -> bytes | None:
+        rw, failed = self._copy_in_rw, self._copy_in_failed
+        self._copy_in_rw = None
+        self._copy_in_failed = False
+        self._c_streamed = _FRONTEND_STREAMED
+        if failed:
+            return b""  # the server's COPY was aborted already
+        if rw is None or t == 0x66:  # no rewriting, or CopyFail: the server aborts the COPY itself
+            return None
+        try:
+            tail = rw.finish()
+        except ProtocolViolation:
+            raise
+        except ProxyError as e:
+            abort = self._fail_copy_in(e)
+            self._copy_in_failed = False  # the client's COPY is over: nothing more of it will come
+            return abort
+        done = codec.frame(b"c", b"")
+        return (codec.frame(b"d", tail) + done) if tail else None
+
+    def _fail_copy_in(self, e: ProxyError) -> bytes:
+        """A row the proxy cannot encrypt: abort the server's COPY with CopyFail, report our error in place
+        of the server's, and drop the rest of the client's rows."""
+        self._copy_in_failed = True
+        for p in self.pending:
+            if p.expect in (Expect.QUERY, Expect.EXECUTE):
+                p.refusal = codec.encode_error("ERROR", e.sqlstate, e.message, detail=e.detail, hint=e.hint)
+                break
+        return codec.encode_frontend(m.CopyFail(e.message))
+
+    def _expect(self, p: Pending) -> None:
+        if not self._discarding:
+            self.pending.append(p)
+
+    # -- server → client -------------------------------------------------------------------------------
+    def receive_server(self, data: bytes) -> None:
+        self.server_bytes += len(data)
+        if self.phase is Phase.CLOSED:
+            return
+        if self._s_hold:
+            self._s_buf += data
+            return
+        try:
+            if self.light and self.phase is Phase.READY:
+                self._receive_server_light(data)
+            else:
+                self._receive_server_messages(data)
+        except ProtocolViolation as e:
+            self._fail(e)
+
+    def _receive_server_messages(self, data: bytes) -> None:
+        data = self._server_frames(data)
+        if not data:
+            return
+        n = len(data)
+        pos = 0
+        start = 0
+        out = self.to_client
+        count = 0
+        while n - pos >= 5:
+            t, ln = _HDR.unpack_from(data, pos)
+            if ln < 4:
+                raise codec.CodecError("server", f"invalid message length {ln}")
+            end = pos + 1 + ln
+            count += 1
+            if t not in self._watched:
+                if end > n:
+                    self._s_skip = end - n
+                    pos = n
+                    break
+                pos = end
+                continue
+            if end > n:
+                count -= 1
+                break
+            was_suppressing = self._suppress
+            replacement: bytes | None
+            try:
+                if t == 0x44 and self._row_plan is not None and not was_suppressing:
+                    # A run of DataRows of a protected result: one call rewrites them all.
+                    run_end, rows = _data_row_run(data, end, n)
+                    assert self.crypto is not None
+                    replacement = self.crypto.data_rows(data, pos, run_end, self._row_plan, rows)
+                    end = run_end
+                    count += rows - 1
+                else:
+                    replacement = self._handle_server_message(t, data[pos + 5 : end])
+            except KeyMiss as miss:
+                count -= 1
+                self._s_hold = True
+                self.events.append(NeedKey("server", miss.key_id, miss.column_id))
+                break
+            except ProtocolViolation:
+                raise
+            except ProxyError as e:
+                # The proxy cannot deliver this reply (a value failed to decrypt): the client gets the
+                # error in its place and the rest of the reply is dropped up to ReadyForQuery.
+                partial: bytes = getattr(e, "partial", b"")
+                replacement = partial + codec.encode_error("ERROR", e.sqlstate, e.message, detail=e.detail, hint=e.hint)
+                self._start_suppressing()
+            if was_suppressing and t != 0x5A:
+                replacement = b""  # the rest of a reply the client was told failed: nothing of it may pass
+            if replacement is not None:
+                if start < pos:
+                    out.append(data[start:pos])
+                if replacement:
+                    out.append(replacement)
+                start = end
+            pos = end
+        self.server_messages += count
+        if start < pos:
+            out.append(data[start:pos] if start or pos != n else data)
+        if pos < n:
+            self._s_buf = data[pos:]
+
+    def _handle_server_message(self, t: int, body: bytes) -> bytes | None:
+        if self.phase is Phase.AUTHENTICATING:
+            msg = codec.decode_backend(t, body)
+            if isinstance(msg, m.ErrorResponse) and msg.severity in ("FATAL", "PANIC"):
+                self.server_fatal = True
+            return self._handle_auth_phase(msg)
+        handler = self._server_handlers.get(t)
+        if handler is None:
+            return None
+        replacement = handler(self, body)
+        if self.crypto is not None:
+            self._refresh_watch()
+        return replacement
+
+    def _refresh_watch(self) -> None:
+        """Chooses which backend messages the scanner must stop at, so that results and COPY streams
+        without protected columns pass without per-row work."""
+        if self._suppress:
+            self._watched = _BACKEND_ALL
+            return
+        plan = self._row_plan
+        if plan is None and self.pending:
+            head = self.pending[0]
+            if head.expect is Expect.EXECUTE and head.state is not None and head.state.row_plan is not None:
+                plan = self._row_plan = head.state.row_plan
+        if plan is not None:
+            self._watched = _BACKEND_WATCHED_ROWS
+        elif self._copy_out_rw is not None and self.copy_out:
+            self._watched = _BACKEND_WATCHED_COPY
+        else:
+            self._watched = _BACKEND_WATCHED
+
+    def _start_suppressing(self) -> None:
+        self._suppress = True
+        self._row_plan = None
+        self._copy_out_rw = None
+        self._watched = _BACKEND_ALL
+
+    # The hot replies (one of each per statement) are acted on from their type byte and a field or two,
+    # without building message objects; RowDescription is kept as its raw body and decoded only on demand.
+    def _on_ready(self, body: bytes) -> bytes | None:
+        if len(body) != 1 or body not in (b"I", b"T", b"E"):
+            raise codec.CodecError("server", "malformed ReadyForQuery message")
+        head = self._head(None, "ReadyForQuery")
+        if head.expect not in (Expect.SYNC, Expect.QUERY, Expect.FUNCTION_CALL):
+            raise ProtocolViolation("server", f"ReadyForQuery in reply to {head.expect.name}")
+        self.pending.popleft()
+        if not self.pending:
+            self._copy_ended_early = 0  # a COPY the server refused before it started leaves none behind
+        self.transaction_status = body
+        self.copy_in = self.copy_out = False
+        self.current_result = None
+        self._row_plan = None
+        self._copy_out_rw = None
+        self._suppress = False
+        if body == b"I":
+            # Portals live until the end of their transaction ("Extended Query", Bind).
+            self.portals.clear()
+        return None
+
+    def _on_error(self, body: bytes) -> bytes | None:
+        msg = codec.decode_backend(0x45, body)
+        assert isinstance(msg, m.ErrorResponse)
+        if msg.severity in ("FATAL", "PANIC"):
+            self.server_fatal = True
+        self.copy_in = self.copy_out = False
+        self.current_result = None
+        self._row_plan = None
+        self._copy_out_rw = None
+        if not self.pending:
+            return None  # e.g. a FATAL from an administrator command, with nothing outstanding
+        head = self.pending[0]
+        # A refused message was replaced by a stand-in that fails: the client gets the refusal instead.
+        replacement = head.refusal
+        if head.expect in (Expect.QUERY, Expect.FUNCTION_CALL, Expect.SYNC):
+            return replacement  # ReadyForQuery follows and pops it
+        # Extended protocol: the server now skips every message up to the next Sync.
+        while self.pending and self.pending[0].expect is not Expect.SYNC:
+            self.pending.popleft()
+        if not self.pending:
+            self._discarding = True
+        return replacement
+
+    def _on_parse_complete(self, body: bytes) -> bytes | None:
+        p = self._pop(Expect.PARSE, "ParseComplete")
+        assert p.parse is not None
+        self.statements[p.name] = PreparedStatement(p.name, p.parse.query, p.parse.param_types)
+        return None
+
+    def _on_bind_complete(self, body: bytes) -> bytes | None:
+        p = self._pop(Expect.BIND, "BindComplete")
+        assert p.bind is not None
+        stmt = self.statements.get(p.bind.statement)
+        if stmt is None:
+            # Prepared with SQL PREPARE, which shares the protocol's statement namespace.
+            stmt = self.statements[p.bind.statement] = PreparedStatement(p.bind.statement, "", ())
+        self.portals[p.name] = Portal(p.name, stmt, p.bind.result_formats, stmt.row_description)
+        return None
+
+    def _on_close_complete(self, body: bytes) -> bytes | None:
+        p = self._pop(Expect.CLOSE, "CloseComplete")
+        if p.kind == b"S":
+            self.statements.pop(p.name, None)
+        else:
+            self.portals.pop(p.name, None)
+        return None
+
+    def _on_parameter_description(self, body: bytes) -> bytes | None:
+        msg = codec.decode_backend(0x74, body)
+        assert isinstance(msg, m.ParameterDescription)
+        p = self._head(Expect.DESCRIBE_STATEMENT, "ParameterDescription")
+        stmt = self.statements.get(p.name)
+        if stmt is not None:
+            stmt.parameter_description = msg
+        if self.crypto is not None and p.state is not None:
+            return self.crypto.parameter_description(body, p.state)
+        return None
+
+    def _on_row_description(self, body: bytes) -> bytes | None:
+        head = self._head(None, "RowDescription")
+        if head.expect is Expect.DESCRIBE_STATEMENT:
+            stmt = self.statements.get(head.name)
+            if stmt is not None:
+                stmt.row_description = body
+            self.pending.popleft()
+        elif head.expect is Expect.DESCRIBE_PORTAL:
+            portal = self.portals.get(head.name)
+            if portal is not None:
+                portal.row_description = body
+            self.pending.popleft()
+        elif head.expect is Expect.QUERY:
+            self.current_result = body
+        else:
+            raise ProtocolViolation("server", f"RowDescription in reply to {head.expect.name}")
+        if self.crypto is None:
+            return None
+        return self._crypto_row_description(head, body, self.crypto)
+
+    def _crypto_row_description(self, head: Pending, body: bytes, crypto: SessionCrypto) -> bytes | None:
+        state = head.state
+        if head.expect is Expect.DESCRIBE_STATEMENT:
+            replacement, _ = crypto.row_description(body, state.result_hint if state else None, None)
+            return replacement
+        if head.expect is Expect.DESCRIBE_PORTAL:
+            hint = state.statement.result_hint if state is not None and state.statement is not None else None
+            formats = state.client_formats if state is not None else self._portal_formats(head.name)
+            replacement, plan = crypto.row_description(body, hint, formats)
+            if state is not None and plan is not None:
+                state.row_plan = plan
+            return replacement
+        # simple Query: text format throughout
+        hint = state.current_hint(crypto.ctx) if state is not None else None
+        replacement, plan = crypto.row_description(body, hint, None)
+        self._row_plan = plan
+        return replacement
+
+    def _portal_formats(self, name: str) -> tuple[int, ...]:
+        portal = self.portals.get(name)
+        return portal.result_formats if portal is not None else ()
+
+    def _on_data_row(self, body: bytes) -> bytes | None:
+        plan = self._row_plan
+        if plan is None or self.crypto is None or self._suppress:
+            return None
+        return codec.frame(b"D", self.crypto.data_row(body, plan))
+
+    def _on_copy_data(self, body: bytes) -> bytes | None:
+        rw = self._copy_out_rw
+        if rw is None or not self.copy_out or self._suppress:
+            return None
+        rows = rw.feed(body)
+        return codec.frame(b"d", rows) if rows else b""
+
+    def _on_no_data(self, body: bytes) -> bytes | None:
+        head = self._head(None, "NoData")
+        if head.expect not in (Expect.DESCRIBE_STATEMENT, Expect.DESCRIBE_PORTAL):
+            raise ProtocolViolation("server", f"NoData in reply to {head.expect.name}")
+        self.pending.popleft()
+        return None
+
+    def _on_command_complete(self, body: bytes) -> bytes | None:
+        self.copy_in = self.copy_out = False
+        self.current_result = None
+        self._row_plan = None
+        self._copy_out_rw = None
+        head = self._head(None, "CommandComplete")
+        if head.expect is Expect.EXECUTE:
+            self.pending.popleft()
+        elif head.expect is not Expect.QUERY:
+            raise ProtocolViolation("server", f"CommandComplete in reply to {head.expect.name}")
+        elif head.state is not None:
+            head.state.index += 1  # the next statement of a multi-statement Query
+        return None
+
+    def _on_portal_suspended(self, body: bytes) -> bytes | None:
+        self.current_result = None
+        self._row_plan = None
+        self._pop(Expect.EXECUTE, "PortalSuspended")
+        return None
+
+    def _on_copy_in(self, body: bytes) -> bytes | None:
+        head = self._head_in((Expect.QUERY, Expect.EXECUTE), "CopyInResponse")
+        if self.crypto is not None and self._copy_in_rw is None:
+            try:
+                self._copy_in_rw = self.crypto.copy_rewriter(head.state, body, inbound=True)
+            except ProtocolViolation:
+                raise
+            except ProxyError as e:
+                return self._refuse_copy_in(head, e)
+            if self._copy_in_rw is not None:
+                self._c_streamed = _NOTHING_STREAMED
+        self.copy_in = True
+        if self._client_copy_started() and head.expect is Expect.EXECUTE:
+            # The server ignores Sync and Flush while it copies in (CopyGetData in copyfromparse.c): libpq
+            # pipelines Execute, Sync and, after the data, CopyDone and another Sync, with one ReadyForQuery.
+            while len(self.pending) > 1 and self.pending[1].expect is Expect.SYNC:
+                del self.pending[1]
+        return None
+
+    def _client_copy_started(self) -> bool:
+        """CopyInResponse arrived: True if the client is copying now, False if it already sent its
+        CopyDone/CopyFail (clients such as asyncpg send the data without waiting for the response)."""
+        if self._copy_ended_early:
+            self._copy_ended_early -= 1
+            return False
+        self._client_copying = True
+        return True
+
+    def _client_copy_ended(self) -> None:
+        if self._client_copying:
+            self._client_copying = False
+        else:
+            self._copy_ended_early += 1
+
+    def _refuse_copy_in(self, head: Pending, e: ProxyError) -> bytes:
+        """A COPY FROM STDIN the proxy cannot rewrite: the server's COPY is aborted with CopyFail (its
+        error is replaced by ours) and the client never sees the CopyInResponse. In the extended protocol
+        the server ignored the client's Sync while copying, so the proxy sends one in its place."""
+        self.to_server.append(codec.encode_frontend(m.CopyFail(e.message)))
+        if head.expect is Expect.EXECUTE:
+            self.to_server.append(codec.encode_frontend(m.Sync()))
+        head.refusal = codec.encode_error("ERROR", e.sqlstate, e.message, detail=e.detail, hint=e.hint)
+        return b""
+
+    def _on_copy_out(self, body: bytes) -> bytes | None:
+        head = self._head_in((Expect.QUERY, Expect.EXECUTE), "CopyOutResponse")
+        self.copy_out = True
+        if self.crypto is not None:
+            self._copy_out_rw = self.crypto.copy_rewriter(head.state, body, inbound=False)
+        return None
+
+    def _on_copy_both(self, body: bytes) -> bytes | None:
+        self._head_in((Expect.QUERY, Expect.EXECUTE), "CopyBothResponse")
+        return None
+
+    def _on_copy_done(self, body: bytes) -> bytes | None:
+        rw = self._copy_out_rw
+        self.copy_out = False
+        self._copy_out_rw = None
+        if rw is not None and not self._suppress:
+            tail = rw.finish()
+            if tail:
+                return codec.frame(b"d", tail) + codec.frame(b"c", b"")
+        return None
+
+    def _on_parameter_status(self, body: bytes) -> bytes | None:
+        msg = codec.decode_backend(0x53, body)
+        assert isinstance(msg, m.ParameterStatus)
+        self.parameters[msg.name] = msg.value
+        if self.crypto is not None:
+            self.crypto.set_parameter(msg.name, msg.value)
+        return None
+
+    def _on_backend_key_data(self, body: bytes) -> bytes | None:
+        msg = codec.decode_backend(0x4B, body)
+        assert isinstance(msg, m.BackendKeyData)
+        self.backend_key = msg
+        return None
+
+    def _on_authentication(self, body: bytes) -> bytes | None:
+        raise ProtocolViolation("server", "authentication request after startup")
+
+    _server_handlers: ClassVar[dict[int, Callable[[Relay, bytes], bytes | None]]] = {
+        ord("Z"): _on_ready,
+        ord("E"): _on_error,
+        ord("1"): _on_parse_complete,
+        ord("2"): _on_bind_complete,
+        ord("3"): _on_close_complete,
+        ord("t"): _on_parameter_description,
+        ord("T"): _on_row_description,
+        ord("n"): _on_no_data,
+        ord("C"): _on_command_complete,
+        ord("I"): _on_command_complete,
+        ord("s"): _on_portal_suspended,
+        ord("G"): _on_copy_in,
+        ord("H"): _on_copy_out,
+        ord("W"): _on_copy_both,
+        ord("c"): _on_copy_done,
+        ord("S"): _on_parameter_status,
+        ord("K"): _on_backend_key_data,
+        ord("R"): _on_authentication,
+        ord("D"): _on_data_row,
+        ord("d"): _on_copy_data,
+    }
+
+    def _handle_auth_phase(self, msg: m.BackendMessage) -> bytes | None:
+        if isinstance(msg, m.Authentication):
+            if msg.code == m.AuthCode.OK:
+                assert self.startup is not None
+                self.login_role = self.startup.get("user")
+                self.events.append(Authenticated(self.login_role or ""))
+                if self._crypto_factory is not None:
+                    self.crypto = self._crypto_factory(self.login_role or "")
+            elif msg.code == m.AuthCode.SASL:
+                return _strip_channel_binding(msg) if self.strip_channel_binding else None
+            return None
+        if isinstance(msg, m.ReadyForQuery):
+            self.transaction_status = msg.status
+            self.phase = Phase.READY
+            self.events.append(SessionReady())
+        elif isinstance(msg, m.ParameterStatus):
+            self.parameters[msg.name] = msg.value
+            if self.crypto is not None:
+                self.crypto.set_parameter(msg.name, msg.value)
+        elif isinstance(msg, m.BackendKeyData):
+            self.backend_key = msg
+        elif isinstance(msg, m.ErrorResponse | m.NoticeResponse | m.NegotiateProtocolVersion):
+            pass
+        else:
+            raise ProtocolViolation("server", f"unexpected {type(msg).__name__} during authentication")
+        return None
+
+    def _head(self, expect: Expect | None, what: str) -> Pending:
+        if not self.pending:
+            raise ProtocolViolation("server", f"unexpected {what}: no request outstanding")
+        head = self.pending[0]
+        if expect is not None and head.expect is not expect:
+            raise ProtocolViolation("server", f"{what} in reply to {head.expect.name}")
+        return head
+
+    def _head_in(self, expects: tuple[Expect, ...], what: str) -> Pending:
+        head = self._head(None, what)
+        if head.expect not in expects:
+            raise ProtocolViolation("server", f"{what} in reply to {head.expect.name}")
+        return head
+
+    def _pop(self, expect: Expect, what: str) -> Pending:
+        head = self._head(expect, what)
+        self.pending.popleft()
+        return head
+
+    # -- failure ---------------------------------------------------------------------------------------
+    def _fail(self, e: ProtocolViolation) -> None:
+        log.warning("%s", e.message)
+        if self.client_at_boundary:
+            self.to_client.append(codec.encode_error("FATAL", e.sqlstate, e.message))
+        self.phase = Phase.CLOSED
+        self.events.append(CloseConnection(e))
+
+    def fail(self, e: ProtocolViolation) -> None:
+        """Ends the conversation because of ``e`` (used by the session for errors it detects)."""
+        self._fail(e)
+
+
+def _data_row_run(data: bytes, end: int, n: int) -> tuple[int, int]:
+    """(end, count) of the run of complete DataRow messages that starts with the one ending at ``end``."""
+    rows = 1
+    unpack = _HDR.unpack_from
+    while n - end >= 5:
+        t, ln = unpack(data, end)
+        if t != 0x44 or ln < 4 or end + 1 + ln > n:
+            break
+        end += 1 + ln
+        rows += 1
+    return end, rows
+
+
+def _strip_channel_binding(msg: m.Authentication) -> bytes | None:
+    """AuthenticationSASL without ``*-PLUS`` mechanisms, or None when there were none to strip."""
+    mechs = [x for x in msg.payload.split(b"\x00") if x]
+    kept = [x for x in mechs if not x.endswith(b"-PLUS")]
+    if len(kept) == len(mechs):
+        return None
+    payload = b"".join(x + b"\x00" for x in kept) + b"\x00"
+    return codec.encode_backend(m.Authentication(msg.code, payload))

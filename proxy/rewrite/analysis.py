@@ -1,0 +1,207 @@
+"""SQL analysis: from statement text to a QueryPlan (what to encrypt, what to decrypt, what to refuse).
+
+Theory of operation
+-------------------
+``analyze`` is a pure function of (sql, catalog, search_path); the session caches its result by text.
+
+1. Fast path. A statement can only touch a protected table if the table's name occurs in its text, so
+   a text in which no protected table name occurs (case-insensitively, and with no ``U&"..."``
+   identifier that could spell one) is passed through without parsing. This is the common case.
+2. Parse with libpg_query (PostgreSQL's own grammar) into its JSON tree. A text it cannot parse is
+   passed through if no identifier token names a protected table (the server reports the error), and
+   refused otherwise: pgveil will not forward what it could not analyse.
+3. Per statement, a cheap pre-check looks for any table reference that resolves to a protected table;
+   without one the statement is passed through however complex it is.
+4. Otherwise ``StatementWalker`` walks the statement the way PostgreSQL's parse analysis resolves names
+   (query levels, FROM items, aliases, CTEs shadowing tables, ``*`` expansion; see scope.py) and
+   classifies each use of a protected column:
+   - a value written into it (INSERT, UPDATE SET, ON CONFLICT DO UPDATE SET): a literal becomes a
+     LiteralTarget, a ``$n`` a parameter target, NULL and DEFAULT stay; anything else is refused;
+   - passed through unchanged into a result (SELECT list, RETURNING, subqueries and CTEs in FROM,
+     UNION ALL of the same column): recorded in ``result_columns``;
+   - nullness (``IS [NOT] NULL``, ``count(col)``): allowed, nullness is not protected;
+   - equality (``=``, ``IN``, ``= ANY``): refused as "not searchable" in one place
+     (``StatementWalker._equality``), where blind-index rewriting of searchable columns will hook in;
+   - anything else (functions, operators, LIKE, ordering, grouping, joins, casts, CASE, aggregates,
+     window functions, DISTINCT): refused, naming the column and the construct.
+   The first refusal ends the statement's analysis; the statement is reported refused (0A000).
+
+Decisions
+---------
+- Unparseable text is refused with 0A000 (not 42601) when it may name a protected table: the server
+  never sees it, and the message says pgveil could not analyse it. Text that names none passes, so
+  the server's own syntax error reaches the client unchanged.
+- A reference that could mean a protected column or a column of a table pgveil has no column list for
+  is refused where a protected column would be (fail closed); qualifying it resolves the doubt.
+- Only UNION ALL carries protected columns: UNION, INTERSECT and EXCEPT compare rows, and equal
+  plaintexts have unequal ciphertexts, so their results would be silently wrong.
+- Views, functions and rules are opaque: a view over a protected table is not in the catalog, so its
+  columns come back as the stored bytea. DO blocks that mention a protected table are refused; DDL,
+  TRUNCATE and maintenance statements pass (the server's CHECK constraints guard the columns).
+- SQL-level PREPARE with a parameter for a protected column, DECLARE CURSOR over a protected table,
+  MERGE, CREATE TABLE AS / SELECT INTO of a protected column, COPY of one to or from a server file or
+  program, and binary COPY of one are refused.
+- Literal plaintexts are what libpg_query reads with standard_conforming_strings on; a session that
+  turned it off must not use literal targets (the session knows it from ParameterStatus).
+
+Must not: do I/O, keep state between calls, raise anything from ``analyze`` (every failure becomes a
+refusal or a pass-through), or put literal values or statement text in messages or logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import types
+
+from pglast import parser as pg_parser
+
+from proxy.errors import FeatureNotSupported
+from proxy.rewrite.catalog import Catalog
+from proxy.rewrite.literals import SourceText
+from proxy.rewrite.nodes import Node, first_protected_table, named_in_strings, node_type
+from proxy.rewrite.plan import QueryPlan, Refusal, StatementKind, StatementPlan
+from proxy.rewrite.walker import StatementWalker
+
+log = logging.getLogger(__name__)
+
+__all__ = ["analyze"]
+
+
+def analyze(sql: str, catalog: Catalog, search_path: tuple[str, ...] = ("public",)) -> QueryPlan:
+    """The plan for a statement text (one statement for an extended-protocol Parse, possibly several
+    for a simple-protocol Query). Never raises: a statement pgveil cannot handle gets a refusal."""
+    if catalog.empty or not _may_mention(sql, catalog):
+        return QueryPlan(sql)
+    try:
+        return _analyze_text(sql, catalog, search_path)
+    except Exception as exc:  # fail closed: a bug in the analysis must not let a statement through
+        log.error("SQL analysis failed unexpectedly (%s); statement refused", type(exc).__name__)
+        refusal = Refusal(
+            "pgveil: the statement could not be analysed; it is refused because it names a table with encrypted columns"
+        )
+        return QueryPlan(sql, (StatementPlan(StatementKind.OTHER, True, refusal),), True)
+
+
+# -- fast path and unparseable text ---------------------------------------------------------------------
+
+
+def _may_mention(sql: str, catalog: Catalog) -> bool:
+    """False only if no protected table can be named in ``sql``: its name does not occur in any case,
+    and no Unicode-escaped identifier could spell it."""
+    lowered = sql.lower()
+    if 'u&"' in lowered:
+        return True
+    for _schema, name in catalog.tables:
+        n = name.lower()
+        if n in lowered or ('"' in n and n.replace('"', '""') in lowered):
+            return True
+    return False
+
+
+def _identifier_names(sql: str) -> set[str] | None:
+    """Lower-cased identifiers and keywords of ``sql`` (quoted identifiers unquoted); None if the text
+    cannot even be tokenised or contains a Unicode-escaped identifier."""
+    if "\x00" in sql:  # the scanner, like the parser, would stop at the NUL
+        return None
+    try:
+        tokens = pg_parser.scan(sql)
+    except Exception:  # pglast raises ParseError, but UnicodeEncodeError etc. mean the same here
+        return None
+    names: set[str] = set()
+    for t in tokens:
+        if t.name == "UIDENT":
+            return None
+        if t.name == "IDENT" or t.kind != "NO_KEYWORD":
+            text = sql[t.start : t.end + 1]
+            if text.startswith('"'):
+                text = text[1:-1].replace('""', '"')
+            names.add(text.lower())
+    return names
+
+
+def _unparseable(sql: str, catalog: Catalog) -> QueryPlan:
+    """libpg_query rejected the text. Pass it through (the server will report the syntax error) unless
+    an identifier in it may name a protected table; then refuse, since it could not be checked."""
+    names = _identifier_names(sql)
+    protected = {name.lower() for _schema, name in catalog.tables}
+    if names is not None and not names & protected:
+        return QueryPlan(sql, unparseable=True)
+    refusal = Refusal(
+        "pgveil: the statement could not be parsed; it is refused because it may name a table with encrypted columns",
+        hint="check the statement's syntax",
+    )
+    return QueryPlan(sql, (StatementPlan(StatementKind.OTHER, True, refusal),), True, unparseable=True)
+
+
+def _analyze_text(sql: str, catalog: Catalog, search_path: tuple[str, ...]) -> QueryPlan:
+    if "\x00" in sql:  # libpg_query reads a C string: it would stop at the NUL, hiding the rest
+        return _unparseable(sql, catalog)
+    try:
+        tree = json.loads(pg_parser.parse_sql_json(sql))
+    except (pg_parser.ParseError, UnicodeError, ValueError, RecursionError):
+        return _unparseable(sql, catalog)
+    source = SourceText(sql)
+    statements = tuple(
+        _analyze_statement(raw.get("stmt", {}), catalog, search_path, source) for raw in tree.get("stmts", [])
+    )
+    return QueryPlan(sql, statements, any(s.touches_protected for s in statements))
+
+
+# -- statements -----------------------------------------------------------------------------------------
+
+_KINDS = {
+    "SelectStmt": StatementKind.SELECT,
+    "InsertStmt": StatementKind.INSERT,
+    "UpdateStmt": StatementKind.UPDATE,
+    "DeleteStmt": StatementKind.DELETE,
+    "MergeStmt": StatementKind.MERGE,
+    "CopyStmt": StatementKind.COPY,
+    "TruncateStmt": StatementKind.TRUNCATE,
+}
+_DDL_PREFIXES = ("Create", "Alter", "Drop", "Rename", "Comment", "Grant", "Define", "SecLabel", "Reassign")
+_DDL_NAMES = frozenset({"IndexStmt", "ViewStmt", "RuleStmt", "CompositeTypeStmt", "ImportForeignSchemaStmt"})
+
+
+def _statement_kind(name: str) -> StatementKind:
+    kind = _KINDS.get(name)
+    if kind is not None:
+        return kind
+    if name.startswith(_DDL_PREFIXES) or name in _DDL_NAMES:
+        return StatementKind.DDL
+    return StatementKind.OTHER
+
+
+def _analyze_statement(stmt: Node, catalog: Catalog, search_path: tuple[str, ...], source: SourceText) -> StatementPlan:
+    name, body = node_type(stmt)
+    kind = _statement_kind(name)
+    table = first_protected_table(stmt, catalog, search_path)
+    if table is None and name == "DoStmt":
+        table = named_in_strings(body, catalog)
+    if table is None:
+        return StatementPlan(kind)
+    walker = StatementWalker(catalog, search_path, source)
+    try:
+        result = walker.statement(name, body, table)
+        param_targets = walker.param_targets()
+    except FeatureNotSupported as exc:
+        return StatementPlan(kind, True, Refusal(exc.message, exc.detail, exc.hint))
+    except RecursionError:
+        refusal = Refusal(
+            f"pgveil: the statement is nested too deeply to analyse; it involves table {table.qualified_name}, "
+            "which has encrypted columns",
+            hint="simplify the statement",
+        )
+        return StatementPlan(kind, True, refusal)
+    if not walker.touched:
+        return StatementPlan(kind)  # every reference was to a CTE that shadows a protected table's name
+    return StatementPlan(
+        kind,
+        touches_protected=True,
+        literal_targets=tuple(walker.literals),
+        param_targets=types.MappingProxyType(param_targets),
+        result_columns=result.result_columns,
+        result_via_row_description=result.via_row_description,
+        copy=result.copy,
+        edits=tuple(walker.edits),
+    )

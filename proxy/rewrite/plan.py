@@ -1,0 +1,268 @@
+"""The result of analysing one statement text: what to encrypt, what to decrypt, what to refuse.
+
+Plans are immutable values. The session caches them by statement text and reuses them for every
+execution, so nothing here may hold per-execution state: literal ciphertexts are passed in when the
+rewritten text is built, and a refusal is stored as data and turned into a fresh exception on each use
+(an exception object that has been raised carries a traceback whose frames could pin plaintext in a
+long-lived cache).
+
+Offsets (``start``/``end``) are indices into the Python ``str`` that was analysed (code points, not
+the UTF-8 byte offsets libpg_query reports), half-open.
+
+Must not: parse SQL, do I/O, or show literal values or statement text in ``repr``.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+from proxy.errors import FeatureNotSupported
+from proxy.rewrite.catalog import ProtectedColumn, ProtectedTable
+
+_EMPTY_PARAMS: Mapping[int, ProtectedColumn] = types.MappingProxyType({})
+
+
+class StatementKind(Enum):
+    SELECT = "select"
+    INSERT = "insert"
+    UPDATE = "update"
+    DELETE = "delete"
+    MERGE = "merge"
+    COPY = "copy"
+    TRUNCATE = "truncate"
+    DDL = "ddl"
+    OTHER = "other"
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a statement is refused; ``error()`` builds the exception the session reports (SQLSTATE 0A000)."""
+
+    message: str
+    detail: str | None = None
+    hint: str | None = None
+
+    def error(self) -> FeatureNotSupported:
+        return FeatureNotSupported(self.message, detail=self.detail, hint=self.hint)
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class LiteralTarget:
+    """A literal in the statement text that goes into a protected column and must be encrypted.
+
+    ``start``/``end`` cover the whole literal expression, including a cast (``'2020-01-01'::date``,
+    ``CAST('1' AS int)``, ``DATE '2020-01-01'``) or a sign (``-5``). ``plaintext`` is the text the
+    type's input function would receive: strings unescaped (``'it''s'`` gives ``it's``, ``E'\\n'`` a
+    newline), numbers in decimal, booleans as ``true``/``false``. ``cast_type`` names the type of an
+    explicit cast or typed literal in PostgreSQL's internal spelling (``date``, ``int4``,
+    ``varchar(10)``, ``timestamptz``), or is None; the value is encrypted as ``column`` either way, so
+    the session may refuse a cast it does not accept for the column's declared type.
+    """
+
+    start: int
+    end: int
+    plaintext: str
+    column: ProtectedColumn
+    cast_type: str | None = None
+    numeric: bool = False  # a numeric constant (1.7), not a string ('1.7'): it has a type before any cast
+
+    def __repr__(self) -> str:
+        return (
+            f"LiteralTarget(start={self.start}, end={self.end}, plaintext=<{len(self.plaintext)} chars>, "
+            f"column={self.column.column_id!r}, cast_type={self.cast_type!r})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TextEdit:
+    """A fixed change to the statement text that needs no key, e.g. ``$1::text`` → ``$1`` so that the
+    server infers ``bytea`` for a parameter that carries ciphertext, or ``NULL::date`` → ``NULL``."""
+
+    start: int
+    end: int
+    replacement: str
+
+
+class CopyDirection(Enum):
+    FROM = "from"  # client → server (COPY ... FROM STDIN)
+    TO = "to"  # server → client (COPY ... TO STDOUT)
+
+
+class CopyFormat(Enum):
+    TEXT = "text"
+    CSV = "csv"
+    BINARY = "binary"
+
+
+@dataclass(frozen=True, slots=True)
+class CopyOptions:
+    """COPY options as the statement gave them; None means "not given" (the format's default applies).
+
+    ``header_match`` is HEADER MATCH (COPY FROM only). ``force_quote_all`` is FORCE_QUOTE *.
+    """
+
+    delimiter: str | None = None
+    null: str | None = None
+    quote: str | None = None
+    escape: str | None = None
+    header: bool = False
+    header_match: bool = False
+    encoding: str | None = None
+    force_quote: tuple[str, ...] = ()
+    force_quote_all: bool = False
+    force_not_null: tuple[str, ...] = ()
+    force_null: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CopyPlan:
+    """A COPY to or from the client whose rows the session rewrites.
+
+    ``columns`` are the column names in wire order for ``COPY table`` (the statement's list, else the
+    table's ``all_columns``); empty for ``COPY (query) TO STDOUT``. ``protected`` is the per-column mask
+    in wire order, for both forms. If no entry is set the stream needs no per-row work.
+    """
+
+    table: ProtectedTable | None
+    direction: CopyDirection
+    columns: tuple[str, ...]
+    protected: tuple[ProtectedColumn | None, ...]
+    format: CopyFormat
+    options: CopyOptions
+
+    @property
+    def needs_rewrite(self) -> bool:
+        return any(c is not None for c in self.protected)
+
+
+@dataclass(frozen=True, slots=True)
+class StatementPlan:
+    """What one statement does with protected columns.
+
+    ``touches_protected`` is False for a statement that references no protected table (after CTE
+    shadowing); all other fields are then empty and the statement needs no work. ``refusal`` (see the
+    property) is set when the statement must not run. ``literal_targets`` are the literals to encrypt,
+    in text order. ``param_targets`` maps ``$n`` to the column its Bind value is encrypted for; the
+    server must see those parameters as ``bytea`` (the session declares them so in Parse). ``edits``
+    are changes to the text that need no key (see TextEdit).
+
+    ``result_columns`` has one entry per column of the statement's result (SELECT list, RETURNING,
+    ``COPY (query) TO``), the protected column whose ciphertext it carries or None. It is None when
+    the statement returns no rows, and also when the width of the result cannot be known from the text
+    (``SELECT *`` over a relation pgveil has no column list for): then ``result_via_row_description``
+    is True and the analysis guarantees that every protected value in the result is a plain column
+    reference, which RowDescription reports by table OID and attribute number.
+    """
+
+    kind: StatementKind
+    touches_protected: bool = False
+    refusal_reason: Refusal | None = None
+    literal_targets: tuple[LiteralTarget, ...] = ()
+    param_targets: Mapping[int, ProtectedColumn] = field(default_factory=lambda: _EMPTY_PARAMS)
+    result_columns: tuple[ProtectedColumn | None, ...] | None = None
+    result_via_row_description: bool = False
+    copy: CopyPlan | None = None
+    edits: tuple[TextEdit, ...] = ()
+
+    @property
+    def refusal(self) -> FeatureNotSupported | None:
+        """A new exception each time (see the module docstring), or None if the statement may run."""
+        return None if self.refusal_reason is None else self.refusal_reason.error()
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class QueryPlan:
+    """The plan for a whole statement text (several statements for a simple-protocol Query).
+
+    ``statements`` is empty when the text was not parsed because no protected table name occurs in
+    it: such a text can only be passed through. ``unparseable`` is set when libpg_query rejected the
+    text; it is then refused if it names a protected table and passed through otherwise (the server
+    reports the syntax error itself).
+    """
+
+    sql: str
+    statements: tuple[StatementPlan, ...] = ()
+    touches_protected: bool = False
+    unparseable: bool = False
+
+    @property
+    def refusal(self) -> FeatureNotSupported | None:
+        """The first statement's refusal: a multi-statement Query runs as one transaction, so one refused
+        statement refuses the whole text."""
+        for s in self.statements:
+            if s.refusal_reason is not None:
+                return s.refusal_reason.error()
+        return None
+
+    @property
+    def literal_targets(self) -> tuple[LiteralTarget, ...]:
+        return tuple(t for s in self.statements for t in s.literal_targets)
+
+    @property
+    def param_targets(self) -> Mapping[int, ProtectedColumn]:
+        """``$n`` → column for an extended-protocol Parse (one statement); merged if there are several."""
+        if len(self.statements) == 1:
+            return self.statements[0].param_targets
+        merged: dict[int, ProtectedColumn] = {}
+        for s in self.statements:
+            merged.update(s.param_targets)
+        return types.MappingProxyType(merged)
+
+    @property
+    def needs_rewrite(self) -> bool:
+        """True if the text sent to the server must differ from the client's."""
+        return any(s.literal_targets or s.edits for s in self.statements)
+
+    def rewritten_sql(self, ciphertexts: Mapping[LiteralTarget, bytes]) -> str:
+        """The statement text with every literal target replaced by its ciphertext as a bytea literal
+        and every fixed edit applied; everything else is the client's text, byte for byte.
+
+        ``ciphertexts`` maps each of ``literal_targets`` to its envelope. A missing target is a bug in
+        the caller and raises KeyError: sending the plaintext instead is never an option.
+        """
+        edits: list[tuple[int, int, str]] = []
+        for s in self.statements:
+            edits.extend((e.start, e.end, e.replacement) for e in s.edits)
+            for t in s.literal_targets:
+                edits.append((t.start, t.end, bytea_literal(ciphertexts[t])))
+        if not edits:
+            return self.sql
+        edits.sort()
+        out: list[str] = []
+        pos = 0
+        for start, end, replacement in edits:
+            if start < pos:
+                raise ValueError("overlapping rewrite spans")
+            out.append(self.sql[pos:start])
+            out.append(_separated(self.sql, start, end, replacement))
+            pos = end
+        out.append(self.sql[pos:])
+        return "".join(out)
+
+    def __repr__(self) -> str:
+        return (
+            f"QueryPlan(sql=<{len(self.sql)} chars>, statements={self.statements!r}, "
+            f"touches_protected={self.touches_protected}, unparseable={self.unparseable})"
+        )
+
+
+def bytea_literal(value: bytes) -> str:
+    """``E'\\\\x…'::bytea``: an escape string, so the result is the same whatever the session's
+    standard_conforming_strings, and a cast, so the server types it ``bytea`` wherever it stands."""
+    return "E'\\\\x" + value.hex() + "'::bytea"
+
+
+def _is_word_char(ch: str) -> bool:
+    return ch.isalnum() or ch in "_$'\""
+
+
+def _separated(sql: str, start: int, end: int, replacement: str) -> str:
+    """Keeps the replacement a token of its own: ``x='a'WHERE`` is valid SQL, ``x=E'..'::byteaWHERE`` is not."""
+    if start > 0 and _is_word_char(sql[start - 1]):
+        replacement = " " + replacement
+    if end < len(sql) and _is_word_char(sql[end]):
+        replacement = replacement + " "
+    return replacement

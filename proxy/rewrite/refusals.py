@@ -1,0 +1,80 @@
+"""The errors the analysis refuses statements with (SQLSTATE 0A000), worded in one place.
+
+Every message starts ``pgveil:`` and names the column (``schema.table.column``) and the construct, so
+an application developer can find the offending expression. Messages never contain literals,
+parameters or any other value from the statement.
+"""
+
+from __future__ import annotations
+
+from proxy.errors import FeatureNotSupported
+from proxy.rewrite.catalog import ProtectedColumn
+from proxy.rewrite.scope import ColumnUse
+
+_QUALIFY_HINT = "qualify the column with its table name or alias"
+
+
+def _where(construct: str, clause: str | None) -> str:
+    if clause and clause != construct:
+        return f"{construct} (in {clause})"
+    return construct
+
+
+def column_use(use: ColumnUse, construct: str, clause: str | None = None) -> FeatureNotSupported:
+    """A protected column used where only its ciphertext would be seen by the server."""
+    col = use.column.column_id
+    if use.whole_row:
+        return FeatureNotSupported(
+            f"pgveil: table {use.column.schema}.{use.column.table} has encrypted column {col}; a whole-row "
+            f"reference to it cannot be used in {_where(construct, clause)}",
+            hint="name the columns you need",
+        )
+    if not use.certain:
+        return FeatureNotSupported(
+            f'pgveil: column reference "{use.reference}" may refer to encrypted column {col} and cannot be '
+            f"used in {_where(construct, clause)}",
+            hint=_QUALIFY_HINT,
+        )
+    if use.extra_fields:
+        construct = "field selection"
+    return FeatureNotSupported(f"pgveil: column {col} is encrypted and cannot be used in {_where(construct, clause)}")
+
+
+def not_searchable(use: ColumnUse, construct: str, clause: str | None = None) -> FeatureNotSupported:
+    """Equality on a column without a blind index."""
+    if not use.plain or not use.certain:
+        return column_use(use, construct, clause)
+    return FeatureNotSupported(
+        f"pgveil: column {use.column.column_id} is encrypted and not searchable, so it cannot be used in "
+        f"{_where(construct, clause)}",
+        hint="filter on a column that is not encrypted",
+    )
+
+
+def assignment(column: ProtectedColumn, source: str) -> FeatureNotSupported:
+    """A protected column set from something the proxy cannot encrypt before the server sees it."""
+    return FeatureNotSupported(
+        f"pgveil: column {column.column_id} is encrypted and cannot be set from {source}",
+        hint="set it from a literal, a $n parameter, NULL or DEFAULT",
+    )
+
+
+def insert_select(column: ProtectedColumn) -> FeatureNotSupported:
+    return FeatureNotSupported(
+        f"pgveil: INSERT ... SELECT into encrypted column {column.column_id} is only supported from "  # noqa: S608 - a message
+        "literals and $n parameters",
+        hint="insert the rows with VALUES, or select them through pgveil and insert them back",
+    )
+
+
+def parameter_reuse(number: int, columns: list[ProtectedColumn | None]) -> FeatureNotSupported:
+    names = sorted({c.column_id for c in columns if c is not None})
+    other = "elsewhere in the statement" if any(c is None for c in columns) else f"for {names[1]}"
+    return FeatureNotSupported(
+        f"pgveil: parameter ${number} is used for encrypted column {names[0]} and {other}",
+        hint="pass the value as a separate parameter for each use",
+    )
+
+
+def statement(message: str, hint: str | None = None) -> FeatureNotSupported:
+    return FeatureNotSupported(f"pgveil: {message}", hint=hint)

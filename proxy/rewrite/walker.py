@@ -1,0 +1,1043 @@
+"""The statement walker: resolves names the way PostgreSQL's parse analysis does and classifies every
+use of a protected column (see analysis.py for the theory of operation).
+
+Must not: do I/O, or put literal values in messages. It raises FeatureNotSupported for the first
+construct it refuses; analysis.py turns that into the statement's refusal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.rewrite import refusals
+from proxy.rewrite.catalog import Catalog, ProtectedColumn, ProtectedTable
+from proxy.rewrite.constructs import (
+    AGGREGATES,
+    NODE_CONSTRUCTS,
+    describe_value,
+    figure_name,
+    operator_construct,
+)
+from proxy.rewrite.copy_statement import parse_copy_options
+from proxy.rewrite.literals import (
+    Constant,
+    DefaultValue,
+    NullValue,
+    ParamValue,
+    SourceText,
+    classify_value,
+    type_name_text,
+)
+from proxy.rewrite.nodes import (
+    Node,
+    column_fields,
+    first_protected_table,
+    is_wrapped,
+    last_name,
+    names_of,
+    node_type,
+)
+from proxy.rewrite.plan import CopyDirection, CopyFormat, CopyPlan, LiteralTarget, TextEdit
+from proxy.rewrite.scope import (
+    UNKNOWN_SHAPE,
+    ColumnUse,
+    CteEntry,
+    CteScope,
+    Level,
+    OutColumn,
+    Relation,
+    Shape,
+    UnknownColumns,
+    known_columns,
+    rename,
+    shape_is_exact,
+    shape_protected,
+    table_shape,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class WalkResult:
+    """What a statement returns: result columns, or a COPY plan."""
+
+    result_columns: tuple[ProtectedColumn | None, ...] | None = None
+    via_row_description: bool = False
+    copy: CopyPlan | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Assignments:
+    """The protected column (or None) fed by each position of an INSERT's VALUES or SELECT list."""
+
+    columns: tuple[ProtectedColumn | None, ...]
+
+    def at(self, position: int) -> ProtectedColumn | None:
+        return self.columns[position] if position < len(self.columns) else None
+
+    def first_from(self, position: int) -> ProtectedColumn | None:
+        return next((c for c in self.columns[position:] if c is not None), None)
+
+
+class StatementWalker:
+    """Walks one statement; collects literal targets, edits and parameter uses; raises a refusal."""
+
+    def __init__(self, catalog: Catalog, search_path: tuple[str, ...], source: SourceText) -> None:
+        self.catalog = catalog
+        self.search_path = search_path
+        self.source = source
+        self.touched = False
+        self.literals: list[LiteralTarget] = []
+        self.edits: list[TextEdit] = []
+        self.params: dict[int, list[ProtectedColumn | None]] = {}
+        self._multiexpr: dict[int, Shape] = {}
+
+    # statements
+
+    def statement(self, name: str, body: Node, table: ProtectedTable) -> WalkResult:
+        """``table`` is a protected table the statement references (for messages about whole statements)."""
+        if name == "SelectStmt" and body.get("intoClause"):
+            self._no_protected_output(self.select(body, None, CteScope()), "SELECT INTO")
+            return WalkResult()
+        if name in ("SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"):
+            return self._result(self.dml_or_select(name, body, CteScope()))
+        if name == "CopyStmt":
+            return self.copy(body)
+        if name == "ExplainStmt":
+            inner_name, inner = node_type(body.get("query", {}))
+            self.statement(inner_name, inner, table)
+            return WalkResult(result_columns=(None,))
+        if name == "PrepareStmt":
+            return self.prepare(body, table)
+        if name == "DeclareCursorStmt":
+            inner_name, inner = node_type(body.get("query", {}))
+            self.statement(inner_name, inner, table)
+            if self.touched:
+                raise refusals.statement(
+                    f"DECLARE CURSOR over table {table.qualified_name}, which has encrypted columns, is not "
+                    "supported yet",
+                    hint="run the query without a cursor, or fetch through the extended protocol",
+                )
+            return WalkResult()
+        if name == "CreateTableAsStmt":
+            inner_name, inner = node_type(body.get("query", {}))
+            shape = self.dml_or_select(inner_name, inner, CteScope())
+            self._no_protected_output(shape, "CREATE TABLE AS")
+            return WalkResult()
+        if name == "ViewStmt":
+            inner_name, inner = node_type(body.get("query", {}))
+            self.dml_or_select(inner_name, inner, CteScope())
+            self.touched = True
+            return WalkResult()
+        if name == "DoStmt":
+            raise refusals.statement(
+                f"a DO block that mentions table {table.qualified_name}, which has encrypted columns, cannot be "
+                "analysed",
+                hint="run its statements one by one",
+            )
+        # DDL, TRUNCATE, maintenance: the server handles them on ciphertext; nothing to rewrite.
+        self.touched = True
+        return WalkResult()
+
+    def prepare(self, body: Node, table: ProtectedTable) -> WalkResult:
+        inner_name, inner = node_type(body.get("query", {}))
+        shape = self.dml_or_select(inner_name, inner, CteScope()) or ()
+        targets = self.param_targets()
+        if targets:
+            n, col = min(targets.items())
+            raise refusals.statement(
+                f"SQL-level PREPARE with parameter ${n} for encrypted column {col.column_id} is not supported; "
+                "use protocol-level prepared statements",
+                hint="the driver's prepare (Parse/Bind) lets pgveil encrypt the parameter",
+            )
+        for c in shape:
+            if isinstance(c, OutColumn) and c.column is not None and not (c.traced and c.certain):
+                raise refusals.statement(
+                    f"SQL-level PREPARE of a query whose result column {c.column.column_id} pgveil can only track "
+                    "from the statement text is not supported",
+                    hint="use protocol-level prepared statements (the driver's prepare)",
+                )
+        return WalkResult()
+
+    def dml_or_select(self, name: str, body: Node, ctes: CteScope) -> Shape | None:
+        if name == "SelectStmt":
+            return self.select(body, None, ctes)
+        if name == "InsertStmt":
+            return self.insert(body, ctes)
+        if name == "UpdateStmt":
+            return self.update(body, ctes)
+        if name == "DeleteStmt":
+            return self.delete(body, ctes)
+        if name == "MergeStmt":
+            rv = body.get("relation", {})
+            target = self.catalog.lookup(rv.get("schemaname"), str(rv.get("relname", "")), self.search_path)
+            merged = target or first_protected_table(body, self.catalog, self.search_path)
+            if merged is not None:
+                raise refusals.statement(
+                    f"MERGE is not supported on statements involving table {merged.qualified_name}, which has "
+                    "encrypted columns",
+                    hint="use INSERT ... ON CONFLICT, UPDATE and DELETE",
+                )
+            return None
+        raise refusals.statement(f"a {name} inside this statement cannot be analysed")
+
+    def _result(self, shape: Shape | None) -> WalkResult:
+        if shape is None:
+            return WalkResult()
+        for c in shape:
+            if isinstance(c, OutColumn) and c.column is not None and not c.certain:
+                raise refusals.column_use(ColumnUse(c.column, None, False, reference=c.name or ""), "a result column")
+        if shape_is_exact(shape):
+            return WalkResult(result_columns=tuple(c.column for c in shape if isinstance(c, OutColumn)))
+        for c in shape:
+            if c.traced:
+                continue
+            for col in c.protected if isinstance(c, UnknownColumns) else (c.column,):
+                if col is None:
+                    continue
+                raise refusals.statement(
+                    f"cannot tell which result column carries encrypted column {col.column_id}: the result also "
+                    "has SELECT * over a relation pgveil has no column list for",
+                    hint="name the columns in the SELECT list",
+                )
+        return WalkResult(via_row_description=True)
+
+    def _no_protected_output(self, shape: Shape | None, construct: str) -> None:
+        for col in shape_protected(shape or ()):
+            raise refusals.column_use(ColumnUse(col, None), construct)
+
+    # parameters
+
+    def param_target(self, number: int, column: ProtectedColumn) -> None:
+        self.params.setdefault(number, []).append(column)
+
+    def param_other(self, number: int) -> None:
+        self.params.setdefault(number, []).append(None)
+
+    def param_targets(self) -> dict[int, ProtectedColumn]:
+        """``$n`` → column; refuses a parameter that would need to be both encrypted and not, or
+        encrypted for two columns (one Bind value cannot be both)."""
+        out: dict[int, ProtectedColumn] = {}
+        for n, uses in sorted(self.params.items()):
+            distinct = set(uses)
+            protected = [c for c in distinct if c is not None]
+            if not protected:
+                continue
+            if len(distinct) > 1:
+                raise refusals.parameter_reuse(n, list(distinct))
+            out[n] = protected[0]
+        return out
+
+    # tables
+
+    def target_table(self, rv: Node) -> ProtectedTable | None:
+        """The table an INSERT/UPDATE/DELETE/COPY writes or reads: always a table, never a CTE."""
+        table = self.catalog.lookup(rv.get("schemaname"), str(rv.get("relname", "")), self.search_path)
+        if table is not None:
+            self.touched = True
+        return table
+
+    def target_relation(self, rv: Node, table: ProtectedTable | None) -> Relation:
+        alias = rv.get("alias") or {}
+        refname = alias.get("aliasname") or str(rv.get("relname", ""))
+        shape = table_shape(table) if table is not None else UNKNOWN_SHAPE
+        schema = None if alias else (table.schema if table is not None else rv.get("schemaname"))
+        return Relation(refname, shape, schema, table)
+
+    # SELECT
+
+    def select(self, body: Node, parent: Level | None, ctes: CteScope, assign: _Assignments | None = None) -> Shape:
+        ctes = self.with_clause(body.get("withClause"), parent, ctes)
+        level = Level(ctes, parent)
+        if body.get("op", "SETOP_NONE") != "SETOP_NONE":
+            left = self.select(body.get("larg", {}), parent, ctes)
+            right = self.select(body.get("rarg", {}), parent, ctes)
+            shape = self.combine(left, right, str(body["op"]), bool(body.get("all")))
+        elif "valuesLists" in body:
+            shape = self.values(body["valuesLists"], level, assign)
+        else:
+            for item in body.get("fromClause", []):
+                self.from_item(item, level)
+            self.expr(body.get("whereClause"), level, "WHERE")
+            shape = self.target_list(body.get("targetList", []), level, "SELECT list", assign)
+            for item in body.get("groupClause", []):
+                self.group_item(item, level, shape)
+            self.expr(body.get("havingClause"), level, "HAVING")
+            for w in body.get("windowClause", []):
+                self.window(w.get("WindowDef", {}), level)
+        distinct = body.get("distinctClause")
+        if distinct is not None:
+            if distinct == [{}]:
+                self._no_protected_output(shape, "DISTINCT")
+            else:
+                for item in distinct:
+                    self.output_ref(item, level, shape, "DISTINCT ON")
+        for item in body.get("sortClause", []):
+            self.output_ref(item.get("SortBy", {}).get("node", {}), level, shape, "ORDER BY")
+        self.expr(body.get("limitOffset"), level, "OFFSET")
+        self.expr(body.get("limitCount"), level, "LIMIT")
+        return shape
+
+    def combine(self, left: Shape, right: Shape, op: str, all_: bool) -> Shape:
+        """The result of a set operation: by position, from both sides."""
+        name = {"SETOP_UNION": "UNION", "SETOP_INTERSECT": "INTERSECT", "SETOP_EXCEPT": "EXCEPT"}.get(op, op)
+        name += " ALL" if all_ else ""
+        protected = shape_protected(left) + shape_protected(right)
+        if not protected:
+            if shape_is_exact(left) and shape_is_exact(right):
+                return tuple(
+                    OutColumn(lc.name, null_literal=lc.null_literal and rc.null_literal)
+                    for lc, rc in zip(left, right, strict=False)
+                    if isinstance(lc, OutColumn) and isinstance(rc, OutColumn)
+                )
+            if shape_is_exact(left):
+                return tuple(OutColumn(c.name) for c in left if isinstance(c, OutColumn))
+            return UNKNOWN_SHAPE
+        if not (shape_is_exact(left) and shape_is_exact(right)):
+            raise refusals.statement(
+                f"cannot tell which column of {name} carries encrypted column {protected[0].column_id}: a side "
+                "has SELECT * over a relation pgveil has no column list for",
+                hint="name the columns in each SELECT list",
+            )
+        if name != "UNION ALL":
+            # UNION, INTERSECT and EXCEPT compare whole rows, and equal plaintexts have unequal ciphertexts.
+            raise refusals.column_use(ColumnUse(protected[0], None), name)
+        out: list[OutColumn | UnknownColumns] = []
+        left_columns = [c for c in left if isinstance(c, OutColumn)]
+        right_columns = [c for c in right if isinstance(c, OutColumn)]
+        for position, (lc, rc) in enumerate(zip(left_columns, right_columns, strict=False), start=1):
+            for c in (lc, rc):
+                if c.column is not None and not c.certain:
+                    raise refusals.column_use(ColumnUse(c.column, None, False, reference=c.name or ""), name)
+            if lc.column == rc.column or lc.null_literal or rc.null_literal:
+                col = lc.column or rc.column
+                both_null = lc.null_literal and rc.null_literal
+                out.append(OutColumn(lc.name, col, traced=col is None, null_literal=both_null))
+                continue
+            col, other = (lc.column, rc.column) if lc.column is not None else (rc.column, lc.column)
+            what = f"encrypted column {other.column_id}" if other is not None else "values that are not encrypted"
+            raise refusals.statement(
+                f"{name} mixes encrypted column {col.column_id if col else '?'} with {what} in result column "
+                f"{position}",
+                hint="each result column of a UNION ALL must come from the same encrypted column on every side",
+            )
+        return tuple(out)
+
+    def values(self, rows: list[Node], level: Level, assign: _Assignments | None) -> Shape:
+        width = 0
+        for row in rows:
+            items = row.get("List", {}).get("items", [])
+            width = max(width, len(items))
+            for position, item in enumerate(items):
+                column = assign.at(position) if assign is not None else None
+                if column is not None:
+                    self.assign_value(item, column, level, ())
+                else:
+                    self.expr(item, level, "VALUES", "VALUES list")
+        return tuple(OutColumn(f"column{i + 1}") for i in range(width))
+
+    def target_list(self, targets: list[Node], level: Level, clause: str, assign: _Assignments | None) -> Shape:
+        shape: list[OutColumn | UnknownColumns] = []
+        for item in targets:
+            rt = item.get("ResTarget", {})
+            val = rt.get("val", {})
+            name = rt.get("name")
+            kind, body = node_type(val)
+            exact = all(isinstance(c, OutColumn) for c in shape)
+            column = None
+            if assign is not None:
+                if not exact:
+                    pending = assign.first_from(len(shape))
+                    if pending is not None:
+                        raise refusals.insert_select(pending)
+                else:
+                    column = assign.at(len(shape))
+            if kind == "ColumnRef" and column_fields(body)[1]:
+                if column is not None:
+                    raise refusals.insert_select(column)
+                shape.extend(self.star(body, level))
+            elif column is not None:
+                self.assign_value(val, column, level, (), insert_select=True, bare_alias=name is not None)
+                shape.append(OutColumn(name))
+            elif kind == "ColumnRef":
+                fields, _star = column_fields(body)
+                use = level.resolve(fields)
+                if use is None:
+                    shape.append(OutColumn(name or (fields[-1] if fields else None)))
+                elif not use.plain:
+                    raise refusals.column_use(use, clause)
+                else:
+                    shape.append(OutColumn(name or fields[-1], use.column, use.traced, use.certain))
+            else:
+                self.expr(val, level, clause)
+                is_null = isinstance(classify_value(val), NullValue)
+                shape.append(OutColumn(name or figure_name(val), null_literal=is_null))
+        return tuple(shape)
+
+    def star(self, body: Node, level: Level) -> Shape:
+        """What ``*`` or ``t.*`` expands to."""
+        names, _star = column_fields(body)
+        if not names:
+            return tuple(c for s in level.star for c in s)
+        rel = level.find_relation(names[-1], names[-2] if len(names) > 1 else None)
+        return rel.shape if rel is not None else UNKNOWN_SHAPE
+
+    def output_ref(self, node: Node, level: Level, shape: Shape, construct: str) -> None:
+        """An ORDER BY or DISTINCT ON item: an output column by position or name, else an expression over
+        the input (PostgreSQL's findTargetlistEntrySQL92)."""
+        kind, body = node_type(node)
+        if kind == "A_Const" and "ival" in body:
+            self._output_position(int(body["ival"].get("ival", 0)), shape, construct)
+            return
+        if kind == "ColumnRef":
+            fields, star = column_fields(body)
+            if len(fields) == 1 and not star:
+                for c in shape:
+                    if isinstance(c, OutColumn) and c.name == fields[0]:
+                        if c.column is not None:
+                            raise refusals.column_use(
+                                ColumnUse(c.column, None, c.certain, reference=fields[0]), construct
+                            )
+                        return
+        self.expr(node, level, construct, construct)
+
+    def _output_position(self, position: int, shape: Shape, construct: str) -> None:
+        for i, c in enumerate(shape, start=1):
+            if isinstance(c, UnknownColumns):
+                protected = shape_protected(shape[i - 1 :])
+                if protected:
+                    raise refusals.column_use(ColumnUse(protected[0], None), construct)
+                return
+            if i == position:
+                if c.column is not None:
+                    raise refusals.column_use(ColumnUse(c.column, None, c.certain, reference=c.name or ""), construct)
+                return
+
+    def group_item(self, node: Node, level: Level, shape: Shape) -> None:
+        """A GROUP BY item: an input column first, then an output column (findTargetlistEntrySQL92)."""
+        kind, body = node_type(node)
+        if kind == "GroupingSet":
+            for item in body.get("content", []):
+                self.group_item(item, level, shape)
+            return
+        if kind == "A_Const" and "ival" in body:
+            self._output_position(int(body["ival"].get("ival", 0)), shape, "GROUP BY")
+            return
+        if kind == "ColumnRef":
+            fields, star = column_fields(body)
+            if not star and level.resolve(fields) is None and len(fields) == 1:
+                for c in shape:
+                    if isinstance(c, OutColumn) and c.name == fields[0] and c.column is not None:
+                        raise refusals.column_use(ColumnUse(c.column, None, c.certain, reference=fields[0]), "GROUP BY")
+        self.expr(node, level, "GROUP BY", "GROUP BY")
+
+    def window(self, wd: Node, level: Level) -> None:
+        for item in wd.get("partitionClause", []):
+            self.expr(item, level, "window PARTITION BY", "window PARTITION BY")
+        for item in wd.get("orderClause", []):
+            self.expr(item.get("SortBy", {}).get("node"), level, "window ORDER BY", "window ORDER BY")
+        self.expr(wd.get("startOffset"), level, "window frame")
+        self.expr(wd.get("endOffset"), level, "window frame")
+
+    def with_clause(self, with_node: Node | None, parent: Level | None, ctes: CteScope) -> CteScope:
+        if not with_node:
+            return ctes
+        scope = CteScope({}, ctes)
+        recursive = bool(with_node.get("recursive"))
+        items = [c.get("CommonTableExpr", {}) for c in with_node.get("ctes", [])]
+        if recursive:
+            for cte in items:
+                scope.names[str(cte.get("ctename"))] = CteEntry(None, str(cte.get("ctename")))
+        for cte in items:
+            name = str(cte.get("ctename"))
+            colnames = names_of(cte.get("aliascolnames", []))
+            kind, body = node_type(cte.get("ctequery", {}))
+            if kind == "SelectStmt" and recursive and body.get("op", "SETOP_NONE") != "SETOP_NONE":
+                # The recursive term reads the CTE itself: give it the non-recursive term's columns.
+                seed = self.select(body.get("larg", {}), parent, scope)
+                renamed = rename(seed, colnames) or UNKNOWN_SHAPE
+                scope.names[name] = CteEntry(_untraced(renamed), name)
+                shape: Shape | None = self.select(body, parent, scope)
+            elif kind == "SelectStmt":
+                shape = self.select(body, parent, scope)
+            else:
+                shape = self.dml_or_select(kind, body, scope)
+            shape = shape or ()
+            renamed_shape = rename(shape, colnames)
+            if renamed_shape is None:
+                self._no_protected_output(shape, "a CTE column list over SELECT *")
+                renamed_shape = UNKNOWN_SHAPE
+            for clause_name, key in (("SEARCH", "search_clause"), ("CYCLE", "cycle_clause")):
+                clause = cte.get(key) or {}
+                for col_name in names_of(clause.get("search_col_list", []) + clause.get("cycle_col_list", [])):
+                    status_col = Relation(name, renamed_shape).lookup(col_name)[1]
+                    if status_col is not None and status_col.column is not None:
+                        raise refusals.column_use(ColumnUse(status_col.column, None), f"{clause_name} clause")
+            scope.names[name] = CteEntry(renamed_shape, name)
+        return scope
+
+    # FROM
+
+    def from_item(self, item: Node, level: Level) -> Shape:
+        """Adds a FROM item's relations to ``level``; returns what ``*`` expands to for it."""
+        kind, body = node_type(item)
+        if kind == "RangeVar":
+            return self.range_var(body, level)
+        if kind == "RangeSubselect":
+            sub_parent = level if body.get("lateral") else level.parent
+            shape = self.select(node_type(body.get("subquery", {}))[1], sub_parent, level.ctes)
+            return self._add_aliased(level, body.get("alias"), None, shape)
+        if kind == "RangeFunction":
+            # Functions in FROM may read earlier FROM items whether or not LATERAL is written.
+            for f in body.get("functions", []):
+                for part in f.get("List", {}).get("items", []):
+                    if part:
+                        self.expr(part, level, "FROM", None if node_type(part)[0] == "FuncCall" else "FROM function")
+            coldefs = [c.get("ColumnDef", {}).get("colname") for c in body.get("coldeflist", [])]
+            shape = tuple(OutColumn(str(n)) for n in coldefs) if coldefs else UNKNOWN_SHAPE
+            return self._add_aliased(level, body.get("alias"), None, shape)
+        if kind == "JoinExpr":
+            return self.join(body, level)
+        if kind == "RangeTableSample":
+            shape = self.from_item(body.get("relation", {}), level)
+            self.expr(body.get("args"), level, "FROM", "TABLESAMPLE")
+            self.expr(body.get("repeatable"), level, "FROM", "TABLESAMPLE")
+            return shape
+        self.expr(body, level, "FROM", NODE_CONSTRUCTS.get(kind, f"FROM item ({kind})"))
+        return self._add_aliased(level, body.get("alias"), None, UNKNOWN_SHAPE)
+
+    def range_var(self, body: Node, level: Level) -> Shape:
+        name = str(body.get("relname", ""))
+        schema = body.get("schemaname")
+        alias = body.get("alias")
+        if schema is None:
+            cte = level.ctes.find(name)
+            if cte is not None:
+                if cte.shape is None:
+                    raise refusals.statement(
+                        f"WITH RECURSIVE query {name} is referenced before it is defined; pgveil cannot analyse that",
+                        hint="define CTEs before the CTEs that use them",
+                    )
+                return self._add_aliased(level, alias, name, cte.shape)
+        table = self.catalog.lookup(schema, name, self.search_path)
+        if table is None:
+            return self._add_aliased(level, alias, name, UNKNOWN_SHAPE, schema=schema)
+        self.touched = True
+        colnames = names_of((alias or {}).get("colnames", []))
+        shape = rename(table_shape(table), colnames)
+        if shape is None:
+            raise refusals.statement(
+                f"column aliases for table {table.qualified_name} need its column list, which pgveil has not read",
+                hint="refer to the columns by their names",
+            )
+        rel = Relation((alias or {}).get("aliasname") or name, shape, None if alias else table.schema, table)
+        level.add(rel)
+        return shape
+
+    def _add_aliased(
+        self, level: Level, alias: Node | None, default_name: str | None, shape: Shape, schema: str | None = None
+    ) -> Shape:
+        alias = alias or {}
+        renamed = rename(shape, names_of(alias.get("colnames", [])))
+        if renamed is None:
+            self._no_protected_output(shape, "column aliases over SELECT *")
+            renamed = UNKNOWN_SHAPE
+        level.add(Relation(alias.get("aliasname") or default_name, renamed, None if alias else schema))
+        return renamed
+
+    def join(self, body: Node, level: Level) -> Shape:
+        rel_mark, star_mark = len(level.relations), len(level.star)
+        left = self.from_item(body.get("larg", {}), level)
+        right = self.from_item(body.get("rarg", {}), level)
+        using = names_of(body.get("usingClause", []))
+        if body.get("isNatural"):
+            using = self._natural_columns(left, right)
+        for name in using:
+            for side in (left, right):
+                found = Relation(None, side).lookup(name)[1]
+                if found is not None and found.column is not None:
+                    construct = "NATURAL JOIN" if body.get("isNatural") else "JOIN USING"
+                    raise refusals.column_use(ColumnUse(found.column, None), construct)
+        self.expr(body.get("quals"), level, "JOIN ON")
+        joined: Shape = (
+            tuple(OutColumn(n) for n in using)
+            + tuple(c for c in left if not (isinstance(c, OutColumn) and c.name in using))
+            + tuple(c for c in right if not (isinstance(c, OutColumn) and c.name in using))
+        )
+        del level.star[star_mark:]
+        alias = body.get("alias")
+        if alias:
+            del level.relations[rel_mark:]
+            return self._add_aliased(level, alias, None, joined)
+        level.star.append(joined)
+        return joined
+
+    def _natural_columns(self, left: Shape, right: Shape) -> list[str]:
+        if not (shape_is_exact(left) and shape_is_exact(right)):
+            protected = shape_protected(left) + shape_protected(right)
+            if protected:
+                raise refusals.statement(
+                    f"NATURAL JOIN of a table with encrypted column {protected[0].column_id} and a relation pgveil "
+                    "has no column list for: cannot tell whether it joins on ciphertext",
+                    hint="write the join condition with ON or USING",
+                )
+            return []
+        right_names = {c.name for c in right if isinstance(c, OutColumn)}
+        return [c.name for c in left if isinstance(c, OutColumn) and c.name is not None and c.name in right_names]
+
+    # INSERT, UPDATE, DELETE
+
+    def insert(self, body: Node, ctes: CteScope) -> Shape | None:
+        ctes = self.with_clause(body.get("withClause"), None, ctes)
+        rv = body.get("relation", {})
+        table = self.target_table(rv)
+        rel = self.target_relation(rv, table)
+        targets: list[ProtectedColumn | None] = []
+        cols = [c.get("ResTarget", {}) for c in body.get("cols", [])]
+        if table is not None and cols:
+            for c in cols:
+                col = table.columns.get(str(c.get("name")))
+                if col is not None and c.get("indirection"):
+                    raise refusals.assignment(col, "a subscript or field assignment")
+                targets.append(col)
+        elif table is not None and table.columns:
+            all_columns = known_columns(table)
+            if all_columns is None:
+                raise refusals.statement(
+                    f"INSERT into {table.qualified_name} without a column list needs the table's column list, "
+                    "which pgveil has not read",
+                    hint="name the columns in the INSERT",
+                )
+            targets = [table.columns.get(n) for n in all_columns]
+        assign = _Assignments(tuple(targets))
+        select = body.get("selectStmt")
+        if select:
+            sbody = node_type(select)[1]
+            if sbody.get("op", "SETOP_NONE") != "SETOP_NONE":
+                first = assign.first_from(0)
+                if first is not None:
+                    raise refusals.insert_select(first)
+                shape = self.select(sbody, None, ctes)
+            else:
+                shape = self.select(sbody, None, ctes, assign)
+            for position, c in enumerate(shape):
+                protected = shape_protected((c,))
+                if protected:
+                    target = assign.at(position) if isinstance(c, OutColumn) else None
+                    if target is not None:
+                        raise refusals.insert_select(target)
+                    raise refusals.column_use(ColumnUse(protected[0], None), "INSERT ... SELECT")
+        conflict = body.get("onConflictClause")
+        if conflict:
+            self.on_conflict(conflict, table, rel, ctes)
+        level = Level(ctes)
+        level.add(rel)
+        return self.returning(body, level, rel)
+
+    def on_conflict(self, oc: Node, table: ProtectedTable | None, rel: Relation, ctes: CteScope) -> None:
+        level = Level(ctes)
+        level.add(rel)
+        infer = oc.get("infer") or {}
+        for ie in infer.get("indexElems", []):
+            elem = ie.get("IndexElem", {})
+            col = table.columns.get(str(elem.get("name"))) if table is not None and "name" in elem else None
+            if col is not None:
+                raise refusals.column_use(ColumnUse(col, rel), "ON CONFLICT target")
+            self.expr(elem.get("expr"), level, "ON CONFLICT target", "ON CONFLICT target")
+        self.expr(infer.get("whereClause"), level, "ON CONFLICT target")
+        if oc.get("action") == "ONCONFLICT_UPDATE":
+            excluded = Relation("excluded", rel.shape, None, table)
+            level.add(excluded, in_star=False)
+            self.set_list(oc.get("targetList", []), level, table, (rel, excluded))
+            self.expr(oc.get("whereClause"), level, "ON CONFLICT DO UPDATE WHERE")
+
+    def update(self, body: Node, ctes: CteScope) -> Shape | None:
+        ctes = self.with_clause(body.get("withClause"), None, ctes)
+        rv = body.get("relation", {})
+        table = self.target_table(rv)
+        rel = self.target_relation(rv, table)
+        level = Level(ctes)
+        level.add(rel)
+        for item in body.get("fromClause", []):
+            self.from_item(item, level)
+        self.set_list(body.get("targetList", []), level, table, (rel,))
+        self.expr(body.get("whereClause"), level, "WHERE")
+        return self.returning(body, level, rel)
+
+    def delete(self, body: Node, ctes: CteScope) -> Shape | None:
+        ctes = self.with_clause(body.get("withClause"), None, ctes)
+        rv = body.get("relation", {})
+        table = self.target_table(rv)
+        rel = self.target_relation(rv, table)
+        level = Level(ctes)
+        level.add(rel)
+        for item in body.get("usingClause", []):
+            self.from_item(item, level)
+        self.expr(body.get("whereClause"), level, "WHERE")
+        return self.returning(body, level, rel)
+
+    def returning(self, statement: Node, level: Level, rel: Relation) -> Shape | None:
+        # libpg_query 17 and older: ``returningList``; 18: ``returningClause.exprs``.
+        exprs = (statement.get("returningClause") or {}).get("exprs") or statement.get("returningList")
+        if not exprs:
+            return None
+        # PostgreSQL 18 grammar: RETURNING old.* / new.* name the row before and after the change.
+        for name in ("old", "new"):
+            if level.find_relation(name) is None:
+                level.add(Relation(name, rel.shape, None, rel.table), in_star=False)
+        return self.target_list(exprs, level, "RETURNING list", None)
+
+    def set_list(
+        self, targets: list[Node], level: Level, table: ProtectedTable | None, same: tuple[Relation, ...]
+    ) -> None:
+        """UPDATE SET / ON CONFLICT DO UPDATE SET. ``same`` are the relations whose own column may be
+        assigned back to it unchanged (``SET ssn = ssn``, ``SET ssn = EXCLUDED.ssn``)."""
+        for item in targets:
+            rt = item.get("ResTarget", {})
+            name = str(rt.get("name", ""))
+            col = table.columns.get(name) if table is not None else None
+            if col is not None and rt.get("indirection"):
+                raise refusals.assignment(col, "a subscript or field assignment")
+            val = rt.get("val", {})
+            kind, body = node_type(val)
+            if kind == "MultiAssignRef":
+                source_kind, source = node_type(body.get("source", {}))
+                colno = int(body.get("colno", 1))
+                if source_kind == "RowExpr":
+                    args = source.get("args", [])
+                    val = args[colno - 1] if colno <= len(args) else {}
+                else:
+                    self._multiple_assignment(source_kind, source, colno, col, level)
+                    continue
+            if col is not None:
+                self.assign_value(val, col, level, same)
+                continue
+            use = self._bare_column(val, level)
+            if use is not None:
+                raise refusals.column_use(use, f"assignment to column {name}", "SET")
+            self.expr(val, level, "SET")
+
+    def _multiple_assignment(
+        self, kind: str, source: Node, colno: int, col: ProtectedColumn | None, level: Level
+    ) -> None:
+        """``SET (a, b) = (SELECT ...)``: the subquery runs on the server, so it cannot feed a protected
+        column, and a protected column it reads cannot go into another column."""
+        if col is not None:
+            raise refusals.assignment(col, "a subquery")
+        if kind != "SubLink":
+            self.expr({kind: source}, level, "SET")
+            return
+        key = int(source.get("location", -1))
+        shape = self._multiexpr.get(key)
+        if shape is None:
+            shape = self.select(node_type(source.get("subselect", {}))[1], level, level.ctes)
+            self._multiexpr[key] = shape
+        if colno - 1 < len(shape):
+            self._no_protected_output(shape[colno - 1 : colno], "SET (...) = (subquery)")
+
+    def assign_value(
+        self,
+        node: Node,
+        column: ProtectedColumn,
+        level: Level,
+        same: tuple[Relation, ...],
+        *,
+        insert_select: bool = False,
+        bare_alias: bool = False,
+    ) -> None:
+        """A value written into a protected column: record what the session must encrypt or rewrite."""
+        value = classify_value(node)
+        if isinstance(value, Constant):
+            start, end = self.source.value_span(node, bare_alias=bare_alias)
+            self.literals.append(LiteralTarget(start, end, value.plaintext, column, value.cast_type, value.numeric))
+        elif isinstance(value, NullValue):
+            if value.cast:
+                start, end = self.source.value_span(node, bare_alias=bare_alias)
+                self.edits.append(TextEdit(start, end, "NULL"))
+        elif isinstance(value, ParamValue):
+            self.param_target(value.number, column)
+            if value.cast:
+                start, end = self.source.value_span(node, bare_alias=bare_alias)
+                self.edits.append(TextEdit(start, end, f"${value.number}"))
+        elif isinstance(value, DefaultValue):
+            pass
+        else:
+            use = self._bare_column(node, level)
+            if use is not None and use.plain and use.certain and use.column == column and use.relation in same:
+                return
+            if insert_select:
+                raise refusals.insert_select(column)
+            raise refusals.assignment(column, describe_value(node, value))
+
+    # COPY
+
+    def copy(self, body: Node) -> WalkResult:
+        direction = CopyDirection.FROM if body.get("is_from") else CopyDirection.TO
+        with_client = "filename" not in body and not body.get("is_program")
+        fmt, options = parse_copy_options(body.get("options", []))
+        if "relation" in body:
+            rv = body["relation"]
+            table = self.target_table(rv)
+            if table is None:
+                return WalkResult()
+            names = names_of(body.get("attlist", []))
+            all_columns = known_columns(table)
+            if not names:
+                if all_columns is None:
+                    raise refusals.statement(
+                        f"COPY {table.qualified_name} without a column list needs the table's column list, "
+                        "which pgveil has not read",
+                        hint="name the columns in the COPY",
+                    )
+                names = list(all_columns)
+            protected = tuple(table.columns.get(n) for n in names)
+            self._copy_binary(fmt, protected)
+            if not with_client:
+                self._copy_with_server_file(direction, next((c for c in protected if c is not None), None))
+            where = body.get("whereClause")
+            if where:
+                level = Level(CteScope())
+                level.add(self.target_relation(rv, table))
+                self.expr(where, level, "COPY ... WHERE")
+            return WalkResult(copy=CopyPlan(table, direction, tuple(names), protected, fmt, options))
+        kind, query = node_type(body.get("query", {}))
+        shape = self.dml_or_select(kind, query, CteScope()) or ()
+        result = self._result(shape)
+        if not with_client:
+            self._copy_with_server_file(direction, next(iter(shape_protected(shape)), None))
+        self._copy_binary(fmt, tuple(shape_protected(shape)))
+        if result.result_columns is None:
+            if shape_protected(shape):
+                raise refusals.statement(
+                    "COPY (query) TO STDOUT with SELECT * over a relation pgveil has no column list for cannot "
+                    f"tell where encrypted column {shape_protected(shape)[0].column_id} is",
+                    hint="name the columns in the query",
+                )
+            return WalkResult(copy=CopyPlan(None, direction, (), (), fmt, options))
+        return WalkResult(
+            result_columns=result.result_columns,
+            copy=CopyPlan(None, direction, (), result.result_columns, fmt, options),
+        )
+
+    @staticmethod
+    def _copy_binary(fmt: CopyFormat, protected: tuple[ProtectedColumn | None, ...]) -> None:
+        column = next((c for c in protected if c is not None), None)
+        if fmt is CopyFormat.BINARY and column is not None:
+            raise refusals.statement(
+                f"COPY in binary format is not supported for encrypted column {column.column_id}",
+                hint="use FORMAT text or FORMAT csv",
+            )
+
+    @staticmethod
+    def _copy_with_server_file(direction: CopyDirection, column: ProtectedColumn | None) -> None:
+        if column is None:
+            return
+        effect = "read plaintext into it" if direction is CopyDirection.FROM else "write its ciphertext"
+        raise refusals.statement(
+            f"COPY {direction.value.upper()} a server file or program is not supported for encrypted column "
+            f"{column.column_id}: the server would {effect} directly, bypassing pgveil",
+            hint="use COPY ... FROM STDIN / TO STDOUT (psql's \\copy)",
+        )
+
+    # expressions
+
+    def _bare_column(self, node: Node | None, level: Level) -> ColumnUse | None:
+        if not node:
+            return None
+        kind, body = node_type(node)
+        if kind != "ColumnRef":
+            return None
+        fields, star = column_fields(body)
+        if star:
+            return None
+        return level.resolve(fields)
+
+    def expr(self, node: Any, level: Level, clause: str, construct: str | None = None) -> None:
+        """Checks an expression: any protected column in it is refused, named with the innermost construct
+        around it (``construct`` if it stands directly here, else ``clause``)."""
+        if not node:
+            return
+        if isinstance(node, list):
+            for item in node:
+                self.expr(item, level, clause, construct)
+            return
+        kind, body = node_type(node)
+        handler = _HANDLERS.get(kind)
+        if handler is not None:
+            handler(self, body, level, clause, construct)
+            return
+        if kind[:1].isupper() and isinstance(body, dict):
+            self._children(body, level, clause, NODE_CONSTRUCTS.get(kind, construct or f"expression ({kind})"))
+        else:
+            self._children(node, level, clause, construct)
+
+    def _children(self, value: Any, level: Level, clause: str, construct: str | None) -> None:
+        """Walks the nodes below an unwrapped struct (a field typed as a specific node has no wrapper)."""
+        items = value.values() if isinstance(value, dict) else value
+        for v in items:
+            if is_wrapped(v):
+                self.expr(v, level, clause, construct)
+            elif isinstance(v, dict | list):
+                self._children(v, level, clause, construct)
+
+    def _column_ref(self, body: Node, level: Level, clause: str, construct: str | None) -> None:
+        fields, star = column_fields(body)
+        if star:
+            protected = shape_protected(self.star(body, level))
+            if protected:
+                raise refusals.column_use(ColumnUse(protected[0], None), construct or clause, clause)
+            return
+        use = level.resolve(fields)
+        if use is not None:
+            raise refusals.column_use(use, construct or clause, clause)
+
+    def _param_ref(self, body: Node, level: Level, clause: str, construct: str | None) -> None:
+        self.param_other(int(body.get("number", 0)))
+
+    def _a_expr(self, body: Node, level: Level, clause: str, construct: str | None) -> None:
+        op = last_name(body.get("name", []))
+        label, equality = operator_construct(str(body.get("kind")), op, "lexpr" in body)
+        operands: list[Any] = [body.get("lexpr")]
+        rexpr = body.get("rexpr")
+        if isinstance(rexpr, dict) and "List" in rexpr:
+            operands.extend(rexpr["List"].get("items", []))
+        else:
+            operands.append(rexpr)
+        for operand in operands:
+            if equality:
+                use = self._bare_column(operand, level)
+                if use is not None:
+                    self._equality(use, label, clause)
+            self.expr(operand, level, clause, label)
+
+    def _equality(self, use: ColumnUse, construct: str, clause: str) -> None:
+        """Equality (``=``, ``IN``, ``= ANY``) on a protected column.
+
+        This is where searchable columns will be rewritten to their blind index: the column reference
+        becomes the index column and the other operand (a literal or ``$n``) a blind-index target, as
+        literals and parameters are encryption targets today. No column is searchable yet.
+        """
+        raise refusals.not_searchable(use, construct, clause)
+
+    def _bool_expr(self, body: Node, level: Level, clause: str, construct: str | None) -> None:
+        label = "NOT" if body.get("boolop") == "NOT_EXPR" else "boolean condition"
+        self.expr(body.get("args"), level, clause, label)
+
+    def _null_test(self, body: Node, level: Level, clause: str, construct: str | None) -> None:
+        arg = body.get("arg", {})
+        if node_type(arg)[0] == "ColumnRef":
+            return  # nullness is not protected; a row's nullness (``t.* IS NULL``) neither
+        self.expr(arg, level, clause, "IS NULL")
+
+    def _boolean_test(self, body: Node, level: Level, clause: str, construct: str | None) -> None:
+        test = str(body.get("booltesttype", "")).replace("_", " ")
+        self.expr(body.get("arg"), level, clause, test)
+
+    def _type_cast(self, body: Node, level: Level, clause: str, construct: str | None) -> None:
+        self.expr(body.get("arg"), level, clause, f"cast to {type_name_text(body.get('typeName', {}))}")
+
+    def _func_call(self, body: Node, level: Level, clause: str, construct: str | None) -> None:
+        name = last_name(body.get("funcname", []))
+        args = body.get("args", [])
+        over = body.get("over")
+        if over:
+            label = f"window function {name}()"
+            self.window(over, level)
+        elif body.get("agg_distinct"):
+            label = f"{name}(DISTINCT ...)"
+        elif name == "count" and len(args) == 1 and not body.get("agg_order") and not body.get("agg_within_group"):
+            if node_type(args[0])[0] == "ColumnRef":
+                args = []  # count(col) counts non-null values: nullness is not protected
+            label = "aggregate count()"
+        elif name in AGGREGATES:
+            label = f"aggregate {name}()"
+        else:
+            label = f"function {name}()"
+        self.expr(args, level, clause, label)
+        for item in body.get("agg_order", []):
+            self.expr(item.get("SortBy", {}).get("node"), level, clause, f"ORDER BY in aggregate {name}()")
+        self.expr(body.get("agg_filter"), level, "FILTER")
+
+    def _sub_link(self, body: Node, level: Level, clause: str, construct: str | None) -> None:
+        link = body.get("subLinkType")
+        shape = self.select(node_type(body.get("subselect", {}))[1], level, level.ctes)
+        if link == "EXISTS_SUBLINK":
+            return
+        op = last_name(body.get("operName", [])) or "="
+        equality = False
+        if link == "ANY_SUBLINK":
+            label, equality = ("IN (subquery)", True) if op == "=" else (f"{op} ANY (subquery)", False)
+        elif link == "ALL_SUBLINK":
+            label = f"{op} ALL (subquery)"
+        elif link == "ARRAY_SUBLINK":
+            label = "ARRAY(subquery)"
+        elif link == "EXPR_SUBLINK":
+            label = "scalar subquery"
+        else:
+            label = "comparison with subquery"
+        test = body.get("testexpr")
+        if equality:
+            use = self._bare_column(test, level)
+            if use is not None:
+                self._equality(use, label, clause)
+        self.expr(test, level, clause, label)
+        for c in shape:
+            if isinstance(c, OutColumn) and c.column is not None:
+                raise refusals.column_use(ColumnUse(c.column, None, c.certain, reference=c.name or ""), label, clause)
+        self._no_protected_output(shape, label)
+
+    def _nested_select(self, body: Node, level: Level, clause: str, construct: str | None) -> None:
+        self._no_protected_output(self.select(body, level, level.ctes), construct or clause)
+
+    def _range_var(self, body: Node, level: Level, clause: str, construct: str | None) -> None:
+        table = self.catalog.lookup(body.get("schemaname"), str(body.get("relname", "")), self.search_path)
+        if table is not None:
+            raise refusals.statement(
+                f"table {table.qualified_name}, which has encrypted columns, cannot be used in {construct or clause}"
+            )
+
+    def _min_max(self, body: Node, level: Level, clause: str, construct: str | None) -> None:
+        label = "GREATEST" if body.get("op") == "IS_GREATEST" else "LEAST"
+        self.expr(body.get("args"), level, clause, label)
+
+    def _list(self, body: Node, level: Level, clause: str, construct: str | None) -> None:
+        self.expr(body.get("items"), level, clause, construct)
+
+    def _noop(self, body: Node, level: Level, clause: str, construct: str | None) -> None:
+        return
+
+
+def _untraced(shape: Shape) -> Shape:
+    return tuple(
+        OutColumn(c.name, c.column, False, c.certain)
+        if isinstance(c, OutColumn)
+        else UnknownColumns(c.protected, False)
+        for c in shape
+    )
+
+
+_Handler = Callable[[StatementWalker, Node, Level, str, "str | None"], None]
+
+_HANDLERS: dict[str, _Handler] = {
+    "List": StatementWalker._list,
+    "ColumnRef": StatementWalker._column_ref,
+    "ParamRef": StatementWalker._param_ref,
+    "A_Expr": StatementWalker._a_expr,
+    "BoolExpr": StatementWalker._bool_expr,
+    "NullTest": StatementWalker._null_test,
+    "BooleanTest": StatementWalker._boolean_test,
+    "TypeCast": StatementWalker._type_cast,
+    "FuncCall": StatementWalker._func_call,
+    "SubLink": StatementWalker._sub_link,
+    "SelectStmt": StatementWalker._nested_select,
+    "RangeVar": StatementWalker._range_var,
+    "MinMaxExpr": StatementWalker._min_max,
+    "A_Const": StatementWalker._noop,
+    "SetToDefault": StatementWalker._noop,
+    "SQLValueFunction": StatementWalker._noop,
+    "CurrentOfExpr": StatementWalker._noop,
+    "String": StatementWalker._noop,
+    "A_Star": StatementWalker._noop,
+    "TypeName": StatementWalker._noop,
+}

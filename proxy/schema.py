@@ -1,0 +1,282 @@
+"""``pgveil schema apply``: makes the database ready to hold ciphertext in the protected columns.
+
+For every protected column the plan ensures three things: the column exists, it is ``bytea``, and a CHECK
+constraint ``pgveil_envelope_<column>`` lets PostgreSQL itself refuse anything that is not a pgveil
+envelope, so a write that bypasses the proxy fails loudly instead of storing plaintext.
+
+``plan_schema`` only reads (the catalog, and whether a column holds values); each ``SchemaStep`` is
+printable for a dry run. ``apply_schema`` runs the steps in one transaction, after locking the tables
+and re-checking each step's guard, so data written between plan and apply is never destroyed.
+Planning is idempotent: on a ready database it returns no steps.
+
+This module never converts existing plaintext (a later job); it refuses, naming the column. Messages
+never contain values from the tables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Final, Protocol
+
+import asyncpg
+
+from keymgmt import envelope
+from proxy.catalog_loader import TABLE_RELKINDS, CatalogConnection, ColumnInfo, read_tables
+from proxy.errors import ProxyError
+from proxy.rewrite.catalog import Catalog, ProtectedColumn
+
+log = logging.getLogger(__name__)
+
+# The constraint admits exactly envelope v1 (keymgmt.envelope documents the layout): the magic, version
+# and algorithm bytes, and at least the 48 bytes of header and tag around an empty plaintext. A future
+# envelope version needs a new constraint, which is the point: nothing unrecognised gets in.
+ENVELOPE_PREFIX: Final = envelope.MAGIC + bytes((envelope.VERSION_1, envelope.ALGORITHM_AES256GCM))
+ENVELOPE_MIN_LENGTH: Final = envelope.MIN_LENGTH
+CONSTRAINT_PREFIX: Final = "pgveil_envelope_"
+_MAX_IDENTIFIER_LENGTH: Final = 63
+
+
+class SchemaRefused(ProxyError):
+    """The database cannot be made ready without losing or rewriting data; ``reasons`` says why."""
+
+    sqlstate = "55000"  # object_not_in_prerequisite_state
+
+    def __init__(self, reasons: list[str]) -> None:
+        super().__init__("schema apply refused: " + "; ".join(reasons))
+        self.reasons = reasons
+
+
+class StepKind(StrEnum):
+    ADD_COLUMN = "add column"
+    ALTER_TYPE = "alter type"
+    ADD_CONSTRAINT = "add constraint"
+    VALIDATE_CONSTRAINT = "validate constraint"
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaStep:
+    """One DDL statement. ``guard``, when set, is a query that must return true, under the table's lock,
+    right before ``sql`` runs."""
+
+    kind: StepKind
+    schema: str
+    table: str
+    column: str
+    sql: str
+    description: str
+    guard: str | None = None
+
+
+class SchemaConnection(CatalogConnection, Protocol):
+    """The part of ``asyncpg.Connection`` this module uses."""
+
+    async def fetchval(self, query: str, *args: Any) -> Any: ...
+
+    async def execute(self, query: str, *args: Any) -> str: ...
+
+    def transaction(self) -> AbstractAsyncContextManager[Any]: ...
+
+
+# ---------------------------------------------------------------------------------------------------
+# SQL text (pure)
+# ---------------------------------------------------------------------------------------------------
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def qualified(schema: str, table: str) -> str:
+    return f"{quote_ident(schema)}.{quote_ident(table)}"
+
+
+def constraint_name(column: str) -> str:
+    """``pgveil_envelope_<column>``, shortened with a hash when PostgreSQL would truncate it: a truncated
+    name could collide with another column's, and would never match on the next plan."""
+    name = CONSTRAINT_PREFIX + column
+    if len(name.encode()) <= _MAX_IDENTIFIER_LENGTH:
+        return name
+    digest = hashlib.sha256(column.encode()).hexdigest()[:8]
+    room = _MAX_IDENTIFIER_LENGTH - len(CONSTRAINT_PREFIX) - 1 - len(digest)
+    return f"{CONSTRAINT_PREFIX}{column.encode()[:room].decode(errors='ignore')}_{digest}"
+
+
+def envelope_check(column: str) -> str:
+    """The boolean expression a value of ``column`` must satisfy. ``decode`` rather than a ``'\\x..'``
+    literal keeps it independent of ``standard_conforming_strings``; ``substring`` never fails on a
+    short value, so the expression is safe whatever order PostgreSQL evaluates the AND in."""
+    c = quote_ident(column)
+    return (
+        f"{c} IS NULL OR (octet_length({c}) >= {ENVELOPE_MIN_LENGTH}"
+        f" AND substring({c} from 1 for {len(ENVELOPE_PREFIX)}) = decode('{ENVELOPE_PREFIX.hex()}', 'hex'))"
+    )
+
+
+def _add_column(col: ProtectedColumn) -> SchemaStep:
+    return SchemaStep(
+        kind=StepKind.ADD_COLUMN,
+        schema=col.schema,
+        table=col.table,
+        column=col.name,
+        sql=f"ALTER TABLE {qualified(col.schema, col.table)} ADD COLUMN {quote_ident(col.name)} bytea",
+        description=f"add column {col.column_id} as bytea",
+    )
+
+
+def _alter_type(col: ProtectedColumn, current_type: str) -> SchemaStep:
+    table, c = qualified(col.schema, col.table), quote_ident(col.name)
+    return SchemaStep(
+        kind=StepKind.ALTER_TYPE,
+        schema=col.schema,
+        table=col.table,
+        column=col.name,
+        sql=f"ALTER TABLE {table} ALTER COLUMN {c} TYPE bytea USING NULL",
+        description=f"change column {col.column_id} from {current_type} to bytea (it holds no values)",
+        guard=f"SELECT NOT EXISTS (SELECT 1 FROM {table} WHERE {c} IS NOT NULL)",  # noqa: S608 - quoted names
+    )
+
+
+def _add_constraint(col: ProtectedColumn) -> SchemaStep:
+    name = constraint_name(col.name)
+    return SchemaStep(
+        kind=StepKind.ADD_CONSTRAINT,
+        schema=col.schema,
+        table=col.table,
+        column=col.name,
+        sql=(
+            f"ALTER TABLE {qualified(col.schema, col.table)} ADD CONSTRAINT {quote_ident(name)}"
+            f" CHECK ({envelope_check(col.name)})"
+        ),
+        description=f"add CHECK constraint {name} on {col.schema}.{col.table}: {col.name} holds only envelopes",
+    )
+
+
+def _validate_constraint(col: ProtectedColumn) -> SchemaStep:
+    name = constraint_name(col.name)
+    return SchemaStep(
+        kind=StepKind.VALIDATE_CONSTRAINT,
+        schema=col.schema,
+        table=col.table,
+        column=col.name,
+        sql=f"ALTER TABLE {qualified(col.schema, col.table)} VALIDATE CONSTRAINT {quote_ident(name)}",
+        description=f"validate CHECK constraint {name} on {col.schema}.{col.table}",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Planning and applying (I/O)
+# ---------------------------------------------------------------------------------------------------
+
+
+async def _holds_values(conn: SchemaConnection, col: ProtectedColumn) -> bool:
+    table, c = qualified(col.schema, col.table), quote_ident(col.name)
+    query = f"SELECT EXISTS (SELECT 1 FROM {table} WHERE {c} IS NOT NULL)"  # noqa: S608 - quoted names
+    return bool(await conn.fetchval(query))
+
+
+async def _holds_non_envelopes(conn: SchemaConnection, col: ProtectedColumn) -> bool:
+    table = qualified(col.schema, col.table)
+    query = f"SELECT EXISTS (SELECT 1 FROM {table} WHERE NOT ({envelope_check(col.name)}))"  # noqa: S608
+    return bool(await conn.fetchval(query))
+
+
+async def plan_schema(conn: SchemaConnection, config_catalog: Catalog) -> list[SchemaStep]:
+    """The steps that make the database ready for ``config_catalog``; empty when it already is.
+
+    Raises ``SchemaRefused`` listing every column that cannot be made ready without touching data (and
+    every missing table: pgveil adds columns to tables, it does not create them).
+    """
+    found = await read_tables(conn, config_catalog.tables)
+    steps: list[SchemaStep] = []
+    refusals: list[str] = []
+    for key, table in config_catalog.tables.items():
+        info = found.get(key)
+        if info is None:
+            refusals.append(f"table {table.qualified_name} does not exist; create it first")
+            continue
+        if info.relkind not in TABLE_RELKINDS:
+            refusals.append(f"{table.qualified_name} is {info.kind_name}; only tables can hold protected columns")
+            continue
+        for col in table.columns.values():
+            current = info.column(col.name)
+            check = info.constraint(constraint_name(col.name))
+            if check is not None and check.kind != "c":
+                refusals.append(
+                    f"{table.qualified_name} has a constraint named {check.name} that is not a CHECK constraint;"
+                    " rename or drop it"
+                )
+                continue
+            if current is None:
+                steps += [_add_column(col), _add_constraint(col)]
+            elif not current.is_bytea:
+                reason = await _why_not_convertible(conn, col, current, has_check=check is not None)
+                if reason:
+                    refusals.append(reason)
+                else:
+                    steps += [_alter_type(col, current.type_name), _add_constraint(col)]
+            elif check is None or not check.validated:
+                if await _holds_non_envelopes(conn, col):
+                    refusals.append(
+                        f"column {col.column_id} holds values that are not pgveil envelopes; pgveil cannot"
+                        " encrypt existing data yet (a later release migrates it): move the values out first"
+                    )
+                else:
+                    steps.append(_add_constraint(col) if check is None else _validate_constraint(col))
+    if refusals:
+        raise SchemaRefused(refusals)
+    return steps
+
+
+async def _why_not_convertible(
+    conn: SchemaConnection, col: ProtectedColumn, current: ColumnInfo, *, has_check: bool
+) -> str | None:
+    what = f"column {col.column_id} is {current.type_name}"
+    if current.generated:
+        return f"{what} and generated; a generated column cannot be encrypted"
+    if current.identity:
+        return f"{what} and an identity column; an identity column cannot be encrypted"
+    if current.has_default:
+        return f"{what} with a DEFAULT, which would store plaintext; drop the default first"
+    if has_check:
+        return f"{what} but already has a constraint named {constraint_name(col.name)}; drop it first"
+    if await _holds_values(conn, col):
+        return (
+            f"{what} and holds values; pgveil cannot encrypt existing plaintext yet (a later release"
+            " migrates it): move the values out or set them to NULL first"
+        )
+    return None
+
+
+async def apply_schema(conn: SchemaConnection, steps: list[SchemaStep]) -> None:
+    """Runs ``steps`` in one transaction: all of them or none.
+
+    The tables are locked first (ACCESS EXCLUSIVE, in name order, so two concurrent applies cannot
+    deadlock), then each guard is re-checked, so a value written since planning is never overwritten.
+    Raises ``SchemaRefused``; the transaction is then rolled back.
+    """
+    if not steps:
+        return
+    tables = sorted({(s.schema, s.table) for s in steps})
+    async with conn.transaction():
+        for schema, table in tables:
+            await conn.execute(f"LOCK TABLE {qualified(schema, table)} IN ACCESS EXCLUSIVE MODE")
+        for step in steps:
+            if step.guard is not None and not await conn.fetchval(step.guard):
+                column_id = f"{step.schema}.{step.table}.{step.column}"
+                raise SchemaRefused(
+                    [f"{step.description}: {column_id} received values since the plan was made; nothing was changed"]
+                )
+            try:
+                await conn.execute(step.sql)
+            except asyncpg.PostgresError as e:
+                # The primary message only: DETAIL may quote a failing row.
+                message = getattr(e, "message", None) or type(e).__name__
+                sqlstate = getattr(e, "sqlstate", None) or "?"
+                raise SchemaRefused(
+                    [f"{step.description}: PostgreSQL refused it ({sqlstate}): {message}; nothing was changed"]
+                ) from e
+            log.info("schema: %s", step.description)

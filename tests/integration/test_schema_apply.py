@@ -1,0 +1,221 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from keymgmt.envelope import is_envelope
+from proxy.catalog_loader import load_catalog
+from proxy.config import parse_config
+from proxy.devcluster import DevCluster
+from proxy.rewrite.catalog import Catalog
+from proxy.schema import (
+    ENVELOPE_MIN_LENGTH,
+    SchemaRefused,
+    StepKind,
+    apply_schema,
+    constraint_name,
+    plan_schema,
+)
+
+pytestmark = pytest.mark.integration
+
+# A well-formed envelope v1 around an empty plaintext: magic, version, algorithm, key id, nonce, tag.
+ENVELOPE = b"PV\x01\x01" + bytes(range(16)) + bytes(12) + b"\xaa" * 16
+
+
+@pytest.fixture(scope="module")
+def cluster(pg: DevCluster) -> DevCluster:
+    """The test run's shared cluster (tests/conftest.py): one cluster start for the whole suite."""
+    return pg
+
+
+@pytest.fixture
+async def conn(cluster: DevCluster) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(cluster.dsn())
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+def catalog_for(table: str, columns: dict[str, str]) -> Catalog:
+    data = {"tables": {table: {"columns": {name: {"type": t} for name, t in columns.items()}}}}
+    return parse_config(data, base_dir=Path.cwd(), environ={}).catalog()
+
+
+async def column_types(conn: asyncpg.Connection, table: str) -> dict[str, str]:
+    rows = await conn.fetch(
+        "SELECT attname, format_type(atttypid, atttypmod) AS t FROM pg_attribute"
+        " WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped",
+        table,
+    )
+    return {r["attname"]: r["t"] for r in rows}
+
+
+async def test_apply_prepares_a_fresh_table_and_is_idempotent(conn: asyncpg.Connection) -> None:
+    await conn.execute("CREATE TABLE fresh (id serial PRIMARY KEY, name text, email text, ssn varchar(11))")
+    catalog = catalog_for("fresh", {"email": "text", "ssn": "varchar(11)", "birth_date": "date"})
+
+    steps = await plan_schema(conn, catalog)
+    assert [(s.kind, s.column) for s in steps] == [
+        (StepKind.ALTER_TYPE, "email"),
+        (StepKind.ADD_CONSTRAINT, "email"),
+        (StepKind.ALTER_TYPE, "ssn"),
+        (StepKind.ADD_CONSTRAINT, "ssn"),
+        (StepKind.ADD_COLUMN, "birth_date"),
+        (StepKind.ADD_CONSTRAINT, "birth_date"),
+    ]
+    assert steps[0].sql == 'ALTER TABLE "public"."fresh" ALTER COLUMN "email" TYPE bytea USING NULL'
+    assert (
+        steps[2].description
+        == "change column public.fresh.ssn from character varying(11) to bytea (it holds no values)"
+    )
+    assert steps[4].description == "add column public.fresh.birth_date as bytea"
+
+    await apply_schema(conn, steps)
+    assert await column_types(conn, "fresh") == {
+        "id": "integer",
+        "name": "text",
+        "email": "bytea",
+        "ssn": "bytea",
+        "birth_date": "bytea",
+    }
+    constraints = await conn.fetch(
+        "SELECT conname FROM pg_constraint WHERE conrelid = 'fresh'::regclass AND contype = 'c' ORDER BY conname"
+    )
+    assert [r["conname"] for r in constraints] == [
+        "pgveil_envelope_birth_date",
+        "pgveil_envelope_email",
+        "pgveil_envelope_ssn",
+    ]
+    assert await plan_schema(conn, catalog) == []
+    await apply_schema(conn, [])
+
+
+async def test_postgresql_refuses_plaintext_and_accepts_envelopes(conn: asyncpg.Connection) -> None:
+    await conn.execute("CREATE TABLE guarded (id int, email text)")
+    await apply_schema(conn, await plan_schema(conn, catalog_for("guarded", {"email": "text"})))
+
+    for bad in (
+        b"alice@example.com",
+        ENVELOPE[: ENVELOPE_MIN_LENGTH - 1],  # one byte short
+        b"PV\x02" + ENVELOPE[3:],  # unknown version
+        b"XV" + ENVELOPE[2:],  # wrong magic
+        b"alice@example.com".ljust(64, b"!"),  # long enough, but not an envelope
+    ):
+        assert not is_envelope(bad)  # the database and keymgmt agree on what an envelope is
+        with pytest.raises(asyncpg.CheckViolationError) as info:
+            await conn.execute("INSERT INTO guarded VALUES (1, $1)", bad)
+        assert info.value.sqlstate == "23514"
+        assert info.value.constraint_name == "pgveil_envelope_email"
+
+    with pytest.raises(asyncpg.CheckViolationError):
+        await conn.execute("INSERT INTO guarded VALUES (1, 'alice@example.com'::bytea)")
+
+    assert is_envelope(ENVELOPE)
+    await conn.execute("INSERT INTO guarded VALUES (1, $1), (2, $2), (3, NULL)", ENVELOPE, ENVELOPE + b"ciphertext")
+    assert await conn.fetchval("SELECT count(*) FROM guarded") == 3
+
+
+async def test_columns_holding_plaintext_are_refused_and_left_alone(conn: asyncpg.Connection) -> None:
+    await conn.execute("CREATE TABLE occupied (id int, email text, ssn text, dob date DEFAULT current_date)")
+    await conn.execute("INSERT INTO occupied (id, email, ssn) VALUES (1, 'alice@example.com', NULL)")
+    await conn.execute("CREATE TABLE raw (id int, blob bytea)")
+    await conn.execute("INSERT INTO raw VALUES (1, 'not an envelope'::bytea)")
+    catalog = Catalog(
+        {
+            **catalog_for("occupied", {"email": "text", "ssn": "text", "dob": "date"}).tables,
+            **catalog_for("raw", {"blob": "bytea"}).tables,
+            **catalog_for("nowhere", {"x": "text"}).tables,
+        }
+    )
+    with pytest.raises(SchemaRefused) as info:
+        await plan_schema(conn, catalog)
+    reasons = info.value.reasons
+    assert reasons == [
+        "column public.occupied.email is text and holds values; pgveil cannot encrypt existing plaintext yet"
+        " (a later release migrates it): move the values out or set them to NULL first",
+        "column public.occupied.dob is date with a DEFAULT, which would store plaintext; drop the default first",
+        "column public.raw.blob holds values that are not pgveil envelopes; pgveil cannot encrypt existing data"
+        " yet (a later release migrates it): move the values out first",
+        "table public.nowhere does not exist; create it first",
+    ]
+    assert info.value.sqlstate == "55000"
+    assert "alice" not in str(info.value)
+    assert await column_types(conn, "occupied") == {"id": "integer", "email": "text", "ssn": "text", "dob": "date"}
+
+
+async def test_values_written_after_planning_are_never_overwritten(conn: asyncpg.Connection) -> None:
+    await conn.execute("CREATE TABLE racing (id int, email text)")
+    steps = await plan_schema(conn, catalog_for("racing", {"email": "text"}))
+    await conn.execute("INSERT INTO racing VALUES (1, 'late@example.com')")
+    with pytest.raises(SchemaRefused, match="received values since the plan was made"):
+        await apply_schema(conn, steps)
+    assert await column_types(conn, "racing") == {"id": "integer", "email": "text"}
+    assert await conn.fetchval("SELECT email FROM racing") == "late@example.com"
+
+
+async def test_a_failing_step_rolls_back_the_whole_apply(conn: asyncpg.Connection) -> None:
+    await conn.execute("CREATE TABLE viewed (id int, email text, ssn text)")
+    await conn.execute("CREATE VIEW viewed_ssn AS SELECT ssn FROM viewed")
+    steps = await plan_schema(conn, catalog_for("viewed", {"email": "text", "ssn": "text"}))
+    with pytest.raises(SchemaRefused, match=r"change column public\.viewed\.ssn .*PostgreSQL refused it \(0A000\)"):
+        await apply_schema(conn, steps)
+    assert await column_types(conn, "viewed") == {"id": "integer", "email": "text", "ssn": "text"}
+
+
+async def test_quoted_names_and_an_existing_bytea_column(conn: asyncpg.Connection) -> None:
+    await conn.execute('CREATE SCHEMA crm; CREATE TABLE crm."order" ("user" bytea, note text)')
+    await conn.execute("INSERT INTO crm.\"order\" VALUES ($1, 'hello'), (NULL, NULL)", ENVELOPE)
+    catalog = catalog_for("crm.order", {"user": "text"})
+    steps = await plan_schema(conn, catalog)
+    assert [s.kind for s in steps] == [StepKind.ADD_CONSTRAINT]
+    await apply_schema(conn, steps)
+    assert await plan_schema(conn, catalog) == []
+
+
+async def test_an_unvalidated_constraint_is_validated(conn: asyncpg.Connection) -> None:
+    await conn.execute("CREATE TABLE lax (secret bytea)")
+    name = constraint_name("secret")
+    await conn.execute(f"ALTER TABLE lax ADD CONSTRAINT {name} CHECK (secret IS NULL) NOT VALID")
+    steps = await plan_schema(conn, catalog_for("lax", {"secret": "bytea"}))
+    assert [s.kind for s in steps] == [StepKind.VALIDATE_CONSTRAINT]
+    await apply_schema(conn, steps)
+    assert await conn.fetchval("SELECT convalidated FROM pg_constraint WHERE conname = $1", name) is True
+
+
+async def test_load_catalog_fills_in_oids_and_names_problems(conn: asyncpg.Connection) -> None:
+    await conn.execute("CREATE TABLE people (id serial, name text, email text, dropme int, phone text)")
+    await conn.execute("ALTER TABLE people DROP COLUMN dropme")
+    await conn.execute("CREATE VIEW people_view AS SELECT 'x'::text AS email")
+    catalog = Catalog(
+        {
+            **catalog_for("people", {"email": "text", "phone": "text", "birth_date": "date"}).tables,
+            **catalog_for("ghost", {"x": "text"}).tables,
+            **catalog_for("people_view", {"email": "text"}).tables,
+        }
+    )
+    loaded, problems = await load_catalog(conn, catalog)
+    assert problems == [
+        "column public.people.email is text, expected bytea; run `pgveil schema apply`",
+        "column public.people.phone is text, expected bytea; run `pgveil schema apply`",
+        "column public.people.birth_date does not exist; run `pgveil schema apply`",
+        "table public.ghost does not exist; create it, then run `pgveil schema apply`",
+        "public.people_view is a view; only tables can hold protected columns",
+    ]
+    assert set(loaded.tables) == set(catalog.tables)  # nothing configured is forgotten
+
+    people_only = catalog_for("people", {"email": "text", "phone": "text", "birth_date": "date"})
+    await apply_schema(conn, await plan_schema(conn, people_only))
+    loaded, problems = await load_catalog(conn, people_only)
+    assert problems == []
+    oid = await conn.fetchval("SELECT 'people'::regclass::oid")
+    people = loaded.tables[("public", "people")]
+    assert people.oid == oid
+    assert people.all_columns == ("id", "name", "email", "phone", "birth_date")
+    assert {c.name: c.attnum for c in people.columns.values()} == {"email": 3, "phone": 5, "birth_date": 6}
+    assert loaded.column_by_attr(oid, 5) == people.columns["phone"]
+    assert loaded.by_oid(oid) is people

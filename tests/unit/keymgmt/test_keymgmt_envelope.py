@@ -1,0 +1,272 @@
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from hypothesis import given
+from hypothesis import strategies as st
+
+from keymgmt.envelope import (
+    HEADER_LENGTH,
+    MIN_LENGTH,
+    DataKey,
+    KeyState,
+    _seal_with_nonce,
+    column_associated_data,
+    is_envelope,
+    key_id_from_uuid,
+    key_id_to_uuid,
+    open_envelope,
+    peek_key_id,
+    seal,
+)
+from keymgmt.errors import DecryptionFailed, KeyDisabled, KeyManagementError, UnknownKey
+
+VECTOR_KEY = bytes(range(32))
+VECTOR_KEY_ID = uuid.UUID("00112233-4455-6677-8899-aabbccddeeff").bytes
+VECTOR_NONCE = bytes(range(0xA0, 0xAC))
+VECTOR_PLAINTEXT = b"pgveil test vector"
+VECTOR_COLUMN = "public.users.email"
+# Computed once with AESGCM directly over the documented layout; pinned so that neither the module
+# nor this file's layout helper can drift silently.
+VECTOR_ENVELOPE = bytes.fromhex(
+    "5056010100112233445566778899aabbccddeeffa0a1a2a3a4a5a6a7a8a9aaab"
+    "967f0a482ca722cb0716f3f3711fa3aa1fde8af5ae706371fe3fa2a823ab7b09fc00"
+)
+VECTOR_SUBJECT_ENVELOPE = bytes.fromhex(
+    "5056010100112233445566778899aabbccddeeffa0a1a2a3a4a5a6a7a8a9aaab"
+    "967f0a482ca722cb0716f3f3711fa3aa1fde633ca5bd6e50962d7bdb6b3781c66002"
+)
+
+
+def vector_key(state: KeyState = KeyState.ENABLED) -> DataKey:
+    return DataKey.from_material(VECTOR_KEY_ID, VECTOR_KEY, state=state, column_id=VECTOR_COLUMN)
+
+
+def lookup_for(*keys: DataKey) -> dict[bytes, DataKey]:
+    return {k.key_id: k for k in keys}
+
+
+def strict_lookup(*keys: DataKey) -> Callable[[bytes], DataKey]:
+    table = lookup_for(*keys)
+
+    def lookup(key_id: bytes) -> DataKey:
+        try:
+            return table[key_id]
+        except KeyError:
+            raise UnknownKey() from None
+
+    return lookup
+
+
+def layout(key: bytes, key_id: bytes, nonce: bytes, plaintext: bytes, associated_tail: bytes) -> bytes:
+    """The documented layout, rebuilt independently of the module."""
+    header = b"PV" + b"\x01" + b"\x01" + key_id + nonce
+    assert len(header) == 32
+    return header + AESGCM(key).encrypt(nonce, plaintext, header + associated_tail)
+
+
+def test_fixed_vector_column_scope() -> None:
+    associated = column_associated_data(VECTOR_COLUMN)
+    assert associated == b"\x00public.users.email"
+    sealed = _seal_with_nonce(vector_key(), VECTOR_PLAINTEXT, associated, VECTOR_NONCE)
+    assert sealed == VECTOR_ENVELOPE
+    assert sealed == layout(VECTOR_KEY, VECTOR_KEY_ID, VECTOR_NONCE, VECTOR_PLAINTEXT, b"\x00public.users.email")
+    assert open_envelope(strict_lookup(vector_key()), sealed, associated) == VECTOR_PLAINTEXT
+
+
+def test_fixed_vector_subject_scope() -> None:
+    associated = column_associated_data(VECTOR_COLUMN, b"\x01\x02\x03")
+    assert associated == b"\x00public.users.email\x00\x01\x02\x03"
+    sealed = _seal_with_nonce(vector_key(), VECTOR_PLAINTEXT, associated, VECTOR_NONCE)
+    assert sealed == VECTOR_SUBJECT_ENVELOPE
+    assert sealed == layout(VECTOR_KEY, VECTOR_KEY_ID, VECTOR_NONCE, VECTOR_PLAINTEXT, associated)
+
+
+def test_layout_fields() -> None:
+    sealed = seal(vector_key(), b"abc", column_associated_data("s.t.c"))
+    assert sealed[:2] == b"PV"
+    assert sealed[2] == 0x01
+    assert sealed[3] == 0x01
+    assert sealed[4:20] == VECTOR_KEY_ID
+    assert len(sealed) == HEADER_LENGTH + 3 + 16
+    assert peek_key_id(sealed) == VECTOR_KEY_ID
+    assert is_envelope(sealed)
+
+
+def test_empty_plaintext_gives_minimum_length() -> None:
+    sealed = seal(vector_key(), b"", column_associated_data("s.t.c"))
+    assert len(sealed) == MIN_LENGTH == 48
+    assert open_envelope(strict_lookup(vector_key()), sealed, column_associated_data("s.t.c")) == b""
+
+
+def test_nonces_are_fresh_per_seal() -> None:
+    associated = column_associated_data("s.t.c")
+    envelopes = {seal(vector_key(), b"same", associated) for _ in range(64)}
+    assert len(envelopes) == 64
+    assert len({e[20:32] for e in envelopes}) == 64
+
+
+def test_every_single_byte_flip_fails() -> None:
+    key = vector_key()
+    associated = column_associated_data(VECTOR_COLUMN)
+    sealed = seal(key, b"a secret worth protecting", associated)
+
+    # The lookup ignores the key id and always hands back the right key, so a flipped key id is
+    # caught by the header being authenticated, not by the lookup.
+    def any_id(_: bytes) -> DataKey:
+        return key
+
+    for position in range(len(sealed)):
+        for mask in (0x01, 0x80, 0xFF):
+            tampered = bytearray(sealed)
+            tampered[position] ^= mask
+            with pytest.raises(DecryptionFailed):
+                open_envelope(any_id, bytes(tampered), associated)
+
+
+def test_truncation_and_extension_fail() -> None:
+    key = vector_key()
+    associated = column_associated_data(VECTOR_COLUMN)
+    sealed = seal(key, b"0123456789", associated)
+    for length in range(len(sealed)):
+        with pytest.raises(DecryptionFailed):
+            open_envelope(strict_lookup(key), sealed[:length], associated)
+    with pytest.raises(DecryptionFailed):
+        open_envelope(strict_lookup(key), sealed + b"\x00", associated)
+
+
+def test_column_swap_fails() -> None:
+    key = vector_key()
+    sealed = seal(key, b"alice@example.com", column_associated_data("public.users.email"))
+    with pytest.raises(DecryptionFailed):
+        open_envelope(strict_lookup(key), sealed, column_associated_data("public.users.phone"))
+    with pytest.raises(DecryptionFailed):
+        open_envelope(strict_lookup(key), sealed, column_associated_data("public.customers.email"))
+
+
+def test_subject_swap_fails() -> None:
+    key = vector_key()
+    sealed = seal(key, b"alice@example.com", column_associated_data("public.users.email", b"alice"))
+    for other in (b"bob", b"", None, b"alice\x00"):
+        with pytest.raises(DecryptionFailed):
+            open_envelope(strict_lookup(key), sealed, column_associated_data("public.users.email", other))
+
+
+def test_column_scope_and_empty_subject_differ() -> None:
+    assert column_associated_data("s.t.c") != column_associated_data("s.t.c", b"")
+    # a subject cannot be smuggled into the column id: NUL is refused there
+    with pytest.raises(ValueError, match="NUL"):
+        column_associated_data("s.t.c\x00x")
+    with pytest.raises(ValueError, match="non-empty"):
+        column_associated_data("")
+
+
+def test_wrong_key_material_fails() -> None:
+    sealed = seal(vector_key(), b"x", column_associated_data("s.t.c"))
+    impostor = DataKey.from_material(VECTOR_KEY_ID, bytes(32))
+    with pytest.raises(DecryptionFailed):
+        open_envelope(strict_lookup(impostor), sealed, column_associated_data("s.t.c"))
+
+
+def test_unknown_key_comes_from_lookup() -> None:
+    sealed = seal(vector_key(), b"x", column_associated_data("s.t.c"))
+    with pytest.raises(UnknownKey):
+        open_envelope(strict_lookup(), sealed, column_associated_data("s.t.c"))
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda e: b"PX" + e[2:],
+        lambda e: e[:2] + b"\x02" + e[3:],
+        lambda e: e[:3] + b"\x02" + e[4:],
+        lambda e: e[:20],
+    ],
+    ids=["magic", "version", "algorithm", "short"],
+)
+def test_framing_failures(mutate: Callable[[bytes], bytes]) -> None:
+    sealed = seal(vector_key(), b"x", column_associated_data("s.t.c"))
+    bad = mutate(sealed)
+    assert not is_envelope(bad)
+    with pytest.raises(DecryptionFailed):
+        peek_key_id(bad)
+    with pytest.raises(DecryptionFailed):
+        open_envelope(strict_lookup(vector_key()), bad, column_associated_data("s.t.c"))
+
+
+def test_failure_message_does_not_say_which_check_failed() -> None:
+    key = vector_key()
+    associated = column_associated_data("s.t.c")
+    sealed = seal(key, b"x", associated)
+    tag_flip = sealed[:-1] + bytes([sealed[-1] ^ 1])
+    messages = set()
+    for bad in (b"PX" + sealed[2:], sealed[:10], tag_flip):
+        with pytest.raises(DecryptionFailed) as info:
+            open_envelope(strict_lookup(key), bad, associated)
+        assert type(info.value) is DecryptionFailed
+        assert info.value.__cause__ is None
+        # cryptography's InvalidTag is converted once and not shown as the context
+        assert info.value.__context__ is None or info.value.__suppress_context__
+        messages.add(str(info.value))
+    assert len(messages) == 1
+    assert DecryptionFailed.sqlstate == "XX001"
+    assert UnknownKey.sqlstate == "XX001"
+
+
+def test_disabled_key_neither_seals_nor_opens() -> None:
+    associated = column_associated_data("s.t.c")
+    sealed = seal(vector_key(), b"x", associated)
+    disabled = vector_key().with_state(KeyState.DISABLED)
+    with pytest.raises(KeyDisabled):
+        seal(disabled, b"x", associated)
+    with pytest.raises(KeyDisabled):
+        open_envelope(strict_lookup(disabled), sealed, associated)
+    assert issubclass(KeyDisabled, KeyManagementError)
+
+
+def test_data_key_hides_material() -> None:
+    key = DataKey.from_material(VECTOR_KEY_ID, VECTOR_KEY, column_id="s.t.c", subject=b"alice", version=3)
+    text = repr(key)
+    assert str(uuid.UUID(bytes=VECTOR_KEY_ID)) in text
+    assert VECTOR_KEY.hex() not in text
+    assert "alice" not in text
+    assert "<5 bytes>" in text
+    assert not hasattr(key, "__dict__")
+    assert not any(getattr(key, name, None) == VECTOR_KEY for name in DataKey.__slots__)
+
+
+def test_data_key_validation() -> None:
+    with pytest.raises(ValueError, match="16 bytes"):
+        DataKey.from_material(b"short", VECTOR_KEY)
+    with pytest.raises(ValueError, match="32 bytes"):
+        DataKey.from_material(VECTOR_KEY_ID, VECTOR_KEY[:16])
+    with pytest.raises(ValueError, match="destroyed"):
+        DataKey.from_material(VECTOR_KEY_ID, VECTOR_KEY, state=KeyState.DESTROYED)
+
+
+def test_key_id_uuid_round_trip() -> None:
+    u = uuid.uuid4()
+    assert key_id_to_uuid(key_id_from_uuid(u)) == u
+    assert vector_key().key_uuid == uuid.UUID(bytes=VECTOR_KEY_ID)
+
+
+def test_seal_with_nonce_rejects_bad_nonce() -> None:
+    with pytest.raises(ValueError, match="12 bytes"):
+        _seal_with_nonce(vector_key(), b"x", b"", b"\x00" * 8)
+
+
+@given(
+    plaintext=st.binary(max_size=2048),
+    column=st.text(min_size=1, max_size=80).filter(lambda s: "\x00" not in s),
+    subject=st.none() | st.binary(max_size=64),
+)
+def test_round_trip(plaintext: bytes, column: str, subject: bytes | None) -> None:
+    key = vector_key()
+    associated = column_associated_data(column, subject)
+    sealed = seal(key, plaintext, associated)
+    assert len(sealed) == MIN_LENGTH + len(plaintext)
+    assert is_envelope(sealed)
+    assert open_envelope(strict_lookup(key), sealed, associated) == plaintext
