@@ -302,6 +302,75 @@ def decode_frontend(type_byte: int, body: bytes) -> m.FrontendMessage:
     return dec(_Reader(body, "client", name))  # type: ignore[return-value]
 
 
+def check_frontend(type_byte: int, buf: bytes, start: int, end: int) -> None:
+    """Validates the structure of the frontend message body ``buf[start:end]`` without decoding it: the
+    frame-level fast path forwards bytes untouched but still refuses what :func:`decode_frontend` would.
+    Raises :class:`CodecError`, the same error decode_frontend raises for the same bytes."""
+    try:
+        _check(type_byte, buf, start, end)
+    except (struct.error, IndexError):
+        raise CodecError("client", f"malformed message of type {type_byte}") from None
+
+
+def _cstring_end(buf: bytes, pos: int, end: int, t: int) -> int:
+    nul = buf.find(b"\x00", pos, end)
+    if nul < 0:
+        raise CodecError("client", f"malformed message of type {t}: unterminated string")
+    return nul + 1
+
+
+def _check_formats(buf: bytes, pos: int, end: int, t: int) -> int:
+    (n,) = _U16.unpack_from(buf, pos)
+    pos += 2
+    for _ in range(n):
+        (f,) = _I16.unpack_from(buf, pos)
+        if f not in (0, 1):
+            raise CodecError("client", f"malformed message of type {t}: format code must be 0 or 1")
+        pos += 2
+    return pos
+
+
+def _check_values(buf: bytes, pos: int, end: int, t: int) -> int:
+    (n,) = _U16.unpack_from(buf, pos)
+    pos += 2
+    for _ in range(n):
+        (ln,) = _I32.unpack_from(buf, pos)
+        pos += 4
+        if ln < -1:
+            raise CodecError("client", f"malformed message of type {t}: negative value length")
+        if ln > 0:
+            pos += ln
+    return pos
+
+
+def _check(t: int, buf: bytes, start: int, end: int) -> None:
+    pos = start
+    if t == 0x51 or t == 0x66:  # Query, CopyFail: one string
+        pos = _cstring_end(buf, pos, end, t)
+    elif t == 0x50:  # Parse: name, query, Int16 count, Int32 OIDs
+        pos = _cstring_end(buf, _cstring_end(buf, pos, end, t), end, t)
+        (n,) = _U16.unpack_from(buf, pos)
+        pos += 2 + 4 * n
+    elif t == 0x42:  # Bind: portal, statement, formats, values, result formats
+        pos = _cstring_end(buf, _cstring_end(buf, pos, end, t), end, t)
+        pos = _check_formats(buf, _check_values(buf, _check_formats(buf, pos, end, t), end, t), end, t)
+    elif t == 0x44 or t == 0x43:  # Describe, Close: 'S' or 'P', name
+        if buf[pos : pos + 1] not in (b"S", b"P"):
+            raise CodecError("client", f"malformed message of type {t}: target must be 'S' or 'P'")
+        pos = _cstring_end(buf, pos + 1, end, t)
+    elif t == 0x45:  # Execute: portal, Int32 max rows
+        pos = _cstring_end(buf, pos, end, t) + 4
+    elif t == 0x46:  # FunctionCall: OID, formats, values, Int16 result format
+        pos = _check_values(buf, _check_formats(buf, pos + 4, end, t), end, t) + 2
+    elif t == 0x64:  # CopyData: any bytes
+        return
+    elif t == 0x70:  # a password/SASL/GSS message outside authentication
+        raise CodecError("client", "unexpected password message")
+    # Sync, Flush, Terminate, CopyDone: no body
+    if pos != end:
+        raise CodecError("client", f"malformed message of type {t}: {'trailing' if pos < end else 'missing'} bytes")
+
+
 def encode_frontend(msg: m.FrontendMessage) -> bytes:
     if isinstance(msg, m.Query):
         return frame(b"Q", _cstr(msg.query))

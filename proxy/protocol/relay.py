@@ -319,10 +319,10 @@ class Relay:
         return data
 
     # -- light mode: framing, transaction status and COPY state only -----------------------------------
-    # Used when no table is protected (and sessions.track_statements is auto): frames are checked
-    # (type, length, size limits) and forwarded without decoding; message bodies are left to the server,
-    # which rejects malformed ones itself. Only ReadyForQuery, ErrorResponse, ParameterStatus,
-    # BackendKeyData and the COPY messages are looked at.
+    # Used when no table is protected (and sessions.track_statements is auto): frontend messages are
+    # checked (type, length, size limits, body structure: codec.check_frontend) and forwarded without
+    # being decoded or re-encoded. Of the backend messages only ReadyForQuery, ErrorResponse,
+    # ParameterStatus, BackendKeyData and the COPY messages are looked at.
 
     def _receive_client_light(self, data: bytes) -> None:
         if self._c_skip or self._c_buf:
@@ -334,6 +334,7 @@ class Relay:
         limit = self.max_message_size
         count = 0
         unpack = _HDR.unpack_from
+        check = codec.check_frontend
         while n - pos >= 5:
             t, ln = unpack(data, pos)
             if ln < 4:
@@ -342,6 +343,18 @@ class Relay:
                 raise codec.CodecError("client", f"message of {ln} bytes exceeds the limit for its type")
             if t not in codec.FRONTEND_TYPES:
                 raise codec.CodecError("client", f"invalid frontend message type {t}")
+            end = pos + 1 + ln
+            if t == 0x64:  # CopyData streams through, whole or in parts
+                count += 1
+                if end > n:
+                    self._c_skip = end - n
+                    pos = n
+                    break
+                pos = end
+                continue
+            if end > n:
+                break  # the rest of this message first: its body is checked before anything is sent
+            check(t, data, pos + 5, end)
             count += 1
             if t == 0x53:  # Sync (ignored by the server during COPY FROM STDIN)
                 if not self._client_copying:
@@ -353,10 +366,7 @@ class Relay:
             elif t == 0x58:  # Terminate
                 self.phase = Phase.CLOSED
                 self.events.append(CloseConnection())
-            end = pos + 1 + ln
-            if end > n:
-                self._c_skip = end - n
-                pos = n
+                pos = end
                 break
             pos = end
         self.client_messages += count

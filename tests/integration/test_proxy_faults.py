@@ -74,6 +74,28 @@ def fproxy(pg: DevCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 @pytest.fixture(scope="module")
+def fproxy_light(pg: DevCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    """The same limits on the frame-level fast path (no protected tables, track_statements auto)."""
+    cfg = proxy_config(
+        pg,
+        upstream={"host": "127.0.0.1", "port": pg.port, "tls": "prefer"},
+        sessions={"shutdown_timeout": 5, "max_message_size": MAX_MESSAGE_SIZE, "track_statements": "auto"},
+    )
+    p = ProxyProcess(cfg, tmp_path_factory.mktemp("faults-proxy-light"))
+    p.start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture(params=["full", "light"])
+def any_mode(request: pytest.FixtureRequest) -> ProxyProcess:
+    """Both relay modes: the full statement model and the frame-level fast path."""
+    name = "fproxy" if request.param == "full" else "fproxy_light"
+    p: ProxyProcess = request.getfixturevalue(name)
+    return p
+
+
+@pytest.fixture(scope="module")
 def canary(fproxy: ProxyProcess) -> Iterator[Canary]:
     c = Canary(fproxy.dsn())
     yield c
@@ -128,12 +150,18 @@ def assert_serving(p: ProxyProcess) -> None:
         ("length field of 0", b"Q\x00\x00\x00\x00"),
         ("password message after startup", frame(b"p", b"secret\0")),
         ("bind body truncated", frame(b"B", b"\0\0\x00\x05")),
+        ("bind format code 7", frame(b"B", b"\0\0\x00\x01\x00\x07\x00\x00\x00\x00")),
+        ("parse query unterminated", frame(b"P", b"\0SELECT 1")),
+        ("query with trailing bytes", frame(b"Q", b"SELECT 1\0junk")),
+        ("describe target X", frame(b"D", b"X\0")),
+        ("execute without row count", frame(b"E", b"\0")),
+        ("sync with a body", frame(b"S", b"\0")),
     ],
 )
 def test_malformed_message_gets_fatal_08p01(
-    fproxy: ProxyProcess, canary: Canary, admin: psycopg.Connection[Any], name: str, payload: bytes
+    any_mode: ProxyProcess, canary: Canary, admin: psycopg.Connection[Any], name: str, payload: bytes
 ) -> None:
-    with login(fproxy) as raw:
+    with login(any_mode) as raw:
         pid = raw.backend_pid
         assert pid is not None
         raw.simple_query("SELECT 1")
@@ -146,9 +174,9 @@ def test_malformed_message_gets_fatal_08p01(
     canary.assert_alive()
 
 
-def test_oversized_message_gets_fatal_08p01(fproxy: ProxyProcess, canary: Canary) -> None:
+def test_oversized_message_gets_fatal_08p01(any_mode: ProxyProcess, canary: Canary) -> None:
     sql = "SELECT '" + "x" * (2 * MAX_MESSAGE_SIZE) + "'"
-    with login(fproxy) as raw:
+    with login(any_mode) as raw:
         raw.simple_query("SELECT 1")
         # The limit is checked on the header: the proxy may close while the body is still being sent,
         # so the sender runs beside the reader.

@@ -205,3 +205,36 @@ def test_any_string_bytes_survive_decode_then_encode(name: bytes, query: bytes) 
     status = codec.frame(b"S", name + b"\x00" + query + b"\x00")
     t, body = unframe(status)
     assert codec.encode_backend(codec.decode_backend(t, body)) == status
+
+
+def _decodes(t: int, body: bytes) -> bool:
+    try:
+        codec.decode_frontend(t, body)
+    except codec.CodecError:
+        return False
+    return True
+
+
+def _checks(t: int, body: bytes) -> bool:
+    framed = b"??" + body + b"??"  # the checker works on a slice of a larger buffer
+    try:
+        codec.check_frontend(t, framed, 2, 2 + len(body))
+    except codec.CodecError:
+        return False
+    return True
+
+
+@given(frontend_messages)
+def test_the_fast_path_checker_accepts_every_valid_message(msg: m.FrontendMessage) -> None:
+    t, body = unframe(codec.encode_frontend(msg))
+    assert _checks(t, body)
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_the_fast_path_checker_refuses_what_the_decoder_refuses(data: st.DataObject) -> None:
+    """check_frontend (fast path, no objects built) and decode_frontend (full model) agree on near-valid
+    and arbitrary bodies, so both relay modes refuse the same malformed messages."""
+    t, body = unframe(codec.encode_frontend(data.draw(frontend_messages)))
+    body = data.draw(st.one_of(mutated(body), st.binary(max_size=40)))
+    assert _checks(t, body) == _decodes(t, body)
