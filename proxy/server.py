@@ -122,11 +122,12 @@ class ProxyServer:
                 self.config.source_path, fds, self.overrides.get("upstream"), self.config.sessions.workers
             )
             self.metrics.exposed = self.supervisor.attach(self.metrics.registry)
-            await self.supervisor.start()
         if self.config.admin.listen is not None:
             app = build_admin_app(self.metrics, self.readiness, version=__version__)
             self._admin = await start_admin_server(app, self.config.admin.listen.host, self.config.admin.listen.port)
             log.info("admin server on %s:%d", self.config.admin.listen.host, self._admin.port)
+        if self.supervisor is not None:
+            await self.supervisor.start()  # last: by the time workers run, the admin port answers
 
     async def _flush_metrics_periodically(self) -> None:
         while True:
@@ -163,12 +164,16 @@ class ProxyServer:
     def request_stop(self) -> None:
         self._stopping.set()
 
-    async def serve_until_stopped(self) -> None:
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT stop, SIGHUP reloads. Installed before anything starts, so a signal that arrives
+        while the proxy is still starting (binding, starting workers) is handled, not fatal."""
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signal.SIGTERM, self.request_stop)
             loop.add_signal_handler(signal.SIGINT, self.request_stop)
             loop.add_signal_handler(signal.SIGHUP, self.reload)
+
+    async def serve_until_stopped(self) -> None:
         await self._stopping.wait()
         await self.shutdown()
 
@@ -250,5 +255,6 @@ async def run(
     listen_fds: Sequence[int] = (),
 ) -> None:
     server = ProxyServer(config, overrides=overrides, worker_metrics_fd=worker_metrics_fd, listen_fds=listen_fds)
+    server.install_signal_handlers()
     await server.start()
     await server.serve_until_stopped()
