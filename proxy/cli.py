@@ -50,10 +50,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
     if args.listen:
         overrides["listen"] = args.listen if len(args.listen) > 1 else args.listen[0]
-        # (a worker gets the supervisor's bound addresses, one --listen each)
     if args.upstream:
         overrides["upstream"] = args.upstream
     config = _load(args, overrides)
+    if args.worker and (args.metrics_fd is None or args.handoff_fd is None):
+        raise SystemExit("pgveil serve --worker is started by a supervisor (sessions.workers), not by hand")
     if args.worker:
         # A worker of a supervisor (sessions.workers): the supervisor alone serves the admin API.
         config = dataclasses.replace(config, admin=dataclasses.replace(config.admin, listen=None))
@@ -66,8 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         lambda: run(
             config,
             overrides,
-            worker_metrics_fd=args.metrics_fd if args.worker else None,
-            listen_fds=args.listen_fd or () if args.worker else (),
+            worker_fds=(args.metrics_fd, args.handoff_fd) if args.worker else None,
         )
     )
     return 0
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--upstream", metavar="HOST:PORT", help="override `upstream.host` and `upstream.port`")
     s.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     s.add_argument("--metrics-fd", type=int, default=None, help=argparse.SUPPRESS)
-    s.add_argument("--listen-fd", type=int, action="append", help=argparse.SUPPRESS)
+    s.add_argument("--handoff-fd", type=int, default=None, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("check", help="validate a configuration file and print every error")

@@ -13,7 +13,7 @@ import itertools
 import logging
 import signal
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from proxy.errors import ConfigError
 from proxy.logsetup import setup_logging
 from proxy.session import ClientProtocol, Session, SessionSettings
 from proxy.tls import client_leg_context, first_certificate_der, upstream_settings
-from proxy.workers import Supervisor, report_metrics
+from proxy.workers import Supervisor, WorkerChannel
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +62,18 @@ class ProxyServer:
         metrics: Metrics | None = None,
         overrides: Mapping[str, Any] | None = None,
         *,
-        worker_metrics_fd: int | None = None,
-        listen_fds: Sequence[int] = (),
+        worker_fds: tuple[int, int] | None = None,
     ) -> None:
         self.config = config
-        self.listen_fds = list(listen_fds)  # a worker: the supervisor's listening sockets
-        # A worker process (``pgveil serve --worker``): no admin server, metrics go to the supervisor.
-        self.worker_metrics_fd = worker_metrics_fd
+        # A worker process (``pgveil serve --worker``): no listening socket and no admin server; clients
+        # arrive from the supervisor and reports go back to it over these (report pipe, hand-off socket).
+        self.worker_fds = worker_fds
+        self.channel: WorkerChannel | None = None
         self.supervisor: Supervisor | None = None
+        self._listening: list[socket.socket] = []  # a supervisor's own accept loops
+        self._accepting: list[asyncio.Task[None]] = []
+        self._adopting: set[asyncio.Task[None]] = set()
+        self._starting = 0  # connections adopted whose session does not exist yet
         self.overrides = dict(overrides or {})  # command-line settings that also hold after a reload
         self.metrics = metrics or Metrics(version=__version__)
         self.settings = session_settings(config)
@@ -81,7 +85,6 @@ class ProxyServer:
         self.shutting_down = False
         self.bound: list[tuple[str, int]] = []
         self._flusher: asyncio.Task[None] | None = None
-        self._reporter: asyncio.Task[None] | None = None
         self.encryption: EncryptionRuntime | None = None
         if config.protects_anything:
             self.encryption = EncryptionRuntime(config)
@@ -91,41 +94,47 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         if self.encryption is not None:
             await self.encryption.start()
-        if self.listen_fds:
-            # A worker accepts on the supervisor's listening sockets: whichever process is free accepts
-            # the next client, so a busy worker does not get more than its share.
-            for fd in self.listen_fds:
-                sock = socket.socket(fileno=fd)
-                srv = await loop.create_server(lambda: ClientProtocol(self._new_session), sock=sock, backlog=1024)
-                self._servers.append(srv)
-        for hp in () if self.listen_fds else self.config.listen:
-            srv = await loop.create_server(
-                lambda: ClientProtocol(self._new_session), hp.host, hp.port, reuse_address=True, backlog=1024
-            )
-        for srv in self._servers:
-            for sock in srv.sockets:
-                addr = sock.getsockname()
-                self.bound.append((str(addr[0]), int(addr[1])))
-        log.info("listening on %s, upstream %s", ", ".join(f"{h}:{p}" for h, p in self.bound),
-                 self.settings.upstream_address)  # fmt: skip
-        self._flusher = asyncio.get_running_loop().create_task(self._flush_metrics_periodically())
-        if self.worker_metrics_fd is not None:
-            self._reporter = loop.create_task(
-                report_metrics(self.metrics.registry, self.worker_metrics_fd, self.request_stop)
-            )
+        self._flusher = loop.create_task(self._flush_metrics_periodically())
+        if self.worker_fds is not None:
+            report_fd, handoff_fd = self.worker_fds
+            self.channel = WorkerChannel(self.metrics.registry, report_fd, handoff_fd, self._adopt, self.request_stop)
+            await self.channel.start()
+            log.info("worker serving clients of its supervisor, upstream %s", self.settings.upstream_address)
             return
         if self.config.sessions.workers > 1:
             if self.config.source_path is None:
                 raise ValueError("sessions.workers > 1 needs a configuration file")
-            fds = [sock.fileno() for srv in self._servers for sock in srv.sockets]
             self.supervisor = Supervisor(
-                self.config.source_path, fds, self.overrides.get("upstream"), self.config.sessions.workers
+                self.config.source_path,
+                self.overrides.get("upstream"),
+                self.config.sessions.workers,
+                on_balance=self._balance_changed,
             )
             self.metrics.exposed = self.supervisor.attach(self.metrics.registry)
+        # The admin port opens before the listen port, so a client that can connect finds it answering.
         if self.config.admin.listen is not None:
             app = build_admin_app(self.metrics, self.readiness, version=__version__)
             self._admin = await start_admin_server(app, self.config.admin.listen.host, self.config.admin.listen.port)
             log.info("admin server on %s:%d", self.config.admin.listen.host, self._admin.port)
+        if self.supervisor is not None:
+            # Accepting here, not in an asyncio.Server: each client is placed before a byte is read.
+            for hp in self.config.listen:
+                for sock in listening_sockets(hp.host, hp.port):
+                    self._listening.append(sock)
+                    self._accepting.append(loop.create_task(self._accept_loop(sock)))
+            self._balance_changed()
+        else:
+            for hp in self.config.listen:
+                srv = await loop.create_server(
+                    lambda: ClientProtocol(self._new_session), hp.host, hp.port, reuse_address=True, backlog=1024
+                )
+                self._servers.append(srv)
+        socks = [*self._listening, *(sock for srv in self._servers for sock in srv.sockets)]
+        for sock in socks:
+            addr = sock.getsockname()
+            self.bound.append((str(addr[0]), int(addr[1])))
+        log.info("listening on %s, upstream %s", ", ".join(f"{h}:{p}" for h, p in self.bound),
+                 self.settings.upstream_address)  # fmt: skip
         if self.supervisor is not None:
             await self.supervisor.start()  # last: by the time workers run, the admin port answers
 
@@ -150,15 +159,97 @@ class ProxyServer:
         s = self.settings
         return await upstream_reachable(s.upstream_host, s.upstream_port, timeout=min(s.connect_timeout, 2.0))
 
+    # -- clients ---------------------------------------------------------------------------------------
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as exc:  # out of file descriptors, a connection reset before accept()
+                log.error("accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            self._place(conn)
+
+    def _place(self, conn: socket.socket) -> None:
+        """A supervisor's choice for a new client: the process with the fewest sessions. Clients over the
+        limit, and any a worker cannot take, are served (or refused) here."""
+        sup = self.supervisor
+        assert sup is not None
+        if (
+            not self.shutting_down
+            and self._local_load() + sup.worker_sessions() < self.config.sessions.max_client_connections
+        ):
+            link = sup.pick(self._local_load())
+            if link is not None and sup.hand_off(link, conn):
+                conn.close()  # the worker holds its own descriptor now
+                return
+        self._adopt(conn)
+
+    def _adopt(self, conn: socket.socket) -> None:
+        """Serves an accepted connection in this process."""
+
+        async def adopt() -> None:
+            try:
+                await asyncio.get_running_loop().connect_accepted_socket(
+                    lambda: ClientProtocol(self._new_adopted_session), conn
+                )
+            except OSError as exc:  # the client left already
+                log.debug("could not serve an accepted connection: %s", exc)
+                self._starting -= 1
+                conn.close()
+                if self.channel is not None:
+                    self.channel.session_closed()
+
+        # Counted until its session exists (connection_made may come a loop iteration after the await).
+        self._starting += 1
+
+        task = asyncio.get_running_loop().create_task(adopt())
+        self._adopting.add(task)
+        task.add_done_callback(self._adopting.discard)
+
+    def _local_load(self) -> int:
+        """Sessions served here, counting clients accepted but not yet started (a burst of connections
+        arrives before the first session exists)."""
+        return len(self.sessions) + self._starting
+
+    def _new_adopted_session(self, transport: asyncio.Transport) -> Session:
+        self._starting -= 1
+        return self._new_session(transport)
+
+    def _session_count(self) -> int:
+        """Sessions of every process (a worker knows only its own; the supervisor enforces the limit)."""
+        return len(self.sessions) + (self.supervisor.worker_sessions() if self.supervisor is not None else 0)
+
+    def _balance_changed(self, _workers: Mapping[int, int] | None = None) -> None:
+        """``pgveil_process_sessions``: how the supervisor (process 0) and each worker are loaded."""
+        sup = self.supervisor
+        if sup is None:
+            return
+        counts = dict.fromkeys(range(sup.count), 0)
+        counts[0] = len(self.sessions)
+        for slot, link in sup.links.items():
+            counts[slot] = link.sessions
+        self.metrics.set_process_sessions(counts)
+
+    def _session_closed(self, session: Session) -> None:
+        self.sessions.discard(session)
+        if self.channel is not None:
+            self.channel.session_closed()
+        elif self.supervisor is not None:
+            self._balance_changed()
+
     def _new_session(self, transport: asyncio.Transport) -> Session:
         sid = next(self._ids)
-        session = Session(sid, transport, self.settings, self.metrics, self.sessions.discard, self.encryption)
-        if self.shutting_down or len(self.sessions) >= self.config.sessions.max_client_connections:
+        session = Session(sid, transport, self.settings, self.metrics, self._session_closed, self.encryption)
+        if self.shutting_down or self._session_count() >= self.config.sessions.max_client_connections:
             reason = "pgveil is shutting down" if self.shutting_down else "sorry, too many clients already"
             code = "57P03" if self.shutting_down else "53300"
             session.reject(code, reason)
             return session
         self.sessions.add(session)
+        if self.supervisor is not None:
+            self._balance_changed()
         return session
 
     def request_stop(self) -> None:
@@ -182,6 +273,12 @@ class ProxyServer:
         self.shutting_down = True
         for srv in self._servers:
             srv.close()
+        for task in self._accepting:
+            task.cancel()
+        for sock in self._listening:
+            sock.close()
+        if self.channel is not None:
+            self.channel.stop_taking_clients()
         stopping_workers = None
         if self.supervisor is not None:
             stopping_workers = asyncio.get_running_loop().create_task(
@@ -204,9 +301,9 @@ class ProxyServer:
             await stopping_workers
         if self._flusher is not None:
             self._flusher.cancel()
-        if self._reporter is not None:
+        if self.channel is not None:
             self.flush_all_metrics()
-            self._reporter.cancel()
+            self.channel.close()
         if self.encryption is not None:
             await self.encryption.stop()
         if self._admin is not None:
@@ -247,14 +344,40 @@ class ProxyServer:
         log.info("configuration reloaded from %s", Path(path))
 
 
+def listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """Non-blocking listening sockets for every address ``host`` resolves to (as asyncio's create_server
+    binds them: SO_REUSEADDR, IPv6 sockets IPv6-only)."""
+    socks: list[socket.socket] = []
+    seen: set[tuple[Any, ...]] = set()
+    try:
+        for family, kind, proto, _, addr in socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        ):
+            if (family, *addr[:2]) in seen:
+                continue
+            seen.add((family, *addr[:2]))
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(1024)
+            sock.setblocking(False)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
 async def run(
     config: Config,
     overrides: Mapping[str, Any] | None = None,
     *,
-    worker_metrics_fd: int | None = None,
-    listen_fds: Sequence[int] = (),
+    worker_fds: tuple[int, int] | None = None,
 ) -> None:
-    server = ProxyServer(config, overrides=overrides, worker_metrics_fd=worker_metrics_fd, listen_fds=listen_fds)
+    server = ProxyServer(config, overrides=overrides, worker_fds=worker_fds)
     server.install_signal_handlers()
     await server.start()
     await server.serve_until_stopped()

@@ -87,6 +87,13 @@ class Metrics:
         # -- sessions -----------------------------------------------------------------------------------
         self.sessions_active = Gauge("pgveil_sessions_active", "Client sessions open now.", registry=r)
         self.sessions = Counter("pgveil_sessions_total", "Client sessions accepted.", registry=r)
+        # Only with sessions.workers > 1; label values are process numbers below that setting's bound.
+        self.process_sessions = Gauge(
+            "pgveil_process_sessions",
+            "Client sessions open now per serving process (0: the supervisor, 1..: its workers).",
+            ["process"],
+            registry=r,
+        )
         self.session_duration = Histogram(
             "pgveil_session_duration_seconds",
             "Time from accepting a client connection to closing it.",
@@ -192,6 +199,10 @@ class Metrics:
     def session_started(self) -> None:
         self.sessions.inc()
         self.sessions_active.inc()
+
+    def set_process_sessions(self, counts: dict[int, int]) -> None:
+        for process, n in counts.items():
+            self.process_sessions.labels(process=str(process)).set(n)
 
     def session_ended(self, duration_seconds: float) -> None:
         self.sessions_active.dec()
