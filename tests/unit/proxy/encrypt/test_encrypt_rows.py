@@ -7,13 +7,28 @@ that names the column rather than in a value the client would take for data.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from keymgmt.envelope import DataKey, KeyState, _seal_with_nonce, column_associated_data
-from proxy.encrypt.rows import ColumnOutput, RowDecryptError, RowPlan, rewrite_data_row, rewrite_value_text
+from keymgmt.envelope import DataKey, KeyState, _seal_with_nonce, column_associated_data, open_envelope, seal
+from proxy.encrypt import rows
+from proxy.encrypt.engine import ColumnCrypto
+from proxy.encrypt.rows import (
+    ColumnOutput,
+    KeyLookup,
+    RowDecryptError,
+    RowPlan,
+    rewrite_data_row,
+    rewrite_data_rows,
+    rewrite_value_text,
+)
 from proxy.pgtypes import SessionFormat, codec_for
+from proxy.pgtypes.bytea import BYTEA
 from proxy.protocol.codec import CodecError
 from proxy.rewrite.catalog import ProtectedColumn
 
@@ -270,3 +285,302 @@ def test_row_shorter_than_its_column_count_is_refused() -> None:
     for body in (data_row(SSN_VECTOR, b"abc")[:-5], b"\x00"):  # last length cut short; not even a count
         with pytest.raises(CodecError, match="malformed DataRow"):
             rewrite_data_row(body, plan, KEYS.get, FMT)
+
+
+# -- the batch form and its two loops -----------------------------------------------------------------
+# rewrite_data_rows picks a fast loop when every protected column comes as a raw envelope and goes out as
+# its canonical bytes, and a general loop otherwise. Both are called directly here on the same plans, and
+# must agree with an independent oracle (keymgmt's open_envelope and the type's codec), with the row-at-a-
+# time form, and with each other on every error.
+
+Outcome = bytes | tuple[str, ...]
+
+
+def real_output(col: ProtectedColumn, *, server_binary: bool, client_binary: bool) -> ColumnOutput:
+    """As the engine builds it (identity for text types to a UTF8 client)."""
+    cc = ColumnCrypto(col, codec_for(col.declared_type), column_associated_data(col.column_id))
+    return cc.output(server_binary=server_binary, client_binary=client_binary, fmt=FMT)
+
+
+def frame(*bodies: bytes) -> bytes:
+    return b"".join(b"D" + struct.pack("!I", len(b) + 4) + b for b in bodies)
+
+
+def loops(data: bytes, plan: RowPlan, keys: KeyLookup = lookup, *, end: int | None = None) -> list[Outcome]:
+    """The outcome of each loop that can run ``plan`` (the fast one only where the plan allows it)."""
+    _, steps, fast = rows._compile(plan)
+    stop = len(data) if end is None else end
+    runs: list[Callable[[], bytes]] = [lambda: rows._rewrite_general(data, 0, stop, plan, steps, keys, FMT, {})]
+    if fast is not None:
+        runs.append(lambda: rows._rewrite_fast(data, 0, stop, plan, fast, keys, {}))
+    outcomes: list[Outcome] = []
+    for run in runs:
+        try:
+            outcomes.append(run())
+        except RowDecryptError as e:
+            outcomes.append(("refused", e.column.column_id, e.reason))
+        except struct.error:
+            outcomes.append(("malformed",))
+    return outcomes
+
+
+def single(body: bytes, plan: RowPlan, keys: KeyLookup = lookup) -> Outcome:
+    try:
+        return frame(rewrite_data_row(body, plan, keys, FMT))
+    except RowDecryptError as e:
+        return ("refused", e.column.column_id, e.reason)
+    except CodecError:
+        return ("malformed",)
+
+
+FAST_PLAN: RowPlan = (
+    None,
+    real_output(SSN, server_binary=True, client_binary=False),
+    real_output(EMAIL, server_binary=True, client_binary=True),
+    None,
+)
+GENERAL_PLAN: RowPlan = (
+    None,
+    real_output(SSN, server_binary=False, client_binary=False),
+    real_output(SCORE, server_binary=True, client_binary=True),
+    None,
+    real_output(EMAIL, server_binary=False, client_binary=False),
+)
+
+
+def test_the_fast_loop_is_chosen_only_for_raw_envelopes_to_canonical_bytes() -> None:
+    assert rows._compile(FAST_PLAN)[2] is not None
+    assert rows._compile(GENERAL_PLAN)[2] is None
+    assert rows._compile((real_output(SSN, server_binary=False, client_binary=False),))[2] is None
+    assert rows._compile((real_output(SCORE, server_binary=True, client_binary=False),))[2] is None
+    latin1 = ColumnCrypto(SSN, codec_for("text"), column_associated_data(SSN.column_id))
+    to_latin1 = latin1.output(server_binary=True, client_binary=False, fmt=SessionFormat(client_encoding="LATIN1"))
+    assert rows._compile((to_latin1,))[2] is None
+
+
+def envelope_of(value: bytes | None, out: ColumnOutput) -> bytes:
+    assert value is not None
+    return value if out.server_binary else bytes.fromhex(value[2:].decode("ascii"))
+
+
+def expected_value(stored_value: bytes, out: ColumnOutput) -> bytes:
+    canonical = open_envelope(KEYS.__getitem__, envelope_of(stored_value, out), out.associated)
+    return out.codec.to_binary(canonical, FMT) if out.client_binary else out.codec.to_text(canonical, FMT)
+
+
+_PLAIN_TEXT = st.text(st.characters(codec="utf-8", blacklist_characters="\x00"), max_size=12)
+_LONG_TEXT = st.integers(1000, 1100).map(lambda n: "é" * (n // 2) + "x" * (n % 2))  # around the length table's end
+
+
+@st.composite
+def plans_and_rows(draw: st.DrawFn) -> tuple[RowPlan, list[list[bytes | None]], list[list[bytes | None]]]:
+    """A plan, rows as the server sends them, and the same rows as the client must get them."""
+    fast = draw(st.booleans())
+    plan: list[ColumnOutput | None] = []
+    for _ in range(draw(st.integers(1, 6))):
+        if draw(st.integers(0, 2)) == 0:
+            plan.append(None)
+            continue
+        col = draw(st.sampled_from([SSN, EMAIL] if fast else [SSN, EMAIL, SCORE]))
+        server_binary = True if fast else draw(st.booleans())
+        plan.append(real_output(col, server_binary=server_binary, client_binary=draw(st.booleans())))
+    if all(out is None for out in plan):
+        plan.append(real_output(SSN, server_binary=True, client_binary=False))
+    stored_rows: list[list[bytes | None]] = []
+    client_rows: list[list[bytes | None]] = []
+    for _ in range(draw(st.integers(1, 5))):
+        stored_row: list[bytes | None] = []
+        client_row: list[bytes | None] = []
+        for out in plan:
+            if draw(st.integers(0, 4)) == 0:
+                stored_row.append(None)
+                client_row.append(None)
+            elif out is None:
+                value = draw(st.binary(max_size=80))
+                stored_row.append(value)
+                client_row.append(value)
+            else:
+                if out.column == SCORE:
+                    key, canonical = SCORE_KEY, draw(st.integers(-(2**31), 2**31 - 1)).to_bytes(4, "big", signed=True)
+                else:
+                    key, canonical = SSN_KEY, draw(st.one_of(_PLAIN_TEXT, _LONG_TEXT)).encode()
+                value = stored(seal(key, canonical, out.associated), server_binary=out.server_binary)
+                stored_row.append(value)
+                client_row.append(expected_value(value, out))
+        stored_rows.append(stored_row)
+        client_rows.append(client_row)
+    return tuple(plan), stored_rows, client_rows
+
+
+@settings(max_examples=300, deadline=None)
+@given(plans_and_rows())
+def test_both_loops_batch_and_single_row_forms_agree_with_the_oracle(
+    case: tuple[RowPlan, list[list[bytes | None]], list[list[bytes | None]]],
+) -> None:
+    plan, stored_rows, client_rows = case
+    bodies = [data_row(*r) for r in stored_rows]
+    expected = frame(*(data_row(*r) for r in client_rows))
+    data = b"!!" + frame(*bodies) + b"??"  # a run inside a larger buffer: only data[start:end] is touched
+    assert rewrite_data_rows(data, 2, len(data) - 2, plan, lookup, FMT, {}) == expected
+    assert b"".join(single(body, plan) for body in bodies) == expected  # type: ignore[misc]
+    outcomes = loops(frame(*bodies), plan)
+    assert outcomes == [expected] * len(outcomes)
+
+
+def test_a_run_of_rows_without_a_value_to_open_is_returned_as_it_is() -> None:
+    data = frame(data_row(b"1", None, None, b"x"), data_row(None, None, None, None))
+    assert loops(data, FAST_PLAN) == [data, data]
+    body = data_row(b"1", None, None, b"x")
+    assert rewrite_data_row(body, FAST_PLAN, lookup, FMT) is body
+
+
+def _good_row(plan: RowPlan, i: int) -> list[bytes | None]:
+    values: list[bytes | None] = []
+    for out in plan:
+        if out is None:
+            values.append(b"%d" % i)
+        elif out.column == SCORE:
+            values.append(stored(score_envelope(), server_binary=out.server_binary))
+        else:
+            envelope = seal(SSN_KEY, b"value %d" % i, out.associated)
+            values.append(stored(envelope, server_binary=out.server_binary))
+    return values
+
+
+def _flip(envelope: bytes, position: int) -> bytes:
+    tampered = bytearray(envelope)
+    tampered[position] ^= 0x01
+    return bytes(tampered)
+
+
+FAULTS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
+    "tag": (lambda e: _flip(e, len(e) - 1), "the value failed authentication"),
+    "ciphertext": (lambda e: _flip(e, 32), "the value failed authentication"),
+    "nonce": (lambda e: _flip(e, 25), "the value failed authentication"),
+    "key id": (lambda e: _flip(e, 10), "the value's data key is unknown or destroyed"),
+    "version": (lambda e: _flip(e, 2), "the stored value is not an envelope"),
+    "magic": (lambda e: b"XV" + e[2:], "the stored value is not an envelope"),
+    "too short": (lambda e: e[:47], "the stored value is not an envelope"),
+}
+
+
+@pytest.mark.parametrize("plan", [FAST_PLAN, GENERAL_PLAN], ids=["fast-plan", "general-plan"])
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_fault_at_every_position_is_refused_naming_its_column_by_both_loops(plan: RowPlan, fault: str) -> None:
+    damage, reason = FAULTS[fault]
+    good = [_good_row(plan, i) for i in range(3)]
+    for r in range(3):
+        for c, out in enumerate(plan):
+            if out is None:
+                continue
+            bad = [list(row) for row in good]
+            bad[r][c] = stored(damage(envelope_of(bad[r][c], out)), server_binary=out.server_binary)
+            bodies = [data_row(*row) for row in bad]
+            refusal = ("refused", out.column.column_id, reason)
+            assert single(bodies[r], plan) == refusal, (r, c)
+            outcomes = loops(frame(*bodies), plan)
+            assert outcomes == [refusal] * len(outcomes), (r, c)
+
+
+@pytest.mark.parametrize("plan", [FAST_PLAN, GENERAL_PLAN], ids=["fast-plan", "general-plan"])
+def test_a_value_moved_to_another_column_is_refused_by_both_loops(plan: RowPlan) -> None:
+    (_, first), *_, (_, last) = [(c, out) for c, out in enumerate(plan) if out is not None]
+    assert first is not None
+    assert last is not None
+    row = _good_row(plan, 0)
+    moved = list(row)
+    moved[plan.index(last)] = stored(envelope_of(row[plan.index(first)], first), server_binary=last.server_binary)
+    refusal = ("refused", last.column.column_id, "the value failed authentication")
+    outcomes = loops(frame(data_row(*_good_row(plan, 1)), data_row(*moved)), plan)
+    assert outcomes == [refusal] * len(outcomes)
+
+
+def _shapes(plan: RowPlan) -> dict[str, bytes]:
+    """Row bodies that do not fit ``plan`` (the plan's last column is unprotected, the one before it not)."""
+    row = _good_row(plan, 7)
+    good = data_row(*row)
+    last_protected = max(c for c, out in enumerate(plan) if out is not None)
+    cut_value = list(row)
+    value = cut_value[last_protected]
+    assert value is not None
+    prefix = data_row(*row[:last_protected])[2:]
+    return {
+        "fewer columns": data_row(*row[:-1]),
+        "more columns": data_row(*row, b"extra"),
+        "trailing byte": good + b"\x00",
+        "last value cut short": good[:-1],
+        "last length cut short": good[: -len(row[-1] or b"") - 2],
+        "protected value runs past the row": struct.pack("!h", len(plan))
+        + prefix
+        + struct.pack("!i", len(value) + 1)
+        + value,
+        "count only": struct.pack("!h", len(plan)),
+        "no count": b"\x00",
+        "empty": b"",
+    }
+
+
+@pytest.mark.parametrize("plan", [FAST_PLAN, GENERAL_PLAN], ids=["fast-plan", "general-plan"])
+def test_a_row_that_does_not_fit_gets_the_same_error_alone_and_between_other_rows(plan: RowPlan) -> None:
+    """A bad row in a run must be judged on its own bytes: the loops read lengths ahead without a bound,
+    so the row after it must neither hide nor change the error (malformed message vs. row that does not
+    match its description)."""
+    before, after = data_row(*_good_row(plan, 1)), data_row(*_good_row(plan, 2))
+    seen = set()
+    for name, body in _shapes(plan).items():
+        alone = single(body, plan)
+        assert not isinstance(alone, bytes), name
+        seen.add(alone[0])
+        outcomes = loops(frame(before, body, after), plan)
+        assert outcomes == [alone] * len(outcomes), name
+    assert seen == {"refused", "malformed"}
+
+
+@pytest.mark.parametrize("plan", [FAST_PLAN, GENERAL_PLAN], ids=["fast-plan", "general-plan"])
+def test_a_run_with_a_foreign_or_cut_message_is_malformed(plan: RowPlan) -> None:
+    good = frame(data_row(*_good_row(plan, 1)))
+    malformed: list[Outcome] = [("malformed",)]
+    assert loops(good + b"C" + good[1:], plan) == malformed * len(loops(good, plan))  # not a DataRow
+    assert loops(good + good, plan, end=len(good) * 2 - 1) == malformed * len(loops(good, plan))  # past the end
+    assert loops(good + b"D\x00\x00\x00\x05\x00", plan) == malformed * len(loops(good, plan))  # no room for a count
+    with pytest.raises(CodecError, match="malformed DataRow"):
+        rewrite_data_rows(good + good, 0, len(good) * 2 - 1, plan, lookup, FMT, {})
+
+
+def test_a_fixed_width_type_is_checked_even_when_marked_identity() -> None:
+    """``identity`` is honoured only for variable-width types: a canonical int4 always has its width
+    checked and goes through its codec."""
+    out = ColumnOutput(SCORE, codec_for("integer"), column_associated_data(SCORE.column_id), True, False, True)
+    as_int8 = sealed(SCORE, SCORE_KEY, (1 << 40).to_bytes(8, "big", signed=True))
+    assert_refused(data_row(as_int8), (out,), SCORE)
+    assert rewrite_data_row(data_row(score_envelope()), (out,), lookup, FMT) == data_row(b"42")
+
+
+def test_escape_format_bytea_text_is_opened() -> None:
+    """A session with ``bytea_output = escape`` gets envelopes in escape format in text results."""
+    plan: RowPlan = (real_output(SSN, server_binary=False, client_binary=False),)
+    escaped = BYTEA.to_text(SSN_VECTOR, SessionFormat(bytea_output="escape"))
+    assert not escaped.startswith(b"\\x")
+    assert rewrite_data_row(data_row(escaped), plan, lookup, FMT) == data_row(SSN_PLAINTEXT)
+    assert_refused(data_row(b"\\x" + SSN_VECTOR[:10].hex().encode() + b" " + SSN_VECTOR[10:].hex().encode()), plan, SSN)
+
+
+def test_memo_keeps_enabled_keys_only_and_follows_the_plan() -> None:
+    """A refused key is not remembered (it may be fetched or enabled later); a plan change recompiles."""
+    memo: dict[bytes, Any] = {}
+    body = data_row(b"1", SSN_VECTOR, None, b"x")
+    known: dict[bytes, DataKey] = {}
+    with pytest.raises(RowDecryptError, match="unknown or destroyed"):
+        rewrite_data_row(body, FAST_PLAN, known.get, FMT, memo)
+    known[SSN_KEY_ID] = SSN_KEY.with_state(KeyState.DISABLED)
+    for _ in range(2):
+        with pytest.raises(RowDecryptError, match="disabled"):
+            rewrite_data_row(body, FAST_PLAN, known.get, FMT, memo)
+    known[SSN_KEY_ID] = SSN_KEY
+    assert rewrite_data_row(body, FAST_PLAN, known.get, FMT, memo) == data_row(b"1", SSN_PLAINTEXT, None, b"x")
+    assert set(memo) == {b"", SSN_VECTOR[:20]}
+    del known[SSN_KEY_ID]  # remembered for this result: no second lookup
+    assert rewrite_data_row(body, FAST_PLAN, known.get, FMT, memo) == data_row(b"1", SSN_PLAINTEXT, None, b"x")
+    one_column: RowPlan = (real_output(SSN, server_binary=True, client_binary=False),)
+    assert rewrite_data_row(data_row(SSN_VECTOR), one_column, known.get, FMT, memo) == data_row(SSN_PLAINTEXT)
+    assert memo[b""][0] is one_column
