@@ -6,7 +6,10 @@ inflates exactly the small functions a proxy's hot path is made of. It records c
 (``--format raw``: ``frame;frame;...;leaf count`` per line, a frame being ``function (file:line)``),
 with idle samples left out, so the share of samples approximates the share of the process's CPU time.
 Without ``--native`` the time spent in C and Rust code (AES-GCM in ``cryptography``, ``bytes.fromhex``,
-uvloop's transport writes) is charged to the Python function that called it.
+uvloop's transport writes) is charged to the Python function that called it. py-spy counts a thread
+blocked in ``epoll_wait`` as busy: without ``--native`` that wait is charged to the event loop's run
+function (``Runner.run`` under uvloop); with ``--native`` it shows as its own leaf, and :func:`summarise`
+leaves those samples out of the shares (and counts them apart), so the shares are of real CPU time.
 
 Owns the py-spy command line and the parsing and summary of its output; parsing and summarising are
 pure. It must not start or stop the proxy, nor run workloads.
@@ -49,6 +52,17 @@ class ProfileSummary:
     samples: int
     functions: tuple[FunctionShare, ...]  # every function that appears, by self samples, descending
     areas: tuple[tuple[str, int], ...]  # (area, self samples), descending
+    idle_samples: int = 0  # blocked in the event loop's poll (native frames only), not in ``samples``
+
+
+# Native leaves in which a thread waits for I/O rather than runs: py-spy samples them as busy.
+IDLE_NATIVE_LEAVES = frozenset({"epoll_wait", "epoll_pwait", "epoll_pwait2", "poll", "ppoll", "select", "pselect6"})
+
+
+def is_idle_leaf(frame: str) -> bool:
+    """A native wait (``epoll_pwait (/usr/lib/…/libc.so.6)``); never a Python function of that name."""
+    name, _, location = frame.partition(" (")
+    return name in IDLE_NATIVE_LEAVES and ".py:" not in location
 
 
 def find_py_spy() -> Path | None:
@@ -156,8 +170,12 @@ def summarise(stacks: Mapping[Stack, int], roots: Sequence[str] = ()) -> Profile
     inclusive: Counter[str] = Counter()
     areas: Counter[str] = Counter()
     total = 0
+    idle = 0
     for stack, count in stacks.items():
         if not stack:
+            continue
+        if is_idle_leaf(stack[-1]):
+            idle += count
             continue
         frames = [shorten(f, roots) for f in stack]
         total += count
@@ -173,6 +191,7 @@ def summarise(stacks: Mapping[Stack, int], roots: Sequence[str] = ()) -> Profile
         samples=total,
         functions=tuple(functions),
         areas=tuple(sorted(areas.items(), key=lambda kv: (-kv[1], kv[0]))),
+        idle_samples=idle,
     )
 
 

@@ -44,6 +44,8 @@ class Row:
     cpu_us_per_tx: float | None
     idle_kib_per_conn: float | None
     notes: tuple[str, ...] = field(default=())
+    description: str = ""  # the workload's: what the row measures
+    ratio_baseline: str = ""  # "workload on target" that ``ratio`` divides by
 
 
 def _record_note(record: RunRecord) -> str:
@@ -88,6 +90,8 @@ def _row(workload: Workload, target: str, records: Sequence[RunRecord]) -> Row:
         cpu_us_per_tx=cpu_us,
         idle_kib_per_conn=statistics.median(idle) if idle else None,
         notes=tuple(notes),
+        description=workload.description,
+        ratio_baseline="{} on {}".format(*workload.ratio_baseline),
     )
 
 
@@ -147,6 +151,11 @@ def render_markdown(rows: Sequence[Row], meta: Mapping[str, str], skipped: Mappi
             _num(r.idle_kib_per_conn, 1) if r.idle_kib_per_conn is not None else "n/a",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    described: dict[str, Row] = {}
+    for r in rows:
+        described.setdefault(r.workload, r)
+    lines += ["", "Workloads (vs direct divides by the named run):"]
+    lines += [f"- {name}: {r.description}. Ratio over {r.ratio_baseline}." for name, r in described.items()]
     notes = [f"- {r.workload} / {r.target}: {n}" for r in rows for n in r.notes]
     notes += [f"- target {name} skipped: {_one_line(reason)}" for name, reason in skipped.items()]
     if notes:

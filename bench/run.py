@@ -8,23 +8,28 @@ Usage (from the repository root)::
     .venv/bin/python -m bench.run --duration 30 --rounds 5 --json results.json
     .venv/bin/python -m bench.run --profile            # where pgveil's CPU goes in wide-fetch-encrypted
 
-It starts a throwaway PostgreSQL cluster (:class:`proxy.devcluster.DevCluster`), loads ``pgbench -i -s
-10`` and the workloads' tables, starts the targets (``direct``: the cluster; ``pgveil``: ``pgveil serve``
-with a minimal config; ``pgveil-encrypted``: pgveil with a keystore and the ``*_enc`` tables' columns
-encrypted; ``pgbouncer``: session pooling, SCRAM, when installed) and runs every workload on each of
-its targets, interleaved: each round visits the targets in a rotated order, so drift of the machine
-during the run (thermal, page cache, autovacuum) falls on all targets alike. A target that cannot start
-is skipped with its reason and log tail. Everything is torn down at the end, on errors and on Ctrl-C
-(which still prints what was measured so far).
+It starts a throwaway PostgreSQL cluster (:class:`proxy.devcluster.DevCluster`) with PostgreSQL's default
+durability (``fsync``, ``synchronous_commit``, ``full_page_writes`` on), so a commit costs what it costs
+in production and a middleman's ratio on a write workload is measured against that; the ``*-async``
+insert workloads turn ``synchronous_commit`` off for their own sessions, the CPU-bound view. It loads
+``pgbench -i -s 10`` and the workloads' tables, starts the targets (``direct``: the cluster; ``pgveil``:
+``pgveil serve`` with a minimal config; ``pgveil-encrypted``: pgveil with a keystore and the ``*_enc``
+tables' columns encrypted; ``pgbouncer``: session pooling, SCRAM, when installed) and runs every
+workload on each of its targets, interleaved: each round visits the targets in a rotated order, so drift
+of the machine during the run (thermal, page cache, autovacuum) falls on all targets alike. A target that
+cannot start is skipped with its reason and log tail. Everything is torn down at the end, on errors and
+on Ctrl-C (which still prints what was measured so far).
 
 Columns: tx/s is the median over rounds; rows/s is tx/s times the rows each transaction fetches; p50/p99
 are per-transaction latencies from pgbench's transaction log over all rounds; failed counts failed
 transactions (expected 0); "vs direct" is the row's throughput over direct's on the same workload (the
-encrypted and pgcrypto rows divide by direct's plaintext counterpart: wide-fetch, insert-single); CPU
-µs/tx is the middleman's utime+stime over the runs divided by their transactions; KiB/idle conn is the
-middleman's RSS growth with 500 idle client connections, per connection. ``--only`` adds the workloads
-those ratios divide by, and the target they run on, so a ratio always compares runs of the same cluster
-and the same minutes.
+encrypted and pgcrypto rows divide by direct's plaintext counterpart: wide-fetch, insert-single,
+insert-single-async); CPU µs/tx is the middleman's utime+stime over the runs divided by their
+transactions; KiB/idle conn is the middleman's RSS growth with 500 idle client connections, per
+connection. The header lines name the server's durability settings as the server reports them; below
+the table, each workload's description says what its rows measure and what their ratio divides by.
+``--only`` adds the workloads those ratios divide by, and the target they run on, so a ratio always
+compares runs of the same cluster and the same minutes.
 
 ``--profile [WORKLOAD]`` prints no table: it runs one workload (default ``wide-fetch-encrypted``) once,
 for ``--duration`` seconds, on its pgveil target (or the one ``--targets`` names) under py-spy
@@ -64,7 +69,14 @@ from bench.profiling import (
     summarise,
 )
 from bench.report import RunRecord, aggregate, render_markdown, to_json
-from bench.targets import DirectTarget, PgbouncerTarget, PgveilTarget, Target, TargetUnavailable
+from bench.targets import (
+    ASYNC_COMMIT_ROLE,
+    DirectTarget,
+    PgbouncerTarget,
+    PgveilTarget,
+    Target,
+    TargetUnavailable,
+)
 from bench.workloads import (
     ALL_TARGETS,
     PGBENCH_SCALE,
@@ -83,6 +95,7 @@ QUICK_DURATION_S = 2
 QUICK_ROUNDS = 2
 PROFILE_DEFAULT_WORKLOAD = "wide-fetch-encrypted"
 PROFILABLE_TARGETS = ("pgveil-encrypted", "pgveil")
+DURABILITY_SETTINGS = ("fsync", "synchronous_commit", "full_page_writes", "wal_sync_method")
 CLUSTER_SETTINGS = {
     # 500 idle connections through a 1:1 middleman, plus pgbench and a margin.
     "max_connections": "700",
@@ -121,6 +134,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--profile-rate", type=int, default=DEFAULT_RATE_HZ, metavar="HZ", help="py-spy samples/s")
     p.add_argument("--profile-native", action="store_true", help="py-spy --native: show C and Rust frames too")
+    p.add_argument(
+        "--profile-raw", type=Path, metavar="FILE", help="also keep py-spy's collapsed stacks (flame graph input)"
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.duration is None:
@@ -171,6 +187,11 @@ def run_once(ctx: BenchContext, workload: Workload, target: Target, round_no: in
             return RunRecord(workload.name, target.name, round_no, None, 0.0, None, f"restart failed: {exc}")
     if workload.before_run is not None:
         workload.before_run(ctx)
+    if workload.check is not None:
+        try:
+            workload.check(ctx, target)
+        except BenchError as exc:
+            return RunRecord(workload.name, target.name, round_no, None, 0.0, None, str(exc))
     pids = target.middleman_pids()
     cpu_before = cpu_seconds(pids) if pids else None
     started = time.monotonic()
@@ -279,7 +300,7 @@ def _start_cluster(args: argparse.Namespace, stack: contextlib.ExitStack) -> tup
     stack.callback(shutil.rmtree, workdir, True)
     # Traversable by the unprivileged user PgBouncer runs as; its own files stay private to it.
     os.chmod(workdir, 0o711)
-    cluster = DevCluster(settings=CLUSTER_SETTINGS)
+    cluster = DevCluster(settings=CLUSTER_SETTINGS, durable=True)
     stack.callback(cluster.cleanup)
     log.info("starting PostgreSQL on 127.0.0.1:%d", cluster.port)
     cluster.start()
@@ -312,10 +333,26 @@ def _meta(
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{os.cpu_count()} CPUs, {_cpu_model()}, Linux {platform.release()}",
         "server": f"PostgreSQL {direct.version()}",
+        "durability": _durability(ctx),
         "clients": f"{pgbench_version(ctx.pgbench)}, asyncpg (idle-memory)",
         "targets": ", ".join(f"{t.name} ({t.version()})" for t in targets),
         "runs": f"{args.duration} s per run, {args.rounds} rounds interleaved, pgbench scale {PGBENCH_SCALE}",
     }
+
+
+def _durability(ctx: BenchContext) -> str:
+    """The server's durability settings as it reports them, not as we meant to set them."""
+    names = ", ".join(f"'{n}'" for n in DURABILITY_SETTINGS)
+    try:
+        out = ctx.cluster.psql(f"SELECT name, setting FROM pg_settings WHERE name IN ({names})")
+    except RuntimeError as exc:
+        return f"unknown ({exc})"
+    values = dict(line.split("|", 1) for line in out.splitlines() if "|" in line)
+    server = ", ".join(f"{n}={values.get(n, '?')}" for n in DURABILITY_SETTINGS)
+    return (
+        f"{server}; *-async workloads: synchronous_commit=off for their login role {ASYNC_COMMIT_ROLE}"
+        " (checked through the target before each run)"
+    )
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -378,6 +415,8 @@ def _profile(args: argparse.Namespace) -> int:
         (target,) = targets
         if workload.before_run is not None:
             workload.before_run(ctx)
+        if workload.check is not None:
+            workload.check(ctx, target)
         pids = target.middleman_pids()
         output = ctx.workdir / "py-spy.txt"
         log.info("profiling %s on %s (pid %d) for %d s", workload.name, target.name, pids[0], args.duration)
@@ -387,7 +426,10 @@ def _profile(args: argparse.Namespace) -> int:
             measurement = workload.run(ctx, target)
             elapsed = time.monotonic() - started
             cpu = cpu_seconds(pids) - cpu_before
-        summary = summarise(parse_collapsed(output.read_text()), repository_roots())
+        raw = output.read_text()
+        if args.profile_raw is not None:
+            args.profile_raw.write_text(raw)
+        summary = summarise(parse_collapsed(raw), repository_roots())
         meta = _meta(args, ctx, direct, [target])
         del meta["runs"]
         meta["workload"] = f"{workload.name}: {workload.description}"
@@ -395,9 +437,13 @@ def _profile(args: argparse.Namespace) -> int:
             f"{elapsed:.1f} s, {measurement.tps or 0:,.1f} tx/s under the profiler, {measurement.failed} failed"
         )
         meta["proxy CPU"] = f"{cpu:.2f} s ({100 * cpu / elapsed:.0f}% of one core)" if elapsed else "n/a"
+        if measurement.transactions:
+            meta["proxy CPU"] += f", {cpu / measurement.transactions * 1e6:.0f} µs per transaction"
+        idle = summary.idle_samples
         meta["py-spy"] = (
             f"{summary.samples} non-idle samples at {args.profile_rate} Hz"
             f" (~{summary.samples / args.profile_rate:.2f} s of CPU){', native frames' if args.profile_native else ''}"
+            + (f", {idle} samples waiting in the event loop's poll left out" if idle else "")
         )
     print(render_profile(summary, meta), end="")
     return 0

@@ -35,6 +35,13 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
+# The login role of the ``*-async`` workloads: its role default is ``synchronous_commit = off``
+# (:func:`bench.workloads.setup_async_role`). A role default rather than PGOPTIONS because PgBouncer
+# (``ignore_startup_parameters = options``) drops the startup ``options`` silently, while every
+# middleman starts the server session as this role, and PgBouncer's DISCARD ALL returns to its default.
+# A throwaway cluster's password, not a secret.
+ASYNC_COMMIT_ROLE = "bench_async"
+ASYNC_COMMIT_PASSWORD = "pgveil-bench-async"
 
 
 class TargetUnavailable(Exception):
@@ -397,7 +404,9 @@ class PgbouncerTarget:
         os.chmod(self._dir, 0o700)
         (self._dir / "pgbouncer.ini").write_text(self.config_text())
         # A plaintext entry lets PgBouncer do SCRAM both with the client and with the server.
-        (self._dir / "userlist.txt").write_text(f'"{SUPERUSER}" "{SUPERUSER_PASSWORD}"\n')
+        (self._dir / "userlist.txt").write_text(
+            f'"{SUPERUSER}" "{SUPERUSER_PASSWORD}"\n"{ASYNC_COMMIT_ROLE}" "{ASYNC_COMMIT_PASSWORD}"\n'
+        )
         user: str | None = None
         if os.geteuid() == 0:
             user = CLUSTER_OS_USER

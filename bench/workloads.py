@@ -12,11 +12,21 @@ with the rows of ``bench_wide``, so the stored values are real envelopes and the
 returns exactly what the plaintext one does. The encrypted workloads run only on that target and divide
 by the plaintext workload on ``direct`` (``baseline``); ``wide-fetch`` and ``insert-single`` also run on
 it, on their plaintext tables, which shows what the full statement model costs before any cryptography.
+
+Durability: the benchmark cluster runs with PostgreSQL's default durability (``fsync``,
+``synchronous_commit``, ``full_page_writes`` on), so ``insert-single`` and ``insert-encrypted`` commit
+the way production does: each commit waits for its WAL flush. That wait is part of what a client sees,
+so it is part of the ratio. The ``*-async`` twins run the same scripts as :data:`ASYNC_COMMIT_ROLE`, whose
+sessions have ``synchronous_commit = off``: commits do not wait for the disk, the server is CPU-bound,
+and the ratio shows what the middleman's own CPU costs. Before each async run, :func:`check_async_commit`
+asks the server, through the target, whether the session really has it off. The select-only and fetch
+workloads do not commit writes, so durability does not change them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import subprocess
 import time
@@ -29,7 +39,14 @@ import psycopg
 
 from bench.pgbench import BenchError, Endpoint, PgbenchRun, pgbench_init, run_pgbench
 from bench.procfs import rss_kib
-from bench.targets import PgveilEncrypted2Target, PgveilEncryptedTarget, Target, TargetUnavailable
+from bench.targets import (
+    ASYNC_COMMIT_PASSWORD,
+    ASYNC_COMMIT_ROLE,
+    PgveilEncrypted2Target,
+    PgveilEncryptedTarget,
+    Target,
+    TargetUnavailable,
+)
 from proxy.devcluster import DevCluster
 
 log = logging.getLogger(__name__)
@@ -84,6 +101,7 @@ class Measurement:
 
 RunFn = Callable[[BenchContext, Target], Measurement]
 SetupFn = Callable[[BenchContext], None]
+CheckFn = Callable[[BenchContext, Target], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +116,9 @@ class Workload:
     rows_per_tx: int | None = None
     max_rounds: int | None = None
     fresh_target: bool = False
+    # Before each run, outside the measured time: raises BenchError when the run would not measure
+    # what the description says (a session setting that did not reach the server).
+    check: CheckFn | None = None
 
     @property
     def ratio_baseline(self) -> tuple[str, str]:
@@ -145,8 +166,10 @@ def setup_insert(ctx: BenchContext) -> None:
 
 
 def truncate_insert(ctx: BenchContext) -> None:
-    """Every target starts from the same empty table, so none pays for another's index growth."""
-    _sql(ctx.cluster, "TRUNCATE bench_ins RESTART IDENTITY;")
+    """Every target starts from the same empty table, so none pays for another's index growth, and
+    right after a checkpoint, so every run writes the same full-page images and none inherits a
+    checkpoint that the WAL of an earlier run triggered."""
+    _sql(ctx.cluster, "TRUNCATE bench_ins RESTART IDENTITY;", "CHECKPOINT;")
 
 
 def encrypted_target(ctx: BenchContext, workers: int = 1) -> PgveilEncryptedTarget:
@@ -231,7 +254,39 @@ def setup_encrypted(ctx: BenchContext) -> None:
 
 
 def truncate_insert_encrypted(ctx: BenchContext) -> None:
-    _sql(ctx.cluster, "TRUNCATE bench_ins_enc RESTART IDENTITY;")
+    _sql(ctx.cluster, "TRUNCATE bench_ins_enc RESTART IDENTITY;", "CHECKPOINT;")
+
+
+def setup_async_role(ctx: BenchContext) -> None:
+    """The login role of the ``*-async`` workloads: ``synchronous_commit = off`` is its role default,
+    which the server applies when any middleman opens a session as it (see
+    :data:`bench.targets.ASYNC_COMMIT_ROLE`). Runs after the tables exist, and grants what inserting
+    needs, on whichever of them the encrypted setup left."""
+    _sql(
+        ctx.cluster,
+        f"CREATE ROLE {ASYNC_COMMIT_ROLE} LOGIN PASSWORD '{ASYNC_COMMIT_PASSWORD}';"
+        f"ALTER ROLE {ASYNC_COMMIT_ROLE} SET synchronous_commit = off;"
+        f"GRANT INSERT ON ALL TABLES IN SCHEMA public TO {ASYNC_COMMIT_ROLE};"
+        f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {ASYNC_COMMIT_ROLE};",
+    )
+
+
+def async_endpoint(endpoint: Endpoint) -> Endpoint:
+    """``endpoint`` logged in as the async-commit role."""
+    return dataclasses.replace(endpoint, user=ASYNC_COMMIT_ROLE, password=ASYNC_COMMIT_PASSWORD)
+
+
+def check_async_commit(ctx: BenchContext, target: Target) -> None:
+    """The server, asked through ``target`` as the async-commit role, must say ``synchronous_commit`` is
+    off: otherwise the row would be labelled CPU-bound and measure the disk."""
+    try:
+        with _connect(async_endpoint(target.endpoint)) as conn:
+            row = conn.execute("SHOW synchronous_commit").fetchone()
+    except psycopg.Error as exc:
+        raise BenchError(f"cannot ask the server through {target.name}: {type(exc).__name__}: {exc}") from None
+    value = str(row[0]) if row else "(no answer)"
+    if value != "off":
+        raise BenchError(f"synchronous_commit is {value!r}, not 'off', for {ASYNC_COMMIT_ROLE} through {target.name}")
 
 
 def _iv_args() -> str:
@@ -290,8 +345,16 @@ def builtin_select(mode: str) -> RunFn:
 
 
 def custom_script(
-    script_name: str, sql: str, *, clients: int = 2, mode: str = "prepared", defines: Sequence[str] = ()
+    script_name: str,
+    sql: str,
+    *,
+    clients: int = 2,
+    mode: str = "prepared",
+    defines: Sequence[str] = (),
+    async_commit: bool = False,
 ) -> RunFn:
+    """pgbench running ``sql`` as its script; ``async_commit`` logs in as the async-commit role."""
+
     def run(ctx: BenchContext, target: Target) -> Measurement:
         script = ctx.workdir / "scripts" / f"{script_name}.sql"
         script.parent.mkdir(exist_ok=True)
@@ -299,7 +362,8 @@ def custom_script(
         args = ["-f", str(script), "-M", mode, "-c", str(clients), "-j", str(min(clients, 2))]
         for define in defines:
             args += ["-D", define]
-        return _from_pgbench(run_pgbench(ctx.pgbench, target.endpoint, args, ctx.duration, ctx.workdir))
+        endpoint = async_endpoint(target.endpoint) if async_commit else target.endpoint
+        return _from_pgbench(run_pgbench(ctx.pgbench, endpoint, args, ctx.duration, ctx.workdir))
 
     return run
 
@@ -436,8 +500,9 @@ WORKLOADS: tuple[Workload, ...] = (
     ),
     Workload(
         "insert-single",
-        "single-row INSERT of 5 text parameters into bench_ins, 2 clients"
-        " (on pgveil-encrypted: an unprotected table under the full statement model)",
+        "single-row INSERT of 5 text parameters into bench_ins, one per transaction, 2 clients, durable"
+        " commits (each waits for its WAL flush, as in production); on pgveil-encrypted: an unprotected"
+        " table under the full statement model",
         PLAIN_TABLE_TARGETS,
         custom_script("insert-single", INSERT_SQL, defines=(INSERT_TEXT,)),
         setup=(setup_insert, setup_wide, setup_encrypted),
@@ -445,12 +510,34 @@ WORKLOADS: tuple[Workload, ...] = (
     ),
     Workload(
         "insert-encrypted",
-        "insert-single into bench_ins_enc: the 5 parameters encrypted by pgveil",
+        "the issue's workload: insert-single into bench_ins_enc, the 5 parameters encrypted by pgveil,"
+        " durable commits; its ratio is encrypted through pgveil over plaintext on a direct connection",
         ENCRYPTED_TARGETS,
         custom_script("insert-encrypted", INSERT_ENCRYPTED_SQL, defines=(INSERT_TEXT,)),
         setup=(setup_insert, setup_wide, setup_encrypted),
         before_run=truncate_insert_encrypted,
         baseline=("insert-single", "direct"),
+    ),
+    Workload(
+        "insert-single-async",
+        "CPU-bound view, not production durability: insert-single with synchronous_commit=off for its"
+        f" sessions (login role {ASYNC_COMMIT_ROLE}), so commits do not wait for the disk",
+        PLAIN_TABLE_TARGETS,
+        custom_script("insert-single-async", INSERT_SQL, defines=(INSERT_TEXT,), async_commit=True),
+        setup=(setup_insert, setup_wide, setup_encrypted, setup_async_role),
+        before_run=truncate_insert,
+        check=check_async_commit,
+    ),
+    Workload(
+        "insert-encrypted-async",
+        "CPU-bound view, not production durability: insert-encrypted with synchronous_commit=off for its"
+        f" sessions (login role {ASYNC_COMMIT_ROLE})",
+        ENCRYPTED_TARGETS,
+        custom_script("insert-encrypted-async", INSERT_ENCRYPTED_SQL, defines=(INSERT_TEXT,), async_commit=True),
+        setup=(setup_insert, setup_wide, setup_encrypted, setup_async_role),
+        before_run=truncate_insert_encrypted,
+        baseline=("insert-single-async", "direct"),
+        check=check_async_commit,
     ),
     Workload(
         "idle-memory",

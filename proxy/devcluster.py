@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 SUPERUSER = "postgres"
 SUPERUSER_PASSWORD = "pgveil-super"  # a throwaway cluster's password, not a secret
 CLUSTER_OS_USER = "pgveil"
+# What a non-durable cluster sets: a crash may lose or corrupt it, which a throwaway cluster can afford.
+NO_DURABILITY_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
 
 
 def find_bindir() -> Path:
@@ -66,7 +68,11 @@ class DevCluster:
     """A PostgreSQL cluster in a temporary directory, listening on 127.0.0.1:``port``.
 
     ``hba`` lines are put before the defaults, so a test can pick md5 or password auth for a role.
-    ``settings`` go to postgresql.conf verbatim.
+    ``settings`` go to postgresql.conf verbatim. By default the cluster trades durability for speed
+    (``fsync``, ``synchronous_commit`` and ``full_page_writes`` off), which is what the test suite wants;
+    ``durable=True`` leaves those three at PostgreSQL's defaults (all on), so that the cost of a commit is
+    the one production pays, which is what a throughput ratio to a direct connection must be measured
+    against.
     """
 
     base_dir: Path | None = None
@@ -76,6 +82,7 @@ class DevCluster:
     ssl_cert: Path | None = None
     ssl_key: Path | None = None
     bindir: Path = field(default_factory=find_bindir)
+    durable: bool = False
 
     def __post_init__(self) -> None:
         self._owns_dir = self.base_dir is None
@@ -128,13 +135,12 @@ class DevCluster:
             "port": str(self.port),
             "unix_socket_directories": f"'{self.base_dir}'",
             "password_encryption": "'scram-sha-256'",
-            "fsync": "off",
-            "synchronous_commit": "off",
-            "full_page_writes": "off",
             "max_connections": "700",
             "shared_buffers": "64MB",
             "logging_collector": "off",
         }
+        if not self.durable:
+            conf.update(NO_DURABILITY_SETTINGS)
         if self.ssl_cert and self.ssl_key:
             for src, name in ((self.ssl_cert, "server.crt"), (self.ssl_key, "server.key")):
                 dst = self.data_dir / name
