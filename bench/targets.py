@@ -173,8 +173,8 @@ class _ManagedProcess:
                 f"({type(exc).__name__}: {exc}); output tail:\n{_tail(self.log_path)}"
             ) from None
 
-    def tail(self) -> str:
-        return _tail(self.log_path)
+    def tail(self, lines: int = 15) -> str:
+        return _tail(self.log_path, lines)
 
     def pids(self) -> list[int]:
         if self.proc is None or self.proc.poll() is not None:
@@ -436,7 +436,17 @@ class PgbouncerTarget:
 
 
 class PgveilEncrypted2Target(PgveilEncryptedTarget):
-    """pgveil-encrypted with ``sessions.workers: 2``: two processes share the listen port."""
+    """pgveil-encrypted with ``sessions.workers: 2``: the supervisor and one worker, each client placed on
+    the less loaded (so the 2 benchmark clients run on both cores)."""
 
     name = "pgveil-encrypted-2w"
     workers = 2
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        """Ready, and the worker takes clients (until then the supervisor would serve both alone)."""
+        super().wait_ready(timeout)
+        deadline = time.monotonic() + timeout
+        while "worker 1 ready" not in self._process.tail(lines=10_000):
+            if time.monotonic() > deadline or not self._process.pids():
+                raise TargetUnavailable(f"{self.name}: its worker did not start; output tail:\n{self._process.tail()}")
+            time.sleep(0.1)
