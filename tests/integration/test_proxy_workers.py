@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -187,3 +188,21 @@ def test_sigterm_stops_every_process(workers_proxy: ProxyProcess) -> None:
         time.sleep(0.1)
     assert not any(Path(f"/proc/{k}/status").exists() and "zombie" not in Path(f"/proc/{k}/status").read_text()
                    for k in kids)  # fmt: skip
+
+
+def test_a_cancel_request_placed_on_another_process_reaches_the_backend(make_proxy: Any) -> None:
+    p: ProxyProcess = make_proxy(sessions={"workers": 2})
+    assert p.proc is not None
+    assert wait_until(lambda: workers_ready(p, 1), timeout=30), p.logs()
+    with psycopg.connect(p.dsn(), autocommit=True) as conn:
+        # One session open, so the CancelRequest's own connection goes to the other, idle process.
+        assert wait_until(lambda: sorted(per_process(p).values()) == [0.0, 1.0], timeout=10), per_process(p)
+        timer = threading.Timer(0.5, conn.cancel)
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("SELECT pg_sleep(30)")
+        timer.join()
+        assert time.monotonic() - started < 20
+        assert wait_until(lambda: metric(p, "pgveil_cancel_requests_total") == 1, timeout=10)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
