@@ -13,7 +13,9 @@ What is rewritten (PostgreSQL docs, "Extended Query" and "Message Formats"):
 * Parse: parameters bound for protected columns are declared ``bytea``; ParameterDescription goes back
   to the client with the declared types.
 * Bind: protected parameters are normalised to the type's canonical form from the client's text or
-  binary value, sealed, and sent in binary; protected result columns are requested in binary.
+  binary value, sealed, and sent in binary; protected result columns are requested in binary. The
+  Bind is rewritten in place (:class:`~proxy.protocol.messages.BindFrame`): only the sealed values and
+  the format lists are new bytes, and what each parameter needs was worked out once, at Parse.
 * RowDescription: protected columns show the declared type and the format the client asked for.
 * DataRow: :func:`proxy.encrypt.rows.rewrite_data_row`.
 
@@ -25,11 +27,12 @@ SQLSTATE for a bad value), naming the column and the construct but never a value
 
 from __future__ import annotations
 
+import itertools
 import logging
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from keymgmt.envelope import DataKey, KeyState, column_associated_data, seal
@@ -46,6 +49,7 @@ from proxy.encrypt.rows import (
 from proxy.errors import ProtocolViolation, ProxyError
 from proxy.pgtypes import codec_for
 from proxy.pgtypes.base import SessionFormat, TypeCodec, python_codec
+from proxy.pgtypes.text import TextCodec
 from proxy.protocol import codec
 from proxy.protocol import messages as m
 from proxy.protocol.relay import KeyMiss
@@ -62,6 +66,7 @@ _UTF8_AS_IS = frozenset({25, 1043, 1042, 114})
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
 _U32 = struct.Struct("!I")
+_ENABLED = KeyState.ENABLED  # a module global: the hot path compares against it once per Bind and column
 
 # Stand-ins sent instead of a refused message: each makes the server fail at the same protocol step.
 REFUSED_QUERY = "pgveil_refused_statement"
@@ -97,6 +102,22 @@ class ColumnCrypto:
         return ColumnOutput(self.column, self.codec, self.associated, server_binary, client_binary, identity)
 
 
+@dataclass(frozen=True, slots=True)
+class ParamTarget:
+    """One protected parameter of a prepared statement, resolved once when it is parsed."""
+
+    index: int  # 0-based parameter number
+    column: ColumnCrypto
+    column_id: str
+    associated: bytes
+    client_oid: int  # the type the client declared in Parse (0 = unspecified)
+    # The canonical form is the client's bytes when they are valid UTF-8 (text without a length limit;
+    # in binary only if the client declared no other type).
+    text_as_is: bool
+    binary_as_is: bool
+    key_slot: int  # parameters bound for the same column share a slot: one key lookup per Bind
+
+
 @dataclass(slots=True)
 class StatementCrypto:
     """What the proxy knows about one prepared statement that touches protected columns."""
@@ -105,6 +126,26 @@ class StatementCrypto:
     params: dict[int, ColumnCrypto]  # 0-based parameter index -> column
     client_param_types: tuple[int, ...]
     result_hint: tuple[ColumnCrypto | None, ...] | None
+    # Derived from the above once, so that each Bind and Execute only looks things up.
+    targets: tuple[ParamTarget, ...] = field(init=False)
+    key_slots: int = field(init=False)
+    targets_in_order: bool = field(init=False)  # ascending parameter index, as a Bind lists values
+    copies_in: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        slots: dict[str, int] = {}
+        targets: list[ParamTarget] = []
+        for i, cc in self.params.items():
+            oid = self.client_param_types[i] if i < len(self.client_param_types) else 0
+            as_is = isinstance(cc.codec, TextCodec) and cc.codec.max_chars < 0
+            column_id = cc.column.column_id
+            slot = slots.setdefault(column_id, len(slots))
+            binary_as_is = as_is and oid in (0, cc.codec.oid)
+            targets.append(ParamTarget(i, cc, column_id, cc.associated, oid, as_is, binary_as_is, slot))
+        self.targets = tuple(targets)
+        self.key_slots = len(slots)
+        self.targets_in_order = all(a.index < b.index for a, b in itertools.pairwise(targets))
+        self.copies_in = _copies_in_protected(self.plan)
 
 
 @dataclass(slots=True)
@@ -209,11 +250,15 @@ class CryptoContext:
     def key_lookup(self, key_id: bytes) -> DataKey | None:
         return self.keys.by_id(key_id)
 
+    def write_key(self, column_id: str) -> DataKey:
+        """The column's current key for sealing: KeyMiss to fetch it, KeyUnavailable if it is not enabled."""
+        key = self.keys.active(column_id)
+        if key.state is not _ENABLED:
+            raise KeyUnavailable(f"pgveil: the data key of column {column_id} is not enabled")
+        return key
+
     def seal(self, cc: ColumnCrypto, canonical: bytes) -> bytes:
-        key = self.keys.active(cc.column.column_id)
-        if key.state is not KeyState.ENABLED:
-            raise KeyUnavailable(f"pgveil: the data key of column {cc.column.column_id} is not enabled")
-        return seal(key, canonical, cc.associated)
+        return seal(self.write_key(cc.column.column_id), canonical, cc.associated)
 
 
 class SessionCrypto:
@@ -222,6 +267,7 @@ class SessionCrypto:
     def __init__(self, ctx: CryptoContext, login_role: str) -> None:
         self.ctx = ctx
         self.fmt = SessionFormat()
+        self._utf8_client = _is_utf8(self.fmt)
         self.search_path: tuple[str, ...] = (login_role, "public") if login_role else ("public",)
         self.values_encrypted = 0
         self.values_decrypted = 0
@@ -232,6 +278,7 @@ class SessionCrypto:
 
     def set_parameter(self, name: str, value: str) -> None:
         self.fmt = self.fmt.with_parameter(name, value)
+        self._utf8_client = _is_utf8(self.fmt)
 
     # -- simple Query ----------------------------------------------------------------------------------
     def query(self, sql: str) -> Outcome:
@@ -356,35 +403,41 @@ class SessionCrypto:
                 oids[i] = cc.codec.oid
         return codec.encode_backend(m.ParameterDescription(tuple(oids)))
 
-    def bind(self, msg: m.Bind, stmt: StatementCrypto | None, stmt_row_desc: bytes | None) -> Outcome:
+    def bind(self, msg: m.BindFrame, stmt: StatementCrypto | None, stmt_row_desc: bytes | None) -> Outcome:
+        """A Bind with its protected parameters sealed (sent in binary) and protected result columns
+        requested in binary. Only what changes is rebuilt; the rest of the message is copied as is."""
+        client_formats = msg.result_formats
         if stmt is None:
-            return Outcome(None, PortalCrypto(None, msg.result_formats, msg.result_formats))
-        try:
-            params, pformats = self._bind_params(msg, stmt)
-        except ProxyError as e:
-            log.info("refused a Bind: %s", e.message)
-            refused = m.Bind(msg.portal, REFUSED_STATEMENT_NAME, (), (), ())
-            return Outcome(codec.encode_frontend(refused), None, refusal_bytes(e))
+            return Outcome(None, PortalCrypto(None, client_formats, client_formats))
+        param_formats: tuple[int, ...] | None = None
+        sealed: tuple[tuple[int, bytes], ...] = ()
+        if stmt.targets and len(msg.param_offsets) > 1:  # protected parameters, and values for them
+            try:
+                param_formats, sealed = self._seal_params(msg, stmt)
+            except ProxyError as e:
+                log.info("refused a Bind: %s", e.message)
+                refused = m.Bind(msg.portal, REFUSED_STATEMENT_NAME, (), (), ())
+                return Outcome(codec.encode_frontend(refused), None, refusal_bytes(e))
         hint = stmt.result_hint
         if stmt_row_desc is not None:
             hint = self._merge_hint(hint, stmt_row_desc)
         ncols = _row_description_count(stmt_row_desc) if stmt_row_desc is not None else None
         if ncols is None and hint is not None:
             ncols = len(hint)
-        server_formats = msg.result_formats
+        server_formats: tuple[int, ...] | None = None
         row_plan: RowPlan | None = None
         if hint is not None and ncols == len(hint) and any(h is not None for h in hint):
-            client = [format_for(msg.result_formats, i) for i in range(ncols)]
+            client = [format_for(client_formats, i) for i in range(ncols)]
             server_formats = tuple(1 if hint[i] is not None else client[i] for i in range(ncols))
             row_plan = tuple(
                 None if h is None else h.output(server_binary=True, client_binary=client[i] == 1, fmt=self.fmt)
                 for i, h in enumerate(hint)
             )
-        portal = PortalCrypto(stmt, msg.result_formats, server_formats, row_plan)
-        if params is msg.params and server_formats is msg.result_formats:
+        sent_formats = client_formats if server_formats is None else server_formats
+        portal = PortalCrypto(stmt, client_formats, sent_formats, row_plan)
+        if param_formats is None and server_formats is None:
             return Outcome(None, portal)
-        new = m.Bind(msg.portal, msg.statement, pformats, params, server_formats)
-        return Outcome(codec.encode_frontend(new), portal)
+        return Outcome(codec.encode_bind_frame(msg, param_formats, sealed, server_formats), portal)
 
     def _merge_hint(
         self, hint: tuple[ColumnCrypto | None, ...] | None, row_desc: bytes
@@ -401,25 +454,56 @@ class SessionCrypto:
             merged.append(cc)
         return tuple(merged) if any(c is not None for c in merged) else hint
 
-    def _bind_params(self, msg: m.Bind, stmt: StatementCrypto) -> tuple[tuple[bytes | None, ...], tuple[int, ...]]:
-        if not stmt.params:
-            return msg.params, msg.param_formats
-        values = list(msg.params)
-        formats = [format_for(msg.param_formats, i) for i in range(len(values))]
-        for i, cc in stmt.params.items():
-            if i >= len(values) or values[i] is None:
+    def _seal_params(
+        self, msg: m.BindFrame, stmt: StatementCrypto
+    ) -> tuple[tuple[int, ...], tuple[tuple[int, bytes], ...]]:
+        """(the parameter formats to send, one per parameter; the sealed values by parameter index)."""
+        n = len(msg.param_offsets) - 1
+        client = msg.param_formats
+        if not client:
+            formats = [0] * n
+        elif len(client) == 1:
+            formats = [client[0]] * n
+        else:
+            formats = [client[i] if i < len(client) else 0 for i in range(n)]
+        body = msg.body
+        offsets = msg.param_offsets
+        utf8 = self._utf8_client
+        unpack = _I32.unpack_from
+        write_key = self.ctx.write_key
+        keys: list[DataKey | None] = [None] * stmt.key_slots
+        sealed: list[tuple[int, bytes]] = []
+        for target in stmt.targets:
+            i = target.index
+            if i >= n:
                 continue
-            value = values[i]
-            assert value is not None
+            off = offsets[i]
+            (length,) = unpack(body, off)
+            if length < 0:
+                continue  # NULL stays NULL
+            value = body[off + 4 : off + 4 + length]
+            # Unbounded text from a UTF-8 client: pure ASCII without NUL is valid and already canonical
+            # (what TextCodec returns after its full check); anything else takes the codec's path.
             if formats[i] == 1:
-                oid = stmt.client_param_types[i] if i < len(stmt.client_param_types) else 0
-                canonical = self._canonical_binary(cc, value, oid)
+                if target.binary_as_is and utf8 and value.isascii() and b"\x00" not in value:
+                    canonical = value
+                else:
+                    canonical = self._canonical_binary(target.column, value, target.client_oid)
+            elif target.text_as_is and utf8 and value.isascii() and b"\x00" not in value:
+                canonical = value
             else:
-                canonical = self._canonical_text(cc, value)
-            values[i] = self.ctx.seal(cc, canonical)
+                canonical = self._canonical_text(target.column, value)
+            # One key per column for this Bind; the next Bind looks it up again, so a key disabled or
+            # invalidated meanwhile is never used.
+            key = keys[target.key_slot]
+            if key is None:
+                key = keys[target.key_slot] = write_key(target.column_id)
+            sealed.append((i, seal(key, canonical, target.associated)))
             formats[i] = 1
-            self.values_encrypted += 1
-        return tuple(values), tuple(formats)
+        self.values_encrypted += len(sealed)
+        if not stmt.targets_in_order:
+            sealed.sort(key=_first)
+        return tuple(formats), tuple(sealed)
 
     # -- results ---------------------------------------------------------------------------------------
     def row_description(
@@ -502,6 +586,8 @@ class SessionCrypto:
         """The rewriter for the COPY FROM STDIN a Query or Execute will start, if it copies into protected
         columns; built when the client sends the statement (see Relay._arm_copy_in)."""
         plans: tuple[StatementPlan, ...]
+        if isinstance(state, PortalCrypto) and (state.statement is None or not state.statement.copies_in):
+            return None  # every Execute asks: answered from what was worked out at Parse
         if isinstance(state, QueryCrypto):
             plans = state.statements
         elif isinstance(state, PortalCrypto) and state.statement is not None:
@@ -576,6 +662,19 @@ def _unsupported(message: str, hint: str | None = None) -> ProxyError:
     e = ProxyError(f"pgveil: {message}", hint=hint)
     e.sqlstate = "0A000"
     return e
+
+
+def _first(pair: tuple[int, bytes]) -> int:
+    return pair[0]
+
+
+def _is_utf8(fmt: SessionFormat) -> bool:
+    """Whether the client's bytes are UTF-8 (no conversion); False also for an unsupported encoding,
+    which then takes the codecs' own path and its error."""
+    try:
+        return python_codec(fmt.client_encoding) is None
+    except ProxyError:
+        return False
 
 
 def _row_description_count(body: bytes) -> int:

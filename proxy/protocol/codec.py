@@ -371,6 +371,162 @@ def _check(t: int, buf: bytes, start: int, end: int) -> None:
         raise CodecError("client", f"malformed message of type {t}: {'trailing' if pos < end else 'missing'} bytes")
 
 
+# -- the extended protocol's hot messages, read in place ----------------------------------------------
+# A prepared statement runs as Bind, Describe, Execute and Sync, once per transaction, and the relay needs
+# only a name or two from each. These functions read that straight from the body without building message
+# objects. Each accepts exactly the bodies decode_frontend accepts: anything else is handed to
+# decode_frontend, so a malformed message is refused with the decoder's own error, word for word. A
+# property test holds each of them to the decoder.
+
+
+class _Refused(Exception):
+    """The fast reader does not accept these bytes; the full decoder says why."""
+
+
+def _refuse(type_byte: int, body: bytes) -> CodecError:
+    try:
+        decode_frontend(type_byte, body)
+    except CodecError as e:
+        return e
+    # The fast readers and the decoder disagree (a bug the property tests exist to catch): fail closed.
+    return CodecError("client", f"malformed message of type {type_byte}")
+
+
+def _name(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape") if raw else ""
+
+
+def decode_target(type_byte: int, body: bytes) -> tuple[bytes, str]:
+    """Describe or Close (``type_byte``): (b"S" or b"P", name)."""
+    kind = body[:1]
+    if (kind == b"S" or kind == b"P") and body.find(b"\x00", 1) == len(body) - 1:
+        return kind, _name(body[1:-1])
+    raise _refuse(type_byte, body)
+
+
+def decode_execute_portal(body: bytes) -> str:
+    """Execute: the portal's name (the row limit matters to the server only)."""
+    nul = body.find(b"\x00")
+    if nul >= 0 and nul == len(body) - 5:
+        return _name(body[:nul])
+    raise _refuse(0x45, body)
+
+
+def check_empty(type_byte: int, body: bytes) -> None:
+    """Sync, Flush, Terminate, CopyDone: no body."""
+    if body:
+        raise _refuse(type_byte, body)
+
+
+_FORMAT_CODES = frozenset((0, 1))
+
+
+def decode_bind_frame(body: bytes) -> m.BindFrame:
+    """A Bind as a :class:`~proxy.protocol.messages.BindFrame`: names and format codes decoded, parameter
+    values located but not copied."""
+    try:
+        return _bind_frame(body)
+    except (_Refused, struct.error, ValueError):
+        pass
+    raise _refuse(0x42, body)
+
+
+def _bind_frame(body: bytes) -> m.BindFrame:
+    # Bind: String portal · String statement · Int16 n · Int16[n] parameter formats · Int16 n ·
+    # n * (Int32 length (-1 = NULL) · Byte[length]) · Int16 n · Int16[n] result formats.
+    portal_end = body.index(0)
+    names_end = body.index(0, portal_end + 1) + 1
+    pos = names_end
+    (n,) = _U16.unpack_from(body, pos)
+    param_formats: tuple[int, ...] = ()
+    if n:
+        param_formats = struct.unpack_from(f"!{n}h", body, pos + 2)
+        if not _FORMAT_CODES.issuperset(param_formats):
+            raise _Refused
+    pos += 2 + 2 * n
+    (n,) = _U16.unpack_from(body, pos)
+    pos += 2
+    offsets = [pos] * (n + 1)
+    unpack = _I32.unpack_from
+    for i in range(n):
+        offsets[i] = pos
+        (length,) = unpack(body, pos)
+        if length > 0:
+            pos += 4 + length
+        elif length >= -1:
+            pos += 4
+        else:
+            raise _Refused
+    offsets[n] = pos
+    (n,) = _U16.unpack_from(body, pos)  # struct.error when the last value ran past the end
+    result_formats: tuple[int, ...] = ()
+    if n:
+        result_formats = struct.unpack_from(f"!{n}h", body, pos + 2)
+        if not _FORMAT_CODES.issuperset(result_formats):
+            raise _Refused
+    if pos + 2 + 2 * n != len(body):
+        raise _Refused
+    return m.BindFrame(
+        body,
+        _name(body[:portal_end]),
+        _name(body[portal_end + 1 : names_end - 1]),
+        names_end,
+        param_formats,
+        tuple(offsets),
+        result_formats,
+    )
+
+
+_PACKED_FORMATS: dict[tuple[int, ...], bytes] = {}
+
+
+def _pack_formats(codes: tuple[int, ...]) -> bytes:
+    packed = _PACKED_FORMATS.get(codes)
+    if packed is None:
+        packed = struct.pack(f"!H{len(codes)}h", len(codes), *codes)
+        if len(_PACKED_FORMATS) >= 512:
+            _PACKED_FORMATS.clear()  # the few shapes an application's statements use; bounded anyway
+        _PACKED_FORMATS[codes] = packed
+    return packed
+
+
+def encode_bind_frame(
+    bind: m.BindFrame,
+    param_formats: tuple[int, ...] | None = None,
+    replaced: tuple[tuple[int, bytes], ...] = (),
+    result_formats: tuple[int, ...] | None = None,
+) -> bytes:
+    """The whole Bind message of ``bind`` with the parameters in ``replaced`` ((index, value) pairs, in
+    ascending index order) and the format lists that are not None replaced; every other byte is copied
+    from the original body. Gives the same bytes as encoding the equivalent :class:`messages.Bind`."""
+    body = bind.body
+    offsets = bind.param_offsets
+    names_end = bind.names_end
+    values_start = offsets[0] - 2
+    parts = [
+        body[:names_end],
+        body[names_end:values_start] if param_formats is None else _pack_formats(param_formats),
+    ]
+    append = parts.append
+    pack = _I32.pack
+    prev = values_start
+    for i, value in replaced:
+        start = offsets[i]
+        if start != prev:
+            append(body[prev:start])
+        append(pack(len(value)))
+        append(value)
+        prev = offsets[i + 1]
+    results_start = offsets[-1]
+    if result_formats is None:
+        append(body[prev:])
+    else:
+        append(body[prev:results_start])
+        append(_pack_formats(result_formats))
+    out = b"".join(parts)
+    return b"B" + _U32.pack(len(out) + 4) + out
+
+
 def encode_frontend(msg: m.FrontendMessage) -> bytes:
     if isinstance(msg, m.Query):
         return frame(b"Q", _cstr(msg.query))

@@ -10,8 +10,11 @@ values, passwords) show only sizes in ``repr`` so that a logged message never le
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
+
+_I32 = struct.Struct("!i")
 
 # -- startup packets (no type byte): length · code · payload ----------------------------------------------
 
@@ -105,6 +108,50 @@ class Bind:
     def __repr__(self) -> str:
         return (
             f"Bind(portal={self.portal!r}, statement={self.statement!r}, params={len(self.params)}, "
+            f"result_formats={self.result_formats!r})"
+        )
+
+
+@dataclass(slots=True)
+class BindFrame:
+    """A Bind kept as its wire ``body``, with the offsets needed to read or replace single parameters.
+
+    The proxy's hot path (a prepared INSERT per transaction) reads a few parameters and rewrites them;
+    copying the untouched parts of ``body`` is cheaper than building every value and re-encoding the
+    whole message. ``names_end`` is the offset of the parameter-format count (just after the two names);
+    ``param_offsets`` has one entry per parameter, the offset of its Int32 length word, plus a last one,
+    the offset of the result-format count, so parameter ``i`` spans ``param_offsets[i:i + 2]``.
+    ``codec.decode_bind_frame`` builds it and validates the body exactly as ``decode_frontend`` does.
+
+    Treat it as immutable. It is not a frozen dataclass only because one is built per Bind and a frozen
+    dataclass's ``__init__`` (``object.__setattr__`` per field) costs four times as much.
+    """
+
+    body: bytes
+    portal: str
+    statement: str
+    names_end: int
+    param_formats: tuple[int, ...]
+    param_offsets: tuple[int, ...]
+    result_formats: tuple[int, ...]
+
+    @property
+    def param_count(self) -> int:
+        return len(self.param_offsets) - 1
+
+    def param(self, i: int) -> bytes | None:
+        """Parameter ``i`` (None = NULL)."""
+        off = self.param_offsets[i]
+        (n,) = _I32.unpack_from(self.body, off)
+        return None if n < 0 else self.body[off + 4 : off + 4 + n]
+
+    @property
+    def params(self) -> tuple[bytes | None, ...]:
+        return tuple(self.param(i) for i in range(self.param_count))
+
+    def __repr__(self) -> str:
+        return (
+            f"BindFrame(portal={self.portal!r}, statement={self.statement!r}, params={self.param_count}, "
             f"result_formats={self.result_formats!r})"
         )
 

@@ -29,7 +29,10 @@ Query or FunctionCall). After an ErrorResponse in the extended protocol the serv
 Sync: the relay pops every entry up to the next Sync, and if that Sync has not been sent yet it stops
 queueing (``_discarding``) until the client sends it. Portals die at the end of their transaction, so
 ReadyForQuery with status 'I' drops them all. A reply that matches nothing means client, server and
-relay disagree about the conversation: the relay fails closed with a protocol violation.
+relay disagree about the conversation: the relay fails closed with a protocol violation. The messages of
+every execution of a prepared statement (Bind, Describe, Execute, Sync, and Close) are read in place by
+the codec's readers, which check them exactly as the decoder does; their replies are acted on from the
+type byte. Neither side builds message objects for them.
 """
 
 from __future__ import annotations
@@ -112,13 +115,14 @@ class Portal:
 
 @dataclass(slots=True)
 class Pending:
-    """One frontend message whose reply has not arrived yet."""
+    """One frontend message whose reply has not arrived yet. (The hot paths build it with positional
+    arguments: keyword arguments make this, several times per statement, twice as slow.)"""
 
     expect: Expect
     name: str = ""
     kind: bytes = b""
     parse: m.Parse | None = None
-    bind: m.Bind | None = None
+    bind: m.BindFrame | None = None
     state: Any = None  # the encryption layer's plan for this message's replies (see proxy.encrypt)
     refusal: bytes | None = None  # an ErrorResponse that replaces the server's error for a refused message
 
@@ -181,6 +185,22 @@ _BACKEND_WATCHED_ROWS = _BACKEND_WATCHED | frozenset(b"D")
 _BACKEND_WATCHED_COPY = _BACKEND_WATCHED | frozenset(b"d")
 _BACKEND_ALL = frozenset(range(256))
 _LIGHT_WATCHED = frozenset(b"ZEGHcCSK")
+# What a ReadyForQuery may answer.
+_READY_ANSWERS = (Expect.SYNC, Expect.QUERY, Expect.FUNCTION_CALL)
+# The members the hot paths compare against, as module globals: on Python 3.11 reading an enum member
+# through its class costs several times as much, and these are read a few dozen times per statement.
+_STARTUP = Phase.STARTUP
+_AUTHENTICATING = Phase.AUTHENTICATING
+_READY = Phase.READY
+_CLOSED = Phase.CLOSED
+_EXPECT_BIND = Expect.BIND
+_EXPECT_EXECUTE = Expect.EXECUTE
+_EXPECT_SYNC = Expect.SYNC
+_EXPECT_DESCRIBE_PORTAL = Expect.DESCRIBE_PORTAL
+_EXPECT_DESCRIBE_STATEMENT = Expect.DESCRIBE_STATEMENT
+_EXPECT_CLOSE = Expect.CLOSE
+_EXPECT_QUERY = Expect.QUERY
+_EXPECT_PARSE = Expect.PARSE
 # Frontend messages streamed untouched: CopyData only (PasswordMessage and friends are small and complete).
 _FRONTEND_STREAMED = frozenset(b"d")
 _NOTHING_STREAMED: frozenset[int] = frozenset()
@@ -189,6 +209,9 @@ _NOTHING_STREAMED: frozenset[int] = frozenset()
 _SMALL_MESSAGE_LIMIT = 10000
 _AUTH_MESSAGE_LIMIT = 65535 + 4
 _LARGE_FRONTEND_TYPES = frozenset(b"QPBFdp")
+# Pieces of one read up to this size are joined before they are written (see _coalesce); larger ones are
+# not copied again.
+_COALESCE_LIMIT = 65536
 
 
 class Relay:
@@ -455,12 +478,12 @@ class Relay:
             self._c_buf += data
             return
         try:
-            if self.phase is Phase.STARTUP:
+            if self.phase is _STARTUP:
                 self._c_buf += data
                 self._receive_startup()
-            elif self.phase is Phase.READY and self.light:
+            elif self.phase is _READY and self.light:
                 self._receive_client_light(data)
-            elif self.phase is not Phase.CLOSED:
+            elif self.phase is not _CLOSED:
                 self._receive_client_messages(data)
         except ProtocolViolation as e:
             self._fail(e)
@@ -500,23 +523,37 @@ class Relay:
             self._receive_client_messages(buf)
 
     def _receive_client_messages(self, data: bytes) -> None:
-        data = self._client_frames(data)
-        if not data:
-            return
+        if self._c_skip or self._c_buf:
+            data = self._client_frames(data)
+            if not data:
+                return
         n = len(data)
         pos = 0
         start = 0
         out = self.to_server
+        first = len(out)
         limit = self.max_message_size
+        unpack = _HDR.unpack_from
+        frontend_types = codec.FRONTEND_TYPES
+        # Only the server's messages move the phase on (and create the encryption layer), so the handler
+        # is chosen once per read; Terminate ends the loop.
+        authenticating = self.phase is _AUTHENTICATING
+        handle: Callable[[int, bytes], bytes | None]
+        if authenticating:
+            handle = self._handle_client_message_authenticating
+        elif self.crypto is not None:
+            handle = self._handle_client_message_crypto
+        else:
+            handle = self._handle_client_message
         while n - pos >= 5:
-            t, ln = _HDR.unpack_from(data, pos)
+            t, ln = unpack(data, pos)
             if ln < 4:
                 raise codec.CodecError("client", f"invalid message length {ln}")
             if ln > limit or (ln > _SMALL_MESSAGE_LIMIT and t not in _LARGE_FRONTEND_TYPES):
                 raise codec.CodecError("client", f"message of {ln} bytes exceeds the limit for its type")
-            if t not in codec.FRONTEND_TYPES:
+            if t not in frontend_types:
                 raise codec.CodecError("client", f"invalid frontend message type {t}")
-            if self.phase is Phase.AUTHENTICATING and ln > _AUTH_MESSAGE_LIMIT:
+            if ln > _AUTH_MESSAGE_LIMIT and authenticating:
                 raise codec.CodecError("client", "authentication message too long")
             end = pos + 1 + ln
             self.client_messages += 1
@@ -531,7 +568,7 @@ class Relay:
                 self.client_messages -= 1
                 break
             try:
-                replacement = self._handle_client_message(t, data[pos + 5 : end])
+                replacement = handle(t, data[pos + 5 : end])
             except KeyMiss as miss:
                 # Keep this message and the rest until the session has fetched the key.
                 self.client_messages -= 1
@@ -545,42 +582,55 @@ class Relay:
                     out.append(replacement)
                 start = end
             pos = end
-            if self.phase is Phase.CLOSED:
+            if self.phase is _CLOSED:
                 break
         if start < pos:
             out.append(data[start:pos] if start or pos != n else data)
-        if pos < n and self.phase is not Phase.CLOSED:
+        if len(out) - first > 1:
+            _coalesce(out, first)
+        if pos < n and self.phase is not _CLOSED:
             self._c_buf = data[pos:]
 
+    def _handle_client_message_authenticating(self, t: int, body: bytes) -> bytes | None:
+        if t == 0x70 or t == 0x58:  # 'p' password/SASL/GSS response, 'X' Terminate
+            if t == 0x58:
+                self.phase = Phase.CLOSED
+                self.events.append(CloseConnection())
+            return None
+        raise codec.CodecError("client", f"unexpected message type {t} during authentication")
+
     def _handle_client_message(self, t: int, body: bytes) -> bytes | None:
-        """Acts on one complete frontend message; returns replacement bytes, or None to forward it as is."""
-        if self.phase is Phase.AUTHENTICATING:
-            if t == 0x70 or t == 0x58:  # 'p' password/SASL/GSS response, 'X' Terminate
-                if t == 0x58:
-                    self.phase = Phase.CLOSED
-                    self.events.append(CloseConnection())
-                return None
-            raise codec.CodecError("client", f"unexpected message type {t} during authentication")
+        """Acts on one complete frontend message (no encryption layer); returns replacement bytes, or None
+        to forward it as is."""
+        # The messages of a prepared statement's every execution are read in place (see codec).
+        if t == 0x42:  # Bind
+            bind = codec.decode_bind_frame(body)
+            self._expect(Pending(_EXPECT_BIND, bind.portal, b"", None, bind))
+        elif t == 0x45:  # Execute
+            self._expect(Pending(_EXPECT_EXECUTE, codec.decode_execute_portal(body)))
+        elif t == 0x53:  # Sync
+            codec.check_empty(t, body)
+            self._on_client_sync()
+        elif t == 0x44:  # Describe
+            kind, name = codec.decode_target(t, body)
+            self._expect(Pending(_EXPECT_DESCRIBE_STATEMENT if kind == b"S" else _EXPECT_DESCRIBE_PORTAL, name=name))
+        elif t == 0x43:  # Close
+            kind, name = codec.decode_target(t, body)
+            self._expect(Pending(_EXPECT_CLOSE, name=name, kind=kind))
+        else:
+            self._handle_other_client_message(t, body)
+        return None
+
+    def _handle_other_client_message(self, t: int, body: bytes) -> None:
+        """The bookkeeping of the messages both paths decode in full: Query, Parse and FunctionCall only
+        without encryption (the encryption layer rewrites those), Terminate and COPY's in both."""
         if t == 0x70:  # 'p' after authentication is a protocol violation the server would report too
             raise codec.CodecError("client", "unexpected password message")
-        if self.crypto is not None:
-            return self._handle_client_message_crypto(t, body, self.crypto)
         msg = codec.decode_frontend(t, body)
         if isinstance(msg, m.Query):
             self._expect(Pending(Expect.QUERY))
         elif isinstance(msg, m.Parse):
             self._expect(Pending(Expect.PARSE, name=msg.statement, parse=msg))
-        elif isinstance(msg, m.Bind):
-            self._expect(Pending(Expect.BIND, name=msg.portal, bind=msg))
-        elif isinstance(msg, m.Describe):
-            kind = Expect.DESCRIBE_STATEMENT if msg.kind == b"S" else Expect.DESCRIBE_PORTAL
-            self._expect(Pending(kind, name=msg.name))
-        elif isinstance(msg, m.Execute):
-            self._expect(Pending(Expect.EXECUTE, name=msg.portal))
-        elif isinstance(msg, m.Close):
-            self._expect(Pending(Expect.CLOSE, name=msg.name, kind=msg.kind))
-        elif isinstance(msg, m.Sync):
-            self._on_client_sync()
         elif isinstance(msg, m.FunctionCall):
             self._expect(Pending(Expect.FUNCTION_CALL))
         elif isinstance(msg, m.Terminate):
@@ -589,21 +639,23 @@ class Relay:
         elif isinstance(msg, m.CopyDone | m.CopyFail):
             self._client_copy_ended()
         # Flush needs no bookkeeping, CopyDone and CopyFail are answered as part of the running command.
-        return None
 
     def _on_client_sync(self) -> None:
         if self._client_copying:
             return  # ignored by the server during COPY FROM STDIN
         self._discarding = False
-        self.pending.append(Pending(Expect.SYNC))
+        self.pending.append(Pending(_EXPECT_SYNC))
 
-    def _handle_client_message_crypto(self, t: int, body: bytes, crypto: SessionCrypto) -> bytes | None:
+    def _handle_client_message_crypto(self, t: int, body: bytes) -> bytes | None:
         """The same bookkeeping as the pass-through path, with each message offered to the encryption
         layer first. Nothing is queued before the layer has accepted the message, so a KeyMiss can
         retry it from scratch."""
+        crypto = self.crypto
+        assert crypto is not None
         if t == 0x64:  # 'd' CopyData while a COPY FROM STDIN of a protected table streams
             return self._copy_in_data(body)
-        if t == 0x63 or t == 0x66:  # CopyDone / CopyFail
+        if t == 0x63 or t == 0x66:  # CopyDone / CopyFail, checked as in the other modes
+            codec.decode_frontend(t, body)
             self._client_copy_ended()
             return self._copy_in_end(t, body)
         if self._copy_in_rw is not None and not self._client_copying and t not in (0x53, 0x48):
@@ -612,59 +664,71 @@ class Relay:
             self._copy_in_rw = None
             self._copy_in_failed = False
             self._c_streamed = _FRONTEND_STREAMED
-        msg = codec.decode_frontend(t, body)
-        if isinstance(msg, m.Query):
-            out = crypto.query(msg.query)
-            if out.refusal is None:
-                self._arm_copy_in(crypto, out.state)
-            self._expect(Pending(Expect.QUERY, state=out.state, refusal=out.refusal))
-            return out.replacement
-        if isinstance(msg, m.Parse):
-            out = crypto.parse(msg)
-            if out.state is not None:
-                self._stmt_crypto[msg.statement] = out.state
+        if t == 0x42:  # Bind
+            return self._crypto_bind(codec.decode_bind_frame(body), crypto)
+        if t == 0x45:  # Execute
+            return self._crypto_execute(codec.decode_execute_portal(body), crypto)
+        if t == 0x53:  # Sync
+            codec.check_empty(t, body)
+            self._on_client_sync()
+            return None
+        if t == 0x44:  # Describe
+            kind, name = codec.decode_target(t, body)
+            if kind == b"S":
+                self._expect(Pending(_EXPECT_DESCRIBE_STATEMENT, name=name, state=self._stmt_crypto.get(name)))
             else:
-                self._stmt_crypto.pop(msg.statement, None)
-            self._expect(Pending(Expect.PARSE, name=msg.statement, parse=msg, refusal=out.refusal))
-            return out.replacement
-        if isinstance(msg, m.Bind):
-            stmt = self._stmt_crypto.get(msg.statement)
-            known = self.statements.get(msg.statement)
-            out = crypto.bind(msg, stmt, known.row_description if known is not None else None)
-            if len(self._portal_crypto) > 1000:
-                self._portal_crypto.clear()  # named portals the client never closed; bounded memory
-            self._portal_crypto[msg.portal] = out.state
-            self._expect(Pending(Expect.BIND, name=msg.portal, bind=msg, refusal=out.refusal))
-            return out.replacement
-        if isinstance(msg, m.Describe):
-            if msg.kind == b"S":
-                self._expect(Pending(Expect.DESCRIBE_STATEMENT, name=msg.name, state=self._stmt_crypto.get(msg.name)))
-            else:
-                portal = self._portal_crypto.get(msg.name)
+                portal = self._portal_crypto.get(name)
                 if portal is not None:
                     portal.described = True
-                self._expect(Pending(Expect.DESCRIBE_PORTAL, name=msg.name, state=portal))
-        elif isinstance(msg, m.Execute):
-            portal = self._portal_crypto.get(msg.portal)
-            if portal is not None and portal.needs_description():
-                stand_in, refusal = refused_execute()
-                self._expect(Pending(Expect.EXECUTE, name=msg.portal, refusal=refusal))
-                return stand_in
-            self._arm_copy_in(crypto, portal)
-            self._expect(Pending(Expect.EXECUTE, name=msg.portal, state=portal))
-            # If nothing else was outstanding (Bind + Flush, then Execute: asyncpg cursors, JDBC fetch
-            # sizes), this Execute is the head now and its rows must be watched from the first one.
-            self._refresh_watch()
-        elif isinstance(msg, m.Close):
-            (self._stmt_crypto if msg.kind == b"S" else self._portal_crypto).pop(msg.name, None)
-            self._expect(Pending(Expect.CLOSE, name=msg.name, kind=msg.kind))
-        elif isinstance(msg, m.Sync):
-            self._on_client_sync()
-        elif isinstance(msg, m.FunctionCall):
-            self._expect(Pending(Expect.FUNCTION_CALL))
-        elif isinstance(msg, m.Terminate):
-            self.phase = Phase.CLOSED
-            self.events.append(CloseConnection())
+                self._expect(Pending(_EXPECT_DESCRIBE_PORTAL, name, b"", None, None, portal))
+            return None
+        if t == 0x43:  # Close
+            kind, name = codec.decode_target(t, body)
+            (self._stmt_crypto if kind == b"S" else self._portal_crypto).pop(name, None)
+            self._expect(Pending(_EXPECT_CLOSE, name=name, kind=kind))
+            return None
+        if t == 0x51:  # Query
+            query = codec.decode_frontend(t, body)
+            assert isinstance(query, m.Query)
+            out = crypto.query(query.query)
+            if out.refusal is None:
+                self._arm_copy_in(crypto, out.state)
+            self._expect(Pending(_EXPECT_QUERY, state=out.state, refusal=out.refusal))
+            return out.replacement
+        if t == 0x50:  # Parse
+            parse = codec.decode_frontend(t, body)
+            assert isinstance(parse, m.Parse)
+            out = crypto.parse(parse)
+            if out.state is not None:
+                self._stmt_crypto[parse.statement] = out.state
+            else:
+                self._stmt_crypto.pop(parse.statement, None)
+            self._expect(Pending(_EXPECT_PARSE, name=parse.statement, parse=parse, refusal=out.refusal))
+            return out.replacement
+        self._handle_other_client_message(t, body)
+        return None
+
+    def _crypto_bind(self, bind: m.BindFrame, crypto: SessionCrypto) -> bytes | None:
+        stmt = self._stmt_crypto.get(bind.statement)
+        known = self.statements.get(bind.statement)
+        out = crypto.bind(bind, stmt, known.row_description if known is not None else None)
+        if len(self._portal_crypto) > 1000:
+            self._portal_crypto.clear()  # named portals the client never closed; bounded memory
+        self._portal_crypto[bind.portal] = out.state
+        self._expect(Pending(_EXPECT_BIND, bind.portal, b"", None, bind, None, out.refusal))
+        return out.replacement
+
+    def _crypto_execute(self, name: str, crypto: SessionCrypto) -> bytes | None:
+        portal = self._portal_crypto.get(name)
+        if portal is not None and portal.needs_description():
+            stand_in, refusal = refused_execute()
+            self._expect(Pending(_EXPECT_EXECUTE, name=name, refusal=refusal))
+            return stand_in
+        self._arm_copy_in(crypto, portal)
+        self._expect(Pending(_EXPECT_EXECUTE, name, b"", None, None, portal))
+        # If nothing else was outstanding (Bind + Flush, then Execute: asyncpg cursors, JDBC fetch
+        # sizes), this Execute is the head now and its rows must be watched from the first one.
+        self._refresh_watch()
         return None
 
     def _arm_copy_in(self, crypto: SessionCrypto, state: Any) -> None:
@@ -730,13 +794,13 @@ class Relay:
     # -- server → client -------------------------------------------------------------------------------
     def receive_server(self, data: bytes) -> None:
         self.server_bytes += len(data)
-        if self.phase is Phase.CLOSED:
+        if self.phase is _CLOSED:
             return
         if self._s_hold:
             self._s_buf += data
             return
         try:
-            if self.light and self.phase is Phase.READY:
+            if self.light and self.phase is _READY:
                 self._receive_server_light(data)
             else:
                 self._receive_server_messages(data)
@@ -744,16 +808,22 @@ class Relay:
             self._fail(e)
 
     def _receive_server_messages(self, data: bytes) -> None:
-        data = self._server_frames(data)
-        if not data:
-            return
+        if self._s_skip or self._s_buf:
+            data = self._server_frames(data)
+            if not data:
+                return
         n = len(data)
         pos = 0
         start = 0
         out = self.to_client
         count = 0
+        unpack = _HDR.unpack_from
+        handlers = self._server_handlers
+        # Both change only through an authentication-phase message (see below).
+        authenticating = self.phase is _AUTHENTICATING
+        crypto = self.crypto
         while n - pos >= 5:
-            t, ln = _HDR.unpack_from(data, pos)
+            t, ln = unpack(data, pos)
             if ln < 4:
                 raise codec.CodecError("server", f"invalid message length {ln}")
             end = pos + 1 + ln
@@ -774,12 +844,19 @@ class Relay:
                 if t == 0x44 and self._row_plan is not None and not was_suppressing:
                     # A run of DataRows of a protected result: one call rewrites them all.
                     run_end, rows = _data_row_run(data, end, n)
-                    assert self.crypto is not None
-                    replacement = self.crypto.data_rows(data, pos, run_end, self._row_plan, rows)
+                    assert crypto is not None
+                    replacement = crypto.data_rows(data, pos, run_end, self._row_plan, rows)
                     end = run_end
                     count += rows - 1
+                elif authenticating:
+                    replacement = self._handle_auth_message(t, data[pos + 5 : end])
+                    authenticating = self.phase is _AUTHENTICATING
+                    crypto = self.crypto
                 else:
-                    replacement = self._handle_server_message(t, data[pos + 5 : end])
+                    handler = handlers.get(t)
+                    replacement = None if handler is None else handler(self, data[pos + 5 : end])
+                    if crypto is not None:
+                        self._refresh_watch()
             except KeyMiss as miss:
                 count -= 1
                 self._s_hold = True
@@ -808,19 +885,11 @@ class Relay:
         if pos < n:
             self._s_buf = data[pos:]
 
-    def _handle_server_message(self, t: int, body: bytes) -> bytes | None:
-        if self.phase is Phase.AUTHENTICATING:
-            msg = codec.decode_backend(t, body)
-            if isinstance(msg, m.ErrorResponse) and msg.severity in ("FATAL", "PANIC"):
-                self.server_fatal = True
-            return self._handle_auth_phase(msg)
-        handler = self._server_handlers.get(t)
-        if handler is None:
-            return None
-        replacement = handler(self, body)
-        if self.crypto is not None:
-            self._refresh_watch()
-        return replacement
+    def _handle_auth_message(self, t: int, body: bytes) -> bytes | None:
+        msg = codec.decode_backend(t, body)
+        if isinstance(msg, m.ErrorResponse) and msg.severity in ("FATAL", "PANIC"):
+            self.server_fatal = True
+        return self._handle_auth_phase(msg)
 
     def _refresh_watch(self) -> None:
         """Chooses which backend messages the scanner must stop at, so that results and COPY streams
@@ -831,7 +900,7 @@ class Relay:
         plan = self._row_plan
         if plan is None and self.pending:
             head = self.pending[0]
-            if head.expect is Expect.EXECUTE and head.state is not None and head.state.row_plan is not None:
+            if head.expect is _EXPECT_EXECUTE and head.state is not None and head.state.row_plan is not None:
                 plan = self._row_plan = head.state.row_plan
         if plan is not None:
             self._watched = _BACKEND_WATCHED_ROWS
@@ -851,11 +920,12 @@ class Relay:
     def _on_ready(self, body: bytes) -> bytes | None:
         if len(body) != 1 or body not in (b"I", b"T", b"E"):
             raise codec.CodecError("server", "malformed ReadyForQuery message")
-        head = self._head(None, "ReadyForQuery")
-        if head.expect not in (Expect.SYNC, Expect.QUERY, Expect.FUNCTION_CALL):
+        pending = self.pending
+        head = pending[0] if pending else self._head(None, "ReadyForQuery")
+        if head.expect not in _READY_ANSWERS:
             raise ProtocolViolation("server", f"ReadyForQuery in reply to {head.expect.name}")
-        self.pending.popleft()
-        if not self.pending:
+        pending.popleft()
+        if not pending:
             self._copy_ended_early = 0  # a COPY the server refused before it started leaves none behind
         self.transaction_status = body
         self.copy_in = self.copy_out = False
@@ -898,7 +968,12 @@ class Relay:
         return None
 
     def _on_bind_complete(self, body: bytes) -> bytes | None:
-        p = self._pop(Expect.BIND, "BindComplete")
+        pending = self.pending
+        p = (
+            pending.popleft()
+            if pending and pending[0].expect is _EXPECT_BIND
+            else self._pop(_EXPECT_BIND, "BindComplete")
+        )
         assert p.bind is not None
         stmt = self.statements.get(p.bind.statement)
         if stmt is None:
@@ -982,10 +1057,11 @@ class Relay:
         return codec.frame(b"d", rows) if rows else b""
 
     def _on_no_data(self, body: bytes) -> bytes | None:
-        head = self._head(None, "NoData")
-        if head.expect not in (Expect.DESCRIBE_STATEMENT, Expect.DESCRIBE_PORTAL):
+        pending = self.pending
+        head = pending[0] if pending else self._head(None, "NoData")
+        if head.expect is not _EXPECT_DESCRIBE_PORTAL and head.expect is not _EXPECT_DESCRIBE_STATEMENT:
             raise ProtocolViolation("server", f"NoData in reply to {head.expect.name}")
-        self.pending.popleft()
+        pending.popleft()
         return None
 
     def _on_command_complete(self, body: bytes) -> bytes | None:
@@ -993,10 +1069,11 @@ class Relay:
         self.current_result = None
         self._row_plan = None
         self._copy_out_rw = None
-        head = self._head(None, "CommandComplete")
-        if head.expect is Expect.EXECUTE:
-            self.pending.popleft()
-        elif head.expect is not Expect.QUERY:
+        pending = self.pending
+        head = pending[0] if pending else self._head(None, "CommandComplete")
+        if head.expect is _EXPECT_EXECUTE:
+            pending.popleft()
+        elif head.expect is not _EXPECT_QUERY:
             raise ProtocolViolation("server", f"CommandComplete in reply to {head.expect.name}")
         elif head.state is not None:
             head.state.index += 1  # the next statement of a multi-statement Query
@@ -1170,6 +1247,14 @@ class Relay:
     def fail(self, e: ProtocolViolation) -> None:
         """Ends the conversation because of ``e`` (used by the session for errors it detects)."""
         self._fail(e)
+
+
+def _coalesce(out: list[bytes], first: int) -> None:
+    """Joins the small pieces ``out[first:]`` of one read (a rewritten message between untouched ones)
+    into one buffer: the session then writes it with one plain write instead of a scatter write."""
+    pieces = out[first:]
+    if sum(map(len, pieces)) <= _COALESCE_LIMIT:
+        out[first:] = [b"".join(pieces)]
 
 
 def _data_row_run(data: bytes, end: int, n: int) -> tuple[int, int]:

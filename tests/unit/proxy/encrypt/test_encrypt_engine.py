@@ -74,6 +74,11 @@ def open_as(col: ProtectedColumn, envelope: bytes) -> bytes:
     return open_envelope(keys.__getitem__, envelope, column_associated_data(col.column_id))
 
 
+def frame(msg: m.Bind) -> m.BindFrame:
+    """A Bind as the relay hands it to the engine: located in its wire body."""
+    return codec.decode_bind_frame(codec.encode_bind_body(msg))
+
+
 def frontend(data: bytes) -> m.FrontendMessage:
     t, n = codec.read_header(data)
     assert len(data) == 1 + n
@@ -188,7 +193,7 @@ def test_invalid_literal_for_the_declared_type_is_refused_without_the_value(valu
 def test_invalid_text_parameter_is_refused_without_the_value() -> None:
     crypto, *_ = make_session()
     stmt = prepared(crypto, INSERT_PARAMS)
-    out = crypto.bind(m.Bind("p", "", (), (b"1", b"123-45-6789", b"zq-secret-9"), ()), stmt, None)
+    out = crypto.bind(frame(m.Bind("p", "", (), (b"1", b"123-45-6789", b"zq-secret-9"), ())), stmt, None)
     assert out.replacement == codec.encode_frontend(m.Bind("p", REFUSED_STATEMENT_NAME, (), (), ()))
     assert out.state is None
     e = error(out.refusal)
@@ -200,7 +205,7 @@ def test_invalid_text_parameter_is_refused_without_the_value() -> None:
 def test_invalid_binary_parameter_is_refused() -> None:
     crypto, *_ = make_session()
     stmt = prepared(crypto, INSERT_PARAMS)
-    out = crypto.bind(m.Bind("", "", (1,), (int4(1), b"x", b"\x00\x2a"), ()), stmt, None)
+    out = crypto.bind(frame(m.Bind("", "", (1,), (int4(1), b"x", b"\x00\x2a"), ())), stmt, None)
     e = error(out.refusal)
     assert e.sqlstate == "22P03"
     assert "public.customers.score" in (e.field(b"M") or "")
@@ -228,7 +233,7 @@ def test_key_not_in_memory_raises_key_miss_for_the_column() -> None:
     assert info.value.key_id is None
     stmt = prepared(crypto, INSERT_PARAMS)
     with pytest.raises(KeyMiss):
-        crypto.bind(m.Bind("", "", (), (b"1", b"x", b"2"), ()), stmt, None)
+        crypto.bind(frame(m.Bind("", "", (), (b"1", b"x", b"2"), ())), stmt, None)
 
 
 async def test_key_miss_is_resolved_by_a_fetch() -> None:
@@ -368,8 +373,8 @@ def bound(out: Outcome) -> m.Bind:
 def test_text_and_binary_parameters_seal_the_same_canonical_plaintext() -> None:
     crypto, *_ = make_session()
     stmt = prepared(crypto, INSERT_PARAMS)
-    as_text = bound(crypto.bind(m.Bind("", "", (), (b"1", b"123-45-6789", b" 42"), ()), stmt, None))
-    as_binary = bound(crypto.bind(m.Bind("", "", (1,), (int4(1), b"123-45-6789", int4(42)), ()), stmt, None))
+    as_text = bound(crypto.bind(frame(m.Bind("", "", (), (b"1", b"123-45-6789", b" 42"), ())), stmt, None))
+    as_binary = bound(crypto.bind(frame(m.Bind("", "", (1,), (int4(1), b"123-45-6789", int4(42)), ())), stmt, None))
     assert as_text.param_formats == (0, 1, 1)
     assert as_binary.param_formats == (1, 1, 1)
     assert as_text.params[0] == b"1"
@@ -387,7 +392,7 @@ def test_binary_parameter_of_another_declared_type_is_converted_to_the_column_ty
     """The client declared int8 and sent 8 bytes for an integer column: the canonical form is still int4."""
     crypto, *_ = make_session()
     stmt = prepared(crypto, INSERT_PARAMS, (INT4, TEXT, INT8))
-    msg = bound(crypto.bind(m.Bind("", "", (1,), (int4(1), b"x", (42).to_bytes(8, "big")), ()), stmt, None))
+    msg = bound(crypto.bind(frame(m.Bind("", "", (1,), (int4(1), b"x", (42).to_bytes(8, "big")), ())), stmt, None))
     score = msg.params[2]
     assert score is not None
     assert open_as(SCORE, score) == int4(42)
@@ -396,7 +401,7 @@ def test_binary_parameter_of_another_declared_type_is_converted_to_the_column_ty
 def test_null_parameters_stay_null_and_need_no_key() -> None:
     crypto, *_ = make_session(cached=False)
     stmt = prepared(crypto, INSERT_PARAMS)
-    msg = bound(crypto.bind(m.Bind("", "", (), (b"1", None, None), ()), stmt, None))
+    msg = bound(crypto.bind(frame(m.Bind("", "", (), (b"1", None, None), ())), stmt, None))
     assert msg.params == (b"1", None, None)
     assert set(msg.param_formats) <= {0}
 
@@ -410,7 +415,7 @@ def test_bind_asks_binary_results_for_protected_columns(
 ) -> None:
     crypto, *_ = make_session()
     stmt = prepared(crypto, SELECT_BY_ID)
-    out = crypto.bind(m.Bind("p", "", (), (b"7",), client), stmt, None)
+    out = crypto.bind(frame(m.Bind("p", "", (), (b"7",), client)), stmt, None)
     assert bound(out) == m.Bind("p", "", (), (b"7",), server)
     portal = out.state
     assert isinstance(portal, PortalCrypto)
@@ -426,7 +431,7 @@ def test_bind_asks_binary_results_for_protected_columns(
 
 def test_bind_of_a_statement_without_protected_columns_is_unchanged() -> None:
     crypto, *_ = make_session()
-    out = crypto.bind(m.Bind("", "", (), (b"1",), (1,)), None, None)
+    out = crypto.bind(frame(m.Bind("", "", (), (b"1",), (1,))), None, None)
     assert out.replacement is None
     assert out.refusal is None
 

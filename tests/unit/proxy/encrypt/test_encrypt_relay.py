@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 from encrypt_support import (  # noqa: F401
     BYTEA,
     BYTEA_LITERAL,
@@ -31,13 +32,23 @@ from encrypt_support import (  # noqa: F401
     TEXT,
     FakeKeySource,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from keymgmt.envelope import _seal_with_nonce, column_associated_data, open_envelope
 from proxy.encrypt.engine import REFUSED_QUERY, CryptoContext, SessionCrypto
 from proxy.encrypt.keyring import KeyRing
 from proxy.protocol import codec
 from proxy.protocol import messages as m
-from proxy.protocol.relay import Authenticated, NeedKey, Phase, Relay, SessionReady, StartupReceived
+from proxy.protocol.relay import (
+    Authenticated,
+    CloseConnection,
+    NeedKey,
+    Phase,
+    Relay,
+    SessionReady,
+    StartupReceived,
+)
 from proxy.rewrite.catalog import ProtectedColumn
 
 STARTUP = m.StartupMessage(m.PROTOCOL_3_0, (("user", "app"), ("database", "app")))
@@ -618,3 +629,130 @@ def test_extended_statement_without_protected_columns_passes_byte_identical() ->
     )
     reply = be(m.ParseComplete(), m.BindComplete(), desc) + data_row(int4(1), ENVELOPES[0][0]) + DONE
     assert server(relay, reply) == reply
+
+
+# -- the prepared statement's hot path ------------------------------------------------------------------
+# Bind, Describe, Execute, Close and Sync are read in place, without message objects; the checks are the
+# decoder's, and so is the error a malformed one gets.
+
+
+def plain_relay() -> Relay:
+    """The full statement model without an encryption layer."""
+    relay = Relay()
+    client(relay, codec.encode_startup(STARTUP))
+    server(relay, be(m.Authentication(m.AuthCode.OK), m.BackendKeyData(4242, 99), m.ReadyForQuery(b"I")))
+    relay.events.clear()
+    return relay
+
+
+def prepared_insert(relay: Relay) -> None:
+    client(relay, fe(m.Parse("ins", INSERT_PARAMS, ()), m.Sync()))
+    server(relay, be(m.ParseComplete(), m.ReadyForQuery(b"I")))
+
+
+def decoder_error(t: int, body: bytes) -> codec.CodecError:
+    try:
+        codec.decode_frontend(t, body)
+    except codec.CodecError as e:
+        return e
+    raise AssertionError("the decoder accepts these bytes")
+
+
+HOT_MALFORMED = [
+    (b"B", b"\x00ins\x00\x00\x00\x00\x01\x00\x00\x00\x05ab\x00\x00"),  # a value runs past the end
+    (b"B", b"\x00ins\x00\x00\x01\x00\x02\x00\x00\x00\x00"),  # format code 2
+    (b"B", b"\x00ins\x00\x00\x00\x00\x00\x00\x00\x00"),  # trailing bytes
+    (b"B", b"\x00ins"),  # unterminated statement name
+    (b"D", b"Q\x00"),
+    (b"D", b"P"),
+    (b"C", b"S\x00\x00"),
+    (b"E", b"abcd"),
+    (b"E", b"\x00\x00\x00"),
+    (b"S", b"\x00"),
+    (b"H", b"x"),
+    (b"X", b"\x00\x00"),
+    (b"c", b"x"),  # CopyDone and CopyFail outside a COPY: checked the same way
+    (b"f", b"no terminator"),
+]
+
+
+@pytest.mark.parametrize("encrypting", [True, False])
+@pytest.mark.parametrize(("type_byte", "body"), HOT_MALFORMED)
+def test_malformed_hot_message_is_refused_with_the_decoders_error(
+    encrypting: bool, type_byte: bytes, body: bytes
+) -> None:
+    relay = make_relay()[0] if encrypting else plain_relay()
+    prepared_insert(relay)
+    good = fe(m.Bind("", "ins", (), (b"1", b"123-45-6789", b"42"), ()), m.Describe(b"P", ""), m.Execute("", 0))
+    sent = client(relay, good + codec.frame(type_byte, body) + fe(m.Sync()))
+    assert b"123-45-6789" not in sent
+    closes = [e for e in relay.events if isinstance(e, CloseConnection)]
+    assert len(closes) == 1
+    assert relay.phase is Phase.CLOSED
+    expected = decoder_error(type_byte[0], body)
+    assert closes[0].error is not None
+    assert (closes[0].error.peer, closes[0].error.message) == ("client", expected.message)
+    assert b"".join(relay.to_client) == codec.encode_error("FATAL", "08P01", expected.message)
+
+
+hot_types = st.sampled_from([b"B", b"D", b"C", b"E", b"S", b"H"])
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.booleans(), hot_types, st.binary(max_size=24), st.data())
+def test_hot_messages_are_accepted_exactly_when_the_decoder_accepts_them(
+    encrypting: bool, type_byte: bytes, noise: bytes, data: st.DataObject
+) -> None:
+    valid = {
+        b"B": codec.encode_bind_body(m.Bind("", "ins", (), (b"1", b"2", b"3"), ())),
+        b"D": b"Pp\x00",
+        b"C": b"Sins\x00",
+        b"E": b"p\x00\x00\x00\x00\x00",
+        b"S": b"",
+        b"H": b"",
+    }[type_byte]
+    cut = data.draw(st.integers(0, len(valid)))
+    body = data.draw(st.sampled_from([valid, noise, valid[:cut] + noise, valid + noise[:2]]))
+    relay = make_relay()[0] if encrypting else plain_relay()
+    prepared_insert(relay)
+    client(relay, codec.frame(type_byte, body))
+    try:
+        codec.decode_frontend(type_byte[0], body)
+        refused = None
+    except codec.CodecError as e:
+        refused = e.message
+    if refused is None:
+        assert relay.phase is Phase.READY
+        assert relay.events == []
+    else:
+        (close,) = relay.events
+        assert isinstance(close, CloseConnection)
+        assert close.error is not None
+        assert close.error.message == refused
+
+
+def test_prepared_insert_goes_out_in_one_buffer_and_its_replies_pass_untouched() -> None:
+    relay, *_ = make_relay()
+    prepared_insert(relay)
+    for _ in range(3):
+        relay.receive_client(
+            fe(
+                m.Bind("", "ins", (), (b"7", b"123-45-6789", b"42"), ()),
+                m.Describe(b"P", ""),
+                m.Execute("", 0),
+                m.Sync(),
+            )
+        )
+        assert len(relay.to_server) == 1  # the rewritten Bind and the untouched rest, joined: one write
+        sent = split(relay.to_server.pop())
+        assert bytes(t for t, _ in sent) == b"BDES"
+        sealed = codec.decode_frontend(*sent[0])
+        assert isinstance(sealed, m.Bind)
+        ssn, score = sealed.params[1], sealed.params[2]
+        assert ssn is not None
+        assert score is not None
+        assert (open_as(SSN, ssn), open_as(SCORE, score)) == (b"123-45-6789", int4(42))
+        reply = be(m.BindComplete(), m.NoData(), m.CommandComplete("INSERT 0 1"), m.ReadyForQuery(b"I"))
+        assert server(relay, reply) == reply
+        assert not relay.pending
+        assert relay.portals == {}  # the unnamed portal ended with its transaction
