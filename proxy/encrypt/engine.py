@@ -409,15 +409,22 @@ class SessionCrypto:
         client_formats = msg.result_formats
         if stmt is None:
             return Outcome(None, PortalCrypto(None, client_formats, client_formats))
+        try:
+            return self._bind(msg, stmt, stmt_row_desc, client_formats)
+        except ProxyError as e:
+            # A parameter the proxy cannot seal, or results it could not deliver (a client_encoding it
+            # does not support): refused before the server runs anything.
+            log.info("refused a Bind: %s", e.message)
+            refused = m.Bind(msg.portal, REFUSED_STATEMENT_NAME, (), (), ())
+            return Outcome(codec.encode_frontend(refused), None, refusal_bytes(e))
+
+    def _bind(
+        self, msg: m.BindFrame, stmt: StatementCrypto, stmt_row_desc: bytes | None, client_formats: tuple[int, ...]
+    ) -> Outcome:
         param_formats: tuple[int, ...] | None = None
         sealed: tuple[tuple[int, bytes], ...] = ()
         if stmt.targets and len(msg.param_offsets) > 1:  # protected parameters, and values for them
-            try:
-                param_formats, sealed = self._seal_params(msg, stmt)
-            except ProxyError as e:
-                log.info("refused a Bind: %s", e.message)
-                refused = m.Bind(msg.portal, REFUSED_STATEMENT_NAME, (), (), ())
-                return Outcome(codec.encode_frontend(refused), None, refusal_bytes(e))
+            param_formats, sealed = self._seal_params(msg, stmt)
         hint = stmt.result_hint
         if stmt_row_desc is not None:
             hint = self._merge_hint(hint, stmt_row_desc)

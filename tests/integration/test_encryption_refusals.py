@@ -493,3 +493,19 @@ def test_keystore_unreachable_fails_closed(
     finally:
         proxy.stop()
     assert KEYSTORE_PASSWORD not in proxy.logs()
+
+
+def test_results_in_an_unsupported_client_encoding_are_refused_and_the_session_goes_on(env: EncEnv) -> None:
+    """pgveil cannot encode decrypted text in SJIS: both protocols get 0A000 naming the encoding, before
+    (extended) or instead of (simple) any row, and the session continues."""
+    rid = next_id()
+    with psycopg.connect(env.proxy.dsn(), autocommit=True) as c:
+        c.execute("INSERT INTO enc_rt_text (id, v) VALUES (%s, %s)", [rid, "kept"])
+        c.execute("SET client_encoding = 'SJIS'")
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match='client_encoding "SJIS"'):
+            c.execute("SELECT v FROM enc_rt_text WHERE id = %s", [rid])
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match='client_encoding "SJIS"'):
+            psycopg.ClientCursor(c).execute("SELECT v FROM enc_rt_text WHERE id = %s", [rid])
+        assert c.execute("SELECT 1").fetchone() == (1,)
+        c.execute("SET client_encoding = 'UTF8'")
+        assert c.execute("SELECT v FROM enc_rt_text WHERE id = %s", [rid]).fetchone() == ("kept",)
