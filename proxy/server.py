@@ -221,7 +221,7 @@ class ProxyServer:
         """Sessions of every process (a worker knows only its own; the supervisor enforces the limit)."""
         return len(self.sessions) + (self.supervisor.worker_sessions() if self.supervisor is not None else 0)
 
-    def _balance_changed(self, _workers: Mapping[int, int] | None = None) -> None:
+    def _balance_changed(self) -> None:
         """``pgveil_process_sessions``: how the supervisor (process 0) and each worker are loaded."""
         sup = self.supervisor
         if sup is None:
@@ -236,8 +236,7 @@ class ProxyServer:
         self.sessions.discard(session)
         if self.channel is not None:
             self.channel.session_closed()
-        elif self.supervisor is not None:
-            self._balance_changed()
+        self._balance_changed()
 
     def _new_session(self, transport: asyncio.Transport) -> Session:
         sid = next(self._ids)
@@ -248,8 +247,7 @@ class ProxyServer:
             session.reject(code, reason)
             return session
         self.sessions.add(session)
-        if self.supervisor is not None:
-            self._balance_changed()
+        self._balance_changed()
         return session
 
     def request_stop(self) -> None:

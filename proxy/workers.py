@@ -112,7 +112,7 @@ class Supervisor:
         config_path: Path,
         upstream: str | None,
         count: int,
-        on_balance: Callable[[dict[int, int]], None] | None = None,
+        on_balance: Callable[[], None] | None = None,
     ) -> None:
         self.config_path = config_path
         self.upstream = upstream
@@ -161,7 +161,7 @@ class Supervisor:
 
     def _balance_changed(self) -> None:
         if self._on_balance is not None:
-            self._on_balance({slot: link.sessions for slot, link in self.links.items()})
+            self._on_balance()  # the caller reads the counts from ``links``
 
     # -- the processes ---------------------------------------------------------------------------------
     async def _keep_running(self, slot: int) -> None:

@@ -29,16 +29,18 @@ def children(pid: int) -> set[int]:
     return found
 
 
-def metric(p: ProxyProcess, name: str) -> float:
+def metrics_text(p: ProxyProcess) -> str:
     with urllib.request.urlopen(p.admin_url + "/metrics", timeout=5) as r:
-        body = r.read().decode()
-    m = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", body, re.MULTILINE)
+        return str(r.read().decode())
+
+
+def metric(p: ProxyProcess, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", metrics_text(p), re.MULTILINE)
     return float(m.group(1)) if m else 0.0
 
 
 def per_process(p: ProxyProcess) -> dict[str, float]:
-    with urllib.request.urlopen(p.admin_url + "/metrics", timeout=5) as r:
-        body = r.read().decode()
+    body = metrics_text(p)
     found = re.findall(r'^pgveil_process_sessions\{process="(\d+)"\} ([0-9.e+]+)$', body, re.MULTILINE)
     return {proc: float(v) for proc, v in found}
 
