@@ -52,7 +52,11 @@ from proxy.pgtypes.base import SessionFormat, TypeCodec, python_codec
 from proxy.pgtypes.text import TextCodec
 from proxy.protocol import codec
 from proxy.protocol import messages as m
-from proxy.protocol.relay import KeyMiss
+from proxy.protocol.encryption import REFUSED_PORTAL_NAME as REFUSED_PORTAL_NAME
+from proxy.protocol.encryption import REFUSED_QUERY as REFUSED_QUERY
+from proxy.protocol.encryption import REFUSED_STATEMENT_NAME as REFUSED_STATEMENT_NAME
+from proxy.protocol.encryption import CryptoState, KeyMiss
+from proxy.protocol.encryption import Outcome as Outcome
 from proxy.rewrite.analysis import analyze
 from proxy.rewrite.catalog import Catalog, ProtectedColumn
 from proxy.rewrite.copyrows import CopyOptions, CopyRowRewriter
@@ -67,11 +71,6 @@ _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
 _U32 = struct.Struct("!I")
 _ENABLED = KeyState.ENABLED  # a module global: the hot path compares against it once per Bind and column
-
-# Stand-ins sent instead of a refused message: each makes the server fail at the same protocol step.
-REFUSED_QUERY = "pgveil_refused_statement"
-REFUSED_STATEMENT_NAME = "\x01pgveil refused"
-REFUSED_PORTAL_NAME = "\x01pgveil refused"
 
 
 def refused_execute() -> tuple[bytes, bytes]:
@@ -119,7 +118,7 @@ class ParamTarget:
 
 
 @dataclass(slots=True)
-class StatementCrypto:
+class StatementCrypto(CryptoState):
     """What the proxy knows about one prepared statement that touches protected columns."""
 
     plan: StatementPlan
@@ -149,7 +148,7 @@ class StatementCrypto:
 
 
 @dataclass(slots=True)
-class PortalCrypto:
+class PortalCrypto(CryptoState):
     statement: StatementCrypto | None
     client_formats: tuple[int, ...]  # as the client sent them in Bind (compact form)
     server_formats: tuple[int, ...]  # as the proxy sent them to the server
@@ -163,7 +162,7 @@ class PortalCrypto:
 
 
 @dataclass(slots=True)
-class QueryCrypto:
+class QueryCrypto(CryptoState):
     """A simple Query's plan: one statement plan per statement, advanced per CommandComplete."""
 
     statements: tuple[StatementPlan, ...]
@@ -173,16 +172,6 @@ class QueryCrypto:
         if self.index >= len(self.statements):
             return None
         return ctx.result_hint(self.statements[self.index])
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """A frontend message after rewriting: ``replacement`` (None = forward as is), the state to keep
-    with the pending reply, and ``refusal`` (an encoded ErrorResponse) when it was refused."""
-
-    replacement: bytes | None = None
-    state: object = None
-    refusal: bytes | None = None
 
 
 def format_for(formats: Sequence[int], i: int) -> int:
@@ -275,6 +264,18 @@ class SessionCrypto:
         self._memo_plan: RowPlan | None = None
         self._memo: dict[bytes, Any] = {}
         self._memo_count = 0
+        # What the relay keeps this object for (see proxy.protocol.encryption.SessionEncryption).
+        self.in_flight = False
+        self.copy_in_armed = False
+        self._stmt_crypto: dict[str, StatementCrypto] = {}
+        self._portal_crypto: dict[str, PortalCrypto] = {}
+        self._row_plan: RowPlan | None = None  # the result whose DataRows the relay hands over now
+        self._copy_out_rw: CopyRowRewriter | None = None  # rewrites the server's COPY TO STDOUT rows
+        # Rewrites the client's COPY FROM STDIN rows. It lives until the client's CopyDone/CopyFail, not
+        # the server's reply: a client keeps sending (plaintext) rows after the server gave up, and they
+        # must still be encrypted or dropped, never passed on.
+        self._copy_in_rw: CopyRowRewriter | None = None
+        self._copy_in_failed = False
 
     def set_parameter(self, name: str, value: str) -> None:
         self.fmt = self.fmt.with_parameter(name, value)
@@ -393,8 +394,8 @@ class SessionCrypto:
         query = msg.query if new_sql is None else new_sql
         return Outcome(codec.encode_frontend(m.Parse(msg.statement, query, tuple(types))), stmt)
 
-    def parameter_description(self, body: bytes, stmt: StatementCrypto) -> bytes | None:
-        if not stmt.params:
+    def parameter_description(self, body: bytes, stmt: CryptoState) -> bytes | None:
+        if not isinstance(stmt, StatementCrypto) or not stmt.params:
             return None
         (n,) = struct.unpack_from("!H", body, 0)
         oids = list(struct.unpack_from(f"!{n}I", body, 2))
@@ -659,6 +660,150 @@ class SessionCrypto:
             force_null=positions(o.force_null),
         )
         return CopyRowRewriter(options, fields)
+
+    # -- the relay's seam: proxy.protocol.encryption.SessionEncryption --------------------------------
+    def set_statement(self, name: str, state: CryptoState | None) -> None:
+        if isinstance(state, StatementCrypto):
+            self._stmt_crypto[name] = state
+        else:
+            self._stmt_crypto.pop(name, None)
+
+    def handle_bind(self, msg: m.BindFrame, statement_row_description: bytes | None) -> Outcome:
+        out = self.bind(msg, self._stmt_crypto.get(msg.statement), statement_row_description)
+        portals = self._portal_crypto
+        if len(portals) > 1000:
+            portals.clear()  # named portals the client never closed; bounded memory
+        if isinstance(out.state, PortalCrypto):
+            portals[msg.portal] = out.state
+        else:
+            portals.pop(msg.portal, None)
+        return out
+
+    def handle_execute(self, portal: str) -> Outcome:
+        state = self._portal_crypto.get(portal)
+        if state is not None and state.needs_description():
+            stand_in, refusal = refused_execute()
+            return Outcome(stand_in, None, refusal)
+        self.arm_copy_in(state)
+        return Outcome(None, state)
+
+    def handle_describe(self, kind: bytes, name: str) -> CryptoState | None:
+        if kind == b"S":
+            return self._stmt_crypto.get(name)
+        portal = self._portal_crypto.get(name)
+        if portal is not None:
+            portal.described = True
+        return portal
+
+    def handle_close(self, kind: bytes, name: str) -> None:
+        if kind == b"S":
+            self._stmt_crypto.pop(name, None)
+        else:
+            self._portal_crypto.pop(name, None)
+
+    def arm_copy_in(self, state: CryptoState | None) -> None:
+        """A statement that copies into a protected table: its row rewriter starts now, when the client
+        sends the statement, not when the server answers. Clients may send the rows without waiting
+        for CopyInResponse (asyncpg does), and none of them may reach the server unrewritten."""
+        if self._copy_in_rw is not None or state is None:
+            return
+        rw = self.copy_in_rewriter_for(state)  # KeyMiss: the message is retried once the key is in
+        if rw is not None:
+            self._copy_in_rw = rw
+            self._copy_in_failed = False
+            self.copy_in_armed = True
+
+    def disarm_copy_in(self) -> None:
+        self._copy_in_rw = None
+        self._copy_in_failed = False
+        self.copy_in_armed = False
+
+    def copy_in_data(self, body: bytes) -> bytes | None:
+        if self._copy_in_failed:
+            return b""
+        rw = self._copy_in_rw
+        if rw is None:
+            return None
+        try:
+            rows = rw.feed(body)
+        except ProtocolViolation:
+            raise
+        except ProxyError:
+            self._copy_in_failed = True  # the rest of the client's rows is dropped
+            raise
+        return codec.frame(b"d", rows) if rows else b""
+
+    def copy_in_end(self, done: bool) -> bytes | None:
+        rw, failed = self._copy_in_rw, self._copy_in_failed
+        self.disarm_copy_in()
+        if failed:
+            return b""  # the server's COPY was aborted already
+        if rw is None or not done:  # no rewriting, or CopyFail: the server aborts the COPY itself
+            return None
+        tail = rw.finish()  # a ProxyError: the relay aborts the server's COPY
+        end = codec.frame(b"c", b"")
+        return (codec.frame(b"d", tail) + end) if tail else None
+
+    def statement_row_description(self, body: bytes, state: CryptoState | None) -> bytes | None:
+        hint = state.result_hint if isinstance(state, StatementCrypto) else None
+        replacement, _ = self.row_description(body, hint, None)
+        return replacement
+
+    def portal_row_description(self, body: bytes, state: CryptoState | None, formats: tuple[int, ...]) -> bytes | None:
+        if not isinstance(state, PortalCrypto):
+            replacement, _ = self.row_description(body, None, formats)
+            return replacement
+        hint = state.statement.result_hint if state.statement is not None else None
+        replacement, plan = self.row_description(body, hint, state.client_formats)
+        if plan is not None:
+            state.row_plan = plan
+        return replacement
+
+    def result_row_description(self, body: bytes, state: CryptoState | None) -> tuple[bytes | None, bool]:
+        hint = state.current_hint(self.ctx) if isinstance(state, QueryCrypto) else None
+        replacement, plan = self.row_description(body, hint, None)  # simple Query: text format throughout
+        self._row_plan = plan
+        return replacement, plan is not None
+
+    def execute_rows(self, state: CryptoState) -> bool:
+        plan = state.row_plan if isinstance(state, PortalCrypto) else None
+        if plan is None:
+            return False
+        self._row_plan = plan
+        return True
+
+    def data_rows_current(self, data: bytes, start: int, end: int, rows: int) -> bytes:
+        plan = self._row_plan
+        assert plan is not None
+        return self.data_rows(data, start, end, plan, rows)
+
+    def statement_done(self, state: CryptoState) -> None:
+        if isinstance(state, QueryCrypto):
+            state.index += 1  # the next statement of a multi-statement Query
+
+    def copy_in_response(self, state: CryptoState | None, body: bytes) -> None:
+        if self._copy_in_rw is not None:
+            return  # armed when the client sent the statement
+        rw = self.copy_rewriter(state, body, inbound=True)
+        if rw is not None:
+            self._copy_in_rw = rw
+            self._copy_in_failed = False
+            self.copy_in_armed = True
+
+    def copy_out_response(self, state: CryptoState | None, body: bytes) -> bool:
+        self._copy_out_rw = self.copy_rewriter(state, body, inbound=False)
+        return self._copy_out_rw is not None
+
+    def copy_out_data(self, body: bytes) -> bytes:
+        rw = self._copy_out_rw
+        assert rw is not None
+        rows = rw.feed(body)
+        return codec.frame(b"d", rows) if rows else b""
+
+    def copy_out_done(self) -> bytes | None:
+        rw, self._copy_out_rw = self._copy_out_rw, None
+        tail = rw.finish() if rw is not None else b""
+        return codec.frame(b"d", tail) + codec.frame(b"c", b"") if tail else None
 
 
 class _BadParameterType(ProxyError):

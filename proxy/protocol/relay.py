@@ -33,6 +33,12 @@ relay disagree about the conversation: the relay fails closed with a protocol vi
 every execution of a prepared statement (Bind, Describe, Execute, Sync, and Close) are read in place by
 the codec's readers, which check them exactly as the decoder does; their replies are acted on from the
 type byte. Neither side builds message objects for them.
+
+Encryption. The relay knows nothing about columns or keys. A session with protected tables has an
+encryption layer, reached only through :class:`~proxy.protocol.encryption.SessionEncryption`: each
+frontend message the relay acts on is offered to it (one client path, with or without it) and may come
+back rewritten or refused; the state it returns rides on the Pending entry and goes back to it with the
+reply. Without a layer, no call is made and nothing per message is added.
 """
 
 from __future__ import annotations
@@ -43,35 +49,15 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum, auto
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import ClassVar
 
 from proxy.errors import ProtocolViolation, ProxyError
 from proxy.protocol import codec
 from proxy.protocol import messages as m
-
-if TYPE_CHECKING:
-    from proxy.encrypt.engine import SessionCrypto
-
-
-def refused_execute() -> tuple[bytes, bytes]:
-    from proxy.encrypt.engine import refused_execute as build
-
-    return build()
-
+from proxy.protocol.encryption import CryptoState, SessionEncryption
+from proxy.protocol.encryption import KeyMiss as KeyMiss
 
 log = logging.getLogger(__name__)
-
-
-class KeyMiss(Exception):
-    """Raised by the encryption layer when a key is not in memory: the relay holds that side of the
-    stream and asks the session (NeedKey) to fetch it. Defined here so the relay needs no import of
-    the encryption layer."""
-
-    def __init__(self, *, key_id: bytes | None = None, column_id: str | None = None) -> None:
-        super().__init__("key not cached")
-        self.key_id = key_id
-        self.column_id = column_id
-
 
 _U32 = struct.Struct("!I")
 _HDR = struct.Struct("!BI")
@@ -123,7 +109,7 @@ class Pending:
     kind: bytes = b""
     parse: m.Parse | None = None
     bind: m.BindFrame | None = None
-    state: Any = None  # the encryption layer's plan for this message's replies (see proxy.encrypt)
+    state: CryptoState | None = None  # the encryption layer's plan for this message's replies
     refusal: bytes | None = None  # an ErrorResponse that replaces the server's error for a refused message
 
 
@@ -221,7 +207,7 @@ class Relay:
         self,
         *,
         max_message_size: int = codec.MAX_MESSAGE_SIZE,
-        crypto_factory: Callable[[str], SessionCrypto] | None = None,
+        crypto_factory: Callable[[str], SessionEncryption] | None = None,
         track_statements: bool = True,
     ) -> None:
         self.max_message_size = max_message_size
@@ -231,16 +217,9 @@ class Relay:
         self.outstanding = 0  # light mode: Query/Sync/FunctionCall sent and not yet answered by ReadyForQuery
         # The encryption layer, created once the login role is known; None = pure pass-through.
         self._crypto_factory = crypto_factory
-        self.crypto: SessionCrypto | None = None
-        self._stmt_crypto: dict[str, Any] = {}
-        self._portal_crypto: dict[str, Any] = {}
-        self._row_plan: Any = None
-        self._copy_out_rw: Any = None  # rewrites the server's COPY TO STDOUT rows
-        # Rewrites the client's COPY FROM STDIN rows. It lives until the client's CopyDone/CopyFail, not
-        # the server's reply: a client keeps sending (plaintext) rows after the server gave up, and they
-        # must still be encrypted or dropped, never passed on.
-        self._copy_in_rw: Any = None
-        self._copy_in_failed = False
+        self.crypto: SessionEncryption | None = None
+        self._rows = False  # the DataRows streaming now are rewritten by the encryption layer
+        self._copy_out_rewritten = False  # so is the server's COPY TO STDOUT data
         self._suppress = False  # drop server replies up to the next ReadyForQuery (after an injected error)
         self._watched: frozenset[int] = _BACKEND_WATCHED
         self._c_streamed: frozenset[int] = _FRONTEND_STREAMED
@@ -538,13 +517,9 @@ class Relay:
         # Only the server's messages move the phase on (and create the encryption layer), so the handler
         # is chosen once per read; Terminate ends the loop.
         authenticating = self.phase is _AUTHENTICATING
-        handle: Callable[[int, bytes], bytes | None]
-        if authenticating:
-            handle = self._handle_client_message_authenticating
-        elif self.crypto is not None:
-            handle = self._handle_client_message_crypto
-        else:
-            handle = self._handle_client_message
+        handle: Callable[[int, bytes], bytes | None] = (
+            self._handle_client_message_authenticating if authenticating else self._handle_client_message
+        )
         while n - pos >= 5:
             t, ln = unpack(data, pos)
             if ln < 4:
@@ -600,45 +575,104 @@ class Relay:
         raise codec.CodecError("client", f"unexpected message type {t} during authentication")
 
     def _handle_client_message(self, t: int, body: bytes) -> bytes | None:
-        """Acts on one complete frontend message (no encryption layer); returns replacement bytes, or None
-        to forward it as is."""
+        """Acts on one complete frontend message; returns replacement bytes, or None to forward it as is.
+
+        With an encryption layer each message is offered to it first. Nothing is queued before the layer
+        has accepted the message, so a KeyMiss can retry it from scratch."""
+        crypto = self.crypto
+        if crypto is not None and crypto.copy_in_armed:
+            if t == 0x64:  # 'd' CopyData while a COPY FROM STDIN of a protected table streams
+                try:
+                    return crypto.copy_in_data(body)
+                except ProtocolViolation:
+                    raise
+                except ProxyError as e:
+                    return self._fail_copy_in(e)
+            if not self._client_copying and t not in (0x63, 0x66, 0x53, 0x48):
+                # A rewriter armed for a COPY that never started (the server refused the statement): the
+                # client has moved on to another command.
+                crypto.disarm_copy_in()
+                self._c_streamed = _FRONTEND_STREAMED
         # The messages of a prepared statement's every execution are read in place (see codec).
         if t == 0x42:  # Bind
             bind = codec.decode_bind_frame(body)
-            self._expect(Pending(_EXPECT_BIND, bind.portal, b"", None, bind))
-        elif t == 0x45:  # Execute
-            self._expect(Pending(_EXPECT_EXECUTE, codec.decode_execute_portal(body)))
-        elif t == 0x53:  # Sync
+            if crypto is None:
+                self._expect(Pending(_EXPECT_BIND, bind.portal, b"", None, bind))
+                return None
+            known = self.statements.get(bind.statement)
+            out = crypto.handle_bind(bind, known.row_description if known is not None else None)
+            self._expect(Pending(_EXPECT_BIND, bind.portal, b"", None, bind, None, out.refusal))
+            return out.replacement
+        if t == 0x45:  # Execute
+            name = codec.decode_execute_portal(body)
+            if crypto is None:
+                self._expect(Pending(_EXPECT_EXECUTE, name))
+                return None
+            out = crypto.handle_execute(name)
+            if crypto.copy_in_armed:
+                self._c_streamed = _NOTHING_STREAMED
+            self._expect(Pending(_EXPECT_EXECUTE, name, b"", None, None, out.state, out.refusal))
+            # If nothing else was outstanding (Bind + Flush, then Execute: asyncpg cursors, JDBC fetch
+            # sizes), this Execute is the head now and its rows must be watched from the first one.
+            self._refresh_watch()
+            return out.replacement
+        if t == 0x53:  # Sync
             codec.check_empty(t, body)
             self._on_client_sync()
-        elif t == 0x44:  # Describe
+            return None
+        if t == 0x44:  # Describe
             kind, name = codec.decode_target(t, body)
-            self._expect(Pending(_EXPECT_DESCRIBE_STATEMENT if kind == b"S" else _EXPECT_DESCRIBE_PORTAL, name=name))
-        elif t == 0x43:  # Close
+            state = None if crypto is None else crypto.handle_describe(kind, name)
+            expect = _EXPECT_DESCRIBE_STATEMENT if kind == b"S" else _EXPECT_DESCRIBE_PORTAL
+            self._expect(Pending(expect, name, b"", None, None, state))
+            return None
+        if t == 0x43:  # Close
             kind, name = codec.decode_target(t, body)
-            self._expect(Pending(_EXPECT_CLOSE, name=name, kind=kind))
-        else:
-            self._handle_other_client_message(t, body)
-        return None
-
-    def _handle_other_client_message(self, t: int, body: bytes) -> None:
-        """The bookkeeping of the messages both paths decode in full: Query, Parse and FunctionCall only
-        without encryption (the encryption layer rewrites those), Terminate and COPY's in both."""
+            if crypto is not None:
+                crypto.handle_close(kind, name)
+            self._expect(Pending(_EXPECT_CLOSE, name, kind))
+            return None
         if t == 0x70:  # 'p' after authentication is a protocol violation the server would report too
             raise codec.CodecError("client", "unexpected password message")
         msg = codec.decode_frontend(t, body)
         if isinstance(msg, m.Query):
-            self._expect(Pending(Expect.QUERY))
-        elif isinstance(msg, m.Parse):
-            self._expect(Pending(Expect.PARSE, name=msg.statement, parse=msg))
-        elif isinstance(msg, m.FunctionCall):
+            if crypto is None:
+                self._expect(Pending(_EXPECT_QUERY))
+                return None
+            crypto.in_flight = bool(self.pending)
+            out = crypto.query(msg.query)
+            if out.refusal is None:
+                crypto.arm_copy_in(out.state)
+                if crypto.copy_in_armed:
+                    self._c_streamed = _NOTHING_STREAMED
+            self._expect(Pending(_EXPECT_QUERY, "", b"", None, None, out.state, out.refusal))
+            return out.replacement
+        if isinstance(msg, m.Parse):
+            if crypto is None:
+                self._expect(Pending(_EXPECT_PARSE, msg.statement, b"", msg))
+                return None
+            crypto.in_flight = bool(self.pending)
+            out = crypto.parse(msg)
+            crypto.set_statement(msg.statement, out.state)
+            self._expect(Pending(_EXPECT_PARSE, msg.statement, b"", msg, None, out.state, out.refusal))
+            return out.replacement
+        if isinstance(msg, m.FunctionCall):
             self._expect(Pending(Expect.FUNCTION_CALL))
         elif isinstance(msg, m.Terminate):
             self.phase = Phase.CLOSED
             self.events.append(CloseConnection())
         elif isinstance(msg, m.CopyDone | m.CopyFail):
             self._client_copy_ended()
+            if crypto is not None and crypto.copy_in_armed:
+                self._c_streamed = _FRONTEND_STREAMED
+                try:
+                    return crypto.copy_in_end(t == 0x63)
+                except ProtocolViolation:
+                    raise
+                except ProxyError as e:
+                    return self._fail_copy_in(e)  # the client's COPY is over: nothing more of it will come
         # Flush needs no bookkeeping, CopyDone and CopyFail are answered as part of the running command.
+        return None
 
     def _on_client_sync(self) -> None:
         if self._client_copying:
@@ -646,141 +680,9 @@ class Relay:
         self._discarding = False
         self.pending.append(Pending(_EXPECT_SYNC))
 
-    def _handle_client_message_crypto(self, t: int, body: bytes) -> bytes | None:
-        """The same bookkeeping as the pass-through path, with each message offered to the encryption
-        layer first. Nothing is queued before the layer has accepted the message, so a KeyMiss can
-        retry it from scratch."""
-        crypto = self.crypto
-        assert crypto is not None
-        if t == 0x64:  # 'd' CopyData while a COPY FROM STDIN of a protected table streams
-            return self._copy_in_data(body)
-        if t == 0x63 or t == 0x66:  # CopyDone / CopyFail, checked as in the other modes
-            codec.decode_frontend(t, body)
-            self._client_copy_ended()
-            return self._copy_in_end(t, body)
-        if self._copy_in_rw is not None and not self._client_copying and t not in (0x53, 0x48):
-            # A rewriter armed for a COPY that never started (the server refused the statement): the
-            # client has moved on to another command.
-            self._copy_in_rw = None
-            self._copy_in_failed = False
-            self._c_streamed = _FRONTEND_STREAMED
-        if t == 0x42:  # Bind
-            return self._crypto_bind(codec.decode_bind_frame(body), crypto)
-        if t == 0x45:  # Execute
-            return self._crypto_execute(codec.decode_execute_portal(body), crypto)
-        if t == 0x53:  # Sync
-            codec.check_empty(t, body)
-            self._on_client_sync()
-            return None
-        if t == 0x44:  # Describe
-            kind, name = codec.decode_target(t, body)
-            if kind == b"S":
-                self._expect(Pending(_EXPECT_DESCRIBE_STATEMENT, name=name, state=self._stmt_crypto.get(name)))
-            else:
-                portal = self._portal_crypto.get(name)
-                if portal is not None:
-                    portal.described = True
-                self._expect(Pending(_EXPECT_DESCRIBE_PORTAL, name, b"", None, None, portal))
-            return None
-        if t == 0x43:  # Close
-            kind, name = codec.decode_target(t, body)
-            (self._stmt_crypto if kind == b"S" else self._portal_crypto).pop(name, None)
-            self._expect(Pending(_EXPECT_CLOSE, name=name, kind=kind))
-            return None
-        if t == 0x51:  # Query
-            query = codec.decode_frontend(t, body)
-            assert isinstance(query, m.Query)
-            out = crypto.query(query.query)
-            if out.refusal is None:
-                self._arm_copy_in(crypto, out.state)
-            self._expect(Pending(_EXPECT_QUERY, state=out.state, refusal=out.refusal))
-            return out.replacement
-        if t == 0x50:  # Parse
-            parse = codec.decode_frontend(t, body)
-            assert isinstance(parse, m.Parse)
-            out = crypto.parse(parse)
-            if out.state is not None:
-                self._stmt_crypto[parse.statement] = out.state
-            else:
-                self._stmt_crypto.pop(parse.statement, None)
-            self._expect(Pending(_EXPECT_PARSE, name=parse.statement, parse=parse, refusal=out.refusal))
-            return out.replacement
-        self._handle_other_client_message(t, body)
-        return None
-
-    def _crypto_bind(self, bind: m.BindFrame, crypto: SessionCrypto) -> bytes | None:
-        stmt = self._stmt_crypto.get(bind.statement)
-        known = self.statements.get(bind.statement)
-        out = crypto.bind(bind, stmt, known.row_description if known is not None else None)
-        if len(self._portal_crypto) > 1000:
-            self._portal_crypto.clear()  # named portals the client never closed; bounded memory
-        self._portal_crypto[bind.portal] = out.state
-        self._expect(Pending(_EXPECT_BIND, bind.portal, b"", None, bind, None, out.refusal))
-        return out.replacement
-
-    def _crypto_execute(self, name: str, crypto: SessionCrypto) -> bytes | None:
-        portal = self._portal_crypto.get(name)
-        if portal is not None and portal.needs_description():
-            stand_in, refusal = refused_execute()
-            self._expect(Pending(_EXPECT_EXECUTE, name=name, refusal=refusal))
-            return stand_in
-        self._arm_copy_in(crypto, portal)
-        self._expect(Pending(_EXPECT_EXECUTE, name, b"", None, None, portal))
-        # If nothing else was outstanding (Bind + Flush, then Execute: asyncpg cursors, JDBC fetch
-        # sizes), this Execute is the head now and its rows must be watched from the first one.
-        self._refresh_watch()
-        return None
-
-    def _arm_copy_in(self, crypto: SessionCrypto, state: Any) -> None:
-        """A statement that copies into a protected table: its row rewriter starts now, when the client
-        sends the statement, not when the server answers. Clients may send the rows without waiting
-        for CopyInResponse (asyncpg does), and none of them may reach the server unrewritten."""
-        if self._copy_in_rw is not None or state is None:
-            return
-        rw = crypto.copy_in_rewriter_for(state)  # KeyMiss: the message is retried once the key is in
-        if rw is not None:
-            self._copy_in_rw = rw
-            self._copy_in_failed = False
-            self._c_streamed = _NOTHING_STREAMED
-
-    def _copy_in_data(self, body: bytes) -> bytes | None:
-        rw = self._copy_in_rw
-        if self._copy_in_failed:
-            return b""
-        if rw is None:
-            return None
-        try:
-            rows = rw.feed(body)
-        except ProtocolViolation:
-            raise
-        except ProxyError as e:
-            return self._fail_copy_in(e)
-        return codec.frame(b"d", rows) if rows else b""
-
-    def _copy_in_end(self, t: int, body: bytes) -> bytes | None:
-        rw, failed = self._copy_in_rw, self._copy_in_failed
-        self._copy_in_rw = None
-        self._copy_in_failed = False
-        self._c_streamed = _FRONTEND_STREAMED
-        if failed:
-            return b""  # the server's COPY was aborted already
-        if rw is None or t == 0x66:  # no rewriting, or CopyFail: the server aborts the COPY itself
-            return None
-        try:
-            tail = rw.finish()
-        except ProtocolViolation:
-            raise
-        except ProxyError as e:
-            abort = self._fail_copy_in(e)
-            self._copy_in_failed = False  # the client's COPY is over: nothing more of it will come
-            return abort
-        done = codec.frame(b"c", b"")
-        return (codec.frame(b"d", tail) + done) if tail else None
-
     def _fail_copy_in(self, e: ProxyError) -> bytes:
         """A row the proxy cannot encrypt: abort the server's COPY with CopyFail, report our error in place
-        of the server's, and drop the rest of the client's rows."""
-        self._copy_in_failed = True
+        of the server's (the encryption layer drops the rest of the client's rows)."""
         for p in self.pending:
             if p.expect in (Expect.QUERY, Expect.EXECUTE):
                 p.refusal = codec.encode_error("ERROR", e.sqlstate, e.message, detail=e.detail, hint=e.hint)
@@ -841,11 +743,11 @@ class Relay:
             was_suppressing = self._suppress
             replacement: bytes | None
             try:
-                if t == 0x44 and self._row_plan is not None and not was_suppressing:
+                if t == 0x44 and self._rows and not was_suppressing:
                     # A run of DataRows of a protected result: one call rewrites them all.
                     run_end, rows = _data_row_run(data, end, n)
                     assert crypto is not None
-                    replacement = crypto.data_rows(data, pos, run_end, self._row_plan, rows)
+                    replacement = crypto.data_rows_current(data, pos, run_end, rows)
                     end = run_end
                     count += rows - 1
                 elif authenticating:
@@ -897,22 +799,22 @@ class Relay:
         if self._suppress:
             self._watched = _BACKEND_ALL
             return
-        plan = self._row_plan
-        if plan is None and self.pending:
+        rows = self._rows
+        if not rows and self.pending:
             head = self.pending[0]
-            if head.expect is _EXPECT_EXECUTE and head.state is not None and head.state.row_plan is not None:
-                plan = self._row_plan = head.state.row_plan
-        if plan is not None:
+            if head.expect is _EXPECT_EXECUTE and head.state is not None:
+                assert self.crypto is not None
+                rows = self._rows = self.crypto.execute_rows(head.state)
+        if rows:
             self._watched = _BACKEND_WATCHED_ROWS
-        elif self._copy_out_rw is not None and self.copy_out:
+        elif self._copy_out_rewritten and self.copy_out:
             self._watched = _BACKEND_WATCHED_COPY
         else:
             self._watched = _BACKEND_WATCHED
 
     def _start_suppressing(self) -> None:
         self._suppress = True
-        self._row_plan = None
-        self._copy_out_rw = None
+        self._rows = self._copy_out_rewritten = False
         self._watched = _BACKEND_ALL
 
     # The hot replies (one of each per statement) are acted on from their type byte and a field or two,
@@ -930,8 +832,7 @@ class Relay:
         self.transaction_status = body
         self.copy_in = self.copy_out = False
         self.current_result = None
-        self._row_plan = None
-        self._copy_out_rw = None
+        self._rows = self._copy_out_rewritten = False
         self._suppress = False
         if body == b"I":
             # Portals live until the end of their transaction ("Extended Query", Bind).
@@ -945,8 +846,7 @@ class Relay:
             self.server_fatal = True
         self.copy_in = self.copy_out = False
         self.current_result = None
-        self._row_plan = None
-        self._copy_out_rw = None
+        self._rows = self._copy_out_rewritten = False
         if not self.pending:
             return None  # e.g. a FATAL from an administrator command, with nothing outstanding
         head = self.pending[0]
@@ -997,64 +897,42 @@ class Relay:
         stmt = self.statements.get(p.name)
         if stmt is not None:
             stmt.parameter_description = msg
-        if self.crypto is not None and p.state is not None:
+        if p.state is not None:
+            assert self.crypto is not None
             return self.crypto.parameter_description(body, p.state)
         return None
 
     def _on_row_description(self, body: bytes) -> bytes | None:
         head = self._head(None, "RowDescription")
+        crypto = self.crypto
         if head.expect is Expect.DESCRIBE_STATEMENT:
             stmt = self.statements.get(head.name)
             if stmt is not None:
                 stmt.row_description = body
             self.pending.popleft()
-        elif head.expect is Expect.DESCRIBE_PORTAL:
+            return None if crypto is None else crypto.statement_row_description(body, head.state)
+        if head.expect is Expect.DESCRIBE_PORTAL:
             portal = self.portals.get(head.name)
             if portal is not None:
                 portal.row_description = body
             self.pending.popleft()
-        elif head.expect is Expect.QUERY:
-            self.current_result = body
-        else:
+            if crypto is None:
+                return None
+            formats = portal.result_formats if portal is not None else ()
+            return crypto.portal_row_description(body, head.state, formats)
+        if head.expect is not Expect.QUERY:
             raise ProtocolViolation("server", f"RowDescription in reply to {head.expect.name}")
-        if self.crypto is None:
+        self.current_result = body
+        if crypto is None:
             return None
-        return self._crypto_row_description(head, body, self.crypto)
-
-    def _crypto_row_description(self, head: Pending, body: bytes, crypto: SessionCrypto) -> bytes | None:
-        state = head.state
-        if head.expect is Expect.DESCRIBE_STATEMENT:
-            replacement, _ = crypto.row_description(body, state.result_hint if state else None, None)
-            return replacement
-        if head.expect is Expect.DESCRIBE_PORTAL:
-            hint = state.statement.result_hint if state is not None and state.statement is not None else None
-            formats = state.client_formats if state is not None else self._portal_formats(head.name)
-            replacement, plan = crypto.row_description(body, hint, formats)
-            if state is not None and plan is not None:
-                state.row_plan = plan
-            return replacement
-        # simple Query: text format throughout
-        hint = state.current_hint(crypto.ctx) if state is not None else None
-        replacement, plan = crypto.row_description(body, hint, None)
-        self._row_plan = plan
+        replacement, self._rows = crypto.result_row_description(body, head.state)
         return replacement
 
-    def _portal_formats(self, name: str) -> tuple[int, ...]:
-        portal = self.portals.get(name)
-        return portal.result_formats if portal is not None else ()
-
-    def _on_data_row(self, body: bytes) -> bytes | None:
-        plan = self._row_plan
-        if plan is None or self.crypto is None or self._suppress:
-            return None
-        return codec.frame(b"D", self.crypto.data_row(body, plan))
-
     def _on_copy_data(self, body: bytes) -> bytes | None:
-        rw = self._copy_out_rw
-        if rw is None or not self.copy_out or self._suppress:
+        if not self._copy_out_rewritten or not self.copy_out or self._suppress:
             return None
-        rows = rw.feed(body)
-        return codec.frame(b"d", rows) if rows else b""
+        assert self.crypto is not None
+        return self.crypto.copy_out_data(body)
 
     def _on_no_data(self, body: bytes) -> bytes | None:
         pending = self.pending
@@ -1067,8 +945,7 @@ class Relay:
     def _on_command_complete(self, body: bytes) -> bytes | None:
         self.copy_in = self.copy_out = False
         self.current_result = None
-        self._row_plan = None
-        self._copy_out_rw = None
+        self._rows = self._copy_out_rewritten = False
         pending = self.pending
         head = pending[0] if pending else self._head(None, "CommandComplete")
         if head.expect is _EXPECT_EXECUTE:
@@ -1076,25 +953,27 @@ class Relay:
         elif head.expect is not _EXPECT_QUERY:
             raise ProtocolViolation("server", f"CommandComplete in reply to {head.expect.name}")
         elif head.state is not None:
-            head.state.index += 1  # the next statement of a multi-statement Query
+            assert self.crypto is not None
+            self.crypto.statement_done(head.state)
         return None
 
     def _on_portal_suspended(self, body: bytes) -> bytes | None:
         self.current_result = None
-        self._row_plan = None
+        self._rows = False
         self._pop(Expect.EXECUTE, "PortalSuspended")
         return None
 
     def _on_copy_in(self, body: bytes) -> bytes | None:
         head = self._head_in((Expect.QUERY, Expect.EXECUTE), "CopyInResponse")
-        if self.crypto is not None and self._copy_in_rw is None:
+        crypto = self.crypto
+        if crypto is not None:
             try:
-                self._copy_in_rw = self.crypto.copy_rewriter(head.state, body, inbound=True)
+                crypto.copy_in_response(head.state, body)
             except ProtocolViolation:
                 raise
             except ProxyError as e:
                 return self._refuse_copy_in(head, e)
-            if self._copy_in_rw is not None:
+            if crypto.copy_in_armed:
                 self._c_streamed = _NOTHING_STREAMED
         self.copy_in = True
         if self._client_copy_started() and head.expect is Expect.EXECUTE:
@@ -1133,7 +1012,7 @@ class Relay:
         head = self._head_in((Expect.QUERY, Expect.EXECUTE), "CopyOutResponse")
         self.copy_out = True
         if self.crypto is not None:
-            self._copy_out_rw = self.crypto.copy_rewriter(head.state, body, inbound=False)
+            self._copy_out_rewritten = self.crypto.copy_out_response(head.state, body)
         return None
 
     def _on_copy_both(self, body: bytes) -> bytes | None:
@@ -1141,13 +1020,11 @@ class Relay:
         return None
 
     def _on_copy_done(self, body: bytes) -> bytes | None:
-        rw = self._copy_out_rw
-        self.copy_out = False
-        self._copy_out_rw = None
-        if rw is not None and not self._suppress:
-            tail = rw.finish()
-            if tail:
-                return codec.frame(b"d", tail) + codec.frame(b"c", b"")
+        rewritten = self._copy_out_rewritten
+        self.copy_out = self._copy_out_rewritten = False
+        if rewritten and not self._suppress:
+            assert self.crypto is not None
+            return self.crypto.copy_out_done()
         return None
 
     def _on_parameter_status(self, body: bytes) -> bytes | None:
@@ -1186,7 +1063,6 @@ class Relay:
         ord("S"): _on_parameter_status,
         ord("K"): _on_backend_key_data,
         ord("R"): _on_authentication,
-        ord("D"): _on_data_row,
         ord("d"): _on_copy_data,
     }
 

@@ -1,0 +1,150 @@
+"""The seam between the relay and the encryption layer, declared on the protocol side.
+
+The relay (:mod:`proxy.protocol.relay`) knows framing, the phase, the expected-reply queue, statements and
+portals; it knows nothing about columns or keys. Everything it needs from the encryption layer is the
+:class:`SessionEncryption` protocol below, which :class:`proxy.encrypt.engine.SessionCrypto` implements.
+The relay calls it only for the messages it acts on and only when a session has an encryption layer, so
+pass-through sessions pay nothing for it.
+
+What crosses the seam:
+
+* :class:`Outcome`: a frontend message after the encryption layer has seen it (bytes to send instead,
+  the state to keep with the pending reply, and the ErrorResponse to show when the message was refused).
+* :class:`CryptoState`: opaque to the relay. The encryption layer hands one out with an Outcome, the
+  relay keeps it with the matching :class:`~proxy.protocol.relay.Pending` entry and gives it back when
+  the reply arrives, so replies meet the plan of the request they answer.
+* :class:`KeyMiss`: raised by the encryption layer when a key is not in memory; the relay holds that
+  side of the stream and asks the session to fetch it, then retries the message from scratch.
+* The stand-ins: a refused message is replaced by one that makes the server fail at the same protocol
+  step (so its error handling, transaction state and pipeline semantics stay exact), and the relay
+  replaces the server's error with the refusal.
+
+This module imports nothing from :mod:`proxy.encrypt`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from proxy.protocol import messages as m
+
+# Stand-ins sent instead of a refused message: each makes the server fail at the same protocol step.
+REFUSED_QUERY = "pgveil_refused_statement"
+REFUSED_STATEMENT_NAME = "\x01pgveil refused"
+REFUSED_PORTAL_NAME = "\x01pgveil refused"
+
+
+class KeyMiss(Exception):
+    """Raised by the encryption layer when a key is not in memory: the relay holds that side of the
+    stream and asks the session (NeedKey) to fetch it."""
+
+    def __init__(self, *, key_id: bytes | None = None, column_id: str | None = None) -> None:
+        super().__init__("key not cached")
+        self.key_id = key_id
+        self.column_id = column_id
+
+
+class CryptoState:
+    """What the encryption layer keeps about one statement, portal or simple Query. The relay stores it
+    and hands it back; it never looks inside."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A frontend message after rewriting: ``replacement`` (None = forward as is), the state to keep
+    with the pending reply, and ``refusal`` (an encoded ErrorResponse) when it was refused."""
+
+    replacement: bytes | None = None
+    state: CryptoState | None = None
+    refusal: bytes | None = None
+
+
+class SessionEncryption(Protocol):
+    """One session's encryption layer as the relay sees it. Frontend methods may raise :class:`KeyMiss`
+    (the relay retries the message later, so they change nothing before they are sure to succeed);
+    backend methods may raise :class:`KeyMiss` or a ``ProxyError`` (the reply cannot be delivered)."""
+
+    # Set by the relay right before query() and parse(): whether any request is still unanswered.
+    in_flight: bool
+    # A COPY FROM STDIN rewriter is armed: the client's CopyData must be seen whole, not streamed.
+    copy_in_armed: bool
+    # Counters the session moves into metrics and resets.
+    values_encrypted: int
+    values_decrypted: int
+    decrypt_failures: int
+
+    def set_parameter(self, name: str, value: str) -> None:
+        """A ParameterStatus from the server."""
+
+    # -- frontend --------------------------------------------------------------------------------------
+    def query(self, sql: str) -> Outcome:
+        """A simple Query. The Outcome's state comes back with the replies."""
+
+    def parse(self, msg: m.Parse) -> Outcome:
+        """A Parse. The Outcome's state is the statement's crypto state (None: nothing protected)."""
+
+    def set_statement(self, name: str, state: CryptoState | None) -> None:
+        """The statement ``name`` now has ``state`` (a Parse's Outcome state; None: nothing protected)."""
+
+    def handle_bind(self, msg: m.BindFrame, statement_row_description: bytes | None) -> Outcome:
+        """A Bind; ``statement_row_description`` is the statement's RowDescription if it was described."""
+
+    def handle_execute(self, portal: str) -> Outcome:
+        """An Execute; arms COPY FROM STDIN if the portal copies into a protected table."""
+
+    def handle_describe(self, kind: bytes, name: str) -> CryptoState | None:
+        """A Describe of a statement (``b"S"``) or portal (``b"P"``): the state its replies need."""
+
+    def handle_close(self, kind: bytes, name: str) -> None:
+        """A Close of a statement or portal."""
+
+    def arm_copy_in(self, state: CryptoState | None) -> None:
+        """A Query was accepted: arm COPY FROM STDIN if it copies into a protected table."""
+
+    def disarm_copy_in(self) -> None:
+        """The COPY an armed rewriter was waiting for never started."""
+
+    def copy_in_data(self, body: bytes) -> bytes | None:
+        """The client's CopyData while armed: the rewritten message, b"" to drop, None to forward."""
+
+    def copy_in_end(self, done: bool) -> bytes | None:
+        """The client's CopyDone (``done``) or CopyFail: what to send before or instead of it."""
+
+    # -- backend ---------------------------------------------------------------------------------------
+    def parameter_description(self, body: bytes, state: CryptoState) -> bytes | None:
+        """ParameterDescription answering a statement Describe: the client's view of it."""
+
+    def statement_row_description(self, body: bytes, state: CryptoState | None) -> bytes | None:
+        """RowDescription answering a statement Describe."""
+
+    def portal_row_description(self, body: bytes, state: CryptoState | None, formats: tuple[int, ...]) -> bytes | None:
+        """RowDescription answering a portal Describe; ``formats`` are the portal's result formats."""
+
+    def result_row_description(self, body: bytes, state: CryptoState | None) -> tuple[bytes | None, bool]:
+        """RowDescription of a simple Query's result: (replacement, whether its rows are rewritten)."""
+
+    def execute_rows(self, state: CryptoState) -> bool:
+        """An Execute is the head of the queue: whether its rows are rewritten (their plan is made
+        current)."""
+
+    def data_rows_current(self, data: bytes, start: int, end: int, rows: int) -> bytes:
+        """A run of ``rows`` complete DataRow messages ``data[start:end]`` of the current result."""
+
+    def statement_done(self, state: CryptoState) -> None:
+        """CommandComplete of one statement of a simple Query."""
+
+    def copy_in_response(self, state: CryptoState | None, body: bytes) -> None:
+        """CopyInResponse: make sure the client's rows will be rewritten. A ``ProxyError`` refuses the
+        COPY."""
+
+    def copy_out_response(self, state: CryptoState | None, body: bytes) -> bool:
+        """CopyOutResponse: whether the server's rows are rewritten."""
+
+    def copy_out_data(self, body: bytes) -> bytes:
+        """The server's CopyData of a rewritten COPY TO STDOUT: the rewritten messages (or b"")."""
+
+    def copy_out_done(self) -> bytes | None:
+        """The server's CopyDone: what to send in its place (the rewriter's tail and CopyDone), if any."""
