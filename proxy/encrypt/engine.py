@@ -60,7 +60,7 @@ from proxy.protocol.encryption import Outcome as Outcome
 from proxy.rewrite.analysis import analyze
 from proxy.rewrite.catalog import Catalog, ProtectedColumn
 from proxy.rewrite.copyrows import CopyOptions, CopyRowRewriter
-from proxy.rewrite.plan import CopyDirection, CopyFormat, LiteralTarget, QueryPlan, StatementPlan
+from proxy.rewrite.plan import CopyDirection, CopyFormat, LiteralTarget, QueryPlan, StatementKind, StatementPlan
 
 log = logging.getLogger(__name__)
 
@@ -287,8 +287,16 @@ class SessionCrypto:
         if not plan.touches_protected:
             return Outcome()
         refused: ProxyError | None = plan.refusal or self._not_ready()
-        if refused is None and sum(1 for st in plan.statements if _copies_in_protected(st)) > 1:
-            refused = _unsupported("one query string may copy into protected tables only once")
+        if refused is None and any(_copies_in_protected(st) for st in plan.statements):
+            # The client's rows are rewritten from the moment the Query is sent (see arm_copy_in), before
+            # the server says which COPY it is reading for; with a second COPY in the same string the
+            # rewriter could be applied to the other table's rows.
+            copies = sum(1 for st in plan.statements if st.kind is StatementKind.COPY)
+            if copies > 1:
+                refused = _unsupported(
+                    "a query string that copies into a protected table may contain no other COPY statement",
+                    hint="send each COPY as a query of its own",
+                )
         if refused is not None:
             return self._refuse(refused)
         try:

@@ -573,3 +573,28 @@ async def test_binary_copy_is_refused(env: EncEnv, conn: psycopg.Connection[Any]
         await a.close()
     rows = await direct_fetch(env, "SELECT count(*) AS n FROM enc_copy_misc WHERE id = $1", k)
     assert rows[0]["n"] == 0
+
+
+def test_a_second_copy_in_the_same_query_string_is_refused(env: EncEnv, conn: psycopg.Connection[Any]) -> None:
+    """Rows are rewritten from the moment the Query is sent, before the server says which COPY it reads
+    for: with an unprotected COPY first, the protected table's rewriter would seal the other table's
+    rows (an envelope stored in a plain column). Any second COPY next to a protected one is refused."""
+    conn.execute("CREATE TABLE IF NOT EXISTS copy_plain_first (id int, a text, n int4, d date, plain text)")
+    k, j = next_ids(2)
+    data = f"{k}\tfirst-table\t1\t2020-01-01\tp\n\\.\n{j}\tsecond-table\t2\t2020-01-02\tq\n\\.\n"
+    for sql in (
+        f"COPY copy_plain_first ({COLS}) FROM STDIN; COPY enc_copy_misc ({COLS}) FROM STDIN",
+        f"COPY enc_copy_misc ({COLS}) FROM STDIN; COPY copy_plain_first ({COLS}) FROM STDIN",
+        f"COPY enc_copy_misc ({COLS}) FROM STDIN; COPY enc_copy_misc ({COLS}) FROM STDIN",
+        f"COPY copy_plain_first ({COLS}) TO STDOUT; COPY enc_copy_misc ({COLS}) FROM STDIN",
+    ):
+        result = run_psql(env.dsn(), "-c", sql, stdin=data)
+        assert result.returncode != 0, sql
+        assert "may contain no other COPY statement" in result.stderr, (sql, result.stderr)
+    assert conn.execute("SELECT count(*) FROM copy_plain_first WHERE id = ANY(%s)", [[k, j]]).fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM enc_copy_misc WHERE id = ANY(%s)", [[k, j]]).fetchone() == (0,)
+    # One COPY per query string still works, into either table.
+    assert run_psql(env.dsn(), "-c", f"COPY copy_plain_first ({COLS}) FROM STDIN", stdin=data).returncode == 0
+    assert run_psql(env.dsn(), "-c", f"COPY enc_copy_misc ({COLS}) FROM STDIN", stdin=data).returncode == 0
+    assert conn.execute("SELECT a FROM copy_plain_first WHERE id = %s", [k]).fetchone() == ("first-table",)
+    assert conn.execute("SELECT a FROM enc_copy_misc WHERE id = %s", [k]).fetchone() == ("first-table",)
