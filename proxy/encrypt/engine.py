@@ -46,6 +46,7 @@ from proxy.encrypt.rows import (
     rewrite_data_rows,
     rewrite_value_text,
 )
+from proxy.encrypt.sqlnames import namespace_ops
 from proxy.errors import ProtocolViolation, ProxyError
 from proxy.pgtypes import codec_for
 from proxy.pgtypes.base import SessionFormat, TypeCodec, python_codec
@@ -55,7 +56,7 @@ from proxy.protocol import messages as m
 from proxy.protocol.encryption import REFUSED_PORTAL_NAME as REFUSED_PORTAL_NAME
 from proxy.protocol.encryption import REFUSED_QUERY as REFUSED_QUERY
 from proxy.protocol.encryption import REFUSED_STATEMENT_NAME as REFUSED_STATEMENT_NAME
-from proxy.protocol.encryption import CryptoState, KeyMiss
+from proxy.protocol.encryption import CryptoState, KeyMiss, NamespaceOp, Version
 from proxy.protocol.encryption import Outcome as Outcome
 from proxy.rewrite.analysis import analyze
 from proxy.rewrite.catalog import Catalog, ProtectedColumn
@@ -670,44 +671,111 @@ class SessionCrypto:
         return CopyRowRewriter(options, fields)
 
     # -- the relay's seam: proxy.protocol.encryption.SessionEncryption --------------------------------
+    def sql_namespace(self, sql: str) -> tuple[NamespaceOp, ...]:
+        return namespace_ops(sql)
+
+    def execute_refusal(self, name: str, versions: Sequence[Version]) -> bytes | None:
+        if not self.ctx.catalog.tables:
+            return None
+        if not versions:
+            e = _unsupported(
+                f"EXECUTE of prepared statement {name!r}, which pgveil has not seen prepared",
+                hint="prepare it through pgveil first",
+            )
+        elif any(isinstance(v[0], StatementCrypto) and v[0].targets for v in versions):
+            e = _unsupported(
+                f"SQL-level EXECUTE of prepared statement {name!r}, which takes parameters for encrypted "
+                "columns, is not supported",
+                hint="bind its parameters with the extended query protocol",
+            )
+        else:
+            return None
+        log.info("refused a statement: %s", e.message)
+        return refusal_bytes(e)
+
+    def handle_bind(self, msg: m.BindFrame, versions: Sequence[Version]) -> Outcome:
+        if not versions:
+            if not self.ctx.catalog.tables:
+                return Outcome(None, PortalCrypto(None, msg.result_formats, msg.result_formats))
+            return self._refuse_bind(
+                msg,
+                _unsupported(
+                    f"Bind to prepared statement {msg.statement!r}, which pgveil has not seen prepared",
+                    hint="prepare statements through pgveil",
+                ),
+            )
+        state, row_description = versions[0]
+        if len(versions) > 1:
+            if any(v[0] is not state and v[0] != state for v in versions) and any(v[0] is not None for v in versions):
+                return self._refuse_bind(
+                    msg,
+                    _unsupported(
+                        f"the state of prepared statement {msg.statement!r} is not confirmed by the server yet "
+                        "(an earlier Parse or Close of that name is still unanswered)",
+                        hint="wait for the reply to the Parse or Close (Sync) before binding the statement",
+                    ),
+                )
+            if any(v[1] != row_description for v in versions):
+                row_description = None
+        stmt = state if isinstance(state, StatementCrypto) else None
+        return self.bind(msg, stmt, row_description)
+
+    def _refuse_bind(self, msg: m.BindFrame, e: ProxyError) -> Outcome:
+        log.info("refused a Bind: %s", e.message)
+        refused = m.Bind(msg.portal, REFUSED_STATEMENT_NAME, (), (), ())
+        return Outcome(codec.encode_frontend(refused), None, refusal_bytes(e))
+
+    def handle_execute(self, portal: str, versions: Sequence[CryptoState | None]) -> Outcome:
+        state = versions[0] if versions else None
+        if any(v is not state and v != state for v in versions) and any(
+            isinstance(v, PortalCrypto) and (v.statement is not None or v.row_plan is not None) for v in versions
+        ):
+            e = _unsupported(
+                f"the state of portal {portal!r} is not confirmed by the server yet "
+                "(an earlier Bind or Close of that name is still unanswered)",
+                hint="wait for the reply to the Bind (Sync) before executing the portal",
+            )
+            log.info("refused an Execute: %s", e.message)
+            return Outcome(codec.encode_frontend(m.Execute(REFUSED_PORTAL_NAME, 0)), None, refusal_bytes(e))
+        if not isinstance(state, PortalCrypto):
+            return Outcome()
+        if state.needs_description():
+            stand_in, refusal = refused_execute()
+            return Outcome(stand_in, None, refusal)
+        self.arm_copy_in(state)
+        return Outcome(None, state)
+
+    def describe_portal(self, versions: Sequence[CryptoState | None]) -> None:
+        for v in versions:
+            if isinstance(v, PortalCrypto):
+                v.described = True
+
+    def statement_state(self, name: str) -> CryptoState | None:
+        return self._stmt_crypto.get(name)
+
+    def portal_state(self, name: str) -> CryptoState | None:
+        return self._portal_crypto.get(name)
+
     def set_statement(self, name: str, state: CryptoState | None) -> None:
         if isinstance(state, StatementCrypto):
             self._stmt_crypto[name] = state
         else:
             self._stmt_crypto.pop(name, None)
 
-    def handle_bind(self, msg: m.BindFrame, statement_row_description: bytes | None) -> Outcome:
-        out = self.bind(msg, self._stmt_crypto.get(msg.statement), statement_row_description)
+    def set_portal(self, name: str, state: CryptoState | None) -> None:
         portals = self._portal_crypto
-        if len(portals) > 1000:
-            portals.clear()  # named portals the client never closed; bounded memory
-        if isinstance(out.state, PortalCrypto):
-            portals[msg.portal] = out.state
+        if isinstance(state, PortalCrypto):
+            if len(portals) > 1000 and name not in portals:
+                portals.clear()  # named portals the client never closed; bounded memory
+            portals[name] = state
         else:
-            portals.pop(msg.portal, None)
-        return out
+            portals.pop(name, None)
 
-    def handle_execute(self, portal: str) -> Outcome:
-        state = self._portal_crypto.get(portal)
-        if state is not None and state.needs_description():
-            stand_in, refusal = refused_execute()
-            return Outcome(stand_in, None, refusal)
-        self.arm_copy_in(state)
-        return Outcome(None, state)
+    def close(self, kind: bytes, name: str) -> None:
+        (self._stmt_crypto if kind == b"S" else self._portal_crypto).pop(name, None)
 
-    def handle_describe(self, kind: bytes, name: str) -> CryptoState | None:
-        if kind == b"S":
-            return self._stmt_crypto.get(name)
-        portal = self._portal_crypto.get(name)
-        if portal is not None:
-            portal.described = True
-        return portal
-
-    def handle_close(self, kind: bytes, name: str) -> None:
-        if kind == b"S":
-            self._stmt_crypto.pop(name, None)
-        else:
-            self._portal_crypto.pop(name, None)
+    def close_all(self, kind: bytes) -> None:
+        (self._stmt_crypto if kind == b"S" else self._portal_crypto).clear()
 
     def arm_copy_in(self, state: CryptoState | None) -> None:
         """A statement that copies into a protected table: its row rewriter starts now, when the client

@@ -24,7 +24,9 @@ This module imports nothing from :mod:`proxy.encrypt`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum, auto
 from typing import Protocol
 
 from proxy.protocol import messages as m
@@ -50,6 +52,27 @@ class CryptoState:
     and hands it back; it never looks inside."""
 
     __slots__ = ()
+
+
+class NamespaceAction(Enum):
+    """What an SQL statement does to the session's prepared statements (PostgreSQL docs, "PREPARE",
+    "EXECUTE", "DEALLOCATE", "DISCARD")."""
+
+    PREPARE = auto()  # creates ``name`` (fails if it exists); CommandComplete "PREPARE"
+    EXECUTE = auto()  # runs ``name`` with SQL-level arguments
+    DEALLOCATE = auto()  # removes ``name``; CommandComplete "DEALLOCATE"
+    DEALLOCATE_ALL = auto()  # DEALLOCATE ALL or DISCARD ALL: removes every statement
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceOp:
+    action: NamespaceAction
+    name: str = ""
+
+
+# One possible version of a prepared statement or portal when a message runs: its crypto state and, for
+# a statement, its RowDescription if it was described. A name that may not exist adds no version.
+Version = tuple[CryptoState | None, bytes | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,20 +109,42 @@ class SessionEncryption(Protocol):
     def parse(self, msg: m.Parse) -> Outcome:
         """A Parse. The Outcome's state is the statement's crypto state (None: nothing protected)."""
 
+    def sql_namespace(self, sql: str) -> tuple[NamespaceOp, ...]:
+        """The statements of ``sql`` that touch the prepared-statement namespace, in text order."""
+
+    def execute_refusal(self, name: str, versions: Sequence[Version]) -> bytes | None:
+        """SQL-level EXECUTE of statement ``name``, which may be any of ``versions`` (none: pgveil does
+        not know it): the ErrorResponse refusing it, or None to let it run."""
+
+    def handle_bind(self, msg: m.BindFrame, versions: Sequence[Version]) -> Outcome:
+        """A Bind to a statement that may be any of ``versions`` when the server runs the Bind (none: a
+        name pgveil does not know). The Outcome's state is the portal's, committed on BindComplete."""
+
+    def handle_execute(self, portal: str, versions: Sequence[CryptoState | None]) -> Outcome:
+        """An Execute of a portal that may be any of ``versions``; arms COPY FROM STDIN if it copies
+        into a protected table."""
+
+    def describe_portal(self, versions: Sequence[CryptoState | None]) -> None:
+        """A Describe of a portal that may be any of ``versions`` was sent."""
+
+    # -- the confirmed model: called when the server's reply says a name changed -----------------------
+    def statement_state(self, name: str) -> CryptoState | None:
+        """The crypto state of the confirmed statement ``name`` (None: nothing protected)."""
+
+    def portal_state(self, name: str) -> CryptoState | None:
+        """The crypto state of the confirmed portal ``name``."""
+
     def set_statement(self, name: str, state: CryptoState | None) -> None:
-        """The statement ``name`` now has ``state`` (a Parse's Outcome state; None: nothing protected)."""
+        """ParseComplete (or an SQL PREPARE's CommandComplete): ``name`` now has ``state``."""
 
-    def handle_bind(self, msg: m.BindFrame, statement_row_description: bytes | None) -> Outcome:
-        """A Bind; ``statement_row_description`` is the statement's RowDescription if it was described."""
+    def set_portal(self, name: str, state: CryptoState | None) -> None:
+        """BindComplete: the portal ``name`` now has ``state``."""
 
-    def handle_execute(self, portal: str) -> Outcome:
-        """An Execute; arms COPY FROM STDIN if the portal copies into a protected table."""
+    def close(self, kind: bytes, name: str) -> None:
+        """CloseComplete (or DEALLOCATE's CommandComplete) of a statement (``b"S"``) or portal."""
 
-    def handle_describe(self, kind: bytes, name: str) -> CryptoState | None:
-        """A Describe of a statement (``b"S"``) or portal (``b"P"``): the state its replies need."""
-
-    def handle_close(self, kind: bytes, name: str) -> None:
-        """A Close of a statement or portal."""
+    def close_all(self, kind: bytes) -> None:
+        """Every statement (DEALLOCATE ALL, DISCARD ALL) or portal (end of transaction) is gone."""
 
     def arm_copy_in(self, state: CryptoState | None) -> None:
         """A Query was accepted: arm COPY FROM STDIN if it copies into a protected table."""

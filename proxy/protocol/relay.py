@@ -46,7 +46,7 @@ from __future__ import annotations
 import logging
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import ClassVar
@@ -54,7 +54,14 @@ from typing import ClassVar
 from proxy.errors import ProtocolViolation, ProxyError
 from proxy.protocol import codec
 from proxy.protocol import messages as m
-from proxy.protocol.encryption import CryptoState, SessionEncryption
+from proxy.protocol.encryption import (
+    REFUSED_QUERY,
+    CryptoState,
+    NamespaceAction,
+    NamespaceOp,
+    SessionEncryption,
+    Version,
+)
 from proxy.protocol.encryption import KeyMiss as KeyMiss
 
 log = logging.getLogger(__name__)
@@ -89,6 +96,7 @@ class PreparedStatement:
     param_types: tuple[int, ...]
     parameter_description: m.ParameterDescription | None = None
     row_description: bytes | None = None  # raw RowDescription body; decode_backend(ord('T'), ...)
+    ops: tuple[NamespaceOp, ...] = ()  # what running it does to the statement namespace (SQL DEALLOCATE...)
 
 
 @dataclass(slots=True)
@@ -111,6 +119,9 @@ class Pending:
     bind: m.BindFrame | None = None
     state: CryptoState | None = None  # the encryption layer's plan for this message's replies
     refusal: bytes | None = None  # an ErrorResponse that replaces the server's error for a refused message
+    # A Query's or Parse's SQL-level namespace operations (PREPARE, DEALLOCATE...); a Query's are consumed
+    # as their CommandCompletes arrive.
+    ops: list[NamespaceOp] | None = None
 
 
 # -- events for the session -----------------------------------------------------------------------------
@@ -173,6 +184,11 @@ _BACKEND_ALL = frozenset(range(256))
 _LIGHT_WATCHED = frozenset(b"ZEGHcCSK")
 # What a ReadyForQuery may answer.
 _READY_ANSWERS = (Expect.SYNC, Expect.QUERY, Expect.FUNCTION_CALL)
+# The first bytes of the CommandComplete tags of PREPARE, DEALLOCATE [ALL] and DISCARD ALL.
+_NAMESPACE_TAG_STARTS = (b"P", b"D")
+# What ends a pipeline segment: after an error the server skips messages up to the next Sync, and a
+# simple Query or FunctionCall is a segment of its own.
+_SEGMENT_ENDS = _READY_ANSWERS
 # The members the hot paths compare against, as module globals: on Python 3.11 reading an enum member
 # through its class costs several times as much, and these are read a few dozen times per statement.
 _STARTUP = Phase.STARTUP
@@ -599,16 +615,15 @@ class Relay:
             if crypto is None:
                 self._expect(Pending(_EXPECT_BIND, bind.portal, b"", None, bind))
                 return None
-            known = self.statements.get(bind.statement)
-            out = crypto.handle_bind(bind, known.row_description if known is not None else None)
-            self._expect(Pending(_EXPECT_BIND, bind.portal, b"", None, bind, None, out.refusal))
+            out = crypto.handle_bind(bind, self._statement_versions(bind.statement))
+            self._expect(Pending(_EXPECT_BIND, bind.portal, b"", None, bind, out.state, out.refusal))
             return out.replacement
         if t == 0x45:  # Execute
             name = codec.decode_execute_portal(body)
             if crypto is None:
                 self._expect(Pending(_EXPECT_EXECUTE, name))
                 return None
-            out = crypto.handle_execute(name)
+            out = crypto.handle_execute(name, [v[0] for v in self._portal_versions(name)])
             if crypto.copy_in_armed:
                 self._c_streamed = _NOTHING_STREAMED
             self._expect(Pending(_EXPECT_EXECUTE, name, b"", None, None, out.state, out.refusal))
@@ -622,14 +637,15 @@ class Relay:
             return None
         if t == 0x44:  # Describe
             kind, name = codec.decode_target(t, body)
-            state = None if crypto is None else crypto.handle_describe(kind, name)
-            expect = _EXPECT_DESCRIBE_STATEMENT if kind == b"S" else _EXPECT_DESCRIBE_PORTAL
-            self._expect(Pending(expect, name, b"", None, None, state))
+            if kind == b"S":
+                self._expect(Pending(_EXPECT_DESCRIBE_STATEMENT, name))
+            else:
+                if crypto is not None:
+                    crypto.describe_portal([v[0] for v in self._portal_versions(name)])
+                self._expect(Pending(_EXPECT_DESCRIBE_PORTAL, name))
             return None
         if t == 0x43:  # Close
             kind, name = codec.decode_target(t, body)
-            if crypto is not None:
-                crypto.handle_close(kind, name)
             self._expect(Pending(_EXPECT_CLOSE, name, kind))
             return None
         if t == 0x70:  # 'p' after authentication is a protocol violation the server would report too
@@ -639,22 +655,33 @@ class Relay:
             if crypto is None:
                 self._expect(Pending(_EXPECT_QUERY))
                 return None
+            ops = crypto.sql_namespace(msg.query)
+            refusal = self._execute_refusal(crypto, ops) if ops else None
+            if refusal is not None:
+                self._expect(Pending(_EXPECT_QUERY, "", b"", None, None, None, refusal))
+                return codec.encode_frontend(m.Query(REFUSED_QUERY))
             crypto.in_flight = bool(self.pending)
             out = crypto.query(msg.query)
             if out.refusal is None:
                 crypto.arm_copy_in(out.state)
                 if crypto.copy_in_armed:
                     self._c_streamed = _NOTHING_STREAMED
-            self._expect(Pending(_EXPECT_QUERY, "", b"", None, None, out.state, out.refusal))
+            self._expect(Pending(_EXPECT_QUERY, "", b"", None, None, out.state, out.refusal, list(ops) or None))
             return out.replacement
         if isinstance(msg, m.Parse):
             if crypto is None:
                 self._expect(Pending(_EXPECT_PARSE, msg.statement, b"", msg))
                 return None
+            ops = crypto.sql_namespace(msg.query)
+            refusal = self._execute_refusal(crypto, ops) if ops else None
+            if refusal is not None:
+                self._expect(Pending(_EXPECT_PARSE, msg.statement, b"", msg, None, None, refusal))
+                return codec.encode_frontend(m.Parse(msg.statement, REFUSED_QUERY, ()))
             crypto.in_flight = bool(self.pending)
             out = crypto.parse(msg)
-            crypto.set_statement(msg.statement, out.state)
-            self._expect(Pending(_EXPECT_PARSE, msg.statement, b"", msg, None, out.state, out.refusal))
+            self._expect(
+                Pending(_EXPECT_PARSE, msg.statement, b"", msg, None, out.state, out.refusal, list(ops) or None)
+            )
             return out.replacement
         if isinstance(msg, m.FunctionCall):
             self._expect(Pending(Expect.FUNCTION_CALL))
@@ -672,6 +699,81 @@ class Relay:
                 except ProxyError as e:
                     return self._fail_copy_in(e)  # the client's COPY is over: nothing more of it will come
         # Flush needs no bookkeeping, CopyDone and CopyFail are answered as part of the running command.
+        return None
+
+    # -- what a name may be when the server runs the message being sent -------------------------------
+    # The model (statements, portals and their crypto state) changes only when the server confirms it.
+    # A message sent before earlier ones are answered runs under a state that depends on their outcome:
+    # these walks list every version the name may have then. Within the segment of the message being
+    # sent, every earlier message succeeded if this one runs at all (after an error the server skips to
+    # Sync); a message of an earlier segment may have failed, so it adds a version and keeps the others.
+
+    def _statement_versions(self, name: str) -> list[Version]:
+        crypto = self.crypto
+        assert crypto is not None
+        known = self.statements.get(name)
+        versions: list[Version | None] = [
+            None if known is None else (crypto.statement_state(name), known.row_description)
+        ]
+        if self.pending:
+            versions = self._walk(versions, b"S", name, _EXPECT_PARSE)
+        return _distinct(versions)
+
+    def _portal_versions(self, name: str) -> list[Version]:
+        crypto = self.crypto
+        assert crypto is not None
+        versions: list[Version | None] = [None if name not in self.portals else (crypto.portal_state(name), None)]
+        if self.pending:
+            versions = self._walk(versions, b"P", name, _EXPECT_BIND)
+        return _distinct(versions)
+
+    def _walk(self, versions: list[Version | None], kind: bytes, name: str, creates: Expect) -> list[Version | None]:
+        """``versions`` (None: the name does not exist) after every pending message. A Parse (Bind) of the
+        name that succeeds replaces the version, a named one fails when the name exists; a Close or
+        DEALLOCATE removes it; a simple Query destroys the unnamed statement and portal."""
+        pending = self.pending
+        current = len(pending)  # index of the first entry of the segment the message being sent is in
+        while current and pending[current - 1].expect not in _SEGMENT_ENDS:
+            current -= 1
+        for i, p in enumerate(pending):
+            e = p.expect
+            if e is creates:
+                if p.name != name:
+                    continue
+                if p.refusal is not None:
+                    # A refused message's stand-in always fails: in an earlier segment it changes nothing,
+                    # in this one the server skips the message being sent, so no version applies to it.
+                    if i >= current:
+                        versions = [(None, None)]
+                else:
+                    versions = [(p.state, None)] if i >= current else [*versions, (p.state, None)]
+            elif e is _EXPECT_CLOSE:
+                if p.name == name and p.kind == kind:
+                    versions = [None] if i >= current else [*versions, None]
+            elif e is _EXPECT_QUERY:
+                if name == "":
+                    versions = [None]
+                elif p.ops and kind == b"S":
+                    versions = _apply_ops(versions, p.ops, name, certain=False)
+        return versions
+
+    def _execute_refusal(self, crypto: SessionEncryption, ops: tuple[NamespaceOp, ...]) -> bytes | None:
+        """The refusal of a statement text whose SQL-level EXECUTE may run a statement that takes
+        encrypted parameters (or one pgveil does not know), or None."""
+        for j, op in enumerate(ops):
+            if op.action is not NamespaceAction.EXECUTE:
+                continue
+            known = self.statements.get(op.name)
+            versions: list[Version | None] = [
+                None if known is None else (crypto.statement_state(op.name), known.row_description)
+            ]
+            if self.pending:
+                versions = self._walk(versions, b"S", op.name, _EXPECT_PARSE)
+            # The statements before it in the same text ran, or it does not run.
+            versions = _apply_ops(versions, ops[:j], op.name, certain=True)
+            refusal = crypto.execute_refusal(op.name, _distinct(versions))
+            if refusal is not None:
+                return refusal
         return None
 
     def _on_client_sync(self) -> None:
@@ -834,10 +936,22 @@ class Relay:
         self.current_result = None
         self._rows = self._copy_out_rewritten = False
         self._suppress = False
-        if body == b"I":
+        if head.expect is _EXPECT_QUERY and ("" in self.statements or "" in self.portals):
+            # A simple Query destroys the unnamed statement and runs in the unnamed portal ("Simple Query").
+            self._forget(b"S", "")
+            self._forget(b"P", "")
+        if body == b"I" and self.portals:
             # Portals live until the end of their transaction ("Extended Query", Bind).
             self.portals.clear()
+            if self.crypto is not None:
+                self.crypto.close_all(b"P")
         return None
+
+    def _forget(self, kind: bytes, name: str) -> None:
+        """The server confirmed that statement (``b"S"``) or portal ``name`` is gone."""
+        (self.statements if kind == b"S" else self.portals).pop(name, None)
+        if self.crypto is not None:
+            self.crypto.close(kind, name)
 
     def _on_error(self, body: bytes) -> bytes | None:
         msg = codec.decode_backend(0x45, body)
@@ -864,7 +978,10 @@ class Relay:
     def _on_parse_complete(self, body: bytes) -> bytes | None:
         p = self._pop(Expect.PARSE, "ParseComplete")
         assert p.parse is not None
-        self.statements[p.name] = PreparedStatement(p.name, p.parse.query, p.parse.param_types)
+        ops = tuple(p.ops) if p.ops else ()
+        self.statements[p.name] = PreparedStatement(p.name, p.parse.query, p.parse.param_types, None, None, ops)
+        if self.crypto is not None:
+            self.crypto.set_statement(p.name, p.state)
         return None
 
     def _on_bind_complete(self, body: bytes) -> bytes | None:
@@ -880,14 +997,13 @@ class Relay:
             # Prepared with SQL PREPARE, which shares the protocol's statement namespace.
             stmt = self.statements[p.bind.statement] = PreparedStatement(p.bind.statement, "", ())
         self.portals[p.name] = Portal(p.name, stmt, p.bind.result_formats, stmt.row_description)
+        if self.crypto is not None:
+            self.crypto.set_portal(p.name, p.state)
         return None
 
     def _on_close_complete(self, body: bytes) -> bytes | None:
         p = self._pop(Expect.CLOSE, "CloseComplete")
-        if p.kind == b"S":
-            self.statements.pop(p.name, None)
-        else:
-            self.portals.pop(p.name, None)
+        self._forget(p.kind, p.name)
         return None
 
     def _on_parameter_description(self, body: bytes) -> bytes | None:
@@ -897,9 +1013,12 @@ class Relay:
         stmt = self.statements.get(p.name)
         if stmt is not None:
             stmt.parameter_description = msg
-        if p.state is not None:
-            assert self.crypto is not None
-            return self.crypto.parameter_description(body, p.state)
+        crypto = self.crypto
+        if crypto is not None:
+            # The statement the server describes is the confirmed one: every earlier reply is in.
+            state = crypto.statement_state(p.name)
+            if state is not None:
+                return crypto.parameter_description(body, state)
         return None
 
     def _on_row_description(self, body: bytes) -> bytes | None:
@@ -910,7 +1029,7 @@ class Relay:
             if stmt is not None:
                 stmt.row_description = body
             self.pending.popleft()
-            return None if crypto is None else crypto.statement_row_description(body, head.state)
+            return None if crypto is None else crypto.statement_row_description(body, crypto.statement_state(head.name))
         if head.expect is Expect.DESCRIBE_PORTAL:
             portal = self.portals.get(head.name)
             if portal is not None:
@@ -919,7 +1038,7 @@ class Relay:
             if crypto is None:
                 return None
             formats = portal.result_formats if portal is not None else ()
-            return crypto.portal_row_description(body, head.state, formats)
+            return crypto.portal_row_description(body, crypto.portal_state(head.name), formats)
         if head.expect is not Expect.QUERY:
             raise ProtocolViolation("server", f"RowDescription in reply to {head.expect.name}")
         self.current_result = body
@@ -950,12 +1069,58 @@ class Relay:
         head = pending[0] if pending else self._head(None, "CommandComplete")
         if head.expect is _EXPECT_EXECUTE:
             pending.popleft()
+            if body[:1] in _NAMESPACE_TAG_STARTS:
+                portal = self.portals.get(head.name)
+                if portal is not None and portal.statement.ops:
+                    self._on_namespace_tag(body, list(portal.statement.ops))
         elif head.expect is not _EXPECT_QUERY:
             raise ProtocolViolation("server", f"CommandComplete in reply to {head.expect.name}")
-        elif head.state is not None:
-            assert self.crypto is not None
-            self.crypto.statement_done(head.state)
+        else:
+            if head.state is not None:
+                assert self.crypto is not None
+                self.crypto.statement_done(head.state)
+            if body[:1] in _NAMESPACE_TAG_STARTS:
+                self._on_namespace_tag(body, head.ops)
         return None
+
+    def _on_namespace_tag(self, tag: bytes, ops: list[NamespaceOp] | None) -> None:
+        """An SQL-level PREPARE, DEALLOCATE [ALL] or DISCARD ALL completed: the model follows. The
+        names come from the statement text (``ops``, consumed in order); one pgveil could not read
+        leaves the model as it was, which every later decision treats as unconfirmed."""
+        if tag in (b"DEALLOCATE ALL\x00", b"DISCARD ALL\x00"):
+            self.statements.clear()
+            if self.crypto is not None:
+                self.crypto.close_all(b"S")
+            if tag == b"DISCARD ALL\x00":  # also CLOSE ALL
+                self.portals.clear()
+                if self.crypto is not None:
+                    self.crypto.close_all(b"P")
+            if ops:
+                for i, op in enumerate(ops):
+                    if op.action is NamespaceAction.DEALLOCATE_ALL:
+                        del ops[i]
+                        break
+            return
+        if tag == b"PREPARE\x00":
+            action = NamespaceAction.PREPARE
+        elif tag == b"DEALLOCATE\x00":
+            action = NamespaceAction.DEALLOCATE
+        else:
+            return
+        if not ops:
+            return
+        for i, op in enumerate(ops):
+            if op.action is action:
+                del ops[i]
+                break
+        else:
+            return
+        if action is NamespaceAction.PREPARE:
+            self.statements[op.name] = PreparedStatement(op.name, "", ())
+            if self.crypto is not None:
+                self.crypto.set_statement(op.name, None)
+        else:
+            self._forget(b"S", op.name)
 
     def _on_portal_suspended(self, body: bytes) -> bytes | None:
         self.current_result = None
@@ -1154,3 +1319,29 @@ def _strip_channel_binding(msg: m.Authentication) -> bytes | None:
         return None
     payload = b"".join(x + b"\x00" for x in kept) + b"\x00"
     return codec.encode_backend(m.Authentication(msg.code, payload))
+
+
+def _distinct(versions: list[Version | None]) -> list[Version]:
+    """The versions of a name that exist, each once."""
+    out: list[Version] = []
+    for v in versions:
+        if v is not None and v not in out:
+            out.append(v)
+    return out
+
+
+def _apply_ops(
+    versions: list[Version | None], ops: Sequence[NamespaceOp], name: str, *, certain: bool
+) -> list[Version | None]:
+    """``versions`` after SQL-level namespace operations that succeeded (``certain``) or may have."""
+    for op in ops:
+        action = op.action
+        v: Version | None
+        if action is NamespaceAction.PREPARE and op.name == name:
+            v = (None, None)  # the analysis refuses an SQL-level PREPARE with encrypted parameters
+        elif (action is NamespaceAction.DEALLOCATE and op.name == name) or action is NamespaceAction.DEALLOCATE_ALL:
+            v = None
+        else:
+            continue
+        versions = [v] if certain else [*versions, v]
+    return versions

@@ -1,0 +1,58 @@
+"""SQL-level statements that act on the session's prepared statements: PREPARE, EXECUTE, DEALLOCATE
+[ALL] and DISCARD ALL (which share the protocol's statement namespace).
+
+The relay applies them to its model of the session when their CommandComplete arrives, and an EXECUTE
+of a statement that takes encrypted parameters is refused: its arguments are SQL literals that pgveil
+would have to seal inside someone else's statement text. Pure: it reads the text, nothing else.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+from pglast import ast, parse_sql
+from pglast.enums.parsenodes import DiscardMode
+
+from proxy.protocol.encryption import NamespaceAction, NamespaceOp
+
+# Every statement of interest starts with one of these keywords (EXECUTE also under EXPLAIN and CREATE
+# TABLE AS); a text without any of them, the usual case, is not parsed again.
+_KEYWORDS = re.compile(r"(?i)\b(?:prepare|execute|deallocate|discard)\b")
+
+
+def namespace_ops(sql: str) -> tuple[NamespaceOp, ...]:
+    """The namespace operations of ``sql``, in text order. A text the parser rejects yields none: the
+    server rejects it too, before anything runs."""
+    if _KEYWORDS.search(sql) is None:
+        return ()
+    return _parsed_ops(sql)
+
+
+@lru_cache(maxsize=1024)
+def _parsed_ops(sql: str) -> tuple[NamespaceOp, ...]:
+    try:
+        stmts = parse_sql(sql)
+    except Exception:  # pglast.parser.ParseError; the server reports the syntax error itself
+        return ()
+    ops: list[NamespaceOp] = []
+    for raw in stmts:
+        _collect(raw.stmt, ops)
+    return tuple(ops)
+
+
+def _collect(node: object, ops: list[NamespaceOp]) -> None:
+    if isinstance(node, ast.PrepareStmt):
+        ops.append(NamespaceOp(NamespaceAction.PREPARE, node.name or ""))
+    elif isinstance(node, ast.ExecuteStmt):
+        ops.append(NamespaceOp(NamespaceAction.EXECUTE, node.name or ""))
+    elif isinstance(node, ast.DeallocateStmt):
+        if getattr(node, "isall", False) or node.name is None:
+            ops.append(NamespaceOp(NamespaceAction.DEALLOCATE_ALL))
+        else:
+            ops.append(NamespaceOp(NamespaceAction.DEALLOCATE, node.name))
+    elif isinstance(node, ast.DiscardStmt):
+        if node.target == DiscardMode.DISCARD_ALL:
+            ops.append(NamespaceOp(NamespaceAction.DEALLOCATE_ALL))
+    elif isinstance(node, ast.ExplainStmt | ast.CreateTableAsStmt):
+        _collect(node.query, ops)
