@@ -936,16 +936,21 @@ class Relay:
         self.current_result = None
         self._rows = self._copy_out_rewritten = False
         self._suppress = False
-        if head.expect is _EXPECT_QUERY and ("" in self.statements or "" in self.portals):
-            # A simple Query destroys the unnamed statement and runs in the unnamed portal ("Simple Query").
-            self._forget(b"S", "")
-            self._forget(b"P", "")
+        if head.expect is _EXPECT_QUERY:
+            self._on_query_started()
         if body == b"I" and self.portals:
             # Portals live until the end of their transaction ("Extended Query", Bind).
             self.portals.clear()
             if self.crypto is not None:
                 self.crypto.close_all(b"P")
         return None
+
+    def _on_query_started(self) -> None:
+        """A reply to the simple Query at the head of the queue: the server destroyed the unnamed statement
+        when it started the Query, and ran it in an unnamed portal of its own (exec_simple_query)."""
+        if "" in self.statements or "" in self.portals:
+            self._forget(b"S", "")
+            self._forget(b"P", "")
 
     def _forget(self, kind: bytes, name: str) -> None:
         """The server confirmed that statement (``b"S"``) or portal ``name`` is gone."""
@@ -967,6 +972,8 @@ class Relay:
         # A refused message was replaced by a stand-in that fails: the client gets the refusal instead.
         replacement = head.refusal
         if head.expect in (Expect.QUERY, Expect.FUNCTION_CALL, Expect.SYNC):
+            if head.expect is Expect.QUERY:
+                self._on_query_started()
             return replacement  # ReadyForQuery follows and pops it
         # Extended protocol: the server now skips every message up to the next Sync.
         while self.pending and self.pending[0].expect is not Expect.SYNC:
@@ -1042,6 +1049,7 @@ class Relay:
         if head.expect is not Expect.QUERY:
             raise ProtocolViolation("server", f"RowDescription in reply to {head.expect.name}")
         self.current_result = body
+        self._on_query_started()
         if crypto is None:
             return None
         replacement, self._rows = crypto.result_row_description(body, head.state)
@@ -1076,6 +1084,7 @@ class Relay:
         elif head.expect is not _EXPECT_QUERY:
             raise ProtocolViolation("server", f"CommandComplete in reply to {head.expect.name}")
         else:
+            self._on_query_started()
             if head.state is not None:
                 assert self.crypto is not None
                 self.crypto.statement_done(head.state)
@@ -1130,6 +1139,8 @@ class Relay:
 
     def _on_copy_in(self, body: bytes) -> bytes | None:
         head = self._head_in((Expect.QUERY, Expect.EXECUTE), "CopyInResponse")
+        if head.expect is Expect.QUERY:
+            self._on_query_started()
         crypto = self.crypto
         if crypto is not None:
             try:
@@ -1175,6 +1186,8 @@ class Relay:
 
     def _on_copy_out(self, body: bytes) -> bytes | None:
         head = self._head_in((Expect.QUERY, Expect.EXECUTE), "CopyOutResponse")
+        if head.expect is Expect.QUERY:
+            self._on_query_started()
         self.copy_out = True
         if self.crypto is not None:
             self._copy_out_rewritten = self.crypto.copy_out_response(head.state, body)
