@@ -727,8 +727,12 @@ class SessionCrypto:
 
     def handle_execute(self, portal: str, versions: Sequence[CryptoState | None]) -> Outcome:
         state = versions[0] if versions else None
-        if any(v is not state and v != state for v in versions) and any(
-            isinstance(v, PortalCrypto) and (v.statement is not None or v.row_plan is not None) for v in versions
+        if (
+            len(versions) > 1
+            and any(v is not state and v != state for v in versions)
+            and any(
+                isinstance(v, PortalCrypto) and (v.statement is not None or v.row_plan is not None) for v in versions
+            )
         ):
             e = _unsupported(
                 f"the state of portal {portal!r} is not confirmed by the server yet "

@@ -185,7 +185,7 @@ _LIGHT_WATCHED = frozenset(b"ZEGHcCSK")
 # What a ReadyForQuery may answer.
 _READY_ANSWERS = (Expect.SYNC, Expect.QUERY, Expect.FUNCTION_CALL)
 # The first bytes of the CommandComplete tags of PREPARE, DEALLOCATE [ALL] and DISCARD ALL.
-_NAMESPACE_TAG_STARTS = (b"P", b"D")
+_NAMESPACE_TAG_STARTS = (0x50, 0x44)
 # What ends a pipeline segment: after an error the server skips messages up to the next Sync, and a
 # simple Query or FunctionCall is a segment of its own.
 _SEGMENT_ENDS = _READY_ANSWERS
@@ -615,7 +615,7 @@ class Relay:
             if crypto is None:
                 self._expect(Pending(_EXPECT_BIND, bind.portal, b"", None, bind))
                 return None
-            out = crypto.handle_bind(bind, self._statement_versions(bind.statement))
+            out = crypto.handle_bind(bind, self._versions(b"S", bind.statement, _EXPECT_PARSE))
             self._expect(Pending(_EXPECT_BIND, bind.portal, b"", None, bind, out.state, out.refusal))
             return out.replacement
         if t == 0x45:  # Execute
@@ -623,7 +623,7 @@ class Relay:
             if crypto is None:
                 self._expect(Pending(_EXPECT_EXECUTE, name))
                 return None
-            out = crypto.handle_execute(name, [v[0] for v in self._portal_versions(name)])
+            out = crypto.handle_execute(name, [v[0] for v in self._versions(b"P", name, _EXPECT_BIND)])
             if crypto.copy_in_armed:
                 self._c_streamed = _NOTHING_STREAMED
             self._expect(Pending(_EXPECT_EXECUTE, name, b"", None, None, out.state, out.refusal))
@@ -641,7 +641,7 @@ class Relay:
                 self._expect(Pending(_EXPECT_DESCRIBE_STATEMENT, name))
             else:
                 if crypto is not None:
-                    crypto.describe_portal([v[0] for v in self._portal_versions(name)])
+                    crypto.describe_portal([v[0] for v in self._versions(b"P", name, _EXPECT_BIND)])
                 self._expect(Pending(_EXPECT_DESCRIBE_PORTAL, name))
             return None
         if t == 0x43:  # Close
@@ -708,24 +708,34 @@ class Relay:
     # sent, every earlier message succeeded if this one runs at all (after an error the server skips to
     # Sync); a message of an earlier segment may have failed, so it adds a version and keeps the others.
 
-    def _statement_versions(self, name: str) -> list[Version]:
+    def _versions(self, kind: bytes, name: str, creates: Expect) -> list[Version]:
+        """The versions statement (``b"S"``, ``creates`` PARSE) or portal (``b"P"``, BIND) ``name`` may
+        have when the server runs the message being sent; none if it may exist in no version."""
+        pending = self.pending
+        # The usual case first: a Parse (Bind) or Close of the name earlier in this segment decides alone.
+        i = len(pending)
+        while i:
+            i -= 1
+            p = pending[i]
+            e = p.expect
+            if e in _SEGMENT_ENDS:
+                break
+            if p.name == name:
+                if e is creates:
+                    # A refused message's stand-in fails, and the server skips the message being sent.
+                    return [(None, None)] if p.refusal is not None else [(p.state, None)]
+                if e is _EXPECT_CLOSE and p.kind == kind:
+                    return []
         crypto = self.crypto
         assert crypto is not None
-        known = self.statements.get(name)
-        versions: list[Version | None] = [
-            None if known is None else (crypto.statement_state(name), known.row_description)
-        ]
-        if self.pending:
-            versions = self._walk(versions, b"S", name, _EXPECT_PARSE)
-        return _distinct(versions)
-
-    def _portal_versions(self, name: str) -> list[Version]:
-        crypto = self.crypto
-        assert crypto is not None
-        versions: list[Version | None] = [None if name not in self.portals else (crypto.portal_state(name), None)]
-        if self.pending:
-            versions = self._walk(versions, b"P", name, _EXPECT_BIND)
-        return _distinct(versions)
+        if kind == b"S":
+            known = self.statements.get(name)
+            base: Version | None = None if known is None else (crypto.statement_state(name), known.row_description)
+        else:
+            base = (crypto.portal_state(name), None) if name in self.portals else None
+        if not pending:
+            return [] if base is None else [base]
+        return _distinct(self._walk([base], kind, name, creates))
 
     def _walk(self, versions: list[Version | None], kind: bytes, name: str, creates: Expect) -> list[Version | None]:
         """``versions`` (None: the name does not exist) after every pending message. A Parse (Bind) of the
@@ -936,7 +946,7 @@ class Relay:
         self.current_result = None
         self._rows = self._copy_out_rewritten = False
         self._suppress = False
-        if head.expect is _EXPECT_QUERY:
+        if head.expect is _EXPECT_QUERY and ("" in self.statements or "" in self.portals):
             self._on_query_started()
         if body == b"I" and self.portals:
             # Portals live until the end of their transaction ("Extended Query", Bind).
@@ -975,6 +985,11 @@ class Relay:
             if head.expect is Expect.QUERY:
                 self._on_query_started()
             return replacement  # ReadyForQuery follows and pops it
+        if head.name == "" and (head.expect is _EXPECT_PARSE or head.expect is _EXPECT_BIND):
+            # A Parse of the unnamed statement drops the old one before it can fail (exec_parse_message);
+            # after a failed Bind the unnamed portal can no longer run (skipped to Sync, or an aborted
+            # transaction that ends with it).
+            self._forget(b"S" if head.expect is _EXPECT_PARSE else b"P", "")
         # Extended protocol: the server now skips every message up to the next Sync.
         while self.pending and self.pending[0].expect is not Expect.SYNC:
             self.pending.popleft()
@@ -1049,7 +1064,8 @@ class Relay:
         if head.expect is not Expect.QUERY:
             raise ProtocolViolation("server", f"RowDescription in reply to {head.expect.name}")
         self.current_result = body
-        self._on_query_started()
+        if "" in self.statements or "" in self.portals:
+            self._on_query_started()
         if crypto is None:
             return None
         replacement, self._rows = crypto.result_row_description(body, head.state)
@@ -1077,18 +1093,19 @@ class Relay:
         head = pending[0] if pending else self._head(None, "CommandComplete")
         if head.expect is _EXPECT_EXECUTE:
             pending.popleft()
-            if body[:1] in _NAMESPACE_TAG_STARTS:
+            if body and body[0] in _NAMESPACE_TAG_STARTS:
                 portal = self.portals.get(head.name)
                 if portal is not None and portal.statement.ops:
                     self._on_namespace_tag(body, list(portal.statement.ops))
         elif head.expect is not _EXPECT_QUERY:
             raise ProtocolViolation("server", f"CommandComplete in reply to {head.expect.name}")
         else:
-            self._on_query_started()
+            if "" in self.statements or "" in self.portals:
+                self._on_query_started()
             if head.state is not None:
                 assert self.crypto is not None
                 self.crypto.statement_done(head.state)
-            if body[:1] in _NAMESPACE_TAG_STARTS:
+            if body and body[0] in _NAMESPACE_TAG_STARTS:
                 self._on_namespace_tag(body, head.ops)
         return None
 

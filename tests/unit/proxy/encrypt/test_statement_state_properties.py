@@ -114,6 +114,8 @@ class ReferenceServer:
 
     def parse(self, msg: m.Parse) -> None:
         fails = self.failures.popleft()
+        if not msg.statement:
+            self.statements.pop("", None)  # before parsing, so even when the Parse fails
         if msg.query not in (PROTECTED, PLAIN):
             self.reply(error("42601"))  # the bad query, and the stand-in of a refused one
             self.skipping = True
@@ -129,6 +131,10 @@ class ReferenceServer:
     def bind(self, msg: m.Bind) -> None:
         fails = self.failures.popleft()
         kind = self.statements.get(msg.statement)
+        if kind is None or fails:
+            # After a failed Bind the unnamed portal can no longer run: the server skips to Sync, and Sync
+            # ends the transaction. The model may drop it.
+            self.portals.discard(msg.portal)
         if kind is None:
             self.reply(error("26000"))  # also the stand-in of a refused Bind
             self.skipping = True
@@ -251,7 +257,7 @@ def test_the_statement_model_follows_the_server(script: list[Step]) -> None:
             send(m.Parse(a, QUERIES[b], ()), fails)
             open_segment = True
         elif action == "bind":
-            certain = not relay.pending and a in relay.statements
+            certain = not relay.pending and a in relay.statements and not ref.skipping
             before = ref.binds_checked
             send(m.Bind("", a, (), PARAMS, ()), fails)
             if certain and ref.binds_checked == before:
