@@ -674,10 +674,16 @@ class SessionCrypto:
     def sql_namespace(self, sql: str) -> tuple[NamespaceOp, ...]:
         return namespace_ops(sql)
 
-    def execute_refusal(self, name: str, versions: Sequence[Version]) -> bytes | None:
+    def execute_refusal(self, name: str, versions: Sequence[Version], *, deferred: bool) -> bytes | None:
         if not self.ctx.catalog.tables:
             return None
-        if not versions:
+        if deferred:
+            e = _unsupported(
+                f"SQL-level EXECUTE of prepared statement {name!r} in a prepared statement is not supported "
+                "while tables are encrypted: the statement it names may change before it runs",
+                hint="send EXECUTE as a simple query, or bind the prepared statement directly",
+            )
+        elif not versions:
             e = _unsupported(
                 f"EXECUTE of prepared statement {name!r}, which pgveil has not seen prepared",
                 hint="prepare it through pgveil first",

@@ -112,9 +112,10 @@ class SessionEncryption(Protocol):
     def sql_namespace(self, sql: str) -> tuple[NamespaceOp, ...]:
         """The statements of ``sql`` that touch the prepared-statement namespace, in text order."""
 
-    def execute_refusal(self, name: str, versions: Sequence[Version]) -> bytes | None:
+    def execute_refusal(self, name: str, versions: Sequence[Version], *, deferred: bool) -> bytes | None:
         """SQL-level EXECUTE of statement ``name``, which may be any of ``versions`` (none: pgveil does
-        not know it): the ErrorResponse refusing it, or None to let it run."""
+        not know it) when it runs: the ErrorResponse refusing it, or None to let it run. ``deferred``: it
+        is in a Parse, so it runs at some later Execute, when ``name`` may be another statement."""
 
     def handle_bind(self, msg: m.BindFrame, versions: Sequence[Version]) -> Outcome:
         """A Bind to a statement that may be any of ``versions`` when the server runs the Bind (none: a

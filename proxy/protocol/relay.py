@@ -656,7 +656,7 @@ class Relay:
                 self._expect(Pending(_EXPECT_QUERY))
                 return None
             ops = crypto.sql_namespace(msg.query)
-            refusal = self._execute_refusal(crypto, ops) if ops else None
+            refusal = self._execute_refusal(crypto, ops, deferred=False) if ops else None
             if refusal is not None:
                 self._expect(Pending(_EXPECT_QUERY, "", b"", None, None, None, refusal))
                 return codec.encode_frontend(m.Query(REFUSED_QUERY))
@@ -673,7 +673,7 @@ class Relay:
                 self._expect(Pending(_EXPECT_PARSE, msg.statement, b"", msg))
                 return None
             ops = crypto.sql_namespace(msg.query)
-            refusal = self._execute_refusal(crypto, ops) if ops else None
+            refusal = self._execute_refusal(crypto, ops, deferred=True) if ops else None
             if refusal is not None:
                 self._expect(Pending(_EXPECT_PARSE, msg.statement, b"", msg, None, None, refusal))
                 return codec.encode_frontend(m.Parse(msg.statement, REFUSED_QUERY, ()))
@@ -767,7 +767,9 @@ class Relay:
                     versions = _apply_ops(versions, p.ops, name, certain=False)
         return versions
 
-    def _execute_refusal(self, crypto: SessionEncryption, ops: tuple[NamespaceOp, ...]) -> bytes | None:
+    def _execute_refusal(
+        self, crypto: SessionEncryption, ops: tuple[NamespaceOp, ...], *, deferred: bool
+    ) -> bytes | None:
         """The refusal of a statement text whose SQL-level EXECUTE may run a statement that takes
         encrypted parameters (or one pgveil does not know), or None."""
         for j, op in enumerate(ops):
@@ -781,7 +783,7 @@ class Relay:
                 versions = self._walk(versions, b"S", op.name, _EXPECT_PARSE)
             # The statements before it in the same text ran, or it does not run.
             versions = _apply_ops(versions, ops[:j], op.name, certain=True)
-            refusal = crypto.execute_refusal(op.name, _distinct(versions))
+            refusal = crypto.execute_refusal(op.name, _distinct(versions), deferred=deferred)
             if refusal is not None:
                 return refusal
         return None

@@ -172,6 +172,12 @@ def sql_execute(s: Session, seen: Seen, shape: str, pipelined: bool) -> None:
     for text in texts:
         assert s.exchange(m.Query(text)) == ["E0A000"]
         assert s.exchange(m.Parse("", text, ()), m.Bind("", "", (), (), ()), m.Execute("", 0), m.Sync()) == ["E0A000"]
+    # An EXECUTE in a Parse runs at a later Execute, when the statement it names may have become the
+    # INSERT: refused even while that statement is plain.
+    later = f"{name}_later"
+    assert s.exchange(m.Parse(later, PLAIN, ()), m.Sync()) == ["ParseComplete"]
+    assert s.exchange(m.Parse("", f"EXECUTE {later}{args}", ()), m.Sync()) == ["E0A000"]
+    assert s.exchange(m.Query(f"EXECUTE {later}('a', 'b', 'c')")) == ["CommandComplete"]
 
 
 def sql_reset(s: Session, seen: Seen, shape: str, pipelined: bool) -> None:
