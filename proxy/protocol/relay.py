@@ -39,6 +39,18 @@ encryption layer, reached only through :class:`~proxy.protocol.encryption.Sessio
 frontend message the relay acts on is offered to it (one client path, with or without it) and may come
 back rewritten or refused; the state it returns rides on the Pending entry and goes back to it with the
 reply. Without a layer, no call is made and nothing per message is added.
+
+Statement state follows the server. The model of statements and portals (and the encryption layer's
+state for each, committed through the layer's ``set_*``/``close*`` calls) changes only when a reply says
+it did: ParseComplete, BindComplete, CloseComplete; the CommandComplete of SQL PREPARE, DEALLOCATE [ALL]
+and DISCARD ALL (their names come from the statement text); the first reply to a simple Query (which
+destroys the unnamed statement and portal); an error for a Parse of the unnamed statement (the server
+drops the old one first). A Parse that fails or is skipped changes nothing. A message sent before
+earlier ones are answered is decided on every version its name may have when the server runs it
+(:meth:`Relay._versions`): within its own segment every earlier message succeeded if it runs at all;
+one of an earlier segment may have failed, so it adds a version and keeps the others. The encryption
+layer refuses a Bind or Execute whose versions disagree and carry protected values, and a Bind of a name
+the model does not know, rather than guessing.
 """
 
 from __future__ import annotations
