@@ -36,7 +36,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keymgmt.envelope import _seal_with_nonce, column_associated_data, open_envelope
-from proxy.encrypt.engine import REFUSED_QUERY, CryptoContext, SessionCrypto
+from proxy.encrypt.engine import REFUSED_QUERY, REFUSED_STATEMENT_NAME, CryptoContext, SessionCrypto
 from proxy.encrypt.keyring import KeyRing
 from proxy.protocol import codec
 from proxy.protocol import messages as m
@@ -756,3 +756,79 @@ def test_prepared_insert_goes_out_in_one_buffer_and_its_replies_pass_untouched()
         assert server(relay, reply) == reply
         assert not relay.pending
         assert relay.portals == {}  # the unnamed portal ended with its transaction
+
+
+# -- statement state follows the server's replies ------------------------------------------------------
+
+
+def test_a_describe_after_a_failed_reparse_describes_the_statement_the_server_kept() -> None:
+    relay, *_ = make_relay()
+    client(relay, fe(m.Parse("s1", INSERT_PARAMS, ()), m.Sync()))
+    server(relay, be(m.ParseComplete(), m.ReadyForQuery(b"I")))
+    # The server keeps s1 (42P05): the Describe that follows describes the protected INSERT.
+    client(
+        relay, fe(m.Parse("s1", "SELECT $1::text, $2::text, $3::text", ()), m.Sync(), m.Describe(b"S", "s1"), m.Sync())
+    )
+    duplicate = codec.encode_error("ERROR", "42P05", 'prepared statement "s1" already exists')
+    out = server(
+        relay,
+        duplicate
+        + be(m.ReadyForQuery(b"I"), m.ParameterDescription((INT4, BYTEA, BYTEA)), m.NoData(), m.ReadyForQuery(b"I")),
+    )
+    assert out == duplicate + be(
+        m.ReadyForQuery(b"I"), m.ParameterDescription((INT4, TEXT, INT4)), m.NoData(), m.ReadyForQuery(b"I")
+    )
+
+
+def test_a_bind_that_may_meet_two_versions_is_refused_and_one_after_its_parse_is_sealed() -> None:
+    relay, *_ = make_relay()
+    values = (b"7", b"123-45-6789", b"42")
+    # Parse s1 (protected) and a re-Parse as a plain SELECT, both unanswered: s1 may be either.
+    sent = split(
+        client(
+            relay,
+            fe(
+                m.Parse("s1", INSERT_PARAMS, ()),
+                m.Sync(),
+                m.Parse("s1", "SELECT $1::text, $2::text, $3::text", ()),
+                m.Sync(),
+                m.Bind("", "s1", (), values, ()),
+                m.Execute("", 0),
+                m.Sync(),
+                # In one segment with its Parse, a Bind meets that statement or does not run.
+                m.Parse("", INSERT_PARAMS, ()),
+                m.Bind("", "", (), values, ()),
+                m.Sync(),
+            ),
+        )
+    )
+    refused = codec.decode_frontend(*sent[4])
+    assert isinstance(refused, m.Bind)
+    assert refused.statement == REFUSED_STATEMENT_NAME
+    assert refused.params == ()
+    sealed = codec.decode_frontend(*sent[8])
+    assert isinstance(sealed, m.Bind)
+    assert sealed.params[1] is not None
+    assert open_as(SSN, sealed.params[1]) == b"123-45-6789"
+    replies = server(
+        relay,
+        be(m.ParseComplete(), m.ReadyForQuery(b"I"))
+        + codec.encode_error("ERROR", "42P05", 'prepared statement "s1" already exists')
+        + be(m.ReadyForQuery(b"I"))
+        + codec.encode_error("ERROR", "26000", "prepared statement does not exist")
+        + be(m.ReadyForQuery(b"I"), m.ParseComplete(), m.BindComplete(), m.ReadyForQuery(b"I")),
+    )
+    errors = [codec.decode_backend(t, b) for t, b in split(replies) if t == ord("E")]
+    assert [e.sqlstate for e in errors if isinstance(e, m.ErrorResponse)] == ["42P05", "0A000"]
+    assert "not confirmed" in str(errors[1])
+    assert not relay.pending
+
+
+def test_the_encryption_layer_is_told_whether_requests_are_in_flight() -> None:
+    relay, *_ = make_relay()
+    crypto = relay.crypto
+    assert isinstance(crypto, SessionCrypto)
+    client(relay, fe(m.Query(SELECT_ALL)))
+    assert crypto.in_flight is False
+    client(relay, fe(m.Parse("", SELECT_BY_ID, ())))
+    assert crypto.in_flight is True  # the Query is unanswered
