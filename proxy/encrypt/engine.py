@@ -752,7 +752,9 @@ class SessionCrypto:
         if state.needs_description():
             stand_in, refusal = refused_execute()
             return Outcome(stand_in, None, refusal)
-        self.arm_copy_in(state)
+        st = state.statement
+        if st is not None and st.copies_in:
+            self.arm_copy_in(state)
         return Outcome(None, state)
 
     def describe_portal(self, versions: Sequence[CryptoState | None]) -> None:

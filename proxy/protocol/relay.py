@@ -635,7 +635,7 @@ class Relay:
             if crypto is None:
                 self._expect(Pending(_EXPECT_EXECUTE, name))
                 return None
-            out = crypto.handle_execute(name, [v[0] for v in self._versions(b"P", name, _EXPECT_BIND)])
+            out = crypto.handle_execute(name, self._portal_states(name))
             if crypto.copy_in_armed:
                 self._c_streamed = _NOTHING_STREAMED
             self._expect(Pending(_EXPECT_EXECUTE, name, b"", None, None, out.state, out.refusal))
@@ -653,7 +653,7 @@ class Relay:
                 self._expect(Pending(_EXPECT_DESCRIBE_STATEMENT, name))
             else:
                 if crypto is not None:
-                    crypto.describe_portal([v[0] for v in self._versions(b"P", name, _EXPECT_BIND)])
+                    crypto.describe_portal(self._portal_states(name))
                 self._expect(Pending(_EXPECT_DESCRIBE_PORTAL, name))
             return None
         if t == 0x43:  # Close
@@ -719,6 +719,24 @@ class Relay:
     # these walks list every version the name may have then. Within the segment of the message being
     # sent, every earlier message succeeded if this one runs at all (after an error the server skips to
     # Sync); a message of an earlier segment may have failed, so it adds a version and keeps the others.
+
+    def _portal_states(self, name: str) -> list[CryptoState | None]:
+        """:meth:`_versions` of portal ``name``, as crypto states; the usual case (its Bind earlier in
+        this segment) without building versions."""
+        pending = self.pending
+        i = len(pending)
+        while i:
+            i -= 1
+            p = pending[i]
+            e = p.expect
+            if e in _SEGMENT_ENDS:
+                break
+            if p.name == name:
+                if e is _EXPECT_BIND:
+                    return [None] if p.refusal is not None else [p.state]
+                if e is _EXPECT_CLOSE and p.kind == b"P":
+                    return []
+        return [v[0] for v in self._versions(b"P", name, _EXPECT_BIND)]
 
     def _versions(self, kind: bytes, name: str, creates: Expect) -> list[Version]:
         """The versions statement (``b"S"``, ``creates`` PARSE) or portal (``b"P"``, BIND) ``name`` may
