@@ -61,6 +61,7 @@ from proxy.rewrite.analysis import analyze
 from proxy.rewrite.catalog import Catalog, ProtectedColumn
 from proxy.rewrite.copyrows import CopyOptions, CopyRowRewriter
 from proxy.rewrite.plan import CopyDirection, CopyFormat, LiteralTarget, QueryPlan, StatementKind, StatementPlan
+from proxy.rewrite.reading import reading_refusal, version_refusal
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +284,18 @@ class SessionCrypto:
 
     # -- simple Query ----------------------------------------------------------------------------------
     def query(self, sql: str) -> Outcome:
+        if not self.ctx.catalog.empty:
+            unreadable = reading_refusal(
+                sql,
+                standard_conforming_strings=self.fmt.standard_conforming_strings,
+                client_encoding=self.fmt.client_encoding,
+                certain=not self.in_flight,
+            )
+            if unreadable is not None:
+                return self._refuse(unreadable)
         plan = self.ctx.analyze(sql, self.search_path)
+        if plan.syntax_since > self.fmt.server_major:
+            return self._refuse(version_refusal(self.fmt.server_major))
         if not plan.touches_protected:
             return Outcome()
         refused: ProxyError | None = plan.refusal or self._not_ready()
@@ -370,10 +382,20 @@ class SessionCrypto:
 
     # -- extended protocol -----------------------------------------------------------------------------
     def parse(self, msg: m.Parse) -> Outcome:
-        plan = self.ctx.analyze(msg.query, self.search_path)
-        if not plan.touches_protected:
+        refused: ProxyError | None = None
+        if not self.ctx.catalog.empty:
+            refused = reading_refusal(
+                msg.query,
+                standard_conforming_strings=self.fmt.standard_conforming_strings,
+                client_encoding=self.fmt.client_encoding,
+                certain=not self.in_flight,
+            )
+        plan = self.ctx.analyze(msg.query, self.search_path) if refused is None else QueryPlan(msg.query)
+        if refused is None and plan.syntax_since > self.fmt.server_major:
+            refused = version_refusal(self.fmt.server_major)
+        if refused is None and not plan.touches_protected:
             return Outcome()
-        refused: ProxyError | None = plan.refusal or self._not_ready()
+        refused = refused or plan.refusal or self._not_ready()
         if refused is None and len(plan.statements) > 1:
             refused = _unsupported("a prepared statement cannot contain several commands")
         if refused is not None:

@@ -33,7 +33,9 @@ class SessionFormat:
     """The settings that change how a value is written as text, from the server's ParameterStatus.
 
     ``bytea_output`` is not reported by PostgreSQL; the session tracks it from ``SET`` if it can,
-    and the default is the server default, ``hex``.
+    and the default is the server default, ``hex``. ``server_version`` (reported once, at startup)
+    decides which scanner rules the server applies to statement text; ``server_major`` is 0 until it
+    is known.
     """
 
     timezone: str = "UTC"
@@ -42,6 +44,17 @@ class SessionFormat:
     client_encoding: str = "UTF8"
     standard_conforming_strings: bool = True
     bytea_output: str = "hex"
+    server_version: str = ""
+
+    @property
+    def server_major(self) -> int:
+        """The server's major version (``15`` for "15.4 (Debian 15.4-1)", ``9`` for "9.6.2"), 0 if unknown."""
+        digits = ""
+        for ch in self.server_version:
+            if not ch.isdigit():
+                break
+            digits += ch
+        return int(digits) if digits else 0
 
     def with_parameter(self, name: str, value: str) -> SessionFormat:
         """This format updated by one ParameterStatus (name, value); unknown names change nothing."""
@@ -58,6 +71,8 @@ class SessionFormat:
             return replace(self, standard_conforming_strings=value.lower() in ("on", "true", "1"))
         if key == "bytea_output":
             return replace(self, bytea_output=value.lower())
+        if key == "server_version":
+            return replace(self, server_version=value)
         return self
 
 
