@@ -181,7 +181,7 @@ def _scan(s: str, scs: bool, out: list[Token]) -> None:
             out.append(Token(i, j, TokenKind.IDENT))
             i = j
             continue
-        if ch == ":" and nxt in ":=":  # typecast, colon_equals
+        if ch == ":" and nxt in (":", "="):  # typecast, colon_equals
             out.append(Token(i, i + 2, TokenKind.OPERATOR))
             i += 2
             continue

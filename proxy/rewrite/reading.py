@@ -16,12 +16,17 @@ Decisions
 - A text is accepted when its reading is the same under every value the settings may have when the
   server reads it: the one last reported by ParameterStatus, and, while requests are still unanswered
   (``certain`` False: a pipelined ``SET`` may apply first), every other value too. "The same" means
-  the PostgreSQL 15 scanner (lexer.py) gives identical token boundaries and escape modes, or the other
-  reading is a scanner error (the server then rejects the whole text and runs nothing).
+  the PostgreSQL 15 scanner (lexer.py) gives identical token boundaries and escape modes; a scanner
+  error under ``standard_conforming_strings = off`` counts as a difference (pgveil could otherwise
+  rewrite a literal the server would have rejected into one it accepts). Under another encoding's
+  segmentation a scanner error is tolerated: those bytes fail the server's conversion or scan, so it
+  runs none of the text, and non-ASCII text next to a quote would otherwise be refused in every
+  pipeline.
 - ``standard_conforming_strings = off`` is supported by that rule rather than by a second grammar:
   a text reads the same under both values unless a ``'...'`` string contains a backslash or ``U&'``
-  occurs, which pgveil refuses (while tables have encrypted columns). Most texts contain neither, so
-  the session works; pgveil never has to compute a value the way the off mode would.
+  occurs (the server rejects ``U&'`` with the setting off), which pgveil refuses while tables have
+  encrypted columns. Most texts contain neither, so the session works; pgveil never has to compute a
+  value the way the off mode would.
 - An encoding that is not ASCII-safe cannot be read with certainty by pgveil at all: any text with a
   byte >= 0x80 is refused in it. A pure-ASCII text reads the same in every PostgreSQL client encoding
   (all of them are ASCII-compatible below 0x80 and start multibyte characters at 0x80 or above), so
@@ -134,7 +139,9 @@ def _compare(view: str, raw: bytes | None, scs_may_be_off: bool, certain: bool) 
             if v is view and scs:
                 continue
             got: Scan = scan(v, standard_conforming_strings=scs)
-            if got.error is None and got.reading() != expected:
+            if v is not view and got.error is not None:
+                continue  # the server cannot convert or scan these bytes and runs none of the text
+            if got.reading() != expected:
                 return _differs(certain, encoding=v is not view)
     return None
 

@@ -1,0 +1,105 @@
+"""When a text's reading depends on standard_conforming_strings or on the client encoding (now or after
+a request still unanswered), and when it does not; and the version check in the analysis."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.rewrite.analysis import analyze
+from proxy.rewrite.catalog import Catalog, ProtectedColumn, ProtectedTable
+from proxy.rewrite.reading import ascii_safe, reading_refusal, version_refusal
+
+ATTACK_SCS = "SELECT 'a\\' AS x, '; INSERT INTO secrets (v) VALUES ($$plain$$); --' AS y"
+
+
+def _refusal(sql: str, *, scs: bool = True, encoding: str = "UTF8", certain: bool = True) -> str | None:
+    e = reading_refusal(sql, standard_conforming_strings=scs, client_encoding=encoding, certain=certain)
+    if e is None:
+        return None
+    assert e.sqlstate == "0A000"
+    assert "plain" not in e.message
+    assert "secrets" not in e.message
+    return e.message
+
+
+def test_scs_on_and_certain_reads_as_the_analysis_does() -> None:
+    assert _refusal(ATTACK_SCS) is None
+
+
+def test_scs_off_refuses_a_text_that_reads_differently() -> None:
+    msg = _refusal(ATTACK_SCS, scs=False)
+    assert msg is not None
+    assert "standard_conforming_strings off" in msg
+
+
+def test_scs_possibly_off_refuses_while_requests_are_unanswered() -> None:
+    msg = _refusal(ATTACK_SCS, certain=False)
+    assert msg is not None
+    assert "unanswered" in msg
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "INSERT INTO secrets (v) VALUES ('plain')",
+        "SELECT E'\\n', 'it''s', $$a\\b$$, /* \\ */ 1 -- \\",
+        "SELECT 'a\\b'::text WHERE false",  # a backslash that does not move a boundary but changes the value
+    ],
+)
+def test_scs_off_accepts_texts_that_read_the_same(sql: str) -> None:
+    expected = None if "'a\\b'" not in sql else "differently"
+    got = _refusal(sql, scs=False)
+    assert (got is None) == (expected is None)
+
+
+def test_unicode_string_with_scs_off_is_refused() -> None:
+    assert _refusal("SELECT U&'x'", scs=False) is not None
+    assert _refusal("SELECT U&'x'") is None
+
+
+@pytest.mark.parametrize("encoding", ["SJIS", "SHIFT_JIS_2004", "BIG5", "GBK", "UHC", "GB18030", "JOHAB", "NOPE"])
+def test_client_only_encodings_refuse_non_ascii_text_but_not_ascii(encoding: str) -> None:
+    assert not ascii_safe(encoding)
+    msg = _refusal("SELECT E'\u0101\\'; INSERT INTO secrets VALUES ($$plain$$); --'", encoding=encoding)
+    assert msg is not None
+    assert encoding in msg
+    assert _refusal("SET client_encoding = 'UTF8'", encoding=encoding) is None
+
+
+@pytest.mark.parametrize("encoding", ["UTF8", "SQL_ASCII", "LATIN1", "EUC_JP", "WIN1252", "KOI8R", "utf-8"])
+def test_ascii_safe_encodings(encoding: str) -> None:
+    assert ascii_safe(encoding)
+    assert _refusal("SELECT 'café', E'\u0101\\''", encoding=encoding) is None
+
+
+def test_possible_encoding_switch_refuses_a_text_whose_backslash_could_be_swallowed() -> None:
+    # U+0101 is C4 81 in UTF-8; in SJIS 0x81 starts a two-byte character and takes the backslash.
+    attack = "SELECT E'\u0101\\'; INSERT INTO secrets VALUES ($$plain$$); --'"
+    assert _refusal(attack) is None
+    msg = _refusal(attack, certain=False)
+    assert msg is not None
+    assert "client_encoding" in msg
+
+
+def test_possible_encoding_switch_accepts_non_ascii_text_that_cannot_move() -> None:
+    assert _refusal("SELECT 'café au lait', \"größe\" FROM t", certain=False) is None
+    assert _refusal("SELECT 'ā' , 'x'", certain=False) is None  # 0x81 takes a space: same tokens
+
+
+# -- the version check -------------------------------------------------------------------------------------
+
+SECRETS = ProtectedTable("public", "secrets", {"n": ProtectedColumn("public", "secrets", "n", "integer")}, ("n",))
+CATALOG = Catalog({("public", "secrets"): SECRETS})
+
+
+@pytest.mark.parametrize("literal", ["0x1F", "1_000", "0b101", "0o17"])
+def test_postgresql_16_numbers_are_marked(literal: str) -> None:
+    plan = analyze(f"INSERT INTO secrets (n) VALUES ({literal})", CATALOG)
+    assert plan.syntax_since == 16
+    assert analyze("INSERT INTO secrets (n) VALUES (31)", CATALOG).syntax_since == 0
+
+
+def test_version_refusal_is_a_syntax_error() -> None:
+    e = version_refusal(15)
+    assert e.sqlstate == "42601"
+    assert "PostgreSQL 15" in e.message
