@@ -260,20 +260,36 @@ def _quoted(s: str, start: int, body: int, mode: str, out: list[Token]) -> int:
 
 
 def _escape(s: str, j: int, start: int) -> int:
-    """Past one backslash escape inside E'...' (scan.l xeescape, xeoctesc, xehexesc, xeunicode)."""
+    """Past one backslash escape inside E'...' (scan.l xeescape, xeoctesc, xehexesc, xeunicode, and the
+    surrogate-pair state xeu)."""
     n = len(s)
     if j + 1 >= n:
         return j + 1  # a backslash just before the end: the string is unterminated anyway
-    c = s[j + 1]
-    if c in "uU":
-        want = 4 if c == "u" else 8
-        k = j + 2
-        while k < n and k - (j + 2) < want and s[k] in _HEX:
-            k += 1
-        if k - (j + 2) < want:
-            raise _LexError("invalid Unicode escape", start)
-        return k
-    return j + 2  # octal and hex escapes consume only digits, which cannot end the string
+    if s[j + 1] not in "uU":
+        return j + 2  # octal and hex escapes consume only digits, which cannot end the string
+    k, value = _unicode_escape(s, j, start)
+    if 0xDC00 <= value <= 0xDFFF:
+        raise _LexError("invalid Unicode surrogate pair", start)
+    if 0xD800 <= value <= 0xDBFF:
+        if not (s.startswith("\\u", k) or s.startswith("\\U", k)):
+            raise _LexError("invalid Unicode surrogate pair", start)
+        k, low = _unicode_escape(s, k, start)
+        if not 0xDC00 <= low <= 0xDFFF:
+            raise _LexError("invalid Unicode surrogate pair", start)
+    elif value == 0 or value > 0x10FFFF:
+        raise _LexError("invalid Unicode escape value", start)
+    return k
+
+
+def _unicode_escape(s: str, j: int, start: int) -> tuple[int, int]:
+    """``\\uXXXX`` or ``\\UXXXXXXXX`` at ``j``: the index past it and its value."""
+    want = 4 if s[j + 1] == "u" else 8
+    k = j + 2
+    while k < len(s) and k - (j + 2) < want and s[k] in _HEX:
+        k += 1
+    if k - (j + 2) < want:
+        raise _LexError("invalid Unicode escape", start)
+    return k, int(s[j + 2 : k], 16)
 
 
 def _continuation(s: str, j: int) -> int:
@@ -356,6 +372,7 @@ def _number(s: str, i: int, out: list[Token]) -> int:
     j = i
     while j < n and s[j] in _DIGITS:
         j += 1
+    prefix_ends = {j} if j > i else set()  # where an {integer} or {decimal} prefix ends
     if j < n and s[j] == ".":
         if j + 1 < n and s[j + 1] == "." and j > i:  # decimalfail: 1..  is an integer, then ..
             out.append(Token(i, j, TokenKind.NUMBER))
@@ -363,6 +380,7 @@ def _number(s: str, i: int, out: list[Token]) -> int:
         j += 1
         while j < n and s[j] in _DIGITS:
             j += 1
+        prefix_ends.add(j)
     if j < n and s[j] in "eE":
         k = j + 1
         if k < n and s[k] in "+-":
@@ -373,8 +391,17 @@ def _number(s: str, i: int, out: list[Token]) -> int:
             while k < n and s[k] in _DIGITS:
                 k += 1
             j = k
-    if j < n and _ident_start(s[j]):
-        raise _LexError("trailing junk after numeric literal", i)
+            prefix_ends.add(j)
+    # integer_junk, decimal_junk, real_junk: {integer}, {decimal} or {real} followed by an identifier
+    # (which may go on with digits and $). flex takes the longest match, so a junk rule wins whenever
+    # the identifier reaches past the number's own end ("1e3$" is junk, "1e3" a real).
+    for p in sorted(prefix_ends):
+        if p < n and _ident_start(s[p]):
+            q = p + 1
+            while q < n and _ident_cont(s[q]):
+                q += 1
+            if q > j or p == j:
+                raise _LexError("trailing junk after numeric literal", i)
     out.append(Token(i, j, TokenKind.NUMBER))
     return j
 

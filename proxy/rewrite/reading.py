@@ -45,7 +45,7 @@ import re
 from proxy.errors import FeatureNotSupported, ProxyError
 from proxy.rewrite.lexer import Scan, scan
 
-__all__ = ["ascii_safe", "reading_refusal", "version_refusal"]
+__all__ = ["ascii_safe", "reading_refusal", "server_view", "version_refusal"]
 
 # PostgreSQL's server encodings (pg_wchar.h, PG_VALID_BE_ENCODING): every byte below 0x80 is an ASCII
 # character in them. Canonical names as ParameterStatus reports them, compared as PostgreSQL compares
@@ -77,12 +77,20 @@ _ASCII_SAFE = frozenset(
 # How the client-only encodings cut bytes into characters (pg_wchar.c, pg_*_mblen): a lead byte and the
 # bytes it takes with it, whatever their value. Matching left to right without overlap is exactly
 # PostgreSQL's walk over the text; bytes below 0x80 that a lead byte takes are what can move a boundary.
-_SEGMENTATIONS: tuple[re.Pattern[bytes], ...] = (
-    re.compile(rb"[\x80-\xa0\xe0-\xff][\x00-\xff]"),  # SJIS, SHIFT_JIS_2004 (0xa1-0xdf: one-byte kana)
-    re.compile(rb"[\x80-\xff][\x00-\xff]"),  # BIG5, GBK, UHC
-    re.compile(rb"[\x80-\xff][\x30-\x39][\x00-\xff][\x00-\xff]|[\x80-\xff][\x00-\xff]"),  # GB18030
-    re.compile(rb"\x8f[\x00-\xff][\x00-\xff]|[\x80-\xff][\x00-\xff]"),  # JOHAB (pg_euc_mblen)
-)
+_SJIS = re.compile(rb"[\x80-\xa0\xe0-\xff][\x00-\xff]")  # 0xa1-0xdf: one-byte kana
+_DOUBLE = re.compile(rb"[\x80-\xff][\x00-\xff]")
+_GB18030 = re.compile(rb"[\x80-\xff][\x30-\x39][\x00-\xff][\x00-\xff]|[\x80-\xff][\x00-\xff]")
+_JOHAB = re.compile(rb"\x8f[\x00-\xff][\x00-\xff]|[\x80-\xff][\x00-\xff]")  # pg_euc_mblen
+_SEGMENTATION_OF = {
+    "SJIS": _SJIS,
+    "SHIFTJIS2004": _SJIS,
+    "BIG5": _DOUBLE,
+    "GBK": _DOUBLE,
+    "UHC": _DOUBLE,
+    "GB18030": _GB18030,
+    "JOHAB": _JOHAB,
+}
+_SEGMENTATIONS: tuple[re.Pattern[bytes], ...] = (_SJIS, _DOUBLE, _GB18030, _JOHAB)
 _HIGH_THEN_ASCII = re.compile(rb"[\x80-\xff][\x00-\x7f]")
 _SWALLOWED = bytes.maketrans(bytes(range(128)), b"\x80" * 128)
 
@@ -95,6 +103,19 @@ def _normalise(encoding: str) -> str:
 def ascii_safe(client_encoding: str) -> bool:
     """Whether every byte below 0x80 is an ASCII character in this encoding (unknown names: False)."""
     return _normalise(client_encoding) in _ASCII_SAFE
+
+
+def server_view(raw: bytes, client_encoding: str) -> str:
+    """``raw`` as the server's scanner sees it in ``client_encoding``, one character per byte: ASCII
+    where the server sees an ASCII character, U+0080 or above where it sees part of a multibyte one."""
+    pattern = _SEGMENTATION_OF.get(_normalise(client_encoding))
+    if pattern is not None:
+        raw = _segmented(pattern, raw)
+    return raw.decode("latin-1")
+
+
+def _segmented(pattern: re.Pattern[bytes], raw: bytes) -> bytes:
+    return pattern.sub(lambda m: m.group().translate(_SWALLOWED), raw)
 
 
 def reading_refusal(
@@ -131,7 +152,7 @@ def _compare(view: str, raw: bytes | None, scs_may_be_off: bool, certain: bool) 
     views = [view]
     if raw is not None:
         for pattern in _SEGMENTATIONS:
-            other = pattern.sub(lambda m: m.group().translate(_SWALLOWED), raw)
+            other = _segmented(pattern, raw)
             if other != raw:
                 views.append(other.decode("latin-1"))
     for v in views:
