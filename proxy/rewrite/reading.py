@@ -127,12 +127,20 @@ def reading_refusal(
     ``certain`` is False while requests the server has not answered could still change the settings.
     """
     ascii_text = sql.isascii()
-    if not ascii_text and not ascii_safe(client_encoding):
-        return FeatureNotSupported(
-            f'pgveil: statements with non-ASCII text are refused in client_encoding "{client_encoding}" while '
-            "tables have encrypted columns: its multibyte characters can contain quote or backslash bytes",
-            hint="SET client_encoding = 'UTF8'",
-        )
+    if not ascii_safe(client_encoding):
+        if not ascii_text:
+            return FeatureNotSupported(
+                f'pgveil: statements with non-ASCII text are refused in client_encoding "{client_encoding}" '
+                "while tables have encrypted columns: its multibyte characters can contain quote or backslash bytes",
+                hint="SET client_encoding = 'UTF8'",
+            )
+        if "\\'" in sql:
+            # backslash_quote = safe_encoding (the default) makes the server reject \' in these encodings.
+            return FeatureNotSupported(
+                f'pgveil: a backslash before a quote is refused in client_encoding "{client_encoding}" while '
+                "tables have encrypted columns (the server rejects it there)",
+                hint="write a quote in a string as ''",
+            )
     scs_may_be_off = not (certain and standard_conforming_strings)
     scs_matters = scs_may_be_off and ("\\" in sql or "u&'" in sql.lower())
     raw: bytes | None = None
@@ -142,11 +150,27 @@ def reading_refusal(
         encoding_matters = _HIGH_THEN_ASCII.search(raw) is not None
     if not scs_matters and not encoding_matters:
         return None
-    return _compare(sql if raw is None else raw.decode("latin-1"), raw, scs_may_be_off, certain)
+    if len(sql) <= _CACHED_LENGTH:
+        differs = _cached_compare(sql, raw is not None, scs_may_be_off)
+    else:
+        differs = _compare(sql if raw is None else raw.decode("latin-1"), raw, scs_may_be_off)
+    return None if differs is None else _differs(certain, encoding=differs == "encoding")
 
 
-def _compare(view: str, raw: bytes | None, scs_may_be_off: bool, certain: bool) -> FeatureNotSupported | None:
-    """Compares pgveil's reading (scs on, the bytes as they are) with every reading the server may make."""
+# Texts up to this length have their comparison cached (a pipeline sends the same texts again and again);
+# longer ones are compared each time rather than held in memory.
+_CACHED_LENGTH = 8192
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_compare(sql: str, by_bytes: bool, scs_may_be_off: bool) -> str | None:
+    raw = sql.encode("utf-8", "surrogateescape") if by_bytes else None
+    return _compare(sql if raw is None else raw.decode("latin-1"), raw, scs_may_be_off)
+
+
+def _compare(view: str, raw: bytes | None, scs_may_be_off: bool) -> str | None:
+    """Compares pgveil's reading (scs on, the bytes as they are) with every reading the server may make:
+    None if all agree, else what makes the difference ("scs" or "encoding")."""
     expected = scan(view).reading()
     scs_values = (True, False) if scs_may_be_off else (True,)
     views = [view]
@@ -163,7 +187,7 @@ def _compare(view: str, raw: bytes | None, scs_may_be_off: bool, certain: bool) 
             if v is not view and got.error is not None:
                 continue  # the server cannot convert or scan these bytes and runs none of the text
             if got.reading() != expected:
-                return _differs(certain, encoding=v is not view)
+                return "scs" if v is view else "encoding"
     return None
 
 

@@ -103,3 +103,20 @@ def test_version_refusal_is_a_syntax_error() -> None:
     e = version_refusal(15)
     assert e.sqlstate == "42601"
     assert "PostgreSQL 15" in e.message
+
+
+def test_backslash_quote_in_a_client_only_encoding_is_refused() -> None:
+    """backslash_quote = safe_encoding: the server rejects \\' there; pgveil must not rewrite it into a
+    text the server accepts."""
+    assert _refusal("SELECT E'\\''", encoding="SJIS") is not None
+    assert _refusal("SELECT E'\\''", encoding="UTF8") is None
+
+
+def test_cached_comparisons_give_fresh_refusals() -> None:
+    first = reading_refusal(ATTACK_SCS, standard_conforming_strings=False, client_encoding="UTF8", certain=True)
+    second = reading_refusal(ATTACK_SCS, standard_conforming_strings=False, client_encoding="UTF8", certain=True)
+    assert first is not None
+    assert second is not None
+    assert first is not second
+    long_text = ATTACK_SCS + " " * 10000  # above the cached length: compared each time, same answer
+    assert _refusal(long_text, scs=False) is not None
