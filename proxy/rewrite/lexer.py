@@ -104,24 +104,49 @@ def scan(sql: str, *, standard_conforming_strings: bool = True) -> Scan:
 
 def statement_spans(sql: str, result: Scan) -> list[tuple[int, int]]:
     """The non-empty statements of a scanned text, split at ``;`` tokens, as (start, end) from their
-    first to their last token (comments excluded). This is the server's split except inside a
-    ``BEGIN ATOMIC ... END`` function body, whose semicolons the grammar keeps."""
+    first to their last token (comments excluded).
+
+    Inside the body of ``CREATE [OR REPLACE] FUNCTION|PROCEDURE ... BEGIN ATOMIC ... END`` the grammar
+    keeps the semicolons; like psql, a ``BEGIN`` or ``CASE`` in such a statement opens a level that
+    ``END`` closes, and only a ``;`` outside every level ends the statement.
+    """
     spans: list[tuple[int, int]] = []
     first = last = -1
+    words: list[str] = []  # the statement's leading identifiers, lower-cased (up to four)
+    depth = 0
     for t in result.tokens:
         if t.kind is TokenKind.COMMENT:
             continue
-        if t.kind is TokenKind.OPERATOR and sql[t.start : t.end] == ";":
+        text = sql[t.start : t.end]
+        if t.kind is TokenKind.OPERATOR and text == ";" and depth == 0:
             if first >= 0:
                 spans.append((first, last))
             first = last = -1
+            words = []
             continue
         if first < 0:
             first = t.start
         last = t.end
+        if t.kind is TokenKind.IDENT:
+            word = text.lower()
+            if len(words) < 4:
+                words.append(word)
+            if _routine(words):
+                if word in ("begin", "case"):
+                    depth += 1
+                elif word == "end" and depth > 0:
+                    depth -= 1
     if first >= 0:
         spans.append((first, last))
     return spans
+
+
+def _routine(words: list[str]) -> bool:
+    """CREATE [OR REPLACE] FUNCTION|PROCEDURE"""
+    if len(words) < 2 or words[0] != "create":
+        return False
+    kind = words[3] if len(words) > 3 and words[1:3] == ["or", "replace"] else words[1]
+    return kind in ("function", "procedure")
 
 
 def _scan(s: str, scs: bool, out: list[Token]) -> None:

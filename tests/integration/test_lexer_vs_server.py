@@ -13,20 +13,29 @@ the corpus is built so that most texts are conclusive.
 The corpus: hand-written cases in the style of PostgreSQL's own regression tests (strings.sql,
 numerology.sql: quotes, E'' escapes, U&'' with UESCAPE, continuation lines, nested comments, dollar
 quotes with tags, numbers with trailing junk), and texts generated from tricky pieces with a fixed seed.
+
+Then PostgreSQL's own SQL as installed with the server (``information_schema.sql``,
+``system_functions.sql`` with its ``BEGIN ATOMIC`` bodies, ``system_views.sql``, and every extension
+script): pgveil's scanner splits each file into statements, and each statement is sent to the server
+as a Parse (parsed, never run). The server must find exactly one statement in each (no "cannot insert
+multiple commands", no "syntax error at end of input" from a statement cut short) and no scanner error
+that pgveil's scanner did not report.
 """
 
 from __future__ import annotations
 
 import random
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import psycopg
 import pytest
 from pglast import parser as pg_parser
 from psycopg import pq
 
-from proxy.devcluster import DevCluster
+from proxy.devcluster import DevCluster, find_bindir
 from proxy.rewrite.analysis import scanned_alike
 from proxy.rewrite.lexer import scan, statement_spans
 from proxy.rewrite.reading import server_view
@@ -269,3 +278,47 @@ def test_libpg_query_differences_are_flagged(direct: psycopg.Connection[object])
     for text in ["SELECT 0x1F", "SELECT 1_000", "SELECT 0b101", "SELECT 0o17", "SELECT 1\v"]:
         assert server_reading(direct, text.encode()).error is not None
         assert not scanned_alike(text)
+
+
+def _installed_sql() -> list[Path]:
+    pg_config = find_bindir() / "pg_config"
+    if not pg_config.exists():
+        return []
+    share = Path(
+        subprocess.run([str(pg_config), "--sharedir"], capture_output=True, text=True, check=True).stdout.strip()
+    )
+    return sorted(share.glob("*.sql")) + sorted((share / "extension").glob("*.sql"))
+
+
+def _without_psql_commands(text: str) -> str:
+    """Extension scripts start with a psql ``\\echo ... \\quit`` line; the server never sees those."""
+    return "\n".join("" if line.startswith("\\") else line for line in text.split("\n"))
+
+
+@pytest.mark.parametrize("scs", [True, False], ids=["scs_on", "scs_off"])
+def test_installed_postgresql_sql_splits_as_the_server_does(direct: psycopg.Connection[object], scs: bool) -> None:
+    files = _installed_sql()
+    if not files:
+        pytest.skip("no pg_config: the server's SQL files are not found")
+    direct.execute(f"SET standard_conforming_strings = {'on' if scs else 'off'}")
+    direct.execute("SET escape_string_warning = off")
+    checked = 0
+    disagreements: list[str] = []
+    for path in files:
+        text = _without_psql_commands(path.read_text(encoding="utf-8"))
+        result = scan(text, standard_conforming_strings=scs)
+        if result.error is not None:
+            disagreements.append(f"{path.name}: pgveil: {result.error}")
+            continue
+        for start, end in statement_spans(text, result):
+            piece = text[start:end]
+            res = direct.pgconn.prepare(b"", piece.encode("utf-8"))
+            checked += 1
+            if res.status != pq.ExecStatus.FATAL_ERROR:
+                continue
+            msg = (res.error_field(pq.DiagnosticField.MESSAGE_PRIMARY) or b"").decode(errors="replace")
+            if "multiple commands" in msg or "at end of input" in msg or any(e in msg for e in SCANNER_ERRORS):
+                disagreements.append(f"{path.name} at {start}: {msg}")
+    assert disagreements == []
+    print(f"{checked} statements from {len(files)} files")
+    assert checked > 500, f"only {checked} statements checked"

@@ -208,3 +208,13 @@ def test_scan_never_raises_and_tokens_are_ordered(sql: str) -> None:
         for t in result.tokens:
             assert pos <= t.start < t.end <= len(sql)
             pos = t.end
+
+
+def test_statement_spans_keep_begin_atomic_bodies_whole() -> None:
+    sql = (
+        "CREATE OR REPLACE FUNCTION f(a int) RETURNS int LANGUAGE sql BEGIN ATOMIC "
+        "SELECT CASE WHEN a > 0 THEN 1 ELSE 2 END; SELECT 3; END; SELECT 2; BEGIN; END"
+    )
+    spans = statement_spans(sql, scan(sql))
+    assert [sql[a:b] for a, b in spans][1:] == ["SELECT 2", "BEGIN", "END"]
+    assert sql[spans[0][0] : spans[0][1]].endswith("SELECT 3; END")
