@@ -48,7 +48,7 @@ from proxy.encrypt.rows import (
 )
 from proxy.errors import ProtocolViolation, ProxyError
 from proxy.pgtypes import codec_for
-from proxy.pgtypes.base import SessionFormat, TypeCodec, python_codec
+from proxy.pgtypes.base import SessionFormat, TypeCodec, python_codec, statement_bytes, statement_text, wire_text
 from proxy.pgtypes.text import TextCodec
 from proxy.protocol import codec
 from proxy.protocol import messages as m
@@ -293,7 +293,7 @@ class SessionCrypto:
             )
             if unreadable is not None:
                 return self._refuse(unreadable)
-        plan = self.ctx.analyze(sql, self.search_path)
+        plan = self.ctx.analyze(statement_text(sql, self.fmt), self.search_path)
         if plan.syntax_since > self.fmt.server_major:
             return self._refuse(version_refusal(self.fmt.server_major))
         if not plan.touches_protected:
@@ -315,7 +315,7 @@ class SessionCrypto:
             new_sql = self._encrypt_literals(plan)
         except ProxyError as e:
             return self._refuse(e)
-        replacement = None if new_sql is None else codec.encode_frontend(m.Query(new_sql))
+        replacement = None if new_sql is None else codec.encode_frontend(m.Query(wire_text(new_sql, self.fmt)))
         return Outcome(replacement, QueryCrypto(plan.statements))
 
     def _encrypt_literals(self, plan: QueryPlan) -> str | None:
@@ -328,7 +328,7 @@ class SessionCrypto:
         ciphertexts: dict[LiteralTarget, bytes] = {}
         for t in plan.literal_targets:
             cc = self.ctx.column(t.column)
-            literal = t.plaintext.encode("utf-8", "surrogateescape")
+            literal = statement_bytes(t.plaintext, self.fmt)
             if t.cast_type is not None:
                 try:
                     canonical = canonical_through_cast(
@@ -389,7 +389,11 @@ class SessionCrypto:
                 client_encoding=self.fmt.client_encoding,
                 certain=not self.in_flight,
             )
-        plan = self.ctx.analyze(msg.query, self.search_path) if refused is None else QueryPlan(msg.query)
+        plan = (
+            self.ctx.analyze(statement_text(msg.query, self.fmt), self.search_path)
+            if refused is None
+            else QueryPlan(msg.query)
+        )
         if refused is None and plan.syntax_since > self.fmt.server_major:
             refused = version_refusal(self.fmt.server_major)
         if refused is None and not plan.touches_protected:
@@ -420,7 +424,7 @@ class SessionCrypto:
                 types.extend([0] * (need - len(types)))
             for i in params:
                 types[i] = BYTEA_OID
-        query = msg.query if new_sql is None else new_sql
+        query = msg.query if new_sql is None else wire_text(new_sql, self.fmt)
         return Outcome(codec.encode_frontend(m.Parse(msg.statement, query, tuple(types))), stmt)
 
     def parameter_description(self, body: bytes, stmt: CryptoState) -> bytes | None:

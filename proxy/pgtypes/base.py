@@ -155,6 +155,40 @@ def python_codec(client_encoding: str) -> str | None:
         ) from None
 
 
+def _statement_codec(fmt: SessionFormat) -> str | None:
+    try:
+        return python_codec(fmt.client_encoding)
+    except UnsupportedValueFormat:
+        return None  # left as the protocol codec decoded it; reading.py decides what may be read
+
+
+def statement_text(wire: str, fmt: SessionFormat) -> str:
+    """A Query or Parse string as the protocol codec hands it over (its bytes as UTF-8, any other byte
+    as a surrogate escape) read in the client's encoding, as the server will read it. Bytes the
+    encoding does not define stay surrogate escapes (libpg_query then refuses to parse the text)."""
+    if wire.isascii():
+        return wire
+    codec = _statement_codec(fmt)
+    if codec is None:
+        return wire
+    return wire.encode("utf-8", "surrogateescape").decode(codec, "surrogateescape")
+
+
+def wire_text(text: str, fmt: SessionFormat) -> str:
+    """The inverse of :func:`statement_text`: a (rewritten) statement back in the protocol codec's form."""
+    if text.isascii():
+        return text
+    codec = _statement_codec(fmt)
+    if codec is None:
+        return text
+    return text.encode(codec, "surrogateescape").decode("utf-8", "surrogateescape")
+
+
+def statement_bytes(text: str, fmt: SessionFormat) -> bytes:
+    """Part of a statement read by :func:`statement_text` (a literal's plaintext) as the client's bytes."""
+    return text.encode(_statement_codec(fmt) or "utf-8", "surrogateescape")
+
+
 def decode_client(data: bytes, fmt: SessionFormat) -> str:
     """Client-encoded bytes as text; raises 22021 for bytes invalid in that encoding, or a NUL."""
     codec = python_codec(fmt.client_encoding)

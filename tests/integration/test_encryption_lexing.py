@@ -256,3 +256,20 @@ def test_postgresql_16_numbers_for_a_protected_int_are_refused(env: EncEnv, lite
         assert out.message.startswith("pgveil:")
         assert simple(c, b"SELECT 1").sqlstate == ""
     assert direct_query(env, "SELECT id FROM enc_refuse WHERE id = ANY(%s)", ids) == []
+
+
+def test_statement_text_is_read_in_a_single_byte_client_encoding(env: EncEnv) -> None:
+    """LATIN1 bytes (not UTF-8) in a literal for a protected column: pgveil reads the text in LATIN1, seals
+    the value, and leaves the rest of the text byte for byte (the unprotected value arrives intact)."""
+    ids = [next_id(), next_id()]
+    with psycopg.connect(env.dsn(), client_encoding="LATIN1", autocommit=True) as c:
+        for row_id, send in zip(ids, (simple, extended), strict=True):
+            text = f"INSERT INTO enc_canary (id, secret, open) VALUES ({row_id}, 'café {row_id}', 'naïve')"
+            out = send(c, text.encode("latin-1"))
+            assert out.sqlstate == "", out
+        res = c.pgconn.exec_(f"SELECT secret FROM enc_canary WHERE id IN ({ids[0]}, {ids[1]}) ORDER BY id".encode())
+        assert res.status == pq.ExecStatus.TUPLES_OK, res.error_message
+        assert [res.get_value(i, 0) for i in range(res.ntuples)] == [f"café {i}".encode("latin-1") for i in ids]
+    stored = direct_query(env, "SELECT secret, open FROM enc_canary WHERE id = ANY(%s) ORDER BY id", ids)
+    assert [row[1] for row in stored] == ["naïve", "naïve"]
+    assert all(isinstance(row[0], bytes) and b"caf" not in row[0] for row in stored)
