@@ -8,7 +8,9 @@ and the session's reported settings: no I/O, no clock, no logging of values.
 Canonical text is always UTF-8. The client's encoding is honoured on the way in and out (PostgreSQL
 converts text and binary text-like values between client and server encoding; we do the same), for
 UTF8, SQL_ASCII (treated as UTF-8, as a UTF8 server verifies it) and the single-byte encodings; any
-other client encoding is refused with 0A000 on the first value that needs converting.
+other client encoding is refused with 0A000 on the first value that needs converting. Statement text
+(Query, Parse) is read in the same encodings (``statement_text``); in the others pgveil leaves it as
+the protocol codec decoded it, and ``proxy/rewrite/reading.py`` decides what it may still read.
 """
 
 from __future__ import annotations

@@ -41,10 +41,10 @@ Decisions
 - SQL-level PREPARE with a parameter for a protected column, DECLARE CURSOR over a protected table,
   MERGE, CREATE TABLE AS / SELECT INTO of a protected column, COPY of one to or from a server file or
   program, and binary COPY of one are refused.
-- Literal plaintexts are what libpg_query reads with standard_conforming_strings on; a session that
-  turned it off must not use literal targets (the session knows it from ParameterStatus), and
-  reading.py refuses, before analysis, every text whose reading depends on that setting or on the
-  client encoding.
+- Literal plaintexts are what libpg_query reads with standard_conforming_strings on. The session
+  (from ParameterStatus) refuses, before analysis, every text whose reading depends on that setting or
+  on the client encoding (reading.py), and hands over the text decoded in the client encoding; so what
+  the analysis reads is what the server reads.
 - libpg_query's grammar is newer than PostgreSQL 15's: it accepts ``0x1F``, ``0o17``, ``0b101``,
   ``1_000`` and a vertical tab as whitespace, where PostgreSQL 15's scanner stops with an error. Every
   text that gets this far (it may name a protected table) is also scanned with PostgreSQL 15's rules
