@@ -56,6 +56,12 @@ def scs_attack(row_id: int, canary: str) -> str:
     )
 
 
+def scs_attack_one_statement(row_id: int, canary: str) -> str:
+    """One statement for a Parse: with scs on the canary is inside ``open``'s string and ``secret`` is
+    NULL; with it off the canary is the value for ``secret``."""
+    return f"INSERT INTO enc_canary (id, open, secret) VALUES ({row_id}, 'a\\' || ', $${canary}$$) --', NULL)"
+
+
 def encoding_attack(row_id: int, canary: str, char: str) -> str:
     """One SELECT read as UTF-8; read in the client encoding, ``char``'s last byte and the backslash are
     one character, so the E'' string ends at the next quote."""
@@ -63,6 +69,12 @@ def encoding_attack(row_id: int, canary: str, char: str) -> str:
         f"SELECT E'{char}\\'; INSERT INTO enc_canary (id, secret, open) VALUES ({row_id}, $${canary}$$, $$c$$); "
         "--' AS y"
     )
+
+
+def encoding_attack_one_statement(row_id: int, canary: str, char: str) -> str:
+    """One statement: read as UTF-8 the canary is in a comment and ``secret`` is NULL; read in the client
+    encoding the E'' string ends early and the canary is the value for ``secret``."""
+    return f"INSERT INTO enc_canary (id, open, secret) VALUES ({row_id}, E'{char}\\' || ', NULL) --', $${canary}$$)"
 
 
 @dataclass
@@ -99,7 +111,10 @@ Attack = Callable[[EncEnv, int, str, str], list[Outcome]]
 def via_set(env: EncEnv, row_id: int, canary: str, control: str) -> list[Outcome]:
     with psycopg.connect(env.dsn(), autocommit=True) as c:
         c.execute("SET standard_conforming_strings = off")
-        out = [simple(c, scs_attack(row_id, canary).encode()), extended(c, scs_attack(row_id, canary).encode())]
+        out = [
+            simple(c, scs_attack(row_id, canary).encode()),
+            extended(c, scs_attack_one_statement(row_id, canary).encode()),
+        ]
         write_control(c, control)
         return out
 
@@ -146,6 +161,30 @@ def _pipelined(env: EncEnv, row_id: int, canary: str, control: str, setting: str
         return outcomes[1:]
 
 
+def via_pipelined_parse(env: EncEnv, row_id: int, canary: str, control: str) -> list[Outcome]:
+    """The SET as a simple Query, then Parse/Bind/Execute/Sync of the one-statement attack, one write."""
+    attack = scs_attack_one_statement(row_id, canary).encode()
+    with raw_session(env.proxy.host, env.proxy.port, "pwuser", PW_PASSWORD, "app") as raw:
+        raw.send(
+            query("SET standard_conforming_strings = off")
+            + frame(b"P", b"\0" + attack + b"\0\0\0")
+            + frame(b"B", b"\0\0\0\0\0\0\0\0")
+            + frame(b"E", b"\0\0\0\0\0")
+            + frame(b"S", b"")
+        )
+        outcomes: list[Outcome] = []
+        for _ in range(2):
+            errors: list[dict[str, str]] = []
+            while (msg := raw.read_message()) is not None and msg[0] != b"Z":
+                if msg[0] == b"E":
+                    errors.append(parse_error_fields(msg[1]))
+            outcomes.append(Outcome(errors[0]["C"], errors[0]["M"]) if errors else Outcome("", ""))
+        assert outcomes[0].sqlstate == "", outcomes[0]
+        raw.send(frame(b"Q", f"INSERT INTO enc_canary (id, open) VALUES ({next_id()}, '{control}')".encode() + b"\0"))
+        raw.read_until_ready()
+        return outcomes[1:]
+
+
 def via_pipelined_set(env: EncEnv, row_id: int, canary: str, control: str) -> list[Outcome]:
     return _pipelined(env, row_id, canary, control, "SET standard_conforming_strings = off")
 
@@ -158,7 +197,8 @@ def _encoding(env: EncEnv, row_id: int, canary: str, control: str, encoding: str
     with psycopg.connect(env.dsn(), client_encoding=encoding, autocommit=True) as c:
         assert c.pgconn.parameter_status(b"client_encoding") == encoding.encode()
         attack = encoding_attack(row_id, canary, char).encode("utf-8")
-        out = [simple(c, attack), extended(c, attack)]
+        one = encoding_attack_one_statement(row_id, canary, char).encode("utf-8")
+        out = [simple(c, attack), extended(c, one)]
         write_control(c, control)
         return out
 
@@ -178,6 +218,7 @@ ATTACKS: dict[str, Attack] = {
     "alter_role": via_alter_role,
     "pipelined_set": via_pipelined_set,
     "pipelined_set_config": via_pipelined_set_config,
+    "pipelined_parse": via_pipelined_parse,
     "sjis": via_sjis,
     "big5": via_big5,
 }
