@@ -4,7 +4,10 @@ a request still unanswered), and when it does not; and the version check in the 
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from proxy.pgtypes.base import SessionFormat, statement_bytes, statement_text, wire_text
 from proxy.rewrite.analysis import analyze
 from proxy.rewrite.catalog import Catalog, ProtectedColumn, ProtectedTable
 from proxy.rewrite.reading import ascii_safe, reading_refusal, version_refusal
@@ -120,3 +123,32 @@ def test_cached_comparisons_give_fresh_refusals() -> None:
     assert first is not second
     long_text = ATTACK_SCS + " " * 10000  # above the cached length: compared each time, same answer
     assert _refusal(long_text, scs=False) is not None
+
+
+# -- the session's settings and the statement text ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("version", "major"), [("15.4 (Debian 15.4-1.pgdg120+1)", 15), ("16beta1", 16), ("9.6.24", 9), ("", 0)]
+)
+def test_server_major_from_parameter_status(version: str, major: int) -> None:
+    fmt = SessionFormat().with_parameter("server_version", version)
+    assert fmt.server_major == major
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64), st.sampled_from(["UTF8", "SQL_ASCII", "LATIN1", "WIN1252", "KOI8R", "SJIS"]))
+def test_statement_text_round_trips_the_client_bytes(raw: bytes, encoding: str) -> None:
+    """Whatever the bytes, reading them in the client encoding and writing them back changes nothing, so a
+    rewritten text differs from the client's only where pgveil replaced a literal."""
+    fmt = SessionFormat(client_encoding=encoding)
+    wire = raw.decode("utf-8", "surrogateescape")  # what the protocol codec hands over
+    text = statement_text(wire, fmt)
+    assert wire_text(text, fmt) == wire
+    assert statement_bytes(text, fmt) == raw
+
+
+def test_statement_text_is_read_in_latin1() -> None:
+    fmt = SessionFormat(client_encoding="LATIN1")
+    wire = b"SELECT 'caf\xe9'".decode("utf-8", "surrogateescape")
+    assert statement_text(wire, fmt) == "SELECT 'café'"
