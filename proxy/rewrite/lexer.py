@@ -20,6 +20,7 @@ put statement text in messages.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import Enum
 
@@ -72,6 +73,18 @@ _NON_SQL_OP = frozenset("~!@#^&|`?%")
 _DIGITS = frozenset("0123456789")
 _HEX = frozenset("0123456789abcdefABCDEF")
 _NAMEDATALEN = 64
+
+
+# Runs the scanner's rules consume in one step (``\x80-\U0010ffff``: the high bytes of multibyte characters).
+_SPACES = re.compile(r"[ \t\n\r\f]+")
+_IDENT_CONT = re.compile(r"[A-Za-z0-9_$\x80-\U0010ffff]*")
+_QUOTED_BODY = re.compile(r"[^']*")
+_ESCAPED_BODY = re.compile(r"[^'\\]*")
+
+
+def _run_end(pattern: re.Pattern[str], s: str, i: int) -> int:
+    m = pattern.match(s, i)
+    return i if m is None else m.end()
 
 
 def _ident_start(ch: str) -> bool:
@@ -156,7 +169,7 @@ def _scan(s: str, scs: bool, out: list[Token]) -> None:
         ch = s[i]
         nxt = s[i + 1] if i + 1 < n else ""
         if ch in _SPACE:
-            i += 1
+            i = _run_end(_SPACES, s, i)
             continue
         if ch == "-" and nxt == "-":
             j = _line_end(s, i)
@@ -200,9 +213,7 @@ def _scan(s: str, scs: bool, out: list[Token]) -> None:
             i = _number(s, i, out)
             continue
         if _ident_start(ch):
-            j = i + 1
-            while j < n and _ident_cont(s[j]):
-                j += 1
+            j = _run_end(_IDENT_CONT, s, i + 1)
             out.append(Token(i, j, TokenKind.IDENT))
             i = j
             continue
@@ -263,6 +274,9 @@ def _quoted(s: str, start: int, body: int, mode: str, out: list[Token]) -> int:
     escapes = False
     while True:
         while True:
+            if j >= n:
+                raise _LexError("unterminated quoted string", start)
+            j = _run_end(_ESCAPED_BODY if mode == "escape" else _QUOTED_BODY, s, j)
             if j >= n:
                 raise _LexError("unterminated quoted string", start)
             ch = s[j]
