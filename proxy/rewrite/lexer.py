@@ -119,23 +119,28 @@ def statement_spans(sql: str, result: Scan) -> list[tuple[int, int]]:
     """The non-empty statements of a scanned text, split at ``;`` tokens, as (start, end) from their
     first to their last token (comments excluded).
 
-    Inside the body of ``CREATE [OR REPLACE] FUNCTION|PROCEDURE ... BEGIN ATOMIC ... END`` the grammar
-    keeps the semicolons; like psql, a ``BEGIN`` or ``CASE`` in such a statement opens a level that
-    ``END`` closes, and only a ``;`` outside every level ends the statement.
+    Inside the body of ``CREATE [OR REPLACE] FUNCTION|PROCEDURE ... BEGIN ATOMIC ... END`` and inside
+    parentheses (``CREATE RULE ... DO (a; b)``) the grammar keeps the semicolons; like psql, a
+    ``BEGIN`` or ``CASE`` in such a routine opens a level that ``END`` closes, and only a ``;`` outside
+    every level and parenthesis ends the statement.
     """
     spans: list[tuple[int, int]] = []
     first = last = -1
     words: list[str] = []  # the statement's leading identifiers, lower-cased (up to four)
     depth = 0
+    parens = 0  # CREATE RULE ... DO (a; b) keeps its semicolons inside parentheses
     for t in result.tokens:
         if t.kind is TokenKind.COMMENT:
             continue
         text = sql[t.start : t.end]
-        if t.kind is TokenKind.OPERATOR and text == ";" and depth == 0:
+        if t.kind is TokenKind.OPERATOR and text in ("(", ")"):
+            parens += 1 if text == "(" else -1 if parens > 0 else 0
+        if t.kind is TokenKind.OPERATOR and text == ";" and depth == 0 and parens == 0:
             if first >= 0:
                 spans.append((first, last))
             first = last = -1
             words = []
+            parens = 0
             continue
         if first < 0:
             first = t.start

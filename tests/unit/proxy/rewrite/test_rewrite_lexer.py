@@ -218,3 +218,8 @@ def test_statement_spans_keep_begin_atomic_bodies_whole() -> None:
     spans = statement_spans(sql, scan(sql))
     assert [sql[a:b] for a, b in spans][1:] == ["SELECT 2", "BEGIN", "END"]
     assert sql[spans[0][0] : spans[0][1]].endswith("SELECT 3; END")
+
+
+def test_statement_spans_keep_rule_actions_in_parentheses() -> None:
+    sql = "CREATE RULE r AS ON INSERT TO t DO ALSO (INSERT INTO u VALUES (1); NOTIFY t); SELECT 2"
+    assert [sql[a:b] for a, b in statement_spans(sql, scan(sql))][1:] == ["SELECT 2"]
