@@ -46,7 +46,7 @@ from proxy.encrypt.rows import (
     rewrite_data_rows,
     rewrite_value_text,
 )
-from proxy.errors import ProtocolViolation, ProxyError
+from proxy.errors import ProtocolViolation, ProxyError, RefusalReason
 from proxy.pgtypes import codec_for
 from proxy.pgtypes.base import SessionFormat, TypeCodec, python_codec, statement_bytes, statement_text, wire_text
 from proxy.pgtypes.text import TextCodec
@@ -72,6 +72,7 @@ _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
 _U32 = struct.Struct("!I")
 _ENABLED = KeyState.ENABLED  # a module global: the hot path compares against it once per Bind and column
+_EXECUTE_REFUSAL = (RefusalReason.CONSTRUCT, "0A000")  # what refused_execute answers
 
 
 def refused_execute() -> tuple[bytes, bytes]:
@@ -262,6 +263,7 @@ class SessionCrypto:
         self.values_encrypted = 0
         self.values_decrypted = 0
         self.decrypt_failures = 0
+        self.refused: dict[tuple[RefusalReason, str], int] = {}  # (reason, SQLSTATE) -> count, for the metrics
         self._memo_plan: RowPlan | None = None
         self._memo: dict[bytes, Any] = {}
         self._memo_count = 0
@@ -277,6 +279,12 @@ class SessionCrypto:
         # must still be encrypted or dropped, never passed on.
         self._copy_in_rw: CopyRowRewriter | None = None
         self._copy_in_failed = False
+
+    def refusal(self, e: ProxyError) -> bytes:
+        """The ErrorResponse that answers a refused message, counted for the metrics."""
+        key = (e.reason, e.sqlstate)
+        self.refused[key] = self.refused.get(key, 0) + 1
+        return refusal_bytes(e)
 
     def set_parameter(self, name: str, value: str) -> None:
         self.fmt = self.fmt.with_parameter(name, value)
@@ -371,13 +379,17 @@ class SessionCrypto:
     def _not_ready(self) -> ProxyError | None:
         if self.ctx.unavailable is None:
             return None
-        e = ProxyError(self.ctx.unavailable, hint="statements on protected tables are refused until it is ready")
+        e = ProxyError(
+            self.ctx.unavailable,
+            hint="statements on protected tables are refused until it is ready",
+            reason=RefusalReason.NOT_READY,
+        )
         e.sqlstate = "55000"
         return e
 
     def _refuse(self, e: ProxyError) -> Outcome:
         log.info("refused a statement: %s", e.message)
-        return Outcome(codec.encode_frontend(m.Query(REFUSED_QUERY)), None, refusal_bytes(e))
+        return Outcome(codec.encode_frontend(m.Query(REFUSED_QUERY)), None, self.refusal(e))
 
     # -- extended protocol -----------------------------------------------------------------------------
     def parse(self, msg: m.Parse) -> Outcome:
@@ -404,7 +416,7 @@ class SessionCrypto:
         if refused is not None:
             log.info("refused a statement: %s", refused.message)
             return Outcome(
-                codec.encode_frontend(m.Parse(msg.statement, REFUSED_QUERY, ())), None, refusal_bytes(refused)
+                codec.encode_frontend(m.Parse(msg.statement, REFUSED_QUERY, ())), None, self.refusal(refused)
             )
         if not plan.statements:
             return Outcome()
@@ -413,7 +425,7 @@ class SessionCrypto:
         try:
             new_sql = self._encrypt_literals(plan)
         except ProxyError as e:
-            return Outcome(codec.encode_frontend(m.Parse(msg.statement, REFUSED_QUERY, ())), None, refusal_bytes(e))
+            return Outcome(codec.encode_frontend(m.Parse(msg.statement, REFUSED_QUERY, ())), None, self.refusal(e))
         stmt = StatementCrypto(st, params, msg.param_types, self.ctx.result_hint(st))
         if not params and new_sql is None:
             return Outcome(None, stmt)
@@ -450,7 +462,7 @@ class SessionCrypto:
             # does not support): refused before the server runs anything.
             log.info("refused a Bind: %s", e.message)
             refused = m.Bind(msg.portal, REFUSED_STATEMENT_NAME, (), (), ())
-            return Outcome(codec.encode_frontend(refused), None, refusal_bytes(e))
+            return Outcome(codec.encode_frontend(refused), None, self.refusal(e))
 
     def _bind(
         self, msg: m.BindFrame, stmt: StatementCrypto, stmt_row_desc: bytes | None, client_formats: tuple[int, ...]
@@ -716,6 +728,7 @@ class SessionCrypto:
         state = self._portal_crypto.get(portal)
         if state is not None and state.needs_description():
             stand_in, refusal = refused_execute()
+            self.refused[_EXECUTE_REFUSAL] = self.refused.get(_EXECUTE_REFUSAL, 0) + 1
             return Outcome(stand_in, None, refusal)
         self.arm_copy_in(state)
         return Outcome(None, state)
@@ -841,10 +854,11 @@ class SessionCrypto:
 
 class _BadParameterType(ProxyError):
     sqlstate = "42804"
+    reason = RefusalReason.VALUE
 
 
 def _unsupported(message: str, hint: str | None = None) -> ProxyError:
-    e = ProxyError(f"pgveil: {message}", hint=hint)
+    e = ProxyError(f"pgveil: {message}", hint=hint, reason=RefusalReason.CONSTRUCT)
     e.sqlstate = "0A000"
     return e
 

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal
 
-from proxy.errors import ProxyError
+from proxy.errors import ProxyError, RefusalReason
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,8 @@ class CopyDataError(ProxyError):
     """COPY data the rewriter cannot accept. ``line`` is the 1-based line of the COPY data (the header
     counts), when the error belongs to one."""
 
+    reason = RefusalReason.VALUE
+
     def __init__(self, message: str, *, line: int | None = None, hint: str | None = None) -> None:
         where = f"COPY data line {line}: " if line is not None else ""
         super().__init__(where + message, hint=hint)
@@ -97,18 +99,21 @@ class CharacterNotInRepertoire(CopyDataError):
     """A protected field's value is not valid UTF-8 (or holds a NUL), which the server would refuse."""
 
     sqlstate = "22021"
+    reason = RefusalReason.ENCODING
 
 
 class CopyLineTooLong(CopyDataError):
     """A single COPY line exceeds ``max_line_bytes``."""
 
     sqlstate = "54000"
+    reason = RefusalReason.LIMITS
 
 
 class InvalidCopyOptions(ProxyError):
     """COPY options that PostgreSQL refuses, or that the rewriter cannot read safely."""
 
     sqlstate = "22023"
+    reason = RefusalReason.CONSTRUCT
 
 
 @dataclass(frozen=True, slots=True)

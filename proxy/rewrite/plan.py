@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
-from proxy.errors import FeatureNotSupported
+from proxy.errors import FeatureNotSupported, RefusalReason
 from proxy.rewrite.catalog import ProtectedColumn, ProtectedTable
 
 _EMPTY_PARAMS: Mapping[int, ProtectedColumn] = types.MappingProxyType({})
@@ -44,9 +44,10 @@ class Refusal:
     message: str
     detail: str | None = None
     hint: str | None = None
+    reason: RefusalReason = RefusalReason.CONSTRUCT
 
     def error(self) -> FeatureNotSupported:
-        return FeatureNotSupported(self.message, detail=self.detail, hint=self.hint)
+        return FeatureNotSupported(self.message, detail=self.detail, hint=self.hint, reason=self.reason)
 
 
 @dataclass(frozen=True, slots=True, repr=False)
