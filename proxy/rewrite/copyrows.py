@@ -41,6 +41,14 @@ byte-wise and safe for UTF-8, whose multi-byte sequences never contain an ASCII 
 SJIS or BIG5 embed ASCII bytes in their characters and would be split wrongly, so the session must
 refuse COPY of a protected table under any other client encoding.
 
+The server verifies the raw input bytes in the client encoding before it reads lines and fields
+(``CopyConvertBuf``), so a stream with an invalid or incomplete UTF-8 sequence (or a NUL byte) anywhere
+is refused even where un-escaping or un-quoting would have made a valid value, unless the sequence lies
+after the end-of-data marker (the server never reads that far). The rewriter does the same: each
+payload is verified before its bytes are scanned, a sequence split between two CopyData messages waits
+for its continuation, and the bytes from the first invalid one on are only looked at if no end marker
+came before them (then the stream is refused with 22021, as the server would refuse it).
+
 Docs: PostgreSQL "COPY", sections "File Formats: Text Format" and "CSV Format".
 """
 
@@ -359,6 +367,7 @@ class CopyRowRewriter:
         "_protected",
         "_rows",
         "_scan",
+        "_utf8_tail",
     )
 
     def __init__(
@@ -387,6 +396,7 @@ class CopyRowRewriter:
         self._ended = False
         self._finished = False
         self._failed = False
+        self._utf8_tail = b""  # the start of a UTF-8 sequence whose continuation is in the next payload
 
     def __repr__(self) -> str:
         return (
@@ -422,10 +432,30 @@ class CopyRowRewriter:
             raise RuntimeError("feed() after finish() or after an error")
         if self._ended:
             return b""
-        self._buf += data
+        if self._utf8_tail:
+            data = self._utf8_tail + data
+            self._utf8_tail = b""
+        valid, invalid = _utf8_prefix(data)
         out: list[bytes | bytearray] = []
+        if invalid == len(data):
+            self._buf += data
+            self._drain(out, final=False)
+            return b"".join(out)
+        self._buf += data[:valid]
         self._drain(out, final=False)
-        return b"".join(out)
+        if self._ended:
+            return b"".join(out)  # the bad bytes lie after the end marker: the server never reads them
+        if invalid < 0:  # a sequence cut short at the end of this payload: its end is in the next one
+            self._utf8_tail = data[valid:]
+            return b"".join(out)
+        self._failed = True
+        raise self._invalid_encoding()
+
+    def _invalid_encoding(self) -> CharacterNotInRepertoire:
+        # PostgreSQL quotes the offending bytes; they may be plaintext, so the rewriter never does.
+        return CharacterNotInRepertoire(
+            'invalid byte sequence for encoding "UTF8" (or a NUL byte) in the COPY data', line=self._line_no + 1
+        )
 
     def finish(self) -> bytes:
         """At CopyDone: the rewritten last line if it had no terminator, else ``b""``.
@@ -440,6 +470,9 @@ class CopyRowRewriter:
         if self._ended:
             self._buf.clear()
             return b""
+        if self._utf8_tail:  # CopyDone with a multibyte character cut short: the server refuses it
+            self._failed = True
+            raise self._invalid_encoding()
         out: list[bytes | bytearray] = []
         self._drain(out, final=True)
         self._buf.clear()
@@ -786,6 +819,27 @@ class CopyRowRewriter:
 
     def _column(self, i: int) -> str:
         return f'"{self._names[i]}"' if self._names is not None else f"number {i + 1}"
+
+
+def _utf8_prefix(data: bytes) -> tuple[int, int]:
+    """How much of ``data`` verifies as the server verifies client input (``pg_encoding_verifymbstr``):
+    valid UTF-8 without NUL. Returns ``(valid, len(data))`` when all of it does, ``(valid, valid)`` when
+    the bytes at ``valid`` are invalid, and ``(valid, -1)`` when they are the start of a sequence that
+    ``data`` cuts short (it may be completed by the next payload)."""
+    n = len(data)
+    nul = data.find(b"\x00")
+    if data.isascii():
+        return (n, n) if nul < 0 else (nul, nul)
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = e.start
+        if nul >= 0 and nul < bad:
+            return nul, nul
+        if e.reason == "unexpected end of data" and n - bad < 4:
+            return bad, -1
+        return bad, bad
+    return (n, n) if nul < 0 else (nul, nul)
 
 
 def _odd_backslash_tail(raw: bytes) -> bool:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import psycopg
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from proxy.devcluster import DevCluster
@@ -292,8 +292,39 @@ def client_streams(draw: st.DrawFn) -> tuple[Format, bytes]:
     return fmt, data
 
 
+# The server verifies the raw bytes in the client encoding before it reads lines (CopyConvertBuf), and
+# stops reading at the end marker: (format, data, what run_differential finds).
+ENCODING_CASES = [
+    # un-quoting would make the value valid UTF-8 (\xc3 \xa9), but the raw bytes are not
+    (IN_FORMATS[3], b',,\xc3""\xa9\n,,\n', "refused by the rewriter"),
+    (IN_FORMATS[4], b'a,"\xc3\\"\xa9",c\n', "refused by the rewriter"),
+    (IN_FORMATS[0], b"a\tb\t\xc3\\\xa9\n", "refused by the rewriter"),
+    (IN_FORMATS[0], b"a\tb\x00\tc\n", "refused by the rewriter"),  # NUL is never valid input
+    (IN_FORMATS[0], b"a\tb\tc\xc3", "refused by the rewriter"),  # cut short at the end of data
+    (IN_FORMATS[0], b"a\tb\tc\xed\xa0\x80\n", "refused by the rewriter"),  # a surrogate
+    (IN_FORMATS[0], b"a\tb\tc\xc3\n", "refused by the rewriter"),
+    (IN_FORMATS[0], b"a\tb\tc\n\\.\n\xff\xc3\n", "accepted"),  # after the end marker: never read
+    (IN_FORMATS[0], b"abcd\xc3\xa9\tb\tc\n\xe2\x82\xac\t\xf0\x9f\x98\x80\t\n", "accepted"),  # split across chunks
+]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "data", "outcome"), ENCODING_CASES, ids=lambda x: x.name if isinstance(x, Format) else None
+)
+def test_raw_input_is_verified_as_the_server_verifies_it(conn: Conn, fmt: Format, data: bytes, outcome: str) -> None:
+    assert run_differential(conn, fmt, data) == outcome
+    for size in (1, 2, 3):  # every way of cutting a multibyte sequence between CopyData messages
+        try:
+            rewrite(fmt.options, [to_bytea, None, to_bytea], rechunk(data, size))
+        except CopyDataError:
+            assert outcome != "accepted", (data, size)
+        else:
+            assert outcome == "accepted", (data, size)
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(client_streams())
+@example(case=(IN_FORMATS[3], b',,\xc3""\xa9\n,,\n'))
 def test_random_client_streams_read_alike(conn: Conn, case: tuple[Format, bytes]) -> None:
     fmt, data = case
     event(run_differential(conn, fmt, data))
