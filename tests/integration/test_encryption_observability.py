@@ -266,27 +266,27 @@ NOTIFICATIONS = "pgveil_key_notifications_total"
 REFRESHES = "pgveil_key_refreshes_total"
 
 
-def flood_payloads(batch: int, n: int) -> list[str]:
-    column = "public.enc_obs.s"
+def flood_payloads(batch: int, n: int, commands: list[str]) -> list[str]:
+    """``commands`` (what payloads once meant: ``*`` to forget everything, a column id, a key id) exactly,
+    once per batch, then garbage; the garbage is distinct, since PostgreSQL folds identical
+    notifications of one transaction into one."""
     shapes = [
         f"{MARKER} {{i}}\n2026-01-01 00:00:00 CRITICAL keymgmt.keystore: {MARKER} all keys destroyed",
-        "*",  # "forget everything", once
-        column,  # "forget this column", once
-        "00000000-0000-0000-0000-000000000000",  # a key id
         f"\x1b[2J{MARKER}\r\n{{i}}",
         "x" * 7000 + MARKER,  # near the payload limit
+        "*{i}",
     ]
-    # distinct payloads: PostgreSQL folds identical notifications of one transaction into one
-    return [shapes[i % len(shapes)].replace("{i}", str(i)) + f" #{batch}.{i}" for i in range(n)]
+    garbage = [shapes[i % len(shapes)].replace("{i}", str(i)) + f" #{batch}.{i}" for i in range(n - len(commands))]
+    return [*commands, *garbage]
 
 
-async def _flood(dsn: str, batches: int, per_batch: int) -> int:
+async def _flood(dsn: str, batches: int, per_batch: int, commands: list[str]) -> int:
     conn = await asyncpg.connect(dsn)
     sent = 0
     try:
         for b in range(batches):
             async with conn.transaction():
-                for payload in flood_payloads(b, per_batch):
+                for payload in flood_payloads(b, per_batch, commands):
                     await conn.execute("SELECT pg_notify('pgveil_keys', $1)", payload)
                     sent += 1
             await asyncio.sleep(0)
@@ -310,13 +310,17 @@ async def _insert(dsn: str, table: str, ids: list[int]) -> int:
 def test_a_notification_flood_from_any_role_is_only_a_hint(setup: Setup, start_proxy: Any) -> None:
     p: ProxyProcess = start_proxy(logging={"level": "debug"})
     t = setup.table
+    with psycopg.connect(setup.keystore_dsn, autocommit=True) as ks:
+        key_ids = [str(k) for (k,) in ks.execute("SELECT key_id FROM pgveil.deks").fetchall()]
+    assert len(key_ids) == 2  # one per protected column, both cached by pgveil
+    commands = ["*", f"public.{t}.s", f"public.{t}.n", *key_ids]
     before = scrape(p)
     batches, per_batch = 20, 200
     ids = [next(_ids) for _ in range(400)]
 
     async def workload() -> tuple[int, int]:
         sent, inserted = await asyncio.gather(
-            _flood(setup.app_keystore_dsn, batches, per_batch), _insert(p.dsn(), t, ids)
+            _flood(setup.app_keystore_dsn, batches, per_batch, commands), _insert(p.dsn(), t, ids)
         )
         return sent, inserted
 
