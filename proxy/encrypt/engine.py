@@ -627,8 +627,9 @@ class SessionCrypto:
         except RowDecryptError as e:
             self.decrypt_failures += 1
             col = e.column
+            log.warning("a value of column %s could not be decrypted: %s", col.column_id, e.reason)
             raise DecryptionError(
-                f"pgveil: a value of column {col.column_id} could not be decrypted: {e.reason}",
+                f"pgveil: a value of column {col.column_id} could not be decrypted",
                 hint="the value was tampered with, moved from another column, or its key is gone",
             ) from None
         self.values_decrypted += self._memo_count
@@ -939,8 +940,9 @@ class CopyTransforms:
                 return rewrite_value_text(stored, out, lookup, crypto.fmt)
             except RowDecryptError as e:
                 crypto.decrypt_failures += 1
+                log.warning("a value of column %s could not be decrypted: %s", e.column.column_id, e.reason)
                 raise DecryptionError(
-                    f"pgveil: a value of column {e.column.column_id} could not be decrypted: {e.reason}"
+                    f"pgveil: a value of column {e.column.column_id} could not be decrypted"
                 ) from None
 
         return open_field
