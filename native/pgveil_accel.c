@@ -570,16 +570,19 @@ typedef struct {
     Py_ssize_t assoc_len;
 } Column;
 
-static int
-hex_value(unsigned char c)
+/* Hex digit values, -1 for anything else (binascii.a2b_hex accepts both cases, so does this). */
+static signed char HEX[256];
+
+static void
+init_hex(void)
 {
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
+    memset(HEX, -1, sizeof(HEX));
+    for (int i = 0; i < 10; i++)
+        HEX['0' + i] = (signed char)i;
+    for (int i = 0; i < 6; i++) {
+        HEX['a' + i] = (signed char)(10 + i);
+        HEX['A' + i] = (signed char)(10 + i);
+    }
 }
 
 static PyObject *
@@ -765,13 +768,16 @@ rewrite_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                     scratch = grown;
                     scratch_cap = size;
                 }
+                const unsigned char *hex = env + 2;
+                int bad = 0;
                 for (Py_ssize_t i = 0; i < size; i++) {
-                    int hi = hex_value(env[2 + 2 * i]), lo = hex_value(env[3 + 2 * i]);
-                    if (hi < 0 || lo < 0) {
-                        row_refused("not_an_envelope", c);
-                        goto fail;
-                    }
-                    scratch[i] = (unsigned char)((hi << 4) | lo);
+                    int hi = HEX[hex[2 * i]], lo = HEX[hex[2 * i + 1]];
+                    bad |= hi | lo; /* negative if either is not a hex digit */
+                    scratch[i] = (unsigned char)(((unsigned)hi << 4) | ((unsigned)lo & 0x0fu));
+                }
+                if (bad < 0) {
+                    row_refused("not_an_envelope", c);
+                    goto fail;
                 }
                 env = scratch;
             }
@@ -869,6 +875,7 @@ static struct PyModuleDef accel_module = {
 PyMODINIT_FUNC
 PyInit_pgveil_accel(void)
 {
+    init_hex();
     if (PyType_Ready(&KeyType) < 0 || PyType_Ready(&OpenerType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&accel_module);
