@@ -446,7 +446,11 @@ class PgveilEncryptedPythonTarget(PgveilEncryptedTarget):
         return {**self.keystore_environ, "PGVEIL_IMPL": "python"}
 
     def version(self) -> str:
-        return f"{super().version()}, python kernels"
+        try:
+            from proxy import __version__
+        except ImportError:
+            return "unknown"
+        return f"pgveil {__version__}, python kernels (PGVEIL_IMPL=python)"
 
 
 class PgveilEncrypted2Target(PgveilEncryptedTarget):
