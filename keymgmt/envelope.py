@@ -307,21 +307,21 @@ class Opener:
     ``native`` is the accelerator's opener (what its DataRow kernel takes), or None under Python.
     """
 
-    __slots__ = ("_decrypts", "_lookup", "native", "open")
+    __slots__ = ("__weakref__", "_decrypts", "_lookup", "native")
+
+    def __new__(cls, key_lookup: KeyLookup, *, python: bool = False) -> Opener:
+        """``python`` forces the reference implementation (tests and benchmarks compare the two)."""
+        if cls is Opener and _accel is not None and not python:
+            cls = _NativeOpener
+        return object.__new__(cls)
 
     def __init__(self, key_lookup: KeyLookup, *, python: bool = False) -> None:
-        """``python`` forces the reference implementation (tests compare the two)."""
         self._lookup = key_lookup
         self._decrypts: dict[bytes, Any] = {}
-        self.open: Callable[[bytes, int, int, bytes], bytes]
-        if _accel is None or python:
-            self.native: Any = None
-            self.open = self._open
-        else:
-            self.native = _accel.Opener(self._native_cipher, OpenFailed)
-            self.open = self.native.open
+        self.native: Any = None
 
-    def _open(self, data: bytes, start: int, end: int, associated: bytes) -> bytes:
+    def open(self, data: bytes, start: int, end: int, associated: bytes) -> bytes:
+        """The plaintext of the envelope ``data[start:end]``; raises :class:`OpenFailed`."""
         if end - start < MIN_LENGTH or start < 0 or end > len(data):
             raise OpenFailed(OpenFailure.NOT_AN_ENVELOPE)
         k = start + _NONCE_START
@@ -335,29 +335,48 @@ class Opener:
             raise OpenFailed(OpenFailure.AUTHENTICATION) from None
 
     def _remember(self, prefix: bytes) -> Any:
-        decrypt = self._key(prefix)._cipher.decrypt
+        decrypt = _enabled_key(self._lookup, prefix)._cipher.decrypt
         if len(self._decrypts) >= _OPENER_KEYS:
             self._decrypts.clear()
         self._decrypts[prefix] = decrypt
         return decrypt
 
-    def _key(self, prefix: bytes) -> DataKey:
-        """The enabled key for an envelope's first 20 bytes (magic · version · algorithm · key id)."""
-        if prefix[:_KEY_ID_START] != _PREFIX_V1:
-            raise OpenFailed(OpenFailure.NOT_AN_ENVELOPE)
-        key = self._lookup(prefix[_KEY_ID_START:])
-        if key is None:
-            raise OpenFailed(OpenFailure.UNKNOWN_KEY)
-        if key.state is not _ENABLED:
-            raise OpenFailed(OpenFailure.DISABLED_KEY)
-        return key
+    def __repr__(self) -> str:
+        return f"Opener({'native' if self.native is not None else 'python'})"
 
-    def _native_cipher(self, prefix: bytes) -> Any:
-        """For the accelerator, which keeps the ciphers it was given: the key's cipher, or the reason."""
+
+class _NativeOpener(Opener):
+    """The accelerator's Opener behind the same interface; ``open`` is its method, without a Python frame."""
+
+    __slots__ = ("open",)  # an instance attribute in place of the method
+
+    def __init__(self, key_lookup: KeyLookup, *, python: bool = False) -> None:
+        super().__init__(key_lookup)
+        # The callback closes over the lookup only: no reference cycle through this Opener.
+        self.native = _accel.Opener(_native_finder(key_lookup), OpenFailed)
+        self.open = self.native.open  # type: ignore[method-assign]
+
+
+def _enabled_key(lookup: KeyLookup, prefix: bytes) -> DataKey:
+    """The enabled key for an envelope's first 20 bytes (magic · version · algorithm · key id)."""
+    if prefix[:_KEY_ID_START] != _PREFIX_V1:
+        raise OpenFailed(OpenFailure.NOT_AN_ENVELOPE)
+    key = lookup(prefix[_KEY_ID_START:])
+    if key is None:
+        raise OpenFailed(OpenFailure.UNKNOWN_KEY)
+    if key.state is not _ENABLED:
+        raise OpenFailed(OpenFailure.DISABLED_KEY)
+    return key
+
+
+def _native_finder(lookup: KeyLookup) -> Callable[[bytes], Any]:
+    """The accelerator's callback, which keeps the ciphers it is given: the key's cipher, or the reason
+    (a str) it may not be used. The lookup's own exceptions go through as they are."""
+
+    def find(prefix: bytes) -> Any:
         try:
-            return self._key(prefix)._cipher
+            return _enabled_key(lookup, prefix)._cipher
         except OpenFailed as e:
             return e.reason.value
 
-    def __repr__(self) -> str:
-        return f"Opener({'native' if self.native is not None else 'python'})"
+    return find

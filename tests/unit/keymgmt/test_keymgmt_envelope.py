@@ -401,3 +401,30 @@ def test_native_and_python_ciphers_agree_on_the_vectors() -> None:
             envelope._accel.Key(bad_key)
     with pytest.raises(ValueError, match="12 bytes"):
         native.encrypt(b"short", b"x", b"")
+
+
+@pytest.mark.parametrize("kind", OPENER_KINDS)
+def test_an_opener_is_freed_without_the_cycle_collector(kind: str) -> None:
+    """One Opener per result (and per COPY field): it, its native half and the keys it holds must go
+    when the last reference does, not when the cycle collector next runs."""
+    import gc
+    import weakref
+
+    class Lookup:
+        def __init__(self, key: DataKey) -> None:
+            self.key = key
+
+        def __call__(self, key_id: bytes) -> DataKey | None:
+            return self.key if key_id == self.key.key_id else None
+
+    gc.disable()
+    try:
+        lookup = Lookup(vector_key())
+        opener = opener_for(kind, lookup)
+        assert opener.open(VECTOR_ENVELOPE, 0, len(VECTOR_ENVELOPE), column_associated_data(VECTOR_COLUMN))
+        opener_ref, lookup_ref = weakref.ref(opener), weakref.ref(lookup)
+        del opener, lookup
+        assert opener_ref() is None
+        assert lookup_ref() is None
+    finally:
+        gc.enable()
