@@ -513,16 +513,13 @@ raise_with_reason(PyObject *error, PyObject *reason)
     }
 }
 
-/* Opener.open(data, start, end, associated) -> the plaintext of the envelope data[start:end]. */
+/* Opener.open(data, start, end, associated) -> the plaintext of the envelope data[start:end]. Takes any
+ * bytes-like object: the buffers are held for the call, so a callback cannot resize a bytearray under it. */
 static PyObject *
 Opener_open(OpenerObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 4) {
         PyErr_SetString(PyExc_TypeError, "open(data, start, end, associated)");
-        return NULL;
-    }
-    if (!PyBytes_Check(args[0]) || !PyBytes_Check(args[3])) {
-        PyErr_SetString(PyExc_TypeError, "data and associated must be bytes");
         return NULL;
     }
     Py_ssize_t start = PyLong_AsSsize_t(args[1]);
@@ -531,31 +528,34 @@ Opener_open(OpenerObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t end = PyLong_AsSsize_t(args[2]);
     if (end == -1 && PyErr_Occurred())
         return NULL;
-    Py_ssize_t len = PyBytes_GET_SIZE(args[0]);
-    PyObject *reason = NULL;
-    if (start < 0 || end > len || end - start < MIN_LENGTH) {
+    Py_buffer data = {0}, assoc = {0};
+    PyObject *result = NULL, *reason = NULL;
+    if (PyObject_GetBuffer(args[0], &data, PyBUF_SIMPLE) < 0)
+        goto done;
+    if (PyObject_GetBuffer(args[3], &assoc, PyBUF_SIMPLE) < 0)
+        goto done;
+    if (start < 0 || end > data.len || end - start < MIN_LENGTH) {
         reason = PyUnicode_FromString("not_an_envelope");
-        if (reason != NULL) {
+        if (reason != NULL)
             raise_with_reason(self->error, reason);
-            Py_DECREF(reason);
-        }
-        return NULL;
+        goto done;
     }
     Py_ssize_t size = end - start;
-    PyObject *result = PyBytes_FromStringAndSize(NULL, size - MIN_LENGTH);
+    result = PyBytes_FromStringAndSize(NULL, size - MIN_LENGTH);
     if (result == NULL)
-        return NULL;
-    const unsigned char *env = (const unsigned char *)PyBytes_AS_STRING(args[0]) + start;
-    int r = opener_open(self, env, size, (const unsigned char *)PyBytes_AS_STRING(args[3]),
-                        PyBytes_GET_SIZE(args[3]), (unsigned char *)PyBytes_AS_STRING(result), &reason);
-    if (r == 0)
-        return result;
-    Py_DECREF(result);
-    if (r > 0) {
-        raise_with_reason(self->error, reason);
-        Py_DECREF(reason);
+        goto done;
+    int r = opener_open(self, (const unsigned char *)data.buf + start, size, assoc.buf, assoc.len,
+                        (unsigned char *)PyBytes_AS_STRING(result), &reason);
+    if (r != 0) {
+        Py_CLEAR(result);
+        if (r > 0)
+            raise_with_reason(self->error, reason);
     }
-    return NULL;
+done:
+    Py_XDECREF(reason);
+    if (data.obj) PyBuffer_Release(&data);
+    if (assoc.obj) PyBuffer_Release(&assoc);
+    return result;
 }
 
 static PyMethodDef Opener_methods[] = {

@@ -428,3 +428,14 @@ def test_an_opener_is_freed_without_the_cycle_collector(kind: str) -> None:
         assert lookup_ref() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.skipif(envelope._accel is None, reason="the accelerator is not built")
+def test_native_opener_holds_the_callers_buffer() -> None:
+    """The accelerator takes any buffer and holds it for the call (a bytearray cannot be resized under
+    it by the key lookup's callback); the Python Opener's signature says bytes."""
+    opener = opener_for("native", lookup_for(vector_key()).get)
+    associated = column_associated_data(VECTOR_COLUMN)
+    n = len(VECTOR_ENVELOPE)
+    for data in (bytearray(VECTOR_ENVELOPE), memoryview(VECTOR_ENVELOPE)):
+        assert opener.open(data, 0, n, associated) == VECTOR_PLAINTEXT  # type: ignore[arg-type]
