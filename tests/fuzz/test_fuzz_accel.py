@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 
 from keymgmt import envelope
 
-pytestmark = pytest.mark.skipif(envelope._accel is None, reason="the accelerator is not built")
+pytestmark = pytest.mark.skipif(
+    envelope._accel is None, reason="the accelerator is not loaded (not built, or PGVEIL_IMPL=python)"
+)
 
 SEEDS = seeds()
 

@@ -280,7 +280,12 @@ def test_round_trip(plaintext: bytes, column: str, subject: bytes | None) -> Non
 
 OPENER_KINDS = [
     "python",
-    pytest.param("native", marks=pytest.mark.skipif(envelope._accel is None, reason="the accelerator is not built")),
+    pytest.param(
+        "native",
+        marks=pytest.mark.skipif(
+            envelope._accel is None, reason="the accelerator is not loaded (not built, or PGVEIL_IMPL=python)"
+        ),
+    ),
 ]
 
 
@@ -380,7 +385,7 @@ def test_opener_with_many_keys_stays_correct(kind: str) -> None:
             assert opener.open(e, 0, len(e), associated) == b"v%d" % i
 
 
-@pytest.mark.skipif(envelope._accel is None, reason="the accelerator is not built")
+@pytest.mark.skipif(envelope._accel is None, reason="the accelerator is not loaded (not built, or PGVEIL_IMPL=python)")
 def test_native_and_python_ciphers_agree_on_the_vectors() -> None:
     """The accelerator's cipher gives cryptography's bytes, and seals envelopes cryptography opens."""
     native = envelope._accel.Key(VECTOR_KEY)
@@ -430,7 +435,7 @@ def test_an_opener_is_freed_without_the_cycle_collector(kind: str) -> None:
         gc.enable()
 
 
-@pytest.mark.skipif(envelope._accel is None, reason="the accelerator is not built")
+@pytest.mark.skipif(envelope._accel is None, reason="the accelerator is not loaded (not built, or PGVEIL_IMPL=python)")
 def test_native_opener_holds_the_callers_buffer() -> None:
     """The accelerator takes any buffer and holds it for the call (a bytearray cannot be resized under
     it by the key lookup's callback); the Python Opener's signature says bytes."""

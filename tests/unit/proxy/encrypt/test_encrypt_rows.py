@@ -51,7 +51,12 @@ TABLE_OID = 16400
 
 IMPLEMENTATIONS = [
     "python",
-    pytest.param("native", marks=pytest.mark.skipif(accel is None, reason="the accelerator is not built")),
+    pytest.param(
+        "native",
+        marks=pytest.mark.skipif(
+            accel is None, reason="the accelerator is not loaded (not built, or PGVEIL_IMPL=python)"
+        ),
+    ),
 ]
 
 
