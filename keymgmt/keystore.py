@@ -2,15 +2,19 @@
 
 This module owns the keystore's schema (versioned migrations), creating and loading DEK versions
 (wrapped by the :class:`~keymgmt.providers.KeyProvider`, unwrapped only into memory), the key cache's
-filling, and the LISTEN connection that tells the cache what to forget. It does not decide who may
+filling, and the LISTEN connection that tells the cache to re-check. It does not decide who may
 see what, never logs or stores unwrapped keys, and never writes envelopes. Rotation, shredding and the
 ledger write these tables in later modules; they NOTIFY channel ``pgveil_keys`` after committing.
 
-Notification payloads on ``pgveil_keys`` (one per NOTIFY):
-
-- a key id as a UUID string: forget that key version;
-- ``*``: forget everything (KEK rotation, restore);
-- anything else: a column id (``schema.table.column``): forget all versions and subjects' keys of it.
+A notification carries no authority: any role may NOTIFY any channel, so a message on ``pgveil_keys``
+is only a hint that key state may have changed. Its payload is ignored (writers may put a key id or a
+column id there for people reading ``pg_stat_activity``; pgveil never acts on it and logs only its
+length). Each hint asks for a refresh, which re-reads from ``pgveil.deks`` the state of every cached
+key version and the current version of every cached scope, and drops exactly what changed (see
+:mod:`keymgmt.keycache`). Hints are coalesced (one refresh running, one queued) and refreshes start at
+least ``refresh_interval`` apart, so a flood of notifications costs at most two bounded keystore
+queries per interval and never empties the cache. A refresh that fails clears the cache (fail closed:
+what changed cannot be known).
 
 If the LISTEN connection is lost, the cache is cleared and its TTL drops to one second until the
 listener is back, so a shred elsewhere is still honoured within about a second, at the cost of more
@@ -38,7 +42,7 @@ import asyncpg
 
 from keymgmt.envelope import DEK_LENGTH, DataKey, KeyId, KeyState
 from keymgmt.errors import KeyDestroyed, KeyDisabled, KeystoreError, UnknownKey
-from keymgmt.keycache import KeyCache
+from keymgmt.keycache import KeyCache, KeyFacts, RefreshGate, RefreshResult, Scope
 from keymgmt.providers import KeyProvider
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,9 @@ NOTIFY_CHANNEL = "pgveil_keys"
 MIGRATION_LOCK_ID = -7261815439346342433
 # While the listener is down, nothing tells us about shreds elsewhere; a short TTL bounds staleness.
 DEGRADED_TTL_SECONDS = 1.0
+# Hints (notifications) start at most one refresh per interval: a shred is honoured within about this
+# long after its NOTIFY, and a flood costs at most two keystore queries per interval.
+REFRESH_INTERVAL_SECONDS = 0.1
 _RECONNECT_MIN_DELAY = 0.2
 _RECONNECT_MAX_DELAY = 5.0
 
@@ -246,7 +253,24 @@ _PRELOAD = """
     FROM pgveil.deks WHERE column_id = ANY($1::text[])
     ORDER BY created_at DESC, version DESC LIMIT $2"""
 
-NotificationCallback = Callable[[str], None]
+_STATE_OF_KEYS = """
+    SELECT key_id, column_id, subject_id, version, state FROM pgveil.deks WHERE key_id = ANY($1::uuid[])"""
+# The highest version of each (column, subject) scope; the two branches match the two partial unique
+# indexes, so each scope costs one index probe.
+_CURRENT_OF_SCOPES = """
+    SELECT s.i, cur.key_id, cur.state
+    FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS s(column_id, subject_id, i)
+    CROSS JOIN LATERAL (
+        (SELECT d.key_id, d.state, d.version FROM pgveil.deks d
+         WHERE s.subject_id IS NULL AND d.column_id = s.column_id AND d.subject_id IS NULL
+         ORDER BY d.version DESC LIMIT 1)
+        UNION ALL
+        (SELECT d.key_id, d.state, d.version FROM pgveil.deks d
+         WHERE d.column_id = s.column_id AND d.subject_id = s.subject_id
+         ORDER BY d.version DESC LIMIT 1)
+    ) cur"""
+
+RefreshCallback = Callable[[RefreshResult], None]
 
 
 class Keystore:
@@ -267,9 +291,15 @@ class Keystore:
         ttl_seconds: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
         pool_max_size: int = 4,
+        refresh_interval: float = REFRESH_INTERVAL_SECONDS,
     ) -> None:
         self._provider = provider
         self._cache = KeyCache(max_keys, ttl_seconds, clock)
+        self._gate = RefreshGate(refresh_interval, clock)
+        self._refresher: asyncio.Task[None] | None = None
+        self.notifications = 0
+        self.refreshes = 0
+        self.refresh_failures = 0
         self._ttl_seconds = ttl_seconds
         if isinstance(source, str):
             self._dsn: str | None = source
@@ -284,7 +314,7 @@ class Keystore:
         self._listen_conn: Any = None
         self._listen_on_lost: Callable[[Any], None] | None = None
         self._listen_epoch = 0
-        self._listen_callback: NotificationCallback | None = None
+        self._listen_callback: RefreshCallback | None = None
         self._listen_wanted = False
         self._reconnect_task: asyncio.Task[None] | None = None
         self._closed = False
@@ -363,17 +393,77 @@ class Keystore:
                 loaded += 1
         return loaded
 
-    def invalidate(self, payload: str) -> None:
-        """Applies one ``pgveil_keys`` notification payload to the cache (see the module docstring)."""
-        if payload == "*":
-            self._cache.clear()
+    async def refresh(self) -> RefreshResult:
+        """Re-reads the state of every cached key version and scope pointer now, and drops what changed.
+
+        For code in this process that changed key state itself; notifications go through the
+        coalescing, rate-limited path instead (:meth:`request_refresh`)."""
+        snapshot = self._cache.begin_refresh()
+        if not snapshot.key_ids and not snapshot.current:
+            return RefreshResult(0, 0, 0)
+        pool = await self._get_pool()
+        scopes = snapshot.scopes
+        with _keystore_errors():
+            rows = await pool.fetch(_STATE_OF_KEYS, [uuid.UUID(bytes=k) for k in snapshot.key_ids])
+            current_rows = await pool.fetch(_CURRENT_OF_SCOPES, [c for c, _ in scopes], [s for _, s in scopes])
+        facts = {
+            r["key_id"].bytes: KeyFacts(
+                KeyState(r["state"]),
+                r["column_id"],
+                None if r["subject_id"] is None else bytes(r["subject_id"]),
+                r["version"],
+            )
+            for r in rows
+        }
+        current: dict[Scope, bytes | None] = {}
+        for r in current_rows:
+            scope = scopes[r["i"] - 1]
+            current[scope] = r["key_id"].bytes if r["state"] == KeyState.ENABLED.value else None
+        result = self._cache.apply_refresh(snapshot, facts, current)
+        self.refreshes += 1
+        if result.keys_dropped or result.pointers_dropped:
+            log.info(
+                "key refresh: %d of %d cached key versions changed, %d current-version pointers dropped",
+                result.keys_dropped,
+                result.keys_checked,
+                result.pointers_dropped,
+            )
+        return result
+
+    def request_refresh(self) -> None:
+        """A hint that key state may have changed: schedules a refresh (coalesced and rate-limited)."""
+        self._gate.hint()
+        if self._closed:
             return
-        try:
-            key_uuid = uuid.UUID(payload)
-        except ValueError:
-            self._cache.invalidate_column(payload)
-            return
-        self._cache.invalidate_key(key_uuid.bytes)
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.get_running_loop().create_task(self._run_refreshes())
+
+    async def _run_refreshes(self) -> None:
+        gate = self._gate
+        while not self._closed:
+            wait = gate.wait()
+            if wait is None:
+                return
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            gate.start()
+            try:
+                result = await self.refresh()
+            except Exception as exc:
+                # What changed cannot be known: nothing cached may be trusted any more.
+                self.refresh_failures += 1
+                self._cache.clear()
+                reason = str(exc) if isinstance(exc, KeystoreError) else _describe(exc)
+                log.warning("key refresh failed (%s): key cache cleared", reason)
+                continue
+            finally:
+                gate.finish()
+            if self._listen_callback is not None:
+                try:
+                    self._listen_callback(result)
+                except Exception:
+                    log.exception("key refresh callback failed")
 
     async def _single_flight(self, token: tuple[object, ...], load: Callable[[], Awaitable[DataKey]]) -> DataKey:
         # Concurrent misses for the same key share one keystore read; a caller's cancellation does not
@@ -493,9 +583,10 @@ class Keystore:
                 return await init_keystore(conn)
 
     # -- notifications ----------------------------------------------------------------------------
-    async def listen(self, callback: NotificationCallback | None = None) -> None:
-        """LISTENs on ``pgveil_keys``; returns once listening. Each payload invalidates the cache, then
-        ``callback(payload)`` runs (for the caller's own derived caches). Reconnects by itself.
+    async def listen(self, callback: RefreshCallback | None = None) -> None:
+        """LISTENs on ``pgveil_keys``; returns once listening. Notifications schedule refreshes (see the
+        module docstring); after each refresh ``callback(result)`` runs (for the caller's own derived
+        caches). Reconnects by itself.
 
         If the first attempt fails the error is raised, but the keystore keeps trying in the background
         and caches keys for at most a second meanwhile, exactly as after losing the connection.
@@ -534,13 +625,10 @@ class Keystore:
         log.info("listening for key notifications on channel %s", NOTIFY_CHANNEL)
 
     def _on_notification(self, conn: Any, pid: int, channel: str, payload: str) -> None:
-        log.debug("key notification from backend %d: %s", pid, payload)
-        self.invalidate(payload)
-        if self._listen_callback is not None:
-            try:
-                self._listen_callback(payload)
-            except Exception:
-                log.exception("key notification callback failed")
+        # Anyone may NOTIFY: the payload is neither trusted nor logged (a newline in it would forge a line).
+        self.notifications += 1
+        log.debug("key notification (payload of %d characters): refresh requested", len(payload))
+        self.request_refresh()
 
     def _on_listener_lost(self, epoch: int, conn: Any) -> None:
         if epoch != self._listen_epoch or self._listen_conn is None:
@@ -582,6 +670,10 @@ class Keystore:
                 await self._reconnect_task
         for task in list(self._inflight.values()):
             task.cancel()
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._refresher
         conn, on_lost = self._listen_conn, self._listen_on_lost
         self._listen_conn = self._listen_on_lost = None
         if conn is not None and self._pool is not None:

@@ -88,6 +88,7 @@ class ProxyServer:
         self.encryption: EncryptionRuntime | None = None
         if config.protects_anything:
             self.encryption = EncryptionRuntime(config)
+            self.metrics.watch_encryption(self.encryption)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> None:

@@ -294,6 +294,9 @@ class Session:
                 decrypt_failures=crypto.decrypt_failures,
             )
             crypto.values_encrypted = crypto.values_decrypted = crypto.decrypt_failures = 0
+            if crypto.refused:
+                self.metrics.add_refusals(crypto.refused)
+                crypto.refused.clear()
 
     def _flush(self) -> None:
         r = self.relay

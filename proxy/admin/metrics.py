@@ -3,6 +3,9 @@
 Owns every metric name, its help text and its label values, and the cheap methods the rest of the proxy
 calls to move them. It must not be called per protocol message: sessions count in plain ints and flush
 once per socket read (:meth:`Metrics.add_relayed`), because each prometheus call takes a lock.
+Process-wide counters that already live as plain ints (the key cache, the keystore's notification
+refreshes, the SQL analysis cache) are read at scrape time by a collector (:meth:`Metrics.watch_encryption`),
+so they cost the data path nothing and never drift from their source.
 
 Label values come only from small fixed sets (directions, peers, TLS legs, refusal reasons, SQLSTATE
 classes from PostgreSQL's Appendix A), never from users, databases, addresses, queries or full
@@ -12,16 +15,19 @@ SQLSTATEs, so the number of series is bounded whatever clients and servers send.
 from __future__ import annotations
 
 import logging
-from enum import StrEnum
-from typing import Any, Final, Literal
+from collections.abc import Iterator, Mapping
+from typing import Any, Final, Literal, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from keymgmt import native
 from proxy import __version__
+from proxy.errors import RefusalReason
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +39,52 @@ DIRECTIONS: Final[tuple[Direction, ...]] = ("client_to_server", "server_to_clien
 PEERS: Final[tuple[Peer, ...]] = ("client", "server")
 
 
-class RefusalReason(StrEnum):
-    """Why the proxy refused a statement rather than risk plaintext reaching the wrong place."""
+# What the collector reads at scrape time: read-only views of the encryption runtime's plain counters.
+class _KeyCacheCounters(Protocol):
+    @property
+    def evictions(self) -> int: ...
+    @property
+    def expirations(self) -> int: ...
+    @property
+    def invalidations(self) -> int: ...
+    @property
+    def flushes(self) -> int: ...
 
-    UNSUPPORTED_CONSTRUCT = "unsupported_construct"  # a protected column used in a way we cannot rewrite
-    POLICY_DENIED = "policy_denied"  # the login role may not use the column like this
-    SHREDDED_SUBJECT = "shredded_subject"  # a write for a data subject whose keys are destroyed
-    UNPARSABLE = "unparsable"  # the statement could not be analysed, so we cannot tell: fail closed
-    KEY_UNAVAILABLE = "key_unavailable"  # the keystore or key provider could not supply a key
+
+class _KeystoreCounters(Protocol):
+    @property
+    def cache(self) -> _KeyCacheCounters: ...
+    @property
+    def notifications(self) -> int: ...
+    @property
+    def refreshes(self) -> int: ...
+    @property
+    def refresh_failures(self) -> int: ...
+
+
+class _KeyRingCounters(Protocol):
+    @property
+    def hits(self) -> int: ...
+    @property
+    def misses(self) -> int: ...
+
+
+class _AnalysisCounters(Protocol):
+    @property
+    def cache_hits(self) -> int: ...
+    @property
+    def cache_misses(self) -> int: ...
+
+
+class EncryptionSource(Protocol):
+    """The process's encryption runtime, as the metrics see it (keystore None until it is loaded)."""
+
+    @property
+    def keyring(self) -> _KeyRingCounters: ...
+    @property
+    def context(self) -> _AnalysisCounters: ...
+    @property
+    def keystore(self) -> _KeystoreCounters | None: ...
 
 
 # PostgreSQL docs, Appendix A "PostgreSQL Error Codes": every class the server can send. Anything else
@@ -81,8 +125,12 @@ class Metrics:
             PlatformCollector(registry=r)
             GCCollector(registry=r)
 
-        self.build_info = Gauge("pgveil_build_info", "pgveil build; the value is always 1.", ["version"], registry=r)
-        self.build_info.labels(version).set(1)
+        # implementation: "native" (the compiled accelerator) or "python", see keymgmt.native.
+        self.build_info = Gauge(
+            "pgveil_build_info", "pgveil build; the value is always 1.", ["version", "implementation"], registry=r
+        )
+        self.build_info.labels(version, native.IMPLEMENTATION).set(1)
+        log.info("pgveil %s, envelope and DataRow kernels: %s", version, native.describe())
 
         # -- sessions -----------------------------------------------------------------------------------
         self.sessions_active = Gauge("pgveil_sessions_active", "Client sessions open now.", registry=r)
@@ -167,11 +215,11 @@ class Metrics:
         # -- SQL analysis and encryption ----------------------------------------------------------------
         self.statements_refused = Counter(
             "pgveil_statements_refused_total",
-            "Statements refused by the proxy instead of being sent to the server, by reason.",
-            ["reason"],
+            "Statements (and COPY streams) the proxy refused instead of letting them reach the server as sent, "
+            "by reason and by the SQLSTATE class of the error the client got.",
+            ["reason", "sqlstate_class"],
             registry=r,
         )
-        self._refused = {reason: self.statements_refused.labels(reason.value) for reason in RefusalReason}
         self.values_encrypted = Counter(
             "pgveil_values_encrypted_total", "Column values encrypted before reaching the server.", registry=r
         )
@@ -186,14 +234,12 @@ class Metrics:
         self.shredded_reads = Counter(
             "pgveil_shredded_reads_total", "Values read whose data subject's keys were destroyed.", registry=r
         )
-        self.key_cache_hits = Counter("pgveil_key_cache_hits_total", "Unwrapped-key cache hits.", registry=r)
-        self.key_cache_misses = Counter("pgveil_key_cache_misses_total", "Unwrapped-key cache misses.", registry=r)
-        self.sql_analysis_cache_hits = Counter(
-            "pgveil_sql_analysis_cache_hits_total", "Statements whose analysis came from the cache.", registry=r
-        )
-        self.sql_analysis_cache_misses = Counter(
-            "pgveil_sql_analysis_cache_misses_total", "Statements parsed and analysed afresh.", registry=r
-        )
+        self._encryption: EncryptionSource | None = None
+        r.register(_EncryptionCollector(self))
+
+    def watch_encryption(self, source: EncryptionSource | None) -> None:
+        """The runtime whose key cache, keystore and analysis cache counters ``/metrics`` shows."""
+        self._encryption = source
 
     # -- cheap methods for the data path ---------------------------------------------------------------
     def session_started(self) -> None:
@@ -243,8 +289,15 @@ class Metrics:
     def config_reloaded(self, ok: bool) -> None:
         (self._reload_ok if ok else self._reload_failed).inc()
 
-    def statement_refused(self, reason: RefusalReason) -> None:
-        self._refused[reason].inc()
+    def statement_refused(self, reason: RefusalReason, sqlstate: str, n: int = 1) -> None:
+        reason = reason if reason in _REASONS else RefusalReason.OTHER
+        self.statements_refused.labels(reason.value, sqlstate_class(sqlstate)).inc(n)
+
+    def add_refusals(self, counts: Mapping[tuple[RefusalReason, str], int]) -> None:
+        """Flushes a session's refusals since the last flush: (reason, SQLSTATE) -> count."""
+        for (reason, sqlstate), n in counts.items():
+            if n:
+                self.statement_refused(reason, sqlstate, n)
 
     def add_values(
         self, *, encrypted: int = 0, decrypted: int = 0, decrypt_failures: int = 0, shredded: int = 0
@@ -259,21 +312,82 @@ class Metrics:
         if shredded:
             self.shredded_reads.inc(shredded)
 
-    def add_key_cache(self, hits: int, misses: int) -> None:
-        if hits:
-            self.key_cache_hits.inc(hits)
-        if misses:
-            self.key_cache_misses.inc(misses)
-
-    def add_sql_analysis_cache(self, hits: int, misses: int) -> None:
-        if hits:
-            self.sql_analysis_cache_hits.inc(hits)
-        if misses:
-            self.sql_analysis_cache_misses.inc(misses)
-
     # -- exposition ------------------------------------------------------------------------------------
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition payload and its content type; ``accept`` (the scraper's Accept header) may ask
         for OpenMetrics, otherwise it is the classic Prometheus text format."""
         encode, content_type = choose_encoder(accept)
         return encode(self.exposed), content_type
+
+
+_REASONS: Final = frozenset(RefusalReason)
+
+
+class _EncryptionCollector:
+    """Reads the encryption runtime's counters when scraped; zeros until a runtime is watched, so every
+    family exists from the start (and in every worker process alike)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        src = self._metrics._encryption
+        keyring = src.keyring if src is not None else None
+        context = src.context if src is not None else None
+        keystore = src.keystore if src is not None else None
+        cache = keystore.cache if keystore is not None else None
+
+        def counter(name: str, documentation: str, value: int | None) -> CounterMetricFamily:
+            return CounterMetricFamily(name, documentation, value=float(value or 0))
+
+        yield counter(
+            "pgveil_key_cache_hits",
+            "Data key lookups by statements answered from the in-memory key cache.",
+            keyring.hits if keyring is not None else None,
+        )
+        yield counter(
+            "pgveil_key_cache_misses",
+            "Data key lookups by statements that had to fetch the key from the keystore.",
+            keyring.misses if keyring is not None else None,
+        )
+        evictions = CounterMetricFamily(
+            "pgveil_key_cache_evictions",
+            "Keys dropped from the key cache by its size bound (capacity) or its TTL (ttl).",
+            labels=["cause"],
+        )
+        evictions.add_metric(["capacity"], float(cache.evictions if cache is not None else 0))
+        evictions.add_metric(["ttl"], float(cache.expirations if cache is not None else 0))
+        yield evictions
+        yield counter(
+            "pgveil_key_cache_invalidations",
+            "Keys dropped from the key cache because their state changed in the keystore.",
+            cache.invalidations if cache is not None else None,
+        )
+        yield counter(
+            "pgveil_key_cache_flushes",
+            "Times the whole key cache was dropped (key notifications lost or resumed, a failed refresh).",
+            cache.flushes if cache is not None else None,
+        )
+        yield counter(
+            "pgveil_key_notifications",
+            "Notifications received on the keystore channel (hints to re-read key state, never commands).",
+            keystore.notifications if keystore is not None else None,
+        )
+        refreshes = CounterMetricFamily(
+            "pgveil_key_refreshes",
+            "Re-reads of the cached keys' state from the keystore, coalesced and rate-limited, by result.",
+            labels=["result"],
+        )
+        refreshes.add_metric(["success"], float(keystore.refreshes if keystore is not None else 0))
+        refreshes.add_metric(["failure"], float(keystore.refresh_failures if keystore is not None else 0))
+        yield refreshes
+        yield counter(
+            "pgveil_sql_analysis_cache_hits",
+            "Statements whose analysis came from the cache.",
+            context.cache_hits if context is not None else None,
+        )
+        yield counter(
+            "pgveil_sql_analysis_cache_misses",
+            "Statements parsed and analysed afresh.",
+            context.cache_misses if context is not None else None,
+        )

@@ -19,7 +19,7 @@ import math
 import struct
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 
-from proxy.errors import ProxyError
+from proxy.errors import ProxyError, RefusalReason
 from proxy.pgtypes import codec_for
 from proxy.pgtypes.base import SessionFormat, TypeCodec
 
@@ -33,10 +33,12 @@ DATE, TIMESTAMP, TIMESTAMPTZ = 1082, 1114, 1184
 
 class CastNotSupported(ProxyError):
     sqlstate = "0A000"
+    reason = RefusalReason.CONSTRUCT
 
 
 class NumericOutOfRange(ProxyError):
     sqlstate = "22003"
+    reason = RefusalReason.VALUE
 
 
 def canonical_through_cast(

@@ -47,9 +47,9 @@ from proxy.encrypt.rows import (
     rewrite_value_text,
 )
 from proxy.encrypt.sqlnames import namespace_ops
-from proxy.errors import ProtocolViolation, ProxyError
+from proxy.errors import ProtocolViolation, ProxyError, RefusalReason
 from proxy.pgtypes import codec_for
-from proxy.pgtypes.base import SessionFormat, TypeCodec, python_codec
+from proxy.pgtypes.base import SessionFormat, TypeCodec, python_codec, statement_bytes, statement_text, wire_text
 from proxy.pgtypes.text import TextCodec
 from proxy.protocol import codec
 from proxy.protocol import messages as m
@@ -62,6 +62,7 @@ from proxy.rewrite.analysis import analyze
 from proxy.rewrite.catalog import Catalog, ProtectedColumn
 from proxy.rewrite.copyrows import CopyOptions, CopyRowRewriter
 from proxy.rewrite.plan import CopyDirection, CopyFormat, LiteralTarget, QueryPlan, StatementKind, StatementPlan
+from proxy.rewrite.reading import reading_refusal, version_refusal
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
 _U32 = struct.Struct("!I")
 _ENABLED = KeyState.ENABLED  # a module global: the hot path compares against it once per Bind and column
+_EXECUTE_REFUSAL = (RefusalReason.CONSTRUCT, "0A000")  # what refused_execute answers
 
 
 def refused_execute() -> tuple[bytes, bytes]:
@@ -262,6 +264,7 @@ class SessionCrypto:
         self.values_encrypted = 0
         self.values_decrypted = 0
         self.decrypt_failures = 0
+        self.refused: dict[tuple[RefusalReason, str], int] = {}  # (reason, SQLSTATE) -> count, for the metrics
         self._memo_plan: RowPlan | None = None
         self._memo: dict[bytes, Any] = {}
         self._memo_count = 0
@@ -278,13 +281,30 @@ class SessionCrypto:
         self._copy_in_rw: CopyRowRewriter | None = None
         self._copy_in_failed = False
 
+    def refusal(self, e: ProxyError) -> bytes:
+        """The ErrorResponse that answers a refused message, counted for the metrics."""
+        key = (e.reason, e.sqlstate)
+        self.refused[key] = self.refused.get(key, 0) + 1
+        return refusal_bytes(e)
+
     def set_parameter(self, name: str, value: str) -> None:
         self.fmt = self.fmt.with_parameter(name, value)
         self._utf8_client = _is_utf8(self.fmt)
 
     # -- simple Query ----------------------------------------------------------------------------------
     def query(self, sql: str) -> Outcome:
-        plan = self.ctx.analyze(sql, self.search_path)
+        if not self.ctx.catalog.empty:
+            unreadable = reading_refusal(
+                sql,
+                standard_conforming_strings=self.fmt.standard_conforming_strings,
+                client_encoding=self.fmt.client_encoding,
+                certain=not self.in_flight,
+            )
+            if unreadable is not None:
+                return self._refuse(unreadable)
+        plan = self.ctx.analyze(statement_text(sql, self.fmt), self.search_path)
+        if plan.syntax_since > self.fmt.server_major:
+            return self._refuse(version_refusal(self.fmt.server_major))
         if not plan.touches_protected:
             return Outcome()
         refused: ProxyError | None = plan.refusal or self._not_ready()
@@ -304,7 +324,7 @@ class SessionCrypto:
             new_sql = self._encrypt_literals(plan)
         except ProxyError as e:
             return self._refuse(e)
-        replacement = None if new_sql is None else codec.encode_frontend(m.Query(new_sql))
+        replacement = None if new_sql is None else codec.encode_frontend(m.Query(wire_text(new_sql, self.fmt)))
         return Outcome(replacement, QueryCrypto(plan.statements))
 
     def _encrypt_literals(self, plan: QueryPlan) -> str | None:
@@ -312,13 +332,12 @@ class SessionCrypto:
         text needs no change."""
         if not plan.needs_rewrite:
             return None
-        if plan.literal_targets and not self.fmt.standard_conforming_strings:
-            # The analysis reads string literals as standard_conforming_strings = on does.
-            raise _unsupported("literals for encrypted columns need standard_conforming_strings = on")
+        # The analysis reads string literals as standard_conforming_strings = on does; query/parse have
+        # already refused every text that the server would read otherwise (proxy/rewrite/reading.py).
         ciphertexts: dict[LiteralTarget, bytes] = {}
         for t in plan.literal_targets:
             cc = self.ctx.column(t.column)
-            literal = t.plaintext.encode("utf-8", "surrogateescape")
+            literal = statement_bytes(t.plaintext, self.fmt)
             if t.cast_type is not None:
                 try:
                     canonical = canonical_through_cast(
@@ -361,26 +380,44 @@ class SessionCrypto:
     def _not_ready(self) -> ProxyError | None:
         if self.ctx.unavailable is None:
             return None
-        e = ProxyError(self.ctx.unavailable, hint="statements on protected tables are refused until it is ready")
+        e = ProxyError(
+            self.ctx.unavailable,
+            hint="statements on protected tables are refused until it is ready",
+            reason=RefusalReason.NOT_READY,
+        )
         e.sqlstate = "55000"
         return e
 
     def _refuse(self, e: ProxyError) -> Outcome:
         log.info("refused a statement: %s", e.message)
-        return Outcome(codec.encode_frontend(m.Query(REFUSED_QUERY)), None, refusal_bytes(e))
+        return Outcome(codec.encode_frontend(m.Query(REFUSED_QUERY)), None, self.refusal(e))
 
     # -- extended protocol -----------------------------------------------------------------------------
     def parse(self, msg: m.Parse) -> Outcome:
-        plan = self.ctx.analyze(msg.query, self.search_path)
-        if not plan.touches_protected:
+        refused: ProxyError | None = None
+        if not self.ctx.catalog.empty:
+            refused = reading_refusal(
+                msg.query,
+                standard_conforming_strings=self.fmt.standard_conforming_strings,
+                client_encoding=self.fmt.client_encoding,
+                certain=not self.in_flight,
+            )
+        plan = (
+            self.ctx.analyze(statement_text(msg.query, self.fmt), self.search_path)
+            if refused is None
+            else QueryPlan(msg.query)
+        )
+        if refused is None and plan.syntax_since > self.fmt.server_major:
+            refused = version_refusal(self.fmt.server_major)
+        if refused is None and not plan.touches_protected:
             return Outcome()
-        refused: ProxyError | None = plan.refusal or self._not_ready()
+        refused = refused or plan.refusal or self._not_ready()
         if refused is None and len(plan.statements) > 1:
             refused = _unsupported("a prepared statement cannot contain several commands")
         if refused is not None:
             log.info("refused a statement: %s", refused.message)
             return Outcome(
-                codec.encode_frontend(m.Parse(msg.statement, REFUSED_QUERY, ())), None, refusal_bytes(refused)
+                codec.encode_frontend(m.Parse(msg.statement, REFUSED_QUERY, ())), None, self.refusal(refused)
             )
         if not plan.statements:
             return Outcome()
@@ -389,7 +426,7 @@ class SessionCrypto:
         try:
             new_sql = self._encrypt_literals(plan)
         except ProxyError as e:
-            return Outcome(codec.encode_frontend(m.Parse(msg.statement, REFUSED_QUERY, ())), None, refusal_bytes(e))
+            return Outcome(codec.encode_frontend(m.Parse(msg.statement, REFUSED_QUERY, ())), None, self.refusal(e))
         stmt = StatementCrypto(st, params, msg.param_types, self.ctx.result_hint(st))
         if not params and new_sql is None:
             return Outcome(None, stmt)
@@ -400,7 +437,7 @@ class SessionCrypto:
                 types.extend([0] * (need - len(types)))
             for i in params:
                 types[i] = BYTEA_OID
-        query = msg.query if new_sql is None else new_sql
+        query = msg.query if new_sql is None else wire_text(new_sql, self.fmt)
         return Outcome(codec.encode_frontend(m.Parse(msg.statement, query, tuple(types))), stmt)
 
     def parameter_description(self, body: bytes, stmt: CryptoState) -> bytes | None:
@@ -426,7 +463,7 @@ class SessionCrypto:
             # does not support): refused before the server runs anything.
             log.info("refused a Bind: %s", e.message)
             refused = m.Bind(msg.portal, REFUSED_STATEMENT_NAME, (), (), ())
-            return Outcome(codec.encode_frontend(refused), None, refusal_bytes(e))
+            return Outcome(codec.encode_frontend(refused), None, self.refusal(e))
 
     def _bind(
         self, msg: m.BindFrame, stmt: StatementCrypto, stmt_row_desc: bytes | None, client_formats: tuple[int, ...]
@@ -591,8 +628,9 @@ class SessionCrypto:
         except RowDecryptError as e:
             self.decrypt_failures += 1
             col = e.column
+            log.warning("a value of column %s could not be decrypted: %s", col.column_id, e.reason)
             raise DecryptionError(
-                f"pgveil: a value of column {col.column_id} could not be decrypted: {e.reason}",
+                f"pgveil: a value of column {col.column_id} could not be decrypted",
                 hint="the value was tampered with, moved from another column, or its key is gone",
             ) from None
         self.values_decrypted += self._memo_count
@@ -678,13 +716,13 @@ class SessionCrypto:
         if not self.ctx.catalog.tables:
             return None
         if deferred:
-            e = _unsupported(
+            e = _unconfirmed(
                 f"SQL-level EXECUTE of prepared statement {name!r} in a prepared statement is not supported "
                 "while tables are encrypted: the statement it names may change before it runs",
                 hint="send EXECUTE as a simple query, or bind the prepared statement directly",
             )
         elif not versions:
-            e = _unsupported(
+            e = _unconfirmed(
                 f"EXECUTE of prepared statement {name!r}, which pgveil has not seen prepared",
                 hint="prepare it through pgveil first",
             )
@@ -697,7 +735,7 @@ class SessionCrypto:
         else:
             return None
         log.info("refused a statement: %s", e.message)
-        return refusal_bytes(e)
+        return self.refusal(e)
 
     def handle_bind(self, msg: m.BindFrame, versions: Sequence[Version]) -> Outcome:
         if not versions:
@@ -705,7 +743,7 @@ class SessionCrypto:
                 return Outcome(None, PortalCrypto(None, msg.result_formats, msg.result_formats))
             return self._refuse_bind(
                 msg,
-                _unsupported(
+                _unconfirmed(
                     f"Bind to prepared statement {msg.statement!r}, which pgveil has not seen prepared",
                     hint="prepare statements through pgveil",
                 ),
@@ -715,7 +753,7 @@ class SessionCrypto:
             if any(v[0] is not state and v[0] != state for v in versions) and any(v[0] is not None for v in versions):
                 return self._refuse_bind(
                     msg,
-                    _unsupported(
+                    _unconfirmed(
                         f"the state of prepared statement {msg.statement!r} is not confirmed by the server yet "
                         "(an earlier Parse or Close of that name is still unanswered)",
                         hint="wait for the reply to the Parse or Close (Sync) before binding the statement",
@@ -729,7 +767,7 @@ class SessionCrypto:
     def _refuse_bind(self, msg: m.BindFrame, e: ProxyError) -> Outcome:
         log.info("refused a Bind: %s", e.message)
         refused = m.Bind(msg.portal, REFUSED_STATEMENT_NAME, (), (), ())
-        return Outcome(codec.encode_frontend(refused), None, refusal_bytes(e))
+        return Outcome(codec.encode_frontend(refused), None, self.refusal(e))
 
     def handle_execute(self, portal: str, versions: Sequence[CryptoState | None]) -> Outcome:
         state = versions[0] if versions else None
@@ -740,17 +778,18 @@ class SessionCrypto:
                 isinstance(v, PortalCrypto) and (v.statement is not None or v.row_plan is not None) for v in versions
             )
         ):
-            e = _unsupported(
+            e = _unconfirmed(
                 f"the state of portal {portal!r} is not confirmed by the server yet "
                 "(an earlier Bind or Close of that name is still unanswered)",
                 hint="wait for the reply to the Bind (Sync) before executing the portal",
             )
             log.info("refused an Execute: %s", e.message)
-            return Outcome(codec.encode_frontend(m.Execute(REFUSED_PORTAL_NAME, 0)), None, refusal_bytes(e))
+            return Outcome(codec.encode_frontend(m.Execute(REFUSED_PORTAL_NAME, 0)), None, self.refusal(e))
         if not isinstance(state, PortalCrypto):
             return Outcome()
         if state.needs_description():
             stand_in, refusal = refused_execute()
+            self.refused[_EXECUTE_REFUSAL] = self.refused.get(_EXECUTE_REFUSAL, 0) + 1
             return Outcome(stand_in, None, refusal)
         st = state.statement
         if st is not None and st.copies_in:
@@ -896,10 +935,18 @@ class SessionCrypto:
 
 class _BadParameterType(ProxyError):
     sqlstate = "42804"
+    reason = RefusalReason.VALUE
 
 
 def _unsupported(message: str, hint: str | None = None) -> ProxyError:
-    e = ProxyError(f"pgveil: {message}", hint=hint)
+    e = ProxyError(f"pgveil: {message}", hint=hint, reason=RefusalReason.CONSTRUCT)
+    e.sqlstate = "0A000"
+    return e
+
+
+def _unconfirmed(message: str, hint: str | None = None) -> ProxyError:
+    """A refusal because a statement's or portal's state on the server is not known to pgveil."""
+    e = ProxyError(f"pgveil: {message}", hint=hint, reason=RefusalReason.STATEMENT_STATE)
     e.sqlstate = "0A000"
     return e
 
@@ -980,8 +1027,9 @@ class CopyTransforms:
                 return rewrite_value_text(stored, out, lookup, crypto.fmt)
             except RowDecryptError as e:
                 crypto.decrypt_failures += 1
+                log.warning("a value of column %s could not be decrypted: %s", e.column.column_id, e.reason)
                 raise DecryptionError(
-                    f"pgveil: a value of column {e.column.column_id} could not be decrypted: {e.reason}"
+                    f"pgveil: a value of column {e.column.column_id} could not be decrypted"
                 ) from None
 
         return open_field

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from keymgmt.envelope import DataKey
 from keymgmt.errors import KeyManagementError
-from proxy.errors import ProxyError
+from proxy.errors import ProxyError, RefusalReason
 from proxy.protocol.relay import KeyMiss
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,7 @@ class KeyUnavailable(ProxyError):
     """The keystore or key provider cannot supply the key a statement needs."""
 
     sqlstate = "58000"
+    reason = RefusalReason.KEY_UNAVAILABLE
 
 
 class KeySource(Protocol):

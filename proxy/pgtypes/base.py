@@ -8,7 +8,9 @@ and the session's reported settings: no I/O, no clock, no logging of values.
 Canonical text is always UTF-8. The client's encoding is honoured on the way in and out (PostgreSQL
 converts text and binary text-like values between client and server encoding; we do the same), for
 UTF8, SQL_ASCII (treated as UTF-8, as a UTF8 server verifies it) and the single-byte encodings; any
-other client encoding is refused with 0A000 on the first value that needs converting.
+other client encoding is refused with 0A000 on the first value that needs converting. Statement text
+(Query, Parse) is read in the same encodings (``statement_text``); in the others pgveil leaves it as
+the protocol codec decoded it, and ``proxy/rewrite/reading.py`` decides what it may still read.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ class SessionFormat:
     """The settings that change how a value is written as text, from the server's ParameterStatus.
 
     ``bytea_output`` is not reported by PostgreSQL; the session tracks it from ``SET`` if it can,
-    and the default is the server default, ``hex``.
+    and the default is the server default, ``hex``. ``server_version`` (reported once, at startup)
+    decides which scanner rules the server applies to statement text; ``server_major`` is 0 until it
+    is known.
     """
 
     timezone: str = "UTC"
@@ -42,6 +46,17 @@ class SessionFormat:
     client_encoding: str = "UTF8"
     standard_conforming_strings: bool = True
     bytea_output: str = "hex"
+    server_version: str = ""
+
+    @property
+    def server_major(self) -> int:
+        """The server's major version (``15`` for "15.4 (Debian 15.4-1)", ``9`` for "9.6.2"), 0 if unknown."""
+        digits = ""
+        for ch in self.server_version:
+            if not ch.isdigit():
+                break
+            digits += ch
+        return int(digits) if digits else 0
 
     def with_parameter(self, name: str, value: str) -> SessionFormat:
         """This format updated by one ParameterStatus (name, value); unknown names change nothing."""
@@ -58,6 +73,8 @@ class SessionFormat:
             return replace(self, standard_conforming_strings=value.lower() in ("on", "true", "1"))
         if key == "bytea_output":
             return replace(self, bytea_output=value.lower())
+        if key == "server_version":
+            return replace(self, server_version=value)
         return self
 
 
@@ -138,6 +155,40 @@ def python_codec(client_encoding: str) -> str | None:
             f'client_encoding "{client_encoding}" is not supported for encrypted columns',
             hint="Use UTF8 (SET client_encoding = 'UTF8').",
         ) from None
+
+
+def _statement_codec(fmt: SessionFormat) -> str | None:
+    try:
+        return python_codec(fmt.client_encoding)
+    except UnsupportedValueFormat:
+        return None  # left as the protocol codec decoded it; reading.py decides what may be read
+
+
+def statement_text(wire: str, fmt: SessionFormat) -> str:
+    """A Query or Parse string as the protocol codec hands it over (its bytes as UTF-8, any other byte
+    as a surrogate escape) read in the client's encoding, as the server will read it. Bytes the
+    encoding does not define stay surrogate escapes (libpg_query then refuses to parse the text)."""
+    if wire.isascii():
+        return wire
+    codec = _statement_codec(fmt)
+    if codec is None:
+        return wire
+    return wire.encode("utf-8", "surrogateescape").decode(codec, "surrogateescape")
+
+
+def wire_text(text: str, fmt: SessionFormat) -> str:
+    """The inverse of :func:`statement_text`: a (rewritten) statement back in the protocol codec's form."""
+    if text.isascii():
+        return text
+    codec = _statement_codec(fmt)
+    if codec is None:
+        return text
+    return text.encode(codec, "surrogateescape").decode("utf-8", "surrogateescape")
+
+
+def statement_bytes(text: str, fmt: SessionFormat) -> bytes:
+    """Part of a statement read by :func:`statement_text` (a literal's plaintext) as the client's bytes."""
+    return text.encode(_statement_codec(fmt) or "utf-8", "surrogateescape")
 
 
 def decode_client(data: bytes, fmt: SessionFormat) -> str:

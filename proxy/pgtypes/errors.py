@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Self
 
-from proxy.errors import FeatureNotSupported, ProxyError
+from proxy.errors import FeatureNotSupported, ProxyError, RefusalReason
 
 
 class PgTypeError(ProxyError):
@@ -28,6 +28,7 @@ class ValueInvalid(PgTypeError):
     """A value the declared type cannot hold (class 22, data exception)."""
 
     sqlstate = "22000"
+    reason = RefusalReason.VALUE
 
 
 class InvalidTextRepresentation(ValueInvalid):

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from enum import Enum, auto
 from typing import Protocol
 
+from proxy.errors import ProxyError, RefusalReason
 from proxy.protocol import messages as m
 
 # Stand-ins sent instead of a refused message: each makes the server fail at the same protocol step.
@@ -98,9 +99,13 @@ class SessionEncryption(Protocol):
     values_encrypted: int
     values_decrypted: int
     decrypt_failures: int
+    refused: dict[tuple[RefusalReason, str], int]  # refusals by (reason, SQLSTATE)
 
     def set_parameter(self, name: str, value: str) -> None:
         """A ParameterStatus from the server."""
+
+    def refusal(self, e: ProxyError) -> bytes:
+        """The ErrorResponse that answers a message the relay refused (counted with the others)."""
 
     # -- frontend --------------------------------------------------------------------------------------
     def query(self, sql: str) -> Outcome:

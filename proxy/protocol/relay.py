@@ -829,7 +829,7 @@ class Relay:
         of the server's (the encryption layer drops the rest of the client's rows)."""
         for p in self.pending:
             if p.expect in (Expect.QUERY, Expect.EXECUTE):
-                p.refusal = codec.encode_error("ERROR", e.sqlstate, e.message, detail=e.detail, hint=e.hint)
+                p.refusal = self._refusal(e)
                 break
         return codec.encode_frontend(m.CopyFail(e.message))
 
@@ -1230,8 +1230,13 @@ class Relay:
         self.to_server.append(codec.encode_frontend(m.CopyFail(e.message)))
         if head.expect is Expect.EXECUTE:
             self.to_server.append(codec.encode_frontend(m.Sync()))
-        head.refusal = codec.encode_error("ERROR", e.sqlstate, e.message, detail=e.detail, hint=e.hint)
+        head.refusal = self._refusal(e)
         return b""
+
+    def _refusal(self, e: ProxyError) -> bytes:
+        if self.crypto is not None:
+            return self.crypto.refusal(e)  # counted for the metrics
+        return codec.encode_error("ERROR", e.sqlstate, e.message, detail=e.detail, hint=e.hint)
 
     def _on_copy_out(self, body: bytes) -> bytes | None:
         head = self._head_in((Expect.QUERY, Expect.EXECUTE), "CopyOutResponse")

@@ -41,8 +41,16 @@ Decisions
 - SQL-level PREPARE with a parameter for a protected column, DECLARE CURSOR over a protected table,
   MERGE, CREATE TABLE AS / SELECT INTO of a protected column, COPY of one to or from a server file or
   program, and binary COPY of one are refused.
-- Literal plaintexts are what libpg_query reads with standard_conforming_strings on; a session that
-  turned it off must not use literal targets (the session knows it from ParameterStatus).
+- Literal plaintexts are what libpg_query reads with standard_conforming_strings on. The session
+  (from ParameterStatus) refuses, before analysis, every text whose reading depends on that setting or
+  on the client encoding (reading.py), and hands over the text decoded in the client encoding; so what
+  the analysis reads is what the server reads.
+- libpg_query's grammar is newer than PostgreSQL 15's: it accepts ``0x1F``, ``0o17``, ``0b101``,
+  ``1_000`` and a vertical tab as whitespace, where PostgreSQL 15's scanner stops with an error. Every
+  text that gets this far (it may name a protected table) is also scanned with PostgreSQL 15's rules
+  (lexer.py); if the token boundaries differ, the plan says so (``syntax_since``) and the session
+  refuses the text against a server older than 16, whatever it touches: pgveil never gives a meaning
+  to a text the server would read otherwise or reject.
 
 Must not: do I/O, keep state between calls, raise anything from ``analyze`` (every failure becomes a
 refusal or a pass-through), or put literal values or statement text in messages or logs.
@@ -58,6 +66,7 @@ from pglast import parser as pg_parser
 
 from proxy.errors import FeatureNotSupported
 from proxy.rewrite.catalog import Catalog
+from proxy.rewrite.lexer import scan as scan_pg15
 from proxy.rewrite.literals import SourceText
 from proxy.rewrite.nodes import Node, first_protected_table, named_in_strings, node_type
 from proxy.rewrite.plan import QueryPlan, Refusal, StatementKind, StatementPlan
@@ -92,6 +101,8 @@ def _may_mention(sql: str, catalog: Catalog) -> bool:
     lowered = sql.lower()
     if 'u&"' in lowered:
         return True
+    if not sql.isascii() and any(not name.isascii() for _schema, name in catalog.tables):
+        return True  # bytes in another client encoding than UTF-8 do not spell the name as str does
     for _schema, name in catalog.tables:
         n = name.lower()
         if n in lowered or ('"' in n and n.replace('"', '""') in lowered):
@@ -120,12 +131,33 @@ def _identifier_names(sql: str) -> set[str] | None:
     return names
 
 
+# The first server major version whose scanner reads what libpg_query reads where PostgreSQL 15's does not.
+NEWER_SCANNER = 16
+
+
+def scanned_alike(sql: str) -> bool:
+    """Whether PostgreSQL 15's scanner cuts ``sql`` into the same tokens as libpg_query's (comments
+    included), without an error. False also if libpg_query cannot scan it."""
+    mine = scan_pg15(sql)
+    if mine.error is not None:
+        return False
+    try:
+        theirs = pg_parser.scan(sql)
+    except Exception:  # pglast raises ParseError, but UnicodeEncodeError etc. mean the same here
+        return False
+    if len(theirs) != len(mine.tokens):
+        return False
+    return all(t.start == m.start and t.end + 1 == m.end for t, m in zip(theirs, mine.tokens, strict=True))
+
+
 def _unparseable(sql: str, catalog: Catalog) -> QueryPlan:
     """libpg_query rejected the text. Pass it through (the server will report the syntax error) unless
     an identifier in it may name a protected table; then refuse, since it could not be checked."""
     names = _identifier_names(sql)
     protected = {name.lower() for _schema, name in catalog.tables}
     if names is not None and not names & protected:
+        if not scanned_alike(sql):
+            return QueryPlan(sql, unparseable=True, syntax_since=NEWER_SCANNER)
         return QueryPlan(sql, unparseable=True)
     refusal = Refusal(
         "pgveil: the statement could not be parsed; it is refused because it may name a table with encrypted columns",
@@ -145,7 +177,8 @@ def _analyze_text(sql: str, catalog: Catalog, search_path: tuple[str, ...]) -> Q
     statements = tuple(
         _analyze_statement(raw.get("stmt", {}), catalog, search_path, source) for raw in tree.get("stmts", [])
     )
-    return QueryPlan(sql, statements, any(s.touches_protected for s in statements))
+    since = 0 if scanned_alike(sql) else NEWER_SCANNER
+    return QueryPlan(sql, statements, any(s.touches_protected for s in statements), syntax_since=since)
 
 
 # -- statements -----------------------------------------------------------------------------------------

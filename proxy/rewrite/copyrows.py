@@ -41,6 +41,14 @@ byte-wise and safe for UTF-8, whose multi-byte sequences never contain an ASCII 
 SJIS or BIG5 embed ASCII bytes in their characters and would be split wrongly, so the session must
 refuse COPY of a protected table under any other client encoding.
 
+The server verifies the raw input bytes in the client encoding before it reads lines and fields
+(``CopyConvertBuf``), so a stream with an invalid or incomplete UTF-8 sequence (or a NUL byte) anywhere
+is refused even where un-escaping or un-quoting would have made a valid value, unless the sequence lies
+after the end-of-data marker (the server never reads that far). The rewriter does the same: each
+payload is verified before its bytes are scanned, a sequence split between two CopyData messages waits
+for its continuation, and the bytes from the first invalid one on are only looked at if no end marker
+came before them (then the stream is refused with 22021, as the server would refuse it).
+
 Docs: PostgreSQL "COPY", sections "File Formats: Text Format" and "CSV Format".
 """
 
@@ -53,7 +61,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal
 
-from proxy.errors import ProxyError
+from proxy.errors import ProxyError, RefusalReason
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +89,8 @@ class CopyDataError(ProxyError):
     """COPY data the rewriter cannot accept. ``line`` is the 1-based line of the COPY data (the header
     counts), when the error belongs to one."""
 
+    reason = RefusalReason.VALUE
+
     def __init__(self, message: str, *, line: int | None = None, hint: str | None = None) -> None:
         where = f"COPY data line {line}: " if line is not None else ""
         super().__init__(where + message, hint=hint)
@@ -97,18 +107,21 @@ class CharacterNotInRepertoire(CopyDataError):
     """A protected field's value is not valid UTF-8 (or holds a NUL), which the server would refuse."""
 
     sqlstate = "22021"
+    reason = RefusalReason.ENCODING
 
 
 class CopyLineTooLong(CopyDataError):
     """A single COPY line exceeds ``max_line_bytes``."""
 
     sqlstate = "54000"
+    reason = RefusalReason.LIMITS
 
 
 class InvalidCopyOptions(ProxyError):
     """COPY options that PostgreSQL refuses, or that the rewriter cannot read safely."""
 
     sqlstate = "22023"
+    reason = RefusalReason.CONSTRUCT
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +367,7 @@ class CopyRowRewriter:
         "_protected",
         "_rows",
         "_scan",
+        "_utf8_tail",
     )
 
     def __init__(
@@ -382,6 +396,7 @@ class CopyRowRewriter:
         self._ended = False
         self._finished = False
         self._failed = False
+        self._utf8_tail = b""  # the start of a UTF-8 sequence whose continuation is in the next payload
 
     def __repr__(self) -> str:
         return (
@@ -417,10 +432,30 @@ class CopyRowRewriter:
             raise RuntimeError("feed() after finish() or after an error")
         if self._ended:
             return b""
-        self._buf += data
+        if self._utf8_tail:
+            data = self._utf8_tail + data
+            self._utf8_tail = b""
+        valid, invalid = _utf8_prefix(data)
         out: list[bytes | bytearray] = []
+        if invalid == len(data):
+            self._buf += data
+            self._drain(out, final=False)
+            return b"".join(out)
+        self._buf += data[:valid]
         self._drain(out, final=False)
-        return b"".join(out)
+        if self._ended:
+            return b"".join(out)  # the bad bytes lie after the end marker: the server never reads them
+        if invalid < 0:  # a sequence cut short at the end of this payload: its end is in the next one
+            self._utf8_tail = data[valid:]
+            return b"".join(out)
+        self._failed = True
+        raise self._invalid_encoding()
+
+    def _invalid_encoding(self) -> CharacterNotInRepertoire:
+        # PostgreSQL quotes the offending bytes; they may be plaintext, so the rewriter never does.
+        return CharacterNotInRepertoire(
+            'invalid byte sequence for encoding "UTF8" (or a NUL byte) in the COPY data', line=self._line_no + 1
+        )
 
     def finish(self) -> bytes:
         """At CopyDone: the rewritten last line if it had no terminator, else ``b""``.
@@ -435,6 +470,9 @@ class CopyRowRewriter:
         if self._ended:
             self._buf.clear()
             return b""
+        if self._utf8_tail:  # CopyDone with a multibyte character cut short: the server refuses it
+            self._failed = True
+            raise self._invalid_encoding()
         out: list[bytes | bytearray] = []
         self._drain(out, final=True)
         self._buf.clear()
@@ -505,6 +543,11 @@ class CopyRowRewriter:
             # buf[e + 1] is "."
             marker = self._end_marker(start, final, csv=False) if e == start else None
             if marker is None:
+                if e + 2 >= n and not final:
+                    # The server reads the byte after the "." before it decides; if that byte is not valid
+                    # UTF-8, its encoding error comes first (feed raises it once this returns).
+                    self._scan = e
+                    return _NEED_MORE
                 raise BadCopyFileFormat("end-of-copy marker is not alone on its line", line=self._line_no + 1)
             return marker
         return self._terminator(e, final)
@@ -781,6 +824,27 @@ class CopyRowRewriter:
 
     def _column(self, i: int) -> str:
         return f'"{self._names[i]}"' if self._names is not None else f"number {i + 1}"
+
+
+def _utf8_prefix(data: bytes) -> tuple[int, int]:
+    """How much of ``data`` verifies as the server verifies client input (``pg_encoding_verifymbstr``):
+    valid UTF-8 without NUL. Returns ``(valid, len(data))`` when all of it does, ``(valid, valid)`` when
+    the bytes at ``valid`` are invalid, and ``(valid, -1)`` when they are the start of a sequence that
+    ``data`` cuts short (it may be completed by the next payload)."""
+    n = len(data)
+    nul = data.find(b"\x00")
+    if data.isascii():
+        return (n, n) if nul < 0 else (nul, nul)
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = e.start
+        if nul >= 0 and nul < bad:
+            return nul, nul
+        if e.reason == "unexpected end of data" and n - bad < 4:
+            return bad, -1
+        return bad, bad
+    return (n, n) if nul < 0 else (nul, nul)
 
 
 def _odd_backslash_tail(raw: bytes) -> bool:

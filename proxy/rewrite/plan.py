@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
-from proxy.errors import FeatureNotSupported
+from proxy.errors import FeatureNotSupported, RefusalReason
 from proxy.rewrite.catalog import ProtectedColumn, ProtectedTable
 
 _EMPTY_PARAMS: Mapping[int, ProtectedColumn] = types.MappingProxyType({})
@@ -44,9 +44,10 @@ class Refusal:
     message: str
     detail: str | None = None
     hint: str | None = None
+    reason: RefusalReason = RefusalReason.CONSTRUCT
 
     def error(self) -> FeatureNotSupported:
-        return FeatureNotSupported(self.message, detail=self.detail, hint=self.hint)
+        return FeatureNotSupported(self.message, detail=self.detail, hint=self.hint, reason=self.reason)
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -180,13 +181,16 @@ class QueryPlan:
     ``statements`` is empty when the text was not parsed because no protected table name occurs in
     it: such a text can only be passed through. ``unparseable`` is set when libpg_query rejected the
     text; it is then refused if it names a protected table and passed through otherwise (the server
-    reports the syntax error itself).
+    reports the syntax error itself). ``syntax_since`` is the lowest server major version whose scanner
+    reads the text as the analysis did (0: any); against an older server the text must be refused,
+    whatever it touches, since pgveil's reading of it is not the server's.
     """
 
     sql: str
     statements: tuple[StatementPlan, ...] = ()
     touches_protected: bool = False
     unparseable: bool = False
+    syntax_since: int = 0
 
     @property
     def refusal(self) -> FeatureNotSupported | None:
@@ -245,7 +249,8 @@ class QueryPlan:
     def __repr__(self) -> str:
         return (
             f"QueryPlan(sql=<{len(self.sql)} chars>, statements={self.statements!r}, "
-            f"touches_protected={self.touches_protected}, unparseable={self.unparseable})"
+            f"touches_protected={self.touches_protected}, unparseable={self.unparseable}, "
+            f"syntax_since={self.syntax_since})"
         )
 
 

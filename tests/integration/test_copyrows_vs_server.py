@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import psycopg
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from proxy.devcluster import DevCluster
@@ -228,10 +228,16 @@ def run_differential(conn: Conn, fmt: Format, data: bytes) -> str:
     copy_in(conn, f"COPY back (a, b, c) FROM STDIN ({out_fmt.sql})", restored)
     null = out_fmt.options.null_string
 
+    # What the server's text-format COPY TO escapes (CopyAttributeOutText).
+    escaped = {"\\", out_fmt.options.delimiter_char, "\b", "\f", "\n", "\r", "\t", "\v"}
+
     def server_quirk(v: object) -> object:
-        # The server's own text-format COPY TO writes a value equal to the NULL string as is, so it reads
-        # back as NULL; that is the unprotected column's fate. Protected values are guarded against it.
-        return None if out_fmt.options.format == "text" and v == null else v
+        # The server's own text-format COPY TO writes a value equal to the NULL string as is when it needs
+        # no escape, so it reads back as NULL; that is the unprotected column's fate. Protected values are
+        # guarded against it. A value such as \N has its backslash escaped and reads back as itself.
+        if out_fmt.options.format != "text" or v != null:
+            return v
+        return v if any(ch in escaped for ch in str(v)) else None
 
     expected = [(a, server_quirk(b), c) for a, b, c in plain]
     assert conn.execute("SELECT a, b, c FROM back ORDER BY seq").fetchall() == expected
@@ -292,8 +298,40 @@ def client_streams(draw: st.DrawFn) -> tuple[Format, bytes]:
     return fmt, data
 
 
+# The server verifies the raw bytes in the client encoding before it reads lines (CopyConvertBuf), and
+# stops reading at the end marker: (format, data, what run_differential finds).
+ENCODING_CASES = [
+    # un-quoting would make the value valid UTF-8 (\xc3 \xa9), but the raw bytes are not
+    (IN_FORMATS[3], b',,\xc3""\xa9\n,,\n', "refused by the rewriter"),
+    (IN_FORMATS[4], b'a,"\xc3\\"\xa9",c\n', "refused by the rewriter"),
+    (IN_FORMATS[0], b"a\tb\t\xc3\\\xa9\n", "refused by the rewriter"),
+    (IN_FORMATS[0], b"a\tb\x00\tc\n", "refused by the rewriter"),  # NUL is never valid input
+    (IN_FORMATS[0], b"a\tb\tc\xc3", "refused by the rewriter"),  # cut short at the end of data
+    (IN_FORMATS[0], b"a\tb\tc\xed\xa0\x80\n", "refused by the rewriter"),  # a surrogate
+    (IN_FORMATS[0], b"a\tb\tc\xc3\n", "refused by the rewriter"),
+    (IN_FORMATS[0], b"a\tb\tc\n\\.\n\xff\xc3\n", "accepted"),  # after the end marker: never read
+    (IN_FORMATS[0], b"abcd\xc3\xa9\tb\tc\n\xe2\x82\xac\t\xf0\x9f\x98\x80\t\n", "accepted"),  # split across chunks
+]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "data", "outcome"), ENCODING_CASES, ids=lambda x: x.name if isinstance(x, Format) else None
+)
+def test_raw_input_is_verified_as_the_server_verifies_it(conn: Conn, fmt: Format, data: bytes, outcome: str) -> None:
+    assert run_differential(conn, fmt, data) == outcome
+    for size in (1, 2, 3):  # every way of cutting a multibyte sequence between CopyData messages
+        try:
+            rewrite(fmt.options, [to_bytea, None, to_bytea], rechunk(data, size))
+        except CopyDataError:
+            assert outcome != "accepted", (data, size)
+        else:
+            assert outcome == "accepted", (data, size)
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(client_streams())
+@example(case=(IN_FORMATS[3], b',,\xc3""\xa9\n,,\n'))
+@example(case=(IN_FORMATS[0], b"\t\\\\\\N\t\n"))  # the value \N in an unprotected column
 def test_random_client_streams_read_alike(conn: Conn, case: tuple[Format, bytes]) -> None:
     fmt, data = case
     event(run_differential(conn, fmt, data))

@@ -11,6 +11,7 @@ import pytest
 
 from keymgmt.envelope import DataKey, KeyState, column_associated_data, open_envelope, seal
 from keymgmt.errors import DecryptionFailed, KeyDestroyed, KeyDisabled, KeystoreError, MasterKeyError, UnknownKey
+from keymgmt.keycache import RefreshResult
 from keymgmt.keystore import MIGRATIONS, NOTIFY_CHANNEL, Keystore, init_keystore
 from keymgmt.providers import LocalKeyProvider
 from proxy.devcluster import DevCluster
@@ -222,7 +223,7 @@ async def test_destroyed_scope_stays_shredded(keystore: Keystore, initialised: s
         "UPDATE pgveil.deks SET state = 'DESTROYED', wrapped = NULL, destroyed_at = now() WHERE key_id = $1",
         key.key_uuid,
     )
-    keystore.invalidate(str(key.key_uuid))
+    await keystore.refresh()
     with pytest.raises(KeyDestroyed):
         await keystore.key_by_id(key.key_id)
     with pytest.raises(KeyDestroyed):
@@ -237,7 +238,7 @@ async def test_disabled_current_version_refuses_writes(keystore: Keystore, initi
     key = await keystore.active_key(COLUMN)
     sealed = seal(key, b"x", column_associated_data(COLUMN))
     await fetch(initialised, "UPDATE pgveil.deks SET state = 'DISABLED'")
-    keystore.invalidate(COLUMN)
+    await keystore.refresh()
     with pytest.raises(KeyDisabled):
         await keystore.active_key(COLUMN)
     disabled = await keystore.key_by_id(key.key_id)
@@ -265,35 +266,54 @@ async def test_preload_fills_the_cache(initialised: str, provider: LocalKeyProvi
         assert await reader.preload([]) == 0
 
 
-async def test_notify_invalidates_the_cache(keystore: Keystore, initialised: str) -> None:
-    heard: list[str] = []
+async def test_notify_refreshes_what_changed(keystore: Keystore, initialised: str) -> None:
+    # A notification is a hint: the keystore re-reads the cached keys' state and drops exactly what
+    # changed there, whatever the payload says.
+    heard: list[RefreshResult] = []
     await keystore.listen(heard.append)
     assert keystore.listening
     key = await keystore.active_key(COLUMN)
     subject_key = await keystore.active_key(COLUMN, b"alice")
     other = await keystore.active_key("public.orders.note")
 
+    # The payload names the key, but nothing changed: nothing is dropped.
     await fetch(initialised, "SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(key.key_uuid))
     await wait_until(lambda: len(heard) == 1)
-    assert heard == [str(key.key_uuid)]
-    assert keystore.cached_key(key.key_id) is None
-    assert keystore.cached_active_key(COLUMN) is None
-    assert keystore.cached_key(subject_key.key_id) is subject_key
+    assert heard[0] == RefreshResult(keys_checked=3, keys_dropped=0, pointers_dropped=0)
+    assert keystore.cached_key(key.key_id) is key
+    assert keystore.cached_active_key(COLUMN) is key
 
-    await fetch(initialised, "SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, COLUMN)
+    # A real change, announced with a payload that names something else: the changed key goes.
+    await fetch(initialised, "UPDATE pgveil.deks SET state = 'DISABLED' WHERE key_id = $1", subject_key.key_uuid)
+    await fetch(initialised, "SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, "public.orders.note")
     await wait_until(lambda: len(heard) == 2)
+    assert heard[1].keys_dropped == 1
     assert keystore.cached_key(subject_key.key_id) is None
+    assert keystore.cached_active_key(COLUMN, b"alice") is None
+    assert keystore.cached_key(key.key_id) is key
     assert keystore.cached_key(other.key_id) is other
+    with pytest.raises(KeyDisabled):
+        await keystore.active_key(COLUMN, b"alice")
 
+    # A new current version (a rotation): the old version stays for reading, its pointer goes.
+    await fetch(
+        initialised,
+        "INSERT INTO pgveil.deks (key_id, scope_kind, column_id, version, state, wrapped, kek_id) "
+        "SELECT $1, scope_kind, column_id, 2, 'ENABLED', wrapped, kek_id FROM pgveil.deks WHERE key_id = $2",
+        uuid.uuid4(),
+        key.key_uuid,
+    )
     await fetch(initialised, "SELECT pg_notify($1, '*')", NOTIFY_CHANNEL)
     await wait_until(lambda: len(heard) == 3)
-    assert keystore.cached_key(other.key_id) is None
-    # after invalidation the keystore reloads the same keys from the database
-    assert (await keystore.active_key(COLUMN)).key_id == key.key_id
+    assert heard[2].pointers_dropped == 1
+    assert keystore.cached_key(key.key_id) is key
+    assert keystore.cached_active_key(COLUMN) is None
+    assert (await keystore.active_key(COLUMN)).version == 2
+    assert keystore.cache.flushes == 1  # only the one when listening started
 
 
 async def test_listener_loss_degrades_then_recovers(keystore: Keystore, initialised: str, cluster: DevCluster) -> None:
-    heard: list[str] = []
+    heard: list[RefreshResult] = []
     await keystore.listen(heard.append)
     key = await keystore.active_key(COLUMN)
     dbname = initialised.rsplit("/", 1)[1]
@@ -312,8 +332,13 @@ async def test_listener_loss_degrades_then_recovers(keystore: Keystore, initiali
     await wait_until(lambda: keystore.listening)
     assert keystore.cache.ttl_seconds == 300.0
     key = await keystore.active_key(COLUMN)
+    await fetch(
+        initialised,
+        "UPDATE pgveil.deks SET state = 'DESTROYED', wrapped = NULL, destroyed_at = now() WHERE key_id = $1",
+        key.key_uuid,
+    )
     await fetch(initialised, "SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(key.key_uuid))
-    await wait_until(lambda: heard == [str(key.key_uuid)])
+    await wait_until(lambda: len(heard) == 1)
     assert keystore.cached_key(key.key_id) is None
 
 

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from keymgmt.envelope import DataKey, KeyState
-from keymgmt.keycache import KeyCache
+from keymgmt.keycache import KeyCache, KeyFacts, RefreshGate, RefreshResult, Scope
 
 
 class FakeClock:
@@ -144,3 +146,135 @@ def test_bounds_are_validated() -> None:
         KeyCache(max_keys=0, ttl_seconds=1, clock=FakeClock())
     with pytest.raises(ValueError, match="ttl_seconds"):
         KeyCache(max_keys=1, ttl_seconds=0, clock=FakeClock())
+
+
+# -- refresh: a hint re-reads state; exactly what changed is dropped ---------------------------------------
+def facts_of(*keys: DataKey) -> dict[bytes, KeyFacts]:
+    return {k.key_id: KeyFacts.of(k) for k in keys}
+
+
+def test_refresh_drops_exactly_the_changed_keys() -> None:
+    cache = KeyCache(max_keys=10, ttl_seconds=60, clock=FakeClock())
+    same, disabled, gone, moved = make_key(1), make_key(2, "s.t.d"), make_key(3, "s.t.e"), make_key(4, "s.t.f")
+    for k in (same, disabled, gone, moved):
+        cache.put(k, current=True)
+    snapshot = cache.begin_refresh()
+    assert set(snapshot.key_ids) == {k.key_id for k in (same, disabled, gone, moved)}
+    facts = facts_of(same, moved)
+    facts[disabled.key_id] = KeyFacts(KeyState.DISABLED, "s.t.d", None, 1)
+    facts[moved.key_id] = KeyFacts(KeyState.ENABLED, "s.t.f", None, 7)  # the row says another version
+    current: dict[Scope, bytes | None] = {("s.t.c", None): same.key_id, ("s.t.d", None): None}
+    result = cache.apply_refresh(snapshot, facts, current)
+    assert result == RefreshResult(keys_checked=4, keys_dropped=3, pointers_dropped=0)
+    assert cache.get(same.key_id) is same
+    assert cache.get_current("s.t.c") is same
+    for k in (disabled, gone, moved):
+        assert cache.get(k.key_id) is None
+        assert cache.get_current(k.column_id) is None
+    assert cache.invalidations == 3
+    assert cache.flushes == 0
+
+
+def test_refresh_drops_a_pointer_whose_scope_moved_on_but_keeps_the_key() -> None:
+    cache = KeyCache(max_keys=10, ttl_seconds=60, clock=FakeClock())
+    v1 = make_key(1)
+    alice = make_key(2, subject=b"alice")
+    cache.put(v1, current=True)
+    cache.put(alice, current=True)
+    snapshot = cache.begin_refresh()
+    new_version = (9).to_bytes(16, "big")
+    current: dict[Scope, bytes | None] = {("s.t.c", None): new_version, ("s.t.c", b"alice"): alice.key_id}
+    result = cache.apply_refresh(snapshot, facts_of(v1, alice), current)
+    assert result == RefreshResult(keys_checked=2, keys_dropped=0, pointers_dropped=1)
+    assert cache.get(v1.key_id) is v1  # still good for reading old ciphertexts
+    assert cache.get_current("s.t.c") is None  # writes look the current version up again
+    assert cache.get_current("s.t.c", b"alice") is alice
+
+
+def test_refresh_fences_loads_that_started_before_it() -> None:
+    cache = KeyCache(max_keys=10, ttl_seconds=60, clock=FakeClock())
+    before = cache.generation
+    cache.begin_refresh()
+    # a load that read the keystore before the refresh started may hold the state from before the change
+    assert not cache.put(make_key(1), current=True, generation=before)
+    assert cache.put(make_key(2), current=True, generation=cache.generation)
+
+
+def test_refresh_leaves_entries_cached_after_the_snapshot_alone() -> None:
+    cache = KeyCache(max_keys=10, ttl_seconds=60, clock=FakeClock())
+    old = make_key(1)
+    cache.put(old, current=True)
+    snapshot = cache.begin_refresh()
+    later = make_key(2, "s.t.other")
+    cache.put(later, current=True, generation=cache.generation)  # loaded fresh after the refresh began
+    result = cache.apply_refresh(snapshot, {}, {})
+    assert result.keys_dropped == 1
+    assert cache.get(later.key_id) is later
+    assert cache.get_current("s.t.other") is later
+
+
+def test_counters_move() -> None:
+    clock = FakeClock()
+    cache = KeyCache(max_keys=2, ttl_seconds=30, clock=clock)
+    a, b, c = make_key(1), make_key(2), make_key(3)
+    assert cache.get(a.key_id) is None
+    cache.put(a, current=False)
+    cache.put(b, current=False)
+    cache.put(c, current=False)  # evicts a
+    assert cache.get(b.key_id) is b
+    clock.now += 31
+    assert cache.get(c.key_id) is None  # expired
+    cache.put(a, current=False)
+    cache.invalidate_key(a.key_id)
+    cache.invalidate_key(a.key_id)  # nothing left to drop: not counted twice
+    cache.clear()
+    assert (cache.hits, cache.misses, cache.evictions, cache.expirations, cache.invalidations, cache.flushes) == (
+        1,
+        2,
+        1,
+        1,
+        1,
+        1,
+    )
+
+
+# -- the refresh gate: coalesced and rate-limited, whatever the number of hints ---------------------------
+def test_gate_coalesces_a_flood_into_one_running_and_one_queued() -> None:
+    clock = FakeClock()
+    gate = RefreshGate(0.5, clock)
+    assert gate.wait() is None
+    gate.hint()
+    assert gate.wait() == 0.0
+    gate.start()
+    for _ in range(10_000):
+        gate.hint()
+    assert gate.wait() is None  # one is running: nothing else starts
+    gate.finish()
+    assert gate.queued
+    assert gate.wait() == 0.5  # the queued one waits out the interval
+    clock.now += 0.2
+    assert gate.wait() == pytest.approx(0.3)
+    with pytest.raises(RuntimeError):
+        gate.start()
+    clock.now += 0.3
+    gate.start()
+    gate.finish()
+    assert gate.wait() is None  # the flood is fully served by two refreshes
+    assert (gate.hints, gate.coalesced, gate.started) == (10_001, 9_999, 2)
+
+
+def test_gate_bounds_refreshes_per_second_under_a_steady_flood() -> None:
+    clock = FakeClock()
+    gate = RefreshGate(0.1, clock)
+    started_at: list[float] = []
+    t0 = clock.now
+    while clock.now < t0 + 10:
+        gate.hint()
+        wait = gate.wait()
+        if wait == 0.0:
+            gate.start()
+            started_at.append(clock.now)
+            gate.finish()
+        clock.now += 0.001
+    assert len(started_at) <= 10 / 0.1 + 1
+    assert all(b - a >= 0.1 - 1e-9 for a, b in itertools.pairwise(started_at))

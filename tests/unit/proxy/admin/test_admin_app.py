@@ -14,6 +14,7 @@ import logging
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import prometheus_client
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from keymgmt import native
 from proxy.admin.app import (
     API_PREFIX,
     SSL_REQUEST,
@@ -34,7 +36,8 @@ from proxy.admin.app import (
     start_admin_server,
     upstream_reachable,
 )
-from proxy.admin.metrics import Metrics, RefusalReason, sqlstate_class
+from proxy.admin.metrics import Metrics, sqlstate_class
+from proxy.errors import RefusalReason
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -94,6 +97,11 @@ EXPECTED_FAMILIES = [
     "pgveil_key_cache_misses_total",
     "pgveil_sql_analysis_cache_hits_total",
     "pgveil_sql_analysis_cache_misses_total",
+    "pgveil_key_cache_evictions_total",
+    "pgveil_key_cache_invalidations_total",
+    "pgveil_key_cache_flushes_total",
+    "pgveil_key_notifications_total",
+    "pgveil_key_refreshes_total",
 ]
 
 
@@ -104,7 +112,7 @@ def test_render_has_every_family_with_help_and_type(metrics: Metrics) -> None:
     for name in EXPECTED_FAMILIES:
         assert f"# HELP {name} " in text, name
         assert f"# TYPE {name} " in text, name
-    assert 'pgveil_build_info{version="9.9.9-test"} 1.0' in text
+    assert f'pgveil_build_info{{implementation="{native.IMPLEMENTATION}",version="9.9.9-test"}} 1.0' in text
     assert "process_resident_memory_bytes" in text
 
 
@@ -183,7 +191,9 @@ def test_small_enum_counters(metrics: Metrics) -> None:
     metrics.config_reloaded(True)
     metrics.config_reloaded(False)
     metrics.config_reloaded(False)
-    metrics.statement_refused(RefusalReason.UNSUPPORTED_CONSTRUCT)
+    metrics.statement_refused(RefusalReason.CONSTRUCT, "0A000")
+    metrics.add_refusals({(RefusalReason.NOT_READY, "55000"): 2, (RefusalReason.CONSTRUCT, "0A000"): 1})
+    metrics.statement_refused(RefusalReason.LEXING, "bogus")  # a malformed SQLSTATE cannot mint a label value
     assert value(metrics, "pgveil_protocol_violations_total", peer="client") == 1
     assert value(metrics, "pgveil_protocol_violations_total", peer="server") == 0
     assert value(metrics, "pgveil_tls_sessions_total", leg="server") == 2
@@ -191,27 +201,79 @@ def test_small_enum_counters(metrics: Metrics) -> None:
     assert value(metrics, "pgveil_backpressure_pauses_total", direction="server_to_client") == 1
     assert value(metrics, "pgveil_config_reloads_total", result="success") == 1
     assert value(metrics, "pgveil_config_reloads_total", result="failure") == 2
-    assert value(metrics, "pgveil_statements_refused_total", reason="unsupported_construct") == 1
-    # every reason exists from the start, so rate() works before the first refusal
-    for reason in RefusalReason:
-        assert (
-            metrics.registry.get_sample_value("pgveil_statements_refused_total", {"reason": reason.value}) is not None
-        )
+    refused = "pgveil_statements_refused_total"
+    assert value(metrics, refused, reason="construct", sqlstate_class="0A") == 2
+    assert value(metrics, refused, reason="not_ready", sqlstate_class="55") == 2
+    assert value(metrics, refused, reason="lexing", sqlstate_class="other") == 1
 
 
-def test_batched_value_and_cache_counters(metrics: Metrics) -> None:
+def test_batched_value_counters(metrics: Metrics) -> None:
     metrics.add_values(encrypted=5, decrypted=7, decrypt_failures=1, shredded=2)
     metrics.add_values(decrypted=3)
-    metrics.add_key_cache(10, 1)
-    metrics.add_sql_analysis_cache(0, 4)
     assert value(metrics, "pgveil_values_encrypted_total") == 5
     assert value(metrics, "pgveil_values_decrypted_total") == 10
     assert value(metrics, "pgveil_decrypt_failures_total") == 1
     assert value(metrics, "pgveil_shredded_reads_total") == 2
+
+
+@dataclass
+class _FakeCache:
+    evictions: int = 0
+    expirations: int = 0
+    invalidations: int = 0
+    flushes: int = 0
+
+
+@dataclass
+class _FakeKeystore:
+    cache: _FakeCache
+    notifications: int = 0
+    refreshes: int = 0
+    refresh_failures: int = 0
+
+
+@dataclass
+class _FakeKeyRing:
+    hits: int = 0
+    misses: int = 0
+
+
+@dataclass
+class _FakeContext:
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+
+@dataclass
+class _FakeRuntime:
+    keyring: _FakeKeyRing
+    context: _FakeContext
+    keystore: _FakeKeystore | None = None
+
+
+def test_encryption_counters_are_read_when_scraped(metrics: Metrics) -> None:
+    # zeros before any runtime is watched: every family exists from the start
+    assert value(metrics, "pgveil_key_cache_hits_total") == 0
+    assert value(metrics, "pgveil_key_refreshes_total", result="success") == 0
+    runtime = _FakeRuntime(_FakeKeyRing(), _FakeContext())
+    metrics.watch_encryption(runtime)
+    runtime.keyring.hits, runtime.keyring.misses = 10, 1
+    runtime.context.cache_hits, runtime.context.cache_misses = 3, 4
     assert value(metrics, "pgveil_key_cache_hits_total") == 10
     assert value(metrics, "pgveil_key_cache_misses_total") == 1
-    assert value(metrics, "pgveil_sql_analysis_cache_hits_total") == 0
+    assert value(metrics, "pgveil_sql_analysis_cache_hits_total") == 3
     assert value(metrics, "pgveil_sql_analysis_cache_misses_total") == 4
+    assert value(metrics, "pgveil_key_notifications_total") == 0  # no keystore yet
+    runtime.keystore = _FakeKeystore(_FakeCache(5, 6, 7, 8), notifications=9, refreshes=2, refresh_failures=1)
+    assert value(metrics, "pgveil_key_cache_evictions_total", cause="capacity") == 5
+    assert value(metrics, "pgveil_key_cache_evictions_total", cause="ttl") == 6
+    assert value(metrics, "pgveil_key_cache_invalidations_total") == 7
+    assert value(metrics, "pgveil_key_cache_flushes_total") == 8
+    assert value(metrics, "pgveil_key_notifications_total") == 9
+    assert value(metrics, "pgveil_key_refreshes_total", result="success") == 2
+    assert value(metrics, "pgveil_key_refreshes_total", result="failure") == 1
+    runtime.keyring.hits += 5
+    assert value(metrics, "pgveil_key_cache_hits_total") == 15
 
 
 # -- HTTP ----------------------------------------------------------------------------------------------

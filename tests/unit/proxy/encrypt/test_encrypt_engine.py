@@ -47,6 +47,7 @@ from proxy.encrypt.engine import (
 )
 from proxy.encrypt.keyring import KeyRing, KeyUnavailable
 from proxy.encrypt.rows import ColumnOutput
+from proxy.errors import RefusalReason
 from proxy.protocol import codec
 from proxy.protocol import messages as m
 from proxy.protocol.relay import KeyMiss
@@ -220,6 +221,27 @@ def test_not_ready_context_refuses_protected_statements_with_55000() -> None:
         e = error(out.refusal)
         assert (e.sqlstate, e.field(b"M")) == ("55000", "pgveil is still loading the catalog and keys")
     assert crypto.query("SELECT 1") == Outcome()
+
+
+def test_every_refusal_is_counted_by_reason_and_sqlstate() -> None:
+    crypto, source, *_ = make_session()
+    crypto.query("SELECT upper(ssn) FROM customers")
+    crypto.parse(m.Parse("", "SELECT id FROM customers WHERE ssn LIKE $1", (TEXT,)))
+    crypto.query("INSERT INTO customers (id, score) VALUES (1, 'abc')")
+    stmt = prepared(crypto, INSERT_PARAMS)
+    crypto.bind(frame(m.Bind("p", "", (), (b"1", b"x", b"zq"), ())), stmt, None)
+    crypto.query("SELECT 1")  # not refused, not counted
+    crypto.ctx.unavailable = "pgveil is still loading the catalog and keys"
+    crypto.query(INSERT_LITERALS)
+    crypto.ctx.unavailable = None
+    source.cache[bytes(SSN_KEY.key_id)] = SSN_KEY.with_state(KeyState.DISABLED)
+    crypto.query(INSERT_LITERALS)
+    assert crypto.refused == {
+        (RefusalReason.CONSTRUCT, "0A000"): 2,
+        (RefusalReason.VALUE, "22P02"): 2,
+        (RefusalReason.NOT_READY, "55000"): 1,
+        (RefusalReason.KEY_UNAVAILABLE, "58000"): 1,
+    }
 
 
 # -- keys -----------------------------------------------------------------------------------------------

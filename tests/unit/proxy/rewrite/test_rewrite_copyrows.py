@@ -82,6 +82,28 @@ class Parsed:
     marker: bytes | None  # the end-of-data marker as it appeared, with its line terminator
 
 
+def first_invalid_utf8(data: bytes) -> int:
+    """Where verification of raw client input in UTF-8 stops: an invalid or incomplete sequence, or NUL."""
+    n, i = len(data), 0
+    while i < n:
+        if data[i] == 0:
+            return i
+        if data[i] < 0x80:
+            i += 1
+            continue
+        for k in (2, 3, 4):  # one character of k bytes
+            try:
+                data[i : i + k].decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            if i + k <= n:
+                i += k
+                break
+        else:
+            return i
+    return n
+
+
 class Oracle:
     def __init__(self, options: CopyOptions, ncols: int, protected: Sequence[int]) -> None:
         self.o = options
@@ -94,8 +116,13 @@ class Oracle:
         self.ncols = ncols
         self.protected = protected
 
-    def parse(self, data: bytes) -> Parsed:
-        self.data = data
+    def parse(self, data: bytes, *, verify: bool = True) -> Parsed:
+        # CopyConvertBuf: the line reader only ever sees the verified prefix of the raw input; needing a
+        # byte beyond it (no end marker came first) is the encoding error. (``verify`` False: reading the
+        # rewriter's output, whose test transform reverses bytes of multibyte characters.)
+        verified = first_invalid_utf8(data) if verify else len(data)
+        self.truncated = verified < len(data)
+        self.data = data[:verified]
         self.pos = 0
         self.eol = "unknown"
         result = Parsed(None, [], [], None)
@@ -119,10 +146,17 @@ class Oracle:
                 return result
 
     def peek(self, i: int) -> int:
+        if i >= len(self.data):
+            self.end_of_verified()
         return self.data[i] if i < len(self.data) else 0  # the server's NUL pad byte at the end of data
+
+    def end_of_verified(self) -> None:
+        if self.truncated:
+            raise OracleError(CharacterNotInRepertoire, self.line_no)
 
     def read_line(self, line_no: int) -> tuple[bytes, bytes, bool, bool]:
         """CopyReadLineText: (line, terminator, hit end of data, saw the end marker)."""
+        self.line_no = line_no
         data, n, start = self.data, len(self.data), self.pos
         i = start
         first = True
@@ -130,6 +164,7 @@ class Oracle:
         escapec = self.escape if self.escape != self.quote else -1
         while True:
             if i >= n:
+                self.end_of_verified()
                 self.pos = n
                 return data[start:n], b"", True, False
             prev = i
@@ -163,6 +198,7 @@ class Oracle:
                 return data[start:prev], data[prev:i], False, False
             if c == BS and (not self.csv or (first and self.o.csv_end_marker)):
                 if i >= n:  # a backslash just before the end of data is data
+                    self.end_of_verified()
                     self.pos = n
                     return data[start:n], b"", True, False
                 if data[i] == DOT:
@@ -336,7 +372,7 @@ def check_against_oracle(
         return
     out = rewrite(options, transforms, split_at(data, cuts))
     assert out == rewrite(options, transforms, [data])
-    got = Oracle(options, ncols, ()).parse(out)
+    got = Oracle(options, ncols, ()).parse(out, verify=False)
     assert got.header == expected.header
     assert got.marker == expected.marker
     if expected.marker is not None:
@@ -548,8 +584,6 @@ def test_missing_column_is_named_when_names_are_known() -> None:
         (TEXT, b"\\xc3(\n"),
         (TEXT, b"\\0\n"),
         (TEXT, b"\\355\\240\\200\n"),  # a UTF-16 surrogate in UTF-8 form
-        (CSV, b'"\xff"\n'),
-        (CSV, b"\xc3\n"),
     ],
 )
 def test_protected_value_must_be_valid_utf8(options: CopyOptions, data: bytes) -> None:
@@ -559,6 +593,44 @@ def test_protected_value_must_be_valid_utf8(options: CopyOptions, data: bytes) -
     assert info.value.line == 1
     # an unprotected field is the server's to check
     assert rewrite(options, [None], [data]) == data
+
+
+@pytest.mark.parametrize(
+    ("options", "ncols", "data", "cuts", "line"),
+    [
+        (CSV, 1, b'"\xff"\n', [], 1),
+        (CSV, 1, b"\xc3\n", [], 1),
+        (CSV, 3, b',,\xc3""\xa9\n,,\n', [], 1),  # valid once un-quoted, but the raw bytes are not
+        (TEXT, 1, b"\xc3\\\xa9\n", [], 1),  # the same with a text-format escape
+        (TEXT, 1, b"a\x00b\n", [], 1),
+        (TEXT, 1, b"ok\n\xe2\x82", [4], 2),  # cut short at the end of data
+    ],
+)
+def test_raw_input_must_be_valid_utf8_in_any_field(
+    options: CopyOptions, ncols: int, data: bytes, cuts: list[int], line: int
+) -> None:
+    # The server verifies the raw bytes before reading fields (CopyConvertBuf): unprotected fields too.
+    for transform in (upper, None):
+        with pytest.raises(CharacterNotInRepertoire) as info:
+            rewrite(options, [transform] * ncols, split_at(data, cuts))
+        assert info.value.sqlstate == "22021"
+        assert info.value.line == line
+
+
+def test_utf8_split_between_payloads_waits_for_its_end() -> None:
+    data = "é€😀\tx\n".encode()
+    for cut in range(1, len(data)):
+        assert rewrite(TEXT, [upper, None], [data[:cut], data[cut:]]) == "É€😀\tx\n".encode()
+    rw = CopyRowRewriter(TEXT, [upper])
+    assert rw.feed(b"a\xe2") == b""
+    assert rw.feed(b"\x82") == b""
+    assert rw.feed(b"\xac\n") == "A€\n".encode()
+
+
+def test_bytes_after_the_end_marker_are_never_verified() -> None:
+    # The server stops reading at the marker, so it never sees what follows: neither does the rewriter.
+    assert rewrite(TEXT, [upper], [b"a\n\\.\n\xff\x00\xc3"]) == b"A\n\\.\n"
+    assert rewrite(TEXT, [upper], [b"a\n\\.\n", b"\xc3"]) == b"A\n\\.\n"
 
 
 def test_transform_returning_nul_is_refused() -> None:
@@ -732,6 +804,10 @@ def copy_streams(draw: st.DrawFn) -> tuple[CopyOptions, int, tuple[int, ...], by
 @given(copy_streams())
 @example((TEXT, 1, (0,), b"\\N\\", []))
 @example((CSV, 2, (0, 1), b'"a""b",\\.\n\\.\n', [3]))
+# The server reads the byte after a "\." that follows data before it decides: invalid UTF-8 there is an
+# encoding error, not a broken end marker (whole, and cut before the bad byte).
+@example((TEXT, 1, (), b"a\\.\xc3\n", []))
+@example((TEXT, 1, (0,), b"a\\.\xc3\n", [3]))
 def test_rewriter_agrees_with_the_servers_algorithm(
     case: tuple[CopyOptions, int, tuple[int, ...], bytes, list[int]],
 ) -> None:
