@@ -38,6 +38,7 @@ from hypothesis import strategies as st
 from keymgmt.envelope import _seal_with_nonce, column_associated_data, open_envelope
 from proxy.encrypt.engine import REFUSED_QUERY, REFUSED_STATEMENT_NAME, CryptoContext, SessionCrypto
 from proxy.encrypt.keyring import KeyRing
+from proxy.errors import RefusalReason
 from proxy.protocol import codec
 from proxy.protocol import messages as m
 from proxy.protocol.relay import (
@@ -822,6 +823,8 @@ def test_a_bind_that_may_meet_two_versions_is_refused_and_one_after_its_parse_is
     assert [e.sqlstate for e in errors if isinstance(e, m.ErrorResponse)] == ["42P05", "0A000"]
     assert "not confirmed" in str(errors[1])
     assert not relay.pending
+    assert isinstance(relay.crypto, SessionCrypto)
+    assert relay.crypto.refused == {(RefusalReason.STATEMENT_STATE, "0A000"): 1}
 
 
 def test_the_encryption_layer_is_told_whether_requests_are_in_flight() -> None:
