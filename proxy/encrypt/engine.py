@@ -639,7 +639,7 @@ class SessionCrypto:
     # -- COPY ------------------------------------------------------------------------------------------
     def copy_in_rewriter_for(self, state: object) -> CopyRowRewriter | None:
         """The rewriter for the COPY FROM STDIN a Query or Execute will start, if it copies into protected
-        columns; built when the client sends the statement (see Relay._arm_copy_in)."""
+        columns; built when the client sends the statement (see arm_copy_in)."""
         plans: tuple[StatementPlan, ...]
         if isinstance(state, PortalCrypto) and (state.statement is None or not state.statement.copies_in):
             return None  # every Execute asks: answered from what was worked out at Parse

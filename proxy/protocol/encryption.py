@@ -13,6 +13,13 @@ What crosses the seam:
 * :class:`CryptoState`: opaque to the relay. The encryption layer hands one out with an Outcome, the
   relay keeps it with the matching :class:`~proxy.protocol.relay.Pending` entry and gives it back when
   the reply arrives, so replies meet the plan of the request they answer.
+* Statement and portal state: the layer keeps the crypto state of every statement and portal the
+  server has confirmed; the relay commits it on the server's reply (``set_statement`` on ParseComplete,
+  ``set_portal`` on BindComplete, ``close`` and ``close_all`` when they are gone) and, for a message sent
+  before earlier ones are answered, passes every :data:`Version` the name may have when it runs, so the
+  layer can refuse instead of guessing.
+* :class:`NamespaceOp`: SQL-level PREPARE, EXECUTE, DEALLOCATE [ALL] and DISCARD ALL found in a text,
+  which the relay applies on their CommandComplete.
 * :class:`KeyMiss`: raised by the encryption layer when a key is not in memory; the relay holds that
   side of the stream and asks the session to fetch it, then retries the message from scratch.
 * The stand-ins: a refused message is replaced by one that makes the server fail at the same protocol
