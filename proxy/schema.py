@@ -55,6 +55,7 @@ class StepKind(StrEnum):
     ALTER_TYPE = "alter type"
     ADD_CONSTRAINT = "add constraint"
     VALIDATE_CONSTRAINT = "validate constraint"
+    EVENT_TRIGGER = "event trigger"
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +232,48 @@ async def plan_schema(conn: SchemaConnection, config_catalog: Catalog) -> list[S
     return steps
 
 
+# DDL made without pgveil (a migration run directly, a DBA's psql) must reach every pgveil instance
+# before it can matter: the event trigger notifies CATALOG_CHANNEL at the end of every DDL command and
+# every drop, and each instance, LISTENing on its service connection, reads its catalog again. The
+# notification is delivered at commit, carries no payload, and is only a hint (see encrypt/runtime.py).
+CATALOG_CHANNEL: Final = "pgveil_catalog"
+EVENT_TRIGGERS: Final = ("pgveil_catalog_ddl", "pgveil_catalog_drop")
+_EVENT_TRIGGER_SQL: Final = f"""
+CREATE SCHEMA IF NOT EXISTS pgveil;
+CREATE OR REPLACE FUNCTION pgveil.notify_catalog_change() RETURNS event_trigger
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+BEGIN
+    PERFORM pg_catalog.pg_notify('{CATALOG_CHANNEL}', '');
+END
+$$;
+DROP EVENT TRIGGER IF EXISTS {EVENT_TRIGGERS[0]};
+DROP EVENT TRIGGER IF EXISTS {EVENT_TRIGGERS[1]};
+CREATE EVENT TRIGGER {EVENT_TRIGGERS[0]} ON ddl_command_end EXECUTE FUNCTION pgveil.notify_catalog_change();
+CREATE EVENT TRIGGER {EVENT_TRIGGERS[1]} ON sql_drop EXECUTE FUNCTION pgveil.notify_catalog_change();
+"""
+
+
+async def plan_event_trigger(conn: SchemaConnection) -> list[SchemaStep]:
+    """The step that installs the event triggers notifying pgveil of DDL, unless both are installed and
+    enabled. Creating an event trigger needs a superuser."""
+    enabled = await conn.fetchval(
+        "SELECT count(*) FROM pg_catalog.pg_event_trigger WHERE evtname = ANY($1::text[]) AND evtenabled <> 'D'",
+        list(EVENT_TRIGGERS),
+    )
+    if enabled == len(EVENT_TRIGGERS):
+        return []
+    return [
+        SchemaStep(
+            StepKind.EVENT_TRIGGER,
+            "pgveil",
+            "",
+            "",
+            _EVENT_TRIGGER_SQL.strip(),
+            f"install event triggers {', '.join(EVENT_TRIGGERS)} that notify pgveil of DDL",
+        )
+    ]
+
+
 async def _why_not_convertible(
     conn: SchemaConnection, col: ProtectedColumn, current: ColumnInfo, *, has_check: bool
 ) -> str | None:
@@ -260,7 +303,7 @@ async def apply_schema(conn: SchemaConnection, steps: list[SchemaStep]) -> None:
     """
     if not steps:
         return
-    tables = sorted({(s.schema, s.table) for s in steps})
+    tables = sorted({(s.schema, s.table) for s in steps if s.table})
     async with conn.transaction():
         for schema, table in tables:
             await conn.execute(f"LOCK TABLE {qualified(schema, table)} IN ACCESS EXCLUSIVE MODE")

@@ -31,7 +31,7 @@ import itertools
 import logging
 import struct
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,7 +194,8 @@ class CryptoContext:
 
     def __init__(self, catalog: Catalog, keys: KeyRing, *, cache_size: int = 10000) -> None:
         self.keys = keys
-        self._cache: OrderedDict[tuple[str, tuple[str, ...]], QueryPlan] = OrderedDict()
+        self._cache: OrderedDict[str, QueryPlan] = OrderedDict()
+        self.stale_names = set()
         self._cache_size = cache_size
         self.cache_hits = 0
         self.cache_misses = 0
@@ -202,29 +203,59 @@ class CryptoContext:
         self.unavailable: str | None = None
         self.install(catalog)
 
-    def install(self, catalog: Catalog) -> None:
-        """Adopts a catalog (with OIDs and attribute numbers once read from the server)."""
+    def install(self, catalog: Catalog, epoch: int | None = None) -> None:
+        """Adopts a catalog (with OIDs and attribute numbers once read from the server).
+
+        Every member of a protected table's family (partition, inheritance child, view) maps its own
+        (OID, attribute number) to the root's column, so a RowDescription from any of them is
+        decrypted with the root's identity. ``epoch`` is :attr:`reload_epoch` when the reload that read
+        ``catalog`` started: the catalog is fresh only if no reload was requested since."""
         self.catalog = catalog
         self._cache.clear()
         self.columns: dict[str, ColumnCrypto] = {}
         self.by_attr: dict[tuple[int, int], ColumnCrypto] = {}
+        self.attnums: dict[int, frozenset[int]] = {}  # every live attribute of each protected relation
         for table in catalog.tables.values():
+            if table.oid and table.attnums:
+                self.attnums[table.oid] = frozenset(table.attnums)
             for col in table.columns.values():
-                cc = ColumnCrypto(col, codec_for(col.declared_type), column_associated_data(col.column_id))
-                self.columns[col.column_id] = cc
+                cc = self.columns.get(col.column_id)
+                if cc is None or table.root is None:
+                    cc = ColumnCrypto(col, codec_for(col.declared_type), column_associated_data(col.column_id))
+                    self.columns.setdefault(col.column_id, cc)
                 if col.table_oid and col.attnum:
                     self.by_attr[(col.table_oid, col.attnum)] = cc
         self.unavailable = None
+        if epoch is None or epoch == self.reload_epoch:
+            self.stale = False
+            self.stale_names = set()
 
-    def analyze(self, sql: str, search_path: tuple[str, ...]) -> QueryPlan:
-        key = (sql, search_path)
+    # -- catalog freshness -----------------------------------------------------------------------------
+    # DDL through pgveil (seen by the session that sends it), DDL elsewhere (the event trigger's
+    # notification, heard by the runtime) and a RowDescription that disagrees with the catalog all call
+    # request_reload. Until the runtime installs a catalog read after the last request, ``stale`` holds
+    # and statements on protected tables, or naming ``stale_names``, are refused with 55000.
+    stale: bool = False
+    stale_names: set[str]
+    reload_epoch: int = 0
+    on_reload: Callable[[], None] | None = None  # set by the runtime: schedules a (coalesced) reload
+
+    def request_reload(self, names: Iterable[str] = ()) -> None:
+        self.stale = True
+        self.stale_names.update(names)
+        self.reload_epoch += 1
+        if self.on_reload is not None:
+            self.on_reload()
+
+    def analyze(self, sql: str) -> QueryPlan:
+        key = sql
         cached = self._cache.get(key)
         if cached is not None:
             self.cache_hits += 1
             self._cache.move_to_end(key)
             return cached
         self.cache_misses += 1
-        plan: QueryPlan = analyze(sql, self.catalog, search_path)
+        plan: QueryPlan = analyze(sql, self.catalog)
         self._cache[key] = plan
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
@@ -259,7 +290,10 @@ class SessionCrypto:
         self.ctx = ctx
         self.fmt = SessionFormat()
         self._utf8_client = _is_utf8(self.fmt)
-        self.search_path: tuple[str, ...] = (login_role, "public") if login_role else ("public",)
+        # DDL on protected relations sent in this session's open transaction: the service connection
+        # cannot see it until it commits, so this session's statements on them wait for its end.
+        self._ddl_open = False
+        self._ddl_names: set[str] = set()
         self.values_encrypted = 0
         self.values_decrypted = 0
         self.decrypt_failures = 0
@@ -301,12 +335,15 @@ class SessionCrypto:
             )
             if unreadable is not None:
                 return self._refuse(unreadable)
-        plan = self.ctx.analyze(statement_text(sql, self.fmt), self.search_path)
+        plan = self.ctx.analyze(statement_text(sql, self.fmt))
         if plan.syntax_since > self.fmt.server_major:
             return self._refuse(version_refusal(self.fmt.server_major))
-        if not plan.touches_protected:
+        refused: ProxyError | None = self._stale(sql, plan)
+        if refused is None and not plan.touches_protected:
             return Outcome()
-        refused: ProxyError | None = plan.refusal or self._not_ready()
+        refused = refused or plan.refusal or self._not_ready()
+        if refused is None:
+            self._note_ddl(plan)
         if refused is None and any(_copies_in_protected(st) for st in plan.statements):
             # The client's rows are rewritten from the moment the Query is sent (see arm_copy_in), before
             # the server says which COPY it is reading for; with a second COPY in the same string the
@@ -387,6 +424,57 @@ class SessionCrypto:
         e.sqlstate = "55000"
         return e
 
+    # -- DDL and the catalog ---------------------------------------------------------------------------
+    def _stale(self, sql: str, plan: QueryPlan) -> ProxyError | None:
+        """55000 for a statement that uses protected relations (DDL excepted: the server applies it to
+        ciphertext) while the catalog may be behind, or while this session's own open transaction has
+        changed them; also for one naming a relation that DDL may just have made protected (a renamed
+        table, a new partition, child or view), and for statements after such DDL in the same text."""
+        ctx = self.ctx
+        if not (ctx.stale or self._ddl_open or plan.touches_protected):
+            return None
+        uses = [st for st in plan.statements if st.kind is not StatementKind.DDL]
+        ddl_at = next((i for i, st in enumerate(plan.statements) if st.catalog_names), None)
+        if ddl_at is not None and any(st.kind is not StatementKind.DDL for st in plan.statements[ddl_at + 1 :]):
+            return _stale_error(
+                "statements after DDL on a table with encrypted columns in the same query string are refused",
+                "send them separately, after the DDL",
+            )
+        if not (ctx.stale or self._ddl_open) or (plan.statements and not uses):
+            return None
+        if any(st.touches_protected for st in uses):
+            if self._ddl_open:
+                return _stale_error(
+                    "this transaction changed tables with encrypted columns; statements on them are refused "
+                    "until it ends",
+                    "commit (or roll back) the DDL first",
+                )
+            return _stale_error("the catalog of encrypted tables is being read again after DDL", "retry the statement")
+        names = ctx.stale_names | self._ddl_names
+        if names:
+            lowered = sql.lower()
+            if any(n in lowered for n in names):
+                return _stale_error(
+                    "the statement may name a table that DDL just changed; pgveil is reading its catalog again",
+                    "retry the statement",
+                )
+        return None
+
+    def _note_ddl(self, plan: QueryPlan) -> None:
+        for st in plan.statements:
+            if st.catalog_names:
+                self._ddl_open = True
+                self._ddl_names.update(st.catalog_names)
+
+    def ready_for_query(self, status: bytes) -> None:
+        """The server's ReadyForQuery: once the transaction that sent DDL on protected relations has
+        ended (committed or not), the catalog is read again for everyone before those relations are used."""
+        if self._ddl_open and status == b"I":
+            names = self._ddl_names
+            self._ddl_open = False
+            self._ddl_names = set()
+            self.ctx.request_reload(names)
+
     def _refuse(self, e: ProxyError) -> Outcome:
         log.info("refused a statement: %s", e.message)
         return Outcome(codec.encode_frontend(m.Query(REFUSED_QUERY)), None, self.refusal(e))
@@ -401,16 +489,16 @@ class SessionCrypto:
                 client_encoding=self.fmt.client_encoding,
                 certain=not self.in_flight,
             )
-        plan = (
-            self.ctx.analyze(statement_text(msg.query, self.fmt), self.search_path)
-            if refused is None
-            else QueryPlan(msg.query)
-        )
+        plan = self.ctx.analyze(statement_text(msg.query, self.fmt)) if refused is None else QueryPlan(msg.query)
         if refused is None and plan.syntax_since > self.fmt.server_major:
             refused = version_refusal(self.fmt.server_major)
+        if refused is None:
+            refused = self._stale(msg.query, plan)
         if refused is None and not plan.touches_protected:
             return Outcome()
         refused = refused or plan.refusal or self._not_ready()
+        if refused is None:
+            self._note_ddl(plan)
         if refused is None and len(plan.statements) > 1:
             refused = _unsupported("a prepared statement cannot contain several commands")
         if refused is not None:
@@ -573,8 +661,11 @@ class SessionCrypto:
         fields = list(desc.fields)
         plan: list[ColumnOutput | None] = []
         changed = False
+        attnums = self.ctx.attnums
         for i, f in enumerate(fields):
             cc = self.ctx.by_attr.get((f.table_oid, f.column_attnum)) if f.table_oid else None
+            if f.table_oid in attnums:
+                self._check_attribute(f, cc)
             if cc is None and hint is not None and i < len(hint) and f.type_oid == BYTEA_OID:
                 cc = hint[i]
             if cc is None:
@@ -589,6 +680,19 @@ class SessionCrypto:
         if not changed:
             return None, None
         return codec.encode_backend(m.RowDescription(tuple(fields))), tuple(plan)
+
+    def _check_attribute(self, f: m.FieldDescription, cc: ColumnCrypto | None) -> None:
+        """A field of a protected relation must agree with the catalog: a protected attribute is bytea,
+        and every attribute number is one the catalog read. Otherwise the table changed behind pgveil."""
+        if f.column_attnum <= 0:
+            return  # a system column
+        if (cc is not None and f.type_oid != BYTEA_OID) or f.column_attnum not in self.ctx.attnums[f.table_oid]:
+            self.ctx.request_reload()
+            raise _stale_error(
+                "a result column of a table with encrypted columns does not match pgveil's catalog; it is being "
+                "read again",
+                "retry the statement",
+            )
 
     def data_rows(self, data: bytes, start: int, end: int, plan: RowPlan, rows: int) -> bytes:
         """A run of complete DataRow messages ``data[start:end]``, rewritten (see rows.rewrite_data_rows)."""
@@ -861,6 +965,12 @@ class _BadParameterType(ProxyError):
 def _unsupported(message: str, hint: str | None = None) -> ProxyError:
     e = ProxyError(f"pgveil: {message}", hint=hint, reason=RefusalReason.CONSTRUCT)
     e.sqlstate = "0A000"
+    return e
+
+
+def _stale_error(message: str, hint: str) -> ProxyError:
+    e = ProxyError(f"pgveil: {message}", hint=hint)
+    e.sqlstate = "55000"
     return e
 
 

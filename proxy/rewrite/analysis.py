@@ -2,7 +2,9 @@
 
 Theory of operation
 -------------------
-``analyze`` is a pure function of (sql, catalog, search_path); the session caches its result by text.
+``analyze`` is a pure function of (sql, catalog); the session caches its result by text. It does not
+depend on the session's search_path: a name resolves to every protected relation of that name (see
+catalog.py), and a name that may mean another relation is refused wherever it matters.
 
 1. Fast path. A statement can only touch a protected table if the table's name occurs in its text, so
    a text in which no protected table name occurs (case-insensitively, and with no ``U&"..."``
@@ -65,10 +67,10 @@ import types
 from pglast import parser as pg_parser
 
 from proxy.errors import FeatureNotSupported
-from proxy.rewrite.catalog import Catalog
+from proxy.rewrite.catalog import Catalog, CatalogStale, is_temp_schema
 from proxy.rewrite.lexer import scan as scan_pg15
 from proxy.rewrite.literals import SourceText
-from proxy.rewrite.nodes import Node, first_protected_table, named_in_strings, node_type
+from proxy.rewrite.nodes import Node, first_protected_table, named_in_strings, node_type, relation_names
 from proxy.rewrite.plan import QueryPlan, Refusal, StatementKind, StatementPlan
 from proxy.rewrite.walker import StatementWalker
 
@@ -77,13 +79,13 @@ log = logging.getLogger(__name__)
 __all__ = ["analyze"]
 
 
-def analyze(sql: str, catalog: Catalog, search_path: tuple[str, ...] = ("public",)) -> QueryPlan:
+def analyze(sql: str, catalog: Catalog) -> QueryPlan:
     """The plan for a statement text (one statement for an extended-protocol Parse, possibly several
     for a simple-protocol Query). Never raises: a statement pgveil cannot handle gets a refusal."""
     if catalog.empty or not _may_mention(sql, catalog):
         return QueryPlan(sql)
     try:
-        return _analyze_text(sql, catalog, search_path)
+        return _analyze_text(sql, catalog)
     except Exception as exc:  # fail closed: a bug in the analysis must not let a statement through
         log.error("SQL analysis failed unexpectedly (%s); statement refused", type(exc).__name__)
         refusal = Refusal(
@@ -99,8 +101,8 @@ def _may_mention(sql: str, catalog: Catalog) -> bool:
     """False only if no protected table can be named in ``sql``: its name does not occur in any case,
     and no Unicode-escaped identifier could spell it."""
     lowered = sql.lower()
-    if 'u&"' in lowered:
-        return True
+    if 'u&"' in lowered or "schema" in lowered or "owned" in lowered:
+        return True  # also DDL that moves or drops protected tables without naming them
     if not sql.isascii() and any(not name.isascii() for _schema, name in catalog.tables):
         return True  # bytes in another client encoding than UTF-8 do not spell the name as str does
     for _schema, name in catalog.tables:
@@ -166,7 +168,7 @@ def _unparseable(sql: str, catalog: Catalog) -> QueryPlan:
     return QueryPlan(sql, (StatementPlan(StatementKind.OTHER, True, refusal),), True, unparseable=True)
 
 
-def _analyze_text(sql: str, catalog: Catalog, search_path: tuple[str, ...]) -> QueryPlan:
+def _analyze_text(sql: str, catalog: Catalog) -> QueryPlan:
     if "\x00" in sql:  # libpg_query reads a C string: it would stop at the NUL, hiding the rest
         return _unparseable(sql, catalog)
     try:
@@ -174,9 +176,7 @@ def _analyze_text(sql: str, catalog: Catalog, search_path: tuple[str, ...]) -> Q
     except (pg_parser.ParseError, UnicodeError, ValueError, RecursionError):
         return _unparseable(sql, catalog)
     source = SourceText(sql)
-    statements = tuple(
-        _analyze_statement(raw.get("stmt", {}), catalog, search_path, source) for raw in tree.get("stmts", [])
-    )
+    statements = tuple(_analyze_statement(raw.get("stmt", {}), catalog, source) for raw in tree.get("stmts", []))
     since = 0 if scanned_alike(sql) else NEWER_SCANNER
     return QueryPlan(sql, statements, any(s.touches_protected for s in statements), syntax_since=since)
 
@@ -205,20 +205,26 @@ def _statement_kind(name: str) -> StatementKind:
     return StatementKind.OTHER
 
 
-def _analyze_statement(stmt: Node, catalog: Catalog, search_path: tuple[str, ...], source: SourceText) -> StatementPlan:
+def _analyze_statement(stmt: Node, catalog: Catalog, source: SourceText) -> StatementPlan:
     name, body = node_type(stmt)
     kind = _statement_kind(name)
-    table = first_protected_table(stmt, catalog, search_path)
+    table = first_protected_table(stmt, catalog)
     if table is None and name == "DoStmt":
         table = named_in_strings(body, catalog)
+    changes = _catalog_names(name, body, catalog, table is not None) if kind is StatementKind.DDL else frozenset()
     if table is None:
-        return StatementPlan(kind)
-    walker = StatementWalker(catalog, search_path, source)
+        return StatementPlan(kind, bool(changes), catalog_names=changes)
+    shadow = _temp_shadow(name, body, catalog)
+    if shadow is not None:
+        return StatementPlan(kind, True, shadow)
+    walker = StatementWalker(catalog, source)
     try:
         result = walker.statement(name, body, table)
         param_targets = walker.param_targets()
     except FeatureNotSupported as exc:
-        return StatementPlan(kind, True, Refusal(exc.message, exc.detail, exc.hint))
+        if walker.ambiguous and not isinstance(exc, CatalogStale):
+            return StatementPlan(kind, True, _ambiguous(walker))
+        return StatementPlan(kind, True, Refusal(exc.message, exc.detail, exc.hint, sqlstate=exc.sqlstate))
     except RecursionError:
         refusal = Refusal(
             f"pgveil: the statement is nested too deeply to analyse; it involves table {table.qualified_name}, "
@@ -228,7 +234,7 @@ def _analyze_statement(stmt: Node, catalog: Catalog, search_path: tuple[str, ...
         return StatementPlan(kind, True, refusal)
     if not walker.touched:
         return StatementPlan(kind)  # every reference was to a CTE that shadows a protected table's name
-    return StatementPlan(
+    plan = StatementPlan(
         kind,
         touches_protected=True,
         literal_targets=tuple(walker.literals),
@@ -237,4 +243,88 @@ def _analyze_statement(stmt: Node, catalog: Catalog, search_path: tuple[str, ...
         result_via_row_description=result.via_row_description,
         copy=result.copy,
         edits=tuple(walker.edits),
+        catalog_names=changes,
     )
+    if walker.ambiguous and _needs_certainty(plan, always=walker.ambiguous_always):
+        return StatementPlan(kind, True, _ambiguous(walker))
+    return plan
+
+
+# -- names that may mean another relation, temporary tables, DDL ------------------------------------------
+
+
+def _needs_certainty(plan: StatementPlan, *, always: bool) -> bool:
+    """Whether the plan seals, rewrites or decrypts anything through a table name (an ambiguous name
+    must then be qualified)."""
+    if always and plan.kind not in (StatementKind.DDL, StatementKind.OTHER, StatementKind.TRUNCATE):
+        return True
+    return bool(
+        plan.literal_targets
+        or plan.param_targets
+        or plan.edits
+        or plan.result_via_row_description
+        or any(c is not None for c in plan.result_columns or ())
+        or (plan.copy is not None and plan.copy.needs_rewrite)
+    )
+
+
+def _ambiguous(walker: StatementWalker) -> Refusal:
+    return Refusal(
+        f"pgveil: {walker.ambiguous[0]}; the statement is refused because pgveil cannot tell which one the "
+        "server will use",
+        hint="qualify the table name with its schema",
+    )
+
+
+def _created_relation(name: str, body: Node) -> Node | None:
+    """The RangeVar of the relation a statement creates, if it creates one."""
+    if name == "CreateStmt":
+        return body.get("relation")
+    if name == "ViewStmt":
+        return body.get("view")
+    if name == "CreateSeqStmt":
+        return body.get("sequence")
+    if name == "CreateTableAsStmt":
+        return (body.get("into") or {}).get("rel")
+    if name == "SelectStmt":
+        return (body.get("intoClause") or {}).get("rel")
+    return None
+
+
+def _temp_shadow(name: str, body: Node, catalog: Catalog) -> Refusal | None:
+    """A temporary relation named like a protected one: pg_temp is searched before every other schema,
+    so it would take the protected table's place for unqualified names in this session."""
+    rv = _created_relation(name, body)
+    if not rv:
+        return None
+    relname = str(rv.get("relname", ""))
+    temporary = rv.get("relpersistence") == "t" or is_temp_schema(rv.get("schemaname"))
+    table = catalog.lookup(None, relname)
+    if not temporary or table is None:
+        return None
+    return Refusal(
+        f"pgveil: a temporary relation named {relname} would shadow table {table.qualified_name}, which has "
+        "encrypted columns",
+        hint="choose another name for the temporary table",
+    )
+
+
+_SCHEMA_WIDE = frozenset({"DropOwnedStmt", "ReassignOwnedStmt", "AlterObjectSchemaStmt"})
+
+
+def _catalog_names(name: str, body: Node, catalog: Catalog, names_protected: bool) -> frozenset[str]:
+    """The relation names (lower-cased) whose protected state a DDL statement may change: every name
+    in it when it names a protected relation, the new name of a rename, every protected name when it
+    renames or drops a schema (moving or dropping protected tables without naming them)."""
+    renamed = str(body.get("newname", "")) if name == "RenameStmt" else ""
+    schema_wide = name in _SCHEMA_WIDE or (
+        body.get("renameType") == "OBJECT_SCHEMA" or body.get("removeType") == "OBJECT_SCHEMA"
+    )
+    if schema_wide:
+        return frozenset(n.lower() for n in catalog.names)
+    if not names_protected and renamed not in catalog.names:
+        return frozenset()
+    names = {n.lower() for n in relation_names(body)}
+    if renamed:
+        names.add(renamed.lower())
+    return frozenset(names)
