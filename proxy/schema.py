@@ -235,29 +235,49 @@ async def plan_schema(conn: SchemaConnection, config_catalog: Catalog) -> list[S
 # DDL made without pgveil (a migration run directly, a DBA's psql) must reach every pgveil instance
 # before it can matter: the event trigger notifies CATALOG_CHANNEL at the end of every DDL command and
 # every drop, and each instance, LISTENing on its service connection, reads its catalog again. The
-# notification is delivered at commit, carries no payload, and is only a hint (see encrypt/runtime.py).
+# notification is delivered at commit; its payload names the relations the command touched (so that
+# statements naming them wait for the reload) and is only a hint (see encrypt/runtime.py).
 CATALOG_CHANNEL: Final = "pgveil_catalog"
 EVENT_TRIGGERS: Final = ("pgveil_catalog_ddl", "pgveil_catalog_drop")
 _EVENT_TRIGGER_SQL: Final = f"""
 CREATE SCHEMA IF NOT EXISTS pgveil;
 CREATE OR REPLACE FUNCTION pgveil.notify_catalog_change() RETURNS event_trigger
 LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+DECLARE
+    names text;
 BEGIN
-    PERFORM pg_catalog.pg_notify('{CATALOG_CHANNEL}', '');
+    IF TG_EVENT = 'sql_drop' THEN
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_event_trigger_dropped_objects() WHERE NOT is_temporary) THEN
+            RETURN;
+        END IF;
+        SELECT string_agg(DISTINCT object_name, ',') INTO names
+        FROM pg_catalog.pg_event_trigger_dropped_objects() WHERE object_name IS NOT NULL AND NOT is_temporary;
+    ELSE
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_event_trigger_ddl_commands()
+                       WHERE schema_name IS DISTINCT FROM 'pg_temp') THEN
+            RETURN;  -- only temporary objects: they live in the session that made them, not through pgveil
+        END IF;
+        SELECT string_agg(DISTINCT c.relname, ',') INTO names
+        FROM pg_catalog.pg_event_trigger_ddl_commands() d
+        JOIN pg_catalog.pg_class c ON c.oid = d.objid
+        WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND c.relpersistence <> 't';
+    END IF;
+    PERFORM pg_catalog.pg_notify('{CATALOG_CHANNEL}', pg_catalog.left(coalesce(names, ''), 7000));
 END
 $$;
 DROP EVENT TRIGGER IF EXISTS {EVENT_TRIGGERS[0]};
 DROP EVENT TRIGGER IF EXISTS {EVENT_TRIGGERS[1]};
 CREATE EVENT TRIGGER {EVENT_TRIGGERS[0]} ON ddl_command_end EXECUTE FUNCTION pgveil.notify_catalog_change();
 CREATE EVENT TRIGGER {EVENT_TRIGGERS[1]} ON sql_drop EXECUTE FUNCTION pgveil.notify_catalog_change();
-"""
+"""  # noqa: S608 - built from constants only
 
 
 async def plan_event_trigger(conn: SchemaConnection) -> list[SchemaStep]:
     """The step that installs the event triggers notifying pgveil of DDL, unless both are installed and
     enabled. Creating an event trigger needs a superuser."""
     enabled = await conn.fetchval(
-        "SELECT count(*) FROM pg_catalog.pg_event_trigger WHERE evtname = ANY($1::text[]) AND evtenabled <> 'D'",
+        "SELECT count(*) FROM pg_catalog.pg_event_trigger t JOIN pg_catalog.pg_proc p ON p.oid = t.evtfoid "
+        "WHERE t.evtname = ANY($1::text[]) AND t.evtenabled <> 'D' AND p.prosrc LIKE '%pg_event_trigger_%'",
         list(EVENT_TRIGGERS),
     )
     if enabled == len(EVENT_TRIGGERS):

@@ -247,6 +247,14 @@ class CryptoContext:
         if self.on_reload is not None:
             self.on_reload()
 
+    def suspect(self, names: Iterable[str]) -> None:
+        """Relations that DDL elsewhere may have changed (the event trigger's hint): statements naming
+        them wait for the reload; the rest of the catalog is not marked stale (a hint has no authority)."""
+        self.stale_names.update(names)
+        self.reload_epoch += 1
+        if self.on_reload is not None:
+            self.on_reload()
+
     def analyze(self, sql: str) -> QueryPlan:
         key = sql
         cached = self._cache.get(key)
@@ -431,7 +439,7 @@ class SessionCrypto:
         changed them; also for one naming a relation that DDL may just have made protected (a renamed
         table, a new partition, child or view), and for statements after such DDL in the same text."""
         ctx = self.ctx
-        if not (ctx.stale or self._ddl_open or plan.touches_protected):
+        if not (ctx.stale or self._ddl_open or ctx.stale_names or plan.touches_protected):
             return None
         uses = [st for st in plan.statements if st.kind is not StatementKind.DDL]
         ddl_at = next((i for i, st in enumerate(plan.statements) if st.catalog_names), None)
@@ -440,9 +448,9 @@ class SessionCrypto:
                 "statements after DDL on a table with encrypted columns in the same query string are refused",
                 "send them separately, after the DDL",
             )
-        if not (ctx.stale or self._ddl_open) or (plan.statements and not uses):
+        if not (ctx.stale or self._ddl_open or ctx.stale_names) or (plan.statements and not uses):
             return None
-        if any(st.touches_protected for st in uses):
+        if (ctx.stale or self._ddl_open) and any(st.touches_protected for st in uses):
             if self._ddl_open:
                 return _stale_error(
                     "this transaction changed tables with encrypted columns; statements on them are refused "

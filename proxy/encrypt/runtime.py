@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 2.0
 CATALOG_CHANNEL = "pgveil_catalog"
+_MAX_HINT_NAMES = 64
 
 
 def provider_from_config(config: Config) -> KeyProvider:
@@ -196,9 +197,15 @@ class EncryptionRuntime:
                     await conn.close()
             await asyncio.sleep(RETRY_SECONDS)
 
-    def _on_catalog_notification(self, _conn: Any, _pid: int, _channel: str, _payload: str) -> None:
-        # A hint only: the payload is neither trusted nor logged.
-        self.schedule_reload()
+    def _on_catalog_notification(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        # A hint only: the payload (the names of the relations the DDL touched) is bounded, never
+        # logged, and only makes statements naming them wait for the reload.
+        names = [n.lower() for n in payload[:8000].split(",")[:_MAX_HINT_NAMES] if 0 < len(n) <= 63]
+        log.debug("catalog change notified (%d relation names)", len(names))
+        if names:
+            self.context.suspect(names)
+        else:
+            self.schedule_reload()
 
     def _unavailable(self, what: str, e: BaseException) -> None:
         self.context.unavailable = f"pgveil: {what}"
