@@ -219,10 +219,9 @@ class CryptoContext:
             if table.oid and table.attnums:
                 self.attnums[table.oid] = frozenset(table.attnums)
             for col in table.columns.values():
-                cc = self.columns.get(col.column_id)
-                if cc is None or table.root is None:
-                    cc = ColumnCrypto(col, codec_for(col.declared_type), column_associated_data(col.column_id))
-                    self.columns.setdefault(col.column_id, cc)
+                cc = ColumnCrypto(col, codec_for(col.declared_type), column_associated_data(col.column_id))
+                if table.root is None or col.column_id not in self.columns:
+                    self.columns[col.column_id] = cc  # the configured table's own column wins
                 if col.table_oid and col.attnum:
                     self.by_attr[(col.table_oid, col.attnum)] = cc
         self.unavailable = None
@@ -437,18 +436,13 @@ class SessionCrypto:
         """55000 for a statement that uses protected relations (DDL excepted: the server applies it to
         ciphertext) while the catalog may be behind, or while this session's own open transaction has
         changed them; also for one naming a relation that DDL may just have made protected (a renamed
-        table, a new partition, child or view), and for statements after such DDL in the same text."""
+        table, a new partition, child or view). Statements after such DDL in the same text are refused by
+        the analysis."""
         ctx = self.ctx
-        if not (ctx.stale or self._ddl_open or ctx.stale_names or plan.touches_protected):
+        if not (ctx.stale or self._ddl_open or ctx.stale_names):
             return None
         uses = [st for st in plan.statements if st.kind is not StatementKind.DDL]
-        ddl_at = next((i for i, st in enumerate(plan.statements) if st.catalog_names), None)
-        if ddl_at is not None and any(st.kind is not StatementKind.DDL for st in plan.statements[ddl_at + 1 :]):
-            return _stale_error(
-                "statements after DDL on a table with encrypted columns in the same query string are refused",
-                "send them separately, after the DDL",
-            )
-        if not (ctx.stale or self._ddl_open or ctx.stale_names) or (plan.statements and not uses):
+        if plan.statements and not uses:
             return None
         if (ctx.stale or self._ddl_open) and any(st.touches_protected for st in uses):
             if self._ddl_open:
@@ -461,7 +455,7 @@ class SessionCrypto:
         names = ctx.stale_names | self._ddl_names
         if names:
             lowered = sql.lower()
-            if any(n in lowered for n in names):
+            if any(_names_identifier(lowered, n) for n in names):
                 return _stale_error(
                     "the statement may name a table that DDL just changed; pgveil is reading its catalog again",
                     "retry the statement",
@@ -974,6 +968,20 @@ def _unsupported(message: str, hint: str | None = None) -> ProxyError:
     e = ProxyError(f"pgveil: {message}", hint=hint, reason=RefusalReason.CONSTRUCT)
     e.sqlstate = "0A000"
     return e
+
+
+def _names_identifier(lowered: str, name: str) -> bool:
+    """Whether ``name`` occurs in ``lowered`` as a whole identifier (not inside a longer one); a quoted
+    identifier containing it, a comment or a string count too, which only errs towards refusing."""
+    start = lowered.find(name)
+    while start >= 0:
+        end = start + len(name)
+        before = lowered[start - 1] if start else " "
+        after = lowered[end] if end < len(lowered) else " "
+        if not (before.isalnum() or before in "_$") and not (after.isalnum() or after in "_$"):
+            return True
+        start = lowered.find(name, start + 1)
+    return False
 
 
 def _stale_error(message: str, hint: str) -> ProxyError:

@@ -176,9 +176,34 @@ def _analyze_text(sql: str, catalog: Catalog) -> QueryPlan:
     except (pg_parser.ParseError, UnicodeError, ValueError, RecursionError):
         return _unparseable(sql, catalog)
     source = SourceText(sql)
-    statements = tuple(_analyze_statement(raw.get("stmt", {}), catalog, source) for raw in tree.get("stmts", []))
+    raws = [raw.get("stmt", {}) for raw in tree.get("stmts", [])]
+    statements = [_analyze_statement(raw, catalog, source) for raw in raws]
+    _after_ddl(raws, statements)
     since = 0 if scanned_alike(sql) else NEWER_SCANNER
-    return QueryPlan(sql, statements, any(s.touches_protected for s in statements), syntax_since=since)
+    return QueryPlan(sql, tuple(statements), any(s.touches_protected for s in statements), syntax_since=since)
+
+
+def _after_ddl(raws: list[Node], statements: list[StatementPlan]) -> None:
+    """A statement after DDL that changes protected relations, in the same text, was analysed with the
+    catalog from before that DDL: if it uses a protected relation or names one the DDL changed or
+    created (a renamed table, a new partition), it is refused (55000) rather than read with a stale
+    catalog. DDL, transaction control and statements on other relations stay."""
+    changed: set[str] = set()
+    for i, st in enumerate(statements):
+        if changed and st.kind is not StatementKind.DDL and st.refusal_reason is None:
+            names = {n.lower() for n in relation_names(raws[i])}
+            if st.touches_protected or names & changed:
+                statements[i] = StatementPlan(
+                    st.kind,
+                    True,
+                    Refusal(
+                        "pgveil: a statement after DDL on a table with encrypted columns, in the same query "
+                        "string, is refused: pgveil reads its catalog again after the DDL",
+                        hint="send the statement separately, after the DDL",
+                        sqlstate="55000",
+                    ),
+                )
+        changed |= st.catalog_names
 
 
 # -- statements -----------------------------------------------------------------------------------------

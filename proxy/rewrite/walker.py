@@ -827,7 +827,10 @@ class StatementWalker:
                         hint="name the columns in the COPY",
                     )
                 names = list(all_columns)
-            protected = tuple(table.columns.get(n) for n in names)
+            if direction is CopyDirection.FROM:
+                protected = tuple(self.write_column(table, n) for n in names)
+            else:
+                protected = tuple(table.columns.get(n) for n in names)
             self._copy_binary(fmt, protected)
             if not with_client:
                 self._copy_with_server_file(direction, next((c for c in protected if c is not None), None))

@@ -294,6 +294,8 @@ async def test_load_catalog_adds_the_family_and_the_namesakes(evt_db: asyncpg.Co
         CREATE VIEW fam_vv AS SELECT hidden FROM fam_v;
         CREATE VIEW fam_f AS SELECT id, length(c) AS n FROM fam;
         CREATE TABLE other.fam (id int);
+        CREATE TABLE fam_2 (open text, id int, c bytea);
+        ALTER TABLE fam ATTACH PARTITION fam_2 FOR VALUES IN (2);
         """
     )
     configured = parse_config(
@@ -309,7 +311,9 @@ async def test_load_catalog_adds_the_family_and_the_namesakes(evt_db: asyncpg.Co
     catalog, problems = await load_catalog(evt_db, configured)
     assert problems == []
     by_name = {name: t for (_s, name), t in catalog.tables.items()}
-    assert set(by_name) == {"fam", "fam_1", "fam_1a", "base", "kid", "grandkid", "fam_v", "fam_vv", "fam_f"}
+    assert set(by_name) == {"fam", "fam_1", "fam_1a", "fam_2", "base", "kid", "grandkid", "fam_v", "fam_vv", "fam_f"}
+    assert by_name["fam_2"].columns["c"].attnum == 3  # another column order than the root's
+    assert by_name["fam_2"].all_columns == ("open", "id", "c")
     assert by_name["fam_1a"].root == "public.fam"
     assert by_name["grandkid"].root == "public.base"
     for name in ("fam_1", "fam_1a", "fam_vv"):
