@@ -195,7 +195,7 @@ class CryptoContext:
     def __init__(self, catalog: Catalog, keys: KeyRing, *, cache_size: int = 10000) -> None:
         self.keys = keys
         self._cache: OrderedDict[str, QueryPlan] = OrderedDict()
-        self.stale_names = set()
+        self.stale_names: dict[str, int] = {}
         self._cache_size = cache_size
         self.cache_hits = 0
         self.cache_misses = 0
@@ -209,7 +209,8 @@ class CryptoContext:
         Every member of a protected table's family (partition, inheritance child, view) maps its own
         (OID, attribute number) to the root's column, so a RowDescription from any of them is
         decrypted with the root's identity. ``epoch`` is :attr:`reload_epoch` when the reload that read
-        ``catalog`` started: the catalog is fresh only if no reload was requested since."""
+        ``catalog`` started: it is fresh for every request made before that, and stale still for the
+        requests made while it was being read (another reload follows)."""
         self.catalog = catalog
         self._cache.clear()
         self.columns: dict[str, ColumnCrypto] = {}
@@ -225,34 +226,47 @@ class CryptoContext:
                 if col.table_oid and col.attnum:
                     self.by_attr[(col.table_oid, col.attnum)] = cc
         self.unavailable = None
-        if epoch is None or epoch == self.reload_epoch:
+        if epoch is None:
+            epoch = self.reload_epoch
+        if self._stale_since <= epoch:
             self.stale = False
-            self.stale_names = set()
+        self.stale_names = {n: e for n, e in self.stale_names.items() if e > epoch}
 
     # -- catalog freshness -----------------------------------------------------------------------------
     # DDL through pgveil (seen by the session that sends it), DDL elsewhere (the event trigger's
     # notification, heard by the runtime) and a RowDescription that disagrees with the catalog all call
-    # request_reload. Until the runtime installs a catalog read after the last request, ``stale`` holds
-    # and statements on protected tables, or naming ``stale_names``, are refused with 55000.
+    # request_reload. Until the runtime installs a catalog whose reading started after the request,
+    # ``stale`` holds and statements on protected tables are refused with 55000; so are statements naming
+    # one of ``stale_names`` (each remembered with the epoch of its request, so that a stream of
+    # requests never keeps an older name refused beyond the next reload).
     stale: bool = False
-    stale_names: set[str]
+    stale_names: dict[str, int]
     reload_epoch: int = 0
+    _stale_since: int = 0  # the epoch of the last request that marked the whole catalog stale
     on_reload: Callable[[], None] | None = None  # set by the runtime: schedules a (coalesced) reload
 
     def request_reload(self, names: Iterable[str] = ()) -> None:
+        """The catalog may be behind the database (DDL through pgveil, a RowDescription that disagrees)."""
         self.stale = True
-        self.stale_names.update(names)
-        self.reload_epoch += 1
-        if self.on_reload is not None:
-            self.on_reload()
+        self._stale_since = self._mark(names)
 
     def suspect(self, names: Iterable[str]) -> None:
         """Relations that DDL elsewhere may have changed (the event trigger's hint): statements naming
-        them wait for the reload; the rest of the catalog is not marked stale (a hint has no authority)."""
-        self.stale_names.update(names)
+        them wait for the reload; the rest of the catalog is not marked stale (a hint has no authority,
+        and any role may send one)."""
+        self._mark(names)
+
+    def _mark(self, names: Iterable[str]) -> int:
         self.reload_epoch += 1
+        for name in names:
+            if len(self.stale_names) >= _MAX_STALE_NAMES and name not in self.stale_names:
+                self.stale = True  # too many to remember: everything waits for the next reload (fail closed)
+                self._stale_since = self.reload_epoch
+                break
+            self.stale_names[name] = self.reload_epoch
         if self.on_reload is not None:
             self.on_reload()
+        return self.reload_epoch
 
     def analyze(self, sql: str) -> QueryPlan:
         key = sql
@@ -452,7 +466,7 @@ class SessionCrypto:
                     "commit (or roll back) the DDL first",
                 )
             return _stale_error("the catalog of encrypted tables is being read again after DDL", "retry the statement")
-        names = ctx.stale_names | self._ddl_names
+        names = ctx.stale_names.keys() | self._ddl_names
         if names:
             lowered = sql.lower()
             if any(_names_identifier(lowered, n) for n in names):
@@ -968,6 +982,9 @@ def _unsupported(message: str, hint: str | None = None) -> ProxyError:
     e = ProxyError(f"pgveil: {message}", hint=hint, reason=RefusalReason.CONSTRUCT)
     e.sqlstate = "0A000"
     return e
+
+
+_MAX_STALE_NAMES = 4096  # bounded memory whatever the notifications say
 
 
 def _names_identifier(lowered: str, name: str) -> bool:

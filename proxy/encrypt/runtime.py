@@ -70,6 +70,8 @@ class EncryptionRuntime:
         self._listener: Any = None  # the service connection that LISTENs on CATALOG_CHANNEL
         self._listen_task: asyncio.Task[None] | None = None
         self.reloads = 0
+        self._keyed_columns: set[str] = set()
+        self._ready_shape: tuple[int, int] | None = None
         self.context.on_reload = self.schedule_reload
 
     @property
@@ -133,16 +135,24 @@ class EncryptionRuntime:
                 await self.keystore.initialize()
                 with contextlib.suppress(KeyManagementError, OSError, asyncpg.PostgresError):
                     await self.keystore.listen()
-            columns = [c.column_id for t in catalog.tables.values() for c in t.columns.values()]
-            for column_id in columns:
-                await self.keystore.active_key(column_id)  # creates version 1 on first use
-            await self.keystore.preload(columns)
+            # Family members share their root's column ids: one key set per configured column.
+            columns = sorted({c.column_id for t in catalog.tables.values() for c in t.columns.values()})
+            if set(columns) != self._keyed_columns:  # a catalog reload after DDL needs no key work
+                for column_id in columns:
+                    await self.keystore.active_key(column_id)  # creates version 1 on first use
+                await self.keystore.preload(columns)
+                self._keyed_columns = set(columns)
         except (KeyManagementError, OSError, asyncpg.PostgresError) as e:
             self._unavailable("cannot load keys from the keystore", e)
             return
         self.keyring.source = self.keystore
         self.context.install(catalog, epoch)
-        log.info("encryption ready: %d protected columns in %d relations", len(columns), len(catalog.tables))
+        shape = (len(columns), len(catalog.tables))
+        if shape != self._ready_shape:
+            log.info("encryption ready: %d protected columns in %d relations", *shape)
+            self._ready_shape = shape
+        else:
+            log.debug("catalog read again: %d protected relations", len(catalog.tables))
         if self._listen_task is None:
             self._listen_task = asyncio.get_running_loop().create_task(self._listen())
 

@@ -164,3 +164,34 @@ def test_a_row_description_that_agrees_passes() -> None:
     assert reloads.count == 0
     _ctx, old, _r = _session(CATALOG)  # a catalog without attribute numbers checks nothing
     old.row_description(_description((TABLE_OID, 9, INT4)), None, None)
+
+
+def test_a_stream_of_hints_never_keeps_an_older_name_or_the_catalog_stale() -> None:
+    ctx, session, reloads = _session()
+    ctx.suspect(["alpha"])
+    started = ctx.reload_epoch  # a reload starts reading here
+    ctx.request_reload()
+    ctx.suspect(["beta"])  # more hints while it reads
+    ctx.install(FRESH, started)
+    assert ctx.stale  # the request came after the reading started
+    assert set(ctx.stale_names) == {"beta"}
+    started = ctx.reload_epoch
+    ctx.suspect(["gamma"])
+    ctx.install(FRESH, started)
+    assert not ctx.stale
+    assert set(ctx.stale_names) == {"gamma"}
+    assert _state(session.query("INSERT INTO alpha (id) VALUES (1)")) is None
+    assert _state(session.query("INSERT INTO gamma (id) VALUES (1)")) == "55000"
+    assert reloads.count == 4
+
+
+def test_more_hinted_names_than_can_be_remembered_stale_everything() -> None:
+    ctx, session, _reloads = _session()
+    for i in range(70):
+        ctx.suspect([f"t{i}_{j}" for j in range(64)])
+    assert ctx.stale
+    assert len(ctx.stale_names) <= 4096
+    assert _state(session.query(INSERT_LITERALS)) == "55000"
+    ctx.install(FRESH, ctx.reload_epoch)
+    assert not ctx.stale
+    assert not ctx.stale_names
