@@ -257,12 +257,24 @@ BEGIN
                        WHERE schema_name IS DISTINCT FROM 'pg_temp') THEN
             RETURN;  -- only temporary objects: they live in the session that made them, not through pgveil
         END IF;
+        -- The relations the command touched, with their direct children and parents (ATTACH PARTITION
+        -- reports only the parent).
+        WITH touched AS (
+            SELECT d.objid FROM pg_catalog.pg_event_trigger_ddl_commands() d
+            WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+        ), related AS (
+            SELECT objid FROM touched
+            UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN touched t ON i.inhparent = t.objid
+            UNION SELECT i.inhparent FROM pg_catalog.pg_inherits i JOIN touched t ON i.inhrelid = t.objid
+        )
         SELECT string_agg(DISTINCT c.relname, ',') INTO names
-        FROM pg_catalog.pg_event_trigger_ddl_commands() d
-        JOIN pg_catalog.pg_class c ON c.oid = d.objid
-        WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND c.relpersistence <> 't';
+        FROM related r JOIN pg_catalog.pg_class c ON c.oid = r.objid
+        WHERE c.relpersistence <> 't';
     END IF;
-    PERFORM pg_catalog.pg_notify('{CATALOG_CHANNEL}', pg_catalog.left(coalesce(names, ''), 7000));
+    IF pg_catalog.length(coalesce(names, '')) > 7000 THEN
+        names := '*';  -- too many to name (NOTIFY payloads are short): everything waits for the reload
+    END IF;
+    PERFORM pg_catalog.pg_notify('{CATALOG_CHANNEL}', coalesce(names, ''));
 END
 $$;
 DROP EVENT TRIGGER IF EXISTS {EVENT_TRIGGERS[0]};

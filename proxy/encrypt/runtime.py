@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 2.0
 CATALOG_CHANNEL = "pgveil_catalog"
-_MAX_HINT_NAMES = 64
+_MAX_HINT_NAMES = 256
 
 
 def provider_from_config(config: Config) -> KeyProvider:
@@ -210,9 +210,12 @@ class EncryptionRuntime:
     def _on_catalog_notification(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         # A hint only: the payload (the names of the relations the DDL touched) is bounded, never
         # logged, and only makes statements naming them wait for the reload.
-        names = [n.lower() for n in payload[:8000].split(",")[:_MAX_HINT_NAMES] if 0 < len(n) <= 63]
+        parts = payload[:8000].split(",")
+        names = [n.lower() for n in parts[:_MAX_HINT_NAMES] if 0 < len(n) <= 63 and n != "*"]
         log.debug("catalog change notified (%d relation names)", len(names))
-        if names:
+        if "*" in parts or len(parts) > _MAX_HINT_NAMES:
+            self.context.request_reload(names)  # more relations than the hint could name
+        elif names:
             self.context.suspect(names)
         else:
             self.schedule_reload()

@@ -37,9 +37,19 @@ Decisions
   is refused where a protected column would be (fail closed); qualifying it resolves the doubt.
 - Only UNION ALL carries protected columns: UNION, INTERSECT and EXCEPT compare rows, and equal
   plaintexts have unequal ciphertexts, so their results would be silently wrong.
-- Views, functions and rules are opaque: a view over a protected table is not in the catalog, so its
-  columns come back as the stored bytea. DO blocks that mention a protected table are refused; DDL,
-  TRUNCATE and maintenance statements pass (the server's CHECK constraints guard the columns).
+- Partitions, inheritance children and views of a protected table are in the catalog (catalog.py):
+  a view's columns that pass a protected column through are that column; a view pgveil could not map
+  is opaque (not written through, its columns come back as the stored bytea). Functions and rules
+  are opaque. DO blocks that mention a protected table are refused.
+- Names do not depend on the search_path: an unqualified name that may mean a protected relation is
+  that relation; one that may also mean another relation is refused wherever the statement would
+  encrypt, decrypt or refuse something through it (qualifying it resolves the doubt). A temporary
+  relation named like a protected one is refused (pg_temp is searched first).
+- DDL, TRUNCATE and maintenance statements pass (the server's CHECK constraints guard the columns);
+  DDL that may change protected relations lists the names it touches (``catalog_names``) so the
+  session reloads the catalog before they are used again, and a later statement of the same text that
+  uses them is refused (55000). A write naming a column of a protected relation that the catalog lacks
+  is refused with 55000 (the catalog is older than the table).
 - SQL-level PREPARE with a parameter for a protected column, DECLARE CURSOR over a protected table,
   MERGE, CREATE TABLE AS / SELECT INTO of a protected column, COPY of one to or from a server file or
   program, and binary COPY of one are refused.

@@ -262,7 +262,23 @@ def test_partition_attached_while_pgveil_runs(env: Env) -> None:
             c.execute("INSERT INTO parted_top (id, c) VALUES (2001, %s)", [direct_canary])
 
     _eventually(write)  # until pgveil knows the new partition, the write is refused (never sent unsealed)
-    assert _query(env, "SELECT c FROM parted WHERE id > 1000 ORDER BY id") == [(canary,), (direct_canary,)]
+
+    # A table created first and attached elsewhere: the hint names the parent and its partitions.
+    attached = env.canary("attached-later-elsewhere")
+    app = f"postgresql://app:{APP_PASSWORD}@127.0.0.1:{env.pg.port}/{DB}"
+    run = run_psql(app, "-c", "CREATE TABLE public.loose (LIKE public.parted INCLUDING CONSTRAINTS)")
+    assert run.returncode == 0, run.stderr
+    run = run_psql(
+        app, "-c", "ALTER TABLE public.parted ATTACH PARTITION public.loose FOR VALUES FROM (3000) TO (4000)"
+    )
+    assert run.returncode == 0, run.stderr
+
+    def write_loose() -> None:
+        with psycopg.connect(env.dsn(), autocommit=True) as c:
+            c.execute("INSERT INTO loose (id, c) VALUES (3001, %s)", [attached])
+
+    _eventually(write_loose)
+    assert _query(env, "SELECT c FROM parted WHERE id > 1000 ORDER BY id") == [(canary,), (direct_canary,), (attached,)]
 
 
 def test_updatable_view_write_and_read(env: Env) -> None:

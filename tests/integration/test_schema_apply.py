@@ -268,6 +268,11 @@ async def test_event_trigger_notifies_the_relations_that_ddl_touched(
         await tx.rollback()  # a notification is delivered at commit only
         await evt_db.execute("CREATE TABLE evt_c (id int)")
         assert await next_payload() == "evt_c"
+        await evt_db.execute("CREATE TABLE evt_p (id int) PARTITION BY LIST (id)")
+        await evt_db.execute("CREATE TABLE evt_q (id int)")
+        assert [await next_payload(), await next_payload()] == ["evt_p", "evt_q"]
+        await evt_db.execute("ALTER TABLE evt_p ATTACH PARTITION evt_q FOR VALUES IN (1)")
+        assert set((await next_payload()).split(",")) == {"evt_p", "evt_q"}  # the partition, not only the parent
         await evt_db.execute("DROP TABLE evt_b")
         assert "evt_b" in (await next_payload()).split(",")
         assert payloads.empty()
