@@ -657,6 +657,14 @@ class StatementWalker:
                 shape = self.select(sbody, None, ctes)
             else:
                 shape = self.select(sbody, None, ctes, assign)
+            if table is not None and table.columns and not cols and shape_is_exact(shape) and len(shape) < len(targets):
+                # Values map to columns by position; with fewer values than the catalog has columns, a
+                # column dropped behind pgveil would shift them onto the wrong ones.
+                raise refusals.statement(
+                    f"INSERT into {table.qualified_name}, which has encrypted columns, without a column list "
+                    f"must give a value for each of its {len(targets)} columns",
+                    hint="name the columns in the INSERT",
+                )
             for position, c in enumerate(shape):
                 protected = shape_protected((c,))
                 if protected:

@@ -229,3 +229,12 @@ def test_schema_wide_ddl_stales_every_protected_name() -> None:
 
 def test_ddl_on_other_tables_changes_nothing() -> None:
     assert not analyze("ALTER TABLE plain ADD COLUMN x int", CATALOG).touches_protected
+
+
+def test_insert_without_column_list_must_fill_every_column() -> None:
+    # With fewer values than columns, a column dropped before pgveil read the catalog again would shift
+    # the values onto the wrong columns.
+    assert "each of its 3 columns" in _refused("INSERT INTO secrets VALUES (1, 'x')")
+    assert "each of its 3 columns" in _refused("INSERT INTO secrets SELECT 1, 'x'")
+    st = _one("INSERT INTO secrets VALUES (1, 'x', 'o')")
+    assert [t.column for t in st.literal_targets] == [ROOT_C]
