@@ -1002,7 +1002,7 @@ def _names_identifier(lowered: str, name: str) -> bool:
 
 
 def _stale_error(message: str, hint: str) -> ProxyError:
-    e = ProxyError(f"pgveil: {message}", hint=hint)
+    e = ProxyError(f"pgveil: {message}", hint=hint, reason=RefusalReason.STALE_CATALOG)
     e.sqlstate = "55000"
     return e
 

@@ -76,7 +76,7 @@ import types
 
 from pglast import parser as pg_parser
 
-from proxy.errors import FeatureNotSupported
+from proxy.errors import FeatureNotSupported, RefusalReason
 from proxy.rewrite.catalog import Catalog, CatalogStale, is_temp_schema
 from proxy.rewrite.lexer import scan as scan_pg15
 from proxy.rewrite.literals import SourceText
@@ -210,6 +210,7 @@ def _after_ddl(raws: list[Node], statements: list[StatementPlan]) -> None:
                         "pgveil: a statement after DDL on a table with encrypted columns, in the same query "
                         "string, is refused: pgveil reads its catalog again after the DDL",
                         hint="send the statement separately, after the DDL",
+                        reason=RefusalReason.STALE_CATALOG,
                         sqlstate="55000",
                     ),
                 )
@@ -259,7 +260,8 @@ def _analyze_statement(stmt: Node, catalog: Catalog, source: SourceText) -> Stat
     except FeatureNotSupported as exc:
         if walker.ambiguous and not isinstance(exc, CatalogStale):
             return StatementPlan(kind, True, _ambiguous(walker))
-        return StatementPlan(kind, True, Refusal(exc.message, exc.detail, exc.hint, sqlstate=exc.sqlstate))
+        refusal = Refusal(exc.message, exc.detail, exc.hint, reason=exc.reason, sqlstate=exc.sqlstate)
+        return StatementPlan(kind, True, refusal)
     except RecursionError:
         refusal = Refusal(
             f"pgveil: the statement is nested too deeply to analyse; it involves table {table.qualified_name}, "
@@ -308,6 +310,7 @@ def _ambiguous(walker: StatementWalker) -> Refusal:
         f"pgveil: {walker.ambiguous[0]}; the statement is refused because pgveil cannot tell which one the "
         "server will use",
         hint="qualify the table name with its schema",
+        reason=RefusalReason.NAME_RESOLUTION,
     )
 
 
@@ -341,6 +344,7 @@ def _temp_shadow(name: str, body: Node, catalog: Catalog) -> Refusal | None:
         f"pgveil: a temporary relation named {relname} would shadow table {table.qualified_name}, which has "
         "encrypted columns",
         hint="choose another name for the temporary table",
+        reason=RefusalReason.NAME_RESOLUTION,
     )
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from proxy.errors import FeatureNotSupported
+from proxy.errors import FeatureNotSupported, RefusalReason
 
 
 class CatalogStale(FeatureNotSupported):
@@ -30,6 +30,7 @@ class CatalogStale(FeatureNotSupported):
     older than the database (DDL made elsewhere); refused until it is read again."""
 
     sqlstate = "55000"
+    reason = RefusalReason.STALE_CATALOG
 
 
 @dataclass(frozen=True, slots=True)
