@@ -109,7 +109,7 @@ async def _schema_apply(config: Config, *, dry_run: bool) -> int:
     import asyncpg
 
     from proxy.encrypt.runtime import connect_kwargs
-    from proxy.schema import apply_schema, plan_schema
+    from proxy.schema import apply_schema, plan_event_trigger, plan_schema
 
     service = config.service
     if service is None or service.dsn is None:
@@ -117,7 +117,7 @@ async def _schema_apply(config: Config, *, dry_run: bool) -> int:
         return 2
     conn = await asyncpg.connect(**connect_kwargs(service.dsn, service.password_file))
     try:
-        steps = await plan_schema(conn, config.catalog())
+        steps = await plan_schema(conn, config.catalog()) + await plan_event_trigger(conn)
         if not steps:
             print("schema up to date: nothing to do")
             return 0

@@ -985,6 +985,8 @@ class Relay:
             self.portals.clear()
             if self.crypto is not None:
                 self.crypto.close_all(b"P")
+        if self.crypto is not None:
+            self.crypto.ready_for_query(body)
         return None
 
     def _on_query_started(self) -> None:
