@@ -46,7 +46,7 @@ from proxy.encrypt.rows import (
     rewrite_data_rows,
     rewrite_value_text,
 )
-from proxy.encrypt.sqlnames import namespace_ops
+from proxy.encrypt.sqlnames import MAX_PARSED_TEXT, namespace_ops
 from proxy.errors import ProtocolViolation, ProxyError, RefusalReason
 from proxy.pgtypes import codec_for
 from proxy.pgtypes.base import SessionFormat, TypeCodec, python_codec, statement_bytes, statement_text, wire_text
@@ -835,7 +835,13 @@ class SessionCrypto:
     def execute_refusal(self, name: str, versions: Sequence[Version], *, deferred: bool) -> bytes | None:
         if not self.ctx.catalog.tables:
             return None
-        if deferred:
+        if not name:
+            e = _unconfirmed(
+                "an SQL-level EXECUTE in a statement text too long for pgveil to read a second time "
+                f"(over {MAX_PARSED_TEXT} bytes) is not supported while tables are encrypted",
+                hint="send EXECUTE in a statement of its own",
+            )
+        elif deferred:
             e = _unconfirmed(
                 f"SQL-level EXECUTE of prepared statement {name!r} in a prepared statement is not supported "
                 "while tables are encrypted: the statement it names may change before it runs",

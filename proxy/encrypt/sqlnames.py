@@ -19,6 +19,13 @@ from proxy.protocol.encryption import NamespaceAction, NamespaceOp
 # Every statement of interest starts with one of these keywords (EXECUTE also under EXPLAIN and CREATE
 # TABLE AS); a text without any of them, the usual case, is not parsed again.
 _KEYWORDS = re.compile(r"(?i)\b(?:prepare|execute|deallocate|discard)\b")
+_EXECUTE = re.compile(r"(?i)\bexecute\b")
+# A longer text is not parsed a second time (that would hold up every session): an EXECUTE in it counts
+# as one of a statement pgveil cannot name (NamespaceOp with the empty name, which no EXECUTE can have).
+# Its PREPARE and DEALLOCATE are not followed; the model then keeps names the server may have dropped,
+# or lacks one it created, and a Bind of either is decided as unconfirmed.
+MAX_PARSED_TEXT = 64 * 1024
+UNREAD_EXECUTE = NamespaceOp(NamespaceAction.EXECUTE, "")
 
 
 def namespace_ops(sql: str) -> tuple[NamespaceOp, ...]:
@@ -26,6 +33,8 @@ def namespace_ops(sql: str) -> tuple[NamespaceOp, ...]:
     server rejects it too, before anything runs."""
     if _KEYWORDS.search(sql) is None:
         return ()
+    if len(sql) > MAX_PARSED_TEXT:
+        return (UNREAD_EXECUTE,) if _EXECUTE.search(sql) else ()
     return _parsed_ops(sql)
 
 

@@ -805,6 +805,11 @@ class Relay:
         for j, op in enumerate(ops):
             if op.action is not NamespaceAction.EXECUTE:
                 continue
+            if not op.name:  # an EXECUTE the layer could not name: no version is known
+                refusal = crypto.execute_refusal(op.name, (), deferred=deferred)
+                if refusal is not None:
+                    return refusal
+                continue
             known = self.statements.get(op.name)
             versions: list[Version | None] = [
                 None if known is None else (crypto.statement_state(op.name), known.row_description)

@@ -834,3 +834,15 @@ def test_the_encryption_layer_is_told_whether_requests_are_in_flight() -> None:
     assert crypto.in_flight is False
     client(relay, fe(m.Parse("", SELECT_BY_ID, ())))
     assert crypto.in_flight is True  # the Query is unanswered
+
+
+def test_an_execute_in_a_text_too_long_to_read_again_is_refused() -> None:
+    relay, *_ = make_relay()
+    text = "/*" + "x" * 70000 + "*/ EXECUTE s1(1, '123-45-6789', 42)"
+    sent = client(relay, fe(m.Query(text)))
+    assert sent == fe(m.Query(REFUSED_QUERY))
+    out = server(relay, codec.encode_error("ERROR", "42601", "syntax error") + be(m.ReadyForQuery(b"I")))
+    error = codec.decode_backend(*split(out)[0])
+    assert isinstance(error, m.ErrorResponse)
+    assert error.sqlstate == "0A000"
+    assert "too long" in str(error)
