@@ -25,7 +25,6 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from proxy.errors import ProtocolViolation
 from proxy.protocol import codec, relay
 from proxy.protocol import messages as m
 from proxy.tls import UpstreamTLS, UpstreamTLSSettings
@@ -301,13 +300,17 @@ class Session:
     def _flush(self) -> None:
         r = self.relay
         if r.to_server:
+            # Before the server is connected the bytes wait (a Terminate pipelined behind the
+            # StartupMessage is the server's to answer); _open_server flushes them after the startup.
             if self.server is not None and not self.closed:
                 out = r.to_server
                 if len(out) == 1:
                     self.server.write(out[0])
                 else:
                     self.server.writelines(out)
-            r.to_server = []
+                r.to_server = []
+            elif self.closed:
+                r.to_server = []
         if r.to_client:
             if not self.closed:
                 out = r.to_client
@@ -350,16 +353,12 @@ class Session:
 
     def _handle_tls_request(self) -> None:
         ctx = self.settings.client_tls
-        if ctx is None or self.client_tls:
-            self.client.write(b"N")
-            return
-        if self.relay.has_buffered_client_bytes:
-            self.relay.fail(ProtocolViolation("client", "sent data after SSLRequest before the TLS handshake"))
-            self._flush()
-            return
-        self.client.write(b"S")
-        self.pause_client_reading("tls")
-        self._spawn(self._start_client_tls(ctx))
+        accept = ctx is not None and not self.client_tls
+        self.relay.answer_tls(accept)
+        self._flush()
+        if accept and ctx is not None and self.relay.phase is relay.Phase.STARTUP and not self.closed:
+            self.pause_client_reading("tls")
+            self._spawn(self._start_client_tls(ctx))
 
     async def _start_client_tls(self, ctx: ssl.SSLContext) -> None:
         loop = asyncio.get_running_loop()
@@ -446,7 +445,11 @@ class Session:
     # -- failure and closing ---------------------------------------------------------------------------
     def _startup_timed_out(self) -> None:
         self._startup_timer = None
-        if self.relay.phase in (relay.Phase.STARTUP, relay.Phase.AUTHENTICATING) and not self.closed:
+        if self.relay.phase is relay.Phase.STARTUP and not self.closed:
+            # The server's authentication_timeout ends a connection without its startup packet silently.
+            log.info("[s%d] no startup packet in time", self.sid)
+            self.close()
+        elif self.relay.phase is relay.Phase.AUTHENTICATING and not self.closed:
             log.info("[s%d] startup did not complete in time", self.sid)
             self._send_fatal("08006", "pgveil: connection startup timed out")
 
@@ -459,7 +462,8 @@ class Session:
     def on_server_lost(self, exc: Exception | None) -> None:
         if self.closed:
             return
-        if self.relay.phase is not relay.Phase.CLOSED and not self.relay.server_fatal:
+        r = self.relay
+        if r.phase is not relay.Phase.CLOSED and not r.server_fatal and not r.client_terminated:
             log.warning("[s%d] server closed the connection unexpectedly", self.sid)
             self._send_fatal(
                 "08006", f"pgveil: server at {self.settings.upstream_address} closed the connection unexpectedly"

@@ -195,6 +195,7 @@ _NOTHING_STREAMED: frozenset[int] = frozenset()
 _SMALL_MESSAGE_LIMIT = 10000
 _AUTH_MESSAGE_LIMIT = 65535 + 4
 _LARGE_FRONTEND_TYPES = frozenset(b"QPBFdp")
+_MITM = "This could be either a client-software bug or evidence of an attempted man-in-the-middle attack."
 # Pieces of one read up to this size are joined before they are written (see _coalesce); larger ones are
 # not copied again.
 _COALESCE_LIMIT = 65536
@@ -238,6 +239,13 @@ class Relay:
         self.parameters: dict[str, str] = {}
         self.transaction_status: bytes = b"I"
         self.server_fatal = False  # the server sent FATAL/PANIC: its closing the connection is expected
+        # Startup negotiation as postmaster.c tracks it (ssl_done, gss_done), and authentication: the
+        # client's Terminate (or the first byte of a message the server refuses) has been passed on, so
+        # the server's answer and its closing the connection are the end of the session, told by the server.
+        self._ssl_done = False
+        self._gss_done = False
+        self._auth_request_open = False  # the server asked for a password/SASL response not sent yet
+        self.client_terminated = False
         # SCRAM channel binding (-PLUS) binds the TLS leg the client sees. It can be relayed only when that
         # leg presents the very certificate PostgreSQL has (tls-server-end-point hashes the certificate);
         # the session clears this flag when it finds them identical.
@@ -460,6 +468,8 @@ class Relay:
             if self.phase is _STARTUP:
                 self._c_buf += data
                 self._receive_startup()
+            elif self.phase is _AUTHENTICATING:
+                self._receive_client_authenticating(data)
             elif self.phase is _READY and self.light:
                 self._receive_client_light(data)
             elif self.phase is not _CLOSED:
@@ -468,38 +478,142 @@ class Relay:
             self._fail(e)
 
     def _receive_startup(self) -> None:
+        """The packets before authentication, answered as PostgreSQL's ProcessStartupPacket (postmaster.c)
+        answers them: a length that cannot be a startup packet (a Terminate sent first, an HTTP request,
+        any stray bytes) is logged and the connection closed without a word, as are a CancelRequest and an
+        incomplete packet at EOF; an unsupported protocol version gets FATAL 0A000."""
         buf = self._c_buf
         while self.phase is Phase.STARTUP and len(buf) >= 4:
             (n,) = _U32.unpack_from(buf, 0)
-            if n < 8 or n > codec.MAX_STARTUP_PACKET:
-                raise codec.CodecError("client", f"invalid startup packet length {n}")
+            # The limit applies to the packet after its length word (MAX_STARTUP_PACKET_LENGTH).
+            if n < 8 or n - 4 > codec.MAX_STARTUP_PACKET:
+                self._close_silently("invalid length of startup packet")
+                return
             if len(buf) < n:
                 break
             raw, buf = buf[:n], buf[n:]
             self._c_buf = buf
             self.client_messages += 1
-            msg = codec.decode_startup(raw[4:])
-            if isinstance(msg, m.SSLRequest):
-                self.events.append(TLSRequested())
-                # The session must check has_buffered_client_bytes: bytes sent before the TLS handshake
-                # would be injected into the encrypted session (CVE-2021-23214).
-                return
-            if isinstance(msg, m.GSSENCRequest):
-                self.to_client.append(b"N")
-            elif isinstance(msg, m.CancelRequest):
+            (code,) = _U32.unpack_from(raw, 4)
+            if code == m.CANCEL_REQUEST_CODE:
+                if n != 16:
+                    self._close_silently("invalid length of startup packet")
+                    return
+                msg = codec.decode_startup(raw[4:])
+                assert isinstance(msg, m.CancelRequest)
                 self.phase = Phase.CLOSED
                 self.events.append(CancelReceived(raw, msg.process_id))
-            else:
-                assert isinstance(msg, m.StartupMessage)
-                if msg.protocol >> 16 != 3:
-                    raise codec.CodecError("client", "unsupported frontend protocol")
-                self.startup = msg
-                self.phase = Phase.AUTHENTICATING
-                self.events.append(StartupReceived(msg, raw))
+                return
+            if code == m.SSL_REQUEST_CODE and not self._ssl_done:
+                self._ssl_done = True
+                self.events.append(TLSRequested())
+                # The session answers through answer_tls. Bytes sent before the TLS handshake would be
+                # injected into the encrypted session (CVE-2021-23214): answer_tls refuses them.
+                return
+            if code == m.GSSENC_REQUEST_CODE and not self._gss_done:
+                # Always 'N': pgveil terminates the client's encryption itself and cannot relay GSSAPI's.
+                self.to_client.append(b"N")
+                self._gss_done = True
+                if buf:
+                    self._startup_fatal("received unencrypted data after GSSAPI encryption request", _MITM)
+                    return
+                continue
+            major, minor = code >> 16, code & 0xFFFF
+            if major != 3:
+                self._startup_fatal(
+                    f"unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0",
+                    sqlstate="0A000",
+                    old_style=code > 0 and major < 3,  # FrontendProtocol set: the server's format for it
+                )
+                return
+            try:
+                msg = codec.decode_startup(raw[4:])
+            except codec.CodecError:
+                self._startup_fatal("invalid startup packet layout: expected terminator as last byte")
+                return
+            assert isinstance(msg, m.StartupMessage)
+            self.startup = msg
+            self.phase = Phase.AUTHENTICATING
+            self.events.append(StartupReceived(msg, raw))
         self._c_buf = buf
         if self.phase is Phase.AUTHENTICATING and buf:
             self._c_buf = b""
-            self._receive_client_messages(buf)
+            self._receive_client_authenticating(buf)
+
+    def answer_tls(self, accept: bool) -> None:
+        """The session's answer to TLSRequested: 'S' (it starts the handshake next) or 'N' (startup goes
+        on in plaintext). Bytes the client sent behind its SSLRequest end the session either way."""
+        if self._c_buf:
+            # PostgreSQL answers first and then reports the bytes; with 'S' that report would come after
+            # a handshake the client cannot start, so pgveil refuses before answering.
+            if not accept:
+                self.to_client.append(b"N")
+            self._startup_fatal("received unencrypted data after SSL request", _MITM)
+            return
+        self.to_client.append(b"S" if accept else b"N")
+        self._gss_done = self._gss_done or accept  # no GSSAPI encryption inside TLS
+
+    def _receive_client_authenticating(self, data: bytes) -> None:
+        """The client's messages while the server authenticates it: password and SASL responses pass on
+        untouched. A Terminate passes on too, and so does the first byte of any other message while the
+        server awaits a response: the server then ends the session in its own words ("expected password
+        response, got message type 88"), reading nothing after that byte (auth.c recv_password_packet,
+        CheckSASLAuth). Any other message is refused: the server could read it as a command once
+        authenticated, before the encryption layer exists."""
+        buf = self._c_buf + data if self._c_buf else data
+        self._c_buf = b""
+        n = len(buf)
+        pos = 0
+        out = self.to_server
+        while pos < n and not self.client_terminated:
+            t = buf[pos]
+            if t != 0x70 and t != 0x58 and self._auth_request_open:
+                out.append(buf[pos : pos + 1])
+                self.client_terminated = True
+                break
+            if n - pos < 5:
+                break
+            (ln,) = _U32.unpack_from(buf, pos + 1)
+            if ln < 4:
+                raise codec.CodecError("client", f"invalid message length {ln}")
+            if t not in codec.FRONTEND_TYPES:
+                raise codec.CodecError("client", f"invalid frontend message type {t}")
+            if ln > _AUTH_MESSAGE_LIMIT:
+                raise codec.CodecError("client", "authentication message too long")
+            end = pos + 1 + ln
+            if end > n:
+                break
+            self._handle_client_message_authenticating(t, buf[pos + 5 : end])
+            self.client_messages += 1
+            out.append(buf[pos:end])
+            pos = end
+        if self.client_terminated:
+            pos = n  # nothing the client sends after that is read by the server
+        if pos < n:
+            self._c_buf = buf[pos:]
+
+    def _startup_fatal(
+        self, message: str, detail: str | None = None, *, sqlstate: str = "08P01", old_style: bool = False
+    ) -> None:
+        """FATAL as the server sends it during startup; to a client speaking a protocol older than 3 in
+        the old format (type 'E', the text, a NUL), which is all such a client can read."""
+        log.info("startup refused: %s", message)
+        if old_style:
+            self.to_client.append(b"E" + f"FATAL:  {message}\n".encode() + b"\x00")
+        else:
+            self.to_client.append(codec.encode_error("FATAL", sqlstate, message, detail=detail))
+        error = ProtocolViolation("client", message)
+        error.sqlstate = sqlstate
+        error.message = message  # as the client was told it
+        self.phase = Phase.CLOSED
+        self.events.append(CloseConnection(error))
+
+    def _close_silently(self, reason: str) -> None:
+        """Ends the connection without a word, as the server does where it logs COMMERROR."""
+        log.info("client connection closed during startup: %s", reason)
+        self._c_buf = b""
+        self.phase = Phase.CLOSED
+        self.events.append(CloseConnection())
 
     def _receive_client_messages(self, data: bytes) -> None:
         if self._c_skip or self._c_buf:
@@ -567,10 +681,11 @@ class Relay:
             self._c_buf = data[pos:]
 
     def _handle_client_message_authenticating(self, t: int, body: bytes) -> bytes | None:
-        if t == 0x70 or t == 0x58:  # 'p' password/SASL/GSS response, 'X' Terminate
-            if t == 0x58:
-                self.phase = Phase.CLOSED
-                self.events.append(CloseConnection())
+        if t == 0x70:  # 'p' password/SASL/GSS response
+            self._auth_request_open = False
+            return None
+        if t == 0x58:  # Terminate: the server answers it (see _receive_client_authenticating)
+            self.client_terminated = True
             return None
         raise codec.CodecError("client", f"unexpected message type {t} during authentication")
 
@@ -1079,8 +1194,11 @@ class Relay:
                 self.events.append(Authenticated(self.login_role or ""))
                 if self._crypto_factory is not None:
                     self.crypto = self._crypto_factory(self.login_role or "")
-            elif msg.code == m.AuthCode.SASL:
-                return _strip_channel_binding(msg) if self.strip_channel_binding else None
+            else:
+                # Every request but SASLFinal waits for the client's response.
+                self._auth_request_open = msg.code != m.AuthCode.SASL_FINAL
+                if msg.code == m.AuthCode.SASL:
+                    return _strip_channel_binding(msg) if self.strip_channel_binding else None
             return None
         if isinstance(msg, m.ReadyForQuery):
             self.transaction_status = msg.status
