@@ -17,14 +17,17 @@ makes PostgreSQL abort whatever the client left running (a COPY included).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
+import multiprocessing
 import ssl
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+from proxy.errors import ProxyError
 from proxy.protocol import codec, relay
 from proxy.protocol import messages as m
 from proxy.tls import UpstreamTLS, UpstreamTLSSettings
@@ -167,6 +170,29 @@ async def cancel_backend(settings: SessionSettings, raw: bytes) -> None:
 
 _background: set[asyncio.Task[None]] = set()
 
+_analysis: concurrent.futures.ProcessPoolExecutor | None = None
+
+
+def analysis_pool() -> concurrent.futures.ProcessPoolExecutor:
+    """The process's analysis worker (one process, started on first use): long statements are analysed
+    there, one at a time, while the event loop goes on serving every session."""
+    global _analysis
+    if _analysis is None:
+        _analysis = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    return _analysis
+
+
+def _reset_analysis_pool() -> None:
+    global _analysis
+    pool, _analysis = _analysis, None
+    if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def shutdown_analysis_pool() -> None:
+    """Stops the analysis worker (on shutdown); statements still waiting for it are refused."""
+    _reset_analysis_pool()
+
 
 def _detach(coro: Coroutine[Any, Any, None]) -> None:
     """Runs ``coro`` independently of any session (it outlives the session that started it)."""
@@ -248,7 +274,11 @@ class Session:
     # -- reading ---------------------------------------------------------------------------------------
     def on_client_data(self, data: bytes) -> None:
         r = self.relay
-        r.receive_client(data)
+        try:
+            r.receive_client(data)
+        except Exception as exc:  # no exception reaches the transport (it would drop the client silently)
+            self._internal_error(exc, at_boundary=r.client_at_boundary)
+            return
         # The common case, spelled out: bytes for the server and nothing else to do.
         out = r.to_server
         if out and not r.to_client and not r.events and self.server is not None and not self.closed:
@@ -262,7 +292,12 @@ class Session:
 
     def on_server_data(self, data: bytes) -> None:
         r = self.relay
-        r.receive_server(data)
+        at_boundary = r.client_at_boundary
+        try:
+            r.receive_server(data)
+        except Exception as exc:
+            self._internal_error(exc, at_boundary=at_boundary)
+            return
         out = r.to_client
         if out and not r.to_server and not r.events and not self.closed:
             r.to_client = []
@@ -341,6 +376,9 @@ class Session:
             else:
                 self.pause_server_reading("key")
             self._spawn(self._fetch_key(ev))
+        elif isinstance(ev, relay.NeedAnalysis):
+            self.pause_client_reading("analysis")
+            self._spawn(self._analyze_detached(ev))
         elif isinstance(ev, relay.SessionReady):
             if self._startup_timer is not None:
                 self._startup_timer.cancel()
@@ -421,12 +459,43 @@ class Session:
         await self.encryption.keyring.fetch(key_id=ev.key_id, column_id=ev.column_id)
         if self.closed:
             return
-        self.relay.resume(ev.side)
+        r = self.relay
+        at_boundary = r.client_at_boundary
+        try:
+            r.resume(ev.side)
+        except Exception as exc:
+            self._internal_error(exc, at_boundary=at_boundary)
+            return
         self._flush()
         if ev.side == "client":
             self.resume_client_reading("key")
         else:
             self.resume_server_reading("key")
+
+    async def _analyze_detached(self, ev: relay.NeedAnalysis) -> None:
+        """Runs a long statement's analysis in the analysis worker process, so this session's statement
+        delays no other session; then lets the relay retry the held message. A failed run is delivered as
+        its exception (the statement is refused)."""
+        miss = ev.miss
+        result: object
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(analysis_pool(), miss.function, *miss.args)
+        except Exception as exc:  # a broken or killed worker: refuse the statement, start a new pool
+            log.error("[s%d] analysis worker failed: %s", self.sid, type(exc).__name__)
+            _reset_analysis_pool()
+            result = exc
+        if self.closed:
+            return
+        miss.deliver(result)
+        r = self.relay
+        at_boundary = r.client_at_boundary
+        try:
+            r.resume("client")
+        except Exception as exc:
+            self._internal_error(exc, at_boundary=at_boundary)
+            return
+        self._flush()
+        self.resume_client_reading("analysis")
 
     def _same_certificate_on_both_legs(self, upstream: asyncio.Transport) -> bool:
         if not self.client_tls or self.settings.client_cert_der is None:
@@ -452,6 +521,24 @@ class Session:
         elif self.relay.phase is relay.Phase.AUTHENTICATING and not self.closed:
             log.info("[s%d] startup did not complete in time", self.sid)
             self._send_fatal("08006", "pgveil: connection startup timed out")
+
+    def _internal_error(self, exc: Exception, *, at_boundary: bool) -> None:
+        """An exception escaped the relay while it handled a read: nothing of that read is passed on, the
+        client gets FATAL (the exception's SQLSTATE if it is a ProxyError, else XX000) if the bytes it has
+        received end on a message boundary, and the session ends. The log line names the session and
+        the exception's type, never its text (which may quote a value)."""
+        log.error("[s%d] internal error, session closed: %s", self.sid, type(exc).__name__)
+        r = self.relay
+        r.to_client, r.to_server, r.events = [], [], []
+        r.phase = relay.Phase.CLOSED
+        if isinstance(exc, ProxyError):
+            sqlstate, message = exc.sqlstate, exc.message
+        else:
+            sqlstate, message = "XX000", "pgveil: internal error; the session is closed"
+        if not self.closed and at_boundary:
+            self.client.write(codec.encode_error("FATAL", sqlstate, message))
+            self.metrics.error_sent(sqlstate, "proxy")
+        self.close()
 
     def _send_fatal(self, sqlstate: str, message: str) -> None:
         if not self.closed and self.relay.client_at_boundary:
@@ -554,6 +641,10 @@ class Session:
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("[s%d] session task failed: %s", self.sid, type(task.exception()).__name__)
-            self.close()
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            log.error("[s%d] session task failed: %s", self.sid, type(exc).__name__)
+            if isinstance(exc, Exception):
+                self._internal_error(exc, at_boundary=self.relay.client_at_boundary and not self.relay.to_client)
+            else:
+                self.close()

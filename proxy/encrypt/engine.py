@@ -31,13 +31,14 @@ import itertools
 import logging
 import struct
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from keymgmt.envelope import DataKey, KeyState, column_associated_data, seal
 from proxy.encrypt.casts import CastNotSupported, NumericOutOfRange, canonical_through_cast
 from proxy.encrypt.keyring import KeyRing, KeyUnavailable
+from proxy.encrypt.offload import analyze_detached
 from proxy.encrypt.rows import (
     ColumnOutput,
     RowDecryptError,
@@ -55,12 +56,20 @@ from proxy.protocol import messages as m
 from proxy.protocol.encryption import REFUSED_PORTAL_NAME as REFUSED_PORTAL_NAME
 from proxy.protocol.encryption import REFUSED_QUERY as REFUSED_QUERY
 from proxy.protocol.encryption import REFUSED_STATEMENT_NAME as REFUSED_STATEMENT_NAME
-from proxy.protocol.encryption import CryptoState, KeyMiss
+from proxy.protocol.encryption import AnalysisMiss, CryptoState, KeyMiss
 from proxy.protocol.encryption import Outcome as Outcome
-from proxy.rewrite.analysis import analyze
+from proxy.rewrite.analysis import analyze, needs_analysis
 from proxy.rewrite.catalog import Catalog, ProtectedColumn
 from proxy.rewrite.copyrows import CopyOptions, CopyRowRewriter
-from proxy.rewrite.plan import CopyDirection, CopyFormat, LiteralTarget, QueryPlan, StatementKind, StatementPlan
+from proxy.rewrite.plan import (
+    CopyDirection,
+    CopyFormat,
+    LiteralTarget,
+    QueryPlan,
+    Refusal,
+    StatementKind,
+    StatementPlan,
+)
 from proxy.rewrite.reading import reading_refusal, version_refusal
 
 log = logging.getLogger(__name__)
@@ -73,6 +82,14 @@ _I32 = struct.Struct("!i")
 _U32 = struct.Struct("!I")
 _ENABLED = KeyState.ENABLED  # a module global: the hot path compares against it once per Bind and column
 _EXECUTE_REFUSAL = (RefusalReason.CONSTRUCT, "0A000")  # what refused_execute answers
+
+
+# Statements up to this many characters are analysed on the event loop (about 2 ms at most); longer
+# ones in the analysis worker process (proxy.encrypt.offload), up to the configured maximum.
+INLINE_ANALYSIS_LIMIT = 8192
+DEFAULT_MAX_ANALYZED_STATEMENT = 1048576
+# The analysis cache holds at most this much statement text, however many entries that is.
+_CACHE_CHARS = 64 * 1024 * 1024
 
 
 def refused_execute() -> tuple[bytes, bytes]:
@@ -192,10 +209,23 @@ def refusal_bytes(e: ProxyError) -> bytes:
 class CryptoContext:
     """Process-wide encryption state; shared by every session. See the module docstring."""
 
-    def __init__(self, catalog: Catalog, keys: KeyRing, *, cache_size: int = 10000) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        keys: KeyRing,
+        *,
+        cache_size: int = 10000,
+        max_analyzed_statement: int = DEFAULT_MAX_ANALYZED_STATEMENT,
+        inline_analysis_limit: int = INLINE_ANALYSIS_LIMIT,
+    ) -> None:
         self.keys = keys
         self._cache: OrderedDict[tuple[str, tuple[str, ...]], QueryPlan] = OrderedDict()
         self._cache_size = cache_size
+        self._cache_chars = 0  # statement text held by the cache, bounded by _CACHE_CHARS
+        self.max_analyzed_statement = max_analyzed_statement
+        self.inline_analysis_limit = inline_analysis_limit
+        # Plans analysed off the event loop, waiting for their held message to be retried.
+        self._detached: dict[tuple[str, tuple[str, ...]], QueryPlan] = {}
         self.cache_hits = 0
         self.cache_misses = 0
         # Why protected tables cannot be served right now (catalog or keys not loaded), or None.
@@ -206,6 +236,8 @@ class CryptoContext:
         """Adopts a catalog (with OIDs and attribute numbers once read from the server)."""
         self.catalog = catalog
         self._cache.clear()
+        self._cache_chars = 0
+        self._detached.clear()
         self.columns: dict[str, ColumnCrypto] = {}
         self.by_attr: dict[tuple[int, int], ColumnCrypto] = {}
         for table in catalog.tables.values():
@@ -223,12 +255,48 @@ class CryptoContext:
             self.cache_hits += 1
             self._cache.move_to_end(key)
             return cached
-        self.cache_misses += 1
-        plan: QueryPlan = analyze(sql, self.catalog, search_path)
+        plan = self._detached.pop(key, None)
+        if plan is None:
+            if len(sql) > self.inline_analysis_limit and needs_analysis(sql, self.catalog):
+                if len(sql) > self.max_analyzed_statement:
+                    raise StatementTooLarge(
+                        f"pgveil: the statement is {len(sql)} characters long, more than the"
+                        f" {self.max_analyzed_statement} pgveil analyses; it is refused because it may name a table"
+                        " with encrypted columns",
+                        hint="sessions.max_analyzed_statement_size sets the limit",
+                    )
+                raise AnalysisMiss(analyze_detached, (sql, self.catalog, search_path), self._deliver(key))
+            self.cache_misses += 1
+            plan = analyze(sql, self.catalog, search_path)
+        else:
+            self.cache_misses += 1
         self._cache[key] = plan
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        self._cache_chars += len(sql)
+        while len(self._cache) > self._cache_size or self._cache_chars > _CACHE_CHARS:
+            (old_sql, _path), _plan = self._cache.popitem(last=False)
+            self._cache_chars -= len(old_sql)
         return plan
+
+    def _deliver(self, key: tuple[str, tuple[str, ...]]) -> Callable[[object], None]:
+        """Where the worker's result goes: kept for the retried message, if the catalog is still the one
+        it was analysed with (else the retry analyses again)."""
+        catalog = self.catalog
+
+        def deliver(result: object) -> None:
+            if self.catalog is not catalog:
+                return
+            if not isinstance(result, QueryPlan):
+                log.error("SQL analysis off the event loop failed (%s); statement refused", type(result).__name__)
+                refusal = Refusal(
+                    "pgveil: the statement could not be analysed; it is refused because it names a table with"
+                    " encrypted columns"
+                )
+                result = QueryPlan(key[0], (StatementPlan(StatementKind.OTHER, True, refusal),), True)
+            if len(self._detached) >= 1000:
+                self._detached.clear()  # sessions that died before their retry; bounded memory
+            self._detached[key] = result
+
+        return deliver
 
     def column(self, col: ProtectedColumn) -> ColumnCrypto:
         return self.columns[col.column_id]
@@ -301,7 +369,10 @@ class SessionCrypto:
             )
             if unreadable is not None:
                 return self._refuse(unreadable)
-        plan = self.ctx.analyze(statement_text(sql, self.fmt), self.search_path)
+        try:
+            plan = self.ctx.analyze(statement_text(sql, self.fmt), self.search_path)
+        except StatementTooLarge as e:
+            return self._refuse(e)
         if plan.syntax_since > self.fmt.server_major:
             return self._refuse(version_refusal(self.fmt.server_major))
         if not plan.touches_protected:
@@ -401,11 +472,12 @@ class SessionCrypto:
                 client_encoding=self.fmt.client_encoding,
                 certain=not self.in_flight,
             )
-        plan = (
-            self.ctx.analyze(statement_text(msg.query, self.fmt), self.search_path)
-            if refused is None
-            else QueryPlan(msg.query)
-        )
+        plan = QueryPlan(msg.query)
+        if refused is None:
+            try:
+                plan = self.ctx.analyze(statement_text(msg.query, self.fmt), self.search_path)
+            except StatementTooLarge as e:
+                refused = e
         if refused is None and plan.syntax_since > self.fmt.server_major:
             refused = version_refusal(self.fmt.server_major)
         if refused is None and not plan.touches_protected:
@@ -413,6 +485,8 @@ class SessionCrypto:
         refused = refused or plan.refusal or self._not_ready()
         if refused is None and len(plan.statements) > 1:
             refused = _unsupported("a prepared statement cannot contain several commands")
+        if refused is None and plan.statements:
+            refused = _parameter_out_of_range(plan.statements[0].param_targets)
         if refused is not None:
             log.info("refused a statement: %s", refused.message)
             return Outcome(
@@ -855,6 +929,35 @@ class SessionCrypto:
 class _BadParameterType(ProxyError):
     sqlstate = "42804"
     reason = RefusalReason.VALUE
+
+
+class StatementTooLarge(ProxyError):
+    """A statement that may name a protected table is longer than pgveil analyses."""
+
+    sqlstate = "54000"
+    reason = RefusalReason.LIMITS
+
+
+class _UndefinedParameter(ProxyError):
+    sqlstate = "42P02"
+    reason = RefusalReason.LIMITS
+
+
+# A Bind carries at most 65535 parameter values (its count is an Int16): a statement naming a higher
+# $n can never be executed, and the rewritten Parse could not even declare its type.
+_MAX_PARAMETERS = 65535
+
+
+def _parameter_out_of_range(targets: Mapping[int, object]) -> ProxyError | None:
+    """Checked before anything is sized by a parameter number (``$2147483647`` is 50 bytes of SQL)."""
+    if not targets:
+        return None
+    n = max(targets)
+    if 0 < n <= _MAX_PARAMETERS:
+        return None
+    return _UndefinedParameter(
+        f"there is no parameter ${n}", hint=f"a Bind message carries at most {_MAX_PARAMETERS} parameters"
+    )
 
 
 def _unsupported(message: str, hint: str | None = None) -> ProxyError:

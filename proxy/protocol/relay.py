@@ -54,7 +54,14 @@ from typing import ClassVar
 from proxy.errors import ProtocolViolation, ProxyError
 from proxy.protocol import codec
 from proxy.protocol import messages as m
-from proxy.protocol.encryption import CryptoState, SessionEncryption
+from proxy.protocol.encryption import (
+    REFUSED_PORTAL_NAME,
+    REFUSED_QUERY,
+    REFUSED_STATEMENT_NAME,
+    AnalysisMiss,
+    CryptoState,
+    SessionEncryption,
+)
 from proxy.protocol.encryption import KeyMiss as KeyMiss
 
 log = logging.getLogger(__name__)
@@ -154,13 +161,30 @@ class NeedKey:
 
 
 @dataclass(frozen=True, slots=True)
+class NeedAnalysis:
+    """The relay stopped reading the client until ``miss``'s analysis has run off the event loop; the
+    session runs it, delivers the result and resumes the client side."""
+
+    miss: AnalysisMiss
+
+
+@dataclass(frozen=True, slots=True)
 class CloseConnection:
     """Close both sides after writing what is queued. ``error`` is what the client was told, if anything."""
 
     error: ProtocolViolation | None = None
 
 
-Event = TLSRequested | StartupReceived | CancelReceived | Authenticated | SessionReady | NeedKey | CloseConnection
+Event = (
+    TLSRequested
+    | StartupReceived
+    | CancelReceived
+    | Authenticated
+    | SessionReady
+    | NeedKey
+    | NeedAnalysis
+    | CloseConnection
+)
 
 # Backend message types the relay must see whole. Everything else (DataRow, CopyData, NoticeResponse,
 # NotificationResponse, FunctionCallResponse, NegotiateProtocolVersion) streams through untouched.
@@ -664,6 +688,15 @@ class Relay:
                 self._c_hold = True
                 self.events.append(NeedKey("client", miss.key_id, miss.column_id))
                 break
+            except AnalysisMiss as analysis:
+                self.client_messages -= 1
+                self._c_hold = True
+                self.events.append(NeedAnalysis(analysis))
+                break
+            except ProtocolViolation:
+                raise
+            except Exception as exc:  # every exception becomes an ErrorResponse
+                replacement = self._refuse_failed_message(t, data[pos + 5 : end], exc)
             if replacement is not None:
                 if start < pos:
                     out.append(data[start:pos])
@@ -788,6 +821,50 @@ class Relay:
                     return self._fail_copy_in(e)  # the client's COPY is over: nothing more of it will come
         # Flush needs no bookkeeping, CopyDone and CopyFail are answered as part of the running command.
         return None
+
+    def _refuse_failed_message(self, t: int, body: bytes, exc: Exception) -> bytes:
+        """A frontend message whose handling raised. Query, Parse, Bind and Execute are replaced by their
+        stand-ins, so the server fails at the same protocol step and the client gets ERROR in place of
+        the server's error (the session goes on, as after any refusal); for Bind and Execute only when
+        the error is a refusal (a ``ProxyError``), since a bug may have left their portal's state half
+        changed. Anything else ends the session with FATAL. Only the exception's type is logged."""
+        if isinstance(exc, ProxyError):
+            sqlstate, message, detail, hint = exc.sqlstate, exc.message, exc.detail, exc.hint
+        else:
+            log.error("internal error handling a frontend message (%s)", type(exc).__name__)
+            sqlstate, message, detail, hint = "XX000", "pgveil: internal error while handling the message", None, None
+        refusal = codec.encode_error("ERROR", sqlstate, message, detail=detail, hint=hint)
+        refusable = t in (0x51, 0x50) or (t in (0x42, 0x45) and isinstance(exc, ProxyError))
+        if not refusable or self.crypto is None:
+            self._fail_internal(sqlstate, message)
+            return b""
+        if isinstance(exc, ProxyError):
+            log.info("refused a message: %s", message)
+        if t == 0x51:
+            self._expect(Pending(_EXPECT_QUERY, "", b"", None, None, None, refusal))
+            return codec.encode_frontend(m.Query(REFUSED_QUERY))
+        if t == 0x50:
+            parse = codec.decode_frontend(t, body)
+            assert isinstance(parse, m.Parse)
+            self.crypto.set_statement(parse.statement, None)
+            self._expect(Pending(_EXPECT_PARSE, parse.statement, b"", parse, None, None, refusal))
+            return codec.encode_frontend(m.Parse(parse.statement, REFUSED_QUERY, ()))
+        if t == 0x42:
+            bind = codec.decode_bind_frame(body)
+            self._expect(Pending(_EXPECT_BIND, bind.portal, b"", None, bind, None, refusal))
+            return codec.encode_frontend(m.Bind(bind.portal, REFUSED_STATEMENT_NAME, (), (), ()))
+        name = codec.decode_execute_portal(body)
+        self._expect(Pending(_EXPECT_EXECUTE, name, b"", None, None, None, refusal))
+        return codec.encode_frontend(m.Execute(REFUSED_PORTAL_NAME, 0))
+
+    def _fail_internal(self, sqlstate: str, message: str) -> None:
+        """Ends the session with FATAL for an error that no stand-in can report."""
+        if self.client_at_boundary:
+            self.to_client.append(codec.encode_error("FATAL", sqlstate, message))
+        error = ProtocolViolation("client", message)
+        error.sqlstate, error.message = sqlstate, message
+        self.phase = Phase.CLOSED
+        self.events.append(CloseConnection(error))
 
     def _on_client_sync(self) -> None:
         if self._client_copying:
