@@ -19,8 +19,12 @@ from proxy.rewrite.catalog import Catalog
 from proxy.rewrite.plan import QueryPlan
 
 
+def _mapping_proxy(items: dict[Any, Any]) -> types.MappingProxyType[Any, Any]:
+    return types.MappingProxyType(items)
+
+
 def _reduce_mapping_proxy(proxy: types.MappingProxyType[Any, Any]) -> tuple[Any, tuple[dict[Any, Any]]]:
-    return types.MappingProxyType, (dict(proxy),)
+    return _mapping_proxy, (dict(proxy),)
 
 
 # Plans hold read-only mappings; pickle them as the dicts they wrap (registered in both processes, since
