@@ -398,8 +398,7 @@ class Relay:
             elif t == 0x63 or t == 0x66:  # CopyDone, CopyFail
                 self._client_copy_ended()
             elif t == 0x58:  # Terminate
-                self.phase = Phase.CLOSED
-                self.events.append(CloseConnection())
+                self._client_terminate(self.outstanding > 0)
                 pos = end
                 break
             pos = end
@@ -485,6 +484,8 @@ class Relay:
     # -- client → server -------------------------------------------------------------------------------
     def receive_client(self, data: bytes) -> None:
         self.client_bytes += len(data)
+        if self.client_terminated:
+            return  # after Terminate: the server reads nothing more
         if self._c_hold:
             self._c_buf += data
             return
@@ -704,13 +705,13 @@ class Relay:
                     out.append(replacement)
                 start = end
             pos = end
-            if self.phase is _CLOSED:
+            if self.phase is _CLOSED or self.client_terminated:
                 break
         if start < pos:
             out.append(data[start:pos] if start or pos != n else data)
         if len(out) - first > 1:
             _coalesce(out, first)
-        if pos < n and self.phase is not _CLOSED:
+        if pos < n and self.phase is not _CLOSED and not self.client_terminated:
             self._c_buf = data[pos:]
 
     def _handle_client_message_authenticating(self, t: int, body: bytes) -> bytes | None:
@@ -807,8 +808,7 @@ class Relay:
         if isinstance(msg, m.FunctionCall):
             self._expect(Pending(Expect.FUNCTION_CALL))
         elif isinstance(msg, m.Terminate):
-            self.phase = Phase.CLOSED
-            self.events.append(CloseConnection())
+            self._client_terminate(bool(self.pending))
         elif isinstance(msg, m.CopyDone | m.CopyFail):
             self._client_copy_ended()
             if crypto is not None and crypto.copy_in_armed:
@@ -865,6 +865,17 @@ class Relay:
         error.sqlstate, error.message = sqlstate, message
         self.phase = Phase.CLOSED
         self.events.append(CloseConnection(error))
+
+    def _client_terminate(self, answers_due: bool) -> None:
+        """The client's Terminate. With nothing outstanding the session closes both sides now (the server
+        reads the Terminate before its EOF). With replies still due (a Query pipelined before Terminate)
+        the server sends them first, as it would to the client directly: the Terminate goes on, nothing
+        the client sends after it is read, and the session ends when the server closes."""
+        if answers_due:
+            self.client_terminated = True
+        else:
+            self.phase = Phase.CLOSED
+            self.events.append(CloseConnection())
 
     def _on_client_sync(self) -> None:
         if self._client_copying:

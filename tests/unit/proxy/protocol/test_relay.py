@@ -927,10 +927,22 @@ def test_nothing_is_relayed_after_the_session_closed() -> None:
 
 def test_terminate_is_forwarded_and_closes() -> None:
     relay = ready_relay()
-    data = fe(m.Query("SELECT 1"), m.Terminate())
+    data = fe(m.Terminate())
     assert client(relay, data + fe(m.Query("never"))) == data
     assert relay.events == [CloseConnection()]
     assert relay.phase is Phase.CLOSED
+
+
+def test_terminate_behind_a_query_lets_the_server_answer_it_first() -> None:
+    # The server answers the Query before it reads the Terminate; the client must get that answer.
+    relay = ready_relay()
+    data = fe(m.Query("SELECT 1"), m.Terminate())
+    assert client(relay, data + fe(m.Query("never"))) == data
+    assert relay.events == []
+    assert relay.client_terminated
+    assert client(relay, fe(m.Query("never either"))) == b""
+    reply = be(m.CommandComplete("SELECT 1"), m.ReadyForQuery(b"I"))
+    assert server(relay, reply) == reply
 
 
 # -- counters -----------------------------------------------------------------------------------------
