@@ -38,7 +38,7 @@ from typing import Any
 from keymgmt.envelope import DataKey, KeyState, column_associated_data, seal
 from proxy.encrypt.casts import CastNotSupported, NumericOutOfRange, canonical_through_cast
 from proxy.encrypt.keyring import KeyRing, KeyUnavailable
-from proxy.encrypt.offload import analyze_detached
+from proxy.encrypt.offload import analyze_detached, read_detached
 from proxy.encrypt.rows import (
     ColumnOutput,
     RowDecryptError,
@@ -47,7 +47,7 @@ from proxy.encrypt.rows import (
     rewrite_data_rows,
     rewrite_value_text,
 )
-from proxy.errors import ProtocolViolation, ProxyError, RefusalReason
+from proxy.errors import FeatureNotSupported, ProtocolViolation, ProxyError, RefusalReason
 from proxy.pgtypes import codec_for
 from proxy.pgtypes.base import SessionFormat, TypeCodec, python_codec, statement_bytes, statement_text, wire_text
 from proxy.pgtypes.text import TextCodec
@@ -90,6 +90,8 @@ INLINE_ANALYSIS_LIMIT = 8192
 DEFAULT_MAX_ANALYZED_STATEMENT = 1048576
 # The analysis cache holds at most this much statement text, however many entries that is.
 _CACHE_CHARS = 64 * 1024 * 1024
+# Results from the worker wait for their retry; a session that died first leaves one behind.
+_DETACHED_LIMIT = 64
 
 
 def refused_execute() -> tuple[bytes, bytes]:
@@ -226,6 +228,7 @@ class CryptoContext:
         self.inline_analysis_limit = inline_analysis_limit
         # Plans analysed off the event loop, waiting for their held message to be retried.
         self._detached: dict[tuple[str, tuple[str, ...]], QueryPlan] = {}
+        self._read: dict[tuple[str, bool, str, bool], ProxyError | None] = {}
         self.cache_hits = 0
         self.cache_misses = 0
         # Why protected tables cannot be served right now (catalog or keys not loaded), or None.
@@ -238,6 +241,7 @@ class CryptoContext:
         self._cache.clear()
         self._cache_chars = 0
         self._detached.clear()
+        self._read.clear()
         self.columns: dict[str, ColumnCrypto] = {}
         self.by_attr: dict[tuple[int, int], ColumnCrypto] = {}
         for table in catalog.tables.values():
@@ -258,13 +262,7 @@ class CryptoContext:
         plan = self._detached.pop(key, None)
         if plan is None:
             if len(sql) > self.inline_analysis_limit and needs_analysis(sql, self.catalog):
-                if len(sql) > self.max_analyzed_statement:
-                    raise StatementTooLarge(
-                        f"pgveil: the statement is {len(sql)} characters long, more than the"
-                        f" {self.max_analyzed_statement} pgveil analyses; it is refused because it may name a table"
-                        " with encrypted columns",
-                        hint="sessions.max_analyzed_statement_size sets the limit",
-                    )
+                self.check_size(sql)
                 raise AnalysisMiss(analyze_detached, (sql, self.catalog, search_path), self._deliver(key))
             self.cache_misses += 1
             plan = analyze(sql, self.catalog, search_path)
@@ -276,6 +274,36 @@ class CryptoContext:
             (old_sql, _path), _plan = self._cache.popitem(last=False)
             self._cache_chars -= len(old_sql)
         return plan
+
+    def check_size(self, sql: str) -> None:
+        """StatementTooLarge for a statement longer than pgveil analyses."""
+        if len(sql) > self.max_analyzed_statement:
+            raise StatementTooLarge(
+                f"pgveil: the statement is {len(sql)} characters long, more than the"
+                f" {self.max_analyzed_statement} pgveil analyses; it is refused because it may name a table"
+                " with encrypted columns",
+                hint="sessions.max_analyzed_statement_size sets the limit",
+            )
+
+    def detached_reading(self, args: tuple[str, bool, str, bool]) -> ProxyError | None:
+        """The reading check of a long statement, from the analysis worker (AnalysisMiss until it is in)."""
+        if args in self._read:
+            return self._read[args]  # kept: the retry may be held again, for the analysis
+
+        def deliver(result: object) -> None:
+            refusal: ProxyError | None
+            if isinstance(result, tuple) and len(result) == 2 and result[0] == "read":
+                refusal = result[1]
+            else:
+                log.error("reading check off the event loop failed (%s); statement refused", type(result).__name__)
+                refusal = FeatureNotSupported(
+                    "pgveil: the statement could not be checked; it is refused while tables have encrypted columns"
+                )
+            if len(self._read) >= _DETACHED_LIMIT:
+                self._read.clear()
+            self._read[args] = refusal
+
+        raise AnalysisMiss(read_detached, args, deliver)
 
     def _deliver(self, key: tuple[str, tuple[str, ...]]) -> Callable[[object], None]:
         """Where the worker's result goes: kept for the retried message, if the catalog is still the one
@@ -292,7 +320,7 @@ class CryptoContext:
                     " encrypted columns"
                 )
                 result = QueryPlan(key[0], (StatementPlan(StatementKind.OTHER, True, refusal),), True)
-            if len(self._detached) >= 1000:
+            if len(self._detached) >= _DETACHED_LIMIT:
                 self._detached.clear()  # sessions that died before their retry; bounded memory
             self._detached[key] = result
 
@@ -358,18 +386,25 @@ class SessionCrypto:
         self.fmt = self.fmt.with_parameter(name, value)
         self._utf8_client = _is_utf8(self.fmt)
 
+    def _reading_refusal(self, sql: str) -> ProxyError | None:
+        """Whether the server reads ``sql`` as pgveil does (proxy.rewrite.reading), checked whenever tables
+        are protected. Its lexer is Python: a long statement is checked in the analysis worker process
+        (AnalysisMiss), one over the analysis limit refused (StatementTooLarge)."""
+        ctx = self.ctx
+        if ctx.catalog.empty:
+            return None
+        args = (sql, self.fmt.standard_conforming_strings, self.fmt.client_encoding, not self.in_flight)
+        if len(sql) <= ctx.inline_analysis_limit:
+            return reading_refusal(sql, standard_conforming_strings=args[1], client_encoding=args[2], certain=args[3])
+        ctx.check_size(sql)
+        return ctx.detached_reading(args)
+
     # -- simple Query ----------------------------------------------------------------------------------
     def query(self, sql: str) -> Outcome:
-        if not self.ctx.catalog.empty:
-            unreadable = reading_refusal(
-                sql,
-                standard_conforming_strings=self.fmt.standard_conforming_strings,
-                client_encoding=self.fmt.client_encoding,
-                certain=not self.in_flight,
-            )
+        try:
+            unreadable = self._reading_refusal(sql)
             if unreadable is not None:
                 return self._refuse(unreadable)
-        try:
             plan = self.ctx.analyze(statement_text(sql, self.fmt), self.search_path)
         except StatementTooLarge as e:
             return self._refuse(e)
@@ -465,19 +500,13 @@ class SessionCrypto:
     # -- extended protocol -----------------------------------------------------------------------------
     def parse(self, msg: m.Parse) -> Outcome:
         refused: ProxyError | None = None
-        if not self.ctx.catalog.empty:
-            refused = reading_refusal(
-                msg.query,
-                standard_conforming_strings=self.fmt.standard_conforming_strings,
-                client_encoding=self.fmt.client_encoding,
-                certain=not self.in_flight,
-            )
         plan = QueryPlan(msg.query)
-        if refused is None:
-            try:
+        try:
+            refused = self._reading_refusal(msg.query)
+            if refused is None:
                 plan = self.ctx.analyze(statement_text(msg.query, self.fmt), self.search_path)
-            except StatementTooLarge as e:
-                refused = e
+        except StatementTooLarge as e:
+            refused = e
         if refused is None and plan.syntax_since > self.fmt.server_major:
             refused = version_refusal(self.fmt.server_major)
         if refused is None and not plan.touches_protected:

@@ -14,9 +14,11 @@ import copyreg
 import types
 from typing import Any
 
+from proxy.errors import FeatureNotSupported
 from proxy.rewrite.analysis import analyze
 from proxy.rewrite.catalog import Catalog
 from proxy.rewrite.plan import QueryPlan
+from proxy.rewrite.reading import reading_refusal
 
 
 def _mapping_proxy(items: dict[Any, Any]) -> types.MappingProxyType[Any, Any]:
@@ -35,3 +37,14 @@ copyreg.pickle(types.MappingProxyType, _reduce_mapping_proxy)
 def analyze_detached(sql: str, catalog: Catalog, search_path: tuple[str, ...]) -> QueryPlan:
     """:func:`proxy.rewrite.analysis.analyze`, run in the analysis worker process."""
     return analyze(sql, catalog, search_path)
+
+
+def read_detached(
+    sql: str, standard_conforming_strings: bool, client_encoding: str, certain: bool
+) -> tuple[str, FeatureNotSupported | None]:
+    """:func:`proxy.rewrite.reading.reading_refusal` (whose lexer is Python too), run in the analysis
+    worker process; tagged, so that a refusal is told apart from a failure of the worker."""
+    refusal = reading_refusal(
+        sql, standard_conforming_strings=standard_conforming_strings, client_encoding=client_encoding, certain=certain
+    )
+    return ("read", refusal)

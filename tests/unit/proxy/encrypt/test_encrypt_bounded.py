@@ -116,19 +116,28 @@ def test_the_highest_bindable_parameter_is_accepted() -> None:
     assert len(parse.param_types) == 65535
 
 
+def run_detached(relay: Relay) -> int:
+    """Does what the session does for each NeedAnalysis (the work crosses to the worker pickled);
+    returns how many there were."""
+    count = 0
+    while relay.events:
+        (event,) = relay.events
+        assert isinstance(event, NeedAnalysis)
+        relay.events.clear()
+        assert take(relay) == (b"", b"")  # held: nothing of it, or of what follows, passed on
+        miss = event.miss
+        miss.deliver(pickle.loads(pickle.dumps(miss.function(*pickle.loads(pickle.dumps(miss.args))))))
+        relay.resume("client")
+        count += 1
+    return count
+
+
 def test_a_long_statement_is_analysed_off_the_event_loop() -> None:
     relay, _ctx = make(inline_analysis_limit=100)
     sql = "INSERT INTO customers (id, ssn) VALUES (1, 'a') /*" + "x" * 200 + "*/"
     message = fe(m.Query(sql))
     relay.receive_client(message + fe(m.Query("SELECT 2")))
-    (event,) = relay.events
-    assert isinstance(event, NeedAnalysis)
-    relay.events.clear()
-    assert take(relay) == (b"", b"")  # held: nothing of it, or of what follows, passed on
-    miss = event.miss
-    result = pickle.loads(pickle.dumps(miss.function(*pickle.loads(pickle.dumps(miss.args)))))
-    miss.deliver(result)
-    relay.resume("client")
+    assert run_detached(relay) == 2  # the reading check, then the analysis
     to_server, _ = take(relay)
     sent = [codec.decode_frontend(*f) for f in frames(to_server)]
     assert isinstance(sent[0], m.Query)
@@ -137,12 +146,22 @@ def test_a_long_statement_is_analysed_off_the_event_loop() -> None:
     assert relay.events == []
 
 
-def test_a_long_statement_that_names_no_protected_table_is_not_held() -> None:
+def test_a_long_statement_that_names_no_protected_table_is_only_checked_and_passes_untouched() -> None:
     relay, _ctx = make(inline_analysis_limit=100)
     message = fe(m.Query("SELECT 1 /*" + "x" * 200 + "*/"))
     relay.receive_client(message)
-    assert relay.events == []
+    assert run_detached(relay) == 1  # the reading check only: no analysis
     assert take(relay)[0] == message
+
+
+def test_a_long_statement_read_differently_by_the_server_is_refused() -> None:
+    relay, _ctx = make(inline_analysis_limit=100)
+    relay.receive_client(fe(m.Query("SET standard_conforming_strings = off")))
+    take(relay)
+    relay.receive_client(fe(m.Query("SELECT 'a\\' /* ' ; INSERT INTO customers (ssn) VALUES ('x') -- */" + " " * 200)))
+    assert run_detached(relay) == 1
+    (query,) = [codec.decode_frontend(*f) for f in frames(take(relay)[0])]
+    assert query == m.Query(REFUSED_QUERY)
 
 
 def test_a_failed_analysis_refuses_the_statement() -> None:
@@ -150,6 +169,7 @@ def test_a_failed_analysis_refuses_the_statement() -> None:
     relay.receive_client(fe(m.Query("SELECT ssn FROM customers /*" + "x" * 200 + "*/")))
     (event,) = relay.events
     assert isinstance(event, NeedAnalysis)
+    relay.events.clear()
     event.miss.deliver(RuntimeError("worker died"))
     relay.resume("client")
     (query,) = [codec.decode_frontend(*f) for f in frames(take(relay)[0])]
