@@ -479,7 +479,7 @@ class Session:
         miss = ev.miss
         result: object
         try:
-            result = await asyncio.get_running_loop().run_in_executor(analysis_pool(), miss.function, *miss.args)
+            result = await asyncio.get_running_loop().run_in_executor(analysis_pool(), miss.function, *miss.arguments)
         except Exception as exc:  # a broken or killed worker: refuse the statement, start a new pool
             log.error("[s%d] analysis worker failed: %s", self.sid, type(exc).__name__)
             _reset_analysis_pool()

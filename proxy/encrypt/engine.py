@@ -38,7 +38,7 @@ from typing import Any
 from keymgmt.envelope import DataKey, KeyState, column_associated_data, seal
 from proxy.encrypt.casts import CastNotSupported, NumericOutOfRange, canonical_through_cast
 from proxy.encrypt.keyring import KeyRing, KeyUnavailable
-from proxy.encrypt.offload import analyze_detached, read_detached
+from proxy.encrypt.offload import TOO_LARGE, analyze_detached, read_detached
 from proxy.encrypt.rows import (
     ColumnOutput,
     RowDecryptError,
@@ -58,7 +58,7 @@ from proxy.protocol.encryption import REFUSED_QUERY as REFUSED_QUERY
 from proxy.protocol.encryption import REFUSED_STATEMENT_NAME as REFUSED_STATEMENT_NAME
 from proxy.protocol.encryption import AnalysisMiss, CryptoState, KeyMiss
 from proxy.protocol.encryption import Outcome as Outcome
-from proxy.rewrite.analysis import analyze, needs_analysis
+from proxy.rewrite.analysis import analyze
 from proxy.rewrite.catalog import Catalog, ProtectedColumn
 from proxy.rewrite.copyrows import CopyOptions, CopyRowRewriter
 from proxy.rewrite.plan import (
@@ -92,6 +92,8 @@ DEFAULT_MAX_ANALYZED_STATEMENT = 1048576
 _CACHE_CHARS = 64 * 1024 * 1024
 # Results from the worker wait for their retry; a session that died first leaves one behind.
 _DETACHED_LIMIT = 64
+# The worker's verdict on a statement over the limit that may name a protected table (a plan, as a marker).
+_TOO_LARGE = QueryPlan("")
 
 
 def refused_execute() -> tuple[bytes, bytes]:
@@ -227,7 +229,7 @@ class CryptoContext:
         self.max_analyzed_statement = max_analyzed_statement
         self.inline_analysis_limit = inline_analysis_limit
         # Plans analysed off the event loop, waiting for their held message to be retried.
-        self._detached: dict[tuple[str, tuple[str, ...]], QueryPlan] = {}
+        self._detached: dict[tuple[str, tuple[str, ...]], QueryPlan] = {}  # or _TOO_LARGE
         self._read: dict[tuple[str, bool, str, bool], ProxyError | None] = {}
         self.cache_hits = 0
         self.cache_misses = 0
@@ -261,11 +263,15 @@ class CryptoContext:
             return cached
         plan = self._detached.pop(key, None)
         if plan is None:
-            if len(sql) > self.inline_analysis_limit and needs_analysis(sql, self.catalog):
-                self.check_size(sql)
-                raise AnalysisMiss(analyze_detached, (sql, self.catalog, search_path), self._deliver(key))
+            if len(sql) > self.inline_analysis_limit and not self.catalog.empty:
+                # Even the check whether the text names a protected table reads all of it, once per
+                # table: a long statement goes to the worker whole.
+                args = (sql, self.catalog, search_path, self.max_analyzed_statement)
+                raise AnalysisMiss(analyze_detached, args, self._deliver(key))
             self.cache_misses += 1
             plan = analyze(sql, self.catalog, search_path)
+        elif plan is _TOO_LARGE:
+            self.check_size(sql)
         else:
             self.cache_misses += 1
         self._cache[key] = plan
@@ -313,7 +319,9 @@ class CryptoContext:
         def deliver(result: object) -> None:
             if self.catalog is not catalog:
                 return
-            if not isinstance(result, QueryPlan):
+            if result == TOO_LARGE:
+                result = _TOO_LARGE
+            elif not isinstance(result, QueryPlan):
                 log.error("SQL analysis off the event loop failed (%s); statement refused", type(result).__name__)
                 refusal = Refusal(
                     "pgveil: the statement could not be analysed; it is refused because it names a table with"

@@ -15,7 +15,7 @@ import types
 from typing import Any
 
 from proxy.errors import FeatureNotSupported
-from proxy.rewrite.analysis import analyze
+from proxy.rewrite.analysis import analyze, needs_analysis
 from proxy.rewrite.catalog import Catalog
 from proxy.rewrite.plan import QueryPlan
 from proxy.rewrite.reading import reading_refusal
@@ -34,8 +34,15 @@ def _reduce_mapping_proxy(proxy: types.MappingProxyType[Any, Any]) -> tuple[Any,
 copyreg.pickle(types.MappingProxyType, _reduce_mapping_proxy)
 
 
-def analyze_detached(sql: str, catalog: Catalog, search_path: tuple[str, ...]) -> QueryPlan:
-    """:func:`proxy.rewrite.analysis.analyze`, run in the analysis worker process."""
+# What analyze_detached answers for a statement over the limit that may name a protected table.
+TOO_LARGE = "too large"
+
+
+def analyze_detached(sql: str, catalog: Catalog, search_path: tuple[str, ...], limit: int) -> QueryPlan | str:
+    """:func:`proxy.rewrite.analysis.analyze`, run in the analysis worker process; :data:`TOO_LARGE`
+    instead for a statement longer than ``limit`` that may name a protected table."""
+    if len(sql) > limit and needs_analysis(sql, catalog):
+        return TOO_LARGE
     return analyze(sql, catalog, search_path)
 
 

@@ -51,15 +51,16 @@ class KeyMiss(Exception):
 class AnalysisMiss(Exception):
     """Raised by the encryption layer when a statement is too long to analyse on the event loop and its
     plan is not cached: the relay holds the client's stream (as for :class:`KeyMiss`) and asks the
-    session (NeedAnalysis) to run ``function(*args)`` in a worker process, hand the result (or the
-    exception) to ``deliver`` and resume; the retried message then finds its plan."""
+    session (NeedAnalysis) to run ``function(*arguments)`` in a worker process, hand the result (or the
+    exception) to ``deliver`` and resume; the retried message then finds its plan. ``arguments`` hold
+    the statement text: never log them."""
 
     def __init__(
         self, function: Callable[..., object], args: tuple[object, ...], deliver: Callable[[object], None]
     ) -> None:
         super().__init__("analysis not cached")
         self.function = function
-        self.args = args
+        self.arguments = args
         self.deliver = deliver
 
 

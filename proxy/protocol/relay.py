@@ -165,7 +165,7 @@ class NeedAnalysis:
     """The relay stopped reading the client until ``miss``'s analysis has run off the event loop; the
     session runs it, delivers the result and resumes the client side."""
 
-    miss: AnalysisMiss
+    miss: AnalysisMiss = field(repr=False)  # carries the statement text
 
 
 @dataclass(frozen=True, slots=True)

@@ -126,7 +126,7 @@ def run_detached(relay: Relay) -> int:
         relay.events.clear()
         assert take(relay) == (b"", b"")  # held: nothing of it, or of what follows, passed on
         miss = event.miss
-        miss.deliver(pickle.loads(pickle.dumps(miss.function(*pickle.loads(pickle.dumps(miss.args))))))
+        miss.deliver(pickle.loads(pickle.dumps(miss.function(*pickle.loads(pickle.dumps(miss.arguments))))))
         relay.resume("client")
         count += 1
     return count
@@ -146,11 +146,28 @@ def test_a_long_statement_is_analysed_off_the_event_loop() -> None:
     assert relay.events == []
 
 
-def test_a_long_statement_that_names_no_protected_table_is_only_checked_and_passes_untouched() -> None:
+def test_a_long_statement_that_names_no_protected_table_passes_untouched() -> None:
     relay, _ctx = make(inline_analysis_limit=100)
     message = fe(m.Query("SELECT 1 /*" + "x" * 200 + "*/"))
     relay.receive_client(message)
-    assert run_detached(relay) == 1  # the reading check only: no analysis
+    assert run_detached(relay) == 2  # even finding that out reads the whole text: in the worker
+    assert take(relay)[0] == message
+    relay.receive_server(
+        codec.encode_backend(m.CommandComplete("SELECT 1")) + codec.encode_backend(m.ReadyForQuery(b"I"))
+    )
+    take(relay)
+    relay.receive_client(message)  # answered, so read with the same certainty: reading and plan are kept
+    assert relay.events == []
+    assert take(relay)[0] == message
+
+
+def test_a_long_statement_with_a_backslash_is_checked_off_the_event_loop_then_passes() -> None:
+    relay, _ctx = make(inline_analysis_limit=100)
+    relay.receive_client(fe(m.Query("SELECT 1")))
+    take(relay)  # unanswered: the next statement's reading is not certain
+    message = fe(m.Query("SELECT E'\\\\' /*" + "x" * 200 + "*/"))
+    relay.receive_client(message)
+    assert run_detached(relay) == 2  # the reading check, then the analysis (which finds no protected table)
     assert take(relay)[0] == message
 
 
@@ -180,7 +197,7 @@ def test_a_failed_analysis_refuses_the_statement() -> None:
 def test_a_statement_over_the_maximum_is_refused_without_analysis() -> None:
     relay, _ctx = make(inline_analysis_limit=100, max_analyzed_statement=1000)
     relay.receive_client(fe(m.Query("/* customers */ SELECT 1" + " " * 2000)))
-    assert relay.events == []
+    assert relay.events == []  # refused before the reading check
     (query,) = [codec.decode_frontend(*f) for f in frames(take(relay)[0])]
     assert query == m.Query(REFUSED_QUERY)
     assert error_fields(server_error(relay)) == [("ERROR", "54000")]

@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 
-from proxy.encrypt.offload import analyze_detached
+from proxy.encrypt.offload import TOO_LARGE, analyze_detached
 from proxy.rewrite.analysis import analyze
 from proxy.rewrite.catalog import Catalog, ProtectedColumn, ProtectedTable
 
@@ -28,7 +28,13 @@ CATALOG = Catalog({("public", "people"): PEOPLE})
     ],
 )
 def test_plans_survive_the_trip_to_the_worker(sql: str) -> None:
-    args = pickle.loads(pickle.dumps((sql, CATALOG, ("public",))))
+    args = pickle.loads(pickle.dumps((sql, CATALOG, ("public",), 1 << 20)))
     plan = pickle.loads(pickle.dumps(analyze_detached(*args)))
     assert plan == analyze(sql, CATALOG, ("public",))
     assert plan.statements == analyze(sql, CATALOG, ("public",)).statements
+
+
+def test_a_statement_over_the_limit_that_may_name_a_protected_table_is_too_large() -> None:
+    assert analyze_detached("/* people */ SELECT 1" + " " * 100, CATALOG, ("public",), 100) == TOO_LARGE
+    plain = "SELECT 1" + " " * 100
+    assert analyze_detached(plain, CATALOG, ("public",), 100) == analyze(plain, CATALOG, ("public",))
