@@ -94,6 +94,7 @@ _CACHE_CHARS = 64 * 1024 * 1024
 _DETACHED_LIMIT = 64
 # The worker's verdict on a statement over the limit that may name a protected table (a plan, as a marker).
 _TOO_LARGE = QueryPlan("")
+_TOO_LARGE_TO_READ = ProxyError("too large to read")  # the same for the reading check
 
 
 def refused_execute() -> tuple[bytes, bytes]:
@@ -294,12 +295,17 @@ class CryptoContext:
     def detached_reading(self, args: tuple[str, bool, str, bool]) -> ProxyError | None:
         """The reading check of a long statement, from the analysis worker (AnalysisMiss until it is in)."""
         if args in self._read:
-            return self._read[args]  # kept: the retry may be held again, for the analysis
+            refusal = self._read[args]  # kept: the retry may be held again, for the analysis
+            if refusal is _TOO_LARGE_TO_READ:
+                self.check_size(args[0])
+            return refusal
 
         def deliver(result: object) -> None:
             refusal: ProxyError | None
             if isinstance(result, tuple) and len(result) == 2 and result[0] == "read":
                 refusal = result[1]
+            elif isinstance(result, tuple) and len(result) == 2 and result[0] == TOO_LARGE:
+                refusal = _TOO_LARGE_TO_READ
             else:
                 log.error("reading check off the event loop failed (%s); statement refused", type(result).__name__)
                 refusal = FeatureNotSupported(
@@ -309,7 +315,7 @@ class CryptoContext:
                 self._read.clear()
             self._read[args] = refusal
 
-        raise AnalysisMiss(read_detached, args, deliver)
+        raise AnalysisMiss(read_detached, (*args, self.max_analyzed_statement), deliver)
 
     def _deliver(self, key: tuple[str, tuple[str, ...]]) -> Callable[[object], None]:
         """Where the worker's result goes: kept for the retried message, if the catalog is still the one
@@ -404,7 +410,6 @@ class SessionCrypto:
         args = (sql, self.fmt.standard_conforming_strings, self.fmt.client_encoding, not self.in_flight)
         if len(sql) <= ctx.inline_analysis_limit:
             return reading_refusal(sql, standard_conforming_strings=args[1], client_encoding=args[2], certain=args[3])
-        ctx.check_size(sql)
         return ctx.detached_reading(args)
 
     # -- simple Query ----------------------------------------------------------------------------------

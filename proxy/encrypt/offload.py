@@ -47,10 +47,15 @@ def analyze_detached(sql: str, catalog: Catalog, search_path: tuple[str, ...], l
 
 
 def read_detached(
-    sql: str, standard_conforming_strings: bool, client_encoding: str, certain: bool
+    sql: str, standard_conforming_strings: bool, client_encoding: str, certain: bool, limit: int
 ) -> tuple[str, FeatureNotSupported | None]:
     """:func:`proxy.rewrite.reading.reading_refusal` (whose lexer is Python too), run in the analysis
-    worker process; tagged, so that a refusal is told apart from a failure of the worker."""
+    worker process; tagged, so that a refusal is told apart from a failure of the worker.
+    :data:`TOO_LARGE` for a statement longer than ``limit`` that the check would have to lex (it lexes
+    only text with a backslash or a U& string, or non-ASCII text while the settings are uncertain)."""
+    may_lex = "\\" in sql or "&'" in sql or (not certain and not sql.isascii())
+    if len(sql) > limit and may_lex:
+        return (TOO_LARGE, None)
     refusal = reading_refusal(
         sql, standard_conforming_strings=standard_conforming_strings, client_encoding=client_encoding, certain=certain
     )

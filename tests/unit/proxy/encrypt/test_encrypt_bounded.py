@@ -197,7 +197,7 @@ def test_a_failed_analysis_refuses_the_statement() -> None:
 def test_a_statement_over_the_maximum_is_refused_without_analysis() -> None:
     relay, _ctx = make(inline_analysis_limit=100, max_analyzed_statement=1000)
     relay.receive_client(fe(m.Query("/* customers */ SELECT 1" + " " * 2000)))
-    assert relay.events == []  # refused before the reading check
+    assert run_detached(relay) == 2  # read (nothing to lex), then found to name a protected table
     (query,) = [codec.decode_frontend(*f) for f in frames(take(relay)[0])]
     assert query == m.Query(REFUSED_QUERY)
     assert error_fields(server_error(relay)) == [("ERROR", "54000")]
@@ -238,3 +238,20 @@ def test_an_exception_on_a_message_without_a_stand_in_ends_the_session_with_fata
     assert error_fields(to_client) == [("FATAL", "XX000")]
     assert relay.phase is Phase.CLOSED
     assert [type(e) for e in relay.events] == [CloseConnection]
+
+
+def test_a_statement_over_the_maximum_that_would_need_lexing_is_refused() -> None:
+    relay, _ctx = make(inline_analysis_limit=100, max_analyzed_statement=1000)
+    relay.receive_client(fe(m.Query("SELECT 'a\\b' /* no protected table */" + " " * 2000)))
+    assert run_detached(relay) == 1
+    (query,) = [codec.decode_frontend(*f) for f in frames(take(relay)[0])]
+    assert query == m.Query(REFUSED_QUERY)
+    assert error_fields(server_error(relay)) == [("ERROR", "54000")]
+
+
+def test_a_statement_over_the_maximum_that_needs_neither_passes() -> None:
+    relay, _ctx = make(inline_analysis_limit=100, max_analyzed_statement=1000)
+    message = fe(m.Query("SELECT 1 /* no protected table */" + " " * 2000))
+    relay.receive_client(message)
+    assert run_detached(relay) == 2
+    assert take(relay)[0] == message
