@@ -150,7 +150,7 @@ class SessionsConfig:
     idle_buffer_limit: int = 262144
     track_statements: StatementTracking = StatementTracking.AUTO
     workers: int = 1
-    max_analyzed_statement_size: int = 1048576
+    max_analyzed_statement_size: int = 16777216
 
 
 @dataclass(frozen=True, slots=True)

@@ -87,7 +87,7 @@ _EXECUTE_REFUSAL = (RefusalReason.CONSTRUCT, "0A000")  # what refused_execute an
 # Statements up to this many characters are analysed on the event loop (about 2 ms at most); longer
 # ones in the analysis worker process (proxy.encrypt.offload), up to the configured maximum.
 INLINE_ANALYSIS_LIMIT = 8192
-DEFAULT_MAX_ANALYZED_STATEMENT = 1048576
+DEFAULT_MAX_ANALYZED_STATEMENT = 16777216
 # The analysis cache holds at most this much statement text, however many entries that is.
 _CACHE_CHARS = 64 * 1024 * 1024
 # Results from the worker wait for their retry; a session that died first leaves one behind.
