@@ -11,7 +11,12 @@ hold a whole result set or COPY stream.
 
 Failures end only this session: a dead upstream becomes FATAL 08006 for the client (naming the server
 address), a protocol violation FATAL 08P01, and a client that vanishes closes its server connection, which
-makes PostgreSQL abort whatever the client left running (a COPY included).
+makes PostgreSQL abort whatever the client left running (a COPY included). No exception reaches the
+transport: one that escapes the relay becomes FATAL (its SQLSTATE, or XX000) at a message boundary, and
+the log line names the session and the exception's type, never its text.
+
+Long statements are read and analysed in one worker process (:func:`analysis_pool`) while the relay holds
+that client (NeedAnalysis), so a multi-megabyte statement stalls no other session.
 """
 
 from __future__ import annotations
