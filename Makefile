@@ -4,10 +4,11 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench fuzz clean
 
-$(BIN)/pgveil: pyproject.toml
+$(BIN)/pgveil: pyproject.toml setup.py native/pgveil_accel.c
 	./scripts/bootstrap
+	touch $@
 
 install: $(BIN)/pgveil
 
@@ -19,9 +20,15 @@ test: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
+	./scripts/fuzz 3
+
+# The native accelerator against the Python reference, coverage-guided then under ASan (see scripts/fuzz).
+FUZZ_SECONDS ?= 300
+fuzz: install
+	./scripts/fuzz $(FUZZ_SECONDS)
 
 bench: install
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) .pgveil-demo build *.egg-info
+	rm -rf $(VENV) .pgveil-demo build *.egg-info pgveil_accel*.so

@@ -14,11 +14,13 @@ in production and a middleman's ratio on a write workload is measured against th
 insert workloads turn ``synchronous_commit`` off for their own sessions, the CPU-bound view. It loads
 ``pgbench -i -s 10`` and the workloads' tables, starts the targets (``direct``: the cluster; ``pgveil``:
 ``pgveil serve`` with a minimal config; ``pgveil-encrypted``: pgveil with a keystore and the ``*_enc``
-tables' columns encrypted; ``pgbouncer``: session pooling, SCRAM, when installed) and runs every
-workload on each of its targets, interleaved: each round visits the targets in a rotated order, so drift
-of the machine during the run (thermal, page cache, autovacuum) falls on all targets alike. A target that
-cannot start is skipped with its reason and log tail. Everything is torn down at the end, on errors and
-on Ctrl-C (which still prints what was measured so far).
+tables' columns encrypted, on the native accelerator when it is built; ``pgveil-encrypted-py``: the same
+forced onto the pure-Python kernels with ``PGVEIL_IMPL=python``; ``pgbouncer``: session pooling, SCRAM,
+when installed) and runs every workload on each of its targets, interleaved: each round visits the
+targets in a rotated order, so drift of the machine during the run (thermal, page cache, autovacuum)
+falls on all targets alike. A target that cannot start is skipped with its reason and log tail.
+Everything is torn down at the end, on errors and on Ctrl-C (which still prints what was measured so
+far).
 
 Columns: tx/s is the median over rounds; rows/s is tx/s times the rows each transaction fetches; p50/p99
 are per-transaction latencies from pgbench's transaction log over all rounds; failed counts failed
@@ -94,7 +96,7 @@ log = logging.getLogger("bench.run")
 QUICK_DURATION_S = 2
 QUICK_ROUNDS = 2
 PROFILE_DEFAULT_WORKLOAD = "wide-fetch-encrypted"
-PROFILABLE_TARGETS = ("pgveil-encrypted", "pgveil")
+PROFILABLE_TARGETS = ("pgveil-encrypted", "pgveil-encrypted-py", "pgveil")
 DURABILITY_SETTINGS = ("fsync", "synchronous_commit", "full_page_writes", "wal_sync_method")
 CLUSTER_SETTINGS = {
     # 500 idle connections through a 1:1 middleman, plus pgbench and a margin.
@@ -321,6 +323,7 @@ def _target_factories(ctx: BenchContext, direct: DirectTarget) -> dict[str, Call
         "direct": lambda: direct,
         "pgveil": lambda: PgveilTarget(ctx.cluster, ctx.workdir),
         "pgveil-encrypted": lambda: encrypted_target(ctx),
+        "pgveil-encrypted-py": lambda: encrypted_target(ctx, python=True),
         "pgveil-encrypted-2w": lambda: encrypted_target(ctx, workers=2),
         "pgbouncer": lambda: PgbouncerTarget(ctx.cluster, ctx.workdir),
     }

@@ -259,10 +259,11 @@ class PgveilTarget:
 
     def version(self) -> str:
         try:
+            from keymgmt import native
             from proxy import __version__
         except ImportError:
             return "unknown"
-        return f"pgveil {__version__}"
+        return f"pgveil {__version__}, {native.IMPLEMENTATION} kernels"
 
 
 class PgveilEncryptedTarget(PgveilTarget):
@@ -433,6 +434,23 @@ class PgbouncerTarget:
             out = subprocess.run([self._binary, "--version"], capture_output=True, text=True, check=True)
             return out.stdout.splitlines()[0].strip()
         return "unknown"
+
+
+class PgveilEncryptedPythonTarget(PgveilEncryptedTarget):
+    """pgveil-encrypted forced onto the pure-Python kernels (``PGVEIL_IMPL=python``), for the accelerator's
+    effect in the same run."""
+
+    name = "pgveil-encrypted-py"
+
+    def spawn_env(self) -> Mapping[str, str] | None:
+        return {**self.keystore_environ, "PGVEIL_IMPL": "python"}
+
+    def version(self) -> str:
+        try:
+            from proxy import __version__
+        except ImportError:
+            return "unknown"
+        return f"pgveil {__version__}, python kernels (PGVEIL_IMPL=python)"
 
 
 class PgveilEncrypted2Target(PgveilEncryptedTarget):

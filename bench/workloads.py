@@ -43,6 +43,7 @@ from bench.targets import (
     ASYNC_COMMIT_PASSWORD,
     ASYNC_COMMIT_ROLE,
     PgveilEncrypted2Target,
+    PgveilEncryptedPythonTarget,
     PgveilEncryptedTarget,
     Target,
     TargetUnavailable,
@@ -53,11 +54,12 @@ log = logging.getLogger(__name__)
 
 # Plaintext-table workloads run on these (pgveil-encrypted: the full statement model on a plain table).
 PLAIN_TABLE_TARGETS = ("direct", "pgveil", "pgveil-encrypted", "pgbouncer")
-ALL_TARGETS = ("direct", "pgveil", "pgveil-encrypted", "pgveil-encrypted-2w", "pgbouncer")
-ENCRYPTED_TARGETS = ("pgveil-encrypted", "pgveil-encrypted-2w")
+ALL_TARGETS = ("direct", "pgveil", "pgveil-encrypted", "pgveil-encrypted-py", "pgveil-encrypted-2w", "pgbouncer")
+# pgveil-encrypted-py: the same as pgveil-encrypted on the pure-Python kernels (PGVEIL_IMPL=python).
+ENCRYPTED_TARGETS = ("pgveil-encrypted", "pgveil-encrypted-py", "pgveil-encrypted-2w")
 # The workloads on plaintext tables that compare the middlemen among themselves.
 PLAIN_TARGETS = ("direct", "pgveil", "pgbouncer")
-MIDDLEMEN = ("pgveil", "pgveil-encrypted", "pgveil-encrypted-2w", "pgbouncer")
+MIDDLEMEN = ("pgveil", "pgveil-encrypted", "pgveil-encrypted-py", "pgveil-encrypted-2w", "pgbouncer")
 PGBENCH_SCALE = 10
 WIDE_ROWS = 1000
 TEXT_COLUMNS = ("c1", "c2", "c3", "c4", "c5")
@@ -172,8 +174,9 @@ def truncate_insert(ctx: BenchContext) -> None:
     _sql(ctx.cluster, "TRUNCATE bench_ins RESTART IDENTITY;", "CHECKPOINT;")
 
 
-def encrypted_target(ctx: BenchContext, workers: int = 1) -> PgveilEncryptedTarget:
-    cls = PgveilEncrypted2Target if workers == 2 else PgveilEncryptedTarget
+def encrypted_target(ctx: BenchContext, workers: int = 1, *, python: bool = False) -> PgveilEncryptedTarget:
+    """pgveil with the protected tables; ``python``: on the pure-Python kernels (PGVEIL_IMPL=python)."""
+    cls = PgveilEncrypted2Target if workers == 2 else PgveilEncryptedPythonTarget if python else PgveilEncryptedTarget
     return cls(ctx.cluster, ctx.workdir, PROTECTED_TABLES)
 
 

@@ -28,6 +28,16 @@ cannot contain NUL, and the subject id comes last. An envelope is at least 48 by
 
 Nonce budget: random 96-bit nonces are safe for about 2**32 encryptions under one key (NIST SP 800-38D
 section 8.3); DEKs are per column or per subject and rotate, which keeps each key far below that.
+
+Two implementations sit behind the same functions (see :mod:`keymgmt.native`): the compiled accelerator
+(OpenSSL's EVP AES-256-GCM, one cipher context per key and direction) and cryptography's AESGCM. A
+DataKey holds a cipher of the kind the process chose; both take (nonce, data, associated data) and give
+the same bytes. The accelerator mirrors the layout above in C; it is used only after its constants were
+checked against the ones defined here.
+
+Opening is one boundary for every caller: :class:`Opener` (and :func:`open_envelope` for single
+values) makes every check and raises :class:`OpenFailed`, whose message is the same whatever failed;
+``reason`` (an :class:`OpenFailure`) is for logs and metric labels only, never for the client.
 """
 
 from __future__ import annotations
@@ -37,11 +47,12 @@ import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NewType
+from typing import Any, NewType
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from keymgmt import native
 from keymgmt.errors import DecryptionFailed, KeyDisabled
 
 KeyId = NewType("KeyId", bytes)
@@ -69,6 +80,37 @@ _SEPARATOR = b"\x00"
 
 assert HEADER_LENGTH == 32
 assert MIN_LENGTH == 48
+
+_accel: Any = native.accel  # the accelerator module, or None: see keymgmt.native
+
+if _accel is not None and (
+    _accel.PREFIX_V1 != _PREFIX_V1
+    or (_accel.KEY_ID_LENGTH, _accel.NONCE_LENGTH, _accel.TAG_LENGTH, _accel.HEADER_LENGTH)
+    != (KEY_ID_LENGTH, NONCE_LENGTH, TAG_LENGTH, HEADER_LENGTH)
+):
+    raise ImportError("pgveil_accel was built for another envelope layout: rebuild it from this source tree")
+
+# What a cipher raises when a tag does not verify, in either implementation.
+_INVALID_TAG: tuple[type[Exception], ...] = (InvalidTag,) if _accel is None else (InvalidTag, _accel.InvalidTag)
+# Opened keys an Opener remembers before it starts again (per-subject keys make one result use many).
+_OPENER_KEYS = 256
+
+
+class OpenFailure(enum.StrEnum):
+    """Why a stored value did not open: a bounded set, for logs and metric labels, never for the client."""
+
+    NOT_AN_ENVELOPE = "not_an_envelope"  # too short, or another magic, version or algorithm
+    UNKNOWN_KEY = "unknown_key"  # no usable key with that id: never created here, or destroyed
+    DISABLED_KEY = "disabled_key"
+    AUTHENTICATION = "authentication"  # the tag does not verify: tampered, moved, or another key's value
+
+
+class OpenFailed(DecryptionFailed):
+    """A stored value did not open. The message is :class:`DecryptionFailed`'s, whatever the check."""
+
+    def __init__(self, reason: OpenFailure | str) -> None:
+        super().__init__()
+        self.reason = OpenFailure(reason)
 
 
 class KeyState(enum.Enum):
@@ -110,7 +152,8 @@ class DataKey:
     column_id: str
     subject: bytes | None
     version: int
-    _aead: AESGCM = field(compare=False)
+    # AESGCM, or the accelerator's Key (same encrypt/decrypt signature); the key bytes live only in it.
+    _cipher: Any = field(compare=False)
     # magic · version · algorithm · key id: the constant part of every header this key writes.
     _prefix: bytes = field(compare=False)
 
@@ -138,7 +181,7 @@ class DataKey:
             column_id=column_id,
             subject=subject,
             version=version,
-            _aead=AESGCM(bytes(material)),
+            _cipher=AESGCM(bytes(material)) if _accel is None else _accel.Key(material),
             _prefix=_PREFIX_V1 + kid,
         )
 
@@ -152,7 +195,7 @@ class DataKey:
             column_id=self.column_id,
             subject=self.subject,
             version=self.version,
-            _aead=self._aead,
+            _cipher=self._cipher,
             _prefix=self._prefix,
         )
 
@@ -188,11 +231,14 @@ def seal(key: DataKey, plaintext: bytes, associated: bytes) -> bytes:
     """
     if key.state is not _ENABLED:
         raise KeyDisabled("a data key that is not ENABLED cannot encrypt")
-    # One getrandom() call per value. Buffering random bytes would be faster but risks handing the same
-    # nonce out twice (threads, fork), and a repeated GCM nonce under one key is catastrophic.
+    # One getrandom() call per value (the accelerator makes the same call). Buffering random bytes would be
+    # faster but risks handing the same nonce out twice (threads, fork), and a repeated GCM nonce under one
+    # key is catastrophic.
+    if _accel is not None:
+        return key._cipher.seal(key._prefix, plaintext, associated)  # type: ignore[no-any-return]
     nonce = os.urandom(NONCE_LENGTH)
     header = key._prefix + nonce
-    return header + key._aead.encrypt(nonce, plaintext, header + associated)
+    return header + key._cipher.encrypt(nonce, plaintext, header + associated)  # type: ignore[no-any-return]
 
 
 def _seal_with_nonce(key: DataKey, plaintext: bytes, associated: bytes, nonce: bytes) -> bytes:
@@ -202,7 +248,7 @@ def _seal_with_nonce(key: DataKey, plaintext: bytes, associated: bytes, nonce: b
     if key.state is not _ENABLED:
         raise KeyDisabled("a data key that is not ENABLED cannot encrypt")
     header = key._prefix + nonce
-    return header + key._aead.encrypt(nonce, plaintext, header + associated)
+    return header + key._cipher.encrypt(nonce, plaintext, header + associated)  # type: ignore[no-any-return]
 
 
 def open_envelope(key_lookup: Callable[[bytes], DataKey], envelope: bytes, associated: bytes) -> bytes:
@@ -213,18 +259,18 @@ def open_envelope(key_lookup: Callable[[bytes], DataKey], envelope: bytes, assoc
     :class:`~keymgmt.errors.DecryptionFailed`, whichever check it was.
     """
     if len(envelope) < MIN_LENGTH or envelope[:_KEY_ID_START] != _PREFIX_V1:
-        raise DecryptionFailed()
+        raise OpenFailed(OpenFailure.NOT_AN_ENVELOPE)
     key = key_lookup(envelope[_KEY_ID_START:_NONCE_START])
     if key.state is not _ENABLED:
         raise KeyDisabled("the data key of a protected value is disabled")
     try:
-        return key._aead.decrypt(
+        return key._cipher.decrypt(  # type: ignore[no-any-return]
             envelope[_NONCE_START:HEADER_LENGTH],
             envelope[HEADER_LENGTH:],
             envelope[:HEADER_LENGTH] + associated,
         )
-    except InvalidTag:
-        raise DecryptionFailed() from None
+    except _INVALID_TAG:
+        raise OpenFailed(OpenFailure.AUTHENTICATION) from None
 
 
 def peek_key_id(envelope: bytes) -> KeyId:
@@ -241,3 +287,96 @@ def peek_key_id(envelope: bytes) -> KeyId:
 def is_envelope(value: bytes) -> bool:
     """Whether ``value`` is framed like a v1 envelope (it may still fail to authenticate)."""
     return len(value) >= MIN_LENGTH and value[:_KEY_ID_START] == _PREFIX_V1
+
+
+KeyLookup = Callable[[bytes], DataKey | None]
+"""Finds the key of a 16-byte key id, or None when there is none to use. It may raise (the proxy raises
+its key-miss signal there, to fetch the key and retry): an Opener lets that exception through as it is."""
+
+
+class Opener:
+    """Opens stored values for one result or stream: the one decrypt boundary of the data path.
+
+    ``open(data, start, end, associated)`` authenticates and decrypts the envelope ``data[start:end]``
+    (``associated`` is :func:`column_associated_data` of its column) and returns the plaintext. The checks,
+    in this order, each failing with :class:`OpenFailed`: at least :data:`MIN_LENGTH` bytes; magic,
+    version and algorithm; a key for the key id (``key_lookup``); the key ENABLED; the tag over header ·
+    associated. A key found and enabled is remembered for the Opener's life (bounded), a refused one is
+    not, so build one Opener per result: a key disabled or destroyed meanwhile is seen by the next one.
+
+    ``native`` is the accelerator's opener (what its DataRow kernel takes), or None under Python.
+    """
+
+    __slots__ = ("__weakref__", "_decrypts", "_lookup", "native")
+
+    def __new__(cls, key_lookup: KeyLookup, *, python: bool = False) -> Opener:
+        """``python`` forces the reference implementation (tests and benchmarks compare the two)."""
+        if cls is Opener and _accel is not None and not python:
+            cls = _NativeOpener
+        return object.__new__(cls)
+
+    def __init__(self, key_lookup: KeyLookup, *, python: bool = False) -> None:
+        self._lookup = key_lookup
+        self._decrypts: dict[bytes, Any] = {}
+        self.native: Any = None
+
+    def open(self, data: bytes, start: int, end: int, associated: bytes) -> bytes:
+        """The plaintext of the envelope ``data[start:end]``; raises :class:`OpenFailed`."""
+        if end - start < MIN_LENGTH or start < 0 or end > len(data):
+            raise OpenFailed(OpenFailure.NOT_AN_ENVELOPE)
+        k = start + _NONCE_START
+        h = start + HEADER_LENGTH
+        decrypt = self._decrypts.get(data[start:k])
+        if decrypt is None:
+            decrypt = self._remember(data[start:k])
+        try:
+            return decrypt(data[k:h], data[h:end], data[start:h] + associated)  # type: ignore[no-any-return]
+        except _INVALID_TAG:
+            raise OpenFailed(OpenFailure.AUTHENTICATION) from None
+
+    def _remember(self, prefix: bytes) -> Any:
+        decrypt = _enabled_key(self._lookup, prefix)._cipher.decrypt
+        if len(self._decrypts) >= _OPENER_KEYS:
+            self._decrypts.clear()
+        self._decrypts[prefix] = decrypt
+        return decrypt
+
+    def __repr__(self) -> str:
+        return f"Opener({'native' if self.native is not None else 'python'})"
+
+
+class _NativeOpener(Opener):
+    """The accelerator's Opener behind the same interface; ``open`` is its method, without a Python frame."""
+
+    __slots__ = ("open",)  # an instance attribute in place of the method
+
+    def __init__(self, key_lookup: KeyLookup, *, python: bool = False) -> None:
+        super().__init__(key_lookup)
+        # The callback closes over the lookup only: no reference cycle through this Opener.
+        self.native = _accel.Opener(_native_finder(key_lookup), OpenFailed)
+        self.open = self.native.open  # type: ignore[method-assign]
+
+
+def _enabled_key(lookup: KeyLookup, prefix: bytes) -> DataKey:
+    """The enabled key for an envelope's first 20 bytes (magic · version · algorithm · key id)."""
+    if prefix[:_KEY_ID_START] != _PREFIX_V1:
+        raise OpenFailed(OpenFailure.NOT_AN_ENVELOPE)
+    key = lookup(prefix[_KEY_ID_START:])
+    if key is None:
+        raise OpenFailed(OpenFailure.UNKNOWN_KEY)
+    if key.state is not _ENABLED:
+        raise OpenFailed(OpenFailure.DISABLED_KEY)
+    return key
+
+
+def _native_finder(lookup: KeyLookup) -> Callable[[bytes], Any]:
+    """The accelerator's callback, which keeps the ciphers it is given: the key's cipher, or the reason
+    (a str) it may not be used. The lookup's own exceptions go through as they are."""
+
+    def find(prefix: bytes) -> Any:
+        try:
+            return _enabled_key(lookup, prefix)._cipher
+        except OpenFailed as e:
+            return e.reason.value
+
+    return find

@@ -1,9 +1,12 @@
 """Reads the server catalog for the protected tables and joins it with the configured catalog.
 
-``read_tables`` is the only I/O here (three catalog queries over the service connection, whatever the
-number of tables); ``resolve_catalog`` is the pure join that fills in table OIDs, attribute numbers and
-column order, and names every mismatch between configuration and database. ``proxy.schema`` reuses
-both. This module never changes the database and never reads table contents.
+``read_tables`` and ``read_family`` are the only I/O here (a few catalog queries over the service
+connection, whatever the number of tables); ``resolve_catalog`` and ``resolve_family`` are the pure
+joins that fill in table OIDs, attribute numbers and column order, add each protected table's family
+(partitions and inheritance children at any depth, from pg_inherits; views over any of them, from
+pg_depend and pg_rewrite, their columns mapped by analysing the view's definition) and the relations
+that share a protected relation's name, and name every mismatch between configuration and database.
+``proxy.schema`` reuses them. This module never changes the database and never reads table contents.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from proxy.rewrite.catalog import Catalog, ProtectedTable
+from proxy.rewrite.catalog import Catalog, ProtectedColumn, ProtectedTable
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +110,31 @@ WHERE conrelid = ANY($1::oid[])
 """
 
 
-async def read_tables(conn: CatalogConnection, names: Iterable[tuple[str, str]]) -> dict[tuple[str, str], TableInfo]:
-    """The relations among ``names`` (``(schema, table)``) that exist, keyed like ``names``."""
+_TABLES_BY_OID_SQL = """
+SELECT n.nspname AS schema, c.relname AS name, c.oid AS oid, c.relkind::text AS relkind
+FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.oid = ANY($1::oid[])
+"""
+
+
+async def read_tables(
+    conn: CatalogConnection, names: Iterable[tuple[str, str]], follow: dict[tuple[str, str], int] | None = None
+) -> dict[tuple[str, str], TableInfo]:
+    """The relations among ``names`` (``(schema, table)``) that exist, keyed like ``names``. ``follow``
+    gives the OID a name had when last read: a name that no longer exists is looked up by it (the table
+    was renamed or moved) and keyed by the old name."""
     wanted = list(dict.fromkeys(names))
     if not wanted:
         return {}
-    rels = await conn.fetch(_TABLES_SQL, [s for s, _ in wanted], [t for _, t in wanted])
+    rels = list(await conn.fetch(_TABLES_SQL, [s for s, _ in wanted], [t for _, t in wanted]))
+    found_names = {(r["schema"], r["name"]) for r in rels}
+    lost = {oid: key for key, oid in (follow or {}).items() if key not in found_names and key in wanted}
+    alias: dict[int, tuple[str, str]] = {}
+    if lost:
+        for r in await conn.fetch(_TABLES_BY_OID_SQL, list(lost)):
+            rels.append(r)
+            alias[r["oid"]] = lost[r["oid"]]
     oids = [r["oid"] for r in rels]
     columns: dict[int, list[ColumnInfo]] = {oid: [] for oid in oids}
     constraints: dict[int, list[ConstraintInfo]] = {oid: [] for oid in oids}
@@ -132,7 +154,7 @@ async def read_tables(conn: CatalogConnection, names: Iterable[tuple[str, str]])
         for r in await conn.fetch(_CONSTRAINTS_SQL, oids):
             constraints[r["relid"]].append(ConstraintInfo(r["name"], r["kind"], r["validated"]))
     return {
-        (r["schema"], r["name"]): TableInfo(
+        alias.get(r["oid"], (r["schema"], r["name"])): TableInfo(
             schema=r["schema"],
             name=r["name"],
             oid=r["oid"],
@@ -144,14 +166,22 @@ async def read_tables(conn: CatalogConnection, names: Iterable[tuple[str, str]])
     }
 
 
-def resolve_catalog(configured: Catalog, found: dict[tuple[str, str], TableInfo]) -> tuple[Catalog, list[str]]:
+def resolve_catalog(
+    configured: Catalog, found: dict[tuple[str, str], TableInfo], previous: Catalog | None = None
+) -> tuple[Catalog, list[str]]:
     """``configured`` with what the server knows filled in, and one line per mismatch.
 
     Every configured table and column stays in the result, even when the server lacks it: the
-    rewriter must keep treating the name as protected (fail closed) rather than forget it.
+    rewriter must keep treating the name as protected (fail closed) rather than forget it. A table or
+    column renamed since ``previous`` was read is followed by OID and attribute number: it is known by
+    its new name and keeps its configured identity (``column_id``), so what was written before still
+    decrypts; the log says to update the configuration.
     """
     problems: list[str] = []
     tables: dict[tuple[str, str], ProtectedTable] = {}
+    earlier = {
+        t.configured_as or k: t for k, t in (previous.tables.items() if previous is not None else ()) if t.root is None
+    }
     for key, table in configured.tables.items():
         info = found.get(key)
         if info is None:
@@ -163,8 +193,22 @@ def resolve_catalog(configured: Catalog, found: dict[tuple[str, str], TableInfo]
             tables[key] = table
             continue
         columns = {}
+        before = earlier.get(key)
+        if before is not None and before.oid != info.oid:
+            before = None
+        if (info.schema, info.name) != key:
+            log.warning("table %s is now %s; update the configuration", table.qualified_name, info.qualified_name)
         for name, column in table.columns.items():
             col = info.column(name)
+            old = (
+                next((c for c in before.columns.values() if c.column_id == column.column_id), None)
+                if before is not None
+                else None
+            )
+            if col is None and old is not None and old.attnum:
+                col = next((c for c in info.columns if c.attnum == old.attnum), None)
+                if col is not None:
+                    log.warning("column %s is now named %s; update the configuration", column.column_id, col.name)
             if col is None:
                 problems.append(f"column {column.column_id} does not exist; run `pgveil schema apply`")
                 columns[name] = column
@@ -173,16 +217,265 @@ def resolve_catalog(configured: Catalog, found: dict[tuple[str, str], TableInfo]
                 problems.append(
                     f"column {column.column_id} is {col.type_name}, expected bytea; run `pgveil schema apply`"
                 )
-            columns[name] = dataclasses.replace(column, attnum=col.attnum, table_oid=info.oid)
-        tables[key] = dataclasses.replace(
-            table, columns=columns, all_columns=tuple(c.name for c in info.columns), oid=info.oid
+            columns[col.name] = dataclasses.replace(
+                column,
+                schema=info.schema,
+                table=info.name,
+                name=col.name,
+                attnum=col.attnum,
+                table_oid=info.oid,
+                identity="" if (info.schema, info.name, col.name) == (*key, name) else column.column_id,
+            )
+        tables[(info.schema, info.name)] = dataclasses.replace(
+            table,
+            schema=info.schema,
+            name=info.name,
+            configured_as=None if (info.schema, info.name) == key else key,
+            columns=columns,
+            all_columns=tuple(c.name for c in info.columns),
+            oid=info.oid,
+            attnums=tuple(c.attnum for c in info.columns),
         )
     return Catalog(tables), problems
 
 
-async def load_catalog(conn: CatalogConnection, configured: Catalog) -> tuple[Catalog, list[str]]:
-    """The configured catalog completed from the server's catalog, plus the problems found."""
-    found = await read_tables(conn, configured.tables)
-    catalog, problems = resolve_catalog(configured, found)
-    log.debug("catalog read: %d protected tables, %d problems", len(catalog.tables), len(problems))
+_DESCENDANTS_SQL = """
+WITH RECURSIVE family(root, relid, depth) AS (
+    SELECT r, r, 0 FROM unnest($1::oid[]) AS r
+  UNION
+    SELECT f.root, i.inhrelid, f.depth + 1
+    FROM family f JOIN pg_catalog.pg_inherits i ON i.inhparent = f.relid
+    WHERE f.depth < 64
+)
+SELECT f.root AS root, c.oid AS oid, n.nspname AS schema, c.relname AS name, c.relkind::text AS relkind
+FROM family f
+JOIN pg_catalog.pg_class c ON c.oid = f.relid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE f.relid <> f.root
+"""
+
+# Views (and materialized views) whose rewrite rule depends on one of the relations.
+_VIEWS_SQL = """
+SELECT DISTINCT c.oid AS oid, n.nspname AS schema, c.relname AS name, c.relkind::text AS relkind,
+       pg_catalog.pg_get_viewdef(c.oid) AS definition
+FROM pg_catalog.pg_depend d
+JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid
+JOIN pg_catalog.pg_class c ON c.oid = r.ev_class
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
+  AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+  AND d.refobjid = ANY($1::oid[]) AND r.ev_class <> d.refobjid AND c.relkind IN ('v', 'm')
+"""
+
+# Every relation a FROM clause or a write could name, by name.
+_NAMESAKES_SQL = """
+SELECT n.nspname AS schema, c.relname AS name
+FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relname = ANY($1::text[]) AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+"""
+
+_MAX_VIEW_DEPTH = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A relation in a protected table's family: ``root`` is the configured table's key."""
+
+    root: tuple[str, str]
+    info: TableInfo
+    definition: str | None = None  # a view's SELECT (pg_get_viewdef), with every name qualified
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    members: tuple[Member, ...]
+    namesakes: frozenset[tuple[str, str]]
+
+
+async def _columns_of(conn: CatalogConnection, oids: list[int]) -> dict[int, list[ColumnInfo]]:
+    columns: dict[int, list[ColumnInfo]] = {oid: [] for oid in oids}
+    if oids:
+        for r in await conn.fetch(_COLUMNS_SQL, oids, BYTEA_OID):
+            columns[r["relid"]].append(
+                ColumnInfo(
+                    name=r["name"],
+                    attnum=r["attnum"],
+                    type_name=r["type_name"],
+                    is_bytea=r["is_bytea"],
+                    has_default=r["has_default"],
+                    generated=r["generated"],
+                    identity=r["identity"],
+                )
+            )
+    return columns
+
+
+async def read_family(conn: CatalogConnection, roots: dict[int, tuple[str, str]]) -> Family:
+    """The family of each root (OID → configured key) and the relations sharing a member's name."""
+    rows = await conn.fetch(_DESCENDANTS_SQL, list(roots)) if roots else []
+    found: list[tuple[tuple[str, str], Any, str | None]] = [(roots[r["root"]], r, None) for r in rows]
+    root_of: dict[int, tuple[str, str]] = dict(roots)
+    root_of.update({r["oid"]: roots[r["root"]] for r in rows})
+    frontier = list(root_of)
+    # pg_get_viewdef qualifies every name not visible in the search_path: with an empty one, all of them.
+    saved = await conn.fetch("SELECT pg_catalog.current_setting('search_path') AS path")
+    await conn.fetch("SELECT pg_catalog.set_config('search_path', '', false)")
+    try:
+        for _ in range(_MAX_VIEW_DEPTH):
+            if not frontier:
+                break
+            views = [v for v in await conn.fetch(_VIEWS_SQL, frontier) if v["oid"] not in root_of]
+            frontier = []
+            for v in views:
+                if v["oid"] in root_of:
+                    continue
+                # A view over several protected tables gets the first one's root for its messages.
+                bases = await conn.fetch(
+                    "SELECT DISTINCT d.refobjid AS base FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_rewrite r "
+                    "ON r.oid = d.objid WHERE r.ev_class = $1 AND d.refobjid = ANY($2::oid[])",
+                    v["oid"],
+                    list(root_of),
+                )
+                root_of[v["oid"]] = root_of[min(b["base"] for b in bases)] if bases else next(iter(roots.values()))
+                found.append((root_of[v["oid"]], v, v["definition"]))
+                frontier.append(v["oid"])
+    finally:
+        await conn.fetch("SELECT pg_catalog.set_config('search_path', $1, false)", saved[0]["path"])
+    columns = await _columns_of(conn, [r["oid"] for _, r, _ in found])
+    members = tuple(
+        Member(
+            root,
+            TableInfo(r["schema"], r["name"], r["oid"], r["relkind"], tuple(columns[r["oid"]]), ()),
+            definition,
+        )
+        for root, r, definition in found
+    )
+    names = sorted({m.info.name for m in members} | {name for _, name in roots.values()})
+    namesakes = (
+        frozenset((r["schema"], r["name"]) for r in await conn.fetch(_NAMESAKES_SQL, names)) if names else frozenset()
+    )
+    return Family(members, namesakes)
+
+
+def resolve_family(catalog: Catalog, family: Family) -> tuple[Catalog, list[str]]:
+    """``catalog`` (configured tables, resolved) with each table's family added, every member mapping
+    its columns to the root's identity, and ``others`` set; one line per problem."""
+    problems: list[str] = []
+    tables = dict(catalog.tables)
+    for member in family.members:
+        info = member.info
+        key = (info.schema, info.name)
+        root = catalog.tables.get(member.root)
+        if root is None:
+            continue
+        if key in catalog.tables:
+            problems.append(
+                f"{info.qualified_name} is configured separately but belongs to the family of {root.qualified_name}, "
+                "whose column identities it shares; configure only the root table"
+            )
+            continue
+        if key in tables:
+            continue  # reached from two roots (a view over two protected tables): the first one holds
+        if member.definition is None:
+            member_table, member_problems = _child(root, info)
+        else:
+            member_table, member_problems = _view(root, info, member.definition, Catalog(tables))
+        problems.extend(member_problems)
+        tables[key] = member_table
+    protected = set(tables)
+    others = frozenset(k for k in family.namesakes if k not in protected)
+    return Catalog(tables, others), problems
+
+
+def _child(root: ProtectedTable, info: TableInfo) -> tuple[ProtectedTable, list[str]]:
+    """A partition or inheritance child: the root's protected columns, by name, at its own attnums."""
+    problems: list[str] = []
+    columns: dict[str, ProtectedColumn] = {}
+    for name, column in root.columns.items():
+        col = info.column(name)
+        if col is None:
+            problems.append(f"{info.qualified_name} (a child of {root.qualified_name}) lacks column {name}")
+            col_attnum = 0
+        else:
+            if not col.is_bytea:
+                problems.append(
+                    f"column {name} of {info.qualified_name} (a child of {root.qualified_name}) is {col.type_name}, "
+                    "expected bytea"
+                )
+            col_attnum = col.attnum
+        columns[name] = _member_column(column, info, name, col_attnum)
+    return _member(root, info, columns), problems
+
+
+def _view(root: ProtectedTable, info: TableInfo, definition: str, catalog: Catalog) -> tuple[ProtectedTable, list[str]]:
+    """A view: each column that passes a protected column through maps to it; a definition pgveil
+    cannot map column by column makes the view opaque (nothing decrypted, no writes through it)."""
+    from proxy.rewrite.analysis import analyze  # the analysis imports the catalog, not this module
+
+    plan = analyze(definition, catalog)
+    st = plan.statements[0] if len(plan.statements) == 1 else None
+    if (
+        st is None
+        or st.refusal_reason is not None
+        or st.result_columns is None
+        or len(st.result_columns) != len(info.columns)
+        or st.literal_targets
+        or st.param_targets
+    ):
+        log.info("view %s over %s is opaque to pgveil", info.qualified_name, root.qualified_name)
+        return _member(root, info, {}, view=True, opaque=True), []
+    columns = {
+        c.name: _member_column(p, info, c.name, c.attnum)
+        for c, p in zip(info.columns, st.result_columns, strict=True)
+        if p is not None
+    }
+    return _member(root, info, columns, view=True), []
+
+
+def _member_column(column: ProtectedColumn, info: TableInfo, name: str, attnum: int) -> ProtectedColumn:
+    return dataclasses.replace(
+        column, schema=info.schema, table=info.name, name=name, attnum=attnum, table_oid=info.oid,
+        identity=column.column_id,
+    )  # fmt: skip
+
+
+def _member(
+    root: ProtectedTable,
+    info: TableInfo,
+    columns: dict[str, ProtectedColumn],
+    *,
+    view: bool = False,
+    opaque: bool = False,
+) -> ProtectedTable:
+    return ProtectedTable(
+        info.schema,
+        info.name,
+        columns,
+        tuple(c.name for c in info.columns),
+        info.oid,
+        tuple(c.attnum for c in info.columns),
+        root=root.qualified_name,
+        view=view,
+        opaque=opaque,
+    )
+
+
+async def load_catalog(
+    conn: CatalogConnection, configured: Catalog, previous: Catalog | None = None
+) -> tuple[Catalog, list[str]]:
+    """The configured catalog completed from the server's catalog (with every protected table's family
+    and the relations sharing their names), plus the problems found. ``previous`` is the catalog read
+    last time, so that renamed tables and columns are followed (see resolve_catalog)."""
+    follow = (
+        {t.configured_as or k: t.oid for k, t in previous.tables.items() if t.oid and t.root is None}
+        if previous is not None
+        else {}
+    )
+    found = await read_tables(conn, configured.tables, follow)
+    catalog, problems = resolve_catalog(configured, found, previous)
+    roots = {t.oid: key for key, t in catalog.tables.items() if t.oid and t.root is None}
+    family = await read_family(conn, roots)
+    catalog, family_problems = resolve_family(catalog, family)
+    problems.extend(family_problems)
+    log.debug("catalog read: %d protected relations, %d problems", len(catalog.tables), len(problems))
     return catalog, problems

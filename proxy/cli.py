@@ -16,6 +16,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from keymgmt import native
 from proxy import __version__
 from proxy.config import Config, default_config_path, load_config
 from proxy.errors import ConfigError, ProxyError
@@ -108,7 +109,7 @@ async def _schema_apply(config: Config, *, dry_run: bool) -> int:
     import asyncpg
 
     from proxy.encrypt.runtime import connect_kwargs
-    from proxy.schema import apply_schema, plan_schema
+    from proxy.schema import apply_schema, plan_event_trigger, plan_schema
 
     service = config.service
     if service is None or service.dsn is None:
@@ -116,7 +117,7 @@ async def _schema_apply(config: Config, *, dry_run: bool) -> int:
         return 2
     conn = await asyncpg.connect(**connect_kwargs(service.dsn, service.password_file))
     try:
-        steps = await plan_schema(conn, config.catalog())
+        steps = await plan_schema(conn, config.catalog()) + await plan_event_trigger(conn)
         if not steps:
             print("schema up to date: nothing to do")
             return 0
@@ -132,7 +133,7 @@ async def _schema_apply(config: Config, *, dry_run: bool) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pgveil", description="PostgreSQL proxy with transparent column encryption")
-    p.add_argument("--version", action="version", version=f"pgveil {__version__}")
+    p.add_argument("--version", action="version", version=f"pgveil {__version__}\nkernels: {native.describe()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the proxy")

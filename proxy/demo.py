@@ -18,7 +18,7 @@ import asyncpg
 
 from proxy.config import parse_config, read_yaml
 from proxy.devcluster import DevCluster, free_port
-from proxy.schema import apply_schema, plan_schema
+from proxy.schema import apply_schema, plan_event_trigger, plan_schema
 from proxy.server import ProxyServer
 
 APP_PASSWORD = "demo-app-password"  # throwaway cluster credentials, printed on purpose
@@ -85,7 +85,7 @@ async def run_demo(*, keep_running: bool = False) -> int:
         _say("pgveil schema apply: protected columns become bytea with an envelope CHECK")
         service = await asyncpg.connect(cluster.dsn(dbname="app"))
         try:
-            steps = await plan_schema(service, config.catalog())
+            steps = await plan_schema(service, config.catalog()) + await plan_event_trigger(service)
             for step in steps:
                 print(f"  {step.description}")
             await apply_schema(service, steps)

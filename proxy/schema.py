@@ -55,6 +55,7 @@ class StepKind(StrEnum):
     ALTER_TYPE = "alter type"
     ADD_CONSTRAINT = "add constraint"
     VALIDATE_CONSTRAINT = "validate constraint"
+    EVENT_TRIGGER = "event trigger"
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +232,80 @@ async def plan_schema(conn: SchemaConnection, config_catalog: Catalog) -> list[S
     return steps
 
 
+# DDL made without pgveil (a migration run directly, a DBA's psql) must reach every pgveil instance
+# before it can matter: the event trigger notifies CATALOG_CHANNEL at the end of every DDL command and
+# every drop, and each instance, LISTENing on its service connection, reads its catalog again. The
+# notification is delivered at commit; its payload names the relations the command touched (so that
+# statements naming them wait for the reload) and is only a hint (see encrypt/runtime.py).
+CATALOG_CHANNEL: Final = "pgveil_catalog"
+EVENT_TRIGGERS: Final = ("pgveil_catalog_ddl", "pgveil_catalog_drop")
+_EVENT_TRIGGER_SQL: Final = f"""
+CREATE SCHEMA IF NOT EXISTS pgveil;
+CREATE OR REPLACE FUNCTION pgveil.notify_catalog_change() RETURNS event_trigger
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+DECLARE
+    names text;
+BEGIN
+    IF TG_EVENT = 'sql_drop' THEN
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_event_trigger_dropped_objects() WHERE NOT is_temporary) THEN
+            RETURN;
+        END IF;
+        SELECT string_agg(DISTINCT object_name, ',') INTO names
+        FROM pg_catalog.pg_event_trigger_dropped_objects() WHERE object_name IS NOT NULL AND NOT is_temporary;
+    ELSE
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_event_trigger_ddl_commands()
+                       WHERE schema_name IS DISTINCT FROM 'pg_temp') THEN
+            RETURN;  -- only temporary objects: they live in the session that made them, not through pgveil
+        END IF;
+        -- The relations the command touched, with their direct children and parents (ATTACH PARTITION
+        -- reports only the parent).
+        WITH touched AS (
+            SELECT d.objid FROM pg_catalog.pg_event_trigger_ddl_commands() d
+            WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+        ), related AS (
+            SELECT objid FROM touched
+            UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN touched t ON i.inhparent = t.objid
+            UNION SELECT i.inhparent FROM pg_catalog.pg_inherits i JOIN touched t ON i.inhrelid = t.objid
+        )
+        SELECT string_agg(DISTINCT c.relname, ',') INTO names
+        FROM related r JOIN pg_catalog.pg_class c ON c.oid = r.objid
+        WHERE c.relpersistence <> 't';
+    END IF;
+    IF pg_catalog.length(coalesce(names, '')) > 7000 THEN
+        names := '*';  -- too many to name (NOTIFY payloads are short): everything waits for the reload
+    END IF;
+    PERFORM pg_catalog.pg_notify('{CATALOG_CHANNEL}', coalesce(names, ''));
+END
+$$;
+DROP EVENT TRIGGER IF EXISTS {EVENT_TRIGGERS[0]};
+DROP EVENT TRIGGER IF EXISTS {EVENT_TRIGGERS[1]};
+CREATE EVENT TRIGGER {EVENT_TRIGGERS[0]} ON ddl_command_end EXECUTE FUNCTION pgveil.notify_catalog_change();
+CREATE EVENT TRIGGER {EVENT_TRIGGERS[1]} ON sql_drop EXECUTE FUNCTION pgveil.notify_catalog_change();
+"""  # noqa: S608 - built from constants only
+
+
+async def plan_event_trigger(conn: SchemaConnection) -> list[SchemaStep]:
+    """The step that installs the event triggers notifying pgveil of DDL, unless both are installed and
+    enabled. Creating an event trigger needs a superuser."""
+    enabled = await conn.fetchval(
+        "SELECT count(*) FROM pg_catalog.pg_event_trigger t JOIN pg_catalog.pg_proc p ON p.oid = t.evtfoid "
+        "WHERE t.evtname = ANY($1::text[]) AND t.evtenabled <> 'D' AND p.prosrc LIKE '%pg_event_trigger_%'",
+        list(EVENT_TRIGGERS),
+    )
+    if enabled == len(EVENT_TRIGGERS):
+        return []
+    return [
+        SchemaStep(
+            StepKind.EVENT_TRIGGER,
+            "pgveil",
+            "",
+            "",
+            _EVENT_TRIGGER_SQL.strip(),
+            f"install event triggers {', '.join(EVENT_TRIGGERS)} that notify pgveil of DDL",
+        )
+    ]
+
+
 async def _why_not_convertible(
     conn: SchemaConnection, col: ProtectedColumn, current: ColumnInfo, *, has_check: bool
 ) -> str | None:
@@ -260,7 +335,7 @@ async def apply_schema(conn: SchemaConnection, steps: list[SchemaStep]) -> None:
     """
     if not steps:
         return
-    tables = sorted({(s.schema, s.table) for s in steps})
+    tables = sorted({(s.schema, s.table) for s in steps if s.table})
     async with conn.transaction():
         for schema, table in tables:
             await conn.execute(f"LOCK TABLE {qualified(schema, table)} IN ACCESS EXCLUSIVE MODE")

@@ -25,6 +25,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from keymgmt import native
 from proxy import __version__
 from proxy.errors import RefusalReason
 
@@ -124,8 +125,12 @@ class Metrics:
             PlatformCollector(registry=r)
             GCCollector(registry=r)
 
-        self.build_info = Gauge("pgveil_build_info", "pgveil build; the value is always 1.", ["version"], registry=r)
-        self.build_info.labels(version).set(1)
+        # implementation: "native" (the compiled accelerator) or "python", see keymgmt.native.
+        self.build_info = Gauge(
+            "pgveil_build_info", "pgveil build; the value is always 1.", ["version", "implementation"], registry=r
+        )
+        self.build_info.labels(version, native.IMPLEMENTATION).set(1)
+        log.info("pgveil %s, envelope and DataRow kernels: %s", version, native.describe())
 
         # -- sessions -----------------------------------------------------------------------------------
         self.sessions_active = Gauge("pgveil_sessions_active", "Client sessions open now.", registry=r)

@@ -31,7 +31,7 @@ import itertools
 import logging
 import struct
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -224,13 +224,14 @@ class CryptoContext:
         inline_analysis_limit: int = INLINE_ANALYSIS_LIMIT,
     ) -> None:
         self.keys = keys
-        self._cache: OrderedDict[tuple[str, tuple[str, ...]], QueryPlan] = OrderedDict()
+        self._cache: OrderedDict[str, QueryPlan] = OrderedDict()
+        self.stale_names: dict[str, int] = {}
         self._cache_size = cache_size
         self._cache_chars = 0  # statement text held by the cache, bounded by _CACHE_CHARS
         self.max_analyzed_statement = max_analyzed_statement
         self.inline_analysis_limit = inline_analysis_limit
         # Plans analysed off the event loop, waiting for their held message to be retried.
-        self._detached: dict[tuple[str, tuple[str, ...]], QueryPlan] = {}  # or _TOO_LARGE
+        self._detached: dict[str, QueryPlan] = {}  # or _TOO_LARGE
         self._read: dict[tuple[str, bool, str, bool], ProxyError | None] = {}
         self.cache_hits = 0
         self.cache_misses = 0
@@ -238,8 +239,14 @@ class CryptoContext:
         self.unavailable: str | None = None
         self.install(catalog)
 
-    def install(self, catalog: Catalog) -> None:
-        """Adopts a catalog (with OIDs and attribute numbers once read from the server)."""
+    def install(self, catalog: Catalog, epoch: int | None = None) -> None:
+        """Adopts a catalog (with OIDs and attribute numbers once read from the server).
+
+        Every member of a protected table's family (partition, inheritance child, view) maps its own
+        (OID, attribute number) to the root's column, so a RowDescription from any of them is
+        decrypted with the root's identity. ``epoch`` is :attr:`reload_epoch` when the reload that read
+        ``catalog`` started: it is fresh for every request made before that, and stale still for the
+        requests made while it was being read (another reload follows)."""
         self.catalog = catalog
         self._cache.clear()
         self._cache_chars = 0
@@ -247,16 +254,61 @@ class CryptoContext:
         self._read.clear()
         self.columns: dict[str, ColumnCrypto] = {}
         self.by_attr: dict[tuple[int, int], ColumnCrypto] = {}
+        self.attnums: dict[int, frozenset[int]] = {}  # every live attribute of each protected relation
         for table in catalog.tables.values():
+            if table.oid and table.attnums:
+                self.attnums[table.oid] = frozenset(table.attnums)
             for col in table.columns.values():
                 cc = ColumnCrypto(col, codec_for(col.declared_type), column_associated_data(col.column_id))
-                self.columns[col.column_id] = cc
+                if table.root is None or col.column_id not in self.columns:
+                    self.columns[col.column_id] = cc  # the configured table's own column wins
                 if col.table_oid and col.attnum:
                     self.by_attr[(col.table_oid, col.attnum)] = cc
         self.unavailable = None
+        if epoch is None:
+            epoch = self.reload_epoch
+        if self._stale_since <= epoch:
+            self.stale = False
+        self.stale_names = {n: e for n, e in self.stale_names.items() if e > epoch}
 
-    def analyze(self, sql: str, search_path: tuple[str, ...]) -> QueryPlan:
-        key = (sql, search_path)
+    # -- catalog freshness -----------------------------------------------------------------------------
+    # DDL through pgveil (seen by the session that sends it), DDL elsewhere (the event trigger's
+    # notification, heard by the runtime) and a RowDescription that disagrees with the catalog all call
+    # request_reload. Until the runtime installs a catalog whose reading started after the request,
+    # ``stale`` holds and statements on protected tables are refused with 55000; so are statements naming
+    # one of ``stale_names`` (each remembered with the epoch of its request, so that a stream of
+    # requests never keeps an older name refused beyond the next reload).
+    stale: bool = False
+    stale_names: dict[str, int]
+    reload_epoch: int = 0
+    _stale_since: int = 0  # the epoch of the last request that marked the whole catalog stale
+    on_reload: Callable[[], None] | None = None  # set by the runtime: schedules a (coalesced) reload
+
+    def request_reload(self, names: Iterable[str] = ()) -> None:
+        """The catalog may be behind the database (DDL through pgveil, a RowDescription that disagrees)."""
+        self.stale = True
+        self._stale_since = self._mark(names)
+
+    def suspect(self, names: Iterable[str]) -> None:
+        """Relations that DDL elsewhere may have changed (the event trigger's hint): statements naming
+        them wait for the reload; the rest of the catalog is not marked stale (a hint has no authority,
+        and any role may send one)."""
+        self._mark(names)
+
+    def _mark(self, names: Iterable[str]) -> int:
+        self.reload_epoch += 1
+        for name in names:
+            if len(self.stale_names) >= _MAX_STALE_NAMES and name not in self.stale_names:
+                self.stale = True  # too many to remember: everything waits for the next reload (fail closed)
+                self._stale_since = self.reload_epoch
+                break
+            self.stale_names[name] = self.reload_epoch
+        if self.on_reload is not None:
+            self.on_reload()
+        return self.reload_epoch
+
+    def analyze(self, sql: str) -> QueryPlan:
+        key = sql
         cached = self._cache.get(key)
         if cached is not None:
             self.cache_hits += 1
@@ -267,10 +319,10 @@ class CryptoContext:
             if len(sql) > self.inline_analysis_limit and not self.catalog.empty:
                 # Even the check whether the text names a protected table reads all of it, once per
                 # table: a long statement goes to the worker whole.
-                args = (sql, self.catalog, search_path, self.max_analyzed_statement)
+                args = (sql, self.catalog, self.max_analyzed_statement)
                 raise AnalysisMiss(analyze_detached, args, self._deliver(key))
             self.cache_misses += 1
-            plan = analyze(sql, self.catalog, search_path)
+            plan = analyze(sql, self.catalog)
         elif plan is _TOO_LARGE:
             self.check_size(sql)
         else:
@@ -278,7 +330,7 @@ class CryptoContext:
         self._cache[key] = plan
         self._cache_chars += len(sql)
         while len(self._cache) > self._cache_size or self._cache_chars > _CACHE_CHARS:
-            (old_sql, _path), _plan = self._cache.popitem(last=False)
+            old_sql, _plan = self._cache.popitem(last=False)
             self._cache_chars -= len(old_sql)
         return plan
 
@@ -317,7 +369,7 @@ class CryptoContext:
 
         raise AnalysisMiss(read_detached, (*args, self.max_analyzed_statement), deliver)
 
-    def _deliver(self, key: tuple[str, tuple[str, ...]]) -> Callable[[object], None]:
+    def _deliver(self, key: str) -> Callable[[object], None]:
         """Where the worker's result goes: kept for the retried message, if the catalog is still the one
         it was analysed with (else the retry analyses again)."""
         catalog = self.catalog
@@ -333,7 +385,7 @@ class CryptoContext:
                     "pgveil: the statement could not be analysed; it is refused because it names a table with"
                     " encrypted columns"
                 )
-                result = QueryPlan(key[0], (StatementPlan(StatementKind.OTHER, True, refusal),), True)
+                result = QueryPlan(key, (StatementPlan(StatementKind.OTHER, True, refusal),), True)
             if len(self._detached) >= _DETACHED_LIMIT:
                 self._detached.clear()  # sessions that died before their retry; bounded memory
             self._detached[key] = result
@@ -369,7 +421,10 @@ class SessionCrypto:
         self.ctx = ctx
         self.fmt = SessionFormat()
         self._utf8_client = _is_utf8(self.fmt)
-        self.search_path: tuple[str, ...] = (login_role, "public") if login_role else ("public",)
+        # DDL on protected relations sent in this session's open transaction: the service connection
+        # cannot see it until it commits, so this session's statements on them wait for its end.
+        self._ddl_open = False
+        self._ddl_names: set[str] = set()
         self.values_encrypted = 0
         self.values_decrypted = 0
         self.decrypt_failures = 0
@@ -418,14 +473,17 @@ class SessionCrypto:
             unreadable = self._reading_refusal(sql)
             if unreadable is not None:
                 return self._refuse(unreadable)
-            plan = self.ctx.analyze(statement_text(sql, self.fmt), self.search_path)
+            plan = self.ctx.analyze(statement_text(sql, self.fmt))
         except StatementTooLarge as e:
             return self._refuse(e)
         if plan.syntax_since > self.fmt.server_major:
             return self._refuse(version_refusal(self.fmt.server_major))
-        if not plan.touches_protected:
+        refused: ProxyError | None = self._stale(sql, plan)
+        if refused is None and not plan.touches_protected:
             return Outcome()
-        refused: ProxyError | None = plan.refusal or self._not_ready()
+        refused = refused or plan.refusal or self._not_ready()
+        if refused is None:
+            self._note_ddl(plan)
         if refused is None and any(_copies_in_protected(st) for st in plan.statements):
             # The client's rows are rewritten from the moment the Query is sent (see arm_copy_in), before
             # the server says which COPY it is reading for; with a second COPY in the same string the
@@ -506,6 +564,52 @@ class SessionCrypto:
         e.sqlstate = "55000"
         return e
 
+    # -- DDL and the catalog ---------------------------------------------------------------------------
+    def _stale(self, sql: str, plan: QueryPlan) -> ProxyError | None:
+        """55000 for a statement that uses protected relations (DDL excepted: the server applies it to
+        ciphertext) while the catalog may be behind, or while this session's own open transaction has
+        changed them; also for one naming a relation that DDL may just have made protected (a renamed
+        table, a new partition, child or view). Statements after such DDL in the same text are refused by
+        the analysis."""
+        ctx = self.ctx
+        if not (ctx.stale or self._ddl_open or ctx.stale_names):
+            return None
+        uses = [st for st in plan.statements if st.kind is not StatementKind.DDL]
+        if plan.statements and not uses:
+            return None
+        if (ctx.stale or self._ddl_open) and any(st.touches_protected for st in uses):
+            if self._ddl_open:
+                return _stale_error(
+                    "this transaction changed tables with encrypted columns; statements on them are refused "
+                    "until it ends",
+                    "commit (or roll back) the DDL first",
+                )
+            return _stale_error("the catalog of encrypted tables is being read again after DDL", "retry the statement")
+        names = ctx.stale_names.keys() | self._ddl_names
+        if names:
+            lowered = sql.lower()
+            if any(_names_identifier(lowered, n) for n in names):
+                return _stale_error(
+                    "the statement may name a table that DDL just changed; pgveil is reading its catalog again",
+                    "retry the statement",
+                )
+        return None
+
+    def _note_ddl(self, plan: QueryPlan) -> None:
+        for st in plan.statements:
+            if st.catalog_names:
+                self._ddl_open = True
+                self._ddl_names.update(st.catalog_names)
+
+    def ready_for_query(self, status: bytes) -> None:
+        """The server's ReadyForQuery: once the transaction that sent DDL on protected relations has
+        ended (committed or not), the catalog is read again for everyone before those relations are used."""
+        if self._ddl_open and status == b"I":
+            names = self._ddl_names
+            self._ddl_open = False
+            self._ddl_names = set()
+            self.ctx.request_reload(names)
+
     def _refuse(self, e: ProxyError) -> Outcome:
         log.info("refused a statement: %s", e.message)
         return Outcome(codec.encode_frontend(m.Query(REFUSED_QUERY)), None, self.refusal(e))
@@ -517,14 +621,18 @@ class SessionCrypto:
         try:
             refused = self._reading_refusal(msg.query)
             if refused is None:
-                plan = self.ctx.analyze(statement_text(msg.query, self.fmt), self.search_path)
+                plan = self.ctx.analyze(statement_text(msg.query, self.fmt))
         except StatementTooLarge as e:
             refused = e
         if refused is None and plan.syntax_since > self.fmt.server_major:
             refused = version_refusal(self.fmt.server_major)
+        if refused is None:
+            refused = self._stale(msg.query, plan)
         if refused is None and not plan.touches_protected:
             return Outcome()
         refused = refused or plan.refusal or self._not_ready()
+        if refused is None:
+            self._note_ddl(plan)
         if refused is None and len(plan.statements) > 1:
             refused = _unsupported("a prepared statement cannot contain several commands")
         if refused is None and plan.statements:
@@ -689,8 +797,11 @@ class SessionCrypto:
         fields = list(desc.fields)
         plan: list[ColumnOutput | None] = []
         changed = False
+        attnums = self.ctx.attnums
         for i, f in enumerate(fields):
             cc = self.ctx.by_attr.get((f.table_oid, f.column_attnum)) if f.table_oid else None
+            if f.table_oid in attnums:
+                self._check_attribute(f, cc)
             if cc is None and hint is not None and i < len(hint) and f.type_oid == BYTEA_OID:
                 cc = hint[i]
             if cc is None:
@@ -705,6 +816,19 @@ class SessionCrypto:
         if not changed:
             return None, None
         return codec.encode_backend(m.RowDescription(tuple(fields))), tuple(plan)
+
+    def _check_attribute(self, f: m.FieldDescription, cc: ColumnCrypto | None) -> None:
+        """A field of a protected relation must agree with the catalog: a protected attribute is bytea,
+        and every attribute number is one the catalog read. Otherwise the table changed behind pgveil."""
+        if f.column_attnum <= 0:
+            return  # a system column
+        if (cc is not None and f.type_oid != BYTEA_OID) or f.column_attnum not in self.ctx.attnums[f.table_oid]:
+            self.ctx.request_reload()
+            raise _stale_error(
+                "a result column of a table with encrypted columns does not match pgveil's catalog; it is being "
+                "read again",
+                "retry the statement",
+            )
 
     def data_rows(self, data: bytes, start: int, end: int, plan: RowPlan, rows: int) -> bytes:
         """A run of complete DataRow messages ``data[start:end]``, rewritten (see rows.rewrite_data_rows)."""
@@ -743,8 +867,9 @@ class SessionCrypto:
         except RowDecryptError as e:
             self.decrypt_failures += 1
             col = e.column
+            log.warning("a value of column %s could not be decrypted: %s", col.column_id, e.reason)
             raise DecryptionError(
-                f"pgveil: a value of column {col.column_id} could not be decrypted: {e.reason}",
+                f"pgveil: a value of column {col.column_id} could not be decrypted",
                 hint="the value was tampered with, moved from another column, or its key is gone",
             ) from None
         self.values_decrypted += self._memo_count
@@ -1008,6 +1133,29 @@ def _unsupported(message: str, hint: str | None = None) -> ProxyError:
     return e
 
 
+_MAX_STALE_NAMES = 4096  # bounded memory whatever the notifications say
+
+
+def _names_identifier(lowered: str, name: str) -> bool:
+    """Whether ``name`` occurs in ``lowered`` as a whole identifier (not inside a longer one); a quoted
+    identifier containing it, a comment or a string count too, which only errs towards refusing."""
+    start = lowered.find(name)
+    while start >= 0:
+        end = start + len(name)
+        before = lowered[start - 1] if start else " "
+        after = lowered[end] if end < len(lowered) else " "
+        if not (before.isalnum() or before in "_$") and not (after.isalnum() or after in "_$"):
+            return True
+        start = lowered.find(name, start + 1)
+    return False
+
+
+def _stale_error(message: str, hint: str) -> ProxyError:
+    e = ProxyError(f"pgveil: {message}", hint=hint, reason=RefusalReason.STALE_CATALOG)
+    e.sqlstate = "55000"
+    return e
+
+
 def _first(pair: tuple[int, bytes]) -> int:
     return pair[0]
 
@@ -1084,8 +1232,9 @@ class CopyTransforms:
                 return rewrite_value_text(stored, out, lookup, crypto.fmt)
             except RowDecryptError as e:
                 crypto.decrypt_failures += 1
+                log.warning("a value of column %s could not be decrypted: %s", e.column.column_id, e.reason)
                 raise DecryptionError(
-                    f"pgveil: a value of column {e.column.column_id} could not be decrypted: {e.reason}"
+                    f"pgveil: a value of column {e.column.column_id} could not be decrypted"
                 ) from None
 
         return open_field

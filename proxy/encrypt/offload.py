@@ -38,12 +38,12 @@ copyreg.pickle(types.MappingProxyType, _reduce_mapping_proxy)
 TOO_LARGE = "too large"
 
 
-def analyze_detached(sql: str, catalog: Catalog, search_path: tuple[str, ...], limit: int) -> QueryPlan | str:
+def analyze_detached(sql: str, catalog: Catalog, limit: int) -> QueryPlan | str:
     """:func:`proxy.rewrite.analysis.analyze`, run in the analysis worker process; :data:`TOO_LARGE`
     instead for a statement longer than ``limit`` that may name a protected table."""
     if len(sql) > limit and needs_analysis(sql, catalog):
         return TOO_LARGE
-    return analyze(sql, catalog, search_path)
+    return analyze(sql, catalog)
 
 
 def read_detached(

@@ -15,10 +15,19 @@ the proxy asked for binary, ``\\x`` followed by hex when the result is in text f
 NULL stays NULL. The value is decrypted, and the canonical plaintext is encoded with the declared type's
 codec in the format the client asked for. Unprotected columns are copied as they are.
 
-Two loops do the work, chosen once per plan: a fast one for the common case (every protected column
-comes as a raw envelope and goes out as its canonical bytes: text-like types, extended protocol, a UTF8
-client) and a general one for everything else. They make the same checks and give the same bytes; the
-unit tests hold them to that.
+Every envelope is opened through :class:`keymgmt.envelope.Opener`, the one decrypt boundary: this module
+knows the DataRow format, not the envelope's. A value that does not open ends the run in
+:class:`RowDecryptError`, which names the column and carries a bounded ``reason`` for the log and the
+metrics; the client only learns that the column's value could not be decrypted.
+
+Three kernels do the work, chosen once per plan, and make the same checks and give the same bytes (the
+unit tests hold them to that, on every fault at every row and column):
+
+* the accelerator's (``pgveil_accel.rewrite_rows``, C), when it is built and every protected column's
+  canonical bytes are what the client gets (text-like types to a UTF8 client, either format), whether
+  the server sends raw envelopes (extended protocol) or bytea hex text (simple queries);
+* a fast Python loop for the common case (raw envelopes in, canonical bytes out);
+* a general Python loop for everything else (codecs, fixed-width types, escape-format bytea).
 """
 
 from __future__ import annotations
@@ -29,9 +38,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from cryptography.exceptions import InvalidTag
-
-from keymgmt.envelope import HEADER_LENGTH, MIN_LENGTH, DataKey, KeyState
+from keymgmt import native
+from keymgmt.envelope import MIN_LENGTH, Opener, OpenFailed, OpenFailure
+from keymgmt.envelope import KeyLookup as KeyLookup  # re-exported: callers pass keymgmt's lookup
 from proxy.errors import ProxyError
 from proxy.pgtypes.base import SessionFormat, TypeCodec
 from proxy.pgtypes.bytea import BYTEA
@@ -41,10 +50,8 @@ from proxy.rewrite.catalog import ProtectedColumn
 _I32 = struct.Struct("!i")
 _FRAME = struct.Struct("!cI")  # message type, length
 _ROW = struct.Struct("!BIh")  # message type, length, column count: a DataRow's first 7 bytes
+_accel: Any = native.accel  # the accelerator module, or None: see keymgmt.native
 _ASCII_FORMAT = SessionFormat()  # escape-format bytea output is ASCII: the client encoding does not matter
-_PREFIX_LEN = 4  # magic · version · algorithm
-_PREFIX_V1 = b"PV\x01\x01"
-_KEY_END = 20
 # Length fields packed ahead for the fast loop (packing is its fallback for longer values): it saves
 # about 4 % of the loop's time, for some 50 KiB.
 _LENGTHS = tuple(_I32.pack(n) for n in range(1024))
@@ -65,14 +72,21 @@ class ColumnOutput:
 
 
 RowPlan = tuple[ColumnOutput | None, ...]
-KeyLookup = Callable[[bytes], DataKey | None]
+
+# Why a row could not be delivered, beyond keymgmt's OpenFailure: the decrypted value is not one of the
+# declared type, or the row does not have the shape of its description.
+INVALID_FOR_TYPE = "invalid_for_type"
+ROW_SHAPE = "row_shape"
+REASONS: tuple[str, ...] = (*(r.value for r in OpenFailure), INVALID_FOR_TYPE, ROW_SHAPE)
+"""Every ``RowDecryptError.reason``: a bounded set, fit for a metric label."""
 
 
 class RowDecryptError(Exception):
-    """A protected value in a row could not be opened; ``column`` says which. Carries no value bytes."""
+    """A protected value in a row could not be delivered; ``column`` says which, ``reason`` (one of
+    :data:`REASONS`) why, for the log and the metrics only. Carries no value bytes."""
 
     def __init__(self, column: ProtectedColumn, reason: str) -> None:
-        super().__init__(reason)
+        super().__init__(f"a value of {column.column_id} could not be decrypted ({reason})")
         self.column = column
         self.reason = reason
 
@@ -85,23 +99,15 @@ def _decode_hex(value: bytes, out: ColumnOutput) -> bytes:
             return binascii.a2b_hex(value[2:])  # strict: PostgreSQL writes no spaces, no odd length
         return BYTEA.canonical_from_text(value, _ASCII_FORMAT)
     except (ValueError, ProxyError):  # binascii.Error and UnicodeDecodeError are ValueErrors
-        raise RowDecryptError(out.column, "the stored value is not an envelope") from None
+        raise RowDecryptError(out.column, OpenFailure.NOT_AN_ENVELOPE.value) from None
 
 
 def open_value(envelope: bytes, out: ColumnOutput, keys: KeyLookup) -> bytes:
-    """The canonical plaintext of one stored value (an inlined, allocation-light envelope open)."""
-    if len(envelope) < MIN_LENGTH or envelope[:_PREFIX_LEN] != _PREFIX_V1:
-        raise RowDecryptError(out.column, "the stored value is not an envelope")
-    key = keys(envelope[_PREFIX_LEN:_KEY_END])
-    if key is None:
-        raise RowDecryptError(out.column, "the value's data key is unknown or destroyed")
-    if key.state is not KeyState.ENABLED:
-        raise RowDecryptError(out.column, "the value's data key is disabled")
-    header = envelope[:HEADER_LENGTH]
+    """The canonical plaintext of one stored value."""
     try:
-        return key._aead.decrypt(header[_KEY_END:], envelope[HEADER_LENGTH:], header + out.associated)
-    except InvalidTag:
-        raise RowDecryptError(out.column, "the value failed authentication") from None
+        return Opener(keys).open(envelope, 0, len(envelope), out.associated)
+    except OpenFailed as e:
+        raise RowDecryptError(out.column, e.reason.value) from None
 
 
 def rewrite_value_text(stored: bytes, out: ColumnOutput, keys: KeyLookup, fmt: SessionFormat) -> bytes:
@@ -110,7 +116,7 @@ def rewrite_value_text(stored: bytes, out: ColumnOutput, keys: KeyLookup, fmt: S
     try:
         return out.codec.to_text(canonical, fmt)
     except (ValueError, ProxyError):
-        raise RowDecryptError(out.column, "the decrypted value is not valid for the column's type") from None
+        raise RowDecryptError(out.column, INVALID_FOR_TYPE) from None
 
 
 def rewrite_data_row(
@@ -134,16 +140,24 @@ def rewrite_data_rows(
     ``data[start:end]``, rewritten: the batch form of :func:`rewrite_data_row`, which saves the per-message
     dispatch of the relay. Returns the framed messages.
 
-    ``memo`` belongs to one result (one plan): it holds the plan compiled for the loops below and, per
-    key seen, the key's decrypt function under the envelope's first 20 bytes (magic · version ·
-    algorithm · key id), which are only stored once the key was found and enabled."""
+    ``memo`` belongs to one result (one plan): it holds the plan compiled for the kernels below (under
+    ``b""``) and the result's :class:`~keymgmt.envelope.Opener` (under ``b"o"``), which remembers the keys
+    it found enabled."""
     compiled = memo.get(b"")
     if compiled is None or compiled[0] is not plan:
         compiled = memo[b""] = _compile(plan)
+    opener = memo.get(b"o")
+    if opener is None or opener[0] != keys:  # a bound method is a new object at each access: compare
+        opener = memo[b"o"] = (keys, Opener(keys))
     try:
+        if compiled[3] is not None and opener[1].native is not None and type(data) is bytes:
+            try:
+                return _rewrite_native(data, start, end, plan, compiled[3], opener[1])
+            except _Unsupported:
+                pass  # escape-format bytea text: the general loop decodes it
         if compiled[2] is not None:
-            return _rewrite_fast(data, start, end, plan, compiled[2], keys, memo)
-        return _rewrite_general(data, start, end, plan, compiled[1], keys, fmt, memo)
+            return _rewrite_fast(data, start, end, plan, compiled[2], opener[1].open)
+        return _rewrite_general(data, start, end, plan, compiled[1], opener[1].open, fmt)
     except struct.error:
         raise CodecError("server", "malformed DataRow message") from None
 
@@ -151,9 +165,18 @@ def rewrite_data_rows(
 # A protected column, compiled: (output, associated bytes, the server sends the raw envelope, the
 # canonical bytes are the client's value). None for a column that is copied as it is.
 _Step = tuple[ColumnOutput, bytes, bool, bool] | None
-# (plan, its steps, or when every protected column is binary and identity: its associated bytes per
-# column, None for the others, which is all the fast loop needs).
-_Compiled = tuple[RowPlan, tuple[_Step, ...], tuple[bytes | None, ...] | None]
+# What the accelerator's kernel takes per column: None, or (associated bytes, the server sends the raw
+# envelope rather than bytea hex text).
+_NativeColumns = tuple[tuple[bytes, bool] | None, ...]
+# (plan, its steps, when every protected column is binary and identity: its associated bytes per column
+# (None for the others), which is all the fast loop needs, and the accelerator's columns when every
+# protected column is identity).
+_Compiled = tuple[RowPlan, tuple[_Step, ...], tuple[bytes | None, ...] | None, _NativeColumns | None]
+_OpenFunction = Callable[[bytes, int, int, bytes], bytes]
+
+
+class _Unsupported(Exception):
+    """The accelerator met a value form it leaves to the general loop (escape-format bytea)."""
 
 
 def _compile(plan: RowPlan) -> _Compiled:
@@ -165,16 +188,36 @@ def _compile(plan: RowPlan) -> _Compiled:
         for out in plan
     )
     fast = all(step is None or (step[2] and step[3]) for step in steps)
-    return plan, steps, tuple(None if step is None else step[1] for step in steps) if fast else None
+    native = all(step is None or step[3] for step in steps) and _accel is not None
+    return (
+        plan,
+        steps,
+        tuple(None if step is None else step[1] for step in steps) if fast else None,
+        tuple(None if step is None else (step[1], step[2]) for step in steps) if native else None,
+    )
+
+
+def _rewrite_native(data: bytes, start: int, end: int, plan: RowPlan, columns: _NativeColumns, opener: Opener) -> bytes:
+    """The accelerator's kernel, its errors turned into this module's (see pgveil_accel.c)."""
+    try:
+        return _accel.rewrite_rows(data, start, end, columns, opener.native)  # type: ignore[no-any-return]
+    except _accel.RowRefused as e:
+        reason, index = e.args
+        out = plan[index] if index >= 0 else None
+        raise RowDecryptError(_first(plan) if out is None else out.column, reason) from None
+    except _accel.Malformed:
+        raise struct.error("malformed DataRow") from None
+    except _accel.Unsupported:
+        raise _Unsupported() from None
 
 
 # The loops below are written for speed: they run once per protected value, and what they do there is
 # most of the proxy's CPU on a protected result. They work on offsets into ``data`` (no per-row or
-# per-envelope copies) and leave everything rare (error reporting, key lookups) to helpers. The checks
-# are open_value's, inlined: the value fits in its row, the envelope's prefix and minimum length, an
-# enabled key, and AES-GCM verifies the tag (associated data: header · column's bytes) before anything
-# is returned. A row must hold exactly the plan's columns and end at its last value. Nothing is emitted
-# for a run that fails: the caller gets an exception, never partial output.
+# per-envelope copies) and leave everything rare (error reporting) to helpers. Each value is checked to
+# fit in its row, then the Opener makes the envelope's checks (minimum length, prefix, an enabled key,
+# the tag over header · column's associated data) before anything is returned. A row must hold exactly
+# the plan's columns and end at its last value. Nothing is emitted for a run that fails: the caller gets
+# an exception, never partial output.
 
 
 def _rewrite_fast(
@@ -183,8 +226,7 @@ def _rewrite_fast(
     end: int,
     plan: RowPlan,
     associated_data: tuple[bytes | None, ...],
-    keys: KeyLookup,
-    memo: dict[bytes, Any],
+    open_: _OpenFunction,
 ) -> bytes:
     """Every protected column comes from the server as a raw envelope and goes to the client as its
     canonical bytes, so a value's new length is its envelope's minus the envelope overhead."""
@@ -193,7 +235,6 @@ def _rewrite_fast(
     unpack = _I32.unpack_from
     pack = _I32.pack
     lengths = _LENGTHS
-    memo_get = memo.get
     parts: list[bytes] = []
     append = parts.append
     copied = start  # data[start:copied] is in parts
@@ -205,7 +246,7 @@ def _rewrite_fast(
         if kind != 0x44 or ln < 6 or row_end > end:
             raise struct.error("not a complete DataRow")
         if count != ncols:
-            raise RowDecryptError(_first(plan), "the row does not match its description")
+            raise RowDecryptError(_first(plan), ROW_SHAPE)
         p = pos + 7  # the first column's length
         shrink = 0
         for associated in associated_data:
@@ -217,17 +258,10 @@ def _rewrite_fast(
             value_end = v + n
             if value_end > row_end:
                 raise struct.error("a value runs past the end of its row")
-            if n < MIN_LENGTH:
-                raise RowDecryptError(_column_at(data, pos, p, plan), "the stored value is not an envelope")
-            k = v + _KEY_END
-            h = v + HEADER_LENGTH
-            decrypt = memo_get(data[v:k])
-            if decrypt is None:
-                decrypt = _decrypt_function(data[v:k], _column_at(data, pos, p, plan), keys, memo)
             try:
-                canonical = decrypt(data[k:h], data[h:value_end], data[v:h] + associated)
-            except InvalidTag:
-                raise RowDecryptError(_column_at(data, pos, p, plan), "the value failed authentication") from None
+                canonical = open_(data, v, value_end, associated)
+            except OpenFailed as e:
+                raise RowDecryptError(_column_at(data, pos, p, plan), e.reason.value) from None
             if not shrink:  # the row's first rewritten value: its header is rewritten once the row is done
                 if copied < pos:
                     append(data[copied:pos])
@@ -261,16 +295,14 @@ def _rewrite_general(
     end: int,
     plan: RowPlan,
     steps: tuple[_Step, ...],
-    keys: KeyLookup,
+    open_: _OpenFunction,
     fmt: SessionFormat,
-    memo: dict[bytes, Any],
 ) -> bytes:
     """Any plan: envelopes in bytea text form (simple queries), codecs, fixed-width types."""
     ncols = len(steps)
     unpack_row = _ROW.unpack_from
     unpack = _I32.unpack_from
     pack = _I32.pack
-    memo_get = memo.get
     parts: list[bytes] = []
     append = parts.append
     copied = start
@@ -281,7 +313,7 @@ def _rewrite_general(
         if kind != 0x44 or ln < 6 or row_end > end:
             raise struct.error("not a complete DataRow")
         if count != ncols:
-            raise RowDecryptError(_first(plan), "the row does not match its description")
+            raise RowDecryptError(_first(plan), ROW_SHAPE)
         p = pos + 7
         shrink = 0
         head = -1
@@ -300,17 +332,10 @@ def _rewrite_general(
             else:
                 envelope, e = _decode_hex(data[v:value_end], out), 0
                 size = len(envelope)
-            if size < MIN_LENGTH:
-                raise RowDecryptError(out.column, "the stored value is not an envelope")
-            k = e + _KEY_END
-            h = e + HEADER_LENGTH
-            decrypt = memo_get(envelope[e:k])
-            if decrypt is None:
-                decrypt = _decrypt_function(envelope[e:k], out.column, keys, memo)
             try:
-                canonical = decrypt(envelope[k:h], envelope[h : e + size], envelope[e:h] + associated)
-            except InvalidTag:
-                raise RowDecryptError(out.column, "the value failed authentication") from None
+                canonical = open_(envelope, e, e + size, associated)
+            except OpenFailed as err:
+                raise RowDecryptError(out.column, err.reason.value) from None
             encoded = canonical if identity else _encode(canonical, out, fmt)
             if head < 0:
                 if copied < pos:
@@ -336,19 +361,6 @@ def _rewrite_general(
     return b"".join(parts)
 
 
-def _decrypt_function(prefix: bytes, column: ProtectedColumn, keys: KeyLookup, memo: dict[bytes, Any]) -> Any:
-    """The decrypt function of the key an envelope names, remembered under the envelope's prefix."""
-    if prefix[:_PREFIX_LEN] != _PREFIX_V1:
-        raise RowDecryptError(column, "the stored value is not an envelope")
-    key = keys(prefix[_PREFIX_LEN:])
-    if key is None:
-        raise RowDecryptError(column, "the value's data key is unknown or destroyed")
-    if key.state is not KeyState.ENABLED:
-        raise RowDecryptError(column, "the value's data key is disabled")
-    decrypt = memo[prefix] = key._aead.decrypt
-    return decrypt
-
-
 def _column_at(data: bytes, pos: int, p: int, plan: RowPlan) -> ProtectedColumn:
     """The column whose length field is at ``p`` in the row at ``pos`` (already read up to there)."""
     q = pos + 7
@@ -370,17 +382,17 @@ def _misfit(data: bytes, pos: int, row_end: int, plan: RowPlan) -> NoReturn:
             raise struct.error("a length runs past the end of its row")
         (n,) = _I32.unpack_from(data, q)
         q += 4 + (n if n > 0 else 0)
-    raise RowDecryptError(_first(plan), "the row does not match its description")
+    raise RowDecryptError(_first(plan), ROW_SHAPE)
 
 
 def _encode(canonical: bytes, out: ColumnOutput, fmt: SessionFormat) -> bytes:
     if out.codec.typlen > 0 and len(canonical) != out.codec.typlen:
         # Authentic, but not a value of the declared fixed-width type (the declaration changed?).
-        raise RowDecryptError(out.column, "the decrypted value is not valid for the column's type")
+        raise RowDecryptError(out.column, INVALID_FOR_TYPE)
     try:
         return out.codec.to_binary(canonical, fmt) if out.client_binary else out.codec.to_text(canonical, fmt)
     except (ValueError, struct.error, ProxyError):
-        raise RowDecryptError(out.column, "the decrypted value is not valid for the column's type") from None
+        raise RowDecryptError(out.column, INVALID_FOR_TYPE) from None
 
 
 def _first(plan: RowPlan) -> ProtectedColumn:

@@ -4,6 +4,15 @@ and keeps retrying in the background while either is unavailable.
 
 Until both are loaded the proxy fails closed: statements that touch a protected table are refused
 (SQLSTATE 55000, naming the reason), statements that don't pass through, and ``/readyz`` says not ready.
+
+Once loaded, the catalog is read again whenever it may be stale: when a session's DDL on a protected
+relation has ended its transaction, when a RowDescription disagrees with it (both through
+``CryptoContext.request_reload``: statements on protected relations get 55000 until the new catalog is
+installed), and when the event trigger that ``pgveil schema apply`` installs notifies channel
+``pgveil_catalog`` after DDL made anywhere. That notification is only a hint (any role may NOTIFY): it
+starts a reload but does not mark the catalog stale, so a flood of them costs catalog reads, one at a
+time, and never refuses statements. Reloads are coalesced: one runs at a time, and requests made while
+it runs cause one more.
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ from proxy.encrypt.keyring import KeyRing
 log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 2.0
+CATALOG_CHANNEL = "pgveil_catalog"
+_MAX_HINT_NAMES = 256
 
 
 def provider_from_config(config: Config) -> KeyProvider:
@@ -56,6 +67,14 @@ class EncryptionRuntime:
         self.context.unavailable = "pgveil is still loading the catalog and keys"
         self._task: asyncio.Task[None] | None = None
         self._pool: Any = None  # our own pool, when a password file is used (the keystore borrows it)
+        self._reload_task: asyncio.Task[None] | None = None
+        self._reload_again = False
+        self._listener: Any = None  # the service connection that LISTENs on CATALOG_CHANNEL
+        self._listen_task: asyncio.Task[None] | None = None
+        self.reloads = 0
+        self._keyed_columns: set[str] = set()
+        self._ready_shape: tuple[int, int] | None = None
+        self.context.on_reload = self.schedule_reload
 
     @property
     def ready(self) -> bool:
@@ -77,6 +96,7 @@ class EncryptionRuntime:
 
     async def _try_load(self) -> None:
         cfg = self.config
+        epoch = self.context.reload_epoch
         if cfg.service is None or cfg.service.dsn is None or cfg.keystore is None or cfg.keystore.dsn is None:
             self.context.unavailable = "pgveil has no service/keystore DSN configured for protected tables"
             log.error("%s", self.context.unavailable)
@@ -88,7 +108,7 @@ class EncryptionRuntime:
             self._unavailable("cannot reach its service connection to read the catalog", e)
             return
         try:
-            catalog, problems = await load_catalog(conn, cfg.catalog())
+            catalog, problems = await load_catalog(conn, cfg.catalog(), self.context.catalog)
         except (OSError, asyncpg.PostgresError) as e:
             self._unavailable("cannot read the catalog", e)
             return
@@ -117,24 +137,99 @@ class EncryptionRuntime:
                 await self.keystore.initialize()
                 with contextlib.suppress(KeyManagementError, OSError, asyncpg.PostgresError):
                     await self.keystore.listen()
-            columns = [c.column_id for t in catalog.tables.values() for c in t.columns.values()]
-            for column_id in columns:
-                await self.keystore.active_key(column_id)  # creates version 1 on first use
-            await self.keystore.preload(columns)
+            # Family members share their root's column ids: one key set per configured column.
+            columns = sorted({c.column_id for t in catalog.tables.values() for c in t.columns.values()})
+            if set(columns) != self._keyed_columns:  # a catalog reload after DDL needs no key work
+                for column_id in columns:
+                    await self.keystore.active_key(column_id)  # creates version 1 on first use
+                await self.keystore.preload(columns)
+                self._keyed_columns = set(columns)
         except (KeyManagementError, OSError, asyncpg.PostgresError) as e:
             self._unavailable("cannot load keys from the keystore", e)
             return
         self.keyring.source = self.keystore
-        self.context.install(catalog)
-        log.info("encryption ready: %d protected columns in %d tables", len(columns), len(catalog.tables))
+        self.context.install(catalog, epoch)
+        shape = (len(columns), len(catalog.tables))
+        if shape != self._ready_shape:
+            log.info("encryption ready: %d protected columns in %d relations", *shape)
+            self._ready_shape = shape
+        else:
+            log.debug("catalog read again: %d protected relations", len(catalog.tables))
+        if self._listen_task is None:
+            self._listen_task = asyncio.get_running_loop().create_task(self._listen())
+
+    # -- catalog reloads -------------------------------------------------------------------------------
+    def schedule_reload(self) -> None:
+        """Reads the catalog again soon (coalesced); called from the sessions' synchronous code."""
+        if self._reload_task is not None and not self._reload_task.done():
+            self._reload_again = True
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._reload_task = loop.create_task(self._reload())
+
+    async def _reload(self) -> None:
+        while True:
+            self._reload_again = False
+            await self._try_load()
+            self.reloads += 1
+            if not self.ready:
+                if self._task is None or self._task.done():  # the retry loop takes over
+                    self._task = asyncio.get_running_loop().create_task(self._retry())
+                return
+            if not self._reload_again:
+                return
+
+    async def _listen(self) -> None:
+        """Keeps a service connection LISTENing on CATALOG_CHANNEL; every notification (and every
+        reconnection, which may have missed some) schedules a reload."""
+        cfg = self.config
+        assert cfg.service is not None
+        assert cfg.service.dsn is not None
+        while True:
+            try:
+                conn = await asyncpg.connect(**connect_kwargs(cfg.service.dsn, cfg.service.password_file), timeout=10)
+            except (OSError, asyncpg.PostgresError, TimeoutError):
+                await asyncio.sleep(RETRY_SECONDS)
+                continue
+            lost = asyncio.Event()
+            try:
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await conn.add_listener(CATALOG_CHANNEL, self._on_catalog_notification)
+                self._listener = conn
+                self.schedule_reload()
+                await lost.wait()
+            except (OSError, asyncpg.PostgresError):
+                pass
+            finally:
+                self._listener = None
+                with contextlib.suppress(Exception):
+                    await conn.close()
+            await asyncio.sleep(RETRY_SECONDS)
+
+    def _on_catalog_notification(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        # A hint only: the payload (the names of the relations the DDL touched) is bounded, never
+        # logged, and only makes statements naming them wait for the reload.
+        parts = payload[:8000].split(",")
+        names = [n.lower() for n in parts[:_MAX_HINT_NAMES] if 0 < len(n) <= 63 and n != "*"]
+        log.debug("catalog change notified (%d relation names)", len(names))
+        if "*" in parts or len(parts) > _MAX_HINT_NAMES:
+            self.context.request_reload(names)  # more relations than the hint could name
+        elif names:
+            self.context.suspect(names)
+        else:
+            self.schedule_reload()
 
     def _unavailable(self, what: str, e: BaseException) -> None:
         self.context.unavailable = f"pgveil: {what}"
         log.warning("%s (%s); retrying every %.0f s", what, type(e).__name__, RETRY_SECONDS)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in (self._task, self._reload_task, self._listen_task):
+            if task is not None:
+                task.cancel()
         if self.keystore is not None:
             await self.keystore.close()
         if self._pool is not None:

@@ -102,6 +102,9 @@ class SessionEncryption(Protocol):
     def refusal(self, e: ProxyError) -> bytes:
         """The ErrorResponse that answers a message the relay refused (counted with the others)."""
 
+    def ready_for_query(self, status: bytes) -> None:
+        """A ReadyForQuery from the server (its transaction status byte)."""
+
     # -- frontend --------------------------------------------------------------------------------------
     def query(self, sql: str) -> Outcome:
         """A simple Query. The Outcome's state comes back with the replies."""

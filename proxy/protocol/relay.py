@@ -1048,6 +1048,8 @@ class Relay:
         if body == b"I":
             # Portals live until the end of their transaction ("Extended Query", Bind).
             self.portals.clear()
+        if self.crypto is not None:
+            self.crypto.ready_for_query(body)
         return None
 
     def _on_error(self, body: bytes) -> bytes | None:

@@ -2,7 +2,9 @@
 
 Theory of operation
 -------------------
-``analyze`` is a pure function of (sql, catalog, search_path); the session caches its result by text.
+``analyze`` is a pure function of (sql, catalog); the session caches its result by text. It does not
+depend on the session's search_path: a name resolves to every protected relation of that name (see
+catalog.py), and a name that may mean another relation is refused wherever it matters.
 
 1. Fast path. A statement can only touch a protected table if the table's name occurs in its text, so
    a text in which no protected table name occurs (case-insensitively, and with no ``U&"..."``
@@ -35,9 +37,19 @@ Decisions
   is refused where a protected column would be (fail closed); qualifying it resolves the doubt.
 - Only UNION ALL carries protected columns: UNION, INTERSECT and EXCEPT compare rows, and equal
   plaintexts have unequal ciphertexts, so their results would be silently wrong.
-- Views, functions and rules are opaque: a view over a protected table is not in the catalog, so its
-  columns come back as the stored bytea. DO blocks that mention a protected table are refused; DDL,
-  TRUNCATE and maintenance statements pass (the server's CHECK constraints guard the columns).
+- Partitions, inheritance children and views of a protected table are in the catalog (catalog.py):
+  a view's columns that pass a protected column through are that column; a view pgveil could not map
+  is opaque (not written through, its columns come back as the stored bytea). Functions and rules
+  are opaque. DO blocks that mention a protected table are refused.
+- Names do not depend on the search_path: an unqualified name that may mean a protected relation is
+  that relation; one that may also mean another relation is refused wherever the statement would
+  encrypt, decrypt or refuse something through it (qualifying it resolves the doubt). A temporary
+  relation named like a protected one is refused (pg_temp is searched first).
+- DDL, TRUNCATE and maintenance statements pass (the server's CHECK constraints guard the columns);
+  DDL that may change protected relations lists the names it touches (``catalog_names``) so the
+  session reloads the catalog before they are used again, and a later statement of the same text that
+  uses them is refused (55000). A write naming a column of a protected relation that the catalog lacks
+  is refused with 55000 (the catalog is older than the table).
 - SQL-level PREPARE with a parameter for a protected column, DECLARE CURSOR over a protected table,
   MERGE, CREATE TABLE AS / SELECT INTO of a protected column, COPY of one to or from a server file or
   program, and binary COPY of one are refused.
@@ -64,11 +76,11 @@ import types
 
 from pglast import parser as pg_parser
 
-from proxy.errors import FeatureNotSupported
-from proxy.rewrite.catalog import Catalog
+from proxy.errors import FeatureNotSupported, RefusalReason
+from proxy.rewrite.catalog import Catalog, CatalogStale, is_temp_schema
 from proxy.rewrite.lexer import scan as scan_pg15
 from proxy.rewrite.literals import SourceText
-from proxy.rewrite.nodes import Node, first_protected_table, named_in_strings, node_type
+from proxy.rewrite.nodes import Node, first_protected_table, named_in_strings, node_type, relation_names
 from proxy.rewrite.plan import QueryPlan, Refusal, StatementKind, StatementPlan
 from proxy.rewrite.walker import StatementWalker
 
@@ -77,13 +89,13 @@ log = logging.getLogger(__name__)
 __all__ = ["analyze", "needs_analysis"]
 
 
-def analyze(sql: str, catalog: Catalog, search_path: tuple[str, ...] = ("public",)) -> QueryPlan:
+def analyze(sql: str, catalog: Catalog) -> QueryPlan:
     """The plan for a statement text (one statement for an extended-protocol Parse, possibly several
     for a simple-protocol Query). Never raises: a statement pgveil cannot handle gets a refusal."""
     if catalog.empty or not _may_mention(sql, catalog):
         return QueryPlan(sql)
     try:
-        return _analyze_text(sql, catalog, search_path)
+        return _analyze_text(sql, catalog)
     except Exception as exc:  # fail closed: a bug in the analysis must not let a statement through
         log.error("SQL analysis failed unexpectedly (%s); statement refused", type(exc).__name__)
         refusal = Refusal(
@@ -105,8 +117,8 @@ def _may_mention(sql: str, catalog: Catalog) -> bool:
     """False only if no protected table can be named in ``sql``: its name does not occur in any case,
     and no Unicode-escaped identifier could spell it."""
     lowered = sql.lower()
-    if 'u&"' in lowered:
-        return True
+    if 'u&"' in lowered or "schema" in lowered or "owned" in lowered:
+        return True  # also DDL that moves or drops protected tables without naming them
     if not sql.isascii() and any(not name.isascii() for _schema, name in catalog.tables):
         return True  # bytes in another client encoding than UTF-8 do not spell the name as str does
     for _schema, name in catalog.tables:
@@ -172,7 +184,7 @@ def _unparseable(sql: str, catalog: Catalog) -> QueryPlan:
     return QueryPlan(sql, (StatementPlan(StatementKind.OTHER, True, refusal),), True, unparseable=True)
 
 
-def _analyze_text(sql: str, catalog: Catalog, search_path: tuple[str, ...]) -> QueryPlan:
+def _analyze_text(sql: str, catalog: Catalog) -> QueryPlan:
     if "\x00" in sql:  # libpg_query reads a C string: it would stop at the NUL, hiding the rest
         return _unparseable(sql, catalog)
     try:
@@ -180,11 +192,35 @@ def _analyze_text(sql: str, catalog: Catalog, search_path: tuple[str, ...]) -> Q
     except (pg_parser.ParseError, UnicodeError, ValueError, RecursionError):
         return _unparseable(sql, catalog)
     source = SourceText(sql)
-    statements = tuple(
-        _analyze_statement(raw.get("stmt", {}), catalog, search_path, source) for raw in tree.get("stmts", [])
-    )
+    raws = [raw.get("stmt", {}) for raw in tree.get("stmts", [])]
+    statements = [_analyze_statement(raw, catalog, source) for raw in raws]
+    _after_ddl(raws, statements)
     since = 0 if scanned_alike(sql) else NEWER_SCANNER
-    return QueryPlan(sql, statements, any(s.touches_protected for s in statements), syntax_since=since)
+    return QueryPlan(sql, tuple(statements), any(s.touches_protected for s in statements), syntax_since=since)
+
+
+def _after_ddl(raws: list[Node], statements: list[StatementPlan]) -> None:
+    """A statement after DDL that changes protected relations, in the same text, was analysed with the
+    catalog from before that DDL: if it uses a protected relation or names one the DDL changed or
+    created (a renamed table, a new partition), it is refused (55000) rather than read with a stale
+    catalog. DDL, transaction control and statements on other relations stay."""
+    changed: set[str] = set()
+    for i, st in enumerate(statements):
+        if changed and st.kind is not StatementKind.DDL and st.refusal_reason is None:
+            names = {n.lower() for n in relation_names(raws[i])}
+            if st.touches_protected or names & changed:
+                statements[i] = StatementPlan(
+                    st.kind,
+                    True,
+                    Refusal(
+                        "pgveil: a statement after DDL on a table with encrypted columns, in the same query "
+                        "string, is refused: pgveil reads its catalog again after the DDL",
+                        hint="send the statement separately, after the DDL",
+                        reason=RefusalReason.STALE_CATALOG,
+                        sqlstate="55000",
+                    ),
+                )
+        changed |= st.catalog_names
 
 
 # -- statements -----------------------------------------------------------------------------------------
@@ -211,20 +247,27 @@ def _statement_kind(name: str) -> StatementKind:
     return StatementKind.OTHER
 
 
-def _analyze_statement(stmt: Node, catalog: Catalog, search_path: tuple[str, ...], source: SourceText) -> StatementPlan:
+def _analyze_statement(stmt: Node, catalog: Catalog, source: SourceText) -> StatementPlan:
     name, body = node_type(stmt)
     kind = _statement_kind(name)
-    table = first_protected_table(stmt, catalog, search_path)
+    table = first_protected_table(stmt, catalog)
     if table is None and name == "DoStmt":
         table = named_in_strings(body, catalog)
+    changes = _catalog_names(name, body, catalog, table is not None) if kind is StatementKind.DDL else frozenset()
     if table is None:
-        return StatementPlan(kind)
-    walker = StatementWalker(catalog, search_path, source)
+        return StatementPlan(kind, bool(changes), catalog_names=changes)
+    shadow = _temp_shadow(name, body, catalog)
+    if shadow is not None:
+        return StatementPlan(kind, True, shadow)
+    walker = StatementWalker(catalog, source)
     try:
         result = walker.statement(name, body, table)
         param_targets = walker.param_targets()
     except FeatureNotSupported as exc:
-        return StatementPlan(kind, True, Refusal(exc.message, exc.detail, exc.hint))
+        if walker.ambiguous and not isinstance(exc, CatalogStale):
+            return StatementPlan(kind, True, _ambiguous(walker))
+        refusal = Refusal(exc.message, exc.detail, exc.hint, reason=exc.reason, sqlstate=exc.sqlstate)
+        return StatementPlan(kind, True, refusal)
     except RecursionError:
         refusal = Refusal(
             f"pgveil: the statement is nested too deeply to analyse; it involves table {table.qualified_name}, "
@@ -234,7 +277,7 @@ def _analyze_statement(stmt: Node, catalog: Catalog, search_path: tuple[str, ...
         return StatementPlan(kind, True, refusal)
     if not walker.touched:
         return StatementPlan(kind)  # every reference was to a CTE that shadows a protected table's name
-    return StatementPlan(
+    plan = StatementPlan(
         kind,
         touches_protected=True,
         literal_targets=tuple(walker.literals),
@@ -243,4 +286,90 @@ def _analyze_statement(stmt: Node, catalog: Catalog, search_path: tuple[str, ...
         result_via_row_description=result.via_row_description,
         copy=result.copy,
         edits=tuple(walker.edits),
+        catalog_names=changes,
     )
+    if walker.ambiguous and _needs_certainty(plan, always=walker.ambiguous_always):
+        return StatementPlan(kind, True, _ambiguous(walker))
+    return plan
+
+
+# -- names that may mean another relation, temporary tables, DDL ------------------------------------------
+
+
+def _needs_certainty(plan: StatementPlan, *, always: bool) -> bool:
+    """Whether the plan seals, rewrites or decrypts anything through a table name (an ambiguous name
+    must then be qualified)."""
+    if always and plan.kind not in (StatementKind.DDL, StatementKind.OTHER, StatementKind.TRUNCATE):
+        return True
+    return bool(
+        plan.literal_targets
+        or plan.param_targets
+        or plan.edits
+        or plan.result_via_row_description
+        or any(c is not None for c in plan.result_columns or ())
+        or (plan.copy is not None and plan.copy.needs_rewrite)
+    )
+
+
+def _ambiguous(walker: StatementWalker) -> Refusal:
+    return Refusal(
+        f"pgveil: {walker.ambiguous[0]}; the statement is refused because pgveil cannot tell which one the "
+        "server will use",
+        hint="qualify the table name with its schema",
+        reason=RefusalReason.NAME_RESOLUTION,
+    )
+
+
+def _created_relation(name: str, body: Node) -> Node | None:
+    """The RangeVar of the relation a statement creates, if it creates one."""
+    if name == "CreateStmt":
+        return body.get("relation")
+    if name == "ViewStmt":
+        return body.get("view")
+    if name == "CreateSeqStmt":
+        return body.get("sequence")
+    if name == "CreateTableAsStmt":
+        return (body.get("into") or {}).get("rel")
+    if name == "SelectStmt":
+        return (body.get("intoClause") or {}).get("rel")
+    return None
+
+
+def _temp_shadow(name: str, body: Node, catalog: Catalog) -> Refusal | None:
+    """A temporary relation named like a protected one: pg_temp is searched before every other schema,
+    so it would take the protected table's place for unqualified names in this session."""
+    rv = _created_relation(name, body)
+    if not rv:
+        return None
+    relname = str(rv.get("relname", ""))
+    temporary = rv.get("relpersistence") == "t" or is_temp_schema(rv.get("schemaname"))
+    table = catalog.lookup(None, relname)
+    if not temporary or table is None:
+        return None
+    return Refusal(
+        f"pgveil: a temporary relation named {relname} would shadow table {table.qualified_name}, which has "
+        "encrypted columns",
+        hint="choose another name for the temporary table",
+        reason=RefusalReason.NAME_RESOLUTION,
+    )
+
+
+_SCHEMA_WIDE = frozenset({"DropOwnedStmt", "ReassignOwnedStmt", "AlterObjectSchemaStmt"})
+
+
+def _catalog_names(name: str, body: Node, catalog: Catalog, names_protected: bool) -> frozenset[str]:
+    """The relation names (lower-cased) whose protected state a DDL statement may change: every name
+    in it when it names a protected relation, the new name of a rename, every protected name when it
+    renames or drops a schema (moving or dropping protected tables without naming them)."""
+    renamed = str(body.get("newname", "")) if name == "RenameStmt" else ""
+    schema_wide = name in _SCHEMA_WIDE or (
+        body.get("renameType") == "OBJECT_SCHEMA" or body.get("removeType") == "OBJECT_SCHEMA"
+    )
+    if schema_wide:
+        return frozenset(n.lower() for n in catalog.names)
+    if not names_protected and renamed not in catalog.names:
+        return frozenset()
+    names = {n.lower() for n in relation_names(body)}
+    if renamed:
+        names.add(renamed.lower())
+    return frozenset(names)

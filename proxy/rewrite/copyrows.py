@@ -543,6 +543,11 @@ class CopyRowRewriter:
             # buf[e + 1] is "."
             marker = self._end_marker(start, final, csv=False) if e == start else None
             if marker is None:
+                if e + 2 >= n and not final:
+                    # The server reads the byte after the "." before it decides; if that byte is not valid
+                    # UTF-8, its encoding error comes first (feed raises it once this returns).
+                    self._scan = e
+                    return _NEED_MORE
                 raise BadCopyFileFormat("end-of-copy marker is not alone on its line", line=self._line_no + 1)
             return marker
         return self._terminator(e, final)

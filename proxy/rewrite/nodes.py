@@ -59,7 +59,7 @@ def string_value(arg: Node | None) -> str | None:
     return None
 
 
-def first_protected_table(node: Any, catalog: Catalog, search_path: tuple[str, ...]) -> ProtectedTable | None:
+def first_protected_table(node: Any, catalog: Catalog) -> ProtectedTable | None:
     """Any table reference in the tree that resolves to a protected table, CTE names ignored (so this
     over-approximates: a CTE that shadows a protected table's name still counts)."""
     stack = [node]
@@ -67,7 +67,7 @@ def first_protected_table(node: Any, catalog: Catalog, search_path: tuple[str, .
         n = stack.pop()
         if isinstance(n, dict):
             if "relname" in n and isinstance(n["relname"], str):
-                t = catalog.lookup(n.get("schemaname"), n["relname"], search_path)
+                t = catalog.lookup(n.get("schemaname"), n["relname"])
                 if t is not None:
                     return t
             drop = n.get("DropStmt")
@@ -75,7 +75,7 @@ def first_protected_table(node: Any, catalog: Catalog, search_path: tuple[str, .
                 for obj in drop.get("objects", []):
                     names = [i.get("String", {}).get("sval", "") for i in obj.get("List", {}).get("items", [])]
                     if names:
-                        t = catalog.lookup(names[-2] if len(names) > 1 else None, names[-1], search_path)
+                        t = catalog.lookup(names[-2] if len(names) > 1 else None, names[-1])
                         if t is not None:
                             return t
             stack.extend(reversed([v for v in n.values() if isinstance(v, dict | list)]))
@@ -102,3 +102,24 @@ def named_in_strings(node: Any, catalog: Catalog) -> ProtectedTable | None:
         if any(t.name.lower() in s for s in strings):
             return t
     return None
+
+
+def relation_names(node: Any) -> list[str]:
+    """Every relation name in the tree: RangeVars and the qualified names a DROP lists."""
+    out: list[str] = []
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, dict):
+            if "relname" in n and isinstance(n["relname"], str):
+                out.append(n["relname"])
+            objects = n.get("objects")
+            if isinstance(objects, list):
+                for obj in objects:
+                    names = names_of(obj["List"].get("items", [])) if isinstance(obj, dict) and "List" in obj else []
+                    if names:
+                        out.append(names[-1])
+            stack.extend(v for v in n.values() if isinstance(v, dict | list))
+        elif isinstance(n, list):
+            stack.extend(v for v in n if isinstance(v, dict | list))
+    return out

@@ -45,9 +45,12 @@ class Refusal:
     detail: str | None = None
     hint: str | None = None
     reason: RefusalReason = RefusalReason.CONSTRUCT
+    sqlstate: str = "0A000"  # 55000 when pgveil's catalog is behind the database's
 
     def error(self) -> FeatureNotSupported:
-        return FeatureNotSupported(self.message, detail=self.detail, hint=self.hint, reason=self.reason)
+        e = FeatureNotSupported(self.message, detail=self.detail, hint=self.hint, reason=self.reason)
+        e.sqlstate = self.sqlstate
+        return e
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -167,6 +170,9 @@ class StatementPlan:
     result_via_row_description: bool = False
     copy: CopyPlan | None = None
     edits: tuple[TextEdit, ...] = ()
+    # DDL that may change what pgveil knows about protected relations: the relation names it touches
+    # or creates (lower-cased); the session reloads the catalog before statements on them run again.
+    catalog_names: frozenset[str] = frozenset()
 
     @property
     def refusal(self) -> FeatureNotSupported | None:

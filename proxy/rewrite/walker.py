@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.rewrite import refusals
-from proxy.rewrite.catalog import Catalog, ProtectedColumn, ProtectedTable
+from proxy.rewrite.catalog import Catalog, CatalogStale, ProtectedColumn, ProtectedTable
 from proxy.rewrite.constructs import (
     AGGREGATES,
     NODE_CONSTRUCTS,
@@ -83,11 +83,15 @@ class _Assignments:
 class StatementWalker:
     """Walks one statement; collects literal targets, edits and parameter uses; raises a refusal."""
 
-    def __init__(self, catalog: Catalog, search_path: tuple[str, ...], source: SourceText) -> None:
+    def __init__(self, catalog: Catalog, source: SourceText) -> None:
         self.catalog = catalog
-        self.search_path = search_path
         self.source = source
         self.touched = False
+        # Names that may mean another relation than the protected one they were resolved to (see
+        # Catalog.ambiguity); ``ambiguous_always``: one may be another protected relation, so even a
+        # statement that seals nothing through the first may seal the wrong thing through the other.
+        self.ambiguous: list[str] = []
+        self.ambiguous_always = False
         self.literals: list[LiteralTarget] = []
         self.edits: list[TextEdit] = []
         self.params: dict[int, list[ProtectedColumn | None]] = {}
@@ -171,8 +175,8 @@ class StatementWalker:
             return self.delete(body, ctes)
         if name == "MergeStmt":
             rv = body.get("relation", {})
-            target = self.catalog.lookup(rv.get("schemaname"), str(rv.get("relname", "")), self.search_path)
-            merged = target or first_protected_table(body, self.catalog, self.search_path)
+            target = self.lookup(rv.get("schemaname"), str(rv.get("relname", "")))
+            merged = target or first_protected_table(body, self.catalog)
             if merged is not None:
                 raise refusals.statement(
                     f"MERGE is not supported on statements involving table {merged.qualified_name}, which has "
@@ -231,9 +235,39 @@ class StatementWalker:
 
     # tables
 
+    def lookup(self, schema: str | None, name: str) -> ProtectedTable | None:
+        """Catalog.lookup, remembering names that may mean another relation."""
+        table = self.catalog.lookup(schema, name)
+        if table is not None:
+            reason = self.catalog.ambiguity(schema, name)
+            if reason is not None:
+                self.ambiguous.append(reason)
+                if self.catalog.several_protected(schema, name):
+                    self.ambiguous_always = True
+        return table
+
+    def write_column(self, table: ProtectedTable, name: str) -> ProtectedColumn | None:
+        """The protected column an INSERT column list or SET names, if any. A name the catalog does
+        not have for a protected relation means the catalog is older than the table (a column added or
+        renamed elsewhere): refused until it is read again, never written unsealed."""
+        col = table.columns.get(name)
+        if table.opaque:
+            raise refusals.statement(
+                f"view {table.schema}.{table.name} is over table {table.root}, which has encrypted columns, and "
+                "pgveil cannot map its columns; it cannot be written through",
+                hint="write to the table itself",
+            )
+        if col is None and table.all_columns and name not in table.all_columns:
+            raise CatalogStale(
+                f"pgveil: column {name} of {table.qualified_name} is not in pgveil's catalog of encrypted "
+                "tables yet; it is being read again",
+                hint="retry the statement",
+            )
+        return col
+
     def target_table(self, rv: Node) -> ProtectedTable | None:
         """The table an INSERT/UPDATE/DELETE/COPY writes or reads: always a table, never a CTE."""
-        table = self.catalog.lookup(rv.get("schemaname"), str(rv.get("relname", "")), self.search_path)
+        table = self.lookup(rv.get("schemaname"), str(rv.get("relname", "")))
         if table is not None:
             self.touched = True
         return table
@@ -520,7 +554,7 @@ class StatementWalker:
                         hint="define CTEs before the CTEs that use them",
                     )
                 return self._add_aliased(level, alias, name, cte.shape)
-        table = self.catalog.lookup(schema, name, self.search_path)
+        table = self.lookup(schema, name)
         if table is None:
             return self._add_aliased(level, alias, name, UNKNOWN_SHAPE, schema=schema)
         self.touched = True
@@ -597,11 +631,13 @@ class StatementWalker:
         cols = [c.get("ResTarget", {}) for c in body.get("cols", [])]
         if table is not None and cols:
             for c in cols:
-                col = table.columns.get(str(c.get("name")))
+                col = self.write_column(table, str(c.get("name")))
                 if col is not None and c.get("indirection"):
                     raise refusals.assignment(col, "a subscript or field assignment")
                 targets.append(col)
-        elif table is not None and table.columns:
+        elif table is not None and (table.columns or table.opaque):
+            if table.opaque:
+                self.write_column(table, "")
             all_columns = known_columns(table)
             if all_columns is None:
                 raise refusals.statement(
@@ -621,6 +657,14 @@ class StatementWalker:
                 shape = self.select(sbody, None, ctes)
             else:
                 shape = self.select(sbody, None, ctes, assign)
+            if table is not None and table.columns and not cols and shape_is_exact(shape) and len(shape) < len(targets):
+                # Values map to columns by position; with fewer values than the catalog has columns, a
+                # column dropped behind pgveil would shift them onto the wrong ones.
+                raise refusals.statement(
+                    f"INSERT into {table.qualified_name}, which has encrypted columns, without a column list "
+                    f"must give a value for each of its {len(targets)} columns",
+                    hint="name the columns in the INSERT",
+                )
             for position, c in enumerate(shape):
                 protected = shape_protected((c,))
                 if protected:
@@ -696,7 +740,7 @@ class StatementWalker:
         for item in targets:
             rt = item.get("ResTarget", {})
             name = str(rt.get("name", ""))
-            col = table.columns.get(name) if table is not None else None
+            col = self.write_column(table, name) if table is not None else None
             if col is not None and rt.get("indirection"):
                 raise refusals.assignment(col, "a subscript or field assignment")
             val = rt.get("val", {})
@@ -791,7 +835,10 @@ class StatementWalker:
                         hint="name the columns in the COPY",
                     )
                 names = list(all_columns)
-            protected = tuple(table.columns.get(n) for n in names)
+            if direction is CopyDirection.FROM:
+                protected = tuple(self.write_column(table, n) for n in names)
+            else:
+                protected = tuple(table.columns.get(n) for n in names)
             self._copy_binary(fmt, protected)
             if not with_client:
                 self._copy_with_server_file(direction, next((c for c in protected if c is not None), None))
@@ -991,7 +1038,7 @@ class StatementWalker:
         self._no_protected_output(self.select(body, level, level.ctes), construct or clause)
 
     def _range_var(self, body: Node, level: Level, clause: str, construct: str | None) -> None:
-        table = self.catalog.lookup(body.get("schemaname"), str(body.get("relname", "")), self.search_path)
+        table = self.lookup(body.get("schemaname"), str(body.get("relname", "")))
         if table is not None:
             raise refusals.statement(
                 f"table {table.qualified_name}, which has encrypted columns, cannot be used in {construct or clause}"

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,11 +13,13 @@ from proxy.config import parse_config
 from proxy.devcluster import DevCluster
 from proxy.rewrite.catalog import Catalog
 from proxy.schema import (
+    CATALOG_CHANNEL,
     ENVELOPE_MIN_LENGTH,
     SchemaRefused,
     StepKind,
     apply_schema,
     constraint_name,
+    plan_event_trigger,
     plan_schema,
 )
 
@@ -219,3 +222,149 @@ async def test_load_catalog_fills_in_oids_and_names_problems(conn: asyncpg.Conne
     assert {c.name: c.attnum for c in people.columns.values()} == {"email": 3, "phone": 5, "birth_date": 6}
     assert loaded.column_by_attr(oid, 5) == people.columns["phone"]
     assert loaded.by_oid(oid) is people
+
+
+# -- the event trigger and the protected family (issue 7, items 4 and 5) ------------------------------------
+
+
+@pytest.fixture
+async def evt_db(cluster: DevCluster) -> AsyncIterator[asyncpg.Connection]:
+    """A database of its own: its event triggers must not notify the other tests' DDL."""
+    admin = await asyncpg.connect(cluster.dsn())
+    await admin.execute("DROP DATABASE IF EXISTS veil_evt")
+    await admin.execute("CREATE DATABASE veil_evt")
+    connection = await asyncpg.connect(cluster.dsn(dbname="veil_evt"))
+    try:
+        yield connection
+    finally:
+        await connection.close()
+        await admin.execute("DROP DATABASE veil_evt WITH (FORCE)")
+        await admin.close()
+
+
+async def test_event_trigger_notifies_the_relations_that_ddl_touched(
+    cluster: DevCluster, evt_db: asyncpg.Connection
+) -> None:
+    steps = await plan_event_trigger(evt_db)
+    assert [s.kind for s in steps] == [StepKind.EVENT_TRIGGER]
+    await apply_schema(evt_db, steps)
+    assert await plan_event_trigger(evt_db) == []
+    payloads: asyncio.Queue[str] = asyncio.Queue()
+    listener = await asyncpg.connect(cluster.dsn(dbname="veil_evt"))
+    try:
+        await listener.add_listener(CATALOG_CHANNEL, lambda _c, _p, _ch, payload: payloads.put_nowait(payload))
+
+        async def next_payload() -> str:
+            return await asyncio.wait_for(payloads.get(), 10)
+
+        await evt_db.execute("CREATE TABLE evt_a (id int)")
+        assert await next_payload() == "evt_a"
+        await evt_db.execute("ALTER TABLE evt_a RENAME TO evt_b")
+        assert await next_payload() == "evt_b"
+        await evt_db.execute("CREATE TEMP TABLE evt_tmp (id int)")  # temporary: no notification
+        tx = evt_db.transaction()
+        await tx.start()
+        await evt_db.execute("CREATE TABLE evt_rolled_back (id int)")
+        await tx.rollback()  # a notification is delivered at commit only
+        await evt_db.execute("CREATE TABLE evt_c (id int)")
+        assert await next_payload() == "evt_c"
+        await evt_db.execute("CREATE TABLE evt_p (id int) PARTITION BY LIST (id)")
+        await evt_db.execute("CREATE TABLE evt_q (id int)")
+        assert [await next_payload(), await next_payload()] == ["evt_p", "evt_q"]
+        await evt_db.execute("ALTER TABLE evt_p ATTACH PARTITION evt_q FOR VALUES IN (1)")
+        assert set((await next_payload()).split(",")) == {"evt_p", "evt_q"}  # the partition, not only the parent
+        await evt_db.execute("DROP TABLE evt_b")
+        assert "evt_b" in (await next_payload()).split(",")
+        assert payloads.empty()
+    finally:
+        await listener.close()
+
+
+def _text_columns_c(*tables: str) -> Catalog:
+    data = {"tables": {t: {"columns": {"c": {"type": "text"}}} for t in tables}}
+    return parse_config(data, base_dir=Path.cwd(), environ={}).catalog()
+
+
+async def test_load_catalog_adds_the_family_and_the_namesakes(evt_db: asyncpg.Connection) -> None:
+    await evt_db.execute(
+        """
+        CREATE SCHEMA other;
+        CREATE TABLE fam (id int, c bytea, open text) PARTITION BY LIST (id);
+        CREATE TABLE fam_1 PARTITION OF fam FOR VALUES IN (1) PARTITION BY LIST (id);
+        CREATE TABLE fam_1a PARTITION OF fam_1 FOR VALUES IN (1);
+        CREATE TABLE base (id int, c bytea);
+        CREATE TABLE kid (x int, c bytea) INHERITS (base);
+        CREATE TABLE grandkid () INHERITS (kid);
+        CREATE VIEW fam_v AS SELECT open, c AS hidden, id FROM fam;
+        CREATE VIEW fam_vv AS SELECT hidden FROM fam_v;
+        CREATE VIEW fam_f AS SELECT id, length(c) AS n FROM fam;
+        CREATE TABLE other.fam (id int);
+        CREATE TABLE fam_2 (open text, id int, c bytea);
+        ALTER TABLE fam ATTACH PARTITION fam_2 FOR VALUES IN (2);
+        """
+    )
+    configured = parse_config(
+        {
+            "tables": {
+                "public.fam": {"columns": {"c": {"type": "text"}}},
+                "public.base": {"columns": {"c": {"type": "text"}}},
+            }
+        },
+        base_dir=Path.cwd(),
+        environ={},
+    ).catalog()
+    catalog, problems = await load_catalog(evt_db, configured)
+    assert problems == []
+    by_name = {name: t for (_s, name), t in catalog.tables.items()}
+    assert set(by_name) == {"fam", "fam_1", "fam_1a", "fam_2", "base", "kid", "grandkid", "fam_v", "fam_vv", "fam_f"}
+    assert by_name["fam_2"].columns["c"].attnum == 3  # another column order than the root's
+    assert by_name["fam_2"].all_columns == ("open", "id", "c")
+    assert by_name["fam_1a"].root == "public.fam"
+    assert by_name["grandkid"].root == "public.base"
+    for name in ("fam_1", "fam_1a", "fam_vv"):
+        (col,) = by_name[name].columns.values()
+        assert col.column_id == "public.fam.c"
+        assert col.table_oid == by_name[name].oid
+    assert by_name["kid"].columns["c"].attnum == 2  # its own attribute number, the root's identity
+    assert by_name["kid"].columns["c"].column_id == "public.base.c"
+    assert set(by_name["fam_v"].columns) == {"hidden"}
+    assert by_name["fam_v"].columns["hidden"].attnum == 2
+    assert by_name["fam_f"].opaque
+    assert catalog.others == frozenset({("other", "fam")})
+    assert catalog.ambiguity(None, "fam") is not None
+
+    # A member configured on its own is a catalog problem (its identity would differ from the root's).
+    configured = parse_config(
+        {
+            "tables": {
+                "public.fam": {"columns": {"c": {"type": "text"}}},
+                "public.fam_1a": {"columns": {"c": {"type": "text"}}},
+            }
+        },
+        base_dir=Path.cwd(),
+        environ={},
+    ).catalog()
+    _catalog, problems = await load_catalog(evt_db, configured)
+    assert any("fam_1a" in p and "configured separately" in p for p in problems)
+
+
+async def test_load_catalog_follows_a_renamed_table_and_column(evt_db: asyncpg.Connection) -> None:
+    await evt_db.execute("CREATE TABLE moving (id int, gone int, c bytea)")
+    configured = catalog_for("moving", {"c": "text"})
+    first, problems = await load_catalog(evt_db, configured)
+    assert problems == []
+    await evt_db.execute("ALTER TABLE moving DROP COLUMN gone")
+    await evt_db.execute("ALTER TABLE moving RENAME COLUMN c TO c2")
+    await evt_db.execute("ALTER TABLE moving RENAME TO moved")
+    second, problems = await load_catalog(evt_db, configured, first)
+    assert problems == []
+    (table,) = second.tables.values()
+    assert table.qualified_name == "public.moved"
+    assert table.all_columns == ("id", "c2")
+    assert table.attnums == (1, 3)
+    assert table.columns["c2"].column_id == "public.moving.c"  # what was written before still decrypts
+    third, problems = await load_catalog(evt_db, configured, second)  # and again, from the new names
+    assert problems == []
+    assert third.tables == second.tables
+    _lost, problems = await load_catalog(evt_db, configured)  # without the earlier catalog: not ready
+    assert problems

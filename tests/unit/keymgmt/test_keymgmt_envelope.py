@@ -8,11 +8,15 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given
 from hypothesis import strategies as st
 
+from keymgmt import envelope
 from keymgmt.envelope import (
     HEADER_LENGTH,
     MIN_LENGTH,
     DataKey,
     KeyState,
+    Opener,
+    OpenFailed,
+    OpenFailure,
     _seal_with_nonce,
     column_associated_data,
     is_envelope,
@@ -206,7 +210,7 @@ def test_failure_message_does_not_say_which_check_failed() -> None:
     for bad in (b"PX" + sealed[2:], sealed[:10], tag_flip):
         with pytest.raises(DecryptionFailed) as info:
             open_envelope(strict_lookup(key), bad, associated)
-        assert type(info.value) is DecryptionFailed
+        assert type(info.value) is OpenFailed  # the same type whatever failed; the reason is for the log
         assert info.value.__cause__ is None
         # cryptography's InvalidTag is converted once and not shown as the context
         assert info.value.__context__ is None or info.value.__suppress_context__
@@ -270,3 +274,173 @@ def test_round_trip(plaintext: bytes, column: str, subject: bytes | None) -> Non
     assert len(sealed) == MIN_LENGTH + len(plaintext)
     assert is_envelope(sealed)
     assert open_envelope(strict_lookup(key), sealed, associated) == plaintext
+
+
+# -- Opener: the data path's decrypt boundary, in both implementations -----------------------------------
+
+OPENER_KINDS = [
+    "python",
+    pytest.param(
+        "native",
+        marks=pytest.mark.skipif(
+            envelope._accel is None, reason="the accelerator is not loaded (not built, or PGVEIL_IMPL=python)"
+        ),
+    ),
+]
+
+
+def opener_for(kind: str, lookup: Callable[[bytes], DataKey | None]) -> Opener:
+    opener = Opener(lookup, python=kind == "python")
+    assert (opener.native is None) == (kind == "python")
+    return opener
+
+
+@pytest.mark.parametrize("kind", OPENER_KINDS)
+def test_opener_opens_the_fixed_vector_inside_a_larger_buffer(kind: str) -> None:
+    opener = opener_for(kind, lookup_for(vector_key()).get)
+    data = b"before" + VECTOR_ENVELOPE + b"after"
+    start, end = 6, 6 + len(VECTOR_ENVELOPE)
+    assert opener.open(data, start, end, column_associated_data(VECTOR_COLUMN)) == VECTOR_PLAINTEXT
+    assert opener.open(VECTOR_ENVELOPE, 0, len(VECTOR_ENVELOPE), column_associated_data(VECTOR_COLUMN)) == (
+        VECTOR_PLAINTEXT
+    )
+
+
+@pytest.mark.parametrize("kind", OPENER_KINDS)
+def test_opener_names_each_failed_check_in_its_reason_only(kind: str) -> None:
+    key = vector_key()
+    associated = column_associated_data(VECTOR_COLUMN)
+    e = VECTOR_ENVELOPE
+    cases = {
+        OpenFailure.NOT_AN_ENVELOPE: [b"PX" + e[2:], e[:2] + b"\x02" + e[3:], e[:47], b""],
+        OpenFailure.UNKNOWN_KEY: [e[:5] + bytes([e[5] ^ 1]) + e[6:]],
+        OpenFailure.AUTHENTICATION: [e[:-1] + bytes([e[-1] ^ 1]), e[:40] + bytes([e[40] ^ 0x80]) + e[41:], e + b"x"],
+    }
+    messages = set()
+    for reason, bad_values in cases.items():
+        for bad in bad_values:
+            with pytest.raises(OpenFailed) as info:
+                opener_for(kind, lookup_for(key).get).open(bad, 0, len(bad), associated)
+            assert info.value.reason is reason, (reason, bad)
+            assert info.value.sqlstate == "XX001"
+            messages.add(str(info.value))
+    with pytest.raises(OpenFailed) as info:
+        opener_for(kind, lookup_for(key).get).open(e, 0, len(e), column_associated_data("s.t.other"))
+    assert info.value.reason is OpenFailure.AUTHENTICATION
+    disabled = lookup_for(key.with_state(KeyState.DISABLED)).get
+    with pytest.raises(OpenFailed) as info:
+        opener_for(kind, disabled).open(e, 0, len(e), associated)
+    assert info.value.reason is OpenFailure.DISABLED_KEY
+    messages.add(str(info.value))
+    assert messages == {"a protected value could not be decrypted"}
+
+
+@pytest.mark.parametrize("kind", OPENER_KINDS)
+def test_opener_rejects_bounds_outside_the_buffer(kind: str) -> None:
+    opener = opener_for(kind, lookup_for(vector_key()).get)
+    associated = column_associated_data(VECTOR_COLUMN)
+    n = len(VECTOR_ENVELOPE)
+    for start, end in ((0, n + 1), (-1, n), (1, 0), (n, n + 48), (2**40, 2**40 + 60)):
+        with pytest.raises(OpenFailed):
+            opener.open(VECTOR_ENVELOPE, start, end, associated)
+
+
+@pytest.mark.parametrize("kind", OPENER_KINDS)
+def test_opener_lets_the_lookups_exception_through_and_remembers_enabled_keys_only(kind: str) -> None:
+    class Miss(Exception):
+        pass
+
+    table: dict[bytes, DataKey] = {}
+    calls: list[bytes] = []
+
+    def lookup(key_id: bytes) -> DataKey | None:
+        calls.append(key_id)
+        if not table:
+            raise Miss()
+        return table.get(key_id)
+
+    opener = opener_for(kind, lookup)
+    associated = column_associated_data(VECTOR_COLUMN)
+    n = len(VECTOR_ENVELOPE)
+    with pytest.raises(Miss):
+        opener.open(VECTOR_ENVELOPE, 0, n, associated)
+    table[b"other key id 16b"] = vector_key()
+    with pytest.raises(OpenFailed):  # unknown: not remembered
+        opener.open(VECTOR_ENVELOPE, 0, n, associated)
+    table[VECTOR_KEY_ID] = vector_key()
+    for _ in range(3):
+        assert opener.open(VECTOR_ENVELOPE, 0, n, associated) == VECTOR_PLAINTEXT
+    assert calls == [VECTOR_KEY_ID] * 3
+
+
+@pytest.mark.parametrize("kind", OPENER_KINDS)
+def test_opener_with_many_keys_stays_correct(kind: str) -> None:
+    """More keys than the Opener remembers (per-subject keys): each value still opens under its own."""
+    keys = [DataKey.from_material(i.to_bytes(16, "big"), i.to_bytes(32, "big"), column_id="s.t.c") for i in range(300)]
+    associated = column_associated_data("s.t.c")
+    sealed = [seal(k, b"v%d" % i, associated) for i, k in enumerate(keys)]
+    opener = opener_for(kind, lookup_for(*keys).get)
+    for _ in range(2):
+        for i, e in enumerate(sealed):
+            assert opener.open(e, 0, len(e), associated) == b"v%d" % i
+
+
+@pytest.mark.skipif(envelope._accel is None, reason="the accelerator is not loaded (not built, or PGVEIL_IMPL=python)")
+def test_native_and_python_ciphers_agree_on_the_vectors() -> None:
+    """The accelerator's cipher gives cryptography's bytes, and seals envelopes cryptography opens."""
+    native = envelope._accel.Key(VECTOR_KEY)
+    header = VECTOR_ENVELOPE[:HEADER_LENGTH]
+    aad = header + column_associated_data(VECTOR_COLUMN)
+    nonce = header[20:]
+    assert header + native.encrypt(nonce, VECTOR_PLAINTEXT, aad) == VECTOR_ENVELOPE
+    assert native.decrypt(nonce, VECTOR_ENVELOPE[HEADER_LENGTH:], aad) == VECTOR_PLAINTEXT
+    sealed = native.seal(header[:20], VECTOR_PLAINTEXT, column_associated_data(VECTOR_COLUMN))
+    assert sealed[:20] == header[:20]
+    assert sealed[20:32] != nonce
+    aad = sealed[:HEADER_LENGTH] + column_associated_data(VECTOR_COLUMN)
+    assert AESGCM(VECTOR_KEY).decrypt(sealed[20:32], sealed[32:], aad) == VECTOR_PLAINTEXT
+    with pytest.raises(envelope._accel.InvalidTag):
+        native.decrypt(nonce, VECTOR_ENVELOPE[HEADER_LENGTH:-1] + b"\x00", aad)
+    for bad_key in (b"", b"k" * 16, b"k" * 33):
+        with pytest.raises(ValueError, match="32 bytes"):
+            envelope._accel.Key(bad_key)
+    with pytest.raises(ValueError, match="12 bytes"):
+        native.encrypt(b"short", b"x", b"")
+
+
+@pytest.mark.parametrize("kind", OPENER_KINDS)
+def test_an_opener_is_freed_without_the_cycle_collector(kind: str) -> None:
+    """One Opener per result (and per COPY field): it, its native half and the keys it holds must go
+    when the last reference does, not when the cycle collector next runs."""
+    import gc
+    import weakref
+
+    class Lookup:
+        def __init__(self, key: DataKey) -> None:
+            self.key = key
+
+        def __call__(self, key_id: bytes) -> DataKey | None:
+            return self.key if key_id == self.key.key_id else None
+
+    gc.disable()
+    try:
+        lookup = Lookup(vector_key())
+        opener = opener_for(kind, lookup)
+        assert opener.open(VECTOR_ENVELOPE, 0, len(VECTOR_ENVELOPE), column_associated_data(VECTOR_COLUMN))
+        opener_ref, lookup_ref = weakref.ref(opener), weakref.ref(lookup)
+        del opener, lookup
+        assert opener_ref() is None
+        assert lookup_ref() is None
+    finally:
+        gc.enable()
+
+
+@pytest.mark.skipif(envelope._accel is None, reason="the accelerator is not loaded (not built, or PGVEIL_IMPL=python)")
+def test_native_opener_holds_the_callers_buffer() -> None:
+    """The accelerator takes any buffer and holds it for the call (a bytearray cannot be resized under
+    it by the key lookup's callback); the Python Opener's signature says bytes."""
+    opener = opener_for("native", lookup_for(vector_key()).get)
+    associated = column_associated_data(VECTOR_COLUMN)
+    n = len(VECTOR_ENVELOPE)
+    for data in (bytearray(VECTOR_ENVELOPE), memoryview(VECTOR_ENVELOPE)):
+        assert opener.open(data, 0, n, associated) == VECTOR_PLAINTEXT  # type: ignore[arg-type]

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from keymgmt import native
 from proxy.admin.app import (
     API_PREFIX,
     SSL_REQUEST,
@@ -111,7 +112,7 @@ def test_render_has_every_family_with_help_and_type(metrics: Metrics) -> None:
     for name in EXPECTED_FAMILIES:
         assert f"# HELP {name} " in text, name
         assert f"# TYPE {name} " in text, name
-    assert 'pgveil_build_info{version="9.9.9-test"} 1.0' in text
+    assert f'pgveil_build_info{{implementation="{native.IMPLEMENTATION}",version="9.9.9-test"}} 1.0' in text
     assert "process_resident_memory_bytes" in text
 
 

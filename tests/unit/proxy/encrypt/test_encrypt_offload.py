@@ -28,13 +28,13 @@ CATALOG = Catalog({("public", "people"): PEOPLE})
     ],
 )
 def test_plans_survive_the_trip_to_the_worker(sql: str) -> None:
-    args = pickle.loads(pickle.dumps((sql, CATALOG, ("public",), 1 << 20)))
+    args = pickle.loads(pickle.dumps((sql, CATALOG, 1 << 20)))
     plan = pickle.loads(pickle.dumps(analyze_detached(*args)))
-    assert plan == analyze(sql, CATALOG, ("public",))
-    assert plan.statements == analyze(sql, CATALOG, ("public",)).statements
+    assert plan == analyze(sql, CATALOG)
+    assert plan.statements == analyze(sql, CATALOG).statements
 
 
 def test_a_statement_over_the_limit_that_may_name_a_protected_table_is_too_large() -> None:
-    assert analyze_detached("/* people */ SELECT 1" + " " * 100, CATALOG, ("public",), 100) == TOO_LARGE
+    assert analyze_detached("/* people */ SELECT 1" + " " * 100, CATALOG, 100) == TOO_LARGE
     plain = "SELECT 1" + " " * 100
-    assert analyze_detached(plain, CATALOG, ("public",), 100) == analyze(plain, CATALOG, ("public",))
+    assert analyze_detached(plain, CATALOG, 100) == analyze(plain, CATALOG)

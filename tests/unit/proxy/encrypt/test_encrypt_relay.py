@@ -203,7 +203,6 @@ DONE = be(m.CommandComplete("SELECT 2"), m.ReadyForQuery(b"I"))
 def test_crypto_follows_the_session_settings_reported_after_authentication() -> None:
     relay, *_ = make_relay()
     assert isinstance(relay.crypto, SessionCrypto)
-    assert relay.crypto.search_path == ("app", "public")
     server(relay, be(m.ParameterStatus("client_encoding", "LATIN1")))
     assert relay.crypto.fmt.client_encoding == "LATIN1"
     client(relay, fe(m.Query(SELECT_ALL)))

@@ -2,6 +2,10 @@
 server format (bytea hex text or raw envelope) and client format (declared type's text or binary), NULLs
 and unprotected columns left alone, and every tamper, move or framing fault ending in RowDecryptError
 that names the column rather than in a value the client would take for data.
+
+Every test runs once per implementation (the ``implementation`` fixture): the pure-Python kernels, and
+the accelerator's where it is built; the batch tests also run every kernel on the same input directly
+and require the same outcome from each.
 """
 
 from __future__ import annotations
@@ -15,7 +19,17 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keymgmt.envelope import DataKey, KeyState, _seal_with_nonce, column_associated_data, open_envelope, seal
+from keymgmt import envelope
+from keymgmt.envelope import (
+    DataKey,
+    KeyState,
+    Opener,
+    _seal_with_nonce,
+    column_associated_data,
+    open_envelope,
+    seal,
+)
+from keymgmt.native import accel
 from proxy.encrypt import rows
 from proxy.encrypt.engine import ColumnCrypto
 from proxy.encrypt.rows import (
@@ -34,6 +48,26 @@ from proxy.rewrite.catalog import ProtectedColumn
 
 FMT = SessionFormat()
 TABLE_OID = 16400
+
+IMPLEMENTATIONS = [
+    "python",
+    pytest.param(
+        "native",
+        marks=pytest.mark.skipif(
+            accel is None, reason="the accelerator is not loaded (not built, or PGVEIL_IMPL=python)"
+        ),
+    ),
+]
+
+
+@pytest.fixture(autouse=True, params=IMPLEMENTATIONS)
+def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs the test with the accelerator or, for "python", as if it were not built."""
+    if request.param == "python":
+        monkeypatch.setattr(rows, "_accel", None)
+        monkeypatch.setattr(envelope, "_accel", None)
+    return str(request.param)
+
 
 SSN = ProtectedColumn("public", "customers", "ssn", "text", attnum=2, table_oid=TABLE_OID)
 SCORE = ProtectedColumn("public", "customers", "score", "integer", attnum=3, table_oid=TABLE_OID)
@@ -307,12 +341,19 @@ def frame(*bodies: bytes) -> bytes:
 
 
 def loops(data: bytes, plan: RowPlan, keys: KeyLookup = lookup, *, end: int | None = None) -> list[Outcome]:
-    """The outcome of each loop that can run ``plan`` (the fast one only where the plan allows it)."""
-    _, steps, fast = rows._compile(plan)
+    """The outcome of each kernel that can run ``plan``: the general loop, the fast one where the plan
+    allows it, each with the Python and (where built) the accelerator's Opener, and the accelerator's
+    kernel where the plan allows it."""
+    _, steps, fast, native = rows._compile(plan)
     stop = len(data) if end is None else end
-    runs: list[Callable[[], bytes]] = [lambda: rows._rewrite_general(data, 0, stop, plan, steps, keys, FMT, {})]
-    if fast is not None:
-        runs.append(lambda: rows._rewrite_fast(data, 0, stop, plan, fast, keys, {}))
+    openers = [Opener(keys, python=True)] + ([Opener(keys)] if envelope._accel is not None else [])
+    runs: list[Callable[[], bytes]] = []
+    for opener in openers:
+        runs.append(lambda o=opener: rows._rewrite_general(data, 0, stop, plan, steps, o.open, FMT))  # type: ignore[misc]
+        if fast is not None:
+            runs.append(lambda o=opener: rows._rewrite_fast(data, 0, stop, plan, fast, o.open))  # type: ignore[misc]
+    if native is not None and envelope._accel is not None:
+        runs.append(lambda: rows._rewrite_native(data, 0, stop, plan, native, Opener(keys)))
     outcomes: list[Outcome] = []
     for run in runs:
         try:
@@ -346,6 +387,25 @@ GENERAL_PLAN: RowPlan = (
     None,
     real_output(EMAIL, server_binary=False, client_binary=False),
 )
+
+
+# Text columns only, one of them sent by the server as bytea hex text: the general Python loop, and the
+# accelerator's kernel where it is built.
+TEXT_PLAN: RowPlan = (
+    None,
+    real_output(SSN, server_binary=False, client_binary=False),
+    real_output(EMAIL, server_binary=True, client_binary=True),
+    None,
+)
+PLANS = [FAST_PLAN, GENERAL_PLAN, TEXT_PLAN]
+PLAN_IDS = ["fast-plan", "general-plan", "text-plan"]
+
+
+def test_the_kernels_each_plan_runs() -> None:
+    """Which kernels the batch tests compare: the accelerator's runs every plan of identity columns."""
+    assert [rows._compile(plan)[2] is not None for plan in PLANS] == [True, False, False]
+    native = [rows._compile(plan)[3] is not None for plan in PLANS]
+    assert native == ([True, False, True] if rows._accel is not None else [False, False, False])
 
 
 def test_the_fast_loop_is_chosen_only_for_raw_envelopes_to_canonical_bytes() -> None:
@@ -429,7 +489,9 @@ def test_both_loops_batch_and_single_row_forms_agree_with_the_oracle(
 
 def test_a_run_of_rows_without_a_value_to_open_is_returned_as_it_is() -> None:
     data = frame(data_row(b"1", None, None, b"x"), data_row(None, None, None, None))
-    assert loops(data, FAST_PLAN) == [data, data]
+    outcomes = loops(data, FAST_PLAN)
+    assert len(outcomes) >= 2
+    assert outcomes == [data] * len(outcomes)
     body = data_row(b"1", None, None, b"x")
     assert rewrite_data_row(body, FAST_PLAN, lookup, FMT) is body
 
@@ -453,18 +515,19 @@ def _flip(envelope: bytes, position: int) -> bytes:
     return bytes(tampered)
 
 
+# The reason each fault is logged and counted with (the client's message is the same for all).
 FAULTS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
-    "tag": (lambda e: _flip(e, len(e) - 1), "the value failed authentication"),
-    "ciphertext": (lambda e: _flip(e, 32), "the value failed authentication"),
-    "nonce": (lambda e: _flip(e, 25), "the value failed authentication"),
-    "key id": (lambda e: _flip(e, 10), "the value's data key is unknown or destroyed"),
-    "version": (lambda e: _flip(e, 2), "the stored value is not an envelope"),
-    "magic": (lambda e: b"XV" + e[2:], "the stored value is not an envelope"),
-    "too short": (lambda e: e[:47], "the stored value is not an envelope"),
+    "tag": (lambda e: _flip(e, len(e) - 1), "authentication"),
+    "ciphertext": (lambda e: _flip(e, 32), "authentication"),
+    "nonce": (lambda e: _flip(e, 25), "authentication"),
+    "key id": (lambda e: _flip(e, 10), "unknown_key"),
+    "version": (lambda e: _flip(e, 2), "not_an_envelope"),
+    "magic": (lambda e: b"XV" + e[2:], "not_an_envelope"),
+    "too short": (lambda e: e[:47], "not_an_envelope"),
 }
 
 
-@pytest.mark.parametrize("plan", [FAST_PLAN, GENERAL_PLAN], ids=["fast-plan", "general-plan"])
+@pytest.mark.parametrize("plan", PLANS, ids=PLAN_IDS)
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_a_fault_at_every_position_is_refused_naming_its_column_by_both_loops(plan: RowPlan, fault: str) -> None:
     damage, reason = FAULTS[fault]
@@ -482,7 +545,7 @@ def test_a_fault_at_every_position_is_refused_naming_its_column_by_both_loops(pl
             assert outcomes == [refusal] * len(outcomes), (r, c)
 
 
-@pytest.mark.parametrize("plan", [FAST_PLAN, GENERAL_PLAN], ids=["fast-plan", "general-plan"])
+@pytest.mark.parametrize("plan", PLANS, ids=PLAN_IDS)
 def test_a_value_moved_to_another_column_is_refused_by_both_loops(plan: RowPlan) -> None:
     (_, first), *_, (_, last) = [(c, out) for c, out in enumerate(plan) if out is not None]
     assert first is not None
@@ -490,7 +553,7 @@ def test_a_value_moved_to_another_column_is_refused_by_both_loops(plan: RowPlan)
     row = _good_row(plan, 0)
     moved = list(row)
     moved[plan.index(last)] = stored(envelope_of(row[plan.index(first)], first), server_binary=last.server_binary)
-    refusal = ("refused", last.column.column_id, "the value failed authentication")
+    refusal = ("refused", last.column.column_id, "authentication")
     outcomes = loops(frame(data_row(*_good_row(plan, 1)), data_row(*moved)), plan)
     assert outcomes == [refusal] * len(outcomes)
 
@@ -520,7 +583,7 @@ def _shapes(plan: RowPlan) -> dict[str, bytes]:
     }
 
 
-@pytest.mark.parametrize("plan", [FAST_PLAN, GENERAL_PLAN], ids=["fast-plan", "general-plan"])
+@pytest.mark.parametrize("plan", PLANS, ids=PLAN_IDS)
 def test_a_row_that_does_not_fit_gets_the_same_error_alone_and_between_other_rows(plan: RowPlan) -> None:
     """A bad row in a run must be judged on its own bytes: the loops read lengths ahead without a bound,
     so the row after it must neither hide nor change the error (malformed message vs. row that does not
@@ -536,7 +599,7 @@ def test_a_row_that_does_not_fit_gets_the_same_error_alone_and_between_other_row
     assert seen == {"refused", "malformed"}
 
 
-@pytest.mark.parametrize("plan", [FAST_PLAN, GENERAL_PLAN], ids=["fast-plan", "general-plan"])
+@pytest.mark.parametrize("plan", PLANS, ids=PLAN_IDS)
 def test_a_run_with_a_foreign_or_cut_message_is_malformed(plan: RowPlan) -> None:
     good = frame(data_row(*_good_row(plan, 1)))
     malformed: list[Outcome] = [("malformed",)]
@@ -570,17 +633,32 @@ def test_memo_keeps_enabled_keys_only_and_follows_the_plan() -> None:
     memo: dict[bytes, Any] = {}
     body = data_row(b"1", SSN_VECTOR, None, b"x")
     known: dict[bytes, DataKey] = {}
-    with pytest.raises(RowDecryptError, match="unknown or destroyed"):
+    with pytest.raises(RowDecryptError) as info:
         rewrite_data_row(body, FAST_PLAN, known.get, FMT, memo)
+    assert info.value.reason == "unknown_key"
     known[SSN_KEY_ID] = SSN_KEY.with_state(KeyState.DISABLED)
     for _ in range(2):
-        with pytest.raises(RowDecryptError, match="disabled"):
+        with pytest.raises(RowDecryptError) as info:
             rewrite_data_row(body, FAST_PLAN, known.get, FMT, memo)
+        assert info.value.reason == "disabled_key"
     known[SSN_KEY_ID] = SSN_KEY
     assert rewrite_data_row(body, FAST_PLAN, known.get, FMT, memo) == data_row(b"1", SSN_PLAINTEXT, None, b"x")
-    assert set(memo) == {b"", SSN_VECTOR[:20]}
+    assert set(memo) == {b"", b"o"}  # the compiled plan and the result's Opener
     del known[SSN_KEY_ID]  # remembered for this result: no second lookup
     assert rewrite_data_row(body, FAST_PLAN, known.get, FMT, memo) == data_row(b"1", SSN_PLAINTEXT, None, b"x")
     one_column: RowPlan = (real_output(SSN, server_binary=True, client_binary=False),)
     assert rewrite_data_row(data_row(SSN_VECTOR), one_column, known.get, FMT, memo) == data_row(SSN_PLAINTEXT)
     assert memo[b""][0] is one_column
+
+
+def test_a_refusal_says_which_check_failed_only_in_its_reason() -> None:
+    """Every fault gets the same exception type and message shape; only ``reason`` (a bounded set, for
+    the log and the metric) differs, and it never carries value bytes."""
+    plan: RowPlan = (output(SSN, server_binary=True, client_binary=False),)
+    reasons = set()
+    for damage, _ in FAULTS.values():
+        error = assert_refused(data_row(damage(SSN_VECTOR)), plan, SSN)
+        assert str(error) == f"a value of {SSN.column_id} could not be decrypted ({error.reason})"
+        reasons.add(error.reason)
+    assert reasons <= set(rows.REASONS)
+    assert reasons == {"authentication", "unknown_key", "not_an_envelope"}

@@ -252,7 +252,7 @@ def test_analyze_never_raises_on_arbitrary_text(sql: str) -> None:
 @given(st.lists(st.sampled_from(SQL_WORDS), max_size=30))
 def test_analyze_never_raises_on_sql_like_text(words: list[str]) -> None:
     with _no_internal_errors():
-        _check_invariants(analyze(" ".join(words), CATALOG, ("public", "billing")))
+        _check_invariants(analyze(" ".join(words), CATALOG))
 
 
 @settings(max_examples=200, deadline=None)

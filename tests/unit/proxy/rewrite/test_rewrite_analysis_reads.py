@@ -39,8 +39,8 @@ ALL_CUSTOMERS = (None, None, SSN, EMAIL, DOB, SCORE, ACTIVE, None)
 ALL_ACCOUNTS = (None, None, IBAN, None)
 
 
-def _statement(sql: str, search_path: tuple[str, ...] = ("public",)) -> StatementPlan:
-    plan = analyze(sql, CATALOG, search_path)
+def _statement(sql: str) -> StatementPlan:
+    plan = analyze(sql, CATALOG)
     refusal = plan.refusal
     assert refusal is None, refusal.message
     assert plan.touches_protected
@@ -147,7 +147,6 @@ NOT_PROTECTED = [
     'SELECT * FROM "Customers"',
     'SELECT * FROM "CUSTOMERS"',
     "SELECT * FROM other.customers",
-    "SELECT pan FROM cards",
     # A CTE named like a protected table shadows it in FROM.
     "WITH customers AS (SELECT 'x' AS ssn) SELECT lower(ssn) FROM customers ORDER BY ssn",
     "WITH customers AS (SELECT 1 AS id) SELECT c.id FROM customers c WHERE c.id = 1",
@@ -181,9 +180,8 @@ def test_unicode_escaped_identifier_is_resolved() -> None:
     assert st.result_columns == (SSN,)
 
 
-def test_search_path_order() -> None:
-    assert _statement("SELECT pan FROM cards", ("billing", "public")).result_columns == (PAN,)
-    assert not analyze("SELECT pan FROM cards", CATALOG, ("public", "other")).touches_protected
+def test_unqualified_name_means_the_protected_table_in_any_schema() -> None:
+    assert _statement("SELECT pan FROM cards").result_columns == (PAN,)
 
 
 OTHER_STATEMENTS: list[tuple[str, StatementKind]] = [

@@ -30,8 +30,8 @@ CATALOG = Catalog({(t.schema, t.name): t for t in (CUSTOMERS, CARDS, MIXED, PART
 C = CUSTOMERS.columns
 
 
-def _plan(sql: str, search_path: tuple[str, ...] = ("public",)) -> QueryPlan:
-    plan = analyze(sql, CATALOG, search_path)
+def _plan(sql: str) -> QueryPlan:
+    plan = analyze(sql, CATALOG)
     refusal = plan.refusal
     assert refusal is None, refusal.message
     return plan
@@ -47,7 +47,7 @@ def _check_rewrite(plan: QueryPlan) -> str:
     ciphertexts = {t: bytes([i + 1]) * 3 for i, t in enumerate(plan.literal_targets)}
     rewritten = plan.rewritten_sql(ciphertexts)
     pglast.parse_sql(rewritten)
-    again = analyze(rewritten, CATALOG, ("public", "billing"))
+    again = analyze(rewritten, CATALOG)
     assert again.refusal is None
     assert [(t.column, t.cast_type) for t in again.literal_targets] == [
         (t.column, "bytea") for t in plan.literal_targets
@@ -136,9 +136,10 @@ def test_rewritten_text_keeps_everything_else_byte_for_byte() -> None:
     )
 
 
-def test_search_path_decides_unqualified_names() -> None:
-    assert not analyze("INSERT INTO cards (pan) VALUES ('4111')", CATALOG).touches_protected
-    plan = _plan("INSERT INTO cards (pan) VALUES ('4111')", ("billing", "public"))
+def test_unqualified_names_resolve_whatever_the_search_path() -> None:
+    # billing.cards is the only relation named cards: an unqualified name means it under any search_path
+    # (SET search_path, startup options, ALTER ROLE ... SET, set_config all leave this reading right).
+    plan = _plan("INSERT INTO cards (pan) VALUES ('4111')")
     assert _targets(plan) == [("'4111'", "4111", "pan", None)]
 
 

@@ -804,6 +804,10 @@ def copy_streams(draw: st.DrawFn) -> tuple[CopyOptions, int, tuple[int, ...], by
 @given(copy_streams())
 @example((TEXT, 1, (0,), b"\\N\\", []))
 @example((CSV, 2, (0, 1), b'"a""b",\\.\n\\.\n', [3]))
+# The server reads the byte after a "\." that follows data before it decides: invalid UTF-8 there is an
+# encoding error, not a broken end marker (whole, and cut before the bad byte).
+@example((TEXT, 1, (), b"a\\.\xc3\n", []))
+@example((TEXT, 1, (0,), b"a\\.\xc3\n", [3]))
 def test_rewriter_agrees_with_the_servers_algorithm(
     case: tuple[CopyOptions, int, tuple[int, ...], bytes, list[int]],
 ) -> None:

@@ -1,0 +1,929 @@
+/*
+ * pgveil_accel: pgveil's optional native hot path, a plain CPython extension over OpenSSL's libcrypto.
+ *
+ * What it owns: AES-256-GCM cipher contexts per data key (Key), the opening of v1 envelopes with a small
+ * per-result key cache (Opener), the DataRow batch kernel (rewrite_rows) and the scan for the end of a
+ * run of DataRows (data_row_run). What it must not do: decide policy, look keys up itself (it calls
+ * back into keymgmt for that), log, or keep any value after a call returns.
+ *
+ * The pure-Python code is the reference: keymgmt/envelope.py defines the envelope layout (this file
+ * mirrors it, and keymgmt checks the constants exported below before using the module), and
+ * proxy/encrypt/rows.py defines what rewrite_rows must do, byte for byte and error for error.
+ *
+ * Envelope v1 (keymgmt/envelope.py): magic "PV" . version 0x01 . algorithm 0x01 . key id (16) .
+ * nonce (12) . ciphertext (n) . tag (16). Associated data: header (bytes 0..31) . column's bytes.
+ *
+ * DataRow (PostgreSQL docs, "Message Formats"): Byte1 'D' . Int32 length (self-inclusive) . Int16 column
+ * count . per column Int32 length (negative: NULL, no bytes) and the value's bytes.
+ *
+ * Memory safety: every byte read is from a bytes object (immutable, so a callback into Python cannot
+ * move or resize it under us) at an offset checked against the run's end or the row's end first, with
+ * 64-bit arithmetic on lengths read from the wire (an Int32 is at most 2**31 - 1, offsets are
+ * Py_ssize_t). The output buffer is allocated at the input's size (every rewrite shrinks a value) and
+ * every write is checked against its capacity anyway.
+ *
+ * Threads: a Key's two EVP contexts are used only while the calling thread holds the GIL, from
+ * initialisation with a nonce to the tag check, so no two threads ever use one context at the same
+ * time, and each use starts from a fresh nonce. The module does not declare free-threading support, so
+ * a free-threaded interpreter runs it with the GIL enabled. Key material is handed to OpenSSL and not
+ * kept here; EVP_CIPHER_CTX_free clears the expanded key when the Key is dropped.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <limits.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/random.h>
+
+#include <openssl/crypto.h>
+#include <openssl/core_names.h>
+#include <openssl/evp.h>
+#include <openssl/params.h>
+
+#define ACCEL_VERSION "1"
+
+#define KEY_ID_LENGTH 16
+#define NONCE_LENGTH 12
+#define TAG_LENGTH 16
+#define DEK_LENGTH 32
+#define PREFIX_LENGTH 4                              /* magic . version . algorithm */
+#define KEY_END (PREFIX_LENGTH + KEY_ID_LENGTH)      /* 20: where the nonce starts */
+#define HEADER_LENGTH (KEY_END + NONCE_LENGTH)       /* 32 */
+#define MIN_LENGTH (HEADER_LENGTH + TAG_LENGTH)      /* 48: an envelope of the empty plaintext */
+#define OPENER_SLOTS 16                              /* keys an Opener keeps without calling back */
+
+static const unsigned char PREFIX_V1[PREFIX_LENGTH] = {'P', 'V', 0x01, 0x01};
+
+static PyObject *InvalidTag;   /* a tag that does not verify (Key.decrypt) */
+static PyObject *RowRefused;   /* (reason, column index or -1): a value or row that cannot be delivered */
+static PyObject *Malformed;    /* a DataRow run that breaks the protocol's framing */
+static PyObject *Unsupported;  /* a value form left to the Python kernel (escape-format bytea text) */
+
+static inline uint32_t
+be32(const unsigned char *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | (uint32_t)p[3];
+}
+
+static inline void
+put_be32(unsigned char *p, uint32_t v)
+{
+    p[0] = (unsigned char)(v >> 24);
+    p[1] = (unsigned char)(v >> 16);
+    p[2] = (unsigned char)(v >> 8);
+    p[3] = (unsigned char)v;
+}
+
+/* -- AES-256-GCM ------------------------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    EVP_CIPHER_CTX *enc;
+    EVP_CIPHER_CTX *dec;
+} KeyObject;
+
+static PyTypeObject KeyType;
+
+/* 0: authentic, plaintext in out; 1: the tag does not verify; -1: OpenSSL failed (exception set).
+ * Lengths are checked by callers to fit an int. */
+static int
+gcm_open(EVP_CIPHER_CTX *ctx, const unsigned char *nonce, const unsigned char *aad1, size_t aad1_len,
+         const unsigned char *aad2, size_t aad2_len, const unsigned char *ciphertext, size_t ciphertext_len,
+         const unsigned char *tag, unsigned char *out)
+{
+    int outl = 0;
+    /* One AAD update where the two parts fit a small buffer: each EVP call costs tens of nanoseconds. */
+    unsigned char joined[256];
+    if (aad2_len > 0 && aad1_len + aad2_len <= sizeof(joined)) {
+        memcpy(joined, aad1, aad1_len);
+        memcpy(joined + aad1_len, aad2, aad2_len);
+        aad1 = joined;
+        aad1_len += aad2_len;
+        aad2_len = 0;
+    }
+    /* The tag is set with OSSL_PARAM directly: EVP_CIPHER_CTX_ctrl would translate to the same. */
+    OSSL_PARAM params[2] = {
+        OSSL_PARAM_construct_octet_string(OSSL_CIPHER_PARAM_AEAD_TAG, (void *)tag, TAG_LENGTH),
+        OSSL_PARAM_construct_end(),
+    };
+    if (EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1)
+        goto error;
+    if (aad1_len > 0 && EVP_DecryptUpdate(ctx, NULL, &outl, aad1, (int)aad1_len) != 1)
+        goto error;
+    if (aad2_len > 0 && EVP_DecryptUpdate(ctx, NULL, &outl, aad2, (int)aad2_len) != 1)
+        goto error;
+    if (ciphertext_len > 0 && EVP_DecryptUpdate(ctx, out, &outl, ciphertext, (int)ciphertext_len) != 1)
+        goto error;
+    if (EVP_CIPHER_CTX_set_params(ctx, params) != 1)
+        goto error;
+    if (EVP_DecryptFinal_ex(ctx, out + ciphertext_len, &outl) != 1)
+        return 1;
+    return 0;
+error:
+    PyErr_SetString(PyExc_RuntimeError, "OpenSSL AES-GCM decryption failed");
+    return -1;
+}
+
+/* Encrypts into out (ciphertext_len bytes) and tag_out (16 bytes). 0, or -1 with an exception set. */
+static int
+gcm_seal(EVP_CIPHER_CTX *ctx, const unsigned char *nonce, const unsigned char *aad1, size_t aad1_len,
+         const unsigned char *aad2, size_t aad2_len, const unsigned char *plaintext, size_t plaintext_len,
+         unsigned char *out, unsigned char *tag_out)
+{
+    int outl = 0;
+    if (EVP_EncryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1)
+        goto error;
+    if (aad1_len > 0 && EVP_EncryptUpdate(ctx, NULL, &outl, aad1, (int)aad1_len) != 1)
+        goto error;
+    if (aad2_len > 0 && EVP_EncryptUpdate(ctx, NULL, &outl, aad2, (int)aad2_len) != 1)
+        goto error;
+    if (plaintext_len > 0 && EVP_EncryptUpdate(ctx, out, &outl, plaintext, (int)plaintext_len) != 1)
+        goto error;
+    if (EVP_EncryptFinal_ex(ctx, out + plaintext_len, &outl) != 1)
+        goto error;
+    if (EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, TAG_LENGTH, tag_out) != 1)
+        goto error;
+    return 0;
+error:
+    PyErr_SetString(PyExc_RuntimeError, "OpenSSL AES-GCM encryption failed");
+    return -1;
+}
+
+/* A fresh nonce from the OS CSPRNG (getrandom(2), blocking only before the pool is initialised). */
+static int
+random_nonce(unsigned char *out)
+{
+    size_t got = 0;
+    while (got < NONCE_LENGTH) {
+        ssize_t r = getrandom(out + got, NONCE_LENGTH - got, 0);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        got += (size_t)r;
+    }
+    return 0;
+}
+
+static int
+check_int_length(Py_ssize_t n, const char *what)
+{
+    if (n < 0 || n > INT_MAX - 2 * TAG_LENGTH) {
+        PyErr_Format(PyExc_OverflowError, "%s is too long", what);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+Key_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    Py_buffer material;
+    static char *kwlist[] = {"material", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*:Key", kwlist, &material))
+        return NULL;
+    if (material.len != DEK_LENGTH) {
+        PyBuffer_Release(&material);
+        PyErr_Format(PyExc_ValueError, "data key material must be %d bytes", DEK_LENGTH);
+        return NULL;
+    }
+    KeyObject *self = (KeyObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        PyBuffer_Release(&material);
+        return NULL;
+    }
+    self->enc = EVP_CIPHER_CTX_new();
+    self->dec = EVP_CIPHER_CTX_new();
+    int ok = self->enc != NULL && self->dec != NULL &&
+             EVP_EncryptInit_ex(self->enc, EVP_aes_256_gcm(), NULL, material.buf, NULL) == 1 &&
+             EVP_DecryptInit_ex(self->dec, EVP_aes_256_gcm(), NULL, material.buf, NULL) == 1 &&
+             EVP_CIPHER_CTX_iv_length(self->enc) == NONCE_LENGTH;
+    PyBuffer_Release(&material);
+    if (!ok) {
+        Py_DECREF(self);
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL could not set up AES-256-GCM");
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static void
+Key_dealloc(KeyObject *self)
+{
+    /* EVP_CIPHER_CTX_free clears the key schedule (OPENSSL_clear_free in the GCM provider). */
+    EVP_CIPHER_CTX_free(self->enc);
+    EVP_CIPHER_CTX_free(self->dec);
+    self->enc = self->dec = NULL;
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Key.encrypt(nonce, data, associated_data) -> ciphertext . tag, as cryptography's AESGCM. */
+static PyObject *
+Key_encrypt(KeyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer nonce = {0}, data = {0}, aad = {0};
+    PyObject *result = NULL;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "encrypt(nonce, data, associated_data)");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[0], &nonce, PyBUF_SIMPLE) < 0)
+        goto done;
+    if (PyObject_GetBuffer(args[1], &data, PyBUF_SIMPLE) < 0)
+        goto done;
+    if (PyObject_GetBuffer(args[2], &aad, PyBUF_SIMPLE) < 0)
+        goto done;
+    if (nonce.len != NONCE_LENGTH) {
+        PyErr_Format(PyExc_ValueError, "nonce must be %d bytes", NONCE_LENGTH);
+        goto done;
+    }
+    if (check_int_length(data.len, "data") < 0 || check_int_length(aad.len, "associated data") < 0)
+        goto done;
+    result = PyBytes_FromStringAndSize(NULL, data.len + TAG_LENGTH);
+    if (result == NULL)
+        goto done;
+    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(result);
+    if (gcm_seal(self->enc, nonce.buf, aad.buf, (size_t)aad.len, NULL, 0, data.buf, (size_t)data.len, out,
+                 out + data.len) < 0)
+        Py_CLEAR(result);
+done:
+    if (nonce.obj) PyBuffer_Release(&nonce);
+    if (data.obj) PyBuffer_Release(&data);
+    if (aad.obj) PyBuffer_Release(&aad);
+    return result;
+}
+
+/* Key.decrypt(nonce, data, associated_data) -> plaintext, or InvalidTag, as cryptography's AESGCM. */
+static PyObject *
+Key_decrypt(KeyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer nonce = {0}, data = {0}, aad = {0};
+    PyObject *result = NULL;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "decrypt(nonce, data, associated_data)");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[0], &nonce, PyBUF_SIMPLE) < 0)
+        goto done;
+    if (PyObject_GetBuffer(args[1], &data, PyBUF_SIMPLE) < 0)
+        goto done;
+    if (PyObject_GetBuffer(args[2], &aad, PyBUF_SIMPLE) < 0)
+        goto done;
+    if (nonce.len != NONCE_LENGTH) {
+        PyErr_Format(PyExc_ValueError, "nonce must be %d bytes", NONCE_LENGTH);
+        goto done;
+    }
+    if (check_int_length(data.len, "data") < 0 || check_int_length(aad.len, "associated data") < 0)
+        goto done;
+    if (data.len < TAG_LENGTH) {
+        PyErr_SetNone(InvalidTag);
+        goto done;
+    }
+    Py_ssize_t n = data.len - TAG_LENGTH;
+    result = PyBytes_FromStringAndSize(NULL, n);
+    if (result == NULL)
+        goto done;
+    const unsigned char *in = data.buf;
+    int r = gcm_open(self->dec, nonce.buf, aad.buf, (size_t)aad.len, NULL, 0, in, (size_t)n, in + n,
+                     (unsigned char *)PyBytes_AS_STRING(result));
+    if (r != 0) {
+        Py_CLEAR(result);
+        if (r > 0)
+            PyErr_SetNone(InvalidTag);
+    }
+done:
+    if (nonce.obj) PyBuffer_Release(&nonce);
+    if (data.obj) PyBuffer_Release(&data);
+    if (aad.obj) PyBuffer_Release(&aad);
+    return result;
+}
+
+/* Key.seal(prefix, plaintext, associated) -> envelope: prefix is magic . version . algorithm . key id
+ * (20 bytes), the nonce comes from the OS CSPRNG, the associated data is header . associated. */
+static PyObject *
+Key_seal(KeyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer prefix = {0}, plaintext = {0}, assoc = {0};
+    PyObject *result = NULL;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "seal(prefix, plaintext, associated)");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[0], &prefix, PyBUF_SIMPLE) < 0)
+        goto done;
+    if (PyObject_GetBuffer(args[1], &plaintext, PyBUF_SIMPLE) < 0)
+        goto done;
+    if (PyObject_GetBuffer(args[2], &assoc, PyBUF_SIMPLE) < 0)
+        goto done;
+    if (prefix.len != KEY_END || memcmp(prefix.buf, PREFIX_V1, PREFIX_LENGTH) != 0) {
+        PyErr_SetString(PyExc_ValueError, "prefix must be a v1 envelope's first 20 bytes");
+        goto done;
+    }
+    if (check_int_length(plaintext.len, "plaintext") < 0 || check_int_length(assoc.len, "associated data") < 0)
+        goto done;
+    if (plaintext.len > PY_SSIZE_T_MAX - MIN_LENGTH) {
+        PyErr_SetString(PyExc_OverflowError, "plaintext is too long");
+        goto done;
+    }
+    result = PyBytes_FromStringAndSize(NULL, plaintext.len + MIN_LENGTH);
+    if (result == NULL)
+        goto done;
+    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(result);
+    memcpy(out, prefix.buf, KEY_END);
+    if (random_nonce(out + KEY_END) < 0 ||
+        gcm_seal(self->enc, out + KEY_END, out, HEADER_LENGTH, assoc.buf, (size_t)assoc.len, plaintext.buf,
+                 (size_t)plaintext.len, out + HEADER_LENGTH, out + HEADER_LENGTH + plaintext.len) < 0)
+        Py_CLEAR(result);
+done:
+    if (prefix.obj) PyBuffer_Release(&prefix);
+    if (plaintext.obj) PyBuffer_Release(&plaintext);
+    if (assoc.obj) PyBuffer_Release(&assoc);
+    return result;
+}
+
+static PyObject *
+Key_repr(KeyObject *self)
+{
+    return PyUnicode_FromString("pgveil_accel.Key(AES-256-GCM)");
+}
+
+static PyMethodDef Key_methods[] = {
+    {"encrypt", (PyCFunction)(void (*)(void))Key_encrypt, METH_FASTCALL, "encrypt(nonce, data, associated_data)"},
+    {"decrypt", (PyCFunction)(void (*)(void))Key_decrypt, METH_FASTCALL, "decrypt(nonce, data, associated_data)"},
+    {"seal", (PyCFunction)(void (*)(void))Key_seal, METH_FASTCALL, "seal(prefix, plaintext, associated)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject KeyType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "pgveil_accel.Key",
+    .tp_basicsize = sizeof(KeyObject),
+    .tp_dealloc = (destructor)Key_dealloc,
+    .tp_repr = (reprfunc)Key_repr,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One AES-256-GCM data key: an encryption and a decryption context, the key bytes inside OpenSSL.",
+    .tp_methods = Key_methods,
+    .tp_new = Key_new,
+};
+
+/* -- Opener: envelope checks and a small per-result key cache ------------------------------------------ */
+
+typedef struct {
+    unsigned char prefix[KEY_END];
+    KeyObject *key; /* strong reference, or NULL */
+} Slot;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *find;  /* find(prefix: bytes) -> Key | str (the refusal reason); may raise */
+    PyObject *error; /* error(reason: str) -> the exception Opener.open raises */
+    int next;        /* the slot the next new key replaces (round robin) */
+    Slot slots[OPENER_SLOTS];
+} OpenerObject;
+
+static PyTypeObject OpenerType;
+
+static PyObject *
+Opener_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *find, *error;
+    static char *kwlist[] = {"find", "error", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO:Opener", kwlist, &find, &error))
+        return NULL;
+    if (!PyCallable_Check(find) || !PyCallable_Check(error)) {
+        PyErr_SetString(PyExc_TypeError, "find and error must be callable");
+        return NULL;
+    }
+    OpenerObject *self = (OpenerObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    Py_INCREF(find);
+    Py_INCREF(error);
+    self->find = find;
+    self->error = error;
+    return (PyObject *)self;
+}
+
+static int
+Opener_traverse(OpenerObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->find);
+    Py_VISIT(self->error);
+    return 0;
+}
+
+static int
+Opener_clear(OpenerObject *self)
+{
+    Py_CLEAR(self->find);
+    Py_CLEAR(self->error);
+    for (int i = 0; i < OPENER_SLOTS; i++)
+        Py_CLEAR(self->slots[i].key);
+    return 0;
+}
+
+static void
+Opener_dealloc(OpenerObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Opener_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The Key for an envelope's first 20 bytes (prefix already checked). Returns a borrowed Key, or NULL
+ * with *reason set to a new reference (a refusal) or an exception set (find raised, or misbehaved). */
+static KeyObject *
+opener_key(OpenerObject *self, const unsigned char *prefix, PyObject **reason)
+{
+    *reason = NULL;
+    for (int i = 0; i < OPENER_SLOTS; i++) {
+        Slot *s = &self->slots[i];
+        if (s->key != NULL && memcmp(s->prefix, prefix, KEY_END) == 0)
+            return s->key;
+    }
+    if (self->find == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the Opener was cleared");
+        return NULL;
+    }
+    PyObject *arg = PyBytes_FromStringAndSize((const char *)prefix, KEY_END);
+    if (arg == NULL)
+        return NULL;
+    PyObject *found = PyObject_CallOneArg(self->find, arg);
+    Py_DECREF(arg);
+    if (found == NULL)
+        return NULL;
+    if (PyUnicode_Check(found)) {
+        *reason = found; /* refused keys are not remembered: they may be fetched or enabled later */
+        return NULL;
+    }
+    if (!PyObject_TypeCheck(found, &KeyType)) {
+        Py_DECREF(found);
+        PyErr_SetString(PyExc_TypeError, "find must return a pgveil_accel.Key or a reason");
+        return NULL;
+    }
+    Slot *s = &self->slots[self->next];
+    self->next = (self->next + 1) % OPENER_SLOTS;
+    KeyObject *old = s->key;
+    memcpy(s->prefix, prefix, KEY_END);
+    s->key = (KeyObject *)found; /* the slot takes the reference */
+    Py_XDECREF(old);
+    return s->key;
+}
+
+/* Outcome of opening one envelope: 0 opened, 1 refused (*reason is a new reference), -1 exception. */
+static int
+opener_open(OpenerObject *self, const unsigned char *env, Py_ssize_t size, const unsigned char *assoc,
+            Py_ssize_t assoc_len, unsigned char *out, PyObject **reason)
+{
+    *reason = NULL;
+    if (size < MIN_LENGTH || memcmp(env, PREFIX_V1, PREFIX_LENGTH) != 0) {
+        *reason = PyUnicode_FromString("not_an_envelope");
+        return *reason == NULL ? -1 : 1;
+    }
+    if (size > INT_MAX || assoc_len > INT_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "envelope too long");
+        return -1;
+    }
+    KeyObject *key = opener_key(self, env, reason);
+    if (key == NULL)
+        return *reason != NULL ? 1 : -1;
+    /* Hold the key across the call: nothing below runs Python code, but be robust to future edits. */
+    Py_INCREF(key);
+    int r = gcm_open(key->dec, env + KEY_END, env, HEADER_LENGTH, assoc, (size_t)assoc_len, env + HEADER_LENGTH,
+                     (size_t)(size - MIN_LENGTH), env + size - TAG_LENGTH, out);
+    Py_DECREF(key);
+    if (r > 0) {
+        *reason = PyUnicode_FromString("authentication");
+        return *reason == NULL ? -1 : 1;
+    }
+    return r;
+}
+
+static void
+raise_with_reason(PyObject *error, PyObject *reason)
+{
+    PyObject *exc = PyObject_CallOneArg(error, reason);
+    if (exc != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+}
+
+/* Opener.open(data, start, end, associated) -> the plaintext of the envelope data[start:end]. Takes any
+ * bytes-like object: the buffers are held for the call, so a callback cannot resize a bytearray under it. */
+static PyObject *
+Opener_open(OpenerObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "open(data, start, end, associated)");
+        return NULL;
+    }
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
+    if (start == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t end = PyLong_AsSsize_t(args[2]);
+    if (end == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer data = {0}, assoc = {0};
+    PyObject *result = NULL, *reason = NULL;
+    if (PyObject_GetBuffer(args[0], &data, PyBUF_SIMPLE) < 0)
+        goto done;
+    if (PyObject_GetBuffer(args[3], &assoc, PyBUF_SIMPLE) < 0)
+        goto done;
+    if (start < 0 || end > data.len || end - start < MIN_LENGTH) {
+        reason = PyUnicode_FromString("not_an_envelope");
+        if (reason != NULL)
+            raise_with_reason(self->error, reason);
+        goto done;
+    }
+    Py_ssize_t size = end - start;
+    result = PyBytes_FromStringAndSize(NULL, size - MIN_LENGTH);
+    if (result == NULL)
+        goto done;
+    int r = opener_open(self, (const unsigned char *)data.buf + start, size, assoc.buf, assoc.len,
+                        (unsigned char *)PyBytes_AS_STRING(result), &reason);
+    if (r != 0) {
+        Py_CLEAR(result);
+        if (r > 0)
+            raise_with_reason(self->error, reason);
+    }
+done:
+    Py_XDECREF(reason);
+    if (data.obj) PyBuffer_Release(&data);
+    if (assoc.obj) PyBuffer_Release(&assoc);
+    return result;
+}
+
+static PyMethodDef Opener_methods[] = {
+    {"open", (PyCFunction)(void (*)(void))Opener_open, METH_FASTCALL, "open(data, start, end, associated)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject OpenerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "pgveil_accel.Opener",
+    .tp_basicsize = sizeof(OpenerObject),
+    .tp_dealloc = (destructor)Opener_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Opener(find, error): opens v1 envelopes, keeping the keys find returned for its life.",
+    .tp_traverse = (traverseproc)Opener_traverse,
+    .tp_clear = (inquiry)Opener_clear,
+    .tp_methods = Opener_methods,
+    .tp_new = Opener_new,
+};
+
+/* -- the DataRow batch kernel -------------------------------------------------------------------------- */
+
+enum { COLUMN_COPIED = 0, COLUMN_BINARY = 1, COLUMN_HEX = 2 };
+
+typedef struct {
+    int kind;
+    const unsigned char *assoc;
+    Py_ssize_t assoc_len;
+} Column;
+
+/* Hex digit values, -1 for anything else (binascii.a2b_hex accepts both cases, so does this). */
+static signed char HEX[256];
+
+static void
+init_hex(void)
+{
+    memset(HEX, -1, sizeof(HEX));
+    for (int i = 0; i < 10; i++)
+        HEX['0' + i] = (signed char)i;
+    for (int i = 0; i < 6; i++) {
+        HEX['a' + i] = (signed char)(10 + i);
+        HEX['A' + i] = (signed char)(10 + i);
+    }
+}
+
+static PyObject *
+row_refused(const char *reason, Py_ssize_t column)
+{
+    PyObject *args = Py_BuildValue("(sn)", reason, column);
+    if (args != NULL) {
+        PyErr_SetObject(RowRefused, args);
+        Py_DECREF(args);
+    }
+    return NULL;
+}
+
+static PyObject *
+row_refused_obj(PyObject *reason, Py_ssize_t column)
+{
+    PyObject *args = Py_BuildValue("(On)", reason, column);
+    if (args != NULL) {
+        PyErr_SetObject(RowRefused, args);
+        Py_DECREF(args);
+    }
+    return NULL;
+}
+
+static PyObject *
+malformed(const char *what)
+{
+    PyErr_SetString(Malformed, what);
+    return NULL;
+}
+
+/*
+ * rewrite_rows(data, start, end, columns, opener) -> bytes
+ *
+ * data[start:end] is a run of complete DataRow messages; columns has one entry per column of the row
+ * description: None (copied as it is) or (associated, server_binary). Every protected value is opened
+ * and replaced by its plaintext (the client's bytes: the caller only passes plans whose columns are
+ * identity). Mirrors proxy/encrypt/rows.py's loops, check for check and in the same order, so that the
+ * first fault of a run gives the same error: Malformed for framing, RowRefused(reason, column index, or
+ * -1 for "the plan's first protected column") for a value or row that cannot be delivered, Unsupported
+ * for escape-format bytea, and find's own exception as it is. Nothing is returned for a failing run.
+ */
+static PyObject *
+rewrite_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "rewrite_rows(data, start, end, columns, opener)");
+        return NULL;
+    }
+    PyObject *data = args[0], *columns_obj = args[3];
+    if (!PyBytes_Check(data))
+        return PyErr_Format(PyExc_TypeError, "data must be bytes");
+    if (!PyTuple_Check(columns_obj))
+        return PyErr_Format(PyExc_TypeError, "columns must be a tuple");
+    if (!PyObject_TypeCheck(args[4], &OpenerType))
+        return PyErr_Format(PyExc_TypeError, "opener must be a pgveil_accel.Opener");
+    OpenerObject *opener = (OpenerObject *)args[4];
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
+    if (start == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t end = PyLong_AsSsize_t(args[2]);
+    if (end == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t len = PyBytes_GET_SIZE(data);
+    if (start < 0 || start > end || end > len)
+        return PyErr_Format(PyExc_ValueError, "start and end must lie in data");
+    Py_ssize_t ncols = PyTuple_GET_SIZE(columns_obj);
+    if (ncols > 0x7fff)
+        return PyErr_Format(PyExc_ValueError, "too many columns");
+
+    Column *columns = PyMem_Calloc(ncols > 0 ? (size_t)ncols : 1, sizeof(Column));
+    if (columns == NULL)
+        return PyErr_NoMemory();
+    Py_INCREF(columns_obj); /* keeps the associated bytes alive whatever find does */
+    PyObject *out = NULL, *reason = NULL;
+    unsigned char *scratch = NULL; /* hex-decoded envelopes */
+    Py_ssize_t scratch_cap = 0;
+    for (Py_ssize_t c = 0; c < ncols; c++) {
+        PyObject *item = PyTuple_GET_ITEM(columns_obj, c);
+        if (item == Py_None)
+            continue;
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2 || !PyBytes_Check(PyTuple_GET_ITEM(item, 0))) {
+            PyErr_SetString(PyExc_TypeError, "a column is None or (associated: bytes, server_binary: bool)");
+            goto fail;
+        }
+        int binary = PyObject_IsTrue(PyTuple_GET_ITEM(item, 1));
+        if (binary < 0)
+            goto fail;
+        columns[c].kind = binary ? COLUMN_BINARY : COLUMN_HEX;
+        columns[c].assoc = (const unsigned char *)PyBytes_AS_STRING(PyTuple_GET_ITEM(item, 0));
+        columns[c].assoc_len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(item, 0));
+    }
+
+    const unsigned char *d = (const unsigned char *)PyBytes_AS_STRING(data);
+    Py_ssize_t cap = end - start; /* every rewrite shrinks its value: the output never outgrows the input */
+    out = PyBytes_FromStringAndSize(NULL, cap);
+    if (out == NULL)
+        goto fail;
+    unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
+    Py_ssize_t w = 0;
+    int changed = 0;
+    Py_ssize_t pos = start;
+#define ROOM(nbytes)                                                                        \
+    do {                                                                                    \
+        if ((nbytes) < 0 || (nbytes) > cap - w) {                                           \
+            PyErr_SetString(PyExc_SystemError, "pgveil_accel: output would outgrow input"); \
+            goto fail;                                                                      \
+        }                                                                                   \
+    } while (0)
+
+    while (pos < end) {
+        if (end - pos < 7) {
+            malformed("not a complete DataRow");
+            goto fail;
+        }
+        uint32_t ln = be32(d + pos + 1);
+        int16_t count = (int16_t)(((uint16_t)d[pos + 5] << 8) | d[pos + 6]);
+        if (d[pos] != 'D' || ln < 6 || (Py_ssize_t)ln > end - pos - 1) {
+            malformed("not a complete DataRow");
+            goto fail;
+        }
+        Py_ssize_t row_end = pos + 1 + (Py_ssize_t)ln;
+        if (count != ncols) {
+            row_refused("row_shape", -1);
+            goto fail;
+        }
+        Py_ssize_t row_w = w;
+        ROOM(7);
+        memcpy(o + w, d + pos, 7); /* type, length (patched below), count */
+        w += 7;
+        Py_ssize_t p = pos + 7;
+        for (Py_ssize_t c = 0; c < ncols; c++) {
+            if (row_end - p < 4) {
+                /* A length field past the row's end: whatever the bytes after it, the reference ends
+                 * in a malformed message (see rows._misfit). */
+                malformed("a length runs past the end of its row");
+                goto fail;
+            }
+            int32_t n = (int32_t)be32(d + p);
+            const Column *col = &columns[c];
+            if (col->kind == COLUMN_COPIED || n < 0) {
+                Py_ssize_t size = 4 + (n > 0 ? (Py_ssize_t)n : 0);
+                if (size > row_end - p) {
+                    /* The value runs past the row: the next length would be read past it (malformed),
+                     * or, for the last column, the row does not end where its values do. */
+                    if (c + 1 < ncols)
+                        malformed("a length runs past the end of its row");
+                    else
+                        row_refused("row_shape", -1);
+                    goto fail;
+                }
+                ROOM(size);
+                memcpy(o + w, d + p, (size_t)size);
+                w += size;
+                p += size;
+                continue;
+            }
+            Py_ssize_t v = p + 4;
+            if ((Py_ssize_t)n > row_end - v) {
+                malformed("a value runs past the end of its row");
+                goto fail;
+            }
+            const unsigned char *env = d + v;
+            Py_ssize_t size = n;
+            if (col->kind == COLUMN_HEX) {
+                /* bytea text output: \x and two hex digits per byte (PostgreSQL docs, "Binary Data
+                 * Types"); escape format goes back to the Python kernel. */
+                if (n < 2 || env[0] != '\\' || env[1] != 'x') {
+                    PyErr_SetString(Unsupported, "escape-format bytea");
+                    goto fail;
+                }
+                if ((n - 2) % 2 != 0) {
+                    row_refused("not_an_envelope", c);
+                    goto fail;
+                }
+                size = (n - 2) / 2;
+                if (size > scratch_cap) {
+                    unsigned char *grown = PyMem_Realloc(scratch, (size_t)size);
+                    if (grown == NULL) {
+                        PyErr_NoMemory();
+                        goto fail;
+                    }
+                    scratch = grown;
+                    scratch_cap = size;
+                }
+                const unsigned char *hex = env + 2;
+                int bad = 0;
+                for (Py_ssize_t i = 0; i < size; i++) {
+                    int hi = HEX[hex[2 * i]], lo = HEX[hex[2 * i + 1]];
+                    bad |= hi | lo; /* negative if either is not a hex digit */
+                    scratch[i] = (unsigned char)(((unsigned)hi << 4) | ((unsigned)lo & 0x0fu));
+                }
+                if (bad < 0) {
+                    row_refused("not_an_envelope", c);
+                    goto fail;
+                }
+                env = scratch;
+            }
+            Py_ssize_t plain = size - MIN_LENGTH; /* checked >= 0 by opener_open before use */
+            ROOM(4 + (plain > 0 ? plain : 0));
+            int r = opener_open(opener, env, size, col->assoc, col->assoc_len, o + w + 4, &reason);
+            if (r < 0)
+                goto fail;
+            if (r > 0) {
+                row_refused_obj(reason, c);
+                goto fail;
+            }
+            put_be32(o + w, (uint32_t)plain);
+            w += 4 + plain;
+            p = v + n;
+            changed = 1;
+        }
+        if (p != row_end) {
+            row_refused("row_shape", -1);
+            goto fail;
+        }
+        put_be32(o + row_w + 1, (uint32_t)(w - row_w - 1));
+        pos = row_end;
+    }
+#undef ROOM
+    PyMem_Free(columns);
+    PyMem_Free(scratch);
+    Py_DECREF(columns_obj);
+    if (!changed) {
+        Py_DECREF(out);
+        return PySequence_GetSlice(data, start, end); /* the same object when the run is all of data */
+    }
+    if (w < cap && _PyBytes_Resize(&out, w) < 0)
+        return NULL;
+    return out;
+
+fail:
+    Py_XDECREF(reason);
+    Py_XDECREF(out);
+    PyMem_Free(columns);
+    PyMem_Free(scratch);
+    Py_DECREF(columns_obj);
+    return NULL;
+}
+
+/*
+ * data_row_run(data, end, n) -> (end, count): the run of complete DataRow messages that starts with the
+ * one ending at end, within data[:n] (the relay's scan, proxy/protocol/relay.py _data_row_run).
+ */
+static PyObject *
+data_row_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "data_row_run(data, end, n)");
+        return NULL;
+    }
+    if (!PyBytes_Check(args[0]))
+        return PyErr_Format(PyExc_TypeError, "data must be bytes");
+    Py_ssize_t end = PyLong_AsSsize_t(args[1]);
+    if (end == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t n = PyLong_AsSsize_t(args[2]);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (end < 0 || n < 0 || n > PyBytes_GET_SIZE(args[0]))
+        return PyErr_Format(PyExc_ValueError, "end and n must lie in data");
+    const unsigned char *d = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    Py_ssize_t rows = 1;
+    while (n - end >= 5) {
+        uint32_t ln = be32(d + end + 1);
+        if (d[end] != 'D' || ln < 4 || (Py_ssize_t)ln > n - end - 1)
+            break;
+        end += 1 + (Py_ssize_t)ln;
+        rows++;
+    }
+    return Py_BuildValue("(nn)", end, rows);
+}
+
+static PyMethodDef module_methods[] = {
+    {"rewrite_rows", (PyCFunction)(void (*)(void))rewrite_rows, METH_FASTCALL,
+     "rewrite_rows(data, start, end, columns, opener) -> the rewritten run of DataRows"},
+    {"data_row_run", (PyCFunction)(void (*)(void))data_row_run, METH_FASTCALL,
+     "data_row_run(data, end, n) -> (end, count) of the run of complete DataRows"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef accel_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "pgveil_accel",
+    .m_doc = "pgveil's native hot path: AES-256-GCM over OpenSSL, the DataRow kernel, the DataRow run scan.",
+    .m_size = -1,
+    .m_methods = module_methods,
+};
+
+PyMODINIT_FUNC
+PyInit_pgveil_accel(void)
+{
+    init_hex();
+    if (PyType_Ready(&KeyType) < 0 || PyType_Ready(&OpenerType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&accel_module);
+    if (m == NULL)
+        return NULL;
+    InvalidTag = PyErr_NewException("pgveil_accel.InvalidTag", NULL, NULL);
+    RowRefused = PyErr_NewException("pgveil_accel.RowRefused", NULL, NULL);
+    Malformed = PyErr_NewException("pgveil_accel.Malformed", NULL, NULL);
+    Unsupported = PyErr_NewException("pgveil_accel.Unsupported", NULL, NULL);
+    if (InvalidTag == NULL || RowRefused == NULL || Malformed == NULL || Unsupported == NULL)
+        goto fail;
+    if (PyModule_AddObjectRef(m, "InvalidTag", InvalidTag) < 0 ||
+        PyModule_AddObjectRef(m, "RowRefused", RowRefused) < 0 ||
+        PyModule_AddObjectRef(m, "Malformed", Malformed) < 0 ||
+        PyModule_AddObjectRef(m, "Unsupported", Unsupported) < 0 ||
+        PyModule_AddObjectRef(m, "Key", (PyObject *)&KeyType) < 0 ||
+        PyModule_AddObjectRef(m, "Opener", (PyObject *)&OpenerType) < 0)
+        goto fail;
+    PyObject *prefix = PyBytes_FromStringAndSize((const char *)PREFIX_V1, PREFIX_LENGTH);
+    if (prefix == NULL || PyModule_AddObject(m, "PREFIX_V1", prefix) < 0) {
+        Py_XDECREF(prefix);
+        goto fail;
+    }
+    if (PyModule_AddIntConstant(m, "KEY_ID_LENGTH", KEY_ID_LENGTH) < 0 ||
+        PyModule_AddIntConstant(m, "NONCE_LENGTH", NONCE_LENGTH) < 0 ||
+        PyModule_AddIntConstant(m, "TAG_LENGTH", TAG_LENGTH) < 0 ||
+        PyModule_AddIntConstant(m, "HEADER_LENGTH", HEADER_LENGTH) < 0 ||
+        PyModule_AddStringConstant(m, "OPENSSL_VERSION", OpenSSL_version(OPENSSL_VERSION)) < 0 ||
+        PyModule_AddStringConstant(m, "__version__", ACCEL_VERSION) < 0)
+        goto fail;
+    return m;
+fail:
+    Py_DECREF(m);
+    return NULL;
+}

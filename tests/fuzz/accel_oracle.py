@@ -1,0 +1,137 @@
+"""The oracle the fuzzers hold the accelerator to: for any bytes, the native DataRow kernel, the native
+Opener and the native DataRow run scan give exactly what the pure-Python reference gives (the same
+bytes, or the same error: malformed, or refused naming the same column with the same reason).
+
+Shared by the bounded hypothesis run in the test suite (test_fuzz_accel.py) and the coverage-guided
+atheris harness (fuzz_accel.py, ``make fuzz``). An input is one byte that picks a plan, then the bytes
+the server would send: a run of DataRow messages or anything else.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from keymgmt import envelope
+from keymgmt.envelope import DataKey, KeyState, Opener, _seal_with_nonce, column_associated_data
+from proxy.encrypt import rows
+from proxy.encrypt.engine import ColumnCrypto
+from proxy.encrypt.rows import ColumnOutput, RowDecryptError, RowPlan
+from proxy.pgtypes import SessionFormat, codec_for
+from proxy.protocol import relay
+from proxy.protocol.codec import CodecError
+from proxy.rewrite.catalog import ProtectedColumn
+
+FMT = SessionFormat()
+SSN = ProtectedColumn("public", "customers", "ssn", "text", attnum=2, table_oid=16400)
+EMAIL = ProtectedColumn("public", "customers", "email", "varchar", attnum=4, table_oid=16400)
+KEY = DataKey.from_material(b"\x11" * 16, bytes(range(32)), column_id=SSN.column_id)
+DISABLED = DataKey.from_material(b"\x22" * 16, bytes(range(1, 33)), column_id=SSN.column_id).with_state(
+    KeyState.DISABLED
+)
+KEYS: dict[bytes, DataKey] = {KEY.key_id: KEY, DISABLED.key_id: DISABLED}
+
+Outcome = bytes | tuple[object, ...]
+
+
+def _output(col: ProtectedColumn, *, server_binary: bool, client_binary: bool) -> ColumnOutput:
+    cc = ColumnCrypto(col, codec_for(col.declared_type), column_associated_data(col.column_id))
+    return cc.output(server_binary=server_binary, client_binary=client_binary, fmt=FMT)
+
+
+# Plans the accelerator runs (every protected column identity): raw envelopes, bytea hex text, mixed.
+_SSN_RAW = _output(SSN, server_binary=True, client_binary=False)
+_SSN_HEX = _output(SSN, server_binary=False, client_binary=False)
+PLANS: tuple[RowPlan, ...] = (
+    (None, _SSN_RAW, _output(EMAIL, server_binary=True, client_binary=True)),
+    (_SSN_HEX, None),
+    (None, _SSN_HEX, None, _output(EMAIL, server_binary=True, client_binary=False)),
+    (_SSN_RAW,),
+)
+
+
+def _python_outcome(data: bytes, plan: RowPlan) -> Outcome:
+    steps = rows._compile(plan)[1]
+    try:
+        return rows._rewrite_general(data, 0, len(data), plan, steps, Opener(KEYS.get, python=True).open, FMT)
+    except RowDecryptError as e:
+        return ("refused", e.column.column_id, e.reason)
+    except struct.error:
+        return ("malformed",)
+
+
+def _dispatched_outcome(data: bytes, plan: RowPlan) -> Outcome:
+    """What the proxy runs: rows.rewrite_data_rows, which picks the accelerator for these plans."""
+    try:
+        return rows.rewrite_data_rows(data, 0, len(data), plan, KEYS.get, FMT, {})
+    except RowDecryptError as e:
+        return ("refused", e.column.column_id, e.reason)
+    except CodecError:
+        return ("malformed",)
+
+
+def _open_outcome(opener: Opener, data: bytes, start: int, end: int, associated: bytes) -> Outcome:
+    try:
+        return opener.open(data, start, end, associated)
+    except envelope.OpenFailed as e:
+        return ("refused", e.reason.value)
+
+
+def check(raw: bytes) -> None:
+    """Raises AssertionError where the accelerator and the reference disagree on ``raw``."""
+    assert envelope._accel is not None, "the accelerator is not built"
+    if not raw:
+        return
+    plan = PLANS[raw[0] % len(PLANS)]
+    data = raw[1:]
+    compiled = rows._compile(plan)
+    assert compiled[3] is not None  # the accelerator's kernel runs this plan
+    expected = _python_outcome(data, plan)
+    got = _dispatched_outcome(data, plan)
+    assert got == expected, (got, expected)
+    # The run scan, from every message boundary the reference scan finds and from a few odd offsets.
+    starts = {0, 1, 5, len(data) // 2, len(data)}
+    for end in sorted(starts):
+        if end <= len(data):
+            assert envelope._accel.data_row_run(data, end, len(data)) == relay._data_row_run(data, end, len(data))
+    # The Opener on every window the first bytes name.
+    associated = column_associated_data(SSN.column_id)
+    if len(data) >= 2:
+        start, end = data[0] % 64, len(data) - data[1] % 64
+        native = _open_outcome(Opener(KEYS.get), data, start, end, associated)
+        python = _open_outcome(Opener(KEYS.get, python=True), data, start, end, associated)
+        assert native == python, (native, python)
+
+
+def _frame(*bodies: bytes) -> bytes:
+    return b"".join(b"D" + struct.pack("!I", len(b) + 4) + b for b in bodies)
+
+
+def _row(*values: bytes | None) -> bytes:
+    parts = [struct.pack("!h", len(values))]
+    for v in values:
+        parts.append(struct.pack("!i", -1) if v is None else struct.pack("!i", len(v)) + v)
+    return b"".join(parts)
+
+
+def seeds() -> list[bytes]:
+    """Valid runs for every plan (and a few faults), for the fuzzers to mutate: random bytes alone
+    seldom make an envelope that authenticates."""
+    out: list[bytes] = []
+    for index, plan in enumerate(PLANS):
+        bodies = []
+        for i in range(3):
+            values: list[bytes | None] = []
+            for c, col in enumerate(plan):
+                if col is None:
+                    values.append(b"%d" % i if (i + c) % 3 else None)
+                    continue
+                nonce = bytes([i, c]) * 6
+                sealed = _seal_with_nonce(KEY, b"value %d" % (i * 10 + c), col.associated, nonce)
+                values.append(sealed if col.server_binary else b"\\x" + sealed.hex().encode())
+            bodies.append(_row(*values))
+        run = _frame(*bodies)
+        out.append(bytes([index]) + run)
+        out.append(bytes([index]) + run[: len(run) - 3])
+        out.append(bytes([index]) + _frame(bodies[0]) + b"C\x00\x00\x00\x04")
+        out.append(bytes([index]) + run.replace(KEY.key_id, DISABLED.key_id, 1))  # a disabled key's value
+    return out
