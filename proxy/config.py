@@ -150,6 +150,7 @@ class SessionsConfig:
     idle_buffer_limit: int = 262144
     track_statements: StatementTracking = StatementTracking.AUTO
     workers: int = 1
+    max_analyzed_statement_size: int = 16777216
 
 
 @dataclass(frozen=True, slots=True)
@@ -689,6 +690,9 @@ class _Parser:
             idle_buffer_limit=self.get(m, "idle_buffer_limit", p, self.integer(1024), d.idle_buffer_limit),
             track_statements=self.get(m, "track_statements", p, self.choice(StatementTracking), d.track_statements),
             workers=self.get(m, "workers", p, self.integer(1, 64), d.workers),
+            max_analyzed_statement_size=self.get(
+                m, "max_analyzed_statement_size", p, self.integer(8192, 2**31 - 1), d.max_analyzed_statement_size
+            ),
         )
 
     def logging(self, v: Any) -> LoggingConfig:

@@ -24,7 +24,7 @@ from proxy.config import Config, load_config
 from proxy.encrypt.runtime import EncryptionRuntime
 from proxy.errors import ConfigError
 from proxy.logsetup import setup_logging
-from proxy.session import ClientProtocol, Session, SessionSettings
+from proxy.session import ClientProtocol, Session, SessionSettings, shutdown_analysis_pool
 from proxy.tls import client_leg_context, first_certificate_der, upstream_settings
 from proxy.workers import Supervisor, WorkerChannel
 
@@ -305,6 +305,7 @@ class ProxyServer:
             self.channel.close()
         if self.encryption is not None:
             await self.encryption.stop()
+        shutdown_analysis_pool()
         if self._admin is not None:
             await self._admin.stop()
         await asyncio.sleep(0)  # let transports flush their final writes

@@ -11,21 +11,28 @@ hold a whole result set or COPY stream.
 
 Failures end only this session: a dead upstream becomes FATAL 08006 for the client (naming the server
 address), a protocol violation FATAL 08P01, and a client that vanishes closes its server connection, which
-makes PostgreSQL abort whatever the client left running (a COPY included).
+makes PostgreSQL abort whatever the client left running (a COPY included). No exception reaches the
+transport: one that escapes the relay becomes FATAL (its SQLSTATE, or XX000) at a message boundary, and
+the log line names the session and the exception's type, never its text.
+
+Long statements are read and analysed in one worker process (:func:`analysis_pool`) while the relay holds
+that client (NeedAnalysis), so a multi-megabyte statement stalls no other session.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
+import multiprocessing
 import ssl
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from proxy.errors import ProtocolViolation
+from proxy.errors import ProxyError
 from proxy.protocol import codec, relay
 from proxy.protocol import messages as m
 from proxy.tls import UpstreamTLS, UpstreamTLSSettings
@@ -168,6 +175,29 @@ async def cancel_backend(settings: SessionSettings, raw: bytes) -> None:
 
 _background: set[asyncio.Task[None]] = set()
 
+_analysis: concurrent.futures.ProcessPoolExecutor | None = None
+
+
+def analysis_pool() -> concurrent.futures.ProcessPoolExecutor:
+    """The process's analysis worker (one process, started on first use): long statements are analysed
+    there, one at a time, while the event loop goes on serving every session."""
+    global _analysis
+    if _analysis is None:
+        _analysis = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    return _analysis
+
+
+def _reset_analysis_pool() -> None:
+    global _analysis
+    pool, _analysis = _analysis, None
+    if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def shutdown_analysis_pool() -> None:
+    """Stops the analysis worker (on shutdown); statements still waiting for it are refused."""
+    _reset_analysis_pool()
+
 
 def _detach(coro: Coroutine[Any, Any, None]) -> None:
     """Runs ``coro`` independently of any session (it outlives the session that started it)."""
@@ -249,7 +279,11 @@ class Session:
     # -- reading ---------------------------------------------------------------------------------------
     def on_client_data(self, data: bytes) -> None:
         r = self.relay
-        r.receive_client(data)
+        try:
+            r.receive_client(data)
+        except Exception as exc:  # no exception reaches the transport (it would drop the client silently)
+            self._internal_error(exc, at_boundary=r.client_at_boundary)
+            return
         # The common case, spelled out: bytes for the server and nothing else to do.
         out = r.to_server
         if out and not r.to_client and not r.events and self.server is not None and not self.closed:
@@ -263,7 +297,12 @@ class Session:
 
     def on_server_data(self, data: bytes) -> None:
         r = self.relay
-        r.receive_server(data)
+        at_boundary = r.client_at_boundary
+        try:
+            r.receive_server(data)
+        except Exception as exc:
+            self._internal_error(exc, at_boundary=at_boundary)
+            return
         out = r.to_client
         if out and not r.to_server and not r.events and not self.closed:
             r.to_client = []
@@ -301,13 +340,17 @@ class Session:
     def _flush(self) -> None:
         r = self.relay
         if r.to_server:
+            # Before the server is connected the bytes wait (a Terminate pipelined behind the
+            # StartupMessage is the server's to answer); _open_server flushes them after the startup.
             if self.server is not None and not self.closed:
                 out = r.to_server
                 if len(out) == 1:
                     self.server.write(out[0])
                 else:
                     self.server.writelines(out)
-            r.to_server = []
+                r.to_server = []
+            elif self.closed:
+                r.to_server = []
         if r.to_client:
             if not self.closed:
                 out = r.to_client
@@ -338,6 +381,9 @@ class Session:
             else:
                 self.pause_server_reading("key")
             self._spawn(self._fetch_key(ev))
+        elif isinstance(ev, relay.NeedAnalysis):
+            self.pause_client_reading("analysis")
+            self._spawn(self._analyze_detached(ev))
         elif isinstance(ev, relay.SessionReady):
             if self._startup_timer is not None:
                 self._startup_timer.cancel()
@@ -350,16 +396,12 @@ class Session:
 
     def _handle_tls_request(self) -> None:
         ctx = self.settings.client_tls
-        if ctx is None or self.client_tls:
-            self.client.write(b"N")
-            return
-        if self.relay.has_buffered_client_bytes:
-            self.relay.fail(ProtocolViolation("client", "sent data after SSLRequest before the TLS handshake"))
-            self._flush()
-            return
-        self.client.write(b"S")
-        self.pause_client_reading("tls")
-        self._spawn(self._start_client_tls(ctx))
+        accept = ctx is not None and not self.client_tls
+        self.relay.answer_tls(accept)
+        self._flush()
+        if accept and ctx is not None and self.relay.phase is relay.Phase.STARTUP and not self.closed:
+            self.pause_client_reading("tls")
+            self._spawn(self._start_client_tls(ctx))
 
     async def _start_client_tls(self, ctx: ssl.SSLContext) -> None:
         loop = asyncio.get_running_loop()
@@ -422,12 +464,43 @@ class Session:
         await self.encryption.keyring.fetch(key_id=ev.key_id, column_id=ev.column_id)
         if self.closed:
             return
-        self.relay.resume(ev.side)
+        r = self.relay
+        at_boundary = r.client_at_boundary
+        try:
+            r.resume(ev.side)
+        except Exception as exc:
+            self._internal_error(exc, at_boundary=at_boundary)
+            return
         self._flush()
         if ev.side == "client":
             self.resume_client_reading("key")
         else:
             self.resume_server_reading("key")
+
+    async def _analyze_detached(self, ev: relay.NeedAnalysis) -> None:
+        """Runs a long statement's analysis in the analysis worker process, so this session's statement
+        delays no other session; then lets the relay retry the held message. A failed run is delivered as
+        its exception (the statement is refused)."""
+        miss = ev.miss
+        result: object
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(analysis_pool(), miss.function, *miss.arguments)
+        except Exception as exc:  # a broken or killed worker: refuse the statement, start a new pool
+            log.error("[s%d] analysis worker failed: %s", self.sid, type(exc).__name__)
+            _reset_analysis_pool()
+            result = exc
+        if self.closed:
+            return
+        miss.deliver(result)
+        r = self.relay
+        at_boundary = r.client_at_boundary
+        try:
+            r.resume("client")
+        except Exception as exc:
+            self._internal_error(exc, at_boundary=at_boundary)
+            return
+        self._flush()
+        self.resume_client_reading("analysis")
 
     def _same_certificate_on_both_legs(self, upstream: asyncio.Transport) -> bool:
         if not self.client_tls or self.settings.client_cert_der is None:
@@ -446,9 +519,31 @@ class Session:
     # -- failure and closing ---------------------------------------------------------------------------
     def _startup_timed_out(self) -> None:
         self._startup_timer = None
-        if self.relay.phase in (relay.Phase.STARTUP, relay.Phase.AUTHENTICATING) and not self.closed:
+        if self.relay.phase is relay.Phase.STARTUP and not self.closed:
+            # The server's authentication_timeout ends a connection without its startup packet silently.
+            log.info("[s%d] no startup packet in time", self.sid)
+            self.close()
+        elif self.relay.phase is relay.Phase.AUTHENTICATING and not self.closed:
             log.info("[s%d] startup did not complete in time", self.sid)
             self._send_fatal("08006", "pgveil: connection startup timed out")
+
+    def _internal_error(self, exc: Exception, *, at_boundary: bool) -> None:
+        """An exception escaped the relay while it handled a read: nothing of that read is passed on, the
+        client gets FATAL (the exception's SQLSTATE if it is a ProxyError, else XX000) if the bytes it has
+        received end on a message boundary, and the session ends. The log line names the session and
+        the exception's type, never its text (which may quote a value)."""
+        log.error("[s%d] internal error, session closed: %s", self.sid, type(exc).__name__)
+        r = self.relay
+        r.to_client, r.to_server, r.events = [], [], []
+        r.phase = relay.Phase.CLOSED
+        if isinstance(exc, ProxyError):
+            sqlstate, message = exc.sqlstate, exc.message
+        else:
+            sqlstate, message = "XX000", "pgveil: internal error; the session is closed"
+        if not self.closed and at_boundary:
+            self.client.write(codec.encode_error("FATAL", sqlstate, message))
+            self.metrics.error_sent(sqlstate, "proxy")
+        self.close()
 
     def _send_fatal(self, sqlstate: str, message: str) -> None:
         if not self.closed and self.relay.client_at_boundary:
@@ -459,7 +554,8 @@ class Session:
     def on_server_lost(self, exc: Exception | None) -> None:
         if self.closed:
             return
-        if self.relay.phase is not relay.Phase.CLOSED and not self.relay.server_fatal:
+        r = self.relay
+        if r.phase is not relay.Phase.CLOSED and not r.server_fatal and not r.client_terminated:
             log.warning("[s%d] server closed the connection unexpectedly", self.sid)
             self._send_fatal(
                 "08006", f"pgveil: server at {self.settings.upstream_address} closed the connection unexpectedly"
@@ -550,6 +646,10 @@ class Session:
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("[s%d] session task failed: %s", self.sid, type(task.exception()).__name__)
-            self.close()
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            log.error("[s%d] session task failed: %s", self.sid, type(exc).__name__)
+            if isinstance(exc, Exception):
+                self._internal_error(exc, at_boundary=self.relay.client_at_boundary and not self.relay.to_client)
+            else:
+                self.close()

@@ -31,13 +31,14 @@ import itertools
 import logging
 import struct
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from keymgmt.envelope import DataKey, KeyState, column_associated_data, seal
 from proxy.encrypt.casts import CastNotSupported, NumericOutOfRange, canonical_through_cast
 from proxy.encrypt.keyring import KeyRing, KeyUnavailable
+from proxy.encrypt.offload import TOO_LARGE, analyze_detached, read_detached
 from proxy.encrypt.rows import (
     ColumnOutput,
     RowDecryptError,
@@ -47,7 +48,7 @@ from proxy.encrypt.rows import (
     rewrite_value_text,
 )
 from proxy.encrypt.sqlnames import MAX_PARSED_TEXT, namespace_ops
-from proxy.errors import ProtocolViolation, ProxyError, RefusalReason
+from proxy.errors import FeatureNotSupported, ProtocolViolation, ProxyError, RefusalReason
 from proxy.pgtypes import codec_for
 from proxy.pgtypes.base import SessionFormat, TypeCodec, python_codec, statement_bytes, statement_text, wire_text
 from proxy.pgtypes.text import TextCodec
@@ -56,12 +57,20 @@ from proxy.protocol import messages as m
 from proxy.protocol.encryption import REFUSED_PORTAL_NAME as REFUSED_PORTAL_NAME
 from proxy.protocol.encryption import REFUSED_QUERY as REFUSED_QUERY
 from proxy.protocol.encryption import REFUSED_STATEMENT_NAME as REFUSED_STATEMENT_NAME
-from proxy.protocol.encryption import CryptoState, KeyMiss, NamespaceOp, Version
+from proxy.protocol.encryption import AnalysisMiss, CryptoState, KeyMiss, NamespaceOp, Version
 from proxy.protocol.encryption import Outcome as Outcome
 from proxy.rewrite.analysis import analyze
 from proxy.rewrite.catalog import Catalog, ProtectedColumn
 from proxy.rewrite.copyrows import CopyOptions, CopyRowRewriter
-from proxy.rewrite.plan import CopyDirection, CopyFormat, LiteralTarget, QueryPlan, StatementKind, StatementPlan
+from proxy.rewrite.plan import (
+    CopyDirection,
+    CopyFormat,
+    LiteralTarget,
+    QueryPlan,
+    Refusal,
+    StatementKind,
+    StatementPlan,
+)
 from proxy.rewrite.reading import reading_refusal, version_refusal
 
 log = logging.getLogger(__name__)
@@ -74,6 +83,19 @@ _I32 = struct.Struct("!i")
 _U32 = struct.Struct("!I")
 _ENABLED = KeyState.ENABLED  # a module global: the hot path compares against it once per Bind and column
 _EXECUTE_REFUSAL = (RefusalReason.CONSTRUCT, "0A000")  # what refused_execute answers
+
+
+# Statements up to this many characters are analysed on the event loop (about 2 ms at most); longer
+# ones in the analysis worker process (proxy.encrypt.offload), up to the configured maximum.
+INLINE_ANALYSIS_LIMIT = 8192
+DEFAULT_MAX_ANALYZED_STATEMENT = 16777216
+# The analysis cache holds at most this much statement text, however many entries that is.
+_CACHE_CHARS = 64 * 1024 * 1024
+# Results from the worker wait for their retry; a session that died first leaves one behind.
+_DETACHED_LIMIT = 64
+# The worker's verdict on a statement over the limit that may name a protected table (a plan, as a marker).
+_TOO_LARGE = QueryPlan("")
+_TOO_LARGE_TO_READ = ProxyError("too large to read")  # the same for the reading check
 
 
 def refused_execute() -> tuple[bytes, bytes]:
@@ -193,11 +215,25 @@ def refusal_bytes(e: ProxyError) -> bytes:
 class CryptoContext:
     """Process-wide encryption state; shared by every session. See the module docstring."""
 
-    def __init__(self, catalog: Catalog, keys: KeyRing, *, cache_size: int = 10000) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        keys: KeyRing,
+        *,
+        cache_size: int = 10000,
+        max_analyzed_statement: int = DEFAULT_MAX_ANALYZED_STATEMENT,
+        inline_analysis_limit: int = INLINE_ANALYSIS_LIMIT,
+    ) -> None:
         self.keys = keys
         self._cache: OrderedDict[str, QueryPlan] = OrderedDict()
         self.stale_names: dict[str, int] = {}
         self._cache_size = cache_size
+        self._cache_chars = 0  # statement text held by the cache, bounded by _CACHE_CHARS
+        self.max_analyzed_statement = max_analyzed_statement
+        self.inline_analysis_limit = inline_analysis_limit
+        # Plans analysed off the event loop, waiting for their held message to be retried.
+        self._detached: dict[str, QueryPlan] = {}  # or _TOO_LARGE
+        self._read: dict[tuple[str, bool, str, bool], ProxyError | None] = {}
         self.cache_hits = 0
         self.cache_misses = 0
         # Why protected tables cannot be served right now (catalog or keys not loaded), or None.
@@ -214,6 +250,9 @@ class CryptoContext:
         requests made while it was being read (another reload follows)."""
         self.catalog = catalog
         self._cache.clear()
+        self._cache_chars = 0
+        self._detached.clear()
+        self._read.clear()
         self.columns: dict[str, ColumnCrypto] = {}
         self.by_attr: dict[tuple[int, int], ColumnCrypto] = {}
         self.attnums: dict[int, frozenset[int]] = {}  # every live attribute of each protected relation
@@ -276,12 +315,83 @@ class CryptoContext:
             self.cache_hits += 1
             self._cache.move_to_end(key)
             return cached
-        self.cache_misses += 1
-        plan: QueryPlan = analyze(sql, self.catalog)
+        plan = self._detached.pop(key, None)
+        if plan is None:
+            if len(sql) > self.inline_analysis_limit and not self.catalog.empty:
+                # Even the check whether the text names a protected table reads all of it, once per
+                # table: a long statement goes to the worker whole.
+                args = (sql, self.catalog, self.max_analyzed_statement)
+                raise AnalysisMiss(analyze_detached, args, self._deliver(key))
+            self.cache_misses += 1
+            plan = analyze(sql, self.catalog)
+        elif plan is _TOO_LARGE:
+            self.check_size(sql)
+        else:
+            self.cache_misses += 1
         self._cache[key] = plan
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        self._cache_chars += len(sql)
+        while len(self._cache) > self._cache_size or self._cache_chars > _CACHE_CHARS:
+            old_sql, _plan = self._cache.popitem(last=False)
+            self._cache_chars -= len(old_sql)
         return plan
+
+    def check_size(self, sql: str) -> None:
+        """StatementTooLarge for a statement longer than pgveil analyses."""
+        if len(sql) > self.max_analyzed_statement:
+            raise StatementTooLarge(
+                f"pgveil: the statement is {len(sql)} characters long, more than the"
+                f" {self.max_analyzed_statement} pgveil analyses; it is refused because it may name a table"
+                " with encrypted columns",
+                hint="sessions.max_analyzed_statement_size sets the limit",
+            )
+
+    def detached_reading(self, args: tuple[str, bool, str, bool]) -> ProxyError | None:
+        """The reading check of a long statement, from the analysis worker (AnalysisMiss until it is in)."""
+        if args in self._read:
+            refusal = self._read[args]  # kept: the retry may be held again, for the analysis
+            if refusal is _TOO_LARGE_TO_READ:
+                self.check_size(args[0])
+            return refusal
+
+        def deliver(result: object) -> None:
+            refusal: ProxyError | None
+            if isinstance(result, tuple) and len(result) == 2 and result[0] == "read":
+                refusal = result[1]
+            elif isinstance(result, tuple) and len(result) == 2 and result[0] == TOO_LARGE:
+                refusal = _TOO_LARGE_TO_READ
+            else:
+                log.error("reading check off the event loop failed (%s); statement refused", type(result).__name__)
+                refusal = FeatureNotSupported(
+                    "pgveil: the statement could not be checked; it is refused while tables have encrypted columns"
+                )
+            if len(self._read) >= _DETACHED_LIMIT:
+                self._read.clear()
+            self._read[args] = refusal
+
+        raise AnalysisMiss(read_detached, (*args, self.max_analyzed_statement), deliver)
+
+    def _deliver(self, key: str) -> Callable[[object], None]:
+        """Where the worker's result goes: kept for the retried message, if the catalog is still the one
+        it was analysed with (else the retry analyses again)."""
+        catalog = self.catalog
+
+        def deliver(result: object) -> None:
+            if self.catalog is not catalog:
+                return
+            if result == TOO_LARGE:
+                result = _TOO_LARGE
+            elif not isinstance(result, QueryPlan):
+                log.error("SQL analysis off the event loop failed (%s); statement refused", type(result).__name__)
+                refusal = Refusal(
+                    "pgveil: the statement could not be analysed; it is refused because it names a table with"
+                    " encrypted columns"
+                )
+                result = QueryPlan(key, (StatementPlan(StatementKind.OTHER, True, refusal),), True)
+            if len(self._detached) >= _DETACHED_LIMIT:
+                self._detached.clear()  # sessions that died before their retry; bounded memory
+            self._detached[key] = result
+
+        return deliver
 
     def column(self, col: ProtectedColumn) -> ColumnCrypto:
         return self.columns[col.column_id]
@@ -346,18 +456,27 @@ class SessionCrypto:
         self.fmt = self.fmt.with_parameter(name, value)
         self._utf8_client = _is_utf8(self.fmt)
 
+    def _reading_refusal(self, sql: str) -> ProxyError | None:
+        """Whether the server reads ``sql`` as pgveil does (proxy.rewrite.reading), checked whenever tables
+        are protected. Its lexer is Python: a long statement is checked in the analysis worker process
+        (AnalysisMiss), one over the analysis limit refused (StatementTooLarge)."""
+        ctx = self.ctx
+        if ctx.catalog.empty:
+            return None
+        args = (sql, self.fmt.standard_conforming_strings, self.fmt.client_encoding, not self.in_flight)
+        if len(sql) <= ctx.inline_analysis_limit:
+            return reading_refusal(sql, standard_conforming_strings=args[1], client_encoding=args[2], certain=args[3])
+        return ctx.detached_reading(args)
+
     # -- simple Query ----------------------------------------------------------------------------------
     def query(self, sql: str) -> Outcome:
-        if not self.ctx.catalog.empty:
-            unreadable = reading_refusal(
-                sql,
-                standard_conforming_strings=self.fmt.standard_conforming_strings,
-                client_encoding=self.fmt.client_encoding,
-                certain=not self.in_flight,
-            )
+        try:
+            unreadable = self._reading_refusal(sql)
             if unreadable is not None:
                 return self._refuse(unreadable)
-        plan = self.ctx.analyze(statement_text(sql, self.fmt))
+            plan = self.ctx.analyze(statement_text(sql, self.fmt))
+        except StatementTooLarge as e:
+            return self._refuse(e)
         if plan.syntax_since > self.fmt.server_major:
             return self._refuse(version_refusal(self.fmt.server_major))
         refused: ProxyError | None = self._stale(sql, plan)
@@ -499,14 +618,13 @@ class SessionCrypto:
     # -- extended protocol -----------------------------------------------------------------------------
     def parse(self, msg: m.Parse) -> Outcome:
         refused: ProxyError | None = None
-        if not self.ctx.catalog.empty:
-            refused = reading_refusal(
-                msg.query,
-                standard_conforming_strings=self.fmt.standard_conforming_strings,
-                client_encoding=self.fmt.client_encoding,
-                certain=not self.in_flight,
-            )
-        plan = self.ctx.analyze(statement_text(msg.query, self.fmt)) if refused is None else QueryPlan(msg.query)
+        plan = QueryPlan(msg.query)
+        try:
+            refused = self._reading_refusal(msg.query)
+            if refused is None:
+                plan = self.ctx.analyze(statement_text(msg.query, self.fmt))
+        except StatementTooLarge as e:
+            refused = e
         if refused is None and plan.syntax_since > self.fmt.server_major:
             refused = version_refusal(self.fmt.server_major)
         if refused is None:
@@ -518,6 +636,8 @@ class SessionCrypto:
             self._note_ddl(plan)
         if refused is None and len(plan.statements) > 1:
             refused = _unsupported("a prepared statement cannot contain several commands")
+        if refused is None and plan.statements:
+            refused = _parameter_out_of_range(plan.statements[0].param_targets)
         if refused is not None:
             log.info("refused a statement: %s", refused.message)
             return Outcome(
@@ -1062,6 +1182,35 @@ class SessionCrypto:
 class _BadParameterType(ProxyError):
     sqlstate = "42804"
     reason = RefusalReason.VALUE
+
+
+class StatementTooLarge(ProxyError):
+    """A statement that may name a protected table is longer than pgveil analyses."""
+
+    sqlstate = "54000"
+    reason = RefusalReason.LIMITS
+
+
+class _UndefinedParameter(ProxyError):
+    sqlstate = "42P02"
+    reason = RefusalReason.LIMITS
+
+
+# A Bind carries at most 65535 parameter values (its count is an Int16): a statement naming a higher
+# $n can never be executed, and the rewritten Parse could not even declare its type.
+_MAX_PARAMETERS = 65535
+
+
+def _parameter_out_of_range(targets: Mapping[int, object]) -> ProxyError | None:
+    """Checked before anything is sized by a parameter number (``$2147483647`` is 50 bytes of SQL)."""
+    if not targets:
+        return None
+    n = max(targets)
+    if 0 < n <= _MAX_PARAMETERS:
+        return None
+    return _UndefinedParameter(
+        f"there is no parameter ${n}", hint=f"a Bind message carries at most {_MAX_PARAMETERS} parameters"
+    )
 
 
 def _unsupported(message: str, hint: str | None = None) -> ProxyError:

@@ -61,7 +61,9 @@ class EncryptionRuntime:
         self.config = config
         self.keystore: Keystore | None = None
         self.keyring = KeyRing(None)
-        self.context = CryptoContext(config.catalog(), self.keyring)
+        self.context = CryptoContext(
+            config.catalog(), self.keyring, max_analyzed_statement=config.sessions.max_analyzed_statement_size
+        )
         self.context.unavailable = "pgveil is still loading the catalog and keys"
         self._task: asyncio.Task[None] | None = None
         self._pool: Any = None  # our own pool, when a password file is used (the keystore borrows it)

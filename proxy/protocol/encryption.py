@@ -22,6 +22,7 @@ What crosses the seam:
   which the relay applies on their CommandComplete.
 * :class:`KeyMiss`: raised by the encryption layer when a key is not in memory; the relay holds that
   side of the stream and asks the session to fetch it, then retries the message from scratch.
+* :class:`AnalysisMiss`: the same for a long statement whose analysis must run off the event loop.
 * The stand-ins: a refused message is replaced by one that makes the server fail at the same protocol
   step (so its error handling, transaction state and pipeline semantics stay exact), and the relay
   replaces the server's error with the refusal.
@@ -31,7 +32,7 @@ This module imports nothing from :mod:`proxy.encrypt`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum, auto
 from typing import Protocol
@@ -53,6 +54,22 @@ class KeyMiss(Exception):
         super().__init__("key not cached")
         self.key_id = key_id
         self.column_id = column_id
+
+
+class AnalysisMiss(Exception):
+    """Raised by the encryption layer when a statement is too long to analyse on the event loop and its
+    plan is not cached: the relay holds the client's stream (as for :class:`KeyMiss`) and asks the
+    session (NeedAnalysis) to run ``function(*arguments)`` in a worker process, hand the result (or the
+    exception) to ``deliver`` and resume; the retried message then finds its plan. ``arguments`` hold
+    the statement text: never log them."""
+
+    def __init__(
+        self, function: Callable[..., object], args: tuple[object, ...], deliver: Callable[[object], None]
+    ) -> None:
+        super().__init__("analysis not cached")
+        self.function = function
+        self.arguments = args
+        self.deliver = deliver
 
 
 class CryptoState:

@@ -86,7 +86,7 @@ from proxy.rewrite.walker import StatementWalker
 
 log = logging.getLogger(__name__)
 
-__all__ = ["analyze"]
+__all__ = ["analyze", "needs_analysis"]
 
 
 def analyze(sql: str, catalog: Catalog) -> QueryPlan:
@@ -102,6 +102,12 @@ def analyze(sql: str, catalog: Catalog) -> QueryPlan:
             "pgveil: the statement could not be analysed; it is refused because it names a table with encrypted columns"
         )
         return QueryPlan(sql, (StatementPlan(StatementKind.OTHER, True, refusal),), True)
+
+
+def needs_analysis(sql: str, catalog: Catalog) -> bool:
+    """Whether :func:`analyze` does more than its cheap check for ``sql`` (which could name a protected
+    table): the caller decides where that work runs."""
+    return not catalog.empty and _may_mention(sql, catalog)
 
 
 # -- fast path and unparseable text ---------------------------------------------------------------------

@@ -184,9 +184,20 @@ def test_bytes_pipelined_after_ssl_request_are_held_back_for_the_session_to_refu
 
 def test_gssenc_request_is_declined_and_startup_continues() -> None:
     relay = Relay()
-    client(relay, codec.encode_startup(m.GSSENCRequest()) + codec.encode_startup(STARTUP))
+    client(relay, codec.encode_startup(m.GSSENCRequest()))
     assert b"".join(relay.to_client) == b"N"
+    relay.to_client.clear()
+    client(relay, codec.encode_startup(STARTUP))
     assert relay.events == [StartupReceived(STARTUP, codec.encode_startup(STARTUP))]
+
+
+def test_bytes_pipelined_after_gssenc_request_are_refused_as_the_server_does() -> None:
+    relay = Relay()
+    client(relay, codec.encode_startup(m.GSSENCRequest()) + codec.encode_startup(STARTUP))
+    assert b"".join(relay.to_client).startswith(b"N")
+    assert b"received unencrypted data after GSSAPI encryption request" in b"".join(relay.to_client)
+    assert relay.startup is None
+    assert relay.phase is Phase.CLOSED
 
 
 def test_cancel_request_is_handed_to_the_session_and_ends_the_connection() -> None:
@@ -201,19 +212,53 @@ def test_cancel_request_is_handed_to_the_session_and_ends_the_connection() -> No
 @pytest.mark.parametrize(
     "packet",
     [
-        b"\x00\x00\x00\x0d\x00\x02\x00\x00user\x00\x00",  # protocol 2.0
-        b"\x00\x00\x00\x09\x00\x04\x00\x00\x00",  # protocol 4.0
-        b"\x00\x00\x00\x04",  # too short to hold a code
-        b"\x00\x00\x27\x11",  # longer than PostgreSQL's 10000-byte limit
         b"\x00\x00\x00\x09\x00\x03\x00\x00u",  # unterminated parameter name
     ],
-    ids=["protocol-2", "protocol-4", "short", "long", "unterminated"],
+    ids=["unterminated"],
 )
 def test_invalid_startup_packets_get_a_fatal_error(packet: bytes) -> None:
     relay = Relay()
     relay.receive_client(packet)
     closed_by(relay, "client")
     fatal_sent(b"".join(relay.to_client))
+    assert relay.to_server == []
+
+
+def test_protocol_4_gets_the_servers_fatal() -> None:
+    relay = Relay()
+    relay.receive_client(b"\x00\x00\x00\x09\x00\x04\x00\x00\x00")
+    (frame,) = split(b"".join(relay.to_client))
+    error = codec.decode_backend(*frame)
+    assert isinstance(error, m.ErrorResponse)
+    assert (error.severity, error.sqlstate) == ("FATAL", "0A000")
+    assert error.field(b"M") == "unsupported frontend protocol 4.0: server supports 3.0 to 3.0"
+
+
+def test_protocol_2_gets_the_servers_old_style_fatal() -> None:
+    relay = Relay()
+    relay.receive_client(b"\x00\x00\x00\x0d\x00\x02\x00\x00user\x00\x00")
+    assert b"".join(relay.to_client) == b"EFATAL:  unsupported frontend protocol 2.0: server supports 3.0 to 3.0\n\x00"
+    assert relay.phase is Phase.CLOSED
+
+
+@pytest.mark.parametrize(
+    "packet",
+    [
+        b"\x00\x00\x00\x04",  # too short to hold a code
+        b"\x00\x00\x27\x15",  # longer than PostgreSQL's 10000-byte limit after the length word
+        fe(m.Terminate()),  # a driver's connect() and at once end()
+        b"GET / HTTP/1.1\r\n",
+        b"\x00\x00\x00\x14\x04\xd2\x16\x2e" + b"\x00" * 12,  # CancelRequest of 20 bytes
+    ],
+    ids=["short", "long", "terminate", "http", "cancel-length"],
+)
+def test_packets_that_cannot_start_a_session_close_it_without_a_word(packet: bytes) -> None:
+    # postmaster.c logs these as COMMERROR and closes; so does pgveil.
+    relay = Relay()
+    relay.receive_client(packet)
+    assert relay.phase is Phase.CLOSED
+    assert relay.events == [CloseConnection()]
+    assert relay.to_client == []
     assert relay.to_server == []
 
 
@@ -288,13 +333,24 @@ def test_row_description_during_authentication_is_a_server_violation() -> None:
     closed_by(relay, "server")
 
 
-def test_terminate_during_authentication() -> None:
+def test_terminate_during_authentication_is_the_servers_to_answer() -> None:
+    # The server answers FATAL 08P01 "expected password response" if it awaits one, else closes.
     relay = Relay()
     client(relay, codec.encode_startup(STARTUP))
     take_events(relay)
-    assert client(relay, fe(m.Terminate())) == fe(m.Terminate())
-    assert relay.events == [CloseConnection()]
-    assert relay.phase is Phase.CLOSED
+    assert client(relay, fe(m.Terminate()) + fe(m.Query("SELECT 1"))) == fe(m.Terminate())
+    assert relay.client_terminated
+    assert relay.events == []
+    assert client(relay, fe(m.Query("SELECT 2"))) == b""
+
+
+def test_other_message_while_the_server_awaits_a_password_passes_only_its_type_byte() -> None:
+    relay = Relay()
+    client(relay, codec.encode_startup(STARTUP))
+    take_events(relay)
+    server(relay, be(m.Authentication(m.AuthCode.CLEARTEXT_PASSWORD)))
+    assert client(relay, fe(m.Query("SELECT 1"))) == b"Q"
+    assert relay.client_terminated
 
 
 def test_captured_psycopg_session_end_to_end() -> None:
@@ -873,10 +929,22 @@ def test_nothing_is_relayed_after_the_session_closed() -> None:
 
 def test_terminate_is_forwarded_and_closes() -> None:
     relay = ready_relay()
-    data = fe(m.Query("SELECT 1"), m.Terminate())
+    data = fe(m.Terminate())
     assert client(relay, data + fe(m.Query("never"))) == data
     assert relay.events == [CloseConnection()]
     assert relay.phase is Phase.CLOSED
+
+
+def test_terminate_behind_a_query_lets_the_server_answer_it_first() -> None:
+    # The server answers the Query before it reads the Terminate; the client must get that answer.
+    relay = ready_relay()
+    data = fe(m.Query("SELECT 1"), m.Terminate())
+    assert client(relay, data + fe(m.Query("never"))) == data
+    assert relay.events == []
+    assert relay.client_terminated
+    assert client(relay, fe(m.Query("never either"))) == b""
+    reply = be(m.CommandComplete("SELECT 1"), m.ReadyForQuery(b"I"))
+    assert server(relay, reply) == reply
 
 
 # -- counters -----------------------------------------------------------------------------------------
