@@ -42,7 +42,7 @@ from __future__ import annotations
 import functools
 import re
 
-from proxy.errors import FeatureNotSupported, ProxyError
+from proxy.errors import FeatureNotSupported, ProxyError, RefusalReason
 from proxy.rewrite.lexer import Scan, scan
 
 __all__ = ["ascii_safe", "reading_refusal", "server_view", "version_refusal"]
@@ -133,6 +133,7 @@ def reading_refusal(
                 f'pgveil: statements with non-ASCII text are refused in client_encoding "{client_encoding}" '
                 "while tables have encrypted columns: its multibyte characters can contain quote or backslash bytes",
                 hint="SET client_encoding = 'UTF8'",
+                reason=RefusalReason.ENCODING,
             )
         if "\\'" in sql:
             # backslash_quote = safe_encoding (the default) makes the server reject \' in these encodings.
@@ -140,6 +141,7 @@ def reading_refusal(
                 f'pgveil: a backslash before a quote is refused in client_encoding "{client_encoding}" while '
                 "tables have encrypted columns (the server rejects it there)",
                 hint="write a quote in a string as ''",
+                reason=RefusalReason.ENCODING,
             )
     scs_may_be_off = not (certain and standard_conforming_strings)
     scs_matters = scs_may_be_off and ("\\" in sql or "u&'" in sql.lower())
@@ -198,11 +200,13 @@ def _differs(certain: bool, *, encoding: bool) -> FeatureNotSupported:
             + ("client_encoding" if encoding else "standard_conforming_strings")
             + "; it is refused while tables have encrypted columns",
             hint="wait for the earlier results (Sync) before sending this statement",
+            reason=RefusalReason.LEXING,
         )
     return FeatureNotSupported(
         "pgveil: the statement reads differently with standard_conforming_strings off (a backslash in a "
         "string constant, or U&''); it is refused while tables have encrypted columns",
         hint="SET standard_conforming_strings = on, or write backslash escapes as E'...'",
+        reason=RefusalReason.LEXING,
     )
 
 
@@ -214,6 +218,7 @@ def version_refusal(server_major: int) -> ProxyError:
         f"pgveil: the statement uses syntax that {server} does not accept (such as 0x1F, 0o17, 0b101 or "
         "1_000 numbers, or a vertical tab); it is refused because it may name a table with encrypted columns",
         hint="write numbers in plain decimal",
+        reason=RefusalReason.LEXING,
     )
     e.sqlstate = "42601"
     return e
