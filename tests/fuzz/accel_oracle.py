@@ -92,7 +92,7 @@ def check(raw: bytes) -> None:
     starts = {0, 1, 5, len(data) // 2, len(data)}
     for end in sorted(starts):
         if end <= len(data):
-            assert envelope._accel.data_row_run(data, end, len(data)) == relay._data_row_run(data, end, len(data))
+            assert envelope._accel.data_row_run(data, end, len(data)) == relay.data_row_run_py(data, end, len(data))
     # The Opener on every window the first bytes name.
     associated = column_associated_data(SSN.column_id)
     if len(data) >= 2:
