@@ -6,6 +6,16 @@
 # The configuration is mounted, never baked in: it references key files and tokens, which must come from
 # a secret mount too. The proxy must listen on 0.0.0.0 inside the container (listen and admin addresses in
 # the configuration) for the published ports to reach it.
+# Build stage: wheels for pgveil (with its native accelerator, compiled against OpenSSL) and its
+# dependencies. The runtime stage installs only the wheels: no compiler in the image.
+FROM python:3.11-slim AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev libssl-dev \
+ && rm -rf /var/lib/apt/lists/*
+COPY . /src
+# PGVEIL_BUILD_NATIVE=1: a failed accelerator build fails the image instead of falling back to Python.
+RUN PGVEIL_BUILD_NATIVE=1 pip wheel --no-cache-dir --wheel-dir /wheels /src
+
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -21,9 +31,10 @@ RUN groupadd --system --gid 10001 pgveil \
  && install -d -o root -g pgveil -m 0750 /etc/pgveil \
  && install -d -o pgveil -g pgveil -m 0700 /var/lib/pgveil
 
-# Binary wheels exist for every dependency on amd64 and arm64, so no compiler is needed.
-COPY . /tmp/pgveil-src
-RUN pip install /tmp/pgveil-src && rm -rf /tmp/pgveil-src
+# The slim image already has OpenSSL's runtime library (libssl3), which the accelerator links against.
+COPY --from=build /wheels /tmp/wheels
+RUN pip install --no-index --find-links /tmp/wheels pgveil && rm -rf /tmp/wheels \
+ && PGVEIL_IMPL=native pgveil --version
 
 USER 10001:10001
 WORKDIR /var/lib/pgveil
