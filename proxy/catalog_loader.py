@@ -136,21 +136,9 @@ async def read_tables(
             rels.append(r)
             alias[r["oid"]] = lost[r["oid"]]
     oids = [r["oid"] for r in rels]
-    columns: dict[int, list[ColumnInfo]] = {oid: [] for oid in oids}
+    columns = await _columns_of(conn, oids)
     constraints: dict[int, list[ConstraintInfo]] = {oid: [] for oid in oids}
     if oids:
-        for r in await conn.fetch(_COLUMNS_SQL, oids, BYTEA_OID):
-            columns[r["relid"]].append(
-                ColumnInfo(
-                    name=r["name"],
-                    attnum=r["attnum"],
-                    type_name=r["type_name"],
-                    is_bytea=r["is_bytea"],
-                    has_default=r["has_default"],
-                    generated=r["generated"],
-                    identity=r["identity"],
-                )
-            )
         for r in await conn.fetch(_CONSTRAINTS_SQL, oids):
             constraints[r["relid"]].append(ConstraintInfo(r["name"], r["kind"], r["validated"]))
     return {
