@@ -4,7 +4,9 @@
 connection, whatever the number of tables); ``resolve_catalog`` and ``resolve_family`` are the pure
 joins that fill in table OIDs, attribute numbers and column order, add each protected table's family
 (partitions and inheritance children at any depth, from pg_inherits; views over any of them, from
-pg_depend and pg_rewrite, their columns mapped by analysing the view's definition) and the relations
+pg_depend and pg_rewrite, their columns mapped by analysing the view's definition; the parents any of
+them inherits from or is a partition of, which are opaque: a write into one reaches the protected
+relation) and the relations
 that share a protected relation's name, and name every mismatch between configuration and database.
 ``proxy.schema`` reuses them. This module never changes the database and never reads table contents.
 """
@@ -254,6 +256,25 @@ JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 WHERE f.relid <> f.root
 """
 
+# The ancestors of the relations (parents they inherit from or are partitions of, at any depth), with the
+# relation each was reached from: a write into an ancestor reaches its protected descendant (INSERT routed
+# into a partition, UPDATE and DELETE recursing into inheritance children).
+_ANCESTORS_SQL = """
+WITH RECURSIVE up(origin, relid, depth) AS (
+    SELECT i.inhrelid, i.inhparent, 1 FROM pg_catalog.pg_inherits i WHERE i.inhrelid = ANY($1::oid[])
+  UNION
+    SELECT u.origin, i.inhparent, u.depth + 1
+    FROM up u JOIN pg_catalog.pg_inherits i ON i.inhrelid = u.relid
+    WHERE u.depth < 64
+)
+SELECT DISTINCT ON (c.oid) u.origin AS origin, c.oid AS oid, n.nspname AS schema, c.relname AS name,
+       c.relkind::text AS relkind
+FROM up u
+JOIN pg_catalog.pg_class c ON c.oid = u.relid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ORDER BY c.oid, u.depth, u.origin
+"""
+
 # Views (and materialized views) whose rewrite rule depends on one of the relations.
 _VIEWS_SQL = """
 SELECT DISTINCT c.oid AS oid, n.nspname AS schema, c.relname AS name, c.relkind::text AS relkind,
@@ -284,6 +305,7 @@ class Member:
     root: tuple[str, str]
     info: TableInfo
     definition: str | None = None  # a view's SELECT (pg_get_viewdef), with every name qualified
+    ancestor: bool = False  # a parent a protected relation inherits from or is a partition of
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,6 +338,12 @@ async def read_family(conn: CatalogConnection, roots: dict[int, tuple[str, str]]
     found: list[tuple[tuple[str, str], Any, str | None]] = [(roots[r["root"]], r, None) for r in rows]
     root_of: dict[int, tuple[str, str]] = dict(roots)
     root_of.update({r["oid"]: roots[r["root"]] for r in rows})
+    ancestors: set[int] = set()
+    for r in await conn.fetch(_ANCESTORS_SQL, list(root_of)) if root_of else []:
+        if r["oid"] not in root_of:
+            root_of[r["oid"]] = root_of[r["origin"]]
+            ancestors.add(r["oid"])
+            found.append((root_of[r["oid"]], r, None))
     frontier = list(root_of)
     # pg_get_viewdef qualifies every name not visible in the search_path: with an empty one, all of them.
     saved = await conn.fetch("SELECT pg_catalog.current_setting('search_path') AS path")
@@ -347,6 +375,7 @@ async def read_family(conn: CatalogConnection, roots: dict[int, tuple[str, str]]
             root,
             TableInfo(r["schema"], r["name"], r["oid"], r["relkind"], tuple(columns[r["oid"]]), ()),
             definition,
+            r["oid"] in ancestors,
         )
         for root, r, definition in found
     )
@@ -376,7 +405,13 @@ def resolve_family(catalog: Catalog, family: Family) -> tuple[Catalog, list[str]
             continue
         if key in tables:
             continue  # reached from two roots (a view over two protected tables): the first one holds
-        if member.definition is None:
+        if member.ancestor:
+            # Its columns may hold rows of unprotected relations too: nothing is written through it
+            # (the server would route or recurse plaintext into the protected relation), nothing decrypted.
+            log.info("%s is a parent of a member of %s's family and opaque to pgveil", info.qualified_name,
+                     root.qualified_name)  # fmt: skip
+            member_table, member_problems = _member(root, info, {}, opaque=True), list[str]()
+        elif member.definition is None:
             member_table, member_problems = _child(root, info)
         else:
             member_table, member_problems = _view(root, info, member.definition, Catalog(tables))

@@ -253,8 +253,8 @@ class StatementWalker:
         col = table.columns.get(name)
         if table.opaque:
             raise refusals.statement(
-                f"view {table.schema}.{table.name} is over table {table.root}, which has encrypted columns, and "
-                "pgveil cannot map its columns; it cannot be written through",
+                f"{'view' if table.view else 'table'} {table.schema}.{table.name} reaches table {table.root}, "
+                "which has encrypted columns, and pgveil cannot map its columns; it cannot be written through",
                 hint="write to the table itself",
             )
         if col is None and table.all_columns and name not in table.all_columns:

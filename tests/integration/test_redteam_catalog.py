@@ -1,0 +1,275 @@
+"""Red-team tests of issue 7 items 3-6 and COPY against the real server through pgveil, each checked the
+canary way: the distinctive plaintext must not be in the table, the server log (as text and as hex), and,
+in the last test, the data directory and WAL after a CHECKPOINT.
+
+The module has its own database, tables and pgveil, so its DDL cannot disturb the other modules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+import psycopg
+import pytest
+from conftest import APP_PASSWORD, ProxyProcess, proxy_config
+from test_encryption_canary import search, server_files
+
+from proxy.config import parse_config
+from proxy.devcluster import DevCluster
+from proxy.schema import ENVELOPE_MIN_LENGTH, ENVELOPE_PREFIX, apply_schema, plan_event_trigger, plan_schema
+
+pytestmark = pytest.mark.integration
+
+DB = "veil_redteam"
+T = TypeVar("T")
+
+SETUP = """
+CREATE SCHEMA s1;
+CREATE TABLE s1.secrets (id int PRIMARY KEY, c text, open text);
+CREATE TABLE public.plain (id int, c text, open text);
+CREATE TABLE public.attachee (id int NOT NULL, c text, open text);
+CREATE TABLE public.heir (id int, c text, open text);
+CREATE TABLE public.parted (id int, c text, open text) PARTITION BY RANGE (id);
+CREATE TABLE public.parted_low PARTITION OF public.parted FOR VALUES FROM (0) TO (1000);
+CREATE TABLE public.swapped (id int, c text, open text);
+"""
+
+TABLES = {
+    "s1.secrets": {"c": "text"},
+    "public.attachee": {"c": "text"},
+    "public.heir": {"c": "text"},
+    "public.parted": {"c": "text"},
+    "public.swapped": {"c": "text"},
+}
+
+
+class Env:
+    def __init__(self, pg: DevCluster, proxy: ProxyProcess) -> None:
+        self.pg = pg
+        self.proxy = proxy
+        self.canaries: list[str] = []
+        self.controls: list[str] = []
+
+    @property
+    def direct(self) -> str:
+        return self.pg.dsn(dbname=DB)
+
+    @property
+    def app_direct(self) -> str:
+        return f"postgresql://app:{APP_PASSWORD}@127.0.0.1:{self.pg.port}/{DB}"
+
+    def dsn(self) -> str:
+        return self.proxy.dsn(dbname=DB)
+
+    def canary(self, how: str) -> str:
+        value = f"CANARYRT-{how}-{uuid.uuid4().hex}"
+        self.canaries.append(value)
+        return value
+
+    def control(self, how: str) -> str:
+        value = f"CONTROLRT-{how}-{uuid.uuid4().hex}"
+        self.controls.append(value)
+        return value
+
+    def stored(self, sql: str) -> list[Any]:
+        with psycopg.connect(self.direct, autocommit=True) as c:
+            return c.execute(sql).fetchall()
+
+    def in_server_log(self, canary: str) -> bool:
+        text = self.pg.log_file.read_text(errors="replace")
+        return canary in text or canary.encode().hex() in text.lower()
+
+
+async def _setup(pg: DevCluster) -> None:
+    su = await asyncpg.connect(pg.dsn(dbname="postgres"))
+    try:
+        await su.execute(f"DROP DATABASE IF EXISTS {DB}")
+        await su.execute(f"CREATE DATABASE {DB} OWNER app")
+    finally:
+        await su.close()
+    app = await asyncpg.connect(f"postgresql://app:{APP_PASSWORD}@127.0.0.1:{pg.port}/{DB}")
+    try:
+        await app.execute(SETUP)
+    finally:
+        await app.close()
+    catalog = parse_config({"tables": _tables_config()}, base_dir=Path.cwd(), environ={}).catalog()
+    service = await asyncpg.connect(pg.dsn(dbname=DB))
+    try:
+        await apply_schema(service, await plan_schema(service, catalog) + await plan_event_trigger(service))
+    finally:
+        await service.close()
+
+
+def _tables_config() -> dict[str, Any]:
+    return {name: {"columns": {c: {"type": t} for c, t in cols.items()}} for name, cols in TABLES.items()}
+
+
+@pytest.fixture(scope="module")
+def env(pg: DevCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    asyncio.run(_setup(pg))
+    workdir = tmp_path_factory.mktemp("redteam-proxy")
+    cfg = proxy_config(
+        pg,
+        service={"dsn": pg.dsn(dbname=DB)},
+        keystore={"dsn": pg.dsn(dbname=DB), "master_key": {"provider": "local", "path": str(workdir / "mk")}},
+        tables=_tables_config(),
+    )
+    proxy = ProxyProcess(cfg, workdir)
+    proxy.start()
+    e = Env(pg, proxy)
+    _eventually(lambda: _query(e, "SELECT c FROM s1.secrets WHERE id = -1"))
+    yield e
+    proxy.stop()
+
+
+def _query(env: Env, sql: str) -> list[Any]:
+    with psycopg.connect(env.dsn(), autocommit=True, connect_timeout=10) as c:
+        return c.execute(sql).fetchall()
+
+
+def _eventually(f: Callable[[], T], timeout: float = 20) -> T:
+    """Retries while pgveil answers 55000 (its catalog is being read again)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return f()
+        except psycopg.errors.ObjectNotInPrerequisiteState:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def envelope_shaped(canary: str) -> bytes:
+    """Plaintext that passes the CHECK constraint on an encrypted column (so it would land in the table)."""
+    return ENVELOPE_PREFIX + b"A" * ENVELOPE_MIN_LENGTH + canary.encode()
+
+
+# -- 4. the family: a protected table under an unprotected parent -------------------------------------------
+
+
+def test_write_through_an_unprotected_partitioned_parent(env: Env) -> None:
+    """The protected table becomes a partition of a new, unprotected partitioned table: an INSERT into
+    that parent is routed by the server into the protected table."""
+    canary = env.canary("parent-partition")
+    with psycopg.connect(env.dsn(), autocommit=True) as c:
+        c.execute("CREATE TABLE public.umbrella (id int NOT NULL, c bytea, open text) PARTITION BY RANGE (id)")
+        attach = "ALTER TABLE public.umbrella ATTACH PARTITION public.attachee FOR VALUES FROM (0) TO (100)"
+        _eventually(lambda: c.execute(attach))
+
+        def write() -> None:
+            c.execute("INSERT INTO public.umbrella (id, c, open) VALUES (1, %s, 'x')", [envelope_shaped(canary)])
+
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="umbrella"):
+            _eventually(write)
+        assert c.execute("SELECT count(*) FROM public.umbrella").fetchone() == (0,)
+    assert not env.in_server_log(canary), "plaintext reached the server through the parent"
+    assert not any(canary.encode() in bytes(v or b"") for (v,) in env.stored("SELECT c FROM public.attachee"))
+
+
+def test_update_through_an_unprotected_inheritance_parent(env: Env) -> None:
+    """The protected table inherits from a new, unprotected table: an UPDATE of the parent recurses
+    into the protected child."""
+    canary = env.canary("parent-inherit")
+    with psycopg.connect(env.dsn(), autocommit=True) as c:
+        c.execute("INSERT INTO public.heir (id, c, open) VALUES (1, 'sealed', 'x')")
+        c.execute("CREATE TABLE public.ancestor (id int, c bytea)")
+        _eventually(lambda: c.execute("ALTER TABLE public.heir INHERIT public.ancestor"))
+
+        def write() -> None:
+            c.execute("UPDATE public.ancestor SET c = %s WHERE id = 1", [envelope_shaped(canary)])
+
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="ancestor"):
+            _eventually(write)
+        assert c.execute("SELECT c FROM public.heir").fetchall() == [("sealed",)]
+    assert not env.in_server_log(canary), "plaintext reached the server through the parent"
+
+
+# -- 5. DDL that pgveil's reading does not see --------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="DDL hidden in dynamic SQL (DO, functions) names no protected table in its text; pgveil learns of "
+    "it only from the event trigger at commit, so a write in the same transaction uses the old column names",
+)
+def test_columns_swapped_by_dynamic_sql_in_the_same_transaction(env: Env) -> None:
+    """DDL through pgveil that names no protected table in its text (dynamic SQL in a DO block) swaps a
+    protected column's name with an unprotected one's; a write in the same transaction names the
+    protected column by its new name."""
+    canary = f"CANARYRT-swapped-{uuid.uuid4().hex}"  # not in env.canaries: the xfail leaks it to the log
+    with psycopg.connect(env.dsn(), autocommit=True) as c:
+        c.execute("BEGIN")
+        c.execute(
+            "DO $$ BEGIN "
+            "EXECUTE 'ALTER TABLE public.swap' || 'ped RENAME COLUMN c TO tmp'; "
+            "EXECUTE 'ALTER TABLE public.swap' || 'ped RENAME COLUMN open TO c'; "
+            "EXECUTE 'ALTER TABLE public.swap' || 'ped RENAME COLUMN tmp TO open'; END $$"
+        )
+        try:
+            c.execute("INSERT INTO public.swapped (id, open) VALUES (1, %s)", [canary])
+        except psycopg.Error:
+            pass
+        c.execute("ROLLBACK")
+    assert not env.in_server_log(canary), "plaintext reached the server for the renamed protected column"
+
+
+# -- writes that reach a protected table another way ----------------------------------------------------------
+
+
+def test_cte_insert_and_insert_select(env: Env) -> None:
+    cte, sel = env.canary("cte"), env.canary("insert-select")
+    with psycopg.connect(env.dsn(), autocommit=True) as c:
+        c.execute("WITH x AS (INSERT INTO s1.secrets (id, c) VALUES (100, %s) RETURNING id) SELECT id FROM x", [cte])
+        assert c.execute("SELECT c FROM s1.secrets WHERE id = 100").fetchall() == [(cte,)]
+    run = psycopg.connect(env.app_direct, autocommit=True)
+    with run:
+        run.execute("INSERT INTO public.plain (id, c) VALUES (1, %s)", [sel])
+    with psycopg.connect(env.dsn(), autocommit=True) as c:
+        with pytest.raises(psycopg.errors.FeatureNotSupported):
+            c.execute("INSERT INTO s1.secrets (id, c) SELECT id + 200, c FROM public.plain")
+        with pytest.raises(psycopg.errors.FeatureNotSupported):
+            c.execute("UPDATE s1.secrets s SET c = p.c FROM public.plain p WHERE s.id = p.id")
+    ((stored,),) = env.stored("SELECT c FROM s1.secrets WHERE id = 100")
+    assert cte.encode() not in stored
+    env.canaries.remove(sel)  # it was written directly into an unprotected table
+
+
+def test_copy_with_odd_quoting_and_into_a_partition(env: Env) -> None:
+    upper, part, qual = env.canary("copy-upper"), env.canary("copy-partition"), env.canary("copy-qualified")
+    with psycopg.connect(env.dsn(), autocommit=True) as c:
+        with c.cursor().copy("COPY S1.SECRETS (ID, C) FROM STDIN") as cp:
+            cp.write_row((300, upper))
+        with c.cursor().copy('COPY "public"."parted_low" ("id", "c") FROM STDIN') as cp:
+            cp.write_row((301, part))
+        with c.cursor().copy(f'COPY "{DB}".s1."secrets" (id, c) FROM STDIN') as cp:
+            cp.write_row((302, qual))
+        assert c.execute("SELECT c FROM s1.secrets WHERE id IN (300, 302) ORDER BY id").fetchall() == [
+            (upper,),
+            (qual,),
+        ]
+    for canary in (upper, part, qual):
+        assert not env.in_server_log(canary)
+
+
+# -- the canary check over everything above ------------------------------------------------------------------
+
+
+def test_zz_no_canary_reached_the_server(env: Env, pg: DevCluster) -> None:
+    assert env.canaries, "run with the other tests of this module"
+    with psycopg.connect(pg.dsn(dbname=DB), autocommit=True) as c:
+        c.execute("CHECKPOINT")
+        c.execute("SELECT pg_switch_wal()")
+    found = search(server_files(pg), [*env.canaries])
+    leaks = {c: sorted(str(p) for p in found.files(c)) for c in env.canaries if found.files(c)}
+    lines = [
+        line[:400]
+        for line in pg.log_file.read_text(errors="replace").splitlines()
+        if any(c in line or c.encode().hex() in line for c in leaks)
+    ]
+    assert leaks == {}, f"plaintext written through pgveil found on the server: {leaks}; log: {lines}"
