@@ -391,6 +391,7 @@ def resolve_family(catalog: Catalog, family: Family) -> tuple[Catalog, list[str]
     its columns to the root's identity, and ``others`` set; one line per problem."""
     problems: list[str] = []
     tables = dict(catalog.tables)
+    views: list[tuple[tuple[str, str], ProtectedTable, TableInfo, str]] = []
     for member in family.members:
         info = member.info
         key = (info.schema, info.name)
@@ -414,12 +415,36 @@ def resolve_family(catalog: Catalog, family: Family) -> tuple[Catalog, list[str]
         elif member.definition is None:
             member_table, member_problems = _child(root, info)
         else:
-            member_table, member_problems = _view(root, info, member.definition, Catalog(tables))
+            if all(v[0] != key for v in views):
+                views.append((key, root, info, member.definition))
+            continue
         problems.extend(member_problems)
         tables[key] = member_table
+    _resolve_views(tables, views)
     protected = set(tables)
     others = frozenset(k for k in family.namesakes if k not in protected)
     return Catalog(tables, others), problems
+
+
+def _resolve_views(
+    tables: dict[tuple[str, str], ProtectedTable], views: list[tuple[tuple[str, str], ProtectedTable, TableInfo, str]]
+) -> None:
+    """Maps each view's columns with every other member known: a view's definition may name a member
+    view found after it (a view over a view over the table that also names the table in a subquery is
+    found in the first round, the view it reads from only in the second). Analysed again until no
+    mapping changes; views that do not settle are opaque."""
+    for _ in range(len(views) + 1):
+        changed = False
+        for key, root, info, definition in views:
+            others = Catalog({k: t for k, t in tables.items() if k != key})
+            table, _problems = _view(root, info, definition, others)
+            if tables.get(key) != table:
+                tables[key] = table
+                changed = True
+        if not changed:
+            return
+    for key, root, info, _definition in views:
+        tables[key] = _member(root, info, {}, view=True, opaque=True)
 
 
 def _child(root: ProtectedTable, info: TableInfo) -> tuple[ProtectedTable, list[str]]:

@@ -257,6 +257,64 @@ def test_copy_with_odd_quoting_and_into_a_partition(env: Env) -> None:
         assert not env.in_server_log(canary)
 
 
+def _plaintext_in(env: Env, table: str, needle: str) -> bool:
+    return any(needle.encode() in bytes(v or b"") for (v,) in env.stored(f"SELECT c FROM {table}"))
+
+
+COPY_INTO_PROTECTED = [
+    "INSERT INTO s1.secrets (id, c, open) VALUES (400, NULL, %s) ON CONFLICT (id) DO UPDATE SET c = EXCLUDED.open",
+    "UPDATE s1.secrets SET c = open WHERE id = 400",
+    "UPDATE s1.secrets SET (c, open) = (SELECT open, open) WHERE id = 400",
+    "UPDATE s1.secrets SET (c) = ROW(open) WHERE id = 400",
+    "INSERT INTO s1.secrets (id, c) VALUES (401, (SELECT open FROM s1.secrets WHERE id = 400))",
+    "INSERT INTO s1.secrets SELECT 402, open, open FROM s1.secrets WHERE id = 400",
+    "WITH x AS (SELECT open AS c FROM s1.secrets WHERE id = 400) INSERT INTO s1.secrets (id, c) SELECT 403, c FROM x",
+    "INSERT INTO s1.secrets (id, c) SELECT 404, open FROM s1.secrets WHERE id = 400 ON CONFLICT DO NOTHING",
+]
+
+
+@pytest.mark.parametrize("sql", COPY_INTO_PROTECTED)
+def test_unprotected_values_copied_into_a_protected_column(env: Env, sql: str) -> None:
+    value = envelope_shaped(f"OPEN-{uuid.uuid4().hex}").hex()
+    with psycopg.connect(env.dsn(), autocommit=True) as c:
+        c.execute("INSERT INTO s1.secrets (id, c, open) VALUES (400, 'x', %s) ON CONFLICT (id) DO UPDATE SET open = %s",
+                  [value, value])  # fmt: skip
+        try:
+            c.execute(sql, [value] if "%s" in sql else None)
+        except psycopg.Error:
+            pass
+    assert not _plaintext_in(env, "s1.secrets", value[8:])
+
+
+def test_view_over_a_view_found_before_it(env: Env) -> None:
+    """A view found in the first round (it also names the protected table in a subquery) over a view found
+    only in the second round (it is over a view over the table)."""
+    canary = env.canary("view-order")
+    with psycopg.connect(env.dsn(), autocommit=True) as c:
+        c.execute("CREATE VIEW public.va AS SELECT id, c, open FROM s1.secrets")
+        _eventually(lambda: c.execute("CREATE VIEW public.vi AS SELECT id, c AS x, open FROM public.va"))
+        _eventually(
+            lambda: c.execute(
+                "CREATE VIEW public.vo AS SELECT id, x FROM public.vi WHERE id IN (SELECT id FROM s1.secrets) OR true"
+            )
+        )
+
+        def write() -> None:
+            c.execute("INSERT INTO public.vo (id, x) VALUES (500, %s)", [envelope_shaped(canary)])
+
+        try:
+            _eventually(write)
+        except psycopg.Error:
+            pass
+        text = env.canary("view-order-text")
+        c.execute("INSERT INTO public.vo (id, x) VALUES (501, %s)", [text])
+        assert c.execute("SELECT x FROM public.vo WHERE id = 501").fetchall() == [(text,)]
+        assert c.execute("SELECT c FROM s1.secrets WHERE id = 501").fetchall() == [(text,)]
+    assert not env.in_server_log(canary)
+    assert not _plaintext_in(env, "s1.secrets", canary)
+    assert not _plaintext_in(env, "s1.secrets", text)
+
+
 # -- the canary check over everything above ------------------------------------------------------------------
 
 
