@@ -5,8 +5,8 @@ connection, whatever the number of tables); ``resolve_catalog`` and ``resolve_fa
 joins that fill in table OIDs, attribute numbers and column order, add each protected table's family
 (partitions and inheritance children at any depth, from pg_inherits; views over any of them, from
 pg_depend and pg_rewrite, their columns mapped by analysing the view's definition; the parents any of
-them inherits from or is a partition of, which are opaque: a write into one reaches the protected
-relation) and the relations
+them inherits from or is a partition of, and the relations with a rule that depends on any of them,
+which are opaque: a write into one reaches the protected relation) and the relations
 that share a protected relation's name, and name every mismatch between configuration and database.
 ``proxy.schema`` reuses them. This module never changes the database and never reads table contents.
 """
@@ -275,6 +275,21 @@ JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 ORDER BY c.oid, u.depth, u.origin
 """
 
+# Relations with a rule other than a view's SELECT rule (ON INSERT/UPDATE/DELETE, DO INSTEAD or ALSO) that
+# depends on one of the relations: a write into them may be rewritten into a write of the protected one.
+_RULE_WRITERS_SQL = """
+SELECT DISTINCT ON (c.oid) d.refobjid AS origin, c.oid AS oid, n.nspname AS schema, c.relname AS name,
+       c.relkind::text AS relkind
+FROM pg_catalog.pg_depend d
+JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid
+JOIN pg_catalog.pg_class c ON c.oid = r.ev_class
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
+  AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+  AND d.refobjid = ANY($1::oid[]) AND r.ev_class <> d.refobjid AND r.ev_type <> '1'
+ORDER BY c.oid, d.refobjid
+"""
+
 # Views (and materialized views) whose rewrite rule depends on one of the relations.
 _VIEWS_SQL = """
 SELECT DISTINCT c.oid AS oid, n.nspname AS schema, c.relname AS name, c.relkind::text AS relkind,
@@ -305,7 +320,9 @@ class Member:
     root: tuple[str, str]
     info: TableInfo
     definition: str | None = None  # a view's SELECT (pg_get_viewdef), with every name qualified
-    ancestor: bool = False  # a parent a protected relation inherits from or is a partition of
+    # A parent a member inherits from or is a partition of, or a relation whose rule writes into a member:
+    # the server takes a write into it to the protected relation.
+    opaque: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,11 +355,11 @@ async def read_family(conn: CatalogConnection, roots: dict[int, tuple[str, str]]
     found: list[tuple[tuple[str, str], Any, str | None]] = [(roots[r["root"]], r, None) for r in rows]
     root_of: dict[int, tuple[str, str]] = dict(roots)
     root_of.update({r["oid"]: roots[r["root"]] for r in rows})
-    ancestors: set[int] = set()
+    opaque: set[int] = set()
     for r in await conn.fetch(_ANCESTORS_SQL, list(root_of)) if root_of else []:
         if r["oid"] not in root_of:
             root_of[r["oid"]] = root_of[r["origin"]]
-            ancestors.add(r["oid"])
+            opaque.add(r["oid"])
             found.append((root_of[r["oid"]], r, None))
     frontier = list(root_of)
     # pg_get_viewdef qualifies every name not visible in the search_path: with an empty one, all of them.
@@ -352,8 +369,16 @@ async def read_family(conn: CatalogConnection, roots: dict[int, tuple[str, str]]
         for _ in range(_MAX_VIEW_DEPTH):
             if not frontier:
                 break
+            new: list[int] = []
+            for w in await conn.fetch(_RULE_WRITERS_SQL, list(root_of)):
+                if w["oid"] not in opaque:
+                    opaque.add(w["oid"])
+                    if w["oid"] not in root_of:
+                        root_of[w["oid"]] = root_of[w["origin"]]
+                        found.append((root_of[w["oid"]], w, None))
+                        new.append(w["oid"])
             views = [v for v in await conn.fetch(_VIEWS_SQL, frontier) if v["oid"] not in root_of]
-            frontier = []
+            frontier = new
             for v in views:
                 if v["oid"] in root_of:
                     continue
@@ -375,7 +400,7 @@ async def read_family(conn: CatalogConnection, roots: dict[int, tuple[str, str]]
             root,
             TableInfo(r["schema"], r["name"], r["oid"], r["relkind"], tuple(columns[r["oid"]]), ()),
             definition,
-            r["oid"] in ancestors,
+            r["oid"] in opaque,
         )
         for root, r, definition in found
     )
@@ -406,10 +431,10 @@ def resolve_family(catalog: Catalog, family: Family) -> tuple[Catalog, list[str]
             continue
         if key in tables:
             continue  # reached from two roots (a view over two protected tables): the first one holds
-        if member.ancestor:
-            # Its columns may hold rows of unprotected relations too: nothing is written through it
-            # (the server would route or recurse plaintext into the protected relation), nothing decrypted.
-            log.info("%s is a parent of a member of %s's family and opaque to pgveil", info.qualified_name,
+        if member.opaque:
+            # Its columns may hold rows of unprotected relations too: nothing is written through it (the
+            # server would route, recurse or rewrite plaintext into the protected relation), nothing decrypted.
+            log.info("%s writes into the family of %s and is opaque to pgveil", info.qualified_name,
                      root.qualified_name)  # fmt: skip
             member_table, member_problems = _member(root, info, {}, opaque=True), list[str]()
         elif member.definition is None:

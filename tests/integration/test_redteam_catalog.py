@@ -315,6 +315,37 @@ def test_view_over_a_view_found_before_it(env: Env) -> None:
     assert not _plaintext_in(env, "s1.secrets", text)
 
 
+# -- rules: pgveil finds a relation whose rule writes into a protected table, and must not write through it -----
+
+RULE_DECOYS = {
+    "table": "CREATE TABLE public.decoy_t (id int, c text)",
+    "view": "CREATE VIEW public.decoy_v AS SELECT 1 AS id, 'x'::text AS c",
+    "mapped": "CREATE VIEW public.decoy_m AS SELECT id, open AS c FROM s1.secrets",  # c is an open column
+}
+
+
+@pytest.mark.parametrize("kind", sorted(RULE_DECOYS))
+def test_rule_that_writes_into_a_protected_table(env: Env, kind: str) -> None:
+    canary = env.canary(f"rule-{kind}")
+    decoy = f"public.decoy_{kind[0]}"
+    with psycopg.connect(env.dsn(), autocommit=True) as c:
+        c.execute(RULE_DECOYS[kind])
+        rule = (
+            f"CREATE RULE decoy_{kind[0]}_ins AS ON INSERT TO {decoy} DO INSTEAD "
+            "INSERT INTO s1.secrets (id, c) VALUES (NEW.id, decode(NEW.c, 'hex'))"
+        )
+        _eventually(lambda: c.execute(rule))
+
+        def write() -> None:
+            c.execute(f"INSERT INTO {decoy} (id, c) VALUES (%s, %s)", [600 + len(kind), envelope_shaped(canary).hex()])
+
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match=decoy.split(".")[1]):
+            _eventually(write)
+    assert not env.in_server_log(canary)
+    assert not env.in_server_log(envelope_shaped(canary).hex())
+    assert not _plaintext_in(env, "s1.secrets", canary)
+
+
 # -- the canary check over everything above ------------------------------------------------------------------
 
 
