@@ -14,10 +14,13 @@ that share a protected relation's name, and name every mismatch between configur
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from pglast import parser as pg_parser
 
 from proxy.rewrite.catalog import Catalog, ProtectedColumn, ProtectedTable
 
@@ -500,7 +503,8 @@ def _view(root: ProtectedTable, info: TableInfo, definition: str, catalog: Catal
     plan = analyze(definition, catalog)
     st = plan.statements[0] if len(plan.statements) == 1 else None
     if (
-        st is None
+        _reads_opaque(definition, catalog)  # a write through it would reach the opaque relation
+        or st is None
         or st.refusal_reason is not None
         or st.result_columns is None
         or len(st.result_columns) != len(info.columns)
@@ -515,6 +519,28 @@ def _view(root: ProtectedTable, info: TableInfo, definition: str, catalog: Catal
         if p is not None
     }
     return _member(root, info, columns, view=True), []
+
+
+def _reads_opaque(definition: str, catalog: Catalog) -> bool:
+    """Whether a view's definition names an opaque member of a protected family (True also if it
+    cannot be parsed)."""
+    try:
+        tree = json.loads(pg_parser.parse_sql_json(definition))
+    except Exception:  # pglast.parser.ParseError and the like: fail closed
+        return True
+    stack: list[Any] = [tree]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, dict):
+            rv = n.get("RangeVar")
+            if isinstance(rv, dict):
+                table = catalog.lookup(rv.get("schemaname"), str(rv.get("relname", "")))
+                if table is not None and table.opaque:
+                    return True
+            stack.extend(v for v in n.values() if isinstance(v, dict | list))
+        elif isinstance(n, list):
+            stack.extend(v for v in n if isinstance(v, dict | list))
+    return False
 
 
 def _member_column(column: ProtectedColumn, info: TableInfo, name: str, attnum: int) -> ProtectedColumn:

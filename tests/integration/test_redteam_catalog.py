@@ -172,6 +172,41 @@ def test_write_through_an_unprotected_partitioned_parent(env: Env) -> None:
     assert not any(canary.encode() in bytes(v or b"") for (v,) in env.stored("SELECT c FROM public.attachee"))
 
 
+def test_write_through_a_view_over_the_unprotected_parent(env: Env) -> None:
+    """A view over the partitioned table that the protected table was attached to (the test above): an
+    INSERT into the view is routed into the protected table."""
+    canary = env.canary("parent-view")
+    with psycopg.connect(env.dsn(), autocommit=True) as c:
+        _eventually(lambda: c.execute("CREATE VIEW public.umbrella_v AS SELECT id, c, open FROM public.umbrella"))
+
+        def write() -> None:
+            c.execute("INSERT INTO public.umbrella_v (id, c, open) VALUES (3, %s, 'x')", [envelope_shaped(canary)])
+
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="umbrella_v"):
+            _eventually(write)
+    assert not env.in_server_log(canary), "plaintext reached the server through the view"
+    assert not _plaintext_in(env, "public.attachee", canary)
+
+
+def test_write_through_a_view_over_an_opaque_view(env: Env) -> None:
+    """A view pgveil cannot map (its WHERE uses the protected column) is opaque; a view over it read as
+    one over an unprotected relation let writes through, into the protected table."""
+    canary = env.canary("opaque-view")
+    with psycopg.connect(env.app_direct, autocommit=True) as d:  # pgveil refuses length(c) in a view
+        d.execute("CREATE VIEW public.vq AS SELECT id, c, open FROM s1.secrets WHERE length(c) > 0")
+        d.execute("CREATE VIEW public.vq2 AS SELECT id, c FROM public.vq")
+    with psycopg.connect(env.dsn(), autocommit=True) as c:
+        c.execute("COMMENT ON TABLE s1.secrets IS 'read the catalog again'")  # the views are known after this
+
+        def write() -> None:
+            c.execute("INSERT INTO public.vq2 (id, c) VALUES (700, %s)", [envelope_shaped(canary)])
+
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="vq2"):
+            _eventually(write)
+    assert not env.in_server_log(canary), "plaintext reached the server through the view"
+    assert not _plaintext_in(env, "s1.secrets", canary)
+
+
 def test_update_through_an_unprotected_inheritance_parent(env: Env) -> None:
     """The protected table inherits from a new, unprotected table: an UPDATE of the parent recurses
     into the protected child."""
