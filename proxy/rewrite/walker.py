@@ -390,7 +390,16 @@ class StatementWalker:
             if kind == "ColumnRef" and column_fields(body)[1]:
                 if column is not None:
                     raise refusals.insert_select(column)
-                shape.extend(self.star(body, level))
+                expanded = self.star(body, level)
+                if assign is not None and exact:
+                    # A * feeds every position it expands to, not only the first one.
+                    if all(isinstance(c, OutColumn) for c in expanded):
+                        fed = next((t for k in range(len(expanded)) if (t := assign.at(len(shape) + k))), None)
+                    else:
+                        fed = assign.first_from(len(shape))
+                    if fed is not None:
+                        raise refusals.insert_select(fed)
+                shape.extend(expanded)
             elif column is not None:
                 self.assign_value(val, column, level, (), insert_select=True, bare_alias=name is not None)
                 shape.append(OutColumn(name))

@@ -150,6 +150,35 @@ def envelope_shaped(canary: str) -> bytes:
     return ENVELOPE_PREFIX + b"A" * ENVELOPE_MIN_LENGTH + canary.encode()
 
 
+# -- 3. names: every spelling the server resolves to the protected table is sealed ------------------------
+
+SPELLINGS = [
+    "S1.SECRETS",
+    '"s1"."secrets"',
+    "s1 . secrets",
+    "s1./* a comment */secrets",
+    'U&"s1".U&"\\0073ecrets"',
+    'U&"s1".U&"!0073ecrets" UESCAPE \'!\'',
+    f"{DB}.s1.secrets",
+    "s1.secrets AS x",
+]
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_every_spelling_of_the_protected_table_is_sealed(env: Env, spelling: str) -> None:
+    canary = env.canary("spelling")
+    row = 800 + SPELLINGS.index(spelling)
+    with psycopg.connect(env.dsn(), autocommit=True) as c:
+        c.execute(f"INSERT INTO {spelling} (id, c) VALUES (%s, %s)", [row, canary])
+        psycopg.ClientCursor(c).execute(f"INSERT INTO {spelling} (id, c) VALUES (%s, %s)", [row + 100, canary])
+        assert c.execute("SELECT c FROM s1.secrets WHERE id IN (%s, %s)", [row, row + 100]).fetchall() == [
+            (canary,),
+            (canary,),
+        ]
+    assert not env.in_server_log(canary)
+    assert not _plaintext_in(env, "s1.secrets", canary)
+
+
 # -- 4. the family: a protected table under an unprotected parent -------------------------------------------
 
 
@@ -379,6 +408,79 @@ def test_rule_that_writes_into_a_protected_table(env: Env, kind: str) -> None:
     assert not env.in_server_log(canary)
     assert not env.in_server_log(envelope_shaped(canary).hex())
     assert not _plaintext_in(env, "s1.secrets", canary)
+
+
+LITERAL_PATHS = [
+    "WITH v AS (SELECT 'CANARY'::text AS x) INSERT INTO s1.secrets (id, c) SELECT {id}, x FROM v",
+    "WITH v(x) AS (VALUES ('CANARY')) INSERT INTO s1.secrets (id, c) SELECT {id}, x FROM v",
+    "INSERT INTO s1.secrets (id, c) SELECT {id}, x FROM (VALUES ('CANARY')) AS v(x)",
+    "INSERT INTO s1.secrets (id, c) SELECT * FROM (SELECT {id}, 'CANARY') AS v",
+    "INSERT INTO s1.secrets (id, c) SELECT v.* FROM (SELECT {id}, 'CANARY'::bytea) AS v",
+    "INSERT INTO s1.secrets SELECT * FROM (SELECT {id}, 'CANARY'::bytea, 'x') AS v",
+    "INSERT INTO s1.secrets (id, c, open) SELECT {id}, v.* FROM (SELECT 'CANARY'::bytea, 'x') AS v",
+    "WITH v AS (SELECT {id}, 'CANARY'::bytea) INSERT INTO s1.secrets (id, c) SELECT * FROM v",
+    "INSERT INTO s1.secrets (id, c) VALUES ({id}, 'CANARY' || '')",
+    "INSERT INTO s1.secrets (id, c) VALUES ({id}, ('CANARY'))",
+    "INSERT INTO s1.secrets (id, c) VALUES ({id}, CAST('CANARY' AS text))",
+    "INSERT INTO s1.secrets (id, c) VALUES ({id}, text 'CANARY')",
+    "INSERT INTO s1.secrets (id, c) VALUES ({id}, E'CANARY')",
+    "INSERT INTO s1.secrets (id, c) VALUES ({id}, $$CANARY$$)",
+    "INSERT INTO s1.secrets (id, c) VALUES ({id}, $q$CANARY$q$)",
+    "INSERT INTO s1.secrets (id, c) VALUES ({id}, (SELECT 'CANARY'))",
+    "INSERT INTO s1.secrets (id, c) VALUES ({id}, COALESCE('CANARY'))",
+    "INSERT INTO s1.secrets (id, c) VALUES ({id}, U&'CANARY')",
+    "INSERT INTO s1.secrets (c, id) SELECT 'CANARY', {id}",
+    "INSERT INTO s1.secrets AS t (id, c) VALUES ({id}, 'x') ON CONFLICT (id) DO UPDATE SET c = 'CANARY'",
+    "INSERT INTO s1.secrets (id, c) VALUES ({id}, 'x') ON CONFLICT (id) DO UPDATE SET (c) = (SELECT 'CANARY')",
+    "UPDATE s1.secrets SET (id, c) = ({id}, 'CANARY') WHERE id = {id}",
+    "UPDATE s1.secrets SET c = (SELECT 'CANARY') WHERE id = {id}",
+    "UPDATE s1.secrets SET c = x FROM (VALUES ('CANARY')) AS v(x) WHERE id = {id}",
+    "WITH u AS (UPDATE s1.secrets SET c = 'CANARY' WHERE id = {id} RETURNING id) SELECT * FROM u",
+    "INSERT INTO public.parted (id, c) VALUES ({id}, 'CANARY')",
+    "INSERT INTO public.parted_low AS p (id, c) VALUES ({id}, 'CANARY')",
+]
+
+
+@pytest.mark.parametrize("template", LITERAL_PATHS)
+def test_literals_on_every_path_into_a_protected_column(env: Env, template: str) -> None:
+    canary = env.canary("literal")
+    row = 1000 - 50 + LITERAL_PATHS.index(template)
+    with psycopg.connect(env.dsn(), autocommit=True) as c:
+        if template.startswith("UPDATE"):
+            c.execute("INSERT INTO s1.secrets (id, c) VALUES (%s, 'x') ON CONFLICT DO NOTHING", [row])
+        try:
+            c.execute(template.replace("{id}", str(row)).replace("CANARY", canary))
+        except psycopg.errors.FeatureNotSupported:
+            pass
+    assert not env.in_server_log(canary)
+    assert not _plaintext_in(env, "s1.secrets", canary)
+    assert not _plaintext_in(env, "public.parted", canary)
+
+
+COPY_STREAMS = {
+    "after-end-marker": ("", b"910\tsealed\n\\.\n911\t{canary}\n"),
+    "end-marker-crlf": ("", b"912\tsealed\r\n\\.\r\n913\t{canary}\r\n"),
+    "end-marker-in-field": ("", b"914\ta\\.\n915\t{canary}\n"),
+    "csv-quoted-end-marker": ("(FORMAT csv)", b'916,"x\n\\.\n"\n917,{canary}\n'),
+    "csv-end-marker": ("(FORMAT csv)", b"918,x\n\\.\n919,{canary}\n"),
+    "csv-escape-quote": ("(FORMAT csv, ESCAPE '\\')", b'920,"a\\",{canary}"\n'),
+    "csv-quote-is-delimiter-like": ("(FORMAT csv, QUOTE '|')", b"921,|a,b|\n922,|{canary}|\n"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COPY_STREAMS))
+def test_copy_streams_that_may_be_cut_differently(env: Env, case: str) -> None:
+    options, template = COPY_STREAMS[case]
+    canary = env.canary(f"copy-{case}")
+    data = template.replace(b"{canary}", canary.encode())
+    with psycopg.connect(env.dsn(), autocommit=True) as c:
+        try:
+            with c.cursor().copy(f"COPY s1.secrets (id, c) FROM STDIN {options}") as cp:
+                cp.write(data)
+        except psycopg.Error:
+            pass
+    assert not _plaintext_in(env, "s1.secrets", canary)
+    assert not env.in_server_log(canary)
 
 
 # -- the canary check over everything above ------------------------------------------------------------------
