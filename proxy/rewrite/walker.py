@@ -400,6 +400,13 @@ class StatementWalker:
                     if fed is not None:
                         raise refusals.insert_select(fed)
                 shape.extend(expanded)
+            elif kind == "A_Indirection" and any(node_type(i)[0] == "A_Star" for i in body.get("indirection", [])):
+                # (row).* expands to as many columns as the row has: pgveil cannot count them.
+                fed = assign.first_from(len(shape)) if assign is not None else None
+                if fed is not None:
+                    raise refusals.insert_select(fed)
+                self.expr(val, level, clause)
+                shape.append(UnknownColumns())
             elif column is not None:
                 self.assign_value(val, column, level, (), insert_select=True, bare_alias=name is not None)
                 shape.append(OutColumn(name))
