@@ -472,6 +472,11 @@ LITERAL_PATHS = [
     "UPDATE s1.secrets SET c = x FROM (VALUES ('CANARY')) AS v(x) WHERE id = {id}",
     "WITH u AS (UPDATE s1.secrets SET c = 'CANARY' WHERE id = {id} RETURNING id) SELECT * FROM u",
     "INSERT INTO public.parted (id, c) VALUES ({id}, 'CANARY')",
+    "MERGE INTO s1.secrets t USING (SELECT {id} AS i) s ON t.id = s.i "
+    "WHEN NOT MATCHED THEN INSERT (id, c) VALUES (s.i, 'CANARY')",
+    "MERGE INTO public.parted_low t USING (SELECT {id} AS i) s ON t.id = s.i "
+    "WHEN NOT MATCHED THEN INSERT (id, c) VALUES (s.i, 'CANARY')",
+    "WITH secrets AS (SELECT 1) INSERT INTO s1.secrets (id, c) SELECT {id}, 'CANARY' FROM secrets",
     "INSERT INTO public.parted_low AS p (id, c) VALUES ({id}, 'CANARY')",
 ]
 
