@@ -4,7 +4,9 @@
 connection, whatever the number of tables); ``resolve_catalog`` and ``resolve_family`` are the pure
 joins that fill in table OIDs, attribute numbers and column order, add each protected table's family
 (partitions and inheritance children at any depth, from pg_inherits; views over any of them, from
-pg_depend and pg_rewrite, their columns mapped by analysing the view's definition) and the relations
+pg_depend and pg_rewrite, their columns mapped by analysing the view's definition; the parents any of
+them inherits from or is a partition of, and the relations with a rule that depends on any of them,
+which are opaque: a write into one reaches the protected relation) and the relations
 that share a protected relation's name, and name every mismatch between configuration and database.
 ``proxy.schema`` reuses them. This module never changes the database and never reads table contents.
 """
@@ -12,10 +14,13 @@ that share a protected relation's name, and name every mismatch between configur
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from pglast import parser as pg_parser
 
 from proxy.rewrite.catalog import Catalog, ProtectedColumn, ProtectedTable
 
@@ -242,6 +247,40 @@ JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 WHERE f.relid <> f.root
 """
 
+# The ancestors of the relations (parents they inherit from or are partitions of, at any depth), with the
+# relation each was reached from: a write into an ancestor reaches its protected descendant (INSERT routed
+# into a partition, UPDATE and DELETE recursing into inheritance children).
+_ANCESTORS_SQL = """
+WITH RECURSIVE up(origin, relid, depth) AS (
+    SELECT i.inhrelid, i.inhparent, 1 FROM pg_catalog.pg_inherits i WHERE i.inhrelid = ANY($1::oid[])
+  UNION
+    SELECT u.origin, i.inhparent, u.depth + 1
+    FROM up u JOIN pg_catalog.pg_inherits i ON i.inhrelid = u.relid
+    WHERE u.depth < 64
+)
+SELECT DISTINCT ON (c.oid) u.origin AS origin, c.oid AS oid, n.nspname AS schema, c.relname AS name,
+       c.relkind::text AS relkind
+FROM up u
+JOIN pg_catalog.pg_class c ON c.oid = u.relid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ORDER BY c.oid, u.depth, u.origin
+"""
+
+# Relations with a rule other than a view's SELECT rule (ON INSERT/UPDATE/DELETE, DO INSTEAD or ALSO) that
+# depends on one of the relations: a write into them may be rewritten into a write of the protected one.
+_RULE_WRITERS_SQL = """
+SELECT DISTINCT ON (c.oid) d.refobjid AS origin, c.oid AS oid, n.nspname AS schema, c.relname AS name,
+       c.relkind::text AS relkind
+FROM pg_catalog.pg_depend d
+JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid
+JOIN pg_catalog.pg_class c ON c.oid = r.ev_class
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
+  AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+  AND d.refobjid = ANY($1::oid[]) AND r.ev_class <> d.refobjid AND r.ev_type <> '1'
+ORDER BY c.oid, d.refobjid
+"""
+
 # Views (and materialized views) whose rewrite rule depends on one of the relations.
 _VIEWS_SQL = """
 SELECT DISTINCT c.oid AS oid, n.nspname AS schema, c.relname AS name, c.relkind::text AS relkind,
@@ -272,6 +311,9 @@ class Member:
     root: tuple[str, str]
     info: TableInfo
     definition: str | None = None  # a view's SELECT (pg_get_viewdef), with every name qualified
+    # A parent a member inherits from or is a partition of, or a relation whose rule writes into a member:
+    # the server takes a write into it to the protected relation.
+    opaque: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,6 +346,12 @@ async def read_family(conn: CatalogConnection, roots: dict[int, tuple[str, str]]
     found: list[tuple[tuple[str, str], Any, str | None]] = [(roots[r["root"]], r, None) for r in rows]
     root_of: dict[int, tuple[str, str]] = dict(roots)
     root_of.update({r["oid"]: roots[r["root"]] for r in rows})
+    opaque: set[int] = set()
+    for r in await conn.fetch(_ANCESTORS_SQL, list(root_of)) if root_of else []:
+        if r["oid"] not in root_of:
+            root_of[r["oid"]] = root_of[r["origin"]]
+            opaque.add(r["oid"])
+            found.append((root_of[r["oid"]], r, None))
     frontier = list(root_of)
     # pg_get_viewdef qualifies every name not visible in the search_path: with an empty one, all of them.
     saved = await conn.fetch("SELECT pg_catalog.current_setting('search_path') AS path")
@@ -312,8 +360,16 @@ async def read_family(conn: CatalogConnection, roots: dict[int, tuple[str, str]]
         for _ in range(_MAX_VIEW_DEPTH):
             if not frontier:
                 break
+            new: list[int] = []
+            for w in await conn.fetch(_RULE_WRITERS_SQL, list(root_of)):
+                if w["oid"] not in opaque:
+                    opaque.add(w["oid"])
+                    if w["oid"] not in root_of:
+                        root_of[w["oid"]] = root_of[w["origin"]]
+                        found.append((root_of[w["oid"]], w, None))
+                        new.append(w["oid"])
             views = [v for v in await conn.fetch(_VIEWS_SQL, frontier) if v["oid"] not in root_of]
-            frontier = []
+            frontier = new
             for v in views:
                 if v["oid"] in root_of:
                     continue
@@ -335,6 +391,7 @@ async def read_family(conn: CatalogConnection, roots: dict[int, tuple[str, str]]
             root,
             TableInfo(r["schema"], r["name"], r["oid"], r["relkind"], tuple(columns[r["oid"]]), ()),
             definition,
+            r["oid"] in opaque,
         )
         for root, r, definition in found
     )
@@ -350,6 +407,7 @@ def resolve_family(catalog: Catalog, family: Family) -> tuple[Catalog, list[str]
     its columns to the root's identity, and ``others`` set; one line per problem."""
     problems: list[str] = []
     tables = dict(catalog.tables)
+    views: list[tuple[tuple[str, str], ProtectedTable, TableInfo, str]] = []
     for member in family.members:
         info = member.info
         key = (info.schema, info.name)
@@ -364,15 +422,45 @@ def resolve_family(catalog: Catalog, family: Family) -> tuple[Catalog, list[str]
             continue
         if key in tables:
             continue  # reached from two roots (a view over two protected tables): the first one holds
-        if member.definition is None:
+        if member.opaque:
+            # Its columns may hold rows of unprotected relations too: nothing is written through it (the
+            # server would route, recurse or rewrite plaintext into the protected relation), nothing decrypted.
+            log.info("%s writes into the family of %s and is opaque to pgveil", info.qualified_name,
+                     root.qualified_name)  # fmt: skip
+            member_table, member_problems = _member(root, info, {}, opaque=True), list[str]()
+        elif member.definition is None:
             member_table, member_problems = _child(root, info)
         else:
-            member_table, member_problems = _view(root, info, member.definition, Catalog(tables))
+            if all(v[0] != key for v in views):
+                views.append((key, root, info, member.definition))
+            continue
         problems.extend(member_problems)
         tables[key] = member_table
+    _resolve_views(tables, views)
     protected = set(tables)
     others = frozenset(k for k in family.namesakes if k not in protected)
     return Catalog(tables, others), problems
+
+
+def _resolve_views(
+    tables: dict[tuple[str, str], ProtectedTable], views: list[tuple[tuple[str, str], ProtectedTable, TableInfo, str]]
+) -> None:
+    """Maps each view's columns with every other member known: a view's definition may name a member
+    view found after it (a view over a view over the table that also names the table in a subquery is
+    found in the first round, the view it reads from only in the second). Analysed again until no
+    mapping changes; views that do not settle are opaque."""
+    for _ in range(len(views) + 1):
+        changed = False
+        for key, root, info, definition in views:
+            others = Catalog({k: t for k, t in tables.items() if k != key})
+            table, _problems = _view(root, info, definition, others)
+            if tables.get(key) != table:
+                tables[key] = table
+                changed = True
+        if not changed:
+            return
+    for key, root, info, _definition in views:
+        tables[key] = _member(root, info, {}, view=True, opaque=True)
 
 
 def _child(root: ProtectedTable, info: TableInfo) -> tuple[ProtectedTable, list[str]]:
@@ -403,7 +491,8 @@ def _view(root: ProtectedTable, info: TableInfo, definition: str, catalog: Catal
     plan = analyze(definition, catalog)
     st = plan.statements[0] if len(plan.statements) == 1 else None
     if (
-        st is None
+        _reads_opaque(definition, catalog)  # a write through it would reach the opaque relation
+        or st is None
         or st.refusal_reason is not None
         or st.result_columns is None
         or len(st.result_columns) != len(info.columns)
@@ -418,6 +507,28 @@ def _view(root: ProtectedTable, info: TableInfo, definition: str, catalog: Catal
         if p is not None
     }
     return _member(root, info, columns, view=True), []
+
+
+def _reads_opaque(definition: str, catalog: Catalog) -> bool:
+    """Whether a view's definition names an opaque member of a protected family (True also if it
+    cannot be parsed)."""
+    try:
+        tree = json.loads(pg_parser.parse_sql_json(definition))
+    except Exception:  # pglast.parser.ParseError and the like: fail closed
+        return True
+    stack: list[Any] = [tree]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, dict):
+            rv = n.get("RangeVar")
+            if isinstance(rv, dict):
+                table = catalog.lookup(rv.get("schemaname"), str(rv.get("relname", "")))
+                if table is not None and table.opaque:
+                    return True
+            stack.extend(v for v in n.values() if isinstance(v, dict | list))
+        elif isinstance(n, list):
+            stack.extend(v for v in n if isinstance(v, dict | list))
+    return False
 
 
 def _member_column(column: ProtectedColumn, info: TableInfo, name: str, attnum: int) -> ProtectedColumn:

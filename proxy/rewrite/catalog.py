@@ -66,8 +66,10 @@ class ProtectedTable:
 
     ``root`` is the configured table's qualified name for a member of its family (a partition, an
     inheritance child or a view), None for the configured table itself. ``view`` marks a view;
-    ``opaque`` a view whose definition pgveil could not map column by column: nothing may be written
-    through it and none of its columns is decrypted.
+    ``opaque`` a view whose definition pgveil could not map column by column, or a parent that a
+    member inherits from or is a partition of (the server routes an INSERT into it, and recurses an
+    UPDATE of it, into the protected member): nothing may be written through it and none of its
+    columns is decrypted.
     """
 
     schema: str

@@ -253,8 +253,8 @@ class StatementWalker:
         col = table.columns.get(name)
         if table.opaque:
             raise refusals.statement(
-                f"view {table.schema}.{table.name} is over table {table.root}, which has encrypted columns, and "
-                "pgveil cannot map its columns; it cannot be written through",
+                f"{'view' if table.view else 'table'} {table.schema}.{table.name} reaches table {table.root}, "
+                "which has encrypted columns, and pgveil cannot map its columns; it cannot be written through",
                 hint="write to the table itself",
             )
         if col is None and table.all_columns and name not in table.all_columns:
@@ -390,7 +390,23 @@ class StatementWalker:
             if kind == "ColumnRef" and column_fields(body)[1]:
                 if column is not None:
                     raise refusals.insert_select(column)
-                shape.extend(self.star(body, level))
+                expanded = self.star(body, level)
+                if assign is not None and exact:
+                    # A * feeds every position it expands to, not only the first one.
+                    if all(isinstance(c, OutColumn) for c in expanded):
+                        fed = next((t for k in range(len(expanded)) if (t := assign.at(len(shape) + k))), None)
+                    else:
+                        fed = assign.first_from(len(shape))
+                    if fed is not None:
+                        raise refusals.insert_select(fed)
+                shape.extend(expanded)
+            elif kind == "A_Indirection" and any(node_type(i)[0] == "A_Star" for i in body.get("indirection", [])):
+                # (row).* expands to as many columns as the row has: pgveil cannot count them.
+                fed = assign.first_from(len(shape)) if assign is not None else None
+                if fed is not None:
+                    raise refusals.insert_select(fed)
+                self.expr(val, level, clause)
+                shape.append(UnknownColumns())
             elif column is not None:
                 self.assign_value(val, column, level, (), insert_select=True, bare_alias=name is not None)
                 shape.append(OutColumn(name))
