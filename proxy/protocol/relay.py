@@ -777,6 +777,8 @@ class Relay:
         # The messages of a prepared statement's every execution are read in place (see codec).
         if t == 0x42:  # Bind
             bind = codec.decode_bind_frame(body)
+            if len(bind.portal) > _SHORT_NAME or len(bind.statement) > _SHORT_NAME:
+                bind = _bind_with_server_names(bind)
             if crypto is None:
                 self._expect(Pending(_EXPECT_BIND, bind.portal, b"", None, bind))
                 return None
@@ -784,7 +786,7 @@ class Relay:
             self._expect(Pending(_EXPECT_BIND, bind.portal, b"", None, bind, out.state, out.refusal))
             return out.replacement
         if t == 0x45:  # Execute
-            name = codec.decode_execute_portal(body)
+            name = server_name(codec.decode_execute_portal(body))
             if crypto is None:
                 self._expect(Pending(_EXPECT_EXECUTE, name))
                 return None
@@ -802,6 +804,7 @@ class Relay:
             return None
         if t == 0x44:  # Describe
             kind, name = codec.decode_target(t, body)
+            name = server_name(name)
             if kind == b"S":
                 self._expect(Pending(_EXPECT_DESCRIBE_STATEMENT, name))
             else:
@@ -811,7 +814,7 @@ class Relay:
             return None
         if t == 0x43:  # Close
             kind, name = codec.decode_target(t, body)
-            self._expect(Pending(_EXPECT_CLOSE, name, kind))
+            self._expect(Pending(_EXPECT_CLOSE, server_name(name), kind))
             return None
         if t == 0x70:  # 'p' after authentication is a protocol violation the server would report too
             raise codec.CodecError("client", "unexpected password message")
@@ -834,6 +837,8 @@ class Relay:
             self._expect(Pending(_EXPECT_QUERY, "", b"", None, None, out.state, out.refusal, list(ops) or None))
             return out.replacement
         if isinstance(msg, m.Parse):
+            if len(msg.statement) > _SHORT_NAME:
+                msg = m.Parse(server_name(msg.statement), msg.query, msg.param_types)
             if crypto is None:
                 self._expect(Pending(_EXPECT_PARSE, msg.statement, b"", msg))
                 return None
@@ -999,14 +1004,15 @@ class Relay:
         if t == 0x50:
             parse = codec.decode_frontend(t, body)
             assert isinstance(parse, m.Parse)
+            parse = m.Parse(server_name(parse.statement), parse.query, parse.param_types)
             # The stand-in fails on the server, so the name keeps whatever version it had (see _versions).
             self._expect(Pending(_EXPECT_PARSE, parse.statement, b"", parse, None, None, refusal))
             return codec.encode_frontend(m.Parse(parse.statement, REFUSED_QUERY, ()))
         if t == 0x42:
-            bind = codec.decode_bind_frame(body)
+            bind = _bind_with_server_names(codec.decode_bind_frame(body))
             self._expect(Pending(_EXPECT_BIND, bind.portal, b"", None, bind, None, refusal))
             return codec.encode_frontend(m.Bind(bind.portal, REFUSED_STATEMENT_NAME, (), (), ()))
-        name = codec.decode_execute_portal(body)
+        name = server_name(codec.decode_execute_portal(body))
         self._expect(Pending(_EXPECT_EXECUTE, name, b"", None, None, None, refusal))
         return codec.encode_frontend(m.Execute(REFUSED_PORTAL_NAME, 0))
 
@@ -1632,6 +1638,35 @@ def _strip_channel_binding(msg: m.Authentication) -> bytes | None:
         return None
     payload = b"".join(x + b"\x00" for x in kept) + b"\x00"
     return codec.encode_backend(m.Authentication(msg.code, payload))
+
+
+# PostgreSQL keys prepared statements and portals by their first NAMEDATALEN - 1 bytes (hash tables with
+# NAMEDATALEN-byte string keys: commands/prepare.c, utils/mmgr/portalmem.c); a longer name sent in Parse,
+# Bind, Describe, Close or Execute is not refused but means the statement or portal of its first 63 bytes.
+# Two names that agree on those bytes are one name to the server, so they are one name in the model too.
+# (SQL-level names are cut by the parser, at a character boundary, before they reach the server.)
+MAX_NAME_BYTES = 63
+_SHORT_NAME = MAX_NAME_BYTES // 4  # no string of this many characters encodes to more than 63 bytes
+
+
+def server_name(name: str) -> str:
+    """The name the server stores for statement or portal ``name`` (its first 63 bytes)."""
+    if len(name) <= _SHORT_NAME:
+        return name
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= MAX_NAME_BYTES:
+        return name
+    return raw[:MAX_NAME_BYTES].decode("utf-8", "surrogateescape")
+
+
+def _bind_with_server_names(bind: m.BindFrame) -> m.BindFrame:
+    """``bind`` naming its portal and statement as the server stores them (the body is unchanged)."""
+    portal, statement = server_name(bind.portal), server_name(bind.statement)
+    if portal == bind.portal and statement == bind.statement:
+        return bind
+    return m.BindFrame(
+        bind.body, portal, statement, bind.names_end, bind.param_formats, bind.param_offsets, bind.result_formats
+    )
 
 
 def _distinct(versions: list[Version | None]) -> list[Version]:

@@ -1,0 +1,97 @@
+"""Red-team tests of issue 7's statement state, SQL reading, exceptions and startup (items 1, 2, 7, 9).
+
+Each test is an attack that once made pgveil's reading of a session differ from the server's, sent as
+raw protocol messages through pgveil to the real PostgreSQL, then checked with the canary method: the
+table read directly, the data directory and WAL after a CHECKPOINT, and the server log as text and hex
+must hold no canary, while a control written in the same statements is found (the search is not blind).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import encfixtures
+import psycopg
+import pytest
+from encfixtures import EncEnv, next_id
+from test_encryption_canary import distinctive, search, server_files
+from test_encryption_statement_state import ENVELOPE_HEADER, INSERT, PLAIN, Session
+
+from proxy.devcluster import DevCluster
+from proxy.protocol import messages as m
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def env(pg: DevCluster, tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> EncEnv:
+    env = encfixtures.shared_env(pg, tmp_path_factory, pytestconfig)
+    with psycopg.connect(env.direct_dsn, autocommit=True) as c:
+        c.execute("GRANT SELECT, INSERT ON enc_canary TO pwuser")
+    return env
+
+
+def assert_no_canary(pg: DevCluster, env: EncEnv, ids: list[int], canaries: list[str], controls: list[str]) -> None:
+    """No canary in the rows ``ids`` read directly, the data directory, the WAL or the server log; every
+    control (sent beside a canary, to the unprotected column) is in the WAL and the log."""
+    with psycopg.connect(env.direct_dsn, autocommit=True) as c:
+        stored = c.execute("SELECT secret FROM enc_canary WHERE id = ANY(%s)", [ids]).fetchall()
+        c.execute("CHECKPOINT")
+        c.execute("SELECT pg_switch_wal()")
+    assert [c for c in canaries for (x,) in stored if x is not None and c.encode() in bytes(x)] == []
+    found = search(server_files(pg), [*canaries, *controls])
+    leaks = {c: sorted(str(p) for p in found.files(c)) for c in canaries if found.files(c)}
+    assert leaks == {}, f"plaintext sent through pgveil found on the server: {leaks}"
+    wal = pg.data_dir / "pg_wal"
+    assert [c for c in controls if not any(wal in p.parents for p in found.files(c))] == [], "blind search"
+    assert [c for c in controls if pg.log_file not in found.files(c)] == [], "blind search of the log"
+
+
+# -- item 1: names the server truncates ------------------------------------------------------------------
+# PostgreSQL keys prepared statements and portals by their first 63 bytes (NAMEDATALEN - 1): two longer
+# names that share those bytes are one statement to the server. pgveil keyed them by the whole name, so a
+# Close of one name removed the server's statement while pgveil kept the other as a harmless SELECT.
+
+
+def long_names() -> tuple[str, str]:
+    prefix = ("rt_" + uuid.uuid4().hex + "x" * 63)[:63]
+    return prefix + "_one", prefix + "_two"
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_statement_names_beyond_63_bytes_are_one_name(env: EncEnv, pg: DevCluster, pipelined: bool) -> None:
+    one, two = long_names()
+    i = next_id()
+    canary, control = distinctive("CANARY", "longname"), distinctive("CONTROL", "longname")
+    values = (str(i).encode(), ENVELOPE_HEADER + canary.encode(), control.encode())
+    steps: list[tuple[m.FrontendMessage, ...]] = [
+        (m.Parse(two, PLAIN, ()), m.Sync()),  # the server stores it under the shared 63 bytes
+        (m.Close(b"S", one), m.Sync()),  # the server closes that statement: the name is free
+        (m.Parse(one, INSERT, ()), m.Sync()),  # the same 63 bytes again: the protected INSERT
+        (m.Bind("", two, (0, 1, 0), values, ()), m.Execute("", 0), m.Sync()),  # runs the INSERT
+    ]
+    s = Session(env)
+    try:
+        if pipelined:
+            # When the Bind arrives nothing is answered: the name may be the SELECT or the INSERT.
+            replies = s.exchange(*(x for step in steps for x in step))
+            assert replies == ["ParseComplete", "CloseComplete", "ParseComplete", "E0A000"]
+            # The control goes in the same way, sealed: the searches below then know where to look.
+            assert s.exchange(m.Bind("", two, (0, 1, 0), values, ()), m.Execute("", 0), m.Sync()) == [
+                "BindComplete",
+                "CommandComplete",
+            ]
+        else:
+            replies = [r for step in steps[:3] for r in s.exchange(*step)]
+            assert replies == ["ParseComplete", "CloseComplete", "ParseComplete"]
+            assert s.exchange(*steps[3]) == ["BindComplete", "CommandComplete"]
+        assert s.exchange(m.Query("SELECT 1")) == ["CommandComplete"]
+    finally:
+        s.close()
+    # The row went in sealed, as a Bind of the INSERT: it reads back through pgveil.
+    with psycopg.connect(env.dsn(), autocommit=True) as c:
+        got = c.execute("SELECT secret, open FROM enc_canary WHERE id = %s", [i]).fetchall()
+    assert len(got) == 1
+    assert got[0][1] == control
+    assert canary in got[0][0]
+    assert_no_canary(pg, env, [i], [canary], [control])
