@@ -67,15 +67,14 @@ from proxy.errors import ProtocolViolation, ProxyError
 from proxy.protocol import codec
 from proxy.protocol import messages as m
 from proxy.protocol.encryption import (
-    REFUSED_PORTAL_NAME,
     REFUSED_QUERY,
-    REFUSED_STATEMENT_NAME,
     AnalysisMiss,
     CryptoState,
     NamespaceAction,
     NamespaceOp,
     SessionEncryption,
     Version,
+    refused_bind,
 )
 from proxy.protocol.encryption import KeyMiss as KeyMiss
 
@@ -1011,10 +1010,10 @@ class Relay:
         if t == 0x42:
             bind = _bind_with_server_names(codec.decode_bind_frame(body))
             self._expect(Pending(_EXPECT_BIND, bind.portal, b"", None, bind, None, refusal))
-            return codec.encode_frontend(m.Bind(bind.portal, REFUSED_STATEMENT_NAME, (), (), ()))
+            return codec.encode_frontend(refused_bind(bind.portal))
         name = server_name(codec.decode_execute_portal(body))
         self._expect(Pending(_EXPECT_EXECUTE, name, b"", None, None, None, refusal))
-        return codec.encode_frontend(m.Execute(REFUSED_PORTAL_NAME, 0))
+        return codec.encode_frontend(refused_bind())
 
     def _fail_internal(self, sqlstate: str, message: str) -> None:
         """Ends the session with FATAL for an error that no stand-in can report."""

@@ -18,7 +18,9 @@ from test_encryption_canary import distinctive, search, server_files
 from test_encryption_statement_state import ENVELOPE_HEADER, INSERT, PLAIN, Session
 
 from proxy.devcluster import DevCluster
+from proxy.protocol import codec
 from proxy.protocol import messages as m
+from proxy.protocol.encryption import REFUSED_PORTAL_NAME, REFUSED_STATEMENT_NAME
 
 pytestmark = pytest.mark.integration
 
@@ -137,3 +139,83 @@ def test_statement_replaced_by_server_side_code_is_not_bound_unsealed(env: EncEn
     finally:
         s.close()
     assert_no_canary(pg, env, [i], [canary], [control])
+
+
+# -- items 1 and 7: the stand-ins of refused messages -------------------------------------------------------
+# A refused Bind was replaced by a Bind of the statement "\x01pgveil refused", a refused Execute by an
+# Execute of the portal of that name, so that the server fails at the same step and its error can be
+# replaced by the refusal. A client may create a statement and a portal of that name itself: the stand-in
+# then ran the client's statement, the refusal never reached the client, and a protected value came back as
+# the stored envelope.
+
+
+def read_until_ready(s: Session) -> tuple[list[str], list[tuple[bytes | None, ...]]]:
+    """The replies up to the next ReadyForQuery: what happened (``E`` and SQLSTATE for an error), and rows."""
+    what: list[str] = []
+    rows: list[tuple[bytes | None, ...]] = []
+    while True:
+        msg = s.raw.read_message()
+        assert msg is not None, "pgveil closed the connection"
+        t, body = msg
+        if t == b"Z":
+            return what, rows
+        if t == b"D":
+            row = codec.decode_backend(t[0], body)
+            assert isinstance(row, m.DataRow)
+            rows.append(row.values)
+        elif t not in (b"T", b"n", b"S", b"N"):
+            reply = codec.decode_backend(t[0], body)
+            what.append(f"E{reply.sqlstate}" if isinstance(reply, m.ErrorResponse) else type(reply).__name__)
+
+
+def stored_secret(env: EncEnv) -> tuple[int, str]:
+    i = next_id()
+    secret = distinctive("SECRET", "stand-in")
+    with psycopg.connect(env.dsn(), autocommit=True) as c:
+        c.execute("INSERT INTO enc_canary (id, secret, open) VALUES (%s, %s, 'o')", [i, secret])
+    return i, secret
+
+
+def test_a_refused_bind_fails_even_when_the_client_owns_the_stand_in_name(env: EncEnv) -> None:
+    i, _secret = stored_secret(env)
+    s = Session(env)
+    try:
+        squat = m.Parse(REFUSED_STATEMENT_NAME, f"SELECT secret, open FROM enc_canary WHERE id = {i}", ())
+        assert s.exchange(squat, m.Sync()) == ["ParseComplete"]
+        # A Bind of a statement pgveil never saw prepared is refused.
+        s.raw.send(
+            b"".join(
+                codec.encode_frontend(x)
+                for x in (m.Bind("", "rt_never_prepared", (), (), ()), m.Describe(b"P", ""), m.Execute("", 0), m.Sync())
+            )
+        )
+        assert read_until_ready(s) == (["E0A000"], [])
+        assert s.exchange(m.Query("SELECT 1")) == ["CommandComplete"]
+    finally:
+        s.close()
+
+
+def test_a_refused_execute_fails_even_when_the_client_owns_the_stand_in_name(env: EncEnv) -> None:
+    i, _secret = stored_secret(env)
+    s = Session(env)
+    try:
+        select = f"SELECT secret FROM enc_canary WHERE id = {i}"
+        setup = s.exchange(
+            m.Query("BEGIN"),
+            # (A cursor of a protected table is refused; one of anything else shows the stand-in ran.)
+            m.Query(f"DECLARE \"{REFUSED_PORTAL_NAME}\" CURSOR FOR SELECT 'the stand-in ran'::text"),
+            m.Parse("rt_plain", "SELECT 'harmless'::text", ()),
+            m.Parse("rt_prot", select, ()),
+            m.Bind("q", "rt_plain", (), (), ()),
+            m.Sync(),
+        )
+        assert setup == ["CommandComplete", "CommandComplete", "ParseComplete", "ParseComplete", "BindComplete"]
+        # Sent before the server has answered: q may be either portal when the Execute runs. Refused.
+        pipelined = (m.Close(b"P", "q"), m.Sync(), m.Bind("q", "rt_prot", (), (), ()), m.Sync())
+        s.raw.send(b"".join(codec.encode_frontend(x) for x in (*pipelined, m.Execute("q", 0), m.Sync())))
+        assert read_until_ready(s)[0] == ["CloseComplete"]
+        assert read_until_ready(s)[0] == ["BindComplete"]
+        assert read_until_ready(s) == (["E0A000"], [])
+        assert s.exchange(m.Query("ROLLBACK")) == ["CommandComplete"]
+    finally:
+        s.close()
