@@ -623,19 +623,22 @@ class Relay:
         out = self.to_server
         while pos < n and not self.client_terminated:
             t = buf[pos]
-            if t != 0x70 and t != 0x58 and self._auth_request_open:
+            if (t != 0x70 and t != 0x58 and self._auth_request_open) or t not in codec.FRONTEND_TYPES:
+                # Also a byte that is no message type, even sent before the server has asked for anything
+                # (in the StartupMessage's write): the server reports it in its own words, whatever the
+                # authentication method, and one byte can run nothing.
                 out.append(buf[pos : pos + 1])
                 self.client_terminated = True
                 break
             if n - pos < 5:
                 break
             (ln,) = _U32.unpack_from(buf, pos + 1)
-            if ln < 4:
-                raise codec.CodecError("client", f"invalid message length {ln}")
-            if t not in codec.FRONTEND_TYPES:
-                raise codec.CodecError("client", f"invalid frontend message type {t}")
-            if ln > _AUTH_MESSAGE_LIMIT:
-                raise codec.CodecError("client", "authentication message too long")
+            if ln < 4 or ln > _AUTH_MESSAGE_LIMIT:
+                # A length the server rejects (PG_MAX_AUTH_TOKEN_LENGTH): it reads the header, nothing else,
+                # and answers as it answers a client connected directly.
+                out.append(buf[pos : pos + 5])
+                self.client_terminated = True
+                break
             end = pos + 1 + ln
             if end > n:
                 break

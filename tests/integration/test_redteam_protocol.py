@@ -8,14 +8,18 @@ must hold no canary, while a control written in the same statements is found (th
 
 from __future__ import annotations
 
+import struct
 import uuid
 
 import encfixtures
 import psycopg
 import pytest
+from conftest import ProxyProcess
 from encfixtures import EncEnv, next_id
 from test_encryption_canary import distinctive, search, server_files
 from test_encryption_statement_state import ENVELOPE_HEADER, INSERT, PLAIN, Session
+from test_startup_transparency import _EOF, Step, _startup, run_script
+from test_startup_transparency import startup_proxy as startup_proxy  # the fixture
 
 from proxy.devcluster import DevCluster
 from proxy.protocol import codec
@@ -219,3 +223,28 @@ def test_a_refused_execute_fails_even_when_the_client_owns_the_stand_in_name(env
         assert s.exchange(m.Query("ROLLBACK")) == ["CommandComplete"]
     finally:
         s.close()
+
+
+# -- item 9: bytes the server cannot read during authentication -------------------------------------------
+# pgveil rejected them itself, in words of its own: an authentication message longer than the server
+# reads (FATAL 08P01 "authentication message too long", where PostgreSQL answers 28P01), and a byte that
+# is no message type sent in the same write as the StartupMessage (pgveil failed before relaying the
+# server's authentication request). The server must see them and answer as to a client connected directly.
+
+STARTUP_SCRIPTS: dict[str, list[Step]] = {
+    "sasl-response-too-long": [_startup(), b"p" + struct.pack("!I", 100000) + b"SCRAM-SHA-256\x00", _EOF],
+    "sasl-response-length-too-small": [_startup(), b"p" + struct.pack("!I", 2), _EOF],
+    "two-startups-in-one-write": [_startup() + _startup()],
+    "startup-and-stray-byte": [_startup("pwuser") + b"\xff\x00\x00\x00\x04"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(STARTUP_SCRIPTS))
+def test_unreadable_authentication_bytes_answer_as_the_server(
+    name: str, pg: DevCluster, startup_proxy: ProxyProcess
+) -> None:
+    steps = STARTUP_SCRIPTS[name]
+    direct = run_script(("127.0.0.1", pg.port), steps)
+    proxied = run_script((startup_proxy.host, startup_proxy.port), steps)
+    assert proxied == direct
+    assert "Traceback" not in startup_proxy.logs()
