@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import ClassVar
 
-from proxy.errors import ProtocolViolation, ProxyError
+from proxy.errors import ProtocolViolation, ProxyError, RefusalReason
 from proxy.protocol import codec
 from proxy.protocol import messages as m
 from proxy.protocol.encryption import (
@@ -784,6 +784,8 @@ class Relay:
             if crypto is None:
                 self._expect(Pending(_EXPECT_BIND, bind.portal, b"", None, bind))
                 return None
+            if not (bind.portal.isascii() and bind.statement.isascii()):
+                raise _non_ascii_name()
             out = crypto.handle_bind(bind, self._versions(b"S", bind.statement, _EXPECT_PARSE))
             self._expect(Pending(_EXPECT_BIND, bind.portal, b"", None, bind, out.state, out.refusal))
             return out.replacement
@@ -844,6 +846,8 @@ class Relay:
             if crypto is None:
                 self._expect(Pending(_EXPECT_PARSE, msg.statement, b"", msg))
                 return None
+            if not msg.statement.isascii():
+                raise _non_ascii_name()
             ops = crypto.sql_namespace(msg.query)
             refusal = self._execute_refusal(crypto, ops, deferred=True) if ops else None
             if refusal is not None:
@@ -1659,6 +1663,21 @@ def server_name(name: str) -> str:
     if len(raw) <= MAX_NAME_BYTES:
         return name
     return raw[:MAX_NAME_BYTES].decode("utf-8", "surrogateescape")
+
+
+def _non_ascii_name() -> ProxyError:
+    """The server converts a statement or portal name from the session's client_encoding, so bytes that
+    differ (a LATIN1 e9 and a UTF-8 c3 a9, or two SJIS codes of one character) can be one name to it.
+    pgveil keys names by their bytes; a statement a Bind may carry encrypted values to has an ASCII name,
+    which reads the same in every client encoding."""
+    e = ProxyError(
+        "pgveil: statement and portal names with non-ASCII characters are not supported while tables are "
+        "encrypted (the server reads them in the session's client_encoding)",
+        hint="use ASCII statement and portal names",
+        reason=RefusalReason.STATEMENT_STATE,
+    )
+    e.sqlstate = "0A000"
+    return e
 
 
 def _bind_with_server_names(bind: m.BindFrame) -> m.BindFrame:

@@ -248,3 +248,39 @@ def test_unreadable_authentication_bytes_answer_as_the_server(
     proxied = run_script((startup_proxy.host, startup_proxy.port), steps)
     assert proxied == direct
     assert "Traceback" not in startup_proxy.logs()
+
+
+# -- item 1: names the server reads in the client encoding --------------------------------------------------
+# The server converts a statement name from the session's client_encoding: "sé" sent as UTF-8 (c3 a9) and
+# as LATIN1 (e9) is one statement to it, two to a model keyed by bytes. Parse the UTF-8 name as a plain
+# SELECT, switch to LATIN1, Close and Parse the LATIN1 name as the protected INSERT, switch back, and a
+# Bind of the UTF-8 name ran the INSERT unsealed.
+
+
+def test_statement_names_read_in_the_client_encoding(env: EncEnv, pg: DevCluster) -> None:
+    tag = uuid.uuid4().hex[:8]
+    utf8 = f"rt_{tag}é"
+    latin1 = (f"rt_{tag}".encode() + b"\xe9").decode("utf-8", "surrogateescape")  # how the codec reads e9
+    i = next_id()
+    canary, control = distinctive("CANARY", "encname"), distinctive("CONTROL", "encname")
+    values = (str(i).encode(), ENVELOPE_HEADER + canary.encode(), control.encode())
+    s = Session(env)
+    try:
+        first = s.exchange(m.Parse(utf8, PLAIN, ()), m.Sync())
+        assert s.exchange(m.Query("SET client_encoding = 'LATIN1'")) == ["CommandComplete"]
+        s.exchange(m.Close(b"S", latin1), m.Sync())
+        second = s.exchange(m.Parse(latin1, INSERT, ()), m.Sync())
+        assert s.exchange(m.Query("SET client_encoding = 'UTF8'")) == ["CommandComplete"]
+        bound = s.exchange(m.Bind("", utf8, (0, 1, 0), values, ()), m.Execute("", 0), m.Sync())
+        # Sealed, or refused at any step; never run unsealed.
+        assert "E0A000" in first + second + bound or bound == ["BindComplete", "CommandComplete"]
+        # The control, through the ordinary protected INSERT, so that the searches below can see it.
+        control_row = (str(next_id()).encode(), b"x", control.encode())
+        assert s.exchange(m.Parse("", INSERT, ()), m.Bind("", "", (), control_row, ()), m.Execute("", 0), m.Sync()) == [
+            "ParseComplete",
+            "BindComplete",
+            "CommandComplete",
+        ]
+    finally:
+        s.close()
+    assert_no_canary(pg, env, [i], [canary], [control])
