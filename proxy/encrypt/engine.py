@@ -57,7 +57,7 @@ from proxy.protocol import messages as m
 from proxy.protocol.encryption import REFUSED_PORTAL_NAME as REFUSED_PORTAL_NAME
 from proxy.protocol.encryption import REFUSED_QUERY as REFUSED_QUERY
 from proxy.protocol.encryption import REFUSED_STATEMENT_NAME as REFUSED_STATEMENT_NAME
-from proxy.protocol.encryption import AnalysisMiss, CryptoState, KeyMiss, NamespaceOp, Version
+from proxy.protocol.encryption import AnalysisMiss, CryptoState, KeyMiss, NamespaceOp, Version, refused_bind
 from proxy.protocol.encryption import Outcome as Outcome
 from proxy.rewrite.analysis import analyze
 from proxy.rewrite.catalog import Catalog, ProtectedColumn
@@ -104,7 +104,7 @@ def refused_execute() -> tuple[bytes, bytes]:
         "the result of this statement has encrypted columns that only a Describe can locate",
         hint="Describe the statement or portal before Execute, or list the columns explicitly",
     )
-    return codec.encode_frontend(m.Execute(REFUSED_PORTAL_NAME, 0)), refusal_bytes(e)
+    return codec.encode_frontend(refused_bind()), refusal_bytes(e)
 
 
 class DecryptionError(ProxyError):
@@ -686,8 +686,7 @@ class SessionCrypto:
             # A parameter the proxy cannot seal, or results it could not deliver (a client_encoding it
             # does not support): refused before the server runs anything.
             log.info("refused a Bind: %s", e.message)
-            refused = m.Bind(msg.portal, REFUSED_STATEMENT_NAME, (), (), ())
-            return Outcome(codec.encode_frontend(refused), None, self.refusal(e))
+            return Outcome(codec.encode_frontend(refused_bind(msg.portal)), None, self.refusal(e))
 
     def _bind(
         self, msg: m.BindFrame, stmt: StatementCrypto, stmt_row_desc: bytes | None, client_formats: tuple[int, ...]
@@ -1012,8 +1011,7 @@ class SessionCrypto:
 
     def _refuse_bind(self, msg: m.BindFrame, e: ProxyError) -> Outcome:
         log.info("refused a Bind: %s", e.message)
-        refused = m.Bind(msg.portal, REFUSED_STATEMENT_NAME, (), (), ())
-        return Outcome(codec.encode_frontend(refused), None, self.refusal(e))
+        return Outcome(codec.encode_frontend(refused_bind(msg.portal)), None, self.refusal(e))
 
     def handle_execute(self, portal: str, versions: Sequence[CryptoState | None]) -> Outcome:
         state = versions[0] if versions else None
@@ -1030,7 +1028,7 @@ class SessionCrypto:
                 hint="wait for the reply to the Bind (Sync) before executing the portal",
             )
             log.info("refused an Execute: %s", e.message)
-            return Outcome(codec.encode_frontend(m.Execute(REFUSED_PORTAL_NAME, 0)), None, self.refusal(e))
+            return Outcome(codec.encode_frontend(refused_bind()), None, self.refusal(e))
         if not isinstance(state, PortalCrypto):
             return Outcome()
         if state.needs_description():

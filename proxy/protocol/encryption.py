@@ -44,6 +44,16 @@ from proxy.protocol import messages as m
 REFUSED_QUERY = "pgveil_refused_statement"
 REFUSED_STATEMENT_NAME = "\x01pgveil refused"
 REFUSED_PORTAL_NAME = "\x01pgveil refused"
+# A client can create a statement or a portal of any name (a Parse, a Bind, SQL PREPARE, DECLARE), these
+# too, so a stand-in that only names one could run the client's own and succeed, the refusal unreported.
+# A refused Bind or Execute is therefore replaced by a Bind that fails whatever the session holds: two
+# parameter format codes for no parameters (exec_bind_message rejects that before it makes a portal).
+REFUSED_PARAMETER_FORMATS = (0, 0)
+
+
+def refused_bind(portal: str = REFUSED_PORTAL_NAME) -> m.Bind:
+    """The stand-in for a refused Bind (of ``portal``) or Execute: a Bind the server always rejects."""
+    return m.Bind(portal, REFUSED_STATEMENT_NAME, REFUSED_PARAMETER_FORMATS, (), ())
 
 
 class KeyMiss(Exception):

@@ -64,19 +64,18 @@ from enum import Enum, auto
 from typing import ClassVar
 
 from keymgmt import native
-from proxy.errors import ProtocolViolation, ProxyError
+from proxy.errors import ProtocolViolation, ProxyError, RefusalReason
 from proxy.protocol import codec
 from proxy.protocol import messages as m
 from proxy.protocol.encryption import (
-    REFUSED_PORTAL_NAME,
     REFUSED_QUERY,
-    REFUSED_STATEMENT_NAME,
     AnalysisMiss,
     CryptoState,
     NamespaceAction,
     NamespaceOp,
     SessionEncryption,
     Version,
+    refused_bind,
 )
 from proxy.protocol.encryption import KeyMiss as KeyMiss
 
@@ -625,19 +624,22 @@ class Relay:
         out = self.to_server
         while pos < n and not self.client_terminated:
             t = buf[pos]
-            if t != 0x70 and t != 0x58 and self._auth_request_open:
+            if (t != 0x70 and t != 0x58 and self._auth_request_open) or t not in codec.FRONTEND_TYPES:
+                # Also a byte that is no message type, even sent before the server has asked for anything
+                # (in the StartupMessage's write): the server reports it in its own words, whatever the
+                # authentication method, and one byte can run nothing.
                 out.append(buf[pos : pos + 1])
                 self.client_terminated = True
                 break
             if n - pos < 5:
                 break
             (ln,) = _U32.unpack_from(buf, pos + 1)
-            if ln < 4:
-                raise codec.CodecError("client", f"invalid message length {ln}")
-            if t not in codec.FRONTEND_TYPES:
-                raise codec.CodecError("client", f"invalid frontend message type {t}")
-            if ln > _AUTH_MESSAGE_LIMIT:
-                raise codec.CodecError("client", "authentication message too long")
+            if ln < 4 or ln > _AUTH_MESSAGE_LIMIT:
+                # A length the server rejects (PG_MAX_AUTH_TOKEN_LENGTH): it reads the header, nothing else,
+                # and answers as it answers a client connected directly.
+                out.append(buf[pos : pos + 5])
+                self.client_terminated = True
+                break
             end = pos + 1 + ln
             if end > n:
                 break
@@ -778,14 +780,18 @@ class Relay:
         # The messages of a prepared statement's every execution are read in place (see codec).
         if t == 0x42:  # Bind
             bind = codec.decode_bind_frame(body)
+            if len(bind.portal) > _SHORT_NAME or len(bind.statement) > _SHORT_NAME:
+                bind = _bind_with_server_names(bind)
             if crypto is None:
                 self._expect(Pending(_EXPECT_BIND, bind.portal, b"", None, bind))
                 return None
+            if not (bind.portal.isascii() and bind.statement.isascii()):
+                raise _non_ascii_name()
             out = crypto.handle_bind(bind, self._versions(b"S", bind.statement, _EXPECT_PARSE))
             self._expect(Pending(_EXPECT_BIND, bind.portal, b"", None, bind, out.state, out.refusal))
             return out.replacement
         if t == 0x45:  # Execute
-            name = codec.decode_execute_portal(body)
+            name = server_name(codec.decode_execute_portal(body))
             if crypto is None:
                 self._expect(Pending(_EXPECT_EXECUTE, name))
                 return None
@@ -803,6 +809,7 @@ class Relay:
             return None
         if t == 0x44:  # Describe
             kind, name = codec.decode_target(t, body)
+            name = server_name(name)
             if kind == b"S":
                 self._expect(Pending(_EXPECT_DESCRIBE_STATEMENT, name))
             else:
@@ -812,7 +819,7 @@ class Relay:
             return None
         if t == 0x43:  # Close
             kind, name = codec.decode_target(t, body)
-            self._expect(Pending(_EXPECT_CLOSE, name, kind))
+            self._expect(Pending(_EXPECT_CLOSE, server_name(name), kind))
             return None
         if t == 0x70:  # 'p' after authentication is a protocol violation the server would report too
             raise codec.CodecError("client", "unexpected password message")
@@ -835,9 +842,13 @@ class Relay:
             self._expect(Pending(_EXPECT_QUERY, "", b"", None, None, out.state, out.refusal, list(ops) or None))
             return out.replacement
         if isinstance(msg, m.Parse):
+            if len(msg.statement) > _SHORT_NAME:
+                msg = m.Parse(server_name(msg.statement), msg.query, msg.param_types)
             if crypto is None:
                 self._expect(Pending(_EXPECT_PARSE, msg.statement, b"", msg))
                 return None
+            if not msg.statement.isascii():
+                raise _non_ascii_name()
             ops = crypto.sql_namespace(msg.query)
             refusal = self._execute_refusal(crypto, ops, deferred=True) if ops else None
             if refusal is not None:
@@ -1000,16 +1011,17 @@ class Relay:
         if t == 0x50:
             parse = codec.decode_frontend(t, body)
             assert isinstance(parse, m.Parse)
+            parse = m.Parse(server_name(parse.statement), parse.query, parse.param_types)
             # The stand-in fails on the server, so the name keeps whatever version it had (see _versions).
             self._expect(Pending(_EXPECT_PARSE, parse.statement, b"", parse, None, None, refusal))
             return codec.encode_frontend(m.Parse(parse.statement, REFUSED_QUERY, ()))
         if t == 0x42:
-            bind = codec.decode_bind_frame(body)
+            bind = _bind_with_server_names(codec.decode_bind_frame(body))
             self._expect(Pending(_EXPECT_BIND, bind.portal, b"", None, bind, None, refusal))
-            return codec.encode_frontend(m.Bind(bind.portal, REFUSED_STATEMENT_NAME, (), (), ()))
-        name = codec.decode_execute_portal(body)
+            return codec.encode_frontend(refused_bind(bind.portal))
+        name = server_name(codec.decode_execute_portal(body))
         self._expect(Pending(_EXPECT_EXECUTE, name, b"", None, None, None, refusal))
-        return codec.encode_frontend(m.Execute(REFUSED_PORTAL_NAME, 0))
+        return codec.encode_frontend(refused_bind())
 
     def _fail_internal(self, sqlstate: str, message: str) -> None:
         """Ends the session with FATAL for an error that no stand-in can report."""
@@ -1639,6 +1651,50 @@ def _strip_channel_binding(msg: m.Authentication) -> bytes | None:
         return None
     payload = b"".join(x + b"\x00" for x in kept) + b"\x00"
     return codec.encode_backend(m.Authentication(msg.code, payload))
+
+
+# PostgreSQL keys prepared statements and portals by their first NAMEDATALEN - 1 bytes (hash tables with
+# NAMEDATALEN-byte string keys: commands/prepare.c, utils/mmgr/portalmem.c); a longer name sent in Parse,
+# Bind, Describe, Close or Execute is not refused but means the statement or portal of its first 63 bytes.
+# Two names that agree on those bytes are one name to the server, so they are one name in the model too.
+# (SQL-level names are cut by the parser, at a character boundary, before they reach the server.)
+MAX_NAME_BYTES = 63
+_SHORT_NAME = MAX_NAME_BYTES // 4  # no string of this many characters encodes to more than 63 bytes
+
+
+def server_name(name: str) -> str:
+    """The name the server stores for statement or portal ``name`` (its first 63 bytes)."""
+    if len(name) <= _SHORT_NAME:
+        return name
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= MAX_NAME_BYTES:
+        return name
+    return raw[:MAX_NAME_BYTES].decode("utf-8", "surrogateescape")
+
+
+def _non_ascii_name() -> ProxyError:
+    """The server converts a statement or portal name from the session's client_encoding, so bytes that
+    differ (a LATIN1 e9 and a UTF-8 c3 a9, or two SJIS codes of one character) can be one name to it.
+    pgveil keys names by their bytes; a statement a Bind may carry encrypted values to has an ASCII name,
+    which reads the same in every client encoding."""
+    e = ProxyError(
+        "pgveil: statement and portal names with non-ASCII characters are not supported while tables are "
+        "encrypted (the server reads them in the session's client_encoding)",
+        hint="use ASCII statement and portal names",
+        reason=RefusalReason.STATEMENT_STATE,
+    )
+    e.sqlstate = "0A000"
+    return e
+
+
+def _bind_with_server_names(bind: m.BindFrame) -> m.BindFrame:
+    """``bind`` naming its portal and statement as the server stores them (the body is unchanged)."""
+    portal, statement = server_name(bind.portal), server_name(bind.statement)
+    if portal == bind.portal and statement == bind.statement:
+        return bind
+    return m.BindFrame(
+        bind.body, portal, statement, bind.names_end, bind.param_formats, bind.param_offsets, bind.result_formats
+    )
 
 
 def _distinct(versions: list[Version | None]) -> list[Version]:

@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 
 from keymgmt.envelope import HEADER_LENGTH, DataKey, KeyState, column_associated_data, open_envelope
 from proxy.encrypt.engine import (
-    REFUSED_STATEMENT_NAME,
     CryptoContext,
     Outcome,
     PortalCrypto,
@@ -34,6 +33,7 @@ from proxy.encrypt.keyring import KeyRing
 from proxy.errors import ProxyError
 from proxy.protocol import codec
 from proxy.protocol import messages as m
+from proxy.protocol.encryption import refused_bind
 from proxy.protocol.relay import KeyMiss
 from proxy.rewrite.catalog import Catalog, ProtectedColumn, ProtectedTable
 
@@ -96,9 +96,7 @@ def reference_bind(crypto: SessionCrypto, msg: m.Bind, stmt: StatementCrypto) ->
     try:
         return _reference_bind(crypto, msg, stmt)
     except ProxyError as e:
-        return Outcome(
-            codec.encode_frontend(m.Bind(msg.portal, REFUSED_STATEMENT_NAME, (), (), ())), None, refusal_bytes(e)
-        )
+        return Outcome(codec.encode_frontend(refused_bind(msg.portal)), None, refusal_bytes(e))
 
 
 def _reference_bind(crypto: SessionCrypto, msg: m.Bind, stmt: StatementCrypto) -> Outcome:
@@ -300,7 +298,7 @@ def test_a_key_disabled_between_two_binds_is_not_used() -> None:
     name_key = next(k for k in KEYS if k.column_id == COLUMNS["name"].column_id)
     source.cache[bytes(name_key.key_id)] = name_key.with_state(KeyState.DISABLED)
     out = crypto.bind(msg, stmt, None)
-    assert out.replacement == codec.encode_frontend(m.Bind("", REFUSED_STATEMENT_NAME, (), (), ()))
+    assert out.replacement == codec.encode_frontend(refused_bind(""))
     assert out.refusal is not None
     assert b"public.people.name" in out.refusal
     assert b"Ada" not in out.refusal

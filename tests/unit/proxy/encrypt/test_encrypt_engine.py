@@ -36,7 +36,6 @@ from encrypt_support import (  # noqa: F401
 from keymgmt.envelope import KeyState, column_associated_data, open_envelope
 from proxy.encrypt.engine import (
     REFUSED_QUERY,
-    REFUSED_STATEMENT_NAME,
     CryptoContext,
     DecryptionError,
     Outcome,
@@ -50,6 +49,7 @@ from proxy.encrypt.rows import ColumnOutput
 from proxy.errors import RefusalReason
 from proxy.protocol import codec
 from proxy.protocol import messages as m
+from proxy.protocol.encryption import refused_bind
 from proxy.protocol.relay import KeyMiss
 from proxy.rewrite.catalog import ProtectedColumn
 
@@ -195,7 +195,7 @@ def test_invalid_text_parameter_is_refused_without_the_value() -> None:
     crypto, *_ = make_session()
     stmt = prepared(crypto, INSERT_PARAMS)
     out = crypto.bind(frame(m.Bind("p", "", (), (b"1", b"123-45-6789", b"zq-secret-9"), ())), stmt, None)
-    assert out.replacement == codec.encode_frontend(m.Bind("p", REFUSED_STATEMENT_NAME, (), (), ()))
+    assert out.replacement == codec.encode_frontend(refused_bind("p"))
     assert out.state is None
     e = error(out.refusal)
     assert e.sqlstate == "22P02"

@@ -882,13 +882,16 @@ def test_unknown_frontend_type_is_refused_from_its_header() -> None:
     closed_by(relay, "client")
 
 
-def test_huge_password_message_before_authentication_is_refused() -> None:
-    # PostgreSQL reads authentication messages with a limit of PG_MAX_AUTH_TOKEN_LENGTH (65535 bytes).
+def test_huge_password_message_before_authentication_reaches_the_server_as_its_header_only() -> None:
+    # PostgreSQL reads authentication messages with a limit of PG_MAX_AUTH_TOKEN_LENGTH (65535 bytes) and
+    # answers a longer one in its own words (28P01): it gets the header, and nothing after it is read.
     relay = Relay()
     client(relay, codec.encode_startup(STARTUP))
     take_events(relay)
-    client(relay, b"p" + (1 << 29).to_bytes(4, "big") + b"x" * 70000)
-    closed_by(relay, "client")
+    header = b"p" + (1 << 29).to_bytes(4, "big")
+    assert client(relay, header + b"x" * 70000) == header
+    assert relay.client_terminated
+    assert client(relay, b"x" * 100) == b""
 
 
 def test_invalid_message_length_is_refused() -> None:
