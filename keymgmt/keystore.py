@@ -403,9 +403,11 @@ class Keystore:
             return RefreshResult(0, 0, 0)
         pool = await self._get_pool()
         scopes = snapshot.scopes
+        # Both reads in one snapshot, so a change committed between them cannot show in one and not the other.
         with _keystore_errors():
-            rows = await pool.fetch(_STATE_OF_KEYS, [uuid.UUID(bytes=k) for k in snapshot.key_ids])
-            current_rows = await pool.fetch(_CURRENT_OF_SCOPES, [c for c, _ in scopes], [s for _, s in scopes])
+            async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+                rows = await conn.fetch(_STATE_OF_KEYS, [uuid.UUID(bytes=k) for k in snapshot.key_ids])
+                current_rows = await conn.fetch(_CURRENT_OF_SCOPES, [c for c, _ in scopes], [s for _, s in scopes])
         facts = {
             r["key_id"].bytes: KeyFacts(
                 KeyState(r["state"]),
