@@ -1,5 +1,5 @@
-"""Shared fixtures of the encryption-layer unit tests: a hand-built catalog, fixed DataKeys, and a fake
-keystore behind the KeySource seam."""
+"""Shared fixtures of the encryption-layer unit tests: a hand-built catalog, fixed DataKeys, a fake
+keystore behind the KeySource seam, and the wire helpers that build and split protocol messages."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from collections.abc import Iterable
 
 from keymgmt.envelope import DataKey
 from keymgmt.errors import KeyProviderUnavailable, UnknownKey
+from proxy.protocol import codec
+from proxy.protocol import messages as m
 from proxy.rewrite.catalog import Catalog, ProtectedColumn, ProtectedTable
 
 TABLE_OID = 16400
@@ -68,3 +70,26 @@ class FakeKeySource:
             await self.active_key(column_id)
             n += 1
         return n
+
+
+# -- wire helpers ---------------------------------------------------------------------------------------
+
+
+def fe(*msgs: m.FrontendMessage) -> bytes:
+    return b"".join(codec.encode_frontend(x) for x in msgs)
+
+
+def be(*msgs: m.BackendMessage) -> bytes:
+    return b"".join(codec.encode_backend(x) for x in msgs)
+
+
+def split_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """The (type, body) of each whole message in ``data``."""
+    out: list[tuple[int, bytes]] = []
+    pos = 0
+    while pos < len(data):
+        t, n = codec.read_header(data, pos)
+        out.append((t, data[pos + 5 : pos + 1 + n]))
+        pos += 1 + n
+    assert pos == len(data)
+    return out

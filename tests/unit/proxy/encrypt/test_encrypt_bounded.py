@@ -14,7 +14,8 @@ from __future__ import annotations
 import pickle
 
 import pytest
-from encrypt_support import CATALOG, SCORE_KEY, SSN_KEY, FakeKeySource
+from encrypt_support import CATALOG, SCORE_KEY, SSN_KEY, FakeKeySource, fe
+from encrypt_support import split_frames as frames
 
 from proxy.encrypt.engine import REFUSED_QUERY, CryptoContext, SessionCrypto
 from proxy.encrypt.keyring import KeyRing
@@ -23,20 +24,6 @@ from proxy.protocol import messages as m
 from proxy.protocol.relay import CloseConnection, NeedAnalysis, Phase, Relay
 
 STARTUP = m.StartupMessage(m.PROTOCOL_3_0, (("user", "app"), ("database", "app")))
-
-
-def fe(*msgs: m.FrontendMessage) -> bytes:
-    return b"".join(codec.encode_frontend(x) for x in msgs)
-
-
-def frames(data: bytes) -> list[tuple[int, bytes]]:
-    out: list[tuple[int, bytes]] = []
-    pos = 0
-    while pos < len(data):
-        t, n = codec.read_header(data, pos)
-        out.append((t, data[pos + 5 : pos + 1 + n]))
-        pos += 1 + n
-    return out
 
 
 def make(**ctx_options: int) -> tuple[Relay, CryptoContext]:

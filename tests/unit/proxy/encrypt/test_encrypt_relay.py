@@ -31,7 +31,10 @@ from encrypt_support import (  # noqa: F401
     TABLE_OID,
     TEXT,
     FakeKeySource,
+    be,
+    fe,
 )
+from encrypt_support import split_frames as split
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -58,14 +61,6 @@ STARTUP = m.StartupMessage(m.PROTOCOL_3_0, (("user", "app"), ("database", "app")
 # -- wire helpers ---------------------------------------------------------------------------------------
 
 
-def fe(*msgs: m.FrontendMessage) -> bytes:
-    return b"".join(codec.encode_frontend(x) for x in msgs)
-
-
-def be(*msgs: m.BackendMessage) -> bytes:
-    return b"".join(codec.encode_backend(x) for x in msgs)
-
-
 def client(relay: Relay, data: bytes) -> bytes:
     relay.receive_client(data)
     out = b"".join(relay.to_server)
@@ -77,17 +72,6 @@ def server(relay: Relay, data: bytes) -> bytes:
     relay.receive_server(data)
     out = b"".join(relay.to_client)
     relay.to_client.clear()
-    return out
-
-
-def split(data: bytes) -> list[tuple[int, bytes]]:
-    out: list[tuple[int, bytes]] = []
-    pos = 0
-    while pos < len(data):
-        t, n = codec.read_header(data, pos)
-        out.append((t, data[pos + 5 : pos + 1 + n]))
-        pos += 1 + n
-    assert pos == len(data)
     return out
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from encrypt_support import CATALOG, SCORE, SCORE_KEY, SSN, SSN_KEY, FakeKeySource
+from encrypt_support import CATALOG, SCORE, SCORE_KEY, SSN, SSN_KEY, FakeKeySource, be, fe
+from encrypt_support import split_frames as frames
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -39,24 +40,6 @@ QUERIES = {
 NAMES = ("", "a", "b")
 PARAMS = (b"7", CANARY, b"1")
 KEYS = {bytes(k.key_id): k for k in (SSN_KEY, SCORE_KEY)}
-
-
-def fe(*msgs: m.FrontendMessage) -> bytes:
-    return b"".join(codec.encode_frontend(x) for x in msgs)
-
-
-def be(*msgs: m.BackendMessage) -> bytes:
-    return b"".join(codec.encode_backend(x) for x in msgs)
-
-
-def frames(data: bytes) -> list[tuple[int, bytes]]:
-    out: list[tuple[int, bytes]] = []
-    pos = 0
-    while pos < len(data):
-        t, n = codec.read_header(data, pos)
-        out.append((t, data[pos + 5 : pos + 1 + n]))
-        pos += 1 + n
-    return out
 
 
 def error(sqlstate: str) -> bytes:
