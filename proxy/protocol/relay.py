@@ -885,21 +885,7 @@ class Relay:
     # Sync); a message of an earlier segment may have failed, so it adds a version and keeps the others.
 
     def _portal_states(self, name: str) -> list[CryptoState | None]:
-        """:meth:`_versions` of portal ``name``, as crypto states; the usual case (its Bind earlier in
-        this segment) without building versions."""
-        pending = self.pending
-        i = len(pending)
-        while i:
-            i -= 1
-            p = pending[i]
-            e = p.expect
-            if e in _SEGMENT_ENDS:
-                break
-            if p.name == name:
-                if e is _EXPECT_BIND:
-                    return [None] if p.refusal is not None else [p.state]
-                if e is _EXPECT_CLOSE and p.kind == b"P":
-                    return []
+        """:meth:`_versions` of portal ``name``, as crypto states."""
         return [v[0] for v in self._versions(b"P", name, _EXPECT_BIND)]
 
     def _versions(self, kind: bytes, name: str, creates: Expect) -> list[Version]:
