@@ -144,6 +144,8 @@ class ProxyProcess:
         admin = self.config.setdefault("admin", {})
         if admin.get("listen", "") is not None and not admin.get("listen"):
             self.admin_port = free_port()
+            while self.admin_port == self.port:  # both ports were free, so the OS may hand out one twice
+                self.admin_port = free_port()
             admin["listen"] = f"127.0.0.1:{self.admin_port}"
         self.config_path = self.workdir / "pgveil.yaml"
         self.write_config()
