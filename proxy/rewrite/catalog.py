@@ -35,7 +35,7 @@ class CatalogStale(FeatureNotSupported):
 
 @dataclass(frozen=True, slots=True)
 class ProtectedColumn:
-    """One encrypted column.
+    """One governed column: encrypted (``encrypted``, the default) or plain (visibility policy only).
 
     ``declared_type`` is the type the application sees (a name from the config, e.g. ``"text"``,
     ``"varchar(20)"``, ``"numeric"``); in the database the column is ``bytea``.
@@ -49,6 +49,7 @@ class ProtectedColumn:
     attnum: int = 0
     table_oid: int = 0
     identity: str = ""  # a family member's column: the root column's column_id
+    encrypted: bool = True  # False: a plain column in the database, governed by visibility policy only
 
     @property
     def column_id(self) -> str:
