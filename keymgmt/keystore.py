@@ -47,7 +47,7 @@ import asyncpg
 from keymgmt.envelope import DEK_LENGTH, DataKey, KeyId, KeyState
 from keymgmt.errors import KeyDestroyed, KeyDisabled, KeystoreError, UnknownKey
 from keymgmt.keycache import KeyCache, KeyFacts, RefreshGate, RefreshResult, Scope
-from keymgmt.providers import KeyProvider
+from keymgmt.providers import KeyProvider, provider_of
 
 log = logging.getLogger(__name__)
 
@@ -169,11 +169,21 @@ _CURRENT_SUBJECT_KEY = """
 _KEY_BY_ID = """
     SELECT key_id, column_id, subject_id, version, state, wrapped, kek_id FROM pgveil.deks
     WHERE key_id = $1"""
+# Only under a KEK that is still ENABLED: the row lock (FOR KEY SHARE, as the foreign key takes) waits
+# for a concurrent ``destroy-kek`` (FOR UPDATE), whose count of dependent keys then includes this one,
+# or sees its DESTROYED state and inserts nothing.
 _INSERT_FIRST_VERSION = """
     INSERT INTO pgveil.deks (key_id, scope_kind, column_id, subject_id, version, state, wrapped, kek_id)
-    VALUES ($1, $2, $3, $4, 1, 'ENABLED', $5, $6) ON CONFLICT DO NOTHING"""
+    SELECT $1::uuid, $2::text, $3::text, $4::bytea, 1, 'ENABLED', $5::bytea, $6::text
+    WHERE EXISTS (SELECT 1 FROM pgveil.keks WHERE kek_id = $6::text AND state = 'ENABLED' FOR KEY SHARE)
+    ON CONFLICT DO NOTHING"""
+# The first KEK a keystore meets becomes primary. No conflict target: a concurrent registration of
+# another KEK as primary (the one-primary index) also ends in DO NOTHING, and the caller registers again.
 _REGISTER_KEK = """
-    INSERT INTO pgveil.keks (kek_id, provider_id) VALUES ($1, $2) ON CONFLICT (kek_id) DO NOTHING"""
+    INSERT INTO pgveil.keks (kek_id, provider_id, is_primary)
+    VALUES ($1, $2, NOT EXISTS (SELECT 1 FROM pgveil.keks WHERE is_primary)) ON CONFLICT DO NOTHING"""
+_KEK_STATE = "SELECT state, is_primary FROM pgveil.keks WHERE kek_id = $1"
+_PRIMARY_KEK = "SELECT kek_id FROM pgveil.keks WHERE is_primary"
 _PRELOAD = """
     SELECT key_id, column_id, subject_id, version, state, wrapped, kek_id,
            version = max(version) OVER (PARTITION BY column_id, subject_id) AS is_current
@@ -236,7 +246,8 @@ class Keystore:
             self._pool = source
         self._pool_max_size = pool_max_size
         self._pool_lock = asyncio.Lock()
-        self._kek_registered = False
+        self._wrap_kek: str | None = None  # the KEK new data keys are wrapped under; None = look it up
+        self._warned_kek: str | None = None
         self._inflight: dict[tuple[object, ...], asyncio.Task[DataKey]] = {}
         self._listen_conn: Any = None
         self._listen_on_lost: Callable[[Any], None] | None = None
@@ -460,24 +471,59 @@ class Keystore:
         # Two instances may both get here; the unique index lets exactly one insert win and the
         # loser's DO NOTHING plus re-select returns the winner's key.
         material = os.urandom(DEK_LENGTH)
-        wrapped = self._provider.wrap(material)
         key_uuid = uuid.uuid4()
-        with _keystore_errors():
-            async with pool.acquire() as conn:
-                if not self._kek_registered:
-                    await conn.execute(_REGISTER_KEK, self._provider.kek_id, self._provider.provider_id)
-                    self._kek_registered = True
-                status = await conn.execute(
+        for attempt in (1, 2):
+            wrapped, kek_id = await self.wrap_for_new_key(material, pool)
+            with _keystore_errors():
+                status = await pool.execute(
                     _INSERT_FIRST_VERSION,
                     key_uuid,
                     "column" if subject is None else "subject",
                     column_id,
                     subject,
                     wrapped,
-                    self._provider.kek_id,
+                    kek_id,
                 )
-        if status.endswith(" 1"):
-            log.info("created data key %s (version 1) for %s", key_uuid, column_id)
+            if status.endswith(" 1"):
+                log.info("created data key %s (version 1) for %s", key_uuid, column_id)
+                return
+            if attempt == 1 and await self._fetch_current(pool, column_id, subject) is None:
+                # Nobody else won: the KEK was destroyed or retired meanwhile. Ask which one is primary now.
+                self._wrap_kek = None
+
+    async def wrap_for_new_key(self, material: bytes, pool: Any = None) -> tuple[bytes, str]:
+        """Wraps a new DEK (or blind-index key) under the keystore's primary KEK when this process's
+        provider holds it, else under the provider's newest (a proxy not yet given a rotation's new
+        provider; ``pgveil keys rotate-kek`` moves such keys later). Returns (wrapped, kek_id); the KEK
+        is registered in ``pgveil.keks``. For every code that inserts wrapped keys (rotation too)."""
+        pool = pool if pool is not None else await self._get_pool()
+        kek_id = self._wrap_kek
+        if kek_id is None:
+            with _keystore_errors():
+                primary = await pool.fetchval(_PRIMARY_KEK)
+            if primary is not None and self._provider.holds(primary):
+                kek_id = primary
+            else:
+                kek_id = self._provider.kek_id
+                if primary is not None and self._warned_kek != primary:
+                    self._warned_kek = primary
+                    log.warning(
+                        "the keystore's primary KEK %s is not held by this proxy's key provider; new data keys "
+                        "are wrapped under %s until it is (pgveil keys rotate-kek moves them later)",
+                        primary,
+                        kek_id,
+                    )
+            await self._register_kek(pool, kek_id)
+            self._wrap_kek = kek_id
+        return self._provider.wrap(material, kek_id), kek_id
+
+    async def _register_kek(self, pool: Any, kek_id: str) -> None:
+        with _keystore_errors():
+            for _ in range(3):
+                await pool.execute(_REGISTER_KEK, kek_id, provider_of(kek_id))
+                if await pool.fetchrow(_KEK_STATE, kek_id) is not None:
+                    return
+        raise KeystoreError(f"cannot register KEK {kek_id} in the keystore")
 
     def _key_from_row(self, row: Any) -> DataKey:
         wrapped, kek_id = row["wrapped"], row["kek_id"]
@@ -556,6 +602,7 @@ class Keystore:
     def _on_notification(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         # Anyone may NOTIFY: the payload is neither trusted nor logged (a newline in it would forge a line).
         self.notifications += 1
+        self._wrap_kek = None  # a KEK rotation NOTIFYs too: look up the primary KEK again on next use
         log.debug("key notification (payload of %d characters): refresh requested", len(payload))
         self.request_refresh()
 
@@ -568,6 +615,7 @@ class Keystore:
 
     def _enter_degraded_mode(self) -> None:
         self._cache.clear()
+        self._wrap_kek = None
         self._cache.ttl_seconds = min(self._ttl_seconds, DEGRADED_TTL_SECONDS)
         if not self._listen_wanted or self._closed:
             return

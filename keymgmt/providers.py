@@ -1,13 +1,23 @@
 """KEK providers: where the master key lives, and how DEKs are wrapped and unwrapped with it.
 
-This module owns the :class:`KeyProvider` seam, the development-only ``local`` provider (a key file)
-and the factory that builds a provider from its configuration. It never sees plaintext values or the
-keystore; it turns 32-byte DEKs into wrapped blobs and back. ``pkcs11`` (SoftHSM2 in tests) and cloud
-KMS / Vault providers plug in behind the same protocol in later work.
+This module owns the :class:`KeyProvider` seam, the development-only ``local`` provider (a key file),
+:class:`ProviderChain` (several providers as one, for a move from one provider to another) and the
+factory that builds a provider from its configuration. It never sees plaintext values or the keystore;
+it turns 32-byte DEKs into wrapped blobs and back. ``pkcs11`` lives in :mod:`keymgmt.pkcs11`; a cloud
+KMS or Vault Transit provider is one more module implementing :class:`KeyProvider` (see docs/keys.md).
+
+KEK versions: a provider may hold several KEK versions at once, each with a stable id (``kek_id``,
+stored beside every wrapped DEK). :meth:`KeyProvider.wrap` uses the provider's newest version unless
+told which; :meth:`KeyProvider.unwrap` uses whichever version the DEK names, looking it up (a file, a
+token object) if it was created since the provider started, so proxies keep working while
+``pgveil keys rotate-kek`` moves the DEKs to a new version. A KEK id starts with its provider id and a
+hyphen (``local-…``, ``pkcs11-…``).
 
 Local master key file: exactly 64 lowercase or uppercase hex digits (the 32 key bytes), optionally
 followed by one newline, mode 0600. Hex rather than raw bytes so the file survives copy-paste into a
-secret store and can be inspected for length without printing it.
+secret store and can be inspected for length without printing it. The configured file holds the newest
+version; a rotation keeps each older version beside it, in ``<file>.<kek_id>`` (same format and mode),
+until ``pgveil keys destroy-kek`` removes it.
 
 Wrapped DEK (local provider), 60 bytes::
 
@@ -26,7 +36,7 @@ import os
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -44,7 +54,12 @@ _WRAPPED_LENGTH = _NONCE_LENGTH + _DEK_LENGTH + _TAG_LENGTH
 
 
 class KeyProvider(Protocol):
-    """Holds a KEK and wraps DEKs with it. Implementations never return or log the KEK itself."""
+    """Holds one or more KEK versions and wraps DEKs with them. Implementations never return or log a
+    KEK's bytes, and convert every library or I/O failure into a :class:`~keymgmt.errors.KeyManagementError`:
+    :class:`~keymgmt.errors.KeyProviderUnavailable` (58000) when the key store (token, KMS) cannot be
+    reached, :class:`~keymgmt.errors.MasterKeyError` (F0000) when a KEK is missing or a blob does not
+    authenticate. The calls are synchronous and made on the proxy's event loop, only on key-cache misses
+    and key creation, so they should answer in milliseconds."""
 
     @property
     def provider_id(self) -> str:
@@ -53,11 +68,16 @@ class KeyProvider(Protocol):
 
     @property
     def kek_id(self) -> str:
-        """Stable id of the KEK version that :meth:`wrap` uses now."""
+        """The newest KEK version this provider holds: what :meth:`wrap` uses when not told otherwise."""
         ...
 
-    def wrap(self, dek_bytes: bytes) -> bytes:
-        """Wraps a DEK under the current KEK version (:attr:`kek_id`)."""
+    def holds(self, kek_id: str) -> bool:
+        """Whether this provider can wrap and unwrap under KEK version ``kek_id`` (it may look the version
+        up: another process may have created it since). Raises nothing for an unknown version."""
+        ...
+
+    def wrap(self, dek_bytes: bytes, kek_id: str | None = None) -> bytes:
+        """Wraps a DEK under KEK version ``kek_id`` (default: :attr:`kek_id`)."""
         ...
 
     def unwrap(self, wrapped: bytes, kek_id: str) -> bytes:
@@ -70,6 +90,27 @@ class KeyProvider(Protocol):
         ...
 
 
+@runtime_checkable
+class KekLifecycle(Protocol):
+    """What ``pgveil keys rotate-kek`` and ``destroy-kek`` need on top of :class:`KeyProvider`, for a
+    provider that can create and destroy its own KEK versions (a provider without it can still be the
+    target of a rotation to a KEK made elsewhere, e.g. in a KMS console)."""
+
+    def create_kek(self) -> str:
+        """Creates a new KEK version, makes it this provider's :attr:`KeyProvider.kek_id`, returns its id."""
+        ...
+
+    def destroy_kek(self, kek_id: str) -> bool:
+        """Destroys KEK version ``kek_id``'s material; False if this provider holds no such version.
+        Refuses (:class:`~keymgmt.errors.MasterKeyError`) to destroy the newest version."""
+        ...
+
+
+def provider_of(kek_id: str) -> str:
+    """The provider id a KEK id starts with (``local-abc…`` → ``local``)."""
+    return kek_id.split("-", 1)[0]
+
+
 def _kek_fingerprint(kek: bytes) -> str:
     # A domain-separated hash of the key: stable across restarts and machines, different for a
     # different key file, and useless for recovering the key.
@@ -77,19 +118,20 @@ def _kek_fingerprint(kek: bytes) -> str:
 
 
 class LocalKeyProvider:
-    """A KEK kept in a file on the proxy host. For development only: the key sits beside the proxy.
+    """KEKs kept in files on the proxy host. For development only: the key sits beside the proxy.
 
-    The file is created with 32 random bytes on first use (atomically, mode 0600). An existing file
-    that group or others may access is refused, as ssh refuses a private key with loose permissions.
+    The configured file holds the newest version; it is created with 32 random bytes on first use
+    (atomically, mode 0600). Older versions live beside it as ``<file>.<kek_id>``. A file that group or
+    others may access is refused, as ssh refuses a private key with loose permissions.
     """
 
     provider_id = "local"
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
+        self._keks: dict[str, AESGCM] = {}
         kek = self._load_or_create()
-        self._kek_id = "local-" + _kek_fingerprint(kek)
-        self._aead = AESGCM(kek)
+        self._kek_id = self._remember(kek)
         log.warning(
             "using the local key provider (master key file %s, KEK %s): for development only; "
             "anyone who can read that file can decrypt every protected value. Use an HSM in production.",
@@ -104,14 +146,50 @@ class LocalKeyProvider:
     def __repr__(self) -> str:
         return f"LocalKeyProvider(path={str(self.path)!r}, kek_id={self._kek_id!r})"
 
-    def wrap(self, dek_bytes: bytes) -> bytes:
+    def _remember(self, kek: bytes) -> str:
+        kek_id = "local-" + _kek_fingerprint(kek)
+        self._keks[kek_id] = AESGCM(kek)
+        return kek_id
+
+    def _version_path(self, kek_id: str) -> Path:
+        return self.path.with_name(f"{self.path.name}.{kek_id}")
+
+    def holds(self, kek_id: str) -> bool:
+        return self._aead(kek_id) is not None
+
+    def _aead(self, kek_id: str) -> AESGCM | None:
+        aead = self._keks.get(kek_id)
+        if aead is not None or provider_of(kek_id) != "local" or "/" in kek_id:
+            return aead
+        # Not in memory: a rotation elsewhere may have replaced the key file (the new version) or kept
+        # this one beside it (an older version).
+        candidates = [self._version_path(kek_id), self.path]
+        for path in candidates:
+            try:
+                kek = self._load(path)
+            except FileNotFoundError:
+                continue
+            found = self._remember(kek)
+            if path == self.path and found != self._kek_id:
+                log.info("master key file %s now holds KEK %s (rotated)", self.path, found)
+                self._kek_id = found
+            if found == kek_id:
+                return self._keks[kek_id]
+        return None
+
+    def wrap(self, dek_bytes: bytes, kek_id: str | None = None) -> bytes:
         if len(dek_bytes) != _DEK_LENGTH:
             raise ValueError(f"a DEK is {_DEK_LENGTH} bytes, got {len(dek_bytes)}")
+        kek_id = self._kek_id if kek_id is None else kek_id
+        aead = self._aead(kek_id)
+        if aead is None:
+            raise MasterKeyError(f"the local key provider ({self.path}) holds no KEK {kek_id!r}")
         nonce = os.urandom(_NONCE_LENGTH)
-        return nonce + self._aead.encrypt(nonce, dek_bytes, self._wrap_associated_data(self._kek_id))
+        return nonce + aead.encrypt(nonce, dek_bytes, self._wrap_associated_data(kek_id))
 
     def unwrap(self, wrapped: bytes, kek_id: str) -> bytes:
-        if kek_id != self._kek_id:
+        aead = self._aead(kek_id)
+        if aead is None:
             raise MasterKeyError(
                 f"this DEK was wrapped under KEK {kek_id!r}, but the local master key file "
                 f"{self.path} holds KEK {self._kek_id!r}",
@@ -120,9 +198,7 @@ class LocalKeyProvider:
         if len(wrapped) != _WRAPPED_LENGTH:
             raise MasterKeyError(f"a wrapped DEK under KEK {kek_id!r} has the wrong length")
         try:
-            dek = self._aead.decrypt(
-                wrapped[:_NONCE_LENGTH], wrapped[_NONCE_LENGTH:], self._wrap_associated_data(kek_id)
-            )
+            dek = aead.decrypt(wrapped[:_NONCE_LENGTH], wrapped[_NONCE_LENGTH:], self._wrap_associated_data(kek_id))
         except InvalidTag:
             raise MasterKeyError(
                 f"a wrapped DEK does not authenticate under KEK {kek_id!r} (altered keystore row?)"
@@ -133,35 +209,84 @@ class LocalKeyProvider:
     def _wrap_associated_data(kek_id: str) -> bytes:
         return WRAP_LABEL + kek_id.encode("utf-8")
 
-    # -- the key file ----------------------------------------------------------------------------
+    # -- versions ---------------------------------------------------------------------------------
+    def create_kek(self) -> str:
+        """A new KEK in the configured file; the previous one is kept as ``<file>.<its kek_id>``.
+
+        Crash-safe order: the old key is linked to its version file first, then the new key replaces the
+        configured file atomically, so at every instant both keys exist on disk."""
+        current = self._load(self.path)  # the file, not memory: another process may have rotated it
+        old_id = self._remember(current)
+        with contextlib.suppress(FileExistsError):
+            os.link(self.path, self._version_path(old_id))
+        kek = os.urandom(KEK_LENGTH)
+        tmp = self._write_private_tmp(kek)
+        try:
+            os.replace(tmp, self.path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        self._fsync_dir()
+        self._kek_id = self._remember(kek)
+        log.warning(
+            "created KEK %s in %s; KEK %s kept in %s", self._kek_id, self.path, old_id, self._version_path(old_id)
+        )
+        return self._kek_id
+
+    def destroy_kek(self, kek_id: str) -> bool:
+        self._aead(kek_id)  # refreshes what the configured file holds
+        if kek_id == self._kek_id:
+            raise MasterKeyError(f"KEK {kek_id!r} is the one in {self.path} (the newest); rotate away from it first")
+        path = self._version_path(kek_id)
+        self._keks.pop(kek_id, None)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise MasterKeyError(f"cannot open KEK file {path}: {exc.strerror}") from None
+        try:
+            # Overwrite before unlinking: a best effort on copy-on-write or journaling file systems and
+            # SSDs, where only destroying the storage is certain.
+            os.write(fd, b"0" * (2 * KEK_LENGTH) + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.unlink(path)
+        self._fsync_dir()
+        log.warning("destroyed KEK %s (removed %s)", kek_id, path)
+        return True
+
+    # -- the key files ----------------------------------------------------------------------------
     def _load_or_create(self) -> bytes:
         try:
-            return self._load()
+            return self._load(self.path)
         except FileNotFoundError:
             pass
         try:
             return self._create()
         except FileExistsError:
             # Another process created it between our two attempts; theirs is the key.
-            return self._load()
+            return self._load(self.path)
 
-    def _load(self) -> bytes:
+    @staticmethod
+    def _load(path: Path) -> bytes:
         # Symlinks are followed (secret mounts are often symlinks); the checks apply to the target.
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise
         except OSError as exc:
-            raise MasterKeyError(f"cannot open master key file {self.path}: {exc.strerror}") from None
+            raise MasterKeyError(f"cannot open master key file {path}: {exc.strerror}") from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise MasterKeyError(f"master key file {self.path} is not a regular file")
+                raise MasterKeyError(f"master key file {path} is not a regular file")
             if st.st_mode & 0o077:
                 raise MasterKeyError(
-                    f"master key file {self.path} is accessible by group or others "
+                    f"master key file {path} is accessible by group or others "
                     f"(mode {stat.S_IMODE(st.st_mode):04o}); refusing to use it",
-                    hint=f"chmod 600 {self.path}",
+                    hint=f"chmod 600 {path}",
                 )
             raw = os.read(fd, 4 * KEK_LENGTH)
         finally:
@@ -174,34 +299,41 @@ class LocalKeyProvider:
             kek = b""
         if len(kek) != KEK_LENGTH:
             raise MasterKeyError(
-                f"master key file {self.path} must hold exactly {2 * KEK_LENGTH} hex digits and an optional newline"
+                f"master key file {path} must hold exactly {2 * KEK_LENGTH} hex digits and an optional newline"
             )
         return kek
 
-    def _create(self) -> bytes:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        kek = os.urandom(KEK_LENGTH)
-        # Write a private temporary file, then link it into place: link() fails if the name exists, so
-        # a concurrent starter either sees no file or a complete one, never a half-written key.
+    def _write_private_tmp(self, kek: bytes) -> Path:
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            try:
-                os.fchmod(fd, 0o600)  # the umask could only have narrowed it; make it exact anyway
-                os.write(fd, kek.hex().encode("ascii") + b"\n")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.link(tmp, self.path)
+            os.fchmod(fd, 0o600)  # the umask could only have narrowed it; make it exact anyway
+            os.write(fd, kek.hex().encode("ascii") + b"\n")
+            os.fsync(fd)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            os.close(fd)
+        return tmp
+
+    def _fsync_dir(self) -> None:
         with contextlib.suppress(OSError):
             dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
+
+    def _create(self) -> bytes:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        kek = os.urandom(KEK_LENGTH)
+        # Write a private temporary file, then link it into place: link() fails if the name exists, so
+        # a concurrent starter either sees no file or a complete one, never a half-written key.
+        tmp = self._write_private_tmp(kek)
+        try:
+            os.link(tmp, self.path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        self._fsync_dir()
         log.warning(
             "GENERATED A NEW MASTER KEY at %s (mode 0600). This is the local development key provider: "
             "losing this file makes every value encrypted under it unrecoverable, and anyone who can "
@@ -211,25 +343,91 @@ class LocalKeyProvider:
         return kek
 
 
-def make_provider(spec: Mapping[str, Any], base_dir: Path) -> KeyProvider:
-    """Builds the KEK provider a configuration's ``key_provider`` section describes.
+class ProviderChain:
+    """Several providers as one: the first wraps new DEKs (and creates new KEK versions); any of them
+    unwraps a DEK under a KEK version it holds. The shape of a move from one provider to another
+    (``master_key`` plus ``previous_master_keys``)."""
 
-    ``spec["type"]`` picks the provider: ``local`` takes ``path`` (relative paths are resolved against
-    ``base_dir``, the configuration file's directory). Errors are :class:`ProviderConfigError` whose
-    ``setting`` names the key inside ``spec``, so the configuration loader can prefix its dotted path.
+    def __init__(self, primary: KeyProvider, *others: KeyProvider) -> None:
+        self.providers: tuple[KeyProvider, ...] = (primary, *others)
+
+    def __repr__(self) -> str:
+        return f"ProviderChain({', '.join(repr(p) for p in self.providers)})"
+
+    @property
+    def provider_id(self) -> str:
+        return self.providers[0].provider_id
+
+    @property
+    def kek_id(self) -> str:
+        return self.providers[0].kek_id
+
+    def provider_for(self, kek_id: str) -> KeyProvider | None:
+        for provider in self.providers:
+            if provider_of(kek_id) == provider.provider_id and provider.holds(kek_id):
+                return provider
+        return None
+
+    def holds(self, kek_id: str) -> bool:
+        return self.provider_for(kek_id) is not None
+
+    def wrap(self, dek_bytes: bytes, kek_id: str | None = None) -> bytes:
+        if kek_id is None:
+            return self.providers[0].wrap(dek_bytes)
+        provider = self.provider_for(kek_id)
+        if provider is None:
+            raise MasterKeyError(f"no configured key provider holds KEK {kek_id!r}")
+        return provider.wrap(dek_bytes, kek_id)
+
+    def unwrap(self, wrapped: bytes, kek_id: str) -> bytes:
+        provider = self.provider_for(kek_id)
+        if provider is None:
+            raise MasterKeyError(
+                f"this DEK was wrapped under KEK {kek_id!r}, which no configured key provider holds",
+                hint="add the provider that holds it to keystore.previous_master_keys",
+            )
+        return provider.unwrap(wrapped, kek_id)
+
+    def create_kek(self) -> str:
+        primary = self.providers[0]
+        if not isinstance(primary, KekLifecycle):
+            raise MasterKeyError(f"the {primary.provider_id} key provider cannot create KEK versions")
+        return primary.create_kek()
+
+    def destroy_kek(self, kek_id: str) -> bool:
+        provider = self.provider_for(kek_id)
+        if provider is None or not isinstance(provider, KekLifecycle):
+            return False
+        return provider.destroy_kek(kek_id)
+
+
+def make_provider(spec: Mapping[str, Any], base_dir: Path) -> KeyProvider:
+    """Builds the KEK provider a configuration's ``master_key`` section describes.
+
+    ``spec["type"]`` picks the provider: ``local`` takes ``path``; ``pkcs11`` takes ``module``,
+    ``token_label``, ``key_label`` and one of ``pin_file`` / ``pin_env`` (see :mod:`keymgmt.pkcs11`).
+    Relative paths are resolved against ``base_dir``, the configuration file's directory. Errors are
+    :class:`ProviderConfigError` whose ``setting`` names the key inside ``spec``, so the configuration
+    loader can prefix its dotted path; a provider that cannot start raises its own errors.
     """
     kind = spec.get("type")
     if kind == "local":
         unknown = sorted(set(spec) - {"type", "path"})
         if unknown:
             raise ProviderConfigError(unknown[0], "unknown setting for the local key provider")
-        path = spec.get("path")
-        if not isinstance(path, str) or not path:
-            raise ProviderConfigError("path", "the local key provider needs the master key file's path")
-        resolved = Path(path).expanduser()
-        if not resolved.is_absolute():
-            resolved = base_dir / resolved
-        return LocalKeyProvider(resolved)
+        return LocalKeyProvider(
+            _path_setting(spec, "path", base_dir, "the local key provider needs the master key file's path")
+        )
     if kind == "pkcs11":
-        raise ProviderConfigError("type", "the pkcs11 key provider is not implemented yet")
+        from keymgmt.pkcs11 import pkcs11_provider_from_spec
+
+        return pkcs11_provider_from_spec(spec, base_dir)
     raise ProviderConfigError("type", f"unknown key provider type {kind!r}; expected 'local' or 'pkcs11'")
+
+
+def _path_setting(spec: Mapping[str, Any], name: str, base_dir: Path, missing: str) -> Path:
+    value = spec.get(name)
+    if not isinstance(value, str) or not value:
+        raise ProviderConfigError(name, missing)
+    resolved = Path(value).expanduser()
+    return resolved if resolved.is_absolute() else base_dir / resolved

@@ -446,7 +446,16 @@ class _Parser:
             password_file=self.get(m, "password_file", p, self.optional(self.file_path), d.password_file),
             master_key=self.master_key(m.get("master_key"), f"{p}.master_key"),
             cache=self.key_cache(m.get("cache"), f"{p}.cache"),
+            previous_master_keys=self.previous_master_keys(m.get("previous_master_keys"), f"{p}.previous_master_keys"),
         )
+
+    def previous_master_keys(self, v: Any, p: str) -> tuple[MasterKeyConfig, ...]:
+        if v is None:
+            return ()
+        if not isinstance(v, list):
+            self.errors.append(f"{p}: must be a list of master_key mappings, got {_show(v)}")
+            return ()
+        return tuple(self.master_key(x, f"{p}[{i}]") for i, x in enumerate(v) if x is not None)
 
     def master_key(self, v: Any, p: str) -> MasterKeyConfig:
         if v is None:
@@ -464,11 +473,14 @@ class _Parser:
             for required in ("module", "token_label", "key_label"):
                 if m.get(required) is None:
                     self.errors.append(f"{p}.{required}: required when provider is pkcs11")
+            if (m.get("pin_file") is None) == (m.get("pin_env") is None):
+                self.errors.append(f"{p}.pin_file: exactly one of pin_file and pin_env is required")
             return Pkcs11MasterKeyConfig(
                 module=self.get(m, "module", p, self.file_path, Path()),
                 token_label=self.get(m, "token_label", p, self.string, ""),
                 key_label=self.get(m, "key_label", p, self.string, ""),
                 pin_file=self.get(m, "pin_file", p, self.optional(self.file_path), None),
+                pin_env=self.get(m, "pin_env", p, self.optional(self.string), None),
             )
         m = self.section(v, p, ("provider", *_keys(LocalMasterKeyConfig)))
         default = self.base_dir / LocalMasterKeyConfig().path

@@ -146,6 +146,7 @@ class Pkcs11MasterKeyConfig:
     token_label: str
     key_label: str
     pin_file: Path | None = None
+    pin_env: str | None = None
     provider: KeyProvider = field(default=KeyProvider.PKCS11, init=False)
 
 
@@ -166,11 +167,13 @@ class KeystoreConfig:
     password_file: Path | None = None
     master_key: MasterKeyConfig = field(default_factory=LocalMasterKeyConfig)
     cache: KeyCacheConfig = field(default_factory=KeyCacheConfig)
+    # Older KEKs' providers, for unwrapping only (the migration from one provider to another).
+    previous_master_keys: tuple[MasterKeyConfig, ...] = ()
 
     def __repr__(self) -> str:
         return (
             f"KeystoreConfig(dsn={_repr_dsn(self.dsn)}, password_file={self.password_file!r}, "
-            f"master_key={self.master_key!r}, cache={self.cache!r})"
+            f"master_key={self.master_key!r}, cache={self.cache!r}, previous_master_keys={self.previous_master_keys!r})"
         )
 
 

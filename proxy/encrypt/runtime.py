@@ -27,9 +27,9 @@ import asyncpg
 
 from keymgmt.errors import KeyManagementError
 from keymgmt.keystore import Keystore, init_keystore
-from keymgmt.providers import KeyProvider, make_provider
+from keymgmt.providers import KeyProvider, ProviderChain, make_provider
 from proxy.catalog_loader import load_catalog
-from proxy.config import Config, LocalMasterKeyConfig, read_secret_file, redact_dsn
+from proxy.config import Config, LocalMasterKeyConfig, MasterKeyConfig, read_secret_file, redact_dsn
 from proxy.encrypt.engine import CryptoContext, SessionCrypto
 from proxy.encrypt.keyring import KeyRing
 
@@ -41,12 +41,21 @@ _MAX_HINT_NAMES = 256
 
 
 def provider_from_config(config: Config) -> KeyProvider:
+    """``master_key`` (wraps new keys), chained with ``previous_master_keys`` (unwrap only) if any."""
     assert config.keystore is not None
-    mk = config.keystore.master_key
     base = config.source_path.parent if config.source_path else Path.cwd()
+    primary, *previous = (
+        make_provider(master_key_spec(mk), base)
+        for mk in (config.keystore.master_key, *config.keystore.previous_master_keys)
+    )
+    return ProviderChain(primary, *previous) if previous else primary
+
+
+def master_key_spec(mk: MasterKeyConfig) -> dict[str, Any]:
     if isinstance(mk, LocalMasterKeyConfig):
-        return make_provider({"type": "local", "path": str(mk.path)}, base)
-    return make_provider({"type": "pkcs11"}, base)
+        return {"type": "local", "path": str(mk.path)}
+    spec = {"type": "pkcs11", "module": str(mk.module), "token_label": mk.token_label, "key_label": mk.key_label}
+    return spec | ({"pin_file": str(mk.pin_file)} if mk.pin_file is not None else {"pin_env": mk.pin_env})
 
 
 def connect_kwargs(dsn: str, password_file: Path | None) -> dict[str, Any]:

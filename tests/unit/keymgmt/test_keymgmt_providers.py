@@ -173,10 +173,20 @@ def test_make_provider_local_resolves_relative_paths(tmp_path: Path) -> None:
     assert absolute.kek_id != provider.kek_id
 
 
-def test_make_provider_pkcs11_is_not_faked(tmp_path: Path) -> None:
-    with pytest.raises(ProviderConfigError, match="not implemented yet") as info:
+def test_make_provider_pkcs11_names_what_is_missing(tmp_path: Path) -> None:
+    with pytest.raises(ProviderConfigError) as info:
         make_provider({"type": "pkcs11", "module": "/usr/lib/softhsm/libsofthsm2.so"}, tmp_path)
-    assert info.value.setting == "type"
+    assert info.value.setting == "token_label"
+    spec = {"type": "pkcs11", "module": str(tmp_path / "missing.so"), "token_label": "t", "key_label": "k"}
+    with pytest.raises(ProviderConfigError) as info:
+        make_provider(spec, tmp_path)
+    assert info.value.setting == "pin_file"
+    with pytest.raises(ProviderConfigError, match="PGVEIL_TEST_UNSET_PIN is not set") as info:
+        make_provider({**spec, "pin_env": "PGVEIL_TEST_UNSET_PIN"}, tmp_path)
+    (tmp_path / "pin").write_text("secret-pin-1234\n")
+    with pytest.raises(MasterKeyError, match="cannot load the PKCS#11 module") as loading:
+        make_provider({**spec, "pin_file": "pin"}, tmp_path)
+    assert "secret-pin-1234" not in str(loading.value)
 
 
 @pytest.mark.parametrize(
@@ -194,3 +204,51 @@ def test_make_provider_names_the_bad_setting(tmp_path: Path, spec: dict[str, obj
         make_provider(spec, tmp_path)
     assert info.value.setting == setting
     assert info.value.sqlstate == "F0000"
+
+
+# -- KEK versions (rotation) -------------------------------------------------------------------------
+
+
+def test_a_new_local_kek_replaces_the_file_and_keeps_the_old_beside_it(tmp_path: Path) -> None:
+    path = tmp_path / "master.key"
+    provider = LocalKeyProvider(path)
+    old_id = provider.kek_id
+    under_old = provider.wrap(DEK)
+    new_id = provider.create_kek()
+    assert new_id != old_id
+    assert provider.kek_id == new_id
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["master.key", f"master.key.{old_id}"]
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in tmp_path.iterdir())
+    assert provider.unwrap(under_old, old_id) == DEK
+    assert provider.unwrap(provider.wrap(DEK), new_id) == DEK
+    assert provider.unwrap(provider.wrap(DEK, old_id), old_id) == DEK
+
+
+def test_a_running_local_provider_finds_versions_made_by_another_process(tmp_path: Path) -> None:
+    path = tmp_path / "master.key"
+    running = LocalKeyProvider(path)
+    rotator = LocalKeyProvider(path)
+    new_id = rotator.create_kek()
+    assert running.holds(new_id)
+    assert running.kek_id == new_id  # the file it was configured with now holds the newest version
+    assert running.unwrap(rotator.wrap(DEK), new_id) == DEK
+    assert LocalKeyProvider(path).holds(new_id)
+    assert not running.holds("local-" + "0" * 32)
+    assert not running.holds("pkcs11-t/k/v1")
+
+
+def test_destroying_a_local_kek_removes_its_file_and_refuses_the_newest(tmp_path: Path) -> None:
+    path = tmp_path / "master.key"
+    provider = LocalKeyProvider(path)
+    old_id = provider.kek_id
+    under_old = provider.wrap(DEK)
+    provider.create_kek()
+    with pytest.raises(MasterKeyError, match="newest"):
+        provider.destroy_kek(provider.kek_id)
+    other = LocalKeyProvider(path)
+    assert provider.destroy_kek(old_id) is True
+    assert provider.destroy_kek(old_id) is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["master.key"]
+    for p in (provider, other):  # `other` had not loaded the old version; nothing can find it now
+        with pytest.raises(MasterKeyError):
+            p.unwrap(under_old, old_id)

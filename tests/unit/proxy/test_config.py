@@ -268,15 +268,25 @@ def test_server_name_defaults_to_the_host() -> None:
 
 def test_pkcs11_master_key_shape() -> None:
     mk = {"provider": "pkcs11", "module": "/usr/lib/softhsm/libsofthsm2.so", "token_label": "t", "key_label": "k"}
-    keystore = parse({"keystore": {"master_key": mk}}).keystore
+    keystore = parse({"keystore": {"master_key": {**mk, "pin_env": "HSM_PIN"}}}).keystore
     assert keystore is not None
     assert keystore.master_key == Pkcs11MasterKeyConfig(
-        module=Path("/usr/lib/softhsm/libsofthsm2.so"), token_label="t", key_label="k"
+        module=Path("/usr/lib/softhsm/libsofthsm2.so"), token_label="t", key_label="k", pin_env="HSM_PIN"
     )
+    with_file = parse({"keystore": {"master_key": {**mk, "pin_file": "/run/secrets/pin"}}}).keystore
+    assert with_file is not None
+    assert isinstance(with_file.master_key, Pkcs11MasterKeyConfig)
+    assert with_file.master_key.pin_file == Path("/run/secrets/pin")
+    both = {**mk, "pin_file": "/run/secrets/pin", "pin_env": "HSM_PIN"}
+    for pins in (mk, both):
+        assert errors_of({"keystore": {"master_key": pins}}) == [
+            "keystore.master_key.pin_file: exactly one of pin_file and pin_env is required"
+        ]
     assert errors_of({"keystore": {"master_key": {"provider": "pkcs11", "path": "x", "token_label": 3}}}) == [
         "keystore.master_key.path: unknown setting",
         "keystore.master_key.module: required when provider is pkcs11",
         "keystore.master_key.key_label: required when provider is pkcs11",
+        "keystore.master_key.pin_file: exactly one of pin_file and pin_env is required",
         "keystore.master_key.token_label: must be a non-empty string, got 3",
     ]
     assert errors_of({"keystore": {"master_key": {"provider": "vault"}}}) == [
@@ -284,6 +294,19 @@ def test_pkcs11_master_key_shape() -> None:
     ]
     assert errors_of({"keystore": {"master_key": {"module": "x.so"}}}) == [
         "keystore.master_key.module: unknown setting"
+    ]
+
+
+def test_previous_master_keys_are_master_key_mappings() -> None:
+    previous = [{"provider": "local", "path": "old.key"}]
+    keystore = parse({"keystore": {"previous_master_keys": previous}}).keystore
+    assert keystore is not None
+    assert keystore.previous_master_keys == (LocalMasterKeyConfig(path=BASE / "old.key"),)
+    assert errors_of({"keystore": {"previous_master_keys": {"provider": "local"}}}) == [
+        "keystore.previous_master_keys: must be a list of master_key mappings, got a mapping"
+    ]
+    assert errors_of({"keystore": {"previous_master_keys": [{"provider": "local", "oops": 1}]}}) == [
+        "keystore.previous_master_keys[0].oops: unknown setting"
     ]
 
 
