@@ -357,10 +357,6 @@ class Pkcs11KeyProvider:
         obj = self._kek(kek_id)
         if obj is None:
             return False
-        if kek_id == self._kek_id:
-            raise MasterKeyError(
-                f"KEK {kek_id!r} is the newest on token {self.token_label!r}; rotate away from it first"
-            )
         try:
             self._call(obj.destroy)
         except pk_errors.PKCS11Error as exc:

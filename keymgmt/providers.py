@@ -101,8 +101,8 @@ class KekLifecycle(Protocol):
         ...
 
     def destroy_kek(self, kek_id: str) -> bool:
-        """Destroys KEK version ``kek_id``'s material; False if this provider holds no such version.
-        Refuses (:class:`~keymgmt.errors.MasterKeyError`) to destroy the newest version."""
+        """Destroys KEK version ``kek_id``'s material; False if this provider holds no such version. The
+        caller (``destroy-kek``) has made sure that nothing depends on it."""
         ...
 
 
@@ -234,10 +234,11 @@ class LocalKeyProvider:
         return self._kek_id
 
     def destroy_kek(self, kek_id: str) -> bool:
+        # Whether a KEK may go is the keystore's decision (no data key may depend on it, and it is not
+        # primary); here only where its material is: its version file, or the configured file itself
+        # (after a move to another provider, when this one is only in previous_master_keys).
         self._aead(kek_id)  # refreshes what the configured file holds
-        if kek_id == self._kek_id:
-            raise MasterKeyError(f"KEK {kek_id!r} is the one in {self.path} (the newest); rotate away from it first")
-        path = self._version_path(kek_id)
+        path = self.path if kek_id == self._kek_id else self._version_path(kek_id)
         self._keks.pop(kek_id, None)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)

@@ -237,14 +237,12 @@ def test_a_running_local_provider_finds_versions_made_by_another_process(tmp_pat
     assert not running.holds("pkcs11-t/k/v1")
 
 
-def test_destroying_a_local_kek_removes_its_file_and_refuses_the_newest(tmp_path: Path) -> None:
+def test_destroying_a_local_kek_removes_its_file(tmp_path: Path) -> None:
     path = tmp_path / "master.key"
     provider = LocalKeyProvider(path)
     old_id = provider.kek_id
     under_old = provider.wrap(DEK)
     provider.create_kek()
-    with pytest.raises(MasterKeyError, match="newest"):
-        provider.destroy_kek(provider.kek_id)
     other = LocalKeyProvider(path)
     assert provider.destroy_kek(old_id) is True
     assert provider.destroy_kek(old_id) is False
@@ -252,3 +250,16 @@ def test_destroying_a_local_kek_removes_its_file_and_refuses_the_newest(tmp_path
     for p in (provider, other):  # `other` had not loaded the old version; nothing can find it now
         with pytest.raises(MasterKeyError):
             p.unwrap(under_old, old_id)
+
+
+def test_destroying_the_kek_in_the_configured_file_removes_that_file(tmp_path: Path) -> None:
+    # After a move to another provider the local one is only in previous_master_keys; its KEK, the one
+    # in the configured file, is destroyed there.
+    path = tmp_path / "master.key"
+    provider = LocalKeyProvider(path)
+    kek_id = provider.kek_id
+    wrapped = provider.wrap(DEK)
+    assert provider.destroy_kek(kek_id) is True
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(MasterKeyError):
+        provider.unwrap(wrapped, kek_id)
