@@ -71,6 +71,7 @@ _UNREACHABLE = (
     pk_errors.ObjectHandleInvalid,
     pk_errors.KeyHandleInvalid,
     pk_errors.WrappingKeyHandleInvalid,
+    pk_errors.UnwrappingKeyHandleInvalid,
 )
 _PIN_REFUSED = (
     pk_errors.PinIncorrect,
@@ -163,26 +164,29 @@ class Pkcs11KeyProvider:
                 raise MasterKeyError(
                     f"the PKCS#11 token {self.token_label!r} offers neither CKM_AES_KEY_WRAP nor CKM_AES_GCM"
                 )
-            # The previous session is dropped, never closed: closing the session that logged in would
-            # log out every session of this process on the token.
-            self._session = session
-            self._keks = {}
-            self._find_versions()
+            found = self._versions_in(session)
         except pk_errors.PKCS11Error as exc:
             raise self._unavailable(exc) from None
+        # Only a complete new session replaces the old one (which a failed attempt leaves in place: a
+        # token that hiccuped may still answer it). The old one is dropped, never closed: closing the
+        # session that logged in would log out every session of this process on the token.
+        self._session = session
+        self._install(found)
 
     def _find_versions(self) -> None:
-        newest: tuple[int, str] | None = None
-        for obj in self._session.get_objects(
-            {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: self.key_label}
-        ):
+        self._install(self._versions_in(self._session))
+
+    def _versions_in(self, session: Any) -> dict[str, tuple[int, Any]]:
+        found: dict[str, tuple[int, Any]] = {}
+        for obj in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: self.key_label}):
             version, rank = _version_name(bytes(obj[Attribute.ID] or b""))
-            kek_id = self._id_for(version)
-            self._keks[kek_id] = obj
-            if newest is None or rank > newest[0]:
-                newest = (rank, kek_id)
-        if newest is not None:
-            self._kek_id = newest[1]
+            found[self._id_for(version)] = (rank, obj)
+        return found
+
+    def _install(self, found: dict[str, tuple[int, Any]]) -> None:
+        self._keks = {kek_id: obj for kek_id, (_rank, obj) in found.items()}
+        if found:
+            self._kek_id = max(found.items(), key=lambda item: item[1][0])[0]
 
     def _id_for(self, version: str) -> str:
         return f"pkcs11-{self.token_label}/{self.key_label}/{version}"
