@@ -263,7 +263,8 @@ async def _start_job(
     job_id = uuid.uuid4()
     async with conn.transaction():
         await conn.execute(
-            "INSERT INTO pgveil.keks (kek_id, provider_id) VALUES ($1, $2) ON CONFLICT (kek_id) DO NOTHING",
+            """INSERT INTO pgveil.keks (kek_id, provider_id) SELECT $1::text, $2::text
+               WHERE NOT EXISTS (SELECT 1 FROM pgveil.keks WHERE kek_id = $1::text)""",
             to_kek,
             provider_of(to_kek),
         )

@@ -179,9 +179,12 @@ _INSERT_FIRST_VERSION = """
     ON CONFLICT DO NOTHING"""
 # The first KEK a keystore meets becomes primary. No conflict target: a concurrent registration of
 # another KEK as primary (the one-primary index) also ends in DO NOTHING, and the caller registers again.
+# The NOT EXISTS keeps a known KEK from drawing a version number it would not use.
 _REGISTER_KEK = """
     INSERT INTO pgveil.keks (kek_id, provider_id, is_primary)
-    VALUES ($1, $2, NOT EXISTS (SELECT 1 FROM pgveil.keks WHERE is_primary)) ON CONFLICT DO NOTHING"""
+    SELECT $1::text, $2::text, NOT EXISTS (SELECT 1 FROM pgveil.keks WHERE is_primary)
+    WHERE NOT EXISTS (SELECT 1 FROM pgveil.keks WHERE kek_id = $1::text)
+    ON CONFLICT DO NOTHING"""
 _KEK_STATE = "SELECT state, is_primary FROM pgveil.keks WHERE kek_id = $1"
 _PRIMARY_KEK = "SELECT kek_id FROM pgveil.keks WHERE is_primary"
 _PRELOAD = """
@@ -472,7 +475,7 @@ class Keystore:
         # loser's DO NOTHING plus re-select returns the winner's key.
         material = os.urandom(DEK_LENGTH)
         key_uuid = uuid.uuid4()
-        for attempt in (1, 2):
+        for _attempt in range(2):
             wrapped, kek_id = await self.wrap_for_new_key(material, pool)
             with _keystore_errors():
                 status = await pool.execute(
@@ -487,9 +490,15 @@ class Keystore:
             if status.endswith(" 1"):
                 log.info("created data key %s (version 1) for %s", key_uuid, column_id)
                 return
-            if attempt == 1 and await self._fetch_current(pool, column_id, subject) is None:
-                # Nobody else won: the KEK was destroyed or retired meanwhile. Ask which one is primary now.
-                self._wrap_kek = None
+            if await self._fetch_current(pool, column_id, subject) is not None:
+                return  # another instance created it first
+            # Nobody else won: the KEK is no longer ENABLED (destroy-kek). Ask which one is primary now.
+            self._wrap_kek = None
+        raise KeystoreError(
+            f"cannot create a data key for {column_id}: KEK {kek_id} is not enabled in the keystore, and this "
+            "proxy's key provider does not hold the primary KEK",
+            hint="configure the key provider that holds the primary KEK (pgveil keys list-keks)",
+        )
 
     async def wrap_for_new_key(self, material: bytes, pool: Any = None) -> tuple[bytes, str]:
         """Wraps a new DEK (or blind-index key) under the keystore's primary KEK when this process's
