@@ -30,6 +30,8 @@ PKCS#11 logs in per application, not per session: a second provider on the same 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import re
@@ -91,6 +93,26 @@ _BAD_BLOB = (
 )
 
 
+def _error_queue_clearer() -> Callable[[], None]:
+    # SoftHSM2, like other modules built on OpenSSL, can leave entries in OpenSSL's per-thread error
+    # queue (an engine it failed to load). Python's ssl module shares that libcrypto and reports a
+    # stale entry as the error of its next TLS read: the keystore's asyncpg connection over TLS then
+    # fails with "no such engine". So the queue is emptied after every call into the module.
+    name = ctypes.util.find_library("crypto")
+    if name is None:
+        return lambda: None
+    try:
+        clear = ctypes.CDLL(name).ERR_clear_error
+    except (OSError, AttributeError):
+        return lambda: None
+    clear.restype = None
+    clear.argtypes = []
+    return clear
+
+
+_clear_openssl_errors = _error_queue_clearer()
+
+
 class Pkcs11KeyProvider:
     """KEK versions on one PKCS#11 token. ``pin`` is held in memory only to log in again after the token
     or its sessions were lost; ``repr`` never shows it."""
@@ -102,12 +124,18 @@ class Pkcs11KeyProvider:
         self.token_label = token_label
         self.key_label = key_label
         self.__pin = pin
-        self._lib = _load_module(module)
+        try:
+            self._lib = _load_module(module)
+        finally:
+            _clear_openssl_errors()
         self._session: Any = None
         self._mechanism = _KW
         self._keks: dict[str, Any] = {}  # kek_id -> pkcs11 SecretKey of the current session
         self._kek_id = ""
-        self._open()
+        try:
+            self._open()
+        finally:
+            _clear_openssl_errors()
         if not self._kek_id:
             if not create:
                 raise MasterKeyError(f"PKCS#11 token {token_label!r} holds no key labelled {key_label!r}")
@@ -199,6 +227,12 @@ class Pkcs11KeyProvider:
 
     def _call(self, op: Callable[[], T]) -> T:
         """Runs a token operation; on a device or session failure opens a new session and tries once more."""
+        try:
+            return self._call_once_more(op)
+        finally:
+            _clear_openssl_errors()
+
+    def _call_once_more(self, op: Callable[[], T]) -> T:
         try:
             return op()
         except _UNREACHABLE as exc:

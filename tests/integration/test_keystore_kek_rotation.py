@@ -77,6 +77,12 @@ class KekEnv:
         wait_serving(proxy)
         return proxy
 
+    def start_proxy_unready(self, config: dict[str, Any]) -> ProxyProcess:
+        """A pgveil that listens but is not expected to serve protected tables (a broken provider)."""
+        proxy = ProxyProcess(copy.deepcopy(config), self.workdir / f"proxy{len(self.proxies)}")
+        self.proxies.append(proxy.start())
+        return proxy
+
     def local_key(self) -> dict[str, Any]:
         return {"provider": "local", "path": str(self.workdir / "master.key")}
 
@@ -204,7 +210,7 @@ class Workload:
         self.expected: dict[int, str] = {}
         self.errors: list[str] = []
         self.statements = 0
-        self._next = start_id
+        self._start = self._next = start_id
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -225,7 +231,7 @@ class Workload:
                     value = f"value-{i}-{uuid.uuid4().hex[:8]}"
                     c.execute(f"INSERT INTO {TABLE} (id, secret) VALUES (%s, %s)", (i, value))
                     self.expected[i] = value
-                    j = (i + 1) // 2
+                    j = self._start + (i - self._start) // 2  # a row of this workload, written before
                     changed = f"changed-{j}-{i}"
                     c.execute(f"UPDATE {TABLE} SET secret = %s WHERE id = %s", (changed, j))
                     self.expected[j] = changed
