@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import logging
 import os
 import re
@@ -111,6 +112,8 @@ def _error_queue_clearer() -> Callable[[], None]:
 
 
 _clear_openssl_errors = _error_queue_clearer()
+# (module, token label, sha256 of the PIN) -> the refusal: PINs a token refused in this process.
+_REFUSED_PINS: dict[tuple[str, str, bytes], str] = {}
 
 
 class Pkcs11KeyProvider:
@@ -170,16 +173,19 @@ class Pkcs11KeyProvider:
             ) from None
         except pk_errors.PKCS11Error as exc:
             raise self._unavailable(exc) from None
+        refused = _REFUSED_PINS.get(self._pin_key())
+        if refused is not None:
+            # Never the same wrong PIN twice: an HSM may lock its user PIN after a few failed logins, and
+            # the proxy retries a failed start every few seconds. A changed PIN file is tried again.
+            raise self._pin_refused(refused, again=True)
         try:
             try:
                 session = token.open(user_pin=self.__pin, rw=True)
             except pk_errors.UserAlreadyLoggedIn:
                 session = token.open(rw=True)  # this process is logged in already (another provider)
         except _PIN_REFUSED as exc:
-            raise MasterKeyError(
-                f"the PKCS#11 token {self.token_label!r} refused the PIN ({type(exc).__name__})",
-                hint="check the file or environment variable master_key.pin_file / pin_env names",
-            ) from None
+            _REFUSED_PINS[self._pin_key()] = type(exc).__name__
+            raise self._pin_refused(type(exc).__name__) from None
         except pk_errors.PKCS11Error as exc:
             raise self._unavailable(exc) from None
         try:
@@ -200,6 +206,16 @@ class Pkcs11KeyProvider:
         # session that logged in would log out every session of this process on the token.
         self._session = session
         self._install(found)
+
+    def _pin_key(self) -> tuple[str, str, bytes]:
+        return (str(self.module), self.token_label, hashlib.sha256(self.__pin.encode("utf-8")).digest())
+
+    def _pin_refused(self, reason: str, *, again: bool = False) -> MasterKeyError:
+        not_again = "; not tried again until the PIN changes" if again else ""
+        return MasterKeyError(
+            f"the PKCS#11 token {self.token_label!r} refused the PIN ({reason}){not_again}",
+            hint="check the file or environment variable master_key.pin_file / pin_env names",
+        )
 
     def _find_versions(self) -> None:
         self._install(self._versions_in(self._session))

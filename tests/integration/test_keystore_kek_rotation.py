@@ -173,6 +173,23 @@ async def seed_deks(dsn: str, provider: KeyProvider, n: int, prefix: str = "publ
         await conn.close()
 
 
+async def seed_blind_index_keys(dsn: str, provider: KeyProvider, n: int) -> None:
+    async with Keystore(dsn, provider) as keystore:
+        rows = []
+        for i in range(n):
+            wrapped, kek_id = await keystore.wrap_for_new_key(os.urandom(DEK_LENGTH))
+            rows.append((uuid.uuid4(), f"public.kr_search.c{i}", wrapped, kek_id))
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.executemany(
+            """INSERT INTO pgveil.blind_index_keys (key_id, column_id, version, state, wrapped, kek_id)
+               VALUES ($1, $2, 1, 'ENABLED', $3, $4)""",
+            rows,
+        )
+    finally:
+        await conn.close()
+
+
 async def unwrapped_materials(dsn: str, provider: KeyProvider) -> dict[uuid.UUID, bytes]:
     """Every live data key's material, unwrapped under whichever KEK its row names."""
     conn = await asyncpg.connect(dsn)
@@ -265,9 +282,10 @@ def test_rotate_kek_online_while_pgveil_serves_reads_and_writes(kek_env: KekEnv)
     proxy = kek_env.start_proxy(config)
     key_file = kek_env.workdir / "master.key"
     asyncio.run(seed_deks(kek_env.direct_dsn, LocalKeyProvider(key_file), 3000))
+    asyncio.run(seed_blind_index_keys(kek_env.direct_dsn, LocalKeyProvider(key_file), 10))
     before = asyncio.run(unwrapped_materials(kek_env.direct_dsn, LocalKeyProvider(key_file)))
     [old] = list_keks_json(config_path)
-    assert (old["version"], old["primary"], old["wrapped_keys"]) == (1, True, 3001)
+    assert (old["version"], old["primary"], old["wrapped_keys"]) == (1, True, 3011)
 
     with Workload(app_dsn(proxy)) as app:
         app.wait_for(30)
@@ -276,13 +294,16 @@ def test_rotate_kek_online_while_pgveil_serves_reads_and_writes(kek_env: KekEnv)
         done_at = app.statements
         app.wait_for(done_at + 30)  # and it goes on after the rotation
     assert not app.errors, app.errors
-    assert "re-wrapped 3001 keys" in run.stdout
+    assert "re-wrapped 3011 keys" in run.stdout
 
     keks = list_keks_json(config_path)
     assert [(k["version"], k["state"], k["primary"], k["wrapped_keys"]) for k in keks] == [
         (1, "ENABLED", False, 0),
-        (2, "ENABLED", True, 3001),
+        (2, "ENABLED", True, 3011),
     ]
+    assert asyncio.run(
+        fetchval(kek_env.direct_dsn, "SELECT array_agg(DISTINCT kek_id) FROM pgveil.blind_index_keys")
+    ) == [keks[1]["kek_id"]]
     assert asyncio.run(kek_ids_in_use(kek_env.direct_dsn)) == {keks[1]["kek_id"]: 3001}
     # Only the wrapping changed: every data key is the same key, so nothing stored needed rewriting.
     assert asyncio.run(unwrapped_materials(kek_env.direct_dsn, LocalKeyProvider(key_file))) == before

@@ -229,6 +229,10 @@ def test_a_token_module_or_pin_problem_is_one_clear_message_without_the_pin(
         assert message in str(info.value)
         assert pin not in str(info.value)
         assert wrong.read_text().strip() not in str(info.value)
+    # The same wrong PIN is not presented to the token again (it may lock the PIN after a few tries).
+    with pytest.raises(MasterKeyError, match="not tried again until the PIN changes"):
+        make_provider(cases[0][0], tmp_path)
+    assert make_provider({**spec, "pin_file": str(pin_file)}, tmp_path).kek_id.startswith(f"pkcs11-{label}/")
 
     # pgveil with the wrong PIN: up, not ready, protected statements refused (55000), one line in its log.
     proxy = kek_env.start_proxy_unready(kek_env.config(softhsm.master_key(label, wrong)))

@@ -263,3 +263,27 @@ def test_destroying_the_kek_in_the_configured_file_removes_that_file(tmp_path: P
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(MasterKeyError):
         provider.unwrap(wrapped, kek_id)
+
+
+# -- the pkcs11 PIN (read without a token) ---------------------------------------------------------------
+
+
+def test_the_pkcs11_pin_comes_from_exactly_one_of_a_file_and_the_environment(tmp_path: Path) -> None:
+    from keymgmt.pkcs11 import read_pin
+
+    (tmp_path / "pin").write_text("0000-pin\nignored second line\n")
+    assert read_pin({"pin_file": "pin"}, tmp_path) == "0000-pin"
+    assert read_pin({"pin_env": "HSM_PIN"}, tmp_path, {"HSM_PIN": "from-env"}) == "from-env"
+    for spec, setting in [
+        ({}, "pin_file"),
+        ({"pin_file": "pin", "pin_env": "HSM_PIN"}, "pin_file"),
+        ({"pin_env": "HSM_PIN"}, "pin_env"),
+        ({"pin_env": ""}, "pin_env"),
+        ({"pin_file": "missing"}, "pin_file"),
+    ]:
+        with pytest.raises(ProviderConfigError) as info:
+            read_pin(spec, tmp_path, {})
+        assert info.value.setting == setting
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ProviderConfigError, match="is empty"):
+        read_pin({"pin_file": "empty"}, tmp_path, {})
