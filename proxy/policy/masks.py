@@ -506,6 +506,13 @@ def mask_problem(mask: Mask, declared_type: str) -> str | None:
     return None
 
 
+def mask_entry(mask: Mask, declared_type: str) -> MaskEntry:
+    """The table cell for ``mask`` on ``declared_type``: ``result`` says what a role gets (for ``policy explain``),
+    ``always_null`` whether every value comes back NULL (a result path may then skip decrypting). Raises
+    PgTypeError (42704) for an unknown type."""
+    return MASK_TABLE[(mask.function, family_of(codec_for(declared_type)))]
+
+
 def _hmac_digest(hash_key: bytes, context: bytes) -> Callable[[bytes], bytes]:
     base = hmac.new(hash_key, HASH_TAG + len(context).to_bytes(4, "big") + context, "sha256")
 

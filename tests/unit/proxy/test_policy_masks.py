@@ -27,6 +27,7 @@ from proxy.policy.masks import (
     Masker,
     compile_mask,
     family_of,
+    mask_entry,
     mask_problem,
     mask_table_markdown,
 )
@@ -551,3 +552,20 @@ def test_docs_contain_the_rendered_table() -> None:
     table = mask_table_markdown()
     assert table.count("\n") == len(Family) + 2
     assert table in DOCS.read_text(encoding="utf-8")
+
+
+def test_a_copy_of_the_table_elsewhere_is_the_current_one() -> None:
+    # The README may carry the table too; wherever its heading appears, the whole current table follows it.
+    table = mask_table_markdown()
+    heading = table.splitlines()[0]
+    for path in (DOCS, DOCS.parents[1] / "README.md"):
+        text = path.read_text(encoding="utf-8")
+        assert text.count(heading) == text.count(table), path
+
+
+def test_mask_entry_describes_the_compiled_mask() -> None:
+    assert mask_entry(Mask(MaskFunction.EMAIL), "date").always_null
+    assert compile_mask(Mask(MaskFunction.EMAIL), "date", None)(b"\x00\x00\x00\x00") is None
+    entry = mask_entry(Mask(MaskFunction.PARTIAL), "timestamptz")
+    assert not entry.always_null
+    assert "January 1st" in entry.result
