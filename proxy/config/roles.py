@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
 from proxy.config.types import TableConfig
+from proxy.policy.masks import mask_problem as default_mask_problem
 from proxy.policy.model import Grant, Mask, MaskFunction
 from proxy.policy.rules import (
     DEFAULT_KEY,
@@ -80,7 +81,7 @@ def _did_you_mean(word: str, choices: Iterable[str]) -> str:
 
 
 class _RolesParser:
-    def __init__(self, tables: tuple[TableConfig, ...], mask_problem: MaskCheck | None) -> None:
+    def __init__(self, tables: tuple[TableConfig, ...], mask_problem: MaskCheck) -> None:
         self.errors: list[str] = []
         self.warnings: list[str] = []
         self.mask_problem = mask_problem
@@ -209,8 +210,6 @@ class _RolesParser:
     def check_masks(self, policy: Policy) -> None:
         """Every mask against the declared type of each column whose grant its rule decides."""
         check = self.mask_problem
-        if check is None:
-            return
         seen: set[tuple[str, str]] = set()
 
         def report(path: str, mask: Mask, column_id: str) -> None:
@@ -220,7 +219,7 @@ class _RolesParser:
             seen.add((path, declared))
             problem = check(mask, declared)
             if problem is not None:
-                self.errors.append(f"{path}: {mask} cannot mask {column_id} ({declared}): {problem}")
+                self.errors.append(f"{path}: cannot mask {column_id} ({declared}): {problem}")
 
         for column_id in sorted(self.types):
             if policy.default.mask is not None:
@@ -232,7 +231,7 @@ class _RolesParser:
 
 
 def parse_roles(
-    data: Any, tables: tuple[TableConfig, ...], *, mask_problem: MaskCheck | None = None
+    data: Any, tables: tuple[TableConfig, ...], *, mask_problem: MaskCheck = default_mask_problem
 ) -> tuple[Policy, list[str], list[str]]:
     """The policy of a decoded ``roles:`` section (None when absent), with the errors and warnings found.
     ``mask_problem(mask, declared_type)`` says why a mask cannot serve a type (None: it can)."""

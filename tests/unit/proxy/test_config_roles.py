@@ -260,3 +260,44 @@ def test_ciphertext_and_masks_are_valid_on_plain_and_encrypted_columns_alike() -
     view = config.policy.view("etl", frozenset(), epoch=1)
     assert view.grant(col("public.customers.phone")).visibility is Visibility.CIPHERTEXT
     assert view.grant(col("public.customers.ssn")).visibility is Visibility.CIPHERTEXT
+
+
+def test_a_mask_must_suit_the_declared_type_of_every_column_its_rule_decides() -> None:
+    data = {
+        "keystore": {"dsn": "host=db"},
+        "tables": {
+            "public.people": {
+                "columns": {
+                    "name": {"type": "varchar(5)", "encrypt": True},
+                    "born": {"type": "date"},
+                    "died": {"type": "date"},
+                    "score": {"type": "numeric(3,1)"},
+                }
+            }
+        },
+    }
+    assert errors_of(data | {"roles": {"support": {"public.people.*": "masked:fixed:N/A"}}}) == [
+        # Reported once per rule and type, naming the first column it would serve.
+        "roles.support.\"public.people.*\": cannot mask public.people.born (date): fixed text 'N/A' is not a "
+        "valid date: invalid input syntax for type date",
+        "roles.support.\"public.people.*\": cannot mask public.people.score (numeric(3,1)): fixed text 'N/A' is "
+        "not a valid numeric(3,1): invalid input syntax for type numeric",
+    ]
+    # Where a more specific rule decides a column, the broad rule's mask need not suit it.
+    fine = {
+        "support": {
+            "public.people.*": "match:fixed:N/A",
+            "public.people.born": "masked:fixed:1900-01-01",
+            "public.people.died": "masked:last4",
+            "public.people.score": "hidden",
+        }
+    }
+    assert parse(data | {"roles": fine}).policy.role_names == {"support"}
+    assert errors_of(data | {"roles": {"default": "masked:fixed:toolong"}}) == [
+        "roles.default: cannot mask public.people.born (date): fixed text 'toolong' is not a valid date: invalid "
+        "input syntax for type date",
+        "roles.default: cannot mask public.people.name (varchar(5)): fixed text 'toolong' is not a valid "
+        "varchar(5): value too long for type character varying(5)",
+        "roles.default: cannot mask public.people.score (numeric(3,1)): fixed text 'toolong' is not a valid "
+        "numeric(3,1): invalid input syntax for type numeric",
+    ]
