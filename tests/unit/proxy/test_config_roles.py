@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -301,3 +302,25 @@ def test_a_mask_must_suit_the_declared_type_of_every_column_its_rule_decides() -
         "roles.default: cannot mask public.people.score (numeric(3,1)): fixed text 'toolong' is not a valid "
         "numeric(3,1): invalid input syntax for type numeric",
     ]
+
+
+# -- docs/visibility-config.md shows what the parser does ------------------------------------------------
+
+DOC = (Path(__file__).resolve().parents[3] / "docs" / "visibility-config.md").read_text()
+
+
+def test_every_yaml_example_of_the_reference_is_a_valid_configuration() -> None:
+    blocks = re.findall(r"```yaml\n(.*?)```", DOC, re.DOTALL)
+    assert len(blocks) >= 4
+    for block in blocks:
+        config = parse({"keystore": {"dsn": "host=db"}} | yaml.safe_load(block))
+        assert config.policy.configured
+        assert config.warnings == ()
+
+
+def test_the_error_lines_of_the_reference_are_the_parsers() -> None:
+    shown = re.search(r"```text\n(roles\..*?)```", DOC, re.DOTALL)
+    assert shown is not None
+    lines = shown.group(1).splitlines()
+    errors = errors_of(with_roles({"support": {"public.customers.ssn": "maskd", "public.customers.sn": "hidden"}}))
+    assert errors == lines
