@@ -77,7 +77,8 @@ import types
 from pglast import parser as pg_parser
 
 from proxy.errors import FeatureNotSupported, RefusalReason
-from proxy.rewrite.catalog import Catalog, CatalogStale, is_temp_schema
+from proxy.policy.model import Reference, ReferenceKind
+from proxy.rewrite.catalog import Catalog, CatalogStale, ProtectedColumn, ProtectedTable, is_temp_schema
 from proxy.rewrite.lexer import scan as scan_pg15
 from proxy.rewrite.literals import SourceText
 from proxy.rewrite.nodes import Node, first_protected_table, named_in_strings, node_type, relation_names
@@ -264,11 +265,20 @@ def _analyze_statement(stmt: Node, catalog: Catalog, source: SourceText) -> Stat
         result = walker.statement(name, body, table)
         param_targets = walker.param_targets()
     except FeatureNotSupported as exc:
-        if walker.ambiguous and not isinstance(exc, CatalogStale):
+        if isinstance(exc, CatalogStale):
+            refusal = Refusal(exc.message, exc.detail, exc.hint, reason=exc.reason, sqlstate=exc.sqlstate)
+            return StatementPlan(kind, True, refusal)
+        fallback = _plain_fallback(kind, stmt, catalog, changes)
+        if fallback is not None:
+            return fallback
+        if walker.ambiguous:
             return StatementPlan(kind, True, _ambiguous(walker))
         refusal = Refusal(exc.message, exc.detail, exc.hint, reason=exc.reason, sqlstate=exc.sqlstate)
         return StatementPlan(kind, True, refusal)
     except RecursionError:
+        fallback = _plain_fallback(kind, stmt, catalog, changes)
+        if fallback is not None:
+            return fallback
         refusal = Refusal(
             f"pgveil: the statement is nested too deeply to analyse; it involves table {table.qualified_name}, "
             "which has encrypted columns",
@@ -287,10 +297,50 @@ def _analyze_statement(stmt: Node, catalog: Catalog, source: SourceText) -> Stat
         copy=result.copy,
         edits=tuple(walker.edits),
         catalog_names=changes,
+        references=walker.references,
+        cursor=result.cursor,
+        cursor_columns=result.cursor_columns,
     )
     if walker.ambiguous and _needs_certainty(plan, always=walker.ambiguous_always):
         return StatementPlan(kind, True, _ambiguous(walker))
     return plan
+
+
+# The construct of every reference a statement pgveil cannot analyse column by column makes.
+UNANALYSED = "a statement pgveil cannot analyse column by column"
+
+
+def _plain_fallback(kind: StatementKind, stmt: Node, catalog: Catalog, changes: frozenset[str]) -> StatementPlan | None:
+    """A statement the walker refused, when every governed relation it names has only plain columns:
+    nothing needs sealing or opening, so no refusal is role-independent. Instead every governed column
+    of those relations is an EXPRESSION reference (only a role that sees all of them in plaintext may run
+    it). None if an encrypted column may be involved (the refusal stands)."""
+    columns: dict[ProtectedColumn, None] = {}
+    for table in _governed_relations(stmt, catalog):
+        for col in (*table.columns.values(), *catalog.root_of(table).columns.values()):
+            if col.encrypted:
+                return None
+            columns[col] = None
+    if not columns:
+        return None
+    refs = tuple(Reference(c, ReferenceKind.EXPRESSION, UNANALYSED) for c in columns)
+    return StatementPlan(kind, True, catalog_names=changes, references=refs)
+
+
+def _governed_relations(stmt: Node, catalog: Catalog) -> list[ProtectedTable]:
+    """Every governed relation the statement may name: table references (CTE names included, as
+    first_protected_table counts them), DROP targets and, in a DO block, names in its strings."""
+    found: dict[str, ProtectedTable] = {}
+    for name in relation_names(stmt):
+        for table in catalog.tables.values():
+            if table.name == name:
+                found[table.qualified_name] = table
+    name, body = node_type(stmt)
+    if name == "DoStmt":
+        for table in catalog.tables.values():
+            if named_in_strings(body, Catalog({(table.schema, table.name): table})) is not None:
+                found[table.qualified_name] = table
+    return list(found.values())
 
 
 # -- names that may mean another relation, temporary tables, DDL ------------------------------------------
@@ -306,7 +356,7 @@ def _needs_certainty(plan: StatementPlan, *, always: bool) -> bool:
         or plan.param_targets
         or plan.edits
         or plan.result_via_row_description
-        or any(c is not None for c in plan.result_columns or ())
+        or any(c is not None and c.encrypted for c in plan.result_columns or ())
         or (plan.copy is not None and plan.copy.needs_rewrite)
     )
 

@@ -88,6 +88,11 @@ class ProtectedTable:
     def qualified_name(self) -> str:
         return f"{self.schema}.{self.name}"
 
+    @property
+    def encrypted(self) -> bool:
+        """Whether any of its governed columns is encrypted (else it only has plain governed columns)."""
+        return any(c.encrypted for c in self.columns.values())
+
 
 def is_temp_schema(schema: str | None) -> bool:
     """``pg_temp`` (the session's temporary schema, by its alias) or ``pg_temp_N`` itself."""
@@ -150,6 +155,15 @@ class Catalog:
         if schema is not None and not is_temp_schema(schema):
             return False
         return len(self._by_name.get(table, [])) > 1  # type: ignore[attr-defined]
+
+    def root_of(self, table: ProtectedTable) -> ProtectedTable:
+        """The configured table a family member belongs to (``table`` itself for a configured table)."""
+        if table.root is None:
+            return table
+        for t in self.tables.values():
+            if t.root is None and t.qualified_name == table.root:
+                return t
+        return table
 
     def by_oid(self, oid: int) -> ProtectedTable | None:
         return self._by_oid.get(oid)  # type: ignore[attr-defined,no-any-return]
