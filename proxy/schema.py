@@ -205,6 +205,13 @@ async def plan_schema(conn: SchemaConnection, config_catalog: Catalog) -> list[S
         for col in table.columns.values():
             current = info.column(col.name)
             check = info.constraint(constraint_name(col.name))
+            if not col.encrypted:
+                # A plain governed column stays as it is; one that was encrypted is a configuration error.
+                if current is not None and current.is_bytea and check is not None and check.kind == "c":
+                    refusals.append(
+                        f"column {col.column_id} is configured plain but encrypted in the database: set encrypt: true"
+                    )
+                continue
             if check is not None and check.kind != "c":
                 refusals.append(
                     f"{table.qualified_name} has a constraint named {check.name} that is not a CHECK constraint;"

@@ -71,6 +71,10 @@ class ProtectedTable:
     member inherits from or is a partition of (the server routes an INSERT into it, and recurses an
     UPDATE of it, into the protected member): nothing may be written through it and none of its
     columns is decrypted.
+
+    ``uses`` are the governed columns a mapped view's definition uses other than by passing them into
+    one of its columns (``lower(phone)``, ``WHERE city = 'x'``): reading the view reveals something of
+    them, so each read is an EXPRESSION reference to each (a restricted role is refused).
     """
 
     schema: str
@@ -83,6 +87,7 @@ class ProtectedTable:
     view: bool = False
     opaque: bool = False
     configured_as: tuple[str, str] | None = None  # the configured name of a table renamed since
+    uses: tuple[ProtectedColumn, ...] = ()
 
     @property
     def qualified_name(self) -> str:

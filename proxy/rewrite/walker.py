@@ -163,11 +163,15 @@ class StatementWalker:
 
     def read_opaque(self, table: ProtectedTable) -> None:
         """Reading an opaque member of a family (a view pgveil cannot map, a parent of a member): its
-        values are not attributed, so every governed column of the root is an EXPRESSION reference."""
+        values are not attributed, so every governed column of the root is an EXPRESSION reference. A
+        mapped view whose definition uses governed columns (``lower(phone)``, a WHERE) reveals
+        something of each at every read: EXPRESSION references too."""
         if table.opaque:
             label = f"opaque {'view' if table.view else 'relation'} {table.qualified_name}"
             for c in self.root_columns(table):
                 self.refer(c, ReferenceKind.EXPRESSION, label)
+        for c in table.uses:
+            self.refer(c, ReferenceKind.EXPRESSION, f"view {table.qualified_name} (its definition uses the column)")
 
     # statements
 

@@ -47,22 +47,42 @@ NAME, SSN, EMAIL, PHONE = (CUSTOMERS.columns[n] for n in ("name", "ssn", "email"
 
 
 def _member(
-    root: ProtectedTable, name: str, columns: dict[str, ProtectedColumn], all_columns: list[str], **kw: bool
+    root: ProtectedTable,
+    name: str,
+    columns: dict[str, ProtectedColumn],
+    all_columns: list[str],
+    *,
+    view: bool = False,
+    opaque: bool = False,
 ) -> ProtectedTable:
     mapped = {
         n: dataclasses.replace(c, table=name, name=n, identity=c.column_id) for n, c in columns.items()
     }  # fmt: skip
-    return ProtectedTable(root.schema, name, mapped, tuple(all_columns), root=root.qualified_name, **kw)
+    return ProtectedTable(
+        root.schema, name, mapped, tuple(all_columns), root=root.qualified_name, view=view, opaque=opaque
+    )
 
 
 CONTACTS_OPAQUE = _member(CONTACTS, "contacts_opaque", {}, ["id", "x"], view=True, opaque=True)
 CUSTOMERS_OPAQUE = _member(CUSTOMERS, "customers_opaque", {}, ["id", "x"], view=True, opaque=True)
 CONTACTS_VIEW = _member(CONTACTS, "contacts_view", {"m": MOBILE}, ["id", "m"], view=True)
 CONTACTS_PARENT = _member(CONTACTS, "contacts_parent", {}, ["id", "mobile", "city", "note"], opaque=True)
+# A view computing from a plain column (``SELECT id, lower(mobile) AS lm FROM contacts``): no column maps.
+CONTACTS_DERIVED = dataclasses.replace(
+    _member(CONTACTS, "contacts_derived", {}, ["id", "lm"], view=True), uses=(MOBILE,)
+)
 CATALOG = Catalog(
     {
         (t.schema, t.name): t
-        for t in (CUSTOMERS, CONTACTS, CONTACTS_OPAQUE, CUSTOMERS_OPAQUE, CONTACTS_VIEW, CONTACTS_PARENT)
+        for t in (
+            CUSTOMERS,
+            CONTACTS,
+            CONTACTS_OPAQUE,
+            CUSTOMERS_OPAQUE,
+            CONTACTS_VIEW,
+            CONTACTS_PARENT,
+            CONTACTS_DERIVED,
+        )
     }
 )
 VIEW_M = CONTACTS_VIEW.columns["m"]
@@ -255,6 +275,10 @@ PLAIN_CASES: list[tuple[str, set[tuple[str, ReferenceKind, str]]]] = [
             (M, WRITE, "write through opaque relation public.contacts_parent"),
             (C, WRITE, "write through opaque relation public.contacts_parent"),
         },
+    ),
+    (
+        "SELECT lm FROM contacts_derived",
+        {(M, EXPRESSION, "view public.contacts_derived (its definition uses the column)")},
     ),
     # statements the walker cannot analyse column by column: every governed column, EXPRESSION
     (
