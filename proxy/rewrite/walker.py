@@ -1,8 +1,11 @@
 """The statement walker: resolves names the way PostgreSQL's parse analysis does and classifies every
-use of a protected column (see analysis.py for the theory of operation).
+use of a governed column (see analysis.py for the theory of operation).
 
-Must not: do I/O, or put literal values in messages. It raises FeatureNotSupported for the first
-construct it refuses; analysis.py turns that into the statement's refusal.
+Every use that may run is recorded as a Reference (``StatementWalker.references``); a use of an
+encrypted column that no role may make raises FeatureNotSupported at the first such construct, and
+analysis.py turns that into the statement's refusal. A plain governed column never raises.
+
+Must not: do I/O, put literal values in messages, or depend on the role.
 """
 
 from __future__ import annotations

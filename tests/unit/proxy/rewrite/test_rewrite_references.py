@@ -506,3 +506,22 @@ def test_encrypted_columns_are_refused_or_recorded(select: list[str], where: tup
     outputs = {r.column for r in statement.references if r.kind is OUTPUT}
     assert outputs == {_ENC[s] for s in select} - {None}
     assert statement.result_columns == tuple(_ENC[s] for s in select)
+
+
+def test_unparseable_text_on_plain_tables_is_left_to_the_server() -> None:
+    plan = analyze("SELECT mobile FROM contacts WHERE", CATALOG)
+    assert plan.unparseable
+    assert plan.refusal is None
+    assert {(r.column, r.kind, r.construct) for r in plan.references} == {
+        (MOBILE, EXPRESSION, UNANALYSED),
+        (CITY, EXPRESSION, UNANALYSED),
+    }
+    refused = analyze("SELECT ssn FROM customers WHERE", CATALOG)
+    assert refused.refusal is not None
+    assert refused.refusal.sqlstate == "0A000"
+
+
+def test_uncertain_plain_result_column_is_a_use_not_a_result_column() -> None:
+    plan = _plan("SELECT s.mobile FROM contacts c, LATERAL (SELECT mobile FROM elsewhere) s")
+    assert plan.result_columns == (None,)
+    assert Reference(MOBILE, EXPRESSION, "a result column") in plan.references
