@@ -491,3 +491,26 @@ def test_zz_no_canary_reached_the_server(env: Env, pg: DevCluster) -> None:
     assert leaks == {}, f"plaintext written through pgveil found on the server: {leaks}; log: {lines}"
     wal = pg.data_dir / "pg_wal"
     assert any(any(wal in p.parents for p in found.files(c)) for c in env.controls), "the search is blind"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine gap: a Bind of a statement that was not analysed (FETCH) ignores the statement's "
+    "RowDescription, so without a Describe of the portal (asyncpg) the rows are not decrypted",
+)
+def test_cursor_fetched_through_a_described_statement(env: Env) -> None:
+    """asyncpg prepares ``FETCH`` (Parse, Describe statement) and then binds and executes it without a
+    Describe of the portal: the rows must still be decrypted by the statement's RowDescription."""
+    value = env.control("cursor-asyncpg")
+
+    async def run() -> list[Any]:
+        conn = await asyncpg.connect(env.dsn())
+        try:
+            await conn.execute("INSERT INTO s1.secrets (id, c) VALUES (60000002, $1)", value)
+            async with conn.transaction():
+                await conn.execute("DECLARE cur CURSOR FOR SELECT id, c FROM s1.secrets WHERE id = 60000002")
+                return [tuple(r) for r in await conn.fetch("FETCH ALL FROM cur")]
+        finally:
+            await conn.close()
+
+    assert asyncio.run(run()) == [(60000002, value)]
