@@ -514,3 +514,31 @@ def test_cursor_fetched_through_a_described_statement(env: Env) -> None:
             await conn.close()
 
     assert asyncio.run(run()) == [(60000002, value)]
+
+
+def test_column_configured_plain_but_encrypted_refuses_its_statements(env: Env, pg: DevCluster, tmp_path: Path) -> None:
+    """A config written for the old default (``encrypt`` omitted meant encrypted) names a column that the
+    database holds encrypted: pgveil is not ready (55000 for statements on protected tables, the session
+    goes on) and its log names the column and the fix; it never serves the envelopes as plain values."""
+    cfg = proxy_config(
+        pg,
+        service={"dsn": pg.dsn(dbname=DB)},
+        keystore={"dsn": pg.dsn(dbname=DB), "master_key": {"provider": "local", "path": str(tmp_path / "mk")}},
+        # (another encrypted column: the runtime starts only when something is encrypted)
+        tables={
+            "s1.secrets": {"columns": {"c": {"type": "text"}}},
+            "public.lonely": {"columns": {"c": {"type": "text", "encrypt": True}}},
+        },
+    )
+    proxy = ProxyProcess(cfg, tmp_path)
+    proxy.start()
+    try:
+        with psycopg.connect(proxy.dsn(dbname=DB), autocommit=True) as c:
+            with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="not ready"):
+                c.execute("SELECT c FROM s1.secrets")
+            assert c.execute("SELECT 1").fetchone() == (1,)
+        logs = proxy.logs()  # the refusal above came after the catalog was read and found wrong
+        assert "column s1.secrets.c is configured plain but encrypted in the database" in logs
+        assert "set encrypt: true" in logs
+    finally:
+        proxy.stop()
