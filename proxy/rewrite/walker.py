@@ -763,7 +763,7 @@ class StatementWalker:
                     self.use_governed((found.column,), construct)
         self.expr(body.get("quals"), level, "JOIN ON")
         joined: Shape = (
-            tuple(OutColumn(n) for n in using)
+            tuple(self._merged_column(n, left, right) for n in using)
             + tuple(c for c in left if not (isinstance(c, OutColumn) and c.name in using))
             + tuple(c for c in right if not (isinstance(c, OutColumn) and c.name in using))
         )
@@ -774,6 +774,16 @@ class StatementWalker:
             return self._add_aliased(level, alias, None, joined)
         level.star.append(joined)
         return joined
+
+    @staticmethod
+    def _merged_column(name: str, left: Shape, right: Shape) -> OutColumn:
+        """A USING or NATURAL join column: the governed column of either side (a plain one; an encrypted
+        one was refused), untraced since a FULL JOIN merges it with COALESCE."""
+        for side in (left, right):
+            found = Relation(None, side).lookup(name)[1]
+            if found is not None and found.column is not None:
+                return OutColumn(name, found.column, traced=False, certain=found.certain)
+        return OutColumn(name)
 
     def _natural_columns(self, left: Shape, right: Shape) -> list[str]:
         if not (shape_is_exact(left) and shape_is_exact(right)):

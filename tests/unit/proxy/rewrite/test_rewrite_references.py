@@ -311,6 +311,7 @@ RESULTS: list[tuple[str, tuple[ProtectedColumn | None, ...]]] = [
     ("SELECT ssn, phone, id FROM customers", (SSN, PHONE, None)),
     ("SELECT m FROM contacts_view", (VIEW_M,)),
     ("DELETE FROM contacts RETURNING city", (CITY,)),
+    ("SELECT * FROM contacts a JOIN contacts b USING (city)", (CITY, None, MOBILE, None, None, MOBILE, None)),
 ]
 
 
