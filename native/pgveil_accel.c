@@ -42,7 +42,7 @@
 #include <openssl/evp.h>
 #include <openssl/params.h>
 
-#define ACCEL_VERSION "1"
+#define ACCEL_VERSION "2"
 
 #define KEY_ID_LENGTH 16
 #define NONCE_LENGTH 12
@@ -578,7 +578,7 @@ static PyTypeObject OpenerType = {
 
 /* -- the DataRow batch kernel -------------------------------------------------------------------------- */
 
-enum { COLUMN_COPIED = 0, COLUMN_BINARY = 1, COLUMN_HEX = 2 };
+enum { COLUMN_COPIED = 0, COLUMN_BINARY = 1, COLUMN_HEX = 2, COLUMN_NULL = 3 };
 
 typedef struct {
     int kind;
@@ -634,8 +634,8 @@ malformed(const char *what)
  * rewrite_rows(data, start, end, columns, opener) -> bytes
  *
  * data[start:end] is a run of complete DataRow messages; columns has one entry per column of the row
- * description: None (copied as it is) or (associated, server_binary). Every protected value is opened
- * and replaced by its plaintext (the client's bytes: the caller only passes plans whose columns are
+ * description: None (copied as it is), False (sent as NULL, never read: a hidden column) or
+ * (associated, server_binary). Every protected value is opened and replaced by its plaintext (the client's bytes: the caller only passes plans whose columns are
  * identity). Mirrors proxy/encrypt/rows.py's loops, check for check and in the same order, so that the
  * first fault of a run gives the same error: Malformed for framing, RowRefused(reason, column index, or
  * -1 for "the plan's first protected column") for a value or row that cannot be delivered, Unsupported
@@ -680,8 +680,12 @@ rewrite_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyObject *item = PyTuple_GET_ITEM(columns_obj, c);
         if (item == Py_None)
             continue;
+        if (item == Py_False) {
+            columns[c].kind = COLUMN_NULL;
+            continue;
+        }
         if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2 || !PyBytes_Check(PyTuple_GET_ITEM(item, 0))) {
-            PyErr_SetString(PyExc_TypeError, "a column is None or (associated: bytes, server_binary: bool)");
+            PyErr_SetString(PyExc_TypeError, "a column is None, False or (associated: bytes, server_binary: bool)");
             goto fail;
         }
         int binary = PyObject_IsTrue(PyTuple_GET_ITEM(item, 1));
@@ -760,6 +764,14 @@ rewrite_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             if ((Py_ssize_t)n > row_end - v) {
                 malformed("a value runs past the end of its row");
                 goto fail;
+            }
+            if (col->kind == COLUMN_NULL) {
+                ROOM(4);
+                put_be32(o + w, 0xffffffffu); /* NULL: length -1, no bytes */
+                w += 4;
+                p = v + n;
+                changed = 1;
+                continue;
             }
             const unsigned char *env = d + v;
             Py_ssize_t size = n;
@@ -919,6 +931,7 @@ PyInit_pgveil_accel(void)
         PyModule_AddIntConstant(m, "NONCE_LENGTH", NONCE_LENGTH) < 0 ||
         PyModule_AddIntConstant(m, "TAG_LENGTH", TAG_LENGTH) < 0 ||
         PyModule_AddIntConstant(m, "HEADER_LENGTH", HEADER_LENGTH) < 0 ||
+        PyModule_AddIntConstant(m, "NULL_COLUMNS", 1) < 0 ||
         PyModule_AddStringConstant(m, "OPENSSL_VERSION", OpenSSL_version(OPENSSL_VERSION)) < 0 ||
         PyModule_AddStringConstant(m, "__version__", ACCEL_VERSION) < 0)
         goto fail;

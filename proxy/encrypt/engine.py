@@ -907,7 +907,7 @@ class SessionCrypto:
             # cannot be rewritten, so the session must end rather than pass ciphertext or plaintext on.
             raise ProtocolViolation("server", "binary COPY of a protected table")
         transforms = CopyTransforms(self)
-        fields: list[Callable[[bytes], bytes] | None] = []
+        fields: list[Callable[[bytes], bytes | None] | None] = []
         for col in cp.protected:
             if col is None:
                 fields.append(None)
@@ -1308,11 +1308,11 @@ class CopyTransforms:
 
         return seal_field
 
-    def opener(self, cc: ColumnCrypto) -> Callable[[bytes], bytes]:
+    def opener(self, cc: ColumnCrypto) -> Callable[[bytes], bytes | None]:
         crypto = self.crypto
         out = cc.output(server_binary=False, client_binary=False, fmt=crypto.fmt)
 
-        def open_field(stored: bytes) -> bytes:
+        def open_field(stored: bytes) -> bytes | None:
             def lookup(key_id: bytes) -> DataKey | None:
                 try:
                     return crypto.ctx.keys.by_id(key_id)
