@@ -209,7 +209,7 @@ def rewrite_data_rows(
             try:
                 return _rewrite_native(data, start, end, plan, compiled[3], opener[1])
             except _Unsupported:
-                pass  # escape-format bytea text: the general loop decodes it
+                pass  # escape-format bytea text, a mask longer than its stored value: the general loop
         if compiled[2] is not None:
             return _rewrite_fast(data, start, end, plan, compiled[2], opener[1].open)
         return _rewrite_general(data, start, end, plan, compiled[1], opener[1].open, fmt)
@@ -222,8 +222,8 @@ def rewrite_data_rows(
 # is copied as it is (no plan entry, or STORED).
 _Step = tuple[ColumnOutput, bytes, bool, bool, Action] | None
 # What the accelerator's kernel takes per column: None (copied), False (NULL, nothing read), or
-# (associated bytes, the server sends the raw envelope rather than bytea hex text).
-_NativeColumns = tuple[tuple[bytes, bool] | bool | None, ...]
+# (associated bytes, the server sends the raw envelope rather than bytea hex text[, the mask]).
+_NativeColumns = tuple[tuple[bytes, bool] | tuple[bytes, bool, Mask] | bool | None, ...]
 # (plan, its steps, the fast loop's columns, the accelerator's columns, nothing to change). The fast
 # loop's columns, when every decrypted column is binary and identity and no column is masked: the
 # associated bytes of each decrypted column, _HIDE for a NULL column, None for the others. The
@@ -233,8 +233,22 @@ _OpenFunction = Callable[[bytes, int, int, bytes], bytes]
 # The fast loop's mark for a column that goes out as NULL; compared by identity (associated data is never
 # empty, so no column's associated bytes are this object).
 _HIDE = b""
-# The accelerator's kernel knows NULL columns from version 2 of its column tuple on (NULL_COLUMNS).
+# The accelerator's kernel knows NULL and masked columns from its version 2 on (an older build of the
+# module leaves such plans to the Python loops).
 _NATIVE_NULL = bool(getattr(_accel, "NULL_COLUMNS", 0))
+_NATIVE_MASK = bool(getattr(_accel, "MASK_COLUMNS", 0))
+
+
+def _native_column(step: _Step) -> tuple[bytes, bool] | tuple[bytes, bool, Mask] | bool | None:
+    if step is None:
+        return None
+    out, associated, server_binary, _identity, action = step
+    if action is Action.NULL:
+        return False
+    if action is Action.MASK:
+        assert out.mask is not None
+        return (associated, server_binary, out.mask)
+    return (associated, server_binary)
 
 
 class _Unsupported(Exception):
@@ -253,16 +267,20 @@ def _compile(plan: RowPlan) -> _Compiled:
     only_decrypt = all(step[4] is Action.DECRYPT for step in decrypting)
     hides = any(step is not None and step[4] is Action.NULL for step in steps)
     fast = only_decrypt and all(step[2] and step[3] for step in decrypting)
-    native = only_decrypt and all(step[3] for step in decrypting) and _accel is not None and (_NATIVE_NULL or not hides)
+    masks = any(step[4] is Action.MASK for step in decrypting)
+    native = (
+        all(step[4] in (Action.DECRYPT, Action.MASK) and step[3] for step in decrypting)
+        and _accel is not None
+        and (_NATIVE_NULL or not hides)
+        and (_NATIVE_MASK or not masks)
+    )
     return (
         plan,
         steps,
         tuple(None if step is None else _HIDE if step[4] is Action.NULL else step[1] for step in steps)
         if fast
         else None,
-        tuple(None if step is None else False if step[4] is Action.NULL else (step[1], step[2]) for step in steps)
-        if native
-        else None,
+        tuple(_native_column(step) for step in steps) if native else None,
         all(step is None for step in steps),
     )
 

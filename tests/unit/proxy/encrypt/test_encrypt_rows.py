@@ -788,3 +788,23 @@ def test_a_refusal_says_which_check_failed_only_in_its_reason() -> None:
         reasons.add(error.reason)
     assert reasons <= set(rows.REASONS)
     assert reasons == {"authentication", "unknown_key", "not_an_envelope"}
+
+
+def test_a_mask_longer_than_its_envelope_is_served_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The accelerator's output never outgrows its input: it leaves such a run to the Python loop,
+    which gives the same bytes."""
+    long_mask = dataclasses.replace(
+        acted(real_output(SSN, server_binary=True, client_binary=False), Action.MASK), mask=lambda c: b"#" * 500
+    )
+    plan: RowPlan = (long_mask, None)
+    data = frame(data_row(SSN_VECTOR, b"x"), data_row(None, b"y"))
+    expected = frame(data_row(b"#" * 500, b"x"), data_row(None, b"y"))
+    assert rewrite_data_rows(data, 0, len(data), plan, lookup, FMT, {}) == expected
+    native = rows._compile(plan)[3]
+    if rows._accel is not None:
+        assert native is not None
+        with pytest.raises(rows._Unsupported):
+            rows._rewrite_native(data, 0, len(data), plan, native, Opener(lookup))
+    monkeypatch.setattr(rows, "_accel", None)  # the Python loops only
+    outcomes = loops(data, plan)
+    assert outcomes == [expected] * len(outcomes)
