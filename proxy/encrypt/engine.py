@@ -531,6 +531,8 @@ class SessionCrypto:
         self._portal_crypto: dict[str, PortalCrypto] = {}
         self._row_plan: RowPlan | None = None  # the result whose DataRows the relay hands over now
         self._copy_out_rw: CopyRowRewriter | None = None  # rewrites the server's COPY TO STDOUT rows
+        self._described_cache: dict[bytes, tuple[ColumnCrypto | None, ...] | None] = {}  # see _described
+        self._described_catalog: Catalog | None = None
         self._copy_out_served: tuple[tuple[tuple[str, str], int], ...] = ()  # per row of the COPY TO
         self._copy_out_counting = False  # a COPY TO whose rows pass unchanged but are counted
         self._copy_out_rows = 0
@@ -884,6 +886,17 @@ class SessionCrypto:
         requested in binary. Only what changes is rebuilt; the rest of the message is copied as is."""
         client_formats = msg.result_formats
         if stmt is None:
+            if stmt_row_desc is not None and self.ctx.by_attr:
+                described = self._described(stmt_row_desc)
+                if described is not None:
+                    # A statement pgveil had nothing to analyse in (FETCH from a cursor) whose Describe
+                    # names governed columns by table OID and attribute number: its rows are served
+                    # under the current view like any other result.
+                    try:
+                        return self._bind_described(msg, described, client_formats)
+                    except ProxyError as e:
+                        log.info("refused a Bind: %s", e.message)
+                        return Outcome(codec.encode_frontend(refused_bind(msg.portal)), None, self.refusal(e))
             return Outcome(None, PortalCrypto(None, client_formats, client_formats))
         try:
             return self._bind(msg, stmt, stmt_row_desc, client_formats)
@@ -936,6 +949,36 @@ class SessionCrypto:
         if param_formats is None and server_formats is None:
             return Outcome(None, portal)
         return Outcome(codec.encode_bind_frame(msg, param_formats, sealed, server_formats), portal)
+
+    def _described(self, row_desc: bytes) -> tuple[ColumnCrypto | None, ...] | None:
+        """The governed columns a statement's RowDescription names (cached by its bytes, per catalog)."""
+        cache = self._described_cache
+        if self._described_catalog is not self.ctx.catalog:
+            cache.clear()
+            self._described_catalog = self.ctx.catalog
+        if row_desc in cache:
+            return cache[row_desc]
+        hint = self._merge_hint(None, row_desc)
+        if len(cache) > 256:
+            cache.clear()
+        cache[row_desc] = hint
+        return hint
+
+    def _bind_described(
+        self, msg: m.BindFrame, hint: tuple[ColumnCrypto | None, ...], client_formats: tuple[int, ...]
+    ) -> Outcome:
+        view = self._view_source()
+        client = [format_for(client_formats, i) for i in range(len(hint))]
+        row_plan = tuple(
+            None if h is None else self._output(h, view.grant(h.column), client_binary=client[i] == 1)
+            for i, h in enumerate(hint)
+        )
+        self._note_plan(row_plan, view)
+        server_formats = tuple(client[i] if out is None else int(out.server_binary) for i, out in enumerate(row_plan))
+        portal = PortalCrypto(None, client_formats, server_formats, row_plan, view=view)
+        if list(server_formats) == client:
+            return Outcome(None, portal)
+        return Outcome(codec.encode_bind_frame(msg, None, (), server_formats), portal)
 
     def _merge_hint(
         self, hint: tuple[ColumnCrypto | None, ...] | None, row_desc: bytes
@@ -1316,7 +1359,7 @@ class SessionCrypto:
             stand_in, refusal = refused_execute()
             self.refused[_EXECUTE_REFUSAL] = self.refused.get(_EXECUTE_REFUSAL, 0) + 1
             return Outcome(stand_in, None, refusal)
-        if state.statement is not None:
+        if state.statement is not None or state.row_plan is not None:
             try:
                 self._recheck_portal(state)
             except ProxyError as e:
@@ -1332,11 +1375,10 @@ class SessionCrypto:
         between the partial Executes of a named portal); its rows are then served under the new view, if
         the RowDescription the client has still describes them (else refused: bind it again)."""
         stmt = portal.statement
-        assert stmt is not None
         view = self._view_source()
         if view.epoch == portal.view.epoch:
             return
-        refused = self._policy((stmt.plan,), view)
+        refused = self._policy((stmt.plan,), view) if stmt is not None else None
         if refused is not None:
             raise refused
         plan = portal.row_plan

@@ -451,3 +451,25 @@ def test_a_plain_column_is_copied_masked_or_null(grant: Grant, expected: bytes |
             crypto.data_rows(data, 0, len(data), plan, 1) is data
             or crypto.data_rows(data, 0, len(data), plan, 1) == data
         )
+
+
+# -- FETCH from a cursor: a statement with nothing to analyse, described by the server -----------------
+
+
+@pytest.mark.parametrize(("grant", "action"), [(PLAIN, Action.DECRYPT), (HIDDEN, Action.NULL), (LAST4, Action.MASK)])
+def test_a_bind_of_a_described_unanalysed_statement_serves_its_governed_columns(grant: Grant, action: Action) -> None:
+    """asyncpg Describes the statement (``FETCH 10 FROM c``) and Binds without a portal Describe: the
+    statement's RowDescription names the columns, and the rows follow the role's view."""
+    crypto, _ = session(Switchable(default=grant))
+    desc = rd_body(fd("id", 1, INT4, 4, 0), fd("ssn", 2, BYTEA, -1, 0))
+    msg = codec.decode_bind_frame(codec.encode_bind_body(m.Bind("", "f", (), (), (1,))))
+    out = crypto.handle_bind(msg, [(None, desc)])
+    assert out.refusal is None
+    portal = out.state
+    assert isinstance(portal, PortalCrypto)
+    assert actions(portal) == [None, action]
+    envelope = seal(SSN_KEY, SSN_TEXT, column_associated_data(SSN.column_id))
+    assert crypto.execute_rows(portal)
+    data = data_rows((b"\x00\x00\x00\x07", envelope))
+    got = _values(crypto.data_rows_current(data, 0, len(data), 1))[1]
+    assert got == {Action.DECRYPT: SSN_TEXT, Action.NULL: None, Action.MASK: b"*******6789"}[action]
