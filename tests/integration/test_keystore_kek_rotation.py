@@ -63,6 +63,7 @@ class KekEnv:
             service={"dsn": self.direct_dsn},
             keystore=keystore,
             tables={f"public.{TABLE}": {"columns": {"secret": {"type": "text", "encrypt": True}}}},
+            roles={"default": "plaintext"},  # the application sees its data (without roles: hidden)
         )
 
     def write_config(self, name: str, config: dict[str, Any]) -> Path:
