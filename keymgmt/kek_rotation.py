@@ -193,7 +193,16 @@ async def rotate_kek(
             for table in _TABLES[start:]:
                 after = uuid.UUID(position["after"]) if position.get("table") == table else _NIL
                 while True:
-                    n, after = await _rewrap_batch(conn, keys, table, to_kek, after, batch_size, job_id)
+                    try:
+                        n, after = await _rewrap_batch(conn, keys, table, to_kek, after, batch_size, job_id)
+                    except KekRotationError as exc:
+                        # The job stays open (the next run resumes it); what stopped it is recorded.
+                        await conn.execute(
+                            "UPDATE pgveil.rotation_jobs SET last_error = $2, updated_at = now() WHERE job_id = $1",
+                            job_id,
+                            exc.message,
+                        )
+                        raise
                     if n == 0:
                         break
                     rewrapped += n

@@ -350,7 +350,12 @@ class ProviderChain:
     (``master_key`` plus ``previous_master_keys``)."""
 
     def __init__(self, primary: KeyProvider, *others: KeyProvider) -> None:
-        self.providers: tuple[KeyProvider, ...] = (primary, *others)
+        # Flattened: a chain of chains (a rotation's target in front of a configuration that has
+        # previous_master_keys) routes by each member's own provider id.
+        flat: list[KeyProvider] = []
+        for provider in (primary, *others):
+            flat.extend(provider.providers if isinstance(provider, ProviderChain) else (provider,))
+        self.providers: tuple[KeyProvider, ...] = tuple(flat)
 
     def __repr__(self) -> str:
         return f"ProviderChain({', '.join(repr(p) for p in self.providers)})"

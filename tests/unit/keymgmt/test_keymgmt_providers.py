@@ -287,3 +287,19 @@ def test_the_pkcs11_pin_comes_from_exactly_one_of_a_file_and_the_environment(tmp
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(ProviderConfigError, match="is empty"):
         read_pin({"pin_file": "empty"}, tmp_path, {})
+
+
+def test_a_chain_routes_to_the_member_holding_the_kek_and_flattens_nested_chains(tmp_path: Path) -> None:
+    from keymgmt.providers import ProviderChain
+
+    a, b, c = (LocalKeyProvider(tmp_path / name) for name in ("a.key", "b.key", "c.key"))
+    chain = ProviderChain(a, ProviderChain(b, c))
+    assert chain.providers == (a, b, c)
+    assert (chain.provider_id, chain.kek_id) == ("local", a.kek_id)
+    assert chain.unwrap(c.wrap(DEK), c.kek_id) == DEK
+    assert a.unwrap(chain.wrap(DEK), a.kek_id) == DEK
+    assert b.unwrap(chain.wrap(DEK, b.kek_id), b.kek_id) == DEK
+    with pytest.raises(MasterKeyError, match="no configured key provider holds"):
+        chain.wrap(DEK, "local-" + "f" * 32)
+    assert chain.destroy_kek(c.kek_id) is True
+    assert not (tmp_path / "c.key").exists()
