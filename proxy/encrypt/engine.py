@@ -83,6 +83,7 @@ from proxy.rewrite.copyrows import CopyOptions, CopyRowRewriter
 from proxy.rewrite.plan import (
     CopyDirection,
     CopyFormat,
+    CopyPlan,
     LiteralTarget,
     QueryPlan,
     Refusal,
@@ -558,7 +559,7 @@ class SessionCrypto:
                 return refused
             cp = st.copy
             if cp is not None and cp.direction is CopyDirection.TO and cp.format is CopyFormat.BINARY:
-                for col in cp.protected:
+                for col in _governed_columns(cp):
                     if col is not None and view.grant(col).visibility is not Visibility.PLAINTEXT:
                         return PolicyDenied(
                             f"pgveil: permission denied for column {col.column_id}: binary COPY TO needs "
@@ -567,8 +568,9 @@ class SessionCrypto:
                         )
             outputs = [r.column for r in references if r.kind is ReferenceKind.OUTPUT]
             outputs.extend(c for c in st.result_columns or () if c is not None)
+            outputs.extend(c for c in getattr(st, "cursor_columns", None) or () if c is not None)
             if cp is not None and cp.direction is CopyDirection.TO:
-                outputs.extend(c for c in cp.protected if c is not None)
+                outputs.extend(c for c in _governed_columns(cp) if c is not None)
             for col in outputs:
                 mask = view.grant(col).mask
                 if mask is not None and mask.function is MaskFunction.HASH:
@@ -1204,14 +1206,18 @@ class SessionCrypto:
         """A row rewriter for the COPY that the server just started, or None if it carries no protected
         column. Keys for COPY FROM are checked first (KeyMiss), so a stream never stops half-way."""
         st = _copy_current_statement(state)
-        if st is None or st.copy is None or not st.copy.needs_rewrite:
+        if st is None or st.copy is None:
             return None
         cp = st.copy
+        # COPY FROM seals (or checks) encrypted columns only; COPY TO serves every governed column.
+        columns = cp.protected if inbound else _governed_columns(cp)
+        if not any(c is not None for c in columns):
+            return None
         view = state.view if isinstance(state, QueryCrypto | PortalCrypto) else self._fallback_view()
         transforms = CopyTransforms(self)
         fields: list[Callable[[bytes], bytes | None] | None] = []
         served: dict[tuple[str, str], int] = {}
-        for col in cp.protected:
+        for col in columns:
             if col is None:
                 fields.append(None)
                 continue
@@ -1689,6 +1695,12 @@ def _codec_by_oid(oid: int) -> TypeCodec | None:
 
 def _copies_in_protected(st: StatementPlan) -> bool:
     return st.copy is not None and st.copy.direction is CopyDirection.FROM and st.copy.needs_rewrite
+
+
+def _governed_columns(cp: CopyPlan) -> tuple[ProtectedColumn | None, ...]:
+    """Every governed column of a COPY in wire order (encrypted and plain)."""
+    governed: tuple[ProtectedColumn | None, ...] = getattr(cp, "governed_columns", cp.protected)
+    return governed
 
 
 def _copy_current_statement(state: object) -> StatementPlan | None:
