@@ -139,11 +139,13 @@ def vis(pg: DevCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pr
         deadline = time.monotonic() + 30
         while True:
             try:
-                with psycopg.connect(proxy.dsn(user="ve_app", password=PW), autocommit=True) as c:
-                    with c.cursor() as cur:
-                        cur.executemany(
-                            f"INSERT INTO {TABLE} (id, email, ssn, score, phone) VALUES (%s, %s, %s, %s, %s)", ROWS
-                        )
+                with (
+                    psycopg.connect(proxy.dsn(user="ve_app", password=PW), autocommit=True) as c,
+                    c.cursor() as cur,
+                ):
+                    cur.executemany(
+                        f"INSERT INTO {TABLE} (id, email, ssn, score, phone) VALUES (%s, %s, %s, %s, %s)", ROWS
+                    )
                 break
             except psycopg.Error:
                 if time.monotonic() > deadline:
@@ -216,7 +218,8 @@ def test_backup_role_gets_the_stored_envelopes_as_bytea(vis: ProxyProcess) -> No
     async def run() -> list[asyncpg.Record]:
         conn = await asyncpg.connect(dsn(vis, "ve_backup"))
         try:
-            return await conn.fetch(SELECT)
+            rows: list[asyncpg.Record] = await conn.fetch(SELECT)
+            return rows
         finally:
             await conn.close()
 
@@ -317,9 +320,11 @@ def test_copy_to_serves_the_roles_view(vis: ProxyProcess, role: str, fmt: str) -
 
 def test_binary_copy_to_is_refused_for_a_restricted_role(vis: ProxyProcess) -> None:
     with psycopg.connect(dsn(vis, "ve_support"), autocommit=True) as c:
-        with pytest.raises(psycopg.Error) as info:
-            with c.cursor().copy(f"COPY {TABLE} (id, phone) TO STDOUT (FORMAT binary)") as cp:
-                b"".join(bytes(b) for b in cp)
+        with (
+            pytest.raises(psycopg.Error) as info,
+            c.cursor().copy(f"COPY {TABLE} (id, phone) TO STDOUT (FORMAT binary)") as cp,
+        ):
+            b"".join(bytes(b) for b in cp)
         assert info.value.sqlstate in ("42501", "0A000")
         assert c.execute("SELECT 3").fetchone() == (3,)
 
@@ -354,7 +359,8 @@ def test_cursors_serve_the_roles_view(vis: ProxyProcess, role: str) -> None:
 
 @pytest.mark.parametrize("role", ["ve_support", "ve_nobody", "ve_bob"])
 def test_the_canary_never_reaches_a_restricted_role_on_the_wire(vis: ProxyProcess, role: str) -> None:
-    with Recorder(vis.port) as rec:
+    rec = Recorder(vis.port)
+    with rec:
         d = dsn(vis, role, rec.port)
         with psycopg.connect(d, autocommit=True) as c:
             c.execute(SELECT).fetchall()
@@ -418,7 +424,9 @@ def _reload(proxy: ProxyProcess, roles: dict[str, Any], done: Any) -> None:
 
 @pytest.mark.skipif(not (PG_BIN / "pg_dump").exists(), reason="pg_dump 15 is not installed")
 def test_pg_dump_as_backup_role_restores_through_pgveil_as_the_same_role(vis: ProxyProcess, tmp_path: Path) -> None:
-    rows = [(10 + i, f"user{i}@example.com", f"SSN-{i:04d}", i * 3, f"555-{i:04d}") for i in range(20)]
+    rows: list[tuple[Any, ...]] = [
+        (10 + i, f"user{i}@example.com", f"SSN-{i:04d}", i * 3, f"555-{i:04d}") for i in range(20)
+    ]
     rows.append((99, None, "only-ssn", None, None))
     with psycopg.connect(dsn(vis, "ve_billing"), autocommit=True) as c:
         c.execute(f"TRUNCATE {DUMP_TABLE}")
@@ -438,7 +446,8 @@ def test_pg_dump_as_backup_role_restores_through_pgveil_as_the_same_role(vis: Pr
     )
     assert p.returncode == 0, p.stderr
     text = dump.read_text()
-    assert "SSN-0001" not in text and "user1@example.com" not in text  # envelopes only
+    assert "SSN-0001" not in text  # envelopes only
+    assert "user1@example.com" not in text
     assert "555-0001" in text  # the plain column, as stored
     with psycopg.connect(dsn(vis, "ve_billing"), autocommit=True) as c:
         c.execute(f"TRUNCATE {DUMP_TABLE}")

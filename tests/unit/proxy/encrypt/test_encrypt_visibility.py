@@ -173,12 +173,16 @@ def test_ciphertext_role_gets_the_stored_envelope_as_bytea() -> None:
     assert crypto.values_served == {("support", "ciphertext"): 2}
 
 
-def test_a_denied_column_found_only_in_the_row_description_is_not_served() -> None:
+def test_a_denied_column_refuses_the_statement_and_is_not_served_where_only_a_description_names_it() -> None:
     crypto, _ = session(Switchable(grants={SSN.column_id: DENY}))
     out = crypto.query("SELECT id, ssn, score FROM customers")
-    assert isinstance(out.state, QueryCrypto)
+    assert sqlstate(out.refusal) == "42501"
+    assert b"public.customers.ssn" in (out.refusal or b"")
+    assert crypto.query("SELECT id, score FROM customers").refusal is None
+    # FETCH from a cursor: nothing to analyse, the RowDescription names the column
+    assert crypto.query("FETCH 1 FROM c").state is None
     with pytest.raises(ProxyError, match=r"public\.customers\.ssn") as info:
-        crypto.result_row_description(rd_body(*STORED_FIELDS), out.state)
+        crypto.result_row_description(rd_body(*STORED_FIELDS), None)
     assert info.value.sqlstate == "42501"
 
 
