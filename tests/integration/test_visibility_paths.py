@@ -41,6 +41,8 @@ from proxy.devcluster import DevCluster
 from proxy.schema import apply_schema, plan_schema
 
 pytestmark = pytest.mark.integration
+# The login role's view reaches the sessions through the policy runtime (role membership, reloads).
+pytest.importorskip("proxy.policy_runtime", reason="the policy runtime is not merged yet")
 
 PW = "ve-secret"
 TABLE = "ve_customers"
@@ -132,7 +134,15 @@ def vis(pg: DevCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pr
 
     asyncio.run(schema())
     workdir = tmp_path_factory.mktemp("ve-proxy")
-    cfg = encryption_config(pg, workdir / "master.key", pg.dsn(dbname="ve_keys"), tables=tables(), roles=policy())
+    # Its own keystore database (its own master key), the catalog read from the app database.
+    cfg = encryption_config(
+        pg,
+        workdir / "master.key",
+        pg.dsn(dbname="ve_keys"),
+        tables=tables(),
+        roles=policy(),
+        service={"dsn": pg.dsn(dbname="app")},
+    )
     proxy = ProxyProcess(cfg, workdir)
     proxy.start()
     try:
@@ -162,6 +172,7 @@ def dsn(proxy: ProxyProcess, role: str, port: int | None = None) -> str:
 
 
 SELECT = f"SELECT id, email, ssn, score, phone FROM {TABLE} ORDER BY id"
+SELECT_ABOVE = f"SELECT id, email, ssn, score, phone FROM {TABLE} WHERE id > %s ORDER BY id"
 
 
 def expected(role: str) -> list[tuple[Any, ...]]:
@@ -186,11 +197,11 @@ READERS = ["ve_billing", "ve_support", "ve_nobody", "ve_alice", "ve_bob"]
 @pytest.mark.parametrize("mode", ["client-binding", "server-text", "server-binary"])
 def test_psycopg_gets_what_the_role_may_see(vis: ProxyProcess, role: str, mode: str) -> None:
     with psycopg.connect(dsn(vis, role), autocommit=True) as c:
-        if mode == "client-binding":
+        if mode == "client-binding":  # the simple protocol, the parameter as a literal
             cur: Any = psycopg.ClientCursor(c)
-            rows = cur.execute(SELECT + " -- %s", ("x",)).fetchall()
-        else:
-            rows = c.cursor(binary=mode == "server-binary").execute(SELECT + " -- %s", ("x",)).fetchall()
+        else:  # the extended protocol
+            cur = c.cursor(binary=mode == "server-binary")
+        rows = cur.execute(SELECT_ABOVE, (0,)).fetchall()
     assert rows == expected(role)
 
 
@@ -246,19 +257,20 @@ def test_contractor_is_refused_with_42501_and_the_session_goes_on(vis: ProxyProc
 @pytest.mark.parametrize(
     "sql",
     [
-        f"SELECT id FROM {TABLE} WHERE ssn LIKE '1%'",
-        f"SELECT id FROM {TABLE} ORDER BY ssn",
+        f"SELECT id FROM {TABLE} WHERE ssn IS NULL",  # encrypted: allowed for a plaintext role only
+        f"SELECT count(ssn) FROM {TABLE}",
+        f"SELECT id FROM {TABLE} WHERE phone LIKE '555-01%'",  # plain: every use needs plaintext
+        f"SELECT id FROM {TABLE} ORDER BY phone",
         f"SELECT id FROM {TABLE} WHERE phone = '555-0199'",
-        f"SELECT count(*) FROM {TABLE} GROUP BY score",
+        f"SELECT count(*) FROM {TABLE} GROUP BY phone",
     ],
 )
 def test_support_may_not_use_a_masked_column_in_a_predicate(vis: ProxyProcess, sql: str) -> None:
     with psycopg.connect(dsn(vis, "ve_support"), autocommit=True) as c:
-        for binary in (False, True):
-            with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                c.cursor(binary=binary).execute(sql + " -- %s", ("x",))
-            with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                c.execute(sql)
+        for cur in (c.cursor(), c.cursor(binary=True), psycopg.ClientCursor(c)):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                cur.execute(sql)
+            assert "public.ve_customers" in str(info.value)
             assert c.execute("SELECT 2").fetchone() == (2,)
     with psycopg.connect(dsn(vis, "ve_billing"), autocommit=True) as c:
         c.execute(sql).fetchall()  # plaintext: allowed
@@ -364,7 +376,8 @@ def test_the_canary_never_reaches_a_restricted_role_on_the_wire(vis: ProxyProces
         d = dsn(vis, role, rec.port)
         with psycopg.connect(d, autocommit=True) as c:
             c.execute(SELECT).fetchall()
-            c.cursor(binary=True).execute(SELECT + " -- %s", ("x",)).fetchall()
+            c.cursor(binary=True).execute(SELECT_ABOVE, (0,)).fetchall()
+            psycopg.ClientCursor(c).execute(SELECT_ABOVE, (0,)).fetchall()
             with c.cursor().copy(f"COPY {TABLE} TO STDOUT (FORMAT csv)") as cp:
                 b"".join(bytes(b) for b in cp)
             with c.transaction(), c.cursor(name="canary_cur") as cur:

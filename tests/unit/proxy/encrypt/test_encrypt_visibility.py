@@ -253,6 +253,7 @@ def test_a_bind_under_a_new_epoch_is_served_under_the_new_view() -> None:
     assert actions(bind(crypto, stmt)) == [None, Action.DECRYPT, Action.DECRYPT]
     src.default, src.epoch = HIDDEN, 1
     assert actions(bind(crypto, stmt)) == [None, Action.NULL, Action.NULL]
+    assert stmt.view is not None
     assert stmt.view.epoch == 1
 
 
