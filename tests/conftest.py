@@ -209,10 +209,6 @@ def proxy_config(pg: DevCluster, **overrides: Any) -> dict[str, Any]:
         "logging": {"level": "info"},
     }
     cfg.update(overrides)
-    if "tables" in cfg:
-        # Absent roles: means every governed column hidden; tests that read values back see plaintext
-        # unless they configure a policy of their own.
-        cfg.setdefault("roles", {"default": "plaintext"})
     return cfg
 
 
