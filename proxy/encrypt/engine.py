@@ -83,6 +83,7 @@ from proxy.rewrite.copyrows import CopyOptions, CopyRowRewriter
 from proxy.rewrite.plan import (
     CopyDirection,
     CopyFormat,
+    CopyPlan,
     LiteralTarget,
     QueryPlan,
     Refusal,
@@ -189,7 +190,7 @@ class StatementCrypto(CryptoState):
     client_param_types: tuple[int, ...]
     result_hint: tuple[ColumnCrypto | None, ...] | None
     # The login role's view the statement was decided under; a Bind under another epoch decides again.
-    view: RoleView = PLAINTEXT_VIEW
+    view: RoleView | None = None  # None: not decided under any view yet (the next Bind decides)
     # Derived from the above once, so that each Bind and Execute only looks things up.
     targets: tuple[ParamTarget, ...] = field(init=False)
     key_slots: int = field(init=False)
@@ -200,7 +201,7 @@ class StatementCrypto(CryptoState):
         self.adopt(self.view)
         self.copies_in = _copies_in_protected(self.plan)
 
-    def adopt(self, view: RoleView) -> None:
+    def adopt(self, view: RoleView | None) -> None:
         """Takes ``view`` (decided for it already): what each parameter is bound as depends on it."""
         self.view = view
         slots: dict[str, int] = {}
@@ -211,7 +212,7 @@ class StatementCrypto(CryptoState):
             column_id = cc.column.column_id
             slot = slots.setdefault(column_id, len(slots))
             binary_as_is = as_is and oid in (0, cc.codec.oid)
-            envelope = writes_envelopes(cc.column, view.grant(cc.column))
+            envelope = view is not None and writes_envelopes(cc.column, view.grant(cc.column))
             targets.append(ParamTarget(i, cc, column_id, cc.associated, oid, as_is, binary_as_is, slot, envelope))
         self.targets = tuple(targets)
         self.key_slots = len(slots)
@@ -225,7 +226,9 @@ class PortalCrypto(CryptoState):
     server_formats: tuple[int, ...]  # as the proxy sent them to the server
     row_plan: RowPlan | None = None
     described: bool = False  # the client sent Describe for this portal (its RowDescription maps the rows)
-    view: RoleView = PLAINTEXT_VIEW  # the view its rows are served under (an Execute under another decides again)
+    # The view its rows are served under (an Execute under another decides again); None: the current view
+    # when its RowDescription arrives (a portal of a statement pgveil had nothing to decide for).
+    view: RoleView | None = None
 
     def needs_description(self) -> bool:
         """Rows whose protected columns only a RowDescription can locate, and none was asked for."""
@@ -239,7 +242,7 @@ class QueryCrypto(CryptoState):
 
     statements: tuple[StatementPlan, ...]
     index: int = 0
-    view: RoleView = PLAINTEXT_VIEW  # the login role's view when the Query was sent
+    view: RoleView | None = None  # the login role's view when the Query was sent (None: the current one)
 
     def current_hint(self, ctx: CryptoContext) -> tuple[ColumnCrypto | None, ...] | None:
         if self.index >= len(self.statements):
@@ -558,7 +561,7 @@ class SessionCrypto:
                 return refused
             cp = st.copy
             if cp is not None and cp.direction is CopyDirection.TO and cp.format is CopyFormat.BINARY:
-                for col in cp.protected:
+                for col in _governed_columns(cp):
                     if col is not None and view.grant(col).visibility is not Visibility.PLAINTEXT:
                         return PolicyDenied(
                             f"pgveil: permission denied for column {col.column_id}: binary COPY TO needs "
@@ -567,8 +570,9 @@ class SessionCrypto:
                         )
             outputs = [r.column for r in references if r.kind is ReferenceKind.OUTPUT]
             outputs.extend(c for c in st.result_columns or () if c is not None)
+            outputs.extend(c for c in getattr(st, "cursor_columns", None) or () if c is not None)
             if cp is not None and cp.direction is CopyDirection.TO:
-                outputs.extend(c for c in cp.protected if c is not None)
+                outputs.extend(c for c in _governed_columns(cp) if c is not None)
             for col in outputs:
                 mask = view.grant(col).mask
                 if mask is not None and mask.function is MaskFunction.HASH:
@@ -910,14 +914,15 @@ class SessionCrypto:
         self, msg: m.BindFrame, stmt: StatementCrypto, stmt_row_desc: bytes | None, client_formats: tuple[int, ...]
     ) -> Outcome:
         view = self._view_source()
-        if view.epoch != stmt.view.epoch:
+        if stmt.view is None or view.epoch != stmt.view.epoch:
             # The policy or the role's membership changed since the statement was decided: decided again,
             # never served under the rules it was prepared under.
             refused = self._policy((stmt.plan,), view)
             if refused is not None:
                 raise refused
             stmt.adopt(view)
-        view = stmt.view
+        else:
+            view = stmt.view
         param_formats: tuple[int, ...] | None = None
         sealed: tuple[tuple[int, bytes], ...] = ()
         if stmt.targets and len(msg.param_offsets) > 1:  # protected parameters, and values for them
@@ -1204,14 +1209,20 @@ class SessionCrypto:
         """A row rewriter for the COPY that the server just started, or None if it carries no protected
         column. Keys for COPY FROM are checked first (KeyMiss), so a stream never stops half-way."""
         st = _copy_current_statement(state)
-        if st is None or st.copy is None or not st.copy.needs_rewrite:
+        if st is None or st.copy is None:
             return None
         cp = st.copy
-        view = state.view if isinstance(state, QueryCrypto | PortalCrypto) else self._fallback_view()
+        # COPY FROM seals (or checks) encrypted columns only; COPY TO serves every governed column.
+        columns = cp.protected if inbound else _governed_columns(cp)
+        if not any(c is not None for c in columns):
+            return None
+        view = state.view if isinstance(state, QueryCrypto | PortalCrypto) else None
+        if view is None:
+            view = self._fallback_view()
         transforms = CopyTransforms(self)
         fields: list[Callable[[bytes], bytes | None] | None] = []
         served: dict[tuple[str, str], int] = {}
-        for col in cp.protected:
+        for col in columns:
             if col is None:
                 fields.append(None)
                 continue
@@ -1376,7 +1387,7 @@ class SessionCrypto:
         the RowDescription the client has still describes them (else refused: bind it again)."""
         stmt = portal.statement
         view = self._view_source()
-        if view.epoch == portal.view.epoch:
+        if portal.view is None or view.epoch == portal.view.epoch:
             return
         refused = self._policy((stmt.plan,), view) if stmt is not None else None
         if refused is not None:
@@ -1493,9 +1504,11 @@ class SessionCrypto:
             replacement, _ = self.row_description(body, None, formats)
             return replacement
         hint = state.statement.result_hint if state.statement is not None else None
-        replacement, plan = self.row_description(body, hint, state.client_formats, state.view)
+        view = state.view if state.view is not None else self._fallback_view()
+        replacement, plan = self.row_description(body, hint, state.client_formats, view)
         if plan is not None:
             state.row_plan = plan
+            state.view = view
         return replacement
 
     def result_row_description(self, body: bytes, state: CryptoState | None) -> tuple[bytes | None, bool]:
@@ -1689,6 +1702,12 @@ def _codec_by_oid(oid: int) -> TypeCodec | None:
 
 def _copies_in_protected(st: StatementPlan) -> bool:
     return st.copy is not None and st.copy.direction is CopyDirection.FROM and st.copy.needs_rewrite
+
+
+def _governed_columns(cp: CopyPlan) -> tuple[ProtectedColumn | None, ...]:
+    """Every governed column of a COPY in wire order (encrypted and plain)."""
+    governed: tuple[ProtectedColumn | None, ...] = getattr(cp, "governed_columns", cp.protected)
+    return governed
 
 
 def _copy_current_statement(state: object) -> StatementPlan | None:
