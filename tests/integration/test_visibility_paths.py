@@ -413,7 +413,13 @@ def test_a_reload_between_parse_and_bind_redecides(vis: ProxyProcess) -> None:
             _reload(vis, policy(ssn="deny"), lambda: _refused(c, sql))
             assert c.execute("SELECT 4").fetchone() == (4,)
     finally:
-        _reload(vis, policy(), lambda: True)
+        _reload(vis, policy(), lambda: _support_ssn(vis) == "***********7319")
+
+
+def _support_ssn(proxy: ProxyProcess) -> Any:
+    with psycopg.connect(dsn(proxy, "ve_support"), autocommit=True) as c:
+        row = c.execute(f"SELECT ssn FROM {TABLE} WHERE id = 1").fetchone()
+    return None if row is None else row[0]
 
 
 def _refused(c: psycopg.Connection[Any], sql: str) -> bool:
