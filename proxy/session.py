@@ -384,6 +384,9 @@ class Session:
         elif isinstance(ev, relay.NeedAnalysis):
             self.pause_client_reading("analysis")
             self._spawn(self._analyze_detached(ev))
+        elif isinstance(ev, relay.RolesChanged):
+            if self.encryption is not None:
+                self.encryption.roles_changed()
         elif isinstance(ev, relay.SessionReady):
             if self._startup_timer is not None:
                 self._startup_timer.cancel()
