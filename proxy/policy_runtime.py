@@ -107,7 +107,7 @@ class PolicyRuntime:
 
     def __init__(
         self,
-        policy: PolicySource,
+        policy: PolicySource | None,
         connect: Callable[[], Awaitable[Any]] | None = None,
         *,
         refresh_seconds: float = DEFAULT_REFRESH_SECONDS,
@@ -147,6 +147,8 @@ class PolicyRuntime:
                 "pgveil: role membership of the login role not loaded yet",
                 hint="the role is newer than pgveil's last read of pg_auth_members; retry the statement",
             )
+        if self.policy is None:
+            raise MembershipNotLoaded("pgveil: the visibility policy is not loaded yet")
         view = self.policy.view(login_role, member_of(graph, login_role), self.epoch)
         if len(self._views) >= _MAX_CACHED_VIEWS:
             self._views.clear()

@@ -32,6 +32,7 @@ from proxy.catalog_loader import load_catalog
 from proxy.config import Config, LocalMasterKeyConfig, read_secret_file, redact_dsn
 from proxy.encrypt.engine import CryptoContext, SessionCrypto
 from proxy.encrypt.keyring import KeyRing
+from proxy.policy_runtime import PolicyRuntime
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +76,22 @@ class EncryptionRuntime:
         self._keyed_columns: set[str] = set()
         self._ready_shape: tuple[int, int] | None = None
         self.context.on_reload = self.schedule_reload
+        # The visibility policy and the role membership it is applied through (read with the catalog).
+        self.roles = PolicyRuntime(None, self._service_connect)
 
     @property
     def ready(self) -> bool:
         return self.context.unavailable is None
+
+    async def _service_connect(self) -> Any:
+        cfg = self.config
+        assert cfg.service is not None
+        assert cfg.service.dsn is not None
+        return await asyncpg.connect(**connect_kwargs(cfg.service.dsn, cfg.service.password_file), timeout=10)
+
+    def roles_changed(self) -> None:
+        """A session's role DDL completed and its transaction ended: read the membership again."""
+        self.roles.role_ddl_completed()
 
     def session_factory(self, role: str) -> SessionCrypto:
         return SessionCrypto(self.context, role)
@@ -109,11 +122,16 @@ class EncryptionRuntime:
             return
         try:
             catalog, problems = await load_catalog(conn, cfg.catalog(), self.context.catalog)
+            # A failed read keeps the last good membership; without one, governed columns wait for it.
+            await self.roles.refresh_with(conn)
         except (OSError, asyncpg.PostgresError) as e:
             self._unavailable("cannot read the catalog", e)
             return
         finally:
             await conn.close()
+        if not self.roles.loaded:
+            self.context.unavailable = "pgveil: role membership not loaded yet"
+            return
         if problems:
             # Details (which table, which column, which type) go to the operator's log; clients learn only
             # that protected tables are not ready.
@@ -157,6 +175,7 @@ class EncryptionRuntime:
             log.debug("catalog read again: %d protected relations", len(catalog.tables))
         if self._listen_task is None:
             self._listen_task = asyncio.get_running_loop().create_task(self._listen())
+        self.roles.start_polling()
 
     # -- catalog reloads -------------------------------------------------------------------------------
     def schedule_reload(self) -> None:
@@ -230,6 +249,7 @@ class EncryptionRuntime:
         for task in (self._task, self._reload_task, self._listen_task):
             if task is not None:
                 task.cancel()
+        await self.roles.stop()
         if self.keystore is not None:
             await self.keystore.close()
         if self._pool is not None:
