@@ -105,7 +105,7 @@ def test_snapshot_replays_to_the_catalog_read_online(pg: DevCluster, schema: Non
 
 
 def test_snapshot_command_writes_a_file_and_fails_cleanly(pg: DevCluster, schema: None, tmp_path: Path) -> None:
-    pg.psql(f"INSERT INTO {TABLE} (id, name, phone) VALUES (9001, 'CANARY-NAME-7731', 'CANARY-PHONE-7731') "
+    pg.psql(f"INSERT INTO {TABLE} (id, name) VALUES (9001, 'CANARY-NAME-7731') "
             "ON CONFLICT DO NOTHING", dbname="app")  # fmt: skip
     cfg = write_config(tmp_path, config_data(pg))
     out = tmp_path / "catalog.json"
