@@ -328,8 +328,8 @@ class _Parser:
         sessions = self.sessions(top.get("sessions"))
         logging_ = self.logging(top.get("logging"))
         tables = self.tables(top.get("tables"))
-        protects = any(c.encrypt for t in tables for c in t.columns)
-        keystore = self.keystore(top.get("keystore"), "keystore" in top and top["keystore"] is not None, protects)
+        encrypts = any(c.encrypt for t in tables for c in t.columns)
+        keystore = self.keystore(top.get("keystore"), "keystore" in top and top["keystore"] is not None, encrypts)
         service = self.service(top.get("service"), keystore)
         self.cross_check(listen, client_tls, admin)
         return Config(
@@ -423,9 +423,9 @@ class _Parser:
             format=self.get(m, "format", p, self.choice(LogFormat), d.format),
         )
 
-    def keystore(self, v: Any, present: bool, protects: bool) -> KeystoreConfig | None:
+    def keystore(self, v: Any, present: bool, encrypts: bool) -> KeystoreConfig | None:
         env_dsn = self.environ.get(KEYSTORE_DSN_ENV) or None
-        if not present and env_dsn is None and not protects:
+        if not present and env_dsn is None and not encrypts:
             return None
         p, d = "keystore", KeystoreConfig()
         m = self.section(v, p, _keys(KeystoreConfig))
@@ -437,9 +437,9 @@ class _Parser:
         if env_dsn is not None and file_dsn is not None:
             self.warnings.append(f"keystore.dsn: overridden by {KEYSTORE_DSN_ENV}")
         dsn = env_dsn or file_dsn
-        if dsn is None and protects:
+        if dsn is None and encrypts:
             self.warnings.append(
-                f"keystore.dsn: not set (nor {KEYSTORE_DSN_ENV}); protected tables need a keystore connection"
+                f"keystore.dsn: not set (nor {KEYSTORE_DSN_ENV}); encrypted columns need a keystore connection"
             )
         return KeystoreConfig(
             dsn=dsn,
@@ -568,9 +568,7 @@ class _Parser:
             if "type" not in m:
                 self.errors.append(f"{cp}.type: required (one of {', '.join(SUPPORTED_TYPES)})")
             type_name = self.get(m, "type", cp, self.type_name, "")
-            encrypt = self.get(m, "encrypt", cp, self.boolean, True)
-            if not encrypt:
-                self.warnings.append(f"{cp}.encrypt: false leaves the column unprotected; listing it has no effect")
+            encrypt = self.get(m, "encrypt", cp, self.boolean, False)
             if name is None:
                 continue
             if name in out:

@@ -187,11 +187,13 @@ class ServiceConfig:
 
 @dataclass(frozen=True, slots=True)
 class ColumnConfig:
-    """``type`` is the canonical name of the type the application sees (see ``normalize_type_name``)."""
+    """A governed column. ``type`` is the canonical name of the type the application sees (see
+    ``normalize_type_name``). ``encrypt``: stored as ``bytea`` envelopes (the keystore holds its keys);
+    otherwise a plain column in the database, governed by the visibility policy only."""
 
     name: str
     type: str
-    encrypt: bool = True
+    encrypt: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,22 +222,31 @@ class Config:
     warnings: tuple[str, ...] = ()
 
     def catalog(self) -> Catalog:
-        """The protected tables as the rewriter sees them; OIDs and attnums stay 0 until the server's
-        catalog has been read (``proxy.catalog_loader``)."""
+        """The governed tables as the rewriter sees them: every table with at least one governed column,
+        plain columns with ``encrypted=False``. OIDs and attnums stay 0 until the server's catalog has
+        been read (``proxy.catalog_loader``)."""
         tables: dict[tuple[str, str], ProtectedTable] = {}
         for t in self.tables:
             columns = {
-                c.name: ProtectedColumn(schema=t.schema, table=t.name, name=c.name, declared_type=c.type)
+                c.name: ProtectedColumn(
+                    schema=t.schema, table=t.name, name=c.name, declared_type=c.type, encrypted=c.encrypt
+                )
                 for c in t.columns
-                if c.encrypt
             }
             if columns:
                 tables[(t.schema, t.name)] = ProtectedTable(schema=t.schema, name=t.name, columns=columns)
         return Catalog(tables)
 
     @property
-    def protects_anything(self) -> bool:
+    def encrypts_anything(self) -> bool:
+        """Whether any column is encrypted: then a keystore is needed."""
         return any(c.encrypt for t in self.tables for c in t.columns)
+
+    @property
+    def governs_anything(self) -> bool:
+        """Whether any column is governed (encrypted or plain): then statements must be tracked and
+        analysed so that the visibility policy can be applied."""
+        return any(t.columns for t in self.tables)
 
     def reload_diff(self, new: Config) -> list[str]:
         """One line per setting that ``new`` changes but a running server cannot adopt on reload."""
