@@ -31,8 +31,14 @@ from typing import Any
 from proxy import __version__
 from proxy.catalog_loader import load_catalog
 from proxy.config import Config
+from proxy.errors import ProxyError
+from proxy.policy.decide import decide
+from proxy.policy.masks import mask_entry
 from proxy.policy.membership import MembershipGraph
-from proxy.rewrite.catalog import Catalog
+from proxy.policy.model import Grant, Visibility
+from proxy.policy.rules import Policy
+from proxy.policy_runtime import member_of
+from proxy.rewrite.catalog import Catalog, ProtectedColumn
 
 SNAPSHOT_FORMAT = "pgveil-catalog-snapshot"
 SNAPSHOT_VERSION = 1
@@ -233,5 +239,193 @@ def add_parsers(sub: Any, config_arg: Callable[[argparse.ArgumentParser], None],
     sn.set_defaults(func=lambda a: run(a, cmd_catalog_snapshot))
 
 
+# -- the explanation ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnAnswer:
+    """What one result column comes back as, and why."""
+
+    position: int  # 1-based
+    column: str | None  # the governed column's id, or None for a column no policy governs
+    outcome: str  # "plaintext", "masked", "NULL", "ciphertext", "as stored" (not governed)
+    detail: str  # e.g. the mask and what it gives for the declared type
+    source: str  # the policy role and pattern, "default", or "" (not governed)
+
+
+@dataclass(frozen=True, slots=True)
+class StatementAnswer:
+    allowed: bool
+    sqlstate: str | None = None
+    message: str | None = None
+    hint: str | None = None
+    columns: tuple[ColumnAnswer, ...] | None = None  # None: no rows, or a width known only at run time
+    uses: tuple[str, ...] = ()  # the uses of governed columns the decision looked at
+    governed: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    role: str
+    policy_roles: tuple[str, ...]  # the policy roles that contribute to the login role's view
+    statements: tuple[StatementAnswer, ...]
+
+    @property
+    def allowed(self) -> bool:
+        return all(s.allowed for s in self.statements)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "role": self.role,
+            "policy_roles": list(self.policy_roles),
+            "allowed": self.allowed,
+            "statements": [
+                {
+                    "allowed": s.allowed,
+                    "sqlstate": s.sqlstate,
+                    "message": s.message,
+                    "hint": s.hint,
+                    "governed": s.governed,
+                    "uses": list(s.uses),
+                    "columns": None
+                    if s.columns is None
+                    else [
+                        {
+                            "position": c.position,
+                            "column": c.column,
+                            "outcome": c.outcome,
+                            "detail": c.detail,
+                            "source": c.source,
+                        }
+                        for c in s.columns
+                    ],
+                }
+                for s in self.statements
+            ],
+        }
+
+    def render(self) -> str:
+        lines = [f"role {self.role}: " + (
+            "policy roles " + ", ".join(self.policy_roles) + " (default for the columns they do not name)"
+            if self.policy_roles else "named by no policy role: the default applies to every governed column"
+        )]  # fmt: skip
+        many = len(self.statements) > 1
+        for i, s in enumerate(self.statements, 1):
+            head = f"statement {i}: " if many else ""
+            if not s.governed:
+                lines.append(f"{head}allowed: it uses no governed column and passes through unchanged")
+                continue
+            if not s.allowed:
+                lines.append(f"{head}refused with SQLSTATE {s.sqlstate}: {s.message}")
+                if s.hint:
+                    lines.append(f"  hint: {s.hint}")
+                continue
+            lines.append(f"{head}allowed")
+            if s.uses:
+                lines.append("  uses of governed columns: " + "; ".join(s.uses))
+            if s.columns is None:
+                lines.append(
+                    "  result columns: known only when it runs (governed ones are treated as below per column)"
+                )
+                continue
+            if not s.columns:
+                lines.append("  no result rows")
+                continue
+            width = max(len(c.column or "-") for c in s.columns)
+            for c in s.columns:
+                why = f"  ({c.source})" if c.source else ""
+                what = f"{c.outcome}: {c.detail}" if c.detail else c.outcome
+                lines.append(f"  {c.position:>3}  {(c.column or '-').ljust(width)}  {what}{why}")
+        return "\n".join(lines)
+
+
+def _describe(column: ProtectedColumn, grant: Grant) -> tuple[str, str]:
+    """(outcome, detail) of a result column carrying ``column`` for a role with ``grant``."""
+    v = grant.visibility
+    if v is Visibility.PLAINTEXT:
+        return "plaintext", "decrypted" if column.encrypted else "as stored"
+    if v in (Visibility.MASKED, Visibility.MATCH):
+        assert grant.mask is not None
+        try:
+            cell = mask_entry(grant.mask, column.declared_type).result
+        except ProxyError:
+            cell = ""
+        what = f"{grant.mask} on {column.declared_type}" + (f" ({cell})" if cell else "")
+        return "masked", what + ("; match: masked until the column is searchable" if v is Visibility.MATCH else "")
+    if v is Visibility.HIDDEN:
+        return "NULL", "hidden" + (", never decrypted" if column.encrypted else "")
+    if v is Visibility.CIPHERTEXT:
+        return (
+            ("ciphertext", "the stored envelope, as bytea") if column.encrypted else ("as stored", "ciphertext grant")
+        )
+    return "refused", "deny"  # never reached: the decision refuses a statement that references a denied column
+
+
+def explain(catalog: Catalog, policy: Policy, graph: MembershipGraph, role: str, sql: str) -> Explanation:
+    """Runs the proxy's analysis of ``sql`` and the decision for ``role`` (pure: no I/O)."""
+    from proxy.encrypt.engine import CryptoContext
+    from proxy.encrypt.keyring import KeyRing
+
+    ctx = CryptoContext(catalog, KeyRing(None))
+    view = policy.view(role, member_of(graph, role), 1)
+    contributing = tuple(sorted(r for r in graph.inherited_roles(role) if r in policy.role_names))
+    plan = ctx.analyze(sql)
+    answers: list[StatementAnswer] = []
+    if plan.unparseable:
+        if plan.touches_protected:
+            e = plan.refusal
+            answers.append(_refused(e) if e is not None else StatementAnswer(False, "42601", "pgveil: cannot parse it"))
+        else:
+            answers.append(StatementAnswer(True, governed=False))
+        return Explanation(role, contributing, tuple(answers))
+    if not plan.statements or not plan.touches_protected:
+        return Explanation(role, contributing, (StatementAnswer(True, governed=False),))
+    for st in plan.statements:
+        if not st.touches_protected:
+            answers.append(StatementAnswer(True, governed=False))
+            continue
+        refused = st.refusal or decide(st.references, view)
+        uses = tuple(f"{r.column.column_id} ({r.kind.value}, {r.construct})" for r in st.references)
+        if refused is not None:
+            answers.append(_refused(refused, uses))
+            continue
+        columns: tuple[ColumnAnswer, ...] | None = None
+        if st.result_columns is not None:
+            out = []
+            for i, col in enumerate(st.result_columns, 1):
+                if col is None:
+                    out.append(ColumnAnswer(i, None, "as stored", "not governed", ""))
+                    continue
+                grant = view.grant(col)
+                outcome, detail = _describe(col, grant)
+                out.append(ColumnAnswer(i, col.column_id, outcome, detail, grant.source))
+            columns = tuple(out)
+        answers.append(StatementAnswer(True, columns=columns, uses=uses))
+    return Explanation(role, contributing, tuple(answers))
+
+
+def _refused(e: ProxyError, uses: tuple[str, ...] = ()) -> StatementAnswer:
+    return StatementAnswer(False, e.sqlstate, e.message, e.hint, uses=uses)
+
+
 def cmd_policy_explain(args: argparse.Namespace, config: Config) -> int:
-    raise NotImplementedError
+    try:
+        if args.catalog is not None:
+            data = read_snapshot_file(args.catalog)
+            snap = asyncio.run(replay_snapshot(config, data, args.catalog))
+        else:
+            snap = asyncio.run(online_snapshot(config, _service_connect(config)))
+        if snap.problems:
+            raise CliProblem("pgveil: the catalog does not match the configuration: " + "; ".join(snap.problems))
+        if not snap.membership.knows(args.role):
+            # The proxy refuses its governed statements (55000) until it exists; explain it as a role
+            # that is a member of nothing, which is what it will be when created without IN ROLE.
+            print(
+                f"warning: role {args.role!r} does not exist (yet); explained as a member of no role", file=sys.stderr
+            )
+        result = explain(snap.catalog, config.policy, snap.membership, args.role, args.sql)
+    except CliProblem as e:
+        print(e, file=sys.stderr)
+        return 2
+    print(json.dumps(result.to_json(), indent=1) if args.json else result.render())
+    return 0 if result.allowed else 1

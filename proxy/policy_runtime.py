@@ -165,10 +165,24 @@ class PolicyRuntime:
         return self.graph is not None
 
     # -- changes ---------------------------------------------------------------------------------------
-    def install_policy(self, policy: PolicySource) -> None:
-        """Swaps the policy in one assignment: sessions see the old one or the new one, never a mix."""
+    def install_policy(self, policy: PolicySource) -> bool:
+        """Swaps the policy in one assignment: sessions see the old one or the new one, never a mix. An
+        equal policy (the same file loaded again) changes nothing, so prepared statements stay decided.
+        Whether it changed."""
+        if policy == self.policy:
+            return False
         self.policy = policy
         self._bump()
+        return True
+
+    def set_refresh_seconds(self, seconds: float) -> None:
+        if seconds == self.refresh_seconds:
+            return
+        self.refresh_seconds = seconds
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+            self._poll_task = None
+            self.start_polling()
 
     def install_membership(self, graph: MembershipGraph) -> bool:
         """Installs a freshly read graph; whether it differs from the one before."""

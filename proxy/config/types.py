@@ -210,6 +210,13 @@ class TableConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicySettings:
+    """``policy:``: how the running visibility policy (``roles:``) follows the server's roles."""
+
+    membership_refresh_seconds: float = 30.0  # re-read pg_auth_members this often (0: only when noticed)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: tuple[HostPort, ...] = (HostPort("127.0.0.1", 6432),)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
@@ -221,6 +228,7 @@ class Config:
     service: ServiceConfig | None = None
     tables: tuple[TableConfig, ...] = ()
     policy: Policy = field(default_factory=Policy)  # the ``roles:`` section
+    policy_settings: PolicySettings = field(default_factory=PolicySettings)  # the ``policy:`` section
     source_path: Path | None = None
     warnings: tuple[str, ...] = ()
 

@@ -32,6 +32,7 @@ from proxy.catalog_loader import load_catalog
 from proxy.config import Config, LocalMasterKeyConfig, read_secret_file, redact_dsn
 from proxy.encrypt.engine import CryptoContext, SessionCrypto
 from proxy.encrypt.keyring import KeyRing
+from proxy.policy.rules import Policy
 from proxy.policy_runtime import PolicyRuntime
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,9 @@ class EncryptionRuntime:
         self._ready_shape: tuple[int, int] | None = None
         self.context.on_reload = self.schedule_reload
         # The visibility policy and the role membership it is applied through (read with the catalog).
-        self.roles = PolicyRuntime(None, self._service_connect)
+        self.roles = PolicyRuntime(
+            config.policy, self._service_connect, refresh_seconds=config.policy_settings.membership_refresh_seconds
+        )
 
     @property
     def ready(self) -> bool:
@@ -94,7 +97,14 @@ class EncryptionRuntime:
         self.roles.role_ddl_completed()
 
     def session_factory(self, role: str) -> SessionCrypto:
-        return SessionCrypto(self.context, role)
+        """The session of login role ``role``: its view is the policy runtime's for that role, asked
+        before every statement (SET ROLE cannot change which role it is)."""
+        return SessionCrypto(self.context, role, self.roles.view_source(role))
+
+    def install_policy(self, policy: Policy, refresh_seconds: float) -> bool:
+        """A reloaded policy (validated already); whether it differs from the running one."""
+        self.roles.set_refresh_seconds(refresh_seconds)
+        return self.roles.install_policy(policy)
 
     async def start(self) -> None:
         """Tries once now (so a healthy start is ready at once), then keeps trying in the background."""
@@ -110,7 +120,12 @@ class EncryptionRuntime:
     async def _try_load(self) -> None:
         cfg = self.config
         epoch = self.context.reload_epoch
-        if cfg.service is None or cfg.service.dsn is None or cfg.keystore is None or cfg.keystore.dsn is None:
+        keys_needed = cfg.needs_keystore
+        if (
+            cfg.service is None
+            or cfg.service.dsn is None
+            or (keys_needed and (cfg.keystore is None or cfg.keystore.dsn is None))
+        ):
             self.context.unavailable = "pgveil has no service/keystore DSN configured for protected tables"
             log.error("%s", self.context.unavailable)
             return
@@ -138,6 +153,13 @@ class EncryptionRuntime:
             log.error("protected tables are not ready: %s", "; ".join(problems))
             self.context.unavailable = "pgveil: protected tables are not ready (see the pgveil log)"
             return
+        if not keys_needed:
+            # Plain governed columns only (and no hash mask): the policy needs the catalog, never a key.
+            self.context.install(catalog, epoch)
+            self._ready(0, len(catalog.tables))
+            return
+        assert cfg.keystore is not None
+        assert cfg.keystore.dsn is not None
         try:
             if self.keystore is None:
                 provider = provider_from_config(cfg)
@@ -167,12 +189,15 @@ class EncryptionRuntime:
             return
         self.keyring.source = self.keystore
         self.context.install(catalog, epoch)
-        shape = (len(columns), len(catalog.tables))
+        self._ready(len(columns), len(catalog.tables))
+
+    def _ready(self, keyed_columns: int, relations: int) -> None:
+        shape = (keyed_columns, relations)
         if shape != self._ready_shape:
             log.info("encryption ready: %d protected columns in %d relations", *shape)
             self._ready_shape = shape
         else:
-            log.debug("catalog read again: %d protected relations", len(catalog.tables))
+            log.debug("catalog read again: %d protected relations", relations)
         if self._listen_task is None:
             self._listen_task = asyncio.get_running_loop().create_task(self._listen())
         self.roles.start_polling()
