@@ -68,7 +68,7 @@ def schema(pg: DevCluster) -> None:
         "DO $$ BEGIN "
         "IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pe_support') THEN "
         "CREATE ROLE pe_support NOLOGIN; CREATE ROLE pe_agent LOGIN IN ROLE pe_support; "
-        "CREATE ROLE pe_stranger LOGIN; END IF; END $$"
+        "CREATE ROLE pe_stranger LOGIN; CREATE ROLE pe_contractor LOGIN; END IF; END $$"
     )
 
 
@@ -124,3 +124,116 @@ def test_snapshot_command_writes_a_file_and_fails_cleanly(pg: DevCluster, schema
     assert "Traceback" not in failed.stderr
     assert len(failed.stderr.strip().splitlines()) == 1
     assert "cannot reach the service connection" in failed.stderr
+
+
+ROLES = {
+    "default": "hidden",
+    "pe_support": {
+        f"public.{TABLE}.email": "plaintext",
+        f"public.{TABLE}.ssn": "masked:last4",
+        f"public.{TABLE}.phone": "masked:partial",
+    },
+    "pe_contractor": {f"public.{TABLE}.*": "deny"},
+}
+
+
+def explain(
+    tmp_path: Path, pg: DevCluster, role: str, sql: str, *extra: str, roles: Any = None
+) -> subprocess.CompletedProcess[str]:
+    cfg = write_config(tmp_path, config_data(pg, roles=ROLES if roles is None else roles))
+    return pgveil("policy", "explain", "--config", str(cfg), "--role", role, *extra, sql, cwd=tmp_path)
+
+
+def as_json(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(done.stdout)
+    return data
+
+
+def test_a_member_of_support_gets_the_groups_grants_column_by_column(
+    pg: DevCluster, schema: None, tmp_path: Path
+) -> None:
+    done = explain(tmp_path, pg, "pe_agent", f"SELECT id, email, ssn, phone FROM {TABLE}", "--json")
+    assert done.returncode == 0, done.stderr
+    data = as_json(done)
+    assert data["allowed"] is True
+    assert data["policy_roles"] == ["pe_support"]
+    cols = data["statements"][0]["columns"]
+    assert [c["column"] for c in cols] == [
+        None,
+        f"public.{TABLE}.email",
+        f"public.{TABLE}.ssn",
+        f"public.{TABLE}.phone",
+    ]
+    assert [c["outcome"] for c in cols] == ["as stored", "plaintext", "masked", "masked"]
+    assert "last4" in cols[2]["detail"]
+    assert cols[2]["source"] == f"pe_support: public.{TABLE}.ssn"
+    text = explain(tmp_path, pg, "pe_agent", f"SELECT id, email, ssn, phone FROM {TABLE}")
+    assert text.returncode == 0
+    assert "last4" in text.stdout
+    assert f"pe_support: public.{TABLE}.ssn" in text.stdout
+
+
+def test_an_unlisted_role_gets_the_default(pg: DevCluster, schema: None, tmp_path: Path) -> None:
+    data = as_json(explain(tmp_path, pg, "pe_stranger", f"SELECT ssn, phone FROM {TABLE}", "--json"))
+    assert data["policy_roles"] == []
+    assert [(c["outcome"], c["source"]) for c in data["statements"][0]["columns"]] == [("NULL", "default")] * 2
+
+
+@pytest.mark.parametrize(
+    ("role", "sql", "sqlstate", "words"),
+    [
+        ("pe_agent", f"SELECT id FROM {TABLE} ORDER BY phone", "42501", f"public.{TABLE}.phone"),
+        ("pe_agent", f"SELECT id FROM {TABLE} WHERE phone LIKE '1%'", "42501", f"public.{TABLE}.phone"),
+        ("pe_contractor", f"SELECT * FROM {TABLE}", "42501", "denied"),
+        ("pe_agent", f"SELECT id FROM {TABLE} WHERE ssn LIKE '1%'", "0A000", f"public.{TABLE}.ssn"),
+    ],
+)
+def test_refusals_name_the_sqlstate_and_exit_1(
+    pg: DevCluster, schema: None, tmp_path: Path, role: str, sql: str, sqlstate: str, words: str
+) -> None:
+    done = explain(tmp_path, pg, role, sql)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"refused with SQLSTATE {sqlstate}" in done.stdout
+    assert words in done.stdout
+    assert "1%" not in done.stdout  # the statement's literals are not echoed
+
+
+def test_offline_from_a_snapshot_answers_as_online(pg: DevCluster, schema: None, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, config_data(pg, roles=ROLES))
+    snap = tmp_path / "snap.json"
+    assert pgveil("catalog", "snapshot", "--config", str(cfg), "--out", str(snap), cwd=tmp_path).returncode == 0
+    # Offline: the service connection is unreachable, the snapshot is all there is.
+    (tmp_path / "off").mkdir()
+    unreachable = {"dsn": "postgresql://x@127.0.0.1:1/app"}
+    offline_cfg = write_config(tmp_path / "off", config_data(pg, roles=ROLES, service=unreachable))
+    cases = [
+        ("pe_agent", f"SELECT * FROM {TABLE}"),
+        ("pe_contractor", f"SELECT * FROM {TABLE}"),
+        ("pe_agent", f"SELECT id FROM {TABLE} ORDER BY phone"),
+    ]
+    for role, sql in cases:
+        online = pgveil("policy", "explain", "--config", str(cfg), "--role", role, "--json", sql, cwd=tmp_path)
+        offline = pgveil(
+            "policy", "explain", "--config", str(offline_cfg), "--role", role, "--catalog", str(snap), "--json", sql,
+            cwd=tmp_path,
+        )  # fmt: skip
+        assert (offline.returncode, as_json(offline)) == (online.returncode, as_json(online))
+
+
+def test_problems_exit_2_with_one_line(pg: DevCluster, schema: None, tmp_path: Path) -> None:
+    bad_roles = {"pe_support": {f"public.{TABLE}.ssn": "masked:last5"}}
+    done = explain(tmp_path, pg, "pe_agent", f"SELECT ssn FROM {TABLE}", roles=bad_roles)
+    assert done.returncode == 2
+    assert "roles.pe_support" in done.stderr
+    junk = tmp_path / "junk.json"
+    junk.write_text("{not json")
+    done = explain(tmp_path, pg, "pe_agent", "SELECT 1", "--catalog", str(junk))
+    assert (done.returncode, len(done.stderr.strip().splitlines())) == (2, 1)
+    assert "not a catalog snapshot" in done.stderr
+    done = explain(tmp_path, pg, "pe_agent", "SELECT 1", "--catalog", str(tmp_path / "missing.json"))
+    assert done.returncode == 2
+    assert "cannot read the catalog snapshot" in done.stderr
+    usage = pgveil("policy", "explain", "SELECT 1", cwd=tmp_path)
+    assert usage.returncode == 2
+    for d in (done, usage):
+        assert "Traceback" not in d.stderr
