@@ -92,6 +92,8 @@ class ProxyServer:
             # Plain governed columns need the runtime too: it applies the visibility policy to them.
             self.encryption = EncryptionRuntime(config)
             self.metrics.watch_encryption(self.encryption)
+            self.metrics.watch_membership(self.encryption.roles)
+        self.metrics.set_policy_roles(config.policy.role_names)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> None:

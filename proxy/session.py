@@ -336,6 +336,9 @@ class Session:
             if crypto.refused:
                 self.metrics.add_refusals(crypto.refused)
                 crypto.refused.clear()
+            if crypto.values_served:
+                self.metrics.add_served(crypto.values_served)
+                crypto.values_served.clear()
 
     def _flush(self) -> None:
         r = self.relay

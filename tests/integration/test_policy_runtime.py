@@ -333,6 +333,15 @@ def test_set_role_and_session_authorization_never_change_what_pgveil_reveals(env
 
     asyncio.run(with_asyncpg())
 
+    # Values served, by a role label the policy names (billing) or "default" (every other login).
+    def served(role: str, outcome: str) -> float:
+        return scrape(p).get(("pgveil_values_served_total", (("outcome", outcome), ("role", role))), 0.0)
+
+    assert wait_until(lambda: served(billing, "plaintext") == 2 and served("default", "hidden") == 16), [
+        (k, v) for k, v in scrape(p).items() if k[0].startswith("pgveil_values")
+    ]
+    assert not [k for k in scrape(p) if k[0] == "pgveil_values_served_total" and ("role", env.role("low")) in k[1]]
+
 
 def test_a_grant_made_through_pgveil_applies_once_committed(env: Env, start: Any) -> None:
     grp = env.role("grp")
