@@ -347,7 +347,7 @@ def _describe(column: ProtectedColumn, grant: Grant) -> tuple[str, str]:
     if v in (Visibility.MASKED, Visibility.MATCH):
         assert grant.mask is not None
         try:
-            cell = mask_entry(grant.mask, column.declared_type).result
+            cell = mask_entry(grant.mask, column.declared_type).result.replace("`", "")  # markdown in the table
         except ProxyError:
             cell = ""
         what = f"{grant.mask} on {column.declared_type}" + (f" ({cell})" if cell else "")

@@ -479,3 +479,39 @@ def scrape(p: ProxyProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], flo
         for fam in text_string_to_metric_families(text)
         for s in fam.samples
     }
+
+
+def test_without_a_membership_read_governed_statements_are_refused_55000(env: Env, start: Any) -> None:
+    """The service connection can read the catalog but not pg_auth_members: pgveil does not guess (a
+    role resolved as member of nothing could get a permissive default); statements on governed columns
+    get 55000 and the session goes on; once the membership can be read, they are served."""
+    svc = env.role("svc")
+    env.pg.psql(f"CREATE ROLE {svc} LOGIN PASSWORD '{PASSWORD}'")
+    env.pg.psql("REVOKE SELECT ON pg_catalog.pg_auth_members FROM PUBLIC", dbname="app")
+    try:
+        dsn = f"postgresql://{svc}:{PASSWORD}@127.0.0.1:{env.pg.port}/app"
+        cfg = env.config({"default": "plaintext"}, service={"dsn": dsn})
+        p = ProxyProcess(cfg, env.workdir / "no-membership")
+        p.start()
+        try:
+            with psycopg.connect(p.dsn(), autocommit=True) as c:
+                with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="role membership not loaded"):
+                    c.execute(f"SELECT ssn FROM {env.table}")
+                with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState):
+                    c.execute(f"SELECT phone FROM {env.table}")  # a plain governed column waits too
+                assert c.execute("SELECT 1").fetchall() == [(1,)]  # no governed table: passes
+                env.pg.psql("GRANT SELECT ON pg_catalog.pg_auth_members TO PUBLIC", dbname="app")
+
+                def served() -> bool:
+                    try:
+                        c.execute(f"SELECT ssn, phone FROM {env.table}").fetchall()
+                        return True
+                    except psycopg.errors.ObjectNotInPrerequisiteState:
+                        return False
+
+                assert wait_until(served, timeout=20), p.logs()
+            assert "cannot read role membership" in p.logs()
+        finally:
+            p.stop()
+    finally:
+        env.pg.psql("GRANT SELECT ON pg_catalog.pg_auth_members TO PUBLIC", dbname="app")
