@@ -58,7 +58,7 @@ MAX_IDENTIFIER_LENGTH: Final = 63
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_$]*\Z")
 
 # Config fields that are facts about the loading, not settings a file may contain.
-# ``policy`` is the ``roles:`` section, ``policy_settings`` the ``policy:`` section.
+# Config fields whose YAML key differs from their name.
 _YAML_KEYS: Final = {"policy": "roles", "policy_settings": "policy"}
 _TOP_LEVEL_KEYS: Final = tuple(
     _YAML_KEYS.get(f.name, f.name) for f in dataclasses.fields(Config) if f.name not in ("source_path", "warnings")
@@ -413,15 +413,6 @@ class _Parser:
         m = self.section(v, p, _keys(AdminConfig))
         return AdminConfig(listen=self.get(m, "listen", p, self.optional(self.address(listening=True)), d.listen))
 
-    def policy_settings(self, v: Any) -> PolicySettings:
-        p, d = "policy", PolicySettings()
-        m = self.section(v, p, _keys(PolicySettings))
-        return PolicySettings(
-            membership_refresh_seconds=self.get(
-                m, "membership_refresh_seconds", p, self.seconds(allow_zero=True), d.membership_refresh_seconds
-            ),
-        )
-
     def sessions(self, v: Any) -> SessionsConfig:
         p, d = "sessions", SessionsConfig()
         m = self.section(v, p, _keys(SessionsConfig))
@@ -445,6 +436,15 @@ class _Parser:
         return LoggingConfig(
             level=self.get(m, "level", p, self.choice(LogLevel), d.level),
             format=self.get(m, "format", p, self.choice(LogFormat), d.format),
+        )
+
+    def policy_settings(self, v: Any) -> PolicySettings:
+        p, d = "policy", PolicySettings()
+        m = self.section(v, p, _keys(PolicySettings))
+        return PolicySettings(
+            membership_refresh_seconds=self.get(
+                m, "membership_refresh_seconds", p, self.seconds(allow_zero=True), d.membership_refresh_seconds
+            ),
         )
 
     def keystore(self, v: Any, present: bool, needed_by: str) -> KeystoreConfig | None:

@@ -188,6 +188,15 @@ class ServiceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicySettings:
+    """How the running policy follows the server (YAML ``policy:``; the policy itself is ``roles:``).
+    ``membership_refresh_seconds``: how often role membership is read again; 0 = only on reload, on role
+    DDL seen through pgveil and for a login role the cached membership does not know."""
+
+    membership_refresh_seconds: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class ColumnConfig:
     """A governed column. ``type`` is the canonical name of the type the application sees (see
     ``normalize_type_name``). ``encrypt``: stored as ``bytea`` envelopes (the keystore holds its keys);
@@ -207,13 +216,6 @@ class TableConfig:
     @property
     def qualified_name(self) -> str:
         return f"{self.schema}.{self.name}"
-
-
-@dataclass(frozen=True, slots=True)
-class PolicySettings:
-    """``policy:``: how the running visibility policy (``roles:``) follows the server's roles."""
-
-    membership_refresh_seconds: float = 30.0  # re-read pg_auth_members this often (0: only when noticed)
 
 
 @dataclass(frozen=True, slots=True)
