@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 2.0
 CATALOG_CHANNEL = "pgveil_catalog"
+# Role DDL seen by one pgveil process is announced here, so every process and instance reads the role
+# membership again at once (the periodic read catches changes made without pgveil). Like the catalog
+# channel, a hint only: any role may NOTIFY, and a notification costs one coalesced membership read.
+ROLES_CHANNEL = "pgveil_roles"
 _MAX_HINT_NAMES = 256
 
 
@@ -73,6 +77,7 @@ class EncryptionRuntime:
         self._reload_again = False
         self._listener: Any = None  # the service connection that LISTENs on CATALOG_CHANNEL
         self._listen_task: asyncio.Task[None] | None = None
+        self._announcing: set[asyncio.Task[None]] = set()
         self.reloads = 0
         self._keyed_columns: set[str] = set()
         self._ready_shape: tuple[int, int] | None = None
@@ -93,8 +98,21 @@ class EncryptionRuntime:
         return await asyncpg.connect(**connect_kwargs(cfg.service.dsn, cfg.service.password_file), timeout=10)
 
     def roles_changed(self) -> None:
-        """A session's role DDL completed and its transaction ended: read the membership again."""
+        """A session's role DDL completed and its transaction ended: read the membership again, here and
+        (through ROLES_CHANNEL) in every other pgveil process on this database."""
         self.roles.role_ddl_completed()
+        listener = self._listener
+        if listener is not None:
+            task = asyncio.get_running_loop().create_task(self._announce_roles_changed(listener))
+            self._announcing.add(task)
+            task.add_done_callback(self._announcing.discard)
+
+    async def _announce_roles_changed(self, listener: Any) -> None:
+        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            await listener.execute(f"NOTIFY {ROLES_CHANNEL}")
+
+    def _on_roles_notification(self, _conn: Any, _pid: int, _channel: str, _payload: str) -> None:
+        self.roles.schedule_refresh()
 
     def session_factory(self, role: str) -> SessionCrypto:
         """The session of login role ``role``: its view is the policy runtime's for that role, asked
@@ -242,6 +260,7 @@ class EncryptionRuntime:
             try:
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(CATALOG_CHANNEL, self._on_catalog_notification)
+                await conn.add_listener(ROLES_CHANNEL, self._on_roles_notification)
                 self._listener = conn
                 self.schedule_reload()
                 await lost.wait()

@@ -363,6 +363,13 @@ def test_a_grant_made_through_pgveil_applies_once_committed(env: Env, start: Any
         admin.execute(f"REVOKE {grp} FROM {env.role('user')}")
         assert wait_until(lambda: user.execute(q).fetchone() == (None,), timeout=15), p.logs()
 
+    # Another pgveil instance on the same database hears of role DDL made through the first one.
+    other = start({"default": "hidden", grp: "plaintext"}, policy={"membership_refresh_seconds": 3600})
+    with connect(other, env, "user") as user, connect(p, env, "admin") as admin:
+        assert user.execute(q).fetchone() == (None,)
+        admin.execute(f"GRANT {grp} TO {env.role('user')}")
+        assert wait_until(lambda: user.execute(q).fetchone() == ("123-45-6789",), timeout=15), other.logs()
+
 
 def test_reload_under_load_disturbs_no_role_whose_view_did_not_change(env: Env, start: Any) -> None:
     """SIGHUP policy reloads while clients of unchanged roles query without pause: every statement of
