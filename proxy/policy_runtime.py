@@ -17,12 +17,16 @@ Reads are coalesced: one runs at a time, and requests made meanwhile cause one m
 Every change of the policy or of the graph bumps ``epoch``; a RoleView carries the epoch it was made
 under, so a prepared statement decided under an older one is decided again.
 
-Fail closed: until the graph has been read once, and for a login role the last good graph does not know,
-``view`` raises :class:`MembershipNotLoaded` (SQLSTATE 55000): statements on governed columns are
-refused, as while the catalog is loading. Resolving such a role as "member of nothing" would not be safe:
-with a permissive ``default`` a role granted only a restrictive group would see more than its policy
-allows. A failed re-read keeps the last good graph (membership changes wait for the next successful read,
-and the failure is logged and counted).
+Fail closed: until the graph has been read once, ``view`` raises :class:`MembershipNotLoaded` (SQLSTATE
+55000): statements on governed columns are refused, as while the catalog is loading. A failed re-read
+keeps the last good graph (membership changes wait for the next successful read, and the failure is
+logged and counted).
+
+A login role the last good graph does not know (created since) asks for a read at once. Meanwhile it is
+resolved as a member of no role only where that cannot reveal more than any membership would
+(:func:`safe_without_membership`): grants combine by "most permissive wins", so adding roles only widens
+a view, except where ``default`` applied and a group that covers the column grants less than the
+default. Where the policy has such a column, the role is refused 55000 until the read knows it.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from typing import Any, Protocol
 
 from proxy.errors import ProxyError, RefusalReason
 from proxy.policy.membership import Membership, MembershipGraph
-from proxy.policy.model import RoleView
+from proxy.policy.model import Grant, RoleView, Visibility
+from proxy.policy.rules import DEFAULT_KEY, Policy, permissiveness
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +79,28 @@ class PolicySource(Protocol):
     """The running policy as this module sees it (``proxy.policy.rules.Policy``)."""
 
     def view(self, login_role: str, member_of: frozenset[str], epoch: int) -> RoleView: ...
+
+
+def _reveals(grant: Grant) -> tuple[int, int, str]:
+    """``permissiveness`` (lower reveals more), with deny counted as hidden: neither lets a value out."""
+    return permissiveness(Grant(Visibility.HIDDEN) if grant.visibility is Visibility.DENY else grant)
+
+
+def safe_without_membership(policy: Policy, login_role: str) -> bool:
+    """Whether resolving ``login_role`` as a member of no role can never reveal more than its real
+    membership would: for every governed column, either its own entry covers the column (its own grant
+    is the floor of any combination), or no policy role grants less on the column than the default does
+    (so no group could lower what the default gives)."""
+    default = _reveals(policy.default)
+    own = {c: policy.resolve(c, (login_role,)) for c in policy.column_ids} if login_role in policy.role_names else {}
+    for column_id in policy.column_ids:
+        mine = own.get(column_id)
+        if mine is not None and mine.source != DEFAULT_KEY:
+            continue
+        for role in policy.role_names:
+            if _reveals(policy.resolve(column_id, (role,))) > default:
+                return False
+    return True
 
 
 class MembershipNotLoaded(ProxyError):
@@ -141,15 +168,19 @@ class PolicyRuntime:
                 "pgveil: role membership not loaded yet",
                 hint="statements on governed columns are refused until pgveil has read pg_auth_members",
             )
-        if not graph.knows(login_role):
-            self._ask_for_unknown_role()
-            raise MembershipNotLoaded(
-                "pgveil: role membership of the login role not loaded yet",
-                hint="the role is newer than pgveil's last read of pg_auth_members; retry the statement",
-            )
         if self.policy is None:
             raise MembershipNotLoaded("pgveil: the visibility policy is not loaded yet")
-        view = self.policy.view(login_role, member_of(graph, login_role), self.epoch)
+        if graph.knows(login_role):
+            roles = member_of(graph, login_role)
+        else:
+            self._ask_for_unknown_role()
+            if not (isinstance(self.policy, Policy) and safe_without_membership(self.policy, login_role)):
+                raise MembershipNotLoaded(
+                    "pgveil: role membership of the login role not loaded yet",
+                    hint="the role is newer than pgveil's last read of pg_auth_members; retry the statement",
+                )
+            roles = frozenset()  # until the read that knows it bumps the epoch
+        view = self.policy.view(login_role, roles, self.epoch)
         if len(self._views) >= _MAX_CACHED_VIEWS:
             self._views.clear()
         self._views[login_role] = view

@@ -80,3 +80,39 @@ def test_the_view_source_is_bound_to_the_login_role() -> None:
     source = rt.view_source("ivan")
     assert source().login_role == "ivan"
     assert source().grant(SSN).visibility is Visibility.HIDDEN
+
+
+@pytest.mark.parametrize(
+    "roles",
+    [
+        {"default": "plaintext"},  # nobody below the default: membership cannot lower anything
+        {"default": "hidden", "support": "plaintext", "contractor": "deny"},  # deny reveals no more than hidden
+        {"default": "plaintext", "support": "hidden", "newcomer": "plaintext"},  # its own entry is its floor
+    ],
+)
+def test_a_new_role_is_resolved_alone_where_no_membership_could_lower_it(roles: dict[str, object]) -> None:
+    rt = PolicyRuntime(policy(roles))
+    rt.install_membership(GRAPH)
+    view = rt.view("newcomer")
+    assert view.grant(SSN) == rt.policy.view("newcomer", frozenset(), 0).grant(SSN)  # type: ignore[union-attr]
+    # The read that knows it replaces that view (a new epoch).
+    epoch = rt.epoch
+    rt.install_membership(
+        MembershipGraph.build([*GRAPH.roles, "newcomer"], [*GRAPH.memberships, Membership("newcomer", "support", True)])
+    )
+    assert rt.epoch > epoch
+    assert rt.view("newcomer").epoch == rt.epoch
+
+
+@pytest.mark.parametrize(
+    "roles",
+    [
+        {"default": "plaintext", "support": "hidden"},
+        {"default": "masked:last4", "support": {"public.customers.ssn": "masked:hash"}},  # a less revealing mask
+    ],
+)
+def test_a_new_role_is_refused_where_a_group_could_lower_the_default(roles: dict[str, object]) -> None:
+    rt = PolicyRuntime(policy(roles))
+    rt.install_membership(GRAPH)
+    with pytest.raises(MembershipNotLoaded):
+        rt.view("newcomer")
