@@ -32,13 +32,14 @@ from proxy import __version__
 from proxy.catalog_loader import load_catalog
 from proxy.config import Config
 from proxy.errors import ProxyError
-from proxy.policy.decide import decide
+from proxy.policy.decide import PolicyDenied, decide
 from proxy.policy.masks import mask_entry
 from proxy.policy.membership import MembershipGraph
-from proxy.policy.model import Grant, Visibility
+from proxy.policy.model import Grant, RoleView, Visibility
 from proxy.policy.rules import Policy
 from proxy.policy_runtime import member_of
 from proxy.rewrite.catalog import Catalog, ProtectedColumn
+from proxy.rewrite.plan import CopyDirection, CopyFormat, StatementPlan
 
 SNAPSHOT_FORMAT = "pgveil-catalog-snapshot"
 SNAPSHOT_VERSION = 1
@@ -384,7 +385,7 @@ def explain(catalog: Catalog, policy: Policy, graph: MembershipGraph, role: str,
         if not st.touches_protected:
             answers.append(StatementAnswer(True, governed=False))
             continue
-        refused = st.refusal or decide(st.references, view)
+        refused = st.refusal or decide(st.references, view) or _binary_copy_refusal(st, view)
         uses = tuple(f"{r.column.column_id} ({r.kind.value}, {r.construct})" for r in st.references)
         if refused is not None:
             answers.append(_refused(refused, uses))
@@ -402,6 +403,22 @@ def explain(catalog: Catalog, policy: Policy, graph: MembershipGraph, role: str,
             columns = tuple(out)
         answers.append(StatementAnswer(True, columns=columns, uses=uses))
     return Explanation(role, contributing, tuple(answers))
+
+
+def _binary_copy_refusal(st: StatementPlan, view: RoleView) -> ProxyError | None:
+    """As the session refuses it: a binary COPY TO of a governed column the role does not see in plaintext
+    (its rows cannot be masked or withheld field by field)."""
+    cp = st.copy
+    if cp is None or cp.direction is not CopyDirection.TO or cp.format is not CopyFormat.BINARY:
+        return None
+    for col in cp.protected:
+        if col is not None and view.grant(col).visibility is not Visibility.PLAINTEXT:
+            return PolicyDenied(
+                f"pgveil: permission denied for column {col.column_id}: binary COPY TO needs plaintext access "
+                f"(role {view.login_role} does not have it)",
+                hint="use COPY in text or CSV format",
+            )
+    return None
 
 
 def _refused(e: ProxyError, uses: tuple[str, ...] = ()) -> StatementAnswer:

@@ -186,6 +186,7 @@ def test_an_unlisted_role_gets_the_default(pg: DevCluster, schema: None, tmp_pat
         ("pe_agent", f"SELECT id FROM {TABLE} WHERE phone LIKE '1%'", "42501", f"public.{TABLE}.phone"),
         ("pe_contractor", f"SELECT * FROM {TABLE}", "42501", "denied"),
         ("pe_agent", f"SELECT id FROM {TABLE} WHERE ssn LIKE '1%'", "0A000", f"public.{TABLE}.ssn"),
+        ("pe_agent", f"COPY {TABLE} (id, phone) TO STDOUT (FORMAT binary)", "42501", "binary COPY TO"),
     ],
 )
 def test_refusals_name_the_sqlstate_and_exit_1(
@@ -196,6 +197,11 @@ def test_refusals_name_the_sqlstate_and_exit_1(
     assert f"refused with SQLSTATE {sqlstate}" in done.stdout
     assert words in done.stdout
     assert "1%" not in done.stdout  # the statement's literals are not echoed
+
+
+def test_copy_to_in_text_shows_each_column(pg: DevCluster, schema: None, tmp_path: Path) -> None:
+    done = explain(tmp_path, pg, "pe_agent", f"COPY {TABLE} (id, ssn) TO STDOUT", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_offline_from_a_snapshot_answers_as_online(pg: DevCluster, schema: None, tmp_path: Path) -> None:
