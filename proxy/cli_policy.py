@@ -411,7 +411,7 @@ def _binary_copy_refusal(st: StatementPlan, view: RoleView) -> ProxyError | None
     cp = st.copy
     if cp is None or cp.direction is not CopyDirection.TO or cp.format is not CopyFormat.BINARY:
         return None
-    for col in cp.protected:
+    for col in cp.governed_columns:
         if col is not None and view.grant(col).visibility is not Visibility.PLAINTEXT:
             return PolicyDenied(
                 f"pgveil: permission denied for column {col.column_id}: binary COPY TO needs plaintext access "
