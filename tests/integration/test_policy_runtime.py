@@ -522,3 +522,31 @@ def test_without_a_membership_read_governed_statements_are_refused_55000(env: En
             p.stop()
     finally:
         env.pg.psql("GRANT SELECT ON pg_catalog.pg_auth_members TO PUBLIC", dbname="app")
+
+
+def test_plain_governed_columns_alone_are_enforced_without_a_keystore(env: Env, pg: DevCluster) -> None:
+    """Only plain governed columns and no hash mask: no keystore is configured or needed, yet the policy
+    applies (a config that encrypts nothing must not turn pgveil into a pass-through for them)."""
+    login(env, "reader", "payroll")
+    cfg = proxy_config(
+        pg,
+        tables={f"public.{env.table}": {"columns": {"phone": {"type": "text"}}}},
+        service={"dsn": pg.dsn(dbname="app")},
+        roles={"default": "hidden", env.role("payroll"): "plaintext"},
+    )
+    pg.psql(f"INSERT INTO {env.table} (id, name, phone) VALUES (7, 'Grace', '+1 202 555 0143')", dbname="app")
+    p = ProxyProcess(cfg, env.workdir / "plain-only")
+    p.start()
+    try:
+        q = f"SELECT name, phone FROM {env.table} WHERE id = 7"
+
+        def answer(name: str) -> Any:
+            with connect(p, env, name) as c:
+                return c.execute(q).fetchone()
+
+        assert wait_until(lambda: answer("payroll") == ("Grace", "+1 202 555 0143"), timeout=20), p.logs()
+        assert answer("reader") == ("Grace", None)
+        with connect(p, env, "reader") as c, pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute(f"SELECT name FROM {env.table} WHERE phone LIKE '+1%'")
+    finally:
+        p.stop()
