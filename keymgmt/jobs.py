@@ -295,7 +295,7 @@ class Throttle:
     def delay(self, rows: int) -> float:
         if self.rows_per_second is None:
             return 0.0
-        now = self._clock()
+        now = float(self._clock())
         start = now if self._next is None else max(self._next, now)
         self._next = start + rows / self.rows_per_second
         return max(0.0, self._next - now)

@@ -34,6 +34,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -45,8 +46,8 @@ from keymgmt.envelope import (
     HEADER_LENGTH,
     DataKey,
     KeyState,
-    OpenFailed,
     Opener,
+    OpenFailed,
     column_associated_data,
     seal,
 )
@@ -78,12 +79,21 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+# What format_type() can spell a type as: names (quoted or not, schema-qualified), modifiers, arrays.
+_SQL_TYPE = re.compile(r'[A-Za-z0-9_ ,.()"\[\]]+')
+
+
 @dataclass(frozen=True, slots=True)
 class KeyColumn:
     """One primary-key column: its name and its type as ``format_type`` spells it."""
 
     name: str
     sql_type: str
+
+    def __post_init__(self) -> None:
+        # The type is spliced into SQL as a cast; the job row that carries it could have been edited.
+        if not _SQL_TYPE.fullmatch(self.sql_type) or "--" in self.sql_type or self.sql_type.count('"') % 2:
+            raise RotationError(f"primary key column {self.name}: unexpected type name")
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,42 +159,48 @@ def key_id_expr(target: RotationTarget, alias: str = "") -> str:
 
 def select_batch_sql(target: RotationTarget, *, after: bool) -> str:
     """Rows of the next batch: ``$1`` the new key id, then (``after``) one text value per key column,
-    then the batch size. The primary key comes back as text, so any key type round-trips."""
+    then the batch size. The primary key comes back as text, so any key type round-trips.
+
+    Every column is qualified by the table's alias: an unqualified ``ORDER BY id`` would sort by the
+    output column ``id::text`` (output names win in ORDER BY), in text order, not the key's."""
     pk = target.primary_key
-    col = quote_ident(target.column)
-    cols = ", ".join(f"{quote_ident(k.name)}::text" for k in pk)
-    where = [f"{col} IS NOT NULL", f"{key_id_expr(target)} <> $1"]
+    col = "t." + quote_ident(target.column)
+    keys = [f"t.{quote_ident(k.name)}" for k in pk]
+    cols = ", ".join(f"{k}::text" for k in keys)
+    where = [f"{col} IS NOT NULL", f"{key_id_expr(target, 't')} <> $1"]
     n = 2
     if after:
-        lhs = ", ".join(quote_ident(k.name) for k in pk)
         rhs = ", ".join(f"${n + i}::text::{k.sql_type}" for i, k in enumerate(pk))
-        where.append(f"({lhs}) > ({rhs})")
+        where.append(f"({', '.join(keys)}) > ({rhs})")
         n += len(pk)
-    order = ", ".join(quote_ident(k.name) for k in pk)
-    return f"SELECT {cols}, {col} FROM {target.sql_table} WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ${n}"
+    where_sql = " AND ".join(where)
+    order = ", ".join(keys)
+    return f"SELECT {cols}, {col} FROM {target.sql_table} AS t WHERE {where_sql} ORDER BY {order} LIMIT ${n}"  # noqa: S608
 
 
 def update_batch_sql(target: RotationTarget) -> str:
     """The compare-and-set write of a batch: one text array per key column, the old and new envelopes."""
     pk = target.primary_key
     col = quote_ident(target.column)
-    arrays = ", ".join([f"${i + 1}::text[]" for i in range(len(pk))] + [f"${len(pk) + 1}::bytea[]", f"${len(pk) + 2}::bytea[]"])
+    arrays = ", ".join(
+        [f"${i + 1}::text[]" for i in range(len(pk))] + [f"${len(pk) + 1}::bytea[]", f"${len(pk) + 2}::bytea[]"]
+    )
     names = ", ".join([f"k{i}" for i in range(len(pk))] + ["pgveil_old", "pgveil_new"])
     match = " AND ".join(f"t.{quote_ident(k.name)} = u.k{i}::{k.sql_type}" for i, k in enumerate(pk))
     return (
-        f"UPDATE {target.sql_table} AS t SET {col} = u.pgveil_new FROM unnest({arrays}) AS u({names}) "
+        f"UPDATE {target.sql_table} AS t SET {col} = u.pgveil_new FROM unnest({arrays}) AS u({names}) "  # noqa: S608
         f"WHERE {match} AND t.{col} = u.pgveil_old"
     )
 
 
 def count_not_under_sql(target: RotationTarget) -> str:
     col = quote_ident(target.column)
-    return f"SELECT count(*) FROM {target.sql_table} WHERE {col} IS NOT NULL AND {key_id_expr(target)} <> $1"
+    return f"SELECT count(*) FROM {target.sql_table} WHERE {col} IS NOT NULL AND {key_id_expr(target)} <> $1"  # noqa: S608
 
 
 def count_under_sql(target: RotationTarget) -> str:
     col = quote_ident(target.column)
-    return f"SELECT count(*) FROM {target.sql_table} WHERE {col} IS NOT NULL AND {key_id_expr(target)} = $1"
+    return f"SELECT count(*) FROM {target.sql_table} WHERE {col} IS NOT NULL AND {key_id_expr(target)} = $1"  # noqa: S608
 
 
 # -- re-sealing a batch (pure) --------------------------------------------------------------------------
@@ -284,7 +300,9 @@ async def rotate_columns(
             provider.provider_id,
         )
         for target in targets:
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", "pgveil.dek:" + target.column_id)
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", "pgveil.dek:" + target.column_id
+            )
             if await conn.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM pgveil.deks WHERE column_id = $1 AND subject_id IS NOT NULL)",
                 target.column_id,
@@ -317,7 +335,7 @@ async def rotate_columns(
                    WHERE kind = 'dek' AND column_id = $1 AND state NOT IN ('done', 'failed', 'cancelled')
                    RETURNING job_id""",
                 target.column_id,
-                job_id,
+                str(job_id),
             )
             await conn.execute(
                 """INSERT INTO pgveil.rotation_jobs (job_id, kind, column_id, from_key_id, to_key_id, state, target,
@@ -600,7 +618,12 @@ class ReEncryption:
             raise JobError(f"job {self.job_id} disappeared")
         position = row["position"]
         position = json.loads(position) if isinstance(position, str) else dict(position)
-        return JobState(row["state"]), position, row["throttle_rows_per_second"], row["batch_size"] or DEFAULT_BATCH_SIZE
+        return (
+            JobState(row["state"]),
+            position,
+            row["throttle_rows_per_second"],
+            row["batch_size"] or DEFAULT_BATCH_SIZE,
+        )
 
     async def _opener_for(self, envelopes: Sequence[bytes]) -> Opener:
         for e in envelopes:
@@ -627,10 +650,14 @@ class ReEncryption:
         async with self._data.transaction():
             # The job row, locked: a pause or cancel committed before this batch stops it; one committed
             # during it waits for the batch to end.
-            row = await self._ks.fetchrow(
-                "SELECT state, position FROM pgveil.rotation_jobs WHERE job_id = $1 FOR UPDATE", self.job_id
-            ) if same else await self._ks.fetchrow(
-                "SELECT state, position FROM pgveil.rotation_jobs WHERE job_id = $1", self.job_id
+            row = (
+                await self._ks.fetchrow(
+                    "SELECT state, position FROM pgveil.rotation_jobs WHERE job_id = $1 FOR UPDATE", self.job_id
+                )
+                if same
+                else await self._ks.fetchrow(
+                    "SELECT state, position FROM pgveil.rotation_jobs WHERE job_id = $1", self.job_id
+                )
             )
             if row is None or JobState(row["state"]) is not JobState.RUNNING:
                 return None, position

@@ -1,0 +1,442 @@
+"""DEK rotation end to end: a real PostgreSQL, a real ``pgveil serve`` in front of it, and the ``pgveil``
+commands (``keys rotate``, ``keys destroy``, ``jobs run|status|pause|resume``) as an operator runs them.
+
+Every test has a table of its own in one database (``rotdb``), whose keystore the proxy and the commands
+share. What was stored is checked behind the proxy (the key id in each envelope's header, bytes 4..19);
+what the application sees is checked through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from conftest import APP_PASSWORD, ProxyProcess, proxy_config, wait_until
+
+from proxy.config import parse_config
+from proxy.devcluster import DevCluster
+from proxy.schema import apply_schema, plan_schema
+
+pytestmark = pytest.mark.integration
+
+DB = "rotdb"
+TABLES = ("rot_conc", "rot_pickup", "rot_kill", "rot_pause", "rot_destroy", "rot_status")
+
+
+@dataclass
+class RotEnv:
+    pg: DevCluster
+    proxy: ProxyProcess
+
+    @property
+    def direct_dsn(self) -> str:
+        return self.pg.dsn(dbname=DB)
+
+    @property
+    def app_dsn(self) -> str:
+        return self.proxy.dsn(dbname=DB)
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "proxy.cli", *args, "--config", str(self.proxy.config_path)],
+            cwd=self.proxy.workdir,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def spawn(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", *args, "--config", str(self.proxy.config_path)],
+            cwd=self.proxy.workdir,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def status(self, job_id: str | None = None) -> list[dict[str, Any]]:
+        out = self.cli("jobs", "status", "--json", *([job_id] if job_id else []))
+        assert out.returncode == 0, out.stderr
+        jobs: list[dict[str, Any]] = json.loads(out.stdout)["jobs"]
+        return jobs
+
+
+def tables_config() -> dict[str, Any]:
+    return {f"public.{t}": {"columns": {"v": {"type": "text", "encrypt": True}}} for t in TABLES}
+
+
+async def _create_schema(pg: DevCluster) -> None:
+    app = await asyncpg.connect(f"postgresql://app:{APP_PASSWORD}@127.0.0.1:{pg.port}/{DB}")
+    try:
+        for t in TABLES:
+            await app.execute(f"CREATE TABLE {t} (id int PRIMARY KEY, v text, note text)")
+    finally:
+        await app.close()
+    catalog = parse_config({"tables": tables_config()}, base_dir=Path.cwd(), environ={}).catalog()
+    service = await asyncpg.connect(pg.dsn(dbname=DB))
+    try:
+        await apply_schema(service, await plan_schema(service, catalog))
+    finally:
+        await service.close()
+
+
+@pytest.fixture(scope="module")
+def env(pg: DevCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RotEnv]:
+    pg.psql(f"CREATE DATABASE {DB} OWNER app")
+    asyncio.run(_create_schema(pg))
+    workdir = tmp_path_factory.mktemp("rot-proxy")
+    cfg = proxy_config(
+        pg,
+        keystore={"dsn": pg.dsn(dbname=DB), "master_key": {"provider": "local", "path": str(workdir / "master.key")}},
+        tables=tables_config(),
+    )
+    proxy = ProxyProcess(cfg, workdir)
+    proxy.start()
+    e = RotEnv(pg, proxy)
+    try:
+        assert wait_until(lambda: _ready(e), timeout=30), proxy.logs()
+        yield e
+    finally:
+        proxy.stop()
+
+
+def _ready(env: RotEnv) -> bool:
+    async def probe() -> bool:
+        try:
+            conn = await asyncpg.connect(env.app_dsn, password=APP_PASSWORD)
+        except (OSError, asyncpg.PostgresError):
+            return False
+        try:
+            await conn.fetch("SELECT v FROM rot_conc WHERE id = -1")
+            return True
+        except asyncpg.PostgresError:
+            return False
+        finally:
+            await conn.close()
+
+    return asyncio.run(probe())
+
+
+async def app_conn(env: RotEnv) -> asyncpg.Connection:
+    return await asyncpg.connect(env.app_dsn)
+
+
+async def fill(env: RotEnv, table: str, n: int) -> dict[int, str]:
+    values = {i: f"{table}-{i}-{uuid.uuid4().hex}" for i in range(1, n + 1)}
+    conn = await app_conn(env)
+    try:
+        await conn.executemany(f"INSERT INTO {table} (id, v) VALUES ($1, $2)", list(values.items()))
+    finally:
+        await conn.close()
+    return values
+
+
+async def stored_key_ids(env: RotEnv, table: str) -> dict[uuid.UUID, int]:
+    conn = await asyncpg.connect(env.direct_dsn)
+    try:
+        rows = await conn.fetch(f"SELECT substring(v from 5 for 16) AS k, count(*) AS n FROM {table} GROUP BY 1")
+    finally:
+        await conn.close()
+    return {uuid.UUID(bytes=bytes(r["k"])): r["n"] for r in rows}
+
+
+async def versions(env: RotEnv, column_id: str) -> dict[int, tuple[uuid.UUID, str]]:
+    conn = await asyncpg.connect(env.direct_dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT version, key_id, state FROM pgveil.deks WHERE column_id = $1 AND subject_id IS NULL", column_id
+        )
+    finally:
+        await conn.close()
+    return {r["version"]: (r["key_id"], r["state"]) for r in rows}
+
+
+async def read_all(env: RotEnv, table: str) -> dict[int, str]:
+    conn = await app_conn(env)
+    try:
+        return {r["id"]: r["v"] for r in await conn.fetch(f"SELECT id, v FROM {table}")}
+    finally:
+        await conn.close()
+
+
+def rotate_no_run(env: RotEnv, column: str) -> str:
+    out = env.cli("keys", "rotate", "--column", column, "--no-run")
+    assert out.returncode == 0, out.stderr
+    [job] = [j for j in env.status() if j["column"] == column and j["state"] == "pending"]
+    return str(job["job_id"])
+
+
+# -- tests --------------------------------------------------------------------------------------------------
+
+
+async def test_rotation_while_writers_run_loses_nothing(env: RotEnv) -> None:
+    table, column = "rot_conc", "public.rot_conc.v"
+    last = await fill(env, table, 3000)
+    [(old_key, n)] = (await stored_key_ids(env, table)).items()
+    assert n == 3000
+    stop = asyncio.Event()
+    writes = 0
+
+    async def writer(w: int, ids: list[int]) -> None:
+        nonlocal writes
+        conn = await app_conn(env)
+        rng = random.Random(w)
+        try:
+            next_new = 100_000 + w * 100_000
+            while not stop.is_set():
+                if rng.random() < 0.2:
+                    next_new += 1
+                    value = f"new-{w}-{next_new}-{uuid.uuid4().hex}"
+                    await conn.execute(f"INSERT INTO {table} (id, v) VALUES ($1, $2)", next_new, value)
+                    last[next_new] = value
+                else:
+                    i = rng.choice(ids)
+                    value = f"upd-{w}-{i}-{uuid.uuid4().hex}"
+                    await conn.execute(f"UPDATE {table} SET v = $2 WHERE id = $1", i, value)
+                    last[i] = value  # recorded once committed: each id has one writer
+                writes += 1
+        finally:
+            await conn.close()
+
+    ids = sorted(last)
+    writers = [asyncio.create_task(writer(w, ids[w::4])) for w in range(4)]
+    try:
+        await asyncio.sleep(0.3)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "proxy.cli",
+            "keys",
+            "rotate",
+            "--column",
+            column,
+            "--throttle",
+            "0",
+            "--batch-size",
+            "250",
+            "--config",
+            str(env.proxy.config_path),
+            cwd=env.proxy.workdir,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _out, err = await asyncio.wait_for(proc.communicate(), 240)
+        assert proc.returncode == 0, err.decode()
+        await asyncio.sleep(0.3)  # writers keep going after the job finished
+    finally:
+        stop.set()
+        await asyncio.gather(*writers)
+    assert writes > 0
+    [job] = [j for j in env.status() if j["column"] == column]
+    assert job["state"] == "done"
+    assert job["rows_remaining"] == 0
+    assert job["rows_unreadable"] == 0
+    new_key = uuid.UUID(job["to_key_id"])
+    assert new_key != old_key
+    assert job["from_key_id"] == str(old_key)
+    # every stored value is under the new version, and reads back (through pgveil) as last written
+    assert await stored_key_ids(env, table) == {new_key: len(last)}
+    assert await read_all(env, table) == last
+    # the job re-encrypted at most the rows that existed under the old key
+    assert 0 < job["rows_done"] <= job["rows_total"] <= 3000 + writes
+
+
+async def test_new_writes_use_the_new_version_soon_after_rotate(env: RotEnv) -> None:
+    table, column = "rot_pickup", "public.rot_pickup.v"
+    await fill(env, table, 10)
+    rotated_at = time.monotonic()
+    job_id = rotate_no_run(env, column)
+    new_key = uuid.UUID(env.status(job_id)[0]["to_key_id"])
+    conn = await app_conn(env)
+    direct = await asyncpg.connect(env.direct_dsn)
+    seen_at = None
+    try:
+        i = 1000
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            i += 1
+            await conn.execute(f"INSERT INTO {table} (id, v) VALUES ($1, 'x')", i)
+            kid = await direct.fetchval(f"SELECT substring(v from 5 for 16) FROM {table} WHERE id = $1", i)
+            if uuid.UUID(bytes=bytes(kid)) == new_key:
+                seen_at = time.monotonic()
+                break
+            await asyncio.sleep(0.02)
+        assert seen_at is not None, "the proxy kept sealing under the old version"
+        # From then on every write uses the new version.
+        for _ in range(20):
+            i += 1
+            await conn.execute(f"INSERT INTO {table} (id, v) VALUES ($1, 'y')", i)
+            kid = await direct.fetchval(f"SELECT substring(v from 5 for 16) FROM {table} WHERE id = $1", i)
+            assert uuid.UUID(bytes=bytes(kid)) == new_key
+    finally:
+        await conn.close()
+        await direct.close()
+    print(f"\nnew version used by pgveil {seen_at - rotated_at:.3f} s after `keys rotate` started (incl. CLI start)")
+    assert env.cli("jobs", "cancel", job_id).returncode == 0
+
+
+async def test_job_killed_midway_resumes_with_exact_counts(env: RotEnv) -> None:
+    table, column = "rot_kill", "public.rot_kill.v"
+    n = 6000
+    values = await fill(env, table, n)
+    job_id = rotate_no_run(env, column)
+    new_key = uuid.UUID(env.status(job_id)[0]["to_key_id"])
+    runner = env.spawn("jobs", "run", job_id, "--throttle", "1500", "--batch-size", "100")
+    try:
+        assert wait_until(lambda: env.status(job_id)[0]["rows_done"] >= 1000, timeout=60)
+        runner.send_signal(signal.SIGKILL)
+        runner.wait(30)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+    [mid] = env.status(job_id)
+    assert mid["state"] == "running"
+    assert mid["active"] is False
+    assert mid["interrupted"] is True
+    stored = await stored_key_ids(env, table)
+    # batch and progress commit together: the count is exactly the rows under the new key
+    assert mid["rows_done"] == stored.get(new_key, 0)
+    assert 1000 <= mid["rows_done"] < n
+    assert mid["rows_total"] == n
+    assert mid["position"]["after"] is not None
+    # resumed from the position, to the end
+    out = env.cli("jobs", "run", job_id, "--throttle", "0", timeout=240)
+    assert out.returncode == 0, out.stderr
+    [final] = env.status(job_id)
+    assert final["state"] == "done"
+    assert final["rows_done"] == n
+    assert final["rows_skipped"] == 0
+    assert final["rows_remaining"] == 0
+    assert final["fraction"] == 1.0
+    assert await stored_key_ids(env, table) == {new_key: n}
+    assert await read_all(env, table) == values
+
+
+async def test_pause_and_resume(env: RotEnv) -> None:
+    table, column = "rot_pause", "public.rot_pause.v"
+    n = 3000
+    values = await fill(env, table, n)
+    job_id = rotate_no_run(env, column)
+    runner = env.spawn("jobs", "run", job_id, "--throttle", "1000", "--batch-size", "100")
+    try:
+        assert wait_until(lambda: env.status(job_id)[0]["rows_done"] > 0, timeout=60)
+        out = env.cli("jobs", "pause", job_id)
+        assert out.returncode == 0, out.stderr
+        assert "paused" in out.stdout
+        # The pause waits for the batch under way; after it no batch starts.
+        [paused] = env.status(job_id)
+        await asyncio.sleep(1.5)
+        [still] = env.status(job_id)
+        assert paused["state"] == still["state"] == "paused"
+        assert still["active"] is True  # the runner keeps its claim and waits
+        assert still["rows_done"] == paused["rows_done"] < n
+        assert runner.poll() is None
+        out = env.cli("jobs", "resume", job_id)
+        assert out.returncode == 0, out.stderr
+        assert "running" in out.stdout
+        runner.wait(120)
+        assert runner.returncode == 0, runner.stderr.read() if runner.stderr else ""
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+    [final] = env.status(job_id)
+    assert final["state"] == "done"
+    assert final["rows_done"] == n
+    assert await read_all(env, table) == values
+    # resuming what is not paused is refused
+    again = env.cli("jobs", "resume", job_id)
+    assert again.returncode == 1
+    assert "not paused" in again.stderr
+
+
+async def test_destroy_refused_while_rows_reference_then_allowed(env: RotEnv) -> None:
+    table, column = "rot_destroy", "public.rot_destroy.v"
+    values = await fill(env, table, 500)
+    job_id = rotate_no_run(env, column)
+    vs = await versions(env, column)
+    assert sorted(vs) == [1, 2]
+    refused = env.cli("keys", "destroy", "--column", column, "--version", "1")
+    assert refused.returncode == 1
+    assert "500 row(s) still reference it" in refused.stderr
+    current = env.cli("keys", "destroy", "--column", column, "--version", "2")
+    assert current.returncode == 1
+    assert "current data key" in current.stderr
+    assert (await versions(env, column))[1][1] == "ENABLED"
+    out = env.cli("jobs", "run", job_id, "--throttle", "0")
+    assert out.returncode == 0, out.stderr
+    allowed = env.cli("keys", "destroy", "--column", column, "--version", "1")
+    assert allowed.returncode == 0, allowed.stderr
+    vs = await versions(env, column)
+    assert vs[1][1] == "DESTROYED"
+    assert vs[2][1] == "ENABLED"
+    conn = await asyncpg.connect(env.direct_dsn)
+    try:
+        assert await conn.fetchval("SELECT wrapped FROM pgveil.deks WHERE key_id = $1", vs[1][0]) is None
+    finally:
+        await conn.close()
+    assert await read_all(env, table) == values
+    twice = env.cli("keys", "destroy", "--column", column, "--version", "1")
+    assert twice.returncode == 1
+    assert "already destroyed" in twice.stderr
+
+
+async def test_jobs_status_json_and_text(env: RotEnv) -> None:
+    table, column = "rot_status", "public.rot_status.v"
+    await fill(env, table, 250)
+    out = env.cli("keys", "rotate", "--table", "public.rot_status", "--throttle", "0", "--batch-size", "100")
+    assert out.returncode == 0, out.stderr
+    assert "version 2" in out.stdout
+    [job] = [j for j in env.status() if j["column"] == column]
+    assert set(job) >= {
+        "job_id",
+        "kind",
+        "state",
+        "active",
+        "rows_done",
+        "rows_total",
+        "rows_remaining",
+        "position",
+        "throttle_rows_per_second",
+        "batch_size",
+        "started_at",
+        "finished_at",
+        "to_version",
+    }
+    assert job["kind"] == "dek"
+    assert (job["state"], job["rows_done"], job["rows_total"], job["rows_remaining"]) == ("done", 250, 250, 0)
+    assert (job["to_version"], job["batch_size"], job["throttle_rows_per_second"]) == (2, 100, None)
+    assert job["passes"] == 2, json.dumps(job)  # the second pass found nothing left
+    assert job["position"]["after"] is None
+    # a second rotation supersedes nothing (the first is done) and starts from version 2
+    out = env.cli("keys", "rotate", "--column", column, "--no-run")
+    assert out.returncode == 0
+    assert "version 3" in out.stdout
+    text = env.cli("jobs", "status", "--unfinished")
+    assert text.returncode == 0
+    assert column in text.stdout
+    assert "pending" in text.stdout
+    # a newer rotation cancels the unfinished job it supersedes
+    pending = [j for j in env.status() if j["column"] == column and j["state"] == "pending"]
+    out = env.cli("keys", "rotate", "--column", column, "--no-run")
+    assert "supersedes" in out.stdout
+    [old] = env.status(pending[0]["job_id"])
+    assert old["state"] == "cancelled"
+    assert "superseded" in old["last_error"]
+    bad = env.cli("keys", "rotate", "--column", "public.rot_status.note")
+    assert bad.returncode == 1
+    assert "not an encrypted column" in bad.stderr
