@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"re-encryption, {args.rows:,} rows of one encrypted text column, throttle off:")
         for wall, inner in rates:
             print(
-                f"  {wall:,.0f} rows/s (wall clock of `pgveil jobs run`, start-up included); in the job {inner:,.0f} rows/s"
+                f"  {wall:,.0f} rows/s (wall clock of `pgveil jobs run`, start-up included);"
+                f" in the job {inner:,.0f} rows/s"
             )
 
         # 2. foreground impact at the default throttle
