@@ -162,21 +162,23 @@ def describe(status: JobStatus) -> str:
 
 
 def render_bar(status: JobStatus, width: int, rate: float | None = None) -> str:
-    """A one-line progress bar for a terminal of ``width`` columns."""
+    """A one-line progress bar for a terminal of ``width`` columns: bar and percentage first, so a
+    narrow terminal cuts the details, never the progress."""
     fraction = status.fraction
-    label = f"{status.column_id or status.kind} v{status.to_version or '?'}"
     state = "interrupted" if status.interrupted else status.state.value
-    pct = "  ?%" if fraction is None else f"{fraction * 100:4.0f}%"
-    tail = f" {pct} {_count(status.rows_done)}/{_count(None if status.rows_total is None else status.rows_total)}"
-    if rate:
-        tail += f" {rate:,.0f} rows/s"
-        if status.rows_remaining and not status.state.finished:
-            tail += f" ETA {status.rows_remaining / rate:,.0f}s"
-    if state != "running":
-        tail += f" [{state}]"
-    bar_width = max(10, width - len(label) - len(tail) - 4)
+    bar_width = max(10, min(30, width // 4))
     filled = 0 if fraction is None else round(fraction * bar_width)
-    return f"{label} [{'#' * filled}{'-' * (bar_width - filled)}]{tail}"[: max(width - 1, 20)]
+    pct = "   ?%" if fraction is None else f"{fraction * 100:4.0f}%"
+    label = f"{status.column_id or status.kind} v{status.to_version or '?'}"
+    line = f"[{'#' * filled}{'-' * (bar_width - filled)}]{pct} {label}"
+    line += f" {_count(status.rows_done)}/{_count(status.rows_total)}"
+    if state != "running":
+        line += f" [{state}]"
+    if rate:
+        line += f" {rate:,.0f} rows/s"
+        if status.rows_remaining and not status.state.finished:
+            line += f" ETA {status.rows_remaining / rate:,.0f}s"
+    return line[: max(width - 1, bar_width + 6)]
 
 
 class Progress:
