@@ -9,6 +9,7 @@ what the application sees is checked through it.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import random
 import signal
@@ -33,6 +34,7 @@ pytestmark = pytest.mark.integration
 
 DB = "rotdb"
 TABLES = ("rot_conc", "rot_pickup", "rot_kill", "rot_pause", "rot_destroy", "rot_status")
+COMPOSITE = "rot_composite"
 
 
 @dataclass
@@ -75,7 +77,7 @@ class RotEnv:
 
 
 def tables_config() -> dict[str, Any]:
-    return {f"public.{t}": {"columns": {"v": {"type": "text", "encrypt": True}}} for t in TABLES}
+    return {f"public.{t}": {"columns": {"v": {"type": "text", "encrypt": True}}} for t in (*TABLES, COMPOSITE)}
 
 
 async def _create_schema(pg: DevCluster) -> None:
@@ -83,6 +85,7 @@ async def _create_schema(pg: DevCluster) -> None:
     try:
         for t in TABLES:
             await app.execute(f"CREATE TABLE {t} (id int PRIMARY KEY, v text, note text)")
+        await app.execute(f"CREATE TABLE {COMPOSITE} (a text, b timestamptz, v text, PRIMARY KEY (a, b))")
     finally:
         await app.close()
     catalog = parse_config({"tables": tables_config()}, base_dir=Path.cwd(), environ={}).catalog()
@@ -241,7 +244,7 @@ async def test_rotation_while_writers_run_loses_nothing(env: RotEnv) -> None:
         await asyncio.gather(*writers)
     assert writes > 0
     [job] = [j for j in env.status() if j["column"] == column]
-    assert job["state"] == "done"
+    assert job["state"] == "done", json.dumps(job)
     assert job["rows_remaining"] == 0
     assert job["rows_unreadable"] == 0
     new_key = uuid.UUID(job["to_key_id"])
@@ -250,42 +253,78 @@ async def test_rotation_while_writers_run_loses_nothing(env: RotEnv) -> None:
     # every stored value is under the new version, and reads back (through pgveil) as last written
     assert await stored_key_ids(env, table) == {new_key: len(last)}
     assert await read_all(env, table) == last
-    # the job re-encrypted at most the rows that existed under the old key
-    assert 0 < job["rows_done"] <= job["rows_total"] <= 3000 + writes
+    # Every row the job handled existed under an old key: a rows_total counted at the job's start can
+    # miss the few writes sealed under the old version before the proxy heard of the rotation (a later
+    # pass re-encrypts them), so the bound is the rows ever written.
+    assert job["rows_done"] > 0, json.dumps(job)
+    assert job["rows_done"] + job["rows_skipped"] <= 3000 + writes, json.dumps(job)
+    assert job["rows_total"] <= 3000 + writes
 
 
 async def test_new_writes_use_the_new_version_soon_after_rotate(env: RotEnv) -> None:
     table, column = "rot_pickup", "public.rot_pickup.v"
     await fill(env, table, 10)
-    rotated_at = time.monotonic()
-    job_id = rotate_no_run(env, column)
-    new_key = uuid.UUID(env.status(job_id)[0]["to_key_id"])
-    conn = await app_conn(env)
-    direct = await asyncpg.connect(env.direct_dsn)
-    seen_at = None
-    try:
+    stop = asyncio.Event()
+
+    async def writer() -> None:
+        conn = await app_conn(env)
         i = 1000
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            i += 1
-            await conn.execute(f"INSERT INTO {table} (id, v) VALUES ($1, 'x')", i)
-            kid = await direct.fetchval(f"SELECT substring(v from 5 for 16) FROM {table} WHERE id = $1", i)
-            if uuid.UUID(bytes=bytes(kid)) == new_key:
-                seen_at = time.monotonic()
-                break
-            await asyncio.sleep(0.02)
-        assert seen_at is not None, "the proxy kept sealing under the old version"
-        # From then on every write uses the new version.
-        for _ in range(20):
-            i += 1
-            await conn.execute(f"INSERT INTO {table} (id, v) VALUES ($1, 'y')", i)
-            kid = await direct.fetchval(f"SELECT substring(v from 5 for 16) FROM {table} WHERE id = $1", i)
-            assert uuid.UUID(bytes=bytes(kid)) == new_key
+        try:
+            while not stop.is_set():
+                i += 1
+                # note is not protected: the server's clock at the write goes through as it is
+                await conn.execute(
+                    f"INSERT INTO {table} (id, v, note) VALUES ($1, $2, clock_timestamp()::text)", i, "x"
+                )
+                await asyncio.sleep(0.005)
+        finally:
+            await conn.close()
+
+    task = asyncio.create_task(writer())
+    try:
+        await asyncio.sleep(0.3)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy.cli", "keys", "rotate", "--column", column, "--no-run",
+            "--config", str(env.proxy.config_path), cwd=env.proxy.workdir,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        direct = await asyncpg.connect(env.direct_dsn)
+        try:
+            [(_v, (new_key, _s))] = [x for x in (await versions(env, column)).items() if x[0] == 2]
+            rotated = await direct.fetchval("SELECT created_at FROM pgveil.deks WHERE key_id = $1", new_key)
+            # keep writing until a write under the new version is stored
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                if await direct.fetchval(
+                    f"SELECT count(*) FROM {table} WHERE substring(v from 5 for 16) = $1", new_key.bytes
+                ):
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)
+        finally:
+            stop.set()
+            await task
+        try:
+            rows = await direct.fetch(
+                f"SELECT substring(v from 5 for 16) AS k, note::timestamptz AS at FROM {table} WHERE note IS NOT NULL"
+            )
+        finally:
+            await direct.close()
     finally:
-        await conn.close()
-        await direct.close()
-    print(f"\nnew version used by pgveil {seen_at - rotated_at:.3f} s after `keys rotate` started (incl. CLI start)")
-    assert env.cli("jobs", "cancel", job_id).returncode == 0
+        stop.set()
+        await task
+    under_new = [r["at"] for r in rows if uuid.UUID(bytes=bytes(r["k"])) == new_key]
+    under_old = [r["at"] for r in rows if uuid.UUID(bytes=bytes(r["k"])) != new_key]
+    assert under_new, f"the proxy kept sealing under the old version ({len(under_old)} writes)"
+    first_new, last_old = min(under_new), max(under_old)
+    # once a write was sealed under the new version, no later write went back to the old one
+    assert last_old < first_new
+    old_s, new_s = (last_old - rotated).total_seconds(), (first_new - rotated).total_seconds()
+    print(f"\nrotation began; last write under the old version {old_s:+.3f} s, first under the new {new_s:+.3f} s")
+    [job] = [j for j in env.status() if j["column"] == column and j["state"] == "pending"]
+    assert env.cli("jobs", "cancel", job["job_id"]).returncode == 0
 
 
 async def test_job_killed_midway_resumes_with_exact_counts(env: RotEnv) -> None:
@@ -440,3 +479,57 @@ async def test_jobs_status_json_and_text(env: RotEnv) -> None:
     bad = env.cli("keys", "rotate", "--column", "public.rot_status.note")
     assert bad.returncode == 1
     assert "not an encrypted column" in bad.stderr
+
+
+async def test_composite_text_and_timestamp_key(env: RotEnv) -> None:
+    # Keys whose text order differs from their own order ('10' < '9'), and a timestamptz that must
+    # round-trip through its text form.
+    base = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+    rows = {(str(i % 13), base + datetime.timedelta(microseconds=i * 1001)): f"c{i}" for i in range(700)}
+    conn = await app_conn(env)
+    try:
+        await conn.executemany(
+            f"INSERT INTO {COMPOSITE} (a, b, v) VALUES ($1, $2, $3)", [(*k, v) for k, v in rows.items()]
+        )
+    finally:
+        await conn.close()
+    out = env.cli("keys", "rotate", "--column", f"public.{COMPOSITE}.v", "--throttle", "0", "--batch-size", "37")
+    assert out.returncode == 0, out.stderr
+    [job] = [j for j in env.status() if j["column"] == f"public.{COMPOSITE}.v"]
+    assert (job["state"], job["rows_done"], job["rows_remaining"]) == ("done", 700, 0)
+    assert await stored_key_ids(env, COMPOSITE) == {uuid.UUID(job["to_key_id"]): 700}
+    conn = await app_conn(env)
+    try:
+        back = {(r["a"], r["b"]): r["v"] for r in await conn.fetch(f"SELECT a, b, v FROM {COMPOSITE}")}
+    finally:
+        await conn.close()
+    assert back == rows
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="a literal in a prepared statement is sealed once, at Parse, under the key current then: its "
+    "Executes keep storing that envelope after a rotation (proxy/encrypt, not the rotation job)",
+)
+async def test_prepared_literal_after_rotate(env: RotEnv) -> None:
+    table, column = "rot_pickup", "public.rot_pickup.v"
+    conn = await app_conn(env)
+    direct = await asyncpg.connect(env.direct_dsn)
+    try:
+        insert = await conn.prepare(f"INSERT INTO {table} (id, v) VALUES ($1, 'literal')")
+        await insert.fetch(50_000)
+        out = env.cli("keys", "rotate", "--column", column, "--no-run")
+        assert out.returncode == 0, out.stderr
+        current = max((await versions(env, column)).items())[1][0]
+        for i in range(50_001, 50_051):
+            await insert.fetch(i)
+            await asyncio.sleep(0.05)
+        kid = await direct.fetchval(f"SELECT substring(v from 5 for 16) FROM {table} WHERE id = 50050")
+        assert uuid.UUID(bytes=bytes(kid)) == current
+    finally:
+        await conn.close()
+        await direct.close()
+        for j in env.status():
+            if j["column"] == column and j["state"] == "pending":
+                env.cli("jobs", "cancel", j["job_id"])
