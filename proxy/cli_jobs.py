@@ -27,6 +27,7 @@ from typing import Any, TextIO
 
 import asyncpg
 
+from keymgmt.envelope import KeyState
 from keymgmt.errors import KeyManagementError
 from keymgmt.jobs import JobState, JobStatus, cancel, job_status, runnable_jobs, set_paused
 from keymgmt.keystore import Keystore
@@ -36,9 +37,11 @@ from keymgmt.rotation import (
     BatchResult,
     ReEncryption,
     RotationTarget,
+    column_versions,
     destroy_version,
     primary_key_of,
     rotate_columns,
+    rows_under,
 )
 from proxy.config import Config, default_config_path, load_config
 from proxy.logsetup import setup_logging
@@ -303,6 +306,9 @@ async def _keys_rotate(config: Config, args: argparse.Namespace) -> int:
         if args.no_run:
             print("jobs queued: run them with `pgveil jobs run`")
             return 0
+        if args.background:
+            _spawn_background(args, [s.job_id for s in started])
+            return 0
         return await _run_jobs(c, [s.job_id for s in started], args)
 
 
@@ -318,6 +324,54 @@ async def _keys_destroy(config: Config, args: argparse.Namespace) -> int:
         key_id = await destroy_version(c.ks, c.data, target, args.version)
     print(f"destroyed version {args.version} of {target.column_id} (key {key_id})")
     return 0
+
+
+def cmd_keys_versions(args: argparse.Namespace) -> int:
+    config = _load(args)
+    return _run(_keys_versions(config, args))
+
+
+async def _keys_versions(config: Config, args: argparse.Namespace) -> int:
+    [chosen] = select_columns(config, [args.column], [])
+    async with connections(config, args.dsn) as c:
+        [target] = await build_targets(c.data, [chosen])
+        rows = []
+        for v in await column_versions(c.ks, target.column_id):
+            n = None if v.state is KeyState.DESTROYED else await rows_under(c.data, target, v.key_id)
+            rows.append((v, n))
+    if args.json:
+        out = [
+            {"version": v.version, "key_id": str(v.key_id), "state": v.state.value, "current": v.current, "rows": n}
+            for v, n in rows
+        ]
+        print(json.dumps({"column": target.column_id, "versions": out}, indent=2))
+        return 0
+    for v, n in rows:
+        flag = " (current)" if v.current else ""
+        held = "-" if n is None else _count(n)
+        print(f"{target.column_id} v{v.version} {v.key_id} {v.state.value}{flag}: {held} rows")
+    return 0
+
+
+def _spawn_background(args: argparse.Namespace, job_ids: Sequence[uuid.UUID]) -> None:
+    """Starts ``pgveil jobs run JOB...`` detached from this terminal; its output goes to a log file."""
+    import os
+    import subprocess
+
+    log_path = args.log_file or f"pgveil-jobs-{job_ids[0]}.log"
+    argv = [sys.executable, "-m", "proxy.cli", "jobs", "run", *map(str, job_ids)]
+    if args.config is not None:
+        argv += ["--config", str(args.config)]
+    if args.dsn is not None:
+        argv += ["--dsn", args.dsn]
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True, close_fds=True
+        )
+    finally:
+        os.close(fd)
+    print(f"jobs running in the background (pid {proc.pid}, log {log_path}); follow them with `pgveil jobs status`")
 
 
 def cmd_jobs_run(args: argparse.Namespace) -> int:
@@ -502,6 +556,8 @@ def add_job_commands(sub: Any) -> None:
     r.add_argument("--table", action="append", metavar="SCHEMA.TABLE", help="every encrypted column of a table")
     r.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per batch (one transaction each)")
     r.add_argument("--no-run", action="store_true", help="only rotate and queue the jobs (run them with `jobs run`)")
+    r.add_argument("--background", action="store_true", help="run the jobs in a detached process")
+    r.add_argument("--log-file", default=None, help="the detached process's log (default: ./pgveil-jobs-JOB.log)")
     _job_options(r, defaults=True)
     r.set_defaults(func=cmd_keys_rotate, throttle_given=False)
 
@@ -510,6 +566,12 @@ def add_job_commands(sub: Any) -> None:
     d.add_argument("--column", required=True, metavar="SCHEMA.TABLE.COLUMN")
     d.add_argument("--version", required=True, type=int)
     d.set_defaults(func=cmd_keys_destroy)
+
+    v = ksub.add_parser("versions", help="a column's data key versions and how many rows each one holds")
+    _common(v)
+    v.add_argument("--column", required=True, metavar="SCHEMA.TABLE.COLUMN")
+    v.add_argument("--json", action="store_true", help="machine-readable output")
+    v.set_defaults(func=cmd_keys_versions)
 
     j = sub.add_parser("jobs", help="background jobs: re-encryption after a key rotation")
     jsub = j.add_subparsers(dest="jobs_command", required=True)

@@ -35,6 +35,7 @@ pytestmark = pytest.mark.integration
 DB = "rotdb"
 TABLES = ("rot_conc", "rot_pickup", "rot_kill", "rot_pause", "rot_destroy", "rot_status")
 COMPOSITE = "rot_composite"
+BACKGROUND = "rot_background"
 
 
 @dataclass
@@ -77,13 +78,15 @@ class RotEnv:
 
 
 def tables_config() -> dict[str, Any]:
-    return {f"public.{t}": {"columns": {"v": {"type": "text", "encrypt": True}}} for t in (*TABLES, COMPOSITE)}
+    return {
+        f"public.{t}": {"columns": {"v": {"type": "text", "encrypt": True}}} for t in (*TABLES, COMPOSITE, BACKGROUND)
+    }
 
 
 async def _create_schema(pg: DevCluster) -> None:
     app = await asyncpg.connect(f"postgresql://app:{APP_PASSWORD}@127.0.0.1:{pg.port}/{DB}")
     try:
-        for t in TABLES:
+        for t in (*TABLES, BACKGROUND):
             await app.execute(f"CREATE TABLE {t} (id int PRIMARY KEY, v text, note text)")
         await app.execute(f"CREATE TABLE {COMPOSITE} (a text, b timestamptz, v text, PRIMARY KEY (a, b))")
     finally:
@@ -116,21 +119,31 @@ def env(pg: DevCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ro
         proxy.stop()
 
 
-def _ready(env: RotEnv) -> bool:
-    async def probe() -> bool:
-        try:
-            conn = await asyncpg.connect(env.app_dsn, password=APP_PASSWORD)
-        except (OSError, asyncpg.PostgresError):
-            return False
-        try:
-            await conn.fetch("SELECT v FROM rot_conc WHERE id = -1")
-            return True
-        except asyncpg.PostgresError:
-            return False
-        finally:
-            await conn.close()
+async def _probe(env: RotEnv) -> bool:
+    try:
+        conn = await asyncpg.connect(env.app_dsn, password=APP_PASSWORD)
+    except (OSError, asyncpg.PostgresError):
+        return False
+    try:
+        await conn.fetch("SELECT v FROM rot_conc WHERE id = -1")
+        return True
+    except asyncpg.PostgresError:
+        return False
+    finally:
+        await conn.close()
 
-    return asyncio.run(probe())
+
+def _ready(env: RotEnv) -> bool:
+    return asyncio.run(_probe(env))
+
+
+async def ready_soon(env: RotEnv, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await _probe(env):
+            return True
+        await asyncio.sleep(0.2)
+    return False
 
 
 async def app_conn(env: RotEnv) -> asyncpg.Connection:
@@ -533,3 +546,46 @@ async def test_prepared_literal_after_rotate(env: RotEnv) -> None:
         for j in env.status():
             if j["column"] == column and j["state"] == "pending":
                 env.cli("jobs", "cancel", j["job_id"])
+
+
+async def test_background_job_outlives_a_proxy_crash(env: RotEnv, make_proxy: Any) -> None:
+    table, column = BACKGROUND, f"public.{BACKGROUND}.v"
+    values = await fill(env, table, 3000)
+    # a second instance on the same keystore, the one the application writes through here
+    other = make_proxy(keystore=env.proxy.config["keystore"], tables=tables_config())
+    assert await ready_soon(RotEnv(env.pg, other)), other.logs()
+    log_file = env.proxy.workdir / "bg-job.log"
+    out = env.cli(
+        "keys", "rotate", "--column", column, "--background", "--throttle", "1000", "--batch-size", "100",
+        "--log-file", str(log_file),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "in the background" in out.stdout
+    [job] = [j for j in env.status() if j["column"] == column]
+    job_id = job["job_id"]
+    assert wait_until(lambda: env.status(job_id)[0]["rows_done"] >= 500, timeout=60), log_file.read_text()
+    conn = await asyncpg.connect(other.dsn(dbname=DB))
+    try:
+        for i in range(1, 3001, 7):
+            values[i] = f"during-{i}"
+            await conn.execute(f"UPDATE {table} SET v = $2 WHERE id = $1", i, values[i])
+    finally:
+        await conn.close()
+    assert other.proc is not None
+    other.proc.kill()  # SIGKILL: no shutdown
+    other.proc.wait(30)
+    other.proc = None
+    at_kill = env.status(job_id)[0]["rows_done"]
+    assert at_kill < 3000
+    assert wait_until(lambda: env.status(job_id)[0]["state"] == "done", timeout=120), log_file.read_text()
+    [final] = env.status(job_id)
+    assert final["rows_done"] > at_kill
+    assert final["rows_done"] + final["rows_skipped"] <= 3000
+    assert final["rows_remaining"] == 0
+    other.start()
+    assert await ready_soon(RotEnv(env.pg, other)), other.logs()
+    assert await read_all(RotEnv(env.pg, other), table) == values
+    listing = env.cli("keys", "versions", "--column", column, "--json")
+    assert listing.returncode == 0, listing.stderr
+    rows = {v["version"]: (v["state"], v["current"], v["rows"]) for v in json.loads(listing.stdout)["versions"]}
+    assert rows == {1: ("ENABLED", False, 0), 2: ("ENABLED", True, 3000)}
