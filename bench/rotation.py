@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=int, default=10, help="seconds per pgbench round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--throttle", type=int, default=DEFAULT_THROTTLE, help="the job's throttle in the foreground rounds")
     args = p.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="pgveil-bench-rot-"))
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             without.append(run_pgbench(pgbench, endpoint, workload, args.duration, workdir).summary.tps)
             job = _rotate(config)
-            runner = _spawn(config, "jobs", "run", job)
+            runner = _spawn(config, "jobs", "run", job, "--throttle", str(args.throttle))
             time.sleep(1.0)  # let it start
             before = _status(config, job)["rows_done"]
             t0 = time.perf_counter()
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"  without a job: {', '.join(f'{t:,.0f}' for t in without)} tps (median {base:,.0f})")
         print(
-            f"  with a job at the default throttle ({DEFAULT_THROTTLE:,} rows/s; measured "
+            f"  with a job at a throttle of {args.throttle:,} rows/s (default {DEFAULT_THROTTLE:,}; measured "
             f"{statistics.median(job_rates):,.0f} rows/s): {', '.join(f'{t:,.0f}' for t in with_job)} tps "
             f"(median {loaded:,.0f})"
         )

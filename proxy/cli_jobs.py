@@ -29,7 +29,7 @@ import asyncpg
 
 from keymgmt.envelope import KeyState
 from keymgmt.errors import KeyManagementError
-from keymgmt.jobs import JobState, JobStatus, cancel, job_status, runnable_jobs, set_paused
+from keymgmt.jobs import JobError, JobState, JobStatus, cancel, job_status, runnable_jobs, set_paused
 from keymgmt.keystore import Keystore
 from keymgmt.rotation import (
     DEFAULT_BATCH_SIZE,
@@ -210,10 +210,9 @@ class Progress:
             self.stream.flush()
 
     def finish(self, status: JobStatus) -> None:
-        if self.tty:
+        if self.tty:  # end the bar's line; the summary goes to stdout
             self.stream.write("\n")
-        self.stream.write(describe(status) + "\n")
-        self.stream.flush()
+            self.stream.flush()
 
 
 class JobMetrics:
@@ -422,6 +421,11 @@ async def _run_jobs(c: Connections, job_ids: Sequence[uuid.UUID], args: argparse
         )
         try:
             status = await runner.run()
+        except JobError as exc:
+            if job_ids or "another runner" not in exc.message:
+                raise
+            print(f"job {job_id} is held by another runner: skipped", file=sys.stderr)
+            continue
         except KeyManagementError:
             if metrics is not None:
                 metrics.errors.labels("dek").inc()
