@@ -59,9 +59,10 @@ from keymgmt.providers import KeyProvider
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 1000
-# Rows per second of a job that is not told otherwise: about a fifth of what one job does flat out on
-# two cores (see docs/rotation.md), which leaves the foreground most of the machine.
-DEFAULT_THROTTLE = 2000
+# Rows per second of a job that is not told otherwise: a small share of what one job does flat out on two
+# cores (50,000-100,000 rows/s, bench/rotation.py), at which pgbench through pgveil kept its throughput
+# within the run-to-run noise (docs/rotation.md).
+DEFAULT_THROTTLE = 5000
 # A pass that still finds work after this many means writes keep arriving under an old version.
 MAX_PASSES = 20
 _POLL_SECONDS = 0.5
