@@ -34,6 +34,7 @@ from proxy.config import (
     redact_dsn,
 )
 from proxy.errors import ConfigError
+from proxy.policy.rules import Policy
 
 REPO = Path(__file__).resolve().parents[3]
 EXAMPLE = REPO / "config" / "pgveil.example.yaml"
@@ -76,7 +77,17 @@ def test_example_shows_the_defaults() -> None:
     base = EXAMPLE.parent
     example = parse_config(read_yaml(EXAMPLE), base_dir=base, environ=NO_ENV)
     defaults = parse_config({"keystore": {}}, base_dir=base, environ=NO_ENV)
-    for section in ("listen", "upstream", "client_tls", "admin", "sessions", "logging", "keystore", "service"):
+    for section in (
+        "listen",
+        "upstream",
+        "client_tls",
+        "admin",
+        "sessions",
+        "logging",
+        "keystore",
+        "service",
+        "policy_settings",
+    ):
         assert getattr(example, section) == getattr(defaults, section), section
     assert example.keystore == KeystoreConfig(master_key=LocalMasterKeyConfig(path=base / "pgveil-master.key"))
 
@@ -85,6 +96,8 @@ def _dataclasses_under(cls: type[Any]) -> list[type[Any]]:
     found: list[type[Any]] = []
 
     def walk(tp: Any) -> None:
+        if tp is Policy:
+            return  # the roles section has its own reference (config/policy.schema.json); not field names
         if dataclasses.is_dataclass(tp) and isinstance(tp, type):
             if tp in found:
                 return
@@ -100,8 +113,10 @@ def _dataclasses_under(cls: type[Any]) -> list[type[Any]]:
 
 
 # Fields that are not YAML keys: facts about the loading, and names that are the keys of a mapping.
-NOT_KEYS = {("Config", "source_path"), ("Config", "warnings"), ("TableConfig", "schema"),
-            ("TableConfig", "name"), ("ColumnConfig", "name"), ("HostPort", "host"), ("HostPort", "port")}  # fmt: skip
+# Config.policy and Config.policy_settings are the sections roles: and policy: (checked by name below).
+NOT_KEYS = {("Config", "source_path"), ("Config", "warnings"), ("Config", "policy"), ("Config", "policy_settings"),
+            ("TableConfig", "schema"), ("TableConfig", "name"), ("ColumnConfig", "name"), ("HostPort", "host"),
+            ("HostPort", "port")}  # fmt: skip
 
 
 def test_example_documents_every_setting() -> None:
@@ -109,6 +124,8 @@ def test_example_documents_every_setting() -> None:
     classes = _dataclasses_under(Config)
     assert Pkcs11MasterKeyConfig in classes  # the walk reaches into unions
     assert ClientTLSConfig in classes
+    assert re.search(r"(?m)^roles:", text)  # Config.policy
+    assert re.search(r"(?m)^policy:", text)  # Config.policy_settings
     missing = [
         f"{cls.__name__}.{f.name}"
         for cls in classes
@@ -294,7 +311,7 @@ def test_keystore_is_needed_only_for_encrypted_columns() -> None:
     assert parse({}).keystore is None
     plain = parse(one_table({"phone": {"type": "text"}}))
     assert (plain.keystore, plain.encrypts_anything, plain.governs_anything) == (None, False, True)
-    protected = parse(one_table({"email": {"type": "text", "encrypt": True}}))
+    protected = parse(one_table({"email": {"type": "text", "encrypt": True}}) | {"roles": {"default": "hidden"}})
     assert (protected.encrypts_anything, protected.governs_anything) == (True, True)
     assert protected.keystore == KeystoreConfig(master_key=LocalMasterKeyConfig(path=BASE / "pgveil-master.key"))
     assert protected.warnings == (
@@ -419,6 +436,7 @@ def test_tables_build_the_catalog() -> None:
                 "billing.cards": {"columns": {"pan": {"type": "text", "encrypt": True}}},
                 "plain": {"columns": {"x": {"type": "int"}}},
             },
+            "roles": {"default": "plaintext"},
         }
     )
     assert [t.qualified_name for t in config.tables] == ["public.customers", "billing.cards", "public.plain"]
