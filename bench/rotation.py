@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                     "logging": {"level": "warning"},
                     "keystore": {"dsn": dsn, "master_key": {"provider": "local", "path": str(master_key)}},
                     "tables": {f"public.{TABLE}": {"columns": {"v": {"type": "text", "encrypt": True}}}},
+                    "roles": {"default": "plaintext"},
                 }
             )
         )

@@ -108,6 +108,7 @@ def env(pg: DevCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ro
         pg,
         keystore={"dsn": pg.dsn(dbname=DB), "master_key": {"provider": "local", "path": str(workdir / "master.key")}},
         tables=tables_config(),
+        roles={"default": "plaintext"},  # these tests check rotation, not visibility
     )
     proxy = ProxyProcess(cfg, workdir)
     proxy.start()
@@ -552,7 +553,7 @@ async def test_background_job_outlives_a_proxy_crash(env: RotEnv, make_proxy: An
     table, column = BACKGROUND, f"public.{BACKGROUND}.v"
     values = await fill(env, table, 3000)
     # a second instance on the same keystore, the one the application writes through here
-    other = make_proxy(keystore=env.proxy.config["keystore"], tables=tables_config())
+    other = make_proxy(keystore=env.proxy.config["keystore"], tables=tables_config(), roles={"default": "plaintext"})
     assert await ready_soon(RotEnv(env.pg, other)), other.logs()
     log_file = env.proxy.workdir / "bg-job.log"
     out = env.cli(
