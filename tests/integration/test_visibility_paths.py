@@ -544,6 +544,7 @@ def test_a_role_may_write_what_it_may_not_read(vis: ProxyProcess, role: str) -> 
 def test_the_hash_mask_is_keyed_from_the_keystore_and_stable(vis: ProxyProcess) -> None:
     """The key comes from the keystore (scope pgveil.mask, created on first use): the same value hashes
     the same in every session, differently in another column, and never to a bare digest."""
+
     def read() -> list[tuple[Any, ...]]:
         with psycopg.connect(dsn(vis, "ve_hasher"), autocommit=True) as c:
             return c.execute(f"SELECT ssn, email FROM {TABLE} ORDER BY id").fetchall()
