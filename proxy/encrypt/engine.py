@@ -75,7 +75,15 @@ from proxy.protocol import messages as m
 from proxy.protocol.encryption import REFUSED_PORTAL_NAME as REFUSED_PORTAL_NAME
 from proxy.protocol.encryption import REFUSED_QUERY as REFUSED_QUERY
 from proxy.protocol.encryption import REFUSED_STATEMENT_NAME as REFUSED_STATEMENT_NAME
-from proxy.protocol.encryption import AnalysisMiss, CryptoState, KeyMiss, NamespaceOp, Version, refused_bind
+from proxy.protocol.encryption import (
+    AnalysisMiss,
+    CryptoState,
+    KeyMiss,
+    NamespaceAction,
+    NamespaceOp,
+    Version,
+    refused_bind,
+)
 from proxy.protocol.encryption import Outcome as Outcome
 from proxy.rewrite.analysis import analyze
 from proxy.rewrite.catalog import Catalog, ProtectedColumn
@@ -536,6 +544,8 @@ class SessionCrypto:
         self._copy_out_rw: CopyRowRewriter | None = None  # rewrites the server's COPY TO STDOUT rows
         self._described_cache: dict[bytes, tuple[ColumnCrypto | None, ...] | None] = {}  # see _described
         self._described_catalog: Catalog | None = None
+        # SQL PREPAREd statements on governed columns: name -> (the statements decided, the epoch)
+        self._sql_prepared: dict[str, tuple[tuple[StatementPlan, ...], int]] = {}
         self._copy_out_served: tuple[tuple[tuple[str, str], int], ...] = ()  # per row of the COPY TO
         self._copy_out_counting = False  # a COPY TO whose rows pass unchanged but are counted
         self._copy_out_rows = 0
@@ -555,7 +565,7 @@ class SessionCrypto:
         hash mask's key is at hand for every column the statement outputs with it (KeyMiss now, before
         the server runs anything)."""
         for st in statements:
-            references = getattr(st, "references", ())
+            references = st.references
             refused = decide(references, view)
             if refused is not None:
                 return refused
@@ -570,7 +580,7 @@ class SessionCrypto:
                         )
             outputs = [r.column for r in references if r.kind is ReferenceKind.OUTPUT]
             outputs.extend(c for c in st.result_columns or () if c is not None)
-            outputs.extend(c for c in getattr(st, "cursor_columns", None) or () if c is not None)
+            outputs.extend(c for c in st.cursor_columns or () if c is not None)
             if cp is not None and cp.direction is CopyDirection.TO:
                 outputs.extend(c for c in _governed_columns(cp) if c is not None)
             for col in outputs:
@@ -688,7 +698,21 @@ class SessionCrypto:
         except ProxyError as e:
             return self._refuse(e)
         replacement = None if new_sql is None else codec.encode_frontend(m.Query(wire_text(new_sql, self.fmt)))
+        self._note_sql_prepare(sql, plan.statements, view)
         return Outcome(replacement, QueryCrypto(plan.statements, view=view))
+
+    def _note_sql_prepare(self, sql: str, statements: tuple[StatementPlan, ...], view: RoleView) -> None:
+        """An SQL ``PREPARE`` in a text on governed columns: remembered with the statements it was
+        decided for and the epoch, so that an ``EXECUTE`` of it after a policy change is decided again
+        (the relay keeps no crypto state for SQL-level statements)."""
+        if "prepare" not in sql.lower():
+            return
+        prepared = self._sql_prepared
+        for op in namespace_ops(sql):
+            if op.action is NamespaceAction.PREPARE:
+                if len(prepared) > 1000 and op.name not in prepared:
+                    prepared.clear()
+                prepared[op.name] = (statements, view.epoch)
 
     def _encrypt_literals(self, plan: QueryPlan, view: RoleView) -> str | None:
         """The statement text with every literal bound for a protected column sealed, or None if the
@@ -1289,6 +1313,17 @@ class SessionCrypto:
     def execute_refusal(self, name: str, versions: Sequence[Version], *, deferred: bool) -> bytes | None:
         if not self.ctx.catalog.tables:
             return None
+        prepared = self._sql_prepared.get(name)
+        if prepared is not None:
+            try:
+                view = self._view_source()
+                refused = None if view.epoch == prepared[1] else self._policy(prepared[0], view)
+            except ProxyError as unknown:
+                refused = unknown
+            if refused is not None:
+                log.info("refused an EXECUTE: %s", refused.message)
+                return self.refusal(refused)
+            self._sql_prepared[name] = (prepared[0], view.epoch)
         if not name:
             e = _unconfirmed(
                 "an SQL-level EXECUTE in a statement text too long for pgveil to read a second time "
@@ -1445,9 +1480,13 @@ class SessionCrypto:
 
     def close(self, kind: bytes, name: str) -> None:
         (self._stmt_crypto if kind == b"S" else self._portal_crypto).pop(name, None)
+        if kind == b"S":
+            self._sql_prepared.pop(name, None)
 
     def close_all(self, kind: bytes) -> None:
         (self._stmt_crypto if kind == b"S" else self._portal_crypto).clear()
+        if kind == b"S":
+            self._sql_prepared.clear()
 
     def arm_copy_in(self, state: CryptoState | None) -> None:
         """A statement that copies into a protected table: its row rewriter starts now, when the client
@@ -1706,8 +1745,7 @@ def _copies_in_protected(st: StatementPlan) -> bool:
 
 def _governed_columns(cp: CopyPlan) -> tuple[ProtectedColumn | None, ...]:
     """Every governed column of a COPY in wire order (encrypted and plain)."""
-    governed: tuple[ProtectedColumn | None, ...] = getattr(cp, "governed_columns", cp.protected)
-    return governed
+    return cp.governed_columns
 
 
 def _copy_current_statement(state: object) -> StatementPlan | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -47,7 +48,9 @@ pytest.importorskip("proxy.policy_runtime", reason="the policy runtime is not me
 PW = "ve-secret"
 TABLE = "ve_customers"
 DUMP_TABLE = "ve_dump"
-ROLES = ("ve_billing", "ve_support", "ve_contractor", "ve_backup", "ve_nobody", "ve_alice", "ve_bob", "ve_app")
+ROLES = (
+    "ve_billing", "ve_support", "ve_contractor", "ve_backup", "ve_nobody", "ve_alice", "ve_bob", "ve_app", "ve_hasher",
+)  # fmt: skip
 CANARY_SSN = "CANARY-SSN-7319"
 CANARY_EMAIL = "canary.person@example.org"
 ROWS = [
@@ -72,6 +75,7 @@ def policy(ssn: str = "masked:last4") -> dict[str, Any]:
         "ve_contractor": {"public.ve_customers.*": "deny"},
         "ve_backup": {"public.*": "ciphertext"},
         "ve_team": {"public.ve_customers.*": "plaintext"},
+        "ve_hasher": {"public.ve_customers.ssn": "masked:hash", "public.ve_customers.email": "masked:hash"},
     }
 
 
@@ -413,7 +417,16 @@ def test_a_reload_between_parse_and_bind_redecides(vis: ProxyProcess) -> None:
             _reload(vis, policy(ssn="deny"), lambda: _refused(c, sql))
             assert c.execute("SELECT 4").fetchone() == (4,)
     finally:
-        _reload(vis, policy(), lambda: True)
+        _reload(vis, policy(), lambda: _support_ssn(vis) == "***********7319")
+
+
+def _support_ssn(proxy: ProxyProcess) -> Any:
+    try:
+        with psycopg.connect(dsn(proxy, "ve_support"), autocommit=True) as c:
+            row = c.execute(f"SELECT ssn FROM {TABLE} WHERE id = 1").fetchone()
+    except psycopg.Error:  # still denied
+        return None
+    return None if row is None else row[0]
 
 
 def _refused(c: psycopg.Connection[Any], sql: str) -> bool:
@@ -493,4 +506,56 @@ def test_a_ciphertext_role_cannot_store_a_non_envelope(vis: ProxyProcess) -> Non
         with pytest.raises(psycopg.Error):  # another column's envelope
             c.execute(f"INSERT INTO {DUMP_TABLE} (id, ssn) VALUES (502, %s)", (moved[0],))
     with psycopg.connect(dsn(vis, "ve_billing"), autocommit=True) as c:
-        assert c.execute(f"SELECT count(*) FROM {DUMP_TABLE} WHERE id >= 500").fetchone() == (0,)
+        assert c.execute(f"SELECT count(*) FROM {DUMP_TABLE} WHERE id BETWEEN 500 AND 502").fetchone() == (0,)
+
+
+def test_set_role_never_widens_what_pgveil_serves(vis: ProxyProcess) -> None:
+    """ve_bob (NOINHERIT) may SET ROLE to ve_team, which the policy grants plaintext; pgveil serves the
+    login role's view whatever the session's current role."""
+    with psycopg.connect(dsn(vis, "ve_bob"), autocommit=True) as c:
+        c.execute("SET ROLE ve_team")
+        assert c.execute("SELECT current_user").fetchone() == ("ve_team",)
+        assert c.execute(SELECT).fetchall() == expected("ve_bob")
+        c.execute("SET SESSION AUTHORIZATION DEFAULT")
+        c.execute("RESET ROLE")
+        assert c.cursor(binary=True).execute(SELECT).fetchall() == expected("ve_bob")
+
+
+@pytest.mark.parametrize("role", ["ve_nobody", "ve_support"])
+def test_a_role_may_write_what_it_may_not_read(vis: ProxyProcess, role: str) -> None:
+    base = 600 if role == "ve_nobody" else 700
+    with psycopg.connect(dsn(vis, role), autocommit=True) as c:
+        c.execute(
+            f"INSERT INTO {DUMP_TABLE} (id, email, ssn, score, phone) VALUES (%s, %s, %s, %s, %s)",
+            (base, "w@example.com", "WRITE-ONLY-1", 5, "555-7777"),
+        )
+        psycopg.ClientCursor(c).execute(
+            f"INSERT INTO {DUMP_TABLE} (id, ssn) VALUES (%s, %s)", (base + 1, "WRITE-ONLY-2")
+        )
+        with c.cursor().copy(f"COPY {DUMP_TABLE} (id, ssn) FROM STDIN") as cp:
+            cp.write_row((base + 2, "WRITE-ONLY-3"))
+    with psycopg.connect(dsn(vis, "ve_billing"), autocommit=True) as c:
+        got = c.execute(
+            f"SELECT id, ssn FROM {DUMP_TABLE} WHERE id BETWEEN %s AND %s ORDER BY id", (base, base + 2)
+        ).fetchall()
+    assert got == [(base, "WRITE-ONLY-1"), (base + 1, "WRITE-ONLY-2"), (base + 2, "WRITE-ONLY-3")]
+
+
+def test_the_hash_mask_is_keyed_from_the_keystore_and_stable(vis: ProxyProcess) -> None:
+    """The key comes from the keystore (scope pgveil.mask, created on first use): the same value hashes
+    the same in every session, differently in another column, and never to a bare digest."""
+
+    def read() -> list[tuple[Any, ...]]:
+        with psycopg.connect(dsn(vis, "ve_hasher"), autocommit=True) as c:
+            return c.execute(f"SELECT ssn, email FROM {TABLE} ORDER BY id").fetchall()
+
+    first, second = read(), read()
+    assert first == second
+    ssn, email = first[0]
+    assert len(ssn) == 64
+    int(ssn, 16)
+    assert ssn != hashlib.sha256(CANARY_SSN.encode()).hexdigest()
+    assert CANARY_SSN not in ssn
+    assert email != ssn
+    assert first[1][0] != ssn  # another value
+    assert first[2] == (None, None)  # NULL stays NULL

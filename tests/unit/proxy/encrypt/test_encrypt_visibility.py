@@ -478,3 +478,19 @@ def test_a_bind_of_a_described_unanalysed_statement_serves_its_governed_columns(
     data = data_rows((b"\x00\x00\x00\x07", envelope))
     got = _values(crypto.data_rows_current(data, 0, len(data), 1))[1]
     assert got == {Action.DECRYPT: SSN_TEXT, Action.NULL: None, Action.MASK: b"*******6789"}[action]
+
+
+def test_sql_execute_of_a_statement_prepared_under_another_epoch_is_decided_again() -> None:
+    """The relay keeps no crypto state for SQL PREPARE: the engine remembers what the PREPARE was
+    decided for, so a predicate on a column the role no longer sees is not run by EXECUTE."""
+    crypto, src = session()
+    out = crypto.query("PREPARE q AS SELECT id FROM customers WHERE ssn IS NULL")
+    assert out.refusal is None
+    assert crypto.execute_refusal("q", [(None, None)], deferred=False) is None
+    src.default, src.epoch = HIDDEN, 1
+    assert sqlstate(crypto.execute_refusal("q", [(None, None)], deferred=False)) == "42501"
+    src.default, src.epoch = PLAIN, 2
+    assert crypto.execute_refusal("q", [(None, None)], deferred=False) is None
+    src.default, src.epoch = HIDDEN, 3
+    crypto.close(b"S", "q")  # DEALLOCATE q: forgotten
+    assert crypto.execute_refusal("q", [(None, None)], deferred=False) is None
