@@ -1,0 +1,345 @@
+"""What each role receives for the issue's table (issue 8): ``SELECT *`` and named columns through
+psycopg in text and binary, asyncpg (binary) and psql (simple protocol, text).
+
+The expected view of each role comes from the independent model in :mod:`visfixtures` (the issue's
+policy): plaintext is the value, hidden is NULL with the declared type kept in RowDescription, a mask keeps
+what its function keeps (``last4`` the last four characters, ``partial`` the first and last, ``email`` the
+domain) and never the canary's core, ciphertext is the stored envelope byte for byte as ``bytea``, and deny
+refuses any statement naming the column, ``SELECT *`` included. Masks keep the declared type in both
+formats (a masked date is a date) or are NULL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import decimal
+import hashlib
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+import visfixtures
+from encfixtures import run_psql
+from visfixtures import (
+    ENCRYPTED,
+    GOVERNED,
+    MASK_FUNCTIONS,
+    SUPERUSER_ROLE,
+    TABLE,
+    TYPED_COLUMNS,
+    Customer,
+    Expected,
+    VisEnv,
+    expected_grant,
+    insert_customers,
+    issue_policy,
+    leaked,
+    make_customer,
+    stored,
+)
+
+from proxy.devcluster import DevCluster
+
+pytestmark = pytest.mark.integration
+
+TEXT_OID, BYTEA_OID = 25, 17
+OIDS = {"date": 1082, "integer": 23, "numeric": 1700, "uuid": 2950, "bool": 16, "text": 25}
+PYTYPES: dict[str, type] = {
+    "date": datetime.date,
+    "integer": int,
+    "numeric": decimal.Decimal,
+    "uuid": uuid.UUID,
+    "bool": bool,
+    "text": str,
+}
+READERS = ["billing", "support", "backup", "outsider", "fin_member", "fin_noinherit", SUPERUSER_ROLE, "mixed"]
+READERS += [f"m_{f}" for f in (*MASK_FUNCTIONS, "fixed")]
+DRIVERS = ["psycopg-text", "psycopg-binary", "asyncpg", "psql"]
+
+
+@pytest.fixture(scope="module")
+def env(pg: DevCluster, tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> VisEnv:
+    return visfixtures.shared_env(pg, tmp_path_factory, pytestconfig)
+
+
+@pytest.fixture(scope="module")
+def rows(env: VisEnv) -> list[Customer]:
+    a, b = make_customer("results"), make_customer("results")
+    twin = Customer(visfixtures.next_id(), "twin", a.email, a.ssn, a.phone)  # same values: a stable mask repeats
+    out = [a, b, twin]
+    insert_customers(env, out)
+    return out
+
+
+def ids_of(rows: list[Customer]) -> str:
+    return ", ".join(str(r.id) for r in rows)
+
+
+# -- one reader per driver, returning (column names, type OIDs or None, rows as Python values) -----------
+
+
+def fetch(env: VisEnv, driver: str, role: str, sql: str) -> tuple[list[Any] | None, list[tuple[Any, ...]]]:
+    """The result of ``sql`` for ``role``: type OIDs (None for psql) and rows; raises the driver's error."""
+    if driver.startswith("psycopg"):
+        with psycopg.connect(env.dsn(role), autocommit=True) as c:
+            cur = c.cursor(binary=driver.endswith("binary"))
+            cur.execute(sql)
+            assert cur.description is not None
+            return [d.type_code for d in cur.description], cur.fetchall()
+    if driver == "asyncpg":
+        return asyncio.run(_asyncpg_fetch(env, role, sql))
+    p = run_psql(env.dsn(role), "-F", "\t", "-P", "null=<NULL>", "-c", sql)
+    if p.returncode != 0:
+        raise PsqlError(p.stderr)
+    out: list[tuple[Any, ...]] = []
+    for line in p.stdout.splitlines():
+        out.append(tuple(None if f == "<NULL>" else _psql_field(f) for f in line.split("\t")))
+    return None, out
+
+
+class PsqlError(Exception):
+    pass
+
+
+def _psql_field(f: str) -> Any:
+    return bytes.fromhex(f[2:]) if f.startswith("\\x") else f
+
+
+async def _asyncpg_fetch(env: VisEnv, role: str, sql: str) -> tuple[list[Any], list[tuple[Any, ...]]]:
+    conn = await asyncpg.connect(env.dsn(role))
+    try:
+        stmt = await conn.prepare(sql)
+        oids = [a.type.oid for a in stmt.get_attributes()]
+        return oids, [tuple(r) for r in await stmt.fetch()]
+    finally:
+        await conn.close()
+
+
+def check_value(exp: Expected, column: str, original: str, got: Any, envelope: bytes | None, where: str) -> None:
+    """``got`` is what a role with grant ``exp`` received for ``original`` (stored as ``envelope``)."""
+    detail = f"{where}: {exp} on {column} gave {got!r}"
+    if exp.visibility == "plaintext":
+        assert got == original, detail
+        return
+    if exp.visibility == "hidden":
+        assert got is None, detail
+        return
+    if exp.visibility == "ciphertext":
+        if column in ENCRYPTED:
+            assert got == envelope, detail
+        else:
+            assert got == original, detail  # a plain column as stored
+        return
+    assert exp.visibility in ("masked", "match"), detail
+    assert exp.mask is not None
+    fn = exp.mask.split(":")[0]
+    if fn == "null":
+        assert got is None, detail
+        return
+    if fn == "fixed":
+        assert got == exp.mask.split(":", 1)[1], detail
+        return
+    if got is None:
+        assert fn == "email", detail  # e-mail masking of a non-address: NULL allowed
+        assert column != "email", detail
+        return
+    assert isinstance(got, str), detail
+    assert got != original, detail
+    assert not leaked(got.encode(), original), detail
+    if fn == "last4":
+        assert got.endswith(original[-4:]), detail
+    elif fn == "partial":
+        assert got.startswith(original[0]), detail
+        assert got.endswith(original[-1]), detail
+    elif fn == "email" and column == "email":
+        assert got.endswith("@" + original.split("@")[1]), detail
+    elif fn == "hash":
+        bare = {h(original.encode()).hexdigest() for h in (hashlib.sha256, hashlib.md5, hashlib.sha1)}
+        assert got.lower().removeprefix("\\x") not in bare, detail
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("role", READERS)
+@pytest.mark.parametrize("star", [True, False], ids=["star", "named"])
+def test_each_role_receives_its_view(env: VisEnv, rows: list[Customer], role: str, driver: str, star: bool) -> None:
+    columns = "*" if star else "id, name, email, ssn, phone"
+    oids, got = fetch(
+        env, driver, role, f"SELECT {columns} FROM vis_customers WHERE id IN ({ids_of(rows)}) ORDER BY id"
+    )
+    envelopes = {r[0]: r[1:] for r in stored(env, [r.id for r in rows])}
+    policy = issue_policy()
+    assert [int(r[0]) for r in got] == [r.id for r in rows]
+    for row, values in zip(rows, got, strict=True):
+        assert values[1] == row.name  # not governed: always the value
+        for k, col in enumerate(GOVERNED):
+            exp = expected_grant(policy, role, f"{TABLE}.{col}")
+            envelope = envelopes[row.id][k] if col in ENCRYPTED else None
+            check_value(exp, col, row.value(col), values[2 + k], envelope, f"{role} via {driver}")
+    if oids is not None:
+        for k, col in enumerate(GOVERNED):
+            exp = expected_grant(policy, role, f"{TABLE}.{col}")
+            want = BYTEA_OID if exp.visibility == "ciphertext" and col in ENCRYPTED else TEXT_OID
+            assert oids[2 + k] == want, f"{role} via {driver}: RowDescription type of {col} is {oids[2 + k]}"
+
+
+def test_the_model_is_the_issue_policy() -> None:
+    """The oracle itself, against the issue's words (so a wrong model cannot make every test pass)."""
+    p = issue_policy()
+
+    def g(role: str, col: str) -> Expected:
+        return expected_grant(p, role, f"{TABLE}.{col}")
+
+    assert g("billing", "ssn") == Expected("plaintext")
+    assert g("support", "email") == Expected("plaintext")
+    assert g("support", "ssn") == Expected("masked", "last4")
+    assert g("support", "phone") == Expected("masked", "partial")
+    assert g("contractor", "email") == Expected("deny")
+    assert g("outsider", "email") == Expected("hidden")
+    assert g(SUPERUSER_ROLE, "ssn") == Expected("hidden")
+    assert g("fin_member", "ssn") == Expected("plaintext")  # through the group role
+    assert g("fin_noinherit", "ssn") == Expected("hidden")  # NOINHERIT: nothing through the group
+    assert g("mixed", "ssn") == Expected("masked", "last4")  # support grants more than contractor denies
+    assert g("mixed", "email") == Expected("plaintext")
+
+
+def _refused(run: Callable[[], object]) -> str:
+    """Runs ``run``, which must be refused with 42501 (psql: "permission denied"); returns the message."""
+    with pytest.raises((psycopg.Error, asyncpg.PostgresError, PsqlError)) as e:
+        run()
+    err = e.value
+    if isinstance(err, PsqlError):
+        assert "permission denied" in str(err), str(err)
+    else:
+        assert getattr(err, "sqlstate", None) == "42501", f"{getattr(err, 'sqlstate', None)}: {err}"
+    return str(err)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize(
+    "sql", ["SELECT * FROM vis_customers", "SELECT id, ssn FROM vis_customers", "SELECT phone FROM vis_customers"]
+)
+def test_deny_refuses_any_statement_naming_the_column(env: VisEnv, rows: list[Customer], driver: str, sql: str) -> None:
+    message = _refused(lambda: fetch(env, driver, "contractor", f"{sql} WHERE id = {rows[0].id}"))
+    assert "public.vis_customers." in message, message
+    assert "contractor" in message, message
+    for r in rows:
+        for col in GOVERNED:
+            assert r.value(col) not in message
+    # The statement is refused, not the role: columns outside the policy still read.
+    _, got = fetch(env, driver, "contractor", f"SELECT id, name FROM vis_customers WHERE id = {rows[0].id}")
+    assert [tuple(str(v) for v in r) for r in got] == [(str(rows[0].id), rows[0].name)]
+
+
+def test_deny_with_star_names_the_denying_column_and_star(env: VisEnv, rows: list[Customer]) -> None:
+    with psycopg.connect(env.dsn("contractor"), autocommit=True) as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+            c.execute("SELECT * FROM vis_customers WHERE id = %s", [rows[0].id])
+        assert any(f"public.vis_customers.{col}" in str(e.value) for col in GOVERNED), str(e.value)
+        assert "SELECT *" in str(e.value), str(e.value)
+        assert c.execute("SELECT 1").fetchone() == (1,)  # the session goes on
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["text", "binary"])
+def test_a_hash_mask_is_stable_per_value_and_keyed(env: VisEnv, rows: list[Customer], binary: bool) -> None:
+    a, b, twin = rows
+    with psycopg.connect(env.dsn("m_hash"), autocommit=True) as c:
+        got: dict[int, Any] = dict(
+            c.cursor(binary=binary)
+            .execute(f"SELECT id, ssn FROM vis_customers WHERE id IN ({ids_of(rows)})")
+            .fetchall()
+        )
+    assert isinstance(got[a.id], str)
+    assert not leaked(got[a.id].encode(), a.ssn)
+    assert got[a.id] == got[twin.id], "the same value hashes the same"
+    assert got[a.id] != got[b.id], "different values hash differently"
+
+
+def test_masks_agree_between_text_and_binary(env: VisEnv, rows: list[Customer]) -> None:
+    sql = f"SELECT id, email, ssn, phone FROM vis_customers WHERE id IN ({ids_of(rows)}) ORDER BY id"
+    for role in ("support", *(f"m_{f}" for f in MASK_FUNCTIONS), "m_fixed"):
+        _, text = fetch(env, "psycopg-text", role, sql)
+        _, binary = fetch(env, "psycopg-binary", role, sql)
+        _, apg = fetch(env, "asyncpg", role, sql)
+        assert text == binary == apg, role
+        assert all(not leaked(repr(r).encode(), row.ssn) for r, row in zip(text, rows, strict=True)), role
+
+
+# -- masks by declared type --------------------------------------------------------------------------------
+
+TYPED_ROW: dict[str, Any] = {
+    "d": datetime.date(1987, 6, 15),
+    "n": 12345678,
+    "num": decimal.Decimal("98765432.125"),
+    "u": uuid.UUID("7f1c9a2e-55b3-4d8e-9c01-3a6b2d4e8f90"),
+    "b": True,
+    "t": "typed-text-canary-1f2e3d4c5b6a",
+    "pd": datetime.date(1979, 3, 21),
+    "pn": 87654321,
+    "pt": "plain-text-canary-6a5b4c3d2e1f",
+}
+
+
+@pytest.fixture(scope="module")
+def typed_id(env: VisEnv) -> int:
+    i = visfixtures.next_id()
+    cols = list(TYPED_ROW)
+    with psycopg.connect(env.dsn("fin_member"), autocommit=True) as c:
+        c.execute(
+            f"INSERT INTO vis_typed (id, {', '.join(cols)}) VALUES (%s{', %s' * len(cols)})",
+            [i, *TYPED_ROW.values()],
+        )
+        # The writer sees plaintext (through its group role): the row went in as written.
+        got = c.execute(f"SELECT {', '.join(cols)} FROM vis_typed WHERE id = %s", [i]).fetchone()
+    assert got == tuple(TYPED_ROW.values())
+    return i
+
+
+@pytest.mark.parametrize("driver", ["psycopg-text", "psycopg-binary", "asyncpg"])
+@pytest.mark.parametrize("function", [*MASK_FUNCTIONS, "fixed"])
+def test_a_masked_value_keeps_its_declared_type(env: VisEnv, typed_id: int, function: str, driver: str) -> None:
+    cols = list(TYPED_ROW)
+    oids, got = fetch(env, driver, f"m_{function}", f"SELECT {', '.join(cols)} FROM vis_typed WHERE id = {typed_id}")
+    assert oids is not None
+    assert len(got) == 1
+    for k, col in enumerate(cols):
+        declared = TYPED_COLUMNS[col]["type"]
+        v, original = got[0][k], TYPED_ROW[col]
+        where = f"masked:{function} on {col} ({declared}) via {driver}: {v!r}"
+        assert oids[k] == OIDS[declared], where
+        if function == "null":
+            assert v is None, where
+            continue
+        if function == "fixed":
+            assert v is not None, where
+            assert str(v).lower() == visfixtures.FIXED_VALUES[col].lower(), where
+            continue
+        assert v is None or isinstance(v, PYTYPES[declared]), where
+        if v is not None and declared != "bool":
+            assert v != original, where  # a mask that returns the value reveals it
+            if declared == "text":
+                assert not leaked(str(v).encode(), str(original)), where
+
+
+@pytest.mark.parametrize("driver", ["psycopg-text", "psycopg-binary", "asyncpg"])
+def test_ciphertext_role_gets_bytea_envelopes(env: VisEnv, typed_id: int, driver: str) -> None:
+    cols = [c for c, spec in TYPED_COLUMNS.items() if spec["encrypt"]]
+    oids, got = fetch(env, driver, "backup", f"SELECT {', '.join(cols)} FROM vis_typed WHERE id = {typed_id}")
+    with psycopg.connect(env.direct_dsn, autocommit=True) as c:
+        raw = c.execute(f"SELECT {', '.join(cols)} FROM vis_typed WHERE id = %s", [typed_id]).fetchone()
+    assert raw is not None
+    assert oids == [BYTEA_OID] * len(cols)
+    assert got == [tuple(raw)]
+    assert all(isinstance(v, bytes) and len(v) > 20 for v in got[0])
+
+
+@pytest.mark.parametrize("role", ["outsider", "fin_noinherit", SUPERUSER_ROLE])
+def test_hidden_keeps_the_declared_type(env: VisEnv, typed_id: int, role: str) -> None:
+    cols = list(TYPED_ROW)
+    for driver in ("psycopg-binary", "asyncpg"):
+        oids, got = fetch(env, driver, role, f"SELECT {', '.join(cols)} FROM vis_typed WHERE id = {typed_id}")
+        assert oids == [OIDS[TYPED_COLUMNS[c]["type"]] for c in cols], (role, driver)
+        assert got == [(None,) * len(cols)], (role, driver)
