@@ -11,10 +11,8 @@ formats (a masked date is a date) or are NULL.
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import decimal
-import hashlib
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +21,6 @@ import asyncpg
 import psycopg
 import pytest
 import visfixtures
-from encfixtures import run_psql
 from visfixtures import (
     ENCRYPTED,
     GOVERNED,
@@ -33,8 +30,11 @@ from visfixtures import (
     TYPED_COLUMNS,
     Customer,
     Expected,
+    PsqlError,
     VisEnv,
+    check_value,
     expected_grant,
+    fetch,
     insert_customers,
     issue_policy,
     leaked,
@@ -77,89 +77,6 @@ def rows(env: VisEnv) -> list[Customer]:
 
 def ids_of(rows: list[Customer]) -> str:
     return ", ".join(str(r.id) for r in rows)
-
-
-# -- one reader per driver, returning (column names, type OIDs or None, rows as Python values) -----------
-
-
-def fetch(env: VisEnv, driver: str, role: str, sql: str) -> tuple[list[Any] | None, list[tuple[Any, ...]]]:
-    """The result of ``sql`` for ``role``: type OIDs (None for psql) and rows; raises the driver's error."""
-    if driver.startswith("psycopg"):
-        with psycopg.connect(env.dsn(role), autocommit=True) as c:
-            cur = c.cursor(binary=driver.endswith("binary"))
-            cur.execute(sql)
-            assert cur.description is not None
-            return [d.type_code for d in cur.description], cur.fetchall()
-    if driver == "asyncpg":
-        return asyncio.run(_asyncpg_fetch(env, role, sql))
-    p = run_psql(env.dsn(role), "-F", "\t", "-P", "null=<NULL>", "-c", sql)
-    if p.returncode != 0:
-        raise PsqlError(p.stderr)
-    out: list[tuple[Any, ...]] = []
-    for line in p.stdout.splitlines():
-        out.append(tuple(None if f == "<NULL>" else _psql_field(f) for f in line.split("\t")))
-    return None, out
-
-
-class PsqlError(Exception):
-    pass
-
-
-def _psql_field(f: str) -> Any:
-    return bytes.fromhex(f[2:]) if f.startswith("\\x") else f
-
-
-async def _asyncpg_fetch(env: VisEnv, role: str, sql: str) -> tuple[list[Any], list[tuple[Any, ...]]]:
-    conn = await asyncpg.connect(env.dsn(role))
-    try:
-        stmt = await conn.prepare(sql)
-        oids = [a.type.oid for a in stmt.get_attributes()]
-        return oids, [tuple(r) for r in await stmt.fetch()]
-    finally:
-        await conn.close()
-
-
-def check_value(exp: Expected, column: str, original: str, got: Any, envelope: bytes | None, where: str) -> None:
-    """``got`` is what a role with grant ``exp`` received for ``original`` (stored as ``envelope``)."""
-    detail = f"{where}: {exp} on {column} gave {got!r}"
-    if exp.visibility == "plaintext":
-        assert got == original, detail
-        return
-    if exp.visibility == "hidden":
-        assert got is None, detail
-        return
-    if exp.visibility == "ciphertext":
-        if column in ENCRYPTED:
-            assert got == envelope, detail
-        else:
-            assert got == original, detail  # a plain column as stored
-        return
-    assert exp.visibility in ("masked", "match"), detail
-    assert exp.mask is not None
-    fn = exp.mask.split(":")[0]
-    if fn == "null":
-        assert got is None, detail
-        return
-    if fn == "fixed":
-        assert got == exp.mask.split(":", 1)[1], detail
-        return
-    if got is None:
-        assert fn == "email", detail  # e-mail masking of a non-address: NULL allowed
-        assert column != "email", detail
-        return
-    assert isinstance(got, str), detail
-    assert got != original, detail
-    assert not leaked(got.encode(), original), detail
-    if fn == "last4":
-        assert got.endswith(original[-4:]), detail
-    elif fn == "partial":
-        assert got.startswith(original[0]), detail
-        assert got.endswith(original[-1]), detail
-    elif fn == "email" and column == "email":
-        assert got.endswith("@" + original.split("@")[1]), detail
-    elif fn == "hash":
-        bare = {h(original.encode()).hexdigest() for h in (hashlib.sha256, hashlib.md5, hashlib.sha1)}
-        assert got.lower().removeprefix("\\x") not in bare, detail
 
 
 @pytest.mark.parametrize("driver", DRIVERS)

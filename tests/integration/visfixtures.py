@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import signal
 import socket
 import threading
@@ -36,6 +37,7 @@ import asyncpg
 import psycopg
 import pytest
 from conftest import APP_PASSWORD, ProxyProcess, proxy_config, wait_until
+from encfixtures import run_psql
 
 from proxy.config import parse_config
 from proxy.devcluster import DevCluster
@@ -45,6 +47,7 @@ DB = "vis"
 PASSWORD = "vis-secret"
 TABLE = "public.vis_customers"
 TYPED = "public.vis_typed"
+PLAIN = "public.vis_plain"  # only plain governed columns: visibility without encryption
 
 # The issue's table: email and ssn encrypted, phone plain (visibility only), name not governed.
 CUSTOMERS_DDL = "CREATE TABLE vis_customers (id int PRIMARY KEY, name text, email text, ssn text, phone text)"
@@ -73,6 +76,19 @@ TYPED_COLUMNS: dict[str, dict[str, Any]] = {
     "pt": {"type": "text", "encrypt": False},
 }
 MASK_FUNCTIONS = ("last4", "partial", "email", "hash", "null")
+PLAIN_DDL = "CREATE TABLE vis_plain (id int PRIMARY KEY, note text, pin text)"
+PLAIN_COLUMNS: dict[str, dict[str, Any]] = {"pin": {"type": "text", "encrypt": False}}
+
+# Views over the governed columns, created behind pgveil after the schema is applied.
+VIEWS = (
+    "CREATE VIEW vis_view AS SELECT id, name, email, ssn, phone FROM vis_customers",
+    "CREATE VIEW vis_view_renamed AS SELECT id, ssn AS tax_id, phone AS tel FROM vis_customers",
+    "CREATE VIEW vis_view_expr AS SELECT id, lower(phone) AS lp, length(phone) AS lenp FROM vis_customers",
+    "CREATE VIEW vis_view_of_view AS SELECT id, tel FROM vis_view_renamed",
+    "CREATE VIEW vis_plain_view AS SELECT id, pin AS code FROM vis_plain",
+)
+VIEW_NAMES = ("vis_view", "vis_view_renamed", "vis_view_expr", "vis_view_of_view", "vis_plain_view")
+
 FIXED_VALUES = {
     "d": "2000-01-01",
     "n": "0",
@@ -108,11 +124,16 @@ def issue_policy() -> dict[str, Any]:
     c = TABLE
     roles: dict[str, Any] = {
         "default": "hidden",
-        "billing": {f"{c}.*": "plaintext"},
-        "support": {f"{c}.email": "plaintext", f"{c}.ssn": "masked:last4", f"{c}.phone": "masked:partial"},
+        "billing": {f"{c}.*": "plaintext", f"{PLAIN}.*": "plaintext"},
+        "support": {
+            f"{c}.email": "plaintext",
+            f"{c}.ssn": "masked:last4",
+            f"{c}.phone": "masked:partial",
+            f"{PLAIN}.pin": "masked:partial",
+        },
         "contractor": {f"{c}.*": "deny"},
         "backup": {f"{c}.*": "ciphertext", f"{TYPED}.*": "ciphertext"},
-        "finance": {f"{c}.*": "plaintext", f"{TYPED}.*": "plaintext"},
+        "finance": {f"{c}.*": "plaintext", f"{TYPED}.*": "plaintext", f"{PLAIN}.*": "plaintext"},
     }
     for f in MASK_FUNCTIONS:
         roles[f"m_{f}"] = {f"{TYPED}.*": f"masked:{f}", f"{c}.*": f"masked:{f}"}
@@ -228,7 +249,7 @@ class VisEnv:
 
 
 def tables_config() -> dict[str, Any]:
-    return {TABLE: {"columns": CUSTOMER_COLUMNS}, TYPED: {"columns": TYPED_COLUMNS}}
+    return {TABLE: {"columns": CUSTOMER_COLUMNS}, TYPED: {"columns": TYPED_COLUMNS}, PLAIN: {"columns": PLAIN_COLUMNS}}
 
 
 def vis_config(pg: DevCluster, master_key: Path, roles: dict[str, Any] | None, **overrides: Any) -> dict[str, Any]:
@@ -258,8 +279,9 @@ async def _create(pg: DevCluster) -> None:
     try:
         await app.execute(CUSTOMERS_DDL)
         await app.execute(TYPED_DDL)
+        await app.execute(PLAIN_DDL)
         everyone = ", ".join([*LOGIN_ROLES, GROUP_ROLE])
-        await app.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON vis_customers, vis_typed TO {everyone}")
+        await app.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON vis_customers, vis_typed, vis_plain TO {everyone}")
         await app.execute(f"GRANT CREATE, USAGE ON SCHEMA public TO {everyone}")
     finally:
         await app.close()
@@ -269,6 +291,13 @@ async def _create(pg: DevCluster) -> None:
         await apply_schema(service, await plan_schema(service, catalog))
     finally:
         await service.close()
+    app = await asyncpg.connect(f"postgresql://app:{APP_PASSWORD}@127.0.0.1:{pg.port}/{DB}")
+    try:
+        for v in VIEWS:
+            await app.execute(v)
+        await app.execute(f"GRANT SELECT ON {', '.join(VIEW_NAMES)} TO {everyone}")
+    finally:
+        await app.close()
 
 
 def wait_serving(p: ProxyProcess, timeout: float = 30) -> None:
@@ -301,7 +330,11 @@ def shared_env(pg: DevCluster, tmp_path_factory: pytest.TempPathFactory, config:
     master_key = workdir / "master.key"
     proxy = ProxyProcess(vis_config(pg, master_key, issue_policy()), workdir / "main")
     proxy.start()
-    config.add_cleanup(lambda: None if proxy.stop() else None)
+
+    def stop() -> None:
+        proxy.stop()
+
+    config.add_cleanup(stop)
     wait_serving(proxy)
     env = VisEnv(pg, proxy, master_key, workdir)
     _SHARED["env"] = env
@@ -489,3 +522,127 @@ def reload_policy(p: ProxyProcess, roles: dict[str, Any], timeout: float = 20) -
     assert wait_until(lambda: metric_sum(p, "pgveil_policy_reloads_total", result="ok") > before, timeout=timeout), (
         f"no successful policy reload counted\n{p.logs()[-3000:]}"
     )
+
+
+# -- reading as a role ------------------------------------------------------------------------------------
+
+
+def fetch(env: VisEnv, driver: str, role: str, sql: str) -> tuple[list[Any] | None, list[tuple[Any, ...]]]:
+    """The result of ``sql`` for ``role``: type OIDs (None for psql) and rows; raises the driver's error."""
+    if driver.startswith("psycopg"):
+        with psycopg.connect(env.dsn(role), autocommit=True) as c:
+            cur = c.cursor(binary=driver.endswith("binary"))
+            cur.execute(sql)
+            assert cur.description is not None
+            return [d.type_code for d in cur.description], cur.fetchall()
+    if driver == "asyncpg":
+        return asyncio.run(_asyncpg_fetch(env, role, sql))
+    p = run_psql(env.dsn(role), "-F", "\t", "-P", "null=<NULL>", "-c", sql)
+    if p.returncode != 0:
+        raise PsqlError(p.stderr)
+    out: list[tuple[Any, ...]] = []
+    for line in p.stdout.splitlines():
+        out.append(tuple(None if f == "<NULL>" else _psql_field(f) for f in line.split("\t")))
+    return None, out
+
+
+class PsqlError(Exception):
+    pass
+
+
+def _psql_field(f: str) -> Any:
+    return bytes.fromhex(f[2:]) if f.startswith("\\x") else f
+
+
+async def _asyncpg_fetch(env: VisEnv, role: str, sql: str) -> tuple[list[Any], list[tuple[Any, ...]]]:
+    conn = await asyncpg.connect(env.dsn(role))
+    try:
+        stmt = await conn.prepare(sql)
+        oids = [a.type.oid for a in stmt.get_attributes()]
+        return oids, [tuple(r) for r in await stmt.fetch()]
+    finally:
+        await conn.close()
+
+
+@dataclass
+class Received:
+    """What one statement gave a client: rows (or the error's SQLSTATE and message), and every byte
+    pgveil sent on that connection (startup included)."""
+
+    rows: list[tuple[Any, ...]] | None
+    sqlstate: str | None
+    message: str
+    raw: bytes
+
+
+def run_as(
+    env: VisEnv,
+    role: str,
+    sql: str,
+    *,
+    binary: bool = False,
+    setup: tuple[str, ...] = (),
+    proxy: ProxyProcess | None = None,
+) -> Received:
+    """``sql`` (after ``setup``) as ``role`` through psycopg and a :class:`Tap`; then a probe statement
+    on the same connection, which must work (a refusal leaves the session usable)."""
+    p = proxy or env.proxy
+    with Tap((p.host, p.port)) as tap:
+        with psycopg.connect(tap.dsn(role), autocommit=True) as c:
+            for s in setup:
+                c.execute(s)
+            try:
+                cur = c.cursor(binary=binary)
+                cur.execute(sql)
+                rows = cur.fetchall() if cur.description is not None else []
+                out = Received(rows, None, "", b"")
+            except psycopg.Error as e:
+                out = Received(None, e.sqlstate, str(e), b"")
+            assert c.execute("SELECT 1").fetchone() == (1,), "the session is usable afterwards"
+        out.raw = tap.data()
+    return out
+
+
+def check_value(exp: Expected, column: str, original: str, got: Any, envelope: bytes | None, where: str) -> None:
+    """``got`` is what a role with grant ``exp`` received for ``original`` (stored as ``envelope``)."""
+    detail = f"{where}: {exp} on {column} gave {got!r}"
+    if isinstance(got, str) and got.startswith("\\x") and envelope is not None:
+        got = bytes.fromhex(got[2:])  # bytea in text format
+    if exp.visibility == "plaintext":
+        assert got == original, detail
+        return
+    if exp.visibility == "hidden":
+        assert got is None, detail
+        return
+    if exp.visibility == "ciphertext":
+        if column in ENCRYPTED:
+            assert got == envelope, detail
+        else:
+            assert got == original, detail  # a plain column as stored
+        return
+    assert exp.visibility in ("masked", "match"), detail
+    assert exp.mask is not None
+    fn = exp.mask.split(":")[0]
+    if fn == "null":
+        assert got is None, detail
+        return
+    if fn == "fixed":
+        assert got == exp.mask.split(":", 1)[1], detail
+        return
+    if got is None:
+        assert fn == "email", detail  # e-mail masking of a non-address: NULL allowed
+        assert column != "email", detail
+        return
+    assert isinstance(got, str), detail
+    assert got != original, detail
+    assert not leaked(got.encode(), original), detail
+    if fn == "last4":
+        assert got.endswith(original[-4:]), detail
+    elif fn == "partial":
+        assert got.startswith(original[0]), detail
+        assert got.endswith(original[-1]), detail
+    elif fn == "email" and column == "email":
+        assert got.endswith("@" + original.split("@")[1]), detail
+    elif fn == "hash":
+        bare = {h(original.encode()).hexdigest() for h in (hashlib.sha256, hashlib.md5, hashlib.sha1)}
+        assert got.lower().removeprefix("\\x") not in bare, detail
