@@ -301,7 +301,7 @@ class PgveilEncryptedTarget(PgveilTarget):
             "sessions": {"workers": self.workers},
             "keystore": {"master_key": {"provider": "local", "path": str(self.master_key_path)}},
             "tables": {
-                name: {"columns": {col: {"type": typ} for col, typ in columns.items()}}
+                name: {"columns": {col: {"type": typ, "encrypt": True} for col, typ in columns.items()}}
                 for name, columns in self._tables.items()
             },
         }

@@ -1,6 +1,7 @@
 """The keystore: wrapped DEKs in schema ``pgveil`` of a PostgreSQL database, and the cache in front.
 
-This module owns the keystore's schema (versioned migrations), creating and loading DEK versions
+This module owns the keystore's schema (versioned migrations: the files ``keymgmt/migrations/NNNN_name.sql``,
+applied in name order, each recorded by name in ``pgveil.schema_migrations``), creating and loading DEK versions
 (wrapped by the :class:`~keymgmt.providers.KeyProvider`, unwrapped only into memory), the key cache's
 filling, and the LISTEN connection that tells the cache to re-check. It does not decide who may
 see what, never logs or stores unwrapped keys, and never writes envelopes. Rotation, shredding and the
@@ -30,12 +31,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib.resources
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
+from importlib.resources.abc import Traversable
 from typing import Any
 
 import asyncpg
@@ -66,124 +70,47 @@ _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.Interna
 
 @dataclass(frozen=True, slots=True)
 class Migration:
+    """One versioned migration file, ``keymgmt/migrations/NNNN_name.sql``; ``name`` is the file's stem,
+    the value recorded in ``pgveil.schema_migrations``."""
+
     name: str
     sql: str
 
 
-_STATE_CHECK = "CHECK (state IN ('ENABLED', 'DISABLED', 'DESTROYED'))"
+_MIGRATION_NAME = re.compile(r"[0-9]{4}_[a-z0-9_]+")
 
-MIGRATIONS: tuple[Migration, ...] = (
-    Migration(
-        "0001_keys",
-        f"""
-        CREATE TABLE pgveil.keks (
-            kek_id       text PRIMARY KEY,
-            provider_id  text NOT NULL,
-            state        text NOT NULL DEFAULT 'ENABLED' {_STATE_CHECK},
-            created_at   timestamptz NOT NULL DEFAULT now(),
-            destroyed_at timestamptz
-        );
 
-        CREATE TABLE pgveil.deks (
-            key_id       uuid PRIMARY KEY,
-            scope_kind   text NOT NULL CHECK (scope_kind IN ('column', 'subject')),
-            column_id    text NOT NULL,
-            subject_id   bytea,
-            version      integer NOT NULL CHECK (version >= 1),
-            state        text NOT NULL {_STATE_CHECK},
-            wrapped      bytea,
-            kek_id       text REFERENCES pgveil.keks (kek_id),
-            created_at   timestamptz NOT NULL DEFAULT now(),
-            destroyed_at timestamptz,
-            CHECK ((scope_kind = 'subject') = (subject_id IS NOT NULL)),
-            -- a destroyed key is a tombstone: no wrapped material may survive it
-            CHECK ((state = 'DESTROYED') = (wrapped IS NULL)),
-            CHECK (wrapped IS NULL OR kek_id IS NOT NULL),
-            CHECK (state <> 'DESTROYED' OR destroyed_at IS NOT NULL)
-        );
-        -- unique (column_id, subject_id, version) with NULL subject counted as one value; two partial
-        -- indexes rather than NULLS NOT DISTINCT, which needs PostgreSQL 15
-        CREATE UNIQUE INDEX deks_column_version ON pgveil.deks (column_id, version)
-            WHERE subject_id IS NULL;
-        CREATE UNIQUE INDEX deks_subject_version ON pgveil.deks (column_id, subject_id, version)
-            WHERE subject_id IS NOT NULL;
-        CREATE INDEX deks_subject ON pgveil.deks (subject_id) WHERE subject_id IS NOT NULL;
+def load_migrations(directory: Traversable | None = None) -> tuple[Migration, ...]:
+    """Reads the migration files in name order (the four-digit prefix orders them).
 
-        CREATE TABLE pgveil.blind_index_keys (
-            key_id       uuid PRIMARY KEY,
-            column_id    text NOT NULL,
-            version      integer NOT NULL CHECK (version >= 1),
-            state        text NOT NULL {_STATE_CHECK},
-            wrapped      bytea,
-            kek_id       text REFERENCES pgveil.keks (kek_id),
-            created_at   timestamptz NOT NULL DEFAULT now(),
-            destroyed_at timestamptz,
-            UNIQUE (column_id, version),
-            CHECK ((state = 'DESTROYED') = (wrapped IS NULL)),
-            CHECK (wrapped IS NULL OR kek_id IS NOT NULL)
-        );
-        """,
-    ),
-    Migration(
-        "0002_ledger",
-        """
-        -- payload holds the exact bytes the hash covers, so verification never depends on how
-        -- PostgreSQL re-renders a json value
-        CREATE TABLE pgveil.ledger (
-            seq         bigint PRIMARY KEY CHECK (seq >= 1),
-            recorded_at timestamptz NOT NULL DEFAULT now(),
-            action      text NOT NULL,
-            actor       text NOT NULL,
-            payload     bytea NOT NULL,
-            prev_hash   bytea NOT NULL,
-            hash        bytea NOT NULL UNIQUE,
-            signature   bytea
-        );
+    A file whose name does not follow ``NNNN_name.sql`` is an error rather than skipped, so a typo cannot
+    silently leave a migration out; two files with one prefix are allowed (two branches may each add
+    one) and apply in name order.
+    """
+    folder = directory if directory is not None else importlib.resources.files("keymgmt") / "migrations"
+    migrations: list[Migration] = []
+    for entry in folder.iterdir():
+        if not entry.name.endswith(".sql"):
+            continue
+        stem = entry.name[: -len(".sql")]
+        if not _MIGRATION_NAME.fullmatch(stem):
+            raise KeystoreError(f"keystore migration file {entry.name} is not named NNNN_name.sql")
+        migrations.append(Migration(stem, entry.read_text(encoding="utf-8")))
+    migrations.sort(key=lambda m: m.name)
+    return tuple(migrations)
 
-        CREATE FUNCTION pgveil.ledger_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            RAISE EXCEPTION 'pgveil.ledger is append-only' USING ERRCODE = '55000';
-        END
-        $$;
-        CREATE TRIGGER ledger_no_update_delete BEFORE UPDATE OR DELETE ON pgveil.ledger
-            FOR EACH ROW EXECUTE FUNCTION pgveil.ledger_append_only();
-        CREATE TRIGGER ledger_no_truncate BEFORE TRUNCATE ON pgveil.ledger
-            FOR EACH STATEMENT EXECUTE FUNCTION pgveil.ledger_append_only();
-        """,
-    ),
-    Migration(
-        "0003_rotation_jobs",
-        """
-        CREATE TABLE pgveil.rotation_jobs (
-            job_id       uuid PRIMARY KEY,
-            kind         text NOT NULL CHECK (kind IN ('dek', 'kek')),
-            column_id    text,
-            from_key_id  uuid,
-            to_key_id    uuid,
-            from_kek_id  text,
-            to_kek_id    text,
-            state        text NOT NULL DEFAULT 'pending'
-                         CHECK (state IN ('pending', 'running', 'paused', 'done', 'failed', 'cancelled')),
-            position     jsonb,
-            rows_done    bigint NOT NULL DEFAULT 0,
-            rows_total   bigint,
-            last_error   text,
-            created_at   timestamptz NOT NULL DEFAULT now(),
-            updated_at   timestamptz NOT NULL DEFAULT now(),
-            finished_at  timestamptz,
-            CHECK ((kind = 'dek') = (column_id IS NOT NULL))
-        );
-        """,
-    ),
-)
+
+MIGRATIONS: tuple[Migration, ...] = load_migrations()
 
 
 async def init_keystore(conn: Any) -> list[str]:
     """Creates or upgrades the keystore schema on ``conn`` (an asyncpg connection).
 
     Idempotent; returns the names of the migrations applied by this call (empty when up to date).
-    Everything runs in one transaction under an advisory lock, so concurrent starters serialise and a
-    failed migration leaves nothing half-applied.
+    The migrations are the files of ``keymgmt/migrations`` (:func:`load_migrations`), applied in name
+    order; a keystore records each by its file's stem, so one that was migrated before the SQL moved
+    into files (same names) is not migrated again. Everything runs in one transaction under an advisory
+    lock, so concurrent starters serialise and a failed migration leaves nothing half-applied.
     """
     try:
         async with conn.transaction():

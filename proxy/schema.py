@@ -203,6 +203,8 @@ async def plan_schema(conn: SchemaConnection, config_catalog: Catalog) -> list[S
             refusals.append(f"{table.qualified_name} is {info.kind_name}; only tables can hold protected columns")
             continue
         for col in table.columns.values():
+            if not col.encrypted:
+                continue  # a plain governed column stays as the application made it
             current = info.column(col.name)
             check = info.constraint(constraint_name(col.name))
             if check is not None and check.kind != "c":

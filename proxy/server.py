@@ -86,7 +86,7 @@ class ProxyServer:
         self.bound: list[tuple[str, int]] = []
         self._flusher: asyncio.Task[None] | None = None
         self.encryption: EncryptionRuntime | None = None
-        if config.protects_anything:
+        if config.encrypts_anything:
             self.encryption = EncryptionRuntime(config)
             self.metrics.watch_encryption(self.encryption)
 

@@ -117,9 +117,9 @@ class EncEnv:
 def tables_config() -> dict[str, Any]:
     tables: dict[str, Any] = {}
     for suffix, declared in TYPES:
-        tables[f"public.{type_table(suffix)}"] = {"columns": {"v": {"type": declared}}}
+        tables[f"public.{type_table(suffix)}"] = {"columns": {"v": {"type": declared, "encrypt": True}}}
     for name, (_cols, protected) in TABLES.items():
-        tables[f"public.{name}"] = {"columns": {c: {"type": t} for c, t in protected.items()}}
+        tables[f"public.{name}"] = {"columns": {c: {"type": t, "encrypt": True} for c, t in protected.items()}}
     return tables
 
 

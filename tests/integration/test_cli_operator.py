@@ -40,7 +40,11 @@ def write_config(tmp_path: Path, pg: DevCluster, db: str) -> Path:
             "password_file": "ks.pw",
             "master_key": {"provider": "local", "path": "master.key"},
         },
-        "tables": {"public.people": {"columns": {"email": {"type": "text"}, "born": {"type": "date"}}}},
+        "tables": {
+            "public.people": {
+                "columns": {"email": {"type": "text", "encrypt": True}, "born": {"type": "date", "encrypt": True}}
+            }
+        },
     }
     (tmp_path / "ks.pw").write_text("pgveil-super\n")
     path = tmp_path / "pgveil.yaml"

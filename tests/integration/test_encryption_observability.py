@@ -62,7 +62,11 @@ class Setup:
         return f"postgresql://app:{APP_PASSWORD}@127.0.0.1:{self.pg.port}/{self.keystore_db}"
 
     def tables(self) -> dict[str, Any]:
-        return {f"public.{self.table}": {"columns": {"s": {"type": "text"}, "n": {"type": "integer"}}}}
+        return {
+            f"public.{self.table}": {
+                "columns": {"s": {"type": "text", "encrypt": True}, "n": {"type": "integer", "encrypt": True}}
+            }
+        }
 
 
 async def _create_table(pg: DevCluster, table: str, tables: dict[str, Any]) -> None:

@@ -190,7 +190,10 @@ SUFFIXES = [s for s, _ in TYPES]
 
 def test_short_type_names_are_accepted_in_the_configuration() -> None:
     """config/pgveil.example.yaml documents int2, int4, int8, float4 and float8 as declared types."""
-    tables = {f"public.t_{n}": {"columns": {"v": {"type": n}}} for n in ("int2", "int4", "int8", "float4", "float8")}
+    tables = {
+        f"public.t_{n}": {"columns": {"v": {"type": n, "encrypt": True}}}
+        for n in ("int2", "int4", "int8", "float4", "float8")
+    }
     catalog = parse_config({"tables": tables}, base_dir=Path.cwd(), environ={}).catalog()
     assert sorted(t.columns["v"].declared_type for t in catalog.tables.values()) == [
         "float4",

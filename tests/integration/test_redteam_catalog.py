@@ -107,7 +107,9 @@ async def _setup(pg: DevCluster) -> None:
 
 
 def _tables_config() -> dict[str, Any]:
-    return {name: {"columns": {c: {"type": t} for c, t in cols.items()}} for name, cols in TABLES.items()}
+    return {
+        name: {"columns": {c: {"type": t, "encrypt": True} for c, t in cols.items()}} for name, cols in TABLES.items()
+    }
 
 
 @pytest.fixture(scope="module")

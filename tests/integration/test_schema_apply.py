@@ -45,7 +45,7 @@ async def conn(cluster: DevCluster) -> AsyncIterator[asyncpg.Connection]:
 
 
 def catalog_for(table: str, columns: dict[str, str]) -> Catalog:
-    data = {"tables": {table: {"columns": {name: {"type": t} for name, t in columns.items()}}}}
+    data = {"tables": {table: {"columns": {name: {"type": t, "encrypt": True} for name, t in columns.items()}}}}
     return parse_config(data, base_dir=Path.cwd(), environ={}).catalog()
 
 
@@ -281,7 +281,7 @@ async def test_event_trigger_notifies_the_relations_that_ddl_touched(
 
 
 def _text_columns_c(*tables: str) -> Catalog:
-    data = {"tables": {t: {"columns": {"c": {"type": "text"}}} for t in tables}}
+    data = {"tables": {t: {"columns": {"c": {"type": "text", "encrypt": True}}} for t in tables}}
     return parse_config(data, base_dir=Path.cwd(), environ={}).catalog()
 
 
@@ -306,8 +306,8 @@ async def test_load_catalog_adds_the_family_and_the_namesakes(evt_db: asyncpg.Co
     configured = parse_config(
         {
             "tables": {
-                "public.fam": {"columns": {"c": {"type": "text"}}},
-                "public.base": {"columns": {"c": {"type": "text"}}},
+                "public.fam": {"columns": {"c": {"type": "text", "encrypt": True}}},
+                "public.base": {"columns": {"c": {"type": "text", "encrypt": True}}},
             }
         },
         base_dir=Path.cwd(),
@@ -337,8 +337,8 @@ async def test_load_catalog_adds_the_family_and_the_namesakes(evt_db: asyncpg.Co
     configured = parse_config(
         {
             "tables": {
-                "public.fam": {"columns": {"c": {"type": "text"}}},
-                "public.fam_1a": {"columns": {"c": {"type": "text"}}},
+                "public.fam": {"columns": {"c": {"type": "text", "encrypt": True}}},
+                "public.fam_1a": {"columns": {"c": {"type": "text", "encrypt": True}}},
             }
         },
         base_dir=Path.cwd(),

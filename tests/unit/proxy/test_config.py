@@ -290,12 +290,15 @@ def test_pkcs11_master_key_shape() -> None:
 # -- keystore and service connections --------------------------------------------------------------
 
 
-def test_keystore_is_needed_only_for_protected_tables() -> None:
+def test_keystore_is_needed_only_for_encrypted_columns() -> None:
     assert parse({}).keystore is None
-    protected = parse(one_table({"email": {"type": "text"}}))
+    plain = parse(one_table({"phone": {"type": "text"}}))
+    assert (plain.keystore, plain.encrypts_anything, plain.governs_anything) == (None, False, True)
+    protected = parse(one_table({"email": {"type": "text", "encrypt": True}}))
+    assert (protected.encrypts_anything, protected.governs_anything) == (True, True)
     assert protected.keystore == KeystoreConfig(master_key=LocalMasterKeyConfig(path=BASE / "pgveil-master.key"))
     assert protected.warnings == (
-        "keystore.dsn: not set (nor PGVEIL_KEYSTORE_DSN); protected tables need a keystore connection",
+        "keystore.dsn: not set (nor PGVEIL_KEYSTORE_DSN); encrypted columns need a keystore connection",
     )
 
 
@@ -409,30 +412,40 @@ def test_tables_build_the_catalog() -> None:
             "tables": {
                 "Customers": {
                     "columns": {
-                        "Email": {"type": "character varying(200)"},
+                        "Email": {"type": "character varying(200)", "encrypt": True},
                         "note": {"type": "text", "encrypt": False},
                     }
                 },
                 "billing.cards": {"columns": {"pan": {"type": "text", "encrypt": True}}},
-                "plain": {"columns": {"x": {"type": "int", "encrypt": False}}},
+                "plain": {"columns": {"x": {"type": "int"}}},
             },
         }
     )
     assert [t.qualified_name for t in config.tables] == ["public.customers", "billing.cards", "public.plain"]
-    assert config.warnings == (
-        "tables.Customers.columns.note.encrypt: false leaves the column unprotected; listing it has no effect",
-        "tables.plain.columns.x.encrypt: false leaves the column unprotected; listing it has no effect",
-    )
+    assert config.warnings == ()
     catalog = config.catalog()
-    assert sorted(catalog.tables) == [("billing", "cards"), ("public", "customers")]
+    # Every table with a governed column, plain ones included: the visibility policy governs them too.
+    assert sorted(catalog.tables) == [("billing", "cards"), ("public", "customers"), ("public", "plain")]
     email = catalog.tables[("public", "customers")].columns["email"]
-    assert (email.column_id, email.declared_type, email.attnum, email.table_oid) == (
+    assert (email.column_id, email.declared_type, email.attnum, email.table_oid, email.encrypted) == (
         "public.customers.email",
         "varchar(200)",
         0,
         0,
+        True,
     )
-    assert list(catalog.tables[("public", "customers")].columns) == ["email"]
+    customers = catalog.tables[("public", "customers")].columns
+    assert {name: c.encrypted for name, c in customers.items()} == {"email": True, "note": False}
+    x = catalog.tables[("public", "plain")].columns["x"]
+    assert (x.column_id, x.declared_type, x.encrypted) == ("public.plain.x", "int4", False)
+
+
+def test_encrypt_defaults_to_false() -> None:
+    config = parse(one_table({"phone": {"type": "text"}}))
+    assert config.tables[0].columns[0].encrypt is False
+    assert not config.encrypts_anything
+    assert config.catalog().tables[("public", "t")].columns["phone"].encrypted is False
+    assert parse({}).governs_anything is False
 
 
 def test_table_and_column_errors() -> None:

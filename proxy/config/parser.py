@@ -1,17 +1,10 @@
-"""pgveil's configuration: YAML in, frozen dataclasses out, every problem named by its dotted path.
+"""Validation of the decoded YAML: ``parse_config`` walks every section, collects *all* problems in one
+pass and raises one ``ConfigError`` with one line per problem, each named by its dotted path, e.g.
+``upstream.port: must be an integer between 1 and 65535, got 'abc'``.
 
-Theory of operation: ``load_config`` reads the file (I/O), ``parse_config`` validates the decoded YAML
-(pure: it reads no files and, unless told otherwise, only the ``PGVEIL_KEYSTORE_DSN`` variable of the
-environment) and ``check_files`` verifies that the files the configuration references are readable. The
-parser walks every section, collects *all* problems in one pass and raises one ``ConfigError`` with one
-line per problem, e.g. ``upstream.port: must be an integer between 1 and 65535, got 'abc'``.
+Also the value converters other modules parse with (``parse_host_port``, ``normalize_type_name``).
 
-The YAML keys are the dataclass field names, and defaults live only in the dataclasses, so
-``config/pgveil.example.yaml`` (checked against these classes by the tests) cannot drift from the code.
-
-Secrets are referenced, never held: a DSN is kept as text (its password, when one is inlined, is never
-shown: ``repr`` redacts it), password and PIN files are kept as paths. This module must not open network
-connections or read secret files.
+Must not: read files, open connections, or read the environment beyond the mapping it is given.
 """
 
 from __future__ import annotations
@@ -19,288 +12,51 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
-import logging
 import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import yaml
-
+from proxy.config.types import (
+    AdminConfig,
+    ClientTLSConfig,
+    ColumnConfig,
+    Config,
+    HostPort,
+    KeyCacheConfig,
+    KeyProvider,
+    KeystoreConfig,
+    LocalMasterKeyConfig,
+    LogFormat,
+    LoggingConfig,
+    LogLevel,
+    MasterKeyConfig,
+    Pkcs11MasterKeyConfig,
+    ServiceConfig,
+    SessionsConfig,
+    StatementTracking,
+    TableConfig,
+    TLSMode,
+    UpstreamConfig,
+    dsn_has_password,
+)
 from proxy.errors import ConfigError
-from proxy.rewrite.catalog import Catalog, ProtectedColumn, ProtectedTable
-
-log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 E = TypeVar("E", bound=StrEnum)
 
-CONFIG_ENV: Final = "PGVEIL_CONFIG"
 KEYSTORE_DSN_ENV: Final = "PGVEIL_KEYSTORE_DSN"
-DEFAULT_CONFIG_FILE: Final = "pgveil.yaml"
-
-# Settings whose new value a running server cannot adopt on SIGHUP: the sockets are already bound.
-RESTART_REQUIRED: Final = ("listen", "admin.listen")
 
 # PostgreSQL truncates identifiers to NAMEDATALEN - 1 bytes; a truncated name would silently refer to
 # another column, so longer names are refused.
 MAX_IDENTIFIER_LENGTH: Final = 63
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_$]*\Z")
 
-
-# ---------------------------------------------------------------------------------------------------
-# The configuration's types
-# ---------------------------------------------------------------------------------------------------
-
-
-class TLSMode(StrEnum):
-    """How the proxy talks TLS to PostgreSQL; the names and meanings are libpq's ``sslmode``."""
-
-    DISABLE = "disable"
-    PREFER = "prefer"
-    REQUIRE = "require"
-    VERIFY_FULL = "verify-full"
-
-
-class LogLevel(StrEnum):
-    DEBUG = "debug"
-    INFO = "info"
-    WARNING = "warning"
-    ERROR = "error"
-
-    @property
-    def number(self) -> int:
-        """The ``logging`` module's level number."""
-        return int(logging.getLevelName(self.value.upper()))
-
-
-class StatementTracking(StrEnum):
-    """How much of the extended protocol a session models. ``auto``: every statement, portal and reply
-    when tables are protected, else only framing, transaction status and COPY state (the pass-through
-    fast path). ``always``: the full model in every session."""
-
-    AUTO = "auto"
-    ALWAYS = "always"
-
-
-class LogFormat(StrEnum):
-    TEXT = "text"
-    JSON = "json"
-
-
-class KeyProvider(StrEnum):
-    LOCAL = "local"
-    PKCS11 = "pkcs11"
-
-
-@dataclass(frozen=True, slots=True)
-class HostPort:
-    """A TCP address. ``host`` is a name or an IP address (IPv6 without brackets); port 0 means "any free
-    port" and is allowed only for addresses the proxy listens on."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamConfig:
-    host: str = "127.0.0.1"
-    port: int = 5432
-    tls: TLSMode = TLSMode.PREFER
-    ca_file: Path | None = None
-    server_name: str | None = None
-    connect_timeout: float = 10.0
-
-    @property
-    def address(self) -> HostPort:
-        return HostPort(self.host, self.port)
-
-    @property
-    def tls_server_name(self) -> str:
-        """The name sent as SNI and verified against the server certificate."""
-        return self.server_name if self.server_name is not None else self.host
-
-
-@dataclass(frozen=True, slots=True)
-class ClientTLSConfig:
-    cert_file: Path = Path("server.crt")
-    key_file: Path = Path("server.key")
-    required: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class AdminConfig:
-    listen: HostPort | None = HostPort("127.0.0.1", 9187)
-
-
-@dataclass(frozen=True, slots=True)
-class SessionsConfig:
-    max_client_connections: int = 1000
-    shutdown_timeout: float = 30.0
-    max_message_size: int = 1073741824
-    startup_timeout: float = 30.0
-    idle_buffer_limit: int = 262144
-    track_statements: StatementTracking = StatementTracking.AUTO
-    workers: int = 1
-    max_analyzed_statement_size: int = 16777216
-
-
-@dataclass(frozen=True, slots=True)
-class LoggingConfig:
-    level: LogLevel = LogLevel.INFO
-    format: LogFormat = LogFormat.TEXT
-
-
-@dataclass(frozen=True, slots=True)
-class LocalMasterKeyConfig:
-    """A key file, generated on first run by the key provider (development only)."""
-
-    path: Path = Path("pgveil-master.key")
-    provider: KeyProvider = field(default=KeyProvider.LOCAL, init=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Pkcs11MasterKeyConfig:
-    """A key in an HSM reached through a PKCS#11 module. Only the shape is validated here."""
-
-    module: Path
-    token_label: str
-    key_label: str
-    pin_file: Path | None = None
-    provider: KeyProvider = field(default=KeyProvider.PKCS11, init=False)
-
-
-MasterKeyConfig = LocalMasterKeyConfig | Pkcs11MasterKeyConfig
-
-
-@dataclass(frozen=True, slots=True)
-class KeyCacheConfig:
-    max_keys: int = 10000
-    ttl_seconds: float = 300.0
-
-
-@dataclass(frozen=True, slots=True, repr=False)
-class KeystoreConfig:
-    """Where wrapped keys live. ``dsn`` may hold a password (from the environment), hence the repr."""
-
-    dsn: str | None = None
-    password_file: Path | None = None
-    master_key: MasterKeyConfig = field(default_factory=LocalMasterKeyConfig)
-    cache: KeyCacheConfig = field(default_factory=KeyCacheConfig)
-
-    def __repr__(self) -> str:
-        return (
-            f"KeystoreConfig(dsn={_repr_dsn(self.dsn)}, password_file={self.password_file!r}, "
-            f"master_key={self.master_key!r}, cache={self.cache!r})"
-        )
-
-
-@dataclass(frozen=True, slots=True, repr=False)
-class ServiceConfig:
-    """The proxy's own connection, for reading the catalog. Resolved: falls back to the keystore's."""
-
-    dsn: str | None = None
-    password_file: Path | None = None
-
-    def __repr__(self) -> str:
-        return f"ServiceConfig(dsn={_repr_dsn(self.dsn)}, password_file={self.password_file!r})"
-
-
-@dataclass(frozen=True, slots=True)
-class ColumnConfig:
-    """``type`` is the canonical name of the type the application sees (see ``normalize_type_name``)."""
-
-    name: str
-    type: str
-    encrypt: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class TableConfig:
-    schema: str
-    name: str
-    columns: tuple[ColumnConfig, ...]
-
-    @property
-    def qualified_name(self) -> str:
-        return f"{self.schema}.{self.name}"
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    listen: tuple[HostPort, ...] = (HostPort("127.0.0.1", 6432),)
-    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
-    client_tls: ClientTLSConfig | None = None
-    admin: AdminConfig = field(default_factory=AdminConfig)
-    sessions: SessionsConfig = field(default_factory=SessionsConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    keystore: KeystoreConfig | None = None
-    service: ServiceConfig | None = None
-    tables: tuple[TableConfig, ...] = ()
-    source_path: Path | None = None
-    warnings: tuple[str, ...] = ()
-
-    def catalog(self) -> Catalog:
-        """The protected tables as the rewriter sees them; OIDs and attnums stay 0 until the server's
-        catalog has been read (``proxy.catalog_loader``)."""
-        tables: dict[tuple[str, str], ProtectedTable] = {}
-        for t in self.tables:
-            columns = {
-                c.name: ProtectedColumn(schema=t.schema, table=t.name, name=c.name, declared_type=c.type)
-                for c in t.columns
-                if c.encrypt
-            }
-            if columns:
-                tables[(t.schema, t.name)] = ProtectedTable(schema=t.schema, name=t.name, columns=columns)
-        return Catalog(tables)
-
-    @property
-    def protects_anything(self) -> bool:
-        return any(c.encrypt for t in self.tables for c in t.columns)
-
-    def reload_diff(self, new: Config) -> list[str]:
-        """One line per setting that ``new`` changes but a running server cannot adopt on reload."""
-        changes: list[str] = []
-        if self.listen != new.listen:
-            changes.append(
-                f"listen: changing {_show_addrs(self.listen)} to {_show_addrs(new.listen)} needs a restart;"
-                " keeping the running value"
-            )
-        if self.admin.listen != new.admin.listen:
-            changes.append(
-                f"admin.listen: changing {_show_addr(self.admin.listen)} to {_show_addr(new.admin.listen)}"
-                " needs a restart; keeping the running value"
-            )
-        return changes
-
-    def keeping_restart_settings(self, running: Config) -> Config:
-        """This configuration with the settings named in ``RESTART_REQUIRED`` taken from ``running``."""
-        return dataclasses.replace(
-            self,
-            listen=running.listen,
-            admin=dataclasses.replace(self.admin, listen=running.admin.listen),
-        )
-
-
 # Config fields that are facts about the loading, not settings a file may contain.
 _TOP_LEVEL_KEYS: Final = tuple(f.name for f in dataclasses.fields(Config) if f.name not in ("source_path", "warnings"))
-
-
-def _show_addr(addr: HostPort | None) -> str:
-    return "null" if addr is None else str(addr)
-
-
-def _show_addrs(addrs: Iterable[HostPort]) -> str:
-    return ", ".join(str(a) for a in addrs)
-
 
 # ---------------------------------------------------------------------------------------------------
 # Values that other modules parse too
@@ -406,42 +162,6 @@ def normalize_type_name(text: str) -> str:
     if first is not None:
         raise ValueError(f"{base} takes no modifier, got {_show(text)}")
     return base
-
-
-def dsn_has_password(dsn: str) -> bool:
-    """Whether a libpq connection string (URI or ``key=value`` form) carries a password inline."""
-    if re.match(r"postgres(?:ql)?://", dsn, re.IGNORECASE):
-        try:
-            parts = urlsplit(dsn)
-            if parts.password is not None:
-                return True
-        except ValueError:
-            return True  # cannot tell, so assume the worst and warn
-        return any(k == "password" for k, _ in parse_qsl(parts.query, keep_blank_values=True))
-    return re.search(r"(?:^|\s)password\s*=", dsn) is not None
-
-
-def redact_dsn(dsn: str) -> str:
-    """The DSN with any inline password replaced by ``***``, for logs and ``repr``."""
-    if re.match(r"postgres(?:ql)?://", dsn, re.IGNORECASE):
-        try:
-            parts = urlsplit(dsn)
-            netloc = parts.netloc
-            if parts.password is not None:
-                userinfo, _, hosts = netloc.rpartition("@")
-                netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
-            query = urlencode(
-                [(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)],
-                safe="*",
-            )
-            return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-        except ValueError:
-            return f"<dsn of {len(dsn)} characters>"
-    return re.sub(r"((?:^|\s)password\s*=\s*)('(?:[^'\\]|\\.)*'|\S*)", r"\1***", dsn)
-
-
-def _repr_dsn(dsn: str | None) -> str:
-    return "None" if dsn is None else repr(redact_dsn(dsn))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -608,8 +328,8 @@ class _Parser:
         sessions = self.sessions(top.get("sessions"))
         logging_ = self.logging(top.get("logging"))
         tables = self.tables(top.get("tables"))
-        protects = any(c.encrypt for t in tables for c in t.columns)
-        keystore = self.keystore(top.get("keystore"), "keystore" in top and top["keystore"] is not None, protects)
+        encrypts = any(c.encrypt for t in tables for c in t.columns)
+        keystore = self.keystore(top.get("keystore"), "keystore" in top and top["keystore"] is not None, encrypts)
         service = self.service(top.get("service"), keystore)
         self.cross_check(listen, client_tls, admin)
         return Config(
@@ -703,9 +423,9 @@ class _Parser:
             format=self.get(m, "format", p, self.choice(LogFormat), d.format),
         )
 
-    def keystore(self, v: Any, present: bool, protects: bool) -> KeystoreConfig | None:
+    def keystore(self, v: Any, present: bool, encrypts: bool) -> KeystoreConfig | None:
         env_dsn = self.environ.get(KEYSTORE_DSN_ENV) or None
-        if not present and env_dsn is None and not protects:
+        if not present and env_dsn is None and not encrypts:
             return None
         p, d = "keystore", KeystoreConfig()
         m = self.section(v, p, _keys(KeystoreConfig))
@@ -717,9 +437,9 @@ class _Parser:
         if env_dsn is not None and file_dsn is not None:
             self.warnings.append(f"keystore.dsn: overridden by {KEYSTORE_DSN_ENV}")
         dsn = env_dsn or file_dsn
-        if dsn is None and protects:
+        if dsn is None and encrypts:
             self.warnings.append(
-                f"keystore.dsn: not set (nor {KEYSTORE_DSN_ENV}); protected tables need a keystore connection"
+                f"keystore.dsn: not set (nor {KEYSTORE_DSN_ENV}); encrypted columns need a keystore connection"
             )
         return KeystoreConfig(
             dsn=dsn,
@@ -848,9 +568,7 @@ class _Parser:
             if "type" not in m:
                 self.errors.append(f"{cp}.type: required (one of {', '.join(SUPPORTED_TYPES)})")
             type_name = self.get(m, "type", cp, self.type_name, "")
-            encrypt = self.get(m, "encrypt", cp, self.boolean, True)
-            if not encrypt:
-                self.warnings.append(f"{cp}.encrypt: false leaves the column unprotected; listing it has no effect")
+            encrypt = self.get(m, "encrypt", cp, self.boolean, False)
             if name is None:
                 continue
             if name in out:
@@ -890,7 +608,7 @@ def _is_loopback(host: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Entry points
+# Entry point
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -905,172 +623,3 @@ def parse_config(data: Any, *, base_dir: Path, environ: Mapping[str, str] | None
     if parser.errors:
         raise ConfigError(parser.errors)
     return config
-
-
-def default_config_path() -> Path:
-    """``$PGVEIL_CONFIG`` when set, otherwise ``./pgveil.yaml``."""
-    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_FILE)
-
-
-def load_config(
-    path: str | os.PathLike[str] | None,
-    *,
-    overrides: Mapping[str, Any] | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> Config:
-    """Reads, validates and checks a configuration file.
-
-    With ``path`` None: ``$PGVEIL_CONFIG`` (which must exist), else ``./pgveil.yaml`` if it exists, else
-    the built-in defaults. ``overrides`` carries command-line settings: ``listen`` and ``upstream``, each
-    ``"HOST:PORT"`` (None means "not given"); they replace the file's values. Referenced files (TLS
-    certificates, password files, PKCS#11 module and PIN) must be readable. Raises ``ConfigError``.
-    """
-    env = os.environ if environ is None else environ
-    source: Path | None
-    if path is not None:
-        source = Path(path)
-    elif env.get(CONFIG_ENV):
-        source = Path(env[CONFIG_ENV])
-    else:
-        source = Path(DEFAULT_CONFIG_FILE) if Path(DEFAULT_CONFIG_FILE).is_file() else None
-
-    data: Any = read_yaml(source) if source is not None else None
-    errors: list[str] = []
-    data = _with_overrides(data, overrides or {}, errors)
-    base_dir = source.absolute().parent if source is not None else Path.cwd()
-    try:
-        config = parse_config(data, base_dir=base_dir, environ=env)
-    except ConfigError as e:
-        raise ConfigError(errors + e.errors) from None
-    errors.extend(check_files(config))
-    if errors:
-        raise ConfigError(errors)
-    return dataclasses.replace(config, source_path=source.absolute() if source is not None else None)
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys, which PyYAML would otherwise silently let the last win."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node)
-        try:
-            duplicate = key in seen
-            seen.add(key)
-        except TypeError:
-            raise yaml.constructor.ConstructorError(
-                None, None, "a mapping key must be a plain value", key_node.start_mark
-            ) from None
-        if duplicate:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {_show(key)}", key_node.start_mark)
-    return loader.construct_mapping(node)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def read_yaml(path: Path) -> Any:
-    """The decoded YAML document at ``path``. Errors give line and column but never echo file content,
-    which may hold a DSN with a password."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError([f"{path}: no such file"]) from None
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
-        raise ConfigError([f"{path}: cannot read: {reason}"]) from None
-    try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        raise ConfigError([f"{where}: YAML syntax error: {e.problem or e.context}"]) from None
-    except yaml.YAMLError:
-        raise ConfigError([f"{path}: YAML syntax error"]) from None
-
-
-def _with_overrides(data: Any, overrides: Mapping[str, Any], errors: list[str]) -> Any:
-    """``data`` with command-line overrides applied; a bad override is reported under its flag."""
-    known = ("listen", "upstream")
-    given = {k: v for k, v in overrides.items() if v is not None}
-    for key in given:
-        if key not in known:
-            errors.append(f"--{key}: unknown override{_suggest(key, known)}")
-    if not given or not isinstance(data, Mapping | None):
-        return data
-    out: dict[Any, Any] = dict(data or {})
-    for key, listening in (("listen", True), ("upstream", False)):
-        if key not in given:
-            continue
-        value = given[key]
-        if key == "listen" and isinstance(value, list | tuple):
-            try:
-                out["listen"] = [str(parse_host_port(v, listening=True)) for v in value if isinstance(v, str)]
-            except ValueError as e:
-                errors.append(f"--listen: {e}")
-            continue
-        try:
-            if not isinstance(value, str):
-                raise ValueError(f"must be 'HOST:PORT', got {_show(value)}")
-            addr = parse_host_port(value, listening=listening)
-        except ValueError as e:
-            errors.append(f"--{key}: {e}")
-            continue
-        if key == "listen":
-            out["listen"] = str(addr)
-        else:
-            section = out.get("upstream")
-            merged = dict(section) if isinstance(section, Mapping) else {}
-            if section is not None and not isinstance(section, Mapping):
-                continue  # the parser reports the malformed section itself
-            merged.update(host=addr.host, port=addr.port)
-            out["upstream"] = merged
-    return out
-
-
-def check_files(config: Config) -> list[str]:
-    """One line per referenced file that cannot be read. The local master key is not checked: the
-    provider creates it on first run."""
-    wanted: list[tuple[str, Path]] = []
-    if config.upstream.ca_file is not None:
-        wanted.append(("upstream.ca_file", config.upstream.ca_file))
-    if config.client_tls is not None:
-        wanted += [("client_tls.cert_file", config.client_tls.cert_file)]
-        wanted += [("client_tls.key_file", config.client_tls.key_file)]
-    if config.keystore is not None:
-        if config.keystore.password_file is not None:
-            wanted.append(("keystore.password_file", config.keystore.password_file))
-        mk = config.keystore.master_key
-        if isinstance(mk, Pkcs11MasterKeyConfig):
-            wanted.append(("keystore.master_key.module", mk.module))
-            if mk.pin_file is not None:
-                wanted.append(("keystore.master_key.pin_file", mk.pin_file))
-    if config.service is not None and config.service.password_file is not None:
-        wanted.append(("service.password_file", config.service.password_file))
-    problems: list[str] = []
-    seen: set[Path] = set()
-    for name, path in wanted:
-        if path in seen:
-            continue
-        seen.add(path)
-        if not path.is_file():
-            problems.append(f"{name}: {path} does not exist or is not a file")
-        elif not os.access(path, os.R_OK):
-            problems.append(f"{name}: {path} is not readable")
-    return problems
-
-
-def read_secret_file(path: Path) -> str:
-    """The first line of a password or PIN file, without its line ending. Raises ``ConfigError``
-    naming the file but never its content."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        raise ConfigError([f"{path}: cannot read secret file"]) from None
-    first = text.splitlines()[0] if text else ""
-    if not first:
-        raise ConfigError([f"{path}: secret file is empty"])
-    return first
