@@ -463,16 +463,13 @@ MASK_TABLE: Mapping[tuple[MaskFunction, Family], MaskEntry] = MappingProxyType(
 
 
 def mask_table_markdown() -> str:
-    """The function-by-type table of ``docs/masks.md``, rendered from ``MASK_TABLE``."""
-    families = list(Family)
-    lines = [
-        "| function | " + " | ".join(f"{family.value} ({FAMILY_TYPES[family]})" for family in families) + " |",
-        "|---" * (len(families) + 1) + "|",
-    ]
-    for function in MaskFunction:
-        name = "fixed:&lt;text&gt;" if function is MaskFunction.FIXED else function.value
-        cells = [MASK_TABLE[(function, family)].result for family in families]
-        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    """The table of ``docs/masks.md`` (a row per type family, a column per function), from ``MASK_TABLE``."""
+    functions = list(MaskFunction)
+    headings = ["`fixed:<text>`" if f is MaskFunction.FIXED else f"`{f.value}`" for f in functions]
+    lines = ["| declared type | " + " | ".join(headings) + " |", "|---" * (len(functions) + 1) + "|"]
+    for family in Family:
+        cells = [MASK_TABLE[(function, family)].result for function in functions]
+        lines.append(f"| {FAMILY_TYPES[family]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -507,6 +504,13 @@ def mask_problem(mask: Mask, declared_type: str) -> str | None:
     elif mask.text is not None:
         return f"mask {mask.function} takes no text"
     return None
+
+
+def mask_entry(mask: Mask, declared_type: str) -> MaskEntry:
+    """The table cell for ``mask`` on ``declared_type``: ``result`` says what a role gets (for ``policy explain``),
+    ``always_null`` whether every value comes back NULL (a result path may then skip decrypting). Raises
+    PgTypeError (42704) for an unknown type."""
+    return MASK_TABLE[(mask.function, family_of(codec_for(declared_type)))]
 
 
 def _hmac_digest(hash_key: bytes, context: bytes) -> Callable[[bytes], bytes]:
