@@ -449,6 +449,9 @@ class Tap:
 
     def close(self) -> None:
         self._stop.set()
+        for s in self._socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)  # wakes a pump blocked in recv()
         for s in [self._listener, *self._socks]:
             with contextlib.suppress(OSError):
                 s.close()
