@@ -79,28 +79,36 @@ def ids_of(rows: list[Customer]) -> str:
     return ", ".join(str(r.id) for r in rows)
 
 
-@pytest.mark.parametrize("driver", DRIVERS)
 @pytest.mark.parametrize("role", READERS)
-@pytest.mark.parametrize("star", [True, False], ids=["star", "named"])
-def test_each_role_receives_its_view(env: VisEnv, rows: list[Customer], role: str, driver: str, star: bool) -> None:
-    columns = "*" if star else "id, name, email, ssn, phone"
-    oids, got = fetch(
-        env, driver, role, f"SELECT {columns} FROM vis_customers WHERE id IN ({ids_of(rows)}) ORDER BY id"
-    )
+def test_each_role_receives_its_view(env: VisEnv, rows: list[Customer], role: str) -> None:
     envelopes = {r[0]: r[1:] for r in stored(env, [r.id for r in rows])}
     policy = issue_policy()
-    assert [int(r[0]) for r in got] == [r.id for r in rows]
-    for row, values in zip(rows, got, strict=True):
-        assert values[1] == row.name  # not governed: always the value
-        for k, col in enumerate(GOVERNED):
-            exp = expected_grant(policy, role, f"{TABLE}.{col}")
-            envelope = envelopes[row.id][k] if col in ENCRYPTED else None
-            check_value(exp, col, row.value(col), values[2 + k], envelope, f"{role} via {driver}")
-    if oids is not None:
-        for k, col in enumerate(GOVERNED):
-            exp = expected_grant(policy, role, f"{TABLE}.{col}")
-            want = BYTEA_OID if exp.visibility == "ciphertext" and col in ENCRYPTED else TEXT_OID
-            assert oids[2 + k] == want, f"{role} via {driver}: RowDescription type of {col} is {oids[2 + k]}"
+    problems: list[str] = []
+    for driver in DRIVERS:
+        for columns in ("*", "id, name, email, ssn, phone"):
+            where = f"{role} via {driver} ({columns})"
+            sql = f"SELECT {columns} FROM vis_customers WHERE id IN ({ids_of(rows)}) ORDER BY id"
+            try:
+                oids, got = fetch(env, driver, role, sql)
+            except (psycopg.Error, asyncpg.PostgresError, PsqlError) as e:
+                problems.append(f"{where}: refused: {e}")
+                continue
+            try:
+                assert [int(r[0]) for r in got] == [r.id for r in rows]
+                for row, values in zip(rows, got, strict=True):
+                    assert values[1] == row.name  # not governed: always the value
+                    for k, col in enumerate(GOVERNED):
+                        exp = expected_grant(policy, role, f"{TABLE}.{col}")
+                        envelope = envelopes[row.id][k] if col in ENCRYPTED else None
+                        check_value(exp, col, row.value(col), values[2 + k], envelope, where)
+                if oids is not None:
+                    for k, col in enumerate(GOVERNED):
+                        exp = expected_grant(policy, role, f"{TABLE}.{col}")
+                        want = BYTEA_OID if exp.visibility == "ciphertext" and col in ENCRYPTED else TEXT_OID
+                        assert oids[2 + k] == want, f"{where}: RowDescription type of {col} is {oids[2 + k]}"
+            except AssertionError as e:
+                problems.append(str(e).split("\n")[0])
+    assert problems == [], "\n".join(problems)
 
 
 def test_the_model_is_the_issue_policy() -> None:

@@ -578,6 +578,59 @@ class Received:
     raw: bytes
 
 
+class Session:
+    """One psycopg connection as ``role`` through a :class:`Tap`: each :meth:`run` returns the rows (or the
+    error) and the bytes pgveil sent for that statement, then checks the session is still usable."""
+
+    def __init__(self, env: VisEnv, role: str, proxy: ProxyProcess | None = None, autocommit: bool = True) -> None:
+        p = proxy or env.proxy
+        self.role = role
+        self.tap = Tap((p.host, p.port))
+        try:
+            self.conn = psycopg.connect(self.tap.dsn(role), autocommit=autocommit)
+        except BaseException:
+            self.tap.close()
+            raise
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        finally:
+            self.tap.close()
+
+    def run(
+        self, sql: str, params: Any = None, *, binary: bool = False, simple: bool = False, setup: tuple[str, ...] = ()
+    ) -> Received:
+        start = len(self.tap.data())
+        c = self.conn
+        try:
+            for s in setup:
+                c.execute(s)
+            if sql.lstrip().upper().startswith("COPY") and "TO STDOUT" in sql.upper():
+                with c.cursor().copy(sql, params) as cp:
+                    rows: list[tuple[Any, ...]] = [(b"".join(bytes(b) for b in cp),)]  # COPY: one row, the data
+            else:
+                cur: Any = psycopg.ClientCursor(c) if simple else c.cursor(binary=binary)
+                cur.execute(sql, params)
+                rows = cur.fetchall() if cur.description is not None else []
+            out = Received(rows, None, "", b"")
+        except psycopg.Error as e:
+            out = Received(None, e.sqlstate, str(e), b"")
+            if not c.autocommit:
+                c.rollback()
+        assert c.execute("SELECT 1").fetchone() == (1,), "the session is usable afterwards"
+        if not c.autocommit:
+            c.rollback()
+        out.raw = self.tap.data()[start:]
+        return out
+
+
 def run_as(
     env: VisEnv,
     role: str,
@@ -587,23 +640,9 @@ def run_as(
     setup: tuple[str, ...] = (),
     proxy: ProxyProcess | None = None,
 ) -> Received:
-    """``sql`` (after ``setup``) as ``role`` through psycopg and a :class:`Tap`; then a probe statement
-    on the same connection, which must work (a refusal leaves the session usable)."""
-    p = proxy or env.proxy
-    with Tap((p.host, p.port)) as tap:
-        with psycopg.connect(tap.dsn(role), autocommit=True) as c:
-            for s in setup:
-                c.execute(s)
-            try:
-                cur = c.cursor(binary=binary)
-                cur.execute(sql)
-                rows = cur.fetchall() if cur.description is not None else []
-                out = Received(rows, None, "", b"")
-            except psycopg.Error as e:
-                out = Received(None, e.sqlstate, str(e), b"")
-            assert c.execute("SELECT 1").fetchone() == (1,), "the session is usable afterwards"
-        out.raw = tap.data()
-    return out
+    """``sql`` (after ``setup``) as ``role`` on a session of its own (see :class:`Session`)."""
+    with Session(env, role, proxy) as s:
+        return s.run(sql, binary=binary, setup=setup)
 
 
 def check_value(exp: Expected, column: str, original: str, got: Any, envelope: bytes | None, where: str) -> None:
