@@ -12,13 +12,18 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import os
+import shutil
+import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import psycopg
 import pytest
 import visfixtures
+from encfixtures import run_psql
 from visfixtures import (
     ENCRYPTED,
     GOVERNED,
@@ -47,6 +52,7 @@ pytestmark = pytest.mark.integration
 READERS = ["billing", "support", "backup", "outsider", "fin_noinherit", SUPERUSER_ROLE, "m_hash", "m_partial"]
 RESTRICTED = ["support", "outsider", "fin_noinherit", SUPERUSER_ROLE, "m_hash", "m_partial"]
 REFUSAL_STATES = {"42501", "0A000"}
+PG_DUMP = shutil.which("pg_dump") or "pg_dump"
 
 
 @pytest.fixture(scope="module")
@@ -488,3 +494,86 @@ def test_plain_table_view_and_pin(env: VisEnv, fresh: tuple[Customer, int, str])
         check_value(g, "pin", pin, view.rows[0][0], None, "support on vis_plain_view")
     else:
         assert view.sqlstate in REFUSAL_STATES
+
+
+# -- ciphertext: backup and restore through pgveil ------------------------------------------------------------
+
+
+def test_a_ciphertext_role_copies_out_and_back_in(env: VisEnv) -> None:
+    """backup's COPY TO gives the stored envelopes; its COPY FROM of the same data stores them unchanged
+    (verified, never re-encrypted), and billing reads the plaintext back."""
+    rows = [make_customer("backup") for _ in range(2)]
+    insert_customers(env, rows)
+    ids = [r.id for r in rows]
+    before = stored(env, ids)
+    q = f"SELECT id, name, email, ssn, phone FROM vis_customers WHERE id IN ({ids[0]}, {ids[1]}) ORDER BY id"
+    with psycopg.connect(env.dsn("backup"), autocommit=True) as c:
+        with c.cursor().copy(f"COPY ({q}) TO STDOUT") as cp:
+            dump = b"".join(bytes(b) for b in cp)
+        for r in rows:
+            assert not leaked(dump, r.ssn)
+            assert not leaked(dump, r.email)
+        c.execute("DELETE FROM vis_customers WHERE id = ANY(%s)", [ids])
+        with c.cursor().copy("COPY vis_customers (id, name, email, ssn, phone) FROM STDIN") as cp:
+            cp.write(dump)
+    assert stored(env, ids) == before, "the envelopes were stored unchanged"
+    with psycopg.connect(env.dsn("billing"), autocommit=True) as c:
+        got = c.execute(q).fetchall()
+    assert got == [(r.id, r.name, r.email, r.ssn, r.phone) for r in rows]
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["plain text, not an envelope", "swapped"],
+)
+def test_a_ciphertext_role_cannot_store_what_is_not_the_columns_envelope(env: VisEnv, value: str) -> None:
+    r = make_customer("backup-bad")
+    insert_customers(env, [r])
+    (_, email_env, ssn_env, _phone) = stored(env, [r.id])[0]
+    new = visfixtures.next_id()
+    ssn: bytes = bytes(email_env) if value == "swapped" else value.encode()  # email's envelope in ssn: wrong column
+    with psycopg.connect(env.dsn("backup"), autocommit=True) as c:
+        with pytest.raises(psycopg.Error):
+            c.execute("INSERT INTO vis_customers (id, name, ssn) VALUES (%s, 'bad', %s)", [new, ssn])
+        assert c.execute("SELECT 1").fetchone() == (1,)
+    assert stored(env, [new]) == []
+    assert bytes(ssn_env) != ssn
+
+
+def test_pg_dump_through_pgveil_as_backup_restores_through_pgveil(env: VisEnv, tmp_path: Path) -> None:
+    """The issue's promise: ``pg_dump`` through pgveil as a ciphertext role restores (through pgveil) into
+    a database that pgveil fronts: what billing reads afterwards is the original plaintext."""
+    rows = [make_customer("pg_dump") for _ in range(2)]
+    insert_customers(env, rows)
+    dump = tmp_path / "dump.sql"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    p = subprocess.run(
+        [PG_DUMP, "--data-only", "--table=vis_customers", "--file", str(dump), "-d", env.dsn("backup")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean,
+        check=False,
+    )
+    assert p.returncode == 0, p.stderr
+    text = dump.read_bytes()
+    for r in rows:
+        assert not leaked(text, r.ssn)
+        assert not leaked(text, r.email)
+    with psycopg.connect(env.dsn("billing"), autocommit=True) as c:
+        c.execute("DELETE FROM vis_customers WHERE id = ANY(%s)", [[r.id for r in rows]])
+    # Restore only our rows: the dump holds every row of the table; keep the COPY header and ours.
+    lines = text.decode().splitlines()
+    start = next(k for k, line in enumerate(lines) if line.startswith("COPY public.vis_customers"))
+    end = next(k for k in range(start, len(lines)) if lines[k] == "\\.")
+    ours = [line for line in lines[start + 1 : end] if line.split("\t")[0] in {str(r.id) for r in rows}]
+    assert len(ours) == len(rows)
+    restore = "\n".join([lines[start], *ours, "\\.", ""])
+    q = run_psql(env.dsn("backup"), stdin=restore)
+    assert q.returncode == 0, q.stderr
+    with psycopg.connect(env.dsn("billing"), autocommit=True) as c:
+        got = c.execute(
+            "SELECT id, name, email, ssn, phone FROM vis_customers WHERE id = ANY(%s) ORDER BY id",
+            [[r.id for r in rows]],
+        ).fetchall()
+    assert got == [(r.id, r.name, r.email, r.ssn, r.phone) for r in rows]

@@ -283,3 +283,14 @@ def test_values_served_metrics_use_bounded_labels(env: VisEnv, proxy: ProxyProce
     with psycopg.connect(env.dsn("support", proxy), autocommit=True) as c, pytest.raises(psycopg.Error):
         c.execute("SELECT id FROM vis_customers ORDER BY phone")
     assert metric_sum(proxy, "pgveil_statements_refused_total", reason="policy_denied") == before + 1
+
+
+def test_without_roles_every_role_gets_hidden_and_a_warning(env: VisEnv, row: Customer) -> None:
+    """Absent ``roles:`` means ``default: hidden`` (restrictive), and pgveil says so at startup."""
+    with visfixtures.own_proxy(env, None, f"noroles{next(_n)}") as p:
+        for role in ("billing", "support", "fin_member"):
+            with psycopg.connect(env.dsn(role, p), autocommit=True) as c:
+                assert c.execute(SQL, [row.id]).fetchone() == (None, None, None), role
+        logs = p.logs().lower()
+        assert "warn" in logs, logs[-2000:]
+        assert "hidden" in logs or "roles" in logs, logs[-2000:]

@@ -268,3 +268,15 @@ def test_hidden_keeps_the_declared_type(env: VisEnv, typed_id: int, role: str) -
         oids, got = fetch(env, driver, role, f"SELECT {', '.join(cols)} FROM vis_typed WHERE id = {typed_id}")
         assert oids == [OIDS[TYPED_COLUMNS[c]["type"]] for c in cols], (role, driver)
         assert got == [(None,) * len(cols)], (role, driver)
+
+
+def test_a_hash_is_keyed_per_column(env: VisEnv) -> None:
+    """The same value in two columns hashes differently (the column is part of the keyed message)."""
+    r = make_customer("hash-columns")
+    same = Customer(r.id, r.name, r.ssn, r.ssn, r.ssn)  # one value in email, ssn and phone
+    insert_customers(env, [same])
+    with psycopg.connect(env.dsn("m_hash"), autocommit=True) as c:
+        got = c.execute("SELECT email, ssn, phone FROM vis_customers WHERE id = %s", [r.id]).fetchone()
+    assert got is not None
+    assert None not in got
+    assert len(set(got)) == 3, got
