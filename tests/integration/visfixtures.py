@@ -517,14 +517,14 @@ def metric_sum(p: ProxyProcess, name: str, **labels: str) -> float:
 
 def reload_policy(p: ProxyProcess, roles: dict[str, Any], timeout: float = 20) -> None:
     """Writes ``roles`` into ``p``'s config, sends SIGHUP and waits until pgveil counts a successful
-    policy reload (``pgveil_policy_reloads_total{result="ok"}``)."""
-    before = metric_sum(p, "pgveil_policy_reloads_total", result="ok")
+    policy reload (``pgveil_policy_reloads_total{result="success"}``)."""
+    before = metric_sum(p, "pgveil_policy_reloads_total", result="success")
     p.config["roles"] = roles
     p.write_config()
     p.signal(signal.SIGHUP)
-    assert wait_until(lambda: metric_sum(p, "pgveil_policy_reloads_total", result="ok") > before, timeout=timeout), (
-        f"no successful policy reload counted\n{p.logs()[-3000:]}"
-    )
+    assert wait_until(
+        lambda: metric_sum(p, "pgveil_policy_reloads_total", result="success") > before, timeout=timeout
+    ), f"no successful policy reload counted\n{p.logs()[-3000:]}"
 
 
 # -- reading as a role ------------------------------------------------------------------------------------
