@@ -518,13 +518,17 @@ def metric_sum(p: ProxyProcess, name: str, **labels: str) -> float:
 def reload_policy(p: ProxyProcess, roles: dict[str, Any], timeout: float = 20) -> None:
     """Writes ``roles`` into ``p``'s config, sends SIGHUP and waits until pgveil counts a successful
     policy reload (``pgveil_policy_reloads_total{result="success"}``)."""
-    before = metric_sum(p, "pgveil_policy_reloads_total", result="success")
+    name = "pgveil_policy_reloads_total"
+    before = metric_sum(p, name, result="success"), metric_sum(p, name, result="failure")
     p.config["roles"] = roles
     p.write_config()
     p.signal(signal.SIGHUP)
-    assert wait_until(
-        lambda: metric_sum(p, "pgveil_policy_reloads_total", result="success") > before, timeout=timeout
-    ), f"no successful policy reload counted\n{p.logs()[-3000:]}"
+
+    def counted() -> bool:
+        return (metric_sum(p, name, result="success"), metric_sum(p, name, result="failure")) != before
+
+    assert wait_until(counted, timeout=timeout), f"no policy reload counted\n{p.logs()[-3000:]}"
+    assert metric_sum(p, name, result="failure") == before[1], f"policy {roles} rejected:\n{p.logs()[-3000:]}"
 
 
 # -- reading as a role ------------------------------------------------------------------------------------
