@@ -28,6 +28,7 @@ def explain(env: VisEnv, role: str, sql: str) -> subprocess.CompletedProcess[str
         [*PGVEIL, "policy", "explain", "--config", str(env.proxy.config_path), "--role", role, sql],
         capture_output=True,
         text=True,
+        cwd=env.workdir,  # as an operator runs it (and so that PYTHONPATH decides which pgveil)
         timeout=60,
         check=False,
     )

@@ -102,7 +102,8 @@ def test_a_prepared_statement_is_decided_again_after_a_reload(
         assert cur.execute(order, [row.id], prepare=True).fetchall() == [(row.id,)]
         star = "SELECT * FROM vis_customers WHERE id = %s"
         assert cur.execute(star, [row.id], prepare=True).fetchone() is not None
-        reload_policy(proxy, policy_with(billing={f"{TABLE}.ssn": "hidden", f"{TABLE}.phone": "masked:partial"}))
+        billing = {f"{TABLE}.*": "plaintext", f"{TABLE}.ssn": "hidden", f"{TABLE}.phone": "masked:partial"}
+        reload_policy(proxy, policy_with(billing=billing))
         # The same prepared statements, executed again (psycopg reuses its server-side statement).
         got = cur.execute(SQL, [row.id], prepare=True).fetchone()
         assert got is not None
@@ -137,15 +138,18 @@ def test_an_asyncpg_prepared_statement_after_a_reload(env: VisEnv, proxy: ProxyP
     asyncio.run(_asyncpg_prepared(env, proxy, row))
 
 
-def test_sql_prepare_execute_after_a_reload(env: VisEnv, proxy: ProxyProcess, row: Customer) -> None:
-    with psycopg.connect(env.dsn("billing", proxy), autocommit=True) as c:
+@pytest.mark.parametrize("simple", [False, True], ids=["extended", "simple"])
+def test_sql_prepare_execute_after_a_reload(env: VisEnv, proxy: ProxyProcess, row: Customer, simple: bool) -> None:
+    with psycopg.connect(env.dsn("billing", proxy), autocommit=True) as conn:
+        c: Any = psycopg.ClientCursor(conn) if simple else conn.cursor()
         c.execute(f"PREPARE vis_r AS SELECT email, ssn, phone FROM vis_customers WHERE id = {row.id}")
         c.execute(f"PREPARE vis_o AS SELECT id FROM vis_customers WHERE id = {row.id} ORDER BY phone")
         assert c.execute("EXECUTE vis_r").fetchone() == (row.email, row.ssn, row.phone)
         reload_policy(proxy, hidden_billing())
         assert c.execute("EXECUTE vis_r").fetchone() == (None, None, None)
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            c.execute("EXECUTE vis_o")
+            c.execute("EXECUTE vis_o")  # ORDER BY phone, decided under plaintext: now an oracle
+        assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
 def test_an_open_cursor_is_not_served_under_stale_rules(env: VisEnv, proxy: ProxyProcess) -> None:
@@ -192,11 +196,17 @@ def test_an_invalid_policy_is_refused_and_the_running_one_stays(
     [
         {"support": {"public.vis_customers.ssn": "visible"}},
         {"support": {"public.*.ssn": "plaintext"}},
-        {"support": {"public.vis_customers.ssn": "masked:fixed:"}},
+        {"support": {"public.vis_customers.ssn": "masked:fixed"}},
         {"support": "sometimes"},
         {"default": "masked"},
     ],
-    ids=["unknown-visibility", "star-in-the-middle", "empty-fixed", "bad-role-string", "masked-without-function"],
+    ids=[
+        "unknown-visibility",
+        "star-in-the-middle",
+        "fixed-without-text",
+        "bad-role-string",
+        "masked-without-function",
+    ],
 )
 def test_invalid_policies_name_the_dotted_path(
     env: VisEnv, proxy: ProxyProcess, row: Customer, roles: dict[str, Any]
@@ -253,11 +263,15 @@ def test_membership_changes_apply_after_a_reload(env: VisEnv, proxy: ProxyProces
     with psycopg.connect(env.direct_dsn, autocommit=True) as d:
         d.execute(f"GRANT SELECT ON vis_customers TO {name}")
 
-    def view() -> tuple[Any, ...] | None:
+    def view() -> tuple[Any, ...] | str | None:
         with psycopg.connect(env.dsn(name, proxy), autocommit=True) as c:
-            return c.execute(SQL, [row.id]).fetchone()
+            try:
+                return c.execute(SQL, [row.id]).fetchone()
+            except psycopg.errors.ObjectNotInPrerequisiteState as e:
+                return f"55000 {e}"  # a role newer than pgveil's last read of the membership: fail closed
 
-    assert view() == (None, None, None)
+    reload_policy(proxy, issue_policy())
+    assert wait_until(lambda: view() == (None, None, None), timeout=15), view()
     env.pg.psql(f"GRANT finance TO {name}")
     reload_policy(proxy, issue_policy())  # the reload reads the membership again (it may finish just after)
     plain = (row.email, row.ssn, row.phone)

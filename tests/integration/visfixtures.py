@@ -23,10 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import secrets
 import signal
 import socket
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -273,7 +273,6 @@ async def _create(pg: DevCluster) -> None:
         f"CREATE ROLE {SUPERUSER_ROLE} SUPERUSER LOGIN PASSWORD '{PASSWORD}'",
     ]
     role_sql += [f"GRANT {group} TO {member}" for member, group in MEMBERSHIPS]
-    role_sql.append("GRANT billing TO vis_root")  # nothing to inherit, but SET ROLE billing is ordinary
     pg.psql(";\n".join(role_sql))
     app = await asyncpg.connect(f"postgresql://app:{APP_PASSWORD}@127.0.0.1:{pg.port}/{DB}")
     try:
@@ -375,13 +374,16 @@ class Customer:
 def make_customer(tag: str) -> Customer:
     """A row whose governed values are canaries: distinctive, with a long random core no mask keeps."""
     i = next_id()
-    core = f"{i:06d}{time.time_ns() % 10**12:012d}"
+
+    def core() -> str:  # independent per column: what one column shows says nothing of another's canary
+        return f"{secrets.randbelow(10**18):018d}"
+
     return Customer(
         id=i,
         name=f"name-{tag}-{i}",
-        email=f"cnry{core}e@vis-example.test",
-        ssn=f"SSN{core}9876",
-        phone=f"+41{core}5432",
+        email=f"cnry{core()}e@vis-example.test",
+        ssn=f"SSN{core()}9876",
+        phone=f"+41{core()}5432",
     )
 
 
