@@ -270,15 +270,17 @@ def test_sql_declare_fetch(env: VisEnv, row: Customer, envelopes: dict[str, byte
             assert c.execute("FETCH ALL FROM vis_c").fetchall() == []
             c.execute("MOVE ABSOLUTE 0 IN vis_c")
             again = psycopg.ClientCursor(c).execute("FETCH NEXT FROM vis_c").fetchall()
+            c.execute("MOVE ABSOLUTE 0 IN vis_c")
+            binary = c.cursor(binary=True).execute("FETCH NEXT FROM vis_c").fetchall()
             c.rollback()
         raw = tap.data()
     assert len(got) == 1
     check_row(role, got[0][1:], ("email", "ssn", "phone"), row, envelopes, "FETCH")
     assert again == got
+    assert len(binary) == 1
+    check_row(role, binary[0][1:], ("email", "ssn", "phone"), row, envelopes, "FETCH in binary")
     for col in GOVERNED:
-        if not grant(role, col).plaintext and not (
-            grant(role, col).visibility == "ciphertext" and col not in ENCRYPTED
-        ):
+        if not may_see(role, col):
             assert not leaked(raw, row.value(col)), f"{role}: {col} left through a cursor"
 
 
