@@ -1,6 +1,7 @@
 """Policy reload without restart (issue 8, item 5), membership refresh (item 2) and metrics (item 7).
 
-Each test runs its own pgveil over the visibility database (same keys) so that its SIGHUPs disturb no one.
+The module runs its own pgveil over the visibility database (same keys), so that its SIGHUPs disturb no
+other module; each test gets it back with the issue's policy.
 A session applies the new policy from its next statement; a statement prepared under the old policy
 (protocol-level, asyncpg, SQL PREPARE) is decided again, never served under stale rules; an invalid
 policy is refused and the running one stays; a reload under load fails no statement of a role whose view
@@ -56,10 +57,17 @@ def row(env: VisEnv) -> Customer:
 _n = iter(range(1000))
 
 
-@pytest.fixture
-def proxy(env: VisEnv) -> Iterator[ProxyProcess]:
-    with visfixtures.own_proxy(env, issue_policy(), f"reload{next(_n)}") as p:
+@pytest.fixture(scope="module")
+def shared_proxy(env: VisEnv) -> Iterator[ProxyProcess]:
+    with visfixtures.own_proxy(env, issue_policy(), "reload") as p:
         yield p
+
+
+@pytest.fixture
+def proxy(shared_proxy: ProxyProcess) -> Iterator[ProxyProcess]:
+    """The module's pgveil, given back with the issue's policy after each test."""
+    yield shared_proxy
+    reload_policy(shared_proxy, issue_policy())
 
 
 def policy_with(**changes: Any) -> dict[str, Any]:
