@@ -185,7 +185,7 @@ SSN_ALLOWED_BEFORE = [
     Use("ssn_count", "SELECT count(ssn) FROM vis_customers WHERE id > %s", (0,), SSN, ("count",)),
 ]
 
-RESTRICTED = ["support", "outsider", "fin_noinherit", SUPERUSER_ROLE, "m_hash", "mixed"]
+RESTRICTED = ["support", "outsider", "fin_noinherit", SUPERUSER_ROLE, "m_hash", "mixed", "matcher"]
 
 
 @pytest.fixture(scope="module")

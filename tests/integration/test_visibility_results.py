@@ -57,6 +57,7 @@ PYTYPES: dict[str, type] = {
     "text": str,
 }
 READERS = ["billing", "support", "backup", "outsider", "fin_member", "fin_noinherit", SUPERUSER_ROLE, "mixed"]
+READERS.append("matcher")
 READERS += [f"m_{f}" for f in (*MASK_FUNCTIONS, "fixed")]
 DRIVERS = ["psycopg-text", "psycopg-binary", "asyncpg", "psql"]
 

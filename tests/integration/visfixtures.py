@@ -15,6 +15,7 @@ Roles (all ``LOGIN`` with :data:`PASSWORD` unless said otherwise):
   ``fin_noinherit`` (``NOINHERIT``) too: it may ``SET ROLE finance`` but inherits nothing;
 - ``vis_root``: a superuser the policy does not name;
 - ``mixed``: member of ``support`` and ``contractor`` (deny only where nothing grants more);
+- ``matcher``: ``match`` (served masked; equality refused until searchable columns exist);
 - ``m_<function>``: one role per masking function over the typed table.
 """
 
@@ -110,6 +111,7 @@ LOGIN_ROLES = (
     "fin_member",
     "fin_noinherit",
     "mixed",
+    "matcher",
     *(f"m_{f}" for f in (*MASK_FUNCTIONS, "fixed")),
 )
 SUPERUSER_ROLE = "vis_root"
@@ -139,6 +141,7 @@ def issue_policy() -> dict[str, Any]:
         roles[f"m_{f}"] = {f"{TYPED}.*": f"masked:{f}", f"{c}.*": f"masked:{f}"}
     roles["m_fixed"] = {f"{TYPED}.{col}": f"masked:fixed:{v}" for col, v in FIXED_VALUES.items()}
     roles["m_fixed"][f"{c}.*"] = "masked:fixed:REDACTED"
+    roles["matcher"] = {f"{c}.*": "match", f"{c}.ssn": "match:last4"}  # masked until searchable columns exist
     return roles
 
 
