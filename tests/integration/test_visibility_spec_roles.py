@@ -73,7 +73,7 @@ def test_switching_role_never_reveals_more(
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 cur.execute("SELECT id FROM vis_customers ORDER BY phone")
             with c.cursor().copy(f"COPY (SELECT ssn, email FROM vis_customers WHERE id = {row.id}) TO STDOUT") as cp:
-                copied = b"".join(bytes(b) for b in cp)  # (COPY of the plain phone: test_visibility_paths)
+                copied = b"".join(bytes(b) for b in cp)  # (COPY of the plain phone: test_visibility_spec_paths)
         raw = tap.data()
     assert got == (None, None, None), f"{login} as {who}: {got}"
     assert star == (row.id, row.name, None, None, None), f"{login} as {who}: {star}"
