@@ -317,3 +317,23 @@ def test_without_roles_every_role_gets_hidden_and_a_warning(env: VisEnv, row: Cu
         logs = p.logs().lower()
         assert "warn" in logs, logs[-2000:]
         assert "hidden" in logs or "roles" in logs, logs[-2000:]
+
+
+def test_hidden_and_deny_never_decrypt(env: VisEnv, proxy: ProxyProcess, row: Customer) -> None:
+    """``hidden`` and ``deny`` never decrypt at all; a mask decrypts inside pgveil (the counter moves)."""
+    name = "pgveil_values_decrypted_total"
+
+    def decrypted_by(role: str, sql: str) -> float:
+        before = metric_sum(proxy, name)
+        with psycopg.connect(env.dsn(role, proxy), autocommit=True) as c:
+            try:
+                c.execute(sql, [row.id]).fetchall()
+            except psycopg.errors.InsufficientPrivilege:
+                pass
+        return metric_sum(proxy, name) - before
+
+    assert decrypted_by("outsider", SQL) == 0
+    assert decrypted_by("fin_noinherit", "SELECT * FROM vis_customers WHERE id = %s") == 0
+    assert decrypted_by("contractor", SQL) == 0
+    assert decrypted_by("backup", SQL) == 0  # the stored envelope, as stored
+    assert decrypted_by("support", SQL) >= 2  # email in plaintext, ssn masked: both opened
