@@ -178,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(d)
     d.add_argument("--keep-running", action="store_true", help="keep the demo cluster and proxy up until Ctrl-C")
     d.set_defaults(func=cmd_demo)
+
+    from proxy.cli_jobs import add_job_commands
+
+    add_job_commands(sub)
     return p
 
 

@@ -565,7 +565,7 @@ class SessionCrypto:
         hash mask's key is at hand for every column the statement outputs with it (KeyMiss now, before
         the server runs anything)."""
         for st in statements:
-            references = getattr(st, "references", ())
+            references = st.references
             refused = decide(references, view)
             if refused is not None:
                 return refused
@@ -580,7 +580,7 @@ class SessionCrypto:
                         )
             outputs = [r.column for r in references if r.kind is ReferenceKind.OUTPUT]
             outputs.extend(c for c in st.result_columns or () if c is not None)
-            outputs.extend(c for c in getattr(st, "cursor_columns", None) or () if c is not None)
+            outputs.extend(c for c in st.cursor_columns or () if c is not None)
             if cp is not None and cp.direction is CopyDirection.TO:
                 outputs.extend(c for c in _governed_columns(cp) if c is not None)
             for col in outputs:
@@ -1745,8 +1745,7 @@ def _copies_in_protected(st: StatementPlan) -> bool:
 
 def _governed_columns(cp: CopyPlan) -> tuple[ProtectedColumn | None, ...]:
     """Every governed column of a COPY in wire order (encrypted and plain)."""
-    governed: tuple[ProtectedColumn | None, ...] = getattr(cp, "governed_columns", cp.protected)
-    return governed
+    return cp.governed_columns
 
 
 def _copy_current_statement(state: object) -> StatementPlan | None:

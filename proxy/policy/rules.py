@@ -303,11 +303,19 @@ class Policy:
         return PolicyView(
             login_role=login_role,
             epoch=epoch,
-            label=login_role if login_role in names else DEFAULT_LABEL,
+            label=_label(login_role, contributing),
             roles=contributing,
             grants=MappingProxyType(grants),
             policy=self,
         )
+
+
+def _label(login_role: str, contributing: frozenset[str]) -> str:
+    """The metric label of a login role: its own name when the policy names it, else the first (by
+    name) of the policy roles it gets grants through, else ``default``; always a name the policy lists."""
+    if login_role in contributing:
+        return login_role
+    return min(contributing, default=DEFAULT_LABEL)
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -47,7 +48,9 @@ pytest.importorskip("proxy.policy_runtime", reason="the policy runtime is not me
 PW = "ve-secret"
 TABLE = "ve_customers"
 DUMP_TABLE = "ve_dump"
-ROLES = ("ve_billing", "ve_support", "ve_contractor", "ve_backup", "ve_nobody", "ve_alice", "ve_bob", "ve_app")
+ROLES = (
+    "ve_billing", "ve_support", "ve_contractor", "ve_backup", "ve_nobody", "ve_alice", "ve_bob", "ve_app", "ve_hasher",
+)  # fmt: skip
 CANARY_SSN = "CANARY-SSN-7319"
 CANARY_EMAIL = "canary.person@example.org"
 ROWS = [
@@ -72,6 +75,7 @@ def policy(ssn: str = "masked:last4") -> dict[str, Any]:
         "ve_contractor": {"public.ve_customers.*": "deny"},
         "ve_backup": {"public.*": "ciphertext"},
         "ve_team": {"public.ve_customers.*": "plaintext"},
+        "ve_hasher": {"public.ve_customers.ssn": "masked:hash", "public.ve_customers.email": "masked:hash"},
     }
 
 
@@ -535,3 +539,23 @@ def test_a_role_may_write_what_it_may_not_read(vis: ProxyProcess, role: str) -> 
             f"SELECT id, ssn FROM {DUMP_TABLE} WHERE id BETWEEN %s AND %s ORDER BY id", (base, base + 2)
         ).fetchall()
     assert got == [(base, "WRITE-ONLY-1"), (base + 1, "WRITE-ONLY-2"), (base + 2, "WRITE-ONLY-3")]
+
+
+def test_the_hash_mask_is_keyed_from_the_keystore_and_stable(vis: ProxyProcess) -> None:
+    """The key comes from the keystore (scope pgveil.mask, created on first use): the same value hashes
+    the same in every session, differently in another column, and never to a bare digest."""
+
+    def read() -> list[tuple[Any, ...]]:
+        with psycopg.connect(dsn(vis, "ve_hasher"), autocommit=True) as c:
+            return c.execute(f"SELECT ssn, email FROM {TABLE} ORDER BY id").fetchall()
+
+    first, second = read(), read()
+    assert first == second
+    ssn, email = first[0]
+    assert len(ssn) == 64
+    int(ssn, 16)
+    assert ssn != hashlib.sha256(CANARY_SSN.encode()).hexdigest()
+    assert CANARY_SSN not in ssn
+    assert email != ssn
+    assert first[1][0] != ssn  # another value
+    assert first[2] == (None, None)  # NULL stays NULL

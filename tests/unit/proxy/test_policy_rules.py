@@ -281,10 +281,15 @@ def test_the_view_carries_the_login_role_the_epoch_and_a_bounded_label() -> None
         "support",
         frozenset({"support", "billing"}),
     )
-    # A login role the policy does not name is counted as "default", whatever it is a member of.
+    # A login role the policy does not name is counted under the (first) policy role it gets grants
+    # through, and as "default" when there is none: labels are always names the policy lists.
+    member = ISSUE_POLICY.view("alice", frozenset({"support", "billing"}), epoch=3)
+    assert (member.login_role, member.label) == ("alice", "billing")
     stranger = ISSUE_POLICY.view("alice", frozenset({"support"}), epoch=3)
-    assert (stranger.login_role, stranger.label) == ("alice", "default")
+    assert (stranger.login_role, stranger.label) == ("alice", "support")
     assert stranger.grant(col("public.customers.ssn")).mask == Mask(MaskFunction.LAST4)
+    unlisted = ISSUE_POLICY.view("bob", frozenset({"somegroup"}), epoch=3)
+    assert unlisted.label == "default"
 
 
 def test_a_partition_column_gets_its_root_columns_grant() -> None:
