@@ -832,6 +832,31 @@ class SessionCrypto:
                 self._ddl_open = True
                 self._ddl_names.update(st.catalog_names)
 
+    def server_error(self, fields: tuple[tuple[bytes, str], ...]) -> tuple[tuple[bytes, str], ...] | None:
+        """An integrity constraint error (class 23) names its table, and its DETAIL repeats values of the
+        row (``Failing row contains (...)``, ``Key (col)=(...) already exists``): when the role sees any
+        governed column of that table (of any governed table, if the error names none) other than in
+        plaintext, the DETAIL is replaced by a notice that pgveil withheld it."""
+        code = next((v for k, v in fields if k == b"C"), "")
+        if not code.startswith("23") or not any(k == b"D" for k, _ in fields):
+            return None
+        catalog = self.ctx.catalog
+        schema = next((v for k, v in fields if k == b"s"), None)
+        name = next((v for k, v in fields if k == b"t"), None)
+        table = catalog.lookup(schema, name) if name is not None else None
+        tables = [table] if table is not None else list(catalog.tables.values()) if name is None else []
+        view = self._fallback_view()
+        if not any(
+            view.grant(col).visibility is not Visibility.PLAINTEXT for t in tables for col in t.columns.values()
+        ):
+            return None
+        return tuple(
+            (k, "pgveil: the server's detail is withheld: it may show values of governed columns this role may not see")
+            if k == b"D"
+            else (k, v)
+            for k, v in fields
+        )
+
     def ready_for_query(self, status: bytes) -> None:
         """The server's ReadyForQuery: once the transaction that sent DDL on protected relations has
         ended (committed or not), the catalog is read again for everyone before those relations are used."""

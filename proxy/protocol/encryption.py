@@ -145,6 +145,10 @@ class SessionEncryption(Protocol):
     def ready_for_query(self, status: bytes) -> None:
         """A ReadyForQuery from the server (its transaction status byte)."""
 
+    def server_error(self, fields: tuple[tuple[bytes, str], ...]) -> tuple[tuple[bytes, str], ...] | None:
+        """A server ErrorResponse's fields as the client may see them, or None to pass it unchanged
+        (an integrity error's DETAIL repeats row values, which a restricted role may not see)."""
+
     # -- frontend --------------------------------------------------------------------------------------
     def query(self, sql: str) -> Outcome:
         """A simple Query. The Outcome's state comes back with the replies."""

@@ -1240,6 +1240,10 @@ class Relay:
         head = self.pending[0]
         # A refused message was replaced by a stand-in that fails: the client gets the refusal instead.
         replacement = head.refusal
+        if replacement is None and self.crypto is not None:
+            fields = self.crypto.server_error(msg.fields)
+            if fields is not None:
+                replacement = codec.encode_backend(m.ErrorResponse(fields))
         if head.expect in (Expect.QUERY, Expect.FUNCTION_CALL, Expect.SYNC):
             if head.expect is Expect.QUERY:
                 self._on_query_started()
