@@ -12,6 +12,8 @@ so it starts failing (XPASS) once the hole is closed.
 from __future__ import annotations
 
 import asyncio
+import copy
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -198,6 +200,13 @@ REFUSED = [
     f"SELECT format('%s', phone) FROM {T}",
     f"SELECT length(x) FROM (SELECT phone FROM {T}) s(x)",
     f"DO $$BEGIN RAISE NOTICE '%', (SELECT string_agg(phone, ',') FROM {T}); END$$",
+    f"SELECT x FROM (SELECT id, phone FROM {T}) x WHERE x.id = 1",
+    f"SELECT to_json(x) FROM (SELECT phone FROM {T}) x",
+    f"WITH c AS (SELECT phone FROM {T}) SELECT array_agg(c) FROM c",
+    f"SELECT (SELECT x FROM (SELECT phone FROM {T} LIMIT 1) x)",
+    f"SELECT id FROM (SELECT id, phone FROM {T}) x WHERE x = ROW(1, '5550199')",
+    f"SELECT id FROM (SELECT id, phone FROM {T}) x ORDER BY x",
+    f"SELECT count(x) FROM (SELECT phone FROM {T}) x",
     f"MERGE INTO rv_scratch s USING {T} t ON s.x = t.phone WHEN NOT MATCHED THEN INSERT VALUES (t.phone)",
 ]
 
@@ -241,6 +250,8 @@ def test_session_settings_and_aliases_do_not_launder_a_use(rv: ProxyProcess, sql
         (f"PREPARE rv_q AS SELECT phone FROM {T} ORDER BY id", "EXECUTE rv_q"),
         ("SET ROLE rv_boss", f"SELECT phone FROM {T} ORDER BY id"),
         (f"SELECT current_setting('x.y', true), phone FROM {T} ORDER BY id",),
+        (f"SELECT x.p FROM {T}, LATERAL (SELECT {T}.phone AS p) x ORDER BY {T}.id",),
+        (f"SELECT * FROM (SELECT id, phone FROM {T} UNION ALL SELECT 9, 'x') u ORDER BY id",),
     ],
 )
 def test_a_passed_through_column_comes_back_restricted(rv: ProxyProcess, role: str, sqls: tuple[str, ...]) -> None:
@@ -392,3 +403,34 @@ def test_pg_stats_serves_sampled_values(rv: ProxyProcess, role: str) -> None:
     assert err is None, err
     assert any(r[0] == "phone" for r in rows), rows  # the statistics exist: the probe can fail
     assert not leaked(rows, err, notices)
+
+
+def test_sql_prepare_and_a_held_cursor_follow_a_reload(rv: ProxyProcess) -> None:
+    """As the plaintext role: an SQL PREPARE with a predicate and a WITH HOLD cursor, made under a policy
+    that allows them; after a reload that masks phone for that role, neither serves plaintext."""
+    before = copy.deepcopy(rv.config)
+
+    def reload(roles: dict[str, Any]) -> None:
+        rv.config["roles"] = roles
+        rv.write_config()
+        seen = rv.logs().count("visibility policy reloaded")
+        rv.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while rv.logs().count("visibility policy reloaded") <= seen:
+            assert time.monotonic() < deadline, rv.logs()
+            time.sleep(0.1)
+
+    with psycopg.connect(rv.dsn(user="rv_app", password=PW), autocommit=True) as c:
+        c.execute(f"PREPARE rv_sp(text) AS SELECT id FROM {T} WHERE phone LIKE $1")
+        assert c.execute("EXECUTE rv_sp('5%')").fetchall() == [(1,)]
+        c.execute("BEGIN")
+        c.execute(f"DECLARE rv_h CURSOR WITH HOLD FOR SELECT id, phone FROM {T} ORDER BY id")
+        c.execute("COMMIT")
+        try:
+            reload({**policy(), "rv_app": {f"public.{T}.phone": "masked:partial", f"public.{T}.ssn": "hidden"}})
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="phone"):
+                c.execute("EXECUTE rv_sp('5%')")
+            rows = c.execute("FETCH ALL FROM rv_h").fetchall()
+            assert rows == [(1, "5*****9"), (2, "1*****2")], rows
+        finally:
+            reload(before["roles"])
