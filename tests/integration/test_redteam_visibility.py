@@ -41,7 +41,15 @@ RESTRICTED = ["rv_support", "rv_nobody"]
 
 
 def tables() -> dict[str, Any]:
-    return {f"public.{T}": {"columns": {"ssn": {"type": "text", "encrypt": True}, "phone": {"type": "text"}}}}
+    return {
+        f"public.{T}": {
+            "columns": {
+                "ssn": {"type": "text", "encrypt": True},
+                "phone": {"type": "text"},
+                "email": {"type": "text", "encrypt": True},
+            }
+        }
+    }
 
 
 def policy() -> dict[str, Any]:
@@ -49,7 +57,11 @@ def policy() -> dict[str, Any]:
         "default": "hidden",
         "rv_app": "plaintext",
         "rv_boss": "plaintext",  # a group the restricted roles may SET ROLE to but do not inherit from
-        "rv_support": {f"public.{T}.ssn": "masked:last4", f"public.{T}.phone": "masked:partial"},
+        "rv_support": {
+            f"public.{T}.ssn": "masked:last4",
+            f"public.{T}.phone": "masked:partial",
+            f"public.{T}.email": "plaintext",
+        },
     }
 
 
@@ -62,7 +74,7 @@ def rv(pg: DevCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pro
     pg.psql("ALTER ROLE rv_support NOINHERIT; ALTER ROLE rv_nobody NOINHERIT; GRANT rv_boss TO rv_support, rv_nobody")
     pg.psql("CREATE DATABASE rv_keys")
     pg.psql(
-        f"CREATE TABLE {T} (id int PRIMARY KEY, ssn text, phone text, note text NOT NULL DEFAULT 'n');"
+        f"CREATE TABLE {T} (id int PRIMARY KEY, ssn text, phone text, note text NOT NULL DEFAULT 'n', email text);"
         "CREATE TABLE rv_scratch (x text); CREATE TABLE rv_scratch_u (x text UNIQUE)",
         dbname="app",
     )
@@ -97,7 +109,9 @@ def rv(pg: DevCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pro
             try:
                 with psycopg.connect(proxy.dsn(user="rv_app", password=PW), autocommit=True) as c:
                     c.execute(
-                        f"INSERT INTO {T} (id, ssn, phone) VALUES (1, %s, %s), (2, 'x-0000', '1112222')", (SSN, PHONE)
+                        f"INSERT INTO {T} (id, ssn, phone, email) VALUES (1, %s, %s, 'a@example.org'), "
+                        "(2, 'x-0000', '1112222', 'b@example.org')",
+                        (SSN, PHONE),
                     )
                 break
             except psycopg.Error:
@@ -207,6 +221,11 @@ REFUSED = [
     f"SELECT id FROM (SELECT id, phone FROM {T}) x WHERE x = ROW(1, '5550199')",
     f"SELECT id FROM (SELECT id, phone FROM {T}) x ORDER BY x",
     f"SELECT count(x) FROM (SELECT phone FROM {T}) x",
+    f"SELECT email FROM {T} UNION ALL SELECT ssn FROM {T}",
+    f"SELECT e FROM {T} t(i, s, p, n, e) UNION ALL SELECT s FROM {T} t(i, s, p, n, e)",
+    f"SELECT email FROM {T} UNION ALL SELECT phone::bytea FROM {T}",
+    f"UPDATE {T} SET email = ssn WHERE id = 2 RETURNING email",
+    f"INSERT INTO {T} (id, email) SELECT 10, ssn FROM {T} WHERE id = 1 RETURNING email",
     f"MERGE INTO rv_scratch s USING {T} t ON s.x = t.phone WHEN NOT MATCHED THEN INSERT VALUES (t.phone)",
 ]
 
@@ -273,6 +292,17 @@ def test_copy_to_stdout_serves_the_mask(rv: ProxyProcess, role: str) -> None:
         data = b"".join(bytes(b) for b in copy)
     assert PHONE.encode() not in data
     assert (b"5*****9" if role == "rv_support" else b"\\N") in data
+
+
+def test_renamed_columns_keep_their_own_grant(rv: ProxyProcess) -> None:
+    """Swapping names between an encrypted column the role reads in plaintext (email) and one it sees
+    masked (ssn) does not swap their grants."""
+    rows, err, notices = run(
+        rv, "rv_support", f"WITH c(a, b) AS (SELECT email, ssn FROM {T}) SELECT b AS email, a AS ssn FROM c"
+    )
+    assert err is None, err
+    assert not leaked(rows, err, notices)
+    assert sorted(rows) == [("***********8123", "a@example.org"), ("**0000", "b@example.org")], rows
 
 
 def test_a_view_created_through_pgveil_is_mapped(rv: ProxyProcess) -> None:
