@@ -364,13 +364,8 @@ def test_a_view_created_in_the_session_is_not_a_way_round(rv: ProxyProcess) -> N
 # --- Breaks: each one leaks the canary today.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a constraint violation's DETAIL ('Failing row contains (...)') echoes a plain governed column to a "
-    "role that may not see it; pgveil relays server ErrorResponse fields unchanged",
-)
 @pytest.mark.parametrize("role", RESTRICTED)
-def test_not_null_violation_detail_echoes_the_row(rv: ProxyProcess, role: str) -> None:
+def test_not_null_violation_detail_withheld(rv: ProxyProcess, role: str) -> None:
     # An UPDATE of an ungoverned column with an equality on an ungoverned key: nothing pgveil refuses.
     rows, err, notices = run(rv, role, f"UPDATE {T} SET note = NULL WHERE id = 1")
     assert err is not None
