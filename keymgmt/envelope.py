@@ -43,6 +43,7 @@ values) makes every check and raises :class:`OpenFailed`, whose message is the s
 from __future__ import annotations
 
 import enum
+import hashlib
 import os
 import uuid
 from collections.abc import Callable
@@ -249,6 +250,17 @@ def _seal_with_nonce(key: DataKey, plaintext: bytes, associated: bytes, nonce: b
         raise KeyDisabled("a data key that is not ENABLED cannot encrypt")
     header = key._prefix + nonce
     return header + key._cipher.encrypt(nonce, plaintext, header + associated)  # type: ignore[no-any-return]
+
+
+def derive_key(key: DataKey, label: bytes) -> bytes:
+    """32 bytes derived from ``key`` for a use other than envelopes (the ``hash`` mask's HMAC key): the
+    AES-256-GCM keystream at a nonce reserved for ``label`` (the first 12 bytes of its SHA-256), which is
+    a pseudo-random function of the key. The key must belong to a scope that never seals envelopes (a
+    reserved column id), so that no envelope's nonce is chosen by anything but the CSPRNG."""
+    if key.state is not _ENABLED:
+        raise KeyDisabled("a data key that is not ENABLED cannot derive keys")
+    nonce = hashlib.sha256(b"pgveil/derive/v1\x00" + label).digest()[:NONCE_LENGTH]
+    return key._cipher.encrypt(nonce, bytes(32), b"")[:32]  # type: ignore[no-any-return]
 
 
 def open_envelope(key_lookup: Callable[[bytes], DataKey], envelope: bytes, associated: bytes) -> bytes:

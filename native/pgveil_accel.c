@@ -42,7 +42,7 @@
 #include <openssl/evp.h>
 #include <openssl/params.h>
 
-#define ACCEL_VERSION "1"
+#define ACCEL_VERSION "2"
 
 #define KEY_ID_LENGTH 16
 #define NONCE_LENGTH 12
@@ -578,12 +578,13 @@ static PyTypeObject OpenerType = {
 
 /* -- the DataRow batch kernel -------------------------------------------------------------------------- */
 
-enum { COLUMN_COPIED = 0, COLUMN_BINARY = 1, COLUMN_HEX = 2 };
+enum { COLUMN_COPIED = 0, COLUMN_BINARY = 1, COLUMN_HEX = 2, COLUMN_NULL = 3 };
 
 typedef struct {
     int kind;
     const unsigned char *assoc;
     Py_ssize_t assoc_len;
+    PyObject *mask; /* borrowed (the columns tuple is held): called on the plaintext, or NULL */
 } Column;
 
 /* Hex digit values, -1 for anything else (binascii.a2b_hex accepts both cases, so does this). */
@@ -634,8 +635,9 @@ malformed(const char *what)
  * rewrite_rows(data, start, end, columns, opener) -> bytes
  *
  * data[start:end] is a run of complete DataRow messages; columns has one entry per column of the row
- * description: None (copied as it is) or (associated, server_binary). Every protected value is opened
- * and replaced by its plaintext (the client's bytes: the caller only passes plans whose columns are
+ * description: None (copied as it is), False (sent as NULL, never read: a hidden column) or
+ * (associated, server_binary[, mask]). Every protected value is opened and replaced by its plaintext,
+ * or by what mask (a callable: plaintext bytes -> bytes, or None for NULL) makes of it (the client's bytes: the caller only passes plans whose columns are
  * identity). Mirrors proxy/encrypt/rows.py's loops, check for check and in the same order, so that the
  * first fault of a run gives the same error: Malformed for framing, RowRefused(reason, column index, or
  * -1 for "the plan's first protected column") for a value or row that cannot be delivered, Unsupported
@@ -680,9 +682,22 @@ rewrite_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyObject *item = PyTuple_GET_ITEM(columns_obj, c);
         if (item == Py_None)
             continue;
-        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2 || !PyBytes_Check(PyTuple_GET_ITEM(item, 0))) {
-            PyErr_SetString(PyExc_TypeError, "a column is None or (associated: bytes, server_binary: bool)");
+        if (item == Py_False) {
+            columns[c].kind = COLUMN_NULL;
+            continue;
+        }
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) < 2 || PyTuple_GET_SIZE(item) > 3 ||
+            !PyBytes_Check(PyTuple_GET_ITEM(item, 0))) {
+            PyErr_SetString(PyExc_TypeError,
+                            "a column is None, False or (associated: bytes, server_binary: bool[, mask])");
             goto fail;
+        }
+        if (PyTuple_GET_SIZE(item) == 3) {
+            if (!PyCallable_Check(PyTuple_GET_ITEM(item, 2))) {
+                PyErr_SetString(PyExc_TypeError, "a column's mask must be callable");
+                goto fail;
+            }
+            columns[c].mask = PyTuple_GET_ITEM(item, 2);
         }
         int binary = PyObject_IsTrue(PyTuple_GET_ITEM(item, 1));
         if (binary < 0)
@@ -761,6 +776,14 @@ rewrite_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                 malformed("a value runs past the end of its row");
                 goto fail;
             }
+            if (col->kind == COLUMN_NULL) {
+                ROOM(4);
+                put_be32(o + w, 0xffffffffu); /* NULL: length -1, no bytes */
+                w += 4;
+                p = v + n;
+                changed = 1;
+                continue;
+            }
             const unsigned char *env = d + v;
             Py_ssize_t size = n;
             if (col->kind == COLUMN_HEX) {
@@ -805,6 +828,42 @@ rewrite_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             if (r > 0) {
                 row_refused_obj(reason, c);
                 goto fail;
+            }
+            if (col->mask != NULL) {
+                PyObject *value = PyBytes_FromStringAndSize((const char *)(o + w + 4), plain);
+                if (value == NULL)
+                    goto fail;
+                OPENSSL_cleanse(o + w + 4, (size_t)plain); /* the plaintext is not what the client gets */
+                PyObject *masked = PyObject_CallOneArg(col->mask, value);
+                Py_DECREF(value);
+                if (masked == NULL)
+                    goto fail;
+                if (masked == Py_None) {
+                    Py_DECREF(masked);
+                    put_be32(o + w, 0xffffffffu);
+                    w += 4;
+                } else {
+                    if (!PyBytes_Check(masked)) {
+                        Py_DECREF(masked);
+                        PyErr_SetString(PyExc_TypeError, "a mask returns bytes or None");
+                        goto fail;
+                    }
+                    Py_ssize_t mlen = PyBytes_GET_SIZE(masked);
+                    if (mlen > (Py_ssize_t)n) {
+                        /* A mask longer than the stored value it replaces (a short value's hash, say):
+                         * the output could outgrow the input, which only the Python kernel allows. */
+                        Py_DECREF(masked);
+                        PyErr_SetString(Unsupported, "a masked value longer than its envelope");
+                        goto fail;
+                    }
+                    put_be32(o + w, (uint32_t)mlen);
+                    memcpy(o + w + 4, PyBytes_AS_STRING(masked), (size_t)mlen);
+                    w += 4 + mlen;
+                    Py_DECREF(masked);
+                }
+                p = v + n;
+                changed = 1;
+                continue;
             }
             put_be32(o + w, (uint32_t)plain);
             w += 4 + plain;
@@ -919,6 +978,8 @@ PyInit_pgveil_accel(void)
         PyModule_AddIntConstant(m, "NONCE_LENGTH", NONCE_LENGTH) < 0 ||
         PyModule_AddIntConstant(m, "TAG_LENGTH", TAG_LENGTH) < 0 ||
         PyModule_AddIntConstant(m, "HEADER_LENGTH", HEADER_LENGTH) < 0 ||
+        PyModule_AddIntConstant(m, "NULL_COLUMNS", 1) < 0 ||
+        PyModule_AddIntConstant(m, "MASK_COLUMNS", 1) < 0 ||
         PyModule_AddStringConstant(m, "OPENSSL_VERSION", OpenSSL_version(OPENSSL_VERSION)) < 0 ||
         PyModule_AddStringConstant(m, "__version__", ACCEL_VERSION) < 0)
         goto fail;

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from pglast import parser as pg_parser
 
+from proxy.policy.model import ReferenceKind
 from proxy.rewrite.catalog import Catalog, ProtectedColumn, ProtectedTable
 
 log = logging.getLogger(__name__)
@@ -206,10 +207,9 @@ def resolve_catalog(
                 problems.append(f"column {column.column_id} does not exist; run `pgveil schema apply`")
                 columns[name] = column
                 continue
-            if not col.is_bytea:
-                problems.append(
-                    f"column {column.column_id} is {col.type_name}, expected bytea; run `pgveil schema apply`"
-                )
+            problem = _column_problem(column, col, info)
+            if problem is not None:
+                problems.append(problem)
             columns[col.name] = dataclasses.replace(
                 column,
                 schema=info.schema,
@@ -230,6 +230,26 @@ def resolve_catalog(
             attnums=tuple(c.attnum for c in info.columns),
         )
     return Catalog(tables), problems
+
+
+def _column_problem(column: ProtectedColumn, col: ColumnInfo, info: TableInfo) -> str | None:
+    """Why the database column does not fit the configured one: an encrypted column must be bytea; a
+    plain one must not be what ``pgveil schema apply`` made of an encrypted one (bytea with the envelope
+    CHECK constraint), since a config written for the old default (``encrypt`` omitted meant encrypted)
+    would otherwise serve envelopes as the column's plain values and never seal what it writes."""
+    if column.encrypted:
+        if not col.is_bytea:
+            return f"column {column.column_id} is {col.type_name}, expected bytea; run `pgveil schema apply`"
+        return None
+    from proxy.schema import constraint_name  # proxy.schema imports this module
+
+    check = info.constraint(constraint_name(col.name))
+    if col.is_bytea and check is not None and check.kind == "c":
+        return (
+            f"column {column.column_id} is configured plain but encrypted in the database (bytea with pgveil's "
+            f"envelope constraint {check.name}): set encrypt: true"
+        )
+    return None
 
 
 _DESCENDANTS_SQL = """
@@ -473,7 +493,7 @@ def _child(root: ProtectedTable, info: TableInfo) -> tuple[ProtectedTable, list[
             problems.append(f"{info.qualified_name} (a child of {root.qualified_name}) lacks column {name}")
             col_attnum = 0
         else:
-            if not col.is_bytea:
+            if column.encrypted and not col.is_bytea:
                 problems.append(
                     f"column {name} of {info.qualified_name} (a child of {root.qualified_name}) is {col.type_name}, "
                     "expected bytea"
@@ -506,7 +526,9 @@ def _view(root: ProtectedTable, info: TableInfo, definition: str, catalog: Catal
         for c, p in zip(info.columns, st.result_columns, strict=True)
         if p is not None
     }
-    return _member(root, info, columns, view=True), []
+    # What the definition does with a governed column other than pass it out is revealed by every read.
+    uses = tuple(dict.fromkeys(r.column for r in st.references if r.kind is not ReferenceKind.OUTPUT))
+    return dataclasses.replace(_member(root, info, columns, view=True), uses=uses), []
 
 
 def _reads_opaque(definition: str, catalog: Catalog) -> bool:

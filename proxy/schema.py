@@ -203,10 +203,16 @@ async def plan_schema(conn: SchemaConnection, config_catalog: Catalog) -> list[S
             refusals.append(f"{table.qualified_name} is {info.kind_name}; only tables can hold protected columns")
             continue
         for col in table.columns.values():
-            if not col.encrypted:
-                continue  # a plain governed column stays as the application made it
             current = info.column(col.name)
             check = info.constraint(constraint_name(col.name))
+            if not col.encrypted:
+                # A plain governed column stays as the application made it; one that was encrypted is a
+                # configuration error (a config written when ``encrypt`` defaulted to true).
+                if current is not None and current.is_bytea and check is not None and check.kind == "c":
+                    refusals.append(
+                        f"column {col.column_id} is configured plain but encrypted in the database: set encrypt: true"
+                    )
+                continue
             if check is not None and check.kind != "c":
                 refusals.append(
                     f"{table.qualified_name} has a constraint named {check.name} that is not a CHECK constraint;"

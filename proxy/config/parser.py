@@ -20,6 +20,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from proxy.config.roles import parse_roles, uses_hash
 from proxy.config.types import (
     AdminConfig,
     AdminTLSConfig,
@@ -57,7 +58,12 @@ MAX_IDENTIFIER_LENGTH: Final = 63
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_$]*\Z")
 
 # Config fields that are facts about the loading, not settings a file may contain.
-_TOP_LEVEL_KEYS: Final = tuple(f.name for f in dataclasses.fields(Config) if f.name not in ("source_path", "warnings"))
+# ``policy`` is the ``roles:`` section.
+_TOP_LEVEL_KEYS: Final = tuple(
+    "roles" if f.name == "policy" else f.name
+    for f in dataclasses.fields(Config)
+    if f.name not in ("source_path", "warnings")
+)
 
 # ---------------------------------------------------------------------------------------------------
 # Values that other modules parse too
@@ -329,8 +335,14 @@ class _Parser:
         sessions = self.sessions(top.get("sessions"))
         logging_ = self.logging(top.get("logging"))
         tables = self.tables(top.get("tables"))
+        policy, errors, warnings = parse_roles(top.get("roles"), tables)
+        self.errors += errors
+        self.warnings += warnings
         encrypts = any(c.encrypt for t in tables for c in t.columns)
-        keystore = self.keystore(top.get("keystore"), "keystore" in top and top["keystore"] is not None, encrypts)
+        needs = " and ".join(
+            what for what, needed in (("encrypted columns", encrypts), ("hash masks", uses_hash(policy))) if needed
+        )
+        keystore = self.keystore(top.get("keystore"), "keystore" in top and top["keystore"] is not None, needs)
         service = self.service(top.get("service"), keystore)
         self.cross_check(listen, client_tls, admin)
         return Config(
@@ -343,6 +355,7 @@ class _Parser:
             keystore=keystore,
             service=service,
             tables=tables,
+            policy=policy,
             warnings=tuple(self.warnings),
         )
 
@@ -450,9 +463,10 @@ class _Parser:
             format=self.get(m, "format", p, self.choice(LogFormat), d.format),
         )
 
-    def keystore(self, v: Any, present: bool, encrypts: bool) -> KeystoreConfig | None:
+    def keystore(self, v: Any, present: bool, needed_by: str) -> KeystoreConfig | None:
+        """``needed_by`` names what needs keys ("encrypted columns", "hash masks"), empty if nothing."""
         env_dsn = self.environ.get(KEYSTORE_DSN_ENV) or None
-        if not present and env_dsn is None and not encrypts:
+        if not present and env_dsn is None and not needed_by:
             return None
         p, d = "keystore", KeystoreConfig()
         m = self.section(v, p, _keys(KeystoreConfig))
@@ -464,9 +478,9 @@ class _Parser:
         if env_dsn is not None and file_dsn is not None:
             self.warnings.append(f"keystore.dsn: overridden by {KEYSTORE_DSN_ENV}")
         dsn = env_dsn or file_dsn
-        if dsn is None and encrypts:
+        if dsn is None and needed_by:
             self.warnings.append(
-                f"keystore.dsn: not set (nor {KEYSTORE_DSN_ENV}); encrypted columns need a keystore connection"
+                f"keystore.dsn: not set (nor {KEYSTORE_DSN_ENV}); {needed_by} need a keystore connection"
             )
         return KeystoreConfig(
             dsn=dsn,

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from proxy.policy.model import MaskFunction
+from proxy.policy.rules import Policy
 from proxy.rewrite.catalog import Catalog, ProtectedColumn, ProtectedTable
 
 # Settings whose new value a running server cannot adopt on SIGHUP: the sockets are already bound (and the
@@ -235,6 +237,7 @@ class Config:
     keystore: KeystoreConfig | None = None
     service: ServiceConfig | None = None
     tables: tuple[TableConfig, ...] = ()
+    policy: Policy = field(default_factory=Policy)  # the ``roles:`` section
     source_path: Path | None = None
     warnings: tuple[str, ...] = ()
 
@@ -261,9 +264,14 @@ class Config:
 
     @property
     def governs_anything(self) -> bool:
-        """Whether any column is governed (encrypted or plain): then statements must be tracked and
-        analysed so that the visibility policy can be applied."""
-        return any(t.columns for t in self.tables)
+        """Whether any column is governed (encrypted or plain) or a ``roles:`` section is configured:
+        then statements must be tracked and analysed so that the visibility policy can be applied."""
+        return any(t.columns for t in self.tables) or self.policy.configured
+
+    @property
+    def needs_keystore(self) -> bool:
+        """Whether keys are needed: for encrypted columns, or for a ``hash`` mask (keyed by the keystore)."""
+        return self.encrypts_anything or any(m.function is MaskFunction.HASH for m in self.policy.masks)
 
     def reload_diff(self, new: Config) -> list[str]:
         """One line per setting that ``new`` changes but a running server cannot adopt on reload."""

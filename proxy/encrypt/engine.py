@@ -35,12 +35,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from keymgmt.envelope import DataKey, KeyState, column_associated_data, seal
+from keymgmt.envelope import DataKey, KeyState, Opener, OpenFailed, column_associated_data, seal
 from proxy.encrypt.casts import CastNotSupported, NumericOutOfRange, canonical_through_cast
 from proxy.encrypt.keyring import KeyRing, KeyUnavailable
 from proxy.encrypt.offload import TOO_LARGE, analyze_detached, read_detached
 from proxy.encrypt.rows import (
+    Action,
     ColumnOutput,
+    Mask,
     RowDecryptError,
     RowPlan,
     rewrite_data_row,
@@ -48,10 +50,26 @@ from proxy.encrypt.rows import (
     rewrite_value_text,
 )
 from proxy.encrypt.sqlnames import MAX_PARSED_TEXT, namespace_ops
+from proxy.encrypt.visibility import (
+    OUTCOMES,
+    PLAINTEXT_VIEW,
+    MaskKeyMissing,
+    PolicyDenied,
+    UniformView,
+    action_for,
+    decide,
+    presents_declared_type,
+    server_binary_for,
+    writes_envelopes,
+)
 from proxy.errors import FeatureNotSupported, ProtocolViolation, ProxyError, RefusalReason
 from proxy.pgtypes import codec_for
 from proxy.pgtypes.base import SessionFormat, TypeCodec, python_codec, statement_bytes, statement_text, wire_text
+from proxy.pgtypes.bytea import BYTEA
 from proxy.pgtypes.text import TextCodec
+from proxy.policy.masks import compile_mask
+from proxy.policy.model import Grant, MaskFunction, ReferenceKind, RoleView, Visibility
+from proxy.policy.model import Mask as PolicyMask
 from proxy.protocol import codec
 from proxy.protocol import messages as m
 from proxy.protocol.encryption import REFUSED_PORTAL_NAME as REFUSED_PORTAL_NAME
@@ -83,6 +101,15 @@ _I32 = struct.Struct("!i")
 _U32 = struct.Struct("!I")
 _ENABLED = KeyState.ENABLED  # a module global: the hot path compares against it once per Bind and column
 _EXECUTE_REFUSAL = (RefusalReason.CONSTRUCT, "0A000")  # what refused_execute answers
+_MASKING = frozenset({Action.MASK, Action.DECODE_MASK})
+_DECRYPTING = frozenset({Action.DECRYPT, Action.MASK})  # the actions that open an envelope
+
+
+def _plaintext_view() -> RoleView:
+    return PLAINTEXT_VIEW
+
+
+_HIDDEN_VIEW = UniformView(Grant(Visibility.HIDDEN))
 
 
 # Statements up to this many characters are analysed on the event loop (about 2 ms at most); longer
@@ -121,9 +148,19 @@ class ColumnCrypto:
     codec: TypeCodec
     associated: bytes
 
-    def output(self, *, server_binary: bool, client_binary: bool, fmt: SessionFormat) -> ColumnOutput:
+    def output(
+        self,
+        *,
+        server_binary: bool,
+        client_binary: bool,
+        fmt: SessionFormat,
+        action: Action = Action.DECRYPT,
+        mask: Mask | None = None,
+    ) -> ColumnOutput:
         identity = self.codec.oid in _UTF8_AS_IS and python_codec(fmt.client_encoding) is None
-        return ColumnOutput(self.column, self.codec, self.associated, server_binary, client_binary, identity)
+        return ColumnOutput(
+            self.column, self.codec, self.associated, server_binary, client_binary, identity, action, mask
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +177,7 @@ class ParamTarget:
     text_as_is: bool
     binary_as_is: bool
     key_slot: int  # parameters bound for the same column share a slot: one key lookup per Bind
+    envelope: bool = False  # a ciphertext role binds the stored envelope: checked and passed on, not sealed
 
 
 @dataclass(slots=True)
@@ -150,6 +188,8 @@ class StatementCrypto(CryptoState):
     params: dict[int, ColumnCrypto]  # 0-based parameter index -> column
     client_param_types: tuple[int, ...]
     result_hint: tuple[ColumnCrypto | None, ...] | None
+    # The login role's view the statement was decided under; a Bind under another epoch decides again.
+    view: RoleView = PLAINTEXT_VIEW
     # Derived from the above once, so that each Bind and Execute only looks things up.
     targets: tuple[ParamTarget, ...] = field(init=False)
     key_slots: int = field(init=False)
@@ -157,6 +197,12 @@ class StatementCrypto(CryptoState):
     copies_in: bool = field(init=False)
 
     def __post_init__(self) -> None:
+        self.adopt(self.view)
+        self.copies_in = _copies_in_protected(self.plan)
+
+    def adopt(self, view: RoleView) -> None:
+        """Takes ``view`` (decided for it already): what each parameter is bound as depends on it."""
+        self.view = view
         slots: dict[str, int] = {}
         targets: list[ParamTarget] = []
         for i, cc in self.params.items():
@@ -165,11 +211,11 @@ class StatementCrypto(CryptoState):
             column_id = cc.column.column_id
             slot = slots.setdefault(column_id, len(slots))
             binary_as_is = as_is and oid in (0, cc.codec.oid)
-            targets.append(ParamTarget(i, cc, column_id, cc.associated, oid, as_is, binary_as_is, slot))
+            envelope = writes_envelopes(cc.column, view.grant(cc.column))
+            targets.append(ParamTarget(i, cc, column_id, cc.associated, oid, as_is, binary_as_is, slot, envelope))
         self.targets = tuple(targets)
         self.key_slots = len(slots)
         self.targets_in_order = all(a.index < b.index for a, b in itertools.pairwise(targets))
-        self.copies_in = _copies_in_protected(self.plan)
 
 
 @dataclass(slots=True)
@@ -179,6 +225,7 @@ class PortalCrypto(CryptoState):
     server_formats: tuple[int, ...]  # as the proxy sent them to the server
     row_plan: RowPlan | None = None
     described: bool = False  # the client sent Describe for this portal (its RowDescription maps the rows)
+    view: RoleView = PLAINTEXT_VIEW  # the view its rows are served under (an Execute under another decides again)
 
     def needs_description(self) -> bool:
         """Rows whose protected columns only a RowDescription can locate, and none was asked for."""
@@ -192,6 +239,7 @@ class QueryCrypto(CryptoState):
 
     statements: tuple[StatementPlan, ...]
     index: int = 0
+    view: RoleView = PLAINTEXT_VIEW  # the login role's view when the Query was sent
 
     def current_hint(self, ctx: CryptoContext) -> tuple[ColumnCrypto | None, ...] | None:
         if self.index >= len(self.statements):
@@ -236,6 +284,7 @@ class CryptoContext:
         self._read: dict[tuple[str, bool, str, bool], ProxyError | None] = {}
         self.cache_hits = 0
         self.cache_misses = 0
+        self._maskers: dict[tuple[str, str, str, bytes | None], Mask] = {}
         # Why protected tables cannot be served right now (catalog or keys not loaded), or None.
         self.unavailable: str | None = None
         self.install(catalog)
@@ -414,12 +463,48 @@ class CryptoContext:
     def seal(self, cc: ColumnCrypto, canonical: bytes) -> bytes:
         return seal(self.write_key(cc.column.column_id), canonical, cc.associated)
 
+    def check_envelope(self, cc: ColumnCrypto, envelope: bytes, lookup: Callable[[bytes], DataKey | None]) -> None:
+        """A value a ciphertext role writes into an encrypted column must be an envelope of that column:
+        it is opened with the column's associated data (and its plaintext dropped), else refused. Never
+        stores a non-envelope, never one moved from another column."""
+        try:
+            Opener(lookup).open(envelope, 0, len(envelope), cc.associated)
+        except OpenFailed as e:
+            raise _NotAnEnvelope(
+                f"pgveil: the value for column {cc.column.column_id} is not a valid envelope of that column "
+                f"({e.reason.value})",
+                hint="a role that sees the column as ciphertext writes the stored envelopes it read",
+            ) from None
+
+    def masker(self, cc: ColumnCrypto, mask: PolicyMask) -> Mask:
+        """The compiled mask of ``mask`` on the column (cached). ``hash`` takes its key from the key ring
+        (KeyMiss to fetch it; MaskKeyMissing when no keystore is configured)."""
+        hash_key: bytes | None = None
+        if mask.function is MaskFunction.HASH:
+            if self.keys.source is None:
+                raise _mask_key_missing(cc.column)
+            hash_key = self.keys.mask_key()
+        key = (cc.column.column_id, cc.column.declared_type, str(mask), hash_key)
+        compiled = self._maskers.get(key)
+        if compiled is None:
+            if len(self._maskers) > 4096:
+                self._maskers.clear()
+            compiled = self._maskers[key] = compile_mask(
+                mask, cc.column.declared_type, hash_key, cc.column.column_id.encode("utf-8")
+            )
+        return compiled
+
 
 class SessionCrypto:
     """Per-session rewriting; the relay calls one method per message it acts on."""
 
-    def __init__(self, ctx: CryptoContext, login_role: str) -> None:
+    def __init__(self, ctx: CryptoContext, login_role: str, view: Callable[[], RoleView] | None = None) -> None:
+        """``view`` returns the login role's current view of the governed columns (the runtime's policy
+        and membership; it may raise a ProxyError while they are not loaded). Without it, every governed
+        column is plaintext: the behaviour before visibility policies, for tests and tools only."""
         self.ctx = ctx
+        self.login_role = login_role
+        self._view_source: Callable[[], RoleView] = view if view is not None else _plaintext_view
         self.fmt = SessionFormat()
         self._utf8_client = _is_utf8(self.fmt)
         # DDL on protected relations sent in this session's open transaction: the service connection
@@ -430,6 +515,12 @@ class SessionCrypto:
         self.values_decrypted = 0
         self.decrypt_failures = 0
         self.refused: dict[tuple[RefusalReason, str], int] = {}  # (reason, SQLSTATE) -> count, for the metrics
+        # Values of governed columns served, by (the view's metric label, outcome: plaintext, masked, hidden,
+        # ciphertext); counted per result column and row, NULLs included, as values_decrypted.
+        self.values_served: dict[tuple[str, str], int] = {}
+        self._memo_served: tuple[tuple[tuple[str, str], int], ...] = ()
+        # id(row plan) -> (the plan, what each of its rows serves): see _note_plan
+        self._plan_served: dict[int, tuple[RowPlan, tuple[tuple[tuple[str, str], int], ...]]] = {}
         self._memo_plan: RowPlan | None = None
         self._memo: dict[bytes, Any] = {}
         self._memo_count = 0
@@ -440,11 +531,98 @@ class SessionCrypto:
         self._portal_crypto: dict[str, PortalCrypto] = {}
         self._row_plan: RowPlan | None = None  # the result whose DataRows the relay hands over now
         self._copy_out_rw: CopyRowRewriter | None = None  # rewrites the server's COPY TO STDOUT rows
+        self._described_cache: dict[bytes, tuple[ColumnCrypto | None, ...] | None] = {}  # see _described
+        self._described_catalog: Catalog | None = None
+        self._copy_out_served: tuple[tuple[tuple[str, str], int], ...] = ()  # per row of the COPY TO
+        self._copy_out_counting = False  # a COPY TO whose rows pass unchanged but are counted
+        self._copy_out_rows = 0
         # Rewrites the client's COPY FROM STDIN rows. It lives until the client's CopyDone/CopyFail, not
         # the server's reply: a client keeps sending (plaintext) rows after the server gave up, and they
         # must still be encrypted or dropped, never passed on.
         self._copy_in_rw: CopyRowRewriter | None = None
         self._copy_in_failed = False
+
+    # -- the login role's view -------------------------------------------------------------------------
+    def current_view(self) -> RoleView:
+        """The view statements are decided under now (a ProxyError while it cannot be known)."""
+        return self._view_source()
+
+    def _policy(self, statements: Iterable[StatementPlan], view: RoleView) -> ProxyError | None:
+        """The per-statement decision under ``view``: the first refusal, or None. Also makes sure the
+        hash mask's key is at hand for every column the statement outputs with it (KeyMiss now, before
+        the server runs anything)."""
+        for st in statements:
+            references = getattr(st, "references", ())
+            refused = decide(references, view)
+            if refused is not None:
+                return refused
+            cp = st.copy
+            if cp is not None and cp.direction is CopyDirection.TO and cp.format is CopyFormat.BINARY:
+                for col in cp.protected:
+                    if col is not None and view.grant(col).visibility is not Visibility.PLAINTEXT:
+                        return PolicyDenied(
+                            f"pgveil: permission denied for column {col.column_id}: binary COPY TO needs "
+                            f"plaintext access (role {view.login_role or view.label} does not have it)",
+                            hint="use COPY in text or CSV format",
+                        )
+            outputs = [r.column for r in references if r.kind is ReferenceKind.OUTPUT]
+            outputs.extend(c for c in st.result_columns or () if c is not None)
+            if cp is not None and cp.direction is CopyDirection.TO:
+                outputs.extend(c for c in cp.protected if c is not None)
+            for col in outputs:
+                mask = view.grant(col).mask
+                if mask is not None and mask.function is MaskFunction.HASH:
+                    if self.ctx.keys.source is None:
+                        return _mask_key_missing(col)
+                    self.ctx.keys.mask_key()
+        return None
+
+    def _fallback_view(self) -> RoleView:
+        """The view for a result no decision was made for (a statement pgveil found harmless whose
+        RowDescription shows governed columns): the current one, or everything hidden while it cannot be
+        known."""
+        try:
+            return self._view_source()
+        except ProxyError:
+            return _HIDDEN_VIEW
+
+    def _decided_view(self, statements: Iterable[StatementPlan]) -> tuple[RoleView | None, ProxyError | None]:
+        """(the current view, None) if the statements may run under it, else (None, the refusal)."""
+        try:
+            view = self._view_source()
+        except ProxyError as e:
+            return None, e
+        refused = self._policy(statements, view)
+        return (None, refused) if refused is not None else (view, None)
+
+    def _output(
+        self, cc: ColumnCrypto, grant: Grant, *, client_binary: bool, server_binary: bool | None = None
+    ) -> ColumnOutput:
+        """The row plan entry of a result column carrying ``cc``'s values, for a role with ``grant``;
+        ``server_binary`` is the format the server sends it in, when its RowDescription says so."""
+        column = cc.column
+        if grant.visibility is Visibility.DENY:
+            # The decision refuses every statement that references a denied column; a result column
+            # found only now (its RowDescription) must not be served either.
+            raise PolicyDenied(f"pgveil: permission denied for column {column.column_id}: it is denied to this role")
+        action = action_for(column, grant)
+        mask: Mask | None = None
+        if action in _MASKING:
+            if grant.mask is None:
+                action = Action.NULL  # a masked grant always names its mask; without one nothing is shown
+            else:
+                mask = self.ctx.masker(cc, grant.mask)
+        if server_binary is None:
+            server_binary = server_binary_for(column, action, client_binary)
+        elif action is Action.STORED and server_binary != client_binary:
+            # Only a Bind pgveil did not rewrite asks for another format than the client's; bytes that
+            # go on as stored cannot change format.
+            raise _unsupported(
+                f"the result column of {column.column_id} arrives in another format than the client asked for"
+            )
+        return cc.output(
+            server_binary=server_binary, client_binary=client_binary, fmt=self.fmt, action=action, mask=mask
+        )
 
     def refusal(self, e: ProxyError) -> bytes:
         """The ErrorResponse that answers a refused message, counted for the metrics."""
@@ -497,16 +675,20 @@ class SessionCrypto:
                 )
         if refused is not None:
             return self._refuse(refused)
+        view, refused = self._decided_view(plan.statements)
+        if view is None:
+            assert refused is not None
+            return self._refuse(refused)
         try:
-            new_sql = self._encrypt_literals(plan)
+            new_sql = self._encrypt_literals(plan, view)
         except ProxyError as e:
             return self._refuse(e)
         replacement = None if new_sql is None else codec.encode_frontend(m.Query(wire_text(new_sql, self.fmt)))
-        return Outcome(replacement, QueryCrypto(plan.statements))
+        return Outcome(replacement, QueryCrypto(plan.statements, view=view))
 
-    def _encrypt_literals(self, plan: QueryPlan) -> str | None:
+    def _encrypt_literals(self, plan: QueryPlan, view: RoleView) -> str | None:
         """The statement text with every literal bound for a protected column sealed, or None if the
-        text needs no change."""
+        text needs no change. A ciphertext role's literals are envelopes: checked, and passed on."""
         if not plan.needs_rewrite:
             return None
         # The analysis reads string literals as standard_conforming_strings = on does; query/parse have
@@ -515,6 +697,16 @@ class SessionCrypto:
         for t in plan.literal_targets:
             cc = self.ctx.column(t.column)
             literal = statement_bytes(t.plaintext, self.fmt)
+            if writes_envelopes(cc.column, view.grant(cc.column)):
+                if t.cast_type not in (None, "bytea") or t.numeric:
+                    raise _NotAnEnvelope(
+                        f"pgveil: the value for column {cc.column.column_id} must be a bytea envelope "
+                        "(this role writes the column as ciphertext)"
+                    )
+                envelope = self._bytea_value(cc, literal)
+                self.ctx.check_envelope(cc, envelope, self.ctx.key_lookup)
+                ciphertexts[t] = envelope
+                continue
             if t.cast_type is not None:
                 try:
                     canonical = canonical_through_cast(
@@ -529,6 +721,16 @@ class SessionCrypto:
             ciphertexts[t] = self.ctx.seal(cc, canonical)
             self.values_encrypted += 1
         return plan.rewritten_sql(ciphertexts)
+
+    def _bytea_value(self, cc: ColumnCrypto, text: bytes) -> bytes:
+        """The bytes of a bytea value in text form (``\\x…`` or escape format)."""
+        try:
+            return BYTEA.canonical_from_text(text, self.fmt)
+        except ProxyError:
+            raise _NotAnEnvelope(
+                f"pgveil: the value for column {cc.column.column_id} is not a bytea value "
+                "(this role writes the column as ciphertext)"
+            ) from None
 
     def _canonical_text(self, cc: ColumnCrypto, data: bytes) -> bytes:
         try:
@@ -646,12 +848,17 @@ class SessionCrypto:
         if not plan.statements:
             return Outcome()
         st = plan.statements[0]
-        params = {n - 1: self.ctx.column(c) for n, c in st.param_targets.items()}
+        params = {n - 1: self.ctx.column(c) for n, c in st.param_targets.items() if c.encrypted}
+        view, refused = self._decided_view(plan.statements)
         try:
-            new_sql = self._encrypt_literals(plan)
+            if view is None:
+                assert refused is not None
+                raise refused
+            new_sql = self._encrypt_literals(plan, view)
         except ProxyError as e:
+            log.info("refused a statement: %s", e.message)
             return Outcome(codec.encode_frontend(m.Parse(msg.statement, REFUSED_QUERY, ())), None, self.refusal(e))
-        stmt = StatementCrypto(st, params, msg.param_types, self.ctx.result_hint(st))
+        stmt = StatementCrypto(st, params, msg.param_types, self.ctx.result_hint(st), view)
         if not params and new_sql is None:
             return Outcome(None, stmt)
         types = list(msg.param_types)
@@ -669,9 +876,9 @@ class SessionCrypto:
             return None
         (n,) = struct.unpack_from("!H", body, 0)
         oids = list(struct.unpack_from(f"!{n}I", body, 2))
-        for i, cc in stmt.params.items():
-            if i < n:
-                oids[i] = cc.codec.oid
+        for target in stmt.targets:
+            if target.index < n:
+                oids[target.index] = BYTEA_OID if target.envelope else target.column.codec.oid
         return codec.encode_backend(m.ParameterDescription(tuple(oids)))
 
     def bind(self, msg: m.BindFrame, stmt: StatementCrypto | None, stmt_row_desc: bytes | None) -> Outcome:
@@ -679,6 +886,17 @@ class SessionCrypto:
         requested in binary. Only what changes is rebuilt; the rest of the message is copied as is."""
         client_formats = msg.result_formats
         if stmt is None:
+            if stmt_row_desc is not None and self.ctx.by_attr:
+                described = self._described(stmt_row_desc)
+                if described is not None:
+                    # A statement pgveil had nothing to analyse in (FETCH from a cursor) whose Describe
+                    # names governed columns by table OID and attribute number: its rows are served
+                    # under the current view like any other result.
+                    try:
+                        return self._bind_described(msg, described, client_formats)
+                    except ProxyError as e:
+                        log.info("refused a Bind: %s", e.message)
+                        return Outcome(codec.encode_frontend(refused_bind(msg.portal)), None, self.refusal(e))
             return Outcome(None, PortalCrypto(None, client_formats, client_formats))
         try:
             return self._bind(msg, stmt, stmt_row_desc, client_formats)
@@ -691,6 +909,15 @@ class SessionCrypto:
     def _bind(
         self, msg: m.BindFrame, stmt: StatementCrypto, stmt_row_desc: bytes | None, client_formats: tuple[int, ...]
     ) -> Outcome:
+        view = self._view_source()
+        if view.epoch != stmt.view.epoch:
+            # The policy or the role's membership changed since the statement was decided: decided again,
+            # never served under the rules it was prepared under.
+            refused = self._policy((stmt.plan,), view)
+            if refused is not None:
+                raise refused
+            stmt.adopt(view)
+        view = stmt.view
         param_formats: tuple[int, ...] | None = None
         sealed: tuple[tuple[int, bytes], ...] = ()
         if stmt.targets and len(msg.param_offsets) > 1:  # protected parameters, and values for them
@@ -705,16 +932,53 @@ class SessionCrypto:
         row_plan: RowPlan | None = None
         if hint is not None and ncols == len(hint) and any(h is not None for h in hint):
             client = [format_for(client_formats, i) for i in range(ncols)]
-            server_formats = tuple(1 if hint[i] is not None else client[i] for i in range(ncols))
             row_plan = tuple(
-                None if h is None else h.output(server_binary=True, client_binary=client[i] == 1, fmt=self.fmt)
+                None if h is None else self._output(h, view.grant(h.column), client_binary=client[i] == 1)
                 for i, h in enumerate(hint)
             )
+            server_formats = tuple(
+                client[i] if out is None else int(out.server_binary) for i, out in enumerate(row_plan)
+            )
+            if list(server_formats) == client and not any(
+                out is not None and out.column.encrypted and out.action is not Action.STORED for out in row_plan
+            ):
+                server_formats = None  # only plain columns and ciphertext, in the client's format: the Bind stays
+            self._note_plan(row_plan, view)
         sent_formats = client_formats if server_formats is None else server_formats
-        portal = PortalCrypto(stmt, client_formats, sent_formats, row_plan)
+        portal = PortalCrypto(stmt, client_formats, sent_formats, row_plan, view=view)
         if param_formats is None and server_formats is None:
             return Outcome(None, portal)
         return Outcome(codec.encode_bind_frame(msg, param_formats, sealed, server_formats), portal)
+
+    def _described(self, row_desc: bytes) -> tuple[ColumnCrypto | None, ...] | None:
+        """The governed columns a statement's RowDescription names (cached by its bytes, per catalog)."""
+        cache = self._described_cache
+        if self._described_catalog is not self.ctx.catalog:
+            cache.clear()
+            self._described_catalog = self.ctx.catalog
+        if row_desc in cache:
+            return cache[row_desc]
+        hint = self._merge_hint(None, row_desc)
+        if len(cache) > 256:
+            cache.clear()
+        cache[row_desc] = hint
+        return hint
+
+    def _bind_described(
+        self, msg: m.BindFrame, hint: tuple[ColumnCrypto | None, ...], client_formats: tuple[int, ...]
+    ) -> Outcome:
+        view = self._view_source()
+        client = [format_for(client_formats, i) for i in range(len(hint))]
+        row_plan = tuple(
+            None if h is None else self._output(h, view.grant(h.column), client_binary=client[i] == 1)
+            for i, h in enumerate(hint)
+        )
+        self._note_plan(row_plan, view)
+        server_formats = tuple(client[i] if out is None else int(out.server_binary) for i, out in enumerate(row_plan))
+        portal = PortalCrypto(None, client_formats, server_formats, row_plan, view=view)
+        if list(server_formats) == client:
+            return Outcome(None, portal)
+        return Outcome(codec.encode_bind_frame(msg, None, (), server_formats), portal)
 
     def _merge_hint(
         self, hint: tuple[ColumnCrypto | None, ...] | None, row_desc: bytes
@@ -726,8 +990,8 @@ class SessionCrypto:
         merged: list[ColumnCrypto | None] = []
         for i, f in enumerate(desc.fields):
             cc = self.ctx.by_attr.get((f.table_oid, f.column_attnum)) if f.table_oid else None
-            if cc is None and hint is not None and i < len(hint) and f.type_oid == BYTEA_OID:
-                cc = hint[i]
+            if cc is None and hint is not None and i < len(hint):
+                cc = _hinted(hint[i], f)
             merged.append(cc)
         return tuple(merged) if any(c is not None for c in merged) else hint
 
@@ -750,6 +1014,7 @@ class SessionCrypto:
         write_key = self.ctx.write_key
         keys: list[DataKey | None] = [None] * stmt.key_slots
         sealed: list[tuple[int, bytes]] = []
+        passed = 0
         for target in stmt.targets:
             i = target.index
             if i >= n:
@@ -759,6 +1024,13 @@ class SessionCrypto:
             if length < 0:
                 continue  # NULL stays NULL
             value = body[off + 4 : off + 4 + length]
+            if target.envelope:  # a ciphertext role's stored envelope: checked, then passed on unchanged
+                envelope = value if formats[i] == 1 else self._bytea_value(target.column, value)
+                self.ctx.check_envelope(target.column, envelope, self.ctx.key_lookup)
+                sealed.append((i, envelope))
+                formats[i] = 1
+                passed += 1
+                continue
             # Unbounded text from a UTF-8 client: pure ASCII without NUL is valid and already canonical
             # (what TextCodec returns after its full check); anything else takes the codec's path.
             if formats[i] == 1:
@@ -777,7 +1049,7 @@ class SessionCrypto:
                 key = keys[target.key_slot] = write_key(target.column_id)
             sealed.append((i, seal(key, canonical, target.associated)))
             formats[i] = 1
-        self.values_encrypted += len(sealed)
+        self.values_encrypted += len(sealed) - passed
         if not stmt.targets_in_order:
             sealed.sort(key=_first)
         return tuple(formats), tuple(sealed)
@@ -788,10 +1060,14 @@ class SessionCrypto:
         body: bytes,
         hint: tuple[ColumnCrypto | None, ...] | None,
         client_formats: Sequence[int] | None,
+        view: RoleView | None = None,
     ) -> tuple[bytes | None, RowPlan | None]:
-        """The RowDescription the client sees and the plan for the DataRows that follow.
+        """The RowDescription the client sees and the plan for the DataRows that follow, under ``view``
+        (the one its statement was decided under; the current one if it had none).
 
         ``client_formats`` is None for a statement Describe (formats not known yet: all zero)."""
+        if view is None:
+            view = self._fallback_view()
         desc = codec.decode_backend(ord("T"), body)
         assert isinstance(desc, m.RowDescription)
         fields = list(desc.fields)
@@ -802,27 +1078,33 @@ class SessionCrypto:
             cc = self.ctx.by_attr.get((f.table_oid, f.column_attnum)) if f.table_oid else None
             if f.table_oid in attnums:
                 self._check_attribute(f, cc)
-            if cc is None and hint is not None and i < len(hint) and f.type_oid == BYTEA_OID:
-                cc = hint[i]
+            if cc is None and hint is not None and i < len(hint):
+                cc = _hinted(hint[i], f)
             if cc is None:
                 plan.append(None)
                 continue
             client_fmt = 0 if client_formats is None else format_for(client_formats, i)
-            plan.append(cc.output(server_binary=f.format == 1, client_binary=client_fmt == 1, fmt=self.fmt))
-            fields[i] = m.FieldDescription(
-                f.name, f.table_oid, f.column_attnum, cc.codec.oid, cc.codec.typlen, cc.codec.typmod, client_fmt
-            )
-            changed = True
-        if not changed:
+            out = self._output(cc, view.grant(cc.column), client_binary=client_fmt == 1, server_binary=f.format == 1)
+            plan.append(out)
+            if presents_declared_type(cc.column, out.action):
+                fields[i] = m.FieldDescription(
+                    f.name, f.table_oid, f.column_attnum, cc.codec.oid, cc.codec.typlen, cc.codec.typmod, client_fmt
+                )
+                changed = True
+        if all(out is None for out in plan):
             return None, None
-        return codec.encode_backend(m.RowDescription(tuple(fields))), tuple(plan)
+        row_plan = tuple(plan)
+        self._note_plan(row_plan, view)
+        return (codec.encode_backend(m.RowDescription(tuple(fields))) if changed else None), row_plan
 
     def _check_attribute(self, f: m.FieldDescription, cc: ColumnCrypto | None) -> None:
         """A field of a protected relation must agree with the catalog: a protected attribute is bytea,
         and every attribute number is one the catalog read. Otherwise the table changed behind pgveil."""
         if f.column_attnum <= 0:
             return  # a system column
-        if (cc is not None and f.type_oid != BYTEA_OID) or f.column_attnum not in self.ctx.attnums[f.table_oid]:
+        if (
+            cc is not None and cc.column.encrypted and f.type_oid != BYTEA_OID
+        ) or f.column_attnum not in self.ctx.attnums[f.table_oid]:
             self.ctx.request_reload()
             raise _stale_error(
                 "a result column of a table with encrypted columns does not match pgveil's catalog; it is being "
@@ -830,12 +1112,35 @@ class SessionCrypto:
                 "retry the statement",
             )
 
+    def _note_plan(self, plan: RowPlan, view: RoleView) -> None:
+        """Remembers what each row of ``plan`` serves, by (the view's metric label, outcome) (bounded)."""
+        served: dict[tuple[str, str], int] = {}
+        label = view.label
+        for p in plan:
+            if p is not None:
+                key = (label, OUTCOMES[view.grant(p.column).visibility])
+                served[key] = served.get(key, 0) + 1
+        kept = self._plan_served
+        if len(kept) > 256:
+            kept.clear()
+        kept[id(plan)] = (plan, tuple(served.items()))
+
+    def _new_memo(self, plan: RowPlan) -> None:
+        self._memo_plan = plan
+        self._memo = {}
+        self._memo_count = sum(1 for p in plan if p is not None and p.action in _DECRYPTING)
+        noted = self._plan_served.get(id(plan))
+        self._memo_served = noted[1] if noted is not None and noted[0] is plan else ()
+
+    def _count_served(self, rows: int) -> None:
+        counts = self.values_served
+        for key, n in self._memo_served:
+            counts[key] = counts.get(key, 0) + n * rows
+
     def data_rows(self, data: bytes, start: int, end: int, plan: RowPlan, rows: int) -> bytes:
         """A run of complete DataRow messages ``data[start:end]``, rewritten (see rows.rewrite_data_rows)."""
         if plan is not self._memo_plan or len(self._memo) > 256:
-            self._memo_plan = plan
-            self._memo = {}
-            self._memo_count = sum(1 for p in plan if p is not None)
+            self._new_memo(plan)
         try:
             out = rewrite_data_rows(data, start, end, plan, self.ctx.key_lookup, self.fmt, self._memo)
         except RowDecryptError:
@@ -853,15 +1158,14 @@ class SessionCrypto:
                 pos += 1 + ln
             raise AssertionError("a failing batch has a failing row") from None
         self.values_decrypted += self._memo_count * rows
+        self._count_served(rows)
         return out
 
     def data_row(self, body: bytes, plan: RowPlan) -> bytes:
         # The keys a result's rows use are remembered for that result only (a new row plan starts a
         # new memory, bounded), so every result sees keys disabled or destroyed before it started.
         if plan is not self._memo_plan or len(self._memo) > 256:
-            self._memo_plan = plan
-            self._memo = {}
-            self._memo_count = sum(1 for p in plan if p is not None)
+            self._new_memo(plan)
         try:
             out = rewrite_data_row(body, plan, self.ctx.key_lookup, self.fmt, self._memo)
         except RowDecryptError as e:
@@ -873,6 +1177,7 @@ class SessionCrypto:
                 hint="the value was tampered with, moved from another column, or its key is gone",
             ) from None
         self.values_decrypted += self._memo_count
+        self._count_served(1)
         return out
 
     # -- COPY ------------------------------------------------------------------------------------------
@@ -892,7 +1197,7 @@ class SessionCrypto:
         if not copies:
             return None
         if isinstance(state, QueryCrypto):
-            return self.copy_rewriter(QueryCrypto(state.statements, copies[0]), b"", inbound=True)
+            return self.copy_rewriter(QueryCrypto(state.statements, copies[0], state.view), b"", inbound=True)
         return self.copy_rewriter(state, b"", inbound=True)
 
     def copy_rewriter(self, state: object, body: bytes, *, inbound: bool) -> CopyRowRewriter | None:
@@ -902,22 +1207,41 @@ class SessionCrypto:
         if st is None or st.copy is None or not st.copy.needs_rewrite:
             return None
         cp = st.copy
-        if cp.format is CopyFormat.BINARY or (body[:1] == b"\x01"):
-            # The analysis refuses binary COPY of protected columns; a server that still chose binary
-            # cannot be rewritten, so the session must end rather than pass ciphertext or plaintext on.
-            raise ProtocolViolation("server", "binary COPY of a protected table")
+        view = state.view if isinstance(state, QueryCrypto | PortalCrypto) else self._fallback_view()
         transforms = CopyTransforms(self)
-        fields: list[Callable[[bytes], bytes] | None] = []
+        fields: list[Callable[[bytes], bytes | None] | None] = []
+        served: dict[tuple[str, str], int] = {}
         for col in cp.protected:
             if col is None:
                 fields.append(None)
                 continue
             cc = self.ctx.column(col)
+            grant = view.grant(col)
             if inbound:
-                self.ctx.keys.active(col.column_id)  # KeyMiss now, not half-way through the stream
-                fields.append(transforms.sealer(cc))
+                if not col.encrypted:
+                    fields.append(None)  # a plain column is written as the client sends it
+                elif writes_envelopes(col, grant):
+                    fields.append(transforms.envelope_checker(cc))
+                else:
+                    self.ctx.keys.active(col.column_id)  # KeyMiss now, not half-way through the stream
+                    fields.append(transforms.sealer(cc))
             else:
-                fields.append(transforms.opener(cc))
+                key = (view.label, OUTCOMES[grant.visibility])
+                served[key] = served.get(key, 0) + 1
+                out = self._output(cc, grant, client_binary=False, server_binary=False)
+                fields.append(None if out.action is Action.STORED else transforms.opener(out))
+        if all(f is None for f in fields):
+            if not inbound:
+                self._copy_out_served = tuple(served.items())
+                self._copy_out_counting = True
+            return None  # every field goes on as the server (or the client) sends it
+        if cp.format is CopyFormat.BINARY or (body[:1] == b"\x01"):
+            # The analysis refuses binary COPY of protected columns (and the decision binary COPY TO of a
+            # governed column the role may not read); a server that still chose binary cannot be
+            # rewritten, so the session must end rather than pass ciphertext or plaintext on.
+            raise ProtocolViolation("server", "binary COPY of a protected table")
+        if not inbound:
+            self._copy_out_served = tuple(served.items())
         o = cp.options
         if (o.encoding is not None and o.encoding.upper().replace("-", "").replace("_", "") != "UTF8") or (
             self.fmt.client_encoding.upper().replace("-", "").replace("_", "") not in ("UTF8", "UNICODE")
@@ -1035,10 +1359,52 @@ class SessionCrypto:
             stand_in, refusal = refused_execute()
             self.refused[_EXECUTE_REFUSAL] = self.refused.get(_EXECUTE_REFUSAL, 0) + 1
             return Outcome(stand_in, None, refusal)
+        if state.statement is not None or state.row_plan is not None:
+            try:
+                self._recheck_portal(state)
+            except ProxyError as e:
+                log.info("refused an Execute: %s", e.message)
+                return Outcome(codec.encode_frontend(refused_bind()), None, self.refusal(e))
         st = state.statement
         if st is not None and st.copies_in:
             self.arm_copy_in(state)
         return Outcome(None, state)
+
+    def _recheck_portal(self, portal: PortalCrypto) -> None:
+        """A portal bound under another epoch than the current one is decided again before it runs (also
+        between the partial Executes of a named portal); its rows are then served under the new view, if
+        the RowDescription the client has still describes them (else refused: bind it again)."""
+        stmt = portal.statement
+        view = self._view_source()
+        if view.epoch == portal.view.epoch:
+            return
+        refused = self._policy((stmt.plan,), view) if stmt is not None else None
+        if refused is not None:
+            raise refused
+        plan = portal.row_plan
+        if plan is not None:
+            new: list[ColumnOutput | None] = []
+            for out in plan:
+                if out is None:
+                    new.append(None)
+                    continue
+                cc = ColumnCrypto(out.column, out.codec, out.associated)
+                replaced = self._output(cc, view.grant(out.column), client_binary=out.client_binary)
+                if replaced.server_binary != out.server_binary or presents_declared_type(
+                    out.column, replaced.action
+                ) != presents_declared_type(out.column, out.action):
+                    e = _unconfirmed(
+                        f"the visibility policy of column {out.column.column_id} changed since portal was bound, "
+                        "and its rows no longer have the form the portal was described with",
+                        hint="bind the statement again",
+                    )
+                    e.reason = RefusalReason.POLICY_DENIED
+                    raise e
+                new.append(replaced)
+            row_plan = tuple(new)
+            self._note_plan(row_plan, view)
+            portal.row_plan = row_plan
+        portal.view = view
 
     def describe_portal(self, versions: Sequence[CryptoState | None]) -> None:
         for v in versions:
@@ -1116,8 +1482,10 @@ class SessionCrypto:
         return (codec.frame(b"d", tail) + end) if tail else None
 
     def statement_row_description(self, body: bytes, state: CryptoState | None) -> bytes | None:
-        hint = state.result_hint if isinstance(state, StatementCrypto) else None
-        replacement, _ = self.row_description(body, hint, None)
+        if isinstance(state, StatementCrypto):
+            replacement, _ = self.row_description(body, state.result_hint, None, state.view)
+            return replacement
+        replacement, _ = self.row_description(body, None, None)
         return replacement
 
     def portal_row_description(self, body: bytes, state: CryptoState | None, formats: tuple[int, ...]) -> bytes | None:
@@ -1125,14 +1493,17 @@ class SessionCrypto:
             replacement, _ = self.row_description(body, None, formats)
             return replacement
         hint = state.statement.result_hint if state.statement is not None else None
-        replacement, plan = self.row_description(body, hint, state.client_formats)
+        replacement, plan = self.row_description(body, hint, state.client_formats, state.view)
         if plan is not None:
             state.row_plan = plan
         return replacement
 
     def result_row_description(self, body: bytes, state: CryptoState | None) -> tuple[bytes | None, bool]:
-        hint = state.current_hint(self.ctx) if isinstance(state, QueryCrypto) else None
-        replacement, plan = self.row_description(body, hint, None)  # simple Query: text format throughout
+        if isinstance(state, QueryCrypto):
+            hint, view = state.current_hint(self.ctx), state.view
+        else:
+            hint, view = None, None
+        replacement, plan = self.row_description(body, hint, None, view)  # simple Query: text format throughout
         self._row_plan = plan
         return replacement, plan is not None
 
@@ -1162,19 +1533,46 @@ class SessionCrypto:
             self.copy_in_armed = True
 
     def copy_out_response(self, state: CryptoState | None, body: bytes) -> bool:
+        self._copy_out_served = ()
+        self._copy_out_counting = False
         self._copy_out_rw = self.copy_rewriter(state, body, inbound=False)
+        if self._copy_out_counting:
+            # Nothing to rewrite, but the rows are counted for the metrics: the relay hands them over.
+            self._copy_out_rows = 0
+            return True
         return self._copy_out_rw is not None
 
     def copy_out_data(self, body: bytes) -> bytes:
         rw = self._copy_out_rw
-        assert rw is not None
+        if rw is None:  # counted only (see copy_out_response): a text or CSV row ends with a newline
+            self._copy_out_rows += body.count(b"\n")
+            return codec.frame(b"d", body)
         rows = rw.feed(body)
         return codec.frame(b"d", rows) if rows else b""
 
     def copy_out_done(self) -> bytes | None:
         rw, self._copy_out_rw = self._copy_out_rw, None
+        counted = self._copy_out_rows if rw is None else rw.rows
+        for key, n in self._copy_out_served:
+            self.values_served[key] = self.values_served.get(key, 0) + n * counted
+        self._copy_out_served = ()
+        self._copy_out_counting = False
+        self._copy_out_rows = 0
         tail = rw.finish() if rw is not None else b""
         return codec.frame(b"d", tail) + codec.frame(b"c", b"") if tail else None
+
+
+class _NotAnEnvelope(ProxyError):
+    sqlstate = "22023"
+    reason = RefusalReason.VALUE
+
+
+def _mask_key_missing(column: ProtectedColumn) -> MaskKeyMissing:
+    return MaskKeyMissing(
+        f"pgveil: column {column.column_id} is served with the hash mask, whose key is kept in the keystore, "
+        "and no keystore is configured",
+        hint="configure keystore: for the hash mask, or grant the role another mask",
+    )
 
 
 class _BadParameterType(ProxyError):
@@ -1247,6 +1645,15 @@ def _stale_error(message: str, hint: str) -> ProxyError:
     return e
 
 
+def _hinted(cc: ColumnCrypto | None, f: m.FieldDescription) -> ColumnCrypto | None:
+    """The analysis's column for a result field the RowDescription does not attribute: an encrypted
+    column's values arrive as bytea (anything else is not its stored value), a plain column's whatever
+    their type (restricting a value that is not the column's is harmless)."""
+    if cc is None or (cc.column.encrypted and f.type_oid != BYTEA_OID):
+        return None
+    return cc
+
+
 def _first(pair: tuple[int, bytes]) -> int:
     return pair[0]
 
@@ -1308,11 +1715,28 @@ class CopyTransforms:
 
         return seal_field
 
-    def opener(self, cc: ColumnCrypto) -> Callable[[bytes], bytes]:
+    def envelope_checker(self, cc: ColumnCrypto) -> Callable[[bytes], bytes]:
+        """A ciphertext role's field: the stored envelope in bytea text form, checked to be an envelope
+        of this column, and passed on as it came (in hex form), never sealed again."""
         crypto = self.crypto
-        out = cc.output(server_binary=False, client_binary=False, fmt=crypto.fmt)
 
-        def open_field(stored: bytes) -> bytes:
+        def lookup(key_id: bytes) -> DataKey | None:
+            try:
+                return crypto.ctx.keys.by_id(key_id)
+            except KeyMiss:
+                return None  # a miss half-way through a COPY stream cannot be retried: it fails
+
+        def check_field(stored: bytes) -> bytes:
+            envelope = crypto._bytea_value(cc, stored)
+            crypto.ctx.check_envelope(cc, envelope, lookup)
+            return b"\\x" + envelope.hex().encode("ascii")
+
+        return check_field
+
+    def opener(self, out: ColumnOutput) -> Callable[[bytes], bytes | None]:
+        crypto = self.crypto
+
+        def open_field(stored: bytes) -> bytes | None:
             def lookup(key_id: bytes) -> DataKey | None:
                 try:
                     return crypto.ctx.keys.by_id(key_id)

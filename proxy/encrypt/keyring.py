@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from keymgmt.envelope import DataKey
+from keymgmt.envelope import DataKey, KeyState, derive_key
 from keymgmt.errors import KeyManagementError
 from proxy.errors import ProxyError, RefusalReason
 from proxy.protocol.relay import KeyMiss
@@ -26,6 +26,12 @@ class KeyUnavailable(ProxyError):
 
     sqlstate = "58000"
     reason = RefusalReason.KEY_UNAVAILABLE
+
+
+# The keystore scope of the ``hash`` mask's key: one DEK for every column (the column's id is part of what
+# the HMAC authenticates), created on first use like a column's key and shared by every session and
+# instance. Never used to seal: no column can have this id (a column id has three dotted parts).
+MASK_KEY_SCOPE = "pgveil.mask"
 
 
 class KeySource(Protocol):
@@ -51,6 +57,7 @@ class KeyRing:
         self._missing_columns: dict[str, float] = {}
         self.hits = 0
         self.misses = 0
+        self._derived: tuple[bytes, bytes] | None = None  # (key id, the mask's HMAC key derived from it)
 
     def _recently_missing(self, table: dict[bytes, float] | dict[str, float], key: bytes | str) -> bool:
         until = table.get(key)  # type: ignore[arg-type]
@@ -87,6 +94,17 @@ class KeyRing:
             )
         self.misses += 1
         raise KeyMiss(column_id=column_id)
+
+    def mask_key(self) -> bytes:
+        """The ``hash`` mask's HMAC key (derived from the current key of :data:`MASK_KEY_SCOPE`); KeyMiss
+        to fetch it (the keystore creates its first version), KeyUnavailable if it cannot be had."""
+        key = self.active(MASK_KEY_SCOPE)
+        if key.state is not KeyState.ENABLED:
+            raise KeyUnavailable("pgveil: the key of the hash mask is not enabled")
+        derived = self._derived
+        if derived is None or derived[0] != key.key_id:
+            derived = self._derived = (bytes(key.key_id), derive_key(key, MASK_KEY_SCOPE.encode("ascii")))
+        return derived[1]
 
     async def fetch(self, *, key_id: bytes | None = None, column_id: str | None = None) -> bool:
         """Loads a missing key into the keystore's cache; remembers a failure for ``negative_ttl``."""

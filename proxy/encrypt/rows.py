@@ -10,10 +10,22 @@ DataRow body (PostgreSQL docs, "Message Formats", DataRow)::
     Int32   length of the value in bytes (-1: NULL, no bytes follow)
     Byte_n  the value, in the format the portal asked for
 
-A protected column's value from the server is a v1 envelope (see :mod:`keymgmt.envelope`): raw bytes when
-the proxy asked for binary, ``\\x`` followed by hex when the result is in text format (simple queries).
-NULL stays NULL. The value is decrypted, and the canonical plaintext is encoded with the declared type's
-codec in the format the client asked for. Unprotected columns are copied as they are.
+A governed column's value is turned into what the session's role may see, one :class:`Action` per
+result column, chosen once per statement (never per row):
+
+* ``DECRYPT``: the value from the server is a v1 envelope (see :mod:`keymgmt.envelope`): raw bytes when
+  the proxy asked for binary, ``\\x`` followed by hex when the result is in text format (simple
+  queries). It is decrypted, and the canonical plaintext is encoded with the declared type's codec in
+  the format the client asked for;
+* ``MASK``: the same, with the column's mask applied to the canonical plaintext before it is encoded
+  (a mask without a valid form for the value gives NULL);
+* ``NULL``: NULL, whatever the server sent; nothing is opened (a hidden column);
+* ``STORED``: the server's bytes as they are (the stored envelope for a ciphertext role, a plain column
+  for a plaintext role);
+* ``DECODE_MASK``: a plain column's value, decoded from the server's format with the declared type's
+  codec, masked, and encoded again.
+
+NULL stays NULL. Columns without a plan entry are copied as they are.
 
 Every envelope is opened through :class:`keymgmt.envelope.Opener`, the one decrypt boundary: this module
 knows the DataRow format, not the envelope's. A value that does not open ends the run in
@@ -36,6 +48,7 @@ import binascii
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Any, NoReturn
 
 from keymgmt import native
@@ -55,20 +68,43 @@ _ASCII_FORMAT = SessionFormat()  # escape-format bytea output is ASCII: the clie
 # Length fields packed ahead for the fast loop (packing is its fallback for longer values): it saves
 # about 4 % of the loop's time, for some 50 KiB.
 _LENGTHS = tuple(_I32.pack(n) for n in range(1024))
+_NULL_LENGTH = _I32.pack(-1)
+
+Mask = Callable[[bytes], bytes | None]
+"""A compiled mask (proxy.policy.masks.compile_mask): canonical bytes of the declared type in, the
+masked value's canonical bytes out, or None for NULL."""
+
+
+class Action(IntEnum):
+    """What one governed result column becomes (see the module docstring)."""
+
+    DECRYPT = 0
+    MASK = 1
+    NULL = 2
+    STORED = 3
+    DECODE_MASK = 4
 
 
 @dataclass(frozen=True, slots=True)
 class ColumnOutput:
-    """How one protected result column is turned back into what the client asked for."""
+    """How one governed result column is turned into what the client may see."""
 
     column: ProtectedColumn
     codec: TypeCodec
     associated: bytes  # keymgmt.envelope.column_associated_data(column.column_id)
-    server_binary: bool  # the server sends the raw envelope (binary) rather than bytea hex text
+    # DECRYPT, MASK: the server sends the raw envelope (binary) rather than bytea hex text. DECODE_MASK:
+    # the server sends the declared type's binary format rather than its text.
+    server_binary: bool
     client_binary: bool  # the client asked for the declared type's binary format
     # The canonical bytes are already what the client gets (text-like types to a UTF8 client, in either
     # format): the hot path then skips the codec call.
     identity: bool = False
+    action: Action = Action.DECRYPT
+    mask: Mask | None = None  # set for MASK and DECODE_MASK
+
+    def __post_init__(self) -> None:
+        if (self.mask is not None) != (self.action in (Action.MASK, Action.DECODE_MASK)):
+            raise ValueError("a mask is given exactly for the MASK and DECODE_MASK actions")
 
 
 RowPlan = tuple[ColumnOutput | None, ...]
@@ -110,9 +146,26 @@ def open_value(envelope: bytes, out: ColumnOutput, keys: KeyLookup) -> bytes:
         raise RowDecryptError(out.column, e.reason.value) from None
 
 
-def rewrite_value_text(stored: bytes, out: ColumnOutput, keys: KeyLookup, fmt: SessionFormat) -> bytes:
-    """One stored value in bytea text form (``\\x…``, as COPY TO sends it) to the declared type's text."""
-    canonical = open_value(_decode_hex(stored, out), out, keys)
+def rewrite_value_text(stored: bytes, out: ColumnOutput, keys: KeyLookup, fmt: SessionFormat) -> bytes | None:
+    """One stored value in text form (as COPY TO sends it: bytea ``\\x…`` for an encrypted column, the
+    declared type's text for a plain one) to what the client gets in text form, None for NULL."""
+    action = out.action
+    if action is Action.NULL:
+        return None
+    if action is Action.STORED:
+        return stored
+    if action is Action.DECODE_MASK:
+        try:
+            canonical = out.codec.canonical_from_text(stored, fmt)
+        except (ValueError, ProxyError):
+            raise RowDecryptError(out.column, INVALID_FOR_TYPE) from None
+    else:
+        canonical = open_value(_decode_hex(stored, out), out, keys)
+    if out.mask is not None:
+        masked = out.mask(canonical)
+        if masked is None:
+            return None
+        canonical = masked
     try:
         return out.codec.to_text(canonical, fmt)
     except (ValueError, ProxyError):
@@ -146,6 +199,8 @@ def rewrite_data_rows(
     compiled = memo.get(b"")
     if compiled is None or compiled[0] is not plan:
         compiled = memo[b""] = _compile(plan)
+    if compiled[4]:
+        return data[start:end]  # nothing to change: every governed column is passed on as stored
     opener = memo.get(b"o")
     if opener is None or opener[0] != keys:  # a bound method is a new object at each access: compare
         opener = memo[b"o"] = (keys, Opener(keys))
@@ -154,7 +209,7 @@ def rewrite_data_rows(
             try:
                 return _rewrite_native(data, start, end, plan, compiled[3], opener[1])
             except _Unsupported:
-                pass  # escape-format bytea text: the general loop decodes it
+                pass  # escape-format bytea text, a mask longer than its stored value: the general loop
         if compiled[2] is not None:
             return _rewrite_fast(data, start, end, plan, compiled[2], opener[1].open)
         return _rewrite_general(data, start, end, plan, compiled[1], opener[1].open, fmt)
@@ -162,17 +217,38 @@ def rewrite_data_rows(
         raise CodecError("server", "malformed DataRow message") from None
 
 
-# A protected column, compiled: (output, associated bytes, the server sends the raw envelope, the
-# canonical bytes are the client's value). None for a column that is copied as it is.
-_Step = tuple[ColumnOutput, bytes, bool, bool] | None
-# What the accelerator's kernel takes per column: None, or (associated bytes, the server sends the raw
-# envelope rather than bytea hex text).
-_NativeColumns = tuple[tuple[bytes, bool] | None, ...]
-# (plan, its steps, when every protected column is binary and identity: its associated bytes per column
-# (None for the others), which is all the fast loop needs, and the accelerator's columns when every
-# protected column is identity).
-_Compiled = tuple[RowPlan, tuple[_Step, ...], tuple[bytes | None, ...] | None, _NativeColumns | None]
+# A governed column, compiled: (output, associated bytes, the server sends the raw envelope (or a plain
+# column's binary form), the canonical bytes are the client's value, the action). None for a column that
+# is copied as it is (no plan entry, or STORED).
+_Step = tuple[ColumnOutput, bytes, bool, bool, Action] | None
+# What the accelerator's kernel takes per column: None (copied), False (NULL, nothing read), or
+# (associated bytes, the server sends the raw envelope rather than bytea hex text[, the mask]).
+_NativeColumns = tuple[tuple[bytes, bool] | tuple[bytes, bool, Mask] | bool | None, ...]
+# (plan, its steps, the fast loop's columns, the accelerator's columns, nothing to change). The fast
+# loop's columns, when every decrypted column is binary and identity and no column is masked: the
+# associated bytes of each decrypted column, _HIDE for a NULL column, None for the others. The
+# accelerator's the same when every decrypted column is identity (see _NativeColumns).
+_Compiled = tuple[RowPlan, tuple[_Step, ...], tuple[bytes | None, ...] | None, _NativeColumns | None, bool]
 _OpenFunction = Callable[[bytes, int, int, bytes], bytes]
+# The fast loop's mark for a column that goes out as NULL; compared by identity (associated data is never
+# empty, so no column's associated bytes are this object).
+_HIDE = b""
+# The accelerator's kernel knows NULL and masked columns from its version 2 on (an older build of the
+# module leaves such plans to the Python loops).
+_NATIVE_NULL = bool(getattr(_accel, "NULL_COLUMNS", 0))
+_NATIVE_MASK = bool(getattr(_accel, "MASK_COLUMNS", 0))
+
+
+def _native_column(step: _Step) -> tuple[bytes, bool] | tuple[bytes, bool, Mask] | bool | None:
+    if step is None:
+        return None
+    out, associated, server_binary, _identity, action = step
+    if action is Action.NULL:
+        return False
+    if action is Action.MASK:
+        assert out.mask is not None
+        return (associated, server_binary, out.mask)
+    return (associated, server_binary)
 
 
 class _Unsupported(Exception):
@@ -182,18 +258,30 @@ class _Unsupported(Exception):
 def _compile(plan: RowPlan) -> _Compiled:
     steps = tuple(
         None
-        if out is None
+        if out is None or out.action is Action.STORED
         # A fixed-width type is never passed through as it is: _encode checks its width.
-        else (out, out.associated, out.server_binary, out.identity and out.codec.typlen <= 0)
+        else (out, out.associated, out.server_binary, out.identity and out.codec.typlen <= 0, out.action)
         for out in plan
     )
-    fast = all(step is None or (step[2] and step[3]) for step in steps)
-    native = all(step is None or step[3] for step in steps) and _accel is not None
+    decrypting = [step for step in steps if step is not None and step[4] is not Action.NULL]
+    only_decrypt = all(step[4] is Action.DECRYPT for step in decrypting)
+    hides = any(step is not None and step[4] is Action.NULL for step in steps)
+    fast = only_decrypt and all(step[2] and step[3] for step in decrypting)
+    masks = any(step[4] is Action.MASK for step in decrypting)
+    native = (
+        all(step[4] in (Action.DECRYPT, Action.MASK) and step[3] for step in decrypting)
+        and _accel is not None
+        and (_NATIVE_NULL or not hides)
+        and (_NATIVE_MASK or not masks)
+    )
     return (
         plan,
         steps,
-        tuple(None if step is None else step[1] for step in steps) if fast else None,
-        tuple(None if step is None else (step[1], step[2]) for step in steps) if native else None,
+        tuple(None if step is None else _HIDE if step[4] is Action.NULL else step[1] for step in steps)
+        if fast
+        else None,
+        tuple(_native_column(step) for step in steps) if native else None,
+        all(step is None for step in steps),
     )
 
 
@@ -228,17 +316,19 @@ def _rewrite_fast(
     associated_data: tuple[bytes | None, ...],
     open_: _OpenFunction,
 ) -> bytes:
-    """Every protected column comes from the server as a raw envelope and goes to the client as its
-    canonical bytes, so a value's new length is its envelope's minus the envelope overhead."""
+    """Every decrypted column comes from the server as a raw envelope and goes to the client as its
+    canonical bytes, so a value's new length is its envelope's minus the envelope overhead; a hidden
+    column (``_HIDE``) becomes NULL unread."""
     ncols = len(associated_data)
     unpack_row = _ROW.unpack_from
     unpack = _I32.unpack_from
     pack = _I32.pack
     lengths = _LENGTHS
+    hide = _HIDE
+    null_length = _NULL_LENGTH
     parts: list[bytes] = []
     append = parts.append
     copied = start  # data[start:copied] is in parts
-    head = 0  # where the current row's new message header goes in parts
     pos = start
     while pos < end:
         kind, ln, count = unpack_row(data, pos)
@@ -249,6 +339,7 @@ def _rewrite_fast(
             raise RowDecryptError(_first(plan), ROW_SHAPE)
         p = pos + 7  # the first column's length
         shrink = 0
+        head = -1  # where the row's new message header goes in parts, once a value of it is rewritten
         for associated in associated_data:
             (n,) = unpack(data, p)
             if associated is None or n < 0:
@@ -258,11 +349,14 @@ def _rewrite_fast(
             value_end = v + n
             if value_end > row_end:
                 raise struct.error("a value runs past the end of its row")
-            try:
-                canonical = open_(data, v, value_end, associated)
-            except OpenFailed as e:
-                raise RowDecryptError(_column_at(data, pos, p, plan), e.reason.value) from None
-            if not shrink:  # the row's first rewritten value: its header is rewritten once the row is done
+            if associated is hide:
+                canonical = None
+            else:
+                try:
+                    canonical = open_(data, v, value_end, associated)
+                except OpenFailed as e:
+                    raise RowDecryptError(_column_at(data, pos, p, plan), e.reason.value) from None
+            if head < 0:  # the row's first rewritten value: its header is rewritten once the row is done
                 if copied < pos:
                     append(data[copied:pos])
                 head = len(parts)
@@ -270,16 +364,20 @@ def _rewrite_fast(
                 copied = pos + 5
             if copied < p:
                 append(data[copied:p])
-            try:
-                append(lengths[n - MIN_LENGTH])  # the canonical bytes' length: n >= MIN_LENGTH here
-            except IndexError:
-                append(pack(n - MIN_LENGTH))
-            append(canonical)
-            shrink += MIN_LENGTH
+            if canonical is None:
+                append(null_length)
+                shrink += n
+            else:
+                try:
+                    append(lengths[n - MIN_LENGTH])  # the canonical bytes' length: n >= MIN_LENGTH here
+                except IndexError:
+                    append(pack(n - MIN_LENGTH))
+                append(canonical)
+                shrink += MIN_LENGTH
             p = copied = value_end
         if p != row_end:
             _misfit(data, pos, row_end, plan)
-        if shrink:
+        if head >= 0:
             parts[head] = _FRAME.pack(b"D", ln - shrink)
         pos = row_end
     if copied == start:
@@ -298,11 +396,14 @@ def _rewrite_general(
     open_: _OpenFunction,
     fmt: SessionFormat,
 ) -> bytes:
-    """Any plan: envelopes in bytea text form (simple queries), codecs, fixed-width types."""
+    """Any plan: envelopes in bytea text form (simple queries), codecs, fixed-width types, masks."""
     ncols = len(steps)
     unpack_row = _ROW.unpack_from
     unpack = _I32.unpack_from
     pack = _I32.pack
+    decrypt = Action.DECRYPT
+    hidden = Action.NULL
+    decode = Action.DECODE_MASK
     parts: list[bytes] = []
     append = parts.append
     copied = start
@@ -326,17 +427,28 @@ def _rewrite_general(
             value_end = v + n
             if value_end > row_end:
                 raise struct.error("a value runs past the end of its row")
-            out, associated, server_binary, identity = step
-            if server_binary:
-                envelope, e, size = data, v, n
+            out, associated, server_binary, identity, action = step
+            encoded: bytes | None
+            if action is hidden:
+                encoded = None
+            elif action is decode:
+                encoded = _decode_mask(data[v:value_end], out, fmt)
             else:
-                envelope, e = _decode_hex(data[v:value_end], out), 0
-                size = len(envelope)
-            try:
-                canonical = open_(envelope, e, e + size, associated)
-            except OpenFailed as err:
-                raise RowDecryptError(out.column, err.reason.value) from None
-            encoded = canonical if identity else _encode(canonical, out, fmt)
+                if server_binary:
+                    envelope, e, size = data, v, n
+                else:
+                    envelope, e = _decode_hex(data[v:value_end], out), 0
+                    size = len(envelope)
+                try:
+                    canonical = open_(envelope, e, e + size, associated)
+                except OpenFailed as err:
+                    raise RowDecryptError(out.column, err.reason.value) from None
+                if action is not decrypt:
+                    assert out.mask is not None
+                    masked = out.mask(canonical)
+                    encoded = None if masked is None else masked if identity else _encode(masked, out, fmt)
+                else:
+                    encoded = canonical if identity else _encode(canonical, out, fmt)
             if head < 0:
                 if copied < pos:
                     append(data[copied:pos])
@@ -345,9 +457,13 @@ def _rewrite_general(
                 copied = pos + 5
             if copied < p:
                 append(data[copied:p])
-            append(pack(len(encoded)))
-            append(encoded)
-            shrink += n - len(encoded)
+            if encoded is None:
+                append(_NULL_LENGTH)
+                shrink += n
+            else:
+                append(pack(len(encoded)))
+                append(encoded)
+                shrink += n - len(encoded)
             p = copied = value_end
         if p != row_end:
             _misfit(data, pos, row_end, plan)
@@ -359,6 +475,24 @@ def _rewrite_general(
     if copied < end:
         append(data[copied:end])
     return b"".join(parts)
+
+
+def _decode_mask(value: bytes, out: ColumnOutput, fmt: SessionFormat) -> bytes | None:
+    """A plain column's value from the server (its declared type, in the server's format), masked and
+    encoded for the client; None for NULL."""
+    codec = out.codec
+    try:
+        if out.server_binary:
+            canonical = codec.canonical_from_binary(value, fmt)
+        else:
+            canonical = codec.canonical_from_text(value, fmt)
+    except (ValueError, struct.error, ProxyError):
+        raise RowDecryptError(out.column, INVALID_FOR_TYPE) from None
+    assert out.mask is not None
+    masked = out.mask(canonical)
+    if masked is None:
+        return None
+    return masked if out.identity and codec.typlen <= 0 else _encode(masked, out, fmt)
 
 
 def _column_at(data: bytes, pos: int, p: int, plan: RowPlan) -> ProtectedColumn:
@@ -397,6 +531,6 @@ def _encode(canonical: bytes, out: ColumnOutput, fmt: SessionFormat) -> bytes:
 
 def _first(plan: RowPlan) -> ProtectedColumn:
     for out in plan:
-        if out is not None:
+        if out is not None and out.action is not Action.STORED:
             return out.column
-    raise AssertionError("a row plan without protected columns is never used")
+    raise AssertionError("a row plan without governed columns to rewrite is never run")

@@ -16,7 +16,11 @@ catalog.py), and a name that may mean another relation is refused wherever it ma
    without one the statement is passed through however complex it is.
 4. Otherwise ``StatementWalker`` walks the statement the way PostgreSQL's parse analysis resolves names
    (query levels, FROM items, aliases, CTEs shadowing tables, ``*`` expansion; see scope.py) and
-   classifies each use of a protected column:
+   classifies each use of a governed column. Every use that may run is recorded on the plan as a
+   ``Reference`` (OUTPUT, WRITE, EQUALITY, EXPRESSION, with the construct that names it in a refusal),
+   whatever the role: the per-role decision (``proxy.policy``) is made over them per statement, while
+   the plan stays cached per text. A *plain* governed column (``encrypted=False``) is never sealed and
+   never refused here: each of its uses is a reference. For an *encrypted* column:
    - a value written into it (INSERT, UPDATE SET, ON CONFLICT DO UPDATE SET): a literal becomes a
      LiteralTarget, a ``$n`` a parameter target, NULL and DEFAULT stay; anything else is refused;
    - passed through unchanged into a result (SELECT list, RETURNING, subqueries and CTEs in FROM,
@@ -26,7 +30,10 @@ catalog.py), and a name that may mean another relation is refused wherever it ma
      (``StatementWalker._equality``), where blind-index rewriting of searchable columns will hook in;
    - anything else (functions, operators, LIKE, ordering, grouping, joins, casts, CASE, aggregates,
      window functions, DISTINCT): refused, naming the column and the construct.
-   The first refusal ends the statement's analysis; the statement is reported refused (0A000).
+   The first refusal ends the statement's analysis; the statement is reported refused (0A000) for every
+   role. A statement the walker refuses whose governed relations have only plain columns (MERGE, a DO
+   block, a construct pgveil cannot follow) is not refused: every governed column of those relations
+   becomes an EXPRESSION reference instead, so only a role that sees all of them in plaintext runs it.
 
 Decisions
 ---------
@@ -50,9 +57,14 @@ Decisions
   session reloads the catalog before they are used again, and a later statement of the same text that
   uses them is refused (55000). A write naming a column of a protected relation that the catalog lacks
   is refused with 55000 (the catalog is older than the table).
-- SQL-level PREPARE with a parameter for a protected column, DECLARE CURSOR over a protected table,
-  MERGE, CREATE TABLE AS / SELECT INTO of a protected column, COPY of one to or from a server file or
-  program, and binary COPY of one are refused.
+- ``DECLARE ... CURSOR`` is analysed like its query; FETCH and MOVE are not analysed (their texts name
+  no table), and FETCH's RowDescription names each protected column by table OID and attribute number,
+  so a cursor is refused only when a protected result column is not a column reference that
+  RowDescription reports (a UNION, an ambiguous name). The plan says it declares a cursor, so the
+  decision for the role is made when the DECLARE runs.
+- SQL-level PREPARE with a parameter for an encrypted column, MERGE, CREATE TABLE AS / SELECT INTO of
+  an encrypted column, COPY of one to or from a server file or program, and binary COPY of one are
+  refused (for a plain column each is a reference: the role decides).
 - Literal plaintexts are what libpg_query reads with standard_conforming_strings on. The session
   (from ParameterStatus) refuses, before analysis, every text whose reading depends on that setting or
   on the client encoding (reading.py), and hands over the text decoded in the client encoding; so what
@@ -77,7 +89,8 @@ import types
 from pglast import parser as pg_parser
 
 from proxy.errors import FeatureNotSupported, RefusalReason
-from proxy.rewrite.catalog import Catalog, CatalogStale, is_temp_schema
+from proxy.policy.model import Reference, ReferenceKind
+from proxy.rewrite.catalog import Catalog, CatalogStale, ProtectedColumn, ProtectedTable, is_temp_schema
 from proxy.rewrite.lexer import scan as scan_pg15
 from proxy.rewrite.literals import SourceText
 from proxy.rewrite.nodes import Node, first_protected_table, named_in_strings, node_type, relation_names
@@ -177,6 +190,16 @@ def _unparseable(sql: str, catalog: Catalog) -> QueryPlan:
         if not scanned_alike(sql):
             return QueryPlan(sql, unparseable=True, syntax_since=NEWER_SCANNER)
         return QueryPlan(sql, unparseable=True)
+    if names is not None:
+        # Only relations with plain governed columns: nothing to seal, so the server may report the error;
+        # a role that does not see all their columns in plaintext is refused.
+        named = [t for t in catalog.tables.values() if t.name.lower() in names]
+        columns = {c: None for t in named for c in (*t.columns.values(), *catalog.root_of(t).columns.values())}
+        if columns and not any(c.encrypted for c in columns):
+            refs = tuple(Reference(c, ReferenceKind.EXPRESSION, UNANALYSED) for c in columns)
+            plan = StatementPlan(StatementKind.OTHER, True, references=refs)
+            since = 0 if scanned_alike(sql) else NEWER_SCANNER
+            return QueryPlan(sql, (plan,), True, unparseable=True, syntax_since=since)
     refusal = Refusal(
         "pgveil: the statement could not be parsed; it is refused because it may name a table with encrypted columns",
         hint="check the statement's syntax",
@@ -264,11 +287,20 @@ def _analyze_statement(stmt: Node, catalog: Catalog, source: SourceText) -> Stat
         result = walker.statement(name, body, table)
         param_targets = walker.param_targets()
     except FeatureNotSupported as exc:
-        if walker.ambiguous and not isinstance(exc, CatalogStale):
+        if isinstance(exc, CatalogStale):
+            refusal = Refusal(exc.message, exc.detail, exc.hint, reason=exc.reason, sqlstate=exc.sqlstate)
+            return StatementPlan(kind, True, refusal)
+        fallback = _plain_fallback(kind, stmt, catalog, changes)
+        if fallback is not None:
+            return fallback
+        if walker.ambiguous:
             return StatementPlan(kind, True, _ambiguous(walker))
         refusal = Refusal(exc.message, exc.detail, exc.hint, reason=exc.reason, sqlstate=exc.sqlstate)
         return StatementPlan(kind, True, refusal)
     except RecursionError:
+        fallback = _plain_fallback(kind, stmt, catalog, changes)
+        if fallback is not None:
+            return fallback
         refusal = Refusal(
             f"pgveil: the statement is nested too deeply to analyse; it involves table {table.qualified_name}, "
             "which has encrypted columns",
@@ -287,10 +319,50 @@ def _analyze_statement(stmt: Node, catalog: Catalog, source: SourceText) -> Stat
         copy=result.copy,
         edits=tuple(walker.edits),
         catalog_names=changes,
+        references=walker.references,
+        cursor=result.cursor,
+        cursor_columns=result.cursor_columns,
     )
     if walker.ambiguous and _needs_certainty(plan, always=walker.ambiguous_always):
         return StatementPlan(kind, True, _ambiguous(walker))
     return plan
+
+
+# The construct of every reference a statement pgveil cannot analyse column by column makes.
+UNANALYSED = "a statement pgveil cannot analyse column by column"
+
+
+def _plain_fallback(kind: StatementKind, stmt: Node, catalog: Catalog, changes: frozenset[str]) -> StatementPlan | None:
+    """A statement the walker refused, when every governed relation it names has only plain columns:
+    nothing needs sealing or opening, so no refusal is role-independent. Instead every governed column
+    of those relations is an EXPRESSION reference (only a role that sees all of them in plaintext may run
+    it). None if an encrypted column may be involved (the refusal stands)."""
+    columns: dict[ProtectedColumn, None] = {}
+    for table in _governed_relations(stmt, catalog):
+        for col in (*table.columns.values(), *catalog.root_of(table).columns.values()):
+            if col.encrypted:
+                return None
+            columns[col] = None
+    if not columns:
+        return None
+    refs = tuple(Reference(c, ReferenceKind.EXPRESSION, UNANALYSED) for c in columns)
+    return StatementPlan(kind, True, catalog_names=changes, references=refs)
+
+
+def _governed_relations(stmt: Node, catalog: Catalog) -> list[ProtectedTable]:
+    """Every governed relation the statement may name: table references (CTE names included, as
+    first_protected_table counts them), DROP targets and, in a DO block, names in its strings."""
+    found: dict[str, ProtectedTable] = {}
+    for name in relation_names(stmt):
+        for table in catalog.tables.values():
+            if table.name == name:
+                found[table.qualified_name] = table
+    name, body = node_type(stmt)
+    if name == "DoStmt":
+        for table in catalog.tables.values():
+            if named_in_strings(body, Catalog({(table.schema, table.name): table})) is not None:
+                found[table.qualified_name] = table
+    return list(found.values())
 
 
 # -- names that may mean another relation, temporary tables, DDL ------------------------------------------
@@ -306,7 +378,7 @@ def _needs_certainty(plan: StatementPlan, *, always: bool) -> bool:
         or plan.param_targets
         or plan.edits
         or plan.result_via_row_description
-        or any(c is not None for c in plan.result_columns or ())
+        or any(c is not None and c.encrypted for c in plan.result_columns or ())
         or (plan.copy is not None and plan.copy.needs_rewrite)
     )
 

@@ -71,6 +71,10 @@ class ProtectedTable:
     member inherits from or is a partition of (the server routes an INSERT into it, and recurses an
     UPDATE of it, into the protected member): nothing may be written through it and none of its
     columns is decrypted.
+
+    ``uses`` are the governed columns a mapped view's definition uses other than by passing them into
+    one of its columns (``lower(phone)``, ``WHERE city = 'x'``): reading the view reveals something of
+    them, so each read is an EXPRESSION reference to each (a restricted role is refused).
     """
 
     schema: str
@@ -83,10 +87,16 @@ class ProtectedTable:
     view: bool = False
     opaque: bool = False
     configured_as: tuple[str, str] | None = None  # the configured name of a table renamed since
+    uses: tuple[ProtectedColumn, ...] = ()
 
     @property
     def qualified_name(self) -> str:
         return f"{self.schema}.{self.name}"
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether any of its governed columns is encrypted (else it only has plain governed columns)."""
+        return any(c.encrypted for c in self.columns.values())
 
 
 def is_temp_schema(schema: str | None) -> bool:
@@ -150,6 +160,15 @@ class Catalog:
         if schema is not None and not is_temp_schema(schema):
             return False
         return len(self._by_name.get(table, [])) > 1  # type: ignore[attr-defined]
+
+    def root_of(self, table: ProtectedTable) -> ProtectedTable:
+        """The configured table a family member belongs to (``table`` itself for a configured table)."""
+        if table.root is None:
+            return table
+        for t in self.tables.values():
+            if t.root is None and t.qualified_name == table.root:
+                return t
+        return table
 
     def by_oid(self, oid: int) -> ProtectedTable | None:
         return self._by_oid.get(oid)  # type: ignore[attr-defined,no-any-return]

@@ -67,11 +67,14 @@ log = logging.getLogger(__name__)
 
 CopyFormat = Literal["text", "csv"]
 
-FieldTransform = Callable[[bytes], bytes]
-"""Turns one field's value (de-escaped, never NULL) into the new value (to be re-escaped).
+FieldTransform = Callable[[bytes], bytes | None]
+"""Turns one field's value (de-escaped, never NULL) into the new value (to be re-escaped), or None for
+NULL (written as the NULL string, unquoted: how the server writes a NULL).
 
-COPY FROM: plaintext in, the ciphertext's bytea text form (``\\x0a1b...``) out. COPY TO: the bytea
-text form in, the plaintext's text form out. May raise a ``ProxyError``; the rewriter then stops."""
+COPY FROM: plaintext in, the ciphertext's bytea text form (``\\x0a1b...``) out (an envelope a ciphertext
+role supplies: checked, and out as it came). COPY TO: the bytea text form in, what the role may see in
+text form out (the plaintext, a mask, or None for a hidden column). May raise a ``ProxyError``; the
+rewriter then stops."""
 
 DEFAULT_MAX_LINE_BYTES = (1 << 30) - 1  # the server's MaxAllocSize bounds its line buffer the same way
 
@@ -685,6 +688,9 @@ class CopyRowRewriter:
             if not value.isascii() or b"\x00" in value:
                 self._check_value(value, i)
             new = transform(value)
+            if new is None:
+                fields[i] = null
+                continue
             if d.escape_re.search(new) is not None:
                 if b"\x00" in new:
                     raise self._nul_output(i)
@@ -724,6 +730,9 @@ class CopyRowRewriter:
             if not value.isascii() or b"\x00" in value:
                 self._check_value(value, i)
             new = transform(value)
+            if new is None:
+                fields[i] = null
+                continue
             if d.quote_special_re.search(new) is not None or new in (null, default, b"\\.") or i in d.force_quote:
                 q, e = d.quote, d.escape
                 if e != q and e in new:

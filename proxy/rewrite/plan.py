@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from proxy.errors import FeatureNotSupported, RefusalReason
+from proxy.policy.model import Reference
 from proxy.rewrite.catalog import ProtectedColumn, ProtectedTable
 
 _EMPTY_PARAMS: Mapping[int, ProtectedColumn] = types.MappingProxyType({})
@@ -127,7 +128,12 @@ class CopyPlan:
 
     ``columns`` are the column names in wire order for ``COPY table`` (the statement's list, else the
     table's ``all_columns``); empty for ``COPY (query) TO STDOUT``. ``protected`` is the per-column mask
-    in wire order, for both forms. If no entry is set the stream needs no per-row work.
+    of *encrypted* columns in wire order, for both forms: the columns whose values are sealed (FROM) or
+    opened (TO). If no entry is set the stream needs no encryption work.
+
+    ``governed`` is the per-column mask of every governed column (encrypted or plain) in wire order, for
+    visibility: a plain column is set here and None in ``protected``. None when it equals ``protected``
+    (no plain governed column in the stream); read it through :attr:`governed_columns`.
     """
 
     table: ProtectedTable | None
@@ -136,10 +142,17 @@ class CopyPlan:
     protected: tuple[ProtectedColumn | None, ...]
     format: CopyFormat
     options: CopyOptions
+    governed: tuple[ProtectedColumn | None, ...] | None = None
 
     @property
     def needs_rewrite(self) -> bool:
+        """Whether a value must be sealed or opened (encrypted columns only)."""
         return any(c is not None for c in self.protected)
+
+    @property
+    def governed_columns(self) -> tuple[ProtectedColumn | None, ...]:
+        """Every governed column in wire order (encrypted and plain), None elsewhere."""
+        return self.protected if self.governed is None else self.governed
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +171,21 @@ class StatementPlan:
     the statement returns no rows, and also when the width of the result cannot be known from the text
     (``SELECT *`` over a relation pgveil has no column list for): then ``result_via_row_description``
     is True and the analysis guarantees that every protected value in the result is a plain column
-    reference, which RowDescription reports by table OID and attribute number.
+    reference, which RowDescription reports by table OID and attribute number. Its entries are governed
+    columns, encrypted or plain (``ProtectedColumn.encrypted`` tells which): the role's grant decides
+    what each becomes.
+
+    ``references`` lists every use of a governed column (see :class:`proxy.policy.model.Reference`), in
+    text order without duplicates, whatever the role: the per-role decision is made over them, while the
+    plan stays cached per statement text. Uses of encrypted columns that no role may make (functions,
+    ordering, ...) are refusals, not references.
+
+    ``cursor`` is the cursor's name for ``DECLARE ... CURSOR``: the references are its query's, and the
+    decision must be made when the DECLARE runs; the rows come later from FETCH, whose RowDescription
+    names each governed column by table OID and attribute number (the analysis allows a cursor only
+    when each governed result column is such a plain column reference). ``cursor_columns`` is then the
+    query's result columns as ``result_columns`` would be (None if its width is unknown); the DECLARE
+    itself returns no rows (``result_columns`` is None).
     """
 
     kind: StatementKind
@@ -173,11 +200,18 @@ class StatementPlan:
     # DDL that may change what pgveil knows about protected relations: the relation names it touches
     # or creates (lower-cased); the session reloads the catalog before statements on them run again.
     catalog_names: frozenset[str] = frozenset()
+    references: tuple[Reference, ...] = ()
+    cursor: str | None = None
+    cursor_columns: tuple[ProtectedColumn | None, ...] | None = None
 
     @property
     def refusal(self) -> FeatureNotSupported | None:
         """A new exception each time (see the module docstring), or None if the statement may run."""
         return None if self.refusal_reason is None else self.refusal_reason.error()
+
+    @property
+    def declares_cursor(self) -> bool:
+        return self.cursor is not None
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -210,6 +244,11 @@ class QueryPlan:
     @property
     def literal_targets(self) -> tuple[LiteralTarget, ...]:
         return tuple(t for s in self.statements for t in s.literal_targets)
+
+    @property
+    def references(self) -> tuple[Reference, ...]:
+        """Every statement's references, in order (see StatementPlan.references)."""
+        return tuple(r for s in self.statements for r in s.references)
 
     @property
     def param_targets(self) -> Mapping[int, ProtectedColumn]:

@@ -14,7 +14,8 @@ from proxy.rewrite.scope import ColumnUse
 _QUALIFY_HINT = "qualify the column with its table name or alias"
 
 
-def _where(construct: str, clause: str | None) -> str:
+def where(construct: str, clause: str | None) -> str:
+    """``construct`` with the clause it stands in, e.g. ``function lower() (in WHERE)``."""
     if clause and clause != construct:
         return f"{construct} (in {clause})"
     return construct
@@ -26,18 +27,18 @@ def column_use(use: ColumnUse, construct: str, clause: str | None = None) -> Fea
     if use.whole_row:
         return FeatureNotSupported(
             f"pgveil: table {use.column.schema}.{use.column.table} has encrypted column {col}; a whole-row "
-            f"reference to it cannot be used in {_where(construct, clause)}",
+            f"reference to it cannot be used in {where(construct, clause)}",
             hint="name the columns you need",
         )
     if not use.certain:
         return FeatureNotSupported(
             f'pgveil: column reference "{use.reference}" may refer to encrypted column {col} and cannot be '
-            f"used in {_where(construct, clause)}",
+            f"used in {where(construct, clause)}",
             hint=_QUALIFY_HINT,
         )
     if use.extra_fields:
         construct = "field selection"
-    return FeatureNotSupported(f"pgveil: column {col} is encrypted and cannot be used in {_where(construct, clause)}")
+    return FeatureNotSupported(f"pgveil: column {col} is encrypted and cannot be used in {where(construct, clause)}")
 
 
 def not_searchable(use: ColumnUse, construct: str, clause: str | None = None) -> FeatureNotSupported:
@@ -46,7 +47,7 @@ def not_searchable(use: ColumnUse, construct: str, clause: str | None = None) ->
         return column_use(use, construct, clause)
     return FeatureNotSupported(
         f"pgveil: column {use.column.column_id} is encrypted and not searchable, so it cannot be used in "
-        f"{_where(construct, clause)}",
+        f"{where(construct, clause)}",
         hint="filter on a column that is not encrypted",
     )
 

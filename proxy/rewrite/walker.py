@@ -1,16 +1,21 @@
 """The statement walker: resolves names the way PostgreSQL's parse analysis does and classifies every
-use of a protected column (see analysis.py for the theory of operation).
+use of a governed column (see analysis.py for the theory of operation).
 
-Must not: do I/O, or put literal values in messages. It raises FeatureNotSupported for the first
-construct it refuses; analysis.py turns that into the statement's refusal.
+Every use that may run is recorded as a Reference (``StatementWalker.references``); a use of an
+encrypted column that no role may make raises FeatureNotSupported at the first such construct, and
+analysis.py turns that into the statement's refusal. A plain governed column never raises.
+
+Must not: do I/O, put literal values in messages, or depend on the role.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.policy.model import Reference, ReferenceKind
 from proxy.rewrite import refusals
 from proxy.rewrite.catalog import Catalog, CatalogStale, ProtectedColumn, ProtectedTable
 from proxy.rewrite.constructs import (
@@ -65,6 +70,8 @@ class WalkResult:
     result_columns: tuple[ProtectedColumn | None, ...] | None = None
     via_row_description: bool = False
     copy: CopyPlan | None = None
+    cursor: str | None = None
+    cursor_columns: tuple[ProtectedColumn | None, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +103,78 @@ class StatementWalker:
         self.edits: list[TextEdit] = []
         self.params: dict[int, list[ProtectedColumn | None]] = {}
         self._multiexpr: dict[int, Shape] = {}
+        self._references: dict[Reference, None] = {}  # insertion-ordered, without duplicates
+
+    # references to governed columns
+
+    @property
+    def references(self) -> tuple[Reference, ...]:
+        return tuple(self._references)
+
+    def refer(self, column: ProtectedColumn, kind: ReferenceKind, construct: str) -> None:
+        self._references.setdefault(Reference(column, kind, construct), None)
+
+    def use_column(self, use: ColumnUse, construct: str, clause: str | None = None) -> None:
+        """A column reference used in an expression (anything but passing it into a result, writing it,
+        or nullness): refused (0A000) for an encrypted column, whose ciphertext is all the server has;
+        an EXPRESSION reference for a plain one (the role's grant decides). A whole-row reference uses
+        every governed column of its relation."""
+        columns = self._use_columns(use)
+        encrypted = next((c for c in columns if c.encrypted), None)
+        if encrypted is not None:
+            raise refusals.column_use(dataclasses.replace(use, column=encrypted), construct, clause)
+        where = refusals.where(construct, clause)
+        if use.whole_row:
+            label = f"whole-row reference (in {where})"
+        elif use.extra_fields:
+            label = refusals.where("field selection", clause)
+        else:
+            label = where
+        for c in columns:
+            self.refer(c, ReferenceKind.EXPRESSION, label)
+
+    def use_governed(
+        self, columns: Iterable[ProtectedColumn], construct: str, clause: str | None = None, *, certain: bool = True,
+        reference: str = "",
+    ) -> None:  # fmt: skip
+        """Governed columns that reach ``construct`` other than through a column reference (a subquery's
+        result, an output column by name or position): as :meth:`use_column`."""
+        for c in columns:
+            self.use_column(ColumnUse(c, None, certain, reference=reference), construct, clause)
+
+    def note_nullness(self, node: Node, level: Level, construct: str) -> None:
+        """``col IS NULL``, ``count(col)``: allowed today for every column (nullness is not encrypted), an
+        EXPRESSION reference for the role to decide."""
+        fields, star = column_fields(node_type(node)[1])
+        if star:
+            columns = shape_protected(self.star(node_type(node)[1], level))
+        else:
+            use = level.resolve(fields)
+            columns = self._use_columns(use) if use is not None else []
+        for c in columns:
+            self.refer(c, ReferenceKind.EXPRESSION, construct)
+
+    @staticmethod
+    def _use_columns(use: ColumnUse) -> list[ProtectedColumn]:
+        if use.whole_row and use.relation is not None:
+            return list(dict.fromkeys(shape_protected(use.relation.shape))) or [use.column]
+        return [use.column]
+
+    def root_columns(self, table: ProtectedTable) -> list[ProtectedColumn]:
+        """The governed columns of a family member's configured (root) table; its own for a root."""
+        return list(self.catalog.root_of(table).columns.values())
+
+    def read_opaque(self, table: ProtectedTable) -> None:
+        """Reading an opaque member of a family (a view pgveil cannot map, a parent of a member): its
+        values are not attributed, so every governed column of the root is an EXPRESSION reference. A
+        mapped view whose definition uses governed columns (``lower(phone)``, a WHERE) reveals
+        something of each at every read: EXPRESSION references too."""
+        if table.opaque:
+            label = f"opaque {'view' if table.view else 'relation'} {table.qualified_name}"
+            for c in self.root_columns(table):
+                self.refer(c, ReferenceKind.EXPRESSION, label)
+        for c in table.uses:
+            self.refer(c, ReferenceKind.EXPRESSION, f"view {table.qualified_name} (its definition uses the column)")
 
     # statements
 
@@ -115,15 +194,7 @@ class StatementWalker:
         if name == "PrepareStmt":
             return self.prepare(body, table)
         if name == "DeclareCursorStmt":
-            inner_name, inner = node_type(body.get("query", {}))
-            self.statement(inner_name, inner, table)
-            if self.touched:
-                raise refusals.statement(
-                    f"DECLARE CURSOR over table {table.qualified_name}, which has encrypted columns, is not "
-                    "supported yet",
-                    hint="run the query without a cursor, or fetch through the extended protocol",
-                )
-            return WalkResult()
+            return self.declare_cursor(body)
         if name == "CreateTableAsStmt":
             inner_name, inner = node_type(body.get("query", {}))
             shape = self.dml_or_select(inner_name, inner, CteScope())
@@ -144,6 +215,33 @@ class StatementWalker:
         self.touched = True
         return WalkResult()
 
+    def declare_cursor(self, body: Node) -> WalkResult:
+        """``DECLARE c CURSOR FOR <query>``: the query is analysed like a SELECT; its rows come later from
+        FETCH, which is not analysed, so each governed result column must be one that FETCH's
+        RowDescription names (table OID, attribute number): a plain column reference, passed through
+        subqueries and CTEs at most."""
+        inner_name, inner = node_type(body.get("query", {}))
+        if inner_name != "SelectStmt":
+            raise refusals.statement(f"a {inner_name} inside DECLARE CURSOR cannot be analysed")
+        shape = self.select(inner, None, CteScope())
+        cursor = str(body.get("portalname", ""))
+        for c in shape:
+            governed = c.protected if isinstance(c, UnknownColumns) else (c.column,) if c.column is not None else ()
+            certain = c.certain if isinstance(c, OutColumn) else True
+            if c.traced and certain:
+                continue
+            for col in governed:
+                if col.encrypted:
+                    raise refusals.statement(
+                        f"DECLARE CURSOR {cursor}: column {col.column_id} passes through a construct whose origin "
+                        "the FETCH cannot show, so pgveil could not decrypt it",
+                        hint="select the column itself (not through UNION or an ambiguous name), or run the query "
+                        "without a cursor",
+                    )
+                self.refer(col, ReferenceKind.EXPRESSION, "DECLARE CURSOR (a result column FETCH cannot attribute)")
+        columns = tuple(c.column for c in shape if isinstance(c, OutColumn)) if shape_is_exact(shape) else None
+        return WalkResult(cursor=cursor, cursor_columns=columns)
+
     def prepare(self, body: Node, table: ProtectedTable) -> WalkResult:
         inner_name, inner = node_type(body.get("query", {}))
         shape = self.dml_or_select(inner_name, inner, CteScope()) or ()
@@ -157,6 +255,11 @@ class StatementWalker:
             )
         for c in shape:
             if isinstance(c, OutColumn) and c.column is not None and not (c.traced and c.certain):
+                if not c.column.encrypted:
+                    # EXECUTE is not analysed: only RowDescription can attribute its result columns.
+                    self.refer(c.column, ReferenceKind.EXPRESSION, "SQL-level PREPARE (a result column EXECUTE "
+                               "cannot attribute)")  # fmt: skip
+                    continue
                 raise refusals.statement(
                     f"SQL-level PREPARE of a query whose result column {c.column.column_id} pgveil can only track "
                     "from the statement text is not supported",
@@ -189,16 +292,27 @@ class StatementWalker:
     def _result(self, shape: Shape | None) -> WalkResult:
         if shape is None:
             return WalkResult()
-        for c in shape:
+        uncertain: list[int] = []
+        for i, c in enumerate(shape):
             if isinstance(c, OutColumn) and c.column is not None and not c.certain:
-                raise refusals.column_use(ColumnUse(c.column, None, False, reference=c.name or ""), "a result column")
+                # A plain column: an EXPRESSION reference (a restricted role is refused), not a result
+                # column, since the value may be another relation's.
+                self.use_governed((c.column,), "a result column", certain=False, reference=c.name or "")
+                uncertain.append(i)
         if shape_is_exact(shape):
-            return WalkResult(result_columns=tuple(c.column for c in shape if isinstance(c, OutColumn)))
+            return WalkResult(
+                result_columns=tuple(
+                    None if i in uncertain else c.column for i, c in enumerate(shape) if isinstance(c, OutColumn)
+                )
+            )
         for c in shape:
             if c.traced:
                 continue
             for col in c.protected if isinstance(c, UnknownColumns) else (c.column,):
                 if col is None:
+                    continue
+                if not col.encrypted:
+                    self.refer(col, ReferenceKind.EXPRESSION, "a result column pgveil cannot place (SELECT *)")
                     continue
                 raise refusals.statement(
                     f"cannot tell which result column carries encrypted column {col.column_id}: the result also "
@@ -208,8 +322,9 @@ class StatementWalker:
         return WalkResult(via_row_description=True)
 
     def _no_protected_output(self, shape: Shape | None, construct: str) -> None:
-        for col in shape_protected(shape or ()):
-            raise refusals.column_use(ColumnUse(col, None), construct)
+        """A result that the server uses itself (DISTINCT, a subquery in an expression, a new table):
+        refused for an encrypted column, an EXPRESSION reference for a plain one."""
+        self.use_governed(shape_protected(shape or ()), construct)
 
     # parameters
 
@@ -252,6 +367,12 @@ class StatementWalker:
         renamed elsewhere): refused until it is read again, never written unsealed."""
         col = table.columns.get(name)
         if table.opaque:
+            governed = self.root_columns(table)
+            if not any(c.encrypted for c in governed):
+                # Plain columns need no sealing: a write through it is a write of each of them.
+                for c in governed:
+                    self.refer(c, ReferenceKind.WRITE, f"write through opaque relation {table.qualified_name}")
+                return None
             raise refusals.statement(
                 f"{'view' if table.view else 'table'} {table.schema}.{table.name} reaches table {table.root}, "
                 "which has encrypted columns, and pgveil cannot map its columns; it cannot be written through",
@@ -265,11 +386,14 @@ class StatementWalker:
             )
         return col
 
-    def target_table(self, rv: Node) -> ProtectedTable | None:
-        """The table an INSERT/UPDATE/DELETE/COPY writes or reads: always a table, never a CTE."""
+    def target_table(self, rv: Node, *, reads: bool = True) -> ProtectedTable | None:
+        """The table an INSERT/UPDATE/DELETE/COPY writes or reads: always a table, never a CTE. ``reads``:
+        the statement reads its rows (UPDATE, DELETE and COPY do; INSERT only through RETURNING)."""
         table = self.lookup(rv.get("schemaname"), str(rv.get("relname", "")))
         if table is not None:
             self.touched = True
+            if reads:
+                self.read_opaque(table)
         return table
 
     def target_relation(self, rv: Node, table: ProtectedTable | None) -> Relation:
@@ -328,29 +452,53 @@ class StatementWalker:
             if shape_is_exact(left):
                 return tuple(OutColumn(c.name) for c in left if isinstance(c, OutColumn))
             return UNKNOWN_SHAPE
+        encrypted = [c for c in protected if c.encrypted]
         if not (shape_is_exact(left) and shape_is_exact(right)):
-            raise refusals.statement(
-                f"cannot tell which column of {name} carries encrypted column {protected[0].column_id}: a side "
-                "has SELECT * over a relation pgveil has no column list for",
-                hint="name the columns in each SELECT list",
-            )
+            if encrypted:
+                raise refusals.statement(
+                    f"cannot tell which column of {name} carries encrypted column {encrypted[0].column_id}: a side "
+                    "has SELECT * over a relation pgveil has no column list for",
+                    hint="name the columns in each SELECT list",
+                )
+            for c in protected:
+                self.refer(c, ReferenceKind.EXPRESSION, f"{name} with SELECT * over a relation pgveil cannot count")
+            return (UnknownColumns(tuple(dict.fromkeys(protected)), traced=False),)
         if name != "UNION ALL":
-            # UNION, INTERSECT and EXCEPT compare whole rows, and equal plaintexts have unequal ciphertexts.
-            raise refusals.column_use(ColumnUse(protected[0], None), name)
+            # UNION, INTERSECT and EXCEPT compare whole rows, and equal plaintexts have unequal ciphertexts;
+            # for a plain column the comparison is a use of its value.
+            if encrypted:
+                raise refusals.column_use(ColumnUse(encrypted[0], None), name)
+            for c in protected:
+                self.refer(c, ReferenceKind.EXPRESSION, name)
         out: list[OutColumn | UnknownColumns] = []
         left_columns = [c for c in left if isinstance(c, OutColumn)]
         right_columns = [c for c in right if isinstance(c, OutColumn)]
         for position, (lc, rc) in enumerate(zip(left_columns, right_columns, strict=False), start=1):
-            for c in (lc, rc):
-                if c.column is not None and not c.certain:
-                    raise refusals.column_use(ColumnUse(c.column, None, False, reference=c.name or ""), name)
+            for side in (lc, rc):
+                if side.column is not None and not side.certain:
+                    self.use_governed((side.column,), name, certain=False, reference=side.name or "")
+            both_null = lc.null_literal and rc.null_literal
             if lc.column == rc.column or lc.null_literal or rc.null_literal:
                 col = lc.column or rc.column
-                both_null = lc.null_literal and rc.null_literal
                 out.append(OutColumn(lc.name, col, traced=col is None, null_literal=both_null))
                 continue
             col, other = (lc.column, rc.column) if lc.column is not None else (rc.column, lc.column)
-            what = f"encrypted column {other.column_id}" if other is not None else "values that are not encrypted"
+            if col is not None and not col.encrypted and (other is None or not other.encrypted):
+                # Plain columns: the result column is governed by the first (its grant applies to every
+                # row); two different governed columns in one result column are a use of both.
+                if other is not None:
+                    mixed = f"{name} of different columns in result column {position}"
+                    self.refer(col, ReferenceKind.EXPRESSION, mixed)
+                    self.refer(other, ReferenceKind.EXPRESSION, mixed)
+                out.append(OutColumn(lc.name, col, traced=False))
+                continue
+            if col is not None and not col.encrypted:
+                col, other = other, col
+            what = (
+                f"{'encrypted' if other.encrypted else 'plain'} column {other.column_id}"
+                if other is not None
+                else "values that are not encrypted"
+            )
             raise refusals.statement(
                 f"{name} mixes encrypted column {col.column_id if col else '?'} with {what} in result column "
                 f"{position}",
@@ -399,6 +547,9 @@ class StatementWalker:
                         fed = assign.first_from(len(shape))
                     if fed is not None:
                         raise refusals.insert_select(fed)
+                star = "SELECT *" if clause == "SELECT list" else f"{clause.split()[0]} *"
+                for col in shape_protected(expanded):
+                    self.refer(col, ReferenceKind.OUTPUT, star)
                 shape.extend(expanded)
             elif kind == "A_Indirection" and any(node_type(i)[0] == "A_Star" for i in body.get("indirection", [])):
                 # (row).* expands to as many columns as the row has: pgveil cannot count them.
@@ -416,8 +567,12 @@ class StatementWalker:
                 if use is None:
                     shape.append(OutColumn(name or (fields[-1] if fields else None)))
                 elif not use.plain:
-                    raise refusals.column_use(use, clause)
+                    # A whole row (``SELECT t FROM t``) or a field of the column: a value pgveil cannot
+                    # attribute column by column.
+                    self.use_column(use, clause)
+                    shape.append(OutColumn(name or fields[-1]))
                 else:
+                    self.refer(use.column, ReferenceKind.OUTPUT, clause)
                     shape.append(OutColumn(name or fields[-1], use.column, use.traced, use.certain))
             else:
                 self.expr(val, level, clause)
@@ -446,22 +601,18 @@ class StatementWalker:
                 for c in shape:
                     if isinstance(c, OutColumn) and c.name == fields[0]:
                         if c.column is not None:
-                            raise refusals.column_use(
-                                ColumnUse(c.column, None, c.certain, reference=fields[0]), construct
-                            )
+                            self.use_governed((c.column,), construct, certain=c.certain, reference=fields[0])
                         return
         self.expr(node, level, construct, construct)
 
     def _output_position(self, position: int, shape: Shape, construct: str) -> None:
         for i, c in enumerate(shape, start=1):
             if isinstance(c, UnknownColumns):
-                protected = shape_protected(shape[i - 1 :])
-                if protected:
-                    raise refusals.column_use(ColumnUse(protected[0], None), construct)
+                self.use_governed(shape_protected(shape[i - 1 :]), construct)
                 return
             if i == position:
                 if c.column is not None:
-                    raise refusals.column_use(ColumnUse(c.column, None, c.certain, reference=c.name or ""), construct)
+                    self.use_governed((c.column,), construct, certain=c.certain, reference=c.name or "")
                 return
 
     def group_item(self, node: Node, level: Level, shape: Shape) -> None:
@@ -479,7 +630,7 @@ class StatementWalker:
             if not star and level.resolve(fields) is None and len(fields) == 1:
                 for c in shape:
                     if isinstance(c, OutColumn) and c.name == fields[0] and c.column is not None:
-                        raise refusals.column_use(ColumnUse(c.column, None, c.certain, reference=fields[0]), "GROUP BY")
+                        self.use_governed((c.column,), "GROUP BY", certain=c.certain, reference=fields[0])
         self.expr(node, level, "GROUP BY", "GROUP BY")
 
     def window(self, wd: Node, level: Level) -> None:
@@ -523,7 +674,7 @@ class StatementWalker:
                 for col_name in names_of(clause.get("search_col_list", []) + clause.get("cycle_col_list", [])):
                     status_col = Relation(name, renamed_shape).lookup(col_name)[1]
                     if status_col is not None and status_col.column is not None:
-                        raise refusals.column_use(ColumnUse(status_col.column, None), f"{clause_name} clause")
+                        self.use_governed((status_col.column,), f"{clause_name} clause")
             scope.names[name] = CteEntry(renamed_shape, name)
         return scope
 
@@ -574,6 +725,7 @@ class StatementWalker:
         if table is None:
             return self._add_aliased(level, alias, name, UNKNOWN_SHAPE, schema=schema)
         self.touched = True
+        self.read_opaque(table)
         colnames = names_of((alias or {}).get("colnames", []))
         shape = rename(table_shape(table), colnames)
         if shape is None:
@@ -608,10 +760,10 @@ class StatementWalker:
                 found = Relation(None, side).lookup(name)[1]
                 if found is not None and found.column is not None:
                     construct = "NATURAL JOIN" if body.get("isNatural") else "JOIN USING"
-                    raise refusals.column_use(ColumnUse(found.column, None), construct)
+                    self.use_governed((found.column,), construct)
         self.expr(body.get("quals"), level, "JOIN ON")
         joined: Shape = (
-            tuple(OutColumn(n) for n in using)
+            tuple(self._merged_column(n, left, right) for n in using)
             + tuple(c for c in left if not (isinstance(c, OutColumn) and c.name in using))
             + tuple(c for c in right if not (isinstance(c, OutColumn) and c.name in using))
         )
@@ -623,15 +775,28 @@ class StatementWalker:
         level.star.append(joined)
         return joined
 
+    @staticmethod
+    def _merged_column(name: str, left: Shape, right: Shape) -> OutColumn:
+        """A USING or NATURAL join column: the governed column of either side (a plain one; an encrypted
+        one was refused), untraced since a FULL JOIN merges it with COALESCE."""
+        for side in (left, right):
+            found = Relation(None, side).lookup(name)[1]
+            if found is not None and found.column is not None:
+                return OutColumn(name, found.column, traced=False, certain=found.certain)
+        return OutColumn(name)
+
     def _natural_columns(self, left: Shape, right: Shape) -> list[str]:
         if not (shape_is_exact(left) and shape_is_exact(right)):
             protected = shape_protected(left) + shape_protected(right)
-            if protected:
+            encrypted = [c for c in protected if c.encrypted]
+            if encrypted:
                 raise refusals.statement(
-                    f"NATURAL JOIN of a table with encrypted column {protected[0].column_id} and a relation pgveil "
+                    f"NATURAL JOIN of a table with encrypted column {encrypted[0].column_id} and a relation pgveil "
                     "has no column list for: cannot tell whether it joins on ciphertext",
                     hint="write the join condition with ON or USING",
                 )
+            for c in protected:
+                self.refer(c, ReferenceKind.EXPRESSION, "NATURAL JOIN with a relation pgveil has no column list for")
             return []
         right_names = {c.name for c in right if isinstance(c, OutColumn)}
         return [c.name for c in left if isinstance(c, OutColumn) and c.name is not None and c.name in right_names]
@@ -641,14 +806,14 @@ class StatementWalker:
     def insert(self, body: Node, ctes: CteScope) -> Shape | None:
         ctes = self.with_clause(body.get("withClause"), None, ctes)
         rv = body.get("relation", {})
-        table = self.target_table(rv)
+        table = self.target_table(rv, reads=False)
         rel = self.target_relation(rv, table)
         targets: list[ProtectedColumn | None] = []
         cols = [c.get("ResTarget", {}) for c in body.get("cols", [])]
         if table is not None and cols:
             for c in cols:
                 col = self.write_column(table, str(c.get("name")))
-                if col is not None and c.get("indirection"):
+                if col is not None and col.encrypted and c.get("indirection"):
                     raise refusals.assignment(col, "a subscript or field assignment")
                 targets.append(col)
         elif table is not None and (table.columns or table.opaque):
@@ -662,7 +827,11 @@ class StatementWalker:
                     hint="name the columns in the INSERT",
                 )
             targets = [table.columns.get(n) for n in all_columns]
-        assign = _Assignments(tuple(targets))
+        for col in targets:
+            if col is not None:
+                self.refer(col, ReferenceKind.WRITE, "INSERT" if cols else "INSERT without a column list")
+        # Only encrypted columns need their values sealed; a plain column takes any expression.
+        assign = _Assignments(tuple(c if c is not None and c.encrypted else None for c in targets))
         select = body.get("selectStmt")
         if select:
             sbody = node_type(select)[1]
@@ -673,7 +842,13 @@ class StatementWalker:
                 shape = self.select(sbody, None, ctes)
             else:
                 shape = self.select(sbody, None, ctes, assign)
-            if table is not None and table.columns and not cols and shape_is_exact(shape) and len(shape) < len(targets):
+            if (
+                table is not None
+                and table.encrypted
+                and not cols
+                and shape_is_exact(shape)
+                and len(shape) < len(targets)
+            ):
                 # Values map to columns by position; with fewer values than the catalog has columns, a
                 # column dropped behind pgveil would shift them onto the wrong ones.
                 raise refusals.statement(
@@ -687,7 +862,7 @@ class StatementWalker:
                     target = assign.at(position) if isinstance(c, OutColumn) else None
                     if target is not None:
                         raise refusals.insert_select(target)
-                    raise refusals.column_use(ColumnUse(protected[0], None), "INSERT ... SELECT")
+                    self.use_governed(protected, "INSERT ... SELECT")
         conflict = body.get("onConflictClause")
         if conflict:
             self.on_conflict(conflict, table, rel, ctes)
@@ -703,13 +878,13 @@ class StatementWalker:
             elem = ie.get("IndexElem", {})
             col = table.columns.get(str(elem.get("name"))) if table is not None and "name" in elem else None
             if col is not None:
-                raise refusals.column_use(ColumnUse(col, rel), "ON CONFLICT target")
+                self.use_column(ColumnUse(col, rel), "ON CONFLICT target")
             self.expr(elem.get("expr"), level, "ON CONFLICT target", "ON CONFLICT target")
         self.expr(infer.get("whereClause"), level, "ON CONFLICT target")
         if oc.get("action") == "ONCONFLICT_UPDATE":
             excluded = Relation("excluded", rel.shape, None, table)
             level.add(excluded, in_star=False)
-            self.set_list(oc.get("targetList", []), level, table, (rel, excluded))
+            self.set_list(oc.get("targetList", []), level, table, (rel, excluded), "ON CONFLICT DO UPDATE SET")
             self.expr(oc.get("whereClause"), level, "ON CONFLICT DO UPDATE WHERE")
 
     def update(self, body: Node, ctes: CteScope) -> Shape | None:
@@ -721,7 +896,7 @@ class StatementWalker:
         level.add(rel)
         for item in body.get("fromClause", []):
             self.from_item(item, level)
-        self.set_list(body.get("targetList", []), level, table, (rel,))
+        self.set_list(body.get("targetList", []), level, table, (rel,), "UPDATE SET")
         self.expr(body.get("whereClause"), level, "WHERE")
         return self.returning(body, level, rel)
 
@@ -742,6 +917,8 @@ class StatementWalker:
         exprs = (statement.get("returningClause") or {}).get("exprs") or statement.get("returningList")
         if not exprs:
             return None
+        if rel.table is not None:
+            self.read_opaque(rel.table)
         # PostgreSQL 18 grammar: RETURNING old.* / new.* name the row before and after the change.
         for name in ("old", "new"):
             if level.find_relation(name) is None:
@@ -749,14 +926,27 @@ class StatementWalker:
         return self.target_list(exprs, level, "RETURNING list", None)
 
     def set_list(
-        self, targets: list[Node], level: Level, table: ProtectedTable | None, same: tuple[Relation, ...]
+        self,
+        targets: list[Node],
+        level: Level,
+        table: ProtectedTable | None,
+        same: tuple[Relation, ...],
+        construct: str,
     ) -> None:
-        """UPDATE SET / ON CONFLICT DO UPDATE SET. ``same`` are the relations whose own column may be
-        assigned back to it unchanged (``SET ssn = ssn``, ``SET ssn = EXCLUDED.ssn``)."""
+        """UPDATE SET / ON CONFLICT DO UPDATE SET (``construct``). ``same`` are the relations whose own
+        column may be assigned back to it unchanged (``SET ssn = ssn``, ``SET ssn = EXCLUDED.ssn``)."""
         for item in targets:
             rt = item.get("ResTarget", {})
             name = str(rt.get("name", ""))
             col = self.write_column(table, name) if table is not None else None
+            if col is not None:
+                self.refer(col, ReferenceKind.WRITE, construct)
+                if not col.encrypted:
+                    # A plain column takes any value; what the value reads is a use of its own.
+                    use = self._bare_column(rt.get("val", {}), level)
+                    if use is not None and use.plain and use.certain and use.column == col and use.relation in same:
+                        continue  # SET phone = phone, SET phone = EXCLUDED.phone
+                    col = None
             if col is not None and rt.get("indirection"):
                 raise refusals.assignment(col, "a subscript or field assignment")
             val = rt.get("val", {})
@@ -775,7 +965,8 @@ class StatementWalker:
                 continue
             use = self._bare_column(val, level)
             if use is not None:
-                raise refusals.column_use(use, f"assignment to column {name}", "SET")
+                self.use_column(use, f"assignment to column {name}", "SET")
+                continue
             self.expr(val, level, "SET")
 
     def _multiple_assignment(
@@ -852,36 +1043,45 @@ class StatementWalker:
                     )
                 names = list(all_columns)
             if direction is CopyDirection.FROM:
-                protected = tuple(self.write_column(table, n) for n in names)
+                governed = tuple(self.write_column(table, n) for n in names)
             else:
-                protected = tuple(table.columns.get(n) for n in names)
+                governed = tuple(table.columns.get(n) for n in names)
+            use = ReferenceKind.WRITE if direction is CopyDirection.FROM else ReferenceKind.OUTPUT
+            for col in governed:
+                if col is not None:
+                    self.refer(col, use, f"COPY {direction.value.upper()}")
+            protected = _encrypted(governed)
             self._copy_binary(fmt, protected)
             if not with_client:
-                self._copy_with_server_file(direction, next((c for c in protected if c is not None), None))
+                self._copy_with_server_file(direction, governed)
             where = body.get("whereClause")
             if where:
                 level = Level(CteScope())
                 level.add(self.target_relation(rv, table))
                 self.expr(where, level, "COPY ... WHERE")
-            return WalkResult(copy=CopyPlan(table, direction, tuple(names), protected, fmt, options))
+            plan = CopyPlan(table, direction, tuple(names), protected, fmt, options)
+            return WalkResult(copy=_with_governed(plan, governed))
         kind, query = node_type(body.get("query", {}))
         shape = self.dml_or_select(kind, query, CteScope()) or ()
         result = self._result(shape)
         if not with_client:
-            self._copy_with_server_file(direction, next(iter(shape_protected(shape)), None))
-        self._copy_binary(fmt, tuple(shape_protected(shape)))
+            self._copy_with_server_file(direction, tuple(shape_protected(shape)))
+        self._copy_binary(fmt, _encrypted(tuple(shape_protected(shape))))
         if result.result_columns is None:
-            if shape_protected(shape):
+            columns = shape_protected(shape)
+            encrypted = [c for c in columns if c.encrypted]
+            if encrypted:
                 raise refusals.statement(
                     "COPY (query) TO STDOUT with SELECT * over a relation pgveil has no column list for cannot "
-                    f"tell where encrypted column {shape_protected(shape)[0].column_id} is",
+                    f"tell where encrypted column {encrypted[0].column_id} is",
                     hint="name the columns in the query",
                 )
+            unplaced = "COPY (query) with SELECT * over a relation pgveil cannot count"
+            for col in columns:
+                self.refer(col, ReferenceKind.EXPRESSION, unplaced)
             return WalkResult(copy=CopyPlan(None, direction, (), (), fmt, options))
-        return WalkResult(
-            result_columns=result.result_columns,
-            copy=CopyPlan(None, direction, (), result.result_columns, fmt, options),
-        )
+        plan = CopyPlan(None, direction, (), _encrypted(result.result_columns), fmt, options)
+        return WalkResult(result_columns=result.result_columns, copy=_with_governed(plan, result.result_columns))
 
     @staticmethod
     def _copy_binary(fmt: CopyFormat, protected: tuple[ProtectedColumn | None, ...]) -> None:
@@ -892,16 +1092,21 @@ class StatementWalker:
                 hint="use FORMAT text or FORMAT csv",
             )
 
-    @staticmethod
-    def _copy_with_server_file(direction: CopyDirection, column: ProtectedColumn | None) -> None:
-        if column is None:
-            return
-        effect = "read plaintext into it" if direction is CopyDirection.FROM else "write its ciphertext"
-        raise refusals.statement(
-            f"COPY {direction.value.upper()} a server file or program is not supported for encrypted column "
-            f"{column.column_id}: the server would {effect} directly, bypassing pgveil",
-            hint="use COPY ... FROM STDIN / TO STDOUT (psql's \\copy)",
-        )
+    def _copy_with_server_file(self, direction: CopyDirection, governed: tuple[ProtectedColumn | None, ...]) -> None:
+        """COPY to or from a server file or program: the server reads or writes the values itself,
+        bypassing pgveil. Refused for an encrypted column; a use (EXPRESSION) of a plain one."""
+        for column in governed:
+            if column is None:
+                continue
+            if not column.encrypted:
+                self.refer(column, ReferenceKind.EXPRESSION, f"COPY {direction.value.upper()} a server file or program")
+                continue
+            effect = "read plaintext into it" if direction is CopyDirection.FROM else "write its ciphertext"
+            raise refusals.statement(
+                f"COPY {direction.value.upper()} a server file or program is not supported for encrypted column "
+                f"{column.column_id}: the server would {effect} directly, bypassing pgveil",
+                hint="use COPY ... FROM STDIN / TO STDOUT (psql's \\copy)",
+            )
 
     # expressions
 
@@ -947,13 +1152,18 @@ class StatementWalker:
     def _column_ref(self, body: Node, level: Level, clause: str, construct: str | None) -> None:
         fields, star = column_fields(body)
         if star:
-            protected = shape_protected(self.star(body, level))
-            if protected:
-                raise refusals.column_use(ColumnUse(protected[0], None), construct or clause, clause)
+            # ``t.*`` inside an expression (a row constructor, a function taking the row).
+            protected = list(dict.fromkeys(shape_protected(self.star(body, level))))
+            encrypted = next((c for c in protected if c.encrypted), None)
+            if encrypted is not None:
+                raise refusals.column_use(ColumnUse(encrypted, None), construct or clause, clause)
+            label = f"whole-row reference (in {refusals.where(construct or clause, clause)})"
+            for c in protected:
+                self.refer(c, ReferenceKind.EXPRESSION, label)
             return
         use = level.resolve(fields)
         if use is not None:
-            raise refusals.column_use(use, construct or clause, clause)
+            self.use_column(use, construct or clause, clause)
 
     def _param_ref(self, body: Node, level: Level, clause: str, construct: str | None) -> None:
         self.param_other(int(body.get("number", 0)))
@@ -972,16 +1182,23 @@ class StatementWalker:
                 use = self._bare_column(operand, level)
                 if use is not None:
                     self._equality(use, label, clause)
+                    continue
             self.expr(operand, level, clause, label)
 
     def _equality(self, use: ColumnUse, construct: str, clause: str) -> None:
-        """Equality (``=``, ``IN``, ``= ANY``) on a protected column.
+        """Equality (``=``, ``IN``, ``= ANY``) on a governed column.
 
         This is where searchable columns will be rewritten to their blind index: the column reference
         becomes the index column and the other operand (a literal or ``$n``) a blind-index target, as
-        literals and parameters are encryption targets today. No column is searchable yet.
+        literals and parameters are encryption targets today. No encrypted column is searchable yet; a
+        plain column's equality is an EQUALITY reference (the role's grant decides).
         """
-        raise refusals.not_searchable(use, construct, clause)
+        if use.column.encrypted or not use.plain:
+            if use.column.encrypted:
+                raise refusals.not_searchable(use, construct, clause)
+            self.use_column(use, construct, clause)
+            return
+        self.refer(use.column, ReferenceKind.EQUALITY, refusals.where(construct, clause))
 
     def _bool_expr(self, body: Node, level: Level, clause: str, construct: str | None) -> None:
         label = "NOT" if body.get("boolop") == "NOT_EXPR" else "boolean condition"
@@ -989,9 +1206,12 @@ class StatementWalker:
 
     def _null_test(self, body: Node, level: Level, clause: str, construct: str | None) -> None:
         arg = body.get("arg", {})
+        test = "IS NOT NULL" if body.get("nulltesttype") == "IS_NOT_NULL" else "IS NULL"
         if node_type(arg)[0] == "ColumnRef":
-            return  # nullness is not protected; a row's nullness (``t.* IS NULL``) neither
-        self.expr(arg, level, clause, "IS NULL")
+            # Nullness is not encrypted (a row's, ``t.* IS NULL``, neither): a reference, never a refusal.
+            self.note_nullness(arg, level, refusals.where(test, clause))
+            return
+        self.expr(arg, level, clause, test)
 
     def _boolean_test(self, body: Node, level: Level, clause: str, construct: str | None) -> None:
         test = str(body.get("booltesttype", "")).replace("_", " ")
@@ -1010,9 +1230,11 @@ class StatementWalker:
         elif body.get("agg_distinct"):
             label = f"{name}(DISTINCT ...)"
         elif name == "count" and len(args) == 1 and not body.get("agg_order") and not body.get("agg_within_group"):
-            if node_type(args[0])[0] == "ColumnRef":
-                args = []  # count(col) counts non-null values: nullness is not protected
             label = "aggregate count()"
+            if node_type(args[0])[0] == "ColumnRef":
+                # count(col) counts non-null values: nullness is not encrypted; a reference, never a refusal.
+                self.note_nullness(args[0], level, refusals.where(label, clause))
+                args = []
         elif name in AGGREGATES:
             label = f"aggregate {name}()"
         else:
@@ -1040,15 +1262,15 @@ class StatementWalker:
         else:
             label = "comparison with subquery"
         test = body.get("testexpr")
-        if equality:
-            use = self._bare_column(test, level)
-            if use is not None:
-                self._equality(use, label, clause)
-        self.expr(test, level, clause, label)
+        use = self._bare_column(test, level) if equality else None
+        if use is not None:
+            self._equality(use, label, clause)
+        else:
+            self.expr(test, level, clause, label)
         for c in shape:
             if isinstance(c, OutColumn) and c.column is not None:
-                raise refusals.column_use(ColumnUse(c.column, None, c.certain, reference=c.name or ""), label, clause)
-        self._no_protected_output(shape, label)
+                self.use_governed((c.column,), label, clause, certain=c.certain, reference=c.name or "")
+        self.use_governed([c for u in shape if isinstance(u, UnknownColumns) for c in u.protected], label)
 
     def _nested_select(self, body: Node, level: Level, clause: str, construct: str | None) -> None:
         self._no_protected_output(self.select(body, level, level.ctes), construct or clause)
@@ -1056,9 +1278,15 @@ class StatementWalker:
     def _range_var(self, body: Node, level: Level, clause: str, construct: str | None) -> None:
         table = self.lookup(body.get("schemaname"), str(body.get("relname", "")))
         if table is not None:
-            raise refusals.statement(
-                f"table {table.qualified_name}, which has encrypted columns, cannot be used in {construct or clause}"
-            )
+            columns = self.root_columns(table) if table.opaque else list(table.columns.values())
+            if any(c.encrypted for c in columns):
+                raise refusals.statement(
+                    f"table {table.qualified_name}, which has encrypted columns, cannot be used in "
+                    f"{construct or clause}"
+                )
+            self.touched = True
+            for c in columns:
+                self.refer(c, ReferenceKind.EXPRESSION, f"table {table.qualified_name} in {construct or clause}")
 
     def _min_max(self, body: Node, level: Level, clause: str, construct: str | None) -> None:
         label = "GREATEST" if body.get("op") == "IS_GREATEST" else "LEAST"
@@ -1069,6 +1297,15 @@ class StatementWalker:
 
     def _noop(self, body: Node, level: Level, clause: str, construct: str | None) -> None:
         return
+
+
+def _encrypted(columns: tuple[ProtectedColumn | None, ...]) -> tuple[ProtectedColumn | None, ...]:
+    """The encrypted columns of a per-column mask; plain governed columns become None."""
+    return tuple(c if c is not None and c.encrypted else None for c in columns)
+
+
+def _with_governed(plan: CopyPlan, governed: tuple[ProtectedColumn | None, ...]) -> CopyPlan:
+    return plan if governed == plan.protected else dataclasses.replace(plan, governed=governed)
 
 
 def _untraced(shape: Shape) -> Shape:

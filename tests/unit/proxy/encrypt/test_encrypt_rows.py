@@ -10,6 +10,7 @@ and require the same outcome from each.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +34,7 @@ from keymgmt.native import accel
 from proxy.encrypt import rows
 from proxy.encrypt.engine import ColumnCrypto
 from proxy.encrypt.rows import (
+    Action,
     ColumnOutput,
     KeyLookup,
     RowDecryptError,
@@ -344,7 +346,7 @@ def loops(data: bytes, plan: RowPlan, keys: KeyLookup = lookup, *, end: int | No
     """The outcome of each kernel that can run ``plan``: the general loop, the fast one where the plan
     allows it, each with the Python and (where built) the accelerator's Opener, and the accelerator's
     kernel where the plan allows it."""
-    _, steps, fast, native = rows._compile(plan)
+    _, steps, fast, native, _unchanged = rows._compile(plan)
     stop = len(data) if end is None else end
     openers = [Opener(keys, python=True)] + ([Opener(keys)] if envelope._accel is not None else [])
     runs: list[Callable[[], bytes]] = []
@@ -432,8 +434,29 @@ _PLAIN_TEXT = st.text(st.characters(codec="utf-8", blacklist_characters="\x00"),
 _LONG_TEXT = st.integers(1000, 1100).map(lambda n: "é" * (n // 2) + "x" * (n % 2))  # around the length table's end
 
 
+def _test_mask(col: ProtectedColumn) -> Callable[[bytes], bytes | None]:
+    """A stand-in for a compiled mask: keeps the first character of a text (NULL for an empty one), gives
+    0 for an integer, so the expected output is computed independently of the kernels."""
+    if col == SCORE:
+        return lambda canonical: bytes(4)
+    return lambda canonical: (canonical[:1] + b"***") if canonical else None
+
+
+def acted(out: ColumnOutput, action: Action) -> ColumnOutput:
+    """``out`` with another action (a plain column's value comes in the client's format)."""
+    mask = _test_mask(out.column) if action in (Action.MASK, Action.DECODE_MASK) else None
+    server_binary = out.client_binary if action is Action.DECODE_MASK else out.server_binary
+    return dataclasses.replace(out, action=action, mask=mask, server_binary=server_binary)
+
+
+def client_value(canonical: bytes, out: ColumnOutput) -> bytes:
+    return out.codec.to_binary(canonical, FMT) if out.client_binary else out.codec.to_text(canonical, FMT)
+
+
 @st.composite
-def plans_and_rows(draw: st.DrawFn) -> tuple[RowPlan, list[list[bytes | None]], list[list[bytes | None]]]:
+def plans_and_rows(
+    draw: st.DrawFn, *, actions: tuple[Action, ...] = (Action.DECRYPT,)
+) -> tuple[RowPlan, list[list[bytes | None]], list[list[bytes | None]]]:
     """A plan, rows as the server sends them, and the same rows as the client must get them."""
     fast = draw(st.booleans())
     plan: list[ColumnOutput | None] = []
@@ -443,7 +466,8 @@ def plans_and_rows(draw: st.DrawFn) -> tuple[RowPlan, list[list[bytes | None]], 
             continue
         col = draw(st.sampled_from([SSN, EMAIL] if fast else [SSN, EMAIL, SCORE]))
         server_binary = True if fast else draw(st.booleans())
-        plan.append(real_output(col, server_binary=server_binary, client_binary=draw(st.booleans())))
+        out = real_output(col, server_binary=server_binary, client_binary=draw(st.booleans()))
+        plan.append(acted(out, draw(st.sampled_from(actions))))
     if all(out is None for out in plan):
         plan.append(real_output(SSN, server_binary=True, client_binary=False))
     stored_rows: list[list[bytes | None]] = []
@@ -451,22 +475,36 @@ def plans_and_rows(draw: st.DrawFn) -> tuple[RowPlan, list[list[bytes | None]], 
     for _ in range(draw(st.integers(1, 5))):
         stored_row: list[bytes | None] = []
         client_row: list[bytes | None] = []
-        for out in plan:
+        for column in plan:
             if draw(st.integers(0, 4)) == 0:
                 stored_row.append(None)
                 client_row.append(None)
-            elif out is None:
+            elif column is None:
                 value = draw(st.binary(max_size=80))
                 stored_row.append(value)
                 client_row.append(value)
             else:
+                out = column
                 if out.column == SCORE:
                     key, canonical = SCORE_KEY, draw(st.integers(-(2**31), 2**31 - 1)).to_bytes(4, "big", signed=True)
                 else:
                     key, canonical = SSN_KEY, draw(st.one_of(_PLAIN_TEXT, _LONG_TEXT)).encode()
+                if out.action is Action.DECODE_MASK:  # a plain column: the declared type's value itself
+                    stored_row.append(client_value(canonical, out))
+                    masked = _test_mask(out.column)(canonical)
+                    client_row.append(None if masked is None else client_value(masked, out))
+                    continue
                 value = stored(seal(key, canonical, out.associated), server_binary=out.server_binary)
                 stored_row.append(value)
-                client_row.append(expected_value(value, out))
+                if out.action is Action.NULL:
+                    client_row.append(None)
+                elif out.action is Action.STORED:
+                    client_row.append(value)
+                elif out.action is Action.MASK:
+                    masked = _test_mask(out.column)(canonical)
+                    client_row.append(None if masked is None else client_value(masked, out))
+                else:
+                    client_row.append(expected_value(value, out))
         stored_rows.append(stored_row)
         client_rows.append(client_row)
     return tuple(plan), stored_rows, client_rows
@@ -485,6 +523,94 @@ def test_both_loops_batch_and_single_row_forms_agree_with_the_oracle(
     assert b"".join(single(body, plan) for body in bodies) == expected  # type: ignore[misc]
     outcomes = loops(frame(*bodies), plan)
     assert outcomes == [expected] * len(outcomes)
+
+
+@settings(max_examples=400, deadline=None)
+@given(plans_and_rows(actions=tuple(Action)))
+def test_every_action_agrees_between_kernels_batch_and_single_row_forms_and_the_oracle(
+    case: tuple[RowPlan, list[list[bytes | None]], list[list[bytes | None]]],
+) -> None:
+    """Decrypted, masked, hidden (NULL, unread), stored and plain-masked columns mixed in one plan: every
+    kernel that can run the plan gives the oracle's bytes."""
+    plan, stored_rows, client_rows = case
+    bodies = [data_row(*r) for r in stored_rows]
+    expected = frame(*(data_row(*r) for r in client_rows))
+    data = b"!!" + frame(*bodies) + b"??"
+    assert rewrite_data_rows(data, 2, len(data) - 2, plan, lookup, FMT, {}) == expected
+    assert b"".join(single(body, plan) for body in bodies) == expected  # type: ignore[misc]
+    outcomes = loops(frame(*bodies), plan)
+    assert outcomes == [expected] * len(outcomes)
+
+
+HIDDEN_PLAN: RowPlan = (
+    None,
+    acted(real_output(SSN, server_binary=True, client_binary=False), Action.NULL),
+    real_output(EMAIL, server_binary=True, client_binary=True),
+    acted(real_output(SCORE, server_binary=False, client_binary=True), Action.NULL),
+)
+
+
+def test_a_hidden_column_runs_in_the_fast_loop_and_the_accelerator() -> None:
+    """Hiding decrypts nothing and needs no codec: it does not push a plan off the fast kernels."""
+    _, _, fast, native, unchanged = rows._compile(HIDDEN_PLAN)
+    assert fast is not None
+    assert (native is not None) == (rows._accel is not None)
+    assert not unchanged
+
+
+def test_a_hidden_column_is_never_opened_whatever_it_holds() -> None:
+    """Tampered envelopes, garbage, an empty value: a hidden column is NULL, and no key is looked up."""
+    looked_up: list[bytes] = []
+
+    def counting(key_id: bytes) -> DataKey | None:
+        looked_up.append(key_id)
+        return None
+
+    plan: RowPlan = (
+        acted(real_output(SSN, server_binary=True, client_binary=False), Action.NULL),
+        acted(real_output(SCORE, server_binary=False, client_binary=True), Action.NULL),
+        None,
+    )
+    for first in (SSN_VECTOR, _flip(SSN_VECTOR, 40), b"", b"\\xzz", b"not an envelope"):
+        body = data_row(first, b"\x00", b"kept")
+        outcomes = loops(frame(body), plan, counting)
+        assert outcomes == [frame(data_row(None, None, b"kept"))] * len(outcomes)
+        assert rewrite_data_row(body, plan, counting, FMT) == data_row(None, None, b"kept")
+    assert looked_up == []
+
+
+def test_a_plan_of_stored_columns_returns_the_servers_bytes_unread() -> None:
+    """Ciphertext for a ciphertext role, a plain column for a plaintext role: nothing is parsed at all."""
+    plan: RowPlan = (acted(real_output(SSN, server_binary=False, client_binary=False), Action.STORED), None)
+    assert rows._compile(plan)[4]
+    data = frame(data_row(b"\\x5056", b"1")) + b"garbage that is no DataRow"
+    assert rewrite_data_rows(data, 0, len(data), plan, lookup, FMT, {}) == data
+
+
+def test_a_mask_gives_null_where_it_has_no_form_and_a_plain_value_of_another_type_is_refused() -> None:
+    masked = acted(real_output(SSN, server_binary=True, client_binary=False), Action.MASK)
+    assert rewrite_data_row(data_row(sealed(SSN, SSN_KEY, b"")), (masked,), lookup, FMT) == data_row(None)
+    assert rewrite_data_row(data_row(SSN_VECTOR), (masked,), lookup, FMT) == data_row(b"1***")
+    plain = acted(real_output(SCORE, server_binary=False, client_binary=False), Action.DECODE_MASK)
+    assert rewrite_data_row(data_row(b"42"), (plain,), lookup, FMT) == data_row(b"0")
+    assert_refused(data_row(b"forty-two"), (plain,), SCORE)
+    with pytest.raises(ValueError, match="mask"):
+        dataclasses.replace(masked, mask=None)
+
+
+def test_copy_field_actions() -> None:
+    """COPY TO's one-field form: decrypt, mask, NULL, stored and plain-mask."""
+    text = stored(SSN_VECTOR, server_binary=False)
+    base = real_output(SSN, server_binary=False, client_binary=False)
+    assert rewrite_value_text(text, base, lookup, FMT) == SSN_PLAINTEXT
+    assert rewrite_value_text(text, acted(base, Action.MASK), lookup, FMT) == b"1***"
+    assert rewrite_value_text(text, acted(base, Action.NULL), no_keys, FMT) is None
+    assert rewrite_value_text(text, acted(base, Action.STORED), no_keys, FMT) == text
+    assert rewrite_value_text(b"Ada", acted(base, Action.DECODE_MASK), no_keys, FMT) == b"A***"
+
+
+def no_keys(key_id: bytes) -> DataKey | None:
+    raise AssertionError("no key is looked up")
 
 
 def test_a_run_of_rows_without_a_value_to_open_is_returned_as_it_is() -> None:
@@ -662,3 +788,23 @@ def test_a_refusal_says_which_check_failed_only_in_its_reason() -> None:
         reasons.add(error.reason)
     assert reasons <= set(rows.REASONS)
     assert reasons == {"authentication", "unknown_key", "not_an_envelope"}
+
+
+def test_a_mask_longer_than_its_envelope_is_served_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The accelerator's output never outgrows its input: it leaves such a run to the Python loop,
+    which gives the same bytes."""
+    long_mask = dataclasses.replace(
+        acted(real_output(SSN, server_binary=True, client_binary=False), Action.MASK), mask=lambda c: b"#" * 500
+    )
+    plan: RowPlan = (long_mask, None)
+    data = frame(data_row(SSN_VECTOR, b"x"), data_row(None, b"y"))
+    expected = frame(data_row(b"#" * 500, b"x"), data_row(None, b"y"))
+    assert rewrite_data_rows(data, 0, len(data), plan, lookup, FMT, {}) == expected
+    native = rows._compile(plan)[3]
+    if rows._accel is not None:
+        assert native is not None
+        with pytest.raises(rows._Unsupported):
+            rows._rewrite_native(data, 0, len(data), plan, native, Opener(lookup))
+    monkeypatch.setattr(rows, "_accel", None)  # the Python loops only
+    outcomes = loops(data, plan)
+    assert outcomes == [expected] * len(outcomes)

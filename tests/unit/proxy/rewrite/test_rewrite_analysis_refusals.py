@@ -186,7 +186,8 @@ REFUSED: list[tuple[str, list[str]]] = [
     ("CREATE TABLE c2 AS SELECT id, ssn FROM customers", [SSN, "CREATE TABLE AS"]),
     ("CREATE MATERIALIZED VIEW mv AS SELECT * FROM customers", [SSN, "CREATE TABLE AS"]),
     ("CREATE VIEW v AS SELECT lower(ssn) FROM customers", [SSN, "function lower()"]),
-    ("DECLARE cur CURSOR FOR SELECT id FROM customers", ["DECLARE CURSOR", "public.customers"]),
+    # A cursor's rows come from FETCH, attributed only through RowDescription (issue 8: traced columns pass).
+    ("DECLARE cur CURSOR FOR SELECT ssn FROM customers UNION ALL SELECT ssn FROM customers", ["DECLARE CURSOR", SSN, "FETCH cannot show"]),
     ("PREPARE p(text) AS INSERT INTO customers (ssn) VALUES ($1)", ["PREPARE", "$1", SSN, "protocol-level"]),
     ("PREPARE p AS SELECT ssn FROM customers UNION ALL SELECT ssn FROM customers", ["PREPARE", SSN]),
     ("DO $$ BEGIN INSERT INTO customers (ssn) VALUES ('x'); END $$", ["DO block", "public.customers"]),
