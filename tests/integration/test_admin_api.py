@@ -1,0 +1,474 @@
+"""The admin API of a running ``pgveil serve``: every /v1 route without a token, with a wrong one, with one
+lacking the scope and with the right one; sessions listed and terminated through real drivers; the policy
+reload; the keystore's key versions; the failure limit; the disabled API; protected probes; and the log,
+which must name tokens but never contain one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+import yaml
+from conftest import ProxyProcess, proxy_config, wait_until
+
+from proxy.admin.auth import Scope
+from proxy.config import parse_config
+from proxy.devcluster import DevCluster
+from proxy.schema import apply_schema, plan_schema
+
+pytestmark = pytest.mark.integration
+
+# Tokens as an operator would make them (random, long); the file holds only their SHA-256.
+TOKENS = {
+    "root": ("tok-root-" + uuid.uuid4().hex, [s.value for s in Scope]),
+    "reader": ("tok-reader-" + uuid.uuid4().hex, ["admin:read"]),
+    "prom": ("tok-prom-" + uuid.uuid4().hex, ["metrics:read"]),
+    "operator": ("tok-operator-" + uuid.uuid4().hex, ["sessions:terminate", "policy:reload"]),
+}
+WRONG = "tok-wrong-" + uuid.uuid4().hex
+TABLE = "admin_cards"
+COLUMN = f"public.{TABLE}.card"
+
+
+def token(name: str) -> str:
+    return TOKENS[name][0]
+
+
+def write_tokens(path: Path, names: list[str] | None = None) -> Path:
+    entries = [
+        {"name": n, "sha256": hashlib.sha256(t.encode()).hexdigest(), "scopes": scopes}
+        for n, (t, scopes) in TOKENS.items()
+        if names is None or n in names
+    ]
+    path.write_text(yaml.safe_dump(entries))
+    return path
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: Any
+
+
+def call(
+    url: str, method: str = "GET", bearer: str | None = None, headers: dict[str, str] | None = None, **kw: Any
+) -> Reply:
+    req = urllib.request.Request(url, method=method, headers=dict(headers or {}))
+    if bearer is not None:
+        req.add_header("Authorization", f"Bearer {bearer}")
+    try:
+        with urllib.request.urlopen(req, timeout=15, **kw) as r:
+            status, hdrs, raw = r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        status, hdrs, raw = e.code, dict(e.headers), e.read()
+    ctype = hdrs.get("Content-Type", "")
+    return Reply(status, hdrs, json.loads(raw) if ctype.startswith("application/json") else raw.decode())
+
+
+@dataclass
+class AdminEnv:
+    pg: DevCluster
+    proxy: ProxyProcess
+
+    @property
+    def url(self) -> str:
+        return self.proxy.admin_url
+
+    def v1(self, path: str) -> str:
+        return f"{self.url}/v1{path}"
+
+
+def admin_config(pg: DevCluster, tokens_file: Path, **admin: Any) -> dict[str, Any]:
+    return proxy_config(
+        pg,
+        keystore={"dsn": pg.dsn(dbname="app"), "master_key": {"provider": "local", "path": "master.key"}},
+        tables={f"public.{TABLE}": {"columns": {"card": {"type": "text", "encrypt": True}}}},
+        roles={"default": "plaintext"},
+        admin={"tokens_file": str(tokens_file), "auth_failure_limit": 1000, **admin},
+    )
+
+
+async def _create_table(pg: DevCluster) -> None:
+    conn = await asyncpg.connect(pg.dsn(dbname="app"))
+    try:
+        await conn.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (id int PRIMARY KEY, card text)")
+        await conn.execute(f"GRANT ALL ON {TABLE} TO app")
+        catalog = parse_config(
+            {"tables": {f"public.{TABLE}": {"columns": {"card": {"type": "text", "encrypt": True}}}}},
+            base_dir=Path.cwd(),
+            environ={},
+        ).catalog()
+        await apply_schema(conn, await plan_schema(conn, catalog))
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="module")
+def env(pg: DevCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdminEnv]:
+    asyncio.run(_create_table(pg))
+    workdir = tmp_path_factory.mktemp("admin-api")
+    proxy = ProxyProcess(admin_config(pg, write_tokens(workdir / "tokens.yaml")), workdir)
+    proxy.start()
+    try:
+        yield AdminEnv(pg, proxy)
+    finally:
+        proxy.stop()
+
+
+def connect(env: AdminEnv, **kw: Any) -> psycopg.Connection[Any]:
+    return psycopg.connect(env.proxy.dsn(), connect_timeout=10, **kw)
+
+
+def local_port(conn: psycopg.Connection[Any]) -> int:
+    with socket.socket(fileno=os.dup(conn.pgconn.socket)) as s:
+        return int(s.getsockname()[1])
+
+
+# -- every route, every kind of caller -----------------------------------------------------------------
+# method, path, the scope it needs, a token without it, a token with it, the right token's answer
+ROUTES = [
+    ("GET", "/sessions", "admin:read", "operator", "reader", 200),
+    ("DELETE", "/sessions/999999", "sessions:terminate", "reader", "operator", 404),
+    ("POST", "/policy/reload", "policy:reload", "reader", "operator", 200),
+    ("GET", "/keys", "admin:read", "operator", "reader", 200),
+    ("GET", "/openapi.json", "admin:read", "prom", "reader", 200),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "scope", "lacking", "right", "expected"), ROUTES)
+def test_no_token_wrong_token_and_missing_scope_are_refused(
+    env: AdminEnv, method: str, path: str, scope: str, lacking: str, right: str, expected: int
+) -> None:
+    r = call(env.v1(path), method)
+    assert r.status == 401
+    assert r.headers["WWW-Authenticate"] == 'Bearer realm="pgveil"'
+    assert r.body["error"] == "unauthorized"
+
+    r = call(env.v1(path), method, WRONG)
+    assert r.status == 401
+    assert r.headers["WWW-Authenticate"] == 'Bearer realm="pgveil", error="invalid_token"'
+
+    r = call(env.v1(path), method, headers={"Authorization": f"Basic {WRONG}"})
+    assert r.status == 401
+    assert 'error="invalid_request"' in r.headers["WWW-Authenticate"]
+
+    r = call(env.v1(path), method, token(lacking))
+    assert r.status == 403
+    assert r.headers["WWW-Authenticate"] == f'Bearer realm="pgveil", error="insufficient_scope", scope="{scope}"'
+    assert r.body == {"error": "forbidden", "detail": f"the token lacks scope {scope}"}
+
+
+@pytest.mark.parametrize(("method", "path", "scope", "lacking", "right", "expected"), ROUTES)
+def test_the_right_token_is_let_through(
+    env: AdminEnv, method: str, path: str, scope: str, lacking: str, right: str, expected: int
+) -> None:
+    assert scope in TOKENS[right][1]
+    r = call(env.v1(path), method, token(right))
+    assert r.status == expected, r.body
+    assert isinstance(r.body, dict)
+    assert r.body.get("error") != "forbidden"
+
+
+def test_probes_are_open_by_default(env: AdminEnv) -> None:
+    assert call(env.url + "/healthz").status == 200
+    assert call(env.url + "/metrics").status == 200
+    assert call(env.url + "/readyz").status in (200, 503)
+
+
+# -- sessions ------------------------------------------------------------------------------------------
+def test_sessions_lists_role_database_address_start_and_state(env: AdminEnv) -> None:
+    before = time.time()
+    with connect(env, autocommit=True) as idle, connect(env) as in_tx:
+        in_tx.execute("SELECT 1")  # psycopg opens a transaction: idle in transaction afterwards
+        after = time.time()
+        r = call(env.v1("/sessions"), bearer=token("reader"))
+        assert r.status == 200
+        assert r.body["covers"] == "process"
+        assert r.body["process"] == 0
+        assert r.body["other_processes"] == {}
+        by_port = {s["client_port"]: s for s in r.body["sessions"]}
+        assert r.body["total"] == len(r.body["sessions"])
+        s_idle, s_tx = by_port[local_port(idle)], by_port[local_port(in_tx)]
+        for s in (s_idle, s_tx):
+            assert (s["role"], s["database"], s["client_address"], s["tls"]) == ("app", "app", "127.0.0.1", False)
+            started = time.mktime(time.strptime(s["started_at"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+            assert int(before) - 1 <= started <= after + 1
+            assert s["started_at"].endswith("+00:00")
+        assert s_idle["state"] == "idle"
+        assert s_tx["state"] == "idle in transaction"
+        assert s_idle["id"] != s_tx["id"]
+
+
+def _session_id(env: AdminEnv, conn: psycopg.Connection[Any]) -> int:
+    port = local_port(conn)
+    r = call(env.v1("/sessions"), bearer=token("reader"))
+    return int(next(s["id"] for s in r.body["sessions"] if s["client_port"] == port))
+
+
+def test_terminating_an_idle_session_sends_fatal_57p01(env: AdminEnv) -> None:
+    with connect(env, autocommit=True) as victim, connect(env, autocommit=True) as bystander:
+        sid = _session_id(env, victim)
+        r = call(env.v1(f"/sessions/{sid}"), "DELETE", token("operator"))
+        assert r.status == 200
+        assert r.body == {"id": sid, "terminated": True}
+        with pytest.raises(psycopg.OperationalError) as exc:
+            victim.execute("SELECT 1")
+        assert victim.closed
+        assert bystander.execute("SELECT 1").fetchone() == (1,)
+    # The FATAL reached the client before the close (libpq reports it with the next command).
+    assert "terminating connection due to administrator command" in str(exc.value)
+    assert call(env.v1(f"/sessions/{sid}"), "DELETE", token("operator")).status == 404
+    assert call(env.v1("/sessions/abc"), "DELETE", token("operator")).status == 400
+
+
+def test_terminating_a_busy_session_ends_its_statement_on_the_server(env: AdminEnv) -> None:
+    marker = f"admin_busy_{uuid.uuid4().hex[:8]}"
+    errors: list[BaseException] = []
+    victim = connect(env, autocommit=True)
+    sid = _session_id(env, victim)
+
+    def run() -> None:
+        try:
+            victim.execute(f"SELECT pg_sleep(60) AS {marker}")
+        except psycopg.Error as e:
+            errors.append(e)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    direct = psycopg.connect(env.pg.dsn(dbname="app"), autocommit=True)
+    try:
+
+        def sleeping() -> int:
+            row = direct.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE %s", (f"%{marker}%",)
+            ).fetchone()
+            return int(row[0]) if row else 0
+
+        assert wait_until(lambda: sleeping() == 1, timeout=20)
+        r = call(env.v1(f"/sessions/{sid}"), "DELETE", token("operator"))
+        assert r.status == 200
+        worker.join(30)
+        assert not worker.is_alive()
+        assert len(errors) == 1
+        assert getattr(errors[0], "sqlstate", None) == "57P01"
+        assert wait_until(lambda: sleeping() == 0, timeout=20)  # cancelled, not left running for a minute
+    finally:
+        direct.close()
+        victim.close()
+
+
+@pytest.mark.asyncio
+async def test_asyncpg_sessions_are_listed_and_a_busy_one_gets_57p01(env: AdminEnv) -> None:
+    conn = await asyncpg.connect(env.proxy.dsn())
+    try:
+        port = conn._transport.get_extra_info("sockname")[1]
+        r = await asyncio.to_thread(call, env.v1("/sessions"), "GET", token("reader"))
+        mine = [s for s in r.body["sessions"] if s["client_port"] == port]
+        assert len(mine) == 1
+        assert mine[0]["state"] == "idle"
+        assert (mine[0]["role"], mine[0]["database"]) == ("app", "app")
+        query = asyncio.ensure_future(conn.fetchval("SELECT pg_sleep(60)"))
+
+        async def active() -> bool:
+            r = await asyncio.to_thread(call, env.v1("/sessions"), "GET", token("reader"))
+            return any(s["client_port"] == port and s["state"] == "active" for s in r.body["sessions"])
+
+        for _ in range(200):
+            if await active():
+                break
+            await asyncio.sleep(0.05)
+        r = await asyncio.to_thread(call, env.v1(f"/sessions/{mine[0]['id']}"), "DELETE", token("operator"))
+        assert r.status == 200
+        # asyncpg reports the FATAL's message on the operation the close interrupted.
+        with pytest.raises(
+            (asyncpg.AdminShutdownError, asyncpg.ConnectionDoesNotExistError), match="due to administrator command"
+        ):
+            await asyncio.wait_for(query, 30)
+    finally:
+        await conn.close()
+
+
+# -- policy reload -------------------------------------------------------------------------------------
+def test_policy_reload_applies_a_valid_file_and_rejects_an_invalid_one(env: AdminEnv) -> None:
+    r = call(env.v1("/policy/reload"), "POST", token("operator"))
+    assert r.status == 200
+    assert r.body["applied"] is True
+    original = env.proxy.config_path.read_text()
+    try:
+        broken = yaml.safe_load(original)
+        broken["sessions"]["max_client_connections"] = -1
+        env.proxy.config_path.write_text(yaml.safe_dump(broken))
+        r = call(env.v1("/policy/reload"), "POST", token("operator"))
+        assert r.status == 409
+        assert r.body["applied"] is False
+        assert any("sessions.max_client_connections" in m for m in r.body["messages"]), r.body
+    finally:
+        env.proxy.config_path.write_text(original)
+    assert call(env.v1("/policy/reload"), "POST", token("operator")).status == 200
+
+
+# -- keys ----------------------------------------------------------------------------------------------
+def test_keys_lists_versions_matching_the_stored_envelopes_and_never_key_bytes(env: AdminEnv) -> None:
+    with connect(env, autocommit=True) as c:
+        c.execute(f"INSERT INTO {TABLE} VALUES (1, '4111111111111111') ON CONFLICT (id) DO NOTHING")
+    with psycopg.connect(env.pg.dsn(dbname="app"), autocommit=True) as direct:
+        row = direct.execute(f"SELECT card FROM {TABLE} WHERE id = 1").fetchone()
+        assert row is not None
+        stored_key_id = str(uuid.UUID(bytes=bytes(row[0])[4:20]))
+        wrapped = [bytes(w[0]) for w in direct.execute("SELECT wrapped FROM pgveil.deks WHERE wrapped IS NOT NULL")]
+    r = call(env.v1("/keys"), bearer=token("reader"))
+    assert r.status == 200
+    assert r.body["keystore"] is True
+    col = next(c for c in r.body["columns"] if c["column"] == COLUMN)
+    assert col["configured"] is True
+    assert col["subject_keys"] is None
+    assert [v["key_id"] for v in col["versions"]] == [stored_key_id]
+    (v,) = col["versions"]
+    assert (v["version"], v["state"], v["current"], v["destroyed_at"]) == (1, "ENABLED", True, None)
+    text = json.dumps(r.body)
+    assert wrapped
+    for w in wrapped:
+        assert w.hex() not in text
+        assert w.hex()[:16] not in text
+
+
+# -- the OpenAPI document ------------------------------------------------------------------------------
+def test_the_document_describes_exactly_the_routes_that_exist(env: AdminEnv) -> None:
+    doc = call(env.v1("/openapi.json"), bearer=token("reader")).body
+    assert doc["openapi"] == "3.1.0"
+    documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
+    from proxy.admin.api import operations
+
+    assert documented == {(op.method, f"/v1{op.path}") for op in operations()} | {
+        ("GET", "/metrics"),
+        ("GET", "/healthz"),
+        ("GET", "/readyz"),
+    }
+    # Every documented route answers something other than "no such route" (404 "not found" / 405).
+    for method, path in documented:
+        concrete = re.sub(r"\{[^}]+\}", "0", path)
+        r = call(env.url + concrete, method, token("root"))
+        assert r.status != 405
+        assert r.body != {"error": "not found"}, path
+        assert str(r.status) in doc["paths"][path][method.lower()]["responses"], (path, r.status)
+    # And a route that is not documented does not exist.
+    assert call(env.v1("/nothing"), bearer=token("root")).body == {"error": "not found"}
+
+
+def test_mutating_calls_are_logged_by_token_name_and_no_token_reaches_the_log(env: AdminEnv) -> None:
+    with connect(env, autocommit=True) as c:
+        sid = _session_id(env, c)
+        assert call(env.v1(f"/sessions/{sid}"), "DELETE", token("operator")).status == 200
+    call(env.v1("/policy/reload"), "POST", token("operator"))
+    call(env.v1("/sessions"), bearer=WRONG)
+    call(env.v1("/sessions"), bearer=token("prom"))
+    logs = env.proxy.logs()
+    assert "admin action terminateSession by token 'operator' from 127.0.0.1: DELETE /v1/sessions/{id}" in logs
+    assert f"(target {sid}) -> 200" in logs
+    assert "admin action reloadPolicy by token 'operator'" in logs
+    assert "admin authentication failed from 127.0.0.1: unknown token" in logs
+    assert "admin request by token 'prom' refused: it lacks scope admin:read" in logs
+    for t, _ in TOKENS.values():
+        assert t not in logs
+        assert hashlib.sha256(t.encode()).hexdigest() not in logs
+    assert WRONG not in logs
+
+
+# -- other configurations ------------------------------------------------------------------------------
+def test_without_a_tokens_file_the_api_is_disabled_not_open(make_proxy: Any) -> None:
+    p = make_proxy()
+    for method, path, *_ in ROUTES:
+        r = call(f"{p.admin_url}/v1{path}", method, token("root"))
+        assert r.status == 404
+        assert r.body["error"] == "admin API disabled"
+        assert "admin.tokens_file" in r.body["detail"]
+    assert call(p.admin_url + "/metrics").status == 200
+
+
+def test_a_missing_tokens_file_stops_pgveil_from_starting(pg: DevCluster, tmp_path: Path) -> None:
+    p = ProxyProcess(proxy_config(pg, admin={"tokens_file": str(tmp_path / "absent.yaml")}), tmp_path / "p")
+    with pytest.raises(RuntimeError, match="did not start"):
+        p.start()
+    assert "admin.tokens_file" in p.logs()
+    assert "cannot read it" in p.logs()
+
+
+def test_probes_can_require_a_metrics_token(make_proxy: Any, tmp_path: Path) -> None:
+    tokens = write_tokens(tmp_path / "tokens.yaml")
+    p = make_proxy(
+        admin={"tokens_file": str(tokens), "require_token_for_metrics": True, "require_token_for_health": True}
+    )
+    for path in ("/metrics", "/healthz", "/readyz"):
+        assert call(p.admin_url + path).status == 401
+        assert call(p.admin_url + path, bearer=WRONG).status == 401
+        assert call(p.admin_url + path, bearer=token("reader")).status == 403
+        assert call(p.admin_url + path, bearer=token("prom")).status in (200, 503)
+    assert "pgveil_" in call(p.admin_url + "/metrics", bearer=token("prom")).body
+
+
+def test_repeated_failures_from_one_address_get_429_even_with_a_good_token(make_proxy: Any, tmp_path: Path) -> None:
+    tokens = write_tokens(tmp_path / "tokens.yaml")
+    p = make_proxy(admin={"tokens_file": str(tokens), "auth_failure_limit": 3, "auth_failure_window": 600})
+    url = f"{p.admin_url}/v1/sessions"
+    assert call(url, bearer=token("reader")).status == 200
+    for _ in range(3):
+        assert call(url, bearer=WRONG).status == 401
+    r = call(url, bearer=token("reader"))
+    assert r.status == 429
+    assert 1 <= int(r.headers["Retry-After"]) <= 600
+    assert r.body["error"] == "too many failed authentications"
+    assert call(url).status == 429
+    # Missing tokens are not guesses: another proxy's clean state shows a tokenless call is not counted.
+    q = make_proxy(admin={"tokens_file": str(tokens), "auth_failure_limit": 1, "auth_failure_window": 600})
+    for _ in range(3):
+        assert call(f"{q.admin_url}/v1/sessions").status == 401
+    assert call(f"{q.admin_url}/v1/sessions", bearer=token("reader")).status == 200
+
+
+def test_a_revoked_token_stops_working_without_a_restart(make_proxy: Any, tmp_path: Path) -> None:
+    tokens = write_tokens(tmp_path / "tokens.yaml")
+    p = make_proxy(admin={"tokens_file": str(tokens)})
+    url = f"{p.admin_url}/v1/sessions"
+    assert call(url, bearer=token("reader")).status == 200
+    write_tokens(tokens, ["root"])
+    assert wait_until(lambda: call(url, bearer=token("reader")).status == 401, timeout=10)
+    assert call(url, bearer=token("root")).status == 200
+
+
+def test_sessions_of_worker_processes_are_counted(make_proxy: Any, tmp_path: Path) -> None:
+    tokens = write_tokens(tmp_path / "tokens.yaml")
+    p = make_proxy(admin={"tokens_file": str(tokens)}, sessions={"workers": 2, "shutdown_timeout": 5})
+    conns = [psycopg.connect(p.dsn(), autocommit=True, connect_timeout=10) for _ in range(4)]
+    try:
+        for c in conns:
+            c.execute("SELECT 1")
+
+        def listing() -> dict[str, Any]:
+            body: dict[str, Any] = call(f"{p.admin_url}/v1/sessions", bearer=token("reader")).body
+            return body
+
+        assert wait_until(lambda: listing()["total"] == 4, timeout=15), listing()
+        body = listing()
+        assert set(body["other_processes"]) == {"1"}
+        assert len(body["sessions"]) + body["other_processes"]["1"] == 4
+    finally:
+        for c in conns:
+            c.close()
