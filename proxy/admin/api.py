@@ -273,11 +273,11 @@ async def _get_sessions(request: web.Request, token: Token) -> web.Response:
 
 async def _delete_session(request: web.Request, token: Token) -> web.Response:
     raw = request.match_info["id"]
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+    if not raw.isascii() or not raw.isdigit():
         return error(400, "bad request", "a session id is a non-negative integer")
-    sid = int(raw)
-    if not services.terminate_session(_instance(request), sid):
-        return error(404, "not found", f"this process serves no session {sid}")
+    sid = int(raw) if len(raw) <= 19 else -1  # longer than any id a process hands out
+    if sid < 0 or not services.terminate_session(_instance(request), sid):
+        return error(404, "not found", f"this process serves no session {raw[:20]}")
     return web.json_response({"id": sid, "terminated": True})
 
 

@@ -7,11 +7,15 @@ which must name tokens but never contain one.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import hashlib
+import http.client
+import ipaddress
 import json
 import os
 import re
 import socket
+import ssl
 import threading
 import time
 import urllib.error
@@ -27,6 +31,10 @@ import psycopg
 import pytest
 import yaml
 from conftest import ProxyProcess, proxy_config, wait_until
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from proxy.admin.auth import Scope
 from proxy.config import parse_config
@@ -472,3 +480,80 @@ def test_sessions_of_worker_processes_are_counted(make_proxy: Any, tmp_path: Pat
     finally:
         for c in conns:
             c.close()
+
+
+# -- mutual TLS ----------------------------------------------------------------------------------------
+def _issue(
+    subject: str, issuer_key: Any, issuer: x509.Name | None, *, ca: bool = False, server: bool = False
+) -> tuple[Any, x509.Certificate]:
+    now = datetime.datetime.now(datetime.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer if issuer is not None else name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
+    elif server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+    else:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    return key, builder.sign(issuer_key if issuer is not None else key, hashes.SHA256())
+
+
+def _write_pair(directory: Path, stem: str, key: Any, cert: x509.Certificate) -> tuple[Path, Path]:
+    crt, pem = directory / f"{stem}.crt", directory / f"{stem}.key"
+    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pem.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    os.chmod(pem, 0o600)
+    return crt, pem
+
+
+def test_mutual_tls_accepts_a_client_certificate_of_its_ca_and_refuses_others(make_proxy: Any, tmp_path: Path) -> None:
+    ca_key, ca = _issue("admin test CA", None, None, ca=True)
+    rogue_key, rogue = _issue("rogue CA", None, None, ca=True)
+    ca_file, _ = _write_pair(tmp_path, "ca", ca_key, ca)
+    server = _write_pair(tmp_path, "server", *_issue("localhost", ca_key, ca.subject, server=True))
+    client = _write_pair(tmp_path, "client", *_issue("secops", ca_key, ca.subject))
+    stranger = _write_pair(tmp_path, "stranger", *_issue("secops", rogue_key, rogue.subject))
+    tokens = write_tokens(tmp_path / "tokens.yaml")
+    p = make_proxy(
+        admin={
+            "tokens_file": str(tokens),
+            "tls": {"cert_file": str(server[0]), "key_file": str(server[1]), "client_ca_file": str(ca_file)},
+        }
+    )
+    url = f"https://127.0.0.1:{p.admin_port}"
+
+    def context(pair: tuple[Path, Path] | None) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(ca_file))
+        if pair is not None:
+            ctx.load_cert_chain(*pair)
+        return ctx
+
+    r = call(url + "/v1/sessions", bearer=token("reader"), context=context(client))
+    assert r.status == 200
+    assert r.body["covers"] == "process"
+    # A certificate is not a token: the API still asks for one.
+    assert call(url + "/v1/sessions", context=context(client)).status == 401
+    assert call(url + "/healthz", context=context(client)).status == 200
+    for pair in (None, stranger):
+        with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+            call(url + "/healthz", context=context(pair))
+    # Plain HTTP on the TLS port gets no answer from the API.
+    with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+        call(f"http://127.0.0.1:{p.admin_port}/healthz")
