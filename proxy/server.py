@@ -25,7 +25,7 @@ from proxy.config import Config, load_config
 from proxy.encrypt.runtime import EncryptionRuntime, connect_kwargs
 from proxy.errors import ConfigError
 from proxy.logsetup import setup_logging
-from proxy.services import Explainer, ReloadOutcome, captured_log_lines
+from proxy.services import Explainer, ReloadOutcome, captured_log_lines, key_columns
 from proxy.session import ClientProtocol, Session, SessionSettings, shutdown_analysis_pool
 from proxy.tls import client_leg_context, first_certificate_der, upstream_settings
 from proxy.workers import Supervisor, WorkerChannel
@@ -181,8 +181,7 @@ class ProxyServer:
         return ReloadOutcome(applied=self.config is not before, messages=tuple(lines))
 
     def configured_key_columns(self) -> tuple[str, ...]:
-        tables = self.config.catalog().tables.values()
-        return tuple(sorted(c.column_id for t in tables if t.root is None for c in t.columns.values() if c.encrypted))
+        return key_columns(self.config)
 
     def keystore_connection(self) -> Callable[[], Awaitable[Any]] | None:
         ks = self.config.keystore

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from proxy.config import Config
 from proxy.protocol import relay
 
 # -- sessions ------------------------------------------------------------------------------------------
@@ -269,6 +270,12 @@ async def list_keys(conn: KeystoreConnection, configured: Iterable[str] = ()) ->
             )
         )
     return KeyListing(tuple(out))
+
+
+def key_columns(config: Config) -> tuple[str, ...]:
+    """The encrypted columns of ``config`` (``schema.table.column``), whose keys :func:`list_keys` lists."""
+    tables = config.catalog().tables.values()
+    return tuple(sorted(c.column_id for t in tables if t.root is None for c in t.columns.values() if c.encrypted))
 
 
 # -- the running instance -----------------------------------------------------------------------------

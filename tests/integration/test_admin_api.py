@@ -16,6 +16,8 @@ import os
 import re
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -38,7 +40,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from proxy.admin.auth import Scope
 from proxy.config import parse_config
-from proxy.devcluster import DevCluster
+from proxy.devcluster import DevCluster, free_port
 from proxy.schema import apply_schema, plan_schema
 
 pytestmark = pytest.mark.integration
@@ -557,3 +559,81 @@ def test_mutual_tls_accepts_a_client_certificate_of_its_ca_and_refuses_others(ma
     # Plain HTTP on the TLS port gets no answer from the API.
     with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
         call(f"http://127.0.0.1:{p.admin_port}/healthz")
+
+
+# -- the CLI -------------------------------------------------------------------------------------------
+def pgveil(
+    *args: str, token_name: str | None = "root", tmp: Path | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PGVEIL_ADMIN")}
+    environ.update(env)
+    if token_name is not None:
+        environ["PGVEIL_ADMIN_TOKEN"] = token(token_name)
+    return subprocess.run(
+        [sys.executable, "-m", "proxy.cli", *args], capture_output=True, text=True, timeout=60, env=environ
+    )
+
+
+def test_cli_lists_terminates_reloads_and_shows_keys(env: AdminEnv, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(token("root") + "\n")
+    with connect(env, autocommit=True) as c:
+        port = local_port(c)
+        r = pgveil("admin", "sessions", "--admin", env.url, "--token-file", str(token_file), token_name=None)
+        assert r.returncode == 0, r.stderr
+        line = next(ln for ln in r.stdout.splitlines() if f"127.0.0.1:{port}" in ln)
+        assert line.split()[1:3] == ["app", "app"]
+        r = pgveil("admin", "sessions", "--json", PGVEIL_ADMIN_URL=env.url)
+        sid = next(s["id"] for s in json.loads(r.stdout)["sessions"] if s["client_port"] == port)
+        r = pgveil("admin", "terminate", str(sid), "--admin", env.url)
+        assert (r.returncode, r.stdout.strip()) == (0, f"session {sid} terminated")
+        with pytest.raises(psycopg.OperationalError):
+            c.execute("SELECT 1")
+    r = pgveil("admin", "terminate", str(sid), "--admin", env.url)
+    assert r.returncode == 1
+    assert r.stderr.startswith("pgveil: the admin API answered 404: not found")
+    r = pgveil("admin", "reload", "--admin", env.url)
+    assert (r.returncode, r.stdout.strip()) == (0, "configuration reloaded")
+
+    via_api = pgveil("admin", "keys", "--json", "--admin", env.url)
+    direct = pgveil("admin", "keys", "--json", "--config", str(env.proxy.config_path))
+    assert via_api.returncode == direct.returncode == 0, (via_api.stderr, direct.stderr)
+    assert json.loads(via_api.stdout) == json.loads(direct.stdout)  # one service, two ways to reach it
+    assert COLUMN in pgveil("admin", "keys", "--config", str(env.proxy.config_path)).stdout
+
+
+def test_cli_errors_are_one_line_with_an_exit_code_and_no_token(env: AdminEnv) -> None:
+    r = pgveil("admin", "sessions", "--admin", env.url, token_name=None, PGVEIL_ADMIN_TOKEN=WRONG)
+    assert r.returncode == 1
+    assert r.stderr.strip() == "pgveil: the admin API answered 401: unauthorized (the token is not valid)"
+    assert WRONG not in r.stdout + r.stderr
+    r = pgveil("admin", "reload", "--admin", env.url, token_name="reader")
+    assert r.returncode == 1
+    assert "answered 403: forbidden (the token lacks scope policy:reload)" in r.stderr
+    r = pgveil("admin", "sessions", "--admin", env.url, token_name=None)
+    assert r.returncode == 2
+    assert "no admin token" in r.stderr
+    r = pgveil("admin", "sessions")
+    assert (r.returncode, r.stderr.strip()) == (2, "pgveil: no admin URL: use --admin URL or $PGVEIL_ADMIN_URL")
+    r = pgveil("admin", "sessions", "--admin", f"http://127.0.0.1:{free_port()}")
+    assert r.returncode == 1
+    assert r.stderr.startswith("pgveil: cannot reach the admin API at http://127.0.0.1:")
+    for out in (r.stdout, r.stderr):
+        assert "Traceback" not in out
+
+
+def test_cli_token_makes_an_entry_the_api_accepts(make_proxy: Any, tmp_path: Path) -> None:
+    r = pgveil("admin", "token", "--name", "fresh", "--scope", "admin:read", token_name=None)
+    assert r.returncode == 0
+    lines = r.stdout.splitlines()
+    new_token = lines[1].removeprefix("#").strip()
+    entry = yaml.safe_load("\n".join(ln for ln in lines if not ln.startswith("#")))
+    assert entry[0]["name"] == "fresh"
+    assert new_token not in yaml.safe_dump(entry)
+    (tmp_path / "tokens.yaml").write_text(yaml.safe_dump(entry))
+    p = make_proxy(admin={"tokens_file": str(tmp_path / "tokens.yaml")})
+    assert call(f"{p.admin_url}/v1/sessions", bearer=new_token).status == 200
+    assert call(f"{p.admin_url}/v1/policy/reload", "POST", new_token).status == 403
+    r = pgveil("admin", "token", "--name", "x", "--scope", "admin:write", token_name=None)
+    assert r.returncode == 2
+    assert "unknown scope 'admin:write'" in r.stderr
