@@ -1,16 +1,21 @@
-"""Admin tokens: the tokens file, constant-time lookup, scopes, the failure limiter and the config options."""
+"""Admin tokens: the tokens file, constant-time lookup, scopes, the failure limiter and the config options;
+and the API in process: every route documented, the guard, the record of mutating calls, the disabled API."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy.admin.api import AdminAction, Guard, build_api_app, disabled_api_app, operations
+from proxy.admin.app import build_admin_app
 from proxy.admin.auth import (
     FailureLimiter,
     Scope,
@@ -20,8 +25,11 @@ from proxy.admin.auth import (
     read_tokens_file,
     token_digest,
 )
+from proxy.admin.metrics import Metrics
+from proxy.admin.openapi import build_document
 from proxy.config import load_config
 from proxy.errors import ConfigError
+from proxy.services import ReloadOutcome
 
 
 class Clock:
@@ -262,3 +270,112 @@ def test_changing_admin_settings_on_reload_is_reported_and_kept(tmp_path: Path) 
     new = load_config(path, environ={})
     assert any(line.startswith("admin: changed settings need a restart") for line in running.reload_diff(new))
     assert new.keeping_restart_settings(running).admin.tokens_file == tmp_path / "a.yaml"
+
+
+# -- the API in process: routes, document, guard and the record of actions ----------------------------
+class FakeInstance:
+    """A running instance with no sessions and a reload that always applies."""
+
+    def __init__(self) -> None:
+        self.reloads = 0
+
+    def live_sessions(self) -> list[Any]:
+        return []
+
+    def other_process_sessions(self) -> dict[int, int]:
+        return {1: 2}
+
+    def reload_reporting(self) -> ReloadOutcome:
+        self.reloads += 1
+        return ReloadOutcome(True, ("reload: fine",))
+
+    def configured_key_columns(self) -> tuple[str, ...]:
+        return ()
+
+    def keystore_connection(self) -> None:
+        return None
+
+    def explainer(self) -> None:
+        return None
+
+
+async def api_client(tmp_path: Path, record: Any = None) -> tuple[TestClient[Any, Any], FakeInstance]:
+    path = write(
+        tmp_path / "t.yaml", [entry("ops", "ops-token", "admin:read", "policy:reload"), entry("ro", "ro", "admin:read")]
+    )
+    guard = Guard(TokenFile(path), FailureLimiter(100, 60))
+    instance = FakeInstance()
+    kwargs = {"record": record} if record is not None else {}
+    api = build_api_app(instance, guard, **kwargs)
+    app = build_admin_app(Metrics("t"), _always_ready, version="t", api=api, metrics_guard=guard)
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    return client, instance
+
+
+async def _always_ready() -> tuple[bool, str]:
+    return True, "ok"
+
+
+def test_every_route_of_the_app_is_documented_and_nothing_else() -> None:
+    app = build_api_app(FakeInstance(), Guard.__new__(Guard))
+    routes = {(r.method, "/v1" + (r.resource.canonical if r.resource else "")) for r in app.router.routes()}
+    doc = build_document(operations())
+    documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops if p.startswith("/v1/")}
+    assert routes == documented
+    for path, ops in doc["paths"].items():
+        for op in ops.values():
+            assert {"401", "403", "429"} <= set(op["responses"]), path
+            assert op["x-pgveil-scope"] in {s.value for s in Scope}
+
+
+async def test_mutating_calls_go_to_the_recorder_with_the_token_name(tmp_path: Path) -> None:
+    recorded: list[AdminAction] = []
+
+    async def record(action: AdminAction) -> None:
+        recorded.append(action)
+
+    client, instance = await api_client(tmp_path, record)
+    try:
+        r = await client.post("/v1/policy/reload", headers={"Authorization": "Bearer ops-token"})
+        assert r.status == 200
+        assert await r.json() == {"applied": True, "messages": ["reload: fine"]}
+        r = await client.get("/v1/sessions", headers={"Authorization": "Bearer ops-token"})
+        assert await r.json() == {
+            "covers": "process",
+            "process": 0,
+            "sessions": [],
+            "other_processes": {"1": 2},
+            "total": 2,
+        }
+        r = await client.post("/v1/policy/reload", headers={"Authorization": "Bearer ro"})
+        assert r.status == 403
+    finally:
+        await client.close()
+    assert instance.reloads == 1  # the refused call did not reach the instance
+    assert recorded == [
+        AdminAction("ops", "reloadPolicy", "POST", "/v1/policy/reload", 200, "127.0.0.1", None)
+    ]  # reads and refusals are not actions
+
+
+async def test_metrics_can_be_guarded_while_health_stays_open(tmp_path: Path) -> None:
+    client, _ = await api_client(tmp_path)
+    try:
+        assert (await client.get("/metrics")).status == 401
+        assert (await client.get("/metrics", headers={"Authorization": "Bearer ro"})).status == 403
+        assert (await client.get("/healthz")).status == 200
+    finally:
+        await client.close()
+
+
+async def test_the_disabled_api_says_so_on_every_path() -> None:
+    app = build_admin_app(Metrics("t"), _always_ready, version="t", api=disabled_api_app())
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    try:
+        for method, path in (("GET", "/v1/sessions"), ("DELETE", "/v1/sessions/1"), ("POST", "/v1/x/y")):
+            r = await client.request(method, path, headers={"Authorization": "Bearer anything"})
+            assert r.status == 404
+            assert (await r.json())["error"] == "admin API disabled"
+    finally:
+        await client.close()
