@@ -20,7 +20,7 @@ from typing import Any
 from proxy import __version__
 from proxy.admin.api import admin_wiring
 from proxy.admin.app import AdminServer, build_admin_app, start_admin_server, upstream_reachable
-from proxy.admin.metrics import Metrics
+from proxy.admin.metrics import AdminMetrics, Metrics
 from proxy.config import Config, load_config
 from proxy.encrypt.runtime import EncryptionRuntime, connect_kwargs
 from proxy.errors import ConfigError
@@ -116,7 +116,7 @@ class ProxyServer:
             self.metrics.exposed = self.supervisor.attach(self.metrics.registry)
         # The admin port opens before the listen port, so a client that can connect finds it answering.
         if self.config.admin.listen is not None:
-            wiring = admin_wiring(self.config.admin, self)
+            wiring = admin_wiring(self.config.admin, self, AdminMetrics(self.metrics.registry))
             app = build_admin_app(self.metrics, self.readiness, version=__version__, **wiring.app_options)
             self._admin = await start_admin_server(
                 app, self.config.admin.listen.host, self.config.admin.listen.port, ssl_context=wiring.ssl_context

@@ -27,6 +27,7 @@ from aiohttp import web
 
 from proxy import services
 from proxy.admin.auth import FailureLimiter, Scope, Token, TokenFile, bearer_token
+from proxy.admin.metrics import AdminMetrics
 from proxy.config import AdminConfig
 from proxy.errors import ConfigError
 
@@ -94,9 +95,15 @@ def _challenge(error_code: str | None = None, scope: Scope | None = None) -> dic
 class Guard:
     """Authenticates a request's bearer token against the tokens file and checks one scope."""
 
-    def __init__(self, tokens: TokenFile, limiter: FailureLimiter) -> None:
+    def __init__(self, tokens: TokenFile, limiter: FailureLimiter, metrics: AdminMetrics | None = None) -> None:
         self.tokens = tokens
         self.limiter = limiter
+        self.metrics = metrics
+
+    def _failed(self, address: str) -> None:
+        self.limiter.failed(address)
+        if self.metrics is not None:
+            self.metrics.auth_failed()
 
     def authorize(self, request: web.BaseRequest, scope: Scope) -> Token | web.Response:
         """The caller's token, or the response that refuses it (429, 401, 403, 503)."""
@@ -112,7 +119,7 @@ class Guard:
         presented = bearer_token(request.headers.get("Authorization"))
         if presented is None:
             if "Authorization" in request.headers:
-                self.limiter.failed(address)
+                self._failed(address)
                 log.warning("admin authentication failed from %s: malformed Authorization header", address)
                 return error(
                     401, "unauthorized", "expected 'Authorization: Bearer <token>'", _challenge("invalid_request")
@@ -122,7 +129,7 @@ class Guard:
             return error(503, "admin tokens unavailable", "the tokens file is unreadable or invalid; see pgveil's log")
         token = self.tokens.lookup(presented)
         if token is None:
-            self.limiter.failed(address)
+            self._failed(address)
             log.warning("admin authentication failed from %s: unknown token", address)
             return error(401, "unauthorized", "the token is not valid", _challenge("invalid_token"))
         if scope not in token.scopes:
@@ -403,8 +410,12 @@ def _route_handler(
     async def handle(request: web.Request) -> web.StreamResponse:
         outcome = guard.authorize(request, op.scope)
         if isinstance(outcome, web.Response):
+            if guard.metrics is not None:
+                guard.metrics.request(op.operation_id, outcome.status)
             return outcome
         response = await op.handler(request, outcome)
+        if guard.metrics is not None:
+            guard.metrics.request(op.operation_id, response.status)
         if op.mutating:
             target = request.match_info.get("id")
             await record(
@@ -459,7 +470,7 @@ class AdminWiring:
     ssl_context: ssl.SSLContext | None
 
 
-def admin_wiring(admin: AdminConfig, instance: services.Instance) -> AdminWiring:
+def admin_wiring(admin: AdminConfig, instance: services.Instance, metrics: AdminMetrics | None = None) -> AdminWiring:
     """The admin server's API, guards and TLS for ``admin``. Reads the tokens file: a missing or invalid one
     raises :class:`~proxy.errors.ConfigError`, so pgveil does not start with an API nobody can use."""
     from proxy.admin.app import admin_tls_context
@@ -470,7 +481,7 @@ def admin_wiring(admin: AdminConfig, instance: services.Instance) -> AdminWiring
         log.info("admin API disabled: no admin.tokens_file")
     else:
         tokens = TokenFile(admin.tokens_file)
-        guard = Guard(tokens, FailureLimiter(admin.auth_failure_limit, admin.auth_failure_window))
+        guard = Guard(tokens, FailureLimiter(admin.auth_failure_limit, admin.auth_failure_window), metrics)
         options["api"] = build_api_app(instance, guard)
         if admin.require_token_for_metrics:
             options["metrics_guard"] = guard

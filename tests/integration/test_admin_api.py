@@ -55,6 +55,7 @@ TOKENS = {
 WRONG = "tok-wrong-" + uuid.uuid4().hex
 TABLE = "admin_cards"
 COLUMN = f"public.{TABLE}.card"
+KEYSTORE_DB = "admin_api_keys"
 
 
 def token(name: str) -> str:
@@ -106,10 +107,13 @@ class AdminEnv:
         return f"{self.url}/v1{path}"
 
 
-def admin_config(pg: DevCluster, tokens_file: Path, **admin: Any) -> dict[str, Any]:
+def admin_config(pg: DevCluster, tokens_file: Path, master_key: Path, **admin: Any) -> dict[str, Any]:
+    """A pgveil with one encrypted column and a keystore database of its own (so its master key meets no
+    other test's keys). Every such pgveil of a test run shares that keystore, hence one master key."""
     return proxy_config(
         pg,
-        keystore={"dsn": pg.dsn(dbname="app"), "master_key": {"provider": "local", "path": "master.key"}},
+        keystore={"dsn": pg.dsn(dbname=KEYSTORE_DB), "master_key": {"provider": "local", "path": str(master_key)}},
+        service={"dsn": pg.dsn(dbname="app")},
         tables={f"public.{TABLE}": {"columns": {"card": {"type": "text", "encrypt": True}}}},
         roles={"default": "plaintext"},
         admin={"tokens_file": str(tokens_file), "auth_failure_limit": 1000, **admin},
@@ -117,6 +121,12 @@ def admin_config(pg: DevCluster, tokens_file: Path, **admin: Any) -> dict[str, A
 
 
 async def _create_table(pg: DevCluster) -> None:
+    conn = await asyncpg.connect(pg.dsn(dbname="postgres"))
+    try:
+        if not await conn.fetchval("SELECT true FROM pg_database WHERE datname = $1", KEYSTORE_DB):
+            await conn.execute(f"CREATE DATABASE {KEYSTORE_DB}")
+    finally:
+        await conn.close()
     conn = await asyncpg.connect(pg.dsn(dbname="app"))
     try:
         await conn.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (id int PRIMARY KEY, card text)")
@@ -135,12 +145,27 @@ async def _create_table(pg: DevCluster) -> None:
 def env(pg: DevCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdminEnv]:
     asyncio.run(_create_table(pg))
     workdir = tmp_path_factory.mktemp("admin-api")
-    proxy = ProxyProcess(admin_config(pg, write_tokens(workdir / "tokens.yaml")), workdir)
+    master_key = tmp_path_factory.getbasetemp() / "admin-api-master.key"
+    proxy = ProxyProcess(admin_config(pg, write_tokens(workdir / "tokens.yaml"), master_key), workdir)
     proxy.start()
     try:
         yield AdminEnv(pg, proxy)
     finally:
         proxy.stop()
+
+
+def insert_card(proxy: ProxyProcess, row_id: int, card: str) -> None:
+    """Writes through pgveil, retrying while it is still loading the catalog and keys (55000)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with psycopg.connect(proxy.dsn(), autocommit=True, connect_timeout=10) as c:
+                c.execute(f"INSERT INTO {TABLE} (id, card) VALUES (%s, %s) ON CONFLICT (id) DO NOTHING", (row_id, card))
+                return
+        except psycopg.errors.ObjectNotInPrerequisiteState:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def connect(env: AdminEnv, **kw: Any) -> psycopg.Connection[Any]:
@@ -337,13 +362,13 @@ def test_policy_reload_applies_a_valid_file_and_rejects_an_invalid_one(env: Admi
 
 # -- keys ----------------------------------------------------------------------------------------------
 def test_keys_lists_versions_matching_the_stored_envelopes_and_never_key_bytes(env: AdminEnv) -> None:
-    with connect(env, autocommit=True) as c:
-        c.execute(f"INSERT INTO {TABLE} VALUES (1, '4111111111111111') ON CONFLICT (id) DO NOTHING")
+    insert_card(env.proxy, 1, "4111111111111111")
     with psycopg.connect(env.pg.dsn(dbname="app"), autocommit=True) as direct:
         row = direct.execute(f"SELECT card FROM {TABLE} WHERE id = 1").fetchone()
         assert row is not None
         stored_key_id = str(uuid.UUID(bytes=bytes(row[0])[4:20]))
-        wrapped = [bytes(w[0]) for w in direct.execute("SELECT wrapped FROM pgveil.deks WHERE wrapped IS NOT NULL")]
+    with psycopg.connect(env.pg.dsn(dbname=KEYSTORE_DB), autocommit=True) as keystore:
+        wrapped = [bytes(w[0]) for w in keystore.execute("SELECT wrapped FROM pgveil.deks WHERE wrapped IS NOT NULL")]
     r = call(env.v1("/keys"), bearer=token("reader"))
     assert r.status == 200
     assert r.body["keystore"] is True
@@ -400,6 +425,10 @@ def test_mutating_calls_are_logged_by_token_name_and_no_token_reaches_the_log(en
         assert t not in logs
         assert hashlib.sha256(t.encode()).hexdigest() not in logs
     assert WRONG not in logs
+    metrics = call(env.url + "/metrics").body
+    assert re.search(r'pgveil_admin_requests_total\{operation="terminateSession",status="200"\} [1-9]', metrics)
+    assert re.search(r'pgveil_admin_requests_total\{operation="listSessions",status="403"\} [1-9]', metrics)
+    assert re.search(r"pgveil_admin_auth_failures_total [1-9]", metrics)
 
 
 # -- other configurations ------------------------------------------------------------------------------

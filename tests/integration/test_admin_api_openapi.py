@@ -17,14 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 import schemathesis
 import yaml
 from conftest import ProxyProcess
 from hypothesis import HealthCheck, given, settings
 from schemathesis.core.result import Ok
-from test_admin_api import _create_table, admin_config
+from test_admin_api import _create_table, admin_config, insert_card
 
 from proxy.admin.auth import Scope
 from proxy.devcluster import DevCluster
@@ -44,11 +43,10 @@ def running(pg: DevCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             [{"name": "root", "sha256": hashlib.sha256(ROOT.encode()).hexdigest(), "scopes": [s.value for s in Scope]}]
         )
     )
-    proxy = ProxyProcess(admin_config(pg, tokens), workdir)
+    proxy = ProxyProcess(admin_config(pg, tokens, tmp_path_factory.getbasetemp() / "admin-api-master.key"), workdir)
     proxy.start()
     # A key version, so GET /v1/keys has a column with versions to describe.
-    with psycopg.connect(proxy.dsn(), autocommit=True, connect_timeout=10) as c:
-        c.execute("INSERT INTO admin_cards VALUES (2, '5500000000000004') ON CONFLICT (id) DO NOTHING")
+    insert_card(proxy, 2, "5500000000000004")
     try:
         yield proxy
     finally:
