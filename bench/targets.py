@@ -304,6 +304,7 @@ class PgveilEncryptedTarget(PgveilTarget):
                 name: {"columns": {col: {"type": typ, "encrypt": True} for col, typ in columns.items()}}
                 for name, columns in self._tables.items()
             },
+            "roles": {"default": "plaintext"},  # the benchmarks measure the plaintext role
         }
 
     def config_text(self) -> str:

@@ -37,6 +37,7 @@ from proxy.config.types import (
     LogLevel,
     MasterKeyConfig,
     Pkcs11MasterKeyConfig,
+    PolicySettings,
     ServiceConfig,
     SessionsConfig,
     StatementTracking,
@@ -58,11 +59,10 @@ MAX_IDENTIFIER_LENGTH: Final = 63
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_$]*\Z")
 
 # Config fields that are facts about the loading, not settings a file may contain.
-# ``policy`` is the ``roles:`` section.
+# Config fields whose YAML key differs from their name.
+_YAML_KEYS: Final = {"policy": "roles", "policy_settings": "policy"}
 _TOP_LEVEL_KEYS: Final = tuple(
-    "roles" if f.name == "policy" else f.name
-    for f in dataclasses.fields(Config)
-    if f.name not in ("source_path", "warnings")
+    _YAML_KEYS.get(f.name, f.name) for f in dataclasses.fields(Config) if f.name not in ("source_path", "warnings")
 )
 
 # ---------------------------------------------------------------------------------------------------
@@ -336,6 +336,7 @@ class _Parser:
         logging_ = self.logging(top.get("logging"))
         tables = self.tables(top.get("tables"))
         policy, errors, warnings = parse_roles(top.get("roles"), tables)
+        policy_settings = self.policy_settings(top.get("policy"))
         self.errors += errors
         self.warnings += warnings
         encrypts = any(c.encrypt for t in tables for c in t.columns)
@@ -356,6 +357,7 @@ class _Parser:
             service=service,
             tables=tables,
             policy=policy,
+            policy_settings=policy_settings,
             warnings=tuple(self.warnings),
         )
 
@@ -461,6 +463,15 @@ class _Parser:
         return LoggingConfig(
             level=self.get(m, "level", p, self.choice(LogLevel), d.level),
             format=self.get(m, "format", p, self.choice(LogFormat), d.format),
+        )
+
+    def policy_settings(self, v: Any) -> PolicySettings:
+        p, d = "policy", PolicySettings()
+        m = self.section(v, p, _keys(PolicySettings))
+        return PolicySettings(
+            membership_refresh_seconds=self.get(
+                m, "membership_refresh_seconds", p, self.seconds(allow_zero=True), d.membership_refresh_seconds
+            ),
         )
 
     def keystore(self, v: Any, present: bool, needed_by: str) -> KeystoreConfig | None:

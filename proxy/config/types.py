@@ -205,6 +205,15 @@ class ServiceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicySettings:
+    """How the running policy follows the server (YAML ``policy:``; the policy itself is ``roles:``).
+    ``membership_refresh_seconds``: how often role membership is read again; 0 = only on reload, on role
+    DDL seen through pgveil and for a login role the cached membership does not know."""
+
+    membership_refresh_seconds: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class ColumnConfig:
     """A governed column. ``type`` is the canonical name of the type the application sees (see
     ``normalize_type_name``). ``encrypt``: stored as ``bytea`` envelopes (the keystore holds its keys);
@@ -238,6 +247,7 @@ class Config:
     service: ServiceConfig | None = None
     tables: tuple[TableConfig, ...] = ()
     policy: Policy = field(default_factory=Policy)  # the ``roles:`` section
+    policy_settings: PolicySettings = field(default_factory=PolicySettings)  # the ``policy:`` section
     source_path: Path | None = None
     warnings: tuple[str, ...] = ()
 

@@ -128,6 +128,7 @@ def encryption_config(pg: DevCluster, master_key: Path, keystore_dsn: str, **ove
         pg,
         keystore={"dsn": keystore_dsn, "master_key": {"provider": "local", "path": str(master_key)}},
         tables=tables_config(),
+        roles={"default": "plaintext"},  # these tests check encryption, not visibility
     )
     cfg.update(overrides)
     return cfg

@@ -45,6 +45,7 @@ def write_config(tmp_path: Path, pg: DevCluster, db: str) -> Path:
                 "columns": {"email": {"type": "text", "encrypt": True}, "born": {"type": "date", "encrypt": True}}
             }
         },
+        "roles": {"default": "plaintext"},
     }
     (tmp_path / "ks.pw").write_text("pgveil-super\n")
     path = tmp_path / "pgveil.yaml"

@@ -101,6 +101,7 @@ def start_proxy(setup: Setup, tmp_path: Path) -> Iterator[Any]:
             setup.pg,
             keystore={"dsn": setup.keystore_dsn, "master_key": {"provider": "local", "path": str(tmp_path / "mk")}},
             tables=setup.tables(),
+            roles={"default": "plaintext"},
             service={"dsn": setup.pg.dsn(dbname="app")},  # the catalog is in app, not in the keystore database
         )
         cfg.update(overrides)

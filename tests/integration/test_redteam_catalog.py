@@ -121,6 +121,7 @@ def env(pg: DevCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[En
         service={"dsn": pg.dsn(dbname=DB)},
         keystore={"dsn": pg.dsn(dbname=DB), "master_key": {"provider": "local", "path": str(workdir / "mk")}},
         tables=_tables_config(),
+        roles={"default": "plaintext"},
     )
     proxy = ProxyProcess(cfg, workdir)
     proxy.start()

@@ -77,7 +77,17 @@ def test_example_shows_the_defaults() -> None:
     base = EXAMPLE.parent
     example = parse_config(read_yaml(EXAMPLE), base_dir=base, environ=NO_ENV)
     defaults = parse_config({"keystore": {}}, base_dir=base, environ=NO_ENV)
-    for section in ("listen", "upstream", "client_tls", "admin", "sessions", "logging", "keystore", "service"):
+    for section in (
+        "listen",
+        "upstream",
+        "client_tls",
+        "admin",
+        "sessions",
+        "logging",
+        "keystore",
+        "service",
+        "policy_settings",
+    ):
         assert getattr(example, section) == getattr(defaults, section), section
     assert example.keystore == KeystoreConfig(master_key=LocalMasterKeyConfig(path=base / "pgveil-master.key"))
 
@@ -103,8 +113,10 @@ def _dataclasses_under(cls: type[Any]) -> list[type[Any]]:
 
 
 # Fields that are not YAML keys: facts about the loading, and names that are the keys of a mapping.
-NOT_KEYS = {("Config", "source_path"), ("Config", "warnings"), ("Config", "policy"), ("TableConfig", "schema"),
-            ("TableConfig", "name"), ("ColumnConfig", "name"), ("HostPort", "host"), ("HostPort", "port")}  # fmt: skip
+# Config.policy and Config.policy_settings are the sections roles: and policy: (checked by name below).
+NOT_KEYS = {("Config", "source_path"), ("Config", "warnings"), ("Config", "policy"), ("Config", "policy_settings"),
+            ("TableConfig", "schema"), ("TableConfig", "name"), ("ColumnConfig", "name"), ("HostPort", "host"),
+            ("HostPort", "port")}  # fmt: skip
 
 
 def test_example_documents_every_setting() -> None:
@@ -113,6 +125,7 @@ def test_example_documents_every_setting() -> None:
     assert Pkcs11MasterKeyConfig in classes  # the walk reaches into unions
     assert ClientTLSConfig in classes
     assert re.search(r"(?m)^roles:", text)  # Config.policy
+    assert re.search(r"(?m)^policy:", text)  # Config.policy_settings
     missing = [
         f"{cls.__name__}.{f.name}"
         for cls in classes

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.config import Config, KeystoreConfig, parse_config
+from proxy.config import Config, KeystoreConfig, PolicySettings, parse_config
 from proxy.config.roles import ABSENT_WARNING
 from proxy.errors import ConfigError
 from proxy.policy.model import Grant, Mask, MaskFunction, Visibility
@@ -324,3 +324,13 @@ def test_the_error_lines_of_the_reference_are_the_parsers() -> None:
     lines = shown.group(1).splitlines()
     errors = errors_of(with_roles({"support": {"public.customers.ssn": "maskd", "public.customers.sn": "hidden"}}))
     assert errors == lines
+
+
+def test_the_policy_section_sets_how_membership_is_followed() -> None:
+    assert parse({}).policy_settings == PolicySettings(membership_refresh_seconds=30.0)
+    assert parse({"policy": {"membership_refresh_seconds": 0}}).policy_settings.membership_refresh_seconds == 0.0
+    assert parse({"policy": {"membership_refresh_seconds": 2.5}}).policy_settings.membership_refresh_seconds == 2.5
+    assert errors_of({"policy": {"membership_refresh_seconds": -1, "membership_refresh": 1}}) == [
+        "policy.membership_refresh: unknown setting (did you mean 'membership_refresh_seconds'?)",
+        "policy.membership_refresh_seconds: must be a number of seconds >= 0, got -1",
+    ]

@@ -174,9 +174,12 @@ def test_ciphertext_role_gets_the_stored_envelope_as_bytea() -> None:
 
 
 def test_a_denied_column_found_only_in_the_row_description_is_not_served() -> None:
+    # A FETCH names no table: only the RowDescription of its result shows the denied column (a SELECT
+    # naming it is refused by its references before it runs).
     crypto, _ = session(Switchable(grants={SSN.column_id: DENY}))
-    out = crypto.query("SELECT id, ssn, score FROM customers")
-    assert isinstance(out.state, QueryCrypto)
+    out = crypto.query("FETCH ALL FROM c")
+    assert out.replacement is None
+    assert out.refusal is None
     with pytest.raises(ProxyError, match=r"public\.customers\.ssn") as info:
         crypto.result_row_description(rd_body(*STORED_FIELDS), out.state)
     assert info.value.sqlstate == "42501"
