@@ -26,6 +26,7 @@ route needs is declared with the route (:mod:`proxy.admin.api`).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import hmac
@@ -167,6 +168,10 @@ class TokenFile:
         self._stamp = self._stat()
         self.tokens: tuple[Token, ...] | None = read_tokens_file(path)  # raises: startup refuses a bad file
         self._checked = clock()
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_mode & 0o022:
+                # Whoever can write the file can give themselves every scope.
+                log.warning("admin tokens file %s is writable by group or others; make it 0644 or stricter", path)
 
     def _stat(self) -> tuple[int, int, int] | None:
         try:

@@ -379,3 +379,13 @@ async def test_the_disabled_api_says_so_on_every_path() -> None:
             assert (await r.json())["error"] == "admin API disabled"
     finally:
         await client.close()
+
+
+def test_a_tokens_file_others_can_write_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write(tmp_path / "t.yaml", [entry("a", "alpha", "admin:read")])
+    os.chmod(path, 0o600)
+    TokenFile(path)
+    assert "writable by group or others" not in caplog.text
+    os.chmod(path, 0o666)
+    TokenFile(path)
+    assert "writable by group or others" in caplog.text
