@@ -281,6 +281,10 @@ def key_columns(config: Config) -> tuple[str, ...]:
 # -- the running instance -----------------------------------------------------------------------------
 
 
+class ExplainUnavailable(Exception):
+    """The instance cannot explain yet (catalog or role membership not loaded); the text says which."""
+
+
 class Explainer(Protocol):
     """What a role would get for a statement under the running policy (``pgveil policy explain``)."""
 

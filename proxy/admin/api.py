@@ -293,6 +293,30 @@ async def _post_policy_reload(request: web.Request, token: Token) -> web.Respons
     return web.json_response(services.as_json(outcome), status=200 if outcome.applied else 409)
 
 
+MAX_EXPLAIN_STATEMENT: Final = 1 << 20
+
+
+async def _post_policy_explain(request: web.Request, token: Token) -> web.Response:
+    explainer = _instance(request).explainer()
+    if explainer is None:  # the route exists only with an explainer; a reload cannot take it away
+        return error(404, "not found", "policy explain is not available in this instance")
+    try:
+        body = await request.json()
+    except ValueError:
+        return error(400, "bad request", 'expected a JSON object {"role": ..., "statement": ...}')
+    role = body.get("role") if isinstance(body, dict) else None
+    statement = body.get("statement") if isinstance(body, dict) else None
+    if not isinstance(role, str) or not role or len(role.encode()) > 63:
+        return error(400, "bad request", "role must be a PostgreSQL role name (1 to 63 bytes)")
+    if not isinstance(statement, str) or not statement.strip() or len(statement) > MAX_EXPLAIN_STATEMENT:
+        return error(400, "bad request", "statement must be the SQL text to explain (at most 1 MiB)")
+    try:
+        answer = await explainer(role, statement)
+    except services.ExplainUnavailable as e:
+        return error(503, "policy explain unavailable", str(e))
+    return web.json_response(dict(answer))
+
+
 async def _get_keys(request: web.Request, token: Token) -> web.Response:
     inst = _instance(request)
     connect = inst.keystore_connection()
@@ -333,8 +357,51 @@ AUTH_RESPONSES: Final[Mapping[int, Response]] = {
 }
 
 
-def operations() -> tuple[Operation, ...]:
+EXPLAIN_REQUEST_SCHEMA: Final[JSON] = {
+    "type": "object",
+    "required": ["role", "statement"],
+    "properties": {
+        "role": {"type": "string", "minLength": 1, "maxLength": 63, "description": "the login role to explain for"},
+        "statement": {"type": "string", "minLength": 1, "description": "SQL text; analysed here, never executed"},
+    },
+}
+EXPLANATION_SCHEMA: Final[JSON] = {
+    "type": "object",
+    "required": ["role", "allowed", "statements"],
+    "properties": {
+        "role": {"type": "string"},
+        "policy_roles": {"type": "array", "items": {"type": "string"}},
+        "allowed": {"type": "boolean"},
+        "statements": {"type": "array", "items": {"type": "object"}},
+    },
+}
+
+
+def explain_operation() -> Operation:
+    """``POST /v1/policy/explain``: offered by instances that can explain (see :meth:`Instance.explainer`)."""
+    return Operation(
+        "POST",
+        "/policy/explain",
+        "explainPolicy",
+        "what a role would get for a statement under the running policy (nothing is sent to the server)",
+        Scope.ADMIN_READ,
+        _post_policy_explain,
+        {
+            200: Response("the explanation, per statement and result column", EXPLANATION_SCHEMA),
+            400: Response("the body is not {role, statement}"),
+            503: Response("the catalog or role membership is not loaded yet, or the tokens file is invalid"),
+        },
+        request_body=EXPLAIN_REQUEST_SCHEMA,
+        tags=("policy",),
+    )
+
+
+def operations(*, explain: bool = False) -> tuple[Operation, ...]:
     """Every route of the API. Key management adds its operations (rotations, jobs, subjects) here."""
+    return (*_base_operations(), *((explain_operation(),) if explain else ()))
+
+
+def _base_operations() -> tuple[Operation, ...]:
     return (
         Operation(
             "GET",
@@ -443,7 +510,7 @@ def build_api_app(
 ) -> web.Application:
     """The ``/v1`` application (mount it with :func:`proxy.admin.app.build_admin_app`'s ``api``)."""
     app = web.Application()
-    table = tuple(ops if ops is not None else operations())
+    table = tuple(ops if ops is not None else operations(explain=instance.explainer() is not None))
     app[INSTANCE] = instance
     app[OPERATIONS] = table
     for op in table:

@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.admin.api import AdminAction, Guard, build_api_app, disabled_api_app, operations
+from proxy.admin.api import OPERATIONS, AdminAction, Guard, build_api_app, disabled_api_app, operations
 from proxy.admin.app import build_admin_app
 from proxy.admin.auth import (
     FailureLimiter,
@@ -389,3 +389,42 @@ def test_a_tokens_file_others_can_write_is_warned_about(tmp_path: Path, caplog: 
     os.chmod(path, 0o666)
     TokenFile(path)
     assert "writable by group or others" in caplog.text
+
+
+class ExplainingInstance(FakeInstance):
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[tuple[str, str]] = []
+
+    def explainer(self) -> Any:
+        async def explain(role: str, sql: str) -> dict[str, Any]:
+            self.asked.append((role, sql))
+            return {"role": role, "policy_roles": [], "allowed": True, "statements": []}
+
+        return explain
+
+
+async def test_explain_is_offered_only_by_an_instance_that_can_explain(tmp_path: Path) -> None:
+    path = write(tmp_path / "t.yaml", [entry("ro", "ro", "admin:read"), entry("m", "m", "metrics:read")])
+    guard = Guard(TokenFile(path), FailureLimiter(100, 60))
+    assert "/policy/explain" not in {op.path for op in build_api_app(FakeInstance(), guard)[OPERATIONS]}
+    instance = ExplainingInstance()
+    api = build_api_app(instance, guard)
+    ops: tuple[Any, ...] = api[OPERATIONS]
+    assert "/v1/policy/explain" in build_document(ops)["paths"]
+    client = TestClient(TestServer(build_admin_app(Metrics("t"), _always_ready, version="t", api=api)))
+    await client.start_server()
+    try:
+        ro, m = {"Authorization": "Bearer ro"}, {"Authorization": "Bearer m"}
+        body = {"role": "support", "statement": "SELECT ssn FROM customers"}
+        assert (await client.post("/v1/policy/explain", json=body)).status == 401
+        assert (await client.post("/v1/policy/explain", json=body, headers=m)).status == 403
+        r = await client.post("/v1/policy/explain", json=body, headers=ro)
+        assert r.status == 200
+        assert (await r.json())["role"] == "support"
+        for bad in ({"role": "support"}, {"role": "", "statement": "SELECT 1"}, ["x"], {"role": "r", "statement": 1}):
+            assert (await client.post("/v1/policy/explain", json=bad, headers=ro)).status == 400
+        assert (await client.post("/v1/policy/explain", data=b"{not json", headers=ro)).status == 400
+    finally:
+        await client.close()
+    assert instance.asked == [("support", "SELECT ssn FROM customers")]
