@@ -480,22 +480,26 @@ def _route_handler(
             if guard.metrics is not None:
                 guard.metrics.request(op.operation_id, outcome.status)
             return outcome
-        response = await op.handler(request, outcome)
-        if guard.metrics is not None:
-            guard.metrics.request(op.operation_id, response.status)
-        if op.mutating:
-            target = request.match_info.get("id")
-            await record(
-                AdminAction(
-                    token=outcome.name,
-                    operation=op.operation_id,
-                    method=op.method,
-                    route=route,
-                    status=response.status,
-                    client_address=request.remote,
-                    target=target if target is not None and target.isdigit() else None,
+        status = 500  # what the record says if the handler raises (the error middleware answers 500)
+        try:
+            response = await op.handler(request, outcome)
+            status = response.status
+        finally:
+            if guard.metrics is not None:
+                guard.metrics.request(op.operation_id, status)
+            if op.mutating:
+                target = request.match_info.get("id")
+                await record(
+                    AdminAction(
+                        token=outcome.name,
+                        operation=op.operation_id,
+                        method=op.method,
+                        route=route,
+                        status=status,
+                        client_address=request.remote,
+                        target=target if target is not None and target.isdigit() else None,
+                    )
                 )
-            )
         return response
 
     return handle

@@ -428,3 +428,28 @@ async def test_explain_is_offered_only_by_an_instance_that_can_explain(tmp_path:
     finally:
         await client.close()
     assert instance.asked == [("support", "SELECT ssn FROM customers")]
+
+
+class FailingInstance(FakeInstance):
+    def reload_reporting(self) -> ReloadOutcome:
+        raise RuntimeError("boom with a secret: hunter2")
+
+
+async def test_a_mutating_call_that_fails_is_recorded_as_500(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    recorded: list[AdminAction] = []
+
+    async def record(action: AdminAction) -> None:
+        recorded.append(action)
+
+    path = write(tmp_path / "t.yaml", [entry("ops", "ops-token", "policy:reload")])
+    api = build_api_app(FailingInstance(), Guard(TokenFile(path), FailureLimiter(100, 60)), record=record)
+    client = TestClient(TestServer(build_admin_app(Metrics("t"), _always_ready, version="t", api=api)))
+    await client.start_server()
+    try:
+        r = await client.post("/v1/policy/reload", headers={"Authorization": "Bearer ops-token"})
+        assert r.status == 500
+        assert await r.json() == {"error": "internal error"}
+    finally:
+        await client.close()
+    assert [(a.token, a.operation, a.status) for a in recorded] == [("ops", "reloadPolicy", 500)]
+    assert "hunter2" not in caplog.text
