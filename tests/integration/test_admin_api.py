@@ -320,16 +320,20 @@ async def test_asyncpg_sessions_are_listed_and_a_busy_one_gets_57p01(env: AdminE
         assert len(mine) == 1
         assert mine[0]["state"] == "idle"
         assert (mine[0]["role"], mine[0]["database"]) == ("app", "app")
-        query = asyncio.ensure_future(conn.fetchval("SELECT pg_sleep(60)"))
-
-        async def active() -> bool:
+        marker = f"admin_asyncpg_{uuid.uuid4().hex[:8]}"
+        query = asyncio.ensure_future(conn.fetchval(f"SELECT pg_sleep(60) AS {marker}"))
+        direct = await asyncpg.connect(env.pg.dsn(dbname="app"))
+        try:
+            # Running on the server (not merely being prepared): the session is at its longest wait.
+            sql = "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE $1"
+            for _ in range(400):
+                if await direct.fetchval(sql, f"%{marker}%") == 1:
+                    break
+                await asyncio.sleep(0.05)
             r = await asyncio.to_thread(call, env.v1("/sessions"), "GET", token("reader"))
-            return any(s["client_port"] == port and s["state"] == "active" for s in r.body["sessions"])
-
-        for _ in range(200):
-            if await active():
-                break
-            await asyncio.sleep(0.05)
+            assert [s["state"] for s in r.body["sessions"] if s["client_port"] == port] == ["active"]
+        finally:
+            await direct.close()
         r = await asyncio.to_thread(call, env.v1(f"/sessions/{mine[0]['id']}"), "DELETE", token("operator"))
         assert r.status == 200
         # asyncpg reports the FATAL's message on the operation the close interrupted.
