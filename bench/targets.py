@@ -42,6 +42,11 @@ STOP_TIMEOUT_S = 10.0
 # A throwaway cluster's password, not a secret.
 ASYNC_COMMIT_ROLE = "bench_async"
 ASYNC_COMMIT_PASSWORD = "pgveil-bench-async"
+# Login roles of the visibility workloads: the policy of every encrypted target shows them the encrypted
+# wide table masked (``partial``) or hidden; every other role sees plaintext.
+MASKED_ROLE = "bench_masked"
+HIDDEN_ROLE = "bench_hidden"
+VISIBILITY_PASSWORD = "pgveil-bench-visibility"
 
 
 class TargetUnavailable(Exception):
@@ -304,7 +309,12 @@ class PgveilEncryptedTarget(PgveilTarget):
                 name: {"columns": {col: {"type": typ, "encrypt": True} for col, typ in columns.items()}}
                 for name, columns in self._tables.items()
             },
-            "roles": {"default": "plaintext"},  # the benchmarks measure the plaintext role
+            # The benchmarks measure the plaintext role, except the visibility workloads' login roles.
+            "roles": {
+                "default": "plaintext",
+                MASKED_ROLE: {f"{name}.*": "masked:partial" for name in self._tables},
+                HIDDEN_ROLE: {f"{name}.*": "hidden" for name in self._tables},
+            },
         }
 
     def config_text(self) -> str:
@@ -408,6 +418,7 @@ class PgbouncerTarget:
         # A plaintext entry lets PgBouncer do SCRAM both with the client and with the server.
         (self._dir / "userlist.txt").write_text(
             f'"{SUPERUSER}" "{SUPERUSER_PASSWORD}"\n"{ASYNC_COMMIT_ROLE}" "{ASYNC_COMMIT_PASSWORD}"\n'
+            f'"{MASKED_ROLE}" "{VISIBILITY_PASSWORD}"\n"{HIDDEN_ROLE}" "{VISIBILITY_PASSWORD}"\n'
         )
         user: str | None = None
         if os.geteuid() == 0:

@@ -42,6 +42,9 @@ from bench.procfs import rss_kib
 from bench.targets import (
     ASYNC_COMMIT_PASSWORD,
     ASYNC_COMMIT_ROLE,
+    HIDDEN_ROLE,
+    MASKED_ROLE,
+    VISIBILITY_PASSWORD,
     PgveilEncrypted2Target,
     PgveilEncryptedPythonTarget,
     PgveilEncryptedTarget,
@@ -274,6 +277,39 @@ def setup_async_role(ctx: BenchContext) -> None:
     )
 
 
+def setup_visibility_roles(ctx: BenchContext) -> None:
+    """The login roles of the ``wide-fetch-masked`` / ``-hidden`` workloads (the encrypted targets'
+    policy names them); they may read the wide tables."""
+    _sql(
+        ctx.cluster,
+        *(
+            f"CREATE ROLE {role} LOGIN PASSWORD '{VISIBILITY_PASSWORD}';"
+            f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role};"
+            for role in (MASKED_ROLE, HIDDEN_ROLE)
+        ),
+    )
+
+
+def check_visibility(role: str, expected: str) -> CheckFn:
+    """Before each run: one row of the encrypted wide table read through the target as ``role`` must
+    come back as the policy says (``expected``: "masked" or "hidden"), or the row would measure another
+    path."""
+
+    def check(ctx: BenchContext, target: Target) -> None:
+        endpoint = dataclasses.replace(target.endpoint, user=role, password=VISIBILITY_PASSWORD)
+        try:
+            with _connect(endpoint) as conn:
+                row = conn.execute("SELECT c1 FROM bench_wide_enc ORDER BY id LIMIT 1").fetchone()
+        except psycopg.Error as exc:
+            raise BenchError(f"cannot read bench_wide_enc as {role} through {target.name}: {exc}") from None
+        value = None if row is None else row[0]
+        ok = value is None if expected == "hidden" else isinstance(value, str) and "*" in value
+        if not ok:
+            raise BenchError(f"{role} through {target.name} does not see bench_wide_enc {expected}")
+
+    return check
+
+
 def async_endpoint(endpoint: Endpoint) -> Endpoint:
     """``endpoint`` logged in as the async-commit role."""
     return dataclasses.replace(endpoint, user=ASYNC_COMMIT_ROLE, password=ASYNC_COMMIT_PASSWORD)
@@ -355,8 +391,10 @@ def custom_script(
     mode: str = "prepared",
     defines: Sequence[str] = (),
     async_commit: bool = False,
+    login: str | None = None,
 ) -> RunFn:
-    """pgbench running ``sql`` as its script; ``async_commit`` logs in as the async-commit role."""
+    """pgbench running ``sql`` as its script; ``async_commit`` logs in as the async-commit role,
+    ``login`` as that visibility role (see :data:`bench.targets.MASKED_ROLE`)."""
 
     def run(ctx: BenchContext, target: Target) -> Measurement:
         script = ctx.workdir / "scripts" / f"{script_name}.sql"
@@ -366,6 +404,8 @@ def custom_script(
         for define in defines:
             args += ["-D", define]
         endpoint = async_endpoint(target.endpoint) if async_commit else target.endpoint
+        if login is not None:
+            endpoint = dataclasses.replace(endpoint, user=login, password=VISIBILITY_PASSWORD)
         return _from_pgbench(run_pgbench(ctx.pgbench, endpoint, args, ctx.duration, ctx.workdir))
 
     return run
@@ -500,6 +540,28 @@ WORKLOADS: tuple[Workload, ...] = (
         setup=(setup_wide, setup_encrypted),
         baseline=("wide-fetch", "direct"),
         rows_per_tx=WIDE_ROWS,
+    ),
+    Workload(
+        "wide-fetch-masked",
+        "wide-fetch-encrypted as a role whose policy masks the 5 columns (masked:partial): decrypted, then"
+        " masked by pgveil; its ratio is over the plaintext role's wide-fetch-encrypted on the same target",
+        ("pgveil-encrypted", "pgveil-encrypted-py"),
+        custom_script("wide-fetch-masked", WIDE_ENCRYPTED_SQL, login=MASKED_ROLE),
+        setup=(setup_wide, setup_encrypted, setup_visibility_roles),
+        baseline=("wide-fetch-encrypted", "pgveil-encrypted"),
+        rows_per_tx=WIDE_ROWS,
+        check=check_visibility(MASKED_ROLE, "masked"),
+    ),
+    Workload(
+        "wide-fetch-hidden",
+        "wide-fetch-encrypted as a role whose policy hides the 5 columns (NULL, nothing decrypted); its"
+        " ratio is over wide-fetch of the unprotected table through the same target",
+        ("pgveil-encrypted", "pgveil-encrypted-py"),
+        custom_script("wide-fetch-hidden", WIDE_ENCRYPTED_SQL, login=HIDDEN_ROLE),
+        setup=(setup_wide, setup_encrypted, setup_visibility_roles),
+        baseline=("wide-fetch", "pgveil-encrypted"),
+        rows_per_tx=WIDE_ROWS,
+        check=check_visibility(HIDDEN_ROLE, "hidden"),
     ),
     Workload(
         "insert-single",

@@ -131,6 +131,14 @@ async def _schema_apply(config: Config, *, dry_run: bool) -> int:
     return 0
 
 
+def _with_config(args: argparse.Namespace, command: Callable[[argparse.Namespace, Config], int]) -> int:
+    """Runs an inspection command (``policy explain``, ``catalog snapshot``) with the configuration
+    loaded; logs only warnings, so its output is its answer."""
+    config = _load(args)
+    setup_logging("warning", config.logging.format)
+    return command(args, config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pgveil", description="PostgreSQL proxy with transparent column encryption")
     p.add_argument("--version", action="version", version=f"pgveil {__version__}\nkernels: {native.describe()}")
@@ -162,8 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--dry-run", action="store_true", help="print the steps without changing anything")
     sa.set_defaults(func=cmd_schema_apply)
 
-    from proxy import cli_admin
+    from proxy import cli_admin, cli_policy
 
+    cli_policy.add_parsers(sub, _config_arg, _with_config)
     cli_admin.add_parsers(sub, _config_arg)
 
     d = sub.add_parser("demo", help="start a throwaway PostgreSQL, put pgveil in front, show what it does")

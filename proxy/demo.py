@@ -22,12 +22,24 @@ from proxy.schema import apply_schema, plan_event_trigger, plan_schema
 from proxy.server import ProxyServer
 
 APP_PASSWORD = "demo-app-password"  # throwaway cluster credentials, printed on purpose
+PEOPLE_PASSWORD = "demo-people-password"  # the people below log in with it (throwaway, printed on purpose)
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"
 
 CUSTOMERS = [
-    ("Ada Lovelace", "ada@example.com", "123-45-6789", datetime.date(1815, 12, 10)),
-    ("Alan Turing", "alan@example.org", "987-65-4321", datetime.date(1912, 6, 23)),
-    ("Grace Hopper", "grace@example.net", None, datetime.date(1906, 12, 9)),
+    ("Ada Lovelace", "ada@example.com", "123-45-6789", datetime.date(1815, 12, 10), "+44 20 7946 0018"),
+    ("Alan Turing", "alan@example.org", "987-65-4321", datetime.date(1912, 6, 23), "+44 161 496 0734"),
+    ("Grace Hopper", "grace@example.net", None, datetime.date(1906, 12, 9), "+1 202 555 0143"),
+    # The same person signed up twice: equal values, yet their stored bytes differ (see the tour).
+    ("Ada Lovelace", "ada@example.com", "123-45-6789", datetime.date(1815, 12, 10), "+44 20 7946 0018"),
+]
+
+# Who looks at the customers: a PostgreSQL login role each, three of them members of a group role the
+# policy in config/demo.yaml names; the fourth is in no group the policy knows (it gets `default`).
+PEOPLE = [
+    ("bill", "billing", "Bill, in billing"),
+    ("sue", "support", "Sue, a support agent"),
+    ("carl", "contractor", "Carl, a contractor"),
+    ("ivan", None, "Ivan, an intern nobody told pgveil about"),
 ]
 
 
@@ -73,11 +85,22 @@ async def run_demo(*, keep_running: bool = False) -> int:
         app = await asyncpg.connect(direct_dsn)
         try:
             await app.execute(
-                "CREATE TABLE customers (id serial PRIMARY KEY, name text, email text, ssn text, birth_date date)"
+                "CREATE TABLE customers (id serial PRIMARY KEY, name text, email text, ssn text, birth_date date, "
+                "phone text)"
             )
         finally:
             await app.close()
-        print("  CREATE TABLE customers (id serial, name text, email text, ssn text, birth_date date)")
+        print("  CREATE TABLE customers (id serial, name text, email text, ssn text, birth_date date, phone text)")
+
+        _say("the people who look at it: ordinary PostgreSQL roles and groups")
+        groups = sorted({g for _, g, _ in PEOPLE if g is not None})
+        cluster.psql("".join(f"CREATE ROLE {g} NOLOGIN;" for g in groups))
+        for login, group, who in PEOPLE:
+            member = f" IN ROLE {group}" if group else ""
+            cluster.psql(f"CREATE ROLE {login} LOGIN PASSWORD '{PEOPLE_PASSWORD}'{member}")
+            print(f"  {login:<5} {who}" + (f" (member of group {group})" if group else ""))
+        grantees = ", ".join([*groups, *(login for login, group, _ in PEOPLE if group is None)])
+        cluster.psql(f"GRANT SELECT ON customers TO {grantees}", dbname="app")
 
         port, admin_port = free_port(), free_port()
         config = _demo_config(cluster, port, admin_port)
@@ -99,7 +122,9 @@ async def run_demo(*, keep_running: bool = False) -> int:
         print(f"  the application's DSN: postgresql://app:***@127.0.0.1:{port}/app (only the port changed)")
         dsn = f"postgresql://app:{APP_PASSWORD}@127.0.0.1:{port}/app"
         try:
-            await _tour(dsn, direct_dsn, f"http://127.0.0.1:{admin_port}")
+            await _tour(dsn, direct_dsn)
+            await _people_tour(port)
+            await _metrics_tour(f"http://127.0.0.1:{admin_port}")
             if keep_running:
                 print("\n  running until Ctrl-C; try: psql " + dsn.replace(APP_PASSWORD, "<password>"))
                 print(f"  (password: {APP_PASSWORD}; direct, bypassing pgveil: port {cluster.port})")
@@ -113,29 +138,34 @@ async def run_demo(*, keep_running: bool = False) -> int:
     return 0
 
 
-async def _tour(dsn: str, direct_dsn: str, admin_url: str) -> None:
+async def _tour(dsn: str, direct_dsn: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         _say("an unchanged application (asyncpg, prepared statements) writes customers through pgveil")
         await conn.executemany(
-            "INSERT INTO customers (name, email, ssn, birth_date) VALUES ($1, $2, $3, $4)", CUSTOMERS
+            "INSERT INTO customers (name, email, ssn, birth_date, phone) VALUES ($1, $2, $3, $4, $5)", CUSTOMERS
         )
         await conn.execute(
-            "INSERT INTO customers (name, email, ssn, birth_date) "
-            "VALUES ('Edsger Dijkstra', 'ewd@example.nl', '555-12-3456', '1930-05-11')"
+            "INSERT INTO customers (name, email, ssn, birth_date, phone) "
+            "VALUES ('Edsger Dijkstra', 'ewd@example.nl', '555-12-3456', '1930-05-11', '+31 20 555 0199')"
         )
         print(f"  {len(CUSTOMERS)} rows with parameters, 1 row with literals in a simple query")
 
         _say("what the application reads through pgveil: plaintext, with the declared types")
-        rows = await conn.fetch("SELECT id, name, email, ssn, birth_date FROM customers ORDER BY id")
-        _table(list(rows), ["id", "name", "email", "ssn", "birth_date"])
+        rows = await conn.fetch("SELECT id, name, email, ssn, birth_date, phone FROM customers ORDER BY id")
+        _table(list(rows), ["id", "name", "email", "ssn", "birth_date", "phone"])
         print(f"  birth_date arrives as {type(rows[0]['birth_date']).__name__} (binary date codec, as declared)")
 
         _say("what anyone reading PostgreSQL directly sees (a DBA's psql, a backup, a replica): ciphertext")
         direct = await asyncpg.connect(direct_dsn)
         try:
-            raw = await direct.fetch("SELECT id, name, email, ssn, birth_date FROM customers ORDER BY id")
-            _table(list(raw), ["id", "name", "email", "ssn", "birth_date"], width=28)
+            raw = await direct.fetch("SELECT id, name, email, ssn, birth_date, phone FROM customers ORDER BY id")
+            _table(list(raw), ["id", "name", "email", "ssn", "birth_date", "phone"], width=28)
+            print("  every stored value starts alike (format, key id); what follows differs in every row,")
+            print("  even where the values are equal (rows 1 and 4 are the same person signed up twice):")
+            _table([{"id": r["id"], "ssn, stored (its last 12 bytes)": _tail(r["ssn"])} for r in raw],
+                   ["id", "ssn, stored (its last 12 bytes)"])  # fmt: skip
+            print("  phone is not encrypted: PostgreSQL holds it as it is, and pgveil still decides who sees it")
             try:
                 await direct.execute("INSERT INTO customers (name, email) VALUES ('Mallory', 'plain'::bytea)")
             except asyncpg.PostgresError as e:
@@ -157,12 +187,63 @@ async def _tour(dsn: str, direct_dsn: str, admin_url: str) -> None:
     finally:
         await conn.close()
 
+
+def _tail(stored: bytes | None) -> str:
+    return "NULL" if stored is None else "…" + stored[-12:].hex()
+
+
+async def _as(port: int, login: str) -> asyncpg.Connection:
+    conn: asyncpg.Connection = await asyncpg.connect(f"postgresql://{login}:{PEOPLE_PASSWORD}@127.0.0.1:{port}/app")
+    return conn
+
+
+async def _people_tour(port: int) -> None:
+    sql = "SELECT * FROM customers ORDER BY id"
+    _say(f"the same question from four people: {sql}")
+    print("  pgveil answers each according to config/demo.yaml (roles:), by the groups they belong to in PostgreSQL")
+    for login, _group, who in PEOPLE:
+        print(f"\n  {who} (logs in as {login}):")
+        conn = await _as(port, login)
+        try:
+            rows = await conn.fetch(sql)
+            _table(list(rows), ["id", "name", "email", "ssn", "birth_date", "phone"])
+        except asyncpg.PostgresError as e:
+            print(f"  refused, {e.sqlstate}: {e}")
+        finally:
+            await conn.close()
+    print("\n  billing sees everything; support sees e-mails, the last four SSN digits and a partial phone;")
+    print("  the contractor may not read these columns at all; the intern, whom the policy does not name,")
+    print("  gets the default: the rows, with every protected field empty (NULL)")
+
+    _say("a support agent may read a masked SSN, but not search by it")
+    conn = await _as(port, "sue")
+    try:
+        for question in ("SELECT name FROM customers WHERE ssn LIKE '1%'", "SELECT name FROM customers ORDER BY phone"):
+            try:
+                await conn.fetch(question)
+                print(f"  {question}\n    -> answered")
+            except asyncpg.PostgresError as e:
+                print(f"  {question}\n    -> refused, {e.sqlstate}: {e}")
+        print("  (answering either would reveal the hidden digits one guess at a time)")
+        name = await conn.fetchval("SELECT name FROM customers WHERE id = 1")
+        print(f"  her session goes on: customer 1 is {name}")
+    finally:
+        await conn.close()
+    conn = await _as(port, "bill")
+    try:
+        first = await conn.fetchval("SELECT name FROM customers ORDER BY phone LIMIT 1")
+        print(f"  billing may sort by phone: first is {first}")
+    finally:
+        await conn.close()
+
+
+async def _metrics_tour(admin_url: str) -> None:
     _say("what operators scrape from /metrics (excerpt)")
     body = await asyncio.to_thread(_get, admin_url + "/metrics")
     for line in body.splitlines():
-        if line.startswith(("pgveil_sessions_total", "pgveil_values_", "pgveil_relayed_messages_total")) and (
-            "_created" not in line
-        ):
+        if line.startswith(
+            ("pgveil_sessions_total", "pgveil_values_", "pgveil_relayed_messages_total", "pgveil_statements_refused")
+        ) and ("_created" not in line):
             print("  " + line)
     ready = await asyncio.to_thread(_get, admin_url + "/readyz")
     print(f"  /readyz: {ready.strip()}")

@@ -2,7 +2,9 @@
 
 Reload re-reads the configuration file; an invalid file is rejected with every error logged and the
 running configuration stays. Settings that need a new socket (``listen``, ``admin.listen``) are reported
-and kept until restart; everything else applies to sessions that start after the reload.
+and kept until restart; everything else applies to sessions that start after the reload, except the
+visibility policy (``roles:``), which is swapped in one step for every session, from its next statement
+(see ``proxy.policy_runtime``), and the role membership, which is read again.
 """
 
 from __future__ import annotations
@@ -88,9 +90,12 @@ class ProxyServer:
         self.bound: list[tuple[str, int]] = []
         self._flusher: asyncio.Task[None] | None = None
         self.encryption: EncryptionRuntime | None = None
-        if config.encrypts_anything:
+        if any(t.columns for t in config.tables):
+            # Plain governed columns need the runtime too: it applies the visibility policy to them.
             self.encryption = EncryptionRuntime(config)
             self.metrics.watch_encryption(self.encryption)
+            self.metrics.watch_membership(self.encryption.roles)
+        self.metrics.set_policy_roles(config.policy.role_names)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -363,16 +368,16 @@ class ProxyServer:
         except ConfigError as e:
             for line in e.errors:
                 log.error("reload rejected: %s", line)
-            self.metrics.config_reloaded(False)
+            self._reload_failed()
             return
         except (OSError, ValueError) as e:
             log.error("reload rejected: %s", e)
-            self.metrics.config_reloaded(False)
+            self._reload_failed()
             return
         if (new.tables, new.keystore, new.service) != (self.config.tables, self.config.keystore, self.config.service):
             # Half-applying these could leave a newly protected column passing in plaintext: refuse loudly.
             log.error("reload rejected: tables, keystore and service settings need a restart of pgveil")
-            self.metrics.config_reloaded(False)
+            self._reload_failed()
             return
         for line in self.config.reload_diff(new):
             log.warning("reload: %s", line)
@@ -380,7 +385,28 @@ class ProxyServer:
         self.settings = settings
         setup_logging(new.logging.level, new.logging.format)
         self.metrics.config_reloaded(True)
+        self._install_policy(new)
         log.info("configuration reloaded from %s", Path(path))
+
+    def _reload_failed(self) -> None:
+        self.metrics.config_reloaded(False)
+        self.metrics.policy_reloaded(False)
+        log.error("reload rejected: the running configuration and visibility policy stay")
+
+    def _install_policy(self, new: Config) -> None:
+        """The new policy for every session from its next statement, and a fresh read of the membership."""
+        self.metrics.set_policy_roles(new.policy.role_names)
+        if self.encryption is not None:
+            changed = self.encryption.install_policy(new.policy, new.policy_settings.membership_refresh_seconds)
+            self.encryption.roles.schedule_refresh()
+        else:
+            changed = False
+        self.metrics.policy_reloaded(True)
+        log.info(
+            "visibility policy reloaded (%s): %d policy roles",
+            "changed" if changed else "unchanged",
+            len(new.policy.role_names),
+        )
 
 
 def listening_sockets(host: str, port: int) -> list[socket.socket]:

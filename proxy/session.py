@@ -336,6 +336,9 @@ class Session:
             if crypto.refused:
                 self.metrics.add_refusals(crypto.refused)
                 crypto.refused.clear()
+            if crypto.values_served:
+                self.metrics.add_served(crypto.values_served)
+                crypto.values_served.clear()
 
     def _flush(self) -> None:
         r = self.relay
@@ -384,6 +387,9 @@ class Session:
         elif isinstance(ev, relay.NeedAnalysis):
             self.pause_client_reading("analysis")
             self._spawn(self._analyze_detached(ev))
+        elif isinstance(ev, relay.RolesChanged):
+            if self.encryption is not None:
+                self.encryption.roles_changed()
         elif isinstance(ev, relay.SessionReady):
             if self._startup_timer is not None:
                 self._startup_timer.cancel()

@@ -37,6 +37,10 @@ ErrorSource = Literal["proxy", "server"]
 
 DIRECTIONS: Final[tuple[Direction, ...]] = ("client_to_server", "server_to_client")
 PEERS: Final[tuple[Peer, ...]] = ("client", "server")
+# What a value governed by the visibility policy came back as (``match`` is served masked).
+SERVED_OUTCOMES: Final[frozenset[str]] = frozenset({"plaintext", "masked", "hidden", "ciphertext"})
+_OUTCOME_ALIASES: Final = {"match": "masked"}
+DEFAULT_ROLE_LABEL: Final = "default"
 
 
 # What the collector reads at scrape time: read-only views of the encryption runtime's plain counters.
@@ -74,6 +78,15 @@ class _AnalysisCounters(Protocol):
     def cache_hits(self) -> int: ...
     @property
     def cache_misses(self) -> int: ...
+
+
+class _MembershipCounters(Protocol):
+    @property
+    def membership_reads(self) -> int: ...
+    @property
+    def membership_read_failures(self) -> int: ...
+    @property
+    def membership_changes(self) -> int: ...
 
 
 class EncryptionSource(Protocol):
@@ -211,6 +224,14 @@ class Metrics:
         )
         self._reload_ok = self.config_reloads.labels("success")
         self._reload_failed = self.config_reloads.labels("failure")
+        self.policy_reloads = Counter(
+            "pgveil_policy_reloads_total",
+            "Reloads of the visibility policy (roles:), by result; a rejected one leaves the running policy.",
+            ["result"],
+            registry=r,
+        )
+        self._policy_ok = self.policy_reloads.labels("success")
+        self._policy_failed = self.policy_reloads.labels("failure")
 
         # -- SQL analysis and encryption ----------------------------------------------------------------
         self.statements_refused = Counter(
@@ -234,12 +255,32 @@ class Metrics:
         self.shredded_reads = Counter(
             "pgveil_shredded_reads_total", "Values read whose data subject's keys were destroyed.", registry=r
         )
+        self.values_served = Counter(
+            "pgveil_values_served_total",
+            "Values of governed columns sent to clients, by policy role (a role the policy names, or "
+            "default) and by what they came back as.",
+            ["role", "outcome"],
+            registry=r,
+        )
+        self._policy_roles: frozenset[str] = frozenset()
         self._encryption: EncryptionSource | None = None
+        self._membership: _MembershipCounters | None = None
         r.register(_EncryptionCollector(self))
 
     def watch_encryption(self, source: EncryptionSource | None) -> None:
         """The runtime whose key cache, keystore and analysis cache counters ``/metrics`` shows."""
         self._encryption = source
+
+    def watch_membership(self, source: _MembershipCounters | None) -> None:
+        """The policy runtime whose role-membership read counters ``/metrics`` shows."""
+        self._membership = source
+
+    def set_policy_roles(self, names: frozenset[str]) -> None:
+        """The role names the running policy lists: the only ``role`` label values besides default."""
+        self._policy_roles = frozenset(names)
+
+    def role_label(self, role: str) -> str:
+        return role if role in self._policy_roles else DEFAULT_ROLE_LABEL
 
     # -- cheap methods for the data path ---------------------------------------------------------------
     def session_started(self) -> None:
@@ -288,6 +329,18 @@ class Metrics:
 
     def config_reloaded(self, ok: bool) -> None:
         (self._reload_ok if ok else self._reload_failed).inc()
+
+    def policy_reloaded(self, ok: bool) -> None:
+        (self._policy_ok if ok else self._policy_failed).inc()
+
+    def add_served(self, counts: Mapping[tuple[str, str], int]) -> None:
+        """Flushes a session's served values since the last flush: (role label, outcome) -> count. A role
+        the running policy does not list counts as default (the policy may have been reloaded since
+        the session counted); an outcome outside the fixed set is a bug and is not exported."""
+        for (role, outcome), n in counts.items():
+            outcome = _OUTCOME_ALIASES.get(outcome, outcome)
+            if n and outcome in SERVED_OUTCOMES:
+                self.values_served.labels(self.role_label(role), outcome).inc(n)
 
     def statement_refused(self, reason: RefusalReason, sqlstate: str, n: int = 1) -> None:
         reason = reason if reason in _REASONS else RefusalReason.OTHER
@@ -381,6 +434,20 @@ class _EncryptionCollector:
         refreshes.add_metric(["success"], float(keystore.refreshes if keystore is not None else 0))
         refreshes.add_metric(["failure"], float(keystore.refresh_failures if keystore is not None else 0))
         yield refreshes
+        membership = self._metrics._membership
+        reads = CounterMetricFamily(
+            "pgveil_role_membership_reads",
+            "Reads of the role membership (pg_auth_members) over the service connection, by result.",
+            labels=["result"],
+        )
+        reads.add_metric(["success"], float(membership.membership_reads if membership is not None else 0))
+        reads.add_metric(["failure"], float(membership.membership_read_failures if membership is not None else 0))
+        yield reads
+        yield counter(
+            "pgveil_role_membership_changes",
+            "Reads of the role membership that found it changed (each one makes sessions re-decide).",
+            membership.membership_changes if membership is not None else None,
+        )
         yield counter(
             "pgveil_sql_analysis_cache_hits",
             "Statements whose analysis came from the cache.",

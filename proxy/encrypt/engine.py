@@ -75,7 +75,15 @@ from proxy.protocol import messages as m
 from proxy.protocol.encryption import REFUSED_PORTAL_NAME as REFUSED_PORTAL_NAME
 from proxy.protocol.encryption import REFUSED_QUERY as REFUSED_QUERY
 from proxy.protocol.encryption import REFUSED_STATEMENT_NAME as REFUSED_STATEMENT_NAME
-from proxy.protocol.encryption import AnalysisMiss, CryptoState, KeyMiss, NamespaceOp, Version, refused_bind
+from proxy.protocol.encryption import (
+    AnalysisMiss,
+    CryptoState,
+    KeyMiss,
+    NamespaceAction,
+    NamespaceOp,
+    Version,
+    refused_bind,
+)
 from proxy.protocol.encryption import Outcome as Outcome
 from proxy.rewrite.analysis import analyze
 from proxy.rewrite.catalog import Catalog, ProtectedColumn
@@ -83,6 +91,7 @@ from proxy.rewrite.copyrows import CopyOptions, CopyRowRewriter
 from proxy.rewrite.plan import (
     CopyDirection,
     CopyFormat,
+    CopyPlan,
     LiteralTarget,
     QueryPlan,
     Refusal,
@@ -189,7 +198,7 @@ class StatementCrypto(CryptoState):
     client_param_types: tuple[int, ...]
     result_hint: tuple[ColumnCrypto | None, ...] | None
     # The login role's view the statement was decided under; a Bind under another epoch decides again.
-    view: RoleView = PLAINTEXT_VIEW
+    view: RoleView | None = None  # None: not decided under any view yet (the next Bind decides)
     # Derived from the above once, so that each Bind and Execute only looks things up.
     targets: tuple[ParamTarget, ...] = field(init=False)
     key_slots: int = field(init=False)
@@ -200,7 +209,7 @@ class StatementCrypto(CryptoState):
         self.adopt(self.view)
         self.copies_in = _copies_in_protected(self.plan)
 
-    def adopt(self, view: RoleView) -> None:
+    def adopt(self, view: RoleView | None) -> None:
         """Takes ``view`` (decided for it already): what each parameter is bound as depends on it."""
         self.view = view
         slots: dict[str, int] = {}
@@ -211,7 +220,7 @@ class StatementCrypto(CryptoState):
             column_id = cc.column.column_id
             slot = slots.setdefault(column_id, len(slots))
             binary_as_is = as_is and oid in (0, cc.codec.oid)
-            envelope = writes_envelopes(cc.column, view.grant(cc.column))
+            envelope = view is not None and writes_envelopes(cc.column, view.grant(cc.column))
             targets.append(ParamTarget(i, cc, column_id, cc.associated, oid, as_is, binary_as_is, slot, envelope))
         self.targets = tuple(targets)
         self.key_slots = len(slots)
@@ -225,7 +234,9 @@ class PortalCrypto(CryptoState):
     server_formats: tuple[int, ...]  # as the proxy sent them to the server
     row_plan: RowPlan | None = None
     described: bool = False  # the client sent Describe for this portal (its RowDescription maps the rows)
-    view: RoleView = PLAINTEXT_VIEW  # the view its rows are served under (an Execute under another decides again)
+    # The view its rows are served under (an Execute under another decides again); None: the current view
+    # when its RowDescription arrives (a portal of a statement pgveil had nothing to decide for).
+    view: RoleView | None = None
 
     def needs_description(self) -> bool:
         """Rows whose protected columns only a RowDescription can locate, and none was asked for."""
@@ -239,7 +250,7 @@ class QueryCrypto(CryptoState):
 
     statements: tuple[StatementPlan, ...]
     index: int = 0
-    view: RoleView = PLAINTEXT_VIEW  # the login role's view when the Query was sent
+    view: RoleView | None = None  # the login role's view when the Query was sent (None: the current one)
 
     def current_hint(self, ctx: CryptoContext) -> tuple[ColumnCrypto | None, ...] | None:
         if self.index >= len(self.statements):
@@ -533,6 +544,8 @@ class SessionCrypto:
         self._copy_out_rw: CopyRowRewriter | None = None  # rewrites the server's COPY TO STDOUT rows
         self._described_cache: dict[bytes, tuple[ColumnCrypto | None, ...] | None] = {}  # see _described
         self._described_catalog: Catalog | None = None
+        # SQL PREPAREd statements on governed columns: name -> (the statements decided, the epoch)
+        self._sql_prepared: dict[str, tuple[tuple[StatementPlan, ...], int]] = {}
         self._copy_out_served: tuple[tuple[tuple[str, str], int], ...] = ()  # per row of the COPY TO
         self._copy_out_counting = False  # a COPY TO whose rows pass unchanged but are counted
         self._copy_out_rows = 0
@@ -558,7 +571,7 @@ class SessionCrypto:
                 return refused
             cp = st.copy
             if cp is not None and cp.direction is CopyDirection.TO and cp.format is CopyFormat.BINARY:
-                for col in cp.protected:
+                for col in _governed_columns(cp):
                     if col is not None and view.grant(col).visibility is not Visibility.PLAINTEXT:
                         return PolicyDenied(
                             f"pgveil: permission denied for column {col.column_id}: binary COPY TO needs "
@@ -567,8 +580,9 @@ class SessionCrypto:
                         )
             outputs = [r.column for r in references if r.kind is ReferenceKind.OUTPUT]
             outputs.extend(c for c in st.result_columns or () if c is not None)
+            outputs.extend(c for c in getattr(st, "cursor_columns", None) or () if c is not None)
             if cp is not None and cp.direction is CopyDirection.TO:
-                outputs.extend(c for c in cp.protected if c is not None)
+                outputs.extend(c for c in _governed_columns(cp) if c is not None)
             for col in outputs:
                 mask = view.grant(col).mask
                 if mask is not None and mask.function is MaskFunction.HASH:
@@ -684,7 +698,21 @@ class SessionCrypto:
         except ProxyError as e:
             return self._refuse(e)
         replacement = None if new_sql is None else codec.encode_frontend(m.Query(wire_text(new_sql, self.fmt)))
+        self._note_sql_prepare(sql, plan.statements, view)
         return Outcome(replacement, QueryCrypto(plan.statements, view=view))
+
+    def _note_sql_prepare(self, sql: str, statements: tuple[StatementPlan, ...], view: RoleView) -> None:
+        """An SQL ``PREPARE`` in a text on governed columns: remembered with the statements it was
+        decided for and the epoch, so that an ``EXECUTE`` of it after a policy change is decided again
+        (the relay keeps no crypto state for SQL-level statements)."""
+        if "prepare" not in sql.lower():
+            return
+        prepared = self._sql_prepared
+        for op in namespace_ops(sql):
+            if op.action is NamespaceAction.PREPARE:
+                if len(prepared) > 1000 and op.name not in prepared:
+                    prepared.clear()
+                prepared[op.name] = (statements, view.epoch)
 
     def _encrypt_literals(self, plan: QueryPlan, view: RoleView) -> str | None:
         """The statement text with every literal bound for a protected column sealed, or None if the
@@ -910,14 +938,15 @@ class SessionCrypto:
         self, msg: m.BindFrame, stmt: StatementCrypto, stmt_row_desc: bytes | None, client_formats: tuple[int, ...]
     ) -> Outcome:
         view = self._view_source()
-        if view.epoch != stmt.view.epoch:
+        if stmt.view is None or view.epoch != stmt.view.epoch:
             # The policy or the role's membership changed since the statement was decided: decided again,
             # never served under the rules it was prepared under.
             refused = self._policy((stmt.plan,), view)
             if refused is not None:
                 raise refused
             stmt.adopt(view)
-        view = stmt.view
+        else:
+            view = stmt.view
         param_formats: tuple[int, ...] | None = None
         sealed: tuple[tuple[int, bytes], ...] = ()
         if stmt.targets and len(msg.param_offsets) > 1:  # protected parameters, and values for them
@@ -1204,14 +1233,20 @@ class SessionCrypto:
         """A row rewriter for the COPY that the server just started, or None if it carries no protected
         column. Keys for COPY FROM are checked first (KeyMiss), so a stream never stops half-way."""
         st = _copy_current_statement(state)
-        if st is None or st.copy is None or not st.copy.needs_rewrite:
+        if st is None or st.copy is None:
             return None
         cp = st.copy
-        view = state.view if isinstance(state, QueryCrypto | PortalCrypto) else self._fallback_view()
+        # COPY FROM seals (or checks) encrypted columns only; COPY TO serves every governed column.
+        columns = cp.protected if inbound else _governed_columns(cp)
+        if not any(c is not None for c in columns):
+            return None
+        view = state.view if isinstance(state, QueryCrypto | PortalCrypto) else None
+        if view is None:
+            view = self._fallback_view()
         transforms = CopyTransforms(self)
         fields: list[Callable[[bytes], bytes | None] | None] = []
         served: dict[tuple[str, str], int] = {}
-        for col in cp.protected:
+        for col in columns:
             if col is None:
                 fields.append(None)
                 continue
@@ -1278,6 +1313,17 @@ class SessionCrypto:
     def execute_refusal(self, name: str, versions: Sequence[Version], *, deferred: bool) -> bytes | None:
         if not self.ctx.catalog.tables:
             return None
+        prepared = self._sql_prepared.get(name)
+        if prepared is not None:
+            try:
+                view = self._view_source()
+                refused = None if view.epoch == prepared[1] else self._policy(prepared[0], view)
+            except ProxyError as unknown:
+                refused = unknown
+            if refused is not None:
+                log.info("refused an EXECUTE: %s", refused.message)
+                return self.refusal(refused)
+            self._sql_prepared[name] = (prepared[0], view.epoch)
         if not name:
             e = _unconfirmed(
                 "an SQL-level EXECUTE in a statement text too long for pgveil to read a second time "
@@ -1376,7 +1422,7 @@ class SessionCrypto:
         the RowDescription the client has still describes them (else refused: bind it again)."""
         stmt = portal.statement
         view = self._view_source()
-        if view.epoch == portal.view.epoch:
+        if portal.view is None or view.epoch == portal.view.epoch:
             return
         refused = self._policy((stmt.plan,), view) if stmt is not None else None
         if refused is not None:
@@ -1434,9 +1480,13 @@ class SessionCrypto:
 
     def close(self, kind: bytes, name: str) -> None:
         (self._stmt_crypto if kind == b"S" else self._portal_crypto).pop(name, None)
+        if kind == b"S":
+            self._sql_prepared.pop(name, None)
 
     def close_all(self, kind: bytes) -> None:
         (self._stmt_crypto if kind == b"S" else self._portal_crypto).clear()
+        if kind == b"S":
+            self._sql_prepared.clear()
 
     def arm_copy_in(self, state: CryptoState | None) -> None:
         """A statement that copies into a protected table: its row rewriter starts now, when the client
@@ -1493,9 +1543,11 @@ class SessionCrypto:
             replacement, _ = self.row_description(body, None, formats)
             return replacement
         hint = state.statement.result_hint if state.statement is not None else None
-        replacement, plan = self.row_description(body, hint, state.client_formats, state.view)
+        view = state.view if state.view is not None else self._fallback_view()
+        replacement, plan = self.row_description(body, hint, state.client_formats, view)
         if plan is not None:
             state.row_plan = plan
+            state.view = view
         return replacement
 
     def result_row_description(self, body: bytes, state: CryptoState | None) -> tuple[bytes | None, bool]:
@@ -1689,6 +1741,12 @@ def _codec_by_oid(oid: int) -> TypeCodec | None:
 
 def _copies_in_protected(st: StatementPlan) -> bool:
     return st.copy is not None and st.copy.direction is CopyDirection.FROM and st.copy.needs_rewrite
+
+
+def _governed_columns(cp: CopyPlan) -> tuple[ProtectedColumn | None, ...]:
+    """Every governed column of a COPY in wire order (encrypted and plain)."""
+    governed: tuple[ProtectedColumn | None, ...] = getattr(cp, "governed_columns", cp.protected)
+    return governed
 
 
 def _copy_current_statement(state: object) -> StatementPlan | None:

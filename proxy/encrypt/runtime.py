@@ -32,11 +32,17 @@ from proxy.catalog_loader import load_catalog
 from proxy.config import Config, LocalMasterKeyConfig, read_secret_file, redact_dsn
 from proxy.encrypt.engine import CryptoContext, SessionCrypto
 from proxy.encrypt.keyring import KeyRing
+from proxy.policy.rules import Policy
+from proxy.policy_runtime import PolicyRuntime
 
 log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 2.0
 CATALOG_CHANNEL = "pgveil_catalog"
+# Role DDL seen by one pgveil process is announced here, so every process and instance reads the role
+# membership again at once (the periodic read catches changes made without pgveil). Like the catalog
+# channel, a hint only: any role may NOTIFY, and a notification costs one coalesced membership read.
+ROLES_CHANNEL = "pgveil_roles"
 _MAX_HINT_NAMES = 256
 
 
@@ -71,17 +77,52 @@ class EncryptionRuntime:
         self._reload_again = False
         self._listener: Any = None  # the service connection that LISTENs on CATALOG_CHANNEL
         self._listen_task: asyncio.Task[None] | None = None
+        self._announcing: set[asyncio.Task[None]] = set()
         self.reloads = 0
         self._keyed_columns: set[str] = set()
         self._ready_shape: tuple[int, int] | None = None
         self.context.on_reload = self.schedule_reload
+        # The visibility policy and the role membership it is applied through (read with the catalog).
+        self.roles = PolicyRuntime(
+            config.policy, self._service_connect, refresh_seconds=config.policy_settings.membership_refresh_seconds
+        )
 
     @property
     def ready(self) -> bool:
         return self.context.unavailable is None
 
+    async def _service_connect(self) -> Any:
+        cfg = self.config
+        assert cfg.service is not None
+        assert cfg.service.dsn is not None
+        return await asyncpg.connect(**connect_kwargs(cfg.service.dsn, cfg.service.password_file), timeout=10)
+
+    def roles_changed(self) -> None:
+        """A session's role DDL completed and its transaction ended: read the membership again, here and
+        (through ROLES_CHANNEL) in every other pgveil process on this database."""
+        self.roles.role_ddl_completed()
+        listener = self._listener
+        if listener is not None:
+            task = asyncio.get_running_loop().create_task(self._announce_roles_changed(listener))
+            self._announcing.add(task)
+            task.add_done_callback(self._announcing.discard)
+
+    async def _announce_roles_changed(self, listener: Any) -> None:
+        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            await listener.execute(f"NOTIFY {ROLES_CHANNEL}")
+
+    def _on_roles_notification(self, _conn: Any, _pid: int, _channel: str, _payload: str) -> None:
+        self.roles.schedule_refresh()
+
     def session_factory(self, role: str) -> SessionCrypto:
-        return SessionCrypto(self.context, role)
+        """The session of login role ``role``: its view is the policy runtime's for that role, asked
+        before every statement (SET ROLE cannot change which role it is)."""
+        return SessionCrypto(self.context, role, self.roles.view_source(role))
+
+    def install_policy(self, policy: Policy, refresh_seconds: float) -> bool:
+        """A reloaded policy (validated already); whether it differs from the running one."""
+        self.roles.set_refresh_seconds(refresh_seconds)
+        return self.roles.install_policy(policy)
 
     async def start(self) -> None:
         """Tries once now (so a healthy start is ready at once), then keeps trying in the background."""
@@ -97,7 +138,12 @@ class EncryptionRuntime:
     async def _try_load(self) -> None:
         cfg = self.config
         epoch = self.context.reload_epoch
-        if cfg.service is None or cfg.service.dsn is None or cfg.keystore is None or cfg.keystore.dsn is None:
+        keys_needed = cfg.needs_keystore
+        if (
+            cfg.service is None
+            or cfg.service.dsn is None
+            or (keys_needed and (cfg.keystore is None or cfg.keystore.dsn is None))
+        ):
             self.context.unavailable = "pgveil has no service/keystore DSN configured for protected tables"
             log.error("%s", self.context.unavailable)
             return
@@ -109,17 +155,29 @@ class EncryptionRuntime:
             return
         try:
             catalog, problems = await load_catalog(conn, cfg.catalog(), self.context.catalog)
+            # A failed read keeps the last good membership; without one, governed columns wait for it.
+            await self.roles.refresh_with(conn)
         except (OSError, asyncpg.PostgresError) as e:
             self._unavailable("cannot read the catalog", e)
             return
         finally:
             await conn.close()
+        if not self.roles.loaded:
+            self.context.unavailable = "pgveil: role membership not loaded yet"
+            return
         if problems:
             # Details (which table, which column, which type) go to the operator's log; clients learn only
             # that protected tables are not ready.
             log.error("protected tables are not ready: %s", "; ".join(problems))
             self.context.unavailable = "pgveil: protected tables are not ready (see the pgveil log)"
             return
+        if not keys_needed:
+            # Plain governed columns only (and no hash mask): the policy needs the catalog, never a key.
+            self.context.install(catalog, epoch)
+            self._ready(0, len(catalog.tables))
+            return
+        assert cfg.keystore is not None
+        assert cfg.keystore.dsn is not None
         try:
             if self.keystore is None:
                 provider = provider_from_config(cfg)
@@ -149,14 +207,18 @@ class EncryptionRuntime:
             return
         self.keyring.source = self.keystore
         self.context.install(catalog, epoch)
-        shape = (len(columns), len(catalog.tables))
+        self._ready(len(columns), len(catalog.tables))
+
+    def _ready(self, keyed_columns: int, relations: int) -> None:
+        shape = (keyed_columns, relations)
         if shape != self._ready_shape:
             log.info("encryption ready: %d protected columns in %d relations", *shape)
             self._ready_shape = shape
         else:
-            log.debug("catalog read again: %d protected relations", len(catalog.tables))
+            log.debug("catalog read again: %d protected relations", relations)
         if self._listen_task is None:
             self._listen_task = asyncio.get_running_loop().create_task(self._listen())
+        self.roles.start_polling()
 
     # -- catalog reloads -------------------------------------------------------------------------------
     def schedule_reload(self) -> None:
@@ -198,6 +260,7 @@ class EncryptionRuntime:
             try:
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(CATALOG_CHANNEL, self._on_catalog_notification)
+                await conn.add_listener(ROLES_CHANNEL, self._on_roles_notification)
                 self._listener = conn
                 self.schedule_reload()
                 await lost.wait()
@@ -230,6 +293,7 @@ class EncryptionRuntime:
         for task in (self._task, self._reload_task, self._listen_task):
             if task is not None:
                 task.cancel()
+        await self.roles.stop()
         if self.keystore is not None:
             await self.keystore.close()
         if self._pool is not None:

@@ -23,11 +23,11 @@ Must not: do I/O, hold values, or log anything about them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from proxy.encrypt.rows import Action
 from proxy.errors import ProxyError, RefusalReason
-from proxy.policy.model import Grant, Reference, ReferenceKind, RoleView, Visibility
+from proxy.policy.decide import PolicyDenied as PolicyDenied
+from proxy.policy.decide import decide as decide
+from proxy.policy.model import Grant, Visibility
 from proxy.rewrite.catalog import ProtectedColumn
 
 # The outcome label of each visibility, for pgveil_values_served_total (``match`` is served masked).
@@ -72,45 +72,11 @@ class UniformView:
 PLAINTEXT_VIEW = UniformView(Grant(Visibility.PLAINTEXT))
 
 
-class PolicyDenied(ProxyError):
-    """The login role may not use a governed column the way the statement does."""
-
-    sqlstate = "42501"
-    reason = RefusalReason.POLICY_DENIED
-
-
 class MaskKeyMissing(ProxyError):
     """A ``hash`` mask applies, and no keystore is configured to hold its key."""
 
     sqlstate = "55000"
     reason = RefusalReason.KEY_UNAVAILABLE
-
-
-def _role(view: RoleView) -> str:
-    return view.login_role or view.label
-
-
-def decide(references: Iterable[Reference], view: RoleView) -> ProxyError | None:
-    """The statement's refusal under ``view``, or None: the documented rule of
-    ``proxy.policy.decide.decide``, which replaces this once it is merged. DENY refuses any reference;
-    EQUALITY and EXPRESSION need PLAINTEXT; OUTPUT and WRITE are allowed."""
-    for ref in references:
-        grant = view.grant(ref.column)
-        column = ref.column.column_id
-        if grant.visibility is Visibility.DENY:
-            return PolicyDenied(
-                f"pgveil: permission denied for column {column}: it is denied to role {_role(view)} ({ref.construct})"
-            )
-        if (
-            ref.kind in (ReferenceKind.EQUALITY, ReferenceKind.EXPRESSION)
-            and grant.visibility is not Visibility.PLAINTEXT
-        ):
-            seen = "masked" if grant.visibility in (Visibility.MASKED, Visibility.MATCH) else str(grant.visibility)
-            return PolicyDenied(
-                f"pgveil: permission denied for column {column}: {ref.construct} needs plaintext access "
-                f"(role {_role(view)} sees it {seen})"
-            )
-    return None
 
 
 def action_for(column: ProtectedColumn, grant: Grant) -> Action:

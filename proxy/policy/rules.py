@@ -130,7 +130,7 @@ def parse_visibility(text: str) -> tuple[Visibility, Mask | None]:
     ``ciphertext``, ``deny``; ``<fn>`` one of ``last4``, ``partial``, ``email``, ``hash``,
     ``fixed:<text>``, ``null``). Keywords are case-insensitive; a ``fixed:`` text is kept as written.
     Raises ``ValueError`` with a message that completes ``<path>: `` (with a did-you-mean)."""
-    keyword, sep, argument = text.strip().partition(":")
+    keyword, sep, argument = text.lstrip().partition(":")  # a fixed: text keeps its trailing spaces
     keyword = keyword.strip().lower()
     try:
         visibility = Visibility(keyword)

@@ -134,6 +134,7 @@ class SessionEncryption(Protocol):
     values_decrypted: int
     decrypt_failures: int
     refused: dict[tuple[RefusalReason, str], int]  # refusals by (reason, SQLSTATE)
+    values_served: dict[tuple[str, str], int]  # governed values sent, by (policy role label, outcome)
 
     def set_parameter(self, name: str, value: str) -> None:
         """A ParameterStatus from the server."""

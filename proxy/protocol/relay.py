@@ -188,6 +188,12 @@ class NeedAnalysis:
 
 
 @dataclass(frozen=True, slots=True)
+class RolesChanged:
+    """Statements that can change role membership (GRANT/REVOKE of a role, CREATE/ALTER/DROP ROLE)
+    completed in this session and its transaction has ended: the membership is worth reading again."""
+
+
+@dataclass(frozen=True, slots=True)
 class CloseConnection:
     """Close both sides after writing what is queued. ``error`` is what the client was told, if anything."""
 
@@ -202,6 +208,7 @@ Event = (
     | SessionReady
     | NeedKey
     | NeedAnalysis
+    | RolesChanged
     | CloseConnection
 )
 
@@ -218,6 +225,9 @@ _LIGHT_WATCHED = frozenset(b"ZEGHcCSK")
 _READY_ANSWERS = (Expect.SYNC, Expect.QUERY, Expect.FUNCTION_CALL)
 # The first bytes of the CommandComplete tags of PREPARE, DEALLOCATE [ALL] and DISCARD ALL.
 _NAMESPACE_TAG_STARTS = (0x50, 0x44)
+# CommandComplete tags of statements that can change role membership (cmdtaglist.h), and their first bytes.
+_ROLE_TAGS = frozenset({b"GRANT ROLE\x00", b"REVOKE ROLE\x00", b"CREATE ROLE\x00", b"DROP ROLE\x00", b"ALTER ROLE\x00"})
+_ROLE_TAG_STARTS = frozenset(b"GRCDA")
 # What ends a pipeline segment: after an error the server skips messages up to the next Sync, and a
 # simple Query or FunctionCall is a segment of its own.
 _SEGMENT_ENDS = _READY_ANSWERS
@@ -286,6 +296,7 @@ class Relay:
         self.backend_key: m.BackendKeyData | None = None
         self.parameters: dict[str, str] = {}
         self.transaction_status: bytes = b"I"
+        self._role_ddl = False  # role DDL completed in the current transaction (see RolesChanged)
         self.server_fatal = False  # the server sent FATAL/PANIC: its closing the connection is expected
         # Startup negotiation as postmaster.c tracks it (ssl_done, gss_done), and authentication: the
         # client's Terminate (or the first byte of a message the server refuses) has been passed on, so
@@ -1198,6 +1209,9 @@ class Relay:
                 self.crypto.close_all(b"P")
         if self.crypto is not None:
             self.crypto.ready_for_query(body)
+        if self._role_ddl and body == b"I":
+            self._role_ddl = False
+            self.events.append(RolesChanged())
         return None
 
     def _on_query_started(self) -> None:
@@ -1331,6 +1345,8 @@ class Relay:
         return None
 
     def _on_command_complete(self, body: bytes) -> bytes | None:
+        if body and body[0] in _ROLE_TAG_STARTS and body in _ROLE_TAGS and self.crypto is not None:
+            self._role_ddl = True
         self.copy_in = self.copy_out = False
         self.current_result = None
         self._rows = self._copy_out_rewritten = False

@@ -141,12 +141,15 @@ def test_demo_config_protects_the_demo_columns() -> None:
     table = config.catalog().lookup(None, "customers")
     assert table is not None
     assert table.qualified_name == "public.customers"
-    assert {c.name: c.declared_type for c in table.columns.values()} == {
-        "email": "text",
-        "ssn": "text",
-        "birth_date": "date",
+    assert {c.name: (c.declared_type, c.encrypted) for c in table.columns.values()} == {
+        "email": ("text", True),
+        "ssn": ("text", True),
+        "birth_date": ("date", True),
+        "phone": ("text", False),  # the demo's plain governed column
     }
     assert config.source_path == DEMO
+    assert config.policy.role_names == {"app", "billing", "support", "contractor"}
+    assert not any(w.startswith("roles") for w in config.warnings)
 
 
 # -- collecting errors --------------------------------------------------------------------------------

@@ -109,6 +109,8 @@ def test_pattern_coverage() -> None:
         ("masked:fixed:N/A", Visibility.MASKED, Mask(MaskFunction.FIXED, "N/A")),
         ("masked:fixed:a:B c", Visibility.MASKED, Mask(MaskFunction.FIXED, "a:B c")),
         ("masked:fixed:", Visibility.MASKED, Mask(MaskFunction.FIXED, "")),
+        (" masked : fixed: N/A ", Visibility.MASKED, Mask(MaskFunction.FIXED, " N/A ")),
+        ("deny ", Visibility.DENY, None),
     ],
 )
 def test_visibility_strings(text: str, visibility: Visibility, mask: Mask | None) -> None:

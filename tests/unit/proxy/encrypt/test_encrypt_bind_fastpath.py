@@ -111,7 +111,7 @@ def _reference_bind(crypto: SessionCrypto, msg: m.Bind, stmt: StatementCrypto) -
             None if h is None else h.output(server_binary=True, client_binary=client[i] == 1, fmt=crypto.fmt)
             for i, h in enumerate(hint)
         )
-    portal = PortalCrypto(stmt, msg.result_formats, server_formats, row_plan)
+    portal = PortalCrypto(stmt, msg.result_formats, server_formats, row_plan, view=crypto.current_view())
     if params is msg.params and server_formats is msg.result_formats:
         return Outcome(None, portal)
     return Outcome(codec.encode_frontend(m.Bind(msg.portal, msg.statement, pformats, params, server_formats)), portal)

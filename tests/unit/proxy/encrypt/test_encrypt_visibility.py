@@ -173,15 +173,16 @@ def test_ciphertext_role_gets_the_stored_envelope_as_bytea() -> None:
     assert crypto.values_served == {("support", "ciphertext"): 2}
 
 
-def test_a_denied_column_found_only_in_the_row_description_is_not_served() -> None:
-    # A FETCH names no table: only the RowDescription of its result shows the denied column (a SELECT
-    # naming it is refused by its references before it runs).
+def test_a_denied_column_refuses_the_statement_and_is_not_served_where_only_a_description_names_it() -> None:
     crypto, _ = session(Switchable(grants={SSN.column_id: DENY}))
-    out = crypto.query("FETCH ALL FROM c")
-    assert out.replacement is None
-    assert out.refusal is None
+    out = crypto.query("SELECT id, ssn, score FROM customers")
+    assert sqlstate(out.refusal) == "42501"
+    assert b"public.customers.ssn" in (out.refusal or b"")
+    assert crypto.query("SELECT id, score FROM customers").refusal is None
+    # FETCH from a cursor: nothing to analyse, the RowDescription names the column
+    assert crypto.query("FETCH 1 FROM c").state is None
     with pytest.raises(ProxyError, match=r"public\.customers\.ssn") as info:
-        crypto.result_row_description(rd_body(*STORED_FIELDS), out.state)
+        crypto.result_row_description(rd_body(*STORED_FIELDS), None)
     assert info.value.sqlstate == "42501"
 
 
@@ -252,6 +253,7 @@ def test_a_bind_under_a_new_epoch_is_served_under_the_new_view() -> None:
     assert actions(bind(crypto, stmt)) == [None, Action.DECRYPT, Action.DECRYPT]
     src.default, src.epoch = HIDDEN, 1
     assert actions(bind(crypto, stmt)) == [None, Action.NULL, Action.NULL]
+    assert stmt.view is not None
     assert stmt.view.epoch == 1
 
 
@@ -476,3 +478,19 @@ def test_a_bind_of_a_described_unanalysed_statement_serves_its_governed_columns(
     data = data_rows((b"\x00\x00\x00\x07", envelope))
     got = _values(crypto.data_rows_current(data, 0, len(data), 1))[1]
     assert got == {Action.DECRYPT: SSN_TEXT, Action.NULL: None, Action.MASK: b"*******6789"}[action]
+
+
+def test_sql_execute_of_a_statement_prepared_under_another_epoch_is_decided_again() -> None:
+    """The relay keeps no crypto state for SQL PREPARE: the engine remembers what the PREPARE was
+    decided for, so a predicate on a column the role no longer sees is not run by EXECUTE."""
+    crypto, src = session()
+    out = crypto.query("PREPARE q AS SELECT id FROM customers WHERE ssn IS NULL")
+    assert out.refusal is None
+    assert crypto.execute_refusal("q", [(None, None)], deferred=False) is None
+    src.default, src.epoch = HIDDEN, 1
+    assert sqlstate(crypto.execute_refusal("q", [(None, None)], deferred=False)) == "42501"
+    src.default, src.epoch = PLAIN, 2
+    assert crypto.execute_refusal("q", [(None, None)], deferred=False) is None
+    src.default, src.epoch = HIDDEN, 3
+    crypto.close(b"S", "q")  # DEALLOCATE q: forgotten
+    assert crypto.execute_refusal("q", [(None, None)], deferred=False) is None
