@@ -27,7 +27,7 @@ from proxy.config import Config, load_config
 from proxy.encrypt.runtime import EncryptionRuntime, connect_kwargs
 from proxy.errors import ConfigError
 from proxy.logsetup import setup_logging
-from proxy.services import Explainer, ReloadOutcome, captured_log_lines, key_columns
+from proxy.services import Explainer, ExplainUnavailable, ReloadOutcome, captured_log_lines, key_columns
 from proxy.session import ClientProtocol, Session, SessionSettings, shutdown_analysis_pool
 from proxy.tls import client_leg_context, first_certificate_der, upstream_settings
 from proxy.workers import Supervisor, WorkerChannel
@@ -202,7 +202,21 @@ class ProxyServer:
         return connect
 
     def explainer(self) -> Explainer | None:
-        return None
+        """``pgveil policy explain`` against what this process runs: its catalog (as read from the server),
+        its policy and its role membership; nothing is sent to the server."""
+        enc = self.encryption
+        if enc is None:
+            return None
+
+        async def explain_for(role: str, sql: str) -> Mapping[str, Any]:
+            from proxy.cli_policy import explain
+
+            graph = enc.roles.graph
+            if graph is None or not enc.ready:
+                raise ExplainUnavailable("pgveil has not loaded the catalog and role membership yet")
+            return explain(enc.context.catalog, self.config.policy, graph, role, sql).to_json()
+
+        return explain_for
 
     # -- clients ---------------------------------------------------------------------------------------
     async def _accept_loop(self, sock: socket.socket) -> None:

@@ -80,9 +80,17 @@ class Reply:
 
 
 def call(
-    url: str, method: str = "GET", bearer: str | None = None, headers: dict[str, str] | None = None, **kw: Any
+    url: str,
+    method: str = "GET",
+    bearer: str | None = None,
+    headers: dict[str, str] | None = None,
+    body: Any = None,
+    **kw: Any,
 ) -> Reply:
-    req = urllib.request.Request(url, method=method, headers=dict(headers or {}))
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
     if bearer is not None:
         req.add_header("Authorization", f"Bearer {bearer}")
     try:
@@ -185,27 +193,31 @@ ROUTES = [
     ("POST", "/policy/reload", "policy:reload", "reader", "operator", 200),
     ("GET", "/keys", "admin:read", "operator", "reader", 200),
     ("GET", "/openapi.json", "admin:read", "prom", "reader", 200),
+    ("POST", "/policy/explain", "admin:read", "operator", "reader", 200),
 ]
+EXPLAIN = {"role": "app", "statement": f"SELECT card FROM {TABLE} WHERE id = 7"}
+BODIES = {"/policy/explain": EXPLAIN}
 
 
 @pytest.mark.parametrize(("method", "path", "scope", "lacking", "right", "expected"), ROUTES)
 def test_no_token_wrong_token_and_missing_scope_are_refused(
     env: AdminEnv, method: str, path: str, scope: str, lacking: str, right: str, expected: int
 ) -> None:
-    r = call(env.v1(path), method)
+    body = BODIES.get(path)
+    r = call(env.v1(path), method, body=body)
     assert r.status == 401
     assert r.headers["WWW-Authenticate"] == 'Bearer realm="pgveil"'
     assert r.body["error"] == "unauthorized"
 
-    r = call(env.v1(path), method, WRONG)
+    r = call(env.v1(path), method, WRONG, body=body)
     assert r.status == 401
     assert r.headers["WWW-Authenticate"] == 'Bearer realm="pgveil", error="invalid_token"'
 
-    r = call(env.v1(path), method, headers={"Authorization": f"Basic {WRONG}"})
+    r = call(env.v1(path), method, headers={"Authorization": f"Basic {WRONG}"}, body=body)
     assert r.status == 401
     assert 'error="invalid_request"' in r.headers["WWW-Authenticate"]
 
-    r = call(env.v1(path), method, token(lacking))
+    r = call(env.v1(path), method, token(lacking), body=body)
     assert r.status == 403
     assert r.headers["WWW-Authenticate"] == f'Bearer realm="pgveil", error="insufficient_scope", scope="{scope}"'
     assert r.body == {"error": "forbidden", "detail": f"the token lacks scope {scope}"}
@@ -216,7 +228,7 @@ def test_the_right_token_is_let_through(
     env: AdminEnv, method: str, path: str, scope: str, lacking: str, right: str, expected: int
 ) -> None:
     assert scope in TOKENS[right][1]
-    r = call(env.v1(path), method, token(right))
+    r = call(env.v1(path), method, token(right), body=BODIES.get(path))
     assert r.status == expected, r.body
     assert isinstance(r.body, dict)
     assert r.body.get("error") != "forbidden"
@@ -364,6 +376,29 @@ def test_policy_reload_applies_a_valid_file_and_rejects_an_invalid_one(env: Admi
     assert call(env.v1("/policy/reload"), "POST", token("operator")).status == 200
 
 
+# -- policy explain ------------------------------------------------------------------------------------
+def test_policy_explain_answers_for_the_running_policy_and_never_logs_the_statement(env: AdminEnv) -> None:
+    secret = "literal-" + uuid.uuid4().hex
+    body = {"role": "app", "statement": f"SELECT card FROM {TABLE} WHERE id = 7 AND '{secret}' <> ''"}
+    r = call(env.v1("/policy/explain"), "POST", token("reader"), body=body)
+    assert r.status == 200, r.body
+    assert r.body["role"] == "app"
+    assert r.body["allowed"] is True
+    (statement,) = r.body["statements"]
+    assert [(c["column"], c["outcome"]) for c in statement["columns"]] == [(COLUMN, "plaintext")]
+    r = call(
+        env.v1("/policy/explain"),
+        "POST",
+        token("reader"),
+        body={"role": "app", "statement": f"SELECT card FROM {TABLE} ORDER BY card"},
+    )
+    assert r.status == 200
+    assert r.body["allowed"] is False
+    assert r.body["statements"][0]["sqlstate"] == "0A000"  # ordering by an encrypted column: refused for all
+    assert call(env.v1("/policy/explain"), "POST", token("reader"), body={"role": "app"}).status == 400
+    assert secret not in env.proxy.logs()
+
+
 # -- keys ----------------------------------------------------------------------------------------------
 def test_keys_lists_versions_matching_the_stored_envelopes_and_never_key_bytes(env: AdminEnv) -> None:
     insert_card(env.proxy, 1, "4111111111111111")
@@ -396,7 +431,7 @@ def test_the_document_describes_exactly_the_routes_that_exist(env: AdminEnv) -> 
     documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
     from proxy.admin.api import operations
 
-    assert documented == {(op.method, f"/v1{op.path}") for op in operations()} | {
+    assert documented == {(op.method, f"/v1{op.path}") for op in operations(explain=True)} | {
         ("GET", "/metrics"),
         ("GET", "/healthz"),
         ("GET", "/readyz"),
