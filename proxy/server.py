@@ -15,17 +15,19 @@ import itertools
 import logging
 import signal
 import socket
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from proxy import __version__
+from proxy.admin.api import admin_wiring
 from proxy.admin.app import AdminServer, build_admin_app, start_admin_server, upstream_reachable
-from proxy.admin.metrics import Metrics
+from proxy.admin.metrics import AdminMetrics, Metrics
 from proxy.config import Config, load_config
-from proxy.encrypt.runtime import EncryptionRuntime
+from proxy.encrypt.runtime import EncryptionRuntime, connect_kwargs
 from proxy.errors import ConfigError
 from proxy.logsetup import setup_logging
+from proxy.services import Explainer, ExplainUnavailable, ReloadOutcome, captured_log_lines, key_columns
 from proxy.session import ClientProtocol, Session, SessionSettings, shutdown_analysis_pool
 from proxy.tls import client_leg_context, first_certificate_der, upstream_settings
 from proxy.workers import Supervisor, WorkerChannel
@@ -119,8 +121,11 @@ class ProxyServer:
             self.metrics.exposed = self.supervisor.attach(self.metrics.registry)
         # The admin port opens before the listen port, so a client that can connect finds it answering.
         if self.config.admin.listen is not None:
-            app = build_admin_app(self.metrics, self.readiness, version=__version__)
-            self._admin = await start_admin_server(app, self.config.admin.listen.host, self.config.admin.listen.port)
+            wiring = admin_wiring(self.config.admin, self, AdminMetrics(self.metrics.registry))
+            app = build_admin_app(self.metrics, self.readiness, version=__version__, **wiring.app_options)
+            self._admin = await start_admin_server(
+                app, self.config.admin.listen.host, self.config.admin.listen.port, ssl_context=wiring.ssl_context
+            )
             log.info("admin server on %s:%d", self.config.admin.listen.host, self._admin.port)
         if self.supervisor is not None:
             # Accepting here, not in an asyncio.Server: each client is placed before a byte is read.
@@ -164,6 +169,54 @@ class ProxyServer:
             return False, "encryption not ready (catalog or keys not loaded)"
         s = self.settings
         return await upstream_reachable(s.upstream_host, s.upstream_port, timeout=min(s.connect_timeout, 2.0))
+
+    # -- what the admin API sees (proxy.services.Instance) ----------------------------------------------
+    def live_sessions(self) -> Iterable[Session]:
+        return list(self.sessions)
+
+    def other_process_sessions(self) -> Mapping[int, int]:
+        sup = self.supervisor
+        return {slot: link.sessions for slot, link in sup.links.items()} if sup is not None else {}
+
+    def reload_reporting(self) -> ReloadOutcome:
+        """:meth:`reload` (as on SIGHUP), with what it logged: applied when the configuration was replaced."""
+        before = self.config
+        with captured_log_lines(log) as lines:
+            self.reload()
+        return ReloadOutcome(applied=self.config is not before, messages=tuple(lines))
+
+    def configured_key_columns(self) -> tuple[str, ...]:
+        return key_columns(self.config)
+
+    def keystore_connection(self) -> Callable[[], Awaitable[Any]] | None:
+        ks = self.config.keystore
+        if ks is None or ks.dsn is None:
+            return None
+        dsn, password_file = ks.dsn, ks.password_file
+
+        async def connect() -> Any:
+            import asyncpg
+
+            return await asyncpg.connect(**connect_kwargs(dsn, password_file), timeout=10)
+
+        return connect
+
+    def explainer(self) -> Explainer | None:
+        """``pgveil policy explain`` against what this process runs: its catalog (as read from the server),
+        its policy and its role membership; nothing is sent to the server."""
+        enc = self.encryption
+        if enc is None:
+            return None
+
+        async def explain_for(role: str, sql: str) -> Mapping[str, Any]:
+            from proxy.cli_policy import explain
+
+            graph = enc.roles.graph
+            if graph is None or not enc.ready:
+                raise ExplainUnavailable("pgveil has not loaded the catalog and role membership yet")
+            return explain(enc.context.catalog, self.config.policy, graph, role, sql).to_json()
+
+        return explain_for
 
     # -- clients ---------------------------------------------------------------------------------------
     async def _accept_loop(self, sock: socket.socket) -> None:

@@ -598,6 +598,21 @@ class Session:
         else:
             self.close()
 
+    def terminate_by_administrator(self) -> None:
+        """Ends the session for the admin API (``DELETE /v1/sessions/{id}``), busy or not: FATAL 57P01 to the
+        client when its stream is at a message boundary (as PostgreSQL's pg_terminate_backend), the server
+        connection closed, and a statement still running on the backend cancelled (closing its socket alone
+        would not stop it)."""
+        if self.closed:
+            return
+        log.info("[s%d] terminated by an administrator", self.sid)
+        key = self.relay.backend_key
+        if key is not None and self.relay.busy:
+            _detach(
+                cancel_backend(self.settings, codec.encode_startup(m.CancelRequest(key.process_id, key.secret_key)))
+            )
+        self._send_fatal("57P01", "terminating connection due to administrator command (pgveil admin API)")
+
     def close(self) -> None:
         if self.closed:
             return

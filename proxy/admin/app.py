@@ -3,7 +3,9 @@
 Owns routing, JSON error bodies, readiness caching and the upstream probe. It must not reach into
 sessions or keys itself: what it reports comes from the :class:`~proxy.admin.metrics.Metrics` object and
 the readiness callable it is given, and the versioned admin API (keys, subjects, ledger, policy reload)
-is a separate aiohttp application mounted under :data:`API_PREFIX`, with its own bearer-token middleware.
+is a separate aiohttp application (:mod:`proxy.admin.api`) mounted under :data:`API_PREFIX`, whose routes
+check bearer tokens and scopes themselves. The probes here are open unless the configuration protects
+them with a token (``admin.require_token_for_metrics`` / ``_for_health``).
 
 Nothing here writes a query string, a header or an exception message to a log or a response body:
 admin URLs may carry tokens, and exceptions from checks may carry DSNs.
@@ -19,11 +21,17 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from proxy.admin.auth import Scope
 from proxy.admin.metrics import Metrics
+
+if TYPE_CHECKING:
+    from proxy.admin.api import Guard
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +138,28 @@ async def _json_errors(
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "www-authenticate", "retry-after")}
         return web.json_response({"error": (exc.reason or "error").lower()}, status=exc.status, headers=headers)
     except Exception as exc:
         log.error("admin handler for %s %s raised %s", request.method, route_template(request), type(exc).__name__)
         return web.json_response({"error": "internal error"}, status=500)
+
+
+Route = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _guarded(handler: Route, guard: Guard | None) -> Route:
+    """``handler`` behind a metrics:read token when ``guard`` is given (admin.require_token_for_*)."""
+    if guard is None:
+        return handler
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        outcome = guard.authorize(request, Scope.METRICS_READ)
+        if isinstance(outcome, web.Response):
+            return outcome
+        return await handler(request)
+
+    return guarded
 
 
 def build_admin_app(
@@ -145,12 +170,16 @@ def build_admin_app(
     api: web.Application | None = None,
     readiness_ttl: float = READINESS_TTL_SECONDS,
     readiness_timeout: float = READINESS_TIMEOUT_SECONDS,
+    metrics_guard: Guard | None = None,
+    health_guard: Guard | None = None,
 ) -> web.Application:
     """The admin application.
 
-    ``api`` is the versioned admin API, mounted at :data:`API_PREFIX`. It is a separate application so it
-    carries its own middlewares (bearer-token scopes, the admin-action record) that never apply to the
-    unauthenticated probes here; the JSON error middleware of this app still covers it.
+    ``api`` is the versioned admin API (:mod:`proxy.admin.api`), mounted at :data:`API_PREFIX`. It is a
+    separate application whose every route checks its own bearer-token scope and records mutating calls;
+    the probes here are open unless ``metrics_guard`` (``/metrics``) or ``health_guard`` (``/healthz``,
+    ``/readyz``) is given, which then ask for a token with scope metrics:read. The JSON error middleware of
+    this app covers both.
     """
     app = web.Application(middlewares=[_json_errors])
     app[ADMIN_STATE] = AdminState(
@@ -160,9 +189,9 @@ def build_admin_app(
     )
     app.add_routes(
         [
-            web.get("/metrics", _metrics),
-            web.get("/healthz", _healthz),
-            web.get("/readyz", _readyz),
+            web.get("/metrics", _guarded(_metrics, metrics_guard)),
+            web.get("/healthz", _guarded(_healthz, health_guard)),
+            web.get("/readyz", _guarded(_readyz, health_guard)),
         ]
     )
     if api is not None:
@@ -192,10 +221,29 @@ class AdminServer:
         await self._runner.cleanup()
 
 
+def admin_tls_context(cert_file: Path, key_file: Path, client_ca_file: Path | None = None) -> ssl.SSLContext:
+    """The admin port's TLS: its certificate, and with ``client_ca_file`` mutual TLS (a client without a
+    certificate that CA signed fails the handshake, before any HTTP is read)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert_file, key_file)
+    if client_ca_file is not None:
+        ctx.load_verify_locations(cafile=client_ca_file)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
 async def start_admin_server(
-    app: web.Application, host: str, port: int, *, access_log: bool = False, shutdown_timeout: float = 5.0
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    access_log: bool = False,
+    shutdown_timeout: float = 5.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AdminServer:
-    """Starts serving ``app`` on ``host``:``port``; access logging (path only) when ``access_log``."""
+    """Starts serving ``app`` on ``host``:``port`` (over TLS with ``ssl_context``); access logging (path
+    only) when ``access_log``."""
     if access_log:
         runner = web.AppRunner(
             app,
@@ -206,14 +254,14 @@ async def start_admin_server(
     else:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     try:
         await site.start()
     except BaseException:
         await runner.cleanup()
         raise
     bound = int(runner.addresses[0][1])
-    log.info("admin server listening on %s:%d", host, bound)
+    log.info("admin server listening on %s:%d%s", host, bound, " (TLS)" if ssl_context is not None else "")
     return AdminServer(runner, bound)
 
 

@@ -458,3 +458,28 @@ class _EncryptionCollector:
             "Statements parsed and analysed afresh.",
             context.cache_misses if context is not None else None,
         )
+
+
+# -- the admin API's own counters (proxy.admin.api) -------------------------------------------------------
+# Kept apart from Metrics: the admin server exists in the supervisor only. Label values are the fixed
+# operation ids of proxy.admin.api.operations() plus the probes, and the few HTTP statuses the admin server
+# answers with: never a path, a token name or an address.
+class AdminMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "pgveil_admin_requests_total",
+            "Admin server requests by operation and HTTP status (401/403/429: refused by authentication).",
+            ["operation", "status"],
+            registry=registry,
+        )
+        self.auth_failures = Counter(
+            "pgveil_admin_auth_failures_total",
+            "Admin requests with a token pgveil does not know or a malformed Authorization header.",
+            registry=registry,
+        )
+
+    def request(self, operation: str, status: int) -> None:
+        self.requests.labels(operation, str(status)).inc()
+
+    def auth_failed(self) -> None:
+        self.auth_failures.inc()

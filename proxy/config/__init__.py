@@ -35,6 +35,7 @@ from proxy.config.parser import (
 from proxy.config.types import (
     RESTART_REQUIRED,
     AdminConfig,
+    AdminTLSConfig,
     ClientTLSConfig,
     ColumnConfig,
     Config,
@@ -67,6 +68,7 @@ __all__ = [
     "RESTART_REQUIRED",
     "SUPPORTED_TYPES",
     "AdminConfig",
+    "AdminTLSConfig",
     "ClientTLSConfig",
     "ColumnConfig",
     "Config",

@@ -23,6 +23,7 @@ from typing import Any, Final, TypeVar
 from proxy.config.roles import parse_roles, uses_hash
 from proxy.config.types import (
     AdminConfig,
+    AdminTLSConfig,
     ClientTLSConfig,
     ColumnConfig,
     Config,
@@ -411,7 +412,33 @@ class _Parser:
     def admin(self, v: Any) -> AdminConfig:
         p, d = "admin", AdminConfig()
         m = self.section(v, p, _keys(AdminConfig))
-        return AdminConfig(listen=self.get(m, "listen", p, self.optional(self.address(listening=True)), d.listen))
+        cfg = AdminConfig(
+            listen=self.get(m, "listen", p, self.optional(self.address(listening=True)), d.listen),
+            tokens_file=self.get(m, "tokens_file", p, self.optional(self.file_path), d.tokens_file),
+            require_token_for_metrics=self.get(m, "require_token_for_metrics", p, self.boolean, False),
+            require_token_for_health=self.get(m, "require_token_for_health", p, self.boolean, False),
+            auth_failure_limit=self.get(m, "auth_failure_limit", p, self.integer(1, 1_000_000), d.auth_failure_limit),
+            auth_failure_window=self.get(m, "auth_failure_window", p, self.seconds(allow_zero=False), 60.0),
+            tls=self.admin_tls(m.get("tls")),
+        )
+        for key in ("require_token_for_metrics", "require_token_for_health"):
+            if getattr(cfg, key) and cfg.tokens_file is None:
+                self.errors.append(f"admin.{key}: needs admin.tokens_file (no token could be accepted)")
+        return cfg
+
+    def admin_tls(self, v: Any) -> AdminTLSConfig | None:
+        if v is None:
+            return None
+        p = "admin.tls"
+        m = self.section(v, p, _keys(AdminTLSConfig))
+        for key in ("cert_file", "key_file"):
+            if key not in m:
+                self.errors.append(f"{p}.{key}: required when admin.tls is set")
+        return AdminTLSConfig(
+            cert_file=self.get(m, "cert_file", p, self.file_path, Path()),
+            key_file=self.get(m, "key_file", p, self.file_path, Path()),
+            client_ca_file=self.get(m, "client_ca_file", p, self.optional(self.file_path), None),
+        )
 
     def sessions(self, v: Any) -> SessionsConfig:
         p, d = "sessions", SessionsConfig()
@@ -626,6 +653,12 @@ class _Parser:
     def cross_check(self, listen: tuple[HostPort, ...], client_tls: ClientTLSConfig | None, admin: AdminConfig) -> None:
         if admin.listen is not None and admin.listen.port != 0 and admin.listen in listen:
             self.errors.append(f"admin.listen: {admin.listen} is also a proxy listen address")
+        remote_admin = admin.listen is not None and not _is_loopback(admin.listen.host)
+        if remote_admin and admin.tokens_file is not None and admin.tls is None:
+            self.warnings.append(
+                f"admin.listen: {admin.listen} accepts remote clients but admin.tls is not configured, so "
+                "admin tokens cross the network unencrypted"
+            )
         if client_tls is None:
             for addr in listen:
                 if not _is_loopback(addr.host):

@@ -23,8 +23,9 @@ from proxy.policy.model import MaskFunction
 from proxy.policy.rules import Policy
 from proxy.rewrite.catalog import Catalog, ProtectedColumn, ProtectedTable
 
-# Settings whose new value a running server cannot adopt on SIGHUP: the sockets are already bound.
-RESTART_REQUIRED: Final = ("listen", "admin.listen")
+# Settings whose new value a running server cannot adopt on SIGHUP: the sockets are already bound (and the
+# admin server is built once; its tokens file is watched instead).
+RESTART_REQUIRED: Final = ("listen", "admin")
 
 # ---------------------------------------------------------------------------------------------------
 # The configuration's types
@@ -110,8 +111,24 @@ class ClientTLSConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminTLSConfig:
+    """TLS on the admin port; with ``client_ca_file`` every client must present a certificate it signed."""
+
+    cert_file: Path = Path("admin.crt")
+    key_file: Path = Path("admin.key")
+    client_ca_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class AdminConfig:
     listen: HostPort | None = HostPort("127.0.0.1", 9187)
+    # The admin API (/v1) is disabled without a tokens file (YAML list of {name, sha256, scopes}).
+    tokens_file: Path | None = None
+    require_token_for_metrics: bool = False  # /metrics then needs a token with scope metrics:read
+    require_token_for_health: bool = False  # /healthz and /readyz then need one too
+    auth_failure_limit: int = 10  # failed authentications per client address and window, then 429
+    auth_failure_window: float = 60.0
+    tls: AdminTLSConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +299,10 @@ class Config:
                 f"admin.listen: changing {_show_addr(self.admin.listen)} to {_show_addr(new.admin.listen)}"
                 " needs a restart; keeping the running value"
             )
+        if dataclasses.replace(self.admin, listen=None) != dataclasses.replace(new.admin, listen=None):
+            changes.append(
+                "admin: changed settings need a restart (the tokens file's contents are re-read when it changes)"
+            )
         return changes
 
     def keeping_restart_settings(self, running: Config) -> Config:
@@ -289,7 +310,7 @@ class Config:
         return dataclasses.replace(
             self,
             listen=running.listen,
-            admin=dataclasses.replace(self.admin, listen=running.admin.listen),
+            admin=running.admin,
         )
 
 
