@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from proxy.config.roles import parse_roles, uses_hash
+from proxy.config.roles import show_value as _show
 from proxy.config.types import (
     AdminConfig,
     AdminTLSConfig,
@@ -178,20 +179,6 @@ def normalize_type_name(text: str) -> str:
 
 class _Invalid(Exception):
     """A value is wrong; the message completes ``<dotted path>: ``."""
-
-
-def _show(value: object) -> str:
-    """A value as an error message shows it: short, and never a whole mapping."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, Mapping):
-        return "a mapping"
-    if isinstance(value, list | tuple):
-        return "a list"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _join(path: str, key: object) -> str:

@@ -62,7 +62,8 @@ def _key(key: str) -> str:
     return '"' + key.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _show(value: object) -> str:
+def show_value(value: object) -> str:
+    """A value as an error message shows it: short, and never a whole mapping."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -99,7 +100,7 @@ class _RolesParser:
         if not isinstance(data, Mapping):
             self.errors.append(
                 "roles: must be a mapping of role name to a visibility or to {pattern: visibility}, "
-                f"got {_show(data)}"
+                f"got {show_value(data)}"
             )
             return Policy(column_ids=columns)
         policy = Policy(column_ids=columns, configured=True)
@@ -107,7 +108,7 @@ class _RolesParser:
         roles: list[RoleRules] = []
         for key, spec in data.items():
             if not isinstance(key, str):
-                self.errors.append(f"roles.{_show(key)}: a role name must be a string")
+                self.errors.append(f"roles.{show_value(key)}: a role name must be a string")
                 continue
             if key == DEFAULT_KEY:
                 grant = self.grant(spec, "roles.default", DEFAULT_KEY)
@@ -149,12 +150,12 @@ class _RolesParser:
         if not isinstance(spec, Mapping):
             self.errors.append(
                 f"{p}: must be a visibility ({', '.join(VISIBILITY_FORMS)}) or a mapping of column pattern to "
-                f"visibility, got {_show(spec)}"
+                f"visibility, got {show_value(spec)}"
             )
             return None
         out: dict[Pattern, Rule] = {}
         for key, value in spec.items():
-            rp = f"{p}.{_key(key) if isinstance(key, str) else _show(key)}"
+            rp = f"{p}.{_key(key) if isinstance(key, str) else show_value(key)}"
             if not isinstance(key, str):
                 self.errors.append(f"{rp}: a pattern must be a string (schema.table.column, schema.table.*, ...)")
                 continue
@@ -198,7 +199,7 @@ class _RolesParser:
 
     def grant(self, value: Any, p: str, source: str) -> Grant | None:
         if not isinstance(value, str):
-            self.errors.append(f"{p}: must be a visibility ({', '.join(VISIBILITY_FORMS)}), got {_show(value)}")
+            self.errors.append(f"{p}: must be a visibility ({', '.join(VISIBILITY_FORMS)}), got {show_value(value)}")
             return None
         try:
             visibility, mask = parse_visibility(value)
