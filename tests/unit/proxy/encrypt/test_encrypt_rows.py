@@ -640,6 +640,24 @@ def test_which_masks_the_accelerator_applies_itself() -> None:
     assert native_form(compile_mask(Mask(MaskFunction.FIXED, "ø€😀"), "text", None)) == (4, "ø€😀".encode())
 
 
+def test_a_kernel_without_text_masks_gets_the_functions_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An accelerator built before version 3 (no TEXT_MASKS) is given the mask functions alone, and
+    serves the same bytes."""
+    masker = compile_mask(Mask(MaskFunction.PARTIAL), "text", None)
+    out = dataclasses.replace(
+        real_output(SSN, server_binary=True, client_binary=False), action=Action.MASK, mask=masker
+    )
+    data = frame(data_row(SSN_VECTOR, b"x"))
+    expected = frame(data_row(masker(open_envelope(KEYS.__getitem__, SSN_VECTOR, out.associated)), b"x"))
+    assert rewrite_data_rows(data, 0, len(data), (out, None), lookup, FMT, {}) == expected
+    monkeypatch.setattr(rows, "_NATIVE_TEXT_MASKS", False)
+    native = rows._compile((out, None))[3]
+    if rows._accel is not None:
+        assert native is not None
+        assert native[0] == (out.associated, True, masker)
+    assert rewrite_data_rows(data, 0, len(data), (out, None), lookup, FMT, {}) == expected
+
+
 def test_a_native_mask_on_a_value_that_is_not_utf8_fails_as_the_function_does() -> None:
     """The kernel leaves a value it cannot read as UTF-8 to the mask's function: the same error."""
     for function in (MaskFunction.PARTIAL, MaskFunction.LAST4):
