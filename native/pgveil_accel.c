@@ -664,12 +664,6 @@ apply_text_mask(const Column *col, unsigned char *buf, Py_ssize_t plain, Py_ssiz
                 Py_ssize_t *mlen)
 {
     Py_ssize_t chars = plain, out = 0;
-    int ascii = 1;
-    for (Py_ssize_t i = 0; i < plain; i++)
-        if (buf[i] >= 0x80) {
-            ascii = 0;
-            break;
-        }
     switch (col->text_mask) {
     case TEXT_MASK_NULL:
         *mlen = -1;
@@ -684,6 +678,12 @@ apply_text_mask(const Column *col, unsigned char *buf, Py_ssize_t plain, Py_ssiz
         return MASKED_OK;
     case TEXT_MASK_PARTIAL:
     case TEXT_MASK_LAST4: {
+        int ascii = 1;
+        for (Py_ssize_t i = 0; i < plain; i++)
+            if (buf[i] >= 0x80) {
+                ascii = 0;
+                break;
+            }
         if (!ascii) {
             chars = utf8_chars(buf, plain);
             if (chars < 0)
@@ -795,7 +795,8 @@ malformed(const char *what)
  *
  * data[start:end] is a run of complete DataRow messages; columns has one entry per column of the row
  * description: None (copied as it is), False (sent as NULL, never read: a hidden column) or
- * (associated, server_binary[, mask]). Every protected value is opened and replaced by its plaintext,
+ * (associated, server_binary[, mask[, text mask code, fixed bytes]]): with a code (see apply_text_mask) the
+ * mask is applied here, mask called only for a value that is not UTF-8. Every protected value is opened and replaced by its plaintext,
  * or by what mask (a callable: plaintext bytes -> bytes, or None for NULL) makes of it (the client's bytes: the caller only passes plans whose columns are
  * identity). Mirrors proxy/encrypt/rows.py's loops, check for check and in the same order, so that the
  * first fault of a run gives the same error: Malformed for framing, RowRefused(reason, column index, or
