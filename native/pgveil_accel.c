@@ -42,7 +42,7 @@
 #include <openssl/evp.h>
 #include <openssl/params.h>
 
-#define ACCEL_VERSION "2"
+#define ACCEL_VERSION "3"
 
 #define KEY_ID_LENGTH 16
 #define NONCE_LENGTH 12
@@ -585,7 +585,166 @@ typedef struct {
     const unsigned char *assoc;
     Py_ssize_t assoc_len;
     PyObject *mask; /* borrowed (the columns tuple is held): called on the plaintext, or NULL */
+    int text_mask;  /* a TEXT_MASK_* code: applied here rather than by mask; 0 for none */
+    const unsigned char *fixed; /* borrowed: the fixed mask's canonical bytes */
+    Py_ssize_t fixed_len;
 } Column;
+
+/* The text masks of proxy/policy/masks.py (its NATIVE_* codes), applied to the decrypted UTF-8 bytes byte
+ * for byte as its functions do on text and varchar(n) (see masks.native_form for which apply where). */
+enum { TEXT_MASK_NONE = 0, TEXT_MASK_PARTIAL = 1, TEXT_MASK_LAST4 = 2, TEXT_MASK_EMAIL = 3,
+       TEXT_MASK_FIXED = 4, TEXT_MASK_NULL = 5, TEXT_MASK_LAST = 5 };
+enum { MASKED_OK = 0, MASKED_CALL = 1, MASKED_TOO_LONG = 2 };
+
+/* The number of code points of buf[0:len] if it is strict UTF-8 as Python's bytes.decode("utf-8") reads it
+ * (no overlong forms, no surrogates, nothing above U+10FFFF), else -1. */
+static Py_ssize_t
+utf8_chars(const unsigned char *buf, Py_ssize_t len)
+{
+    Py_ssize_t chars = 0, i = 0;
+    while (i < len) {
+        unsigned char b = buf[i];
+        Py_ssize_t need;
+        unsigned char lo = 0x80, hi = 0xbf; /* the range of the second byte */
+        if (b < 0x80) {
+            i++;
+            chars++;
+            continue;
+        } else if (b >= 0xc2 && b <= 0xdf) {
+            need = 1;
+        } else if (b >= 0xe0 && b <= 0xef) {
+            need = 2;
+            if (b == 0xe0)
+                lo = 0xa0;
+            else if (b == 0xed)
+                hi = 0x9f;
+        } else if (b >= 0xf0 && b <= 0xf4) {
+            need = 3;
+            if (b == 0xf0)
+                lo = 0x90;
+            else if (b == 0xf4)
+                hi = 0x8f;
+        } else {
+            return -1;
+        }
+        if (need > len - i - 1)
+            return -1;
+        if (buf[i + 1] < lo || buf[i + 1] > hi)
+            return -1;
+        for (Py_ssize_t k = 2; k <= need; k++)
+            if ((buf[i + k] & 0xc0) != 0x80)
+                return -1;
+        i += need + 1;
+        chars++;
+    }
+    return chars;
+}
+
+/* The byte offset where the last `count` code points of valid UTF-8 buf[0:len] start (count <= chars). */
+static Py_ssize_t
+utf8_tail(const unsigned char *buf, Py_ssize_t len, Py_ssize_t count)
+{
+    Py_ssize_t i = len;
+    while (count > 0 && i > 0) {
+        i--;
+        while (i > 0 && (buf[i] & 0xc0) == 0x80)
+            i--;
+        count--;
+    }
+    return i;
+}
+
+/* Applies col's text mask to the plaintext buf[0:plain] in place. room is how many bytes buf may hold,
+ * stored the length of the stored value the result replaces (a result longer than it: MASKED_TOO_LONG, as
+ * the callback path answers). *mlen is the result's length, -1 for NULL. MASKED_CALL: the value is not
+ * valid UTF-8 where the mask needs its characters; the Python function is to decide (it raises). buf is
+ * left unchanged unless MASKED_OK, bytes past the result cleansed. */
+static int
+apply_text_mask(const Column *col, unsigned char *buf, Py_ssize_t plain, Py_ssize_t room, Py_ssize_t stored,
+                Py_ssize_t *mlen)
+{
+    Py_ssize_t chars = plain, out = 0;
+    switch (col->text_mask) {
+    case TEXT_MASK_NULL:
+        *mlen = -1;
+        OPENSSL_cleanse(buf, (size_t)plain);
+        return MASKED_OK;
+    case TEXT_MASK_FIXED:
+        if (col->fixed_len > stored || col->fixed_len > room)
+            return MASKED_TOO_LONG;
+        OPENSSL_cleanse(buf, (size_t)plain);
+        memcpy(buf, col->fixed, (size_t)col->fixed_len);
+        *mlen = col->fixed_len;
+        return MASKED_OK;
+    case TEXT_MASK_PARTIAL:
+    case TEXT_MASK_LAST4: {
+        int ascii = 1;
+        for (Py_ssize_t i = 0; i < plain; i++)
+            if (buf[i] >= 0x80) {
+                ascii = 0;
+                break;
+            }
+        if (!ascii) {
+            chars = utf8_chars(buf, plain);
+            if (chars < 0)
+                return MASKED_CALL;
+        }
+        Py_ssize_t keep = col->text_mask == TEXT_MASK_PARTIAL ? 2 : 4;
+        if (chars <= keep) {
+            out = chars; /* all stars: one per character, never more bytes than the value has */
+            if (out > plain || out > room)
+                return MASKED_TOO_LONG;
+            OPENSSL_cleanse(buf, (size_t)plain);
+            memset(buf, '*', (size_t)out);
+            *mlen = out;
+            return MASKED_OK;
+        }
+        Py_ssize_t stars = chars - keep;
+        if (col->text_mask == TEXT_MASK_PARTIAL) {
+            Py_ssize_t first = utf8_tail(buf, plain, chars - 1); /* the first character's length */
+            Py_ssize_t last = utf8_tail(buf, plain, 1);
+            Py_ssize_t last_len = plain - last;
+            out = first + stars + last_len;
+            if (first < 1 || last < first || out > plain || out > room)
+                return MASKED_TOO_LONG; /* cannot be for valid UTF-8; explicit all the same */
+            memmove(buf + first + stars, buf + last, (size_t)last_len);
+            memset(buf + first, '*', (size_t)stars);
+        } else {
+            Py_ssize_t tail = utf8_tail(buf, plain, 4);
+            Py_ssize_t tail_len = plain - tail;
+            out = stars + tail_len;
+            if (tail < stars || out > plain || out > room)
+                return MASKED_TOO_LONG; /* cannot be for valid UTF-8; explicit all the same */
+            memmove(buf + stars, buf + tail, (size_t)tail_len);
+            memset(buf, '*', (size_t)stars);
+        }
+        if (out < plain)
+            OPENSSL_cleanse(buf + out, (size_t)(plain - out));
+        *mlen = out;
+        return MASKED_OK;
+    }
+    case TEXT_MASK_EMAIL: {
+        Py_ssize_t at = plain - 1;
+        while (at >= 0 && buf[at] != '@')
+            at--;
+        Py_ssize_t domain = at < 0 ? 0 : plain - at; /* "@example.com", or nothing */
+        out = 4 + domain;
+        if (out > stored || out > room)
+            return MASKED_TOO_LONG;
+        if (at >= 0)
+            memmove(buf + 4, buf + at, (size_t)domain);
+        else
+            OPENSSL_cleanse(buf, (size_t)plain);
+        if (at > 4 || (at < 0 && plain > 4))
+            OPENSSL_cleanse(buf + out, (size_t)(plain - out));
+        memcpy(buf, "****", 4);
+        *mlen = out;
+        return MASKED_OK;
+    }
+    default:
+        return MASKED_CALL;
+    }
+}
 
 /* Hex digit values, -1 for anything else (binascii.a2b_hex accepts both cases, so does this). */
 static signed char HEX[256];
@@ -636,7 +795,8 @@ malformed(const char *what)
  *
  * data[start:end] is a run of complete DataRow messages; columns has one entry per column of the row
  * description: None (copied as it is), False (sent as NULL, never read: a hidden column) or
- * (associated, server_binary[, mask]). Every protected value is opened and replaced by its plaintext,
+ * (associated, server_binary[, mask[, text mask code, fixed bytes]]): with a code (see apply_text_mask) the
+ * mask is applied here, mask called only for a value that is not UTF-8. Every protected value is opened and replaced by its plaintext,
  * or by what mask (a callable: plaintext bytes -> bytes, or None for NULL) makes of it (the client's bytes: the caller only passes plans whose columns are
  * identity). Mirrors proxy/encrypt/rows.py's loops, check for check and in the same order, so that the
  * first fault of a run gives the same error: Malformed for framing, RowRefused(reason, column index, or
@@ -686,13 +846,25 @@ rewrite_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             columns[c].kind = COLUMN_NULL;
             continue;
         }
-        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) < 2 || PyTuple_GET_SIZE(item) > 3 ||
-            !PyBytes_Check(PyTuple_GET_ITEM(item, 0))) {
-            PyErr_SetString(PyExc_TypeError,
-                            "a column is None, False or (associated: bytes, server_binary: bool[, mask])");
+        Py_ssize_t arity = PyTuple_Check(item) ? PyTuple_GET_SIZE(item) : 0;
+        if (arity < 2 || arity > 5 || arity == 4 || !PyBytes_Check(PyTuple_GET_ITEM(item, 0))) {
+            PyErr_SetString(PyExc_TypeError, "a column is None, False or (associated: bytes, server_binary: "
+                                             "bool[, mask[, text mask code: int, fixed: bytes]])");
             goto fail;
         }
-        if (PyTuple_GET_SIZE(item) == 3) {
+        if (arity == 5) {
+            long code = PyLong_Check(PyTuple_GET_ITEM(item, 3)) ? PyLong_AsLong(PyTuple_GET_ITEM(item, 3)) : -1;
+            if (code == -1 && PyErr_Occurred())
+                goto fail;
+            if (code <= TEXT_MASK_NONE || code > TEXT_MASK_LAST || !PyBytes_Check(PyTuple_GET_ITEM(item, 4))) {
+                PyErr_SetString(PyExc_TypeError, "a text mask is a known code and its fixed bytes");
+                goto fail;
+            }
+            columns[c].text_mask = (int)code;
+            columns[c].fixed = (const unsigned char *)PyBytes_AS_STRING(PyTuple_GET_ITEM(item, 4));
+            columns[c].fixed_len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(item, 4));
+        }
+        if (arity >= 3) {
             if (!PyCallable_Check(PyTuple_GET_ITEM(item, 2))) {
                 PyErr_SetString(PyExc_TypeError, "a column's mask must be callable");
                 goto fail;
@@ -828,6 +1000,29 @@ rewrite_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             if (r > 0) {
                 row_refused_obj(reason, c);
                 goto fail;
+            }
+            if (col->text_mask != TEXT_MASK_NONE) {
+                Py_ssize_t mlen = -1;
+                int m = apply_text_mask(col, o + w + 4, plain, cap - w - 4, (Py_ssize_t)n, &mlen);
+                if (m == MASKED_TOO_LONG) {
+                    OPENSSL_cleanse(o + w + 4, (size_t)plain);
+                    PyErr_SetString(Unsupported, "a masked value longer than its envelope");
+                    goto fail;
+                }
+                if (m == MASKED_OK) {
+                    if (mlen < 0) {
+                        put_be32(o + w, 0xffffffffu);
+                        w += 4;
+                    } else {
+                        ROOM(4 + mlen);
+                        put_be32(o + w, (uint32_t)mlen);
+                        w += 4 + mlen;
+                    }
+                    p = v + n;
+                    changed = 1;
+                    continue;
+                }
+                /* MASKED_CALL: the Python function below */
             }
             if (col->mask != NULL) {
                 PyObject *value = PyBytes_FromStringAndSize((const char *)(o + w + 4), plain);
@@ -980,6 +1175,7 @@ PyInit_pgveil_accel(void)
         PyModule_AddIntConstant(m, "HEADER_LENGTH", HEADER_LENGTH) < 0 ||
         PyModule_AddIntConstant(m, "NULL_COLUMNS", 1) < 0 ||
         PyModule_AddIntConstant(m, "MASK_COLUMNS", 1) < 0 ||
+        PyModule_AddIntConstant(m, "TEXT_MASKS", 1) < 0 ||
         PyModule_AddStringConstant(m, "OPENSSL_VERSION", OpenSSL_version(OPENSSL_VERSION)) < 0 ||
         PyModule_AddStringConstant(m, "__version__", ACCEL_VERSION) < 0)
         goto fail;

@@ -57,6 +57,7 @@ from keymgmt.envelope import KeyLookup as KeyLookup  # re-exported: callers pass
 from proxy.errors import ProxyError
 from proxy.pgtypes.base import SessionFormat, TypeCodec
 from proxy.pgtypes.bytea import BYTEA
+from proxy.policy.masks import native_form
 from proxy.protocol.codec import CodecError
 from proxy.rewrite.catalog import ProtectedColumn
 
@@ -222,8 +223,10 @@ def rewrite_data_rows(
 # is copied as it is (no plan entry, or STORED).
 _Step = tuple[ColumnOutput, bytes, bool, bool, Action] | None
 # What the accelerator's kernel takes per column: None (copied), False (NULL, nothing read), or
-# (associated bytes, the server sends the raw envelope rather than bytea hex text[, the mask]).
-_NativeColumns = tuple[tuple[bytes, bool] | tuple[bytes, bool, Mask] | bool | None, ...]
+# (associated bytes, the server sends the raw envelope rather than bytea hex text[, the mask[, its native
+# code, the fixed bytes]]) (see proxy.policy.masks.native_form).
+_NativeColumn = tuple[bytes, bool] | tuple[bytes, bool, Mask] | tuple[bytes, bool, Mask, int, bytes] | bool | None
+_NativeColumns = tuple[_NativeColumn, ...]
 # (plan, its steps, the fast loop's columns, the accelerator's columns, nothing to change). The fast
 # loop's columns, when every decrypted column is binary and identity and no column is masked: the
 # associated bytes of each decrypted column, _HIDE for a NULL column, None for the others. The
@@ -237,9 +240,12 @@ _HIDE = b""
 # module leaves such plans to the Python loops).
 _NATIVE_NULL = bool(getattr(_accel, "NULL_COLUMNS", 0))
 _NATIVE_MASK = bool(getattr(_accel, "MASK_COLUMNS", 0))
+# From its version 3 on, the kernel applies the text masks itself (masks.native_form), calling the
+# function only for a value that is not valid UTF-8 (its error is the function's).
+_NATIVE_TEXT_MASKS = bool(getattr(_accel, "TEXT_MASKS", 0))
 
 
-def _native_column(step: _Step) -> tuple[bytes, bool] | tuple[bytes, bool, Mask] | bool | None:
+def _native_column(step: _Step) -> _NativeColumn:
     if step is None:
         return None
     out, associated, server_binary, _identity, action = step
@@ -247,6 +253,9 @@ def _native_column(step: _Step) -> tuple[bytes, bool] | tuple[bytes, bool, Mask]
         return False
     if action is Action.MASK:
         assert out.mask is not None
+        form = native_form(out.mask) if _NATIVE_TEXT_MASKS else None
+        if form is not None:
+            return (associated, server_binary, out.mask, form[0], form[1])
         return (associated, server_binary, out.mask)
     return (associated, server_binary)
 

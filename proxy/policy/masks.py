@@ -21,6 +21,7 @@ from __future__ import annotations
 import hmac
 import math
 import struct
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -524,6 +525,39 @@ def _hmac_digest(hash_key: bytes, context: bytes) -> Callable[[bytes], bytes]:
     return digest
 
 
+# The native forms of compiled masks (see ``native_form``): the accelerator's kernel (native/pgveil_accel.c)
+# applies these itself, byte for byte as the Python functions do.
+NATIVE_PARTIAL = 1
+NATIVE_LAST4 = 2
+NATIVE_EMAIL = 3
+NATIVE_FIXED = 4
+NATIVE_NULL = 5
+_NATIVE_FORMS: weakref.WeakKeyDictionary[Masker, tuple[int, bytes]] = weakref.WeakKeyDictionary()
+_NATIVE_FORMS[_always_null] = (NATIVE_NULL, b"")
+
+
+def native_form(masker: Masker) -> tuple[int, bytes] | None:
+    """(code, the ``fixed:`` value's canonical bytes or b"") of a function from ``compile_mask`` whose
+    output the accelerator computes itself, or None where only the function knows it: ``partial`` and
+    ``last4`` on text and varchar(n), ``email`` on text, ``fixed`` on the text types, and every
+    always-NULL mask."""
+    return _NATIVE_FORMS.get(masker)
+
+
+def _native_code(function: MaskFunction, codec: TypeCodec) -> int | None:
+    if not isinstance(codec, TextCodec) or codec.pad:
+        return None  # char(n) pads its results: left to the functions
+    if function is MaskFunction.PARTIAL:
+        return NATIVE_PARTIAL
+    if function is MaskFunction.LAST4:
+        return NATIVE_LAST4
+    if function is MaskFunction.EMAIL and codec.max_chars < 0:
+        return NATIVE_EMAIL  # varchar(n) cuts the stars to fit n: left to the function
+    if function is MaskFunction.FIXED:
+        return NATIVE_FIXED
+    return None
+
+
 def compile_mask(mask: Mask, declared_type: str, hash_key: bytes | None, context: bytes = b"") -> Masker:
     """The per-value function of ``mask`` on a column of ``declared_type``: canonical bytes in, canonical bytes
     of the same type (or None for NULL) out. ``context`` is the column's id (``b"public.customers.ssn"``),
@@ -541,4 +575,8 @@ def compile_mask(mask: Mask, declared_type: str, hash_key: bytes | None, context
     entry = MASK_TABLE[(mask.function, family_of(codec))]
     if entry.compiler is None:
         return _always_null
-    return entry.compiler(_Spec(mask, codec, digest))
+    masker = entry.compiler(_Spec(mask, codec, digest))
+    code = _native_code(mask.function, codec)
+    if code is not None:
+        _NATIVE_FORMS[masker] = (code, _fixed_canonical(mask, codec) if code == NATIVE_FIXED else b"")
+    return masker

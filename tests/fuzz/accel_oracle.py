@@ -9,14 +9,17 @@ the server would send: a run of DataRow messages or anything else.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 from keymgmt import envelope
 from keymgmt.envelope import DataKey, KeyState, Opener, _seal_with_nonce, column_associated_data
 from proxy.encrypt import rows
 from proxy.encrypt.engine import ColumnCrypto
-from proxy.encrypt.rows import ColumnOutput, RowDecryptError, RowPlan
+from proxy.encrypt.rows import Action, ColumnOutput, RowDecryptError, RowPlan
 from proxy.pgtypes import SessionFormat, codec_for
+from proxy.policy.masks import compile_mask
+from proxy.policy.model import Mask, MaskFunction
 from proxy.protocol import relay
 from proxy.protocol.codec import CodecError
 from proxy.rewrite.catalog import ProtectedColumn
@@ -38,15 +41,28 @@ def _output(col: ProtectedColumn, *, server_binary: bool, client_binary: bool) -
     return cc.output(server_binary=server_binary, client_binary=client_binary, fmt=FMT)
 
 
-# Plans the accelerator runs (every protected column identity): raw envelopes, bytea hex text, mixed.
+def _masked(out: ColumnOutput, function: MaskFunction, text: str | None = None) -> ColumnOutput:
+    mask = compile_mask(Mask(function, text), out.column.declared_type, None)
+    return dataclasses.replace(out, action=Action.MASK, mask=mask)
+
+
+# Plans the accelerator runs (every protected column identity): raw envelopes, bytea hex text, mixed; the
+# text masks it applies itself (masks.native_form), on the seeds' values of every shape.
 _SSN_RAW = _output(SSN, server_binary=True, client_binary=False)
 _SSN_HEX = _output(SSN, server_binary=False, client_binary=False)
+_EMAIL_RAW = _output(EMAIL, server_binary=True, client_binary=True)
 PLANS: tuple[RowPlan, ...] = (
-    (None, _SSN_RAW, _output(EMAIL, server_binary=True, client_binary=True)),
+    (None, _SSN_RAW, _EMAIL_RAW),
     (_SSN_HEX, None),
     (None, _SSN_HEX, None, _output(EMAIL, server_binary=True, client_binary=False)),
     (_SSN_RAW,),
+    (_masked(_SSN_RAW, MaskFunction.PARTIAL), None, _masked(_SSN_HEX, MaskFunction.LAST4)),
+    (None, _masked(_SSN_HEX, MaskFunction.EMAIL), _masked(_EMAIL_RAW, MaskFunction.PARTIAL)),
+    (_masked(_SSN_RAW, MaskFunction.FIXED, "n/a €"), _masked(_SSN_RAW, MaskFunction.NULL), _SSN_RAW),
+    (_masked(_SSN_RAW, MaskFunction.EMAIL), _masked(_EMAIL_RAW, MaskFunction.LAST4)),
 )
+# Plaintexts for the seeds: ASCII, multi-byte, 0 to 5 characters, no, one or several '@'.
+_VALUES = ("value", "", "é", "a😀", "abcd", "€uro5", "a@b@c.de", "@", "ann@例え.jp", "中文字符串")
 
 
 def _python_outcome(data: bytes, plan: RowPlan) -> Outcome:
@@ -126,7 +142,8 @@ def seeds() -> list[bytes]:
                     values.append(b"%d" % i if (i + c) % 3 else None)
                     continue
                 nonce = bytes([i, c]) * 6
-                sealed = _seal_with_nonce(KEY, b"value %d" % (i * 10 + c), col.associated, nonce)
+                plain = (_VALUES[(index + i + c) % len(_VALUES)] + str(i)[: (i + c) % 2]).encode()
+                sealed = _seal_with_nonce(KEY, plain, col.associated, nonce)
                 values.append(sealed if col.server_binary else b"\\x" + sealed.hex().encode())
             bodies.append(_row(*values))
         run = _frame(*bodies)

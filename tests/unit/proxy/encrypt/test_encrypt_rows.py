@@ -45,6 +45,8 @@ from proxy.encrypt.rows import (
 )
 from proxy.pgtypes import SessionFormat, codec_for
 from proxy.pgtypes.bytea import BYTEA
+from proxy.policy.masks import compile_mask, native_form
+from proxy.policy.model import Mask, MaskFunction
 from proxy.protocol.codec import CodecError
 from proxy.rewrite.catalog import ProtectedColumn
 
@@ -540,6 +542,145 @@ def test_every_action_agrees_between_kernels_batch_and_single_row_forms_and_the_
     assert b"".join(single(body, plan) for body in bodies) == expected  # type: ignore[misc]
     outcomes = loops(frame(*bodies), plan)
     assert outcomes == [expected] * len(outcomes)
+
+
+# The text masks the accelerator applies itself (masks.native_form), held to proxy.policy.masks' functions
+# as the oracle: on text, varchar(n) (native partial, last4, fixed) and char(n) (the functions only).
+NOTE = ProtectedColumn("public", "customers", "note", "varchar(8)", attnum=5, table_oid=TABLE_OID)
+CODE = ProtectedColumn("public", "customers", "code", "char(8)", attnum=6, table_oid=TABLE_OID)
+_MASKS = [
+    Mask(MaskFunction.PARTIAL),
+    Mask(MaskFunction.LAST4),
+    Mask(MaskFunction.EMAIL),
+    Mask(MaskFunction.NULL),
+    Mask(MaskFunction.HASH),
+    Mask(MaskFunction.FIXED, ""),
+    Mask(MaskFunction.FIXED, "n/a"),
+    Mask(MaskFunction.FIXED, "ø€😀"),
+]
+# Empty, 1, 2, 4, 5 characters and more; one-to-four-byte characters; no, one or several '@'.
+_MASK_CHARS = st.sampled_from(["a", "Z", "@", "@", ".", " ", "*", "é", "ß", "€", "中", "😀", "\U0010ffff"])
+_MASK_TEXT = st.one_of(
+    st.lists(_MASK_CHARS, max_size=7).map("".join),
+    st.sampled_from(["", "a", "é", "ab", "😀€", "abcd", "€€€€", "abcde", "中文中文中", "@", "a@b@c", "@@", "an@ex.co"]),
+    st.text(st.characters(codec="utf-8", blacklist_characters="\x00"), max_size=7),
+)
+
+
+@st.composite
+def masked_text_plans(draw: st.DrawFn) -> tuple[RowPlan, list[list[bytes | None]], list[list[bytes | None]]]:
+    """A plan of masked text columns (and copied ones), rows as the server sends them and as the client
+    must get them: what the mask's function makes of each value."""
+    plan: list[ColumnOutput | None] = []
+    for _ in range(draw(st.integers(1, 5))):
+        if draw(st.integers(0, 3)) == 0:
+            plan.append(None)
+            continue
+        col = draw(st.sampled_from([SSN, EMAIL, NOTE, CODE]))
+        out = real_output(col, server_binary=draw(st.booleans()), client_binary=draw(st.booleans()))
+        # Not hash: 64 hex digits outgrow a short value's envelope, which only the Python loops serve.
+        mask = draw(st.sampled_from([m for m in _MASKS if m.function is not MaskFunction.HASH]))
+        masker = compile_mask(mask, col.declared_type, None, col.column_id.encode())
+        plan.append(dataclasses.replace(out, action=Action.MASK, mask=masker))
+    stored_rows: list[list[bytes | None]] = []
+    client_rows: list[list[bytes | None]] = []
+    for _ in range(draw(st.integers(1, 4))):
+        stored_row: list[bytes | None] = []
+        client_row: list[bytes | None] = []
+        for column in plan:
+            if column is None or draw(st.integers(0, 5)) == 0:
+                value = None if column is not None else draw(st.one_of(st.none(), st.binary(max_size=20)))
+                stored_row.append(value)
+                client_row.append(value)
+                continue
+            assert column.mask is not None
+            canonical = column.codec.canonical_from_text(draw(_MASK_TEXT).encode(), FMT)
+            envelope_bytes = seal(SSN_KEY, canonical, column.associated)
+            stored_row.append(stored(envelope_bytes, server_binary=column.server_binary))
+            masked = column.mask(canonical)
+            client_row.append(None if masked is None else client_value(masked, column))
+        stored_rows.append(stored_row)
+        client_rows.append(client_row)
+    return tuple(plan), stored_rows, client_rows
+
+
+@settings(max_examples=500, deadline=None)
+@given(masked_text_plans())
+def test_native_text_masks_give_the_mask_functions_bytes(
+    case: tuple[RowPlan, list[list[bytes | None]], list[list[bytes | None]]],
+) -> None:
+    """partial, last4, email, fixed and null on text values of every shape: each kernel, the accelerator's
+    (which applies these itself) included, serves what proxy.policy.masks' function gives."""
+    plan, stored_rows, client_rows = case
+    bodies = [data_row(*r) for r in stored_rows]
+    expected = frame(*(data_row(*r) for r in client_rows))
+    assert rewrite_data_rows(frame(*bodies), 0, len(frame(*bodies)), plan, lookup, FMT, {}) == expected
+    assert b"".join(single(body, plan) for body in bodies) == expected  # type: ignore[misc]
+    outcomes = loops(frame(*bodies), plan)
+    assert outcomes == [expected] * len(outcomes)
+    native = rows._compile(plan)[3]
+    if native is not None and rows._NATIVE_TEXT_MASKS:  # the kernel was given the codes, not only the functions
+        for out, column in zip(plan, native, strict=True):
+            form = None if out is None or out.mask is None else native_form(out.mask)
+            assert (isinstance(column, tuple) and len(column) == 5) == (form is not None)
+
+
+def test_which_masks_the_accelerator_applies_itself() -> None:
+    """Plain text: partial, last4, email, fixed, null; varchar(n): not email (it cuts the stars); char(n):
+    none but null (its results are padded); hash never."""
+    key = b"k" * 32
+
+    def code(mask: Mask, declared_type: str) -> int | None:
+        form = native_form(compile_mask(mask, declared_type, key))
+        return None if form is None else form[0]
+
+    assert [code(m, "text") for m in _MASKS] == [1, 2, 3, 5, None, 4, 4, 4]
+    assert [code(m, "varchar(8)") for m in _MASKS] == [1, 2, None, 5, None, 4, 4, 4]
+    assert [code(m, "char(8)") for m in _MASKS] == [None, None, None, 5, None, None, None, None]
+    assert native_form(compile_mask(Mask(MaskFunction.FIXED, "ø€😀"), "text", None)) == (4, "ø€😀".encode())
+
+
+def test_a_kernel_without_text_masks_gets_the_functions_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An accelerator built before version 3 (no TEXT_MASKS) is given the mask functions alone, and
+    serves the same bytes."""
+    masker = compile_mask(Mask(MaskFunction.PARTIAL), "text", None)
+    out = dataclasses.replace(
+        real_output(SSN, server_binary=True, client_binary=False), action=Action.MASK, mask=masker
+    )
+    data = frame(data_row(SSN_VECTOR, b"x"))
+    expected = frame(data_row(masker(open_envelope(KEYS.__getitem__, SSN_VECTOR, out.associated)), b"x"))
+    assert rewrite_data_rows(data, 0, len(data), (out, None), lookup, FMT, {}) == expected
+    monkeypatch.setattr(rows, "_NATIVE_TEXT_MASKS", False)
+    native = rows._compile((out, None))[3]
+    if rows._accel is not None:
+        assert native is not None
+        assert native[0] == (out.associated, True, masker)
+    assert rewrite_data_rows(data, 0, len(data), (out, None), lookup, FMT, {}) == expected
+
+
+def test_a_native_mask_on_a_value_that_is_not_utf8_fails_as_the_function_does() -> None:
+    """The kernel leaves a value it cannot read as UTF-8 to the mask's function: the same error."""
+    for function in (MaskFunction.PARTIAL, MaskFunction.LAST4):
+        masker = compile_mask(Mask(function), "text", None)
+        out = dataclasses.replace(
+            real_output(SSN, server_binary=True, client_binary=False), action=Action.MASK, mask=masker
+        )
+        for bad in (b"ab\xffcd", b"\xed\xa0\x80xyz", b"\xc0\xafabc", b"abc\xe2\x82", b"\xf4\x90\x80\x80ab"):
+            data = frame(data_row(seal(SSN_KEY, bad, out.associated)))
+            with pytest.raises(UnicodeDecodeError):
+                masker(bad)
+            with pytest.raises(UnicodeDecodeError):
+                rewrite_data_rows(data, 0, len(data), (out,), lookup, FMT, {})
+
+
+def test_a_native_fixed_mask_longer_than_its_envelope_is_served_whole() -> None:
+    masker = compile_mask(Mask(MaskFunction.FIXED, "é" * 300), "text", None)
+    out = dataclasses.replace(
+        real_output(SSN, server_binary=True, client_binary=False), action=Action.MASK, mask=masker
+    )
+    data = frame(data_row(SSN_VECTOR, b"x"), data_row(None, b"y"))
+    expected = frame(data_row("é".encode() * 300, b"x"), data_row(None, b"y"))
+    assert rewrite_data_rows(data, 0, len(data), (out, None), lookup, FMT, {}) == expected
 
 
 HIDDEN_PLAN: RowPlan = (
