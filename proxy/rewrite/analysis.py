@@ -95,7 +95,7 @@ from proxy.rewrite.lexer import scan as scan_pg15
 from proxy.rewrite.literals import SourceText
 from proxy.rewrite.nodes import Node, first_protected_table, named_in_strings, node_type, relation_names
 from proxy.rewrite.plan import QueryPlan, Refusal, StatementKind, StatementPlan
-from proxy.rewrite.walker import StatementWalker
+from proxy.rewrite.walker import StatementWalker, statement_sql_text_references
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,8 @@ def _may_mention(sql: str, catalog: Catalog) -> bool:
     lowered = sql.lower()
     if 'u&"' in lowered or "schema" in lowered or "owned" in lowered:
         return True  # also DDL that moves or drops protected tables without naming them
+    if "_to_xml" in lowered or "dblink" in lowered:
+        return True  # functions that read tables named by a string, or every table (SQL_TEXT_FUNCTIONS)
     if not sql.isascii() and any(not name.isascii() for _schema, name in catalog.tables):
         return True  # bytes in another client encoding than UTF-8 do not spell the name as str does
     for _schema, name in catalog.tables:
@@ -276,6 +278,10 @@ def _analyze_statement(stmt: Node, catalog: Catalog, source: SourceText) -> Stat
     table = first_protected_table(stmt, catalog)
     if table is None and name == "DoStmt":
         table = named_in_strings(body, catalog)
+    text_refs = statement_sql_text_references(stmt, catalog)
+    if table is None and text_refs:
+        first = text_refs[0].column
+        table = catalog.lookup(first.schema, first.table) or next(iter(catalog.tables.values()))
     changes = _catalog_names(name, body, catalog, table is not None) if kind is StatementKind.DDL else frozenset()
     if table is None:
         return StatementPlan(kind, bool(changes), catalog_names=changes)
@@ -307,7 +313,7 @@ def _analyze_statement(stmt: Node, catalog: Catalog, source: SourceText) -> Stat
             hint="simplify the statement",
         )
         return StatementPlan(kind, True, refusal)
-    if not walker.touched:
+    if not walker.touched and not text_refs:
         return StatementPlan(kind)  # every reference was to a CTE that shadows a protected table's name
     plan = StatementPlan(
         kind,
@@ -319,7 +325,7 @@ def _analyze_statement(stmt: Node, catalog: Catalog, source: SourceText) -> Stat
         copy=result.copy,
         edits=tuple(walker.edits),
         catalog_names=changes,
-        references=walker.references,
+        references=tuple(dict.fromkeys((*walker.references, *text_refs))),
         cursor=result.cursor,
         cursor_columns=result.cursor_columns,
     )

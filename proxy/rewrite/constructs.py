@@ -18,6 +18,27 @@ AGGREGATES = frozenset(
     }
 )  # fmt: skip
 
+# Functions that run SQL given as a string on the server, or dump a table, cursor, schema or database
+# named by a string: their output holds whatever those columns hold, which pgveil cannot attribute.
+SQL_TEXT_FUNCTIONS = frozenset(
+    {
+        "query_to_xml", "query_to_xmlschema", "query_to_xml_and_xmlschema",
+        "table_to_xml", "table_to_xmlschema", "table_to_xml_and_xmlschema",
+        "cursor_to_xml", "cursor_to_xmlschema",
+        "schema_to_xml", "schema_to_xmlschema", "schema_to_xml_and_xmlschema",
+        "database_to_xml", "database_to_xmlschema", "database_to_xml_and_xmlschema",
+        "dblink", "dblink_exec", "dblink_open", "dblink_send_query",
+    }
+)  # fmt: skip
+# Of those, the ones whose string does not name the tables they read (a cursor's name, a schema, none).
+WHOLE_DATABASE_FUNCTIONS = frozenset(
+    {
+        "cursor_to_xml", "cursor_to_xmlschema",
+        "schema_to_xml", "schema_to_xmlschema", "schema_to_xml_and_xmlschema",
+        "database_to_xml", "database_to_xmlschema", "database_to_xml_and_xmlschema",
+    }
+)  # fmt: skip
+
 NODE_CONSTRUCTS = {
     "CaseExpr": "CASE",
     "CaseWhen": "CASE",

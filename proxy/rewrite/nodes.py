@@ -86,6 +86,12 @@ def first_protected_table(node: Any, catalog: Catalog) -> ProtectedTable | None:
 
 def named_in_strings(node: Any, catalog: Catalog) -> ProtectedTable | None:
     """A protected table whose name occurs in a string constant (the body of a DO block)."""
+    tables = tables_named_in_strings(node, catalog)
+    return tables[0] if tables else None
+
+
+def tables_named_in_strings(node: Any, catalog: Catalog) -> list[ProtectedTable]:
+    """Every protected table whose name occurs (case-insensitively, in any schema) in a string constant."""
     strings: list[str] = []
     stack = [node]
     while stack:
@@ -98,10 +104,33 @@ def named_in_strings(node: Any, catalog: Catalog) -> ProtectedTable | None:
                     stack.append(v)
         elif isinstance(n, list):
             stack.extend(n)
-    for t in catalog.tables.values():
-        if any(t.name.lower() in s for s in strings):
-            return t
-    return None
+    return [t for t in catalog.tables.values() if any(t.name.lower() in s for s in strings)]
+
+
+def is_constant(node: Any) -> bool:
+    """A constant, possibly cast (``'x'``, ``'t'::regclass``, ``true``)."""
+    if not isinstance(node, dict):
+        return False
+    kind, body = node_type(node)
+    if kind == "TypeCast":
+        return is_constant(body.get("arg"))
+    return kind == "A_Const"
+
+
+def function_calls(node: Any, names: frozenset[str]) -> list[Node]:
+    """The body of every FuncCall in the tree whose last name part (lower-cased) is in ``names``."""
+    out: list[Node] = []
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, dict):
+            call = n.get("FuncCall")
+            if isinstance(call, dict) and last_name(call.get("funcname", [])).lower() in names:
+                out.append(call)
+            stack.extend(v for v in n.values() if isinstance(v, dict | list))
+        elif isinstance(n, list):
+            stack.extend(v for v in n if isinstance(v, dict | list))
+    return out
 
 
 def relation_names(node: Any) -> list[str]:

@@ -21,6 +21,8 @@ from proxy.rewrite.catalog import Catalog, CatalogStale, ProtectedColumn, Protec
 from proxy.rewrite.constructs import (
     AGGREGATES,
     NODE_CONSTRUCTS,
+    SQL_TEXT_FUNCTIONS,
+    WHOLE_DATABASE_FUNCTIONS,
     describe_value,
     figure_name,
     operator_construct,
@@ -39,10 +41,13 @@ from proxy.rewrite.nodes import (
     Node,
     column_fields,
     first_protected_table,
+    function_calls,
+    is_constant,
     is_wrapped,
     last_name,
     names_of,
     node_type,
+    tables_named_in_strings,
 )
 from proxy.rewrite.plan import CopyDirection, CopyFormat, CopyPlan, LiteralTarget, TextEdit
 from proxy.rewrite.scope import (
@@ -1239,6 +1244,11 @@ class StatementWalker:
             label = f"aggregate {name}()"
         else:
             label = f"function {name}()"
+        refs = sql_text_references(body, self.catalog)
+        if refs:
+            self.touched = True
+            for ref in refs:
+                self.refer(ref.column, ref.kind, ref.construct)
         self.expr(args, level, clause, label)
         for item in body.get("agg_order", []):
             self.expr(item.get("SortBy", {}).get("node"), level, clause, f"ORDER BY in aggregate {name}()")
@@ -1297,6 +1307,39 @@ class StatementWalker:
 
     def _noop(self, body: Node, level: Level, clause: str, construct: str | None) -> None:
         return
+
+
+def sql_text_references(call: Node, catalog: Catalog) -> list[Reference]:
+    """A call of a function that runs SQL given as a string or dumps a table, cursor, schema or database by
+    name (``query_to_xml``, ``table_to_xml``, ``dblink``, ...; see SQL_TEXT_FUNCTIONS), whatever its schema:
+    an EXPRESSION reference to every plain governed column of every governed table whose name occurs in
+    its string arguments, or of every governed table if the function does not name what it reads or an
+    argument is not a constant (a parameter or an expression may spell any SQL). Encrypted columns are
+    left out: the server holds only their envelopes, which is all such a function can return."""
+    name = last_name(call.get("funcname", [])).lower()
+    if name not in SQL_TEXT_FUNCTIONS:
+        return []
+    args = call.get("args", [])
+    if name in WHOLE_DATABASE_FUNCTIONS or not all(is_constant(a) for a in args):
+        tables = list(catalog.tables.values())
+    else:
+        tables = tables_named_in_strings(args, catalog)
+    construct = f"{name}()"
+    columns: dict[ProtectedColumn, None] = {}
+    for table in tables:
+        for col in (*table.columns.values(), *catalog.root_of(table).columns.values()):
+            if not col.encrypted:
+                columns[col] = None
+    return [Reference(c, ReferenceKind.EXPRESSION, construct) for c in columns]
+
+
+def statement_sql_text_references(stmt: Node, catalog: Catalog) -> list[Reference]:
+    """:func:`sql_text_references` of every such call anywhere in ``stmt`` (also where the walker does not
+    look at expressions)."""
+    out: dict[Reference, None] = {}
+    for call in function_calls(stmt, SQL_TEXT_FUNCTIONS):
+        out.update(dict.fromkeys(sql_text_references(call, catalog)))
+    return list(out)
 
 
 def _encrypted(columns: tuple[ProtectedColumn | None, ...]) -> tuple[ProtectedColumn | None, ...]:
