@@ -310,6 +310,10 @@ async def _post_policy_explain(request: web.Request, token: Token) -> web.Respon
         return error(400, "bad request", "role must be a PostgreSQL role name (1 to 63 bytes)")
     if not isinstance(statement, str) or not statement.strip() or len(statement) > MAX_EXPLAIN_STATEMENT:
         return error(400, "bad request", "statement must be the SQL text to explain (at most 1 MiB)")
+    if isinstance(body, dict) and set(body) - {"role", "statement"}:
+        return error(400, "bad request", "only role and statement may be given")
+    # JSON may carry lone surrogates, which no SQL text holds: they are explained as U+FFFD.
+    statement = statement.encode("utf-8", "replace").decode("utf-8")
     try:
         answer = await explainer(role, statement)
     except services.ExplainUnavailable as e:
@@ -361,9 +365,21 @@ EXPLAIN_REQUEST_SCHEMA: Final[JSON] = {
     "type": "object",
     "required": ["role", "statement"],
     "properties": {
-        "role": {"type": "string", "minLength": 1, "maxLength": 63, "description": "the login role to explain for"},
-        "statement": {"type": "string", "minLength": 1, "description": "SQL text; analysed here, never executed"},
+        "role": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 63,
+            "pattern": "^[!-~]+$",
+            "description": "the login role to explain for (printable ASCII here; the CLI takes any name)",
+        },
+        "statement": {
+            "type": "string",
+            "minLength": 1,
+            "pattern": "[!-~]",
+            "description": "SQL text; analysed here, never executed",
+        },
     },
+    "additionalProperties": False,
 }
 EXPLANATION_SCHEMA: Final[JSON] = {
     "type": "object",
