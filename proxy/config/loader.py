@@ -15,8 +15,9 @@ from typing import Any, Final
 
 import yaml
 
-from proxy.config.parser import _suggest, parse_config, parse_host_port
+from proxy.config.parser import parse_config, parse_host_port
 from proxy.config.roles import show_value as _show
+from proxy.config.roles import suggestion as _suggest
 from proxy.config.types import Config, Pkcs11MasterKeyConfig
 from proxy.errors import ConfigError
 

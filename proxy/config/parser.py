@@ -10,7 +10,6 @@ Must not: read files, open connections, or read the environment beyond the mappi
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import ipaddress
 import math
 import os
@@ -22,6 +21,7 @@ from typing import Any, Final, TypeVar
 
 from proxy.config.roles import parse_roles, uses_hash
 from proxy.config.roles import show_value as _show
+from proxy.config.roles import suggestion as _suggest
 from proxy.config.types import (
     AdminConfig,
     AdminTLSConfig,
@@ -183,11 +183,6 @@ class _Invalid(Exception):
 
 def _join(path: str, key: object) -> str:
     return f"{path}.{key}" if path else str(key)
-
-
-def _suggest(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _keys(cls: type[Any]) -> tuple[str, ...]:

@@ -76,9 +76,10 @@ def show_value(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+def suggestion(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or nothing: the tail of an error message."""
     close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class _RolesParser:
@@ -175,24 +176,24 @@ class _RolesParser:
             pattern = parse_pattern(text)
         except ValueError as e:
             folded = text.strip().lower()
-            hint = f" (did you mean '{folded}.*'?)" if folded in self.tables else _did_you_mean(folded, self.types)
+            hint = f" (did you mean '{folded}.*'?)" if folded in self.tables else suggestion(folded, self.types)
             self.errors.append(f"{p}: {e}{hint}")
             return None
         spec = pattern.specificity
         if spec is Specificity.COLUMN and str(pattern) not in self.types:
             self.errors.append(
-                f"{p}: no governed column {pattern} (list it under tables:){_did_you_mean(str(pattern), self.types)}"
+                f"{p}: no governed column {pattern} (list it under tables:){suggestion(str(pattern), self.types)}"
             )
             return None
         table = f"{pattern.schema}.{pattern.table}"
         if spec is Specificity.TABLE and table not in self.tables:
             self.errors.append(
-                f"{p}: no governed table {table} (list it under tables:){_did_you_mean(table, self.tables)}"
+                f"{p}: no governed table {table} (list it under tables:){suggestion(table, self.tables)}"
             )
             return None
         if spec is Specificity.SCHEMA and pattern.schema not in self.schemas:
             self.errors.append(
-                f"{p}: no governed table in schema {pattern.schema}{_did_you_mean(pattern.schema or '', self.schemas)}"
+                f"{p}: no governed table in schema {pattern.schema}{suggestion(pattern.schema or '', self.schemas)}"
             )
             return None
         return pattern
