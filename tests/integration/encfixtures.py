@@ -134,6 +134,17 @@ def encryption_config(pg: DevCluster, master_key: Path, keystore_dsn: str, **ove
     return cfg
 
 
+async def apply_tables(pg: DevCluster, dbname: str, tables: dict[str, Any]) -> None:
+    """``pgveil schema apply`` for the ``tables:`` section ``tables`` in database ``dbname``: its encrypted
+    columns become bytea with the envelope CHECK (as the superuser, over the service connection)."""
+    catalog = parse_config({"tables": tables}, base_dir=Path.cwd(), environ={}).catalog()
+    service = await asyncpg.connect(pg.dsn(dbname=dbname))
+    try:
+        await apply_schema(service, await plan_schema(service, catalog))
+    finally:
+        await service.close()
+
+
 async def _create_schema(pg: DevCluster) -> None:
     app = await asyncpg.connect(f"postgresql://app:{APP_PASSWORD}@127.0.0.1:{pg.port}/app")
     try:
@@ -144,12 +155,7 @@ async def _create_schema(pg: DevCluster) -> None:
         await app.execute(PLAIN_TABLE_DDL)
     finally:
         await app.close()
-    catalog = parse_config({"tables": tables_config()}, base_dir=Path.cwd(), environ={}).catalog()
-    service = await asyncpg.connect(pg.dsn(dbname="app"))
-    try:
-        await apply_schema(service, await plan_schema(service, catalog))
-    finally:
-        await service.close()
+    await apply_tables(pg, "app", tables_config())
 
 
 _SHARED: dict[str, EncEnv] = {}

@@ -19,16 +19,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 from conftest import APP_PASSWORD, ProxyProcess, proxy_config, wait_until
+from encfixtures import apply_tables
 
-from proxy.config import parse_config
 from proxy.devcluster import DevCluster
-from proxy.schema import apply_schema, plan_schema
 
 pytestmark = pytest.mark.integration
 
@@ -91,12 +89,7 @@ async def _create_schema(pg: DevCluster) -> None:
         await app.execute(f"CREATE TABLE {COMPOSITE} (a text, b timestamptz, v text, PRIMARY KEY (a, b))")
     finally:
         await app.close()
-    catalog = parse_config({"tables": tables_config()}, base_dir=Path.cwd(), environ={}).catalog()
-    service = await asyncpg.connect(pg.dsn(dbname=DB))
-    try:
-        await apply_schema(service, await plan_schema(service, catalog))
-    finally:
-        await service.close()
+    await apply_tables(pg, DB, tables_config())
 
 
 @pytest.fixture(scope="module")

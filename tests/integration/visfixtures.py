@@ -39,11 +39,9 @@ import asyncpg
 import psycopg
 import pytest
 from conftest import APP_PASSWORD, ProxyProcess, proxy_config, wait_until
-from encfixtures import run_psql
+from encfixtures import apply_tables, run_psql
 
-from proxy.config import parse_config
 from proxy.devcluster import DevCluster
-from proxy.schema import apply_schema, plan_schema
 
 DB = "vis"
 PASSWORD = "vis-secret"
@@ -288,12 +286,7 @@ async def _create(pg: DevCluster) -> None:
         await app.execute(f"GRANT CREATE, USAGE ON SCHEMA public TO {everyone}")
     finally:
         await app.close()
-    catalog = parse_config({"tables": tables_config()}, base_dir=Path.cwd(), environ={}).catalog()
-    service = await asyncpg.connect(pg.dsn(dbname=DB))
-    try:
-        await apply_schema(service, await plan_schema(service, catalog))
-    finally:
-        await service.close()
+    await apply_tables(pg, DB, tables_config())
     app = await asyncpg.connect(f"postgresql://app:{APP_PASSWORD}@127.0.0.1:{pg.port}/{DB}")
     try:
         for v in VIEWS:
