@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import multiprocessing
 import ssl
@@ -254,7 +255,7 @@ class Session:
         self.encryption = encryption
         self.relay = relay.Relay(
             max_message_size=settings.max_message_size,
-            crypto_factory=encryption.session_factory if encryption is not None else None,
+            crypto_factory=functools.partial(encryption.session_factory, session_id=sid) if encryption else None,
             track_statements=settings.track_statements,
         )
         self.client = transport
