@@ -170,10 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--dry-run", action="store_true", help="print the steps without changing anything")
     sa.set_defaults(func=cmd_schema_apply)
 
-    from proxy import cli_admin, cli_policy
+    from proxy import cli_admin, cli_audit, cli_policy
 
     cli_policy.add_parsers(sub, _config_arg, _with_config)
     cli_admin.add_parsers(sub, _config_arg)
+    cli_audit.add_parsers(sub, _config_arg)
 
     d = sub.add_parser("demo", help="start a throwaway PostgreSQL, put pgveil in front, show what it does")
     _config_arg(d)

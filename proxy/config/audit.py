@@ -45,12 +45,12 @@ def parse_audit(
         v = data[key]
         ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > lo
         if integer:
-            ok = ok and isinstance(v, int)
+            ok = ok and v == int(v)  # 1.0 is an integer, as JSON Schema counts
         if not ok:
             what = "an integer >= 1" if integer else "a number of seconds > 0"
             errors.append(f"audit.{key}: must be {what}, got {show_value(v)}")
             return default
-        return v if integer else float(v)
+        return int(v) if integer else float(v)
 
     enabled = data.get("enabled", d.enabled)
     if not isinstance(enabled, bool):
@@ -119,11 +119,17 @@ def _rules(v: Any, column_ids: list[str], role_names: frozenset[str], errors: li
                 errors.append(f"{p}.column: {e}")
                 bad = True
         limit = spec.get("plaintext_per_minute")
-        if "plaintext_per_minute" in spec and not (
-            isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0
-        ):
-            errors.append(f"{p}.plaintext_per_minute: must be an integer >= 0, got {show_value(limit)}")
-            bad = True
+        if "plaintext_per_minute" in spec:
+            if (
+                isinstance(limit, int | float)
+                and not isinstance(limit, bool)
+                and 0 <= limit < 2**63
+                and limit == int(limit)
+            ):
+                limit = int(limit)  # 100.0 is an integer, as JSON Schema counts
+            else:
+                errors.append(f"{p}.plaintext_per_minute: must be an integer >= 0, got {show_value(limit)}")
+                bad = True
         refuse = spec.get("refuse", False)
         if not isinstance(refuse, bool):
             errors.append(f"{p}.refuse: must be true or false, got {show_value(refuse)}")
