@@ -2,9 +2,10 @@
 
 Reads ``pgveil.access_audit`` in the keystore (``--config FILE`` names it) and prints, per (policy role,
 column), the values read as plaintext, masked, hidden and ciphertext, the sessions and login roles they
-came from, and the time they span; ``--json`` prints the same as one JSON document. Read-only: it applies
-no migration. Exit codes as for every ``pgveil`` command: 0 done, 1 the keystore is unreachable or has
-no audit table (one line saying which), 2 invalid configuration or usage.
+came from, and the time they span (``--instance NAME``: one pgveil's records only); ``--json`` prints the
+same as one JSON document. Read-only: it applies no migration. Exit codes as for every ``pgveil``
+command: 0 done, 1 the keystore is unreachable or has no audit table (one line saying which), 2 invalid
+configuration or usage.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ SELECT policy_role, column_id, outcome, sum(values_read)::bigint AS n,
        array_agg(DISTINCT login_role ORDER BY login_role) AS login_roles,
        min(period_start) AS first_start, max(period_end) AS last_end
 FROM pgveil.access_audit
-WHERE period_end >= now() - $1::interval
+WHERE period_end >= now() - $1::interval AND ($2::text IS NULL OR instance = $2)
 GROUP BY policy_role, column_id, outcome
 ORDER BY policy_role, column_id, outcome
 """
@@ -117,7 +118,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             print(f"pgveil: cannot connect to the keystore ({type(exc).__name__})", file=sys.stderr)
             return 1
         try:
-            rows = await conn.fetch(REPORT_SQL, args.since)
+            rows = await conn.fetch(REPORT_SQL, args.since, args.instance)
         except asyncpg.UndefinedTableError:
             print(
                 "pgveil: the keystore has no access audit table (pgveil.access_audit): run pgveil keystore init",
@@ -131,7 +132,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             await conn.close()
         entries = summarise(rows)
         if args.json:
-            print(json.dumps({"since": args.since_text, "entries": entries}, indent=2))
+            print(json.dumps({"since": args.since_text, "instance": args.instance, "entries": entries}, indent=2))
         else:
             print(render_table(entries, args.since_text))
         return 0
@@ -147,6 +148,7 @@ def add_parsers(sub: Any, config_arg: Callable[[argparse.ArgumentParser], None])
     r.add_argument(
         "--since", default="1h", metavar="DURATION", help="how far back: 30m, 1h, 7d (default 1h)", dest="since_text"
     )
+    r.add_argument("--instance", default=None, help="only the records of this pgveil instance (audit.instance)")
     r.add_argument("--json", action="store_true", help="one JSON document instead of a table")
     r.set_defaults(func=_report_with_since)
 
