@@ -92,6 +92,7 @@ from proxy.rewrite.plan import (
     CopyDirection,
     CopyFormat,
     CopyPlan,
+    HiddenOutput,
     LiteralTarget,
     QueryPlan,
     Refusal,
@@ -199,6 +200,8 @@ class StatementCrypto(CryptoState):
     result_hint: tuple[ColumnCrypto | None, ...] | None
     # The login role's view the statement was decided under; a Bind under another epoch decides again.
     view: RoleView | None = None  # None: not decided under any view yet (the next Bind decides)
+    # The columns its text asks the server for as NULL (hidden from the role when it was parsed).
+    nulled: frozenset[ProtectedColumn] = frozenset()
     # Derived from the above once, so that each Bind and Execute only looks things up.
     targets: tuple[ParamTarget, ...] = field(init=False)
     key_slots: int = field(init=False)
@@ -716,8 +719,11 @@ class SessionCrypto:
 
     def _encrypt_literals(self, plan: QueryPlan, view: RoleView) -> str | None:
         """The statement text with every literal bound for a protected column sealed, or None if the
-        text needs no change. A ciphertext role's literals are envelopes: checked, and passed on."""
-        if not plan.needs_rewrite:
+        text needs no change. A ciphertext role's literals are envelopes: checked, and passed on. A
+        column the role sees hidden is asked for as NULL where the statement's own SELECT list names it
+        (see HiddenOutput): the server does not send envelopes pgveil would drop."""
+        hidden = [h.edit() for st in plan.statements for h in hidden_for(st, view)]
+        if not plan.needs_rewrite and not hidden:
             return None
         # The analysis reads string literals as standard_conforming_strings = on does; query/parse have
         # already refused every text that the server would read otherwise (proxy/rewrite/reading.py).
@@ -748,7 +754,7 @@ class SessionCrypto:
                 canonical = self._canonical_text(cc, literal)
             ciphertexts[t] = self.ctx.seal(cc, canonical)
             self.values_encrypted += 1
-        return plan.rewritten_sql(ciphertexts)
+        return plan.rewritten_sql(ciphertexts, hidden)
 
     def _bytea_value(self, cc: ColumnCrypto, text: bytes) -> bytes:
         """The bytes of a bytea value in text form (``\\x…`` or escape format)."""
@@ -911,7 +917,8 @@ class SessionCrypto:
         except ProxyError as e:
             log.info("refused a statement: %s", e.message)
             return Outcome(codec.encode_frontend(m.Parse(msg.statement, REFUSED_QUERY, ())), None, self.refusal(e))
-        stmt = StatementCrypto(st, params, msg.param_types, self.ctx.result_hint(st), view)
+        nulled = frozenset(h.column for h in hidden_for(st, view))
+        stmt = StatementCrypto(st, params, msg.param_types, self.ctx.result_hint(st), view, nulled)
         if not params and new_sql is None:
             return Outcome(None, stmt)
         types = list(msg.param_types)
@@ -966,7 +973,7 @@ class SessionCrypto:
         if stmt.view is None or view.epoch != stmt.view.epoch:
             # The policy or the role's membership changed since the statement was decided: decided again,
             # never served under the rules it was prepared under.
-            refused = self._policy((stmt.plan,), view)
+            refused = self._policy((stmt.plan,), view) or _nulled_refusal(stmt, view)
             if refused is not None:
                 raise refused
             stmt.adopt(view)
@@ -1449,7 +1456,7 @@ class SessionCrypto:
         view = self._view_source()
         if portal.view is None or view.epoch == portal.view.epoch:
             return
-        refused = self._policy((stmt.plan,), view) if stmt is not None else None
+        refused = (self._policy((stmt.plan,), view) or _nulled_refusal(stmt, view)) if stmt is not None else None
         if refused is not None:
             raise refused
         plan = portal.row_plan
@@ -1720,6 +1727,26 @@ def _stale_error(message: str, hint: str) -> ProxyError:
     e = ProxyError(f"pgveil: {message}", hint=hint, reason=RefusalReason.STALE_CATALOG)
     e.sqlstate = "55000"
     return e
+
+
+def hidden_for(st: StatementPlan, view: RoleView) -> list[HiddenOutput]:
+    """The entries of ``st``'s SELECT list that ``view`` sees hidden: asked from the server as NULL."""
+    return [h for h in st.hidden_outputs if action_for(h.column, view.grant(h.column)) is Action.NULL]
+
+
+def _nulled_refusal(stmt: StatementCrypto, view: RoleView) -> ProxyError | None:
+    """A prepared statement whose text asks for a column as NULL, under a view that no longer hides it:
+    its rows cannot show the column, so it must be prepared again (the server keeps the text)."""
+    for column in stmt.nulled:
+        if action_for(column, view.grant(column)) is not Action.NULL:
+            e = _unconfirmed(
+                f"the prepared statement was prepared while column {column.column_id} was hidden from this role, "
+                "and the visibility policy has changed since",
+                hint="prepare the statement again",
+            )
+            e.reason = RefusalReason.POLICY_DENIED
+            return e
+    return None
 
 
 def _hinted(cc: ColumnCrypto | None, f: m.FieldDescription) -> ColumnCrypto | None:
