@@ -408,6 +408,10 @@ class ProxyServer:
             return
         for line in self.config.reload_diff(new):
             log.warning("reload: %s", line)
+        if new.audit != self.config.audit:
+            log.warning("reload: audit: changed settings need a restart; the running access audit keeps its own")
+        if self.audit is not None:
+            self.audit.role_names = new.policy.role_names  # metric labels: a role the policy dropped is default
         self.config = new.keeping_restart_settings(self.config)
         self.settings = settings
         setup_logging(new.logging.level, new.logging.format)

@@ -414,3 +414,27 @@ def test_records_are_kept_while_the_keystore_is_unreachable_and_written_once_it_
             )
             read()
             assert wait_until(lambda: table_counts(env, "audit-outage")[0][key] == 12, timeout=30)
+
+
+# -- flushes at session end and at shutdown ----------------------------------------------------------------
+
+
+def test_a_session_end_and_the_shutdown_flush_without_waiting_for_the_interval(
+    env: VisEnv, rows: list[Customer]
+) -> None:
+    ids = [r.id for r in rows]
+    select = "SELECT email FROM vis_customers WHERE id = ANY(%s)"
+    key = ("support", "support", EMAIL, "plaintext")
+    with audited_proxy(env, "audit-ends", {"flush_seconds": 3600}) as p:
+        with psycopg.connect(env.dsn("support", p), autocommit=True) as c:
+            assert len(c.execute(select, [ids]).fetchall()) == 3
+        assert wait_until(lambda: table_counts(env, "audit-ends")[0][key] == 3, timeout=20)
+        open_session = psycopg.connect(env.dsn("support", p), autocommit=True)
+        try:
+            assert len(open_session.execute(select, [ids]).fetchall()) == 3
+            assert table_counts(env, "audit-ends")[0][key] == 3  # the interval is an hour
+            assert p.stop() == 0
+        finally:
+            open_session.close()
+    assert table_counts(env, "audit-ends") == (Counter({key: 6}), 2)
+    assert log_counts(p) == Counter({key: 6})
