@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
+import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -101,7 +103,7 @@ class ProxyServer:
         self.metrics.set_policy_roles(config.policy.role_names)
         self.audit: AuditRuntime | None = None
         if self.encryption is not None and config.audit.enabled:
-            self.audit = self.encryption.audit = audit_runtime(config, self.metrics)
+            self.audit = self.encryption.audit = audit_runtime(config, self.metrics, worker=worker_fds is not None)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -440,8 +442,13 @@ class ProxyServer:
         )
 
 
-def audit_runtime(config: Config, metrics: Metrics) -> AuditRuntime:
-    """The access audit of this process: to the keystore table when a keystore is configured."""
+def audit_runtime(config: Config, metrics: Metrics, *, worker: bool = False) -> AuditRuntime:
+    """The access audit of this process: to the keystore table when a keystore is configured. A worker
+    process (``sessions.workers``) numbers its sessions on its own, so a configured instance name gets
+    its pid appended (``name/pid``)."""
+    audit = config.audit
+    if worker and audit.instance is not None:
+        audit = dataclasses.replace(audit, instance=f"{audit.instance}/{os.getpid()}")
     ks = config.keystore
     connect: Callable[[], Awaitable[Any]] | None = None
     if ks is not None and ks.dsn is not None:
@@ -454,7 +461,7 @@ def audit_runtime(config: Config, metrics: Metrics) -> AuditRuntime:
 
     column_ids = [f"{t.schema}.{t.name}.{c.name}" for t in config.tables for c in t.columns]
     return AuditRuntime(
-        config.audit,
+        audit,
         column_ids,
         metrics.registry,
         connect=connect,
