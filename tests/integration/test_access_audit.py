@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -438,3 +439,36 @@ def test_a_session_end_and_the_shutdown_flush_without_waiting_for_the_interval(
             open_session.close()
     assert table_counts(env, "audit-ends") == (Counter({key: 6}), 2)
     assert log_counts(p) == Counter({key: 6})
+
+
+def test_each_worker_process_records_its_own_sessions_under_its_own_instance_name(
+    env: VisEnv, rows: list[Customer]
+) -> None:
+    ids = [r.id for r in rows]
+    sessions = {"workers": 2, "shutdown_timeout": 5, "track_statements": "always"}
+    with audited_proxy(env, "audit-workers", {"flush_seconds": 1}, sessions=sessions) as p:
+        assert wait_until(lambda: "worker 1 ready" in p.logs(), timeout=30), p.logs()  # the supervisor's log
+        first = psycopg.connect(env.dsn("support", p), autocommit=True)
+        second = psycopg.connect(env.dsn("support", p), autocommit=True)
+        try:
+            for c in (first, second):
+                assert len(c.execute("SELECT email FROM vis_customers WHERE id = ANY(%s)", [ids]).fetchall()) == 3
+        finally:
+            first.close()
+            second.close()
+
+        def recorded() -> list[tuple[Any, ...]]:
+            with psycopg.connect(env.direct_dsn, autocommit=True) as c:
+                return c.execute(
+                    "SELECT instance, session_id, sum(values_read)::int FROM pgveil.access_audit "
+                    "WHERE instance LIKE 'audit-workers%%' GROUP BY 1, 2 ORDER BY 1"
+                ).fetchall()
+
+        assert wait_until(lambda: sum(r[2] for r in recorded()) == 6, timeout=20), recorded()
+        got = recorded()
+        assert [r[2] for r in got] == [3, 3]
+        assert {r[0] for r in got} == {
+            "audit-workers",
+            *(i for i, _, _ in got if re.fullmatch(r"audit-workers/\d+", i)),
+        }
+        assert len({r[0] for r in got}) == 2  # one session in each process
