@@ -642,6 +642,7 @@ class SessionCrypto:
         """The ErrorResponse that answers a refused message, counted for the metrics."""
         key = (e.reason, e.sqlstate)
         self.refused[key] = self.refused.get(key, 0) + 1
+        log.info("refused: %s", e.message, extra={"event": "refusal", "sqlstate": e.sqlstate, "reason": e.reason.value})
         return refusal_bytes(e)
 
     def set_parameter(self, name: str, value: str) -> None:
@@ -867,7 +868,6 @@ class SessionCrypto:
             self.ctx.request_reload(names)
 
     def _refuse(self, e: ProxyError) -> Outcome:
-        log.info("refused a statement: %s", e.message)
         return Outcome(codec.encode_frontend(m.Query(REFUSED_QUERY)), None, self.refusal(e))
 
     # -- extended protocol -----------------------------------------------------------------------------
@@ -894,7 +894,6 @@ class SessionCrypto:
         if refused is None and plan.statements:
             refused = _parameter_out_of_range(plan.statements[0].param_targets)
         if refused is not None:
-            log.info("refused a statement: %s", refused.message)
             return Outcome(
                 codec.encode_frontend(m.Parse(msg.statement, REFUSED_QUERY, ())), None, self.refusal(refused)
             )
@@ -909,7 +908,6 @@ class SessionCrypto:
                 raise refused
             new_sql = self._encrypt_literals(plan, view)
         except ProxyError as e:
-            log.info("refused a statement: %s", e.message)
             return Outcome(codec.encode_frontend(m.Parse(msg.statement, REFUSED_QUERY, ())), None, self.refusal(e))
         stmt = StatementCrypto(st, params, msg.param_types, self.ctx.result_hint(st), view)
         if not params and new_sql is None:
@@ -948,7 +946,6 @@ class SessionCrypto:
                     try:
                         return self._bind_described(msg, described, client_formats)
                     except ProxyError as e:
-                        log.info("refused a Bind: %s", e.message)
                         return Outcome(codec.encode_frontend(refused_bind(msg.portal)), None, self.refusal(e))
             return Outcome(None, PortalCrypto(None, client_formats, client_formats))
         try:
@@ -956,7 +953,6 @@ class SessionCrypto:
         except ProxyError as e:
             # A parameter the proxy cannot seal, or results it could not deliver (a client_encoding it
             # does not support): refused before the server runs anything.
-            log.info("refused a Bind: %s", e.message)
             return Outcome(codec.encode_frontend(refused_bind(msg.portal)), None, self.refusal(e))
 
     def _bind(
@@ -1346,7 +1342,6 @@ class SessionCrypto:
             except ProxyError as unknown:
                 refused = unknown
             if refused is not None:
-                log.info("refused an EXECUTE: %s", refused.message)
                 return self.refusal(refused)
             self._sql_prepared[name] = (prepared[0], view.epoch)
         if not name:
@@ -1374,7 +1369,6 @@ class SessionCrypto:
             )
         else:
             return None
-        log.info("refused a statement: %s", e.message)
         return self.refusal(e)
 
     def handle_bind(self, msg: m.BindFrame, versions: Sequence[Version]) -> Outcome:
@@ -1405,7 +1399,6 @@ class SessionCrypto:
         return self.bind(msg, stmt, row_description)
 
     def _refuse_bind(self, msg: m.BindFrame, e: ProxyError) -> Outcome:
-        log.info("refused a Bind: %s", e.message)
         return Outcome(codec.encode_frontend(refused_bind(msg.portal)), None, self.refusal(e))
 
     def handle_execute(self, portal: str, versions: Sequence[CryptoState | None]) -> Outcome:
@@ -1422,7 +1415,6 @@ class SessionCrypto:
                 "(an earlier Bind or Close of that name is still unanswered)",
                 hint="wait for the reply to the Bind (Sync) before executing the portal",
             )
-            log.info("refused an Execute: %s", e.message)
             return Outcome(codec.encode_frontend(refused_bind()), None, self.refusal(e))
         if not isinstance(state, PortalCrypto):
             return Outcome()
@@ -1434,7 +1426,6 @@ class SessionCrypto:
             try:
                 self._recheck_portal(state)
             except ProxyError as e:
-                log.info("refused an Execute: %s", e.message)
                 return Outcome(codec.encode_frontend(refused_bind()), None, self.refusal(e))
         st = state.statement
         if st is not None and st.copies_in:

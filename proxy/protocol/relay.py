@@ -195,9 +195,11 @@ class RolesChanged:
 
 @dataclass(frozen=True, slots=True)
 class CloseConnection:
-    """Close both sides after writing what is queued. ``error`` is what the client was told, if anything."""
+    """Close both sides after writing what is queued. ``error`` is what the client was told, if anything;
+    ``reason`` says why the session ends when that is no error of a peer (the session's end line)."""
 
     error: ProtocolViolation | None = None
+    reason: str | None = field(default=None, compare=False)  # for the log, not what the peers see
 
 
 Event = (
@@ -668,7 +670,6 @@ class Relay:
     ) -> None:
         """FATAL as the server sends it during startup; to a client speaking a protocol older than 3 in
         the old format (type 'E', the text, a NUL), which is all such a client can read."""
-        log.info("startup refused: %s", message)
         if old_style:
             self.to_client.append(b"E" + f"FATAL:  {message}\n".encode() + b"\x00")
         else:
@@ -677,14 +678,13 @@ class Relay:
         error.sqlstate = sqlstate
         error.message = message  # as the client was told it
         self.phase = Phase.CLOSED
-        self.events.append(CloseConnection(error))
+        self.events.append(CloseConnection(error, f"startup refused: {message}"))
 
     def _close_silently(self, reason: str) -> None:
         """Ends the connection without a word, as the server does where it logs COMMERROR."""
-        log.info("client connection closed during startup: %s", reason)
         self._c_buf = b""
         self.phase = Phase.CLOSED
-        self.events.append(CloseConnection())
+        self.events.append(CloseConnection(reason=f"client connection closed during startup: {reason}"))
 
     def _receive_client_messages(self, data: bytes) -> None:
         if self._c_skip or self._c_buf:
@@ -1001,7 +1001,9 @@ class Relay:
             self._fail_internal(sqlstate, message)
             return b""
         if isinstance(exc, ProxyError):
-            log.info("refused a message: %s", message)
+            log.info(
+                "refused: %s", message, extra={"event": "refusal", "sqlstate": sqlstate, "reason": exc.reason.value}
+            )
         if t == 0x51:
             self._expect(Pending(_EXPECT_QUERY, "", b"", None, None, None, refusal))
             return codec.encode_frontend(m.Query(REFUSED_QUERY))
@@ -1582,7 +1584,6 @@ class Relay:
 
     # -- failure ---------------------------------------------------------------------------------------
     def _fail(self, e: ProtocolViolation) -> None:
-        log.warning("%s", e.message)
         if self.client_at_boundary:
             self.to_client.append(codec.encode_error("FATAL", e.sqlstate, e.message))
         self.phase = Phase.CLOSED
