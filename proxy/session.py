@@ -618,8 +618,9 @@ class Session:
 
     def on_client_lost(self, exc: Exception | None) -> None:
         if not self.closed:
+            r = self.relay
             self._ending(
-                logging.INFO, "the client ended the session" if self.relay.client_terminated else "the client went away"
+                logging.INFO, self._default_end() if r.server_fatal or r.client_terminated else "the client went away"
             )
             key = self.relay.backend_key
             if key is not None and self.relay.busy:
@@ -695,7 +696,7 @@ class Session:
         """The session end line: why, how long, how many bytes each way (as read from each peer)."""
         r = self.relay
         level, why = self._end if self._end is not None else (logging.INFO, self._default_end())
-        if not self._announced and level == logging.INFO:
+        if not self._announced and level == logging.INFO and not r.server_fatal:
             level = logging.DEBUG  # a connection that never became a session (a cancel, a probe)
         role = r.login_role or (r.startup.get("user") if r.startup is not None else None)
         self._log(
@@ -716,7 +717,9 @@ class Session:
         if r.client_terminated:
             return "the client ended the session"
         if r.server_fatal:
-            return "the server ended the session"
+            if r.server_fatal_sqlstate == "28P01":
+                return "authentication failed (FATAL 28P01)"
+            return f"the server ended the session (FATAL {r.server_fatal_sqlstate})"
         return "closed"
 
     # -- backpressure ----------------------------------------------------------------------------------

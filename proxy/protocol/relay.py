@@ -300,6 +300,7 @@ class Relay:
         self.transaction_status: bytes = b"I"
         self._role_ddl = False  # role DDL completed in the current transaction (see RolesChanged)
         self.server_fatal = False  # the server sent FATAL/PANIC: its closing the connection is expected
+        self.server_fatal_sqlstate: str | None = None  # its SQLSTATE (28P01: authentication failed), for the log
         # Startup negotiation as postmaster.c tracks it (ssl_done, gss_done), and authentication: the
         # client's Terminate (or the first byte of a message the server refuses) has been passed on, so
         # the server's answer and its closing the connection are the end of the session, told by the server.
@@ -501,6 +502,7 @@ class Relay:
             assert isinstance(msg, m.ErrorResponse)
             if msg.severity in ("FATAL", "PANIC"):
                 self.server_fatal = True
+                self.server_fatal_sqlstate = msg.sqlstate
             self.copy_in = self.copy_out = False
         elif t == 0x47:  # CopyInResponse
             self.copy_in = True
@@ -1040,7 +1042,7 @@ class Relay:
             self.client_terminated = True
         else:
             self.phase = Phase.CLOSED
-            self.events.append(CloseConnection())
+            self.events.append(CloseConnection(reason="the client ended the session"))
 
     def _on_client_sync(self) -> None:
         if self._client_copying:
@@ -1159,6 +1161,7 @@ class Relay:
         msg = codec.decode_backend(t, body)
         if isinstance(msg, m.ErrorResponse) and msg.severity in ("FATAL", "PANIC"):
             self.server_fatal = True
+            self.server_fatal_sqlstate = msg.sqlstate
         return self._handle_auth_phase(msg)
 
     def _refresh_watch(self) -> None:
@@ -1234,6 +1237,7 @@ class Relay:
         assert isinstance(msg, m.ErrorResponse)
         if msg.severity in ("FATAL", "PANIC"):
             self.server_fatal = True
+            self.server_fatal_sqlstate = msg.sqlstate
         self.copy_in = self.copy_out = False
         self.current_result = None
         self._rows = self._copy_out_rewritten = False
