@@ -22,7 +22,6 @@ import signal
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,7 +227,7 @@ def key_strings(pg: DevCluster, master_key: Path) -> list[str]:
 @pytest.fixture(scope="module", params=["text", "json"])
 def logged(
     request: pytest.FixtureRequest, pg: DevCluster, logdb: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[str, str, list[str]]]:
+) -> tuple[str, str, list[str]]:
     fmt = request.param
     p = logging_proxy(pg, tmp_path_factory.mktemp(f"logs-{fmt}"), master_key_path(tmp_path_factory), fmt)
     try:
@@ -254,7 +253,7 @@ def test_session_lines_carry_the_session_id(logged: tuple[str, str, list[str]]) 
     fmt, text, _ = logged
     lines = parse_lines(text, fmt)
     starts = [ln for ln in lines if ln.fields.get("event") == "session_start"]
-    by_role = {}
+    by_role: dict[str, list[int]] = {}
     for ln in starts:
         assert ln.session is not None, ln.raw
         assert ln.fields["database"] == DB
