@@ -269,21 +269,20 @@ async def _keys_direct(args: argparse.Namespace) -> dict[str, Any]:
     import asyncpg
 
     from proxy import services
+    from proxy.cli_errors import connect
     from proxy.config import default_config_path, load_config
-    from proxy.encrypt.runtime import connect_kwargs
 
     config = load_config(args.config if args.config is not None else default_config_path())
     ks = config.keystore
     if ks is None or ks.dsn is None:
         return {"keystore": False, "columns": []}
-    try:
-        conn = await asyncpg.connect(**connect_kwargs(ks.dsn, ks.password_file), timeout=10)
-    except (OSError, TimeoutError, asyncpg.PostgresError) as e:
-        raise AdminCliError(f"pgveil: cannot connect to the keystore ({type(e).__name__})") from None
+    conn = await connect("the keystore", ks.dsn, ks.password_file, timeout=10)
     try:
         listing = await services.list_keys(conn, services.key_columns(config))
     except asyncpg.UndefinedTableError:
         raise AdminCliError("pgveil: the keystore is not initialised: run `pgveil keystore init`") from None
+    except asyncpg.InsufficientPrivilegeError:
+        raise
     except asyncpg.PostgresError as e:
         raise AdminCliError(f"pgveil: reading the keystore failed ({type(e).__name__})") from None
     finally:
