@@ -223,7 +223,10 @@ def privilege_fix(message: str, role: str | None, database: str | None) -> list[
                     f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA pgveil TO {who};",
                     f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA pgveil TO {who};",
                 ]
-            return [f"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {name} TO {who};"]
+            return [
+                f"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {name} TO {who};  -- reading and re-encrypting rows",
+                f"ALTER TABLE {name} OWNER TO {who};  -- changing it (pgveil schema apply), or run that as its owner",
+            ]
         if kind == "sequence":
             return [f"GRANT USAGE, SELECT ON SEQUENCE {name} TO {who};"]
         return [f"GRANT EXECUTE ON FUNCTION {name} TO {who};"]
@@ -260,6 +263,11 @@ def _lines(exc: BaseException) -> Iterator[tuple[str, int]]:
     if isinstance(exc, CliError):
         yield exc.message, exc.code
         return
+    denied = _denied(exc)
+    if denied is not None:  # also beneath a KeystoreError that wraps the driver's error
+        err = privilege_error(denied)
+        yield err.message, err.code
+        return
     if isinstance(exc, ConfigError):
         yield "invalid configuration:\n  " + "\n  ".join(exc.errors), USAGE
         return
@@ -275,10 +283,6 @@ def _lines(exc: BaseException) -> Iterator[tuple[str, int]]:
         return
     import asyncpg
 
-    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
-        err = privilege_error(exc)
-        yield err.message, err.code
-        return
     if isinstance(exc, asyncpg.UndefinedTableError) and "pgveil." in _server_text(exc):
         yield "the keystore is not initialised (schema pgveil is missing): run `pgveil keystore init`", FAILED
         return
@@ -297,18 +301,30 @@ def _lines(exc: BaseException) -> Iterator[tuple[str, int]]:
     yield f"internal error ({type(exc).__name__}); set PGVEIL_TRACEBACK=1 for the traceback", INTERNAL
 
 
+def _denied(exc: BaseException) -> BaseException | None:
+    """The server's 42501 that ``exc`` is, or was raised from."""
+    import asyncpg
+
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return None
+        if isinstance(seen, asyncpg.InsufficientPrivilegeError):
+            found: BaseException = seen
+            return found
+        seen = seen.__cause__
+    return None
+
+
 def hint_of(exc: BaseException) -> str | None:
     if isinstance(exc, CliError):
         return exc.hint
+    denied = _denied(exc)
+    if denied is not None:
+        return privilege_error(denied).hint
     hint = getattr(exc, "hint", None)
     if isinstance(hint, str) and hint:
         return hint
-    try:
-        import asyncpg
-    except ImportError:  # pragma: no cover
-        return None
-    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
-        return privilege_error(exc).hint
     return None
 
 

@@ -282,10 +282,9 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _fail(exc: KeyManagementError) -> int:
-    print(f"pgveil: {exc.message}", file=sys.stderr)
-    if exc.hint:
-        print(f"hint: {exc.hint}", file=sys.stderr)
-    return 1
+    from proxy.cli_errors import report
+
+    return report(exc)  # its message and hint, or the GRANTs when the server refused a privilege
 
 
 def _run(coro: Any) -> int:

@@ -54,10 +54,9 @@ def _run(args: argparse.Namespace, work: Callable[[Any, Config], Any]) -> int:
             rc: int = await work(conn, config)
             return rc
         except KeyManagementError as exc:
-            print(f"pgveil: {exc.message}", file=sys.stderr)
-            if exc.hint:
-                print(f"hint: {exc.hint}", file=sys.stderr)
-            return 1
+            from proxy.cli_errors import report
+
+            return report(exc)  # its message and hint, or the GRANTs when the server refused a privilege
         finally:
             await conn.close()
 
