@@ -31,7 +31,7 @@ from proxy.config import Config, load_config
 from proxy.encrypt.engine import SessionCrypto
 from proxy.encrypt.runtime import EncryptionRuntime, connect_kwargs
 from proxy.errors import ConfigError
-from proxy.logsetup import setup_logging
+from proxy.logsetup import loop_exception_handler, reconfigure
 from proxy.services import Explainer, ExplainUnavailable, ReloadOutcome, captured_log_lines, key_columns
 from proxy.session import ClientProtocol, Session, SessionSettings, shutdown_analysis_pool
 from proxy.tls import client_leg_context, first_certificate_der, upstream_settings
@@ -416,7 +416,7 @@ class ProxyServer:
             self.audit.role_names = new.policy.role_names  # metric labels: a role the policy dropped is default
         self.config = new.keeping_restart_settings(self.config)
         self.settings = settings
-        setup_logging(new.logging.level, new.logging.format)
+        reconfigure(new.logging.level, new.logging.format, source="reload")
         self.metrics.config_reloaded(True)
         self._install_policy(new)
         log.info("configuration reloaded from %s", Path(path))
@@ -515,6 +515,7 @@ async def run(
     *,
     worker_fds: tuple[int, int] | None = None,
 ) -> None:
+    asyncio.get_running_loop().set_exception_handler(loop_exception_handler)
     server = ProxyServer(config, overrides=overrides, worker_fds=worker_fds)
     server.install_signal_handlers()
     await server.start()

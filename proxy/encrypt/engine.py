@@ -661,6 +661,7 @@ class SessionCrypto:
         """The ErrorResponse that answers a refused message, counted for the metrics."""
         key = (e.reason, e.sqlstate)
         self.refused[key] = self.refused.get(key, 0) + 1
+        log.info("refused: %s", e.message, extra={"event": "refusal", "sqlstate": e.sqlstate, "reason": e.reason.value})
         return refusal_bytes(e)
 
     def set_parameter(self, name: str, value: str) -> None:
@@ -895,7 +896,6 @@ class SessionCrypto:
             self.ctx.request_reload(names)
 
     def _refuse(self, e: ProxyError) -> Outcome:
-        log.info("refused a statement: %s", e.message)
         return Outcome(codec.encode_frontend(m.Query(REFUSED_QUERY)), None, self.refusal(e))
 
     # -- extended protocol -----------------------------------------------------------------------------
@@ -922,7 +922,6 @@ class SessionCrypto:
         if refused is None and plan.statements:
             refused = _parameter_out_of_range(plan.statements[0].param_targets)
         if refused is not None:
-            log.info("refused a statement: %s", refused.message)
             return Outcome(
                 codec.encode_frontend(m.Parse(msg.statement, REFUSED_QUERY, ())), None, self.refusal(refused)
             )
@@ -937,7 +936,6 @@ class SessionCrypto:
                 raise refused
             new_sql = self._encrypt_literals(plan, view)
         except ProxyError as e:
-            log.info("refused a statement: %s", e.message)
             return Outcome(codec.encode_frontend(m.Parse(msg.statement, REFUSED_QUERY, ())), None, self.refusal(e))
         nulled = frozenset(h.column for h in hidden_for(st, view))
         stmt = StatementCrypto(st, params, msg.param_types, self.ctx.result_hint(st), view, nulled)
@@ -977,7 +975,6 @@ class SessionCrypto:
                     try:
                         return self._bind_described(msg, described, client_formats, stmt_row_desc)
                     except ProxyError as e:
-                        log.info("refused a Bind: %s", e.message)
                         return Outcome(codec.encode_frontend(refused_bind(msg.portal)), None, self.refusal(e))
             if stmt_row_desc is not None:
                 # Nothing governed by attribute: its unattributed columns may still be screened.
@@ -995,7 +992,6 @@ class SessionCrypto:
         except ProxyError as e:
             # A parameter the proxy cannot seal, or results it could not deliver (a client_encoding it
             # does not support): refused before the server runs anything.
-            log.info("refused a Bind: %s", e.message)
             return Outcome(codec.encode_frontend(refused_bind(msg.portal)), None, self.refusal(e))
 
     def _bind(
@@ -1431,7 +1427,6 @@ class SessionCrypto:
             except ProxyError as unknown:
                 refused = unknown
             if refused is not None:
-                log.info("refused an EXECUTE: %s", refused.message)
                 return self.refusal(refused)
             self._sql_prepared[name] = (prepared[0], view.epoch)
         if not name:
@@ -1459,7 +1454,6 @@ class SessionCrypto:
             )
         else:
             return None
-        log.info("refused a statement: %s", e.message)
         return self.refusal(e)
 
     def handle_bind(self, msg: m.BindFrame, versions: Sequence[Version]) -> Outcome:
@@ -1490,7 +1484,6 @@ class SessionCrypto:
         return self.bind(msg, stmt, row_description)
 
     def _refuse_bind(self, msg: m.BindFrame, e: ProxyError) -> Outcome:
-        log.info("refused a Bind: %s", e.message)
         return Outcome(codec.encode_frontend(refused_bind(msg.portal)), None, self.refusal(e))
 
     def handle_execute(self, portal: str, versions: Sequence[CryptoState | None]) -> Outcome:
@@ -1507,7 +1500,6 @@ class SessionCrypto:
                 "(an earlier Bind or Close of that name is still unanswered)",
                 hint="wait for the reply to the Bind (Sync) before executing the portal",
             )
-            log.info("refused an Execute: %s", e.message)
             return Outcome(codec.encode_frontend(refused_bind()), None, self.refusal(e))
         if not isinstance(state, PortalCrypto):
             return Outcome()
@@ -1519,7 +1511,6 @@ class SessionCrypto:
             try:
                 self._recheck_portal(state)
             except ProxyError as e:
-                log.info("refused an Execute: %s", e.message)
                 return Outcome(codec.encode_frontend(refused_bind()), None, self.refusal(e))
         st = state.statement
         if st is not None and st.copies_in:
