@@ -509,6 +509,7 @@ class ColumnMigration:
         stop: asyncio.Event | None = None,
         poll_seconds: float = _POLL_SECONDS,
         notify_swap: bool = True,
+        before_swap: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._keystore = keystore
         self._ks = keystore_conn
@@ -520,7 +521,9 @@ class ColumnMigration:
         self._on_progress = on_progress
         self._stop = stop or asyncio.Event()
         self._poll = poll_seconds
-        self._notify_swap = notify_swap  # tests switch the swap's notification off to observe the window
+        # Tests switch the swap's notification off, and wait before it, to observe the window after it.
+        self._notify_swap = notify_swap
+        self._before_swap = before_swap
         self._keys: dict[bytes, DataKey | None] = {}
 
     @property
@@ -682,6 +685,9 @@ class ColumnMigration:
             position = {"phase": Phase.BACKFILL.value, "pass": 1, "after": None, "pass_work": 0}
             if self._same:
                 await self._set_position(position)
+            # Delivered at commit, without names (statements go on): every instance reads its catalog
+            # again and learns the shadow column, which it governs as the column (proxy.catalog_loader).
+            await self._data.execute("SELECT pg_notify($1, '')", CATALOG_CHANNEL)
         if target.direction is Direction.ENCRYPT:
             # Validating scans the table under SHARE UPDATE EXCLUSIVE: reads and writes go on meanwhile.
             await self._data.execute(
@@ -824,6 +830,8 @@ class ColumnMigration:
 
     async def _swap(self, target: MigrationTarget, associated: bytes, position: dict[str, Any], batch: int) -> None:
         """The last rows, the exact count, and the column exchange, in one transaction under the lock."""
+        if self._before_swap is not None:
+            await self._before_swap()
         for attempt in range(SWAP_ATTEMPTS):
             try:
                 await self._swap_once(target, associated, position, batch)

@@ -216,6 +216,9 @@ def resolve_catalog(
                 continue
             if migrating and column.column_id in migrating:
                 column = _as_stored(column, col, info, migrating[column.column_id])
+                shadow = _shadow_of(column, info, migrating[column.column_id])
+                if shadow is not None:
+                    columns[shadow.name] = shadow
             problem = _column_problem(column, col, info)
             if problem is not None:
                 problems.append(problem)
@@ -260,6 +263,29 @@ def _as_stored(column: ProtectedColumn, col: ColumnInfo, info: TableInfo, direct
         log.info("column %s is being decrypted: served encrypted until the swap", column.column_id)
         return dataclasses.replace(column, encrypted=True)
     return column
+
+
+def _shadow_of(column: ProtectedColumn, info: TableInfo, direction: str) -> ProtectedColumn | None:
+    """The migration job's shadow column, governed as the column itself (its identity, so its grants and
+    keys): encrypted while encrypting, plain while decrypting. The swap renames it to the column's name,
+    so a result that names its attribute number right after the swap, before this instance has read its
+    catalog again, is still served as the column's values (decrypted, masked, hidden...), never as the
+    stored envelope; and ``SELECT *`` during the migration shows it under the policy of the column."""
+    from keymgmt.column_migration import short_name
+
+    shadow = info.column(short_name("pgveil_mig_", column.name))
+    if shadow is None:
+        return None
+    return dataclasses.replace(
+        column,
+        schema=info.schema,
+        table=info.name,
+        name=shadow.name,
+        attnum=shadow.attnum,
+        table_oid=info.oid,
+        identity=column.column_id,
+        encrypted=direction == "encrypt",
+    )
 
 
 def _column_problem(column: ProtectedColumn, col: ColumnInfo, info: TableInfo) -> str | None:
