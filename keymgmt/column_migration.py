@@ -443,7 +443,7 @@ async def start_migration(
     if state.shadow_exists:
         raise MigrationError(
             f"{target.qualified_table} already has a column {target.shadow} (left by a cancelled migration?)",
-            hint="drop that column and the trigger " + target.trigger + " first",
+            hint="pgveil encrypt --abort (or decrypt --abort) removes it and the migration trigger",
         )
     reasons = await refusals(data_conn, target, state)
     if reasons:
@@ -471,6 +471,48 @@ async def start_migration(
     await data_conn.execute("SELECT pg_notify($1, '')", CATALOG_CHANNEL)
     log.info("%s job %s of %s recorded", target.direction.value, job_id, target.column_id)
     return StartedMigration(job_id, False)
+
+
+async def abort_migration(ks_conn: Any, data_conn: Any, target: MigrationTarget) -> uuid.UUID | None:
+    """Undoes an unfinished migration of the column: cancels its job (if any) and removes the trigger, its
+    function, the shadow column and its CHECK in one transaction, leaving the column as it was. Refuses
+    while a runner holds the job (pause or stop it first). Returns the cancelled job's id."""
+    row = await ks_conn.fetchrow(
+        """SELECT job_id FROM pgveil.rotation_jobs
+           WHERE column_id = $1 AND kind IN ('encrypt', 'decrypt') AND state IN ('pending', 'running', 'paused')""",
+        target.column_id,
+    )
+    job_id: uuid.UUID | None = None if row is None else row["job_id"]
+    if job_id is not None:
+        [status] = await job_status(ks_conn, [job_id])
+        if status.active:
+            raise MigrationError(
+                f"the migration job {job_id} of {target.column_id} is running", hint="stop its command first"
+            )
+    table = target.sql_table
+    async with data_conn.transaction():
+        await data_conn.execute(f"SET LOCAL lock_timeout = {SWAP_LOCK_TIMEOUT_MS * 5}")
+        await data_conn.execute(f"DROP TRIGGER IF EXISTS {quote_ident(target.trigger)} ON {table}")
+        await data_conn.execute(f"DROP FUNCTION IF EXISTS {target.function}()")
+        await data_conn.execute(
+            f"ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {quote_ident(target.check_name + '_mig')}"
+        )
+        await data_conn.execute(f"ALTER TABLE {table} DROP COLUMN IF EXISTS {quote_ident(target.shadow)}")
+        await data_conn.execute("SELECT pg_notify($1, $2)", CATALOG_CHANNEL, target.table)
+        if job_id is not None and ks_conn is data_conn:
+            await _cancel_row(ks_conn, job_id)
+    if job_id is not None and ks_conn is not data_conn:
+        await _cancel_row(ks_conn, job_id)
+    log.info("migration of %s aborted", target.column_id)
+    return job_id
+
+
+async def _cancel_row(conn: Any, job_id: uuid.UUID) -> None:
+    await conn.execute(
+        """UPDATE pgveil.rotation_jobs SET state = 'cancelled', last_error = 'aborted by an operator',
+               finished_at = now(), updated_at = now() WHERE job_id = $1""",
+        job_id,
+    )
 
 
 # -- the job -------------------------------------------------------------------------------------------------

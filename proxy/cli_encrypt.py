@@ -30,6 +30,7 @@ from keymgmt.column_migration import (
     Direction,
     MigrationError,
     MigrationTarget,
+    abort_migration,
     build_target,
     column_state,
     start_migration,
@@ -66,7 +67,9 @@ def converters(declared_type: str) -> Converters:
     return Converters(to_canonical, from_canonical)
 
 
-def configured_column(config: Config, name: str, direction: Direction) -> tuple[str, str, str, str]:
+def configured_column(
+    config: Config, name: str, direction: Direction, *, require_target: bool = True
+) -> tuple[str, str, str, str]:
     """(schema, table, column, declared type) of ``name`` if the configuration is ready for the migration."""
     parts = name.split(".")
     if len(parts) != 3:
@@ -77,12 +80,12 @@ def configured_column(config: Config, name: str, direction: Direction) -> tuple[
         for c in t.columns:
             if c.name != parts[2]:
                 continue
-            if direction is Direction.ENCRYPT and not c.encrypt:
+            if require_target and direction is Direction.ENCRYPT and not c.encrypt:
                 raise MigrationError(
                     f"column {name} is configured plain: set encrypt: true for it first",
                     hint="pgveil serves it as plaintext until the swap, then encrypted (docs/encrypt-existing.md)",
                 )
-            if direction is Direction.DECRYPT and c.encrypt:
+            if require_target and direction is Direction.DECRYPT and c.encrypt:
                 raise MigrationError(
                     f"column {name} is configured encrypt: true: set encrypt: false for it first",
                     hint="pgveil serves the column encrypted until the swap, then as plaintext",
@@ -94,12 +97,19 @@ def configured_column(config: Config, name: str, direction: Direction) -> tuple[
     )
 
 
-async def make_target(data_conn: Any, config: Config, name: str, direction: Direction) -> MigrationTarget:
-    schema, table, column, declared = configured_column(config, name, direction)
+async def make_target(
+    data_conn: Any, config: Config, name: str, direction: Direction, *, check_type: bool = True
+) -> MigrationTarget:
+    schema, table, column, declared = configured_column(config, name, direction, require_target=check_type)
     check = envelope_check(_PLACEHOLDER).replace(f'"{_PLACEHOLDER}"', "{col}")
     target = await build_target(data_conn, direction, schema, table, column, declared, constraint_name(column), check)
     state = await column_state(data_conn, target)
-    if state is not None and direction is Direction.ENCRYPT and not (state.is_bytea and state.has_envelope_check):
+    if (
+        check_type
+        and state is not None
+        and direction is Direction.ENCRYPT
+        and not (state.is_bytea and state.has_envelope_check)
+    ):
         try:
             actual = codec_for(state.type_name).name
         except UnknownDeclaredType:
@@ -185,6 +195,15 @@ async def _migrate(config: Config, args: argparse.Namespace, direction: Directio
             loop.add_signal_handler(sig, stop.set)
     async with connections(config, args.dsn) as c:
         await init_keystore(c.ks)
+        if args.abort:
+            target = await make_target(c.data, config, args.column, direction, check_type=False)
+            job_id = await abort_migration(c.ks, c.data, target)
+            print(
+                f"{target.column_id}: migration undone"
+                + (f" (job {job_id} cancelled)" if job_id else "")
+                + "; the column is as it was: set the configuration back for it"
+            )
+            return 0
         target = await make_target(c.data, config, args.column, direction)
         started = await start_migration(
             c.ks, c.data, target, throttle=args.throttle, batch_size=args.batch_size or DEFAULT_BATCH_SIZE
@@ -259,6 +278,9 @@ def add_parsers(sub: Any) -> None:
             help="at most this many rows per second (default 0: no limit)",
         )
         p.add_argument("--json", action="store_true", help="JSON lines: progress, then the result")
+        p.add_argument(
+            "--abort", action="store_true", help="undo an unfinished migration of the column (job, trigger, shadow)"
+        )
         p.set_defaults(func=func, throttle_given=False)
 
 

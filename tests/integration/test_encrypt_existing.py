@@ -567,3 +567,64 @@ async def test_refusals_change_nothing(mig: MigEnv) -> None:
     finally:
         await conn.close()
     assert not [j for j in mig.jobs(p) if j["column"] in ("public.mig_refuse.email", "public.mig_idx.email")]
+
+
+# -- pause, stop, abort ---------------------------------------------------------------------------------------
+
+
+async def test_pause_resume_stop_and_abort(mig: MigEnv) -> None:
+    """The job machinery applies: ``jobs pause`` holds it (no batch after the pause), ``jobs status`` shows
+    it, SIGTERM stops it cleanly (exit 130, resumable), and ``--abort`` undoes it: the table is as before."""
+    table, n = "mig_abort", 3000
+    values = await create_filled(mig, table, n)
+    proxy = mig.proxy("abort", {f"public.{table}": text_table()}, start=False)
+    column = f"public.{table}.email"
+
+    async def job() -> dict[str, Any]:
+        [found] = [j for j in mig.jobs(proxy) if j["column"] == column and j["state"] not in ("cancelled", "done")]
+        return found
+
+    runner = mig.spawn(proxy, "encrypt", column, "--throttle", "400", "--batch-size", "50")
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            jobs = [j for j in mig.jobs(proxy) if j["column"] == column]
+            if jobs and jobs[0]["rows_done"] >= 200:
+                break
+            await asyncio.sleep(0.1)
+        job_id = (await job())["job_id"]
+        out = mig.cli(proxy, "jobs", "pause", job_id)
+        assert out.returncode == 0, out.stderr
+        paused = await job()
+        await asyncio.sleep(1.0)
+        still = await job()
+        assert paused["state"] == still["state"] == "paused"
+        assert still["rows_done"] == paused["rows_done"] < n
+        text = mig.cli(proxy, "jobs", "status", job_id)
+        assert "encrypt" in text.stdout
+        assert "paused" in text.stdout
+        assert mig.cli(proxy, "jobs", "resume", job_id).returncode == 0
+        runner.send_signal(signal.SIGTERM)
+        runner.wait(30)
+        assert runner.returncode == 130, runner.stderr.read() if runner.stderr else ""
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+    assert (await job())["interrupted"] is True
+    out = mig.cli(proxy, "encrypt", column, "--abort")
+    assert out.returncode == 0, out.stderr
+    [cancelled] = [j for j in mig.jobs(proxy) if j["job_id"] == job_id]
+    assert cancelled["state"] == "cancelled"
+    assert await column_type(mig, table) == ("text", 1, 3)  # id, email, note: no shadow column left
+    conn = await direct(mig)
+    try:
+        triggers = await conn.fetchval("SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::regclass", table)
+    finally:
+        await conn.close()
+    assert triggers == 0
+    assert await stored(mig, table) == values
+    # and a new migration runs from the start to the end
+    out = mig.cli(proxy, "encrypt", column)
+    assert out.returncode == 0, out.stderr
+    assert f"{n:,} values encrypted" in out.stdout
