@@ -905,6 +905,7 @@ class ColumnMigration:
         async with self._data.transaction():
             await self._data.execute(f"SET LOCAL lock_timeout = {SWAP_LOCK_TIMEOUT_MS}")
             await self._data.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            locked = time.perf_counter()
             if self._same:
                 row = await self._ks.fetchrow(
                     "SELECT state FROM pgveil.rotation_jobs WHERE job_id = $1 FOR UPDATE", self.job_id
@@ -952,7 +953,16 @@ class ColumnMigration:
             if self._notify_swap:
                 await self._data.execute("SELECT pg_notify($1, $2)", CATALOG_CHANNEL, target.table)
             final = dict(position)
-            final.update({"phase": Phase.SWAPPED.value, "values": int(counts["shadow"]), "rows": int(counts["total"])})
+            final.update(
+                {
+                    "phase": Phase.SWAPPED.value,
+                    "values": int(counts["shadow"]),
+                    "rows": int(counts["total"]),
+                    "caught_up_under_lock": caught_up,
+                    # how long the table was locked, up to the commit (the commit itself not included)
+                    "lock_seconds": round(time.perf_counter() - locked, 4),
+                }
+            )
             if self._same:
                 await self._finish(target, final, caught_up)
         if not self._same:

@@ -306,7 +306,9 @@ async def test_online_encryption_of_100k_rows_while_the_app_writes(mig: MigEnv) 
         print(
             f"\nencrypted {status['position']['values']:,} values ({status['rows_done']:,} written by the job, "
             f"{status['rows_skipped']:,} compare-and-set misses, {status['passes']} passes) in "
-            f"{result['seconds']:.1f} s: {rate:,.0f} rows/s; {writes:,} writes and {reads:,} checked reads "
+            f"{result['seconds']:.1f} s: {rate:,.0f} rows/s; the swap locked the table for "
+            f"{status['position']['lock_seconds'] * 1000:.0f} ms ({status['position']['caught_up_under_lock']} rows "
+            f"caught up under the lock); {writes:,} writes and {reads:,} checked reads "
             f"through pgveil meanwhile; refused around DDL: {errors} {messages}"
         )
         # the canary: behind pgveil the table shows ciphertext; the files only after a rewrite
