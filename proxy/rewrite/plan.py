@@ -15,7 +15,7 @@ Must not: parse SQL, do I/O, or show literal values or statement text in ``repr`
 from __future__ import annotations
 
 import types
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -89,6 +89,33 @@ class TextEdit:
     start: int
     end: int
     replacement: str
+
+
+@dataclass(frozen=True, slots=True)
+class HiddenOutput:
+    """A top-level SELECT list entry that is the stored value of encrypted ``column`` and nothing else:
+    for a role that sees the column hidden, the session sends ``CASE WHEN false THEN <the entry> END`` in
+    its place. PostgreSQL's parser checks the column reference as before (an ungrouped column is still an
+    error, a misspelt one still unknown) and its planner folds the expression to a NULL ``bytea``, so the
+    server neither reads out nor sends the envelope. ``name`` is the output name to keep with ``AS`` when
+    the entry has no alias of its own (PostgreSQL would name it after the column), else None; ``start``
+    and ``end`` span the column reference alone, ``text`` is that reference as the client wrote it.
+
+    Only made where the substitution cannot change anything but the values of that column: a plain
+    SELECT (no set operation, no INTO) whose result width the analysis knows. Ordering, grouping or
+    DISTINCT ON by such a column is an expression use, refused to a role that does not see it."""
+
+    start: int
+    end: int
+    column: ProtectedColumn
+    name: str | None
+    text: str
+
+    def edit(self) -> TextEdit:
+        folded = f"CASE WHEN false THEN {self.text} END"
+        if self.name is None:
+            return TextEdit(self.start, self.end, folded)
+        return TextEdit(self.start, self.end, folded + ' AS "' + self.name.replace('"', '""') + '"')
 
 
 class CopyDirection(Enum):
@@ -203,6 +230,7 @@ class StatementPlan:
     references: tuple[Reference, ...] = ()
     cursor: str | None = None
     cursor_columns: tuple[ProtectedColumn | None, ...] | None = None
+    hidden_outputs: tuple[HiddenOutput, ...] = ()
 
     @property
     def refusal(self) -> FeatureNotSupported | None:
@@ -265,14 +293,15 @@ class QueryPlan:
         """True if the text sent to the server must differ from the client's."""
         return any(s.literal_targets or s.edits for s in self.statements)
 
-    def rewritten_sql(self, ciphertexts: Mapping[LiteralTarget, bytes]) -> str:
+    def rewritten_sql(self, ciphertexts: Mapping[LiteralTarget, bytes], extra: Iterable[TextEdit] = ()) -> str:
         """The statement text with every literal target replaced by its ciphertext as a bytea literal
-        and every fixed edit applied; everything else is the client's text, byte for byte.
+        and every fixed edit applied (and ``extra``, edits that depend on the session's role); everything
+        else is the client's text, byte for byte.
 
         ``ciphertexts`` maps each of ``literal_targets`` to its envelope. A missing target is a bug in
         the caller and raises KeyError: sending the plaintext instead is never an option.
         """
-        edits: list[tuple[int, int, str]] = []
+        edits: list[tuple[int, int, str]] = [(e.start, e.end, e.replacement) for e in extra]
         for s in self.statements:
             edits.extend((e.start, e.end, e.replacement) for e in s.edits)
             for t in s.literal_targets:
