@@ -25,7 +25,7 @@ from typing import Any
 import asyncpg
 import psycopg
 import pytest
-from conftest import ProxyProcess, proxy_config
+from conftest import APP_PASSWORD, ProxyProcess, proxy_config
 from encfixtures import apply_tables
 
 from keymgmt.column_migration import ColumnMigration
@@ -53,12 +53,14 @@ class MigEnv:
     def master_key(self) -> Path:
         return self.root / "master.key"
 
-    def proxy(self, name: str, tables: dict[str, Any], *, start: bool = True) -> ProxyProcess:
+    def proxy(
+        self, name: str, tables: dict[str, Any], *, start: bool = True, roles: dict[str, Any] | None = None
+    ) -> ProxyProcess:
         cfg = proxy_config(
             self.pg,
             keystore={"dsn": self.direct_dsn, "master_key": {"provider": "local", "path": str(self.master_key)}},
             tables=tables,
-            roles={"default": "plaintext"},  # these tests check the migration, not visibility
+            roles=roles or {"default": "plaintext"},  # most tests check the migration, not visibility
         )
         p = ProxyProcess(cfg, self.root / name)
         if start:
@@ -630,3 +632,71 @@ async def test_pause_resume_stop_and_abort(mig: MigEnv) -> None:
     out = mig.cli(proxy, "encrypt", column)
     assert out.returncode == 0, out.stderr
     assert f"{n:,} values encrypted" in out.stdout
+
+
+# -- visibility through the migration ---------------------------------------------------------------------------
+
+
+async def test_a_restricted_role_sees_the_column_masked_before_during_and_after(mig: MigEnv) -> None:
+    """A role granted ``masked:email`` gets the mask of the value from the plain column during the
+    migration, from its shadow column (decrypted, then masked: it is governed as the column), and from the
+    encrypted column after the swap; the application role sees the plaintext in all three."""
+    table, n = "mig_vis", 200
+    values = await create_filled(mig, table, n)
+    mig.pg.psql(
+        "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'mig_masked') THEN "
+        "CREATE ROLE mig_masked LOGIN PASSWORD 'mig-pw'; END IF; END $$"
+    )
+    mig.pg.psql(f"GRANT SELECT ON {table} TO mig_masked", dbname=DB)
+    roles = {"default": "plaintext", "mig_masked": {f"public.{table}.email": "masked:email"}}
+    proxy = mig.proxy("vis", {f"public.{table}": text_table()}, roles=roles)
+    masked = "****@example.com"
+    try:
+        config = load_config(proxy.config_path)
+        from keymgmt.column_migration import Direction, start_migration
+        from proxy.cli_jobs import connections
+
+        async def read(user: str, password: str, columns: str) -> list[tuple[Any, ...]]:
+            conn = await asyncpg.connect(proxy.dsn(user=user, password=password, dbname=DB))
+            try:
+                deadline = time.monotonic() + 15
+                while True:
+                    try:
+                        rows = await conn.fetch(f"SELECT id, {columns} FROM {table} ORDER BY id")
+                        return [tuple(r) for r in rows]
+                    except asyncpg.PostgresError as e:  # a catalog reload under way
+                        if e.sqlstate != "55000" or time.monotonic() > deadline:
+                            raise
+                        await asyncio.sleep(0.1)
+            finally:
+                await conn.close()
+
+        app_user = ("app", APP_PASSWORD)
+        async with connections(config) as c:
+            target = await make_target(c.data, config, f"public.{table}.email", Direction.ENCRYPT)
+            started = await start_migration(c.ks, c.data, target)
+            assert await ready_soon(proxy, table), proxy.logs()
+            assert await read("mig_masked", "mig-pw", "email") == [(i, masked) for i in sorted(values)]
+
+            async def during() -> None:
+                deadline = time.monotonic() + 15
+                while True:  # once this pgveil has read the catalog with the shadow column
+                    try:
+                        got = await read(*app_user, "email, pgveil_mig_email")
+                        break
+                    except asyncpg.PostgresError as e:
+                        if e.sqlstate != "42703" or time.monotonic() > deadline:  # not known to it yet
+                            raise
+                        await asyncio.sleep(0.1)
+                assert got == [(i, values[i], values[i]) for i in sorted(values)]
+                both = await read("mig_masked", "mig-pw", "email, pgveil_mig_email")
+                assert both == [(i, masked, masked) for i in sorted(values)]
+
+            status = await ColumnMigration(
+                c.keystore, c.ks, c.data, started.job_id, converters("text"), before_swap=during
+            ).run()
+            assert status.state.value == "done"
+        assert await read("mig_masked", "mig-pw", "email") == [(i, masked) for i in sorted(values)]
+        assert await read(*app_user, "email") == [(i, values[i]) for i in sorted(values)]
+    finally:
+        proxy.stop()
