@@ -146,6 +146,11 @@ class MigrationTarget:
         return short_name("pgveil_mig_", self.column)
 
     @property
+    def temp_check(self) -> str:
+        """The envelope CHECK's name while it sits on the shadow column (renamed at the swap)."""
+        return short_name("pgveil_envmig_", self.column)
+
+    @property
     def trigger(self) -> str:
         return short_name("pgveil_migrate_", self.column)
 
@@ -224,7 +229,7 @@ def setup_sql(target: MigrationTarget) -> list[str]:
         check = target.check_sql.format(col=shadow)
         steps.append(
             f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {shadow} bytea, "
-            f"ADD CONSTRAINT {quote_ident(target.check_name + '_mig')} CHECK ({check}) NOT VALID"
+            f"ADD CONSTRAINT {quote_ident(target.temp_check)} CHECK ({check}) NOT VALID"
         )
     else:
         steps.append(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {shadow} {target.declared_type}")
@@ -370,7 +375,7 @@ async def refusals(conn: Any, target: MigrationTarget, state: ColumnState) -> li
         reasons.append(f"column {target.column_id} has column-level privileges, which dropping it would lose")
     if any(k.name == target.column for k in target.primary_key):
         reasons.append(f"column {target.column_id} is part of the primary key")
-    ours = [target.check_name + "_mig"] + ([target.check_name] if target.direction is Direction.DECRYPT else [])
+    ours = [target.temp_check] + ([target.check_name] if target.direction is Direction.DECRYPT else [])
     for r in await conn.fetch(_DEPENDENTS_SQL, state.table_oid, state.attnum, ours):
         reasons.append(f"{r['what']} depends on column {target.column_id} (drop it first, re-create it after)")
     return reasons
@@ -494,9 +499,7 @@ async def abort_migration(ks_conn: Any, data_conn: Any, target: MigrationTarget)
         await data_conn.execute(f"SET LOCAL lock_timeout = {SWAP_LOCK_TIMEOUT_MS * 5}")
         await data_conn.execute(f"DROP TRIGGER IF EXISTS {quote_ident(target.trigger)} ON {table}")
         await data_conn.execute(f"DROP FUNCTION IF EXISTS {target.function}()")
-        await data_conn.execute(
-            f"ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {quote_ident(target.check_name + '_mig')}"
-        )
+        await data_conn.execute(f"ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {quote_ident(target.temp_check)}")
         await data_conn.execute(f"ALTER TABLE {table} DROP COLUMN IF EXISTS {quote_ident(target.shadow)}")
         await data_conn.execute("SELECT pg_notify($1, $2)", CATALOG_CHANNEL, target.table)
         if job_id is not None and ks_conn is data_conn:
@@ -720,7 +723,7 @@ class ColumnMigration:
                 if "ADD CONSTRAINT" in sql and await self._data.fetchval(
                     "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = $1 AND conname = $2)",
                     state.table_oid,
-                    target.check_name + "_mig",
+                    target.temp_check,
                 ):
                     sql = sql.split(", ADD CONSTRAINT")[0]
                 await self._data.execute(sql)
@@ -733,7 +736,7 @@ class ColumnMigration:
         if target.direction is Direction.ENCRYPT:
             # Validating scans the table under SHARE UPDATE EXCLUSIVE: reads and writes go on meanwhile.
             await self._data.execute(
-                f"ALTER TABLE {target.sql_table} VALIDATE CONSTRAINT {quote_ident(target.check_name + '_mig')}"
+                f"ALTER TABLE {target.sql_table} VALIDATE CONSTRAINT {quote_ident(target.temp_check)}"
             )
         total = int(await self._data.fetchval(remaining_sql(target)))
         if not self._same:
@@ -943,7 +946,7 @@ class ColumnMigration:
             await self._data.execute(f"ALTER TABLE {table} RENAME COLUMN {shadow} TO {src}")
             if target.direction is Direction.ENCRYPT:
                 await self._data.execute(
-                    f"ALTER TABLE {table} RENAME CONSTRAINT {quote_ident(target.check_name + '_mig')} "
+                    f"ALTER TABLE {table} RENAME CONSTRAINT {quote_ident(target.temp_check)} "
                     f"TO {quote_ident(target.check_name)}"
                 )
             if state.not_null:

@@ -72,3 +72,10 @@ def test_quotes_in_names_are_doubled() -> None:
 def test_target_round_trips_through_json() -> None:
     t = _target()
     assert MigrationTarget.from_json(t.to_json()) == t
+
+
+def test_every_object_name_fits_for_the_longest_column_name() -> None:
+    t = _target(column="c" * 63)
+    for name in (t.shadow, t.trigger, t.temp_check):
+        assert len(name.encode()) <= 63
+    assert len({t.shadow, t.trigger, t.temp_check}) == 3
