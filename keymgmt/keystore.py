@@ -44,7 +44,7 @@ from typing import Any
 
 import asyncpg
 
-from keymgmt.envelope import DEK_LENGTH, DataKey, KeyId, KeyState
+from keymgmt.envelope import DEK_LENGTH, DataKey, KeyId, KeyState, Subject, subject_kind_of_scope
 from keymgmt.errors import KeyDestroyed, KeyDisabled, KeystoreError, UnknownKey
 from keymgmt.keycache import KeyCache, KeyFacts, RefreshGate, RefreshResult, Scope
 from keymgmt.providers import KeyProvider, provider_of
@@ -177,6 +177,24 @@ _INSERT_FIRST_VERSION = """
     SELECT $1::uuid, $2::text, $3::text, $4::bytea, 1, 'ENABLED', $5::bytea, $6::text
     WHERE EXISTS (SELECT 1 FROM pgveil.keks WHERE kek_id = $6::text AND state = 'ENABLED' FOR KEY SHARE)
     ON CONFLICT DO NOTHING"""
+# A data subject's first key version: the same guard, plus the subject's row in pgveil.subjects (a data-
+# modifying CTE runs whether or not it is read). Returns 1 when this call created the key, 0 when another
+# instance did first (the unique index deks_subject_version) or the KEK is no longer ENABLED.
+_INSERT_FIRST_SUBJECT_VERSION = """
+    WITH k AS (
+        INSERT INTO pgveil.deks (key_id, scope_kind, column_id, subject_id, subject_kind, version, state, wrapped,
+                                 kek_id)
+        SELECT $1::uuid, 'subject', $2::text, $3::bytea, $6::text, 1, 'ENABLED', $4::bytea, $5::text
+        WHERE EXISTS (SELECT 1 FROM pgveil.keks WHERE kek_id = $5::text AND state = 'ENABLED' FOR KEY SHARE)
+          AND NOT EXISTS (SELECT 1 FROM pgveil.subjects WHERE kind = $6::text AND subject_id = $3::bytea
+                          AND state = 'SHREDDED')
+        ON CONFLICT DO NOTHING
+        RETURNING key_id
+    ), s AS (
+        INSERT INTO pgveil.subjects (kind, subject_id) SELECT $6::text, $3::bytea FROM k ON CONFLICT DO NOTHING
+    )
+    SELECT count(*) FROM k"""
+_SUBJECT_SHREDDED = "SELECT state = 'SHREDDED' FROM pgveil.subjects WHERE kind = $1 AND subject_id = $2"
 # The first KEK a keystore meets becomes primary. No conflict target: a concurrent registration of
 # another KEK as primary (the one-primary index) also ends in DO NOTHING, and the caller registers again.
 # The NOT EXISTS keeps a known KEK from drawing a version number it would not use.
@@ -299,6 +317,15 @@ class Keystore:
             raise ValueError("column id must not be empty")
         subject = None if subject is None else bytes(subject)
         return await self._single_flight(("scope", column_id, subject), lambda: self._load_current(column_id, subject))
+
+    def cached_subject_key(self, subject: Subject) -> DataKey | None:
+        return self._cache.get_current(subject.scope, subject.subject_id)
+
+    async def subject_key(self, subject: Subject) -> DataKey:
+        """The data subject's current ENABLED key (one per subject, shared by every column of every table
+        of its kind), created on first use: race-free between instances (see :data:`_INSERT_FIRST_SUBJECT_VERSION`).
+        Raises :class:`KeyDestroyed` for a shredded subject."""
+        return await self.active_key(subject.scope, subject.subject_id)
 
     async def key_by_id(self, key_id: bytes) -> DataKey:
         """The key version with this id, ENABLED or DISABLED.
@@ -475,23 +502,36 @@ class Keystore:
         # loser's DO NOTHING plus re-select returns the winner's key.
         material = os.urandom(DEK_LENGTH)
         key_uuid = uuid.uuid4()
+        kind = subject_kind_of_scope(column_id)
         for _attempt in range(2):
             wrapped, kek_id = await self.wrap_for_new_key(material, pool)
             with _keystore_errors():
-                status = await pool.execute(
-                    _INSERT_FIRST_VERSION,
-                    key_uuid,
-                    "column" if subject is None else "subject",
-                    column_id,
-                    subject,
-                    wrapped,
-                    kek_id,
-                )
+                if kind is not None and subject is not None:
+                    created = await pool.fetchval(
+                        _INSERT_FIRST_SUBJECT_VERSION, key_uuid, column_id, subject, wrapped, kek_id, kind
+                    )
+                    status = f"INSERT 0 {created}"
+                else:
+                    status = await pool.execute(
+                        _INSERT_FIRST_VERSION,
+                        key_uuid,
+                        "column" if subject is None else "subject",
+                        column_id,
+                        subject,
+                        wrapped,
+                        kek_id,
+                    )
             if status.endswith(" 1"):
+                # Never the subject id: it is personal data.
                 log.info("created data key %s (version 1) for %s", key_uuid, column_id)
                 return
             if await self._fetch_current(pool, column_id, subject) is not None:
                 return  # another instance created it first
+            if kind is not None and subject is not None:
+                with _keystore_errors():
+                    shredded = await pool.fetchval(_SUBJECT_SHREDDED, kind, subject)
+                if shredded:
+                    raise KeyDestroyed(f"the data subject's keys of kind {kind} were destroyed (shredded)")
             # Nobody else won: the KEK is no longer ENABLED (destroy-kek). Ask which one is primary now.
             self._wrap_kek = None
         raise KeystoreError(
