@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from keymgmt.envelope import DataKey, KeyState, Opener, OpenFailed, column_associated_data, seal
+from keymgmt.envelope import DataKey, KeyState, Opener, OpenFailed, Subject, column_associated_data, seal
 from proxy.encrypt.casts import CastNotSupported, NumericOutOfRange, canonical_through_cast
 from proxy.encrypt.keyring import KeyRing, KeyUnavailable
 from proxy.encrypt.offload import TOO_LARGE, analyze_detached, read_detached
@@ -50,6 +50,7 @@ from proxy.encrypt.rows import (
     rewrite_value_text,
 )
 from proxy.encrypt.sqlnames import MAX_PARSED_TEXT, namespace_ops
+from proxy.encrypt.subjects import InvalidSubject, subject_from_binary, subject_from_text
 from proxy.encrypt.visibility import (
     OUTCOMES,
     PLAINTEXT_VIEW,
@@ -86,7 +87,7 @@ from proxy.protocol.encryption import (
 )
 from proxy.protocol.encryption import Outcome as Outcome
 from proxy.rewrite.analysis import analyze
-from proxy.rewrite.catalog import Catalog, ProtectedColumn
+from proxy.rewrite.catalog import Catalog, ProtectedColumn, SubjectColumn
 from proxy.rewrite.copyrows import CopyOptions, CopyRowRewriter
 from proxy.rewrite.plan import (
     CopyDirection,
@@ -97,6 +98,7 @@ from proxy.rewrite.plan import (
     Refusal,
     StatementKind,
     StatementPlan,
+    SubjectValue,
 )
 from proxy.rewrite.reading import reading_refusal, version_refusal
 
@@ -187,6 +189,7 @@ class ParamTarget:
     binary_as_is: bool
     key_slot: int  # parameters bound for the same column share a slot: one key lookup per Bind
     envelope: bool = False  # a ciphertext role binds the stored envelope: checked and passed on, not sealed
+    subject: SubjectValue | None = None  # per-subject keys: where the row's subject comes from (then no slot)
 
 
 @dataclass(slots=True)
@@ -218,10 +221,13 @@ class StatementCrypto(CryptoState):
             oid = self.client_param_types[i] if i < len(self.client_param_types) else 0
             as_is = isinstance(cc.codec, TextCodec) and cc.codec.max_chars < 0
             column_id = cc.column.column_id
-            slot = slots.setdefault(column_id, len(slots))
+            subject = self.plan.param_subjects.get(i + 1) if cc.column.subject_kind is not None else None
+            slot = -1 if subject is not None else slots.setdefault(column_id, len(slots))
             binary_as_is = as_is and oid in (0, cc.codec.oid)
             envelope = view is not None and writes_envelopes(cc.column, view.grant(cc.column))
-            targets.append(ParamTarget(i, cc, column_id, cc.associated, oid, as_is, binary_as_is, slot, envelope))
+            targets.append(
+                ParamTarget(i, cc, column_id, cc.associated, oid, as_is, binary_as_is, slot, envelope, subject)
+            )
         self.targets = tuple(targets)
         self.key_slots = len(slots)
         self.targets_in_order = all(a.index < b.index for a, b in itertools.pairwise(targets))
@@ -471,21 +477,50 @@ class CryptoContext:
             raise KeyUnavailable(f"pgveil: the data key of column {column_id} is not enabled")
         return key
 
-    def seal(self, cc: ColumnCrypto, canonical: bytes) -> bytes:
+    def subject_write_key(self, subject: Subject, column_id: str) -> DataKey:
+        """The data subject's current key for sealing a value of ``column_id`` (see :meth:`write_key`)."""
+        key = self.keys.subject(subject, column_id)
+        if key.state is not _ENABLED:
+            raise KeyUnavailable(f"pgveil: the data key of a data subject of column {column_id} is not enabled")
+        return key
+
+    def seal(self, cc: ColumnCrypto, canonical: bytes, subject: Subject | None = None) -> bytes:
+        """Seals a value of ``cc``: under its row's data subject's key for a column with per-subject keys
+        (``subject`` is then required: never a fallback to a column's key), else the column's key."""
+        if cc.column.subject_kind is not None:
+            if subject is None or subject.kind != cc.column.subject_kind:
+                raise _unsupported(f"pgveil: no data subject for a value of column {cc.column.column_id}")
+            return seal(self.subject_write_key(subject, cc.column.column_id), canonical, cc.associated)
         return seal(self.write_key(cc.column.column_id), canonical, cc.associated)
 
-    def check_envelope(self, cc: ColumnCrypto, envelope: bytes, lookup: Callable[[bytes], DataKey | None]) -> None:
+    def check_envelope(
+        self,
+        cc: ColumnCrypto,
+        envelope: bytes,
+        lookup: Callable[[bytes], DataKey | None],
+        subject: Subject | None = None,
+    ) -> None:
         """A value a ciphertext role writes into an encrypted column must be an envelope of that column:
         it is opened with the column's associated data (and its plaintext dropped), else refused. Never
-        stores a non-envelope, never one moved from another column."""
+        stores a non-envelope, never one moved from another column (or, with per-subject keys, from
+        another subject's row: its key must be ``subject``'s)."""
+        subject_keyed = cc.column.subject_kind is not None
         try:
-            Opener(lookup).open(envelope, 0, len(envelope), cc.associated)
+            Opener(lookup, python=subject_keyed).open(envelope, 0, len(envelope), cc.associated)
         except OpenFailed as e:
             raise _NotAnEnvelope(
                 f"pgveil: the value for column {cc.column.column_id} is not a valid envelope of that column "
                 f"({e.reason.value})",
                 hint="a role that sees the column as ciphertext writes the stored envelopes it read",
             ) from None
+        if subject_keyed:
+            key = lookup(envelope[4:20])
+            if key is None or key.data_subject != subject:
+                raise _NotAnEnvelope(
+                    f"pgveil: the value for column {cc.column.column_id} is an envelope of another data subject "
+                    "than its row's",
+                    hint="a role that sees the column as ciphertext writes the stored envelopes it read",
+                )
 
     def masker(self, cc: ColumnCrypto, mask: PolicyMask) -> Mask:
         """The compiled mask of ``mask`` on the column (cached). ``hash`` takes its key from the key ring
@@ -725,6 +760,11 @@ class SessionCrypto:
         for t in plan.literal_targets:
             cc = self.ctx.column(t.column)
             literal = statement_bytes(t.plaintext, self.fmt)
+            subject = None
+            if t.subject is not None and t.subject.literal is not None:
+                subject = subject_from_text(
+                    t.subject.table, t.subject.subject, statement_bytes(t.subject.literal, self.fmt)
+                )
             if writes_envelopes(cc.column, view.grant(cc.column)):
                 if t.cast_type not in (None, "bytea") or t.numeric:
                     raise _NotAnEnvelope(
@@ -732,7 +772,7 @@ class SessionCrypto:
                         "(this role writes the column as ciphertext)"
                     )
                 envelope = self._bytea_value(cc, literal)
-                self.ctx.check_envelope(cc, envelope, self.ctx.key_lookup)
+                self.ctx.check_envelope(cc, envelope, self.ctx.key_lookup, subject)
                 ciphertexts[t] = envelope
                 continue
             if t.cast_type is not None:
@@ -746,7 +786,7 @@ class SessionCrypto:
                     raise type(e)(f"{e.message} (column {cc.column.column_id})", detail=e.detail, hint=e.hint) from None
             else:
                 canonical = self._canonical_text(cc, literal)
-            ciphertexts[t] = self.ctx.seal(cc, canonical)
+            ciphertexts[t] = self.ctx.seal(cc, canonical, subject)
             self.values_encrypted += 1
         return plan.rewritten_sql(ciphertexts)
 
@@ -1067,6 +1107,8 @@ class SessionCrypto:
         unpack = _I32.unpack_from
         write_key = self.ctx.write_key
         keys: list[DataKey | None] = [None] * stmt.key_slots
+        subject_keys: dict[Subject, DataKey] = {}
+        subjects: dict[SubjectValue, Subject] = {}
         sealed: list[tuple[int, bytes]] = []
         passed = 0
         for target in stmt.targets:
@@ -1078,9 +1120,10 @@ class SessionCrypto:
             if length < 0:
                 continue  # NULL stays NULL
             value = body[off + 4 : off + 4 + length]
+            subject = None if target.subject is None else self._bound_subject(target.subject, msg, formats, subjects)
             if target.envelope:  # a ciphertext role's stored envelope: checked, then passed on unchanged
                 envelope = value if formats[i] == 1 else self._bytea_value(target.column, value)
-                self.ctx.check_envelope(target.column, envelope, self.ctx.key_lookup)
+                self.ctx.check_envelope(target.column, envelope, self.ctx.key_lookup, subject)
                 sealed.append((i, envelope))
                 formats[i] = 1
                 passed += 1
@@ -1096,17 +1139,51 @@ class SessionCrypto:
                 canonical = value
             else:
                 canonical = self._canonical_text(target.column, value)
-            # One key per column for this Bind; the next Bind looks it up again, so a key disabled or
-            # invalidated meanwhile is never used.
-            key = keys[target.key_slot]
-            if key is None:
-                key = keys[target.key_slot] = write_key(target.column_id)
+            # One key per column (or data subject) for this Bind; the next Bind looks it up again, so a key
+            # disabled or invalidated meanwhile is never used.
+            if subject is not None:
+                key = subject_keys.get(subject)
+                if key is None:
+                    key = subject_keys[subject] = self.ctx.subject_write_key(subject, target.column_id)
+            elif target.key_slot < 0:
+                raise _unsupported(f"pgveil: no data subject for a value of column {target.column_id}")
+            else:
+                key = keys[target.key_slot]
+                if key is None:
+                    key = keys[target.key_slot] = write_key(target.column_id)
             sealed.append((i, seal(key, canonical, target.associated)))
             formats[i] = 1
         self.values_encrypted += len(sealed) - passed
         if not stmt.targets_in_order:
             sealed.sort(key=_first)
         return tuple(formats), tuple(sealed)
+
+    def _bound_subject(
+        self, source: SubjectValue, msg: m.BindFrame, formats: list[int], memo: dict[SubjectValue, Subject]
+    ) -> Subject:
+        """The data subject of a Bind's row: its literal, or the value (text or binary) of its parameter."""
+        subject = memo.get(source)
+        if subject is not None:
+            return subject
+        if source.literal is not None:
+            subject = subject_from_text(source.table, source.subject, statement_bytes(source.literal, self.fmt))
+        else:
+            j = (source.param or 0) - 1
+            n = len(msg.param_offsets) - 1
+            length = -1 if not 0 <= j < n else _I32.unpack_from(msg.body, msg.param_offsets[j])[0]
+            if length < 0:
+                raise InvalidSubject(
+                    f"pgveil: the subject id for column {source.subject.column} of {source.table} is NULL "
+                    "or missing, so the row has no data subject to encrypt it for"
+                )
+            off = msg.param_offsets[j] + 4
+            data = msg.body[off : off + length]
+            if formats[j] == 1:
+                subject = subject_from_binary(source.table, source.subject, data)
+            else:
+                subject = subject_from_text(source.table, source.subject, data)
+        memo[source] = subject
+        return subject
 
     # -- results ---------------------------------------------------------------------------------------
     def row_description(
@@ -1269,6 +1346,9 @@ class SessionCrypto:
         if view is None:
             view = self._fallback_view()
         transforms = CopyTransforms(self)
+        row_field: tuple[int, Callable[[bytes | None], None]] | None = None
+        if inbound and cp.subject_index >= 0 and cp.table is not None and cp.table.subject is not None:
+            row_field = (cp.subject_index, transforms.subject_reader(cp.table.qualified_name, cp.table.subject))
         fields: list[Callable[[bytes], bytes | None] | None] = []
         served: dict[tuple[str, str], int] = {}
         for col in columns:
@@ -1282,6 +1362,9 @@ class SessionCrypto:
                     fields.append(None)  # a plain column is written as the client sends it
                 elif writes_envelopes(col, grant):
                     fields.append(transforms.envelope_checker(cc))
+                elif col.subject_kind is not None:
+                    # Each row's subject key: a miss retries the CopyData message (copy_in_data).
+                    fields.append(transforms.sealer(cc))
                 else:
                     self.ctx.keys.active(col.column_id)  # KeyMiss now, not half-way through the stream
                     fields.append(transforms.sealer(cc))
@@ -1329,7 +1412,7 @@ class SessionCrypto:
             force_not_null=positions(o.force_not_null),
             force_null=positions(o.force_null),
         )
-        return CopyRowRewriter(options, fields)
+        return CopyRowRewriter(options, fields, row_field=row_field)
 
     # -- the relay's seam: proxy.protocol.encryption.SessionEncryption --------------------------------
     def sql_namespace(self, sql: str) -> tuple[NamespaceOp, ...]:
@@ -1536,8 +1619,14 @@ class SessionCrypto:
         rw = self._copy_in_rw
         if rw is None:
             return None
+        before = rw.snapshot()
         try:
             rows = rw.feed(body)
+        except KeyMiss:
+            # A data subject's key is not in memory: the relay holds this message, the session fetches the
+            # key, and the message is fed again from the same state.
+            rw.restore(before)
+            raise
         except ProtocolViolation:
             raise
         except ProxyError:
@@ -1786,14 +1875,36 @@ class CopyTransforms:
 
     def __init__(self, crypto: SessionCrypto) -> None:
         self.crypto = crypto
+        self.row_subject: Subject | None = None  # the current row's data subject (per-subject keys)
+        self._subject_problem: str | None = None
+
+    def subject_reader(self, table: str, subject: SubjectColumn) -> Callable[[bytes | None], None]:
+        """The rewriter's ``row_field`` callback: reads each row's subject id before its fields are sealed."""
+
+        def read(value: bytes | None) -> None:
+            self.row_subject = None if value is None else subject_from_text(table, subject, value)
+            self._subject_problem = (
+                f"pgveil: the subject id for column {subject.column} of {table} is NULL, so the row has no data "
+                "subject to encrypt it for"
+                if value is None
+                else None
+            )
+
+        return read
 
     def sealer(self, cc: ColumnCrypto) -> Callable[[bytes], bytes]:
         crypto = self.crypto
+        subject_keyed = cc.column.subject_kind is not None
 
         def seal_field(plaintext: bytes) -> bytes:
             canonical = crypto._canonical_text(cc, plaintext)
+            if subject_keyed and self.row_subject is None:
+                raise InvalidSubject(
+                    self._subject_problem or f"pgveil: no data subject for column {cc.column.column_id}"
+                )
+            envelope = crypto.ctx.seal(cc, canonical, self.row_subject)
             crypto.values_encrypted += 1
-            return b"\\x" + crypto.ctx.seal(cc, canonical).hex().encode("ascii")
+            return b"\\x" + envelope.hex().encode("ascii")
 
         return seal_field
 
@@ -1810,7 +1921,7 @@ class CopyTransforms:
 
         def check_field(stored: bytes) -> bytes:
             envelope = crypto._bytea_value(cc, stored)
-            crypto.ctx.check_envelope(cc, envelope, lookup)
+            crypto.ctx.check_envelope(cc, envelope, lookup, self.row_subject)
             return b"\\x" + envelope.hex().encode("ascii")
 
         return check_field

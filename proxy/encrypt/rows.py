@@ -142,7 +142,7 @@ def _decode_hex(value: bytes, out: ColumnOutput) -> bytes:
 def open_value(envelope: bytes, out: ColumnOutput, keys: KeyLookup) -> bytes:
     """The canonical plaintext of one stored value."""
     try:
-        return Opener(keys).open(envelope, 0, len(envelope), out.associated)
+        return Opener(keys, python=out.column.subject_kind is not None).open(envelope, 0, len(envelope), out.associated)
     except OpenFailed as e:
         raise RowDecryptError(out.column, e.reason.value) from None
 
@@ -204,7 +204,7 @@ def rewrite_data_rows(
         return data[start:end]  # nothing to change: every governed column is passed on as stored
     opener = memo.get(b"o")
     if opener is None or opener[0] != keys:  # a bound method is a new object at each access: compare
-        opener = memo[b"o"] = (keys, Opener(keys))
+        opener = memo[b"o"] = (keys, Opener(keys, python=compiled[5]))
     try:
         if compiled[3] is not None and opener[1].native is not None and type(data) is bytes:
             try:
@@ -231,7 +231,10 @@ _NativeColumns = tuple[_NativeColumn, ...]
 # loop's columns, when every decrypted column is binary and identity and no column is masked: the
 # associated bytes of each decrypted column, _HIDE for a NULL column, None for the others. The
 # accelerator's the same when every decrypted column is identity (see _NativeColumns).
-_Compiled = tuple[RowPlan, tuple[_Step, ...], tuple[bytes | None, ...] | None, _NativeColumns | None, bool]
+# (plan, steps, the fast loop's columns, the accelerator's columns, nothing to change, some column has
+# per-subject keys: its values open with the Python Opener, which adds each key's subject to the
+# associated data; the accelerator's kernel does not know subject keys yet).
+_Compiled = tuple[RowPlan, tuple[_Step, ...], tuple[bytes | None, ...] | None, _NativeColumns | None, bool, bool]
 _OpenFunction = Callable[[bytes, int, int, bytes], bytes]
 # The fast loop's mark for a column that goes out as NULL; compared by identity (associated data is never
 # empty, so no column's associated bytes are this object).
@@ -277,8 +280,10 @@ def _compile(plan: RowPlan) -> _Compiled:
     hides = any(step is not None and step[4] is Action.NULL for step in steps)
     fast = only_decrypt and all(step[2] and step[3] for step in decrypting)
     masks = any(step[4] is Action.MASK for step in decrypting)
+    subjects = any(step[0].column.subject_kind is not None for step in decrypting)
     native = (
         all(step[4] in (Action.DECRYPT, Action.MASK) and step[3] for step in decrypting)
+        and not subjects
         and _accel is not None
         and (_NATIVE_NULL or not hides)
         and (_NATIVE_MASK or not masks)
@@ -291,6 +296,7 @@ def _compile(plan: RowPlan) -> _Compiled:
         else None,
         tuple(_native_column(step) for step in steps) if native else None,
         all(step is None for step in steps),
+        subjects,
     )
 
 

@@ -60,10 +60,11 @@ class KeyMiss(Exception):
     """Raised by the encryption layer when a key is not in memory: the relay holds that side of the
     stream and asks the session (NeedKey) to fetch it."""
 
-    def __init__(self, *, key_id: bytes | None = None, column_id: str | None = None) -> None:
+    def __init__(self, *, key_id: bytes | None = None, column_id: str | None = None, subject: object = None) -> None:
         super().__init__("key not cached")
         self.key_id = key_id
         self.column_id = column_id
+        self.subject = subject  # a data subject's key (keymgmt.envelope.Subject; opaque to the protocol layer)
 
 
 class AnalysisMiss(Exception):

@@ -177,6 +177,7 @@ class NeedKey:
     side: str
     key_id: bytes | None = None
     column_id: str | None = None
+    subject: object = None  # a data subject's key (opaque here, see KeyMiss)
 
 
 @dataclass(frozen=True, slots=True)
@@ -733,7 +734,7 @@ class Relay:
                 # Keep this message and the rest until the session has fetched the key.
                 self.client_messages -= 1
                 self._c_hold = True
-                self.events.append(NeedKey("client", miss.key_id, miss.column_id))
+                self.events.append(NeedKey("client", miss.key_id, miss.column_id, miss.subject))
                 break
             except AnalysisMiss as analysis:
                 self.client_messages -= 1
@@ -1128,7 +1129,7 @@ class Relay:
             except KeyMiss as miss:
                 count -= 1
                 self._s_hold = True
-                self.events.append(NeedKey("server", miss.key_id, miss.column_id))
+                self.events.append(NeedKey("server", miss.key_id, miss.column_id, miss.subject))
                 break
             except ProtocolViolation:
                 raise
