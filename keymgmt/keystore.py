@@ -29,6 +29,7 @@ refused until an operator acts. A scope with no row yet gets version 1 on first 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import functools
 import importlib.resources
@@ -78,6 +79,39 @@ class Migration:
 
 
 _MIGRATION_NAME = re.compile(r"[0-9]{4}_[a-z0-9_]+")
+
+
+UNWRAP_BUCKETS: tuple[float, ...] = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+"""Upper bounds (seconds) of the unwrap latency histogram: a local key file unwraps in microseconds, an
+HSM over PKCS#11 in milliseconds, a remote KMS in tens of them."""
+
+
+class ProviderCalls:
+    """Counts and times the key provider's wrap and unwrap calls (read by the metrics): per operation the
+    calls, the failures, and for unwrap a latency histogram over :data:`UNWRAP_BUCKETS`."""
+
+    def __init__(self) -> None:
+        self.calls = {"wrap": 0, "unwrap": 0}
+        self.errors = {"wrap": 0, "unwrap": 0}
+        self.unwrap_buckets = [0] * len(UNWRAP_BUCKETS)  # per bucket, not cumulative
+        self.unwrap_seconds = 0.0
+
+    @contextlib.contextmanager
+    def timed(self, operation: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            self.errors[operation] += 1
+            raise
+        finally:
+            self.calls[operation] += 1
+            if operation == "unwrap":
+                elapsed = time.perf_counter() - started
+                self.unwrap_seconds += elapsed
+                i = bisect.bisect_left(UNWRAP_BUCKETS, elapsed)
+                if i < len(self.unwrap_buckets):
+                    self.unwrap_buckets[i] += 1
 
 
 def load_migrations(directory: Traversable | None = None) -> tuple[Migration, ...]:
@@ -258,6 +292,7 @@ class Keystore:
         self.notifications = 0
         self.refreshes = 0
         self.refresh_failures = 0
+        self.provider_calls = ProviderCalls()
         self._ttl_seconds = ttl_seconds
         if isinstance(source, str):
             self._dsn: str | None = source
@@ -564,7 +599,9 @@ class Keystore:
                     )
             await self._register_kek(pool, kek_id)
             self._wrap_kek = kek_id
-        return self._provider.wrap(material, kek_id), kek_id
+        with self.provider_calls.timed("wrap"):
+            wrapped = self._provider.wrap(material, kek_id)
+        return wrapped, kek_id
 
     async def _register_kek(self, pool: Any, kek_id: str) -> None:
         with _keystore_errors():
@@ -578,7 +615,8 @@ class Keystore:
         wrapped, kek_id = row["wrapped"], row["kek_id"]
         if wrapped is None or kek_id is None:
             raise KeystoreError(f"data key {row['key_id']} has no wrapped material but is not destroyed")
-        material = self._provider.unwrap(bytes(wrapped), kek_id)
+        with self.provider_calls.timed("unwrap"):
+            material = self._provider.unwrap(bytes(wrapped), kek_id)
         return DataKey.from_material(
             row["key_id"].bytes,
             material,

@@ -578,7 +578,39 @@ static PyTypeObject OpenerType = {
 
 /* -- the DataRow batch kernel -------------------------------------------------------------------------- */
 
-enum { COLUMN_COPIED = 0, COLUMN_BINARY = 1, COLUMN_HEX = 2, COLUMN_NULL = 3 };
+enum { COLUMN_COPIED = 0, COLUMN_BINARY = 1, COLUMN_HEX = 2, COLUMN_NULL = 3, COLUMN_SCREEN = 4 };
+
+/* What an envelope looks like inside a result value (proxy/encrypt/rows.py's ENVELOPE_MARKS, same order):
+ * the raw header prefix, its hex (bytea text output), escape output, and escape output quoted in an array
+ * or record. */
+static const struct {
+    const char *bytes;
+    Py_ssize_t len;
+} ENVELOPE_MARKS[] = {
+    {"PV\x01\x01", 4},
+    {"x50560101", 9},
+    {"PV\\001\\001", 10},
+    {"PV\\\\001\\\\001", 12},
+};
+
+/* Whether v[0:n] contains one of ENVELOPE_MARKS (a plain search: values are short, marks few). */
+static int
+carries_envelope(const unsigned char *v, Py_ssize_t n)
+{
+    for (size_t m = 0; m < sizeof(ENVELOPE_MARKS) / sizeof(ENVELOPE_MARKS[0]); m++) {
+        const unsigned char *mark = (const unsigned char *)ENVELOPE_MARKS[m].bytes;
+        Py_ssize_t mlen = ENVELOPE_MARKS[m].len;
+        for (Py_ssize_t i = 0; i + mlen <= n; i++) {
+            const unsigned char *hit = memchr(v + i, mark[0], (size_t)(n - mlen - i + 1));
+            if (hit == NULL)
+                break;
+            i = hit - v;
+            if (memcmp(hit, mark, (size_t)mlen) == 0)
+                return 1;
+        }
+    }
+    return 0;
+}
 
 typedef struct {
     int kind;
@@ -794,7 +826,8 @@ malformed(const char *what)
  * rewrite_rows(data, start, end, columns, opener) -> bytes
  *
  * data[start:end] is a run of complete DataRow messages; columns has one entry per column of the row
- * description: None (copied as it is), False (sent as NULL, never read: a hidden column) or
+ * description: None (copied as it is), False (sent as NULL, never read: a hidden column), True (screened:
+ * NULL if the value carries an envelope, see carries_envelope, else copied) or
  * (associated, server_binary[, mask[, text mask code, fixed bytes]]): with a code (see apply_text_mask) the
  * mask is applied here, mask called only for a value that is not UTF-8. Every protected value is opened and replaced by its plaintext,
  * or by what mask (a callable: plaintext bytes -> bytes, or None for NULL) makes of it (the client's bytes: the caller only passes plans whose columns are
@@ -844,6 +877,10 @@ rewrite_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             continue;
         if (item == Py_False) {
             columns[c].kind = COLUMN_NULL;
+            continue;
+        }
+        if (item == Py_True) {
+            columns[c].kind = COLUMN_SCREEN;
             continue;
         }
         Py_ssize_t arity = PyTuple_Check(item) ? PyTuple_GET_SIZE(item) : 0;
@@ -947,6 +984,21 @@ rewrite_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             if ((Py_ssize_t)n > row_end - v) {
                 malformed("a value runs past the end of its row");
                 goto fail;
+            }
+            if (col->kind == COLUMN_SCREEN) {
+                if (!carries_envelope(d + v, n)) {
+                    ROOM(4 + (Py_ssize_t)n);
+                    memcpy(o + w, d + p, (size_t)(4 + n)); /* copied as it is */
+                    w += 4 + n;
+                    p = v + n;
+                    continue;
+                }
+                ROOM(4);
+                put_be32(o + w, 0xffffffffu); /* carries an envelope: NULL */
+                w += 4;
+                p = v + n;
+                changed = 1;
+                continue;
             }
             if (col->kind == COLUMN_NULL) {
                 ROOM(4);
@@ -1176,6 +1228,7 @@ PyInit_pgveil_accel(void)
         PyModule_AddIntConstant(m, "NULL_COLUMNS", 1) < 0 ||
         PyModule_AddIntConstant(m, "MASK_COLUMNS", 1) < 0 ||
         PyModule_AddIntConstant(m, "TEXT_MASKS", 1) < 0 ||
+        PyModule_AddIntConstant(m, "SCREEN_COLUMNS", 1) < 0 ||
         PyModule_AddStringConstant(m, "OPENSSL_VERSION", OpenSSL_version(OPENSSL_VERSION)) < 0 ||
         PyModule_AddStringConstant(m, "__version__", ACCEL_VERSION) < 0)
         goto fail;

@@ -19,13 +19,14 @@ from collections.abc import Iterator, Mapping
 from typing import Any, Final, Literal, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from keymgmt import native
+from keymgmt.keystore import UNWRAP_BUCKETS, ProviderCalls
 from proxy import __version__
 from proxy.errors import RefusalReason
 
@@ -64,6 +65,8 @@ class _KeystoreCounters(Protocol):
     def refreshes(self) -> int: ...
     @property
     def refresh_failures(self) -> int: ...
+    @property
+    def provider_calls(self) -> ProviderCalls: ...
 
 
 class _KeyRingCounters(Protocol):
@@ -383,7 +386,7 @@ class _EncryptionCollector:
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
         src = self._metrics._encryption
         keyring = src.keyring if src is not None else None
         context = src.context if src is not None else None
@@ -434,6 +437,27 @@ class _EncryptionCollector:
         refreshes.add_metric(["success"], float(keystore.refreshes if keystore is not None else 0))
         refreshes.add_metric(["failure"], float(keystore.refresh_failures if keystore is not None else 0))
         yield refreshes
+        calls = keystore.provider_calls if keystore is not None else ProviderCalls()
+        errors = CounterMetricFamily(
+            "pgveil_key_provider_errors",
+            "Key provider calls that failed (a KEK unreachable, a token or file gone, a wrapped key that does not "
+            "unwrap), by operation.",
+            labels=["operation"],
+        )
+        for operation in ("wrap", "unwrap"):
+            errors.add_metric([operation], float(calls.errors[operation]))
+        yield errors
+        cumulative, buckets = 0, []
+        for bound, n in zip(UNWRAP_BUCKETS, calls.unwrap_buckets, strict=True):
+            cumulative += n
+            buckets.append((repr(bound), float(cumulative)))
+        buckets.append(("+Inf", float(calls.calls["unwrap"])))
+        yield HistogramMetricFamily(
+            "pgveil_key_unwrap_seconds",
+            "Time the key provider took to unwrap a data key (each keystore fetch of a key not in the cache).",
+            buckets=buckets,
+            sum_value=calls.unwrap_seconds,
+        )
         membership = self._metrics._membership
         reads = CounterMetricFamily(
             "pgveil_role_membership_reads",

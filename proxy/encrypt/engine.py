@@ -48,6 +48,7 @@ from proxy.encrypt.rows import (
     rewrite_data_row,
     rewrite_data_rows,
     rewrite_value_text,
+    screen_output,
 )
 from proxy.encrypt.sqlnames import MAX_PARSED_TEXT, namespace_ops
 from proxy.encrypt.subjects import InvalidSubject, subject_from_binary, subject_from_text
@@ -93,6 +94,7 @@ from proxy.rewrite.plan import (
     CopyDirection,
     CopyFormat,
     CopyPlan,
+    HiddenOutput,
     LiteralTarget,
     QueryPlan,
     Refusal,
@@ -114,6 +116,12 @@ _ENABLED = KeyState.ENABLED  # a module global: the hot path compares against it
 _EXECUTE_REFUSAL = (RefusalReason.CONSTRUCT, "0A000")  # what refused_execute answers
 _MASKING = frozenset({Action.MASK, Action.DECODE_MASK})
 _DECRYPTING = frozenset({Action.DECRYPT, Action.MASK})  # the actions that open an envelope
+# Types whose values never hold an envelope's bytes or its text forms (fixed-width scalars, numeric):
+# their unattributed result columns are not screened (see SessionCrypto._screens).
+_UNSCREENED = frozenset(
+    {16, 18, 20, 21, 23, 26, 27, 28, 29, 650, 700, 701, 790, 829, 869, 1082, 1083, 1114, 1184, 1186, 1266, 1700, 2950,
+     3220}
+)  # fmt: skip
 
 
 def _plaintext_view() -> RoleView:
@@ -202,6 +210,8 @@ class StatementCrypto(CryptoState):
     result_hint: tuple[ColumnCrypto | None, ...] | None
     # The login role's view the statement was decided under; a Bind under another epoch decides again.
     view: RoleView | None = None  # None: not decided under any view yet (the next Bind decides)
+    # The columns its text asks the server for as NULL (hidden from the role when it was parsed).
+    nulled: frozenset[ProtectedColumn] = frozenset()
     # Derived from the above once, so that each Bind and Execute only looks things up.
     targets: tuple[ParamTarget, ...] = field(init=False)
     key_slots: int = field(init=False)
@@ -579,6 +589,7 @@ class SessionCrypto:
         self._copy_out_rw: CopyRowRewriter | None = None  # rewrites the server's COPY TO STDOUT rows
         self._described_cache: dict[bytes, tuple[ColumnCrypto | None, ...] | None] = {}  # see _described
         self._described_catalog: Catalog | None = None
+        self._screening: tuple[RoleView, Catalog, bool] | None = None  # see _screens
         # SQL PREPAREd statements on governed columns: name -> (the statements decided, the epoch)
         self._sql_prepared: dict[str, tuple[tuple[StatementPlan, ...], int]] = {}
         self._copy_out_served: tuple[tuple[tuple[str, str], int], ...] = ()  # per row of the COPY TO
@@ -751,8 +762,11 @@ class SessionCrypto:
 
     def _encrypt_literals(self, plan: QueryPlan, view: RoleView) -> str | None:
         """The statement text with every literal bound for a protected column sealed, or None if the
-        text needs no change. A ciphertext role's literals are envelopes: checked, and passed on."""
-        if not plan.needs_rewrite:
+        text needs no change. A ciphertext role's literals are envelopes: checked, and passed on. A
+        column the role sees hidden is asked for as NULL where the statement's own SELECT list names it
+        (see HiddenOutput): the server does not send envelopes pgveil would drop."""
+        hidden = [h.edit() for st in plan.statements for h in hidden_for(st, view)]
+        if not plan.needs_rewrite and not hidden:
             return None
         # The analysis reads string literals as standard_conforming_strings = on does; query/parse have
         # already refused every text that the server would read otherwise (proxy/rewrite/reading.py).
@@ -788,7 +802,7 @@ class SessionCrypto:
                 canonical = self._canonical_text(cc, literal)
             ciphertexts[t] = self.ctx.seal(cc, canonical, subject)
             self.values_encrypted += 1
-        return plan.rewritten_sql(ciphertexts)
+        return plan.rewritten_sql(ciphertexts, hidden)
 
     def _bytea_value(self, cc: ColumnCrypto, text: bytes) -> bytes:
         """The bytes of a bytea value in text form (``\\x…`` or escape format)."""
@@ -951,7 +965,8 @@ class SessionCrypto:
         except ProxyError as e:
             log.info("refused a statement: %s", e.message)
             return Outcome(codec.encode_frontend(m.Parse(msg.statement, REFUSED_QUERY, ())), None, self.refusal(e))
-        stmt = StatementCrypto(st, params, msg.param_types, self.ctx.result_hint(st), view)
+        nulled = frozenset(h.column for h in hidden_for(st, view))
+        stmt = StatementCrypto(st, params, msg.param_types, self.ctx.result_hint(st), view, nulled)
         if not params and new_sql is None:
             return Outcome(None, stmt)
         types = list(msg.param_types)
@@ -986,10 +1001,20 @@ class SessionCrypto:
                     # names governed columns by table OID and attribute number: its rows are served
                     # under the current view like any other result.
                     try:
-                        return self._bind_described(msg, described, client_formats)
+                        return self._bind_described(msg, described, client_formats, stmt_row_desc)
                     except ProxyError as e:
                         log.info("refused a Bind: %s", e.message)
                         return Outcome(codec.encode_frontend(refused_bind(msg.portal)), None, self.refusal(e))
+            if stmt_row_desc is not None:
+                # Nothing governed by attribute: its unattributed columns may still be screened.
+                view = self._fallback_view()
+                screened = self._screened_fields(stmt_row_desc, view)
+                if screened:
+                    plan = tuple(
+                        screen_output(format_for(client_formats, i) == 1) if i in screened else None
+                        for i in range(_row_description_count(stmt_row_desc))
+                    )
+                    return Outcome(None, PortalCrypto(None, client_formats, client_formats, plan, view=view))
             return Outcome(None, PortalCrypto(None, client_formats, client_formats))
         try:
             return self._bind(msg, stmt, stmt_row_desc, client_formats)
@@ -1006,7 +1031,7 @@ class SessionCrypto:
         if stmt.view is None or view.epoch != stmt.view.epoch:
             # The policy or the role's membership changed since the statement was decided: decided again,
             # never served under the rules it was prepared under.
-            refused = self._policy((stmt.plan,), view)
+            refused = self._policy((stmt.plan,), view) or _nulled_refusal(stmt, view)
             if refused is not None:
                 raise refused
             stmt.adopt(view)
@@ -1026,8 +1051,11 @@ class SessionCrypto:
         row_plan: RowPlan | None = None
         if hint is not None and ncols == len(hint) and any(h is not None for h in hint):
             client = [format_for(client_formats, i) for i in range(ncols)]
+            screened = self._screened_fields(stmt_row_desc, view)
             row_plan = tuple(
-                None if h is None else self._output(h, view.grant(h.column), client_binary=client[i] == 1)
+                (screen_output(client[i] == 1) if i in screened else None)
+                if h is None
+                else self._output(h, view.grant(h.column), client_binary=client[i] == 1)
                 for i, h in enumerate(hint)
             )
             server_formats = tuple(
@@ -1059,12 +1087,19 @@ class SessionCrypto:
         return hint
 
     def _bind_described(
-        self, msg: m.BindFrame, hint: tuple[ColumnCrypto | None, ...], client_formats: tuple[int, ...]
+        self,
+        msg: m.BindFrame,
+        hint: tuple[ColumnCrypto | None, ...],
+        client_formats: tuple[int, ...],
+        row_desc: bytes,
     ) -> Outcome:
         view = self._view_source()
         client = [format_for(client_formats, i) for i in range(len(hint))]
+        screened = self._screened_fields(row_desc, view)
         row_plan = tuple(
-            None if h is None else self._output(h, view.grant(h.column), client_binary=client[i] == 1)
+            (screen_output(client[i] == 1) if i in screened else None)
+            if h is None
+            else self._output(h, view.grant(h.column), client_binary=client[i] == 1)
             for i, h in enumerate(hint)
         )
         self._note_plan(row_plan, view)
@@ -1073,6 +1108,19 @@ class SessionCrypto:
         if list(server_formats) == client:
             return Outcome(None, portal)
         return Outcome(codec.encode_bind_frame(msg, None, (), server_formats), portal)
+
+    def _screened_fields(self, row_desc: bytes | None, view: RoleView) -> frozenset[int]:
+        """The fields of a statement's RowDescription that results under ``view`` screen (see _screens);
+        none when the statement was not described (then a Describe of the portal plans its rows)."""
+        if row_desc is None or not self._screens(view):
+            return frozenset()
+        desc = codec.decode_backend(ord("T"), row_desc)
+        assert isinstance(desc, m.RowDescription)
+        return frozenset(
+            i
+            for i, f in enumerate(desc.fields)
+            if f.type_oid not in _UNSCREENED and self.ctx.by_attr.get((f.table_oid, f.column_attnum)) is None
+        )
 
     def _merge_hint(
         self, hint: tuple[ColumnCrypto | None, ...] | None, row_desc: bytes
@@ -1205,6 +1253,7 @@ class SessionCrypto:
         plan: list[ColumnOutput | None] = []
         changed = False
         attnums = self.ctx.attnums
+        screens = self._screens(view)
         for i, f in enumerate(fields):
             cc = self.ctx.by_attr.get((f.table_oid, f.column_attnum)) if f.table_oid else None
             if f.table_oid in attnums:
@@ -1212,7 +1261,7 @@ class SessionCrypto:
             if cc is None and hint is not None and i < len(hint):
                 cc = _hinted(hint[i], f)
             if cc is None:
-                plan.append(None)
+                plan.append(screen_output(f.format == 1) if screens and f.type_oid not in _UNSCREENED else None)
                 continue
             client_fmt = 0 if client_formats is None else format_for(client_formats, i)
             out = self._output(cc, view.grant(cc.column), client_binary=client_fmt == 1, server_binary=f.format == 1)
@@ -1227,6 +1276,25 @@ class SessionCrypto:
         row_plan = tuple(plan)
         self._note_plan(row_plan, view)
         return (codec.encode_backend(m.RowDescription(tuple(fields))) if changed else None), row_plan
+
+    def _screens(self, view: RoleView) -> bool:
+        """Whether results served under ``view`` screen their unattributed columns for envelopes
+        (Action.SCREEN): when some encrypted column is neither plaintext nor ciphertext to the role, a
+        value of it reached through a path pgveil cannot attribute (a function, a view's opaque
+        expression, a type pgveil does not follow) is restricted as the column would be, never served
+        as the server sends it. Cached per view and catalog."""
+        cached = self._screening
+        catalog = self.ctx.catalog
+        if cached is not None and cached[0] is view and cached[1] is catalog:
+            return cached[2]
+        open_ = (Visibility.PLAINTEXT, Visibility.CIPHERTEXT)
+        restricted = any(
+            col.encrypted and view.grant(col).visibility not in open_
+            for table in catalog.tables.values()
+            for col in table.columns.values()
+        )
+        self._screening = (view, catalog, restricted)
+        return restricted
 
     def _check_attribute(self, f: m.FieldDescription, cc: ColumnCrypto | None) -> None:
         """A field of a protected relation must agree with the catalog: a protected attribute is bytea,
@@ -1248,7 +1316,7 @@ class SessionCrypto:
         served: dict[tuple[str, str], int] = {}
         label = view.label
         for p in plan:
-            if p is not None:
+            if p is not None and p.action is not Action.SCREEN:
                 key = (label, OUTCOMES[view.grant(p.column).visibility])
                 served[key] = served.get(key, 0) + 1
         kept = self._plan_served
@@ -1532,15 +1600,15 @@ class SessionCrypto:
         view = self._view_source()
         if portal.view is None or view.epoch == portal.view.epoch:
             return
-        refused = self._policy((stmt.plan,), view) if stmt is not None else None
+        refused = (self._policy((stmt.plan,), view) or _nulled_refusal(stmt, view)) if stmt is not None else None
         if refused is not None:
             raise refused
         plan = portal.row_plan
         if plan is not None:
             new: list[ColumnOutput | None] = []
             for out in plan:
-                if out is None:
-                    new.append(None)
+                if out is None or out.action is Action.SCREEN:
+                    new.append(out)  # screening stays: it never shows more
                     continue
                 cc = ColumnCrypto(out.column, out.codec, out.associated)
                 replaced = self._output(cc, view.grant(out.column), client_binary=out.client_binary)
@@ -1809,6 +1877,26 @@ def _stale_error(message: str, hint: str) -> ProxyError:
     e = ProxyError(f"pgveil: {message}", hint=hint, reason=RefusalReason.STALE_CATALOG)
     e.sqlstate = "55000"
     return e
+
+
+def hidden_for(st: StatementPlan, view: RoleView) -> list[HiddenOutput]:
+    """The entries of ``st``'s SELECT list that ``view`` sees hidden: asked from the server as NULL."""
+    return [h for h in st.hidden_outputs if action_for(h.column, view.grant(h.column)) is Action.NULL]
+
+
+def _nulled_refusal(stmt: StatementCrypto, view: RoleView) -> ProxyError | None:
+    """A prepared statement whose text asks for a column as NULL, under a view that no longer hides it:
+    its rows cannot show the column, so it must be prepared again (the server keeps the text)."""
+    for column in stmt.nulled:
+        if action_for(column, view.grant(column)) is not Action.NULL:
+            e = _unconfirmed(
+                f"the prepared statement was prepared while column {column.column_id} was hidden from this role, "
+                "and the visibility policy has changed since",
+                hint="prepare the statement again",
+            )
+            e.reason = RefusalReason.POLICY_DENIED
+            return e
+    return None
 
 
 def _hinted(cc: ColumnCrypto | None, f: m.FieldDescription) -> ColumnCrypto | None:

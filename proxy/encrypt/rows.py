@@ -23,7 +23,10 @@ result column, chosen once per statement (never per row):
 * ``STORED``: the server's bytes as they are (the stored envelope for a ciphertext role, a plain column
   for a plaintext role);
 * ``DECODE_MASK``: a plain column's value, decoded from the server's format with the declared type's
-  codec, masked, and encoded again.
+  codec, masked, and encoded again;
+* ``SCREEN``: a result column pgveil cannot attribute to a governed column, in a result served to a role
+  that may not see some encrypted column: a value that carries a pgveil envelope (see
+  :func:`carries_envelope`) becomes NULL, any other value is copied as it is.
 
 NULL stays NULL. Columns without a plan entry are copied as they are.
 
@@ -52,7 +55,7 @@ from enum import IntEnum
 from typing import Any, NoReturn
 
 from keymgmt import native
-from keymgmt.envelope import MIN_LENGTH, Opener, OpenFailed, OpenFailure
+from keymgmt.envelope import ALGORITHM_AES256GCM, MAGIC, MIN_LENGTH, VERSION_1, Opener, OpenFailed, OpenFailure
 from keymgmt.envelope import KeyLookup as KeyLookup  # re-exported: callers pass keymgmt's lookup
 from proxy.errors import ProxyError
 from proxy.pgtypes.base import SessionFormat, TypeCodec
@@ -84,6 +87,7 @@ class Action(IntEnum):
     NULL = 2
     STORED = 3
     DECODE_MASK = 4
+    SCREEN = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +113,31 @@ class ColumnOutput:
 
 
 RowPlan = tuple[ColumnOutput | None, ...]
+
+UNATTRIBUTED = ProtectedColumn("", "", "", "bytea", identity="an unattributed result column", encrypted=False)
+"""The ``column`` of a SCREEN entry: no governed column (a row that does not fit its plan names it)."""
+
+_PREFIX = MAGIC + bytes((VERSION_1, ALGORITHM_AES256GCM))
+ENVELOPE_MARKS: tuple[bytes, ...] = (
+    _PREFIX,  # raw, in any binary value (bytea, an array or record of them)
+    b"x" + _PREFIX.hex().encode(),  # hex output (\\x…), also with the backslash doubled in an array's text
+    rb"PV\001\001",  # escape output (bytea_output = escape)
+    rb"PV\\001\\001",  # the same inside an array's or record's text form
+)
+"""What a pgveil envelope looks like inside a value, in the forms PostgreSQL's output functions give it:
+the raw header prefix, the hex of it, and escape format (alone and quoted in an array or record).
+``encode(x, 'base64')`` or any other transformation done by server code is not recognised."""
+
+
+def carries_envelope(value: bytes) -> bool:
+    """Whether ``value`` (a result value in either format) contains one of :data:`ENVELOPE_MARKS`."""
+    return any(mark in value for mark in ENVELOPE_MARKS)
+
+
+def screen_output(server_binary: bool) -> ColumnOutput:
+    """The row plan entry of an unattributed result column to screen for envelopes."""
+    return ColumnOutput(UNATTRIBUTED, BYTEA, b"", server_binary, server_binary, action=Action.SCREEN)
+
 
 # Why a row could not be delivered, beyond keymgmt's OpenFailure: the decrypted value is not one of the
 # declared type, or the row does not have the shape of its description.
@@ -246,6 +275,8 @@ _NATIVE_MASK = bool(getattr(_accel, "MASK_COLUMNS", 0))
 # From its version 3 on, the kernel applies the text masks itself (masks.native_form), calling the
 # function only for a value that is not valid UTF-8 (its error is the function's).
 _NATIVE_TEXT_MASKS = bool(getattr(_accel, "TEXT_MASKS", 0))
+# From its version 4 on, it screens unattributed columns for envelopes (a True column).
+_NATIVE_SCREEN = bool(getattr(_accel, "SCREEN_COLUMNS", 0))
 
 
 def _native_column(step: _Step) -> _NativeColumn:
@@ -254,6 +285,8 @@ def _native_column(step: _Step) -> _NativeColumn:
     out, associated, server_binary, _identity, action = step
     if action is Action.NULL:
         return False
+    if action is Action.SCREEN:
+        return True
     if action is Action.MASK:
         assert out.mask is not None
         form = native_form(out.mask) if _NATIVE_TEXT_MASKS else None
@@ -275,10 +308,11 @@ def _compile(plan: RowPlan) -> _Compiled:
         else (out, out.associated, out.server_binary, out.identity and out.codec.typlen <= 0, out.action)
         for out in plan
     )
-    decrypting = [step for step in steps if step is not None and step[4] is not Action.NULL]
+    decrypting = [step for step in steps if step is not None and step[4] not in (Action.NULL, Action.SCREEN)]
     only_decrypt = all(step[4] is Action.DECRYPT for step in decrypting)
     hides = any(step is not None and step[4] is Action.NULL for step in steps)
-    fast = only_decrypt and all(step[2] and step[3] for step in decrypting)
+    screens = any(step is not None and step[4] is Action.SCREEN for step in steps)
+    fast = only_decrypt and all(step[2] and step[3] for step in decrypting) and not screens
     masks = any(step[4] is Action.MASK for step in decrypting)
     subjects = any(step[0].column.subject_kind is not None for step in decrypting)
     native = (
@@ -287,6 +321,7 @@ def _compile(plan: RowPlan) -> _Compiled:
         and _accel is not None
         and (_NATIVE_NULL or not hides)
         and (_NATIVE_MASK or not masks)
+        and (_NATIVE_SCREEN or not screens)
     )
     return (
         plan,
@@ -419,6 +454,8 @@ def _rewrite_general(
     decrypt = Action.DECRYPT
     hidden = Action.NULL
     decode = Action.DECODE_MASK
+    screen = Action.SCREEN
+    marks = ENVELOPE_MARKS
     parts: list[bytes] = []
     append = parts.append
     copied = start
@@ -444,7 +481,12 @@ def _rewrite_general(
                 raise struct.error("a value runs past the end of its row")
             out, associated, server_binary, identity, action = step
             encoded: bytes | None
-            if action is hidden:
+            if action is screen:
+                if not any(data.find(mark, v, value_end) >= 0 for mark in marks):
+                    p = value_end  # copied as it is
+                    continue
+                encoded = None
+            elif action is hidden:
                 encoded = None
             elif action is decode:
                 encoded = _decode_mask(data[v:value_end], out, fmt)
@@ -546,6 +588,8 @@ def _encode(canonical: bytes, out: ColumnOutput, fmt: SessionFormat) -> bytes:
 
 def _first(plan: RowPlan) -> ProtectedColumn:
     for out in plan:
-        if out is not None and out.action is not Action.STORED:
+        if out is not None and out.action not in (Action.STORED, Action.SCREEN):
             return out.column
+    if any(out is not None and out.action is Action.SCREEN for out in plan):
+        return UNATTRIBUTED
     raise AssertionError("a row plan without governed columns to rewrite is never run")

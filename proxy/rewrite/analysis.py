@@ -329,6 +329,7 @@ def _analyze_statement(stmt: Node, catalog: Catalog, source: SourceText) -> Stat
         references=tuple(dict.fromkeys((*walker.references, *text_refs))),
         cursor=result.cursor,
         cursor_columns=result.cursor_columns,
+        hidden_outputs=tuple(walker.hidden),
     )
     if walker.ambiguous and _needs_certainty(plan, always=walker.ambiguous_always):
         return StatementPlan(kind, True, _ambiguous(walker))

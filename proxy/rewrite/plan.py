@@ -15,7 +15,7 @@ Must not: parse SQL, do I/O, or show literal values or statement text in ``repr`
 from __future__ import annotations
 
 import types
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -108,6 +108,29 @@ class TextEdit:
     start: int
     end: int
     replacement: str
+
+
+@dataclass(frozen=True, slots=True)
+class HiddenOutput:
+    """A top-level SELECT list entry that is the stored value of encrypted ``column`` and nothing else:
+    for a role that sees the column hidden, the session asks the server for ``NULL::bytea`` in its place
+    (the server then neither reads nor sends the envelope). ``name`` is the output name to keep with
+    ``AS`` when the entry has no alias of its own (PostgreSQL names it after the column), else None;
+    ``start``/``end`` span the column reference alone.
+
+    Only made where the substitution cannot change anything but the values of that column: a plain
+    SELECT (no set operation, no INTO) whose result width the analysis knows. Ordering, grouping or
+    DISTINCT ON by such a column is an expression use, refused to a role that does not see it."""
+
+    start: int
+    end: int
+    column: ProtectedColumn
+    name: str | None
+
+    def edit(self) -> TextEdit:
+        if self.name is None:
+            return TextEdit(self.start, self.end, "NULL::bytea")
+        return TextEdit(self.start, self.end, 'NULL::bytea AS "' + self.name.replace('"', '""') + '"')
 
 
 class CopyDirection(Enum):
@@ -227,6 +250,7 @@ class StatementPlan:
     references: tuple[Reference, ...] = ()
     cursor: str | None = None
     cursor_columns: tuple[ProtectedColumn | None, ...] | None = None
+    hidden_outputs: tuple[HiddenOutput, ...] = ()
 
     @property
     def refusal(self) -> FeatureNotSupported | None:
@@ -289,14 +313,15 @@ class QueryPlan:
         """True if the text sent to the server must differ from the client's."""
         return any(s.literal_targets or s.edits for s in self.statements)
 
-    def rewritten_sql(self, ciphertexts: Mapping[LiteralTarget, bytes]) -> str:
+    def rewritten_sql(self, ciphertexts: Mapping[LiteralTarget, bytes], extra: Iterable[TextEdit] = ()) -> str:
         """The statement text with every literal target replaced by its ciphertext as a bytea literal
-        and every fixed edit applied; everything else is the client's text, byte for byte.
+        and every fixed edit applied (and ``extra``, edits that depend on the session's role); everything
+        else is the client's text, byte for byte.
 
         ``ciphertexts`` maps each of ``literal_targets`` to its envelope. A missing target is a bug in
         the caller and raises KeyError: sending the plaintext instead is never an option.
         """
-        edits: list[tuple[int, int, str]] = []
+        edits: list[tuple[int, int, str]] = [(e.start, e.end, e.replacement) for e in extra]
         for s in self.statements:
             edits.extend((e.start, e.end, e.replacement) for e in s.edits)
             for t in s.literal_targets:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.errors import FeatureNotSupported
 from proxy.policy.model import Reference, ReferenceKind
 from proxy.rewrite import refusals
 from proxy.rewrite.catalog import Catalog, CatalogStale, ProtectedColumn, ProtectedTable
@@ -49,7 +50,7 @@ from proxy.rewrite.nodes import (
     node_type,
     tables_named_in_strings,
 )
-from proxy.rewrite.plan import CopyDirection, CopyFormat, CopyPlan, LiteralTarget, SubjectValue, TextEdit
+from proxy.rewrite.plan import CopyDirection, CopyFormat, CopyPlan, HiddenOutput, LiteralTarget, SubjectValue, TextEdit
 from proxy.rewrite.scope import (
     UNKNOWN_SHAPE,
     ColumnUse,
@@ -116,6 +117,9 @@ class StatementWalker:
         self._subject_at: int | None = None  # the subject column's position in an INSERT's VALUES rows
         self._subject_table: ProtectedTable | None = None
         self.param_subjects: dict[int, SubjectValue] = {}
+        # The top-level SELECT whose list entries may become HiddenOutputs, and those entries.
+        self._hide_body: Node | None = None
+        self.hidden: list[HiddenOutput] = []
 
     # references to governed columns
 
@@ -196,12 +200,18 @@ class StatementWalker:
             self._no_protected_output(self.select(body, None, CteScope()), "SELECT INTO")
             return WalkResult()
         if name in ("SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"):
-            return self._result(self.dml_or_select(name, body, CteScope()))
+            if name == "SelectStmt":
+                self._hide_body = body
+            result = self._result(self.dml_or_select(name, body, CteScope()))
+            if result.result_columns is None:
+                self.hidden.clear()  # a result only RowDescription can map: no substitution
+            return result
         if name == "CopyStmt":
             return self.copy(body)
         if name == "ExplainStmt":
             inner_name, inner = node_type(body.get("query", {}))
             self.statement(inner_name, inner, table)
+            self.hidden.clear()  # EXPLAIN returns a plan, not the query's columns
             return WalkResult(result_columns=(None,))
         if name == "PrepareStmt":
             return self.prepare(body, table)
@@ -430,7 +440,8 @@ class StatementWalker:
             for item in body.get("fromClause", []):
                 self.from_item(item, level)
             self.expr(body.get("whereClause"), level, "WHERE")
-            shape = self.target_list(body.get("targetList", []), level, "SELECT list", assign)
+            hide = body is self._hide_body and assign is None
+            shape = self.target_list(body.get("targetList", []), level, "SELECT list", assign, hide=hide)
             for item in body.get("groupClause", []):
                 self.group_item(item, level, shape)
             self.expr(body.get("havingClause"), level, "HAVING")
@@ -555,7 +566,11 @@ class StatementWalker:
         )
         return None
 
-    def target_list(self, targets: list[Node], level: Level, clause: str, assign: _Assignments | None) -> Shape:
+    def target_list(
+        self, targets: list[Node], level: Level, clause: str, assign: _Assignments | None, *, hide: bool = False
+    ) -> Shape:
+        """``hide``: this is the statement's own SELECT list, whose bare encrypted column references may
+        be substituted for a role that sees them hidden (see HiddenOutput)."""
         shape: list[OutColumn | UnknownColumns] = []
         for item in targets:
             rt = item.get("ResTarget", {})
@@ -610,11 +625,20 @@ class StatementWalker:
                 else:
                     self.refer(use.column, ReferenceKind.OUTPUT, clause)
                     shape.append(OutColumn(name or fields[-1], use.column, use.traced, use.certain))
+                    if hide and use.column.encrypted and use.certain:
+                        self._hidden_output(val, use.column, name, fields[-1])
             else:
                 self.expr(val, level, clause)
                 is_null = isinstance(classify_value(val), NullValue)
                 shape.append(OutColumn(name or figure_name(val), null_literal=is_null))
         return tuple(shape)
+
+    def _hidden_output(self, val: Node, column: ProtectedColumn, alias: str | None, field_name: str) -> None:
+        try:
+            start, end = self.source.value_span(val, bare_alias=alias is not None)
+        except FeatureNotSupported:
+            return  # the text is not where the tree says: the column is fetched and hidden by pgveil
+        self.hidden.append(HiddenOutput(start, end, column, None if alias is not None else field_name))
 
     def star(self, body: Node, level: Level) -> Shape:
         """What ``*`` or ``t.*`` expands to."""

@@ -16,7 +16,7 @@ from keymgmt import envelope
 from keymgmt.envelope import DataKey, KeyState, Opener, _seal_with_nonce, column_associated_data
 from proxy.encrypt import rows
 from proxy.encrypt.engine import ColumnCrypto
-from proxy.encrypt.rows import Action, ColumnOutput, RowDecryptError, RowPlan
+from proxy.encrypt.rows import Action, ColumnOutput, RowDecryptError, RowPlan, screen_output
 from proxy.pgtypes import SessionFormat, codec_for
 from proxy.policy.masks import compile_mask
 from proxy.policy.model import Mask, MaskFunction
@@ -34,6 +34,7 @@ DISABLED = DataKey.from_material(b"\x22" * 16, bytes(range(1, 33)), column_id=SS
 KEYS: dict[bytes, DataKey] = {KEY.key_id: KEY, DISABLED.key_id: DISABLED}
 
 Outcome = bytes | tuple[object, ...]
+SSN_ASSOCIATED = column_associated_data(SSN.column_id)
 
 
 def _output(col: ProtectedColumn, *, server_binary: bool, client_binary: bool) -> ColumnOutput:
@@ -60,6 +61,9 @@ PLANS: tuple[RowPlan, ...] = (
     (None, _masked(_SSN_HEX, MaskFunction.EMAIL), _masked(_EMAIL_RAW, MaskFunction.PARTIAL)),
     (_masked(_SSN_RAW, MaskFunction.FIXED, "n/a €"), _masked(_SSN_RAW, MaskFunction.NULL), _SSN_RAW),
     (_masked(_SSN_RAW, MaskFunction.EMAIL), _masked(_EMAIL_RAW, MaskFunction.LAST4)),
+    # Unattributed columns screened for envelopes, beside decrypted and hidden ones.
+    (screen_output(True), _SSN_RAW, screen_output(False)),
+    (screen_output(False), dataclasses.replace(_SSN_RAW, action=Action.NULL), None),
 )
 # Plaintexts for the seeds: ASCII, multi-byte, 0 to 5 characters, no, one or several '@'.
 _VALUES = ("value", "", "é", "a😀", "abcd", "€uro5", "a@b@c.de", "@", "ann@例え.jp", "中文字符串")
@@ -140,6 +144,11 @@ def seeds() -> list[bytes]:
             for c, col in enumerate(plan):
                 if col is None:
                     values.append(b"%d" % i if (i + c) % 3 else None)
+                    continue
+                if col.action is Action.SCREEN:  # an envelope's forms inside other bytes, or none
+                    sealed = _seal_with_nonce(KEY, b"v%d" % i, SSN_ASSOCIATED, bytes([i, c]) * 6)
+                    forms = (sealed, b"\\x" + sealed.hex().encode(), b'{"PV\\\\001\\\\001"}', b"plain")
+                    values.append(b"<" + forms[(i + c) % len(forms)] + b">")
                     continue
                 nonce = bytes([i, c]) * 6
                 plain = (_VALUES[(index + i + c) % len(_VALUES)] + str(i)[: (i + c) % 2]).encode()

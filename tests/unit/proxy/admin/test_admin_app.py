@@ -14,7 +14,7 @@ import logging
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import prometheus_client
@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from keymgmt import native
+from keymgmt.keystore import ProviderCalls
 from proxy.admin.app import (
     API_PREFIX,
     SSL_REQUEST,
@@ -102,6 +103,8 @@ EXPECTED_FAMILIES = [
     "pgveil_key_cache_flushes_total",
     "pgveil_key_notifications_total",
     "pgveil_key_refreshes_total",
+    "pgveil_key_provider_errors_total",
+    "pgveil_key_unwrap_seconds",
 ]
 
 
@@ -230,6 +233,7 @@ class _FakeKeystore:
     notifications: int = 0
     refreshes: int = 0
     refresh_failures: int = 0
+    provider_calls: ProviderCalls = field(default_factory=ProviderCalls)
 
 
 @dataclass
@@ -274,6 +278,26 @@ def test_encryption_counters_are_read_when_scraped(metrics: Metrics) -> None:
     assert value(metrics, "pgveil_key_refreshes_total", result="failure") == 1
     runtime.keyring.hits += 5
     assert value(metrics, "pgveil_key_cache_hits_total") == 15
+
+
+def test_provider_calls_are_counted_and_unwraps_timed(metrics: Metrics) -> None:
+    runtime = _FakeRuntime(_FakeKeyRing(), _FakeContext(), _FakeKeystore(_FakeCache(0, 0, 0, 0)))
+    metrics.watch_encryption(runtime)
+    assert runtime.keystore is not None
+    calls = runtime.keystore.provider_calls
+    for _ in range(3):
+        with calls.timed("unwrap"):
+            pass
+    with contextlib.suppress(RuntimeError), calls.timed("unwrap"):
+        raise RuntimeError("the token is gone")
+    with contextlib.suppress(RuntimeError), calls.timed("wrap"):
+        raise RuntimeError("the token is gone")
+    assert value(metrics, "pgveil_key_unwrap_seconds_count") == 4
+    assert value(metrics, "pgveil_key_unwrap_seconds_bucket", le="+Inf") == 4
+    counts = [value(metrics, "pgveil_key_unwrap_seconds_bucket", le=le) for le in ("0.0001", "0.001", "5.0", "+Inf")]
+    assert counts == sorted(counts), "cumulative buckets"
+    assert value(metrics, "pgveil_key_provider_errors_total", operation="unwrap") == 1
+    assert value(metrics, "pgveil_key_provider_errors_total", operation="wrap") == 1
 
 
 # -- HTTP ----------------------------------------------------------------------------------------------
