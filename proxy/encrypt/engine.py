@@ -27,6 +27,7 @@ SQLSTATE for a bad value), naming the column and the construct but never a value
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import struct
@@ -332,9 +333,15 @@ class CryptoContext:
         self.columns: dict[str, ColumnCrypto] = {}
         self.by_attr: dict[tuple[int, int], ColumnCrypto] = {}
         self.attnums: dict[int, frozenset[int]] = {}  # every live attribute of each protected relation
+        # Per-subject keys: each relation's subject column (attribute number, subject, name), by OID.
+        self.subject_attrs: dict[int, tuple[int, SubjectColumn, str]] = {}
         for table in catalog.tables.values():
             if table.oid and table.attnums:
                 self.attnums[table.oid] = frozenset(table.attnums)
+                s = table.subject
+                if s is not None and s.column in table.all_columns:
+                    attnum = table.attnums[table.all_columns.index(s.column)]
+                    self.subject_attrs[table.oid] = (attnum, s, table.qualified_name)
             for col in table.columns.values():
                 cc = ColumnCrypto(col, codec_for(col.declared_type), column_associated_data(col.column_id))
                 if table.root is None or col.column_id not in self.columns:
@@ -1061,6 +1068,10 @@ class SessionCrypto:
             server_formats = tuple(
                 client[i] if out is None else int(out.server_binary) for i, out in enumerate(row_plan)
             )
+            if stmt_row_desc is not None and self.ctx.subject_attrs:
+                desc = codec.decode_backend(ord("T"), stmt_row_desc)
+                assert isinstance(desc, m.RowDescription)
+                row_plan = self._subject_checks(row_plan, desc.fields, server_formats)
             if list(server_formats) == client and not any(
                 out is not None and out.column.encrypted and out.action is not Action.STORED for out in row_plan
             ):
@@ -1273,9 +1284,34 @@ class SessionCrypto:
                 changed = True
         if all(out is None for out in plan):
             return None, None
-        row_plan = tuple(plan)
+        row_plan = self._subject_checks(tuple(plan), desc.fields, [f.format for f in desc.fields])
         self._note_plan(row_plan, view)
         return (codec.encode_backend(m.RowDescription(tuple(fields))) if changed else None), row_plan
+
+    def _subject_checks(
+        self, plan: RowPlan, fields: Sequence[m.FieldDescription], server_formats: Sequence[int]
+    ) -> RowPlan:
+        """Marks each value of a column with per-subject keys whose row's subject column is in the same
+        result (same relation, once) so that its key is checked against it (rows._check_subjects)."""
+        subject_attrs = self.ctx.subject_attrs
+        if not subject_attrs:
+            return plan
+        out: list[ColumnOutput | None] = list(plan)
+        for i, o in enumerate(plan):
+            if o is None or o.column.subject_kind is None or i >= len(fields):
+                continue
+            found = subject_attrs.get(fields[i].table_oid)
+            if found is None:
+                continue
+            attnum, subject, table = found
+            at = [j for j, f in enumerate(fields) if f.table_oid == fields[i].table_oid and f.column_attnum == attnum]
+            if len(at) == 1:
+                j = at[0]
+                binary = j < len(server_formats) and server_formats[j] == 1
+                out[i] = dataclasses.replace(
+                    o, subject_at=j, subject=subject, subject_table=table, subject_binary=binary
+                )
+        return tuple(out)
 
     def _screens(self, view: RoleView) -> bool:
         """Whether results served under ``view`` screen their unattributed columns for envelopes

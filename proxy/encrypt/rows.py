@@ -57,12 +57,13 @@ from typing import Any, NoReturn
 from keymgmt import native
 from keymgmt.envelope import ALGORITHM_AES256GCM, MAGIC, MIN_LENGTH, VERSION_1, Opener, OpenFailed, OpenFailure
 from keymgmt.envelope import KeyLookup as KeyLookup  # re-exported: callers pass keymgmt's lookup
+from proxy.encrypt.subjects import InvalidSubject, subject_from_binary, subject_from_text
 from proxy.errors import ProxyError
 from proxy.pgtypes.base import SessionFormat, TypeCodec
 from proxy.pgtypes.bytea import BYTEA
 from proxy.policy.masks import native_form
 from proxy.protocol.codec import CodecError
-from proxy.rewrite.catalog import ProtectedColumn
+from proxy.rewrite.catalog import ProtectedColumn, SubjectColumn
 
 _I32 = struct.Struct("!i")
 _FRAME = struct.Struct("!cI")  # message type, length
@@ -106,6 +107,14 @@ class ColumnOutput:
     identity: bool = False
     action: Action = Action.DECRYPT
     mask: Mask | None = None  # set for MASK and DECODE_MASK
+    # Per-subject keys: the result position of the same row's subject column (-1: not in the result),
+    # the table's subject column and name, and whether the server sends that column in binary. When set,
+    # each value's key must belong to the subject the row names (a value moved to another subject's row
+    # fails like a tampered one).
+    subject_at: int = -1
+    subject: SubjectColumn | None = None
+    subject_table: str = ""
+    subject_binary: bool = False
 
     def __post_init__(self) -> None:
         if (self.mask is not None) != (self.action in (Action.MASK, Action.DECODE_MASK)):
@@ -234,6 +243,11 @@ def rewrite_data_rows(
     opener = memo.get(b"o")
     if opener is None or opener[0] != keys:  # a bound method is a new object at each access: compare
         opener = memo[b"o"] = (keys, Opener(keys, python=compiled[5]))
+    if compiled[6]:
+        try:
+            _check_subjects(data, start, end, compiled[6], keys)
+        except (struct.error, IndexError):
+            raise CodecError("server", "malformed DataRow message") from None
     try:
         if compiled[3] is not None and opener[1].native is not None and type(data) is bytes:
             try:
@@ -263,7 +277,15 @@ _NativeColumns = tuple[_NativeColumn, ...]
 # (plan, steps, the fast loop's columns, the accelerator's columns, nothing to change, some column has
 # per-subject keys: its values open with the Python Opener, which adds each key's subject to the
 # associated data; the accelerator's kernel does not know subject keys yet).
-_Compiled = tuple[RowPlan, tuple[_Step, ...], tuple[bytes | None, ...] | None, _NativeColumns | None, bool, bool]
+_Compiled = tuple[
+    RowPlan,
+    tuple[_Step, ...],
+    tuple[bytes | None, ...] | None,
+    _NativeColumns | None,
+    bool,
+    bool,
+    tuple[tuple[int, "ColumnOutput"], ...],  # the values whose row's subject column is in the result
+]
 _OpenFunction = Callable[[bytes, int, int, bytes], bytes]
 # The fast loop's mark for a column that goes out as NULL; compared by identity (associated data is never
 # empty, so no column's associated bytes are this object).
@@ -332,7 +354,65 @@ def _compile(plan: RowPlan) -> _Compiled:
         tuple(_native_column(step) for step in steps) if native else None,
         all(step is None for step in steps),
         subjects,
+        tuple(
+            (i, out)
+            for i, out in enumerate(plan)
+            if out is not None and out.subject_at >= 0 and out.action in (Action.DECRYPT, Action.MASK)
+        ),
     )
+
+
+def _check_subjects(
+    data: bytes, start: int, end: int, checks: tuple[tuple[int, ColumnOutput], ...], keys: KeyLookup
+) -> None:
+    """Each checked value's key must be the key of the data subject its row names (its subject column,
+    in the same result): a value copied into another subject's row is refused as a value that does not
+    open. A key that is a column's (written before the table had subject keys) or not found here (the
+    kernel then fails it) is left to the kernel. Raises the key lookup's KeyMiss before anything is
+    written, so the run can be retried."""
+    unpack = _I32.unpack_from
+    pos = start
+    while pos < end:
+        (length,) = unpack(data, pos + 1)
+        row_end = pos + 1 + length
+        offsets: list[tuple[int, int]] = []
+        p = pos + 7
+        for _ in range(int.from_bytes(data[pos + 5 : pos + 7], "big", signed=True)):
+            (n,) = unpack(data, p)
+            offsets.append((p + 4, n))
+            p += 4 + max(n, 0)
+        for i, out in checks:
+            v, n = offsets[i]
+            if n < 0:
+                continue
+            if out.server_binary:
+                key_id = data[v + 4 : v + 20] if n >= MIN_LENGTH else b""
+            else:
+                try:
+                    key_id = binascii.a2b_hex(data[v + 10 : v + 42]) if data[v : v + 2] == b"\\x" else b""
+                except ValueError:
+                    key_id = b""
+            if len(key_id) != 16:
+                continue  # not an envelope: the kernel says so
+            key = keys(key_id)
+            expected = None if key is None else key.data_subject
+            if expected is None:
+                continue
+            s, sn = offsets[out.subject_at]
+            named = None
+            if sn >= 0 and out.subject is not None:
+                raw = data[s : s + sn]
+                try:
+                    named = (
+                        subject_from_binary(out.subject_table, out.subject, raw)
+                        if out.subject_binary
+                        else subject_from_text(out.subject_table, out.subject, raw)
+                    )
+                except InvalidSubject:
+                    named = None
+            if named != expected:
+                raise RowDecryptError(out.column, OpenFailure.AUTHENTICATION.value)
+        pos = row_end
 
 
 def _rewrite_native(data: bytes, start: int, end: int, plan: RowPlan, columns: _NativeColumns, opener: Opener) -> bytes:

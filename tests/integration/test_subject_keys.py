@@ -276,3 +276,45 @@ def test_a_bad_subject_id_parameter_is_refused(env: Env) -> None:
             c.execute("INSERT INTO sk_customers (id, email) VALUES (%s, %s)", ("x1", "y@x.test"))
         with pytest.raises(psycopg.errors.InvalidTextRepresentation, match="is NULL"):
             c.execute("INSERT INTO sk_customers (id, email) VALUES (%s, %s)", (None, "y@x.test"))
+
+
+def _move(env: Env, sql: str) -> None:
+    with psycopg.connect(env.direct_dsn, autocommit=True) as c:
+        c.execute(sql)
+
+
+async def test_a_value_copied_into_another_subjects_row_fails_to_decrypt(env: Env) -> None:
+    with psycopg.connect(env.dsn(), autocommit=True) as c:
+        c.execute("INSERT INTO sk_customers (id, email) VALUES (901, 'alice@x.test'), (902, 'bob@x.test')")
+        c.execute("INSERT INTO sk_orders (customer_id, note) VALUES (902, 'bob order')")
+    # A DBA (or an attacker with write access) moves alice's envelope into bob's row, bypassing pgveil.
+    _move(env, "UPDATE sk_customers SET email = (SELECT email FROM sk_customers WHERE id = 901) WHERE id = 902")
+    with psycopg.connect(env.dsn(), autocommit=True) as c:
+        for binary in (False, True):
+            with pytest.raises(psycopg.errors.DataCorrupted, match=r"public\.sk_customers\.email"):
+                c.execute("SELECT id, email FROM sk_customers WHERE id = 902", binary=binary).fetchall()
+            assert c.execute("SELECT 1").fetchall() == [(1,)]
+        with pytest.raises(psycopg.errors.DataCorrupted):
+            c.execute("SELECT email, id FROM sk_customers WHERE id = 902", prepare=True).fetchall()
+        # The untouched row still reads.
+        assert c.execute("SELECT id, email FROM sk_customers WHERE id = 901").fetchall() == [(901, "alice@x.test")]
+    with (
+        psycopg.connect(env.dsn(), autocommit=True) as c,
+        c.cursor() as cur,
+        pytest.raises(psycopg.errors.DataCorrupted),
+    ):
+        cur.execute("SELECT id, email FROM sk_customers WHERE id = 902; SELECT 1")  # simple protocol, text
+    conn = await asyncpg.connect(env.dsn())
+    try:
+        with pytest.raises(asyncpg.DataCorruptedError):
+            await conn.fetch("SELECT id, email FROM sk_customers WHERE id = $1", 902)
+        assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await conn.close()
+    # Into another table's column: the column identity fails it, whether or not the subject is read.
+    _move(env, "UPDATE sk_orders SET note = (SELECT email FROM sk_customers WHERE id = 902) WHERE customer_id = 902")
+    with (
+        psycopg.connect(env.dsn(), autocommit=True) as c,
+        pytest.raises(psycopg.errors.DataCorrupted, match=r"public\.sk_orders\.note"),
+    ):
+        c.execute("SELECT note FROM sk_orders WHERE customer_id = 902").fetchall()
