@@ -101,6 +101,13 @@ if _accel is not None and (
 ):
     raise ImportError("pgveil_accel was built for another envelope layout: rebuild it from this source tree")
 
+# The accelerator's Opener adds a subject key's part of the associated data itself (from its build 4 on);
+# with an older build, results of subject-keyed columns open with the Python Opener.
+NATIVE_SUBJECT_KEYS = _accel is not None and getattr(_accel, "SUBJECT_KEYS", 0) >= 192
+# The longest subject id a key may have: its subject part (with a kind of up to 63 bytes) fits the
+# accelerator's Key.
+MAX_SUBJECT_ID_LENGTH = 120
+
 # What a cipher raises when a tag does not verify, in either implementation.
 _INVALID_TAG: tuple[type[Exception], ...] = (InvalidTag,) if _accel is None else (InvalidTag, _accel.InvalidTag)
 # Opened keys an Opener remembers before it starts again (per-subject keys make one result use many).
@@ -236,17 +243,22 @@ class DataKey:
             raise ValueError("a destroyed key has no material")
         kid = KeyId(bytes(key_id))
         kind = subject_kind_of_scope(column_id)
+        suffix = subject_associated_data(Subject(kind, subject)) if kind is not None and subject is not None else b""
+        if _accel is None:
+            cipher: Any = AESGCM(bytes(material))
+        elif NATIVE_SUBJECT_KEYS and len(suffix) <= _accel.SUBJECT_KEYS:
+            cipher = _accel.Key(material, suffix)
+        else:
+            cipher = _accel.Key(material)
         return cls(
             key_id=kid,
             state=state,
             column_id=column_id,
             subject=subject,
             version=version,
-            _cipher=AESGCM(bytes(material)) if _accel is None else _accel.Key(material),
+            _cipher=cipher,
             _prefix=_PREFIX_V1 + kid,
-            subject_associated=(
-                subject_associated_data(Subject(kind, subject)) if kind is not None and subject is not None else b""
-            ),
+            subject_associated=suffix,
         )
 
     @property

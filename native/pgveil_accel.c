@@ -78,10 +78,19 @@ put_be32(unsigned char *p, uint32_t v)
 
 /* -- AES-256-GCM ------------------------------------------------------------------------------------ */
 
+/* A data subject's part of the associated data (keymgmt.envelope.subject_associated_data) is at most
+ * this long in a Key (longer subject ids stay on the Python Opener). */
+#define MAX_SUBJECT_SUFFIX 192
+
 typedef struct {
     PyObject_HEAD
     EVP_CIPHER_CTX *enc;
     EVP_CIPHER_CTX *dec;
+    /* Per-subject keys: what the Opener appends to a column's associated data for this key (the
+     * subject's kind and id, from the keystore record); empty for a column's key. Key.encrypt, decrypt
+     * and seal do not append it: their callers pass the whole associated data. */
+    Py_ssize_t suffix_len;
+    unsigned char suffix[MAX_SUBJECT_SUFFIX];
 } KeyObject;
 
 static PyTypeObject KeyType;
@@ -182,20 +191,27 @@ check_int_length(Py_ssize_t n, const char *what)
 static PyObject *
 Key_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    Py_buffer material;
-    static char *kwlist[] = {"material", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*:Key", kwlist, &material))
+    Py_buffer material, suffix = {0};
+    static char *kwlist[] = {"material", "subject", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*|y*:Key", kwlist, &material, &suffix))
         return NULL;
-    if (material.len != DEK_LENGTH) {
+    if (material.len != DEK_LENGTH || suffix.len > MAX_SUBJECT_SUFFIX) {
         PyBuffer_Release(&material);
-        PyErr_Format(PyExc_ValueError, "data key material must be %d bytes", DEK_LENGTH);
+        if (suffix.obj) PyBuffer_Release(&suffix);
+        PyErr_Format(PyExc_ValueError, "data key material must be %d bytes, a subject at most %d", DEK_LENGTH,
+                     MAX_SUBJECT_SUFFIX);
         return NULL;
     }
     KeyObject *self = (KeyObject *)type->tp_alloc(type, 0);
     if (self == NULL) {
         PyBuffer_Release(&material);
+        if (suffix.obj) PyBuffer_Release(&suffix);
         return NULL;
     }
+    self->suffix_len = suffix.len;
+    if (suffix.len > 0)
+        memcpy(self->suffix, suffix.buf, (size_t)suffix.len);
+    if (suffix.obj) PyBuffer_Release(&suffix);
     self->enc = EVP_CIPHER_CTX_new();
     self->dec = EVP_CIPHER_CTX_new();
     int ok = self->enc != NULL && self->dec != NULL &&
@@ -493,8 +509,23 @@ opener_open(OpenerObject *self, const unsigned char *env, Py_ssize_t size, const
         return *reason != NULL ? 1 : -1;
     /* Hold the key across the call: nothing below runs Python code, but be robust to future edits. */
     Py_INCREF(key);
-    int r = gcm_open(key->dec, env + KEY_END, env, HEADER_LENGTH, assoc, (size_t)assoc_len, env + HEADER_LENGTH,
+    int r;
+    if (key->suffix_len > 0) {
+        /* A subject's key: the associated data is the column's part, then the key's subject part. */
+        unsigned char joined[512];
+        if (assoc_len + key->suffix_len > (Py_ssize_t)sizeof(joined)) {
+            Py_DECREF(key);
+            PyErr_SetString(PyExc_OverflowError, "associated data too long");
+            return -1;
+        }
+        memcpy(joined, assoc, (size_t)assoc_len);
+        memcpy(joined + assoc_len, key->suffix, (size_t)key->suffix_len);
+        r = gcm_open(key->dec, env + KEY_END, env, HEADER_LENGTH, joined, (size_t)(assoc_len + key->suffix_len),
+                     env + HEADER_LENGTH, (size_t)(size - MIN_LENGTH), env + size - TAG_LENGTH, out);
+    } else {
+        r = gcm_open(key->dec, env + KEY_END, env, HEADER_LENGTH, assoc, (size_t)assoc_len, env + HEADER_LENGTH,
                      (size_t)(size - MIN_LENGTH), env + size - TAG_LENGTH, out);
+    }
     Py_DECREF(key);
     if (r > 0) {
         *reason = PyUnicode_FromString("authentication");
@@ -1229,6 +1260,7 @@ PyInit_pgveil_accel(void)
         PyModule_AddIntConstant(m, "MASK_COLUMNS", 1) < 0 ||
         PyModule_AddIntConstant(m, "TEXT_MASKS", 1) < 0 ||
         PyModule_AddIntConstant(m, "SCREEN_COLUMNS", 1) < 0 ||
+        PyModule_AddIntConstant(m, "SUBJECT_KEYS", MAX_SUBJECT_SUFFIX) < 0 ||
         PyModule_AddStringConstant(m, "OPENSSL_VERSION", OpenSSL_version(OPENSSL_VERSION)) < 0 ||
         PyModule_AddStringConstant(m, "__version__", ACCEL_VERSION) < 0)
         goto fail;

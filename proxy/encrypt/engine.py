@@ -36,7 +36,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from keymgmt.envelope import DataKey, KeyState, Opener, OpenFailed, Subject, column_associated_data, seal
+from keymgmt.envelope import (
+    NATIVE_SUBJECT_KEYS,
+    DataKey,
+    KeyState,
+    Opener,
+    OpenFailed,
+    Subject,
+    column_associated_data,
+    seal,
+)
 from proxy.encrypt.casts import CastNotSupported, NumericOutOfRange, canonical_through_cast
 from proxy.encrypt.keyring import KeyRing, KeyUnavailable
 from proxy.encrypt.offload import TOO_LARGE, analyze_detached, read_detached
@@ -523,7 +532,9 @@ class CryptoContext:
         another subject's row: its key must be ``subject``'s)."""
         subject_keyed = cc.column.subject_kind is not None
         try:
-            Opener(lookup, python=subject_keyed).open(envelope, 0, len(envelope), cc.associated)
+            Opener(lookup, python=subject_keyed and not NATIVE_SUBJECT_KEYS).open(
+                envelope, 0, len(envelope), cc.associated
+            )
         except OpenFailed as e:
             raise _NotAnEnvelope(
                 f"pgveil: the value for column {cc.column.column_id} is not a valid envelope of that column "

@@ -55,7 +55,16 @@ from enum import IntEnum
 from typing import Any, NoReturn
 
 from keymgmt import native
-from keymgmt.envelope import ALGORITHM_AES256GCM, MAGIC, MIN_LENGTH, VERSION_1, Opener, OpenFailed, OpenFailure
+from keymgmt.envelope import (
+    ALGORITHM_AES256GCM,
+    MAGIC,
+    MIN_LENGTH,
+    NATIVE_SUBJECT_KEYS,
+    VERSION_1,
+    Opener,
+    OpenFailed,
+    OpenFailure,
+)
 from keymgmt.envelope import KeyLookup as KeyLookup  # re-exported: callers pass keymgmt's lookup
 from proxy.encrypt.subjects import InvalidSubject, subject_from_binary, subject_from_text
 from proxy.errors import ProxyError
@@ -180,7 +189,8 @@ def _decode_hex(value: bytes, out: ColumnOutput) -> bytes:
 def open_value(envelope: bytes, out: ColumnOutput, keys: KeyLookup) -> bytes:
     """The canonical plaintext of one stored value."""
     try:
-        return Opener(keys, python=out.column.subject_kind is not None).open(envelope, 0, len(envelope), out.associated)
+        python = out.column.subject_kind is not None and not NATIVE_SUBJECT_KEYS
+        return Opener(keys, python=python).open(envelope, 0, len(envelope), out.associated)
     except OpenFailed as e:
         raise RowDecryptError(out.column, e.reason.value) from None
 
@@ -336,7 +346,8 @@ def _compile(plan: RowPlan) -> _Compiled:
     screens = any(step is not None and step[4] is Action.SCREEN for step in steps)
     fast = only_decrypt and all(step[2] and step[3] for step in decrypting) and not screens
     masks = any(step[4] is Action.MASK for step in decrypting)
-    subjects = any(step[0].column.subject_kind is not None for step in decrypting)
+    # An accelerator build that cannot add a subject key's associated data leaves such plans to Python.
+    subjects = not NATIVE_SUBJECT_KEYS and any(step[0].column.subject_kind is not None for step in decrypting)
     native = (
         all(step[4] in (Action.DECRYPT, Action.MASK) and step[3] for step in decrypting)
         and not subjects

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 
-from keymgmt.envelope import Subject
+from keymgmt.envelope import MAX_SUBJECT_ID_LENGTH, Subject
 from proxy.errors import ProxyError
 from proxy.rewrite.catalog import SubjectColumn
 
@@ -54,6 +54,8 @@ def subject_from_text(table: str, subject: SubjectColumn, text: bytes) -> Subjec
             raise _invalid(table, subject, "is not valid UTF-8") from None
         if b"\x00" in text:
             raise _invalid(table, subject, "contains a NUL byte")
+        if len(text) > MAX_SUBJECT_ID_LENGTH:
+            raise _invalid(table, subject, f"is longer than {MAX_SUBJECT_ID_LENGTH} bytes")
         return Subject(subject.kind, bytes(text))
     raise _invalid(table, subject, "has a type pgveil has not read yet (catalog not loaded)")
 
