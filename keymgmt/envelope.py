@@ -111,7 +111,7 @@ MAX_SUBJECT_ID_LENGTH = 120
 # What a cipher raises when a tag does not verify, in either implementation.
 _INVALID_TAG: tuple[type[Exception], ...] = (InvalidTag,) if _accel is None else (InvalidTag, _accel.InvalidTag)
 # Opened keys an Opener remembers before it starts again (per-subject keys make one result use many).
-_OPENER_KEYS = 256
+_OPENER_KEYS = 4096
 
 
 class OpenFailure(enum.StrEnum):
@@ -223,6 +223,8 @@ class DataKey:
     _prefix: bytes = field(compare=False)
     # The subject's part of the associated data (subject_associated_data) for a subject's key, else b"".
     subject_associated: bytes = field(default=b"", compare=False)
+    # The data subject this key belongs to (from its keystore record), None for a column's key.
+    data_subject: Subject | None = field(default=None, compare=False)
 
     @classmethod
     def from_material(
@@ -243,7 +245,8 @@ class DataKey:
             raise ValueError("a destroyed key has no material")
         kid = KeyId(bytes(key_id))
         kind = subject_kind_of_scope(column_id)
-        suffix = subject_associated_data(Subject(kind, subject)) if kind is not None and subject is not None else b""
+        data_subject = Subject(kind, bytes(subject)) if kind is not None and subject is not None else None
+        suffix = subject_associated_data(data_subject) if data_subject is not None else b""
         if _accel is None:
             cipher: Any = AESGCM(bytes(material))
         elif NATIVE_SUBJECT_KEYS and len(suffix) <= _accel.SUBJECT_KEYS:
@@ -259,13 +262,8 @@ class DataKey:
             _cipher=cipher,
             _prefix=_PREFIX_V1 + kid,
             subject_associated=suffix,
+            data_subject=data_subject,
         )
-
-    @property
-    def data_subject(self) -> Subject | None:
-        """The data subject this key belongs to (from its keystore record), None for a column's key."""
-        kind = subject_kind_of_scope(self.column_id)
-        return Subject(kind, self.subject) if kind is not None and self.subject is not None else None
 
     def with_state(self, state: KeyState) -> DataKey:
         """The same key material in another state (the keystore uses this on enable/disable)."""
@@ -280,6 +278,7 @@ class DataKey:
             _cipher=self._cipher,
             _prefix=self._prefix,
             subject_associated=self.subject_associated,
+            data_subject=self.data_subject,
         )
 
     @property

@@ -200,6 +200,9 @@ _CURRENT_COLUMN_KEY = """
 _CURRENT_SUBJECT_KEY = """
     SELECT key_id, column_id, subject_id, version, state, wrapped, kek_id FROM pgveil.deks
     WHERE column_id = $1 AND subject_id = $2 ORDER BY version DESC LIMIT 1"""
+_KEYS_BY_IDS = """
+    SELECT key_id, column_id, subject_id, version, state, wrapped, kek_id FROM pgveil.deks
+    WHERE key_id = ANY($1::uuid[])"""
 _KEY_BY_ID = """
     SELECT key_id, column_id, subject_id, version, state, wrapped, kek_id FROM pgveil.deks
     WHERE key_id = $1"""
@@ -374,6 +377,27 @@ class Keystore:
             raise UnknownKey()
         kid = KeyId(bytes(key_id))
         return await self._single_flight(("id", kid), lambda: self._load_by_id(kid))
+
+    async def keys_by_ids(self, key_ids: Iterable[bytes]) -> int:
+        """Loads the key versions with these ids (those not cached) in one keystore query, as
+        :meth:`key_by_id` would one by one; unknown and destroyed ids are skipped (a later
+        :meth:`key_by_id` reports them). Returns how many were cached."""
+        wanted = [
+            uuid.UUID(bytes=bytes(k)) for k in dict.fromkeys(key_ids) if len(k) == 16 and self._cache.get(k) is None
+        ]
+        if not wanted:
+            return 0
+        pool = await self._get_pool()
+        generation = self._cache.generation
+        with _keystore_errors():
+            rows = await pool.fetch(_KEYS_BY_IDS, wanted[: self._cache.max_keys])
+        loaded = 0
+        for row in rows:
+            if row["state"] == KeyState.DESTROYED.value:
+                continue
+            if self._cache.put(self._key_from_row(row), current=False, generation=generation):
+                loaded += 1
+        return loaded
 
     async def preload(self, column_ids: Iterable[str]) -> int:
         """Loads every live key version of these columns (all subjects) into the cache.

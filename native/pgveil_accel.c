@@ -52,7 +52,9 @@
 #define KEY_END (PREFIX_LENGTH + KEY_ID_LENGTH)      /* 20: where the nonce starts */
 #define HEADER_LENGTH (KEY_END + NONCE_LENGTH)       /* 32 */
 #define MIN_LENGTH (HEADER_LENGTH + TAG_LENGTH)      /* 48: an envelope of the empty plaintext */
-#define OPENER_SLOTS 16                              /* keys an Opener keeps without calling back */
+/* Keys an Opener keeps without calling back: a direct-mapped table by key id (random UUIDs), large
+ * enough that a result of a thousand data subjects' keys rarely calls back twice for one key. */
+#define OPENER_SLOTS 1024
 
 static const unsigned char PREFIX_V1[PREFIX_LENGTH] = {'P', 'V', 0x01, 0x01};
 
@@ -397,7 +399,6 @@ typedef struct {
     PyObject_HEAD
     PyObject *find;  /* find(prefix: bytes) -> Key | str (the refusal reason); may raise */
     PyObject *error; /* error(reason: str) -> the exception Opener.open raises */
-    int next;        /* the slot the next new key replaces (round robin) */
     Slot slots[OPENER_SLOTS];
 } OpenerObject;
 
@@ -456,11 +457,12 @@ static KeyObject *
 opener_key(OpenerObject *self, const unsigned char *prefix, PyObject **reason)
 {
     *reason = NULL;
-    for (int i = 0; i < OPENER_SLOTS; i++) {
-        Slot *s = &self->slots[i];
-        if (s->key != NULL && memcmp(s->prefix, prefix, KEY_END) == 0)
-            return s->key;
-    }
+    /* Bytes 4.. of the prefix are the key id; its first bytes are random (RFC 9562 version 4). */
+    unsigned int h = ((unsigned int)prefix[4] | (unsigned int)prefix[5] << 8 | (unsigned int)prefix[6] << 16) ^
+                     ((unsigned int)prefix[12] | (unsigned int)prefix[13] << 8);
+    Slot *slot = &self->slots[h & (OPENER_SLOTS - 1)];
+    if (slot->key != NULL && memcmp(slot->prefix, prefix, KEY_END) == 0)
+        return slot->key;
     if (self->find == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "the Opener was cleared");
         return NULL;
@@ -481,8 +483,7 @@ opener_key(OpenerObject *self, const unsigned char *prefix, PyObject **reason)
         PyErr_SetString(PyExc_TypeError, "find must return a pgveil_accel.Key or a reason");
         return NULL;
     }
-    Slot *s = &self->slots[self->next];
-    self->next = (self->next + 1) % OPENER_SLOTS;
+    Slot *s = slot;
     KeyObject *old = s->key;
     memcpy(s->prefix, prefix, KEY_END);
     s->key = (KeyObject *)found; /* the slot takes the reference */

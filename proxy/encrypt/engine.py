@@ -58,6 +58,7 @@ from proxy.encrypt.rows import (
     rewrite_data_row,
     rewrite_data_rows,
     rewrite_value_text,
+    run_key_ids,
     screen_output,
 )
 from proxy.encrypt.sqlnames import MAX_PARSED_TEXT, namespace_ops
@@ -1389,6 +1390,13 @@ class SessionCrypto:
             self._new_memo(plan)
         try:
             out = rewrite_data_rows(data, start, end, plan, self.ctx.key_lookup, self.fmt, self._memo)
+        except KeyMiss as miss:
+            if miss.key_id is None or miss.key_ids:
+                raise
+            # Every key this run needs that memory lacks, fetched in one keystore query (a result of many
+            # data subjects would otherwise wait for one fetch per subject).
+            missing = self.ctx.keys.missing(run_key_ids(data, start, end, plan))
+            raise KeyMiss(key_id=miss.key_id, key_ids=missing) from None
         except RowDecryptError:
             # Deliver the rows before the bad one, as a row-at-a-time proxy would, then the error.
             good: list[bytes] = []

@@ -42,6 +42,7 @@ class KeySource(Protocol):
     async def preload(self, column_ids: Iterable[str]) -> int: ...
     def cached_subject_key(self, subject: Subject) -> DataKey | None: ...
     async def subject_key(self, subject: Subject) -> DataKey: ...
+    async def keys_by_ids(self, key_ids: Iterable[bytes]) -> int: ...
 
 
 class KeyRing:
@@ -127,12 +128,39 @@ class KeyRing:
             derived = self._derived = (bytes(key.key_id), derive_key(key, MASK_KEY_SCOPE.encode("ascii")))
         return derived[1]
 
-    async def fetch(self, *, key_id: bytes | None = None, column_id: str | None = None, subject: object = None) -> bool:
+    def missing(self, key_ids: Iterable[bytes]) -> tuple[bytes, ...]:
+        """Those of ``key_ids`` that are not in memory (and not known to be unavailable), each once."""
+        if self.source is None:
+            return ()
+        cached = self.source.cached_key
+        out = {
+            bytes(k): None
+            for k in key_ids
+            if cached(k) is None and not self._recently_missing(self._missing_ids, bytes(k))
+        }
+        return tuple(out)
+
+    async def fetch(
+        self,
+        *,
+        key_id: bytes | None = None,
+        column_id: str | None = None,
+        subject: object = None,
+        key_ids: tuple[bytes, ...] = (),
+    ) -> bool:
         """Loads a missing key into the keystore's cache; remembers a failure for ``negative_ttl``.
-        ``subject`` (a :class:`~keymgmt.envelope.Subject`) asks for that data subject's key."""
+        ``subject`` (a :class:`~keymgmt.envelope.Subject`) asks for that data subject's key; ``key_ids``
+        for more keys by id, in one keystore query (a result of many subjects' keys)."""
         if self.source is None:
             return False
         wanted_subject = subject if isinstance(subject, Subject) else None
+        if key_ids:
+            try:
+                await self.source.keys_by_ids(key_ids)
+            except (KeyManagementError, OSError) as e:
+                log.warning("batched key fetch failed: %s", type(e).__name__)
+            if key_id is not None and self.source.cached_key(key_id) is not None:
+                return True
         try:
             if key_id is not None:
                 await self.source.key_by_id(key_id)

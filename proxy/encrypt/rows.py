@@ -64,6 +64,7 @@ from keymgmt.envelope import (
     Opener,
     OpenFailed,
     OpenFailure,
+    Subject,
 )
 from keymgmt.envelope import KeyLookup as KeyLookup  # re-exported: callers pass keymgmt's lookup
 from proxy.encrypt.subjects import InvalidSubject, subject_from_binary, subject_from_text
@@ -255,7 +256,7 @@ def rewrite_data_rows(
         opener = memo[b"o"] = (keys, Opener(keys, python=compiled[5]))
     if compiled[6]:
         try:
-            _check_subjects(data, start, end, compiled[6], keys)
+            _check_subjects(data, start, end, compiled[6], keys, memo)
         except (struct.error, IndexError):
             raise CodecError("server", "malformed DataRow message") from None
     try:
@@ -373,8 +374,56 @@ def _compile(plan: RowPlan) -> _Compiled:
     )
 
 
+def run_key_ids(data: bytes, start: int, end: int, plan: RowPlan) -> list[bytes]:
+    """The key ids of the envelopes a run of DataRows holds in the columns ``plan`` opens (each once, in
+    order), so that the keys a result needs and memory lacks can be fetched in one keystore query.
+    Values that are not framed like envelopes are skipped (the kernels report them)."""
+    opened = [
+        (i, out.server_binary)
+        for i, out in enumerate(plan)
+        if out is not None and out.action in (Action.DECRYPT, Action.MASK)
+    ]
+    found: dict[bytes, None] = {}
+    if not opened:
+        return []
+    unpack = _I32.unpack_from
+    pos = start
+    try:
+        while pos < end:
+            (length,) = unpack(data, pos + 1)
+            p = pos + 7
+            offsets: list[tuple[int, int]] = []
+            for _ in range(int.from_bytes(data[pos + 5 : pos + 7], "big", signed=True)):
+                (n,) = unpack(data, p)
+                offsets.append((p + 4, n))
+                p += 4 + max(n, 0)
+            for i, binary in opened:
+                if i >= len(offsets):
+                    continue
+                v, n = offsets[i]
+                if binary and n >= MIN_LENGTH and data[v : v + 4] == _PREFIX:
+                    found[data[v + 4 : v + 20]] = None
+                elif not binary and n >= 2 + 2 * MIN_LENGTH and data[v : v + 10] == _HEX_PREFIX:
+                    try:
+                        found[binascii.a2b_hex(data[v + 10 : v + 42])] = None
+                    except ValueError:
+                        pass
+            pos += 1 + length
+    except struct.error:
+        pass  # a malformed run: the kernels report it
+    return list(found)
+
+
+_HEX_PREFIX = b"\\x" + _PREFIX.hex().encode()
+
+
 def _check_subjects(
-    data: bytes, start: int, end: int, checks: tuple[tuple[int, ColumnOutput], ...], keys: KeyLookup
+    data: bytes,
+    start: int,
+    end: int,
+    checks: tuple[tuple[int, ColumnOutput], ...],
+    keys: KeyLookup,
+    memo: dict[bytes, Any],
 ) -> None:
     """Each checked value's key must be the key of the data subject its row names (its subject column,
     in the same result): a value copied into another subject's row is refused as a value that does not
@@ -413,14 +462,23 @@ def _check_subjects(
             named = None
             if sn >= 0 and out.subject is not None:
                 raw = data[s : s + sn]
-                try:
-                    named = (
-                        subject_from_binary(out.subject_table, out.subject, raw)
-                        if out.subject_binary
-                        else subject_from_text(out.subject_table, out.subject, raw)
-                    )
-                except InvalidSubject:
-                    named = None
+                # The canonical subject of each distinct raw id, remembered for the result (bounded).
+                cache: dict[tuple[bytes, bool, int], Subject | None] = memo.setdefault(b"s", {})
+                ck = (raw, out.subject_binary, id(out.subject))
+                if ck in cache:
+                    named = cache[ck]
+                else:
+                    try:
+                        named = (
+                            subject_from_binary(out.subject_table, out.subject, raw)
+                            if out.subject_binary
+                            else subject_from_text(out.subject_table, out.subject, raw)
+                        )
+                    except InvalidSubject:
+                        named = None
+                    if len(cache) > 4096:
+                        cache.clear()
+                    cache[ck] = named
             if named != expected:
                 raise RowDecryptError(out.column, OpenFailure.AUTHENTICATION.value)
         pos = row_end

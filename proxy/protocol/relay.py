@@ -178,6 +178,7 @@ class NeedKey:
     key_id: bytes | None = None
     column_id: str | None = None
     subject: object = None  # a data subject's key (opaque here, see KeyMiss)
+    key_ids: tuple[bytes, ...] = ()  # further key ids to fetch with key_id, in one keystore query
 
 
 @dataclass(frozen=True, slots=True)
@@ -1129,7 +1130,7 @@ class Relay:
             except KeyMiss as miss:
                 count -= 1
                 self._s_hold = True
-                self.events.append(NeedKey("server", miss.key_id, miss.column_id, miss.subject))
+                self.events.append(NeedKey("server", miss.key_id, miss.column_id, miss.subject, miss.key_ids))
                 break
             except ProtocolViolation:
                 raise

@@ -132,3 +132,17 @@ async def test_a_shredded_subject_gets_no_new_key(keystore: Keystore, initialise
         await keystore.subject_key(Subject("customer", b"7"))
     rows = await fetch(initialised, "SELECT 1 FROM pgveil.deks WHERE subject_id = '\\x37'")
     assert rows == []
+
+
+async def test_keys_by_ids_loads_many_keys_in_one_query(
+    keystore: Keystore, initialised: str, provider: LocalKeyProvider
+) -> None:
+    made = [await keystore.subject_key(Subject("customer", str(n).encode())) for n in range(50)]
+    async with Keystore(initialised, LocalKeyProvider(provider.path)) as other:
+        ids = [k.key_id for k in made] + [b"\x00" * 16]  # an unknown id is skipped
+        assert await other.keys_by_ids(ids) == 50
+        for k in made:
+            cached = other.cached_key(k.key_id)
+            assert cached is not None
+            assert cached.data_subject == k.data_subject
+        assert await other.keys_by_ids(ids) == 0  # all cached: no query

@@ -83,6 +83,18 @@ class FakeKeySource:
             self.stored[key_id] = key
         return await self.key_by_id(key_id)
 
+    async def keys_by_ids(self, key_ids: Iterable[bytes]) -> int:
+        if self.down:
+            raise KeyProviderUnavailable("keystore unreachable")
+        self.batches = getattr(self, "batches", 0) + 1
+        n = 0
+        for k in key_ids:
+            key = self.stored.get(bytes(k))
+            if key is not None:
+                self.cache[bytes(k)] = key
+                n += 1
+        return n
+
     async def preload(self, column_ids: Iterable[str]) -> int:
         n = 0
         for column_id in column_ids:
