@@ -31,6 +31,7 @@ import dataclasses
 import itertools
 import logging
 import struct
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -323,6 +324,7 @@ class CryptoContext:
         self.cache_hits = 0
         self.cache_misses = 0
         self._maskers: dict[tuple[str, str, str, bytes | None], Mask] = {}
+        self._shared_opener: tuple[tuple[int, int], Opener] | None = None
         # Why protected tables cannot be served right now (catalog or keys not loaded), or None.
         self.unavailable: str | None = None
         self.install(catalog)
@@ -496,6 +498,21 @@ class CryptoContext:
 
     def key_lookup(self, key_id: bytes) -> DataKey | None:
         return self.keys.by_id(key_id)
+
+    def shared_opener(self) -> Opener:
+        """An Opener shared by the results of every session while its validity token holds: the key
+        cache's generation (every invalidation, refresh and flush changes it, so a key disabled, destroyed
+        or rotated away is never used by a later result) and the current second (so no key is used much
+        past its cache TTL). A result of a thousand subjects' keys then finds them in the Opener, not one
+        keystore-cache lookup per key per result."""
+        generation = getattr(getattr(self.keys.source, "cache", None), "generation", None)
+        if not isinstance(generation, int):
+            return Opener(self.key_lookup)  # a key source without a generation: one Opener per result
+        token = (generation, int(time.monotonic()))
+        shared = self._shared_opener
+        if shared is None or shared[0] != token:
+            shared = self._shared_opener = (token, Opener(self.key_lookup))
+        return shared[1]
 
     def write_key(self, column_id: str) -> DataKey:
         """The column's current key for sealing: KeyMiss to fetch it, KeyUnavailable if it is not enabled."""
@@ -1374,7 +1391,7 @@ class SessionCrypto:
 
     def _new_memo(self, plan: RowPlan) -> None:
         self._memo_plan = plan
-        self._memo = {}
+        self._memo = {b"o": (self.ctx.key_lookup, self.ctx.shared_opener())}
         self._memo_count = sum(1 for p in plan if p is not None and p.action in _DECRYPTING)
         noted = self._plan_served.get(id(plan))
         self._memo_served = noted[1] if noted is not None and noted[0] is plan else ()

@@ -252,7 +252,9 @@ def rewrite_data_rows(
     if compiled[4]:
         return data[start:end]  # nothing to change: every governed column is passed on as stored
     opener = memo.get(b"o")
-    if opener is None or opener[0] != keys:  # a bound method is a new object at each access: compare
+    # A bound method is a new object at each access: compare. A shared (native) Opener is not used for
+    # subject keys by an accelerator build that cannot add their associated data.
+    if opener is None or opener[0] != keys or (compiled[5] and opener[1].native is not None):
         opener = memo[b"o"] = (keys, Opener(keys, python=compiled[5]))
     if compiled[6]:
         try:
