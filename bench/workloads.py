@@ -651,6 +651,17 @@ WORKLOADS: tuple[Workload, ...] = (
         check=check_visibility(HIDDEN_ROLE, "hidden"),
     ),
     Workload(
+        "wide-fetch-restricted",
+        "wide-fetch of the unprotected table as the masking role: its 5 text columns are unattributed, so"
+        " pgveil screens each value for envelopes (a role that may not see some encrypted column); its"
+        " ratio is over the plaintext role's wide-fetch on the same target",
+        ("pgveil-encrypted", "pgveil-encrypted-py"),
+        custom_script("wide-fetch-restricted", WIDE_SQL, login=MASKED_ROLE),
+        setup=(setup_wide, setup_encrypted, setup_visibility_roles),
+        baseline=("wide-fetch", "pgveil-encrypted"),
+        rows_per_tx=WIDE_ROWS,
+    ),
+    Workload(
         "insert-single",
         "single-row INSERT of 5 text parameters into bench_ins, one per transaction, 2 clients, durable"
         " commits (each waits for its WAL flush, as in production); on pgveil-encrypted: an unprotected"

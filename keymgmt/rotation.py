@@ -54,7 +54,7 @@ from keymgmt.envelope import (
 from keymgmt.errors import KeyManagementError, UnknownKey
 from keymgmt.jobs import JobError, JobState, JobStatus, Throttle, job_status, release_claim, try_claim
 from keymgmt.keystore import NOTIFY_CHANNEL, Keystore
-from keymgmt.providers import KeyProvider
+from keymgmt.providers import KeyProvider, provider_of
 
 log = logging.getLogger(__name__)
 
@@ -295,10 +295,15 @@ async def rotate_columns(
         raise ValueError("the batch size must be at least 1")
     started: list[StartedRotation] = []
     async with conn.transaction():
+        # New versions are wrapped as the keystore wraps every new key: under its primary KEK when this
+        # provider holds it (a KEK rotation may have made an older one of its KEKs primary again, or a
+        # provider given a newer KEK not yet rotated to), else under the provider's newest.
+        primary = await conn.fetchval("SELECT kek_id FROM pgveil.keks WHERE is_primary")
+        wrap_kek = primary if primary is not None and provider.holds(primary) else provider.kek_id
         await conn.execute(
             "INSERT INTO pgveil.keks (kek_id, provider_id) VALUES ($1, $2) ON CONFLICT (kek_id) DO NOTHING",
-            provider.kek_id,
-            provider.provider_id,
+            wrap_kek,
+            provider_of(wrap_kek),
         )
         for target in targets:
             await conn.execute(
@@ -326,8 +331,8 @@ async def rotate_columns(
                 new_key_id,
                 target.column_id,
                 version,
-                provider.wrap(os.urandom(DEK_LENGTH)),
-                provider.kek_id,
+                provider.wrap(os.urandom(DEK_LENGTH), wrap_kek),
+                wrap_kek,
             )
             job_id = uuid.uuid4()
             superseded = await conn.fetch(

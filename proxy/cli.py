@@ -1,7 +1,9 @@
 """The ``pgveil`` command: serve, check, demo, and the operator subcommands.
 
 Every subcommand takes ``--config FILE`` (default: ``$PGVEIL_CONFIG``, then ``./pgveil.yaml``).
-Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
+Every failure is one message on stderr with an exit code (:mod:`proxy.cli_errors`, docs/cli.md): 0 done,
+1 failed or refused, 2 invalid configuration or usage, 3 a server unreachable, 4 a missing privilege,
+70 an internal error, 130 interrupted. Never a traceback.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from typing import Any, TypeVar
 
 from keymgmt import native
 from proxy import __version__
+from proxy.cli_errors import USAGE, CliError, report
 from proxy.config import Config, default_config_path, load_config
-from proxy.errors import ConfigError, ProxyError
 from proxy.logsetup import setup_logging
 
 log = logging.getLogger("pgveil")
@@ -55,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         overrides["upstream"] = args.upstream
     config = _load(args, overrides)
     if args.worker and (args.metrics_fd is None or args.handoff_fd is None):
-        raise SystemExit("pgveil serve --worker is started by a supervisor (sessions.workers), not by hand")
+        raise CliError("pgveil serve --worker is started by a supervisor (sessions.workers), not by hand", USAGE)
     if args.worker:
         # A worker of a supervisor (sessions.workers): the supervisor alone serves the admin API.
         config = dataclasses.replace(config, admin=dataclasses.replace(config.admin, listen=None))
@@ -75,26 +77,54 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from proxy.cli_check import Findings, check_files, check_master_key, check_servers
+
     config = _load(args)
-    for w in config.warnings:
+    found = Findings(warnings=list(config.warnings))
+    check_master_key(config, found)
+    check_files(config, found)
+    if args.connect:
+        run_async(lambda: check_servers(config, found))
+    for w in found.warnings:
         print(f"warning: {w}")
+    for n in found.notes:
+        print(f"ok: {n}")
+    if found.problems:
+        print(f"pgveil: {config.source_path}: {len(found.problems)} problem(s):", file=sys.stderr)
+        for text, _code in found.problems:
+            print(f"  {text}", file=sys.stderr)
+        return found.code
     print(f"configuration OK: {config.source_path}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     setup_logging(os.environ.get("PGVEIL_LOG_LEVEL", "warning"))
-    from proxy.demo import run_demo
+    from proxy.demo import demo_config_file, run_demo
 
-    return run_async(lambda: run_demo(keep_running=args.keep_running))
+    path = demo_config_file(args.config)
+    return run_async(lambda: run_demo(keep_running=args.keep_running, config_file=path))
 
 
 def cmd_keystore_init(args: argparse.Namespace) -> int:
     config = _load(args)
     setup_logging(config.logging.level, config.logging.format)
-    from proxy.encrypt.runtime import keystore_init
+    ks = config.keystore
+    if ks is None or ks.dsn is None:
+        raise CliError("keystore.dsn (or PGVEIL_KEYSTORE_DSN) is not set", USAGE)
+    dsn, password_file = ks.dsn, ks.password_file
 
-    applied = run_async(lambda: keystore_init(config))
+    async def init() -> list[str]:
+        from keymgmt.keystore import init_keystore
+        from proxy.cli_errors import connect
+
+        conn = await connect("the keystore", dsn, password_file)
+        try:
+            return await init_keystore(conn)
+        finally:
+            await conn.close()
+
+    applied = run_async(init)
     print("keystore up to date" if not applied else "applied migrations: " + ", ".join(applied))
     return 0
 
@@ -106,16 +136,13 @@ def cmd_schema_apply(args: argparse.Namespace) -> int:
 
 
 async def _schema_apply(config: Config, *, dry_run: bool) -> int:
-    import asyncpg
-
-    from proxy.encrypt.runtime import connect_kwargs
+    from proxy.cli_errors import connect
     from proxy.schema import apply_schema, plan_event_trigger, plan_schema
 
     service = config.service
     if service is None or service.dsn is None:
-        print("pgveil: service.dsn (or keystore.dsn / PGVEIL_KEYSTORE_DSN) is not set", file=sys.stderr)
-        return 2
-    conn = await asyncpg.connect(**connect_kwargs(service.dsn, service.password_file))
+        raise CliError("service.dsn (or keystore.dsn / PGVEIL_KEYSTORE_DSN) is not set", USAGE)
+    conn = await connect("the service connection", service.dsn, service.password_file)
     try:
         steps = await plan_schema(conn, config.catalog()) + await plan_event_trigger(conn)
         if not steps:
@@ -155,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check", help="validate a configuration file and print every error")
     _config_arg(c)
+    c.add_argument(
+        "--connect", action="store_true", help="also reach the upstream, the keystore and the service connection"
+    )
     c.set_defaults(func=cmd_check)
 
     k = sub.add_parser("keystore", help="manage the keystore")
@@ -170,14 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--dry-run", action="store_true", help="print the steps without changing anything")
     sa.set_defaults(func=cmd_schema_apply)
 
-    from proxy import cli_admin, cli_policy
+    from proxy import cli_admin, cli_audit, cli_policy
 
     cli_policy.add_parsers(sub, _config_arg, _with_config)
     cli_admin.add_parsers(sub, _config_arg)
+    cli_audit.add_parsers(sub, _config_arg)
 
     d = sub.add_parser("demo", help="start a throwaway PostgreSQL, put pgveil in front, show what it does")
     _config_arg(d)
     d.add_argument("--keep-running", action="store_true", help="keep the demo cluster and proxy up until Ctrl-C")
+    d.epilog = (
+        "--config: a demo configuration like config/demo.yaml (its tables, roles and logging); the demo sets "
+        "listen, upstream, admin and the keystore itself"
+    )
     d.set_defaults(func=cmd_demo)
 
     from proxy.cli_jobs import add_job_commands
@@ -192,16 +227,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         rc: int = args.func(args)
-    except ConfigError as e:
-        print("pgveil: invalid configuration:", file=sys.stderr)
-        for line in e.errors:
-            print(f"  {line}", file=sys.stderr)
-        return 2
-    except ProxyError as e:
-        print(f"pgveil: {e.message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    except SystemExit:
+        raise
+    except BaseException as e:  # every failure: one message and its exit code (proxy.cli_errors)
+        return report(e)
     return rc
 
 

@@ -16,7 +16,8 @@ for an admin port with TLS and mutual TLS. Without ``--admin``, ``keys`` reads t
 :class:`AdminClient` and :func:`add_connection_options` are meant for the other subcommands (``keys``,
 ``jobs``) that want an ``--admin`` mode too.
 
-Exit codes: 0 success, 1 the instance refused or failed (unreachable, 401/403/404/409/5xx), 2 usage.
+Exit codes (docs/cli.md): 0 success, 1 the instance refused or failed (401/403/404/409/5xx), 2 usage,
+3 the instance unreachable.
 Errors are one line on stderr, never a traceback, and never contain the token.
 """
 
@@ -85,7 +86,7 @@ class AdminClient:
             return Answer(e.code, _decode(e.read()))
         except (urllib.error.URLError, OSError, TimeoutError) as e:
             reason = getattr(e, "reason", e)
-            raise AdminCliError(f"pgveil: cannot reach the admin API at {self.url}: {reason}") from None
+            raise AdminCliError(f"pgveil: cannot reach the admin API at {self.url}: {reason}", 3) from None
 
     def call(self, method: str, path: str, body: Any = None, *, ok: tuple[int, ...] = (200,)) -> Any:
         """The body of a successful answer; any other status becomes an :class:`AdminCliError`."""
@@ -269,21 +270,20 @@ async def _keys_direct(args: argparse.Namespace) -> dict[str, Any]:
     import asyncpg
 
     from proxy import services
+    from proxy.cli_errors import connect
     from proxy.config import default_config_path, load_config
-    from proxy.encrypt.runtime import connect_kwargs
 
     config = load_config(args.config if args.config is not None else default_config_path())
     ks = config.keystore
     if ks is None or ks.dsn is None:
         return {"keystore": False, "columns": []}
-    try:
-        conn = await asyncpg.connect(**connect_kwargs(ks.dsn, ks.password_file), timeout=10)
-    except (OSError, TimeoutError, asyncpg.PostgresError) as e:
-        raise AdminCliError(f"pgveil: cannot connect to the keystore ({type(e).__name__})") from None
+    conn = await connect("the keystore", ks.dsn, ks.password_file, timeout=10)
     try:
         listing = await services.list_keys(conn, services.key_columns(config))
     except asyncpg.UndefinedTableError:
         raise AdminCliError("pgveil: the keystore is not initialised: run `pgveil keystore init`") from None
+    except asyncpg.InsufficientPrivilegeError:
+        raise
     except asyncpg.PostgresError as e:
         raise AdminCliError(f"pgveil: reading the keystore failed ({type(e).__name__})") from None
     finally:

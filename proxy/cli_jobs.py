@@ -98,6 +98,16 @@ class Connections:
     data: Any  # application database connection (the same object when both are one database)
 
 
+async def _keystore(config: Config) -> Any:
+    """A connection to the keystore (:func:`proxy.cli_errors.connect`: failures say where and why)."""
+    from proxy.cli_errors import connect
+
+    ks_cfg = config.keystore
+    if ks_cfg is None or ks_cfg.dsn is None:
+        raise KeyManagementError("keystore.dsn (or PGVEIL_KEYSTORE_DSN) is not set")
+    return await connect("the keystore", ks_cfg.dsn, ks_cfg.password_file)
+
+
 def _connect_kwargs(dsn: str, password_file: Any) -> dict[str, Any]:
     from proxy.encrypt.runtime import connect_kwargs
 
@@ -117,10 +127,17 @@ async def connections(config: Config, data_dsn: str | None = None) -> AsyncItera
         data_kw = _connect_kwargs(data_dsn, config.service.password_file)
     else:
         data_kw = {"dsn": data_dsn or ks_cfg.dsn}
-    pool = await asyncpg.create_pool(min_size=1, max_size=2, **ks_kw)
-    ks_conn = await asyncpg.connect(**ks_kw)
+    from proxy import cli_errors
+
+    pool = await cli_errors.create_pool("the keystore", ks_cfg.dsn, ks_cfg.password_file, min_size=1, max_size=2)
+    ks_conn = await cli_errors.connect("the keystore", ks_cfg.dsn, ks_cfg.password_file)
     same = data_kw == ks_kw
-    data_conn = ks_conn if same else await asyncpg.connect(**data_kw)
+    if same:
+        data_conn = ks_conn
+    elif data_dsn is not None and config.service is not None and data_dsn == config.service.dsn:
+        data_conn = await cli_errors.connect("the service connection", data_dsn, config.service.password_file)
+    else:
+        data_conn = await cli_errors.connect("the application database", data_kw["dsn"])
     provider = provider_from_config(config)
     keystore = Keystore(pool, provider)
     try:
@@ -265,10 +282,9 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _fail(exc: KeyManagementError) -> int:
-    print(f"pgveil: {exc.message}", file=sys.stderr)
-    if exc.hint:
-        print(f"hint: {exc.hint}", file=sys.stderr)
-    return 1
+    from proxy.cli_errors import report
+
+    return report(exc)  # its message and hint, or the GRANTs when the server refused a privilege
 
 
 def _run(coro: Any) -> int:
@@ -279,10 +295,9 @@ def _run(coro: Any) -> int:
     except KeyManagementError as exc:
         return _fail(exc)
     except (OSError, asyncpg.PostgresError) as exc:
-        print(
-            f"pgveil: database error ({type(exc).__name__}, SQLSTATE {getattr(exc, 'sqlstate', '-')})", file=sys.stderr
-        )
-        return 1
+        from proxy.cli_errors import report
+
+        return report(exc)
     return rc
 
 
@@ -457,7 +472,7 @@ async def _jobs_status(config: Config, args: argparse.Namespace) -> int:
     ks_cfg = config.keystore
     if ks_cfg is None or ks_cfg.dsn is None:
         raise KeyManagementError("keystore.dsn (or PGVEIL_KEYSTORE_DSN) is not set")
-    conn = await asyncpg.connect(**_connect_kwargs(ks_cfg.dsn, ks_cfg.password_file))
+    conn = await _keystore(config)
     try:
         jobs = await job_status(conn, [uuid.UUID(j) for j in args.job], include_finished=not args.unfinished)
     finally:
@@ -483,9 +498,7 @@ def cmd_jobs_resume(args: argparse.Namespace) -> int:
 
 
 async def _jobs_set(config: Config, args: argparse.Namespace, *, paused: bool) -> int:
-    assert config.keystore is not None
-    assert config.keystore.dsn is not None
-    conn = await asyncpg.connect(**_connect_kwargs(config.keystore.dsn, config.keystore.password_file))
+    conn = await _keystore(config)
     try:
         state = await set_paused(conn, uuid.UUID(args.job_id), paused)
     finally:
@@ -501,9 +514,7 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
 
 
 async def _jobs_cancel(config: Config, args: argparse.Namespace) -> int:
-    assert config.keystore is not None
-    assert config.keystore.dsn is not None
-    conn = await asyncpg.connect(**_connect_kwargs(config.keystore.dsn, config.keystore.password_file))
+    conn = await _keystore(config)
     try:
         await cancel(conn, uuid.UUID(args.job_id))
     finally:

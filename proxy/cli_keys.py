@@ -14,8 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
 from keymgmt.errors import KeyManagementError
 from keymgmt.kek_rotation import (
     DEFAULT_BATCH_SIZE,
@@ -41,7 +39,7 @@ def _load(args: argparse.Namespace) -> Config:
 
 def _run(args: argparse.Namespace, work: Callable[[Any, Config], Any]) -> int:
     from proxy.cli import run_async
-    from proxy.encrypt.runtime import connect_kwargs
+    from proxy.cli_errors import connect
 
     config = _load(args)
     if config.keystore is None or config.keystore.dsn is None:
@@ -50,20 +48,15 @@ def _run(args: argparse.Namespace, work: Callable[[Any, Config], Any]) -> int:
     keystore = config.keystore
 
     async def main() -> int:
-        try:
-            conn = await asyncpg.connect(**connect_kwargs(keystore.dsn or "", keystore.password_file), timeout=30)
-        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-            print(f"pgveil: cannot connect to the keystore ({type(exc).__name__})", file=sys.stderr)
-            return 1
+        conn = await connect("the keystore", keystore.dsn or "", keystore.password_file)
         try:
             await init_keystore(conn)
             rc: int = await work(conn, config)
             return rc
         except KeyManagementError as exc:
-            print(f"pgveil: {exc.message}", file=sys.stderr)
-            if exc.hint:
-                print(f"hint: {exc.hint}", file=sys.stderr)
-            return 1
+            from proxy.cli_errors import report
+
+            return report(exc)  # its message and hint, or the GRANTs when the server refused a privilege
         finally:
             await conn.close()
 

@@ -176,9 +176,6 @@ async def online_snapshot(config: Config, connect: Callable[[], Any]) -> Snapsho
 
 
 def _service_connect(config: Config) -> Callable[[], Any]:
-    import asyncpg
-
-    from proxy.encrypt.runtime import connect_kwargs
 
     service = config.service
     if service is None or service.dsn is None:
@@ -186,12 +183,9 @@ def _service_connect(config: Config) -> Callable[[], Any]:
     dsn, password_file = service.dsn, service.password_file
 
     async def connect() -> Any:
-        try:
-            return await asyncpg.connect(**connect_kwargs(dsn, password_file), timeout=10)
-        except (OSError, TimeoutError, asyncpg.PostgresError) as e:
-            from proxy.config import redact_dsn
+        from proxy.cli_errors import connect
 
-            raise CliProblem(f"pgveil: cannot reach the service connection {redact_dsn(dsn)}: {e}") from None
+        return await connect("the service connection", dsn, password_file, timeout=10)
 
     return connect
 

@@ -28,6 +28,7 @@ class RefusalReason(StrEnum):
     KEY_UNAVAILABLE = "key_unavailable"  # the keystore or key provider cannot supply a key
     POLICY_DENIED = "policy_denied"  # the login role may not use the column like this
     SHREDDED_SUBJECT = "shredded_subject"  # a write for a data subject whose keys are destroyed
+    AUDIT_ANOMALY = "audit_anomaly"  # an access-audit anomaly rule stops the role's plaintext reads
     OTHER = "other"
 
 

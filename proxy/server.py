@@ -11,22 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
+import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from keymgmt.keystore import init_keystore
 from proxy import __version__
 from proxy.admin.api import admin_wiring
 from proxy.admin.app import AdminServer, build_admin_app, start_admin_server, upstream_reachable
 from proxy.admin.metrics import AdminMetrics, Metrics
+from proxy.audit_runtime import AuditRuntime
 from proxy.config import Config, load_config
+from proxy.encrypt.engine import SessionCrypto
 from proxy.encrypt.runtime import EncryptionRuntime, connect_kwargs
 from proxy.errors import ConfigError
-from proxy.logsetup import setup_logging
+from proxy.logsetup import loop_exception_handler, reconfigure
 from proxy.services import Explainer, ExplainUnavailable, ReloadOutcome, captured_log_lines, key_columns
 from proxy.session import ClientProtocol, Session, SessionSettings, shutdown_analysis_pool
 from proxy.tls import client_leg_context, first_certificate_der, upstream_settings
@@ -96,6 +101,9 @@ class ProxyServer:
             self.metrics.watch_encryption(self.encryption)
             self.metrics.watch_membership(self.encryption.roles)
         self.metrics.set_policy_roles(config.policy.role_names)
+        self.audit: AuditRuntime | None = None
+        if self.encryption is not None and config.audit.enabled:
+            self.audit = self.encryption.audit = audit_runtime(config, self.metrics, worker=worker_fds is not None)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -103,6 +111,8 @@ class ProxyServer:
         if self.encryption is not None:
             await self.encryption.start()
         self._flusher = loop.create_task(self._flush_metrics_periodically())
+        if self.audit is not None:
+            self.audit.start()
         if self.worker_fds is not None:
             report_fd, handoff_fd = self.worker_fds
             self.channel = WorkerChannel(self.metrics.registry, report_fd, handoff_fd, self._adopt, self.request_stop)
@@ -157,6 +167,7 @@ class ProxyServer:
     def flush_all_metrics(self) -> None:
         for s in list(self.sessions):
             s.flush_metrics()
+            _audit_take(s)
 
     @property
     def admin_port(self) -> int | None:
@@ -293,6 +304,8 @@ class ProxyServer:
 
     def _session_closed(self, session: Session) -> None:
         self.sessions.discard(session)
+        if _audit_take(session) and self.audit is not None:
+            self.audit.session_ended()
         if self.channel is not None:
             self.channel.session_closed()
         self._balance_changed()
@@ -361,6 +374,8 @@ class ProxyServer:
         if self.channel is not None:
             self.flush_all_metrics()
             self.channel.close()
+        if self.audit is not None:
+            await self.audit.stop()  # the sessions have ended: their last counts are flushed
         if self.encryption is not None:
             await self.encryption.stop()
         shutdown_analysis_pool()
@@ -395,9 +410,13 @@ class ProxyServer:
             return
         for line in self.config.reload_diff(new):
             log.warning("reload: %s", line)
+        if new.audit != self.config.audit:
+            log.warning("reload: audit: changed settings need a restart; the running access audit keeps its own")
+        if self.audit is not None:
+            self.audit.role_names = new.policy.role_names  # metric labels: a role the policy dropped is default
         self.config = new.keeping_restart_settings(self.config)
         self.settings = settings
-        setup_logging(new.logging.level, new.logging.format)
+        reconfigure(new.logging.level, new.logging.format, source="reload")
         self.metrics.config_reloaded(True)
         self._install_policy(new)
         log.info("configuration reloaded from %s", Path(path))
@@ -421,6 +440,46 @@ class ProxyServer:
             "changed" if changed else "unchanged",
             len(new.policy.role_names),
         )
+
+
+def audit_runtime(config: Config, metrics: Metrics, *, worker: bool = False) -> AuditRuntime:
+    """The access audit of this process: to the keystore table when a keystore is configured. A worker
+    process (``sessions.workers``) numbers its sessions on its own, so a configured instance name gets
+    its pid appended (``name/pid``)."""
+    audit = config.audit
+    if worker and audit.instance is not None:
+        audit = dataclasses.replace(audit, instance=f"{audit.instance}/{os.getpid()}")
+    ks = config.keystore
+    connect: Callable[[], Awaitable[Any]] | None = None
+    if ks is not None and ks.dsn is not None:
+        dsn, password_file = ks.dsn, ks.password_file
+
+        async def connect() -> Any:
+            import asyncpg
+
+            return await asyncpg.connect(**connect_kwargs(dsn, password_file), timeout=10)
+
+    column_ids = [f"{t.schema}.{t.name}.{c.name}" for t in config.tables for c in t.columns]
+    return AuditRuntime(
+        audit,
+        column_ids,
+        metrics.registry,
+        connect=connect,
+        role_names=config.policy.role_names,
+        prepare=init_keystore,
+    )
+
+
+def _audit_take(session: Session) -> bool:
+    """Hands a session's values read since the last call to the access audit; whether it has an audit."""
+    crypto = session.relay.crypto
+    if not isinstance(crypto, SessionCrypto):
+        return False
+    if crypto.audit is None:
+        crypto.values_read.clear()
+        return False
+    crypto.audit.take(crypto.values_read)
+    return True
 
 
 def listening_sockets(host: str, port: int) -> list[socket.socket]:
@@ -456,6 +515,7 @@ async def run(
     *,
     worker_fds: tuple[int, int] | None = None,
 ) -> None:
+    asyncio.get_running_loop().set_exception_handler(loop_exception_handler)
     server = ProxyServer(config, overrides=overrides, worker_fds=worker_fds)
     server.install_signal_handlers()
     await server.start()

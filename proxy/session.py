@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import multiprocessing
 import ssl
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from proxy.errors import ProxyError
+from proxy.logsetup import current_session
 from proxy.protocol import codec, relay
 from proxy.protocol import messages as m
 from proxy.tls import UpstreamTLS, UpstreamTLSSettings
@@ -254,7 +256,7 @@ class Session:
         self.encryption = encryption
         self.relay = relay.Relay(
             max_message_size=settings.max_message_size,
-            crypto_factory=encryption.session_factory if encryption is not None else None,
+            crypto_factory=functools.partial(encryption.session_factory, session_id=sid) if encryption else None,
             track_statements=settings.track_statements,
         )
         self.client = transport
@@ -268,16 +270,37 @@ class Session:
         self.closed = False
         self._flushed = (0, 0, 0, 0)
         self.started = time.monotonic()
+        self._announced = False  # the session start line was logged (authentication succeeded)
+        self._end: tuple[int, str] | None = None  # (level, why) of the session end line, set once
         self._startup_timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
             settings.startup_timeout, self._startup_timed_out
         )
         transport.set_write_buffer_limits(high=settings.buffer_limit)
         metrics.session_started()
-        peer = transport.get_extra_info("peername")
-        log.debug("[s%d] client connected from %s", sid, peer[0] if peer else "?")
+        self.client_address = _address(transport.get_extra_info("peername"))
+        log.debug(
+            "client connected from %s",
+            self.client_address,
+            extra={"session": sid, "event": "connection", "client": self.client_address},
+        )
+
+    def _log(self, level: int, message: str, *args: object, event: str | None = None, **fields: object) -> None:
+        """A line of this session: its id always, ``event`` and ``fields`` as structured fields."""
+        if log.isEnabledFor(level):
+            extra: dict[str, object] = {"session": self.sid, **fields}
+            if event is not None:
+                extra["event"] = event
+            log.log(level, message, *args, extra=extra)
 
     # -- reading ---------------------------------------------------------------------------------------
     def on_client_data(self, data: bytes) -> None:
+        token = current_session.set(self.sid)  # lines the relay and the engine log name this session
+        try:
+            self._on_client_data(data)
+        finally:
+            current_session.reset(token)
+
+    def _on_client_data(self, data: bytes) -> None:
         r = self.relay
         try:
             r.receive_client(data)
@@ -296,6 +319,13 @@ class Session:
         self._flush()
 
     def on_server_data(self, data: bytes) -> None:
+        token = current_session.set(self.sid)
+        try:
+            self._on_server_data(data)
+        finally:
+            current_session.reset(token)
+
+    def _on_server_data(self, data: bytes) -> None:
         r = self.relay
         at_boundary = r.client_at_boundary
         try:
@@ -377,7 +407,7 @@ class Session:
             self.metrics.cancel_request()
             self._spawn(self._forward_cancel(ev.raw))
         elif isinstance(ev, relay.Authenticated):
-            log.info("[s%d] authenticated as role %r", self.sid, ev.role)
+            self._announce(ev.role)
         elif isinstance(ev, relay.NeedKey):
             if ev.side == "client":
                 self.pause_client_reading("key")
@@ -398,7 +428,27 @@ class Session:
             if ev.error is not None:
                 self.metrics.protocol_violation("server" if ev.error.peer == "server" else "client")
                 self.metrics.error_sent(ev.error.sqlstate, "proxy")
+            if ev.reason is not None:
+                self._ending(logging.INFO, ev.reason)
+            elif ev.error is not None:
+                self._ending(logging.WARNING, ev.error.message)
             self.close()
+
+    def _announce(self, role: str) -> None:
+        """The session start line: authentication succeeded (the server's AuthenticationOk)."""
+        self._announced = True
+        startup = self.relay.startup
+        database = (startup.get("database") if startup is not None else None) or role
+        self._log(
+            logging.INFO,
+            "session started: authenticated as role %s",
+            role,
+            event="session_start",
+            role=role,
+            database=database,
+            client=self.client_address,
+            tls=self.client_tls,
+        )
 
     def _handle_tls_request(self) -> None:
         ctx = self.settings.client_tls
@@ -415,8 +465,7 @@ class Session:
         try:
             new = await loop.start_tls(self.client, proto, ctx, server_side=True)
         except (ssl.SSLError, OSError, ConnectionError) as e:
-            log.info("[s%d] client TLS handshake failed: %s", self.sid, type(e).__name__)
-            self.close()
+            self.close(f"client TLS handshake failed ({type(e).__name__})")
             return
         if new is None or self.closed:
             self.close()
@@ -443,7 +492,7 @@ class Session:
             transport, proto = await connect_upstream(self.settings, None)
         except UpstreamError as e:
             self.metrics.upstream_connect_failed()
-            log.warning("[s%d] %s", self.sid, e)
+            self._ending(logging.WARNING, str(e))
             self._send_fatal("08006", f"pgveil: {e}")
             return
         self.metrics.upstream_connected(time.perf_counter() - t0)
@@ -494,7 +543,7 @@ class Session:
         try:
             result = await asyncio.get_running_loop().run_in_executor(analysis_pool(), miss.function, *miss.arguments)
         except Exception as exc:  # a broken or killed worker: refuse the statement, start a new pool
-            log.error("[s%d] analysis worker failed: %s", self.sid, type(exc).__name__)
+            self._log(logging.ERROR, "analysis worker failed (%s); the statement is refused", type(exc).__name__)
             _reset_analysis_pool()
             result = exc
         if self.closed:
@@ -529,10 +578,9 @@ class Session:
         self._startup_timer = None
         if self.relay.phase is relay.Phase.STARTUP and not self.closed:
             # The server's authentication_timeout ends a connection without its startup packet silently.
-            log.info("[s%d] no startup packet in time", self.sid)
-            self.close()
+            self.close("no startup packet in time")
         elif self.relay.phase is relay.Phase.AUTHENTICATING and not self.closed:
-            log.info("[s%d] startup did not complete in time", self.sid)
+            self._ending(logging.INFO, "startup did not complete in time")
             self._send_fatal("08006", "pgveil: connection startup timed out")
 
     def _internal_error(self, exc: Exception, *, at_boundary: bool) -> None:
@@ -540,7 +588,7 @@ class Session:
         client gets FATAL (the exception's SQLSTATE if it is a ProxyError, else XX000) if the bytes it has
         received end on a message boundary, and the session ends. The log line names the session and
         the exception's type, never its text (which may quote a value)."""
-        log.error("[s%d] internal error, session closed: %s", self.sid, type(exc).__name__)
+        self._ending(logging.ERROR, f"internal error ({type(exc).__name__})")
         r = self.relay
         r.to_client, r.to_server, r.events = [], [], []
         r.phase = relay.Phase.CLOSED
@@ -564,7 +612,7 @@ class Session:
             return
         r = self.relay
         if r.phase is not relay.Phase.CLOSED and not r.server_fatal and not r.client_terminated:
-            log.warning("[s%d] server closed the connection unexpectedly", self.sid)
+            self._ending(logging.WARNING, "the server closed the connection unexpectedly")
             self._send_fatal(
                 "08006", f"pgveil: server at {self.settings.upstream_address} closed the connection unexpectedly"
             )
@@ -573,7 +621,10 @@ class Session:
 
     def on_client_lost(self, exc: Exception | None) -> None:
         if not self.closed:
-            log.debug("[s%d] client went away", self.sid)
+            r = self.relay
+            self._ending(
+                logging.INFO, self._default_end() if r.server_fatal or r.client_terminated else "the client went away"
+            )
             key = self.relay.backend_key
             if key is not None and self.relay.busy:
                 # A busy backend does not read its socket (pg_sleep, a long scan), so closing it is not
@@ -589,12 +640,14 @@ class Session:
 
     def reject(self, sqlstate: str, message: str) -> None:
         """Refuses a new connection (too many clients, shutting down) before reading anything."""
+        self._ending(logging.WARNING, f"refused before startup: {message} (SQLSTATE {sqlstate})")
         self._send_fatal(sqlstate, message)
 
     def terminate(self, message: str = "pgveil is shutting down") -> None:
         """Ends the session on shutdown: FATAL 57P01 if the client is idle at a message boundary."""
         if self.closed:
             return
+        self._ending(logging.INFO, f"terminated: {message}")
         if self.relay.phase is relay.Phase.READY and not self.relay.busy:
             self._send_fatal("57P01", f"terminating connection: {message}")
         else:
@@ -607,7 +660,7 @@ class Session:
         would not stop it)."""
         if self.closed:
             return
-        log.info("[s%d] terminated by an administrator", self.sid)
+        self._ending(logging.INFO, "terminated by an administrator")
         key = self.relay.backend_key
         if key is not None and self.relay.busy:
             _detach(
@@ -615,9 +668,16 @@ class Session:
             )
         self._send_fatal("57P01", "terminating connection due to administrator command (pgveil admin API)")
 
-    def close(self) -> None:
+    def _ending(self, level: int, why: str) -> None:
+        """Why the session ends, for its end line; the first reason given stands."""
+        if self._end is None:
+            self._end = (level, why)
+
+    def close(self, why: str | None = None) -> None:
         if self.closed:
             return
+        if why is not None:
+            self._ending(logging.INFO, why)
         self.closed = True
         if self._startup_timer is not None:
             self._startup_timer.cancel()
@@ -630,8 +690,40 @@ class Session:
             if t is not asyncio.current_task():
                 t.cancel()
         self.flush_metrics()
-        self.metrics.session_ended(time.monotonic() - self.started)
+        duration = time.monotonic() - self.started
+        self.metrics.session_ended(duration)
+        self._log_end(duration)
         self._on_closed(self)
+
+    def _log_end(self, duration: float) -> None:
+        """The session end line: why, how long, how many bytes each way (as read from each peer)."""
+        r = self.relay
+        level, why = self._end if self._end is not None else (logging.INFO, self._default_end())
+        if not self._announced and level == logging.INFO and not r.server_fatal:
+            level = logging.DEBUG  # a connection that never became a session (a cancel, a probe)
+        role = r.login_role or (r.startup.get("user") if r.startup is not None else None)
+        self._log(
+            level,
+            "session ended: %s",
+            why,
+            event="session_end",
+            role=role,
+            duration_s=round(duration, 6),
+            bytes_client_to_server=r.client_bytes,
+            bytes_server_to_client=r.server_bytes,
+            messages_client_to_server=r.client_messages,
+            messages_server_to_client=r.server_messages,
+        )
+
+    def _default_end(self) -> str:
+        r = self.relay
+        if r.client_terminated:
+            return "the client ended the session"
+        if r.server_fatal:
+            if r.server_fatal_sqlstate == "28P01":
+                return "authentication failed (FATAL 28P01)"
+            return f"the server ended the session (FATAL {r.server_fatal_sqlstate})"
+        return "closed"
 
     # -- backpressure ----------------------------------------------------------------------------------
     def pause_client_reading(self, reason: str) -> None:
@@ -663,7 +755,11 @@ class Session:
                 self.server.resume_reading()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+        token = current_session.set(self.sid)  # the task's context is a copy of this one
+        try:
+            task = asyncio.get_running_loop().create_task(coro)
+        finally:
+            current_session.reset(token)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 
@@ -671,8 +767,18 @@ class Session:
         self._tasks.discard(task)
         exc = None if task.cancelled() else task.exception()
         if exc is not None:
-            log.error("[s%d] session task failed: %s", self.sid, type(exc).__name__)
+            self._ending(logging.ERROR, f"session task failed ({type(exc).__name__})")
             if isinstance(exc, Exception):
                 self._internal_error(exc, at_boundary=self.relay.client_at_boundary and not self.relay.to_client)
             else:
                 self.close()
+
+
+def _address(peer: object) -> str:
+    """The client's address as a log line shows it: host:port, a Unix socket path, or ``?``."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = str(peer[0])
+        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+    if isinstance(peer, str) and peer:
+        return peer
+    return "?"

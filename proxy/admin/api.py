@@ -25,7 +25,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from proxy import services
+from proxy import logsetup, services
 from proxy.admin.auth import FailureLimiter, Scope, Token, TokenFile, bearer_token
 from proxy.admin.metrics import AdminMetrics
 from proxy.config import AdminConfig
@@ -346,6 +346,40 @@ async def _get_keys(request: web.Request, token: Token) -> web.Response:
     return web.json_response({"keystore": True, **services.as_json(listing)})
 
 
+LOGGING_SCHEMA: Final[JSON] = {
+    "type": "object",
+    "required": ["level"],
+    "properties": {
+        "level": {"type": "string", "enum": list(logsetup.LEVELS), "description": "the level of this process now"},
+        "previous": {"type": "string", "enum": list(logsetup.LEVELS), "description": "the level before the call"},
+        "changed": {"type": "boolean"},
+    },
+    "additionalProperties": False,
+}
+LOGGING_REQUEST_SCHEMA: Final[JSON] = {
+    "type": "object",
+    "required": ["level"],
+    "properties": {"level": {"type": "string", "enum": list(logsetup.LEVELS)}},
+    "additionalProperties": False,
+}
+
+
+async def _get_logging(request: web.Request, token: Token) -> web.Response:
+    return web.json_response({"level": logsetup.current_level()})
+
+
+async def _put_logging(request: web.Request, token: Token) -> web.Response:
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    level = body.get("level") if isinstance(body, dict) else None
+    if not isinstance(body, dict) or set(body) != {"level"} or level not in logsetup.LEVELS:
+        return error(400, "bad request", 'expected {"level": "debug" | "info" | "warning" | "error"}')
+    change = logsetup.set_level(level, source="api")
+    return web.json_response({"level": change.level, "previous": change.previous, "changed": change.changed})
+
+
 async def _get_openapi(request: web.Request, token: Token) -> web.Response:
     from proxy.admin.openapi import build_document
 
@@ -471,6 +505,31 @@ def _base_operations() -> tuple[Operation, ...]:
                 503: Response("the keystore cannot be read, or the tokens file is invalid"),
             },
             tags=("keys",),
+        ),
+        Operation(
+            "GET",
+            "/logging",
+            "getLogging",
+            "the log level of this process",
+            Scope.ADMIN_READ,
+            _get_logging,
+            {200: Response("the log level", LOGGING_SCHEMA)},
+            tags=("logging",),
+        ),
+        Operation(
+            "PUT",
+            "/logging",
+            "setLogLevel",
+            "change the log level of this process until the next reload (which applies logging.level again)",
+            Scope.POLICY_RELOAD,
+            _put_logging,
+            {
+                200: Response("the level now and before", LOGGING_SCHEMA),
+                400: Response("the body is not {level}"),
+            },
+            mutating=True,
+            request_body=LOGGING_REQUEST_SCHEMA,
+            tags=("logging",),
         ),
         Operation(
             "GET",

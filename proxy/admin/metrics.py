@@ -27,7 +27,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from keymgmt import native
 from keymgmt.keystore import UNWRAP_BUCKETS, ProviderCalls
-from proxy import __version__
+from proxy import __version__, logsetup
 from proxy.errors import RefusalReason
 
 log = logging.getLogger(__name__)
@@ -269,6 +269,7 @@ class Metrics:
         self._encryption: EncryptionSource | None = None
         self._membership: _MembershipCounters | None = None
         r.register(_EncryptionCollector(self))
+        r.register(_LogLevelCollector())
 
     def watch_encryption(self, source: EncryptionSource | None) -> None:
         """The runtime whose key cache, keystore and analysis cache counters ``/metrics`` shows."""
@@ -377,6 +378,22 @@ class Metrics:
 
 
 _REASONS: Final = frozenset(RefusalReason)
+
+
+class _LogLevelCollector:
+    """``pgveil_log_level_changes_total{source}``: this process's log level changes (proxy.logsetup), by a
+    reload of ``logging.level`` (``reload``) or ``PUT /v1/logging`` (``api``)."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "pgveil_log_level_changes",
+            "Log level changes at runtime, by source: reload (SIGHUP, POST /v1/policy/reload), api (PUT /v1/logging).",
+            labels=["source"],
+        )
+        changes = logsetup.level_changes()
+        for source in ("reload", "api"):
+            family.add_metric([source], float(changes.get(source, 0)))
+        yield family
 
 
 class _EncryptionCollector:

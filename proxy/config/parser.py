@@ -19,6 +19,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from proxy.config.audit import parse_audit
 from proxy.config.roles import parse_roles, uses_hash
 from proxy.config.roles import show_value as _show
 from proxy.config.roles import suggestion as _suggest
@@ -321,6 +322,8 @@ class _Parser:
         policy, errors, warnings = parse_roles(top.get("roles"), tables)
         policy_settings = self.policy_settings(top.get("policy"))
         self.errors += errors
+        audit, audit_errors = parse_audit(top.get("audit"), tables, policy.role_names)
+        self.errors += audit_errors
         self.warnings += warnings
         encrypts = any(c.encrypt for t in tables for c in t.columns)
         needs = " and ".join(
@@ -341,6 +344,7 @@ class _Parser:
             tables=tables,
             policy=policy,
             policy_settings=policy_settings,
+            audit=audit,
             warnings=tuple(self.warnings),
         )
 

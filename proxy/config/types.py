@@ -20,7 +20,7 @@ from typing import Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from proxy.policy.model import MaskFunction
-from proxy.policy.rules import Policy
+from proxy.policy.rules import Pattern, Policy, parse_pattern
 from proxy.rewrite.catalog import Catalog, ProtectedColumn, ProtectedTable, SubjectColumn
 
 # Settings whose new value a running server cannot adopt on SIGHUP: the sockets are already bound (and the
@@ -217,6 +217,37 @@ class PolicySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AnomalyRule:
+    """One ``audit.anomaly`` entry: a role (a key of ``roles:``) reading more than ``plaintext_per_minute``
+    plaintext values of a column (a pattern as in ``roles:``; each governed column it covers counts on its
+    own) within the window is flagged; with ``refuse`` its further plaintext reads of it are refused."""
+
+    role: str
+    column: str
+    plaintext_per_minute: int
+    refuse: bool = False
+
+    @property
+    def pattern(self) -> Pattern:
+        return parse_pattern(self.column)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    """The access audit (YAML ``audit:``): per session, role, governed column and outcome, how many values
+    were read; flushed every ``flush_seconds`` to the keystore table ``pgveil.access_audit`` and the
+    ``pgveil.audit`` logger. ``instance`` names this pgveil in the records (default: host name and pid).
+    ``max_pending_records``: records kept for the keystore while it is unreachable (oldest dropped)."""
+
+    enabled: bool = True
+    flush_seconds: float = 10.0
+    window_seconds: float = 60.0
+    instance: str | None = None
+    max_pending_records: int = 100000
+    anomaly: tuple[AnomalyRule, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class ColumnConfig:
     """A governed column. ``type`` is the canonical name of the type the application sees (see
     ``normalize_type_name``). ``encrypt``: stored as ``bytea`` envelopes (the keystore holds its keys);
@@ -263,6 +294,7 @@ class Config:
     tables: tuple[TableConfig, ...] = ()
     policy: Policy = field(default_factory=Policy)  # the ``roles:`` section
     policy_settings: PolicySettings = field(default_factory=PolicySettings)  # the ``policy:`` section
+    audit: AuditConfig = field(default_factory=AuditConfig)
     source_path: Path | None = None
     warnings: tuple[str, ...] = ()
 

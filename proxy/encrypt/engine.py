@@ -47,6 +47,7 @@ from keymgmt.envelope import (
     column_associated_data,
     seal,
 )
+from proxy.audit import SessionAudit
 from proxy.encrypt.casts import CastNotSupported, NumericOutOfRange, canonical_through_cast
 from proxy.encrypt.keyring import KeyRing, KeyUnavailable
 from proxy.encrypt.offload import TOO_LARGE, analyze_detached, read_detached
@@ -610,9 +611,12 @@ class SessionCrypto:
         # Values of governed columns served, by (the view's metric label, outcome: plaintext, masked, hidden,
         # ciphertext); counted per result column and row, NULLs included, as values_decrypted.
         self.values_served: dict[tuple[str, str], int] = {}
-        self._memo_served: tuple[tuple[tuple[str, str], int], ...] = ()
-        # id(row plan) -> (the plan, what each of its rows serves): see _note_plan
-        self._plan_served: dict[int, tuple[RowPlan, tuple[tuple[tuple[str, str], int], ...]]] = {}
+        # The same by (label, column_id, outcome), for the access audit (proxy.audit), which drains it.
+        self.values_read: dict[tuple[str, str, str], int] = {}
+        self.audit: SessionAudit | None = None  # the access audit's seam (refusals, counts), if enabled
+        self._memo_served: tuple[tuple[tuple[str, str, str], int], ...] = ()
+        # id(row plan) -> (the plan, what each of its rows serves by (label, column_id, outcome))
+        self._plan_served: dict[int, tuple[RowPlan, tuple[tuple[tuple[str, str, str], int], ...]]] = {}
         self._memo_plan: RowPlan | None = None
         self._memo: dict[bytes, Any] = {}
         self._memo_count = 0
@@ -628,7 +632,7 @@ class SessionCrypto:
         self._screening: tuple[RoleView, Catalog, bool] | None = None  # see _screens
         # SQL PREPAREd statements on governed columns: name -> (the statements decided, the epoch)
         self._sql_prepared: dict[str, tuple[tuple[StatementPlan, ...], int]] = {}
-        self._copy_out_served: tuple[tuple[tuple[str, str], int], ...] = ()  # per row of the COPY TO
+        self._copy_out_served: tuple[tuple[tuple[str, str, str], int], ...] = ()  # per row of the COPY TO
         self._copy_out_counting = False  # a COPY TO whose rows pass unchanged but are counted
         self._copy_out_rows = 0
         # Rewrites the client's COPY FROM STDIN rows. It lives until the client's CopyDone/CopyFail, not
@@ -665,6 +669,10 @@ class SessionCrypto:
             outputs.extend(c for c in st.cursor_columns or () if c is not None)
             if cp is not None and cp.direction is CopyDirection.TO:
                 outputs.extend(c for c in _governed_columns(cp) if c is not None)
+            if self.audit is not None:
+                refused = self.audit.refusal(view, outputs)  # an access-audit anomaly rule (53400)
+                if refused is not None:
+                    return refused
             for col in outputs:
                 mask = view.grant(col).mask
                 if mask is not None and mask.function is MaskFunction.HASH:
@@ -724,6 +732,7 @@ class SessionCrypto:
         """The ErrorResponse that answers a refused message, counted for the metrics."""
         key = (e.reason, e.sqlstate)
         self.refused[key] = self.refused.get(key, 0) + 1
+        log.info("refused: %s", e.message, extra={"event": "refusal", "sqlstate": e.sqlstate, "reason": e.reason.value})
         return refusal_bytes(e)
 
     def set_parameter(self, name: str, value: str) -> None:
@@ -947,9 +956,15 @@ class SessionCrypto:
             for k, v in fields
         )
 
+    def _audit_refusing(self) -> bool:
+        return self.audit is not None and self.audit.refusing
+
     def ready_for_query(self, status: bytes) -> None:
         """The server's ReadyForQuery: once the transaction that sent DDL on protected relations has
-        ended (committed or not), the catalog is read again for everyone before those relations are used."""
+        ended (committed or not), the catalog is read again for everyone before those relations are used.
+        The statement's values read go to the access audit (its anomaly windows count per statement)."""
+        if self.values_read and self.audit is not None:
+            self.audit.take(self.values_read)
         if self._ddl_open and status == b"I":
             names = self._ddl_names
             self._ddl_open = False
@@ -957,7 +972,6 @@ class SessionCrypto:
             self.ctx.request_reload(names)
 
     def _refuse(self, e: ProxyError) -> Outcome:
-        log.info("refused a statement: %s", e.message)
         return Outcome(codec.encode_frontend(m.Query(REFUSED_QUERY)), None, self.refusal(e))
 
     # -- extended protocol -----------------------------------------------------------------------------
@@ -984,7 +998,6 @@ class SessionCrypto:
         if refused is None and plan.statements:
             refused = _parameter_out_of_range(plan.statements[0].param_targets)
         if refused is not None:
-            log.info("refused a statement: %s", refused.message)
             return Outcome(
                 codec.encode_frontend(m.Parse(msg.statement, REFUSED_QUERY, ())), None, self.refusal(refused)
             )
@@ -999,7 +1012,6 @@ class SessionCrypto:
                 raise refused
             new_sql = self._encrypt_literals(plan, view)
         except ProxyError as e:
-            log.info("refused a statement: %s", e.message)
             return Outcome(codec.encode_frontend(m.Parse(msg.statement, REFUSED_QUERY, ())), None, self.refusal(e))
         nulled = frozenset(h.column for h in hidden_for(st, view))
         stmt = StatementCrypto(st, params, msg.param_types, self.ctx.result_hint(st), view, nulled)
@@ -1039,7 +1051,6 @@ class SessionCrypto:
                     try:
                         return self._bind_described(msg, described, client_formats, stmt_row_desc)
                     except ProxyError as e:
-                        log.info("refused a Bind: %s", e.message)
                         return Outcome(codec.encode_frontend(refused_bind(msg.portal)), None, self.refusal(e))
             if stmt_row_desc is not None:
                 # Nothing governed by attribute: its unattributed columns may still be screened.
@@ -1057,16 +1068,15 @@ class SessionCrypto:
         except ProxyError as e:
             # A parameter the proxy cannot seal, or results it could not deliver (a client_encoding it
             # does not support): refused before the server runs anything.
-            log.info("refused a Bind: %s", e.message)
             return Outcome(codec.encode_frontend(refused_bind(msg.portal)), None, self.refusal(e))
 
     def _bind(
         self, msg: m.BindFrame, stmt: StatementCrypto, stmt_row_desc: bytes | None, client_formats: tuple[int, ...]
     ) -> Outcome:
         view = self._view_source()
-        if stmt.view is None or view.epoch != stmt.view.epoch:
+        if stmt.view is None or view.epoch != stmt.view.epoch or self._audit_refusing():
             # The policy or the role's membership changed since the statement was decided: decided again,
-            # never served under the rules it was prepared under.
+            # never served under the rules it was prepared under (so too while an audit anomaly refuses).
             refused = self._policy((stmt.plan,), view) or _nulled_refusal(stmt, view)
             if refused is not None:
                 raise refused
@@ -1378,11 +1388,11 @@ class SessionCrypto:
 
     def _note_plan(self, plan: RowPlan, view: RoleView) -> None:
         """Remembers what each row of ``plan`` serves, by (the view's metric label, outcome) (bounded)."""
-        served: dict[tuple[str, str], int] = {}
+        served: dict[tuple[str, str, str], int] = {}
         label = view.label
         for p in plan:
             if p is not None and p.action is not Action.SCREEN:
-                key = (label, OUTCOMES[view.grant(p.column).visibility])
+                key = (label, p.column.column_id, OUTCOMES[view.grant(p.column).visibility])
                 served[key] = served.get(key, 0) + 1
         kept = self._plan_served
         if len(kept) > 256:
@@ -1397,9 +1407,11 @@ class SessionCrypto:
         self._memo_served = noted[1] if noted is not None and noted[0] is plan else ()
 
     def _count_served(self, rows: int) -> None:
-        counts = self.values_served
+        counts, read = self.values_served, self.values_read
         for key, n in self._memo_served:
-            counts[key] = counts.get(key, 0) + n * rows
+            served = (key[0], key[2])
+            counts[served] = counts.get(served, 0) + n * rows
+            read[key] = read.get(key, 0) + n * rows
 
     def data_rows(self, data: bytes, start: int, end: int, plan: RowPlan, rows: int) -> bytes:
         """A run of complete DataRow messages ``data[start:end]``, rewritten (see rows.rewrite_data_rows)."""
@@ -1490,7 +1502,7 @@ class SessionCrypto:
         if inbound and cp.subject_index >= 0 and cp.table is not None and cp.table.subject is not None:
             row_field = (cp.subject_index, transforms.subject_reader(cp.table.qualified_name, cp.table.subject))
         fields: list[Callable[[bytes], bytes | None] | None] = []
-        served: dict[tuple[str, str], int] = {}
+        served: dict[tuple[str, str, str], int] = {}
         for col in columns:
             if col is None:
                 fields.append(None)
@@ -1509,7 +1521,7 @@ class SessionCrypto:
                     self.ctx.keys.active(col.column_id)  # KeyMiss now, not half-way through the stream
                     fields.append(transforms.sealer(cc))
             else:
-                key = (view.label, OUTCOMES[grant.visibility])
+                key = (view.label, col.column_id, OUTCOMES[grant.visibility])
                 served[key] = served.get(key, 0) + 1
                 out = self._output(cc, grant, client_binary=False, server_binary=False)
                 fields.append(None if out.action is Action.STORED else transforms.opener(out))
@@ -1565,11 +1577,11 @@ class SessionCrypto:
         if prepared is not None:
             try:
                 view = self._view_source()
-                refused = None if view.epoch == prepared[1] else self._policy(prepared[0], view)
+                same = view.epoch == prepared[1] and not self._audit_refusing()
+                refused = None if same else self._policy(prepared[0], view)
             except ProxyError as unknown:
                 refused = unknown
             if refused is not None:
-                log.info("refused an EXECUTE: %s", refused.message)
                 return self.refusal(refused)
             self._sql_prepared[name] = (prepared[0], view.epoch)
         if not name:
@@ -1597,7 +1609,6 @@ class SessionCrypto:
             )
         else:
             return None
-        log.info("refused a statement: %s", e.message)
         return self.refusal(e)
 
     def handle_bind(self, msg: m.BindFrame, versions: Sequence[Version]) -> Outcome:
@@ -1628,7 +1639,6 @@ class SessionCrypto:
         return self.bind(msg, stmt, row_description)
 
     def _refuse_bind(self, msg: m.BindFrame, e: ProxyError) -> Outcome:
-        log.info("refused a Bind: %s", e.message)
         return Outcome(codec.encode_frontend(refused_bind(msg.portal)), None, self.refusal(e))
 
     def handle_execute(self, portal: str, versions: Sequence[CryptoState | None]) -> Outcome:
@@ -1645,7 +1655,6 @@ class SessionCrypto:
                 "(an earlier Bind or Close of that name is still unanswered)",
                 hint="wait for the reply to the Bind (Sync) before executing the portal",
             )
-            log.info("refused an Execute: %s", e.message)
             return Outcome(codec.encode_frontend(refused_bind()), None, self.refusal(e))
         if not isinstance(state, PortalCrypto):
             return Outcome()
@@ -1657,7 +1666,6 @@ class SessionCrypto:
             try:
                 self._recheck_portal(state)
             except ProxyError as e:
-                log.info("refused an Execute: %s", e.message)
                 return Outcome(codec.encode_frontend(refused_bind()), None, self.refusal(e))
         st = state.statement
         if st is not None and st.copies_in:
@@ -1860,7 +1868,9 @@ class SessionCrypto:
         rw, self._copy_out_rw = self._copy_out_rw, None
         counted = self._copy_out_rows if rw is None else rw.rows
         for key, n in self._copy_out_served:
-            self.values_served[key] = self.values_served.get(key, 0) + n * counted
+            served = (key[0], key[2])
+            self.values_served[served] = self.values_served.get(served, 0) + n * counted
+            self.values_read[key] = self.values_read.get(key, 0) + n * counted
         self._copy_out_served = ()
         self._copy_out_counting = False
         self._copy_out_rows = 0

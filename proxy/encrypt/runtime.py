@@ -28,6 +28,7 @@ import asyncpg
 from keymgmt.errors import KeyManagementError
 from keymgmt.keystore import Keystore, init_keystore
 from keymgmt.providers import KeyProvider, ProviderChain, make_provider
+from proxy.audit_runtime import AuditRuntime
 from proxy.catalog_loader import load_catalog
 from proxy.config import Config, LocalMasterKeyConfig, MasterKeyConfig, read_secret_file, redact_dsn
 from proxy.encrypt.engine import CryptoContext, SessionCrypto
@@ -95,6 +96,7 @@ class EncryptionRuntime:
         self.roles = PolicyRuntime(
             config.policy, self._service_connect, refresh_seconds=config.policy_settings.membership_refresh_seconds
         )
+        self.audit: AuditRuntime | None = None  # the access audit, set by the listener when it is on
 
     @property
     def ready(self) -> bool:
@@ -123,10 +125,14 @@ class EncryptionRuntime:
     def _on_roles_notification(self, _conn: Any, _pid: int, _channel: str, _payload: str) -> None:
         self.roles.schedule_refresh()
 
-    def session_factory(self, role: str) -> SessionCrypto:
+    def session_factory(self, role: str, session_id: int = 0) -> SessionCrypto:
         """The session of login role ``role``: its view is the policy runtime's for that role, asked
-        before every statement (SET ROLE cannot change which role it is)."""
-        return SessionCrypto(self.context, role, self.roles.view_source(role))
+        before every statement (SET ROLE cannot change which role it is); with the access audit's seam
+        when the audit is on (``session_id`` goes into its records)."""
+        crypto = SessionCrypto(self.context, role, self.roles.view_source(role))
+        if self.audit is not None:
+            crypto.audit = self.audit.session(session_id, role)
+        return crypto
 
     def install_policy(self, policy: Policy, refresh_seconds: float) -> bool:
         """A reloaded policy (validated already); whether it differs from the running one."""

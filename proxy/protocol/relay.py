@@ -197,9 +197,11 @@ class RolesChanged:
 
 @dataclass(frozen=True, slots=True)
 class CloseConnection:
-    """Close both sides after writing what is queued. ``error`` is what the client was told, if anything."""
+    """Close both sides after writing what is queued. ``error`` is what the client was told, if anything;
+    ``reason`` says why the session ends when that is no error of a peer (the session's end line)."""
 
     error: ProtocolViolation | None = None
+    reason: str | None = field(default=None, compare=False)  # for the log, not what the peers see
 
 
 Event = (
@@ -300,6 +302,7 @@ class Relay:
         self.transaction_status: bytes = b"I"
         self._role_ddl = False  # role DDL completed in the current transaction (see RolesChanged)
         self.server_fatal = False  # the server sent FATAL/PANIC: its closing the connection is expected
+        self.server_fatal_sqlstate: str | None = None  # its SQLSTATE (28P01: authentication failed), for the log
         # Startup negotiation as postmaster.c tracks it (ssl_done, gss_done), and authentication: the
         # client's Terminate (or the first byte of a message the server refuses) has been passed on, so
         # the server's answer and its closing the connection are the end of the session, told by the server.
@@ -501,6 +504,7 @@ class Relay:
             assert isinstance(msg, m.ErrorResponse)
             if msg.severity in ("FATAL", "PANIC"):
                 self.server_fatal = True
+                self.server_fatal_sqlstate = msg.sqlstate
             self.copy_in = self.copy_out = False
         elif t == 0x47:  # CopyInResponse
             self.copy_in = True
@@ -670,7 +674,6 @@ class Relay:
     ) -> None:
         """FATAL as the server sends it during startup; to a client speaking a protocol older than 3 in
         the old format (type 'E', the text, a NUL), which is all such a client can read."""
-        log.info("startup refused: %s", message)
         if old_style:
             self.to_client.append(b"E" + f"FATAL:  {message}\n".encode() + b"\x00")
         else:
@@ -679,14 +682,13 @@ class Relay:
         error.sqlstate = sqlstate
         error.message = message  # as the client was told it
         self.phase = Phase.CLOSED
-        self.events.append(CloseConnection(error))
+        self.events.append(CloseConnection(error, f"startup refused: {message}"))
 
     def _close_silently(self, reason: str) -> None:
         """Ends the connection without a word, as the server does where it logs COMMERROR."""
-        log.info("client connection closed during startup: %s", reason)
         self._c_buf = b""
         self.phase = Phase.CLOSED
-        self.events.append(CloseConnection())
+        self.events.append(CloseConnection(reason=f"client connection closed during startup: {reason}"))
 
     def _receive_client_messages(self, data: bytes) -> None:
         if self._c_skip or self._c_buf:
@@ -1003,7 +1005,9 @@ class Relay:
             self._fail_internal(sqlstate, message)
             return b""
         if isinstance(exc, ProxyError):
-            log.info("refused a message: %s", message)
+            log.info(
+                "refused: %s", message, extra={"event": "refusal", "sqlstate": sqlstate, "reason": exc.reason.value}
+            )
         if t == 0x51:
             self._expect(Pending(_EXPECT_QUERY, "", b"", None, None, None, refusal))
             return codec.encode_frontend(m.Query(REFUSED_QUERY))
@@ -1040,7 +1044,7 @@ class Relay:
             self.client_terminated = True
         else:
             self.phase = Phase.CLOSED
-            self.events.append(CloseConnection())
+            self.events.append(CloseConnection(reason="the client ended the session"))
 
     def _on_client_sync(self) -> None:
         if self._client_copying:
@@ -1159,6 +1163,7 @@ class Relay:
         msg = codec.decode_backend(t, body)
         if isinstance(msg, m.ErrorResponse) and msg.severity in ("FATAL", "PANIC"):
             self.server_fatal = True
+            self.server_fatal_sqlstate = msg.sqlstate
         return self._handle_auth_phase(msg)
 
     def _refresh_watch(self) -> None:
@@ -1234,6 +1239,7 @@ class Relay:
         assert isinstance(msg, m.ErrorResponse)
         if msg.severity in ("FATAL", "PANIC"):
             self.server_fatal = True
+            self.server_fatal_sqlstate = msg.sqlstate
         self.copy_in = self.copy_out = False
         self.current_result = None
         self._rows = self._copy_out_rewritten = False
@@ -1584,7 +1590,6 @@ class Relay:
 
     # -- failure ---------------------------------------------------------------------------------------
     def _fail(self, e: ProtocolViolation) -> None:
-        log.warning("%s", e.message)
         if self.client_at_boundary:
             self.to_client.append(codec.encode_error("FATAL", e.sqlstate, e.message))
         self.phase = Phase.CLOSED

@@ -113,10 +113,12 @@ class TextEdit:
 @dataclass(frozen=True, slots=True)
 class HiddenOutput:
     """A top-level SELECT list entry that is the stored value of encrypted ``column`` and nothing else:
-    for a role that sees the column hidden, the session asks the server for ``NULL::bytea`` in its place
-    (the server then neither reads nor sends the envelope). ``name`` is the output name to keep with
-    ``AS`` when the entry has no alias of its own (PostgreSQL names it after the column), else None;
-    ``start``/``end`` span the column reference alone.
+    for a role that sees the column hidden, the session sends ``CASE WHEN false THEN <the entry> END`` in
+    its place. PostgreSQL's parser checks the column reference as before (an ungrouped column is still an
+    error, a misspelt one still unknown) and its planner folds the expression to a NULL ``bytea``, so the
+    server neither reads out nor sends the envelope. ``name`` is the output name to keep with ``AS`` when
+    the entry has no alias of its own (PostgreSQL would name it after the column), else None; ``start``
+    and ``end`` span the column reference alone, ``text`` is that reference as the client wrote it.
 
     Only made where the substitution cannot change anything but the values of that column: a plain
     SELECT (no set operation, no INTO) whose result width the analysis knows. Ordering, grouping or
@@ -126,11 +128,13 @@ class HiddenOutput:
     end: int
     column: ProtectedColumn
     name: str | None
+    text: str
 
     def edit(self) -> TextEdit:
+        folded = f"CASE WHEN false THEN {self.text} END"
         if self.name is None:
-            return TextEdit(self.start, self.end, "NULL::bytea")
-        return TextEdit(self.start, self.end, 'NULL::bytea AS "' + self.name.replace('"', '""') + '"')
+            return TextEdit(self.start, self.end, folded)
+        return TextEdit(self.start, self.end, folded + ' AS "' + self.name.replace('"', '""') + '"')
 
 
 class CopyDirection(Enum):

@@ -638,7 +638,8 @@ class StatementWalker:
             start, end = self.source.value_span(val, bare_alias=alias is not None)
         except FeatureNotSupported:
             return  # the text is not where the tree says: the column is fetched and hidden by pgveil
-        self.hidden.append(HiddenOutput(start, end, column, None if alias is not None else field_name))
+        text = self.source.sql[start:end]
+        self.hidden.append(HiddenOutput(start, end, column, None if alias is not None else field_name, text))
 
     def star(self, body: Node, level: Level) -> Shape:
         """What ``*`` or ``t.*`` expands to."""

@@ -684,7 +684,7 @@ def test_cli_errors_are_one_line_with_an_exit_code_and_no_token(env: AdminEnv) -
     r = pgveil("admin", "sessions")
     assert (r.returncode, r.stderr.strip()) == (2, "pgveil: no admin URL: use --admin URL or $PGVEIL_ADMIN_URL")
     r = pgveil("admin", "sessions", "--admin", f"http://127.0.0.1:{free_port()}")
-    assert r.returncode == 1
+    assert r.returncode == 3  # unreachable (docs/cli.md)
     assert r.stderr.startswith("pgveil: cannot reach the admin API at http://127.0.0.1:")
     for out in (r.stdout, r.stderr):
         assert "Traceback" not in out

@@ -1,10 +1,11 @@
 """A column the role sees hidden is not fetched (issue 8, performance of the hidden fetch): where the
-statement's own SELECT list names an encrypted column, pgveil asks the server for ``NULL::bytea`` in its
-place, so the envelopes it would drop never leave the server. The client sees what it saw before: NULL
-with the declared type, under the same output name; the server's view of the text is read back from
-``pg_stat_activity`` in the same statement. A statement prepared while a column was hidden cannot show
-it later: after a reload that reveals the column it is refused (prepare again), never served NULL under
-the new policy."""
+statement's own SELECT list names an encrypted column, pgveil asks the server for
+``CASE WHEN false THEN <the column> END`` in its place (folded to a NULL bytea by the planner), so the
+envelopes it would drop never leave the server, while the parser's checks of the reference stay. The
+client sees what it saw before: NULL with the declared type, under the same output name; the server's
+view of the text is read back from ``pg_stat_activity`` in the same statement. A statement prepared while
+a column was hidden cannot show it later: after a reload that reveals the column it is refused (prepare
+again), never served NULL under the new policy."""
 
 from __future__ import annotations
 
@@ -63,8 +64,8 @@ def test_a_hidden_role_gets_null_and_the_server_is_asked_for_null(
         assert names == ["id", "e", "ssn", "phone", "q"]
         assert [d.type_code for d in cur.description[1:3]] == [TEXT_OID, TEXT_OID], "the declared type"
         seen = got[4]
-        assert "NULL::bytea AS e" in seen, seen
-        assert 'NULL::bytea AS "ssn"' in seen, seen
+        assert "CASE WHEN false THEN email END AS e" in seen, seen
+        assert 'CASE WHEN false THEN ssn END AS "ssn"' in seen, seen
         assert "phone" in seen, "a plain column is fetched and hidden by pgveil"
 
 
@@ -73,7 +74,7 @@ def test_a_plaintext_role_runs_the_text_as_sent(env: VisEnv, proxy: ProxyProcess
         got = c.execute(SQL, [row.id]).fetchone()
         assert got is not None
         assert got[:4] == (row.id, row.email, row.ssn, row.phone)
-        assert "NULL::bytea" not in got[4]
+        assert "CASE WHEN false" not in got[4]
 
 
 def test_psql_simple_protocol(env: VisEnv, proxy: ProxyProcess, row: Customer) -> None:
@@ -87,7 +88,7 @@ def test_psql_simple_protocol(env: VisEnv, proxy: ProxyProcess, row: Customer) -
     ).stdout.strip()
     ssn, email, seen = out.split("|", 2)
     assert (ssn, email) == ("", "")
-    assert 'NULL::bytea AS "ssn", NULL::bytea AS "email"' in seen
+    assert 'CASE WHEN false THEN ssn END AS "ssn", CASE WHEN false THEN email END AS "email"' in seen
 
 
 async def _asyncpg(env: VisEnv, proxy: ProxyProcess, row: Customer) -> None:
@@ -96,7 +97,7 @@ async def _asyncpg(env: VisEnv, proxy: ProxyProcess, row: Customer) -> None:
         got = await conn.fetchrow(f"SELECT ssn, email, {SEEN} AS q FROM vis_customers WHERE id = $1", row.id)
         assert got is not None
         assert (got["ssn"], got["email"]) == (None, None)
-        assert "NULL::bytea" in got["q"]
+        assert "CASE WHEN false THEN ssn END" in got["q"]
         stmt = await conn.prepare("SELECT ssn FROM vis_customers WHERE id = $1")
         assert [a.type.name for a in stmt.get_attributes()] == ["text"]
     finally:
@@ -145,3 +146,15 @@ def test_still_hidden_after_a_reload_is_served(env: VisEnv, proxy: ProxyProcess,
             assert got[0] is None
     finally:
         reload_policy(proxy, issue_policy())
+
+
+@pytest.mark.parametrize("sql", ["SELECT ssn, count(*) FROM vis_customers", "SELECT sn FROM vis_customers"])
+def test_the_server_still_checks_the_reference(env: VisEnv, proxy: ProxyProcess, sql: str) -> None:
+    """An ungrouped or unknown column is the server's error for a hidden role as for anyone."""
+    with psycopg.connect(env.direct_dsn, autocommit=True) as direct, pytest.raises(psycopg.Error) as expected:
+        direct.execute(sql)
+    with psycopg.connect(env.dsn("outsider", proxy), autocommit=True) as c:
+        with pytest.raises(psycopg.Error) as got:
+            c.execute(sql)
+        assert got.value.sqlstate == expected.value.sqlstate
+        assert c.execute("SELECT 1").fetchone() == (1,)

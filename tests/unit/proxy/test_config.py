@@ -87,6 +87,7 @@ def test_example_shows_the_defaults() -> None:
         "keystore",
         "service",
         "policy_settings",
+        "audit",
     ):
         assert getattr(example, section) == getattr(defaults, section), section
     assert example.keystore == KeystoreConfig(master_key=LocalMasterKeyConfig(path=base / "pgveil-master.key"))

@@ -1,5 +1,6 @@
-"""HiddenOutput: which top-level SELECT list entries the session may replace by ``NULL::bytea`` for a role
-that sees the column hidden, and that the substituted text keeps every other byte and the output name."""
+"""HiddenOutput: which top-level SELECT list entries the session may replace by
+``CASE WHEN false THEN <entry> END`` (a NULL ``bytea`` once planned) for a role that sees the column
+hidden, and that the substituted text keeps every other byte and the output name."""
 
 from __future__ import annotations
 
@@ -27,26 +28,33 @@ def _hidden_sql(sql: str) -> str:
 @pytest.mark.parametrize(
     ("sql", "expected"),
     [
-        ("SELECT id, ssn FROM customers", 'SELECT id, NULL::bytea AS "ssn" FROM customers'),
+        ("SELECT id, ssn FROM customers", 'SELECT id, CASE WHEN false THEN ssn END AS "ssn" FROM customers'),
         (
             "SELECT c.ssn, c.email FROM customers c",
-            'SELECT NULL::bytea AS "ssn", NULL::bytea AS "email" FROM customers c',
+            'SELECT CASE WHEN false THEN c.ssn END AS "ssn", CASE WHEN false THEN c.email END AS "email" '
+            "FROM customers c",
         ),
-        ("SELECT ssn AS s FROM customers", "SELECT NULL::bytea AS s FROM customers"),
-        ("SELECT ssn s, id FROM customers", "SELECT NULL::bytea s, id FROM customers"),
-        ('SELECT "ssn" FROM customers WHERE id = 1', 'SELECT NULL::bytea AS "ssn" FROM customers WHERE id = 1'),
+        ("SELECT ssn AS s FROM customers", "SELECT CASE WHEN false THEN ssn END AS s FROM customers"),
+        ("SELECT ssn s, id FROM customers", "SELECT CASE WHEN false THEN ssn END s, id FROM customers"),
+        (
+            'SELECT "ssn" FROM customers WHERE id = 1',
+            'SELECT CASE WHEN false THEN "ssn" END AS "ssn" FROM customers WHERE id = 1',
+        ),
         (
             "SELECT public.customers.ssn FROM public.customers ORDER BY id",
-            'SELECT NULL::bytea AS "ssn" FROM public.customers ORDER BY id',
+            'SELECT CASE WHEN false THEN public.customers.ssn END AS "ssn" FROM public.customers ORDER BY id',
         ),
-        ("SELECT /* x */ ssn/* y */FROM customers", 'SELECT /* x */ NULL::bytea AS "ssn"/* y */FROM customers'),
+        (
+            "SELECT /* x */ ssn/* y */FROM customers",
+            'SELECT /* x */ CASE WHEN false THEN ssn END AS "ssn"/* y */FROM customers',
+        ),
         (
             "SELECT s.ssn FROM (SELECT ssn FROM customers) s",
-            'SELECT NULL::bytea AS "ssn" FROM (SELECT ssn FROM customers) s',
+            'SELECT CASE WHEN false THEN s.ssn END AS "ssn" FROM (SELECT ssn FROM customers) s',
         ),
         (
             "WITH c AS (SELECT ssn FROM customers) SELECT ssn FROM c",
-            'WITH c AS (SELECT ssn FROM customers) SELECT NULL::bytea AS "ssn" FROM c',
+            'WITH c AS (SELECT ssn FROM customers) SELECT CASE WHEN false THEN ssn END AS "ssn" FROM c',
         ),
     ],
 )
@@ -85,4 +93,7 @@ def test_an_output_name_needing_quotes_is_quoted() -> None:
     catalog = Catalog({("public", "odd"): ProtectedTable("public", "odd", {'we"ird': col}, ('we"ird',))})
     plan = analyze('SELECT "we""ird" FROM odd', catalog)
     (st,) = plan.statements
-    assert plan.rewritten_sql({}, [h.edit() for h in st.hidden_outputs]) == 'SELECT NULL::bytea AS "we""ird" FROM odd'
+    assert (
+        plan.rewritten_sql({}, [h.edit() for h in st.hidden_outputs])
+        == 'SELECT CASE WHEN false THEN "we""ird" END AS "we""ird" FROM odd'
+    )
