@@ -318,3 +318,37 @@ async def test_a_value_copied_into_another_subjects_row_fails_to_decrypt(env: En
         pytest.raises(psycopg.errors.DataCorrupted, match=r"public\.sk_orders\.note"),
     ):
         c.execute("SELECT note FROM sk_orders WHERE customer_id = 902").fetchall()
+
+
+def test_canary_of_a_subject_keyed_column_is_nowhere_on_the_server(env: Env) -> None:
+    """The canary method (test_encryption_canary.py) for a column with per-subject keys: distinctive
+    plaintexts written through pgveil (simple, extended, COPY, and a refused write) are nowhere in the table
+    files, the WAL or the server log (log_statement = all); controls written to a plain column are found."""
+    from test_encryption_canary import distinctive, search, server_files
+
+    ways = ("simple", "extended", "copy", "refused")
+    canary = {how: distinctive("SUBJCANARY", how) for how in ways}
+    control = {how: distinctive("SUBJCONTROL", how) for how in ("simple", "extended")}
+    with psycopg.connect(env.dsn(), autocommit=True) as c:
+        c.execute(
+            f"INSERT INTO sk_customers (id, email, name) VALUES (1001, '{canary['simple']}', '{control['simple']}')"
+        )
+        c.execute(
+            "INSERT INTO sk_customers (id, email, name) VALUES (%s, %s, %s)",
+            (1002, canary["extended"], control["extended"]),
+        )
+        with c.cursor().copy("COPY sk_customers (id, email) FROM STDIN") as copy:
+            copy.write_row((1003, canary["copy"]))
+        with pytest.raises(psycopg.errors.FeatureNotSupported):
+            c.execute(f"INSERT INTO sk_customers (email) VALUES ('{canary['refused']}')")
+        rows = c.execute("SELECT email FROM sk_customers WHERE id IN (1001, 1002, 1003) ORDER BY id").fetchall()
+        assert rows == [(canary["simple"],), (canary["extended"],), (canary["copy"],)]
+    with psycopg.connect(env.direct_dsn, autocommit=True) as c:
+        c.execute("CHECKPOINT")
+        c.execute("SELECT pg_switch_wal()")
+    found = search(server_files(env.pg), [*canary.values(), *control.values()])
+    leaks = {how: sorted(str(p) for p in found.files(v)) for how, v in canary.items() if found.files(v)}
+    assert leaks == {}, f"plaintext written through pgveil found on the server: {leaks}"
+    for how, v in control.items():
+        assert env.pg.log_file in found.files(v), f"control {how} not in the server log: the search is blind"
+        assert any(env.pg.data_dir / "pg_wal" in p.parents for p in found.files(v)), f"control {how} not in WAL"
