@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -161,7 +161,10 @@ async def read_tables(
 
 
 def resolve_catalog(
-    configured: Catalog, found: dict[tuple[str, str], TableInfo], previous: Catalog | None = None
+    configured: Catalog,
+    found: dict[tuple[str, str], TableInfo],
+    previous: Catalog | None = None,
+    migrating: Mapping[str, str] | None = None,
 ) -> tuple[Catalog, list[str]]:
     """``configured`` with what the server knows filled in, and one line per mismatch.
 
@@ -170,6 +173,10 @@ def resolve_catalog(
     column renamed since ``previous`` was read is followed by OID and attribute number: it is known by
     its new name and keeps its configured identity (``column_id``), so what was written before still
     decrypts; the log says to update the configuration.
+
+    ``migrating`` maps the column ids with an unfinished ``pgveil encrypt`` / ``pgveil decrypt`` job (read
+    from the keystore) to its direction: such a column is served as the database stores it until the
+    job's swap (see :func:`_as_stored`).
     """
     problems: list[str] = []
     tables: dict[tuple[str, str], ProtectedTable] = {}
@@ -207,6 +214,11 @@ def resolve_catalog(
                 problems.append(f"column {column.column_id} does not exist; run `pgveil schema apply`")
                 columns[name] = column
                 continue
+            if migrating and column.column_id in migrating:
+                column = _as_stored(column, col, info, migrating[column.column_id])
+                shadow = _shadow_of(column, info, migrating[column.column_id])
+                if shadow is not None:
+                    columns[shadow.name] = shadow
             problem = _column_problem(column, col, info)
             if problem is not None:
                 problems.append(problem)
@@ -282,6 +294,50 @@ def _subject_kind_problems(tables: Iterable[ProtectedTable]) -> list[str]:
                 f"{s.type_class} here; every table of one kind must use the same type of subject id"
             )
     return problems
+
+
+def _as_stored(column: ProtectedColumn, col: ColumnInfo, info: TableInfo, direction: str) -> ProtectedColumn:
+    """A column the configuration already names in its target state while a migration job moves it there:
+    served as it is still stored. ``encrypt`` (configured ``encrypt: true``): a column that is not bytea yet
+    holds plaintext, so it is served and written as a plain governed column; ``decrypt`` (configured plain):
+    a bytea column with the envelope CHECK still holds envelopes, so it is served encrypted. Once the swap
+    has committed, the database column is in the target state and the configuration applies as it is;
+    the reload between the two is what the swap's notification (and a RowDescription naming the new
+    column's attribute number, which no catalog read before the swap knows) brings about."""
+    from proxy.schema import constraint_name  # proxy.schema imports this module
+
+    check = info.constraint(constraint_name(col.name))
+    enveloped = col.is_bytea and check is not None and check.kind == "c"
+    if direction == "encrypt" and column.encrypted and not enveloped:
+        log.info("column %s is being encrypted: served as a plain governed column until the swap", column.column_id)
+        return dataclasses.replace(column, encrypted=False)
+    if direction == "decrypt" and not column.encrypted and enveloped:
+        log.info("column %s is being decrypted: served encrypted until the swap", column.column_id)
+        return dataclasses.replace(column, encrypted=True)
+    return column
+
+
+def _shadow_of(column: ProtectedColumn, info: TableInfo, direction: str) -> ProtectedColumn | None:
+    """The migration job's shadow column, governed as the column itself (its identity, so its grants and
+    keys): encrypted while encrypting, plain while decrypting. The swap renames it to the column's name,
+    so a result that names its attribute number right after the swap, before this instance has read its
+    catalog again, is still served as the column's values (decrypted, masked, hidden...), never as the
+    stored envelope; and ``SELECT *`` during the migration shows it under the policy of the column."""
+    from keymgmt.column_migration import short_name
+
+    shadow = info.column(short_name("pgveil_mig_", column.name))
+    if shadow is None:
+        return None
+    return dataclasses.replace(
+        column,
+        schema=info.schema,
+        table=info.name,
+        name=shadow.name,
+        attnum=shadow.attnum,
+        table_oid=info.oid,
+        identity=column.column_id,
+        encrypted=direction == "encrypt",
+    )
 
 
 def _column_problem(column: ProtectedColumn, col: ColumnInfo, info: TableInfo) -> str | None:
@@ -635,7 +691,10 @@ def _member(
 
 
 async def load_catalog(
-    conn: CatalogConnection, configured: Catalog, previous: Catalog | None = None
+    conn: CatalogConnection,
+    configured: Catalog,
+    previous: Catalog | None = None,
+    migrating: Mapping[str, str] | None = None,
 ) -> tuple[Catalog, list[str]]:
     """The configured catalog completed from the server's catalog (with every protected table's family
     and the relations sharing their names), plus the problems found. ``previous`` is the catalog read
@@ -646,7 +705,7 @@ async def load_catalog(
         else {}
     )
     found = await read_tables(conn, configured.tables, follow)
-    catalog, problems = resolve_catalog(configured, found, previous)
+    catalog, problems = resolve_catalog(configured, found, previous, migrating)
     roots = {t.oid: key for key, t in catalog.tables.items() if t.oid and t.root is None}
     family = await read_family(conn, roots)
     catalog, family_problems = resolve_family(catalog, family)

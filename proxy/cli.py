@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_job_commands(sub)
     add_kek_commands(sub)
+    from proxy import cli_encrypt
+
+    cli_encrypt.add_parsers(sub)
     return p
 
 

@@ -157,6 +157,10 @@ def _count(n: int | None) -> str:
     return "?" if n is None else f"{n:,}"
 
 
+# What rows_done counts, by job kind (column migrations: keymgmt.column_migration).
+_DONE_VERB = {"encrypt": "encrypted", "decrypt": "decrypted"}
+
+
 def describe(status: JobStatus) -> str:
     """One line about a job, without a bar."""
     state = "interrupted" if status.interrupted else status.state.value
@@ -166,7 +170,7 @@ def describe(status: JobStatus) -> str:
         status.column_id or "-",
         f"v{status.to_version}" if status.to_version else "",
         state,
-        f"{_count(status.rows_done)} re-encrypted",
+        f"{_count(status.rows_done)} " + _DONE_VERB.get(status.kind, "re-encrypted"),
         f"{_count(status.rows_remaining)} remaining",
     ]
     if status.rows_skipped:
@@ -189,7 +193,9 @@ def render_bar(status: JobStatus, width: int, rate: float | None = None) -> str:
     bar_width = max(10, min(30, width // 4))
     filled = 0 if fraction is None else round(fraction * bar_width)
     pct = "   ?%" if fraction is None else f"{fraction * 100:4.0f}%"
-    label = f"{status.column_id or status.kind} v{status.to_version or '?'}"
+    label = f"{status.column_id or status.kind} " + (
+        status.kind if status.kind in _DONE_VERB else f"v{status.to_version or '?'}"
+    )
     line = f"[{'#' * filled}{'-' * (bar_width - filled)}]{pct} {label}"
     line += f" {_count(status.rows_done)}/{_count(status.rows_total)}"
     if state != "running":

@@ -9,7 +9,8 @@ printable for a dry run. ``apply_schema`` runs the steps in one transaction, aft
 and re-checking each step's guard, so data written between plan and apply is never destroyed.
 Planning is idempotent: on a ready database it returns no steps.
 
-This module never converts existing plaintext (a later job); it refuses, naming the column. Messages
+This module never converts existing plaintext (``pgveil encrypt`` does, see
+:mod:`keymgmt.column_migration`); it refuses, naming the column. Messages
 never contain values from the tables.
 """
 
@@ -230,8 +231,9 @@ async def plan_schema(conn: SchemaConnection, config_catalog: Catalog) -> list[S
             elif check is None or not check.validated:
                 if await _holds_non_envelopes(conn, col):
                     refusals.append(
-                        f"column {col.column_id} holds values that are not pgveil envelopes; pgveil cannot"
-                        " encrypt existing data yet (a later release migrates it): move the values out first"
+                        f"column {col.column_id} holds values that are not pgveil envelopes: if they are its"
+                        " plaintext, `pgveil encrypt` encrypts them online (docs/encrypt-existing.md); otherwise"
+                        " move them out first"
                     )
                 else:
                     steps.append(_add_constraint(col) if check is None else _validate_constraint(col))
@@ -327,10 +329,7 @@ async def _why_not_convertible(
     if has_check:
         return f"{what} but already has a constraint named {constraint_name(col.name)}; drop it first"
     if await _holds_values(conn, col):
-        return (
-            f"{what} and holds values; pgveil cannot encrypt existing plaintext yet (a later release"
-            " migrates it): move the values out or set them to NULL first"
-        )
+        return f"{what} and holds values: `pgveil encrypt` encrypts them online (docs/encrypt-existing.md)"
     return None
 
 

@@ -490,7 +490,10 @@ class CryptoContext:
         return deliver
 
     def column(self, col: ProtectedColumn) -> ColumnCrypto:
-        return self.columns[col.column_id]
+        # By attribute first: two columns of one table may share an identity (a column being migrated
+        # and its shadow, see proxy/catalog_loader.py) and differ in whether they are encrypted.
+        found = self.by_attr.get((col.table_oid, col.attnum)) if col.attnum else None
+        return found if found is not None else self.columns[col.column_id]
 
     def result_hint(self, plan: StatementPlan) -> tuple[ColumnCrypto | None, ...] | None:
         if plan.result_columns is None:
@@ -1308,6 +1311,8 @@ class SessionCrypto:
             cc = self.ctx.by_attr.get((f.table_oid, f.column_attnum)) if f.table_oid else None
             if f.table_oid in attnums:
                 self._check_attribute(f, cc)
+                if hint is not None and i < len(hint):
+                    self._check_hint(f, hint[i])
             if cc is None and hint is not None and i < len(hint):
                 cc = _hinted(hint[i], f)
             if cc is None:
@@ -1383,6 +1388,19 @@ class SessionCrypto:
             raise _stale_error(
                 "a result column of a table with encrypted columns does not match pgveil's catalog; it is being "
                 "read again",
+                "retry the statement",
+            )
+
+    def _check_hint(self, f: m.FieldDescription, hinted: ColumnCrypto | None) -> None:
+        """The analysis placed another attribute of the same relation at this position than the server
+        reports: the statement was read against a catalog that is behind the table (a column dropped and
+        another renamed to its name, as ``pgveil encrypt`` swaps them), and a Bind sent before this reply
+        may already serve its rows by that reading. Refused, and the catalog read again."""
+        col = None if hinted is None else hinted.column
+        if col is not None and col.table_oid == f.table_oid and col.attnum and col.attnum != f.column_attnum:
+            self.ctx.request_reload()
+            raise _stale_error(
+                "a result column of a governed table is not the column pgveil's catalog names; it is being read again",
                 "retry the statement",
             )
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import asyncpg
 
+from keymgmt.column_migration import open_migrations
 from keymgmt.errors import KeyManagementError
 from keymgmt.keystore import Keystore, init_keystore
 from keymgmt.providers import KeyProvider, ProviderChain, make_provider
@@ -169,7 +170,10 @@ class EncryptionRuntime:
             self._unavailable("cannot reach its service connection to read the catalog", e)
             return
         try:
-            catalog, problems = await load_catalog(conn, cfg.catalog(), self.context.catalog)
+            migrating = await self._open_migrations(conn)
+            catalog, problems = await load_catalog(conn, cfg.catalog(), self.context.catalog, migrating)
+            # A column being decrypted is still served encrypted (keys needed) until its swap.
+            keys_needed = keys_needed or any(c.encrypted for t in catalog.tables.values() for c in t.columns.values())
             # A failed read keeps the last good membership; without one, governed columns wait for it.
             await self.roles.refresh_with(conn)
         except (OSError, asyncpg.PostgresError) as e:
@@ -223,6 +227,30 @@ class EncryptionRuntime:
         self.keyring.source = self.keystore
         self.context.install(catalog, epoch)
         self._ready(len(columns), len(catalog.tables))
+
+    async def _open_migrations(self, service_conn: Any) -> dict[str, str]:
+        """Columns with an unfinished ``pgveil encrypt``/``decrypt`` job, from the keystore (the service
+        connection when the keystore is the same database). A keystore that cannot be read gives none:
+        such a column then does not match its configuration, and pgveil is not ready (fail closed)."""
+        cfg = self.config
+        if cfg.keystore is None or cfg.keystore.dsn is None or cfg.service is None:
+            return {}
+        same = (cfg.keystore.dsn, cfg.keystore.password_file) == (cfg.service.dsn, cfg.service.password_file)
+        try:
+            conn = (
+                service_conn
+                if same
+                else await asyncpg.connect(**connect_kwargs(cfg.keystore.dsn, cfg.keystore.password_file), timeout=10)
+            )
+        except (OSError, asyncpg.PostgresError, TimeoutError):
+            return {}
+        try:
+            return {column: d.value for column, d in (await open_migrations(conn)).items()}
+        except (OSError, asyncpg.PostgresError, TimeoutError):
+            return {}
+        finally:
+            if not same:
+                await conn.close()
 
     def _ready(self, keyed_columns: int, relations: int) -> None:
         shape = (keyed_columns, relations)

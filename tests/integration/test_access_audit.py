@@ -75,9 +75,10 @@ def table_counts(env: VisEnv, instance: str) -> tuple[Counter[Key], int]:
 def log_records(p: ProxyProcess) -> list[dict[str, Any]]:
     out = []
     for line in p.logs().splitlines():
-        _, sep, doc = line.partition(" pgveil.audit: ")
+        # text format: "<time> INFO pgveil.audit [s<session>] {json}" (the session only when flushed in one)
+        _, sep, rest = line.partition(" INFO pgveil.audit ")
         if sep:
-            out.append(json.loads(doc))
+            out.append(json.loads(rest[rest.index("{") :]))
     return out
 
 

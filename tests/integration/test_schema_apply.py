@@ -139,11 +139,11 @@ async def test_columns_holding_plaintext_are_refused_and_left_alone(conn: asyncp
         await plan_schema(conn, catalog)
     reasons = info.value.reasons
     assert reasons == [
-        "column public.occupied.email is text and holds values; pgveil cannot encrypt existing plaintext yet"
-        " (a later release migrates it): move the values out or set them to NULL first",
+        "column public.occupied.email is text and holds values: `pgveil encrypt` encrypts them online"
+        " (docs/encrypt-existing.md)",
         "column public.occupied.dob is date with a DEFAULT, which would store plaintext; drop the default first",
-        "column public.raw.blob holds values that are not pgveil envelopes; pgveil cannot encrypt existing data"
-        " yet (a later release migrates it): move the values out first",
+        "column public.raw.blob holds values that are not pgveil envelopes: if they are its plaintext,"
+        " `pgveil encrypt` encrypts them online (docs/encrypt-existing.md); otherwise move them out first",
         "table public.nowhere does not exist; create it first",
     ]
     assert info.value.sqlstate == "55000"
