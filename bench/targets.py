@@ -286,11 +286,26 @@ class PgveilEncryptedTarget(PgveilTarget):
     name = "pgveil-encrypted"
     workers = 1  # sessions.workers: processes serving sessions
 
-    def __init__(self, cluster: DevCluster, workdir: Path, tables: Mapping[str, Mapping[str, str]]) -> None:
+    def __init__(
+        self,
+        cluster: DevCluster,
+        workdir: Path,
+        tables: Mapping[str, Mapping[str, str]],
+        subjects: Mapping[str, tuple[str, str]] | None = None,
+    ) -> None:
+        """``subjects``: ``schema.table`` -> (subject kind, subject column) for tables with per-subject keys."""
         super().__init__(cluster, workdir)
         self._keystore_dsn = cluster.dsn()
         self._admin_port = free_port()
         self._tables = {name: dict(columns) for name, columns in tables.items()}
+        self._subjects = dict(subjects or {})
+
+    def _table_config(self, name: str, columns: Mapping[str, str]) -> dict[str, Any]:
+        table: dict[str, Any] = {"columns": {col: {"type": typ, "encrypt": True} for col, typ in columns.items()}}
+        if name in self._subjects:
+            kind, column = self._subjects[name]
+            table["subject"] = {"kind": kind, "column": column}
+        return table
 
     @property
     def master_key_path(self) -> Path:
@@ -305,10 +320,7 @@ class PgveilEncryptedTarget(PgveilTarget):
             "admin": {"listen": f"127.0.0.1:{self._admin_port}"},
             "sessions": {"workers": self.workers},
             "keystore": {"master_key": {"provider": "local", "path": str(self.master_key_path)}},
-            "tables": {
-                name: {"columns": {col: {"type": typ, "encrypt": True} for col, typ in columns.items()}}
-                for name, columns in self._tables.items()
-            },
+            "tables": {name: self._table_config(name, columns) for name, columns in self._tables.items()},
             # The benchmarks measure the plaintext role, except the visibility workloads' login roles.
             "roles": {
                 "default": "plaintext",

@@ -70,7 +70,16 @@ TEXT_COLUMNS = ("c1", "c2", "c3", "c4", "c5")
 PROTECTED_TABLES: Mapping[str, Mapping[str, str]] = {
     "public.bench_wide_enc": dict.fromkeys(TEXT_COLUMNS, "text"),
     "public.bench_ins_enc": dict.fromkeys(TEXT_COLUMNS, "text"),
+    "public.bench_wide_subj": dict.fromkeys(TEXT_COLUMNS, "text"),
+    "public.bench_ins_subj": {"c1": "text"},
 }
+# Per-subject keys: bench_wide_subj's 1,000 rows are 1,000 data subjects (kind bench, subject column id);
+# bench_ins_subj takes inserts for new and existing subjects.
+SUBJECT_TABLES: Mapping[str, tuple[str, str]] = {
+    "public.bench_wide_subj": ("bench", "id"),
+    "public.bench_ins_subj": ("bench", "subject"),
+}
+EXISTING_SUBJECT = 1
 IDLE_HOLD_S = 1.0
 IDLE_CONNECT_CONCURRENCY = 50
 BACKEND_DRAIN_TIMEOUT_S = 60.0
@@ -180,7 +189,7 @@ def truncate_insert(ctx: BenchContext) -> None:
 def encrypted_target(ctx: BenchContext, workers: int = 1, *, python: bool = False) -> PgveilEncryptedTarget:
     """pgveil with the protected tables; ``python``: on the pure-Python kernels (PGVEIL_IMPL=python)."""
     cls = PgveilEncrypted2Target if workers == 2 else PgveilEncryptedPythonTarget if python else PgveilEncryptedTarget
-    return cls(ctx.cluster, ctx.workdir, PROTECTED_TABLES)
+    return cls(ctx.cluster, ctx.workdir, PROTECTED_TABLES, SUBJECT_TABLES)
 
 
 def _connect(endpoint: Endpoint) -> psycopg.Connection[tuple[Any, ...]]:
@@ -209,7 +218,7 @@ async def _apply_schema(ctx: BenchContext, target: PgveilEncryptedTarget) -> Non
         await conn.close()
 
 
-def _fill_wide_encrypted(ctx: BenchContext, target: PgveilEncryptedTarget) -> None:
+def _fill_wide_encrypted(ctx: BenchContext, target: PgveilEncryptedTarget, table: str = "bench_wide_enc") -> None:
     columns = ", ".join(("id", *TEXT_COLUMNS))
     with _connect(ctx.direct) as direct:
         rows = direct.execute(f"SELECT {columns} FROM bench_wide ORDER BY id").fetchall()
@@ -217,14 +226,14 @@ def _fill_wide_encrypted(ctx: BenchContext, target: PgveilEncryptedTarget) -> No
     try:
         with _connect(target.endpoint) as conn:
             with conn.cursor() as cur:
-                cur.executemany(f"INSERT INTO bench_wide_enc ({columns}) VALUES ({placeholders})", rows)
+                cur.executemany(f"INSERT INTO {table} ({columns}) VALUES ({placeholders})", rows)
             conn.commit()
-            back = conn.execute(f"SELECT {columns} FROM bench_wide_enc ORDER BY id").fetchall()
+            back = conn.execute(f"SELECT {columns} FROM {table} ORDER BY id").fetchall()
     except psycopg.Error as exc:
-        raise BenchError(f"filling bench_wide_enc through {target.name} failed: {type(exc).__name__}: {exc}") from None
+        raise BenchError(f"filling {table} through {target.name} failed: {type(exc).__name__}: {exc}") from None
     # Proves that the benchmark decrypts what it should: every value survives the round trip.
     if back != rows:
-        raise BenchError(f"bench_wide_enc read through {target.name} differs from bench_wide")
+        raise BenchError(f"{table} read through {target.name} differs from bench_wide")
 
 
 def setup_encrypted(ctx: BenchContext) -> None:
@@ -237,9 +246,11 @@ def setup_encrypted(ctx: BenchContext) -> None:
     texts = ", ".join(f"{c} text" for c in TEXT_COLUMNS)
     _sql(
         ctx.cluster,
-        "DROP TABLE IF EXISTS bench_wide_enc, bench_ins_enc;"
+        "DROP TABLE IF EXISTS bench_wide_enc, bench_ins_enc, bench_wide_subj, bench_ins_subj;"
         f"CREATE TABLE bench_wide_enc (id int PRIMARY KEY, {texts});"
-        f"CREATE TABLE bench_ins_enc (id bigserial PRIMARY KEY, {texts});",
+        f"CREATE TABLE bench_ins_enc (id bigserial PRIMARY KEY, {texts});"
+        f"CREATE TABLE bench_wide_subj (id int PRIMARY KEY, {texts});"
+        "CREATE TABLE bench_ins_subj (n bigserial PRIMARY KEY, subject bigint NOT NULL, c1 text);",
     )
     target = encrypted_target(ctx)
     try:
@@ -250,13 +261,14 @@ def setup_encrypted(ctx: BenchContext) -> None:
             raise BenchError(f"cannot start {target.name} to fill bench_wide_enc: {exc}") from None
         try:
             _fill_wide_encrypted(ctx, target)
+            _fill_wide_encrypted(ctx, target, "bench_wide_subj")
         finally:
             target.stop()
     except Exception as exc:
         log.warning("setup of the encrypted tables failed, %s will be skipped: %s", target.name, exc)
-        _sql(ctx.cluster, "DROP TABLE IF EXISTS bench_wide_enc, bench_ins_enc;")
+        _sql(ctx.cluster, "DROP TABLE IF EXISTS bench_wide_enc, bench_ins_enc, bench_wide_subj, bench_ins_subj;")
         return
-    _sql(ctx.cluster, "VACUUM ANALYZE bench_wide_enc;")
+    _sql(ctx.cluster, "VACUUM ANALYZE bench_wide_enc;", "VACUUM ANALYZE bench_wide_subj;")
 
 
 def truncate_insert_encrypted(ctx: BenchContext) -> None:
@@ -428,6 +440,43 @@ PGCRYPTO_PGP_SQL = (
 )
 
 
+# -- first writes of new data subjects ----------------------------------------------------------------
+_SUBJECT_COUNTER = [10_000_000]
+
+
+def insert_subject(*, new: bool) -> RunFn:
+    """One client inserting single rows into bench_ins_subj for ``ctx.duration`` seconds, each for a new
+    data subject (``new``: pgveil creates, wraps and stores its key first) or for the one existing subject
+    (its key is cached): the first-write cost of a subject is the latency difference."""
+
+    def run(ctx: BenchContext, target: Target) -> Measurement:
+        latencies: list[int] = []
+        failed = 0
+        with _connect(target.endpoint) as conn:
+            conn.autocommit = True
+            conn.execute("INSERT INTO bench_ins_subj (subject, c1) VALUES (%s, %s)", (EXISTING_SUBJECT, "warm"))
+            started = time.perf_counter()
+            while time.perf_counter() - started < ctx.duration:
+                if new:
+                    _SUBJECT_COUNTER[0] += 1
+                    subject = _SUBJECT_COUNTER[0]
+                else:
+                    subject = EXISTING_SUBJECT
+                t0 = time.perf_counter_ns()
+                try:
+                    conn.execute("INSERT INTO bench_ins_subj (subject, c1) VALUES (%s, %s)", (subject, "abcdefghij"))
+                except psycopg.Error:
+                    failed += 1
+                    continue
+                latencies.append((time.perf_counter_ns() - t0) // 1000)
+            elapsed = time.perf_counter() - started
+        return Measurement(
+            transactions=len(latencies), failed=failed, tps=len(latencies) / elapsed, latencies_us=tuple(latencies)
+        )
+
+    return run
+
+
 # -- idle memory ---------------------------------------------------------------------------------
 def _client_backends(cluster: DevCluster) -> int:
     out = _sql(cluster, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'")
@@ -540,6 +589,44 @@ WORKLOADS: tuple[Workload, ...] = (
         setup=(setup_wide, setup_encrypted),
         baseline=("wide-fetch", "direct"),
         rows_per_tx=WIDE_ROWS,
+    ),
+    Workload(
+        "wide-fetch-subjects",
+        f"wide-fetch-encrypted of bench_wide_subj: {WIDE_ROWS} rows of {WIDE_ROWS} distinct data subjects, each"
+        " with its own key (per-subject keys), the subject column in the result (each value's key checked"
+        " against it); its ratio is over the same fetch with one key per column",
+        ("pgveil-encrypted", "pgveil-encrypted-py"),
+        custom_script("wide-fetch-subjects", "SELECT id, c1, c2, c3, c4, c5 FROM bench_wide_subj;"),
+        setup=(setup_wide, setup_encrypted),
+        baseline=("wide-fetch-encrypted", "pgveil-encrypted"),
+        rows_per_tx=WIDE_ROWS,
+    ),
+    Workload(
+        "wide-fetch-subjects-noid",
+        "wide-fetch-subjects without the subject column in the result (keys found by the envelope's key"
+        " id alone); its ratio is over the same fetch with one key per column",
+        ("pgveil-encrypted", "pgveil-encrypted-py"),
+        custom_script("wide-fetch-subjects-noid", "SELECT c1, c2, c3, c4, c5 FROM bench_wide_subj;"),
+        setup=(setup_wide, setup_encrypted),
+        baseline=("wide-fetch-encrypted", "pgveil-encrypted"),
+        rows_per_tx=WIDE_ROWS,
+    ),
+    Workload(
+        "insert-subject-existing",
+        "single-row INSERT (autocommit, one client) into bench_ins_subj for a data subject whose key exists",
+        ("pgveil-encrypted",),
+        insert_subject(new=False),
+        setup=(setup_wide, setup_encrypted),
+        baseline=("insert-subject-existing", "pgveil-encrypted"),
+    ),
+    Workload(
+        "insert-subject-new",
+        "insert-subject-existing, each row for a new data subject: pgveil creates its key first (random DEK,"
+        " wrapped by the KEK, INSERT ... ON CONFLICT DO NOTHING into the keystore); ratio over existing",
+        ("pgveil-encrypted",),
+        insert_subject(new=True),
+        setup=(setup_wide, setup_encrypted),
+        baseline=("insert-subject-existing", "pgveil-encrypted"),
     ),
     Workload(
         "wide-fetch-masked",

@@ -19,12 +19,22 @@ Envelope v1, all integers unsigned, offsets in bytes::
 
 The header is bytes 0..31 (magic through nonce). The associated data authenticated with each value is::
 
-    header · 0x00 · column id (UTF-8 "schema.table.column") [· 0x00 · subject id]
+    header · 0x00 · column id (UTF-8 "schema.table.column")
+           [· 0x00 · u16 length of kind · kind (UTF-8) · u32 length of subject id · subject id]
 
-The column id binds a value to its column, the subject id (present only for per-subject keys) to its
-data subject's row, and the header binds the format, algorithm and key id, so none of them can be
-edited or moved without the tag failing. The 0x00 separators keep the parts unambiguous: a column id
-cannot contain NUL, and the subject id comes last. An envelope is at least 48 bytes (empty plaintext).
+The column id binds a value to its column, the subject part (present only for per-subject keys: the
+subject's kind and canonical id, see :class:`Subject`) to its data subject, and the header binds the
+format, algorithm and key id, so none of them can be edited or moved without the tag failing. The parts
+are unambiguous: a column id cannot contain NUL, so the first NUL after it starts the subject part, whose
+fields are length-prefixed (big-endian) and end the data; no two distinct (column, subject) pairs give the
+same bytes. An envelope is at least 48 bytes (empty plaintext).
+
+Callers pass the column's part (:func:`column_associated_data` of the column id) to :func:`seal` and the
+openers; a subject's key adds its subject's part itself (:attr:`DataKey.subject_associated`, from the
+keystore record of the key), so a value opens only with the key, column and subject it was sealed for,
+and a reader needs no subject column to open it. A subject's keys live in the keystore scope
+``pgveil.subject.<kind>`` (:func:`subject_scope`; schema ``pgveil`` is reserved, so no column has such an
+id) with the canonical subject id as the scope's subject.
 
 Nonce budget: random 96-bit nonces are safe for about 2**32 encryptions under one key (NIST SP 800-38D
 section 8.3); DEKs are per column or per subject and rotate, which keeps each key far below that.
@@ -91,10 +101,17 @@ if _accel is not None and (
 ):
     raise ImportError("pgveil_accel was built for another envelope layout: rebuild it from this source tree")
 
+# The accelerator's Opener adds a subject key's part of the associated data itself (from its build 4 on);
+# with an older build, results of subject-keyed columns open with the Python Opener.
+NATIVE_SUBJECT_KEYS = _accel is not None and getattr(_accel, "SUBJECT_KEYS", 0) >= 192
+# The longest subject id a key may have: its subject part (with a kind of up to 63 bytes) fits the
+# accelerator's Key.
+MAX_SUBJECT_ID_LENGTH = 120
+
 # What a cipher raises when a tag does not verify, in either implementation.
 _INVALID_TAG: tuple[type[Exception], ...] = (InvalidTag,) if _accel is None else (InvalidTag, _accel.InvalidTag)
 # Opened keys an Opener remembers before it starts again (per-subject keys make one result use many).
-_OPENER_KEYS = 256
+_OPENER_KEYS = 4096
 
 
 class OpenFailure(enum.StrEnum):
@@ -131,6 +148,53 @@ class KeyState(enum.Enum):
 _ENABLED = KeyState.ENABLED
 
 
+SUBJECT_SCOPE_PREFIX = "pgveil.subject."
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Subject:
+    """A data subject: its kind (``customer``) and its canonical id (the bytes that name it whatever table
+    or type it is read from; the proxy canonicalises). Personal data: ``repr`` shows lengths only."""
+
+    kind: str
+    subject_id: bytes
+
+    def __post_init__(self) -> None:
+        if not self.kind or "\x00" in self.kind or len(self.kind.encode("utf-8")) > 0xFFFF:
+            raise ValueError("a subject kind must be non-empty, without NUL, at most 65535 bytes")
+        if len(self.subject_id) > 0xFFFFFFFF:
+            raise ValueError("a subject id is at most 2**32 - 1 bytes")
+
+    @property
+    def scope(self) -> str:
+        return subject_scope(self.kind)
+
+    def __repr__(self) -> str:
+        return f"Subject(kind={self.kind!r}, subject_id=<{len(self.subject_id)} bytes>)"
+
+
+def subject_scope(kind: str) -> str:
+    """The keystore scope (``column_id`` of ``pgveil.deks``) of every key of subjects of ``kind``."""
+    return SUBJECT_SCOPE_PREFIX + kind
+
+
+def subject_kind_of_scope(scope: str) -> str | None:
+    """The subject kind a keystore scope is for, or None for a column's scope."""
+    return scope[len(SUBJECT_SCOPE_PREFIX) :] if scope.startswith(SUBJECT_SCOPE_PREFIX) else None
+
+
+def subject_associated_data(subject: Subject) -> bytes:
+    """The subject's part of the associated data: 0x00 · u16 len · kind · u32 len · subject id."""
+    kind = subject.kind.encode("utf-8")
+    return (
+        _SEPARATOR
+        + len(kind).to_bytes(2, "big")
+        + kind
+        + len(subject.subject_id).to_bytes(4, "big")
+        + bytes(subject.subject_id)
+    )
+
+
 def key_id_from_uuid(value: uuid.UUID) -> KeyId:
     return KeyId(value.bytes)
 
@@ -157,6 +221,10 @@ class DataKey:
     _cipher: Any = field(compare=False)
     # magic · version · algorithm · key id: the constant part of every header this key writes.
     _prefix: bytes = field(compare=False)
+    # The subject's part of the associated data (subject_associated_data) for a subject's key, else b"".
+    subject_associated: bytes = field(default=b"", compare=False)
+    # The data subject this key belongs to (from its keystore record), None for a column's key.
+    data_subject: Subject | None = field(default=None, compare=False)
 
     @classmethod
     def from_material(
@@ -176,14 +244,25 @@ class DataKey:
         if state is KeyState.DESTROYED:
             raise ValueError("a destroyed key has no material")
         kid = KeyId(bytes(key_id))
+        kind = subject_kind_of_scope(column_id)
+        data_subject = Subject(kind, bytes(subject)) if kind is not None and subject is not None else None
+        suffix = subject_associated_data(data_subject) if data_subject is not None else b""
+        if _accel is None:
+            cipher: Any = AESGCM(bytes(material))
+        elif NATIVE_SUBJECT_KEYS and len(suffix) <= _accel.SUBJECT_KEYS:
+            cipher = _accel.Key(material, suffix)
+        else:
+            cipher = _accel.Key(material)
         return cls(
             key_id=kid,
             state=state,
             column_id=column_id,
             subject=subject,
             version=version,
-            _cipher=AESGCM(bytes(material)) if _accel is None else _accel.Key(material),
+            _cipher=cipher,
             _prefix=_PREFIX_V1 + kid,
+            subject_associated=suffix,
+            data_subject=data_subject,
         )
 
     def with_state(self, state: KeyState) -> DataKey:
@@ -198,6 +277,8 @@ class DataKey:
             version=self.version,
             _cipher=self._cipher,
             _prefix=self._prefix,
+            subject_associated=self.subject_associated,
+            data_subject=self.data_subject,
         )
 
     @property
@@ -212,26 +293,30 @@ class DataKey:
         )
 
 
-def column_associated_data(column_id: str, subject: bytes | None = None) -> bytes:
-    """The associated data that follows the header: 0x00 · column id [· 0x00 · subject id].
+def column_associated_data(column_id: str, subject: Subject | None = None) -> bytes:
+    """The associated data that follows the header: 0x00 · column id [· the subject's part].
 
-    Callers compute it once per column (and subject) and pass it to :func:`seal` / :func:`open_envelope`.
+    The data path passes the column's part only (a subject's key adds its subject's part, see the module
+    docstring); ``subject`` gives the whole for a caller that seals without such a key (test vectors).
     """
     if not column_id or "\x00" in column_id:
         raise ValueError("column id must be non-empty and contain no NUL")
     associated = _SEPARATOR + column_id.encode("utf-8")
     if subject is not None:
-        associated += _SEPARATOR + bytes(subject)
+        associated += subject_associated_data(subject)
     return associated
 
 
 def seal(key: DataKey, plaintext: bytes, associated: bytes) -> bytes:
     """Encrypts ``plaintext`` under ``key`` into a v1 envelope.
 
-    ``associated`` is :func:`column_associated_data` for the value's column (and subject).
+    ``associated`` is :func:`column_associated_data` for the value's column; a subject's key appends
+    its subject's part.
     """
     if key.state is not _ENABLED:
         raise KeyDisabled("a data key that is not ENABLED cannot encrypt")
+    if key.subject_associated:
+        associated += key.subject_associated
     # One getrandom() call per value (the accelerator makes the same call). Buffering random bytes would be
     # faster but risks handing the same nonce out twice (threads, fork), and a repeated GCM nonce under one
     # key is catastrophic.
@@ -248,6 +333,7 @@ def _seal_with_nonce(key: DataKey, plaintext: bytes, associated: bytes, nonce: b
         raise ValueError("nonce must be 12 bytes")
     if key.state is not _ENABLED:
         raise KeyDisabled("a data key that is not ENABLED cannot encrypt")
+    associated += key.subject_associated
     header = key._prefix + nonce
     return header + key._cipher.encrypt(nonce, plaintext, header + associated)  # type: ignore[no-any-return]
 
@@ -279,7 +365,7 @@ def open_envelope(key_lookup: Callable[[bytes], DataKey], envelope: bytes, assoc
         return key._cipher.decrypt(  # type: ignore[no-any-return]
             envelope[_NONCE_START:HEADER_LENGTH],
             envelope[HEADER_LENGTH:],
-            envelope[:HEADER_LENGTH] + associated,
+            envelope[:HEADER_LENGTH] + associated + key.subject_associated,
         )
     except _INVALID_TAG:
         raise OpenFailed(OpenFailure.AUTHENTICATION) from None
@@ -347,7 +433,15 @@ class Opener:
             raise OpenFailed(OpenFailure.AUTHENTICATION) from None
 
     def _remember(self, prefix: bytes) -> Any:
-        decrypt = _enabled_key(self._lookup, prefix)._cipher.decrypt
+        key = _enabled_key(self._lookup, prefix)
+        decrypt = key._cipher.decrypt
+        suffix = key.subject_associated
+        if suffix:
+            cipher_decrypt = decrypt
+
+            def decrypt(nonce: bytes, data: bytes, associated: bytes) -> Any:
+                return cipher_decrypt(nonce, data, associated + suffix)
+
         if len(self._decrypts) >= _OPENER_KEYS:
             self._decrypts.clear()
         self._decrypts[prefix] = decrypt

@@ -45,7 +45,7 @@ from typing import Any
 
 import asyncpg
 
-from keymgmt.envelope import DEK_LENGTH, DataKey, KeyId, KeyState
+from keymgmt.envelope import DEK_LENGTH, DataKey, KeyId, KeyState, Subject, subject_kind_of_scope
 from keymgmt.errors import KeyDestroyed, KeyDisabled, KeystoreError, UnknownKey
 from keymgmt.keycache import KeyCache, KeyFacts, RefreshGate, RefreshResult, Scope
 from keymgmt.providers import KeyProvider, provider_of
@@ -200,6 +200,9 @@ _CURRENT_COLUMN_KEY = """
 _CURRENT_SUBJECT_KEY = """
     SELECT key_id, column_id, subject_id, version, state, wrapped, kek_id FROM pgveil.deks
     WHERE column_id = $1 AND subject_id = $2 ORDER BY version DESC LIMIT 1"""
+_KEYS_BY_IDS = """
+    SELECT key_id, column_id, subject_id, version, state, wrapped, kek_id FROM pgveil.deks
+    WHERE key_id = ANY($1::uuid[])"""
 _KEY_BY_ID = """
     SELECT key_id, column_id, subject_id, version, state, wrapped, kek_id FROM pgveil.deks
     WHERE key_id = $1"""
@@ -211,6 +214,24 @@ _INSERT_FIRST_VERSION = """
     SELECT $1::uuid, $2::text, $3::text, $4::bytea, 1, 'ENABLED', $5::bytea, $6::text
     WHERE EXISTS (SELECT 1 FROM pgveil.keks WHERE kek_id = $6::text AND state = 'ENABLED' FOR KEY SHARE)
     ON CONFLICT DO NOTHING"""
+# A data subject's first key version: the same guard, plus the subject's row in pgveil.subjects (a data-
+# modifying CTE runs whether or not it is read). Returns 1 when this call created the key, 0 when another
+# instance did first (the unique index deks_subject_version) or the KEK is no longer ENABLED.
+_INSERT_FIRST_SUBJECT_VERSION = """
+    WITH k AS (
+        INSERT INTO pgveil.deks (key_id, scope_kind, column_id, subject_id, subject_kind, version, state, wrapped,
+                                 kek_id)
+        SELECT $1::uuid, 'subject', $2::text, $3::bytea, $6::text, 1, 'ENABLED', $4::bytea, $5::text
+        WHERE EXISTS (SELECT 1 FROM pgveil.keks WHERE kek_id = $5::text AND state = 'ENABLED' FOR KEY SHARE)
+          AND NOT EXISTS (SELECT 1 FROM pgveil.subjects WHERE kind = $6::text AND subject_id = $3::bytea
+                          AND state = 'SHREDDED')
+        ON CONFLICT DO NOTHING
+        RETURNING key_id
+    ), s AS (
+        INSERT INTO pgveil.subjects (kind, subject_id) SELECT $6::text, $3::bytea FROM k ON CONFLICT DO NOTHING
+    )
+    SELECT count(*) FROM k"""
+_SUBJECT_SHREDDED = "SELECT state = 'SHREDDED' FROM pgveil.subjects WHERE kind = $1 AND subject_id = $2"
 # The first KEK a keystore meets becomes primary. No conflict target: a concurrent registration of
 # another KEK as primary (the one-primary index) also ends in DO NOTHING, and the caller registers again.
 # The NOT EXISTS keeps a known KEK from drawing a version number it would not use.
@@ -335,6 +356,15 @@ class Keystore:
         subject = None if subject is None else bytes(subject)
         return await self._single_flight(("scope", column_id, subject), lambda: self._load_current(column_id, subject))
 
+    def cached_subject_key(self, subject: Subject) -> DataKey | None:
+        return self._cache.get_current(subject.scope, subject.subject_id)
+
+    async def subject_key(self, subject: Subject) -> DataKey:
+        """The data subject's current ENABLED key (one per subject, shared by every column of every table
+        of its kind), created on first use: race-free between instances (see :data:`_INSERT_FIRST_SUBJECT_VERSION`).
+        Raises :class:`KeyDestroyed` for a shredded subject."""
+        return await self.active_key(subject.scope, subject.subject_id)
+
     async def key_by_id(self, key_id: bytes) -> DataKey:
         """The key version with this id, ENABLED or DISABLED.
 
@@ -347,6 +377,27 @@ class Keystore:
             raise UnknownKey()
         kid = KeyId(bytes(key_id))
         return await self._single_flight(("id", kid), lambda: self._load_by_id(kid))
+
+    async def keys_by_ids(self, key_ids: Iterable[bytes]) -> int:
+        """Loads the key versions with these ids (those not cached) in one keystore query, as
+        :meth:`key_by_id` would one by one; unknown and destroyed ids are skipped (a later
+        :meth:`key_by_id` reports them). Returns how many were cached."""
+        wanted = [
+            uuid.UUID(bytes=bytes(k)) for k in dict.fromkeys(key_ids) if len(k) == 16 and self._cache.get(k) is None
+        ]
+        if not wanted:
+            return 0
+        pool = await self._get_pool()
+        generation = self._cache.generation
+        with _keystore_errors():
+            rows = await pool.fetch(_KEYS_BY_IDS, wanted[: self._cache.max_keys])
+        loaded = 0
+        for row in rows:
+            if row["state"] == KeyState.DESTROYED.value:
+                continue
+            if self._cache.put(self._key_from_row(row), current=False, generation=generation):
+                loaded += 1
+        return loaded
 
     async def preload(self, column_ids: Iterable[str]) -> int:
         """Loads every live key version of these columns (all subjects) into the cache.
@@ -510,23 +561,36 @@ class Keystore:
         # loser's DO NOTHING plus re-select returns the winner's key.
         material = os.urandom(DEK_LENGTH)
         key_uuid = uuid.uuid4()
+        kind = subject_kind_of_scope(column_id)
         for _attempt in range(2):
             wrapped, kek_id = await self.wrap_for_new_key(material, pool)
             with _keystore_errors():
-                status = await pool.execute(
-                    _INSERT_FIRST_VERSION,
-                    key_uuid,
-                    "column" if subject is None else "subject",
-                    column_id,
-                    subject,
-                    wrapped,
-                    kek_id,
-                )
+                if kind is not None and subject is not None:
+                    created = await pool.fetchval(
+                        _INSERT_FIRST_SUBJECT_VERSION, key_uuid, column_id, subject, wrapped, kek_id, kind
+                    )
+                    status = f"INSERT 0 {created}"
+                else:
+                    status = await pool.execute(
+                        _INSERT_FIRST_VERSION,
+                        key_uuid,
+                        "column" if subject is None else "subject",
+                        column_id,
+                        subject,
+                        wrapped,
+                        kek_id,
+                    )
             if status.endswith(" 1"):
+                # Never the subject id: it is personal data.
                 log.info("created data key %s (version 1) for %s", key_uuid, column_id)
                 return
             if await self._fetch_current(pool, column_id, subject) is not None:
                 return  # another instance created it first
+            if kind is not None and subject is not None:
+                with _keystore_errors():
+                    shredded = await pool.fetchval(_SUBJECT_SHREDDED, kind, subject)
+                if shredded:
+                    raise KeyDestroyed(f"the data subject's keys of kind {kind} were destroyed (shredded)")
             # Nobody else won: the KEK is no longer ENABLED (destroy-kek). Ask which one is primary now.
             self._wrap_kek = None
         raise KeystoreError(

@@ -52,7 +52,9 @@
 #define KEY_END (PREFIX_LENGTH + KEY_ID_LENGTH)      /* 20: where the nonce starts */
 #define HEADER_LENGTH (KEY_END + NONCE_LENGTH)       /* 32 */
 #define MIN_LENGTH (HEADER_LENGTH + TAG_LENGTH)      /* 48: an envelope of the empty plaintext */
-#define OPENER_SLOTS 16                              /* keys an Opener keeps without calling back */
+/* Keys an Opener keeps without calling back: a direct-mapped table by key id (random UUIDs), large
+ * enough that a result of a thousand data subjects' keys rarely calls back twice for one key. */
+#define OPENER_SLOTS 1024
 
 static const unsigned char PREFIX_V1[PREFIX_LENGTH] = {'P', 'V', 0x01, 0x01};
 
@@ -78,10 +80,19 @@ put_be32(unsigned char *p, uint32_t v)
 
 /* -- AES-256-GCM ------------------------------------------------------------------------------------ */
 
+/* A data subject's part of the associated data (keymgmt.envelope.subject_associated_data) is at most
+ * this long in a Key (longer subject ids stay on the Python Opener). */
+#define MAX_SUBJECT_SUFFIX 192
+
 typedef struct {
     PyObject_HEAD
     EVP_CIPHER_CTX *enc;
     EVP_CIPHER_CTX *dec;
+    /* Per-subject keys: what the Opener appends to a column's associated data for this key (the
+     * subject's kind and id, from the keystore record); empty for a column's key. Key.encrypt, decrypt
+     * and seal do not append it: their callers pass the whole associated data. */
+    Py_ssize_t suffix_len;
+    unsigned char suffix[MAX_SUBJECT_SUFFIX];
 } KeyObject;
 
 static PyTypeObject KeyType;
@@ -182,20 +193,27 @@ check_int_length(Py_ssize_t n, const char *what)
 static PyObject *
 Key_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    Py_buffer material;
-    static char *kwlist[] = {"material", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*:Key", kwlist, &material))
+    Py_buffer material, suffix = {0};
+    static char *kwlist[] = {"material", "subject", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*|y*:Key", kwlist, &material, &suffix))
         return NULL;
-    if (material.len != DEK_LENGTH) {
+    if (material.len != DEK_LENGTH || suffix.len > MAX_SUBJECT_SUFFIX) {
         PyBuffer_Release(&material);
-        PyErr_Format(PyExc_ValueError, "data key material must be %d bytes", DEK_LENGTH);
+        if (suffix.obj) PyBuffer_Release(&suffix);
+        PyErr_Format(PyExc_ValueError, "data key material must be %d bytes, a subject at most %d", DEK_LENGTH,
+                     MAX_SUBJECT_SUFFIX);
         return NULL;
     }
     KeyObject *self = (KeyObject *)type->tp_alloc(type, 0);
     if (self == NULL) {
         PyBuffer_Release(&material);
+        if (suffix.obj) PyBuffer_Release(&suffix);
         return NULL;
     }
+    self->suffix_len = suffix.len;
+    if (suffix.len > 0)
+        memcpy(self->suffix, suffix.buf, (size_t)suffix.len);
+    if (suffix.obj) PyBuffer_Release(&suffix);
     self->enc = EVP_CIPHER_CTX_new();
     self->dec = EVP_CIPHER_CTX_new();
     int ok = self->enc != NULL && self->dec != NULL &&
@@ -381,7 +399,6 @@ typedef struct {
     PyObject_HEAD
     PyObject *find;  /* find(prefix: bytes) -> Key | str (the refusal reason); may raise */
     PyObject *error; /* error(reason: str) -> the exception Opener.open raises */
-    int next;        /* the slot the next new key replaces (round robin) */
     Slot slots[OPENER_SLOTS];
 } OpenerObject;
 
@@ -440,11 +457,12 @@ static KeyObject *
 opener_key(OpenerObject *self, const unsigned char *prefix, PyObject **reason)
 {
     *reason = NULL;
-    for (int i = 0; i < OPENER_SLOTS; i++) {
-        Slot *s = &self->slots[i];
-        if (s->key != NULL && memcmp(s->prefix, prefix, KEY_END) == 0)
-            return s->key;
-    }
+    /* Bytes 4.. of the prefix are the key id; its first bytes are random (RFC 9562 version 4). */
+    unsigned int h = ((unsigned int)prefix[4] | (unsigned int)prefix[5] << 8 | (unsigned int)prefix[6] << 16) ^
+                     ((unsigned int)prefix[12] | (unsigned int)prefix[13] << 8);
+    Slot *slot = &self->slots[h & (OPENER_SLOTS - 1)];
+    if (slot->key != NULL && memcmp(slot->prefix, prefix, KEY_END) == 0)
+        return slot->key;
     if (self->find == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "the Opener was cleared");
         return NULL;
@@ -465,8 +483,7 @@ opener_key(OpenerObject *self, const unsigned char *prefix, PyObject **reason)
         PyErr_SetString(PyExc_TypeError, "find must return a pgveil_accel.Key or a reason");
         return NULL;
     }
-    Slot *s = &self->slots[self->next];
-    self->next = (self->next + 1) % OPENER_SLOTS;
+    Slot *s = slot;
     KeyObject *old = s->key;
     memcpy(s->prefix, prefix, KEY_END);
     s->key = (KeyObject *)found; /* the slot takes the reference */
@@ -493,8 +510,23 @@ opener_open(OpenerObject *self, const unsigned char *env, Py_ssize_t size, const
         return *reason != NULL ? 1 : -1;
     /* Hold the key across the call: nothing below runs Python code, but be robust to future edits. */
     Py_INCREF(key);
-    int r = gcm_open(key->dec, env + KEY_END, env, HEADER_LENGTH, assoc, (size_t)assoc_len, env + HEADER_LENGTH,
+    int r;
+    if (key->suffix_len > 0) {
+        /* A subject's key: the associated data is the column's part, then the key's subject part. */
+        unsigned char joined[512];
+        if (assoc_len + key->suffix_len > (Py_ssize_t)sizeof(joined)) {
+            Py_DECREF(key);
+            PyErr_SetString(PyExc_OverflowError, "associated data too long");
+            return -1;
+        }
+        memcpy(joined, assoc, (size_t)assoc_len);
+        memcpy(joined + assoc_len, key->suffix, (size_t)key->suffix_len);
+        r = gcm_open(key->dec, env + KEY_END, env, HEADER_LENGTH, joined, (size_t)(assoc_len + key->suffix_len),
+                     env + HEADER_LENGTH, (size_t)(size - MIN_LENGTH), env + size - TAG_LENGTH, out);
+    } else {
+        r = gcm_open(key->dec, env + KEY_END, env, HEADER_LENGTH, assoc, (size_t)assoc_len, env + HEADER_LENGTH,
                      (size_t)(size - MIN_LENGTH), env + size - TAG_LENGTH, out);
+    }
     Py_DECREF(key);
     if (r > 0) {
         *reason = PyUnicode_FromString("authentication");
@@ -1229,6 +1261,7 @@ PyInit_pgveil_accel(void)
         PyModule_AddIntConstant(m, "MASK_COLUMNS", 1) < 0 ||
         PyModule_AddIntConstant(m, "TEXT_MASKS", 1) < 0 ||
         PyModule_AddIntConstant(m, "SCREEN_COLUMNS", 1) < 0 ||
+        PyModule_AddIntConstant(m, "SUBJECT_KEYS", MAX_SUBJECT_SUFFIX) < 0 ||
         PyModule_AddStringConstant(m, "OPENSSL_VERSION", OpenSSL_version(OPENSSL_VERSION)) < 0 ||
         PyModule_AddStringConstant(m, "__version__", ACCEL_VERSION) < 0)
         goto fail;

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from pglast import parser as pg_parser
 
 from proxy.policy.model import ReferenceKind
-from proxy.rewrite.catalog import Catalog, ProtectedColumn, ProtectedTable
+from proxy.rewrite.catalog import Catalog, ProtectedColumn, ProtectedTable, SubjectColumn
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +231,11 @@ def resolve_catalog(
                 table_oid=info.oid,
                 identity="" if (info.schema, info.name, col.name) == (*key, name) else column.column_id,
             )
+        subject = table.subject
+        if subject is not None:
+            subject, problem = _subject_column(table, subject, info)
+            if problem is not None:
+                problems.append(problem)
         tables[(info.schema, info.name)] = dataclasses.replace(
             table,
             schema=info.schema,
@@ -240,8 +245,55 @@ def resolve_catalog(
             all_columns=tuple(c.name for c in info.columns),
             oid=info.oid,
             attnums=tuple(c.attnum for c in info.columns),
+            subject=subject,
         )
+    problems.extend(_subject_kind_problems(tables.values()))
     return Catalog(tables), problems
+
+
+# format_type() names of the types a subject column may have, by class (see SUBJECT_TYPES).
+_SUBJECT_TYPE_CLASSES = {
+    "smallint": "integer",
+    "integer": "integer",
+    "bigint": "integer",
+    "uuid": "uuid",
+    "text": "text",
+}
+
+
+def _subject_column(table: ProtectedTable, subject: SubjectColumn, info: TableInfo) -> tuple[SubjectColumn, str | None]:
+    """The subject column with its type class read from the database, or the problem with it."""
+    where = f"tables.{table.qualified_name}.subject.column"
+    col = info.column(subject.column)
+    if col is None:
+        return subject, f"{where}: column {subject.column} of {table.qualified_name} does not exist"
+    type_class = _SUBJECT_TYPE_CLASSES.get(col.type_name)
+    if type_class is None and col.type_name.startswith("character varying"):
+        type_class = "text"
+    if type_class is None:
+        return subject, (
+            f"{where}: column {subject.column} of {table.qualified_name} is {col.type_name}; a subject column must "
+            "be integer, bigint, smallint, uuid, text or varchar"
+        )
+    return dataclasses.replace(subject, type_class=type_class), None
+
+
+def _subject_kind_problems(tables: Iterable[ProtectedTable]) -> list[str]:
+    """Every table of one subject kind must name its subjects with the same type class, so that one
+    subject has one canonical id (and one key) whichever table a row is in."""
+    seen: dict[str, tuple[str, str]] = {}
+    problems: list[str] = []
+    for table in tables:
+        s = table.subject
+        if s is None or not s.type_class or table.root is not None:
+            continue
+        first = seen.setdefault(s.kind, (s.type_class, table.qualified_name))
+        if first[0] != s.type_class:
+            problems.append(
+                f"tables.{table.qualified_name}.subject: subject kind {s.kind} is {first[0]} in {first[1]} but "
+                f"{s.type_class} here; every table of one kind must use the same type of subject id"
+            )
+    return problems
 
 
 def _as_stored(column: ProtectedColumn, col: ColumnInfo, info: TableInfo, direction: str) -> ProtectedColumn:
@@ -634,6 +686,7 @@ def _member(
         root=root.qualified_name,
         view=view,
         opaque=opaque,
+        subject=None if view or opaque else root.subject,  # writes through a view cannot name the subject
     )
 
 

@@ -314,6 +314,14 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
 async def _keys_rotate(config: Config, args: argparse.Namespace) -> int:
     chosen = select_columns(config, args.column or [], args.table or [])
+    by_subject = {(t.schema, t.name) for t in config.tables if t.subject is not None}
+    for schema, table, column, _declared in chosen:
+        if (schema, table) in by_subject:
+            # A column key would re-encrypt every subject's values under one key: never.
+            raise KeyManagementError(
+                f"{schema}.{table}.{column} has per-subject keys (tables.{schema}.{table}.subject): rotating "
+                "them (by subject kind) is not built yet"
+            )
     async with connections(config, args.dsn) as c:
         targets = await build_targets(c.data, chosen)
         started = await rotate_columns(c.ks, c.provider, targets, throttle=args.throttle, batch_size=args.batch_size)

@@ -516,7 +516,9 @@ class Session:
         """Loads a key the relay is waiting for, then lets it retry the held message. A failed fetch is
         remembered by the key ring, so the retry reports the key as unavailable instead of waiting again."""
         assert self.encryption is not None
-        await self.encryption.keyring.fetch(key_id=ev.key_id, column_id=ev.column_id)
+        await self.encryption.keyring.fetch(
+            key_id=ev.key_id, column_id=ev.column_id, subject=ev.subject, key_ids=ev.key_ids
+        )
         if self.closed:
             return
         r = self.relay

@@ -43,6 +43,7 @@ from proxy.config.types import (
     ServiceConfig,
     SessionsConfig,
     StatementTracking,
+    SubjectConfig,
     TableConfig,
     TLSMode,
     UpstreamConfig,
@@ -558,17 +559,54 @@ class _Parser:
         for key, spec in v.items():
             p = _join("tables", key)
             name = self.table_name(key, p)
-            m = self.section(spec, p, ("columns",))
+            m = self.section(spec, p, ("columns", "subject"))
             columns = self.columns(m.get("columns"), f"{p}.columns")
             if "columns" not in m and isinstance(spec, Mapping | None):
                 self.errors.append(f"{p}.columns: required (a mapping of column name to settings)")
+            subject = self.subject(m.get("subject"), f"{p}.subject", columns) if "subject" in m else None
             if name is None:
                 continue
             if name in out:
                 self.errors.append(f"{p}: names the same table as another entry ({name[0]}.{name[1]})")
                 continue
-            out[name] = TableConfig(schema=name[0], name=name[1], columns=columns)
+            out[name] = TableConfig(schema=name[0], name=name[1], columns=columns, subject=subject)
         return tuple(out.values())
+
+    def subject(self, v: Any, p: str, columns: tuple[ColumnConfig, ...]) -> SubjectConfig | None:
+        """``tables.<t>.subject: {kind: customer, column: id}``. That the column exists and has a subject
+        type (integer, bigint, uuid, text) is checked against the database when the catalog is read."""
+        if not isinstance(v, Mapping):
+            self.errors.append(f"{p}: must be a mapping like {{kind: customer, column: id}}, got {_show(v)}")
+            return None
+        m = self.section(v, p, ("kind", "column"))
+        kind = column = None
+        for key in ("kind", "column"):
+            if key not in m:
+                self.errors.append(f"{p}.{key}: required")
+                continue
+            raw = m[key]
+            name = self.identifier(raw) if isinstance(raw, str) else None
+            if name is None:
+                self.errors.append(
+                    f"{p}.{key}: must match [a-z_][a-z0-9_$]* and be at most {MAX_IDENTIFIER_LENGTH} characters, "
+                    f"got {_show(raw)}"
+                )
+            elif key == "kind":
+                kind = name
+            else:
+                column = name
+        if column is not None:
+            configured = next((c for c in columns if c.name == column), None)
+            if configured is not None and configured.encrypt:
+                self.errors.append(
+                    f"{p}.column: the subject column {column} must not itself be encrypted (its value chooses the key)"
+                )
+                column = None
+        if kind is None or column is None:
+            return None
+        if not any(c.encrypt for c in columns):
+            self.warnings.append(f"{p}: the table has no encrypted column, so its subject keys are never used")
+        return SubjectConfig(kind=kind, column=column)
 
     def table_name(self, key: Any, p: str) -> tuple[str, str] | None:
         parts = key.split(".") if isinstance(key, str) else []

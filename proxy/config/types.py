@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from proxy.policy.model import MaskFunction
 from proxy.policy.rules import Pattern, Policy, parse_pattern
-from proxy.rewrite.catalog import Catalog, ProtectedColumn, ProtectedTable
+from proxy.rewrite.catalog import Catalog, ProtectedColumn, ProtectedTable, SubjectColumn
 
 # Settings whose new value a running server cannot adopt on SIGHUP: the sockets are already bound (and the
 # admin server is built once; its tokens file is watched instead).
@@ -259,10 +259,22 @@ class ColumnConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SubjectConfig:
+    """``tables.<t>.subject``: per-subject keys. ``column`` names the row's data subject (integer,
+    bigint, uuid or text in the database, not itself encrypted); ``kind`` groups tables whose rows
+    belong to the same subjects (``customers.id`` and ``orders.customer_id``): each (kind, subject id)
+    has one data key, shared by every encrypted column of every table of that kind."""
+
+    kind: str
+    column: str
+
+
+@dataclass(frozen=True, slots=True)
 class TableConfig:
     schema: str
     name: str
     columns: tuple[ColumnConfig, ...]
+    subject: SubjectConfig | None = None
 
     @property
     def qualified_name(self) -> str:
@@ -292,14 +304,23 @@ class Config:
         been read (``proxy.catalog_loader``)."""
         tables: dict[tuple[str, str], ProtectedTable] = {}
         for t in self.tables:
+            kind = t.subject.kind if t.subject is not None else None
             columns = {
                 c.name: ProtectedColumn(
-                    schema=t.schema, table=t.name, name=c.name, declared_type=c.type, encrypted=c.encrypt
+                    schema=t.schema,
+                    table=t.name,
+                    name=c.name,
+                    declared_type=c.type,
+                    encrypted=c.encrypt,
+                    subject_kind=kind if c.encrypt else None,
                 )
                 for c in t.columns
             }
+            subject = SubjectColumn(t.subject.kind, t.subject.column) if t.subject is not None else None
             if columns:
-                tables[(t.schema, t.name)] = ProtectedTable(schema=t.schema, name=t.name, columns=columns)
+                tables[(t.schema, t.name)] = ProtectedTable(
+                    schema=t.schema, name=t.name, columns=columns, subject=subject
+                )
         return Catalog(tables)
 
     @property

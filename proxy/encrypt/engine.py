@@ -27,15 +27,26 @@ SQLSTATE for a bad value), naming the column and the construct but never a value
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import struct
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from keymgmt.envelope import DataKey, KeyState, Opener, OpenFailed, column_associated_data, seal
+from keymgmt.envelope import (
+    NATIVE_SUBJECT_KEYS,
+    DataKey,
+    KeyState,
+    Opener,
+    OpenFailed,
+    Subject,
+    column_associated_data,
+    seal,
+)
 from proxy.audit import SessionAudit
 from proxy.encrypt.casts import CastNotSupported, NumericOutOfRange, canonical_through_cast
 from proxy.encrypt.keyring import KeyRing, KeyUnavailable
@@ -49,9 +60,11 @@ from proxy.encrypt.rows import (
     rewrite_data_row,
     rewrite_data_rows,
     rewrite_value_text,
+    run_key_ids,
     screen_output,
 )
 from proxy.encrypt.sqlnames import MAX_PARSED_TEXT, namespace_ops
+from proxy.encrypt.subjects import InvalidSubject, subject_from_binary, subject_from_text
 from proxy.encrypt.visibility import (
     OUTCOMES,
     PLAINTEXT_VIEW,
@@ -88,7 +101,7 @@ from proxy.protocol.encryption import (
 )
 from proxy.protocol.encryption import Outcome as Outcome
 from proxy.rewrite.analysis import analyze
-from proxy.rewrite.catalog import Catalog, ProtectedColumn
+from proxy.rewrite.catalog import Catalog, ProtectedColumn, SubjectColumn
 from proxy.rewrite.copyrows import CopyOptions, CopyRowRewriter
 from proxy.rewrite.plan import (
     CopyDirection,
@@ -100,6 +113,7 @@ from proxy.rewrite.plan import (
     Refusal,
     StatementKind,
     StatementPlan,
+    SubjectValue,
 )
 from proxy.rewrite.reading import reading_refusal, version_refusal
 
@@ -196,6 +210,7 @@ class ParamTarget:
     binary_as_is: bool
     key_slot: int  # parameters bound for the same column share a slot: one key lookup per Bind
     envelope: bool = False  # a ciphertext role binds the stored envelope: checked and passed on, not sealed
+    subject: SubjectValue | None = None  # per-subject keys: where the row's subject comes from (then no slot)
 
 
 @dataclass(slots=True)
@@ -229,10 +244,13 @@ class StatementCrypto(CryptoState):
             oid = self.client_param_types[i] if i < len(self.client_param_types) else 0
             as_is = isinstance(cc.codec, TextCodec) and cc.codec.max_chars < 0
             column_id = cc.column.column_id
-            slot = slots.setdefault(column_id, len(slots))
+            subject = self.plan.param_subjects.get(i + 1) if cc.column.subject_kind is not None else None
+            slot = -1 if subject is not None else slots.setdefault(column_id, len(slots))
             binary_as_is = as_is and oid in (0, cc.codec.oid)
             envelope = view is not None and writes_envelopes(cc.column, view.grant(cc.column))
-            targets.append(ParamTarget(i, cc, column_id, cc.associated, oid, as_is, binary_as_is, slot, envelope))
+            targets.append(
+                ParamTarget(i, cc, column_id, cc.associated, oid, as_is, binary_as_is, slot, envelope, subject)
+            )
         self.targets = tuple(targets)
         self.key_slots = len(slots)
         self.targets_in_order = all(a.index < b.index for a, b in itertools.pairwise(targets))
@@ -307,6 +325,7 @@ class CryptoContext:
         self.cache_hits = 0
         self.cache_misses = 0
         self._maskers: dict[tuple[str, str, str, bytes | None], Mask] = {}
+        self._shared_opener: tuple[tuple[int, int], Opener] | None = None
         # Why protected tables cannot be served right now (catalog or keys not loaded), or None.
         self.unavailable: str | None = None
         self.install(catalog)
@@ -327,9 +346,15 @@ class CryptoContext:
         self.columns: dict[str, ColumnCrypto] = {}
         self.by_attr: dict[tuple[int, int], ColumnCrypto] = {}
         self.attnums: dict[int, frozenset[int]] = {}  # every live attribute of each protected relation
+        # Per-subject keys: each relation's subject column (attribute number, subject, name), by OID.
+        self.subject_attrs: dict[int, tuple[int, SubjectColumn, str]] = {}
         for table in catalog.tables.values():
             if table.oid and table.attnums:
                 self.attnums[table.oid] = frozenset(table.attnums)
+                s = table.subject
+                if s is not None and s.column in table.all_columns:
+                    attnum = table.attnums[table.all_columns.index(s.column)]
+                    self.subject_attrs[table.oid] = (attnum, s, table.qualified_name)
             for col in table.columns.values():
                 cc = ColumnCrypto(col, codec_for(col.declared_type), column_associated_data(col.column_id))
                 if table.root is None or col.column_id not in self.columns:
@@ -478,6 +503,21 @@ class CryptoContext:
     def key_lookup(self, key_id: bytes) -> DataKey | None:
         return self.keys.by_id(key_id)
 
+    def shared_opener(self) -> Opener:
+        """An Opener shared by the results of every session while its validity token holds: the key
+        cache's generation (every invalidation, refresh and flush changes it, so a key disabled, destroyed
+        or rotated away is never used by a later result) and the current second (so no key is used much
+        past its cache TTL). A result of a thousand subjects' keys then finds them in the Opener, not one
+        keystore-cache lookup per key per result."""
+        generation = getattr(getattr(self.keys.source, "cache", None), "generation", None)
+        if not isinstance(generation, int):
+            return Opener(self.key_lookup)  # a key source without a generation: one Opener per result
+        token = (generation, int(time.monotonic()))
+        shared = self._shared_opener
+        if shared is None or shared[0] != token:
+            shared = self._shared_opener = (token, Opener(self.key_lookup))
+        return shared[1]
+
     def write_key(self, column_id: str) -> DataKey:
         """The column's current key for sealing: KeyMiss to fetch it, KeyUnavailable if it is not enabled."""
         key = self.keys.active(column_id)
@@ -485,21 +525,52 @@ class CryptoContext:
             raise KeyUnavailable(f"pgveil: the data key of column {column_id} is not enabled")
         return key
 
-    def seal(self, cc: ColumnCrypto, canonical: bytes) -> bytes:
+    def subject_write_key(self, subject: Subject, column_id: str) -> DataKey:
+        """The data subject's current key for sealing a value of ``column_id`` (see :meth:`write_key`)."""
+        key = self.keys.subject(subject, column_id)
+        if key.state is not _ENABLED:
+            raise KeyUnavailable(f"pgveil: the data key of a data subject of column {column_id} is not enabled")
+        return key
+
+    def seal(self, cc: ColumnCrypto, canonical: bytes, subject: Subject | None = None) -> bytes:
+        """Seals a value of ``cc``: under its row's data subject's key for a column with per-subject keys
+        (``subject`` is then required: never a fallback to a column's key), else the column's key."""
+        if cc.column.subject_kind is not None:
+            if subject is None or subject.kind != cc.column.subject_kind:
+                raise _unsupported(f"pgveil: no data subject for a value of column {cc.column.column_id}")
+            return seal(self.subject_write_key(subject, cc.column.column_id), canonical, cc.associated)
         return seal(self.write_key(cc.column.column_id), canonical, cc.associated)
 
-    def check_envelope(self, cc: ColumnCrypto, envelope: bytes, lookup: Callable[[bytes], DataKey | None]) -> None:
+    def check_envelope(
+        self,
+        cc: ColumnCrypto,
+        envelope: bytes,
+        lookup: Callable[[bytes], DataKey | None],
+        subject: Subject | None = None,
+    ) -> None:
         """A value a ciphertext role writes into an encrypted column must be an envelope of that column:
         it is opened with the column's associated data (and its plaintext dropped), else refused. Never
-        stores a non-envelope, never one moved from another column."""
+        stores a non-envelope, never one moved from another column (or, with per-subject keys, from
+        another subject's row: its key must be ``subject``'s)."""
+        subject_keyed = cc.column.subject_kind is not None
         try:
-            Opener(lookup).open(envelope, 0, len(envelope), cc.associated)
+            Opener(lookup, python=subject_keyed and not NATIVE_SUBJECT_KEYS).open(
+                envelope, 0, len(envelope), cc.associated
+            )
         except OpenFailed as e:
             raise _NotAnEnvelope(
                 f"pgveil: the value for column {cc.column.column_id} is not a valid envelope of that column "
                 f"({e.reason.value})",
                 hint="a role that sees the column as ciphertext writes the stored envelopes it read",
             ) from None
+        if subject_keyed:
+            key = lookup(envelope[4:20])
+            if key is None or key.data_subject != subject:
+                raise _NotAnEnvelope(
+                    f"pgveil: the value for column {cc.column.column_id} is an envelope of another data subject "
+                    "than its row's",
+                    hint="a role that sees the column as ciphertext writes the stored envelopes it read",
+                )
 
     def masker(self, cc: ColumnCrypto, mask: PolicyMask) -> Mask:
         """The compiled mask of ``mask`` on the column (cached). ``hash`` takes its key from the key ring
@@ -751,6 +822,11 @@ class SessionCrypto:
         for t in plan.literal_targets:
             cc = self.ctx.column(t.column)
             literal = statement_bytes(t.plaintext, self.fmt)
+            subject = None
+            if t.subject is not None and t.subject.literal is not None:
+                subject = subject_from_text(
+                    t.subject.table, t.subject.subject, statement_bytes(t.subject.literal, self.fmt)
+                )
             if writes_envelopes(cc.column, view.grant(cc.column)):
                 if t.cast_type not in (None, "bytea") or t.numeric:
                     raise _NotAnEnvelope(
@@ -758,7 +834,7 @@ class SessionCrypto:
                         "(this role writes the column as ciphertext)"
                     )
                 envelope = self._bytea_value(cc, literal)
-                self.ctx.check_envelope(cc, envelope, self.ctx.key_lookup)
+                self.ctx.check_envelope(cc, envelope, self.ctx.key_lookup, subject)
                 ciphertexts[t] = envelope
                 continue
             if t.cast_type is not None:
@@ -772,7 +848,7 @@ class SessionCrypto:
                     raise type(e)(f"{e.message} (column {cc.column.column_id})", detail=e.detail, hint=e.hint) from None
             else:
                 canonical = self._canonical_text(cc, literal)
-            ciphertexts[t] = self.ctx.seal(cc, canonical)
+            ciphertexts[t] = self.ctx.seal(cc, canonical, subject)
             self.values_encrypted += 1
         return plan.rewritten_sql(ciphertexts, hidden)
 
@@ -1034,6 +1110,10 @@ class SessionCrypto:
             server_formats = tuple(
                 client[i] if out is None else int(out.server_binary) for i, out in enumerate(row_plan)
             )
+            if stmt_row_desc is not None and self.ctx.subject_attrs:
+                desc = codec.decode_backend(ord("T"), stmt_row_desc)
+                assert isinstance(desc, m.RowDescription)
+                row_plan = self._subject_checks(row_plan, desc.fields, server_formats)
             if list(server_formats) == client and not any(
                 out is not None and out.column.encrypted and out.action is not Action.STORED for out in row_plan
             ):
@@ -1128,6 +1208,8 @@ class SessionCrypto:
         unpack = _I32.unpack_from
         write_key = self.ctx.write_key
         keys: list[DataKey | None] = [None] * stmt.key_slots
+        subject_keys: dict[Subject, DataKey] = {}
+        subjects: dict[SubjectValue, Subject] = {}
         sealed: list[tuple[int, bytes]] = []
         passed = 0
         for target in stmt.targets:
@@ -1139,9 +1221,10 @@ class SessionCrypto:
             if length < 0:
                 continue  # NULL stays NULL
             value = body[off + 4 : off + 4 + length]
+            subject = None if target.subject is None else self._bound_subject(target.subject, msg, formats, subjects)
             if target.envelope:  # a ciphertext role's stored envelope: checked, then passed on unchanged
                 envelope = value if formats[i] == 1 else self._bytea_value(target.column, value)
-                self.ctx.check_envelope(target.column, envelope, self.ctx.key_lookup)
+                self.ctx.check_envelope(target.column, envelope, self.ctx.key_lookup, subject)
                 sealed.append((i, envelope))
                 formats[i] = 1
                 passed += 1
@@ -1157,17 +1240,51 @@ class SessionCrypto:
                 canonical = value
             else:
                 canonical = self._canonical_text(target.column, value)
-            # One key per column for this Bind; the next Bind looks it up again, so a key disabled or
-            # invalidated meanwhile is never used.
-            key = keys[target.key_slot]
-            if key is None:
-                key = keys[target.key_slot] = write_key(target.column_id)
+            # One key per column (or data subject) for this Bind; the next Bind looks it up again, so a key
+            # disabled or invalidated meanwhile is never used.
+            if subject is not None:
+                key = subject_keys.get(subject)
+                if key is None:
+                    key = subject_keys[subject] = self.ctx.subject_write_key(subject, target.column_id)
+            elif target.key_slot < 0:
+                raise _unsupported(f"pgveil: no data subject for a value of column {target.column_id}")
+            else:
+                key = keys[target.key_slot]
+                if key is None:
+                    key = keys[target.key_slot] = write_key(target.column_id)
             sealed.append((i, seal(key, canonical, target.associated)))
             formats[i] = 1
         self.values_encrypted += len(sealed) - passed
         if not stmt.targets_in_order:
             sealed.sort(key=_first)
         return tuple(formats), tuple(sealed)
+
+    def _bound_subject(
+        self, source: SubjectValue, msg: m.BindFrame, formats: list[int], memo: dict[SubjectValue, Subject]
+    ) -> Subject:
+        """The data subject of a Bind's row: its literal, or the value (text or binary) of its parameter."""
+        subject = memo.get(source)
+        if subject is not None:
+            return subject
+        if source.literal is not None:
+            subject = subject_from_text(source.table, source.subject, statement_bytes(source.literal, self.fmt))
+        else:
+            j = (source.param or 0) - 1
+            n = len(msg.param_offsets) - 1
+            length = -1 if not 0 <= j < n else _I32.unpack_from(msg.body, msg.param_offsets[j])[0]
+            if length < 0:
+                raise InvalidSubject(
+                    f"pgveil: the subject id for column {source.subject.column} of {source.table} is NULL "
+                    "or missing, so the row has no data subject to encrypt it for"
+                )
+            off = msg.param_offsets[j] + 4
+            data = msg.body[off : off + length]
+            if formats[j] == 1:
+                subject = subject_from_binary(source.table, source.subject, data)
+            else:
+                subject = subject_from_text(source.table, source.subject, data)
+        memo[source] = subject
+        return subject
 
     # -- results ---------------------------------------------------------------------------------------
     def row_description(
@@ -1211,9 +1328,34 @@ class SessionCrypto:
                 changed = True
         if all(out is None for out in plan):
             return None, None
-        row_plan = tuple(plan)
+        row_plan = self._subject_checks(tuple(plan), desc.fields, [f.format for f in desc.fields])
         self._note_plan(row_plan, view)
         return (codec.encode_backend(m.RowDescription(tuple(fields))) if changed else None), row_plan
+
+    def _subject_checks(
+        self, plan: RowPlan, fields: Sequence[m.FieldDescription], server_formats: Sequence[int]
+    ) -> RowPlan:
+        """Marks each value of a column with per-subject keys whose row's subject column is in the same
+        result (same relation, once) so that its key is checked against it (rows._check_subjects)."""
+        subject_attrs = self.ctx.subject_attrs
+        if not subject_attrs:
+            return plan
+        out: list[ColumnOutput | None] = list(plan)
+        for i, o in enumerate(plan):
+            if o is None or o.column.subject_kind is None or i >= len(fields):
+                continue
+            found = subject_attrs.get(fields[i].table_oid)
+            if found is None:
+                continue
+            attnum, subject, table = found
+            at = [j for j, f in enumerate(fields) if f.table_oid == fields[i].table_oid and f.column_attnum == attnum]
+            if len(at) == 1:
+                j = at[0]
+                binary = j < len(server_formats) and server_formats[j] == 1
+                out[i] = dataclasses.replace(
+                    o, subject_at=j, subject=subject, subject_table=table, subject_binary=binary
+                )
+        return tuple(out)
 
     def _screens(self, view: RoleView) -> bool:
         """Whether results served under ``view`` screen their unattributed columns for envelopes
@@ -1277,7 +1419,7 @@ class SessionCrypto:
 
     def _new_memo(self, plan: RowPlan) -> None:
         self._memo_plan = plan
-        self._memo = {}
+        self._memo = {b"o": (self.ctx.key_lookup, self.ctx.shared_opener())}
         self._memo_count = sum(1 for p in plan if p is not None and p.action in _DECRYPTING)
         noted = self._plan_served.get(id(plan))
         self._memo_served = noted[1] if noted is not None and noted[0] is plan else ()
@@ -1295,6 +1437,13 @@ class SessionCrypto:
             self._new_memo(plan)
         try:
             out = rewrite_data_rows(data, start, end, plan, self.ctx.key_lookup, self.fmt, self._memo)
+        except KeyMiss as miss:
+            if miss.key_id is None or miss.key_ids:
+                raise
+            # Every key this run needs that memory lacks, fetched in one keystore query (a result of many
+            # data subjects would otherwise wait for one fetch per subject).
+            missing = self.ctx.keys.missing(run_key_ids(data, start, end, plan))
+            raise KeyMiss(key_id=miss.key_id, key_ids=missing) from None
         except RowDecryptError:
             # Deliver the rows before the bad one, as a row-at-a-time proxy would, then the error.
             good: list[bytes] = []
@@ -1367,6 +1516,9 @@ class SessionCrypto:
         if view is None:
             view = self._fallback_view()
         transforms = CopyTransforms(self)
+        row_field: tuple[int, Callable[[bytes | None], None]] | None = None
+        if inbound and cp.subject_index >= 0 and cp.table is not None and cp.table.subject is not None:
+            row_field = (cp.subject_index, transforms.subject_reader(cp.table.qualified_name, cp.table.subject))
         fields: list[Callable[[bytes], bytes | None] | None] = []
         served: dict[tuple[str, str, str], int] = {}
         for col in columns:
@@ -1380,6 +1532,9 @@ class SessionCrypto:
                     fields.append(None)  # a plain column is written as the client sends it
                 elif writes_envelopes(col, grant):
                     fields.append(transforms.envelope_checker(cc))
+                elif col.subject_kind is not None:
+                    # Each row's subject key: a miss retries the CopyData message (copy_in_data).
+                    fields.append(transforms.sealer(cc))
                 else:
                     self.ctx.keys.active(col.column_id)  # KeyMiss now, not half-way through the stream
                     fields.append(transforms.sealer(cc))
@@ -1427,7 +1582,7 @@ class SessionCrypto:
             force_not_null=positions(o.force_not_null),
             force_null=positions(o.force_null),
         )
-        return CopyRowRewriter(options, fields)
+        return CopyRowRewriter(options, fields, row_field=row_field)
 
     # -- the relay's seam: proxy.protocol.encryption.SessionEncryption --------------------------------
     def sql_namespace(self, sql: str) -> tuple[NamespaceOp, ...]:
@@ -1630,8 +1785,14 @@ class SessionCrypto:
         rw = self._copy_in_rw
         if rw is None:
             return None
+        before = rw.snapshot()
         try:
             rows = rw.feed(body)
+        except KeyMiss:
+            # A data subject's key is not in memory: the relay holds this message, the session fetches the
+            # key, and the message is fed again from the same state.
+            rw.restore(before)
+            raise
         except ProtocolViolation:
             raise
         except ProxyError:
@@ -1902,14 +2063,36 @@ class CopyTransforms:
 
     def __init__(self, crypto: SessionCrypto) -> None:
         self.crypto = crypto
+        self.row_subject: Subject | None = None  # the current row's data subject (per-subject keys)
+        self._subject_problem: str | None = None
+
+    def subject_reader(self, table: str, subject: SubjectColumn) -> Callable[[bytes | None], None]:
+        """The rewriter's ``row_field`` callback: reads each row's subject id before its fields are sealed."""
+
+        def read(value: bytes | None) -> None:
+            self.row_subject = None if value is None else subject_from_text(table, subject, value)
+            self._subject_problem = (
+                f"pgveil: the subject id for column {subject.column} of {table} is NULL, so the row has no data "
+                "subject to encrypt it for"
+                if value is None
+                else None
+            )
+
+        return read
 
     def sealer(self, cc: ColumnCrypto) -> Callable[[bytes], bytes]:
         crypto = self.crypto
+        subject_keyed = cc.column.subject_kind is not None
 
         def seal_field(plaintext: bytes) -> bytes:
             canonical = crypto._canonical_text(cc, plaintext)
+            if subject_keyed and self.row_subject is None:
+                raise InvalidSubject(
+                    self._subject_problem or f"pgveil: no data subject for column {cc.column.column_id}"
+                )
+            envelope = crypto.ctx.seal(cc, canonical, self.row_subject)
             crypto.values_encrypted += 1
-            return b"\\x" + crypto.ctx.seal(cc, canonical).hex().encode("ascii")
+            return b"\\x" + envelope.hex().encode("ascii")
 
         return seal_field
 
@@ -1926,7 +2109,7 @@ class CopyTransforms:
 
         def check_field(stored: bytes) -> bytes:
             envelope = crypto._bytea_value(cc, stored)
-            crypto.ctx.check_envelope(cc, envelope, lookup)
+            crypto.ctx.check_envelope(cc, envelope, lookup, self.row_subject)
             return b"\\x" + envelope.hex().encode("ascii")
 
         return check_field

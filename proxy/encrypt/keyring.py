@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from keymgmt.envelope import DataKey, KeyState, derive_key
+from keymgmt.envelope import DataKey, KeyState, Subject, derive_key
 from keymgmt.errors import KeyManagementError
 from proxy.errors import ProxyError, RefusalReason
 from proxy.protocol.relay import KeyMiss
@@ -40,6 +40,9 @@ class KeySource(Protocol):
     async def key_by_id(self, key_id: bytes) -> DataKey: ...
     async def active_key(self, column_id: str, subject: bytes | None = None) -> DataKey: ...
     async def preload(self, column_ids: Iterable[str]) -> int: ...
+    def cached_subject_key(self, subject: Subject) -> DataKey | None: ...
+    async def subject_key(self, subject: Subject) -> DataKey: ...
+    async def keys_by_ids(self, key_ids: Iterable[bytes]) -> int: ...
 
 
 class KeyRing:
@@ -55,11 +58,14 @@ class KeyRing:
         self._clock = clock
         self._missing_ids: dict[bytes, float] = {}
         self._missing_columns: dict[str, float] = {}
+        self._missing_subjects: dict[Subject, float] = {}
         self.hits = 0
         self.misses = 0
         self._derived: tuple[bytes, bytes] | None = None  # (key id, the mask's HMAC key derived from it)
 
-    def _recently_missing(self, table: dict[bytes, float] | dict[str, float], key: bytes | str) -> bool:
+    def _recently_missing(
+        self, table: dict[bytes, float] | dict[str, float] | dict[Subject, float], key: bytes | str | Subject
+    ) -> bool:
         until = table.get(key)  # type: ignore[arg-type]
         if until is None:
             return False
@@ -95,6 +101,22 @@ class KeyRing:
         self.misses += 1
         raise KeyMiss(column_id=column_id)
 
+    def subject(self, subject: Subject, column_id: str) -> DataKey:
+        """The data subject's current key for writing a value of ``column_id``; KeyMiss to fetch it (the
+        keystore creates its first version), KeyUnavailable if it cannot be had. Never a column's key."""
+        if self.source is not None:
+            key = self.source.cached_subject_key(subject)
+            if key is not None:
+                self.hits += 1
+                return key
+        if self.source is None or self._recently_missing(self._missing_subjects, subject):
+            raise KeyUnavailable(
+                f"pgveil: the data key of the data subject of a row of column {column_id} (subject kind "
+                f"{subject.kind}) is unavailable (keystore or key provider down, or the subject was shredded?)"
+            )
+        self.misses += 1
+        raise KeyMiss(column_id=column_id, subject=subject)
+
     def mask_key(self) -> bytes:
         """The ``hash`` mask's HMAC key (derived from the current key of :data:`MASK_KEY_SCOPE`); KeyMiss
         to fetch it (the keystore creates its first version), KeyUnavailable if it cannot be had."""
@@ -106,13 +128,44 @@ class KeyRing:
             derived = self._derived = (bytes(key.key_id), derive_key(key, MASK_KEY_SCOPE.encode("ascii")))
         return derived[1]
 
-    async def fetch(self, *, key_id: bytes | None = None, column_id: str | None = None) -> bool:
-        """Loads a missing key into the keystore's cache; remembers a failure for ``negative_ttl``."""
+    def missing(self, key_ids: Iterable[bytes]) -> tuple[bytes, ...]:
+        """Those of ``key_ids`` that are not in memory (and not known to be unavailable), each once."""
+        if self.source is None:
+            return ()
+        cached = self.source.cached_key
+        out = {
+            bytes(k): None
+            for k in key_ids
+            if cached(k) is None and not self._recently_missing(self._missing_ids, bytes(k))
+        }
+        return tuple(out)
+
+    async def fetch(
+        self,
+        *,
+        key_id: bytes | None = None,
+        column_id: str | None = None,
+        subject: object = None,
+        key_ids: tuple[bytes, ...] = (),
+    ) -> bool:
+        """Loads a missing key into the keystore's cache; remembers a failure for ``negative_ttl``.
+        ``subject`` (a :class:`~keymgmt.envelope.Subject`) asks for that data subject's key; ``key_ids``
+        for more keys by id, in one keystore query (a result of many subjects' keys)."""
         if self.source is None:
             return False
+        wanted_subject = subject if isinstance(subject, Subject) else None
+        if key_ids:
+            try:
+                await self.source.keys_by_ids(key_ids)
+            except (KeyManagementError, OSError) as e:
+                log.warning("batched key fetch failed: %s", type(e).__name__)
+            if key_id is not None and self.source.cached_key(key_id) is not None:
+                return True
         try:
             if key_id is not None:
                 await self.source.key_by_id(key_id)
+            elif wanted_subject is not None:
+                await self.source.subject_key(wanted_subject)
             elif column_id is not None:
                 await self.source.active_key(column_id)
             return True
@@ -121,6 +174,10 @@ class KeyRing:
             until = self._clock() + self._negative_ttl
             if key_id is not None:
                 self._missing_ids[bytes(key_id)] = until
-            if column_id is not None:
+            elif wanted_subject is not None:
+                if len(self._missing_subjects) > 10_000:
+                    self._missing_subjects.clear()
+                self._missing_subjects[wanted_subject] = until
+            elif column_id is not None:
                 self._missing_columns[column_id] = until
             return False

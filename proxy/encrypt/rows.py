@@ -55,14 +55,25 @@ from enum import IntEnum
 from typing import Any, NoReturn
 
 from keymgmt import native
-from keymgmt.envelope import ALGORITHM_AES256GCM, MAGIC, MIN_LENGTH, VERSION_1, Opener, OpenFailed, OpenFailure
+from keymgmt.envelope import (
+    ALGORITHM_AES256GCM,
+    MAGIC,
+    MIN_LENGTH,
+    NATIVE_SUBJECT_KEYS,
+    VERSION_1,
+    Opener,
+    OpenFailed,
+    OpenFailure,
+    Subject,
+)
 from keymgmt.envelope import KeyLookup as KeyLookup  # re-exported: callers pass keymgmt's lookup
+from proxy.encrypt.subjects import InvalidSubject, subject_from_binary, subject_from_text
 from proxy.errors import ProxyError
 from proxy.pgtypes.base import SessionFormat, TypeCodec
 from proxy.pgtypes.bytea import BYTEA
 from proxy.policy.masks import native_form
 from proxy.protocol.codec import CodecError
-from proxy.rewrite.catalog import ProtectedColumn
+from proxy.rewrite.catalog import ProtectedColumn, SubjectColumn
 
 _I32 = struct.Struct("!i")
 _FRAME = struct.Struct("!cI")  # message type, length
@@ -106,6 +117,14 @@ class ColumnOutput:
     identity: bool = False
     action: Action = Action.DECRYPT
     mask: Mask | None = None  # set for MASK and DECODE_MASK
+    # Per-subject keys: the result position of the same row's subject column (-1: not in the result),
+    # the table's subject column and name, and whether the server sends that column in binary. When set,
+    # each value's key must belong to the subject the row names (a value moved to another subject's row
+    # fails like a tampered one).
+    subject_at: int = -1
+    subject: SubjectColumn | None = None
+    subject_table: str = ""
+    subject_binary: bool = False
 
     def __post_init__(self) -> None:
         if (self.mask is not None) != (self.action in (Action.MASK, Action.DECODE_MASK)):
@@ -171,7 +190,8 @@ def _decode_hex(value: bytes, out: ColumnOutput) -> bytes:
 def open_value(envelope: bytes, out: ColumnOutput, keys: KeyLookup) -> bytes:
     """The canonical plaintext of one stored value."""
     try:
-        return Opener(keys).open(envelope, 0, len(envelope), out.associated)
+        python = out.column.subject_kind is not None and not NATIVE_SUBJECT_KEYS
+        return Opener(keys, python=python).open(envelope, 0, len(envelope), out.associated)
     except OpenFailed as e:
         raise RowDecryptError(out.column, e.reason.value) from None
 
@@ -232,8 +252,15 @@ def rewrite_data_rows(
     if compiled[4]:
         return data[start:end]  # nothing to change: every governed column is passed on as stored
     opener = memo.get(b"o")
-    if opener is None or opener[0] != keys:  # a bound method is a new object at each access: compare
-        opener = memo[b"o"] = (keys, Opener(keys))
+    # A bound method is a new object at each access: compare. A shared (native) Opener is not used for
+    # subject keys by an accelerator build that cannot add their associated data.
+    if opener is None or opener[0] != keys or (compiled[5] and opener[1].native is not None):
+        opener = memo[b"o"] = (keys, Opener(keys, python=compiled[5]))
+    if compiled[6]:
+        try:
+            _check_subjects(data, start, end, compiled[6], keys, memo)
+        except (struct.error, IndexError):
+            raise CodecError("server", "malformed DataRow message") from None
     try:
         if compiled[3] is not None and opener[1].native is not None and type(data) is bytes:
             try:
@@ -260,7 +287,18 @@ _NativeColumns = tuple[_NativeColumn, ...]
 # loop's columns, when every decrypted column is binary and identity and no column is masked: the
 # associated bytes of each decrypted column, _HIDE for a NULL column, None for the others. The
 # accelerator's the same when every decrypted column is identity (see _NativeColumns).
-_Compiled = tuple[RowPlan, tuple[_Step, ...], tuple[bytes | None, ...] | None, _NativeColumns | None, bool]
+# (plan, steps, the fast loop's columns, the accelerator's columns, nothing to change, some column has
+# per-subject keys: its values open with the Python Opener, which adds each key's subject to the
+# associated data; the accelerator's kernel does not know subject keys yet).
+_Compiled = tuple[
+    RowPlan,
+    tuple[_Step, ...],
+    tuple[bytes | None, ...] | None,
+    _NativeColumns | None,
+    bool,
+    bool,
+    tuple[tuple[int, "ColumnOutput"], ...],  # the values whose row's subject column is in the result
+]
 _OpenFunction = Callable[[bytes, int, int, bytes], bytes]
 # The fast loop's mark for a column that goes out as NULL; compared by identity (associated data is never
 # empty, so no column's associated bytes are this object).
@@ -311,8 +349,11 @@ def _compile(plan: RowPlan) -> _Compiled:
     screens = any(step is not None and step[4] is Action.SCREEN for step in steps)
     fast = only_decrypt and all(step[2] and step[3] for step in decrypting) and not screens
     masks = any(step[4] is Action.MASK for step in decrypting)
+    # An accelerator build that cannot add a subject key's associated data leaves such plans to Python.
+    subjects = not NATIVE_SUBJECT_KEYS and any(step[0].column.subject_kind is not None for step in decrypting)
     native = (
         all(step[4] in (Action.DECRYPT, Action.MASK) and step[3] for step in decrypting)
+        and not subjects
         and _accel is not None
         and (_NATIVE_NULL or not hides)
         and (_NATIVE_MASK or not masks)
@@ -326,7 +367,123 @@ def _compile(plan: RowPlan) -> _Compiled:
         else None,
         tuple(_native_column(step) for step in steps) if native else None,
         all(step is None for step in steps),
+        subjects,
+        tuple(
+            (i, out)
+            for i, out in enumerate(plan)
+            if out is not None and out.subject_at >= 0 and out.action in (Action.DECRYPT, Action.MASK)
+        ),
     )
+
+
+def run_key_ids(data: bytes, start: int, end: int, plan: RowPlan) -> list[bytes]:
+    """The key ids of the envelopes a run of DataRows holds in the columns ``plan`` opens (each once, in
+    order), so that the keys a result needs and memory lacks can be fetched in one keystore query.
+    Values that are not framed like envelopes are skipped (the kernels report them)."""
+    opened = [
+        (i, out.server_binary)
+        for i, out in enumerate(plan)
+        if out is not None and out.action in (Action.DECRYPT, Action.MASK)
+    ]
+    found: dict[bytes, None] = {}
+    if not opened:
+        return []
+    unpack = _I32.unpack_from
+    pos = start
+    try:
+        while pos < end:
+            (length,) = unpack(data, pos + 1)
+            p = pos + 7
+            offsets: list[tuple[int, int]] = []
+            for _ in range(int.from_bytes(data[pos + 5 : pos + 7], "big", signed=True)):
+                (n,) = unpack(data, p)
+                offsets.append((p + 4, n))
+                p += 4 + max(n, 0)
+            for i, binary in opened:
+                if i >= len(offsets):
+                    continue
+                v, n = offsets[i]
+                if binary and n >= MIN_LENGTH and data[v : v + 4] == _PREFIX:
+                    found[data[v + 4 : v + 20]] = None
+                elif not binary and n >= 2 + 2 * MIN_LENGTH and data[v : v + 10] == _HEX_PREFIX:
+                    try:
+                        found[binascii.a2b_hex(data[v + 10 : v + 42])] = None
+                    except ValueError:
+                        pass
+            pos += 1 + length
+    except struct.error:
+        pass  # a malformed run: the kernels report it
+    return list(found)
+
+
+_HEX_PREFIX = b"\\x" + _PREFIX.hex().encode()
+
+
+def _check_subjects(
+    data: bytes,
+    start: int,
+    end: int,
+    checks: tuple[tuple[int, ColumnOutput], ...],
+    keys: KeyLookup,
+    memo: dict[bytes, Any],
+) -> None:
+    """Each checked value's key must be the key of the data subject its row names (its subject column,
+    in the same result): a value copied into another subject's row is refused as a value that does not
+    open. A key that is a column's (written before the table had subject keys) or not found here (the
+    kernel then fails it) is left to the kernel. Raises the key lookup's KeyMiss before anything is
+    written, so the run can be retried."""
+    unpack = _I32.unpack_from
+    pos = start
+    while pos < end:
+        (length,) = unpack(data, pos + 1)
+        row_end = pos + 1 + length
+        offsets: list[tuple[int, int]] = []
+        p = pos + 7
+        for _ in range(int.from_bytes(data[pos + 5 : pos + 7], "big", signed=True)):
+            (n,) = unpack(data, p)
+            offsets.append((p + 4, n))
+            p += 4 + max(n, 0)
+        for i, out in checks:
+            v, n = offsets[i]
+            if n < 0:
+                continue
+            if out.server_binary:
+                key_id = data[v + 4 : v + 20] if n >= MIN_LENGTH else b""
+            else:
+                try:
+                    key_id = binascii.a2b_hex(data[v + 10 : v + 42]) if data[v : v + 2] == b"\\x" else b""
+                except ValueError:
+                    key_id = b""
+            if len(key_id) != 16:
+                continue  # not an envelope: the kernel says so
+            key = keys(key_id)
+            expected = None if key is None else key.data_subject
+            if expected is None:
+                continue
+            s, sn = offsets[out.subject_at]
+            named = None
+            if sn >= 0 and out.subject is not None:
+                raw = data[s : s + sn]
+                # The canonical subject of each distinct raw id, remembered for the result (bounded).
+                cache: dict[tuple[bytes, bool, int], Subject | None] = memo.setdefault(b"s", {})
+                ck = (raw, out.subject_binary, id(out.subject))
+                if ck in cache:
+                    named = cache[ck]
+                else:
+                    try:
+                        named = (
+                            subject_from_binary(out.subject_table, out.subject, raw)
+                            if out.subject_binary
+                            else subject_from_text(out.subject_table, out.subject, raw)
+                        )
+                    except InvalidSubject:
+                        named = None
+                    if len(cache) > 4096:
+                        cache.clear()
+                    cache[ck] = named
+            if named != expected:
+                raise RowDecryptError(out.column, OpenFailure.AUTHENTICATION.value)
+        pos = row_end
 
 
 def _rewrite_native(data: bytes, start: int, end: int, plan: RowPlan, columns: _NativeColumns, opener: Opener) -> bytes:

@@ -60,10 +60,19 @@ class KeyMiss(Exception):
     """Raised by the encryption layer when a key is not in memory: the relay holds that side of the
     stream and asks the session (NeedKey) to fetch it."""
 
-    def __init__(self, *, key_id: bytes | None = None, column_id: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        key_id: bytes | None = None,
+        column_id: str | None = None,
+        subject: object = None,
+        key_ids: tuple[bytes, ...] = (),
+    ) -> None:
         super().__init__("key not cached")
         self.key_id = key_id
         self.column_id = column_id
+        self.subject = subject  # a data subject's key (keymgmt.envelope.Subject; opaque to the protocol layer)
+        self.key_ids = key_ids  # every key id a held DataRow run needs and memory lacks: fetched in one query
 
 
 class AnalysisMiss(Exception):

@@ -177,6 +177,8 @@ class NeedKey:
     side: str
     key_id: bytes | None = None
     column_id: str | None = None
+    subject: object = None  # a data subject's key (opaque here, see KeyMiss)
+    key_ids: tuple[bytes, ...] = ()  # further key ids to fetch with key_id, in one keystore query
 
 
 @dataclass(frozen=True, slots=True)
@@ -735,7 +737,7 @@ class Relay:
                 # Keep this message and the rest until the session has fetched the key.
                 self.client_messages -= 1
                 self._c_hold = True
-                self.events.append(NeedKey("client", miss.key_id, miss.column_id))
+                self.events.append(NeedKey("client", miss.key_id, miss.column_id, miss.subject))
                 break
             except AnalysisMiss as analysis:
                 self.client_messages -= 1
@@ -1132,7 +1134,7 @@ class Relay:
             except KeyMiss as miss:
                 count -= 1
                 self._s_hold = True
-                self.events.append(NeedKey("server", miss.key_id, miss.column_id))
+                self.events.append(NeedKey("server", miss.key_id, miss.column_id, miss.subject, miss.key_ids))
                 break
             except ProtocolViolation:
                 raise

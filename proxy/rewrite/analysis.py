@@ -320,6 +320,7 @@ def _analyze_statement(stmt: Node, catalog: Catalog, source: SourceText) -> Stat
         touches_protected=True,
         literal_targets=tuple(walker.literals),
         param_targets=types.MappingProxyType(param_targets),
+        param_subjects=types.MappingProxyType(dict(walker.param_subjects)),
         result_columns=result.result_columns,
         result_via_row_description=result.via_row_description,
         copy=result.copy,

@@ -50,12 +50,30 @@ class ProtectedColumn:
     table_oid: int = 0
     identity: str = ""  # a family member's column: the root column's column_id
     encrypted: bool = True  # False: a plain column in the database, governed by visibility policy only
+    # Per-subject keys: the subject kind of its table (``tables.<t>.subject.kind``), None for a column key.
+    subject_kind: str | None = None
 
     @property
     def column_id(self) -> str:
         """``schema.table.column``: the column's identity in associated data and key scope (the
         configured table's column, also for the same column seen through a partition, child or view)."""
         return self.identity or f"{self.schema}.{self.table}.{self.name}"
+
+
+SUBJECT_TYPES = ("integer", "uuid", "text")
+"""The classes of a subject column's type: int2/int4/int8, uuid, text-like (text, varchar). Every table of
+one subject kind must use the same class, so that one subject has one canonical id."""
+
+
+@dataclass(frozen=True, slots=True)
+class SubjectColumn:
+    """A table's data subject (``tables.<t>.subject``): the column whose value names the subject of each
+    row, and the subject's kind (tables of one kind share each subject's key). ``type_class`` is one of
+    :data:`SUBJECT_TYPES`, read from the database ("" until the catalog is read)."""
+
+    kind: str
+    column: str
+    type_class: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +106,7 @@ class ProtectedTable:
     opaque: bool = False
     configured_as: tuple[str, str] | None = None  # the configured name of a table renamed since
     uses: tuple[ProtectedColumn, ...] = ()
+    subject: SubjectColumn | None = None  # per-subject keys for its encrypted columns
 
     @property
     def qualified_name(self) -> str:

@@ -342,6 +342,9 @@ class _Dialect:
 _NEED_MORE = (-1, -1)
 
 
+CopySnapshot = tuple[bytes, int, bool, "_Eol", int, int, bool, bytes]
+
+
 class CopyRowRewriter:
     """Rewrites the protected fields of a COPY text or CSV stream, one complete line at a time.
 
@@ -353,6 +356,11 @@ class CopyRowRewriter:
 
     The same rewriter serves both directions; only the transform differs. NULL fields (and fields equal
     to the DEFAULT marker) are never passed to a transform and keep their bytes.
+
+    ``row_field`` (per-subject keys) is ``(i, on_row)``: before a line's transforms run, ``on_row`` gets the
+    value of its field ``i`` (unescaped or unquoted; None for NULL or DEFAULT), so that the transforms
+    seal for that row's data subject. :meth:`snapshot` and :meth:`restore` let a caller retry a payload
+    whose transform asked for a key that is not in memory yet (the rewriter is then as before the feed).
     """
 
     __slots__ = (
@@ -368,6 +376,7 @@ class CopyRowRewriter:
         "_names",
         "_ncols",
         "_protected",
+        "_row_field",
         "_rows",
         "_scan",
         "_utf8_tail",
@@ -380,6 +389,7 @@ class CopyRowRewriter:
         *,
         column_names: Sequence[str] | None = None,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        row_field: tuple[int, Callable[[bytes | None], None]] | None = None,
     ) -> None:
         if not transforms:
             raise ValueError("a COPY rewriter needs at least one column")
@@ -388,6 +398,9 @@ class CopyRowRewriter:
         self._d = _Dialect(options)
         self._ncols = len(transforms)
         self._protected = tuple((i, t) for i, t in enumerate(transforms) if t is not None)
+        if row_field is not None and not 0 <= row_field[0] < len(transforms):
+            raise ValueError("row_field names no column")
+        self._row_field = row_field
         self._names = tuple(column_names) if column_names is not None else None
         self._max_line = max_line_bytes
         self._buf = bytearray()
@@ -428,6 +441,19 @@ class CopyRowRewriter:
     def buffered(self) -> int:
         """Bytes of an incomplete line held back until its end arrives."""
         return len(self._buf)
+
+    def snapshot(self) -> CopySnapshot:
+        """The rewriter's state, for :meth:`restore` (holds buffered row bytes: never log it)."""
+        return (
+            bytes(self._buf), self._scan, self._in_quote, self._eol, self._line_no, self._rows, self._ended,
+            self._utf8_tail,
+        )  # fmt: skip
+
+    def restore(self, state: CopySnapshot) -> None:
+        """Back to a :meth:`snapshot`: the payloads fed since are to be fed again."""
+        buf, self._scan, self._in_quote, self._eol, self._line_no, self._rows, self._ended, self._utf8_tail = state
+        self._buf = bytearray(buf)
+        self._failed = False
 
     def feed(self, data: bytes) -> bytes:
         """Takes the next CopyData payload; returns the rewritten bytes of every line it completed."""
@@ -676,6 +702,9 @@ class CopyRowRewriter:
         if len(fields) != self._ncols:
             self._wrong_field_count(len(fields))
         null, default = d.null, d.default
+        if self._row_field is not None:
+            raw = fields[self._row_field[0]]
+            self._row_field[1](None if raw in (null, default) else unescape_text_field(raw) if b"\\" in raw else raw)
         for i, transform in self._protected:
             raw = fields[i]
             if raw in (null, default):
@@ -713,6 +742,12 @@ class CopyRowRewriter:
         if len(fields) != self._ncols:
             self._wrong_field_count(len(fields))
         null, default = d.null, d.default
+        if self._row_field is not None:
+            raw = fields[self._row_field[0]]
+            if d.quote in raw:
+                self._row_field[1](self._csv_value(raw))
+            else:
+                self._row_field[1](None if raw in (null, default) else raw)
         for i, transform in self._protected:
             raw = fields[i]
             if d.quote in raw:

@@ -21,9 +21,10 @@ from enum import Enum
 
 from proxy.errors import FeatureNotSupported, RefusalReason
 from proxy.policy.model import Reference
-from proxy.rewrite.catalog import ProtectedColumn, ProtectedTable
+from proxy.rewrite.catalog import ProtectedColumn, ProtectedTable, SubjectColumn
 
 _EMPTY_PARAMS: Mapping[int, ProtectedColumn] = types.MappingProxyType({})
+_EMPTY_SUBJECTS: Mapping[int, SubjectValue] = types.MappingProxyType({})
 
 
 class StatementKind(Enum):
@@ -55,6 +56,23 @@ class Refusal:
 
 
 @dataclass(frozen=True, slots=True, repr=False)
+class SubjectValue:
+    """Where the data subject of a written row comes from (per-subject keys): a literal of the statement
+    text (``literal``: its text as the type's input function reads it) or a Bind parameter (``param``,
+    the ``$n`` number). ``subject`` is the table's subject column (kind, name, type class); ``table`` the
+    written table's qualified name, for messages."""
+
+    table: str
+    subject: SubjectColumn
+    literal: str | None = None
+    param: int | None = None
+
+    def __repr__(self) -> str:
+        source = f"param=${self.param}" if self.param is not None else f"literal=<{len(self.literal or '')} chars>"
+        return f"SubjectValue(table={self.table!r}, kind={self.subject.kind!r}, {source})"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
 class LiteralTarget:
     """A literal in the statement text that goes into a protected column and must be encrypted.
 
@@ -73,6 +91,7 @@ class LiteralTarget:
     column: ProtectedColumn
     cast_type: str | None = None
     numeric: bool = False  # a numeric constant (1.7), not a string ('1.7'): it has a type before any cast
+    subject: SubjectValue | None = None  # the row's data subject, for a column with per-subject keys
 
     def __repr__(self) -> str:
         return (
@@ -170,6 +189,9 @@ class CopyPlan:
     format: CopyFormat
     options: CopyOptions
     governed: tuple[ProtectedColumn | None, ...] | None = None
+    # COPY FROM into a table with per-subject keys: the wire position of its subject column, whose value
+    # in each row chooses the key its encrypted fields are sealed with (-1: none).
+    subject_index: int = -1
 
     @property
     def needs_rewrite(self) -> bool:
@@ -220,6 +242,8 @@ class StatementPlan:
     refusal_reason: Refusal | None = None
     literal_targets: tuple[LiteralTarget, ...] = ()
     param_targets: Mapping[int, ProtectedColumn] = field(default_factory=lambda: _EMPTY_PARAMS)
+    # ``$n`` of param_targets whose column has per-subject keys -> where its row's subject comes from.
+    param_subjects: Mapping[int, SubjectValue] = field(default_factory=lambda: _EMPTY_SUBJECTS)
     result_columns: tuple[ProtectedColumn | None, ...] | None = None
     result_via_row_description: bool = False
     copy: CopyPlan | None = None

@@ -79,3 +79,22 @@ def parameter_reuse(number: int, columns: list[ProtectedColumn | None]) -> Featu
 
 def statement(message: str, hint: str | None = None) -> FeatureNotSupported:
     return FeatureNotSupported(f"pgveil: {message}", hint=hint)
+
+
+def subject_unknown(column: ProtectedColumn, table: str, subject_column: str, construct: str) -> FeatureNotSupported:
+    """A value for a column with per-subject keys whose row's data subject the statement does not give."""
+    return FeatureNotSupported(
+        f"pgveil: cannot tell the data subject of the row written into encrypted column {column.column_id}: "
+        f"table {table} takes its keys from subject column {subject_column}, and {construct} does not give "
+        "it as a literal or a $n parameter",
+        hint=f"supply {subject_column} as a literal or a parameter in the same row",
+    )
+
+
+def subject_change(table: str, subject_column: str, construct: str) -> FeatureNotSupported:
+    """The subject column of a table with per-subject keys may not be changed through pgveil."""
+    return FeatureNotSupported(
+        f"pgveil: {construct} cannot change subject column {subject_column} of table {table}: its encrypted "
+        "values are sealed with the data subject's key",
+        hint="insert the row anew under the other subject and delete the old one",
+    )

@@ -50,7 +50,7 @@ from proxy.rewrite.nodes import (
     node_type,
     tables_named_in_strings,
 )
-from proxy.rewrite.plan import CopyDirection, CopyFormat, CopyPlan, HiddenOutput, LiteralTarget, TextEdit
+from proxy.rewrite.plan import CopyDirection, CopyFormat, CopyPlan, HiddenOutput, LiteralTarget, SubjectValue, TextEdit
 from proxy.rewrite.scope import (
     UNKNOWN_SHAPE,
     ColumnUse,
@@ -110,6 +110,13 @@ class StatementWalker:
         self.params: dict[int, list[ProtectedColumn | None]] = {}
         self._multiexpr: dict[int, Shape] = {}
         self._references: dict[Reference, None] = {}  # insertion-ordered, without duplicates
+        # Per-subject keys: the data subject of the row whose values are being assigned (None: not known,
+        # and ``_subject_why`` names the construct for the refusal), and where each $n's subject comes from.
+        self._row_subject: SubjectValue | None = None
+        self._subject_why = "this statement"
+        self._subject_at: int | None = None  # the subject column's position in an INSERT's VALUES rows
+        self._subject_table: ProtectedTable | None = None
+        self.param_subjects: dict[int, SubjectValue] = {}
         # The top-level SELECT whose list entries may become HiddenOutputs, and those entries.
         self._hide_body: Node | None = None
         self.hidden: list[HiddenOutput] = []
@@ -524,9 +531,12 @@ class StatementWalker:
 
     def values(self, rows: list[Node], level: Level, assign: _Assignments | None) -> Shape:
         width = 0
+        subject_at = self._subject_at if assign is not None else None
         for row in rows:
             items = row.get("List", {}).get("items", [])
             width = max(width, len(items))
+            if subject_at is not None:
+                self._row_subject = self._subject_of(items[subject_at] if subject_at < len(items) else None)
             for position, item in enumerate(items):
                 column = assign.at(position) if assign is not None else None
                 if column is not None:
@@ -534,6 +544,27 @@ class StatementWalker:
                 else:
                     self.expr(item, level, "VALUES", "VALUES list")
         return tuple(OutColumn(f"column{i + 1}") for i in range(width))
+
+    def _subject_of(self, node: Node | None) -> SubjectValue | None:
+        """The data subject a VALUES item (or a WHERE's ``subject = value``) gives, or None (and why)."""
+        table = self._subject_table
+        if table is None or table.subject is None:
+            return None
+        value = classify_value(node) if node is not None else None
+        if isinstance(value, Constant):
+            return SubjectValue(table.qualified_name, table.subject, literal=value.plaintext)
+        if isinstance(value, ParamValue):
+            return SubjectValue(table.qualified_name, table.subject, param=value.number)
+        self._subject_why = (
+            "a NULL subject"
+            if isinstance(value, NullValue)
+            else "DEFAULT"
+            if isinstance(value, DefaultValue)
+            else f"a subject given by {describe_value(node, value)}"
+            if node is not None and value is not None
+            else "a row without the subject column"
+        )
+        return None
 
     def target_list(
         self, targets: list[Node], level: Level, clause: str, assign: _Assignments | None, *, hide: bool = False
@@ -862,6 +893,15 @@ class StatementWalker:
                 self.refer(col, ReferenceKind.WRITE, "INSERT" if cols else "INSERT without a column list")
         # Only encrypted columns need their values sealed; a plain column takes any expression.
         assign = _Assignments(tuple(c if c is not None and c.encrypted else None for c in targets))
+        if table is not None and table.subject is not None:
+            names = [str(c.get("name")) for c in cols] if cols else list(known_columns(table) or ())
+            self._subject_table = table
+            self._subject_at = names.index(table.subject.column) if table.subject.column in names else None
+            self._subject_why = (
+                "INSERT ... SELECT"
+                if self._subject_at is not None
+                else f"an INSERT whose column list does not name {table.subject.column}"
+            )
         select = body.get("selectStmt")
         if select:
             sbody = node_type(select)[1]
@@ -893,9 +933,15 @@ class StatementWalker:
                     if target is not None:
                         raise refusals.insert_select(target)
                     self.use_governed(protected, "INSERT ... SELECT")
+        if self._subject_table is not None and select:
+            rows = node_type(select)[1].get("valuesLists") or []
+            if len(rows) != 1:
+                self._row_subject = None  # ON CONFLICT DO UPDATE cannot tell which row it updates
+                self._subject_why = "a multi-row INSERT ... ON CONFLICT DO UPDATE"
         conflict = body.get("onConflictClause")
         if conflict:
             self.on_conflict(conflict, table, rel, ctes)
+        self._row_subject, self._subject_table, self._subject_at = None, None, None
         level = Level(ctes)
         level.add(rel)
         return self.returning(body, level, rel)
@@ -914,6 +960,17 @@ class StatementWalker:
         if oc.get("action") == "ONCONFLICT_UPDATE":
             excluded = Relation("excluded", rel.shape, None, table)
             level.add(excluded, in_star=False)
+            if table is not None and table.subject is not None:
+                names = {str(ie.get("IndexElem", {}).get("name")) for ie in infer.get("indexElems", [])}
+                if table.subject.column not in names:
+                    # The existing row may belong to another subject than the inserted one.
+                    self._row_subject = None
+                    self._subject_why = (
+                        f"an ON CONFLICT DO UPDATE whose conflict target does not list {table.subject.column}"
+                    )
+                    self._subject_table = table
+                self._no_subject_change(oc.get("targetList", []), table, "ON CONFLICT DO UPDATE SET")
+                self._excluded_subject_check(oc.get("targetList", []), table)
             self.set_list(oc.get("targetList", []), level, table, (rel, excluded), "ON CONFLICT DO UPDATE SET")
             self.expr(oc.get("whereClause"), level, "ON CONFLICT DO UPDATE WHERE")
 
@@ -926,9 +983,41 @@ class StatementWalker:
         level.add(rel)
         for item in body.get("fromClause", []):
             self.from_item(item, level)
+        if table is not None and table.subject is not None:
+            self._no_subject_change(body.get("targetList", []), table, "UPDATE")
+            self._subject_table = table
+            self._subject_why = f"an UPDATE whose WHERE clause does not pin {table.subject.column} = value"
+            qualifiers = {
+                str(rv.get("relname", "")),
+                str((rv.get("alias") or {}).get("aliasname", rv.get("relname", ""))),
+            }
+            pinned = _pinned(body.get("whereClause"), table.subject.column, qualifiers)
+            self._row_subject = self._subject_of(pinned) if pinned is not None else None
         self.set_list(body.get("targetList", []), level, table, (rel,), "UPDATE SET")
+        self._row_subject, self._subject_table = None, None
         self.expr(body.get("whereClause"), level, "WHERE")
         return self.returning(body, level, rel)
+
+    def _no_subject_change(self, targets: list[Node], table: ProtectedTable, construct: str) -> None:
+        """Changing a row's subject would leave its encrypted values sealed under the old subject's key
+        (pgveil does not see them in the statement, so it cannot re-encrypt them): refused."""
+        assert table.subject is not None
+        if not any(c.encrypted for c in table.columns.values()):
+            return
+        for item in targets:
+            if str(item.get("ResTarget", {}).get("name", "")) == table.subject.column:
+                raise refusals.subject_change(table.qualified_name, table.subject.column, construct)
+
+    def _excluded_subject_check(self, targets: list[Node], table: ProtectedTable) -> None:
+        """``SET email = EXCLUDED.email`` stores the envelope sealed for the inserted row's subject: only
+        right when the existing row has the same subject (the conflict target lists the subject column)."""
+        if self._row_subject is not None or table.subject is None:
+            return
+        for item in targets:
+            name = str(item.get("ResTarget", {}).get("name", ""))
+            col = table.columns.get(name)
+            if col is not None and col.encrypted and col.subject_kind is not None:
+                raise refusals.subject_unknown(col, table.qualified_name, table.subject.column, self._subject_why)
 
     def delete(self, body: Node, ctes: CteScope) -> Shape | None:
         ctes = self.with_clause(body.get("withClause"), None, ctes)
@@ -1029,15 +1118,33 @@ class StatementWalker:
     ) -> None:
         """A value written into a protected column: record what the session must encrypt or rewrite."""
         value = classify_value(node)
+        subject: SubjectValue | None = None
+        if column.subject_kind is not None and isinstance(value, Constant | ParamValue):
+            subject = self._row_subject
+            if subject is None:
+                owner = self._subject_table
+                if owner is None or owner.subject is None:
+                    # A view, a MERGE, a statement whose rows pgveil cannot follow to their subject.
+                    table_name = column.column_id.rsplit(".", 1)[0]
+                    raise refusals.subject_unknown(column, table_name, "its subject column", "this statement")
+                raise refusals.subject_unknown(column, owner.qualified_name, owner.subject.column, self._subject_why)
         if isinstance(value, Constant):
             start, end = self.source.value_span(node, bare_alias=bare_alias)
-            self.literals.append(LiteralTarget(start, end, value.plaintext, column, value.cast_type, value.numeric))
+            self.literals.append(
+                LiteralTarget(start, end, value.plaintext, column, value.cast_type, value.numeric, subject)
+            )
         elif isinstance(value, NullValue):
             if value.cast:
                 start, end = self.source.value_span(node, bare_alias=bare_alias)
                 self.edits.append(TextEdit(start, end, "NULL"))
         elif isinstance(value, ParamValue):
             self.param_target(value.number, column)
+            if subject is not None and self.param_subjects.setdefault(value.number, subject) != subject:
+                raise refusals.statement(
+                    f"parameter ${value.number} is written into encrypted column {column.column_id} for two "
+                    "rows of different data subjects",
+                    hint="pass the value as a separate parameter for each row",
+                )
             if value.cast:
                 start, end = self.source.value_span(node, bare_alias=bare_alias)
                 self.edits.append(TextEdit(start, end, f"${value.number}"))
@@ -1081,6 +1188,18 @@ class StatementWalker:
                 if col is not None:
                     self.refer(col, use, f"COPY {direction.value.upper()}")
             protected = _encrypted(governed)
+            subject_index = -1
+            if (
+                direction is CopyDirection.FROM
+                and table.subject is not None
+                and any(c is not None and c.subject_kind is not None for c in protected)
+            ):
+                if table.subject.column not in names:
+                    first = next(c for c in protected if c is not None and c.subject_kind is not None)
+                    raise refusals.subject_unknown(
+                        first, table.qualified_name, table.subject.column, "a COPY whose column list does not name it"
+                    )
+                subject_index = names.index(table.subject.column)
             self._copy_binary(fmt, protected)
             if not with_client:
                 self._copy_with_server_file(direction, governed)
@@ -1089,7 +1208,7 @@ class StatementWalker:
                 level = Level(CteScope())
                 level.add(self.target_relation(rv, table))
                 self.expr(where, level, "COPY ... WHERE")
-            plan = CopyPlan(table, direction, tuple(names), protected, fmt, options)
+            plan = CopyPlan(table, direction, tuple(names), protected, fmt, options, subject_index=subject_index)
             return WalkResult(copy=_with_governed(plan, governed))
         kind, query = node_type(body.get("query", {}))
         shape = self.dml_or_select(kind, query, CteScope()) or ()
@@ -1365,6 +1484,41 @@ def statement_sql_text_references(stmt: Node, catalog: Catalog) -> list[Referenc
     for call in function_calls(stmt, SQL_TEXT_FUNCTIONS):
         out.update(dict.fromkeys(sql_text_references(call, catalog)))
     return list(out)
+
+
+def _pinned(where: Node | None, column: str, qualifiers: set[str]) -> Node | None:
+    """The value a WHERE clause pins ``column`` (of the relation named by one of ``qualifiers``, or
+    unqualified) to with a top-level ``column = value`` conjunct (either side; AND-ed with anything), or
+    None. Every row the statement touches then has that value."""
+    if not where:
+        return None
+    kind, body = node_type(where)
+    if kind == "BoolExpr" and body.get("boolop") == "AND_EXPR":
+        for arg in body.get("args", []):
+            found = _pinned(arg, column, qualifiers)
+            if found is not None:
+                return found
+        return None
+    if kind != "A_Expr" or body.get("kind") != "AEXPR_OP":
+        return None
+    ops = [node_type(n)[1].get("sval") for n in body.get("name", [])]
+    if ops != ["="]:
+        return None
+    left: Node = body.get("lexpr", {})
+    right: Node = body.get("rexpr", {})
+    for a, b in ((left, right), (right, left)):
+        k, ref = node_type(a)
+        if k == "ColumnRef":
+            fields = [node_type(f)[1].get("sval") for f in ref.get("fields", [])]
+            qualified_ok = len(fields) == 1 or (len(fields) == 2 and fields[0] in qualifiers)
+            if (
+                fields
+                and fields[-1] == column
+                and qualified_ok
+                and isinstance(classify_value(b), Constant | ParamValue)
+            ):
+                return b
+    return None
 
 
 def _encrypted(columns: tuple[ProtectedColumn | None, ...]) -> tuple[ProtectedColumn | None, ...]:

@@ -17,6 +17,7 @@ from keymgmt.envelope import (
     Opener,
     OpenFailed,
     OpenFailure,
+    Subject,
     _seal_with_nonce,
     column_associated_data,
     is_envelope,
@@ -25,6 +26,7 @@ from keymgmt.envelope import (
     open_envelope,
     peek_key_id,
     seal,
+    subject_scope,
 )
 from keymgmt.errors import DecryptionFailed, KeyDisabled, KeyManagementError, UnknownKey
 
@@ -39,9 +41,10 @@ VECTOR_ENVELOPE = bytes.fromhex(
     "5056010100112233445566778899aabbccddeeffa0a1a2a3a4a5a6a7a8a9aaab"
     "967f0a482ca722cb0716f3f3711fa3aa1fde8af5ae706371fe3fa2a823ab7b09fc00"
 )
+# Subject (customer, "42"): associated data header · 0x00 · column · 0x00 · u16 8 · customer · u32 2 · 42.
 VECTOR_SUBJECT_ENVELOPE = bytes.fromhex(
     "5056010100112233445566778899aabbccddeeffa0a1a2a3a4a5a6a7a8a9aaab"
-    "967f0a482ca722cb0716f3f3711fa3aa1fde633ca5bd6e50962d7bdb6b3781c66002"
+    "967f0a482ca722cb0716f3f3711fa3aa1fdef2a384e4e66934d240a936a9830aa129"
 )
 
 
@@ -82,11 +85,64 @@ def test_fixed_vector_column_scope() -> None:
 
 
 def test_fixed_vector_subject_scope() -> None:
-    associated = column_associated_data(VECTOR_COLUMN, b"\x01\x02\x03")
-    assert associated == b"\x00public.users.email\x00\x01\x02\x03"
+    associated = column_associated_data(VECTOR_COLUMN, Subject("customer", b"42"))
+    assert associated == b"\x00public.users.email\x00\x00\x08customer\x00\x00\x00\x0242"
     sealed = _seal_with_nonce(vector_key(), VECTOR_PLAINTEXT, associated, VECTOR_NONCE)
     assert sealed == VECTOR_SUBJECT_ENVELOPE
     assert sealed == layout(VECTOR_KEY, VECTOR_KEY_ID, VECTOR_NONCE, VECTOR_PLAINTEXT, associated)
+
+
+def subject_key(kind: str = "customer", subject_id: bytes = b"42") -> DataKey:
+    return DataKey.from_material(VECTOR_KEY_ID, VECTOR_KEY, column_id=subject_scope(kind), subject=subject_id)
+
+
+def test_a_subject_key_adds_its_subject_to_the_associated_data() -> None:
+    key = subject_key()
+    assert key.data_subject is not None
+    assert key.data_subject.kind == "customer"
+    # The data path passes the column's part; the key adds the subject's: the same bytes as the vector.
+    sealed = _seal_with_nonce(key, VECTOR_PLAINTEXT, column_associated_data(VECTOR_COLUMN), VECTOR_NONCE)
+    assert sealed == VECTOR_SUBJECT_ENVELOPE
+    assert open_envelope(strict_lookup(key), sealed, column_associated_data(VECTOR_COLUMN)) == VECTOR_PLAINTEXT
+    for python in (True, False):  # the accelerator's Opener adds the key's subject part as Python's does
+        opener = Opener(strict_lookup(key), python=python)
+        assert opener.open(sealed, 0, len(sealed), column_associated_data(VECTOR_COLUMN)) == VECTOR_PLAINTEXT
+    # The same material as another subject's (or a column's) key does not open it.
+    for other in (subject_key(subject_id=b"43"), subject_key(kind="supplier"), vector_key()):
+        with pytest.raises(DecryptionFailed):
+            open_envelope(strict_lookup(other), sealed, column_associated_data(VECTOR_COLUMN))
+        for python in (True, False):
+            with pytest.raises(OpenFailed):
+                Opener(strict_lookup(other), python=python).open(
+                    sealed, 0, len(sealed), column_associated_data(VECTOR_COLUMN)
+                )
+    with pytest.raises(DecryptionFailed):
+        open_envelope(strict_lookup(key), sealed, column_associated_data("public.users.name"))
+
+
+@given(
+    a=st.tuples(st.text(min_size=1, max_size=4), st.text(min_size=1, max_size=4), st.binary(max_size=4)),
+    b=st.tuples(st.text(min_size=1, max_size=4), st.text(min_size=1, max_size=4), st.binary(max_size=4)),
+)
+def test_distinct_column_subject_pairs_give_distinct_associated_data(
+    a: tuple[str, str, bytes], b: tuple[str, str, bytes]
+) -> None:
+    def data(t: tuple[str, str, bytes]) -> bytes | None:
+        column, kind, subject_id = t
+        if "\x00" in column or "\x00" in kind:
+            return None
+        return column_associated_data(column, Subject(kind, subject_id))
+
+    da, db = data(a), data(b)
+    if da is not None and db is not None and a != b:
+        assert da != db
+        assert da != column_associated_data(b[0])
+        assert db != column_associated_data(a[0])
+
+
+def test_subject_repr_shows_lengths_only() -> None:
+    assert "42" not in repr(Subject("customer", b"4242"))
+    assert "<4 bytes>" in repr(Subject("customer", b"4242"))
 
 
 def test_layout_fields() -> None:
@@ -153,14 +209,15 @@ def test_column_swap_fails() -> None:
 
 def test_subject_swap_fails() -> None:
     key = vector_key()
-    sealed = seal(key, b"alice@example.com", column_associated_data("public.users.email", b"alice"))
-    for other in (b"bob", b"", None, b"alice\x00"):
+    alice = Subject("customer", b"alice")
+    sealed = seal(key, b"alice@example.com", column_associated_data("public.users.email", alice))
+    for other in (Subject("customer", b"bob"), Subject("customer", b""), None, Subject("customer", b"alice\x00")):
         with pytest.raises(DecryptionFailed):
             open_envelope(strict_lookup(key), sealed, column_associated_data("public.users.email", other))
 
 
 def test_column_scope_and_empty_subject_differ() -> None:
-    assert column_associated_data("s.t.c") != column_associated_data("s.t.c", b"")
+    assert column_associated_data("s.t.c") != column_associated_data("s.t.c", Subject("k", b""))
     # a subject cannot be smuggled into the column id: NUL is refused there
     with pytest.raises(ValueError, match="NUL"):
         column_associated_data("s.t.c\x00x")
@@ -269,7 +326,7 @@ def test_seal_with_nonce_rejects_bad_nonce() -> None:
 )
 def test_round_trip(plaintext: bytes, column: str, subject: bytes | None) -> None:
     key = vector_key()
-    associated = column_associated_data(column, subject)
+    associated = column_associated_data(column, None if subject is None else Subject("customer", subject))
     sealed = seal(key, plaintext, associated)
     assert len(sealed) == MIN_LENGTH + len(plaintext)
     assert is_envelope(sealed)

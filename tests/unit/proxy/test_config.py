@@ -659,3 +659,56 @@ def test_sessions_section_round_trip() -> None:
         "idle_buffer_limit": 4096,
     }
     assert parse({"sessions": values}).sessions == SessionsConfig(**values)  # type: ignore[arg-type]
+
+
+# -- tables.<t>.subject ------------------------------------------------------------------------------
+
+
+def _subject_table(subject: Any, columns: dict[str, Any] | None = None) -> dict[str, Any]:
+    cols = columns if columns is not None else {"email": {"type": "text", "encrypt": True}}
+    return {"tables": {"public.customers": {"subject": subject, "columns": cols}}}
+
+
+def test_subject_is_parsed_and_reaches_the_catalog() -> None:
+    config = parse(_subject_table({"kind": "Customer", "column": "id"}))
+    (table,) = config.tables
+    assert table.subject is not None
+    assert (table.subject.kind, table.subject.column) == ("customer", "id")
+    protected = config.catalog().tables[("public", "customers")]
+    assert protected.subject is not None
+    assert protected.subject.kind == "customer"
+    assert protected.columns["email"].subject_kind == "customer"
+
+
+def test_without_subject_columns_have_column_keys() -> None:
+    config = parse(one_table({"email": {"type": "text", "encrypt": True}}))
+    protected = config.catalog().tables[("public", "t")]
+    assert protected.subject is None
+    assert protected.columns["email"].subject_kind is None
+
+
+def test_plain_columns_of_a_subject_table_have_no_subject_kind() -> None:
+    cols = {"email": {"type": "text", "encrypt": True}, "phone": {"type": "text"}}
+    protected = parse(_subject_table({"kind": "c", "column": "id"}, cols)).catalog().tables[("public", "customers")]
+    assert protected.columns["phone"].subject_kind is None
+
+
+@pytest.mark.parametrize(
+    ("subject", "columns", "expected"),
+    [
+        ("id", None, "tables.public.customers.subject: must be a mapping"),
+        ({"column": "id"}, None, "tables.public.customers.subject.kind: required"),
+        ({"kind": "customer"}, None, "tables.public.customers.subject.column: required"),
+        ({"kind": "a b", "column": "id"}, None, "tables.public.customers.subject.kind: must match"),
+        ({"kind": "c", "column": 5}, None, "tables.public.customers.subject.column: must match"),
+        ({"kind": "c", "column": "id", "extra": 1}, None, "tables.public.customers.subject"),
+        (
+            {"kind": "c", "column": "email"},
+            None,
+            "tables.public.customers.subject.column: the subject column email must not itself be encrypted",
+        ),
+    ],
+)
+def test_subject_errors_name_the_dotted_path(subject: Any, columns: Any, expected: str) -> None:
+    errors = errors_of(_subject_table(subject, columns))
+    assert any(e.startswith(expected) for e in errors), errors

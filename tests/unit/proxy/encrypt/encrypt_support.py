@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from keymgmt.envelope import DataKey
+from keymgmt.envelope import DataKey, Subject
 from keymgmt.errors import KeyProviderUnavailable, UnknownKey
 from proxy.protocol import codec
 from proxy.protocol import messages as m
@@ -41,6 +41,7 @@ class FakeKeySource:
         self.active_ids = {k.column_id: bytes(k.key_id) for k in self.stored.values()}
         self.cache = dict(self.stored) if cached else {}
         self.down = False
+        self.subject_ids: dict[Subject, bytes] = {}
 
     def cached_key(self, key_id: bytes) -> DataKey | None:
         return self.cache.get(bytes(key_id))
@@ -63,6 +64,36 @@ class FakeKeySource:
         if key_id is None:
             raise UnknownKey()
         return await self.key_by_id(key_id)
+
+    def cached_subject_key(self, subject: Subject) -> DataKey | None:
+        key_id = self.subject_ids.get(subject)
+        return None if key_id is None else self.cache.get(key_id)
+
+    async def subject_key(self, subject: Subject) -> DataKey:
+        """Creates the subject's key on first use, as the keystore does."""
+        key_id = self.subject_ids.get(subject)
+        if key_id is None:
+            if self.down:
+                raise KeyProviderUnavailable("keystore unreachable")
+            n = len(self.subject_ids) + 1
+            key = DataKey.from_material(
+                n.to_bytes(16, "big"), bytes([n % 256]) * 32, column_id=subject.scope, subject=subject.subject_id
+            )
+            key_id = self.subject_ids[subject] = bytes(key.key_id)
+            self.stored[key_id] = key
+        return await self.key_by_id(key_id)
+
+    async def keys_by_ids(self, key_ids: Iterable[bytes]) -> int:
+        if self.down:
+            raise KeyProviderUnavailable("keystore unreachable")
+        self.batches = getattr(self, "batches", 0) + 1
+        n = 0
+        for k in key_ids:
+            key = self.stored.get(bytes(k))
+            if key is not None:
+                self.cache[bytes(k)] = key
+                n += 1
+        return n
 
     async def preload(self, column_ids: Iterable[str]) -> int:
         n = 0

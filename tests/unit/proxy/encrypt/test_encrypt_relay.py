@@ -493,7 +493,7 @@ async def fetch_until_done(relay: Relay, ring: KeyRing, side: str) -> list[NeedK
         assert isinstance(event, NeedKey)
         assert event.side == side
         asked.append(event)
-        assert await ring.fetch(key_id=event.key_id, column_id=event.column_id)
+        assert await ring.fetch(key_id=event.key_id, column_id=event.column_id, key_ids=event.key_ids)
         relay.resume(side)
     return asked
 
@@ -504,12 +504,15 @@ async def test_key_miss_on_a_data_row_holds_the_server_side_until_resumed() -> N
     stored = text_rows_stored()
     out = server(relay, be(server_description(0)) + stored[0] + stored[1][:9])
     assert out == be(client_description(0, 0, 0))
-    assert relay.events == [NeedKey("server", key_id=bytes(SSN_KEY.key_id))]
+    # Every key the held run needs is asked for at once (one keystore query), not one per round trip.
+    both = (bytes(SSN_KEY.key_id), bytes(SCORE_KEY.key_id))
+    assert relay.events == [NeedKey("server", key_id=bytes(SSN_KEY.key_id), key_ids=both)]
     assert server(relay, stored[1][9:] + DONE) == b""  # still held: arrives, is kept, in order
     assert source.cache == {}
 
     asked = await fetch_until_done(relay, ring, "server")
-    assert asked == [NeedKey("server", key_id=bytes(SSN_KEY.key_id)), NeedKey("server", key_id=bytes(SCORE_KEY.key_id))]
+    assert asked == [NeedKey("server", key_id=bytes(SSN_KEY.key_id), key_ids=both)]
+    assert source.batches == 1
     out = b"".join(relay.to_client)
     relay.to_client.clear()
     assert out == b"".join(text_rows_plain()) + DONE

@@ -349,7 +349,7 @@ def loops(data: bytes, plan: RowPlan, keys: KeyLookup = lookup, *, end: int | No
     """The outcome of each kernel that can run ``plan``: the general loop, the fast one where the plan
     allows it, each with the Python and (where built) the accelerator's Opener, and the accelerator's
     kernel where the plan allows it."""
-    _, steps, fast, native, _unchanged = rows._compile(plan)
+    _, steps, fast, native, _unchanged, _subjects, _checks = rows._compile(plan)
     stop = len(data) if end is None else end
     openers = [Opener(keys, python=True)] + ([Opener(keys)] if envelope._accel is not None else [])
     runs: list[Callable[[], bytes]] = []
@@ -720,7 +720,7 @@ HIDDEN_PLAN: RowPlan = (
 
 def test_a_hidden_column_runs_in_the_fast_loop_and_the_accelerator() -> None:
     """Hiding decrypts nothing and needs no codec: it does not push a plan off the fast kernels."""
-    _, _, fast, native, unchanged = rows._compile(HIDDEN_PLAN)
+    _, _, fast, native, unchanged, _subjects, _checks = rows._compile(HIDDEN_PLAN)
     assert fast is not None
     assert (native is not None) == (rows._accel is not None)
     assert not unchanged
