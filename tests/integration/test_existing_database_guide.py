@@ -30,7 +30,7 @@ import psycopg
 import pytest
 from encfixtures import run_psql
 
-from proxy.devcluster import SUPERUSER_PASSWORD, DevCluster, free_port, wait_for_port
+from proxy.devcluster import SUPERUSER_PASSWORD, DevCluster, free_port, running_cluster, wait_for_port
 
 pytestmark = pytest.mark.integration
 
@@ -105,7 +105,16 @@ def guide_commands() -> list[str]:
 
 
 @pytest.fixture
-def machine(pg: DevCluster, tmp_path: Path) -> Iterator[Machine]:
+def own_pg() -> Iterator[DevCluster]:
+    """A cluster of its own: the guide creates cluster-wide roles (``support``) that other modules' fixtures
+    create too, and dropping them at the end must not touch theirs."""
+    with running_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def machine(own_pg: DevCluster, tmp_path: Path) -> Iterator[Machine]:
+    pg = own_pg
     make_existing_database(pg)
     m = Machine(pg, tmp_path, free_port(), free_port())
     while m.admin_port == m.proxy_port:
