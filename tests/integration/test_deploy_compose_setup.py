@@ -25,7 +25,7 @@ import psycopg
 import pytest
 import yaml
 
-from proxy.devcluster import SUPERUSER_PASSWORD, DevCluster, free_port, wait_for_port
+from proxy.devcluster import SUPERUSER_PASSWORD, DevCluster, free_port, running_cluster, wait_for_port
 
 pytestmark = pytest.mark.integration
 
@@ -39,11 +39,12 @@ SECRETS = {
 
 
 @pytest.fixture
-def shop(pg: DevCluster) -> Iterator[DevCluster]:
-    pg.psql("CREATE DATABASE shop")  # what POSTGRES_DB=shop makes: owned by the superuser
-    yield pg
-    pg.psql("DROP DATABASE IF EXISTS shop WITH (FORCE)")
-    pg.psql("DROP ROLE IF EXISTS support, shop_app, shop_owner, pgveil_keystore, pgveil_service")
+def shop() -> Iterator[DevCluster]:
+    """A cluster of its own: the example creates cluster-wide roles (``support``) that other modules'
+    fixtures create too."""
+    with running_cluster() as pg:
+        pg.psql("CREATE DATABASE shop")  # what POSTGRES_DB=shop makes: owned by the superuser
+        yield pg
 
 
 def compose_command(service: str) -> list[str]:
