@@ -58,9 +58,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from keymgmt.envelope import HEADER_LENGTH, DataKey, KeyState, Opener, OpenFailed, column_associated_data, seal
+from keymgmt.envelope import DataKey, KeyState, OpenFailed, column_associated_data, seal
 from keymgmt.errors import KeyManagementError, UnknownKey
-from keymgmt.jobs import JobError, JobState, JobStatus, Throttle, job_status, release_claim, try_claim
+from keymgmt.jobs import JobError, JobRunner, JobState, JobStatus, Throttle, job_status
 from keymgmt.keystore import Keystore
 from keymgmt.rotation import KeyColumn, primary_key_of, quote_ident
 
@@ -533,12 +533,16 @@ class BatchResult:
 ProgressCallback = Callable[[JobStatus, BatchResult | None], Awaitable[None] | None]
 
 
-class ColumnMigration:
+class ColumnMigration(JobRunner):
     """Runs one migration job to its end (or until paused for good, cancelled, or stopped).
 
     ``keystore_conn`` holds the job's claim and its row; ``data_conn`` works on the table. Pass the same
     connection for both when the keystore is in the application's database (the default): then every
     batch and the swap commit together with their progress, and the counts survive any crash exactly."""
+
+    _label = "migration job"
+    _keystore: Keystore
+    _unusable_key_errors = (UnknownKey, KeyManagementError)  # a provider that is down: counted, not fatal
 
     def __init__(
         self,
@@ -556,59 +560,19 @@ class ColumnMigration:
         notify_swap: bool = True,
         before_swap: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        self._keystore = keystore
-        self._ks = keystore_conn
-        self._data = data_conn
-        self.job_id = job_id
+        super().__init__(
+            keystore, keystore_conn, data_conn, job_id, on_progress=on_progress, poll_seconds=poll_seconds, stop=stop
+        )
         self._conv = converters
         self._throttle_override = throttle
         self._batch_override = batch_size
-        self._on_progress = on_progress
-        self._stop = stop or asyncio.Event()
-        self._poll = poll_seconds
         # Tests switch the swap's notification off, and wait before it, to observe the window after it.
         self._notify_swap = notify_swap
         self._before_swap = before_swap
-        self._keys: dict[bytes, DataKey | None] = {}
 
     @property
     def _same(self) -> bool:
         return self._ks is self._data
-
-    async def run(self) -> JobStatus:
-        if not await try_claim(self._ks, self.job_id):
-            raise JobError(f"job {self.job_id} is being run by another runner")
-        try:
-            return await self._run_claimed()
-        except Exception as exc:
-            reason = exc.message if isinstance(exc, KeyManagementError) else type(exc).__name__
-            log.warning("migration job %s stopped: %s", self.job_id, reason)
-            try:
-                await self._ks.execute(
-                    "UPDATE pgveil.rotation_jobs SET last_error = $2, updated_at = now() WHERE job_id = $1",
-                    self.job_id,
-                    reason[:500],
-                )
-            except Exception:
-                log.debug("could not record the job's error")
-            raise
-        finally:
-            try:
-                await release_claim(self._ks, self.job_id)
-            except Exception:
-                log.debug("could not release the job's claim (its connection is gone, which releases it)")
-
-    async def _status(self) -> JobStatus:
-        [status] = await job_status(self._ks, [self.job_id])
-        return status
-
-    async def _report(self, batch: BatchResult | None) -> JobStatus:
-        status = await self._status()
-        if self._on_progress is not None:
-            result = self._on_progress(status, batch)
-            if result is not None:
-                await result
-        return status
 
     async def _job_row(self) -> Any:
         row = await self._ks.fetchrow(
@@ -688,12 +652,6 @@ class ColumnMigration:
             if delay > 0:
                 await self._wait(delay)
 
-    async def _wait(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self._stop.wait(), seconds)
-        except TimeoutError:
-            pass
-
     async def _set_position(self, position: dict[str, Any], **fields: Any) -> None:
         sets = ", ".join(f"{k} = ${i + 3}" for i, k in enumerate(fields))
         await self._ks.execute(
@@ -753,16 +711,6 @@ class ColumnMigration:
         if key.state is not KeyState.ENABLED or key.column_id != target.column_id:
             raise MigrationError(f"the data key of {target.column_id} is not enabled")
         return key
-
-    async def _opener_for(self, envelopes: Sequence[bytes]) -> Opener:
-        for e in envelopes:
-            kid = bytes(e[4:20]) if len(e) >= HEADER_LENGTH else b""
-            if kid and kid not in self._keys:
-                try:
-                    self._keys[kid] = await self._keystore.key_by_id(kid)
-                except (UnknownKey, KeyManagementError):
-                    self._keys[kid] = None
-        return Opener(self._keys.get)
 
     async def _convert(
         self, target: MigrationTarget, associated: bytes, rows: Sequence[Any]

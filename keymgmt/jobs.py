@@ -26,16 +26,19 @@ done and counted, or neither.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
+import logging
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
-from keymgmt.errors import KeyManagementError
+from keymgmt.envelope import DataKey, Opener, peek_key_id
+from keymgmt.errors import DecryptionFailed, KeyManagementError, UnknownKey
 
 # Advisory lock space of job claims: (JOB_LOCK_CLASS, first four bytes of the job id as a signed int4).
 # The constant is "pgvj" in ASCII; an application sharing the database is unlikely to use it.
@@ -275,6 +278,105 @@ async def try_claim(conn: Any, job_id: uuid.UUID) -> bool:
 
 async def release_claim(conn: Any, job_id: uuid.UUID) -> None:
     await conn.fetchval("SELECT pg_advisory_unlock($1::int, $2::int)", *job_lock_key(job_id))
+
+
+log = logging.getLogger(__name__)
+
+
+class _KeysById(Protocol):
+    async def key_by_id(self, key_id: bytes) -> DataKey: ...
+
+
+class JobRunner:
+    """What every job runner shares (DEK re-encryption, column migration): it takes the job's claim on
+    the keystore connection, runs :meth:`_run_claimed`, records a failure's reason in the job row, and
+    releases the claim whatever happens; reports progress, waits interruptibly, and finds the keys a
+    batch's envelopes name (once per runner; a key it cannot have opens nothing).
+
+    ``keystore_conn`` holds the claim and the job row; ``data_conn`` works on the application table (the
+    same connection when the keystore lives in the application's database)."""
+
+    _label = "job"  # for the log line of a stopped job
+    _unusable_key_errors: tuple[type[Exception], ...] = (UnknownKey,)  # a key_by_id failure that means "no key"
+
+    def __init__(
+        self,
+        keystore: _KeysById,
+        keystore_conn: Any,
+        data_conn: Any,
+        job_id: uuid.UUID,
+        *,
+        on_progress: Callable[[JobStatus, Any], Awaitable[None] | None] | None,
+        poll_seconds: float,
+        stop: asyncio.Event | None,
+    ) -> None:
+        self._keystore = keystore
+        self._ks = keystore_conn
+        self._data = data_conn
+        self.job_id = job_id
+        self._on_progress = on_progress
+        self._poll = poll_seconds
+        self._stop = stop or asyncio.Event()
+        self._keys: dict[bytes, DataKey | None] = {}
+        self.errors = 0
+
+    async def run(self) -> JobStatus:
+        if not await try_claim(self._ks, self.job_id):
+            raise JobError(f"job {self.job_id} is being run by another runner")
+        try:
+            return await self._run_claimed()
+        except Exception as exc:
+            self.errors += 1
+            reason = exc.message if isinstance(exc, KeyManagementError) else type(exc).__name__
+            log.warning("%s %s stopped: %s", self._label, self.job_id, reason)
+            try:
+                await self._ks.execute(
+                    "UPDATE pgveil.rotation_jobs SET last_error = $2, updated_at = now() WHERE job_id = $1",
+                    self.job_id,
+                    reason[:500],
+                )
+            except Exception:  # the connection itself may be what failed
+                log.debug("could not record the job's error")
+            raise
+        finally:
+            try:
+                await release_claim(self._ks, self.job_id)
+            except Exception:
+                log.debug("could not release the job's claim (its connection is gone, which releases it)")
+
+    async def _run_claimed(self) -> JobStatus:
+        raise NotImplementedError
+
+    async def _status(self) -> JobStatus:
+        [status] = await job_status(self._ks, [self.job_id])
+        return status
+
+    async def _report(self, batch: object) -> JobStatus:
+        status = await self._status()
+        if self._on_progress is not None:
+            result = self._on_progress(status, batch)
+            if result is not None:
+                await result
+        return status
+
+    async def _wait(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    async def _opener_for(self, envelopes: Sequence[bytes]) -> Opener:
+        for e in envelopes:
+            try:
+                kid = bytes(peek_key_id(e))
+            except DecryptionFailed:
+                continue  # not an envelope: it opens with no key
+            if kid not in self._keys:
+                try:
+                    self._keys[kid] = await self._keystore.key_by_id(kid)
+                except self._unusable_key_errors:  # destroyed or unknown: its values cannot be re-encrypted
+                    self._keys[kid] = None
+        return Opener(self._keys.get)
 
 
 class Throttle:

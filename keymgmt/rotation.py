@@ -43,7 +43,6 @@ from typing import Any
 
 from keymgmt.envelope import (
     DEK_LENGTH,
-    HEADER_LENGTH,
     DataKey,
     KeyState,
     Opener,
@@ -51,8 +50,8 @@ from keymgmt.envelope import (
     column_associated_data,
     seal,
 )
-from keymgmt.errors import KeyManagementError, UnknownKey
-from keymgmt.jobs import JobError, JobState, JobStatus, Throttle, job_status, release_claim, try_claim
+from keymgmt.errors import KeyManagementError
+from keymgmt.jobs import JobError, JobRunner, JobState, JobStatus, Throttle
 from keymgmt.keystore import NOTIFY_CHANNEL, Keystore
 from keymgmt.providers import KeyProvider, provider_of
 
@@ -465,7 +464,7 @@ class BatchResult:
 ProgressCallback = Callable[[JobStatus, BatchResult | None], Awaitable[None] | None]
 
 
-class ReEncryption:
+class ReEncryption(JobRunner):
     """Runs one DEK re-encryption job to its end (or until paused for good, cancelled, or stopped).
 
     ``keystore`` supplies the keys (its cache unwraps each old version once); ``keystore_conn`` holds the
@@ -475,6 +474,9 @@ class ReEncryption:
     databases the batch commits first and its progress right after; a crash between the two loses one
     batch from the counts (never a row: the next run finds what is left by its key id).
     """
+
+    _label = "re-encryption job"
+    _keystore: Keystore
 
     def __init__(
         self,
@@ -489,53 +491,11 @@ class ReEncryption:
         poll_seconds: float = _POLL_SECONDS,
         stop: asyncio.Event | None = None,
     ) -> None:
-        self._keystore = keystore
-        self._ks = keystore_conn
-        self._data = data_conn
-        self.job_id = job_id
+        super().__init__(
+            keystore, keystore_conn, data_conn, job_id, on_progress=on_progress, poll_seconds=poll_seconds, stop=stop
+        )
         self._throttle_override = throttle
         self._batch_override = batch_size
-        self._on_progress = on_progress
-        self._poll = poll_seconds
-        self._stop = stop or asyncio.Event()
-        self._keys: dict[bytes, DataKey | None] = {}
-        self.errors = 0
-
-    async def run(self) -> JobStatus:
-        if not await try_claim(self._ks, self.job_id):
-            raise JobError(f"job {self.job_id} is being run by another runner")
-        try:
-            return await self._run_claimed()
-        except Exception as exc:
-            self.errors += 1
-            reason = exc.message if isinstance(exc, KeyManagementError) else type(exc).__name__
-            log.warning("re-encryption job %s stopped: %s", self.job_id, reason)
-            try:
-                await self._ks.execute(
-                    "UPDATE pgveil.rotation_jobs SET last_error = $2, updated_at = now() WHERE job_id = $1",
-                    self.job_id,
-                    reason[:500],
-                )
-            except Exception:  # the connection itself may be what failed
-                log.debug("could not record the job's error")
-            raise
-        finally:
-            try:
-                await release_claim(self._ks, self.job_id)
-            except Exception:
-                log.debug("could not release the job's claim (its connection is gone, which releases it)")
-
-    async def _status(self) -> JobStatus:
-        [status] = await job_status(self._ks, [self.job_id])
-        return status
-
-    async def _report(self, batch: BatchResult | None) -> JobStatus:
-        status = await self._status()
-        if self._on_progress is not None:
-            result = self._on_progress(status, batch)
-            if result is not None:
-                await result
-        return status
 
     async def _run_claimed(self) -> JobStatus:
         row = await self._ks.fetchrow(
@@ -609,12 +569,6 @@ class ReEncryption:
             if delay > 0:
                 await self._wait(delay)
 
-    async def _wait(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self._stop.wait(), seconds)
-        except TimeoutError:
-            pass
-
     async def _job_row(self) -> tuple[JobState, dict[str, Any], float | None, int]:
         row = await self._ks.fetchrow(
             "SELECT state, position, throttle_rows_per_second, batch_size FROM pgveil.rotation_jobs WHERE job_id = $1",
@@ -630,16 +584,6 @@ class ReEncryption:
             row["throttle_rows_per_second"],
             row["batch_size"] or DEFAULT_BATCH_SIZE,
         )
-
-    async def _opener_for(self, envelopes: Sequence[bytes]) -> Opener:
-        for e in envelopes:
-            kid = bytes(e[4:20]) if len(e) >= HEADER_LENGTH else b""
-            if kid and kid not in self._keys:
-                try:
-                    self._keys[kid] = await self._keystore.key_by_id(kid)
-                except UnknownKey:  # destroyed or unknown: its values cannot be re-encrypted
-                    self._keys[kid] = None
-        return Opener(self._keys.get)
 
     async def _batch(
         self,
