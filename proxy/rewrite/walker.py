@@ -635,11 +635,11 @@ class StatementWalker:
 
     def _hidden_output(self, val: Node, column: ProtectedColumn, alias: str | None, field_name: str) -> None:
         try:
-            start, end = self.source.value_span(val, bare_alias=alias is not None)
+            start, end = self.source.reference_span(val)
         except FeatureNotSupported:
             return  # the text is not where the tree says: the column is fetched and hidden by pgveil
-        text = self.source.sql[start:end]
-        self.hidden.append(HiddenOutput(start, end, column, None if alias is not None else field_name, text))
+        name = None if alias is not None else field_name
+        self.hidden.append(HiddenOutput(start, end, column, name, self.source.sql[start:end]))
 
     def star(self, body: Node, level: Level) -> Shape:
         """What ``*`` or ``t.*`` expands to."""
