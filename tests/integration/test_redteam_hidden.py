@@ -396,12 +396,6 @@ def _screened(env: VisEnv, proxy: ProxyProcess, sql: str, *, binary: bool, escap
     return got.rows[0][0], got.raw
 
 
-ESCAPE_LEAK = (
-    "bytea_output = escape, nested two levels: the escape form's backslashes are doubled once per level of "
-    "quoting (PV\\\\\\\\001\\\\\\\\001), which no ENVELOPE_MARKS entry matches (only PV\\001 and PV\\\\001), "
-    "so the support role receives the whole envelope in text"
-)
-
 _PLAIN_FORMS = [
     ("raw", "SELECT rt_ssn({a})", False),
     ("raw-escape", "SELECT rt_ssn({a})", True),
@@ -414,31 +408,22 @@ _PLAIN_FORMS = [
     ("ungoverned-table", "SELECT b FROM rt_copy WHERE id = {a}", False),
     ("quote-literal-escape", "SELECT quote_literal(rt_ssn({a}))", True),
 ]
-# Nested escape text: leaks in text results; in binary the record and array are raw (caught), json is text.
+# Escape text nested two and more levels deep (each backslash doubled per level of quoting).
 _ESCAPE_NESTED = [
-    ("array-of-records-escape", "SELECT ARRAY[ROW(rt_ssn({a}))]", "ARRAY[ROW(f())]", (False,)),
-    ("record-in-record-escape", "SELECT ROW(ROW(rt_ssn({a})))", "ROW(ROW(f()))", (False,)),
-    ("table-rows-escape", "SELECT rt_rows({a})", "a function returning vis_customers[]", (False,)),
-    (
-        "json-of-array-text-escape",
-        "SELECT to_json(ARRAY[rt_ssn({a})]::text)",
-        "to_json(ARRAY[f()]::text)",
-        (False, True),
-    ),
+    ("array-of-records-escape", "SELECT ARRAY[ROW(rt_ssn({a}))]"),
+    ("record-in-record-escape", "SELECT ROW(ROW(rt_ssn({a})))"),
+    ("table-rows-escape", "SELECT rt_rows({a})"),
+    ("json-of-array-text-escape", "SELECT to_json(ARRAY[rt_ssn({a})]::text)"),
+    ("json-of-record-in-array-text-escape", "SELECT to_json(ARRAY[ROW(ROW(rt_ssn({a})))]::text)"),
+    ("hex-in-json-of-array-text", "SELECT to_json(ARRAY[ROW(rt_ssn({a}))]::text)"),
 ]
 FORMS = [
     pytest.param(sql, escape, binary, id=f"{name}-{'binary' if binary else 'text'}")
     for name, sql, escape in _PLAIN_FORMS
     for binary in (False, True)
 ] + [
-    pytest.param(
-        sql,
-        True,
-        binary,
-        id=f"{name}-{'binary' if binary else 'text'}",
-        marks=[pytest.mark.xfail(strict=True, reason=f"{ESCAPE_LEAK} ({what})")] if binary in leaks else [],
-    )
-    for name, sql, what, leaks in _ESCAPE_NESTED
+    pytest.param(sql, not name.startswith("hex"), binary, id=f"{name}-{'binary' if binary else 'text'}")
+    for name, sql in _ESCAPE_NESTED
     for binary in (False, True)
 ]
 
@@ -497,13 +482,6 @@ def test_asyncpg_unattributed_columns_are_screened(
     assert asyncio.run(_asyncpg_values(env, proxy, a, cursor_sql=None)) == [None] * 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="asyncpg (Parse, Describe statement, then Bind and Execute without a portal Describe) of "
-    "'SELECT rt_ssn(id) FROM vis_customers WHERE id = $1': the statement names a governed table, so it has a "
-    "StatementCrypto, but no result column is governed, so _bind builds no row plan and nothing screens the "
-    "unattributed column: the support role receives the raw envelope (fetchval and a cursor's portal alike)",
-)
 def test_asyncpg_unattributed_columns_of_a_governed_statement_are_screened(
     env: VisEnv, proxy: ProxyProcess, rows: tuple[Customer, Customer]
 ) -> None:
@@ -539,12 +517,6 @@ def test_roles_that_see_every_encrypted_column_still_get_the_envelope(
 
 # -- screening must not touch innocent values -------------------------------------------------------------
 
-FALSE_POSITIVE = (
-    "screening misfires on innocent data: docs/visibility-paths.md says values without an envelope are "
-    "untouched, but any unattributed value whose bytes merely contain an ENVELOPE_MARKS entry is NULLed for a "
-    "restricted role"
-)
-
 
 @pytest.mark.parametrize(
     ("sql", "binary", "expected"),
@@ -552,38 +524,26 @@ FALSE_POSITIVE = (
         pytest.param("SELECT 'x5056 0101 PV 1 1'::text", False, "x5056 0101 PV 1 1", id="near-miss-text"),
         pytest.param("SELECT ARRAY[1347813632, 1]::int4[]", True, [1347813632, 1], id="near-miss-int-array"),
         pytest.param("SELECT '\\x50560102'::bytea", False, b"PV\x01\x02", id="near-miss-bytea"),
+        pytest.param("SELECT 'see \\x50560' || '10'", False, "see \\x5056010", id="near-miss-hex-text"),
+        pytest.param("SELECT E'PV\\\\01\\\\001'", False, "PV\\01\\001", id="near-miss-escape-text"),
+        pytest.param("SELECT ARRAY[1347813633]::int8[]", True, [1347813633], id="int8-array-binary"),
         pytest.param(
             "SELECT name FROM vis_customers WHERE id = {b}",
             False,
             INNOCENT_NAME,
             id="ungoverned-text-column",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=FALSE_POSITIVE + f": the ungoverned column vis_customers.name holding {INNOCENT_NAME!r} "
-                "('x50560101' is the hex mark) comes back NULL to support",
-            ),
         ),
         pytest.param(
             "SELECT ARRAY[1347813633]::int4[]",
             True,
             [1347813633],
             id="int-array-binary",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=FALSE_POSITIVE + ": an int4[] in binary holding 1347813633 (0x50560101, the raw header "
-                "PV\\x01\\x01) comes back NULL to support; int4[] is not in _UNSCREENED although int4 is",
-            ),
         ),
         pytest.param(
             "SELECT '\\x00ff50560101ee'::bytea",
             True,
             b"\x00\xffPV\x01\x01\xee",
             id="ungoverned-bytea-binary",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=FALSE_POSITIVE + ": any bytea (a file, a hash) whose bytes contain PV\\x01\\x01 anywhere, "
-                "not only at the start where an envelope begins, comes back NULL in binary",
-            ),
         ),
     ],
 )
