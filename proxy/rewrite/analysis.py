@@ -84,6 +84,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import types
 
 from pglast import parser as pg_parser
@@ -126,14 +127,21 @@ def needs_analysis(sql: str, catalog: Catalog) -> bool:
 # -- fast path and unparseable text ---------------------------------------------------------------------
 
 
+# What names every function of SQL_TEXT_FUNCTIONS and every relation of STATISTICS_RELATIONS, lower-cased
+# (a unit test holds the two lists to this one).
+_READS_BY_NAME = ("_to_xml", "dblink", "ts_stat", "ts_rewrite", "crosstab", "connectby", "pg_stats", "pg_statistic")
+
+
 def _may_mention(sql: str, catalog: Catalog) -> bool:
     """False only if no protected table can be named in ``sql``: its name does not occur in any case,
     and no Unicode-escaped identifier could spell it."""
     lowered = sql.lower()
     if 'u&"' in lowered or "schema" in lowered or "owned" in lowered:
         return True  # also DDL that moves or drops protected tables without naming them
-    if "_to_xml" in lowered or "dblink" in lowered:
-        return True  # functions that read tables named by a string, or every table (SQL_TEXT_FUNCTIONS)
+    if any(marker in lowered for marker in _READS_BY_NAME):
+        return True  # functions that read tables named by a string, or every table; the statistics views
+    if ("exec" in lowered or "language" in lowered) and re.search(r"\bdo\b", lowered):
+        return True  # a DO block that may build a table's name at run time (see dynamic_do_references)
     if not sql.isascii() and any(not name.isascii() for _schema, name in catalog.tables):
         return True  # bytes in another client encoding than UTF-8 do not spell the name as str does
     for _schema, name in catalog.tables:
@@ -272,12 +280,43 @@ def _statement_kind(name: str) -> StatementKind:
     return StatementKind.OTHER
 
 
+# What starts dynamic SQL in plpgsql code: EXECUTE (also OPEN ... FOR EXECUTE, RETURN QUERY EXECUTE).
+_DYNAMIC_CODE = re.compile(r"exec", re.IGNORECASE)
+
+
+def dynamic_do_references(body: Node, catalog: Catalog) -> list[Reference]:
+    """A DO block whose code may run SQL built at run time (EXECUTE, or a language other than plpgsql,
+    which runs SQL through SPI calls): the tables it reads need not be named anywhere in its text, so it
+    is an EXPRESSION reference to every plain governed column (encrypted ones hold only envelopes, and
+    their CHECK refuses anything else). Only a role that sees all of them in plaintext may run it."""
+    language, code = "plpgsql", ""
+    for arg in body.get("args", []):
+        elem = arg.get("DefElem", {}) if isinstance(arg, dict) else {}
+        value = elem.get("arg", {}).get("String", {}).get("sval") if isinstance(elem.get("arg"), dict) else None
+        if elem.get("defname") == "language" and isinstance(value, str):
+            language = value.lower()
+        elif elem.get("defname") == "as" and isinstance(value, str):
+            code = value
+    if language == "plpgsql" and not _DYNAMIC_CODE.search(code):
+        return []
+    construct = "a DO block with dynamic SQL" if language == "plpgsql" else f"a DO block in language {language}"
+    return [
+        Reference(col, ReferenceKind.EXPRESSION, construct)
+        for table in catalog.tables.values()
+        for col in table.columns.values()
+        if not col.encrypted
+    ]
+
+
 def _analyze_statement(stmt: Node, catalog: Catalog, source: SourceText) -> StatementPlan:
     name, body = node_type(stmt)
     kind = _statement_kind(name)
     table = first_protected_table(stmt, catalog)
     if table is None and name == "DoStmt":
         table = named_in_strings(body, catalog)
+        if table is None:
+            dynamic = dynamic_do_references(body, catalog)
+            return StatementPlan(kind, bool(dynamic), references=tuple(dynamic))
     text_refs = statement_sql_text_references(stmt, catalog)
     if table is None and text_refs:
         first = text_refs[0].column
@@ -354,6 +393,9 @@ def _plain_fallback(kind: StatementKind, stmt: Node, catalog: Catalog, changes: 
     if not columns:
         return None
     refs = tuple(Reference(c, ReferenceKind.EXPRESSION, UNANALYSED) for c in columns)
+    name, body = node_type(stmt)
+    if name == "DoStmt":  # names plain governed tables, and may build other names at run time
+        refs = tuple(dict.fromkeys((*refs, *dynamic_do_references(body, catalog))))
     return StatementPlan(kind, True, catalog_names=changes, references=refs)
 
 

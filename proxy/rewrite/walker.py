@@ -48,6 +48,7 @@ from proxy.rewrite.nodes import (
     last_name,
     names_of,
     node_type,
+    relation_names,
     tables_named_in_strings,
 )
 from proxy.rewrite.plan import CopyDirection, CopyFormat, CopyPlan, HiddenOutput, LiteralTarget, SubjectValue, TextEdit
@@ -1479,11 +1480,35 @@ def sql_text_references(call: Node, catalog: Catalog) -> list[Reference]:
 
 def statement_sql_text_references(stmt: Node, catalog: Catalog) -> list[Reference]:
     """:func:`sql_text_references` of every such call anywhere in ``stmt`` (also where the walker does not
-    look at expressions)."""
+    look at expressions), and :func:`statistics_references`."""
     out: dict[Reference, None] = {}
     for call in function_calls(stmt, SQL_TEXT_FUNCTIONS):
         out.update(dict.fromkeys(sql_text_references(call, catalog)))
+    out.update(dict.fromkeys(statistics_references(stmt, catalog)))
     return list(out)
+
+
+# The planner's statistics, as PostgreSQL shows them to a role with SELECT on the column: sampled values
+# (most_common_vals, histogram_bounds, the extended statistics' expressions and their values).
+STATISTICS_RELATIONS = frozenset(
+    {"pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic", "pg_statistic_ext_data"}
+)
+
+
+def statistics_references(stmt: Node, catalog: Catalog) -> list[Reference]:
+    """A statement that reads one of STATISTICS_RELATIONS (in any schema) reads values ANALYZE sampled
+    from every column it has statistics for: an EXPRESSION reference to every plain governed column
+    (encrypted ones have only envelopes there)."""
+    named = [n for n in relation_names(stmt) if n.lower() in STATISTICS_RELATIONS]
+    if not named:
+        return []
+    construct = f"the planner statistics view {named[0].lower()}"
+    return [
+        Reference(col, ReferenceKind.EXPRESSION, construct)
+        for table in catalog.tables.values()
+        for col in table.columns.values()
+        if not col.encrypted
+    ]
 
 
 def _pinned(where: Node | None, column: str, qualifiers: set[str]) -> Node | None:
