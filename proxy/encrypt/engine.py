@@ -1596,7 +1596,10 @@ class SessionCrypto:
 
     # -- the relay's seam: proxy.protocol.encryption.SessionEncryption --------------------------------
     def sql_namespace(self, sql: str) -> tuple[NamespaceOp, ...]:
-        return namespace_ops(sql)
+        ops = namespace_ops(sql)
+        if ops and not self.ctx.catalog.tables:  # nothing governed: a DO block's statements need no distrust
+            ops = tuple(op for op in ops if op.action is not NamespaceAction.REPLACE_ALL)
+        return ops
 
     def execute_refusal(self, name: str, versions: Sequence[Version], *, deferred: bool) -> bytes | None:
         if not self.ctx.catalog.tables:
@@ -1647,7 +1650,8 @@ class SessionCrypto:
                 msg,
                 _unconfirmed(
                     f"Bind to prepared statement {msg.statement!r}, which pgveil has not seen prepared",
-                    hint="prepare statements through pgveil",
+                    hint="prepare statements through pgveil; after a DO block with dynamic SQL, which may have "
+                    "replaced any of them, close the statement and prepare it again",
                 ),
             )
         state, row_description = versions[0]

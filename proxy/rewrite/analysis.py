@@ -284,11 +284,10 @@ def _statement_kind(name: str) -> StatementKind:
 _DYNAMIC_CODE = re.compile(r"exec", re.IGNORECASE)
 
 
-def dynamic_do_references(body: Node, catalog: Catalog) -> list[Reference]:
-    """A DO block whose code may run SQL built at run time (EXECUTE, or a language other than plpgsql,
-    which runs SQL through SPI calls): the tables it reads need not be named anywhere in its text, so it
-    is an EXPRESSION reference to every plain governed column (encrypted ones hold only envelopes, and
-    their CHECK refuses anything else). Only a role that sees all of them in plaintext may run it."""
+def dynamic_do(body: Node) -> str | None:
+    """The construct of a DO block whose code may run SQL built at run time (EXECUTE, or a language
+    other than plpgsql, which runs SQL through SPI calls), or None. Such a block may read, change or
+    rename a table it never names in its text."""
     language, code = "plpgsql", ""
     for arg in body.get("args", []):
         elem = arg.get("DefElem", {}) if isinstance(arg, dict) else {}
@@ -297,15 +296,40 @@ def dynamic_do_references(body: Node, catalog: Catalog) -> list[Reference]:
             language = value.lower()
         elif elem.get("defname") == "as" and isinstance(value, str):
             code = value
-    if language == "plpgsql" and not _DYNAMIC_CODE.search(code):
+    if language != "plpgsql":
+        return f"a DO block in language {language}"
+    return "a DO block with dynamic SQL" if is_dynamic_code(language, code) else None
+
+
+def is_dynamic_code(language: str, code: str) -> bool:
+    """Whether a DO block's code may run SQL built at run time: plpgsql's EXECUTE (in any of its forms),
+    or any other language (which runs SQL through its SPI calls)."""
+    return language.lower() != "plpgsql" or _DYNAMIC_CODE.search(code) is not None
+
+
+def dynamic_do_references(body: Node, catalog: Catalog) -> list[Reference]:
+    """For a :func:`dynamic_do` block: an EXPRESSION reference to every plain governed column (encrypted
+    ones hold only envelopes, and their CHECK refuses anything else), so only a role that sees all of
+    them in plaintext may run it."""
+    construct = dynamic_do(body)
+    if construct is None:
         return []
-    construct = "a DO block with dynamic SQL" if language == "plpgsql" else f"a DO block in language {language}"
     return [
         Reference(col, ReferenceKind.EXPRESSION, construct)
         for table in catalog.tables.values()
         for col in table.columns.values()
         if not col.encrypted
     ]
+
+
+def _dynamic_do_plan(kind: StatementKind, body: Node, catalog: Catalog) -> StatementPlan:
+    """A DO block that names no governed table. With dynamic SQL it is also DDL pgveil cannot read: it
+    may rename or alter any protected table, so the transaction it runs in refuses statements on them
+    until it ends, and the catalog is read again then (catalog_names: every protected name)."""
+    if dynamic_do(body) is None:
+        return StatementPlan(kind)
+    names = frozenset(n.lower() for n in catalog.names)
+    return StatementPlan(kind, True, catalog_names=names, references=tuple(dynamic_do_references(body, catalog)))
 
 
 def _analyze_statement(stmt: Node, catalog: Catalog, source: SourceText) -> StatementPlan:
@@ -315,8 +339,7 @@ def _analyze_statement(stmt: Node, catalog: Catalog, source: SourceText) -> Stat
     if table is None and name == "DoStmt":
         table = named_in_strings(body, catalog)
         if table is None:
-            dynamic = dynamic_do_references(body, catalog)
-            return StatementPlan(kind, bool(dynamic), references=tuple(dynamic))
+            return _dynamic_do_plan(kind, body, catalog)
     text_refs = statement_sql_text_references(stmt, catalog)
     if table is None and text_refs:
         first = text_refs[0].column
@@ -394,8 +417,9 @@ def _plain_fallback(kind: StatementKind, stmt: Node, catalog: Catalog, changes: 
         return None
     refs = tuple(Reference(c, ReferenceKind.EXPRESSION, UNANALYSED) for c in columns)
     name, body = node_type(stmt)
-    if name == "DoStmt":  # names plain governed tables, and may build other names at run time
+    if name == "DoStmt" and dynamic_do(body) is not None:  # may also build other names at run time
         refs = tuple(dict.fromkeys((*refs, *dynamic_do_references(body, catalog))))
+        changes = changes | {n.lower() for n in catalog.names}
     return StatementPlan(kind, True, catalog_names=changes, references=refs)
 
 
