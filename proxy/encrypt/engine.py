@@ -45,6 +45,7 @@ from keymgmt.envelope import (
     OpenFailed,
     Subject,
     column_associated_data,
+    peek_key_id,
     seal,
 )
 from proxy.audit import SessionAudit
@@ -228,6 +229,9 @@ class StatementCrypto(CryptoState):
     view: RoleView | None = None  # None: not decided under any view yet (the next Bind decides)
     # The columns its text asks the server for as NULL (hidden from the role when it was parsed).
     nulled: frozenset[ProtectedColumn] = frozenset()
+    # The keys its literals were sealed under at Parse (column, data subject, key id): a Bind after a
+    # rotation made another key current is refused, never stores an envelope under the old key.
+    literal_keys: tuple[tuple[ColumnCrypto, Subject | None, bytes], ...] = ()
     # Derived from the above once, so that each Bind and Execute only looks things up.
     targets: tuple[ParamTarget, ...] = field(init=False)
     key_slots: int = field(init=False)
@@ -610,6 +614,7 @@ class SessionCrypto:
         # cannot see it until it commits, so this session's statements on them wait for its end.
         self._ddl_open = False
         self._ddl_names: set[str] = set()
+        self._literal_keys: list[tuple[ColumnCrypto, Subject | None, bytes]] = []  # of the Parse being sealed
         self.values_encrypted = 0
         self.values_decrypted = 0
         self.decrypt_failures = 0
@@ -816,6 +821,7 @@ class SessionCrypto:
         text needs no change. A ciphertext role's literals are envelopes: checked, and passed on. A
         column the role sees hidden is asked for as NULL where the statement's own SELECT list names it
         (see HiddenOutput): the server does not send envelopes pgveil would drop."""
+        self._literal_keys = []
         hidden = [h.edit() for st in plan.statements for h in hidden_for(st, view)]
         if not plan.needs_rewrite and not hidden:
             return None
@@ -851,7 +857,8 @@ class SessionCrypto:
                     raise type(e)(f"{e.message} (column {cc.column.column_id})", detail=e.detail, hint=e.hint) from None
             else:
                 canonical = self._canonical_text(cc, literal)
-            ciphertexts[t] = self.ctx.seal(cc, canonical, subject)
+            ciphertexts[t] = envelope = self.ctx.seal(cc, canonical, subject)
+            self._literal_keys.append((cc, subject, bytes(peek_key_id(envelope))))
             self.values_encrypted += 1
         return plan.rewritten_sql(ciphertexts, hidden)
 
@@ -1020,7 +1027,9 @@ class SessionCrypto:
         except ProxyError as e:
             return Outcome(codec.encode_frontend(m.Parse(msg.statement, REFUSED_QUERY, ())), None, self.refusal(e))
         nulled = frozenset(h.column for h in hidden_for(st, view))
-        stmt = StatementCrypto(st, params, msg.param_types, self.ctx.result_hint(st), view, nulled)
+        stmt = StatementCrypto(
+            st, params, msg.param_types, self.ctx.result_hint(st), view, nulled, tuple(self._literal_keys)
+        )
         if not params and new_sql is None:
             return Outcome(None, stmt)
         types = list(msg.param_types)
@@ -1089,6 +1098,8 @@ class SessionCrypto:
             stmt.adopt(view)
         else:
             view = stmt.view
+        if stmt.literal_keys:
+            self._check_literal_keys(stmt)
         param_formats: tuple[int, ...] | None = None
         sealed: tuple[tuple[int, bytes], ...] = ()
         if stmt.targets and len(msg.param_offsets) > 1:  # protected parameters, and values for them
@@ -1129,6 +1140,20 @@ class SessionCrypto:
         if param_formats is None and server_formats is None:
             return Outcome(None, portal)
         return Outcome(codec.encode_bind_frame(msg, param_formats, sealed, server_formats), portal)
+
+    def _check_literal_keys(self, stmt: StatementCrypto) -> None:
+        """Each literal of the statement was sealed at Parse under the key current then: once a rotation
+        made another key current for its column (or data subject), the statement is refused rather than
+        go on storing values under the old key (which the rotation is retiring)."""
+        for cc, subject, key_id in stmt.literal_keys:
+            column_id = cc.column.column_id
+            current = self.ctx.keys.active(column_id) if subject is None else self.ctx.keys.subject(subject, column_id)
+            if bytes(current.key_id) != key_id:
+                raise _unconfirmed(
+                    f"the statement holds a value for column {column_id} sealed when it was prepared, under a "
+                    "data key that a rotation has since replaced",
+                    hint="prepare the statement again (or send the value as a parameter)",
+                )
 
     def _described(self, row_desc: bytes) -> tuple[ColumnCrypto | None, ...] | None:
         """The governed columns a statement's RowDescription names (cached by its bytes, per catalog)."""

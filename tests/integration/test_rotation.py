@@ -530,27 +530,38 @@ async def test_composite_text_and_timestamp_key(env: RotEnv) -> None:
     assert back == rows
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a literal in a prepared statement is sealed once, at Parse, under the key current then: its "
-    "Executes keep storing that envelope after a rotation (proxy/encrypt, not the rotation job)",
-)
 async def test_prepared_literal_after_rotate(env: RotEnv) -> None:
+    """A literal in a prepared statement is sealed once, at Parse, under the key current then. After a
+    rotation makes another key current, its Executes are refused (0A000, "prepare the statement again")
+    rather than go on storing envelopes under the retiring key; prepared again, it seals under the new one.
+    The session stays usable throughout."""
     table, column = "rot_pickup", "public.rot_pickup.v"
     conn = await app_conn(env)
     direct = await asyncpg.connect(env.direct_dsn)
+    sql = f"INSERT INTO {table} (id, v) VALUES ($1, 'literal')"
     try:
-        insert = await conn.prepare(f"INSERT INTO {table} (id, v) VALUES ($1, 'literal')")
+        insert = await conn.prepare(sql)
         await insert.fetch(50_000)
         out = env.cli("keys", "rotate", "--column", column, "--no-run")
         assert out.returncode == 0, out.stderr
         current = max((await versions(env, column)).items())[1][0]
-        for i in range(50_001, 50_051):
-            await insert.fetch(i)
+        refused = None
+        for i in range(50_001, 50_101):  # until this instance has heard of the rotation (within a second)
+            try:
+                await insert.fetch(i)
+            except asyncpg.FeatureNotSupportedError as e:
+                refused = e
+                break
             await asyncio.sleep(0.05)
-        kid = await direct.fetchval(f"SELECT substring(v from 5 for 16) FROM {table} WHERE id = 50050")
+        assert refused is not None, "the statement kept storing envelopes under the old key"
+        assert "prepare the statement again" in (refused.hint or "")
+        assert f"column {column}" in str(refused)
+        assert await conn.fetchval("SELECT 1") == 1
+        again = await conn.prepare(sql + " RETURNING id")
+        assert await again.fetchval(50_200) == 50_200
+        kid = await direct.fetchval(f"SELECT substring(v from 5 for 16) FROM {table} WHERE id = 50200")
         assert uuid.UUID(bytes=bytes(kid)) == current
+        assert await conn.fetchval(f"SELECT v FROM {table} WHERE id = 50200") == "literal"
     finally:
         await conn.close()
         await direct.close()
