@@ -13,7 +13,10 @@ Worker to supervisor ("reports"): ``ready``; ``closed`` (one session ended); ``m
 ``error``). Supervisor to worker ("requests", each with an ``id`` its reply carries): ``sessions`` (the
 worker's sessions, described as in ``GET /v1/sessions``), ``terminate`` (``session``: an id; answers
 ``terminated``), ``log_level`` (``level``: set it, or null to ask; ``source``: as counted by the
-supervisor; answers ``level``).
+supervisor; answers ``level``). ``sessions`` and ``terminate`` carry ``until``, a ``time.monotonic()``
+deadline (the clock is the machine's, shared by its processes): a worker that reads one later answers
+``error`` and does nothing, so a termination the API reported unanswered does not happen behind its back.
+A ``log_level`` has no deadline: a worker busy for a while still takes the level when it reads it.
 
 A handed-off client connection travels on its own socket (``SCM_RIGHTS``): one :data:`HANDOFF` record per
 descriptor, ``C`` and the session id the supervisor gave it, so session ids are unique over all processes.
@@ -108,6 +111,9 @@ class FrameDecoder:
                 raise ControlError("a log_level request with an unknown level or source")
         if kind == "terminate" and not _is_int(msg.get("session"), 0, MAX_SESSION_ID):
             raise ControlError("a terminate request without a session id")
+        until = msg.get("until")
+        if kind in ("sessions", "terminate") and (isinstance(until, bool) or not isinstance(until, int | float)):
+            raise ControlError(f"a {kind} request without a deadline")
         return msg
 
 

@@ -221,12 +221,13 @@ async def terminate_session(instance: Instance, session_id: int) -> Termination:
 
 @dataclass(frozen=True, slots=True)
 class LogLevels:
-    """The log level of this process (before and after a change) and of each worker process (None: it
-    did not answer in time; a worker started later gets the level of this process)."""
+    """The log level of this process (before and after a change) and, with worker processes, of each
+    (None: it did not answer in time; it gets the level all the same, and a worker started later starts at
+    the level of this process)."""
 
     level: str
     previous: str
-    workers: Mapping[int, str | None]
+    workers: Mapping[int, str | None] | None = None
 
     @property
     def changed(self) -> bool:
@@ -239,8 +240,8 @@ async def log_levels(instance: Instance, level: str | None = None, *, source: st
     if level is not None:
         logsetup.set_level(level, source=source)
     workers = instance.workers()
-    answers = await workers.log_levels(level, source) if workers is not None else {}
-    return LogLevels(logsetup.current_level(), previous, dict(sorted(answers.items())))
+    answers = dict(sorted((await workers.log_levels(level, source)).items())) if workers is not None else None
+    return LogLevels(logsetup.current_level(), previous, answers)
 
 
 # -- policy --------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,6 +313,8 @@ class Supervisor:
         rid = next(self._request_ids)
         answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         link.pending[rid] = (request["t"], answer)
+        if request["t"] != "log_level":  # a level is taken however late; the others expire with the wait
+            request = {**request, "until": time.monotonic() + self.request_timeout}
         try:
             pipe.write(control.encode({**request, "id": rid}, control.MAX_REQUEST))
             return await asyncio.wait_for(answer, self.request_timeout)
@@ -478,7 +481,12 @@ class WorkerChannel:
             return
         for request in requests:
             try:
-                body = self._on_request(request) if self._on_request is not None else {"error": "no answers here"}
+                if "until" in request and time.monotonic() > request["until"]:
+                    body = {"error": "the request expired before this worker read it"}
+                elif self._on_request is None:
+                    body = {"error": "no answers here"}
+                else:
+                    body = self._on_request(request)
             except Exception as e:  # the request is checked; an answer failing is this worker's bug
                 log.error("answering a %s request failed (%s)", request["t"], type(e).__name__)
                 body = {"error": f"answering failed ({type(e).__name__})"}

@@ -383,7 +383,7 @@ async def _get_keys(request: web.Request, token: Token) -> web.Response:
 
 LOGGING_SCHEMA: Final[JSON] = {
     "type": "object",
-    "required": ["level", "workers"],
+    "required": ["level"],
     "properties": {
         "level": {
             "type": "string",
@@ -394,7 +394,7 @@ LOGGING_SCHEMA: Final[JSON] = {
         "changed": {"type": "boolean"},
         "workers": {
             "type": "object",
-            "description": "with sessions.workers > 1: each worker process's level as it answered, null if it "
+            "description": "only with sessions.workers > 1: each worker process's level as it answered, null if it "
             "did not answer in time (it gets the level all the same: requests are queued, a restarted worker "
             "starts at it)",
             "additionalProperties": {"type": ["string", "null"], "enum": [*logsetup.LEVELS, None]},
@@ -410,9 +410,15 @@ LOGGING_REQUEST_SCHEMA: Final[JSON] = {
 }
 
 
+def _with_workers(body: JSON, levels: services.LogLevels) -> JSON:
+    if levels.workers is not None:
+        body["workers"] = services.as_json(levels.workers)
+    return body
+
+
 async def _get_logging(request: web.Request, token: Token) -> web.Response:
     levels = await services.log_levels(_instance(request))
-    return web.json_response({"level": levels.level, "workers": services.as_json(levels.workers)})
+    return web.json_response(_with_workers({"level": levels.level}, levels))
 
 
 async def _put_logging(request: web.Request, token: Token) -> web.Response:
@@ -424,14 +430,8 @@ async def _put_logging(request: web.Request, token: Token) -> web.Response:
     if not isinstance(body, dict) or set(body) != {"level"} or level not in logsetup.LEVELS:
         return error(400, "bad request", 'expected {"level": "debug" | "info" | "warning" | "error"}')
     levels = await services.log_levels(_instance(request), level, source="api")
-    return web.json_response(
-        {
-            "level": levels.level,
-            "previous": levels.previous,
-            "changed": levels.changed,
-            "workers": services.as_json(levels.workers),
-        }
-    )
+    body = {"level": levels.level, "previous": levels.previous, "changed": levels.changed}
+    return web.json_response(_with_workers(body, levels))
 
 
 async def _get_openapi(request: web.Request, token: Token) -> web.Response:
