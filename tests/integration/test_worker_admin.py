@@ -115,6 +115,7 @@ def test_every_process_s_sessions_are_listed_with_their_role_database_and_addres
         for port, s in listed.items():
             line = next(ln for ln in r.stdout.splitlines() if f"127.0.0.1:{port}" in ln)
             assert line.split()[:3] == [str(s["id"]), s["role"], s["database"]]
+            assert line.split()[-1] == str(s["process"])
         assert "6 sessions in all" in r.stdout
     finally:
         for c in conns:
@@ -269,6 +270,10 @@ def test_a_worker_that_does_not_answer_is_reported_and_does_not_hold_the_api(duo
         r = call(p.admin_url + "/v1/logging", bearer=token("reader"))
         assert r.body == {"level": "info", "workers": {"1": None}}
         assert log_lines(p, "worker 1 did not answer a sessions request")
+        shown = pgveil("admin", "sessions", "--admin", p.admin_url, token_name="reader")
+        assert shown.returncode == 0, shown.stderr
+        assert "worker processes that did not answer in time serve more, not listed (process 1: 2)" in shown.stdout
+        assert "4 sessions in all" in shown.stdout
     finally:
         os.kill(stopped, signal.SIGCONT)
     try:
