@@ -610,36 +610,73 @@ static PyTypeObject OpenerType = {
 
 /* -- the DataRow batch kernel -------------------------------------------------------------------------- */
 
-enum { COLUMN_COPIED = 0, COLUMN_BINARY = 1, COLUMN_HEX = 2, COLUMN_NULL = 3, COLUMN_SCREEN = 4 };
-
-/* What an envelope looks like inside a result value (proxy/encrypt/rows.py's ENVELOPE_MARKS, same order):
- * the raw header prefix, its hex (bytea text output), escape output, and escape output quoted in an array
- * or record. */
-static const struct {
-    const char *bytes;
-    Py_ssize_t len;
-} ENVELOPE_MARKS[] = {
-    {"PV\x01\x01", 4},
-    {"x50560101", 9},
-    {"PV\\001\\001", 10},
-    {"PV\\\\001\\\\001", 12},
+enum {
+    COLUMN_COPIED = 0,
+    COLUMN_BINARY = 1,
+    COLUMN_HEX = 2,
+    COLUMN_NULL = 3,
+    COLUMN_SCREEN = 4,       /* an envelope anywhere in the value */
+    COLUMN_SCREEN_WHOLE = 5, /* a bytea: an envelope only as the whole value */
 };
 
-/* Whether v[0:n] contains one of ENVELOPE_MARKS (a plain search: values are short, marks few). */
+/* What an envelope looks like inside a result value (proxy/encrypt/rows.py's ENVELOPE_MARKS and
+ * carries_envelope): the raw header prefix, its hex after a backslash (bytea text output, any quoting
+ * depth), and escape output PV\001\001 with each backslash doubled per level of quoting (one or more). */
+static const unsigned char RAW_MARK[] = {'P', 'V', 0x01, 0x01};
+static const unsigned char HEX_MARK[] = "\\x50560101"; /* 10 bytes and a NUL */
+
 static int
-carries_envelope(const unsigned char *v, Py_ssize_t n)
+starts_with(const unsigned char *v, Py_ssize_t n, const unsigned char *mark, Py_ssize_t mlen)
 {
-    for (size_t m = 0; m < sizeof(ENVELOPE_MARKS) / sizeof(ENVELOPE_MARKS[0]); m++) {
-        const unsigned char *mark = (const unsigned char *)ENVELOPE_MARKS[m].bytes;
-        Py_ssize_t mlen = ENVELOPE_MARKS[m].len;
-        for (Py_ssize_t i = 0; i + mlen <= n; i++) {
-            const unsigned char *hit = memchr(v + i, mark[0], (size_t)(n - mlen - i + 1));
-            if (hit == NULL)
-                break;
-            i = hit - v;
-            if (memcmp(hit, mark, (size_t)mlen) == 0)
-                return 1;
-        }
+    return n >= mlen && memcmp(v, mark, (size_t)mlen) == 0;
+}
+
+/* Whether v[0:n] starts with PV, one or more backslashes, 001, one or more backslashes, 001. */
+static int
+escape_form_at(const unsigned char *v, Py_ssize_t n)
+{
+    Py_ssize_t i = 2, k;
+    if (n < 2 || v[0] != 'P' || v[1] != 'V')
+        return 0;
+    for (int part = 0; part < 2; part++) {
+        for (k = 0; i < n && v[i] == '\\'; i++, k++)
+            ;
+        if (k == 0 || n - i < 3 || v[i] != '0' || v[i + 1] != '0' || v[i + 2] != '1')
+            return 0;
+        i += 3;
+    }
+    return 1;
+}
+
+/* Whether mark occurs in v[0:n] (a plain search: values are short). */
+static int
+contains(const unsigned char *v, Py_ssize_t n, const unsigned char *mark, Py_ssize_t mlen)
+{
+    for (Py_ssize_t i = 0; i + mlen <= n; i++) {
+        const unsigned char *hit = memchr(v + i, mark[0], (size_t)(n - mlen - i + 1));
+        if (hit == NULL)
+            return 0;
+        i = hit - v;
+        if (memcmp(hit, mark, (size_t)mlen) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+static int
+carries_envelope(const unsigned char *v, Py_ssize_t n, int whole)
+{
+    if (whole)
+        return starts_with(v, n, RAW_MARK, 4) || starts_with(v, n, HEX_MARK, 10) || escape_form_at(v, n);
+    if (contains(v, n, RAW_MARK, 4) || contains(v, n, HEX_MARK, 10))
+        return 1;
+    for (Py_ssize_t i = 0; i + 2 <= n; i++) {
+        const unsigned char *hit = memchr(v + i, 'P', (size_t)(n - i));
+        if (hit == NULL)
+            return 0;
+        i = hit - v;
+        if (escape_form_at(hit, n - i))
+            return 1;
     }
     return 0;
 }
@@ -859,7 +896,8 @@ malformed(const char *what)
  *
  * data[start:end] is a run of complete DataRow messages; columns has one entry per column of the row
  * description: None (copied as it is), False (sent as NULL, never read: a hidden column), True (screened:
- * NULL if the value carries an envelope, see carries_envelope, else copied) or
+ * NULL if the value carries an envelope, see carries_envelope, else copied), 2 (the same for a bytea, whose
+ * envelope can only be the whole value) or
  * (associated, server_binary[, mask[, text mask code, fixed bytes]]): with a code (see apply_text_mask) the
  * mask is applied here, mask called only for a value that is not UTF-8. Every protected value is opened and replaced by its plaintext,
  * or by what mask (a callable: plaintext bytes -> bytes, or None for NULL) makes of it (the client's bytes: the caller only passes plans whose columns are
@@ -913,6 +951,15 @@ rewrite_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         if (item == Py_True) {
             columns[c].kind = COLUMN_SCREEN;
+            continue;
+        }
+        if (PyLong_CheckExact(item)) {
+            if (PyLong_AsLong(item) != 2) {
+                if (!PyErr_Occurred())
+                    PyErr_SetString(PyExc_ValueError, "a screened column is True, or 2 for a bytea");
+                goto fail;
+            }
+            columns[c].kind = COLUMN_SCREEN_WHOLE;
             continue;
         }
         Py_ssize_t arity = PyTuple_Check(item) ? PyTuple_GET_SIZE(item) : 0;
@@ -1017,8 +1064,8 @@ rewrite_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                 malformed("a value runs past the end of its row");
                 goto fail;
             }
-            if (col->kind == COLUMN_SCREEN) {
-                if (!carries_envelope(d + v, n)) {
+            if (col->kind == COLUMN_SCREEN || col->kind == COLUMN_SCREEN_WHOLE) {
+                if (!carries_envelope(d + v, n, col->kind == COLUMN_SCREEN_WHOLE)) {
                     ROOM(4 + (Py_ssize_t)n);
                     memcpy(o + w, d + p, (size_t)(4 + n)); /* copied as it is */
                     w += 4 + n;
@@ -1260,7 +1307,7 @@ PyInit_pgveil_accel(void)
         PyModule_AddIntConstant(m, "NULL_COLUMNS", 1) < 0 ||
         PyModule_AddIntConstant(m, "MASK_COLUMNS", 1) < 0 ||
         PyModule_AddIntConstant(m, "TEXT_MASKS", 1) < 0 ||
-        PyModule_AddIntConstant(m, "SCREEN_COLUMNS", 1) < 0 ||
+        PyModule_AddIntConstant(m, "SCREEN_COLUMNS", 2) < 0 ||
         PyModule_AddIntConstant(m, "SUBJECT_KEYS", MAX_SUBJECT_SUFFIX) < 0 ||
         PyModule_AddStringConstant(m, "OPENSSL_VERSION", OpenSSL_version(OPENSSL_VERSION)) < 0 ||
         PyModule_AddStringConstant(m, "__version__", ACCEL_VERSION) < 0)

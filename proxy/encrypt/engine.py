@@ -134,6 +134,9 @@ _DECRYPTING = frozenset({Action.DECRYPT, Action.MASK})  # the actions that open 
 _UNSCREENED = frozenset(
     {16, 18, 20, 21, 23, 26, 27, 28, 29, 650, 700, 701, 790, 829, 869, 1082, 1083, 1114, 1184, 1186, 1266, 1700, 2950,
      3220}
+    # and their arrays (pg_type.typarray): an element is as short as its type
+    | {1000, 1002, 1016, 1005, 1007, 1028, 1010, 1011, 1012, 651, 1021, 1022, 791, 1040, 1041, 1182, 1183, 1115, 1185,
+       1187, 1270, 1231, 2951, 3221}
 )  # fmt: skip
 
 
@@ -1061,7 +1064,7 @@ class SessionCrypto:
                 screened = self._screened_fields(stmt_row_desc, view)
                 if screened:
                     plan = tuple(
-                        screen_output(format_for(client_formats, i) == 1) if i in screened else None
+                        screen_output(format_for(client_formats, i) == 1, screened[i]) if i in screened else None
                         for i in range(_row_description_count(stmt_row_desc))
                     )
                     return Outcome(None, PortalCrypto(None, client_formats, client_formats, plan, view=view))
@@ -1098,11 +1101,13 @@ class SessionCrypto:
             ncols = len(hint)
         server_formats: tuple[int, ...] | None = None
         row_plan: RowPlan | None = None
-        if hint is not None and ncols == len(hint) and any(h is not None for h in hint):
+        # A statement that names a governed table may still return only unattributed columns (a
+        # function of one): those are screened like any other statement's.
+        screened = self._screened_fields(stmt_row_desc, view)
+        if hint is not None and ncols == len(hint) and (screened or any(h is not None for h in hint)):
             client = [format_for(client_formats, i) for i in range(ncols)]
-            screened = self._screened_fields(stmt_row_desc, view)
             row_plan = tuple(
-                (screen_output(client[i] == 1) if i in screened else None)
+                (screen_output(client[i] == 1, screened[i]) if i in screened else None)
                 if h is None
                 else self._output(h, view.grant(h.column), client_binary=client[i] == 1)
                 for i, h in enumerate(hint)
@@ -1150,7 +1155,7 @@ class SessionCrypto:
         client = [format_for(client_formats, i) for i in range(len(hint))]
         screened = self._screened_fields(row_desc, view)
         row_plan = tuple(
-            (screen_output(client[i] == 1) if i in screened else None)
+            (screen_output(client[i] == 1, screened[i]) if i in screened else None)
             if h is None
             else self._output(h, view.grant(h.column), client_binary=client[i] == 1)
             for i, h in enumerate(hint)
@@ -1162,18 +1167,19 @@ class SessionCrypto:
             return Outcome(None, portal)
         return Outcome(codec.encode_bind_frame(msg, None, (), server_formats), portal)
 
-    def _screened_fields(self, row_desc: bytes | None, view: RoleView) -> frozenset[int]:
-        """The fields of a statement's RowDescription that results under ``view`` screen (see _screens);
-        none when the statement was not described (then a Describe of the portal plans its rows)."""
+    def _screened_fields(self, row_desc: bytes | None, view: RoleView) -> dict[int, bool]:
+        """The fields of a statement's RowDescription that results under ``view`` screen (see _screens),
+        each with whether it is a bytea (screened as a whole value); none when the statement was not
+        described (then a Describe of the portal plans its rows)."""
         if row_desc is None or not self._screens(view):
-            return frozenset()
+            return {}
         desc = codec.decode_backend(ord("T"), row_desc)
         assert isinstance(desc, m.RowDescription)
-        return frozenset(
-            i
+        return {
+            i: f.type_oid == BYTEA_OID
             for i, f in enumerate(desc.fields)
             if f.type_oid not in _UNSCREENED and self.ctx.by_attr.get((f.table_oid, f.column_attnum)) is None
-        )
+        }
 
     def _merge_hint(
         self, hint: tuple[ColumnCrypto | None, ...] | None, row_desc: bytes
@@ -1316,7 +1322,11 @@ class SessionCrypto:
             if cc is None and hint is not None and i < len(hint):
                 cc = _hinted(hint[i], f)
             if cc is None:
-                plan.append(screen_output(f.format == 1) if screens and f.type_oid not in _UNSCREENED else None)
+                plan.append(
+                    screen_output(f.format == 1, f.type_oid == BYTEA_OID)
+                    if screens and f.type_oid not in _UNSCREENED
+                    else None
+                )
                 continue
             client_fmt = 0 if client_formats is None else format_for(client_formats, i)
             out = self._output(cc, view.grant(cc.column), client_binary=client_fmt == 1, server_binary=f.format == 1)
@@ -1586,7 +1596,10 @@ class SessionCrypto:
 
     # -- the relay's seam: proxy.protocol.encryption.SessionEncryption --------------------------------
     def sql_namespace(self, sql: str) -> tuple[NamespaceOp, ...]:
-        return namespace_ops(sql)
+        ops = namespace_ops(sql)
+        if ops and not self.ctx.catalog.tables:  # nothing governed: a DO block's statements need no distrust
+            ops = tuple(op for op in ops if op.action is not NamespaceAction.REPLACE_ALL)
+        return ops
 
     def execute_refusal(self, name: str, versions: Sequence[Version], *, deferred: bool) -> bytes | None:
         if not self.ctx.catalog.tables:
@@ -1637,7 +1650,8 @@ class SessionCrypto:
                 msg,
                 _unconfirmed(
                     f"Bind to prepared statement {msg.statement!r}, which pgveil has not seen prepared",
-                    hint="prepare statements through pgveil",
+                    hint="prepare statements through pgveil; after a DO block with dynamic SQL, which may have "
+                    "replaced any of them, close the statement and prepare it again",
                 ),
             )
         state, row_description = versions[0]

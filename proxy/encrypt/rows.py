@@ -48,6 +48,7 @@ unit tests hold them to that, on every fault at every row and column):
 from __future__ import annotations
 
 import binascii
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -117,6 +118,7 @@ class ColumnOutput:
     identity: bool = False
     action: Action = Action.DECRYPT
     mask: Mask | None = None  # set for MASK and DECODE_MASK
+    whole: bool = False  # SCREEN: the column is a bytea, whose envelope can only be the whole value
     # Per-subject keys: the result position of the same row's subject column (-1: not in the result),
     # the table's subject column and name, and whether the server sends that column in binary. When set,
     # each value's key must belong to the subject the row names (a value moved to another subject's row
@@ -137,25 +139,46 @@ UNATTRIBUTED = ProtectedColumn("", "", "", "bytea", identity="an unattributed re
 """The ``column`` of a SCREEN entry: no governed column (a row that does not fit its plan names it)."""
 
 _PREFIX = MAGIC + bytes((VERSION_1, ALGORITHM_AES256GCM))
+_HEX_MARK = b"\\x" + _PREFIX.hex().encode()
+# Escape output (bytea_output = escape) of the header: PV\001\001, with each backslash doubled once per
+# level of quoting it is nested in (an array's or record's text, a JSON string of one, ...).
+_ESCAPE_MARK = re.compile(rb"PV\\+001\\+001")
 ENVELOPE_MARKS: tuple[bytes, ...] = (
     _PREFIX,  # raw, in any binary value (bytea, an array or record of them)
-    b"x" + _PREFIX.hex().encode(),  # hex output (\\x…), also with the backslash doubled in an array's text
-    rb"PV\001\001",  # escape output (bytea_output = escape)
-    rb"PV\\001\\001",  # the same inside an array's or record's text form
+    _HEX_MARK,  # hex output (\x…), also with the backslash doubled in an array's text or a JSON string
+    rb"PV\001\001",  # escape output; nested, with the backslashes doubled per level (see carries_envelope)
 )
 """What a pgveil envelope looks like inside a value, in the forms PostgreSQL's output functions give it:
-the raw header prefix, the hex of it, and escape format (alone and quoted in an array or record).
-``encode(x, 'base64')`` or any other transformation done by server code is not recognised."""
+the raw header prefix, the hex of it after its backslash, and escape format (alone and quoted, at any
+depth, in arrays, records and JSON). ``encode(x, 'base64')`` or any other transformation done by server
+code is not recognised."""
 
 
-def carries_envelope(value: bytes) -> bool:
-    """Whether ``value`` (a result value in either format) contains one of :data:`ENVELOPE_MARKS`."""
-    return any(mark in value for mark in ENVELOPE_MARKS)
+def carries_envelope(value: bytes, whole: bool = False) -> bool:
+    """Whether ``value`` (a result value in either format) contains a pgveil envelope in one of the forms of
+    :data:`ENVELOPE_MARKS`. ``whole``: the value is a ``bytea``, which carries an envelope only as all of
+    it, so only its start counts (a file or a hash that holds the header's bytes somewhere is innocent)."""
+    return _carries(value, 0, len(value), whole)
 
 
-def screen_output(server_binary: bool) -> ColumnOutput:
-    """The row plan entry of an unattributed result column to screen for envelopes."""
-    return ColumnOutput(UNATTRIBUTED, BYTEA, b"", server_binary, server_binary, action=Action.SCREEN)
+def _carries(data: bytes, start: int, end: int, whole: bool) -> bool:
+    if whole:
+        return (
+            data.startswith(_PREFIX, start, end)
+            or data.startswith(_HEX_MARK, start, end)
+            or _ESCAPE_MARK.match(data, start, end) is not None
+        )
+    return (
+        data.find(_PREFIX, start, end) >= 0
+        or data.find(_HEX_MARK, start, end) >= 0
+        or (data.find(b"PV\\", start, end) >= 0 and _ESCAPE_MARK.search(data, start, end) is not None)
+    )
+
+
+def screen_output(server_binary: bool, whole: bool = False) -> ColumnOutput:
+    """The row plan entry of an unattributed result column to screen for envelopes (``whole``: a ``bytea``
+    column, see :func:`carries_envelope`)."""
+    return ColumnOutput(UNATTRIBUTED, BYTEA, b"", server_binary, server_binary, action=Action.SCREEN, whole=whole)
 
 
 # Why a row could not be delivered, beyond keymgmt's OpenFailure: the decrypted value is not one of the
@@ -281,7 +304,7 @@ _Step = tuple[ColumnOutput, bytes, bool, bool, Action] | None
 # What the accelerator's kernel takes per column: None (copied), False (NULL, nothing read), or
 # (associated bytes, the server sends the raw envelope rather than bytea hex text[, the mask[, its native
 # code, the fixed bytes]]) (see proxy.policy.masks.native_form).
-_NativeColumn = tuple[bytes, bool] | tuple[bytes, bool, Mask] | tuple[bytes, bool, Mask, int, bytes] | bool | None
+_NativeColumn = tuple[bytes, bool] | tuple[bytes, bool, Mask] | tuple[bytes, bool, Mask, int, bytes] | int | None
 _NativeColumns = tuple[_NativeColumn, ...]
 # (plan, its steps, the fast loop's columns, the accelerator's columns, nothing to change). The fast
 # loop's columns, when every decrypted column is binary and identity and no column is masked: the
@@ -310,8 +333,9 @@ _NATIVE_MASK = bool(getattr(_accel, "MASK_COLUMNS", 0))
 # From its version 3 on, the kernel applies the text masks itself (masks.native_form), calling the
 # function only for a value that is not valid UTF-8 (its error is the function's).
 _NATIVE_TEXT_MASKS = bool(getattr(_accel, "TEXT_MASKS", 0))
-# From its version 4 on, it screens unattributed columns for envelopes (a True column).
-_NATIVE_SCREEN = bool(getattr(_accel, "SCREEN_COLUMNS", 0))
+# From its version 4 on, it screens unattributed columns for envelopes (a True column; 2 for a bytea
+# column, whose envelope can only be the whole value); SCREEN_COLUMNS 2: nested escape forms too.
+_NATIVE_SCREEN = getattr(_accel, "SCREEN_COLUMNS", 0) >= 2
 
 
 def _native_column(step: _Step) -> _NativeColumn:
@@ -321,7 +345,7 @@ def _native_column(step: _Step) -> _NativeColumn:
     if action is Action.NULL:
         return False
     if action is Action.SCREEN:
-        return True
+        return 2 if out.whole else True
     if action is Action.MASK:
         assert out.mask is not None
         form = native_form(out.mask) if _NATIVE_TEXT_MASKS else None
@@ -606,7 +630,7 @@ def _rewrite_general(
     hidden = Action.NULL
     decode = Action.DECODE_MASK
     screen = Action.SCREEN
-    marks = ENVELOPE_MARKS
+    carries = _carries
     parts: list[bytes] = []
     append = parts.append
     copied = start
@@ -633,7 +657,7 @@ def _rewrite_general(
             out, associated, server_binary, identity, action = step
             encoded: bytes | None
             if action is screen:
-                if not any(data.find(mark, v, value_end) >= 0 for mark in marks):
+                if not carries(data, v, value_end, out.whole):
                     p = value_end  # copied as it is
                     continue
                 encoded = None

@@ -106,6 +106,10 @@ class NamespaceAction(Enum):
     EXECUTE = auto()  # runs ``name`` with SQL-level arguments
     DEALLOCATE = auto()  # removes ``name``; CommandComplete "DEALLOCATE"
     DEALLOCATE_ALL = auto()  # DEALLOCATE ALL or DISCARD ALL: removes every statement
+    # A DO block whose code runs SQL built at run time: it may have deallocated, prepared or replaced any
+    # statement and cursor of the session without a reply saying so (CommandComplete "DO"), so none of
+    # them is trusted after it.
+    REPLACE_ALL = auto()
 
 
 @dataclass(frozen=True, slots=True)

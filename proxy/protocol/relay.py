@@ -1386,6 +1386,17 @@ class Relay:
         """An SQL-level PREPARE, DEALLOCATE [ALL] or DISCARD ALL completed: the model follows. The
         names come from the statement text (``ops``, consumed in order); one pgveil could not read
         leaves the model as it was, which every later decision treats as unconfirmed."""
+        if tag == b"DO\x00":
+            if ops and NamespaceOp(NamespaceAction.REPLACE_ALL) in ops:
+                # Server-side code may have replaced any statement or cursor: none is trusted now. A Bind
+                # of a statement prepared before is refused (prepare it again), as one pgveil never saw.
+                ops.remove(NamespaceOp(NamespaceAction.REPLACE_ALL))
+                self.statements.clear()
+                self.portals.clear()
+                if self.crypto is not None:
+                    self.crypto.close_all(b"S")
+                    self.crypto.close_all(b"P")
+            return
         if tag in (b"DEALLOCATE ALL\x00", b"DISCARD ALL\x00"):
             self.statements.clear()
             if self.crypto is not None:
@@ -1719,6 +1730,9 @@ def _distinct(versions: list[Version | None]) -> list[Version]:
     return out
 
 
+_DROPS_ALL = frozenset({NamespaceAction.DEALLOCATE_ALL, NamespaceAction.REPLACE_ALL})
+
+
 def _apply_ops(
     versions: list[Version | None], ops: Sequence[NamespaceOp], name: str, *, certain: bool
 ) -> list[Version | None]:
@@ -1728,7 +1742,7 @@ def _apply_ops(
         v: Version | None
         if action is NamespaceAction.PREPARE and op.name == name:
             v = (None, None)  # the analysis refuses an SQL-level PREPARE with encrypted parameters
-        elif (action is NamespaceAction.DEALLOCATE and op.name == name) or action is NamespaceAction.DEALLOCATE_ALL:
+        elif (action is NamespaceAction.DEALLOCATE and op.name == name) or action in _DROPS_ALL:
             v = None
         else:
             continue

@@ -84,6 +84,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import types
 
 from pglast import parser as pg_parser
@@ -126,14 +127,21 @@ def needs_analysis(sql: str, catalog: Catalog) -> bool:
 # -- fast path and unparseable text ---------------------------------------------------------------------
 
 
+# What names every function of SQL_TEXT_FUNCTIONS and every relation of STATISTICS_RELATIONS, lower-cased
+# (a unit test holds the two lists to this one).
+_READS_BY_NAME = ("_to_xml", "dblink", "ts_stat", "ts_rewrite", "crosstab", "connectby", "pg_stats", "pg_statistic")
+
+
 def _may_mention(sql: str, catalog: Catalog) -> bool:
     """False only if no protected table can be named in ``sql``: its name does not occur in any case,
     and no Unicode-escaped identifier could spell it."""
     lowered = sql.lower()
     if 'u&"' in lowered or "schema" in lowered or "owned" in lowered:
         return True  # also DDL that moves or drops protected tables without naming them
-    if "_to_xml" in lowered or "dblink" in lowered:
-        return True  # functions that read tables named by a string, or every table (SQL_TEXT_FUNCTIONS)
+    if any(marker in lowered for marker in _READS_BY_NAME):
+        return True  # functions that read tables named by a string, or every table; the statistics views
+    if ("exec" in lowered or "language" in lowered) and re.search(r"\bdo\b", lowered):
+        return True  # a DO block that may build a table's name at run time (see dynamic_do_references)
     if not sql.isascii() and any(not name.isascii() for _schema, name in catalog.tables):
         return True  # bytes in another client encoding than UTF-8 do not spell the name as str does
     for _schema, name in catalog.tables:
@@ -272,12 +280,66 @@ def _statement_kind(name: str) -> StatementKind:
     return StatementKind.OTHER
 
 
+# What starts dynamic SQL in plpgsql code: EXECUTE (also OPEN ... FOR EXECUTE, RETURN QUERY EXECUTE).
+_DYNAMIC_CODE = re.compile(r"exec", re.IGNORECASE)
+
+
+def dynamic_do(body: Node) -> str | None:
+    """The construct of a DO block whose code may run SQL built at run time (EXECUTE, or a language
+    other than plpgsql, which runs SQL through SPI calls), or None. Such a block may read, change or
+    rename a table it never names in its text."""
+    language, code = "plpgsql", ""
+    for arg in body.get("args", []):
+        elem = arg.get("DefElem", {}) if isinstance(arg, dict) else {}
+        value = elem.get("arg", {}).get("String", {}).get("sval") if isinstance(elem.get("arg"), dict) else None
+        if elem.get("defname") == "language" and isinstance(value, str):
+            language = value.lower()
+        elif elem.get("defname") == "as" and isinstance(value, str):
+            code = value
+    if language != "plpgsql":
+        return f"a DO block in language {language}"
+    return "a DO block with dynamic SQL" if is_dynamic_code(language, code) else None
+
+
+def is_dynamic_code(language: str, code: str) -> bool:
+    """Whether a DO block's code may run SQL built at run time: plpgsql's EXECUTE (in any of its forms),
+    or any other language (which runs SQL through its SPI calls)."""
+    return language.lower() != "plpgsql" or _DYNAMIC_CODE.search(code) is not None
+
+
+def dynamic_do_references(body: Node, catalog: Catalog) -> list[Reference]:
+    """For a :func:`dynamic_do` block: an EXPRESSION reference to every plain governed column (encrypted
+    ones hold only envelopes, and their CHECK refuses anything else), so only a role that sees all of
+    them in plaintext may run it."""
+    construct = dynamic_do(body)
+    if construct is None:
+        return []
+    return [
+        Reference(col, ReferenceKind.EXPRESSION, construct)
+        for table in catalog.tables.values()
+        for col in table.columns.values()
+        if not col.encrypted
+    ]
+
+
+def _dynamic_do_plan(kind: StatementKind, body: Node, catalog: Catalog) -> StatementPlan:
+    """A DO block that names no governed table. With dynamic SQL it is also DDL pgveil cannot read: it
+    may rename or alter any protected table, so the transaction it runs in refuses statements on them
+    until it ends, and the catalog is read again then (catalog_names: every protected name)."""
+    if dynamic_do(body) is None:
+        return StatementPlan(kind)
+    names = frozenset(n.lower() for n in catalog.names)
+    return StatementPlan(kind, True, catalog_names=names, references=tuple(dynamic_do_references(body, catalog)))
+
+
 def _analyze_statement(stmt: Node, catalog: Catalog, source: SourceText) -> StatementPlan:
     name, body = node_type(stmt)
     kind = _statement_kind(name)
     table = first_protected_table(stmt, catalog)
     if table is None and name == "DoStmt":
         table = named_in_strings(body, catalog)
+        if table is None:
+            return _dynamic_do_plan(kind, body, catalog)
     text_refs = statement_sql_text_references(stmt, catalog)
     if table is None and text_refs:
         first = text_refs[0].column
@@ -354,6 +416,10 @@ def _plain_fallback(kind: StatementKind, stmt: Node, catalog: Catalog, changes: 
     if not columns:
         return None
     refs = tuple(Reference(c, ReferenceKind.EXPRESSION, UNANALYSED) for c in columns)
+    name, body = node_type(stmt)
+    if name == "DoStmt" and dynamic_do(body) is not None:  # may also build other names at run time
+        refs = tuple(dict.fromkeys((*refs, *dynamic_do_references(body, catalog))))
+        changes = changes | {n.lower() for n in catalog.names}
     return StatementPlan(kind, True, catalog_names=changes, references=refs)
 
 

@@ -28,6 +28,8 @@ SQL_TEXT_FUNCTIONS = frozenset(
         "schema_to_xml", "schema_to_xmlschema", "schema_to_xml_and_xmlschema",
         "database_to_xml", "database_to_xmlschema", "database_to_xml_and_xmlschema",
         "dblink", "dblink_exec", "dblink_open", "dblink_send_query",
+        "ts_stat", "ts_rewrite",  # ts_stat(sqlquery text), ts_rewrite(query tsquery, select text)
+        "crosstab", "crosstab2", "crosstab3", "crosstab4", "connectby",  # contrib tablefunc
     }
 )  # fmt: skip
 # Of those, the ones whose string does not name the tables they read (a cursor's name, a schema, none).

@@ -145,6 +145,14 @@ _COMMENTS = frozenset({"C_COMMENT", "SQL_COMMENT"})
 _OPEN = frozenset({"ASCII_40", "ASCII_91"})  # ( [
 _CLOSE = frozenset({"ASCII_41", "ASCII_93"})  # ) ]
 _SEPARATORS = frozenset({"ASCII_44", "ASCII_59"})  # , ;
+
+
+def _is_name(token: Any) -> bool:
+    """An identifier or a keyword (a column may be named by an unreserved one), not punctuation,
+    an operator, a constant or a comment."""
+    return token.name in ("IDENT", "UIDENT") or token.kind != "NO_KEYWORD"
+
+
 # Keywords that end a value at its own depth in a SET list, VALUES list or SELECT list. None of them can
 # appear in a type name (``timestamp with time zone``, ``character varying``, ``interval day to second``).
 _CLAUSE_KEYWORDS = frozenset(
@@ -250,6 +258,44 @@ class SourceText:
         if not start <= last_location < end:
             raise _span_error()
         return start, end
+
+    def reference_span(self, node: Node) -> tuple[int, int]:
+        """``(start, end)`` of a column reference (a ColumnRef: names joined by dots) in ``str`` indices,
+        with every pair of parentheses that wraps nothing but it: ``((t.ssn))`` whole. The alias of a
+        SELECT-list entry, with AS or without, is never part of it. Anything else between the names (a
+        star) is a span error: the caller then leaves the text alone."""
+        found: list[int] = []
+        _locations(node, found)
+        if len(found) != 1:
+            raise _span_error()
+        start = self.char_offset(found[0])
+        tokens = self._token_list()
+        i = bisect.bisect_left(self._starts, start)
+        if i >= len(tokens) or tokens[i].start != start or not _is_name(tokens[i]):
+            raise _span_error()
+        last = i
+        while (dot := self._code_token(last, 1)) is not None and tokens[dot].name == "ASCII_46":
+            name = self._code_token(dot, 1)
+            if name is None or not _is_name(tokens[name]):
+                raise _span_error()  # a dot followed by something that is not a name (a star)
+            last = name
+        first = i
+        while True:
+            before, after = self._code_token(first, -1), self._code_token(last, 1)
+            if before is None or after is None:
+                break
+            if tokens[before].name != "ASCII_40" or tokens[after].name != "ASCII_41":
+                break
+            first, last = before, after
+        return tokens[first].start, tokens[last].end + 1
+
+    def _code_token(self, j: int, step: int) -> int | None:
+        """The index of the first non-comment token from ``j`` in direction ``step``, or None."""
+        tokens = self._token_list()
+        k = j + step
+        while 0 <= k < len(tokens) and tokens[k].name in _COMMENTS:
+            k += step
+        return k if 0 <= k < len(tokens) else None
 
     def _previous_code_token(self, j: int, floor: int) -> int:
         tokens = self._token_list()

@@ -118,7 +118,8 @@ class HiddenOutput:
     error, a misspelt one still unknown) and its planner folds the expression to a NULL ``bytea``, so the
     server neither reads out nor sends the envelope. ``name`` is the output name to keep with ``AS`` when
     the entry has no alias of its own (PostgreSQL would name it after the column), else None; ``start``
-    and ``end`` span the column reference alone, ``text`` is that reference as the client wrote it.
+    and ``end`` span the column reference with any parentheses wrapping only it (``(ssn)``), ``text`` is
+    that as the client wrote it.
 
     Only made where the substitution cannot change anything but the values of that column: a plain
     SELECT (no set operation, no INTO) whose result width the analysis knows. Ordering, grouping or
@@ -132,9 +133,9 @@ class HiddenOutput:
 
     def edit(self) -> TextEdit:
         folded = f"CASE WHEN false THEN {self.text} END"
-        if self.name is None:
-            return TextEdit(self.start, self.end, folded)
-        return TextEdit(self.start, self.end, folded + ' AS "' + self.name.replace('"', '""') + '"')
+        if self.name is not None:
+            folded += ' AS "' + self.name.replace('"', '""') + '"'
+        return TextEdit(self.start, self.end, folded)
 
 
 class CopyDirection(Enum):

@@ -48,6 +48,7 @@ from proxy.rewrite.nodes import (
     last_name,
     names_of,
     node_type,
+    relation_names,
     tables_named_in_strings,
 )
 from proxy.rewrite.plan import CopyDirection, CopyFormat, CopyPlan, HiddenOutput, LiteralTarget, SubjectValue, TextEdit
@@ -635,11 +636,11 @@ class StatementWalker:
 
     def _hidden_output(self, val: Node, column: ProtectedColumn, alias: str | None, field_name: str) -> None:
         try:
-            start, end = self.source.value_span(val, bare_alias=alias is not None)
+            start, end = self.source.reference_span(val)
         except FeatureNotSupported:
             return  # the text is not where the tree says: the column is fetched and hidden by pgveil
-        text = self.source.sql[start:end]
-        self.hidden.append(HiddenOutput(start, end, column, None if alias is not None else field_name, text))
+        name = None if alias is not None else field_name
+        self.hidden.append(HiddenOutput(start, end, column, name, self.source.sql[start:end]))
 
     def star(self, body: Node, level: Level) -> Shape:
         """What ``*`` or ``t.*`` expands to."""
@@ -1479,11 +1480,35 @@ def sql_text_references(call: Node, catalog: Catalog) -> list[Reference]:
 
 def statement_sql_text_references(stmt: Node, catalog: Catalog) -> list[Reference]:
     """:func:`sql_text_references` of every such call anywhere in ``stmt`` (also where the walker does not
-    look at expressions)."""
+    look at expressions), and :func:`statistics_references`."""
     out: dict[Reference, None] = {}
     for call in function_calls(stmt, SQL_TEXT_FUNCTIONS):
         out.update(dict.fromkeys(sql_text_references(call, catalog)))
+    out.update(dict.fromkeys(statistics_references(stmt, catalog)))
     return list(out)
+
+
+# The planner's statistics, as PostgreSQL shows them to a role with SELECT on the column: sampled values
+# (most_common_vals, histogram_bounds, the extended statistics' expressions and their values).
+STATISTICS_RELATIONS = frozenset(
+    {"pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic", "pg_statistic_ext_data"}
+)
+
+
+def statistics_references(stmt: Node, catalog: Catalog) -> list[Reference]:
+    """A statement that reads one of STATISTICS_RELATIONS (in any schema) reads values ANALYZE sampled
+    from every column it has statistics for: an EXPRESSION reference to every plain governed column
+    (encrypted ones have only envelopes there)."""
+    named = [n for n in relation_names(stmt) if n.lower() in STATISTICS_RELATIONS]
+    if not named:
+        return []
+    construct = f"the planner statistics view {named[0].lower()}"
+    return [
+        Reference(col, ReferenceKind.EXPRESSION, construct)
+        for table in catalog.tables.values()
+        for col in table.columns.values()
+        if not col.encrypted
+    ]
 
 
 def _pinned(where: Node | None, column: str, qualifiers: set[str]) -> Node | None:

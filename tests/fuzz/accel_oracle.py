@@ -64,6 +64,7 @@ PLANS: tuple[RowPlan, ...] = (
     # Unattributed columns screened for envelopes, beside decrypted and hidden ones.
     (screen_output(True), _SSN_RAW, screen_output(False)),
     (screen_output(False), dataclasses.replace(_SSN_RAW, action=Action.NULL), None),
+    (screen_output(True, whole=True), _SSN_HEX, screen_output(False, whole=True), screen_output(True)),
 )
 # Plaintexts for the seeds: ASCII, multi-byte, 0 to 5 characters, no, one or several '@'.
 _VALUES = ("value", "", "é", "a😀", "abcd", "€uro5", "a@b@c.de", "@", "ann@例え.jp", "中文字符串")
@@ -147,8 +148,15 @@ def seeds() -> list[bytes]:
                     continue
                 if col.action is Action.SCREEN:  # an envelope's forms inside other bytes, or none
                     sealed = _seal_with_nonce(KEY, b"v%d" % i, SSN_ASSOCIATED, bytes([i, c]) * 6)
-                    forms = (sealed, b"\\x" + sealed.hex().encode(), b'{"PV\\\\001\\\\001"}', b"plain")
-                    values.append(b"<" + forms[(i + c) % len(forms)] + b">")
+                    forms = (
+                        sealed,
+                        b"\\x" + sealed.hex().encode(),
+                        b'{"PV\\\\001\\\\001"}',
+                        b"PV\\\\\\\\001\\\\\\\\001",
+                        b"plain",
+                    )
+                    # At the start (where a bytea's envelope is) or inside other bytes.
+                    values.append((b"<" if i % 2 else b"") + forms[(i + c) % len(forms)] + b">")
                     continue
                 nonce = bytes([i, c]) * 6
                 plain = (_VALUES[(index + i + c) % len(_VALUES)] + str(i)[: (i + c) % 2]).encode()

@@ -11,6 +11,7 @@ and require the same outcome from each.
 from __future__ import annotations
 
 import dataclasses
+import re
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +40,7 @@ from proxy.encrypt.rows import (
     KeyLookup,
     RowDecryptError,
     RowPlan,
+    carries_envelope,
     rewrite_data_row,
     rewrite_data_rows,
     rewrite_value_text,
@@ -436,22 +438,44 @@ def expected_value(stored_value: bytes, out: ColumnOutput) -> bytes:
 _PLAIN_TEXT = st.text(st.characters(codec="utf-8", blacklist_characters="\x00"), max_size=12)
 _LONG_TEXT = st.integers(1000, 1100).map(lambda n: "é" * (n // 2) + "x" * (n % 2))  # around the length table's end
 # An envelope inside an unattributed value, as PostgreSQL's output functions write it (written out here,
-# not taken from rows.py): raw, hex, escape, escape inside an array's text.
-_ENVELOPE_FORMS = (b"PV\x01\x01", b"x50560101", rb"PV\001\001", rb"PV\\001\\001")
+# not taken from rows.py): raw, hex after its backslash (doubled in an array's text), escape, and escape
+# nested in quoting levels (each backslash doubled per level: one, two, four, eight of them).
+_ENVELOPE_FORMS = (
+    b"PV\x01\x01",
+    b"\\x50560101",
+    b"\\\\x50560101",
+    *(b"PV" + b"\\" * k + b"001" + b"\\" * k + b"001" for k in (1, 2, 4, 8)),
+)
+# Near misses that must not count: the hex without its backslash, a short header, a missing backslash.
+_NEAR_MISSES = (b"x50560101", b"0x50560101ff", b"PV\x01\x02", b"PV001\\001", b"PV\\01\\001", b"\\x5056010")
 
 
-def _has_envelope_form(value: bytes) -> bool:
-    return any(form in value for form in _ENVELOPE_FORMS)
+def _has_envelope_form(value: bytes, whole: bool = False) -> bool:
+    if whole:  # a bytea: only as the whole value, from its first byte
+        return value.startswith((b"PV\x01\x01", b"\\x50560101")) or (re.match(rb"PV\\+001\\+001", value) is not None)
+    return b"PV\x01\x01" in value or b"\\x50560101" in value or re.search(rb"PV\\+001\\+001", value) is not None
+
+
+def test_the_oracle_knows_the_forms_and_the_near_misses() -> None:
+    for form in _ENVELOPE_FORMS:
+        assert _has_envelope_form(b"ab" + form + b"cd")
+        # A bytea's own output is not nested: its doubled-backslash hex form cannot start it.
+        assert _has_envelope_form(form + b"cd", whole=True) == (not form.startswith(b"\\\\"))
+        assert not _has_envelope_form(b"ab" + form, whole=True)
+    for near in _NEAR_MISSES:
+        assert not _has_envelope_form(b"ab" + near + b"cd")
+        assert not carries_envelope(b"ab" + near + b"cd")
 
 
 @st.composite
 def _unattributed_values(draw: st.DrawFn) -> bytes:
-    """A value of an unattributed column: arbitrary bytes, or one with an envelope's form somewhere in it,
-    whole or cut short by a byte (which must not count)."""
-    form = draw(st.sampled_from(_ENVELOPE_FORMS))
+    """A value of an unattributed column: arbitrary bytes, or one with an envelope's form (or a near miss)
+    at its start or somewhere in it, whole or cut short by a byte (which must not count)."""
+    form = draw(st.sampled_from(_ENVELOPE_FORMS + _NEAR_MISSES))
     if draw(st.booleans()):
         form = form[: draw(st.integers(0, len(form) - 1))]
-    head, tail = draw(st.binary(max_size=40)), draw(st.binary(max_size=40))
+    head = draw(st.one_of(st.just(b""), st.binary(max_size=40)))
+    tail = draw(st.binary(max_size=40))
     return draw(st.one_of(st.binary(max_size=80), st.just(head + form + tail)))
 
 
@@ -489,7 +513,7 @@ def plans_and_rows(
         server_binary = True if fast else draw(st.booleans())
         action = draw(st.sampled_from(actions))
         if action is Action.SCREEN:
-            plan.append(screen_output(server_binary))
+            plan.append(screen_output(server_binary, whole=draw(st.booleans())))
             continue
         out = real_output(col, server_binary=server_binary, client_binary=draw(st.booleans()))
         plan.append(acted(out, action))
@@ -511,7 +535,7 @@ def plans_and_rows(
             elif column.action is Action.SCREEN:
                 value = draw(_unattributed_values())
                 stored_row.append(value)
-                client_row.append(None if _has_envelope_form(value) else value)
+                client_row.append(None if _has_envelope_form(value, column.whole) else value)
             else:
                 out = column
                 if out.column == SCORE:

@@ -40,3 +40,27 @@ def test_a_long_text_is_not_parsed_again_and_its_execute_is_unnamed() -> None:
     assert namespace_ops(f"{padding} EXECUTE p(1)") == (UNREAD_EXECUTE,)
     assert namespace_ops(f"{padding} DEALLOCATE p") == ()
     assert namespace_ops(padding) == ()
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "DO $$BEGIN EXECUTE 'DEALLOCATE s1'; END$$",
+        "do $$begin execute format('PREPARE %I AS SELECT 1', 's1'); end$$",
+        "DO LANGUAGE plpython3u $$plpy.execute('SELECT 1')$$",
+        "DO LANGUAGE plperl $$ spi_exec_query('SELECT 1') $$",
+        "SELECT 1; DO $$BEGIN EXECUTE 'x'; END$$",
+    ],
+)
+def test_a_do_block_with_dynamic_sql_may_replace_every_statement(sql: str) -> None:
+    assert NamespaceOp(NamespaceAction.REPLACE_ALL) in namespace_ops(sql)
+
+
+@pytest.mark.parametrize("sql", ["DO $$BEGIN RAISE NOTICE 'x'; END$$", "SELECT 'do'", "SELECT 1 AS do_this"])
+def test_other_do_blocks_and_words_replace_nothing(sql: str) -> None:
+    assert NamespaceOp(NamespaceAction.REPLACE_ALL) not in namespace_ops(sql)
+
+
+def test_a_long_text_with_do_in_it_may_replace_every_statement() -> None:
+    sql = "DO $$BEGIN PERFORM 1; END$$; SELECT '" + "x" * (MAX_PARSED_TEXT + 1) + "'"
+    assert NamespaceOp(NamespaceAction.REPLACE_ALL) in namespace_ops(sql)

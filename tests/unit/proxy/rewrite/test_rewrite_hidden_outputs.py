@@ -52,6 +52,19 @@ def _hidden_sql(sql: str) -> str:
             "SELECT s.ssn FROM (SELECT ssn FROM customers) s",
             'SELECT CASE WHEN false THEN s.ssn END AS "ssn" FROM (SELECT ssn FROM customers) s',
         ),
+        # Parentheses that wrap only the reference are part of the substituted span; the name goes after.
+        ("SELECT (ssn) FROM customers", 'SELECT CASE WHEN false THEN (ssn) END AS "ssn" FROM customers'),
+        (
+            "SELECT id,( ( c . ssn ) )FROM customers c",
+            'SELECT id,CASE WHEN false THEN ( ( c . ssn ) ) END AS "ssn" FROM customers c',
+        ),
+        ("SELECT(ssn)s FROM customers", "SELECT CASE WHEN false THEN (ssn) END s FROM customers"),
+        (
+            "SELECT (/*a*/ssn--b\n) AS s FROM customers",
+            "SELECT CASE WHEN false THEN (/*a*/ssn--b\n) END AS s FROM customers",
+        ),
+        ('SELECT U&"s\\0073n"FROM customers', 'SELECT CASE WHEN false THEN U&"s\\0073n" END AS "ssn" FROM customers'),
+        ("SELECT c.--x\nssn FROM customers c", 'SELECT CASE WHEN false THEN c.--x\nssn END AS "ssn" FROM customers c'),
         (
             "WITH c AS (SELECT ssn FROM customers) SELECT ssn FROM c",
             'WITH c AS (SELECT ssn FROM customers) SELECT CASE WHEN false THEN ssn END AS "ssn" FROM c',

@@ -16,6 +16,7 @@ from proxy.policy.model import Grant, ReferenceKind, Visibility
 from proxy.rewrite.analysis import analyze
 from proxy.rewrite.catalog import Catalog, ProtectedColumn, ProtectedTable
 from proxy.rewrite.constructs import SQL_TEXT_FUNCTIONS
+from proxy.rewrite.walker import STATISTICS_RELATIONS
 
 
 def _table(schema: str, name: str, governed: dict[str, bool]) -> ProtectedTable:
@@ -99,3 +100,49 @@ def test_other_functions_and_strings_make_no_reference() -> None:
 def test_every_function_any_schema_names_the_table(name: str, schema: str) -> None:
     refs = _refs(f"SELECT {schema}{name}('vis_plain', 'vis_plain')")
     assert _expr(f"{name}()", PIN, NOTE) <= refs
+
+
+@given(st.sampled_from(sorted(SQL_TEXT_FUNCTIONS)), st.sampled_from(["", "pg_catalog.", "public."]))
+def test_a_call_whose_string_is_a_parameter_reads_every_governed_table(name: str, schema: str) -> None:
+    """The text names no governed table (the cheap pre-check must still send it to the analysis)."""
+    refs = _refs(f"SELECT * FROM {schema}{name}($1, $2)")
+    assert _expr(f"{name}()", PIN, NOTE, PHONE) <= refs
+
+
+@given(
+    st.sampled_from(sorted(STATISTICS_RELATIONS)),
+    st.sampled_from(["", "pg_catalog.", '"pg_catalog".']),
+    st.sampled_from(["SELECT * FROM {}", "SELECT x FROM (SELECT * FROM {}) s", "WITH s AS (TABLE {}) SELECT 1"]),
+)
+def test_the_statistics_views_read_every_plain_governed_column(name: str, schema: str, shape: str) -> None:
+    refs = _refs(shape.format(schema + name))
+    assert refs == _expr(f"the planner statistics view {name}", PIN, NOTE, PHONE)
+
+
+def test_the_cheap_check_knows_every_name() -> None:
+    from proxy.rewrite.analysis import _READS_BY_NAME
+
+    for name in (*SQL_TEXT_FUNCTIONS, *STATISTICS_RELATIONS):
+        assert any(marker in name for marker in _READS_BY_NAME), name
+
+
+@pytest.mark.parametrize(
+    ("sql", "construct"),
+    [
+        ("DO $$BEGIN EXECUTE 'SELECT 1 FROM vis_' || 'plain'; END$$", "a DO block with dynamic SQL"),
+        ("DO LANGUAGE plpgsql $$BEGIN RETURN QUERY ExEcUtE 'x'; END$$", "a DO block with dynamic SQL"),
+        ("DO LANGUAGE plpython3u $$plpy.cursor('SELECT 1')$$", "a DO block in language plpython3u"),
+        ("/* c */ DO 'BEGIN EXECUTE ''x''; END'", "a DO block with dynamic SQL"),
+    ],
+)
+def test_a_do_block_with_dynamic_sql_reads_every_plain_governed_column(sql: str, construct: str) -> None:
+    assert _refs(sql) == _expr(construct, PIN, NOTE, PHONE)
+
+
+def test_a_do_block_naming_a_plain_table_with_dynamic_sql_reads_every_plain_governed_column() -> None:
+    refs = _refs("DO $$BEGIN PERFORM pin FROM vis_plain; EXECUTE 'SELECT 1 FROM ' || 'x'; END$$")
+    assert {(c, k) for c, k, _ in refs} == {(c.column_id, ReferenceKind.EXPRESSION) for c in (PIN, NOTE, PHONE)}
+
+
+def test_a_do_block_without_dynamic_sql_or_names_makes_no_reference() -> None:
+    assert analyze("DO $$BEGIN RAISE NOTICE 'x %', 1; END$$", CATALOG).references == ()
