@@ -22,7 +22,7 @@ from keymgmt import native
 from proxy import __version__
 from proxy.cli_errors import USAGE, CliError, report
 from proxy.config import Config, default_config_path, load_config
-from proxy.logsetup import setup_logging
+from proxy.logsetup import LEVELS, set_worker, setup_logging
 
 log = logging.getLogger("pgveil")
 T = TypeVar("T")
@@ -61,7 +61,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.worker:
         # A worker of a supervisor (sessions.workers): the supervisor alone serves the admin API.
         config = dataclasses.replace(config, admin=dataclasses.replace(config.admin, listen=None))
-    setup_logging(config.logging.level, config.logging.format)
+        # Its lines say which worker logged them; it starts at the supervisor's level of the moment.
+        set_worker(args.worker_slot)
+    setup_logging((args.worker and args.log_level) or config.logging.level, config.logging.format)
     for w in config.warnings:
         log.warning("config: %s", w)
     from proxy.server import run
@@ -71,6 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config,
             overrides,
             worker_fds=(args.metrics_fd, args.handoff_fd) if args.worker else None,
+            control_fd=args.control_fd if args.worker else None,
         )
     )
     return 0
@@ -178,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     s.add_argument("--metrics-fd", type=int, default=None, help=argparse.SUPPRESS)
     s.add_argument("--handoff-fd", type=int, default=None, help=argparse.SUPPRESS)
+    s.add_argument("--control-fd", type=int, default=None, help=argparse.SUPPRESS)
+    s.add_argument("--worker-slot", type=int, default=None, help=argparse.SUPPRESS)
+    s.add_argument("--log-level", choices=LEVELS, default=None, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("check", help="validate a configuration file and print every error")

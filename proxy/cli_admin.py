@@ -187,12 +187,17 @@ def _print_sessions(body: dict[str, Any]) -> None:
             s["started_at"],
             s["state"],
             "yes" if s["tls"] else "no",
+            str(s.get("process", 0)),
         ]
         for s in body["sessions"]
     ]
-    print(_table(rows, ["ID", "ROLE", "DATABASE", "CLIENT", "STARTED", "STATE", "TLS"]))
+    print(_table(rows, ["ID", "ROLE", "DATABASE", "CLIENT", "STARTED", "STATE", "TLS", "PROCESS"]))
     others = body.get("other_processes") or {}
-    if others:
+    silent = body.get("unanswered") or []
+    if silent:
+        counts = ", ".join(f"process {k}: {others.get(str(k), '?')}" for k in silent)
+        print(f"\nworker processes that did not answer in time serve more, not listed ({counts})")
+    elif others and body.get("covers") == "process":  # an instance of an older pgveil lists its own only
         counts = ", ".join(f"process {k}: {v}" for k, v in sorted(others.items(), key=lambda kv: int(kv[0])))
         print(f"\n{len(body['sessions'])} listed in this process; worker processes serve more ({counts})")
     print(f"{body['total']} sessions in all")

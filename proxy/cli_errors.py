@@ -214,6 +214,9 @@ def privilege_fix(message: str, role: str | None, database: str | None) -> list[
             if name == "pgveil":
                 fix.append(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA pgveil TO {who};")
                 fix.append(f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA pgveil TO {who};")
+                fix.append(
+                    f"ALTER SCHEMA pgveil OWNER TO {who};  -- instead, when its migrations (keystore init) still run"
+                )
             return fix
         if kind in ("table", "relation"):
             schema = "pgveil" if name in _KEYSTORE_TABLES else None
@@ -253,6 +256,23 @@ def privilege_error(e: BaseException, target: Target | None = None) -> CliError:
     fix = privilege_fix(text, target.user if target else None, target.database if target else None)
     hint = "as the owner or a superuser, run:\n    " + "\n    ".join(fix) if fix else "see docs/cli.md (privileges)"
     return CliError(f"{where} lacks a privilege: {text} (SQLSTATE 42501)", PRIVILEGES, hint=hint)
+
+
+def missing_privilege(exc: BaseException, what: str, dsn: str | None) -> str | None:
+    """For the log of a running pgveil, which retries rather than exits: what the 42501 beneath ``exc``
+    (raised on ``what``'s connection to ``dsn``) says is missing, and the statements that would fix it;
+    None when ``exc`` is not a missing privilege."""
+    denied = _denied(exc)
+    if denied is None:
+        return None
+    target = parse_target(what, dsn) if dsn else None
+    text = _server_text(denied)
+    fix = privilege_fix(text, target.user if target else None, target.database if target else None)
+    where = target.describe() if target is not None else what
+    # One line: a statement's "-- comment" would swallow the statements after it, so it becomes /* */.
+    one_line = [re.sub(r"\s*--\s*(.*)$", r" /* \1 */", f) for f in fix]
+    run = "; as the owner or a superuser, run: " + " ".join(one_line) if fix else "; see docs/cli.md (privileges)"
+    return f"{where} lacks a privilege: {text} (SQLSTATE 42501){run}"
 
 
 # -- reporting ------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ an exception's message or a frame's repr can quote a value (a literal the parser
 
 Text: ``2026-12-02T07:00:00.123Z INFO proxy.session [s12] session started role=app database=app ...``
 (``[s<id>]`` is the id ``GET /v1/sessions`` lists). JSON: ``{"ts", "level", "logger", "msg", "session",
-...the extra fields..., "exc_type"}``.
+...the extra fields..., "exc_type"}``. A worker process of ``sessions.workers`` adds ``worker=<N>`` (JSON:
+``"worker": N``) to each of its lines.
 """
 
 from __future__ import annotations
@@ -60,13 +61,24 @@ def _session(record: logging.LogRecord) -> int | None:
     return sid if isinstance(sid, int) else None
 
 
+_worker: int | None = None  # this process's worker number (sessions.workers), None in the supervisor
+
+
+def set_worker(slot: int | None) -> None:
+    """Marks every line of this process from now on with ``worker=<slot>``."""
+    global _worker
+    _worker = slot
+
+
 class SessionFilter(logging.Filter):
     """Gives every record logged while a session's code runs that session's id (``record.session``),
-    unless the call passed one itself."""
+    unless the call passed one itself; and in a worker process, the worker's number (``record.worker``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.__dict__.get("session") is None:
             record.session = current_session.get()
+        if _worker is not None and "worker" not in record.__dict__:
+            record.worker = _worker
         return True
 
 

@@ -31,8 +31,18 @@ from proxy.config import Config, load_config
 from proxy.encrypt.engine import SessionCrypto
 from proxy.encrypt.runtime import EncryptionRuntime, connect_kwargs
 from proxy.errors import ConfigError
-from proxy.logsetup import loop_exception_handler, reconfigure
-from proxy.services import Explainer, ExplainUnavailable, ReloadOutcome, captured_log_lines, key_columns
+from proxy.logsetup import current_level, loop_exception_handler, reconfigure, set_level
+from proxy.services import (
+    Explainer,
+    ExplainUnavailable,
+    ReloadOutcome,
+    WorkerControl,
+    as_json,
+    captured_log_lines,
+    key_columns,
+    local_sessions,
+    terminate_local_session,
+)
 from proxy.session import ClientProtocol, Session, SessionSettings, shutdown_analysis_pool
 from proxy.tls import client_leg_context, first_certificate_der, upstream_settings
 from proxy.workers import Supervisor, WorkerChannel
@@ -72,11 +82,14 @@ class ProxyServer:
         overrides: Mapping[str, Any] | None = None,
         *,
         worker_fds: tuple[int, int] | None = None,
+        control_fd: int | None = None,
     ) -> None:
         self.config = config
         # A worker process (``pgveil serve --worker``): no listening socket and no admin server; clients
-        # arrive from the supervisor and reports go back to it over these (report pipe, hand-off socket).
+        # arrive from the supervisor and reports go back to it over these (report pipe, hand-off socket),
+        # and it answers the supervisor's requests arriving on ``control_fd``.
         self.worker_fds = worker_fds
+        self.control_fd = control_fd
         self.channel: WorkerChannel | None = None
         self.supervisor: Supervisor | None = None
         self._listening: list[socket.socket] = []  # a supervisor's own accept loops
@@ -115,7 +128,15 @@ class ProxyServer:
             self.audit.start()
         if self.worker_fds is not None:
             report_fd, handoff_fd = self.worker_fds
-            self.channel = WorkerChannel(self.metrics.registry, report_fd, handoff_fd, self._adopt, self.request_stop)
+            self.channel = WorkerChannel(
+                self.metrics.registry,
+                report_fd,
+                handoff_fd,
+                self._adopt,
+                self.request_stop,
+                control_fd=self.control_fd,
+                on_request=self._answer_supervisor,
+            )
             await self.channel.start()
             log.info("worker serving clients of its supervisor, upstream %s", self.settings.upstream_address)
             return
@@ -185,9 +206,19 @@ class ProxyServer:
     def live_sessions(self) -> Iterable[Session]:
         return list(self.sessions)
 
-    def other_process_sessions(self) -> Mapping[int, int]:
-        sup = self.supervisor
-        return {slot: link.sessions for slot, link in sup.links.items()} if sup is not None else {}
+    def workers(self) -> WorkerControl | None:
+        return self.supervisor
+
+    def _answer_supervisor(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """A worker's answer to a checked request of its supervisor (:mod:`proxy.control`)."""
+        kind = request["t"]
+        if kind == "sessions":
+            return {"sessions": as_json(local_sessions(list(self.sessions)))}
+        if kind == "terminate":
+            return {"terminated": terminate_local_session(list(self.sessions), request["session"])}
+        if request["level"] is not None:  # log_level; counted by the supervisor, not here
+            set_level(request["level"], source=request["source"])
+        return {"level": current_level()}
 
     def reload_reporting(self) -> ReloadOutcome:
         """:meth:`reload` (as on SIGHUP), with what it logged: applied when the configuration was replaced."""
@@ -246,23 +277,24 @@ class ProxyServer:
         limit, and any a worker cannot take, are served (or refused) here."""
         sup = self.supervisor
         assert sup is not None
+        sid = next(self._ids)  # numbered here for every process, so ids are unique over all of them
         if (
             not self.shutting_down
             and self._local_load() + sup.worker_sessions() < self.config.sessions.max_client_connections
         ):
             link = sup.pick(self._local_load())
-            if link is not None and sup.hand_off(link, conn):
+            if link is not None and sup.hand_off(link, conn, sid):
                 conn.close()  # the worker holds its own descriptor now
                 return
-        self._adopt(conn)
+        self._adopt(conn, sid)
 
-    def _adopt(self, conn: socket.socket) -> None:
-        """Serves an accepted connection in this process."""
+    def _adopt(self, conn: socket.socket, sid: int) -> None:
+        """Serves an accepted connection in this process, as session ``sid``."""
 
         async def adopt() -> None:
             try:
                 await asyncio.get_running_loop().connect_accepted_socket(
-                    lambda: ClientProtocol(self._new_adopted_session), conn
+                    lambda: ClientProtocol(lambda transport: self._new_adopted_session(transport, sid)), conn
                 )
             except OSError as exc:  # the client left already
                 log.debug("could not serve an accepted connection: %s", exc)
@@ -283,9 +315,9 @@ class ProxyServer:
         arrives before the first session exists)."""
         return len(self.sessions) + self._starting
 
-    def _new_adopted_session(self, transport: asyncio.Transport) -> Session:
+    def _new_adopted_session(self, transport: asyncio.Transport, sid: int) -> Session:
         self._starting -= 1
-        return self._new_session(transport)
+        return self._new_session(transport, sid)
 
     def _session_count(self) -> int:
         """Sessions of every process (a worker knows only its own; the supervisor enforces the limit)."""
@@ -310,8 +342,8 @@ class ProxyServer:
             self.channel.session_closed()
         self._balance_changed()
 
-    def _new_session(self, transport: asyncio.Transport) -> Session:
-        sid = next(self._ids)
+    def _new_session(self, transport: asyncio.Transport, sid: int | None = None) -> Session:
+        sid = next(self._ids) if sid is None else sid
         session = Session(sid, transport, self.settings, self.metrics, self._session_closed, self.encryption)
         if self.shutting_down or self._session_count() >= self.config.sessions.max_client_connections:
             reason = "pgveil is shutting down" if self.shutting_down else "sorry, too many clients already"
@@ -514,9 +546,10 @@ async def run(
     overrides: Mapping[str, Any] | None = None,
     *,
     worker_fds: tuple[int, int] | None = None,
+    control_fd: int | None = None,
 ) -> None:
     asyncio.get_running_loop().set_exception_handler(loop_exception_handler)
-    server = ProxyServer(config, overrides=overrides, worker_fds=worker_fds)
+    server = ProxyServer(config, overrides=overrides, worker_fds=worker_fds, control_fd=control_fd)
     server.install_signal_handlers()
     await server.start()
     await server.serve_until_stopped()

@@ -23,10 +23,11 @@ import datetime
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from proxy import logsetup
 from proxy.config import Config
 from proxy.protocol import relay
 
@@ -53,21 +54,55 @@ class SessionInfo:
     started_at: str  # ISO 8601, UTC
     state: SessionState
     tls: bool
+    process: int = 0  # 0: the supervisor (or the only process); N: worker N of ``sessions.workers``
 
 
 @dataclass(frozen=True, slots=True)
 class SessionList:
-    """The sessions this process serves. With ``sessions.workers`` > 1 the worker processes serve the
-    rest; they are counted in ``other_processes`` (process number → sessions) but not listed."""
+    """The sessions of every process. ``covers``: ``process`` (pgveil runs as one process), ``all`` (the
+    supervisor and every worker listed theirs), ``partial`` (the workers in ``unanswered`` did not answer in
+    time: their sessions are counted in ``other_processes``, process number → sessions, but not listed)."""
 
     sessions: tuple[SessionInfo, ...]
     process: int = 0
     other_processes: Mapping[int, int] = field(default_factory=dict)
     covers: str = "process"
+    unanswered: tuple[int, ...] = ()
 
     @property
     def total(self) -> int:
-        return len(self.sessions) + sum(self.other_processes.values())
+        return len(self.sessions) + sum(self.other_processes.get(p, 0) for p in self.unanswered)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSessions:
+    """What one worker process answered: its sessions, or None when it did not answer in time (``count``
+    is then what the supervisor counted)."""
+
+    process: int
+    sessions: tuple[SessionInfo, ...] | None
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerTermination:
+    """Which worker process ended the session (None: none has it), and the workers that did not answer."""
+
+    process: int | None
+    unanswered: tuple[int, ...] = ()
+
+
+class WorkerControl(Protocol):
+    """The worker processes of a supervisor (``sessions.workers`` > 1), asked over their control channels,
+    each with a timeout: a worker that does not answer in time is reported, never waited for."""
+
+    async def sessions(self) -> Sequence[WorkerSessions]: ...
+
+    async def terminate(self, session_id: int) -> WorkerTermination: ...
+
+    async def log_levels(self, level: str | None = None, source: str = "api") -> Mapping[int, str | None]:
+        """Every worker's log level (None: it did not answer), after setting it to ``level`` if given."""
+        ...
 
 
 class ServedSession(Protocol):
@@ -122,19 +157,91 @@ def describe_session(s: ServedSession, *, now: float | None = None, wall: float 
     )
 
 
-def list_sessions(instance: Instance) -> SessionList:
-    infos = sorted((describe_session(s) for s in instance.live_sessions() if not s.closed), key=lambda i: i.id)
-    return SessionList(tuple(infos), other_processes=dict(instance.other_process_sessions()))
+def local_sessions(sessions: Iterable[ServedSession], process: int = 0) -> tuple[SessionInfo, ...]:
+    """The open sessions of this process, by id."""
+    infos = (dataclasses.replace(describe_session(s), process=process) for s in sessions if not s.closed)
+    return tuple(sorted(infos, key=lambda i: i.id))
 
 
-def terminate_session(instance: Instance, session_id: int) -> bool:
+def terminate_local_session(sessions: Iterable[ServedSession], session_id: int) -> bool:
     """Ends session ``session_id`` of this process: FATAL 57P01 to its client, its server connection
     closed (and its backend's running statement cancelled). False if this process has no such session."""
-    for s in instance.live_sessions():
+    for s in sessions:
         if s.sid == session_id and not s.closed:
             s.terminate_by_administrator()
             return True
     return False
+
+
+async def list_sessions(instance: Instance) -> SessionList:
+    """The sessions of this process and, with worker processes, theirs (asked now, not a snapshot)."""
+    listed = list(local_sessions(instance.live_sessions()))
+    workers = instance.workers()
+    if workers is None:
+        return SessionList(tuple(listed))
+    others: dict[int, int] = {}
+    unanswered: list[int] = []
+    for answer in sorted(await workers.sessions(), key=lambda a: a.process):
+        if answer.sessions is None:
+            unanswered.append(answer.process)
+            others[answer.process] = answer.count
+        else:
+            listed.extend(answer.sessions)
+            others[answer.process] = len(answer.sessions)
+    return SessionList(
+        tuple(sorted(listed, key=lambda i: i.id)),
+        other_processes=others,
+        covers="partial" if unanswered else "all",
+        unanswered=tuple(unanswered),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Termination:
+    """``terminated`` by process ``process``; or not, and then ``unanswered`` names the workers that did
+    not answer (the session may be theirs)."""
+
+    terminated: bool
+    process: int | None = None
+    unanswered: tuple[int, ...] = ()
+
+
+async def terminate_session(instance: Instance, session_id: int) -> Termination:
+    """Ends session ``session_id`` wherever it is served (session ids are unique over all processes)."""
+    if terminate_local_session(instance.live_sessions(), session_id):
+        return Termination(True, 0)
+    workers = instance.workers()
+    if workers is None:
+        return Termination(False)
+    answer = await workers.terminate(session_id)
+    if answer.process is not None:
+        return Termination(True, answer.process)
+    return Termination(False, unanswered=answer.unanswered)
+
+
+@dataclass(frozen=True, slots=True)
+class LogLevels:
+    """The log level of this process (before and after a change) and, with worker processes, of each
+    (None: it did not answer in time; it gets the level all the same, and a worker started later starts at
+    the level of this process)."""
+
+    level: str
+    previous: str
+    workers: Mapping[int, str | None] | None = None
+
+    @property
+    def changed(self) -> bool:
+        return self.previous != self.level
+
+
+async def log_levels(instance: Instance, level: str | None = None, *, source: str = "api") -> LogLevels:
+    """The log levels of every process, after setting them to ``level`` if given (counted once, here)."""
+    previous = logsetup.current_level()
+    if level is not None:
+        logsetup.set_level(level, source=source)
+    workers = instance.workers()
+    answers = dict(sorted((await workers.log_levels(level, source)).items())) if workers is not None else None
+    return LogLevels(logsetup.current_level(), previous, answers)
 
 
 # -- policy --------------------------------------------------------------------------------------------
@@ -296,7 +403,9 @@ class Instance(Protocol):
 
     def live_sessions(self) -> Iterable[ServedSession]: ...
 
-    def other_process_sessions(self) -> Mapping[int, int]: ...
+    def workers(self) -> WorkerControl | None:
+        """The worker processes (``sessions.workers`` > 1), or None when this process serves every session."""
+        ...
 
     def reload_reporting(self) -> ReloadOutcome: ...
 

@@ -173,9 +173,12 @@ class Operation:
 
 SESSION_SCHEMA: Final[JSON] = {
     "type": "object",
-    "required": ["id", "role", "database", "client_address", "client_port", "started_at", "state", "tls"],
+    "required": ["id", "role", "database", "client_address", "client_port", "started_at", "state", "tls", "process"],
     "properties": {
-        "id": {"type": "integer", "description": "the session id of pgveil's log lines ([s<id>])"},
+        "id": {
+            "type": "integer",
+            "description": "the session id of pgveil's log lines ([s<id>]), unique over all processes",
+        },
         "role": {"type": ["string", "null"], "description": "the login role"},
         "database": {"type": ["string", "null"]},
         "client_address": {"type": ["string", "null"]},
@@ -183,29 +186,45 @@ SESSION_SCHEMA: Final[JSON] = {
         "started_at": {"type": "string", "format": "date-time"},
         "state": {"type": "string", "enum": [s.value for s in services.SessionState]},
         "tls": {"type": "boolean", "description": "whether the client connected with TLS"},
+        "process": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "the process serving it: 0 the supervisor (or the only process), N worker N",
+        },
     },
     "additionalProperties": False,
 }
+_WORKER_NUMBERS: Final[JSON] = {"type": "array", "items": {"type": "integer", "minimum": 1}}
 SESSION_LIST_SCHEMA: Final[JSON] = {
     "type": "object",
-    "required": ["covers", "process", "sessions", "other_processes", "total"],
+    "required": ["covers", "process", "sessions", "other_processes", "unanswered", "total"],
     "properties": {
-        "covers": {"type": "string", "enum": ["process"], "description": "sessions lists this process's only"},
+        "covers": {
+            "type": "string",
+            "enum": ["process", "all", "partial"],
+            "description": "process: pgveil runs as one process; all: every process listed its sessions; "
+            "partial: the worker processes in unanswered did not answer in time (counted, not listed)",
+        },
         "process": {"type": "integer", "description": "0: the supervisor (the process serving this API)"},
         "sessions": {"type": "array", "items": SESSION_SCHEMA},
         "other_processes": {
             "type": "object",
-            "description": "with sessions.workers > 1: sessions per worker process (counted, not listed)",
+            "description": "with sessions.workers > 1: sessions per worker process",
             "additionalProperties": {"type": "integer"},
         },
+        "unanswered": {**_WORKER_NUMBERS, "description": "worker processes that did not answer in time"},
         "total": {"type": "integer", "description": "sessions of every process"},
     },
     "additionalProperties": False,
 }
 TERMINATED_SCHEMA: Final[JSON] = {
     "type": "object",
-    "required": ["id", "terminated"],
-    "properties": {"id": {"type": "integer"}, "terminated": {"type": "boolean", "const": True}},
+    "required": ["id", "terminated", "process"],
+    "properties": {
+        "id": {"type": "integer"},
+        "terminated": {"type": "boolean", "const": True},
+        "process": {"type": "integer", "minimum": 0, "description": "the process that served the session"},
+    },
     "additionalProperties": False,
 }
 RELOAD_SCHEMA: Final[JSON] = {
@@ -272,10 +291,17 @@ def _instance(request: web.Request) -> services.Instance:
 
 
 async def _get_sessions(request: web.Request, token: Token) -> web.Response:
-    listing = services.list_sessions(_instance(request))
+    listing = await services.list_sessions(_instance(request))
     body = services.as_json(listing)
     body["total"] = listing.total
     return web.json_response(body)
+
+
+_MAX_SESSION_ID: Final = (1 << 63) - 1
+
+
+def _workers(numbers: Sequence[int]) -> str:
+    return ("worker process " if len(numbers) == 1 else "worker processes ") + ", ".join(map(str, numbers))
 
 
 async def _delete_session(request: web.Request, token: Token) -> web.Response:
@@ -283,9 +309,18 @@ async def _delete_session(request: web.Request, token: Token) -> web.Response:
     if not raw.isascii() or not raw.isdigit():
         return error(400, "bad request", "a session id is a non-negative integer")
     sid = int(raw) if len(raw) <= 19 else -1  # longer than any id a process hands out
-    if sid < 0 or not services.terminate_session(_instance(request), sid):
-        return error(404, "not found", f"this process serves no session {raw[:20]}")
-    return web.json_response({"id": sid, "terminated": True})
+    if sid < 0 or sid > _MAX_SESSION_ID:
+        return error(404, "not found", f"pgveil serves no session {raw[:20]}")
+    outcome = await services.terminate_session(_instance(request), sid)
+    if outcome.terminated:
+        return web.json_response({"id": sid, "terminated": True, "process": outcome.process})
+    if outcome.unanswered:
+        return error(
+            503,
+            "worker processes did not answer",
+            f"{_workers(outcome.unanswered)} did not answer in time: session {sid} may be one of theirs; try again",
+        )
+    return error(404, "not found", f"pgveil serves no session {sid}")
 
 
 async def _post_policy_reload(request: web.Request, token: Token) -> web.Response:
@@ -350,9 +385,20 @@ LOGGING_SCHEMA: Final[JSON] = {
     "type": "object",
     "required": ["level"],
     "properties": {
-        "level": {"type": "string", "enum": list(logsetup.LEVELS), "description": "the level of this process now"},
+        "level": {
+            "type": "string",
+            "enum": list(logsetup.LEVELS),
+            "description": "the level of the supervisor (or the only process) now, which every worker follows",
+        },
         "previous": {"type": "string", "enum": list(logsetup.LEVELS), "description": "the level before the call"},
         "changed": {"type": "boolean"},
+        "workers": {
+            "type": "object",
+            "description": "only with sessions.workers > 1: each worker process's level as it answered, null if it "
+            "did not answer in time (it gets the level all the same: requests are queued, a restarted worker "
+            "starts at it)",
+            "additionalProperties": {"type": ["string", "null"], "enum": [*logsetup.LEVELS, None]},
+        },
     },
     "additionalProperties": False,
 }
@@ -364,8 +410,15 @@ LOGGING_REQUEST_SCHEMA: Final[JSON] = {
 }
 
 
+def _with_workers(body: JSON, levels: services.LogLevels) -> JSON:
+    if levels.workers is not None:
+        body["workers"] = services.as_json(levels.workers)
+    return body
+
+
 async def _get_logging(request: web.Request, token: Token) -> web.Response:
-    return web.json_response({"level": logsetup.current_level()})
+    levels = await services.log_levels(_instance(request))
+    return web.json_response(_with_workers({"level": levels.level}, levels))
 
 
 async def _put_logging(request: web.Request, token: Token) -> web.Response:
@@ -376,8 +429,9 @@ async def _put_logging(request: web.Request, token: Token) -> web.Response:
     level = body.get("level") if isinstance(body, dict) else None
     if not isinstance(body, dict) or set(body) != {"level"} or level not in logsetup.LEVELS:
         return error(400, "bad request", 'expected {"level": "debug" | "info" | "warning" | "error"}')
-    change = logsetup.set_level(level, source="api")
-    return web.json_response({"level": change.level, "previous": change.previous, "changed": change.changed})
+    levels = await services.log_levels(_instance(request), level, source="api")
+    body = {"level": levels.level, "previous": levels.previous, "changed": levels.changed}
+    return web.json_response(_with_workers(body, levels))
 
 
 async def _get_openapi(request: web.Request, token: Token) -> web.Response:
@@ -457,7 +511,7 @@ def _base_operations() -> tuple[Operation, ...]:
             "GET",
             "/sessions",
             "listSessions",
-            "the client sessions this process serves, with role, database, client address and start time",
+            "the client sessions of every process, with role, database, client address and start time",
             Scope.ADMIN_READ,
             _get_sessions,
             {200: Response("the sessions", SESSION_LIST_SCHEMA)},
@@ -473,7 +527,8 @@ def _base_operations() -> tuple[Operation, ...]:
             {
                 200: Response("the session is being closed", TERMINATED_SCHEMA),
                 400: Response("the id is not a session id"),
-                404: Response("this process serves no session with this id"),
+                404: Response("no process serves a session with this id"),
+                503: Response("a worker process did not answer in time (or the tokens file is invalid)"),
             },
             mutating=True,
             parameters=(Parameter("id", "the session id (from GET /v1/sessions)", {"type": "integer", "minimum": 0}),),
@@ -510,7 +565,7 @@ def _base_operations() -> tuple[Operation, ...]:
             "GET",
             "/logging",
             "getLogging",
-            "the log level of this process",
+            "the log level of pgveil (and of each worker process)",
             Scope.ADMIN_READ,
             _get_logging,
             {200: Response("the log level", LOGGING_SCHEMA)},
@@ -520,7 +575,7 @@ def _base_operations() -> tuple[Operation, ...]:
             "PUT",
             "/logging",
             "setLogLevel",
-            "change the log level of this process until the next reload (which applies logging.level again)",
+            "change the log level of every process until the next reload (which applies logging.level again)",
             Scope.POLICY_RELOAD,
             _put_logging,
             {

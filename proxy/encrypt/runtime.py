@@ -31,6 +31,7 @@ from keymgmt.keystore import Keystore, init_keystore
 from keymgmt.providers import KeyProvider, ProviderChain, make_provider
 from proxy.audit_runtime import AuditRuntime
 from proxy.catalog_loader import load_catalog
+from proxy.cli_errors import missing_privilege
 from proxy.config import Config, LocalMasterKeyConfig, MasterKeyConfig, read_secret_file, redact_dsn
 from proxy.encrypt.engine import CryptoContext, SessionCrypto
 from proxy.encrypt.keyring import KeyRing
@@ -177,7 +178,7 @@ class EncryptionRuntime:
             # A failed read keeps the last good membership; without one, governed columns wait for it.
             await self.roles.refresh_with(conn)
         except (OSError, asyncpg.PostgresError) as e:
-            self._unavailable("cannot read the catalog", e)
+            self._unavailable("cannot read the catalog", e, ("the service connection", cfg.service.dsn))
             return
         finally:
             await conn.close()
@@ -208,10 +209,18 @@ class EncryptionRuntime:
                     source: Any = self._pool
                 else:
                     source = kw["dsn"]
-                self.keystore = Keystore(
+                keystore = Keystore(
                     source, provider, max_keys=cfg.keystore.cache.max_keys, ttl_seconds=cfg.keystore.cache.ttl_seconds
                 )
-                await self.keystore.initialize()
+                try:
+                    await keystore.initialize()
+                except BaseException:  # kept, it would never run its migrations again: the next try starts over
+                    await keystore.close()
+                    if self._pool is not None:
+                        await self._pool.close()
+                        self._pool = None
+                    raise
+                self.keystore = keystore
                 with contextlib.suppress(KeyManagementError, OSError, asyncpg.PostgresError):
                     await self.keystore.listen()
             # Family members share their root's column ids: one key set per configured column.
@@ -222,7 +231,7 @@ class EncryptionRuntime:
                 await self.keystore.preload(columns)
                 self._keyed_columns = set(columns)
         except (KeyManagementError, OSError, asyncpg.PostgresError) as e:
-            self._unavailable("cannot load keys from the keystore", e)
+            self._unavailable("cannot load keys from the keystore", e, ("the keystore", cfg.keystore.dsn))
             return
         self.keyring.source = self.keystore
         self.context.install(catalog, epoch)
@@ -328,9 +337,12 @@ class EncryptionRuntime:
         else:
             self.schedule_reload()
 
-    def _unavailable(self, what: str, e: BaseException) -> None:
+    def _unavailable(self, what: str, e: BaseException, connection: tuple[str, str | None] | None = None) -> None:
         self.context.unavailable = f"pgveil: {what}"
-        log.warning("%s (%s); retrying every %.0f s", what, type(e).__name__, RETRY_SECONDS)
+        # A missing privilege is named with the GRANT that fixes it (the server's message names objects only).
+        fix = missing_privilege(e, *connection) if connection is not None else None
+        detail = type(e).__name__ + (f": {fix}" if fix else "")
+        log.warning("%s (%s); retrying every %.0f s", what, detail, RETRY_SECONDS)
 
     async def stop(self) -> None:
         for task in (self._task, self._reload_task, self._listen_task):

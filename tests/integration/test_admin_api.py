@@ -275,7 +275,7 @@ def test_terminating_an_idle_session_sends_fatal_57p01(env: AdminEnv) -> None:
         sid = _session_id(env, victim)
         r = call(env.v1(f"/sessions/{sid}"), "DELETE", token("operator"))
         assert r.status == 200
-        assert r.body == {"id": sid, "terminated": True}
+        assert r.body == {"id": sid, "terminated": True, "process": 0}
         with pytest.raises(psycopg.OperationalError) as exc:
             victim.execute("SELECT 1")
         assert victim.closed

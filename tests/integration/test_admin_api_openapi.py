@@ -17,10 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import schemathesis
 import yaml
-from conftest import ProxyProcess
+from conftest import ProxyProcess, wait_until
 from hypothesis import HealthCheck, given, settings
 from schemathesis.core.result import Ok
 from test_admin_api import _create_table, admin_config, insert_card
@@ -33,8 +34,7 @@ pytestmark = pytest.mark.integration
 ROOT = "tok-schema-" + uuid.uuid4().hex
 
 
-@pytest.fixture(scope="module")
-def running(pg: DevCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+def _proxy(pg: DevCluster, tmp_path_factory: pytest.TempPathFactory, **config: Any) -> ProxyProcess:
     asyncio.run(_create_table(pg))
     workdir = tmp_path_factory.mktemp("admin-openapi")
     tokens = workdir / "tokens.yaml"
@@ -43,7 +43,13 @@ def running(pg: DevCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             [{"name": "root", "sha256": hashlib.sha256(ROOT.encode()).hexdigest(), "scopes": [s.value for s in Scope]}]
         )
     )
-    proxy = ProxyProcess(admin_config(pg, tokens, tmp_path_factory.getbasetemp() / "admin-api-master.key"), workdir)
+    cfg = admin_config(pg, tokens, tmp_path_factory.getbasetemp() / "admin-api-master.key")
+    return ProxyProcess({**cfg, **config}, workdir)
+
+
+@pytest.fixture(scope="module")
+def running(pg: DevCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    proxy = _proxy(pg, tmp_path_factory)
     proxy.start()
     # A key version, so GET /v1/keys has a column with versions to describe.
     insert_card(proxy, 2, "5500000000000004")
@@ -60,7 +66,35 @@ def fetch_document(proxy: ProxyProcess) -> dict[str, Any]:
     return doc
 
 
+@pytest.fixture(scope="module")
+def running_workers(pg: DevCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    """The same with ``sessions.workers: 2``: sessions, terminations and the log level cross processes."""
+    proxy = _proxy(pg, tmp_path_factory, sessions={"workers": 2, "shutdown_timeout": 5})
+    proxy.start()
+    try:
+        assert wait_until(lambda: "worker 1 ready" in proxy.logs(), timeout=30), proxy.logs()
+        yield proxy
+    finally:
+        proxy.stop()
+
+
 def test_every_operation_answers_as_documented(running: ProxyProcess) -> None:
+    conforms_to_its_document(running)
+
+
+def test_every_operation_answers_as_documented_with_worker_processes(running_workers: ProxyProcess) -> None:
+    # Sessions on both processes, so the listing has a worker's to describe (a generated DELETE may end
+    # some: that is a documented answer too).
+    insert_card(running_workers, 3, "4000000000000002")
+    conns = [psycopg.connect(running_workers.dsn(), autocommit=True) for _ in range(4)]
+    try:
+        conforms_to_its_document(running_workers)
+    finally:
+        for c in conns:
+            c.close()
+
+
+def conforms_to_its_document(running: ProxyProcess) -> None:
     # schemathesis's own pytest plugin (from_fixture) does not run under this pytest; its strategies are
     # driven by hypothesis directly instead, one operation at a time.
     loaded = schemathesis.openapi.from_dict(fetch_document(running))

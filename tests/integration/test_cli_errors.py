@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -254,3 +256,71 @@ def test_missing_privileges_on_the_service_connection_say_what_fixes_them(
     stderr = fails(pgveil("schema", "apply", "--config", str(path)), 4, "permission denied for table cli_cards")
     assert f"OWNER TO {ROLE}" in stderr
     assert "the service connection" in stderr
+
+
+def test_serve_names_the_grant_its_keystore_role_lacks_and_recovers_once_granted(
+    tmp_path: Path, pg: DevCluster
+) -> None:
+    """``pgveil serve`` does not exit on a missing privilege (it retries, so a grant given later takes):
+    its log line names the privilege and the GRANT, as the commands' messages do."""
+    from conftest import ProxyProcess, wait_until
+
+    suffix = uuid.uuid4().hex[:8]
+    db, role, password = f"cliserve_{suffix}", f"cli_serve_{suffix}", "pw-serve-" + uuid.uuid4().hex
+    pg.psql(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+    pg.psql(f"CREATE DATABASE {db}")  # owned by the superuser: the role may not create schema pgveil in it
+    pg.psql("CREATE TABLE serve_cards (id int PRIMARY KEY, pan text)", dbname=db)
+    pw = tmp_path / "keystore.password"
+    pw.write_text(password + "\n")
+    pw.chmod(0o600)
+    cfg: dict[str, Any] = {
+        "upstream": {"host": "127.0.0.1", "port": pg.port, "tls": "disable"},
+        "tables": {"public.serve_cards": {"columns": {"pan": {"type": "text", "encrypt": True}}}},
+        "roles": {"default": "plaintext"},
+        "keystore": {
+            "dsn": f"postgresql://{role}@127.0.0.1:{pg.port}/{db}",
+            "password_file": str(pw),
+            "master_key": {"provider": "local", "path": str(tmp_path / "master.key")},
+        },
+        "service": {"dsn": pg.dsn(dbname=db)},
+    }
+    (tmp_path / "apply.yaml").write_text(yaml.safe_dump(cfg))
+    applied = pgveil("schema", "apply", "--config", str(tmp_path / "apply.yaml"))
+    assert applied.returncode == 0, applied.stderr
+    p = ProxyProcess(cfg, tmp_path / "serve")
+    p.start()
+    try:
+        grant = f"GRANT CREATE ON DATABASE {db} TO {role};"
+        assert wait_until(lambda: grant in p.logs(), timeout=30), p.logs()
+        line = next(ln for ln in p.logs().splitlines() if grant in ln)
+        assert "WARNING proxy.encrypt.runtime cannot load keys from the keystore (KeystoreError: the keystore" in line
+        assert f"(role {role}, database {db}) lacks a privilege: permission denied for database {db}" in line
+        assert "(SQLSTATE 42501); as the owner or a superuser, run:" in line
+        assert "Traceback" not in p.logs()
+        assert password not in p.logs()
+
+        def ready() -> bool:
+            try:
+                with urllib.request.urlopen(p.admin_url + "/readyz", timeout=5) as r:
+                    return int(r.status) == 200
+            except (urllib.error.URLError, OSError):
+                return False
+
+        # The operator runs what the line says; the next line (if any) names what is still missing (here the
+        # grants on schema pgveil, which schema apply created as the superuser), until pgveil is ready.
+        assert not ready()
+        done: list[str] = []
+        for _ in range(4):
+            hinted = [ln for ln in p.logs().splitlines() if "as the owner or a superuser, run: " in ln]
+            statements = hinted[-1].split("run: ", 1)[1].rsplit("); retrying", 1)[0]
+            if statements not in done:
+                pg.psql(statements, dbname=db)
+                done.append(statements)
+            if wait_until(ready, timeout=10):
+                break
+        assert ready(), p.logs()
+        assert done[0].startswith(grant)
+        assert len(done) == 2  # then the grants on schema pgveil (or its ownership, for the migrations)
+        assert f"ALTER SCHEMA pgveil OWNER TO {role};" in done[1]
+    finally:
+        p.stop()

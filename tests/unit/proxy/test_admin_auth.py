@@ -29,7 +29,7 @@ from proxy.admin.metrics import Metrics
 from proxy.admin.openapi import build_document
 from proxy.config import load_config
 from proxy.errors import ConfigError
-from proxy.services import ReloadOutcome
+from proxy.services import ReloadOutcome, WorkerSessions, WorkerTermination
 
 
 class Clock:
@@ -273,6 +273,19 @@ def test_changing_admin_settings_on_reload_is_reported_and_kept(tmp_path: Path) 
 
 
 # -- the API in process: routes, document, guard and the record of actions ----------------------------
+class FakeWorkers:
+    """One worker process, serving two sessions, that never answers in time."""
+
+    async def sessions(self) -> list[WorkerSessions]:
+        return [WorkerSessions(1, None, 2)]
+
+    async def terminate(self, session_id: int) -> WorkerTermination:
+        return WorkerTermination(None, (1,))
+
+    async def log_levels(self, level: str | None = None, source: str = "api") -> dict[int, str | None]:
+        return {1: None}
+
+
 class FakeInstance:
     """A running instance with no sessions and a reload that always applies."""
 
@@ -282,8 +295,8 @@ class FakeInstance:
     def live_sessions(self) -> list[Any]:
         return []
 
-    def other_process_sessions(self) -> dict[int, int]:
-        return {1: 2}
+    def workers(self) -> FakeWorkers:
+        return FakeWorkers()
 
     def reload_reporting(self) -> ReloadOutcome:
         self.reloads += 1
@@ -342,10 +355,11 @@ async def test_mutating_calls_go_to_the_recorder_with_the_token_name(tmp_path: P
         assert await r.json() == {"applied": True, "messages": ["reload: fine"]}
         r = await client.get("/v1/sessions", headers={"Authorization": "Bearer ops-token"})
         assert await r.json() == {
-            "covers": "process",
+            "covers": "partial",
             "process": 0,
             "sessions": [],
             "other_processes": {"1": 2},
+            "unanswered": [1],
             "total": 2,
         }
         r = await client.post("/v1/policy/reload", headers={"Authorization": "Bearer ro"})
@@ -356,6 +370,26 @@ async def test_mutating_calls_go_to_the_recorder_with_the_token_name(tmp_path: P
     assert recorded == [
         AdminAction("ops", "reloadPolicy", "POST", "/v1/policy/reload", 200, "127.0.0.1", None)
     ]  # reads and refusals are not actions
+
+
+async def test_a_worker_that_does_not_answer_is_reported_not_waited_for(tmp_path: Path) -> None:
+    path = write(tmp_path / "t.yaml", [entry("t", "t-token", "admin:read", "sessions:terminate")])
+    api = build_api_app(FakeInstance(), Guard(TokenFile(path), FailureLimiter(100, 60)))
+    client = TestClient(TestServer(build_admin_app(Metrics("t"), _always_ready, version="t", api=api)))
+    await client.start_server()
+    auth = {"Authorization": "Bearer t-token"}
+    try:
+        # The session may be the silent worker's: not "there is none" (404) but "ask again" (503).
+        r = await client.delete("/v1/sessions/7", headers=auth)
+        assert r.status == 503
+        body = await r.json()
+        assert body["error"] == "worker processes did not answer"
+        assert "worker process 1 did not answer" in body["detail"]
+        r = await client.get("/v1/logging", headers=auth)
+        assert r.status == 200
+        assert (await r.json())["workers"] == {"1": None}
+    finally:
+        await client.close()
 
 
 async def test_metrics_can_be_guarded_while_health_stays_open(tmp_path: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any, cast
 
 from prometheus_client import CollectorRegistry, Counter
 
+from proxy.control import MAX_REPORT, REPORTS, FrameDecoder
 from proxy.workers import MergedRegistry, Supervisor, WorkerChannel, WorkerLink
 
 
@@ -60,14 +60,20 @@ async def test_a_handed_off_connection_reaches_the_worker_and_closing_is_reporte
     ours.setblocking(False)
     read_fd, write_fd = os.pipe()
     received: list[socket.socket] = []
+    ids: list[int] = []
+
+    def on_client(sock: socket.socket, sid: int) -> None:
+        received.append(sock)
+        ids.append(sid)
+
     orphaned = asyncio.Event()
-    channel = WorkerChannel(CollectorRegistry(), write_fd, theirs.detach(), received.append, orphaned.set)
+    channel = WorkerChannel(CollectorRegistry(), write_fd, theirs.detach(), on_client, orphaned.set)
     await channel.start()
     sup = Supervisor(Path("unused.yaml"), None, 2)
     link = sup.links[1] = WorkerLink(1, cast(Any, None), ours, ready=True)
     client, accepted = socket.socketpair()  # stands for a TCP connection the supervisor accepted
     try:
-        assert sup.hand_off(link, accepted)
+        assert sup.hand_off(link, accepted, 4711)
         accepted.close()  # the supervisor's copy; the worker's stays open
         assert link.sessions == 1
         for _ in range(100):
@@ -75,14 +81,15 @@ async def test_a_handed_off_connection_reaches_the_worker_and_closing_is_reporte
                 break
             await asyncio.sleep(0.01)
         assert len(received) == 1
+        assert ids == [4711]  # the supervisor's number for the session travels with it
         client.sendall(b"hello")
         assert received[0].recv(5) == b"hello"
         received[0].sendall(b"back")
         assert client.recv(4) == b"back"
         channel.session_closed()
         await asyncio.sleep(0.05)
-        lines = os.read(read_fd, 65536).splitlines()
-        assert [json.loads(x) for x in lines[:2]] == [{"ready": 1}, {"closed": 1}]
+        reports = FrameDecoder(MAX_REPORT, REPORTS).feed(os.read(read_fd, 65536))
+        assert reports[:2] == [{"t": "ready"}, {"t": "closed"}]
         assert not orphaned.is_set()
         ours.close()  # the supervisor is gone
         await asyncio.wait_for(orphaned.wait(), 5)
@@ -101,7 +108,7 @@ def test_a_worker_that_cannot_take_a_client_leaves_it_to_the_supervisor() -> Non
     link = sup.links[1] = WorkerLink(1, cast(Any, None), ours, ready=True)
     client, accepted = socket.socketpair()
     try:
-        assert not sup.hand_off(link, accepted)
+        assert not sup.hand_off(link, accepted, 1)
         assert link.sessions == 0
     finally:
         for s in (ours, client, accepted):
