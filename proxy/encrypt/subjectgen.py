@@ -28,6 +28,7 @@ class ColumnDefault:
     expression: str | None  # pg_get_expr of pg_attrdef, or for identity the nextval of its sequence
     identity: str = ""  # pg_attribute.attidentity: '' none, 'a' ALWAYS, 'd' BY DEFAULT
     generated: str = ""  # pg_attribute.attgenerated: '' none, 's' STORED
+    before_insert_trigger: bool = False  # a BEFORE INSERT row trigger could change the id after pgveil chose
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +85,8 @@ def plan_generated_subjects(sql: str, table: str, column: str, default: ColumnDe
         slots = tuple(i for i, row in enumerate(values) if isinstance(row[at], ast.SetToDefault))
     if not slots:
         return None
+    if default.before_insert_trigger:
+        raise _refuse(table, column, "the table has a BEFORE INSERT trigger that could change it")
     if default.generated:
         raise _refuse(table, column, "it is a generated column (GENERATED ALWAYS AS … STORED)")
     if default.expression is None:

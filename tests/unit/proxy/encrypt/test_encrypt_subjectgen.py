@@ -89,6 +89,7 @@ def test_default_values() -> None:
         ("INSERT INTO customers (email) VALUES ('x')", ColumnDefault("x + 1", generated="s"), "generated column"),
         ("INSERT INTO customers (email) VALUES ('x')", ColumnDefault("(SELECT max(id) FROM t)"), "subquery"),
         ("INSERT INTO customers (email) VALUES ('x'); SELECT 1", SERIAL, "single INSERT"),
+        ("INSERT INTO customers (email) VALUES ('x')", ColumnDefault("1", before_insert_trigger=True), "trigger"),
     ],
 )
 def test_refusals_name_table_and_column(sql: str, default: ColumnDefault, why: str) -> None:
