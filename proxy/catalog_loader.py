@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from pglast import parser as pg_parser
 
+from proxy.encrypt.subjectgen import ColumnDefault
 from proxy.policy.model import ReferenceKind
 from proxy.rewrite.catalog import Catalog, ProtectedColumn, ProtectedTable, SubjectColumn
 
@@ -712,3 +713,35 @@ async def load_catalog(
     problems.extend(family_problems)
     log.debug("catalog read: %d protected relations, %d problems", len(catalog.tables), len(problems))
     return catalog, problems
+
+
+_SUBJECT_DEFAULT_SQL = """
+SELECT a.attidentity::text AS identity, a.attgenerated::text AS generated,
+       CASE WHEN a.attidentity <> '' THEN
+            format('nextval(%L::regclass)', pg_get_serial_sequence(format('%I.%I', n.nspname, c.relname), a.attname))
+       ELSE pg_get_expr(d.adbin, d.adrelid) END AS expression,
+       EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal
+               AND (t.tgtype & 2) <> 0 AND (t.tgtype & 4) <> 0) AS before_insert_trigger
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = $3 AND NOT a.attisdropped
+LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
+WHERE n.nspname = $1 AND c.relname = $2
+"""
+
+
+async def read_subject_default(conn: CatalogConnection, schema: str, table: str, column: str) -> ColumnDefault | None:
+    """What the database stores in a subject column an INSERT leaves out (a
+    :class:`proxy.encrypt.subjectgen.ColumnDefault`), read with schema-qualified names so that the
+    client's search_path cannot change which sequence or function it names; None when the column does
+    not exist. A table with a BEFORE INSERT row trigger is reported as one whose subject pgveil cannot
+    be certain of (the trigger may change the id after pgveil chose the key)."""
+    rows = await conn.fetch(_SUBJECT_DEFAULT_SQL, schema, table, column)
+    if not rows:
+        return None
+    row = rows[0]
+    return ColumnDefault(
+        row["expression"],
+        identity=row["identity"] or "",
+        generated=row["generated"] or "",
+        before_insert_trigger=bool(row["before_insert_trigger"]),
+    )
