@@ -55,6 +55,7 @@
 /* Keys an Opener keeps without calling back: a direct-mapped table by key id (random UUIDs), large
  * enough that a result of a thousand data subjects' keys rarely calls back twice for one key. */
 #define OPENER_SLOTS 1024
+#define OPENER_WAYS 4
 
 static const unsigned char PREFIX_V1[PREFIX_LENGTH] = {'P', 'V', 0x01, 0x01};
 
@@ -457,12 +458,27 @@ static KeyObject *
 opener_key(OpenerObject *self, const unsigned char *prefix, PyObject **reason)
 {
     *reason = NULL;
-    /* Bytes 4.. of the prefix are the key id; its first bytes are random (RFC 9562 version 4). */
-    unsigned int h = ((unsigned int)prefix[4] | (unsigned int)prefix[5] << 8 | (unsigned int)prefix[6] << 16) ^
-                     ((unsigned int)prefix[12] | (unsigned int)prefix[13] << 8);
-    Slot *slot = &self->slots[h & (OPENER_SLOTS - 1)];
-    if (slot->key != NULL && memcmp(slot->prefix, prefix, KEY_END) == 0)
-        return slot->key;
+    /* Bytes 4.. of the prefix are the key id. All 16 are mixed (a key id need not be random: tests and
+     * benchmarks use patterned ones, and a result's keys colliding in one slot would call back for every
+     * value), and a key is looked for in OPENER_WAYS consecutive slots. */
+    uint64_t lo, hi;
+    memcpy(&lo, prefix + PREFIX_LENGTH, 8);
+    memcpy(&hi, prefix + PREFIX_LENGTH + 8, 8);
+    uint64_t mixed = (lo ^ (hi * 0x9e3779b97f4a7c15ull)) * 0xbf58476d1ce4e5b9ull;
+    unsigned int h = (unsigned int)(mixed >> 40);
+    Slot *slot = NULL;
+    for (unsigned int way = 0; way < OPENER_WAYS; way++) {
+        Slot *s = &self->slots[(h + way) & (OPENER_SLOTS - 1)];
+        if (s->key == NULL) {
+            if (slot == NULL)
+                slot = s; /* where a key found below goes */
+            continue;
+        }
+        if (memcmp(s->prefix, prefix, KEY_END) == 0)
+            return s->key;
+    }
+    if (slot == NULL)
+        slot = &self->slots[h & (OPENER_SLOTS - 1)]; /* all ways taken: replace the first */
     if (self->find == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "the Opener was cleared");
         return NULL;
