@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         _line(
-            "seal one 20-byte value (getrandom nonce each)",
+            "seal one 20-byte value (nonces read from getrandom 256 at a time)",
             _time(seal_native, args.repeat, n),
             _time(seal_python, args.repeat, n),
             "value",

@@ -317,9 +317,9 @@ def seal(key: DataKey, plaintext: bytes, associated: bytes) -> bytes:
         raise KeyDisabled("a data key that is not ENABLED cannot encrypt")
     if key.subject_associated:
         associated += key.subject_associated
-    # One getrandom() call per value (the accelerator makes the same call). Buffering random bytes would be
-    # faster but risks handing the same nonce out twice (threads, fork), and a repeated GCM nonce under one
-    # key is catastrophic.
+    # Python: one getrandom() call per value (os.urandom). The accelerator reads nonces a batch at a time,
+    # each handed out once, in a page a forked child gets wiped (see random_nonce in pgveil_accel.c): a
+    # repeated GCM nonce under one key is catastrophic.
     if _accel is not None:
         return key._cipher.seal(key._prefix, plaintext, associated)  # type: ignore[no-any-return]
     nonce = os.urandom(NONCE_LENGTH)

@@ -35,7 +35,9 @@
 #include <limits.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/random.h>
+#include <unistd.h>
 
 #include <openssl/crypto.h>
 #include <openssl/core_names.h>
@@ -55,6 +57,7 @@
 /* Keys an Opener keeps without calling back: a direct-mapped table by key id (random UUIDs), large
  * enough that a result of a thousand data subjects' keys rarely calls back twice for one key. */
 #define OPENER_SLOTS 1024
+#define OPENER_WAYS 4
 
 static const unsigned char PREFIX_V1[PREFIX_LENGTH] = {'P', 'V', 0x01, 0x01};
 
@@ -162,13 +165,34 @@ error:
     return -1;
 }
 
-/* A fresh nonce from the OS CSPRNG (getrandom(2), blocking only before the pool is initialised). */
+/* Nonces come from the OS CSPRNG (getrandom(2), blocking only before the kernel's pool is initialised),
+ * read NONCE_BATCH at a time: one system call per value cost about as much as the value's AES-GCM (about
+ * 200 ns each here). What makes a batch safe, since a GCM nonce handed out twice under one key is
+ * catastrophic:
+ * - each nonce is taken from the batch once: the taken bytes are wiped and the count of what is left
+ *   goes down before the nonce is used;
+ * - threads: the batch is used only while the calling thread holds the GIL (Key.seal never releases it;
+ *   the module does not declare free-threading support, so a free-threaded interpreter keeps the GIL);
+ * - fork: the batch and its count live in one page marked MADV_WIPEONFORK, which the kernel hands to any
+ *   child process zeroed (a child sees nothing left and reads a batch of its own), whatever made the
+ *   child (os.fork, a C library's fork, clone); where the kernel refuses the mark (Linux before 4.14),
+ *   there is no batch: one getrandom call per nonce, as before. */
+#define NONCE_BATCH 256
+
+typedef struct {
+    size_t left;                                   /* nonces not yet taken, at the end of bytes */
+    unsigned char bytes[NONCE_BATCH * NONCE_LENGTH];
+} NonceBatch;
+
+static NonceBatch *nonce_batch;  /* NULL: no batch (not set up yet, or the kernel refused the mark) */
+static int nonce_batch_tried;
+
 static int
-random_nonce(unsigned char *out)
+fill_random(unsigned char *out, size_t n)
 {
     size_t got = 0;
-    while (got < NONCE_LENGTH) {
-        ssize_t r = getrandom(out + got, NONCE_LENGTH - got, 0);
+    while (got < n) {
+        ssize_t r = getrandom(out + got, n - got, 0);
         if (r < 0) {
             if (errno == EINTR)
                 continue;
@@ -177,6 +201,46 @@ random_nonce(unsigned char *out)
         }
         got += (size_t)r;
     }
+    return 0;
+}
+
+static void
+setup_nonce_batch(void)
+{
+    nonce_batch_tried = 1;
+    long page = sysconf(_SC_PAGESIZE);
+    if (page <= 0 || (size_t)page < sizeof(NonceBatch))
+        return;
+    void *p = mmap(NULL, (size_t)page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return;
+#ifdef MADV_WIPEONFORK
+    if (madvise(p, (size_t)page, MADV_WIPEONFORK) == 0) {
+        nonce_batch = (NonceBatch *)p; /* zeroed by mmap: nothing left */
+        return;
+    }
+#endif
+    munmap(p, (size_t)page);
+}
+
+static int
+random_nonce(unsigned char *out)
+{
+    if (!nonce_batch_tried)
+        setup_nonce_batch();
+    NonceBatch *b = nonce_batch;
+    if (b == NULL)
+        return fill_random(out, NONCE_LENGTH);
+    if (b->left == 0 || b->left > NONCE_BATCH) {
+        b->left = 0;
+        if (fill_random(b->bytes, sizeof(b->bytes)) < 0)
+            return -1;
+        b->left = NONCE_BATCH;
+    }
+    b->left--;
+    unsigned char *taken = b->bytes + b->left * NONCE_LENGTH;
+    memcpy(out, taken, NONCE_LENGTH);
+    OPENSSL_cleanse(taken, NONCE_LENGTH);
     return 0;
 }
 
@@ -457,12 +521,27 @@ static KeyObject *
 opener_key(OpenerObject *self, const unsigned char *prefix, PyObject **reason)
 {
     *reason = NULL;
-    /* Bytes 4.. of the prefix are the key id; its first bytes are random (RFC 9562 version 4). */
-    unsigned int h = ((unsigned int)prefix[4] | (unsigned int)prefix[5] << 8 | (unsigned int)prefix[6] << 16) ^
-                     ((unsigned int)prefix[12] | (unsigned int)prefix[13] << 8);
-    Slot *slot = &self->slots[h & (OPENER_SLOTS - 1)];
-    if (slot->key != NULL && memcmp(slot->prefix, prefix, KEY_END) == 0)
-        return slot->key;
+    /* Bytes 4.. of the prefix are the key id. All 16 are mixed (a key id need not be random: tests and
+     * benchmarks use patterned ones, and a result's keys colliding in one slot would call back for every
+     * value), and a key is looked for in OPENER_WAYS consecutive slots. */
+    uint64_t lo, hi;
+    memcpy(&lo, prefix + PREFIX_LENGTH, 8);
+    memcpy(&hi, prefix + PREFIX_LENGTH + 8, 8);
+    uint64_t mixed = (lo ^ (hi * 0x9e3779b97f4a7c15ull)) * 0xbf58476d1ce4e5b9ull;
+    unsigned int h = (unsigned int)(mixed >> 40);
+    Slot *slot = NULL;
+    for (unsigned int way = 0; way < OPENER_WAYS; way++) {
+        Slot *s = &self->slots[(h + way) & (OPENER_SLOTS - 1)];
+        if (s->key == NULL) {
+            if (slot == NULL)
+                slot = s; /* where a key found below goes */
+            continue;
+        }
+        if (memcmp(s->prefix, prefix, KEY_END) == 0)
+            return s->key;
+    }
+    if (slot == NULL)
+        slot = &self->slots[h & (OPENER_SLOTS - 1)]; /* all ways taken: replace the first */
     if (self->find == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "the Opener was cleared");
         return NULL;
