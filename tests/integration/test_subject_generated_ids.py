@@ -8,17 +8,15 @@ automatically is not built (docs/subject-keys.md): the statement as the app wrot
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import psycopg
 import pytest
-from conftest import APP_PASSWORD, ProxyProcess, proxy_config
-from encfixtures import apply_tables
+from conftest import APP_PASSWORD, ProxyProcess
+from test_subject_keys import prepare_database, start_proxy
 
 from proxy.catalog_loader import read_subject_default
 from proxy.devcluster import DevCluster
@@ -57,45 +55,13 @@ class Env:
         return f"postgresql://app:{APP_PASSWORD}@127.0.0.1:{self.pg.port}/{DB}"
 
 
-async def _prepare(pg: DevCluster) -> None:
-    pg.psql(f"CREATE DATABASE {DB} OWNER app")
-    su = await asyncpg.connect(pg.dsn(dbname=DB))
-    try:
-        await su.execute("CREATE EXTENSION IF NOT EXISTS pgcrypto")
-    finally:
-        await su.close()
-    app = await asyncpg.connect(f"postgresql://app:{APP_PASSWORD}@127.0.0.1:{pg.port}/{DB}")
-    try:
-        for ddl in DDL:
-            await app.execute(ddl)
-    finally:
-        await app.close()
-    await apply_tables(pg, DB, TABLES)
-
-
 @pytest.fixture(scope="module")
 def env(pg: DevCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    asyncio.run(_prepare(pg))
-    workdir: Path = tmp_path_factory.mktemp("subjgen-proxy")
-    cfg = proxy_config(
-        pg,
-        keystore={"dsn": pg.dsn(dbname=DB), "master_key": {"provider": "local", "path": str(workdir / "m.key")}},
-        tables=TABLES,
-        roles={"default": "plaintext"},
+    asyncio.run(prepare_database(pg, DB, DDL, TABLES))
+    proxy = start_proxy(
+        pg, DB, TABLES, tmp_path_factory.mktemp("subjgen-proxy"), "SELECT email FROM sg_serial WHERE id = -1"
     )
-    proxy = ProxyProcess(cfg, workdir).start()
-    e = Env(pg, proxy)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with psycopg.connect(e.dsn(), autocommit=True, connect_timeout=5) as c:
-                c.execute("SELECT email FROM sg_serial WHERE id = -1").fetchall()
-            break
-        except psycopg.Error:
-            if time.monotonic() > deadline:
-                raise RuntimeError(proxy.logs()) from None
-            time.sleep(0.2)
-    yield e
+    yield Env(pg, proxy)
     proxy.stop()
 
 

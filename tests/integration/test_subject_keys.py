@@ -60,45 +60,54 @@ class Env:
         return self.pg.dsn(dbname=DB)
 
 
-async def _prepare(pg: DevCluster) -> None:
-    pg.psql(f"CREATE DATABASE {DB} OWNER app")
-    su = await asyncpg.connect(pg.dsn(dbname=DB))
+async def prepare_database(pg: DevCluster, db: str, ddl: list[str], tables: dict[str, Any]) -> None:
+    """A database of its own, owned by the app role, with pgcrypto, ``ddl`` run as the app role and
+    ``tables`` made protected (``pgveil schema apply``)."""
+    pg.psql(f"CREATE DATABASE {db} OWNER app")
+    su = await asyncpg.connect(pg.dsn(dbname=db))
     try:
         await su.execute("CREATE EXTENSION IF NOT EXISTS pgcrypto")
     finally:
         await su.close()
-    app = await asyncpg.connect(f"postgresql://app:{APP_PASSWORD}@127.0.0.1:{pg.port}/{DB}")
+    app = await asyncpg.connect(f"postgresql://app:{APP_PASSWORD}@127.0.0.1:{pg.port}/{db}")
     try:
-        for ddl in DDL[1:]:
-            await app.execute(ddl)
+        for statement in ddl:
+            await app.execute(statement)
     finally:
         await app.close()
-    await apply_tables(pg, DB, TABLES)
+    await apply_tables(pg, db, tables)
+
+
+def start_proxy(pg: DevCluster, db: str, tables: dict[str, Any], workdir: Path, probe: str) -> ProxyProcess:
+    """pgveil in front of ``db`` with its keystore there, every role plaintext; returned once ``probe``
+    (a SELECT of a protected table) runs through it."""
+    cfg = proxy_config(
+        pg,
+        keystore={"dsn": pg.dsn(dbname=db), "master_key": {"provider": "local", "path": str(workdir / "m.key")}},
+        tables=tables,
+        roles={"default": "plaintext"},
+    )
+    proxy = ProxyProcess(cfg, workdir).start()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with psycopg.connect(proxy.dsn(dbname=db), autocommit=True, connect_timeout=5) as c:
+                c.execute(probe).fetchall()
+            return proxy
+        except psycopg.Error:
+            if time.monotonic() > deadline:
+                proxy.stop()
+                raise RuntimeError(proxy.logs()) from None
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
 def env(pg: DevCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    asyncio.run(_prepare(pg))
-    workdir: Path = tmp_path_factory.mktemp("subject-proxy")
-    cfg = proxy_config(
-        pg,
-        keystore={"dsn": pg.dsn(dbname=DB), "master_key": {"provider": "local", "path": str(workdir / "m.key")}},
-        tables=TABLES,
-        roles={"default": "plaintext"},
+    asyncio.run(prepare_database(pg, DB, DDL[1:], TABLES))
+    proxy = start_proxy(
+        pg, DB, TABLES, tmp_path_factory.mktemp("subject-proxy"), "SELECT email FROM sk_customers WHERE id = -1"
     )
-    proxy = ProxyProcess(cfg, workdir).start()
-    e = Env(pg, proxy)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with psycopg.connect(e.dsn(), autocommit=True, connect_timeout=5) as c:
-                c.execute("SELECT email FROM sk_customers WHERE id = -1").fetchall()
-            break
-        except psycopg.Error:
-            if time.monotonic() > deadline:
-                raise RuntimeError(proxy.logs()) from None
-            time.sleep(0.2)
-    yield e
+    yield Env(pg, proxy)
     proxy.stop()
 
 
