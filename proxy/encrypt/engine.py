@@ -217,6 +217,10 @@ class ParamTarget:
     subject: SubjectValue | None = None  # per-subject keys: where the row's subject comes from (then no slot)
 
 
+# The keys a statement's literals were sealed under at Parse: (column, data subject, key id) each.
+LiteralKeys = tuple[tuple[ColumnCrypto, Subject | None, bytes], ...]
+
+
 @dataclass(slots=True)
 class StatementCrypto(CryptoState):
     """What the proxy knows about one prepared statement that touches protected columns."""
@@ -231,7 +235,7 @@ class StatementCrypto(CryptoState):
     nulled: frozenset[ProtectedColumn] = frozenset()
     # The keys its literals were sealed under at Parse (column, data subject, key id): a Bind after a
     # rotation made another key current is refused, never stores an envelope under the old key.
-    literal_keys: tuple[tuple[ColumnCrypto, Subject | None, bytes], ...] = ()
+    literal_keys: LiteralKeys = ()
     # Derived from the above once, so that each Bind and Execute only looks things up.
     targets: tuple[ParamTarget, ...] = field(init=False)
     key_slots: int = field(init=False)
@@ -614,7 +618,6 @@ class SessionCrypto:
         # cannot see it until it commits, so this session's statements on them wait for its end.
         self._ddl_open = False
         self._ddl_names: set[str] = set()
-        self._literal_keys: list[tuple[ColumnCrypto, Subject | None, bytes]] = []  # of the Parse being sealed
         self.values_encrypted = 0
         self.values_decrypted = 0
         self.decrypt_failures = 0
@@ -796,7 +799,7 @@ class SessionCrypto:
             assert refused is not None
             return self._refuse(refused)
         try:
-            new_sql = self._encrypt_literals(plan, view)
+            new_sql, _keys = self._encrypt_literals(plan, view)
         except ProxyError as e:
             return self._refuse(e)
         replacement = None if new_sql is None else codec.encode_frontend(m.Query(wire_text(new_sql, self.fmt)))
@@ -816,15 +819,15 @@ class SessionCrypto:
                     prepared.clear()
                 prepared[op.name] = (statements, view.epoch)
 
-    def _encrypt_literals(self, plan: QueryPlan, view: RoleView) -> str | None:
+    def _encrypt_literals(self, plan: QueryPlan, view: RoleView) -> tuple[str | None, LiteralKeys]:
         """The statement text with every literal bound for a protected column sealed, or None if the
         text needs no change. A ciphertext role's literals are envelopes: checked, and passed on. A
         column the role sees hidden is asked for as NULL where the statement's own SELECT list names it
         (see HiddenOutput): the server does not send envelopes pgveil would drop."""
-        self._literal_keys = []
         hidden = [h.edit() for st in plan.statements for h in hidden_for(st, view)]
         if not plan.needs_rewrite and not hidden:
-            return None
+            return None, ()
+        keys: list[tuple[ColumnCrypto, Subject | None, bytes]] = []
         # The analysis reads string literals as standard_conforming_strings = on does; query/parse have
         # already refused every text that the server would read otherwise (proxy/rewrite/reading.py).
         ciphertexts: dict[LiteralTarget, bytes] = {}
@@ -858,9 +861,9 @@ class SessionCrypto:
             else:
                 canonical = self._canonical_text(cc, literal)
             ciphertexts[t] = envelope = self.ctx.seal(cc, canonical, subject)
-            self._literal_keys.append((cc, subject, bytes(peek_key_id(envelope))))
+            keys.append((cc, subject, bytes(peek_key_id(envelope))))
             self.values_encrypted += 1
-        return plan.rewritten_sql(ciphertexts, hidden)
+        return plan.rewritten_sql(ciphertexts, hidden), tuple(keys)
 
     def _bytea_value(self, cc: ColumnCrypto, text: bytes) -> bytes:
         """The bytes of a bytea value in text form (``\\x…`` or escape format)."""
@@ -1023,13 +1026,11 @@ class SessionCrypto:
             if view is None:
                 assert refused is not None
                 raise refused
-            new_sql = self._encrypt_literals(plan, view)
+            new_sql, literal_keys = self._encrypt_literals(plan, view)
         except ProxyError as e:
             return Outcome(codec.encode_frontend(m.Parse(msg.statement, REFUSED_QUERY, ())), None, self.refusal(e))
         nulled = frozenset(h.column for h in hidden_for(st, view))
-        stmt = StatementCrypto(
-            st, params, msg.param_types, self.ctx.result_hint(st), view, nulled, tuple(self._literal_keys)
-        )
+        stmt = StatementCrypto(st, params, msg.param_types, self.ctx.result_hint(st), view, nulled, literal_keys)
         if not params and new_sql is None:
             return Outcome(None, stmt)
         types = list(msg.param_types)

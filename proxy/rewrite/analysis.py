@@ -96,7 +96,7 @@ from proxy.rewrite.lexer import scan as scan_pg15
 from proxy.rewrite.literals import SourceText
 from proxy.rewrite.nodes import Node, first_protected_table, named_in_strings, node_type, relation_names
 from proxy.rewrite.plan import QueryPlan, Refusal, StatementKind, StatementPlan
-from proxy.rewrite.walker import StatementWalker, statement_sql_text_references
+from proxy.rewrite.walker import StatementWalker, plain_governed_references, statement_sql_text_references
 
 log = logging.getLogger(__name__)
 
@@ -312,14 +312,7 @@ def dynamic_do_references(body: Node, catalog: Catalog) -> list[Reference]:
     ones hold only envelopes, and their CHECK refuses anything else), so only a role that sees all of
     them in plaintext may run it."""
     construct = dynamic_do(body)
-    if construct is None:
-        return []
-    return [
-        Reference(col, ReferenceKind.EXPRESSION, construct)
-        for table in catalog.tables.values()
-        for col in table.columns.values()
-        if not col.encrypted
-    ]
+    return [] if construct is None else plain_governed_references(catalog, construct)
 
 
 def _dynamic_do_plan(kind: StatementKind, body: Node, catalog: Catalog) -> StatementPlan:

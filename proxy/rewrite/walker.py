@@ -1502,7 +1502,12 @@ def statistics_references(stmt: Node, catalog: Catalog) -> list[Reference]:
     named = [n for n in relation_names(stmt) if n.lower() in STATISTICS_RELATIONS]
     if not named:
         return []
-    construct = f"the planner statistics view {named[0].lower()}"
+    return plain_governed_references(catalog, f"the planner statistics view {named[0].lower()}")
+
+
+def plain_governed_references(catalog: Catalog, construct: str) -> list[Reference]:
+    """An EXPRESSION reference to every plain governed column of the catalog: what a construct makes that
+    may read any table without naming it (encrypted columns hold only envelopes there)."""
     return [
         Reference(col, ReferenceKind.EXPRESSION, construct)
         for table in catalog.tables.values()
