@@ -745,3 +745,22 @@ async def read_subject_default(conn: CatalogConnection, schema: str, table: str,
         generated=row["generated"] or "",
         before_insert_trigger=bool(row["before_insert_trigger"]),
     )
+
+
+async def read_subject_defaults(conn: Any, catalog: Catalog) -> dict[str, ColumnDefault]:
+    """:func:`read_subject_default` of every configured table with per-subject keys, by qualified name,
+    read in one transaction whose ``search_path`` is ``pg_catalog`` alone, so that ``pg_get_expr`` names
+    every object outside ``pg_catalog`` with its schema (the default is later evaluated in the client's
+    session, under the client's ``search_path``). ``conn`` is an asyncpg connection."""
+    tables = [t for t in catalog.tables.values() if t.subject is not None and t.root is None and t.oid]
+    if not tables:
+        return {}
+    found: dict[str, ColumnDefault] = {}
+    async with conn.transaction(readonly=True):
+        await conn.execute("SET LOCAL search_path TO pg_catalog")
+        for t in tables:
+            assert t.subject is not None
+            default = await read_subject_default(conn, t.schema, t.name, t.subject.column)
+            if default is not None:
+                found[t.qualified_name] = default
+    return found

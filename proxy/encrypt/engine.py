@@ -65,6 +65,15 @@ from proxy.encrypt.rows import (
     screen_output,
 )
 from proxy.encrypt.sqlnames import MAX_PARSED_TEXT, namespace_ops
+from proxy.encrypt.subjectgen import (
+    ColumnDefault,
+    GeneratedPlan,
+    default_values_query,
+    highest_parameter,
+    plan_generated_subjects,
+    supply_subject_parameters,
+    supply_subjects,
+)
 from proxy.encrypt.subjects import InvalidSubject, subject_from_binary, subject_from_text
 from proxy.encrypt.visibility import (
     OUTCOMES,
@@ -97,6 +106,7 @@ from proxy.protocol.encryption import (
     KeyMiss,
     NamespaceAction,
     NamespaceOp,
+    ValuesMiss,
     Version,
     refused_bind,
 )
@@ -117,6 +127,7 @@ from proxy.rewrite.plan import (
     SubjectValue,
 )
 from proxy.rewrite.reading import reading_refusal, version_refusal
+from proxy.rewrite.refusals import SubjectNotGiven
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +232,16 @@ class ParamTarget:
 LiteralKeys = tuple[tuple[ColumnCrypto, Subject | None, bytes], ...]
 
 
+@dataclass(frozen=True, slots=True)
+class GeneratedParameters:
+    """A prepared INSERT's generated subject ids: the client binds ``given`` parameters, pgveil ``rows``
+    more (``$given+1`` …, text), the values of ``query`` (the column default, once per row) at each Bind."""
+
+    given: int
+    rows: int
+    query: str
+
+
 @dataclass(slots=True)
 class StatementCrypto(CryptoState):
     """What the proxy knows about one prepared statement that touches protected columns."""
@@ -236,6 +257,9 @@ class StatementCrypto(CryptoState):
     # The keys its literals were sealed under at Parse (column, data subject, key id): a Bind after a
     # rotation made another key current is refused, never stores an envelope under the old key.
     literal_keys: LiteralKeys = ()
+    # An INSERT that leaves its rows' subject column to the database: pgveil binds the ids it obtains at
+    # each Bind as parameters of its own, after the client's.
+    generated: GeneratedParameters | None = None
     # Derived from the above once, so that each Bind and Execute only looks things up.
     targets: tuple[ParamTarget, ...] = field(init=False)
     key_slots: int = field(init=False)
@@ -341,7 +365,9 @@ class CryptoContext:
         self.unavailable: str | None = None
         self.install(catalog)
 
-    def install(self, catalog: Catalog, epoch: int | None = None) -> None:
+    def install(
+        self, catalog: Catalog, epoch: int | None = None, subject_defaults: Mapping[str, ColumnDefault] | None = None
+    ) -> None:
         """Adopts a catalog (with OIDs and attribute numbers once read from the server).
 
         Every member of a protected table's family (partition, inheritance child, view) maps its own
@@ -350,6 +376,9 @@ class CryptoContext:
         ``catalog`` started: it is fresh for every request made before that, and stale still for the
         requests made while it was being read (another reload follows)."""
         self.catalog = catalog
+        # What each table with per-subject keys stores in its subject column when an INSERT leaves it out
+        # (by qualified name; read with the catalog, see catalog_loader.read_subject_defaults).
+        self.subject_defaults: Mapping[str, ColumnDefault] = dict(subject_defaults or {})
         self._cache.clear()
         self._cache_chars = 0
         self._detached.clear()
@@ -415,7 +444,9 @@ class CryptoContext:
             self.on_reload()
         return self.reload_epoch
 
-    def analyze(self, sql: str) -> QueryPlan:
+    def analyze(self, sql: str, *, keep: bool = True) -> QueryPlan:
+        """The plan of ``sql``, cached (``keep=False``: a text that is not sent twice, such as an INSERT with
+        generated ids, is analysed without displacing the cache's entries)."""
         key = sql
         cached = self._cache.get(key)
         if cached is not None:
@@ -435,6 +466,8 @@ class CryptoContext:
             self.check_size(sql)
         else:
             self.cache_misses += 1
+        if not keep:
+            return plan
         self._cache[key] = plan
         self._cache_chars += len(sql)
         while len(self._cache) > self._cache_size or self._cache_chars > _CACHE_CHARS:
@@ -548,7 +581,7 @@ class CryptoContext:
         (``subject`` is then required: never a fallback to a column's key), else the column's key."""
         if cc.column.subject_kind is not None:
             if subject is None or subject.kind != cc.column.subject_kind:
-                raise _unsupported(f"pgveil: no data subject for a value of column {cc.column.column_id}")
+                raise _unsupported(f"no data subject for a value of column {cc.column.column_id}")
             return seal(self.subject_write_key(subject, cc.column.column_id), canonical, cc.associated)
         return seal(self.write_key(cc.column.column_id), canonical, cc.associated)
 
@@ -654,6 +687,10 @@ class SessionCrypto:
         # must still be encrypted or dropped, never passed on.
         self._copy_in_rw: CopyRowRewriter | None = None
         self._copy_in_failed = False
+        # Generated subject ids obtained for the message being retried: (what they are for, the ids). Kept
+        # while the retry raises KeyMiss or AnalysisMiss (a new subject's key is fetched next), dropped
+        # once the message is handled.
+        self._generated: tuple[object, list[str]] | None = None
 
     # -- the login role's view -------------------------------------------------------------------------
     def current_view(self) -> RoleView:
@@ -766,12 +803,13 @@ class SessionCrypto:
         return ctx.detached_reading(args)
 
     # -- simple Query ----------------------------------------------------------------------------------
-    def query(self, sql: str) -> Outcome:
+    def query(self, sql: str, *, generated: bool = False) -> Outcome:
+        """``generated``: ``sql`` is pgveil's rewrite of the client's INSERT with generated subject ids."""
         try:
             unreadable = self._reading_refusal(sql)
             if unreadable is not None:
                 return self._refuse(unreadable)
-            plan = self.ctx.analyze(statement_text(sql, self.fmt))
+            plan = self.ctx.analyze(statement_text(sql, self.fmt), keep=not generated)
         except StatementTooLarge as e:
             return self._refuse(e)
         if plan.syntax_since > self.fmt.server_major:
@@ -792,6 +830,8 @@ class SessionCrypto:
                     "a query string that copies into a protected table may contain no other COPY statement",
                     hint="send each COPY as a query of its own",
                 )
+        if isinstance(refused, SubjectNotGiven) and not generated:
+            return self._query_generated(sql, refused)
         if refused is not None:
             return self._refuse(refused)
         view, refused = self._decided_view(plan.statements)
@@ -805,6 +845,55 @@ class SessionCrypto:
         replacement = None if new_sql is None else codec.encode_frontend(m.Query(wire_text(new_sql, self.fmt)))
         self._note_sql_prepare(sql, plan.statements, view)
         return Outcome(replacement, QueryCrypto(plan.statements, view=view))
+
+    # -- generated subject ids (proxy/encrypt/subjectgen.py) ----------------------------------------------
+    def _generation(self, text: str, refused: SubjectNotGiven) -> tuple[GeneratedPlan, ColumnDefault]:
+        """The plan for obtaining the ids an INSERT leaves to the database, or the refusal (the statement's
+        own, or subjectgen's naming why pgveil cannot supply them)."""
+        default = self.ctx.subject_defaults.get(refused.table)
+        if default is None:
+            raise refused
+        plan = plan_generated_subjects(text, refused.table, refused.subject_column, default)
+        if plan is None or default.expression is None:
+            raise refused
+        return plan, default
+
+    def _generated_ids(self, purpose: object, query: str, rows: int) -> list[str]:
+        """The ids obtained for ``purpose`` (the message being retried), or ValuesMiss: the relay runs
+        ``query`` on the server first."""
+        got = self._generated
+        if got is not None and got[0] == purpose:
+            return got[1]
+        self._generated = None
+
+        def deliver(ids: list[str]) -> None:
+            self._generated = (purpose, ids)
+
+        raise ValuesMiss(query, rows, deliver)
+
+    def _query_generated(self, sql: str, refused: SubjectNotGiven) -> Outcome:
+        """A simple-Query INSERT that leaves its rows' subject ids to the database: the ids are obtained on
+        the server first (ValuesMiss), written into the statement, and the statement is then handled as
+        if the client had written them (RETURNING shows them, each row is sealed for its subject)."""
+        text = statement_text(sql, self.fmt)
+        try:
+            plan, default = self._generation(text, refused)
+        except ProxyError as e:
+            return self._refuse(e)
+        assert default.expression is not None
+        ids = self._generated_ids(("Q", sql), default_values_query(default.expression, plan.rows), plan.rows)
+        try:
+            new_sql = wire_text(
+                supply_subjects(text, refused.table, refused.subject_column, plan, ids, default.identity), self.fmt
+            )
+        except ProxyError as e:
+            self._generated = None
+            return self._refuse(e)
+        out = self.query(new_sql, generated=True)  # KeyMiss / AnalysisMiss: the ids stay for the retry
+        self._generated = None
+        if out.replacement is None:
+            out = Outcome(codec.encode_frontend(m.Query(new_sql)), out.state, out.refusal)
+        return out
 
     def _note_sql_prepare(self, sql: str, statements: tuple[StatementPlan, ...], view: RoleView) -> None:
         """An SQL ``PREPARE`` in a text on governed columns: remembered with the statements it was
@@ -835,6 +924,13 @@ class SessionCrypto:
             cc = self.ctx.column(t.column)
             literal = statement_bytes(t.plaintext, self.fmt)
             subject = None
+            if t.subject is not None and t.subject.literal is None:
+                # Literals are sealed when the statement is prepared, before a parameter has a value.
+                raise _unsupported(
+                    f"a literal for encrypted column {cc.column.column_id} is in a row whose data subject is "
+                    f"parameter ${t.subject.param}, which has no value when the statement is prepared",
+                    hint="bind the value as a parameter too",
+                )
             if t.subject is not None and t.subject.literal is not None:
                 subject = subject_from_text(
                     t.subject.table, t.subject.subject, statement_bytes(t.subject.literal, self.fmt)
@@ -991,7 +1087,9 @@ class SessionCrypto:
         return Outcome(codec.encode_frontend(m.Query(REFUSED_QUERY)), None, self.refusal(e))
 
     # -- extended protocol -----------------------------------------------------------------------------
-    def parse(self, msg: m.Parse) -> Outcome:
+    def parse(self, msg: m.Parse, generated: GeneratedParameters | None = None) -> Outcome:
+        """``generated``: ``msg`` is pgveil's rewrite of the client's Parse with parameters of its own for
+        generated subject ids (see _parse_generated)."""
         refused: ProxyError | None = None
         plan = QueryPlan(msg.query)
         try:
@@ -1013,6 +1111,8 @@ class SessionCrypto:
             refused = _unsupported("a prepared statement cannot contain several commands")
         if refused is None and plan.statements:
             refused = _parameter_out_of_range(plan.statements[0].param_targets)
+        if isinstance(refused, SubjectNotGiven) and generated is None:
+            return self._parse_generated(msg, refused)
         if refused is not None:
             return Outcome(
                 codec.encode_frontend(m.Parse(msg.statement, REFUSED_QUERY, ())), None, self.refusal(refused)
@@ -1030,8 +1130,10 @@ class SessionCrypto:
         except ProxyError as e:
             return Outcome(codec.encode_frontend(m.Parse(msg.statement, REFUSED_QUERY, ())), None, self.refusal(e))
         nulled = frozenset(h.column for h in hidden_for(st, view))
-        stmt = StatementCrypto(st, params, msg.param_types, self.ctx.result_hint(st), view, nulled, literal_keys)
-        if not params and new_sql is None:
+        stmt = StatementCrypto(
+            st, params, msg.param_types, self.ctx.result_hint(st), view, nulled, literal_keys, generated
+        )
+        if not params and new_sql is None and generated is None:
             return Outcome(None, stmt)
         types = list(msg.param_types)
         if params:
@@ -1043,11 +1145,38 @@ class SessionCrypto:
         query = msg.query if new_sql is None else wire_text(new_sql, self.fmt)
         return Outcome(codec.encode_frontend(m.Parse(msg.statement, query, tuple(types))), stmt)
 
+    def _parse_generated(self, msg: m.Parse, refused: SubjectNotGiven) -> Outcome:
+        """A Parse of an INSERT that leaves its rows' subject ids to the database: prepared with a parameter
+        of pgveil's own per such row (after the client's), bound at each Bind to the ids the server makes
+        then (see bind). The client sees only its own parameters (parameter_description)."""
+        text = statement_text(msg.query, self.fmt)
+        try:
+            plan, default = self._generation(text, refused)
+            assert default.expression is not None
+            given = max(len(msg.param_types), highest_parameter(text))
+            if given + plan.rows > _MAX_PARAMETERS:
+                raise _unsupported(
+                    f"the statement writing {refused.table} with {given} parameters has no room for the "
+                    f"{plan.rows} generated values of {refused.subject_column}",
+                    hint=f"supply {refused.subject_column} as a parameter",
+                )
+            new_text = supply_subject_parameters(
+                text, refused.table, refused.subject_column, plan, given + 1, default.identity
+            )
+        except ProxyError as e:
+            return Outcome(codec.encode_frontend(m.Parse(msg.statement, REFUSED_QUERY, ())), None, self.refusal(e))
+        types = (*msg.param_types, *([0] * (given - len(msg.param_types) + plan.rows)))
+        spec = GeneratedParameters(given, plan.rows, default_values_query(default.expression, plan.rows))
+        return self.parse(m.Parse(msg.statement, wire_text(new_text, self.fmt), types), spec)
+
     def parameter_description(self, body: bytes, stmt: CryptoState) -> bytes | None:
-        if not isinstance(stmt, StatementCrypto) or not stmt.params:
+        if not isinstance(stmt, StatementCrypto) or not (stmt.params or stmt.generated):
             return None
         (n,) = struct.unpack_from("!H", body, 0)
         oids = list(struct.unpack_from(f"!{n}I", body, 2))
+        if stmt.generated is not None:
+            n = min(n, stmt.generated.given)  # pgveil's own parameters are not the client's to see
+            del oids[n:]
         for target in stmt.targets:
             if target.index < n:
                 oids[target.index] = BYTEA_OID if target.envelope else target.column.codec.oid
@@ -1080,11 +1209,40 @@ class SessionCrypto:
                     return Outcome(None, PortalCrypto(None, client_formats, client_formats, plan, view=view))
             return Outcome(None, PortalCrypto(None, client_formats, client_formats))
         try:
-            return self._bind(msg, stmt, stmt_row_desc, client_formats)
+            if stmt.generated is not None:
+                msg = self._bind_generated(msg, stmt.generated)
+            out = self._bind(msg, stmt, stmt_row_desc, client_formats)
+            self._generated = None
+            return out
         except ProxyError as e:
+            self._generated = None
             # A parameter the proxy cannot seal, or results it could not deliver (a client_encoding it
             # does not support): refused before the server runs anything.
             return Outcome(codec.encode_frontend(refused_bind(msg.portal)), None, self.refusal(e))
+
+    def _bind_generated(self, msg: m.BindFrame, g: GeneratedParameters) -> m.BindFrame:
+        """The client's Bind with the generated subject ids appended as text parameters (ValuesMiss until
+        the server has made them)."""
+        if msg.param_count != g.given:
+            raise _BindMismatch(
+                f'bind message supplies {msg.param_count} parameters, but prepared statement "{msg.statement}" '
+                f"requires {g.given}"
+            )
+        ids = self._generated_ids(("B", msg.body), g.query, g.rows)
+        if len(ids) != g.rows:
+            raise _unsupported(
+                "the database gave no subject id (NULL) for a row of the INSERT that leaves it to its default",
+                hint="supply the subject column",
+            )
+        formats = msg.param_formats
+        if len(formats) == 1:
+            formats = formats * g.given
+        if formats:
+            formats = (*formats, *([0] * g.rows))
+        values = (*msg.params, *(i.encode() for i in ids))
+        return codec.decode_bind_frame(
+            codec.encode_bind_body(m.Bind(msg.portal, msg.statement, formats, values, msg.result_formats))
+        )
 
     def _bind(
         self, msg: m.BindFrame, stmt: StatementCrypto, stmt_row_desc: bytes | None, client_formats: tuple[int, ...]
@@ -1279,7 +1437,7 @@ class SessionCrypto:
                 if key is None:
                     key = subject_keys[subject] = self.ctx.subject_write_key(subject, target.column_id)
             elif target.key_slot < 0:
-                raise _unsupported(f"pgveil: no data subject for a value of column {target.column_id}")
+                raise _unsupported(f"no data subject for a value of column {target.column_id}")
             else:
                 key = keys[target.key_slot]
                 if key is None:
@@ -1981,6 +2139,16 @@ def _parameter_out_of_range(targets: Mapping[int, object]) -> ProxyError | None:
     return _UndefinedParameter(
         f"there is no parameter ${n}", hint=f"a Bind message carries at most {_MAX_PARAMETERS} parameters"
     )
+
+
+class _BindMismatch(ProxyError):
+    """A Bind with another number of parameters than its statement takes (the server's own error)."""
+
+    sqlstate = "08P01"
+
+
+# A Bind carries at most 65,535 parameters (Int16 count).
+_MAX_PARAMETERS = 65535
 
 
 def _unsupported(message: str, hint: str | None = None) -> ProxyError:

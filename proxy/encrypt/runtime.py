@@ -30,7 +30,7 @@ from keymgmt.errors import KeyManagementError
 from keymgmt.keystore import Keystore, init_keystore
 from keymgmt.providers import KeyProvider, ProviderChain, make_provider
 from proxy.audit_runtime import AuditRuntime
-from proxy.catalog_loader import load_catalog
+from proxy.catalog_loader import load_catalog, read_subject_defaults
 from proxy.cli_errors import missing_privilege
 from proxy.config import Config, LocalMasterKeyConfig, MasterKeyConfig, read_secret_file, redact_dsn
 from proxy.encrypt.engine import CryptoContext, SessionCrypto
@@ -173,6 +173,7 @@ class EncryptionRuntime:
         try:
             migrating = await self._open_migrations(conn)
             catalog, problems = await load_catalog(conn, cfg.catalog(), self.context.catalog, migrating)
+            subject_defaults = await read_subject_defaults(conn, catalog)
             # A column being decrypted is still served encrypted (keys needed) until its swap.
             keys_needed = keys_needed or any(c.encrypted for t in catalog.tables.values() for c in t.columns.values())
             # A failed read keeps the last good membership; without one, governed columns wait for it.
@@ -193,7 +194,7 @@ class EncryptionRuntime:
             return
         if not keys_needed:
             # Plain governed columns only (and no hash mask): the policy needs the catalog, never a key.
-            self.context.install(catalog, epoch)
+            self.context.install(catalog, epoch, subject_defaults)
             self._ready(0, len(catalog.tables))
             return
         assert cfg.keystore is not None
@@ -234,7 +235,7 @@ class EncryptionRuntime:
             self._unavailable("cannot load keys from the keystore", e, ("the keystore", cfg.keystore.dsn))
             return
         self.keyring.source = self.keystore
-        self.context.install(catalog, epoch)
+        self.context.install(catalog, epoch, subject_defaults)
         self._ready(len(columns), len(catalog.tables))
 
     async def _open_migrations(self, service_conn: Any) -> dict[str, str]:

@@ -12,6 +12,7 @@ statement of several commands). Never a value in a message.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pglast import ast, parse_sql
@@ -128,18 +129,51 @@ def _literal(value: str) -> ast.A_Const:
     return ast.A_Const(val=ast.String(sval=value))
 
 
+def highest_parameter(sql: str) -> int:
+    """The highest ``$n`` the statement refers to (0 for none)."""
+    highest = 0
+
+    def visit(node: object) -> None:
+        nonlocal highest
+        if isinstance(node, ast.ParamRef):
+            highest = max(highest, node.number or 0)
+        if isinstance(node, ast.Node):
+            for name in node:
+                visit(getattr(node, name))
+        elif isinstance(node, tuple | list):
+            for item in node:
+                visit(item)
+
+    for raw in parse_sql(sql):
+        visit(raw.stmt)
+    return highest
+
+
 def supply_subjects(sql: str, table: str, column: str, plan: GeneratedPlan, ids: list[str], identity: str) -> str:
     """The INSERT with each planned row's generated id written as a literal in the subject column (added
     to the column list when absent), with ``OVERRIDING SYSTEM VALUE`` for a GENERATED ALWAYS identity."""
     if len(ids) != plan.rows:
         raise _refuse(table, column, "the database gave a different number of ids than rows")
+    return _supply(sql, table, column, plan, [_literal(i) for i in ids], identity)
+
+
+def supply_subject_parameters(sql: str, table: str, column: str, plan: GeneratedPlan, first: int, identity: str) -> str:
+    """A prepared INSERT with each planned row's subject given by a parameter of its own, ``$first`` to
+    ``$(first + rows - 1)`` in row order, whose values pgveil binds at each execution."""
+    if first < 1:
+        raise ValueError("parameters are numbered from 1")
+    params = [ast.ParamRef(number=first + i) for i in range(plan.rows)]
+    return _supply(sql, table, column, plan, params, identity)
+
+
+def _supply(sql: str, table: str, column: str, plan: GeneratedPlan, values: Sequence[ast.Node], identity: str) -> str:
     stmt = _single_insert(sql, table, column)
     at = _position(stmt, column)
     select = stmt.selectStmt
-    generated = dict(zip(plan.slots, ids, strict=True))
+    generated = dict(zip(plan.slots, values, strict=True))
     if select is None:
         stmt.cols = (ast.ResTarget(name=column),)
-        stmt.selectStmt = ast.SelectStmt(valuesLists=((_literal(ids[0]),),), limitOption=0, op=0)
+        stmt.selectStmt = ast.SelectStmt(valuesLists=((values[0],),), limitOption=0, op=0)
     else:
         assert isinstance(select, ast.SelectStmt)
         assert select.valuesLists
@@ -147,9 +181,9 @@ def supply_subjects(sql: str, table: str, column: str, plan: GeneratedPlan, ids:
         for index, row in enumerate(select.valuesLists):
             items = list(row)
             if at is None:
-                items.append(_literal(generated[index]))
+                items.append(generated[index])
             elif index in generated:
-                items[at] = _literal(generated[index])
+                items[at] = generated[index]
             rows.append(tuple(items))
         select.valuesLists = tuple(rows)
         if at is None:

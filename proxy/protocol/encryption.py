@@ -23,6 +23,8 @@ What crosses the seam:
 * :class:`KeyMiss`: raised by the encryption layer when a key is not in memory; the relay holds that
   side of the stream and asks the session to fetch it, then retries the message from scratch.
 * :class:`AnalysisMiss`: the same for a long statement whose analysis must run off the event loop.
+* :class:`ValuesMiss`: the same for values the server must make first (generated subject ids): the relay
+  runs a query of pgveil's own on the session's server connection.
 * The stand-ins: a refused message is replaced by one that makes the server fail at the same protocol
   step (so its error handling, transaction state and pipeline semantics stay exact), and the relay
   replaces the server's error with the refusal.
@@ -88,6 +90,22 @@ class AnalysisMiss(Exception):
         super().__init__("analysis not cached")
         self.function = function
         self.arguments = args
+        self.deliver = deliver
+
+
+class ValuesMiss(Exception):
+    """Raised by the encryption layer for an INSERT that leaves a subject column to the database: the
+    relay holds the client's stream (as for :class:`KeyMiss`), runs ``query`` on the client's own server
+    connection once every earlier reply is in (a statement of pgveil's own whose replies the client never
+    sees), hands the first column of its rows, as text, to ``deliver`` and retries the message, which then
+    finds them. If the query fails, the client gets the server's error in place of the held message's
+    replies and the message is dropped. ``query`` is pgveil's, built from the catalog (never logged with
+    values: it holds none)."""
+
+    def __init__(self, query: str, rows: int, deliver: Callable[[list[str]], None]) -> None:
+        super().__init__("generated values needed")
+        self.query = query
+        self.rows = rows
         self.deliver = deliver
 
 

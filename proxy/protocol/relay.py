@@ -56,6 +56,7 @@ the model does not know, rather than guessing.
 from __future__ import annotations
 
 import logging
+import secrets
 import struct
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -74,6 +75,7 @@ from proxy.protocol.encryption import (
     NamespaceAction,
     NamespaceOp,
     SessionEncryption,
+    ValuesMiss,
     Version,
     refused_bind,
 )
@@ -137,6 +139,21 @@ class Pending:
     # A Query's or Parse's SQL-level namespace operations (PREPARE, DEALLOCATE...); a Query's are consumed
     # as their CommandCompletes arrive.
     ops: list[NamespaceOp] | None = None
+
+
+@dataclass(slots=True)
+class _ValuesRun:
+    """A query of pgveil's own run on the server connection for the held client message (see ValuesMiss):
+    Parse, Bind, Execute and Close of a statement and portal named ``name``, then Flush (no Sync, so the
+    client's transaction and pipeline are as they were), sent once every earlier reply is in."""
+
+    miss: ValuesMiss
+    held: int  # the held message's type (Query or Bind)
+    name: str
+    sent: bool = False
+    values: list[str] = field(default_factory=list)
+    null: bool = False
+    closes: int = 0
 
 
 # -- events for the session -----------------------------------------------------------------------------
@@ -225,6 +242,8 @@ _BACKEND_WATCHED_ROWS = _BACKEND_WATCHED | frozenset(b"D")
 _BACKEND_WATCHED_COPY = _BACKEND_WATCHED | frozenset(b"d")
 _BACKEND_ALL = frozenset(range(256))
 _LIGHT_WATCHED = frozenset(b"ZEGHcCSK")
+_FLUSH = b"H\x00\x00\x00\x04"
+_SYNC = b"S\x00\x00\x00\x04"
 # What a ReadyForQuery may answer.
 _READY_ANSWERS = (Expect.SYNC, Expect.QUERY, Expect.FUNCTION_CALL)
 # The first bytes of the CommandComplete tags of PREPARE, DEALLOCATE [ALL] and DISCARD ALL.
@@ -294,6 +313,8 @@ class Relay:
         self.to_client: list[bytes] = []
         self.to_server: list[bytes] = []
         self.events: list[Event] = []
+        self._values: _ValuesRun | None = None  # pgveil's own query for the held client message
+        self._resume_client = False  # that query is over: retry (or drop) the held message
 
         self.startup: m.StartupMessage | None = None
         self.login_role: str | None = None
@@ -744,6 +765,21 @@ class Relay:
                 self._c_hold = True
                 self.events.append(NeedAnalysis(analysis))
                 break
+            except ValuesMiss as need:
+                if self._discarding:
+                    # The server skips this message (an earlier one of its pipeline failed): its stand-in
+                    # is skipped too, and nothing needs to be made for it.
+                    replacement = self._refuse_failed_message(
+                        t, data[pos + 5 : end], ProxyError("pgveil: skipped after an earlier error")
+                    )
+                else:
+                    self.client_messages -= 1
+                    self._c_hold = True
+                    if start < pos:  # what passes before the held message goes before pgveil's query
+                        out.append(data[start:pos])
+                        start = pos
+                    self._start_values(need, t)
+                    break
             except ProtocolViolation:
                 raise
             except Exception as exc:  # every exception becomes an ErrorResponse
@@ -1065,6 +1101,126 @@ class Relay:
         if not self._discarding:
             self.pending.append(p)
 
+    # -- pgveil's own query on the session's server connection (ValuesMiss) ------------------------------
+    def _start_values(self, need: ValuesMiss, t: int) -> None:
+        """Holds the client's message until ``need.query`` has run: now if no reply is outstanding, else
+        after a Flush has made the server send what it owes (see _values_progress)."""
+        self._values = _ValuesRun(need, t, f"pgveil_values_{secrets.token_hex(8)}")
+        if self.pending:
+            self.to_server.append(_FLUSH)
+        else:
+            self._send_values()
+
+    def _send_values(self) -> None:
+        v = self._values
+        assert v is not None
+        encode = codec.encode_frontend
+        self.to_server.extend(
+            (
+                encode(m.Parse(v.name, v.miss.query, ())),
+                encode(m.Bind(v.name, v.name, (), (), ())),
+                encode(m.Execute(v.name, 0)),
+                encode(m.Close(b"P", v.name)),
+                encode(m.Close(b"S", v.name)),
+                _FLUSH,
+            )
+        )
+        v.sent = True
+
+    def _values_progress(self) -> None:
+        """After a read from the server: send the waiting query once nothing is outstanding; retry the
+        held message once it is over."""
+        v = self._values
+        if v is not None and not v.sent and not self.pending and self.phase is _READY:
+            if self._discarding:
+                # The server will skip the held message: it is retried and replaced by its stand-in.
+                self._values = None
+                self._resume_client = True
+            else:
+                self._send_values()
+        if self._resume_client:
+            self._resume_client = False
+            self.resume("client")
+
+    def _values_replies(self, data: bytes) -> int:
+        """Reads the replies to pgveil's own query from ``data``; returns where they (or the whole
+        messages of ``data``) end. None of them reaches the client but notices and parameter reports."""
+        pos = 0
+        n = len(data)
+        while self._values is not None and n - pos >= 5:
+            t, ln = _HDR.unpack_from(data, pos)
+            if ln < 4:
+                raise codec.CodecError("server", f"invalid message length {ln}")
+            end = pos + 1 + ln
+            if end > n:
+                break
+            self.server_messages += 1
+            self._values_message(t, data, pos, end)
+            pos = end
+        return pos
+
+    def _values_message(self, t: int, data: bytes, pos: int, end: int) -> None:
+        v = self._values
+        assert v is not None
+        body = data[pos + 5 : end]
+        if t == 0x44:  # DataRow
+            row = codec.decode_backend(t, body)
+            assert isinstance(row, m.DataRow)
+            if len(row.values) != 1 or len(v.values) >= v.miss.rows:
+                raise ProtocolViolation("server", "unexpected rows in reply to pgveil's own query")
+            value = row.values[0]
+            if value is None:
+                v.null = True
+            else:
+                try:
+                    v.values.append(value.decode("utf-8"))
+                except UnicodeDecodeError:
+                    v.null = True
+        elif t in (0x31, 0x32, 0x43):  # ParseComplete, BindComplete, CommandComplete
+            pass
+        elif t == 0x33:  # CloseComplete: the portal's, then the statement's
+            v.closes += 1
+            if v.closes == 2:
+                self._values = None
+                # A NULL or a short answer is delivered short: the retried message is then refused.
+                v.miss.deliver([] if v.null or len(v.values) != v.miss.rows else v.values)
+                self._resume_client = True
+        elif t == 0x45:  # ErrorResponse: the server now skips to the next Sync
+            self._values_failed(data[pos:end], body)
+        elif t in (0x4E, 0x41):  # NoticeResponse, NotificationResponse
+            self.to_client.append(data[pos:end])
+        elif t == 0x53:  # ParameterStatus
+            self._on_parameter_status(body)
+            self.to_client.append(data[pos:end])
+        else:
+            raise ProtocolViolation("server", f"unexpected message type {t} in reply to pgveil's own query")
+
+    def _values_failed(self, raw: bytes, body: bytes) -> None:
+        """pgveil's own query failed (an aborted transaction, a permission on the sequence, a cancel): the
+        client gets the server's error in place of its held message's replies, and the message is dropped,
+        as the server would have failed it."""
+        v = self._values
+        assert v is not None
+        self._values = None
+        msg = codec.decode_backend(0x45, body)
+        assert isinstance(msg, m.ErrorResponse)
+        if msg.severity in ("FATAL", "PANIC"):
+            self.server_fatal = True
+            self.server_fatal_sqlstate = msg.sqlstate
+        fields = self.crypto.server_error(msg.fields) if self.crypto is not None else None
+        self.to_client.append(raw if fields is None else codec.encode_backend(m.ErrorResponse(fields)))
+        buf = self._c_buf
+        if len(buf) >= 5:
+            (ln,) = struct.unpack_from("!I", buf, 1)
+            self._c_buf = buf[1 + ln :]
+        if v.held == 0x51:
+            # A simple Query is answered by ReadyForQuery: the server sends it for a Sync of pgveil's.
+            self.to_server.append(_SYNC)
+            self.pending.append(Pending(_EXPECT_SYNC))
+        else:
+            self._discarding = True  # the client's Execute and the rest are skipped up to its Sync
+        self._resume_client = True
+
     # -- server → client -------------------------------------------------------------------------------
     def receive_server(self, data: bytes) -> None:
         self.server_bytes += len(data)
@@ -1080,12 +1236,21 @@ class Relay:
                 self._receive_server_messages(data)
         except ProtocolViolation as e:
             self._fail(e)
+        if self._values is not None or self._resume_client:
+            self._values_progress()
 
     def _receive_server_messages(self, data: bytes) -> None:
         if self._s_skip or self._s_buf:
             data = self._server_frames(data)
             if not data:
                 return
+        if self._values is not None and self._values.sent:
+            done = self._values_replies(data)
+            if self._values is not None or done == len(data):
+                if done < len(data):
+                    self._s_buf = data[done:]
+                return
+            data = data[done:]
         n = len(data)
         pos = 0
         start = 0

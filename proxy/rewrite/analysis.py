@@ -96,6 +96,7 @@ from proxy.rewrite.lexer import scan as scan_pg15
 from proxy.rewrite.literals import SourceText
 from proxy.rewrite.nodes import Node, first_protected_table, named_in_strings, node_type, relation_names
 from proxy.rewrite.plan import QueryPlan, Refusal, StatementKind, StatementPlan
+from proxy.rewrite.refusals import SubjectNotGiven
 from proxy.rewrite.walker import StatementWalker, plain_governed_references, statement_sql_text_references
 
 log = logging.getLogger(__name__)
@@ -356,7 +357,10 @@ def _analyze_statement(stmt: Node, catalog: Catalog, source: SourceText) -> Stat
             return fallback
         if walker.ambiguous:
             return StatementPlan(kind, True, _ambiguous(walker))
-        refusal = Refusal(exc.message, exc.detail, exc.hint, reason=exc.reason, sqlstate=exc.sqlstate)
+        generate = (exc.table, exc.subject_column) if isinstance(exc, SubjectNotGiven) else None
+        refusal = Refusal(
+            exc.message, exc.detail, exc.hint, reason=exc.reason, sqlstate=exc.sqlstate, generate=generate
+        )
         return StatementPlan(kind, True, refusal)
     except RecursionError:
         fallback = _plain_fallback(kind, stmt, catalog, changes)

@@ -22,6 +22,7 @@ from enum import Enum
 from proxy.errors import FeatureNotSupported, RefusalReason
 from proxy.policy.model import Reference
 from proxy.rewrite.catalog import ProtectedColumn, ProtectedTable, SubjectColumn
+from proxy.rewrite.refusals import SubjectNotGiven
 
 _EMPTY_PARAMS: Mapping[int, ProtectedColumn] = types.MappingProxyType({})
 _EMPTY_SUBJECTS: Mapping[int, SubjectValue] = types.MappingProxyType({})
@@ -48,8 +49,14 @@ class Refusal:
     hint: str | None = None
     reason: RefusalReason = RefusalReason.CONSTRUCT
     sqlstate: str = "0A000"  # 55000 when pgveil's catalog is behind the database's
+    # An INSERT that leaves its rows' subject column to the database: (table, subject column), for which the
+    # session may obtain the ids first (refusals.SubjectNotGiven); None for every other refusal.
+    generate: tuple[str, str] | None = None
 
     def error(self) -> FeatureNotSupported:
+        if self.generate is not None:
+            table, column = self.generate
+            return SubjectNotGiven(self.message, hint=self.hint, table=table, subject_column=column)
         e = FeatureNotSupported(self.message, detail=self.detail, hint=self.hint, reason=self.reason)
         e.sqlstate = self.sqlstate
         return e

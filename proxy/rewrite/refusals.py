@@ -81,13 +81,42 @@ def statement(message: str, hint: str | None = None) -> FeatureNotSupported:
     return FeatureNotSupported(f"pgveil: {message}", hint=hint)
 
 
-def subject_unknown(column: ProtectedColumn, table: str, subject_column: str, construct: str) -> FeatureNotSupported:
+class SubjectNotGiven(FeatureNotSupported):
+    """:func:`subject_unknown` for an INSERT whose VALUES rows leave the subject column to the database
+    (not in the column list, or ``DEFAULT``): the session may obtain the ids the database would make and
+    supply them (proxy/encrypt/subjectgen.py). ``table`` and ``subject_column`` name what to generate.
+    (Keyword-only extras with defaults, so that the exception pickles out of the analysis worker.)"""
+
+    def __init__(self, message: str, *, hint: str | None = None, table: str = "", subject_column: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.table = table
+        self.subject_column = subject_column
+
+
+def subject_unknown(
+    column: ProtectedColumn, table: str, subject_column: str, construct: str, *, generatable: bool = False
+) -> FeatureNotSupported:
     """A value for a column with per-subject keys whose row's data subject the statement does not give."""
-    return FeatureNotSupported(
+    message = (
         f"pgveil: cannot tell the data subject of the row written into encrypted column {column.column_id}: "
         f"table {table} takes its keys from subject column {subject_column}, and {construct} does not give "
-        "it as a literal or a $n parameter",
-        hint=f"supply {subject_column} as a literal or a parameter in the same row",
+        "it as a literal or a $n parameter"
+    )
+    hint = f"supply {subject_column} as a literal or a parameter in the same row"
+    if generatable:
+        return SubjectNotGiven(message, hint=hint, table=table, subject_column=subject_column)
+    return FeatureNotSupported(message, hint=hint)
+
+
+def overriding_user_value(table: str, subject_column: str) -> FeatureNotSupported:
+    """``INSERT … OVERRIDING USER VALUE`` into a table with per-subject keys: the server would replace the
+    subject ids the statement gives (an identity column) after pgveil sealed the row's values for them."""
+    message = (
+        f"pgveil: table {table} takes its keys from subject column {subject_column}, and with OVERRIDING USER "  # noqa: S608 (a message, not SQL)
+        "VALUE the database may replace the subject id the row's values are encrypted for"
+    )
+    return FeatureNotSupported(
+        message, hint="leave out OVERRIDING USER VALUE (leave the subject column out to have the database make it)"
     )
 
 

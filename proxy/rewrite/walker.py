@@ -69,6 +69,11 @@ from proxy.rewrite.scope import (
     table_shape,
 )
 
+# The constructs of an INSERT that leaves a row's subject column to the database (refusals.SubjectNotGiven:
+# the session may supply the ids the database makes, see proxy/encrypt/subjectgen.py).
+_NOT_NAMED = "an INSERT whose column list does not name "
+_GENERATABLE = frozenset({"DEFAULT"})
+
 
 @dataclass(frozen=True, slots=True)
 class WalkResult:
@@ -899,10 +904,10 @@ class StatementWalker:
             self._subject_table = table
             self._subject_at = names.index(table.subject.column) if table.subject.column in names else None
             self._subject_why = (
-                "INSERT ... SELECT"
-                if self._subject_at is not None
-                else f"an INSERT whose column list does not name {table.subject.column}"
+                "INSERT ... SELECT" if self._subject_at is not None else f"{_NOT_NAMED}{table.subject.column}"
             )
+            if body.get("override") == "OVERRIDING_USER_VALUE" and table.encrypted:
+                raise refusals.overriding_user_value(table.qualified_name, table.subject.column)
         select = body.get("selectStmt")
         if select:
             sbody = node_type(select)[1]
@@ -1128,7 +1133,13 @@ class StatementWalker:
                     # A view, a MERGE, a statement whose rows pgveil cannot follow to their subject.
                     table_name = column.column_id.rsplit(".", 1)[0]
                     raise refusals.subject_unknown(column, table_name, "its subject column", "this statement")
-                raise refusals.subject_unknown(column, owner.qualified_name, owner.subject.column, self._subject_why)
+                raise refusals.subject_unknown(
+                    column,
+                    owner.qualified_name,
+                    owner.subject.column,
+                    self._subject_why,
+                    generatable=self._subject_why in _GENERATABLE or self._subject_why.startswith(_NOT_NAMED),
+                )
         if isinstance(value, Constant):
             start, end = self.source.value_span(node, bare_alias=bare_alias)
             self.literals.append(

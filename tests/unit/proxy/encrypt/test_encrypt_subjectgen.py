@@ -12,7 +12,9 @@ from proxy.encrypt.subjectgen import (
     ColumnDefault,
     GeneratedPlan,
     default_values_query,
+    highest_parameter,
     plan_generated_subjects,
+    supply_subject_parameters,
     supply_subjects,
 )
 from proxy.errors import FeatureNotSupported
@@ -116,3 +118,34 @@ def test_default_values_query_evaluates_once_per_row() -> None:
     assert parse_sql(q)
     with pytest.raises(ValueError, match="positive"):
         default_values_query("1", 0)
+
+
+def test_highest_parameter() -> None:
+    assert highest_parameter("INSERT INTO customers (email) VALUES ('x')") == 0
+    assert highest_parameter("INSERT INTO customers (email, n) VALUES ($2, $7) RETURNING $1::int") == 7
+    assert highest_parameter("INSERT INTO customers (email) SELECT x FROM f($3) WHERE $11 > 0") == 11
+
+
+@given(st.integers(min_value=1, max_value=6), st.integers(min_value=0, max_value=5))
+def test_parameters_of_its_own_follow_the_clients_in_row_order(rows: int, given_params: int) -> None:
+    values = ", ".join(f"(${i % given_params + 1})" if given_params else "('v')" for i in range(rows))
+    sql = f"INSERT INTO customers (email) VALUES {values} RETURNING id"
+    plan = plan_generated_subjects(sql, T, "id", SERIAL)
+    assert plan == GeneratedPlan(rows, tuple(range(rows)))
+    out = supply_subject_parameters(sql, T, "id", plan, given_params + 1, "")
+    cols, got = _rows(out)
+    assert cols == ["email", "id"]
+    ids = [row[1] for row in got]
+    assert [p.number for p in ids if isinstance(p, ast.ParamRef)] == [given_params + 1 + i for i in range(rows)]
+    assert "RETURNING id" in out
+    assert highest_parameter(out) == given_params + rows
+
+
+def test_parameters_of_its_own_with_always_identity_override_the_system_value() -> None:
+    sql = "INSERT INTO customers (id, email) VALUES (DEFAULT, $1), (5, $2)"
+    plan = plan_generated_subjects(sql, T, "id", ColumnDefault("nextval('s'::regclass)", identity="a"))
+    assert plan is not None
+    out = supply_subject_parameters(sql, T, "id", plan, 3, "a")
+    assert "OVERRIDING SYSTEM VALUE" in out
+    assert "(5, $2)" in out
+    assert "($3, $1)" in out
