@@ -942,6 +942,59 @@ class _KindKeys(Protocol):
     async def create_subject_versions(self, kind: str, subject_ids: Iterable[bytes], pool: Any = None) -> int: ...
 
 
+def advance_position(
+    position: dict[str, Any],
+    target: RotationTarget,
+    n_targets: int,
+    pairs: Sequence[tuple[Sequence[str], bytes]],
+    batch_size: int,
+    updated: int,
+    skipped: int,
+    unreadable: int,
+    current: int,
+    shredded: int,
+) -> tuple[dict[str, Any], JobState | None, str | None]:
+    """The position after a batch of a subject kind's job (pure): the next keyset page, the next target, the
+    next pass, the sweep (a pass found nothing to re-encrypt) or the end (FAILED with a reason when what is
+    left cannot be re-encrypted, or writes under old versions keep coming after :data:`MAX_PASSES`)."""
+    pos = dict(position)
+    pos["pass_work"] = int(pos.get("pass_work", 0)) + updated + skipped
+    pos["pass_unreadable"] = int(pos.get("pass_unreadable", 0)) + unreadable
+    pos["pass_seen"] = int(pos.get("pass_seen", 0)) + len(pairs)
+    pos["current"] = int(pos.get("current", 0)) + current
+    pos["shredded"] = int(pos.get("shredded", 0)) + shredded
+    if len(pairs) >= batch_size:
+        pos["after"] = list(pairs[-1][0])
+        return pos, None, None
+    if int(pos["target"]) + 1 < n_targets:
+        pos["target"], pos["after"] = int(pos["target"]) + 1, None
+        return pos, None, None
+    # The pass is over.
+    pass_no = int(pos.get("pass", 1))
+    if pos["pass_work"] == 0:
+        if pos["pass_unreadable"]:
+            return (
+                pos | {"after": None},
+                JobState.FAILED,
+                (
+                    f"{pos['pass_unreadable']} value(s) of subject kind tables could not be re-encrypted "
+                    "(tampered, or under a destroyed, disabled or unknown key) and keep their old version"
+                ),
+            )
+        return pos | {"after": None, "phase": "keys", "swept_after": None}, None, None
+    if pass_no >= MAX_PASSES:
+        return (
+            pos | {"after": None},
+            JobState.FAILED,
+            (
+                f"after {pass_no} passes, values of {target.qualified_table} and its kind are still being written "
+                "under old key versions (is a pgveil instance not hearing keystore notifications?)"
+            ),
+        )
+    reset = {"pass": pass_no + 1, "target": 0, "after": None, "pass_work": 0, "pass_unreadable": 0}
+    return pos | reset | {"pass_seen": 0, "current": 0, "shredded": 0}, None, None
+
+
 class SubjectKindReEncryption(JobRunner):
     """Runs a subject kind's job (:func:`rotate_subject_kind`): every target (table, encrypted column) in
     turn, keyset pagination on its primary key, each value whose key version is older than the job's
@@ -1155,7 +1208,7 @@ class SubjectKindReEncryption(JobRunner):
                 updated = int(status.rsplit(" ", 1)[1])
             skipped = len(resealed.old) - updated
             unreadable = plan.unreadable + resealed.unreadable
-            new_position, finished, error = self._advance(
+            new_position, finished, error = advance_position(
                 position, target, len(targets), pairs, batch_size, updated, skipped, unreadable,
                 plan.current, shredded_rows,
             )  # fmt: skip
@@ -1178,56 +1231,6 @@ class SubjectKindReEncryption(JobRunner):
             log.info("re-encryption job %s of subject kind %s %s", self.job_id, kind, finished.value)
         charged = len(resealed.old) + (len(pairs) - len(resealed.old)) // 10
         return len(pairs), updated, skipped, unreadable, charged
-
-    def _advance(
-        self,
-        position: dict[str, Any],
-        target: RotationTarget,
-        n_targets: int,
-        pairs: Sequence[tuple[Sequence[str], bytes]],
-        batch_size: int,
-        updated: int,
-        skipped: int,
-        unreadable: int,
-        current: int,
-        shredded: int,
-    ) -> tuple[dict[str, Any], JobState | None, str | None]:
-        pos = dict(position)
-        pos["pass_work"] = int(pos.get("pass_work", 0)) + updated + skipped
-        pos["pass_unreadable"] = int(pos.get("pass_unreadable", 0)) + unreadable
-        pos["pass_seen"] = int(pos.get("pass_seen", 0)) + len(pairs)
-        pos["current"] = int(pos.get("current", 0)) + current
-        pos["shredded"] = int(pos.get("shredded", 0)) + shredded
-        if len(pairs) >= batch_size:
-            pos["after"] = list(pairs[-1][0])
-            return pos, None, None
-        if int(pos["target"]) + 1 < n_targets:
-            pos["target"], pos["after"] = int(pos["target"]) + 1, None
-            return pos, None, None
-        # The pass is over.
-        pass_no = int(pos.get("pass", 1))
-        if pos["pass_work"] == 0:
-            if pos["pass_unreadable"]:
-                return (
-                    pos | {"after": None},
-                    JobState.FAILED,
-                    (
-                        f"{pos['pass_unreadable']} value(s) of subject kind tables could not be re-encrypted "
-                        "(tampered, or under a destroyed, disabled or unknown key) and keep their old version"
-                    ),
-                )
-            return pos | {"after": None, "phase": "keys", "swept_after": None}, None, None
-        if pass_no >= MAX_PASSES:
-            return (
-                pos | {"after": None},
-                JobState.FAILED,
-                (
-                    f"after {pass_no} passes, values of {target.qualified_table} and its kind are still being written "
-                    "under old key versions (is a pgveil instance not hearing keystore notifications?)"
-                ),
-            )
-        reset = {"pass": pass_no + 1, "target": 0, "after": None, "pass_work": 0, "pass_unreadable": 0}
-        return pos | reset | {"pass_seen": 0, "current": 0, "shredded": 0}, None, None
 
     async def _sweep(self, kind: str, generation: int, position: dict[str, Any], batch_size: int) -> int | None:
         """One batch of the sweep: the next subjects (in id order) whose current version is still of an
