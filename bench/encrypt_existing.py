@@ -196,7 +196,9 @@ def foreground(args: argparse.Namespace) -> int:
                 f"  migration: {j['rows']:,} rows in {j['seconds']:.1f} s "
                 f"({j['rows'] / j['seconds']:,.0f} rows/s), {state}"
             )
-        print(f"  ratio with/without: {loaded / base:.2f}")
+        pairs = [w / b for b, w in zip(without, with_job, strict=True)]
+        print(f"  ratio with/without: {loaded / base:.2f} (medians); per adjacent pair of rounds:")
+        print(f"    {', '.join(f'{r:.2f}' for r in pairs)} (median {statistics.median(pairs):.2f})")
         print(f"  (cores: {os.cpu_count()}, load average {os.getloadavg()[0]:.1f})")
     finally:
         if serve is not None:

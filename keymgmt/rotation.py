@@ -24,8 +24,22 @@ It does not know the proxy's configuration: the table, its primary key, the encr
 declared type come in as a :class:`RotationTarget` (the CLI builds it from the configuration). It never
 logs values, keys or key material; identifiers of columns and key ids are not secret.
 
-Limits: per-subject keys (one DEK per data subject) are not rotated by this module; :func:`rotate_columns`
-refuses a column that has them rather than leaving them under the old version.
+Per-subject keys (one DEK per data subject, shared by every table of the subject's kind) rotate by kind:
+
+* :func:`rotate_subject_kind` raises the kind's generation (``pgveil.subject_kinds``) and queues one job for
+  every table and encrypted column of the kind; it creates no key. A subject's version below the kind's
+  generation is no longer current for writes (:mod:`keymgmt.keystore` creates the subject's next version on
+  its next write), and every proxy drops its cached pointers to such versions on the NOTIFY.
+* :class:`SubjectKindReEncryption` runs that job: every target in turn, keyset pagination over every stored
+  value, each value under an older generation re-sealed under the next version of its own subject's key
+  (created for a batch's subjects in one keystore statement, before the batch's transaction), written back
+  with compare-and-set; SHREDDED subjects are skipped; passes until nothing is left, then a sweep gives the
+  next version to the subjects whose rows it never met.
+* :func:`destroy_subject_versions` destroys every older version that is not its subject's current one, all or
+  none, refusing while any row of any target references one (SHARE locks on all the kind's tables).
+
+:func:`rotate_columns` refuses a column that has per-subject keys rather than leaving them under the old
+version.
 """
 
 from __future__ import annotations
@@ -315,7 +329,7 @@ async def rotate_columns(
                 target.column_id,
             ):
                 raise RotationError(
-                    f"{target.column_id} has per-subject keys: rotating them is not supported by this command yet"
+                    f"{target.column_id} has per-subject keys: they rotate by subject kind (rotate_subject_kind)"
                 )
             current = await conn.fetchrow(
                 """SELECT key_id, version, state FROM pgveil.deks WHERE column_id = $1 AND subject_id IS NULL
@@ -924,7 +938,7 @@ _KIND_PROGRESS = """
         rows_skipped = rows_skipped + $4,
         rows_unreadable = $5,
         passes = $6,
-        rows_remaining = GREATEST(rows_total - $9, 0),
+        rows_remaining = CASE WHEN $6 = 1 THEN GREATEST(rows_total - $9, 0) ELSE 0 END,
         state = coalesce($7::text, state),
         last_error = coalesce($8::text, last_error),
         finished_at = CASE WHEN $7::text IS NULL THEN finished_at ELSE now() END,

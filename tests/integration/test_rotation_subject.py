@@ -29,6 +29,10 @@ import pytest
 from conftest import ProxyProcess, proxy_config
 from test_subject_keys import prepare_database
 
+from keymgmt.envelope import Subject
+from keymgmt.errors import KeyDestroyed
+from keymgmt.keystore import Keystore
+from keymgmt.providers import LocalKeyProvider
 from proxy.devcluster import DevCluster
 
 pytestmark = pytest.mark.integration
@@ -584,3 +588,54 @@ async def test_second_instance_honours_the_new_generation_soon(env: Env) -> None
         assert env.cli("jobs", "cancel", job_id).returncode == 0
     finally:
         other.stop()
+
+
+async def test_two_keystores_make_one_next_version_per_subject(env: Env) -> None:
+    """The lazy path, without a proxy: after a rotation, two instances asking for the same subject's key at
+    once get one next version (the unique index decides), and a batch creation makes each subject's next
+    version once, skipping a shredded subject."""
+    subjects = [f"{9000 + i}".encode() for i in range(20)]
+    async with (
+        Keystore(env.direct_dsn, LocalKeyProvider(env.workdir / "master.key")) as one,
+        Keystore(env.direct_dsn, LocalKeyProvider(env.workdir / "master.key")) as two,
+    ):
+        for s in subjects:
+            await one.subject_key(Subject("customer", s))
+        conn = await direct_conn(env)
+        try:
+            await conn.execute(
+                "UPDATE pgveil.subjects SET state = 'SHREDDED', shredded_at = now() "
+                "WHERE kind = 'customer' AND subject_id = $1",
+                subjects[-1],
+            )
+        finally:
+            await conn.close()
+        job_id = await asyncio.to_thread(rotate_no_run, env)
+        gen = await generation(env)
+        one.cache.clear()  # neither listens here: forget what they had cached before the rotation
+        two.cache.clear()
+        a, b = await asyncio.gather(
+            one.subject_key(Subject("customer", subjects[0])), two.subject_key(Subject("customer", subjects[0]))
+        )
+        assert a.key_id == b.key_id
+        assert a.version == 2
+        created = await one.create_subject_versions("customer", subjects)
+        assert created == len(subjects) - 2  # subjects[0] has its next version already; the last is shredded
+        assert await two.create_subject_versions("customer", subjects) == 0
+        with pytest.raises(KeyDestroyed):
+            await two.subject_key(Subject("customer", subjects[-1]))
+    conn = await direct_conn(env)
+    try:
+        rows = await conn.fetch(
+            """SELECT subject_id, count(*) FILTER (WHERE kind_generation = $2) AS new, max(version) AS top
+               FROM pgveil.deks WHERE column_id = $1 AND subject_id = ANY($3) GROUP BY subject_id""",
+            SCOPE,
+            gen,
+            subjects,
+        )
+    finally:
+        await conn.close()
+    by_subject = {bytes(r["subject_id"]): (r["new"], r["top"]) for r in rows}
+    assert all(by_subject[s] == (1, 2) for s in subjects[:-1])
+    assert by_subject[subjects[-1]] == (0, 1)
+    assert env.cli("jobs", "cancel", job_id).returncode == 0
