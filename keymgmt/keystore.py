@@ -643,9 +643,11 @@ class Keystore:
             created = int(status.rsplit(" ", 1)[1])
             if created:
                 log.info("created %d data key version(s) of data subjects of kind %s", created, kind)
-            with _keystore_errors():
+            if created == len(wanted):
+                return created
+            with _keystore_errors():  # some were current already, shredded, or the KEK is no longer ENABLED
                 kek_ok = await pool.fetchval("SELECT state = 'ENABLED' FROM pgveil.keks WHERE kek_id = $1", kek_id)
-            if kek_ok or created == len(wanted):
+            if kek_ok:
                 return created
             self._wrap_kek = None  # the KEK was destroyed meanwhile: ask which one is primary now
         return 0
