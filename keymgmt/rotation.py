@@ -947,6 +947,8 @@ _KIND_PROGRESS = """
 
 
 _JOB_ROW = "SELECT state, position FROM pgveil.rotation_jobs WHERE job_id = $1"
+# Key versions a kind's job remembers (facts, and unwrapped old keys) before it forgets them and asks again.
+_MAX_REMEMBERED = 50_000
 _JOB_ROW_LOCKED = _JOB_ROW + " FOR UPDATE"
 
 
@@ -1136,6 +1138,8 @@ class SubjectKindReEncryption(JobRunner):
         )
 
     async def _key_info(self, scope: str, envelopes: Sequence[bytes]) -> None:
+        if len(self._info) > _MAX_REMEMBERED:  # a kind of millions of subjects: bounded memory
+            self._info.clear()
         wanted: list[uuid.UUID] = []
         for e in envelopes:
             try:
@@ -1209,6 +1213,11 @@ class SubjectKindReEncryption(JobRunner):
                 new_keys[subject_id] = None
         work = [r for r in plan.stale if r[2] not in shredded]
         shredded_rows = len(plan.stale) - len(work)
+        # The old keys of the batch in one keystore query (a batch may name a thousand subjects' keys), then
+        # the opener finds them in the cache.
+        if len(self._keys) > _MAX_REMEMBERED:
+            self._keys.clear()
+        await self._keystore.keys_by_ids([r[1][4:20] for r in work if r[1][4:20] not in self._keys])
         opener = await self._opener_for([r[1] for r in work])
         resealed = reseal_subject_batch(work, opener, new_keys.get, column_associated_data(target.column_id))
         same = self._ks is self._data
