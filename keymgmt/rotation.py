@@ -55,6 +55,8 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import asyncpg
+
 from keymgmt.envelope import (
     DEK_LENGTH,
     DataKey,
@@ -946,6 +948,9 @@ _KIND_PROGRESS = """
     WHERE job_id = $1"""
 
 
+# A batch that PostgreSQL rolled back for a deadlock or a serialization failure is tried again, a few times.
+_RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+_MAX_RETRIES = 5
 _JOB_ROW = "SELECT state, position FROM pgveil.rotation_jobs WHERE job_id = $1"
 # Key versions a kind's job remembers (facts, and unwrapped old keys) before it forgets them and asks again.
 _MAX_REMEMBERED = 50_000
@@ -1090,6 +1095,7 @@ class SubjectKindReEncryption(JobRunner):
             self.job_id,
         )
         throttle = Throttle(None)
+        retries = 0
         await self._report(None)
         while True:
             if self._stop.is_set():
@@ -1109,7 +1115,18 @@ class SubjectKindReEncryption(JobRunner):
                     continue
                 charged, batch = outcome, BatchResult(0, 0, 0, 0, time.perf_counter() - started)
             else:
-                result = await self._batch(kind, generation, targets, position, batch_size)
+                try:
+                    result = await self._batch(kind, generation, targets, position, batch_size)
+                except _RETRYABLE as exc:
+                    # The batch's compare-and-set met an application transaction's row locks in another
+                    # order (PostgreSQL chose the job's transaction): it rolled back whole, so try it again.
+                    retries += 1
+                    if retries > _MAX_RETRIES:
+                        raise
+                    log.warning("job %s: batch rolled back (%s), retrying", self.job_id, type(exc).__name__)
+                    await self._wait(0.05 * retries)
+                    continue
+                retries = 0
                 if result is None:  # the job row changed under us (paused, cancelled): read it again
                     continue
                 scanned, updated, skipped, unreadable, charged = result

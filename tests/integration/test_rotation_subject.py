@@ -639,3 +639,46 @@ async def test_two_keystores_make_one_next_version_per_subject(env: Env) -> None
     assert all(by_subject[s] == (1, 2) for s in subjects[:-1])
     assert by_subject[subjects[-1]] == (0, 1)
     assert env.cli("jobs", "cancel", job_id).returncode == 0
+
+
+async def test_a_batch_that_deadlocks_with_the_application_is_retried(env: Env) -> None:
+    """An application transaction holds the row the job's compare-and-set reaches last, then asks for the
+    rows the job holds: PostgreSQL breaks the deadlock by rolling the job's batch back (the application's
+    session waits longer before checking), and the job tries the batch again and finishes."""
+    await fill(env, range(6001, 6011))
+    job_id = await asyncio.to_thread(rotate_no_run, env)
+    app = await direct_conn(env)
+    try:
+        await app.execute("SET deadlock_timeout = '20s'")  # the job's backend (1 s) detects it first
+        top = await app.fetchval("SELECT max(id) FROM rs_customers")
+        tx = app.transaction()
+        await tx.start()
+        await app.execute("UPDATE rs_customers SET at = 'app' WHERE id = $1", top)
+        runner = env.spawn("jobs", "run", job_id, "--throttle", "0", "--batch-size", "100000")
+        try:
+            watch = await direct_conn(env)
+            try:
+                deadline = time.monotonic() + 60
+                while not await watch.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE%'"
+                ):
+                    assert time.monotonic() < deadline, "the job's batch never waited for the application's row"
+                    await asyncio.sleep(0.05)
+            finally:
+                await watch.close()
+            # now the application asks for every other row: a cycle
+            await app.execute("UPDATE rs_customers SET at = 'app' WHERE id <> $1", top)
+            await tx.commit()
+            _out, err = await asyncio.to_thread(runner.communicate, None, 120)
+        finally:
+            if runner.poll() is None:
+                runner.kill()
+                runner.wait()
+    finally:
+        await app.close()
+    assert runner.returncode == 0, err
+    assert "retrying" in err
+    assert "DeadlockDetectedError" in err
+    [job] = env.status(job_id)
+    assert job["state"] == "done", json.dumps(job)
+    assert_all_under(await stored_keys(env), job["generation"], except_subjects={b"3005"})
