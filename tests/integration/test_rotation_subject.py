@@ -660,7 +660,8 @@ async def test_a_batch_that_deadlocks_with_the_application_is_retried(env: Env) 
             try:
                 deadline = time.monotonic() + 60
                 while not await watch.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE%'"
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock' AND query LIKE 'UPDATE%'"
                 ):
                     assert time.monotonic() < deadline, "the job's batch never waited for the application's row"
                     await asyncio.sleep(0.05)
