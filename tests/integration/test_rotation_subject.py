@@ -238,7 +238,17 @@ async def done_soon(env: Env, job_id: str, rows: int, timeout: float = 120) -> b
         await conn.close()
 
 
-def assert_all_under(stored: list[Any], gen: int, except_subjects: set[bytes] = frozenset()) -> None:  # type: ignore[assignment]
+async def shredded_subjects(env: Env) -> set[bytes]:
+    """The subjects of kind customer a test marked SHREDDED (their values keep their old keys)."""
+    conn = await direct_conn(env)
+    try:
+        rows = await conn.fetch("SELECT subject_id FROM pgveil.subjects WHERE kind = 'customer' AND state = 'SHREDDED'")
+    finally:
+        await conn.close()
+    return {bytes(r["subject_id"]) for r in rows}
+
+
+def assert_all_under(stored: list[Any], gen: int, except_subjects: set[bytes]) -> None:
     wrong = [s for s in stored if s[1] not in except_subjects and (s[2] != gen or s[3] != s[1] or s[4] != SCOPE)]
     assert not wrong, (
         f"{len(wrong)} of {len(stored)} values not under their subject's generation-{gen} key: {wrong[:5]}"
@@ -331,9 +341,10 @@ async def test_kind_rotation_while_writers_run_loses_nothing(env: Env) -> None:
     assert job["rows_remaining"] == 0
     assert job["rows_done"] > 0
     # everything reads back (through pgveil) as last written ...
-    assert await read_all(env) == last
+    got = await read_all(env)
+    assert {k: got.get(k) for k in last} == last
     # ... and every value is under its own subject's key of the new generation
-    assert_all_under(await stored_keys(env), gen)
+    assert_all_under(await stored_keys(env), gen, await shredded_subjects(env))
     conn = await direct_conn(env)
     try:
         # one current key per subject, of the new generation (the sweep covered subjects whose rows it did not
@@ -341,9 +352,11 @@ async def test_kind_rotation_while_writers_run_loses_nothing(env: Env) -> None:
         stale = await conn.fetchval(
             """SELECT count(*) FROM pgveil.deks d WHERE d.column_id = $1 AND d.kind_generation < $2
                AND NOT EXISTS (SELECT 1 FROM pgveil.deks h WHERE h.column_id = d.column_id
-                               AND h.subject_id = d.subject_id AND h.version > d.version)""",
+                               AND h.subject_id = d.subject_id AND h.version > d.version)
+               AND d.subject_id <> ALL($3::bytea[])""",
             SCOPE,
             gen,
+            list(await shredded_subjects(env)),
         )
         assert stale == 0
         assert (
@@ -381,14 +394,16 @@ async def test_job_killed_midway_resumes(env: Env) -> None:
     moved = sum(1 for s in stored if s[2] == gen)
     assert mid["rows_done"] == moved
     assert 400 <= mid["rows_done"] < len(stored)
+    shredded = await shredded_subjects(env)
+    live = [s for s in stored if s[1] not in shredded]  # (a shredded subject's values are never re-keyed)
     out = env.cli("jobs", "run", job_id, "--throttle", "0")
     assert out.returncode == 0, out.stderr
     [final] = env.status(job_id)
     assert final["state"] == "done", json.dumps(final)
     assert final["rows_skipped"] == 0
-    assert final["rows_done"] == len(stored)
+    assert final["rows_done"] == len(live)
     assert final["fraction"] == 1.0
-    assert_all_under(await stored_keys(env), gen)
+    assert_all_under(await stored_keys(env), gen, shredded)
     assert await read_all(env, customers) == last
 
 
@@ -425,7 +440,11 @@ async def test_destroy_refused_while_referenced_then_accepted(env: Env) -> None:
     dconn = await direct_conn(env)
     try:
         old = await dconn.fetch(
-            "SELECT state, wrapped FROM pgveil.deks WHERE column_id = $1 AND kind_generation < $2", SCOPE, gen
+            """SELECT state, wrapped FROM pgveil.deks d WHERE column_id = $1 AND kind_generation < $2
+               AND EXISTS (SELECT 1 FROM pgveil.deks h WHERE h.column_id = d.column_id AND h.subject_id = d.subject_id
+                           AND h.version > d.version)""",
+            SCOPE,
+            gen,
         )
         assert old
         assert all(r["state"] == "DESTROYED" and r["wrapped"] is None for r in old)
@@ -442,8 +461,12 @@ async def test_destroy_refused_while_referenced_then_accepted(env: Env) -> None:
     summary = json.loads(versions.stdout)
     assert summary["generation"] == gen
     by_gen = {g["generation"]: g for g in summary["generations"]}
-    assert by_gen[gen]["rows"] == len(await stored_keys(env))
-    assert all(g["rows"] == 0 and g["enabled"] == 0 for n, g in by_gen.items() if n < gen)
+    stored = await stored_keys(env)
+    shredded = await shredded_subjects(env)
+    assert by_gen[gen]["rows"] == len([s for s in stored if s[1] not in shredded])
+    # of the older generations only shredded subjects' current versions are left, with their values
+    assert all(g["enabled"] == g["current"] for n, g in by_gen.items() if n < gen)
+    assert sum(g["rows"] for n, g in by_gen.items() if n < gen) == len(stored) - by_gen[gen]["rows"]
 
 
 async def test_shredded_subject_is_skipped_never_rekeyed(env: Env) -> None:
@@ -471,7 +494,7 @@ async def test_shredded_subject_is_skipped_never_rekeyed(env: Env) -> None:
     assert job["state"] == "done", json.dumps(job)
     assert job["position"]["shredded"] == 4  # its email, score and two order notes (in the last pass)
     stored = await stored_keys(env)
-    assert_all_under(stored, gen, except_subjects={shredded})
+    assert_all_under(stored, gen, await shredded_subjects(env))
     conn = await direct_conn(env)
     try:
         # never given a key: the same versions as before the rotation, its values untouched
@@ -682,4 +705,4 @@ async def test_a_batch_that_deadlocks_with_the_application_is_retried(env: Env) 
     assert "DeadlockDetectedError" in err
     [job] = env.status(job_id)
     assert job["state"] == "done", json.dumps(job)
-    assert_all_under(await stored_keys(env), job["generation"], except_subjects={b"3005"})
+    assert_all_under(await stored_keys(env), job["generation"], await shredded_subjects(env))
