@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subjects", type=int, default=None, help="measure a subject kind's re-encryption instead")
     args = p.parse_args(argv)
     if args.subjects is not None:
-        return subject_kind(args.rows, args.subjects)
+        return subject_kind(args.rows, args.subjects, args)
 
     workdir = Path(tempfile.mkdtemp(prefix="pgveil-bench-rot-"))
     cluster = DevCluster()
@@ -206,10 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def subject_kind(rows: int, subjects: int) -> int:
-    """Throughput of a subject kind's re-encryption job, unthrottled (no pgveil serve, no foreground)."""
+def subject_kind(rows: int, subjects: int, args: argparse.Namespace) -> int:
+    """Throughput of a subject kind's re-encryption job, unthrottled; then (``--rounds`` > 0) pgbench through
+    pgveil without and with the kind's job at ``--throttle``, interleaved."""
     workdir = Path(tempfile.mkdtemp(prefix="pgveil-bench-rot-subj-"))
     cluster = DevCluster()
+    proxy: subprocess.Popen[bytes] | None = None
     tables = {
         f"public.{SUBJECT_TABLE}": {
             "subject": {"kind": "customer", "column": "cid"},
@@ -221,13 +223,17 @@ def subject_kind(rows: int, subjects: int) -> int:
         dsn = cluster.dsn()
         master_key = workdir / "master.key"
         config = workdir / "pgveil.yaml"
+        port = free_port()
         config.write_text(
             yaml.safe_dump(
                 {
+                    "listen": f"127.0.0.1:{port}",
+                    "admin": {"listen": None},
                     "upstream": {"host": "127.0.0.1", "port": cluster.port, "tls": "disable"},
                     "logging": {"level": "warning"},
                     "keystore": {"dsn": dsn, "master_key": {"provider": "local", "path": str(master_key)}},
                     "tables": tables,
+                    "roles": {"default": "plaintext"},
                 }
             )
         )
@@ -255,7 +261,56 @@ def subject_kind(rows: int, subjects: int) -> int:
             f"{status['rate_rows_per_second']:,.0f} rows/s; {status['passes']} passes"
         )
         print(f"  (cores: {os.cpu_count()}, load average {os.getloadavg()[0]:.1f})")
+        if args.rounds < 1:
+            return 0
+        with (workdir / "pgveil.log").open("ab") as log:
+            proxy = subprocess.Popen(
+                [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=workdir,
+            )
+        wait_for_port("127.0.0.1", port, timeout=30)
+        time.sleep(1.0)
+        pgbench = find_pgbench(cluster.bin)
+        pgbench_init(pgbench, Endpoint("127.0.0.1", cluster.port, SUPERUSER, SUPERUSER_PASSWORD), 10)
+        endpoint = Endpoint("127.0.0.1", port, SUPERUSER, SUPERUSER_PASSWORD)
+        workload = ["-c", str(args.clients), "-j", "2", "-M", "prepared"]
+        without: list[float] = []
+        with_job: list[float] = []
+        job_rates: list[float] = []
+        for _ in range(args.rounds):
+            without.append(run_pgbench(pgbench, endpoint, workload, args.duration, workdir).summary.tps)
+            out = _cli(config, "keys", "rotate", "--subject-kind", "customer", "--no-run")
+            if out.returncode != 0:
+                raise RuntimeError(out.stderr)
+            job = out.stdout.split("re-encryption job ", 1)[1].split()[0]
+            runner = _spawn(config, "jobs", "run", job, "--throttle", str(args.throttle))
+            time.sleep(1.0)  # let it start
+            before = _status(config, job)["rows_done"]
+            t1 = time.perf_counter()
+            with_job.append(run_pgbench(pgbench, endpoint, workload, args.duration, workdir).summary.tps)
+            job_rates.append((_status(config, job)["rows_done"] - before) / (time.perf_counter() - t1))
+            _cli(config, "jobs", "cancel", job)
+            runner.wait(60)
+        base, loaded = statistics.median(without), statistics.median(with_job)
+        pairs = [w / b for b, w in zip(without, with_job, strict=True)]
+        print(
+            f"foreground pgbench (TPC-B-like, scale 10, {args.clients} clients, through pgveil), "
+            f"{args.rounds} x {args.duration} s interleaved, with the subject kind's job:"
+        )
+        print(f"  without a job: {', '.join(f'{t:,.0f}' for t in without)} tps (median {base:,.0f})")
+        print(
+            f"  with the kind's job at a throttle of {args.throttle:,} rows/s (measured "
+            f"{statistics.median(job_rates):,.0f} rows/s): {', '.join(f'{t:,.0f}' for t in with_job)} tps "
+            f"(median {loaded:,.0f})"
+        )
+        print(f"  ratio with/without: {loaded / base:.2f} (medians); per pair {', '.join(f'{r:.2f}' for r in pairs)}")
+        print(f"  (cores: {os.cpu_count()}, load average {os.getloadavg()[0]:.1f})")
     finally:
+        if proxy is not None:
+            proxy.terminate()
+            proxy.wait(30)
         cluster.cleanup()
     return 0
 
