@@ -11,10 +11,11 @@ one encrypted text column (sealed through pgveil's own keystore and master key, 
 With ``--subjects S`` it measures instead the re-encryption of a subject kind (per-subject keys): one
 table of ``--rows`` rows spread over S data subjects of kind ``customer`` (each row's value sealed under its
 subject's key, written directly), ``pgveil keys rotate --subject-kind customer --no-run`` and ``pgveil jobs
-run --throttle 0``: rows/s, including the creation of every subject's next key version.
+run --throttle 0``: rows/s, including the creation of every subject's next key version; then, unless
+``--rounds 0``, pgbench through pgveil without and with the kind's job at ``--throttle``, interleaved.
 
 Development tooling only: ``python -m bench.rotation [--rows N] [--duration S] [--rounds R]``,
-``python -m bench.rotation --subjects S [--rows N]``.
+``python -m bench.rotation --subjects S [--rows N] [--rounds R]``.
 """
 
 from __future__ import annotations
