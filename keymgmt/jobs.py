@@ -1,8 +1,8 @@
 """Background jobs in the keystore: their states, who runs them, their progress, and how to read it.
 
 This module owns the rows of ``pgveil.rotation_jobs`` as a state machine and the claim that makes a job
-run in at most one process at a time. What a job does (re-encrypting rows, see
-:mod:`keymgmt.rotation`) lives elsewhere; this module never reads application tables or keys.
+run in at most one process at a time. What a job does (re-encrypting rows of a column or of every table of a
+subject kind, see :mod:`keymgmt.rotation`) lives elsewhere; this module never reads application tables or keys.
 
 States (``JobState``)::
 
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from keymgmt.envelope import DataKey, Opener, peek_key_id
+from keymgmt.envelope import DataKey, Opener, peek_key_id, subject_kind_of_scope
 from keymgmt.errors import DecryptionFailed, KeyManagementError, UnknownKey
 
 # Advisory lock space of job claims: (JOB_LOCK_CLASS, first four bytes of the job id as a signed int4).
@@ -95,6 +95,14 @@ class JobStatus:
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    generation: int | None = None  # a subject kind's job: the kind's generation its keys move to
+
+    @property
+    def subject_kind(self) -> str | None:
+        """The subject kind a ``subject`` job re-encrypts (its column_id is the kind's keystore scope)."""
+        if self.kind != "subject" or self.column_id is None:
+            return None
+        return subject_kind_of_scope(self.column_id)
 
     @property
     def interrupted(self) -> bool:
@@ -138,6 +146,8 @@ class JobStatus:
             "from_key_id": None if self.from_key_id is None else str(self.from_key_id),
             "to_key_id": None if self.to_key_id is None else str(self.to_key_id),
             "to_version": self.to_version,
+            "subject_kind": self.subject_kind,
+            "generation": self.generation,
             "rows_done": self.rows_done,
             "rows_skipped": self.rows_skipped,
             "rows_unreadable": self.rows_unreadable,
@@ -168,7 +178,8 @@ _STATUS = """
     SELECT j.job_id, j.kind, j.column_id, j.state, j.from_key_id, j.to_key_id, d.version AS to_version,
            j.rows_done, j.rows_skipped, j.rows_unreadable, j.rows_total, j.rows_remaining, j.passes,
            j.position, j.throttle_rows_per_second, j.batch_size, j.last_error,
-           j.created_at, j.updated_at, j.started_at, j.finished_at
+           j.created_at, j.updated_at, j.started_at, j.finished_at,
+           CASE WHEN j.kind = 'subject' THEN (j.target ->> 'generation')::int END AS generation
     FROM pgveil.rotation_jobs j LEFT JOIN pgveil.deks d ON d.key_id = j.to_key_id"""
 
 
@@ -197,6 +208,7 @@ def _status_of(row: Any, claims: set[int]) -> JobStatus:
         updated_at=row["updated_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],
+        generation=row["generation"],
     )
 
 

@@ -23,7 +23,11 @@ keystore reads; on reconnection the cache is cleared again, since notifications 
 
 Current key of a scope: the highest version of ``(column_id, subject_id)``. If it is ENABLED it
 encrypts; if DESTROYED the scope is shredded and stays so (writes are refused); if DISABLED writes are
-refused until an operator acts. A scope with no row yet gets version 1 on first use.
+refused until an operator acts. A scope with no row yet gets version 1 on first use. A data subject's
+highest version is current only while its ``kind_generation`` is not below its kind's generation
+(``pgveil.subject_kinds``): ``pgveil keys rotate --subject-kind`` raises the generation, every cached pointer
+to such a version is dropped by the refresh its NOTIFY triggers, and the subject's next write creates its
+next version (:meth:`Keystore.create_subject_versions`), so a rotation costs nothing per subject up front.
 """
 
 from __future__ import annotations
@@ -45,7 +49,15 @@ from typing import Any
 
 import asyncpg
 
-from keymgmt.envelope import DEK_LENGTH, DataKey, KeyId, KeyState, Subject, subject_kind_of_scope
+from keymgmt.envelope import (
+    DEK_LENGTH,
+    SUBJECT_SCOPE_PREFIX,
+    DataKey,
+    KeyId,
+    KeyState,
+    Subject,
+    subject_kind_of_scope,
+)
 from keymgmt.errors import KeyDestroyed, KeyDisabled, KeystoreError, UnknownKey
 from keymgmt.keycache import KeyCache, KeyFacts, RefreshGate, RefreshResult, Scope
 from keymgmt.providers import KeyProvider, provider_of
@@ -197,9 +209,14 @@ def _keystore_errors() -> Iterator[None]:
 _CURRENT_COLUMN_KEY = """
     SELECT key_id, column_id, subject_id, version, state, wrapped, kek_id FROM pgveil.deks
     WHERE column_id = $1 AND subject_id IS NULL ORDER BY version DESC LIMIT 1"""
+# A subject's highest version, and whether a rotation of its kind has made it stale (its kind_generation
+# is below the kind's generation, see migration 0014): a stale version still opens what it sealed but no
+# longer seals; the next write creates the subject's next version (:data:`_INSERT_NEXT_SUBJECT_VERSIONS`).
 _CURRENT_SUBJECT_KEY = """
-    SELECT key_id, column_id, subject_id, version, state, wrapped, kek_id FROM pgveil.deks
-    WHERE column_id = $1 AND subject_id = $2 ORDER BY version DESC LIMIT 1"""
+    SELECT d.key_id, d.column_id, d.subject_id, d.version, d.state, d.wrapped, d.kek_id,
+           d.kind_generation < coalesce((SELECT k.generation FROM pgveil.subject_kinds k WHERE k.kind = $3), 0)
+               AS stale
+    FROM pgveil.deks d WHERE d.column_id = $1 AND d.subject_id = $2 ORDER BY d.version DESC LIMIT 1"""
 _KEYS_BY_IDS = """
     SELECT key_id, column_id, subject_id, version, state, wrapped, kek_id FROM pgveil.deks
     WHERE key_id = ANY($1::uuid[])"""
@@ -220,8 +237,9 @@ _INSERT_FIRST_VERSION = """
 _INSERT_FIRST_SUBJECT_VERSION = """
     WITH k AS (
         INSERT INTO pgveil.deks (key_id, scope_kind, column_id, subject_id, subject_kind, version, state, wrapped,
-                                 kek_id)
-        SELECT $1::uuid, 'subject', $2::text, $3::bytea, $6::text, 1, 'ENABLED', $4::bytea, $5::text
+                                 kek_id, kind_generation)
+        SELECT $1::uuid, 'subject', $2::text, $3::bytea, $6::text, 1, 'ENABLED', $4::bytea, $5::text,
+               coalesce((SELECT g.generation FROM pgveil.subject_kinds g WHERE g.kind = $6::text), 0)
         WHERE EXISTS (SELECT 1 FROM pgveil.keks WHERE kek_id = $5::text AND state = 'ENABLED' FOR KEY SHARE)
           AND NOT EXISTS (SELECT 1 FROM pgveil.subjects WHERE kind = $6::text AND subject_id = $3::bytea
                           AND state = 'SHREDDED')
@@ -232,6 +250,27 @@ _INSERT_FIRST_SUBJECT_VERSION = """
     )
     SELECT count(*) FROM k"""
 _SUBJECT_SHREDDED = "SELECT state = 'SHREDDED' FROM pgveil.subjects WHERE kind = $1 AND subject_id = $2"
+# The next version of each named subject whose highest version is ENABLED but stale (below its kind's
+# generation), stamped with the kind's generation: never for a SHREDDED subject, only under an ENABLED KEK
+# (as the first version). Two creators of one subject's next version race on the unique index
+# deks_subject_version: one inserts, the other's row is skipped (DO NOTHING) and it reads the winner's.
+# $1 key ids, $2 subject ids, $3 wrapped keys (one each, same order), $4 the scope, $5 the kind, $6 the KEK.
+_INSERT_NEXT_SUBJECT_VERSIONS = """
+    INSERT INTO pgveil.deks (key_id, scope_kind, column_id, subject_id, subject_kind, version, state, wrapped,
+                             kek_id, kind_generation)
+    SELECT n.key_id, 'subject', $4::text, n.subject_id, $5::text, cur.version + 1, 'ENABLED', n.wrapped,
+           $6::text, g.generation
+    FROM unnest($1::uuid[], $2::bytea[], $3::bytea[]) AS n(key_id, subject_id, wrapped)
+    CROSS JOIN (SELECT coalesce(max(k.generation), 0) AS generation FROM pgveil.subject_kinds k
+                WHERE k.kind = $5::text) g
+    CROSS JOIN LATERAL (SELECT d.version, d.state, d.kind_generation FROM pgveil.deks d
+                        WHERE d.column_id = $4::text AND d.subject_id = n.subject_id
+                        ORDER BY d.version DESC LIMIT 1) cur
+    WHERE cur.state = 'ENABLED' AND cur.kind_generation < g.generation
+      AND NOT EXISTS (SELECT 1 FROM pgveil.subjects s WHERE s.kind = $5::text AND s.subject_id = n.subject_id
+                      AND s.state = 'SHREDDED')
+      AND EXISTS (SELECT 1 FROM pgveil.keks WHERE kek_id = $6::text AND state = 'ENABLED' FOR KEY SHARE)
+    ON CONFLICT DO NOTHING"""
 # The first KEK a keystore meets becomes primary. No conflict target: a concurrent registration of
 # another KEK as primary (the one-primary index) also ends in DO NOTHING, and the caller registers again.
 # The NOT EXISTS keeps a known KEK from drawing a version number it would not use.
@@ -253,14 +292,17 @@ _STATE_OF_KEYS = """
 # The highest version of each (column, subject) scope; the two branches match the two partial unique
 # indexes, so each scope costs one index probe.
 _CURRENT_OF_SCOPES = """
-    SELECT s.i, cur.key_id, cur.state
+    SELECT s.i, cur.key_id, cur.state, cur.stale
     FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS s(column_id, subject_id, i)
     CROSS JOIN LATERAL (
-        (SELECT d.key_id, d.state, d.version FROM pgveil.deks d
+        (SELECT d.key_id, d.state, d.version, false AS stale FROM pgveil.deks d
          WHERE s.subject_id IS NULL AND d.column_id = s.column_id AND d.subject_id IS NULL
          ORDER BY d.version DESC LIMIT 1)
         UNION ALL
-        (SELECT d.key_id, d.state, d.version FROM pgveil.deks d
+        (SELECT d.key_id, d.state, d.version,
+                d.kind_generation < coalesce((SELECT k.generation FROM pgveil.subject_kinds k
+                                              WHERE 'pgveil.subject.' || k.kind = s.column_id), 0) AS stale
+         FROM pgveil.deks d
          WHERE d.column_id = s.column_id AND d.subject_id = s.subject_id
          ORDER BY d.version DESC LIMIT 1)
     ) cur"""
@@ -447,7 +489,10 @@ class Keystore:
         current: dict[Scope, bytes | None] = {}
         for r in current_rows:
             scope = scopes[r["i"] - 1]
-            current[scope] = r["key_id"].bytes if r["state"] == KeyState.ENABLED.value else None
+            # A subject version a rotation of its kind made stale is no longer current: the next write
+            # misses and creates the subject's next version.
+            enabled = r["state"] == KeyState.ENABLED.value and not r["stale"]
+            current[scope] = r["key_id"].bytes if enabled else None
         result = self._cache.apply_refresh(snapshot, facts, current)
         self.refreshes += 1
         if result.keys_dropped or result.pointers_dropped:
@@ -524,6 +569,17 @@ class Keystore:
             row = await self._fetch_current(pool, column_id, subject)
             if row is None:
                 raise KeystoreError(f"a data key for {column_id} was created but cannot be read back")
+        kind = subject_kind_of_scope(column_id)
+        if subject is not None and kind is not None and row["state"] == KeyState.ENABLED.value and row["stale"]:
+            # A rotation of the kind retired this version for writes: the subject's next version now.
+            await self.create_subject_versions(kind, [subject], pool)
+            row = await self._fetch_current(pool, column_id, subject)
+            if row is None or row["stale"]:
+                with _keystore_errors():
+                    shredded = await pool.fetchval(_SUBJECT_SHREDDED, kind, subject)
+                if shredded:
+                    raise KeyDestroyed(f"the data subject's keys of kind {kind} were destroyed (shredded)")
+                raise KeystoreError(f"cannot create the next data key version of a data subject of kind {kind}")
         state = KeyState(row["state"])
         if state is KeyState.DESTROYED:
             raise KeyDestroyed(f"the data key of {column_id} for this scope was destroyed")
@@ -554,7 +610,47 @@ class Keystore:
         with _keystore_errors():
             if subject is None:
                 return await pool.fetchrow(_CURRENT_COLUMN_KEY, column_id)
-            return await pool.fetchrow(_CURRENT_SUBJECT_KEY, column_id, subject)
+            kind = subject_kind_of_scope(column_id) or ""
+            return await pool.fetchrow(_CURRENT_SUBJECT_KEY, column_id, subject, kind)
+
+    async def create_subject_versions(self, kind: str, subject_ids: Iterable[bytes], pool: Any = None) -> int:
+        """Creates the next key version of each named subject of ``kind`` whose current version a rotation
+        of the kind made stale (see migration 0014), in one keystore statement; subjects that are current
+        already, SHREDDED, or whose highest version is not ENABLED get nothing. Race-free with other
+        instances and the re-encryption job doing the same (the unique index decides, the loser's row is
+        skipped). Returns how many versions this call created. The write path calls it for one subject, the
+        job for the subjects of a batch."""
+        wanted = [bytes(s) for s in dict.fromkeys(bytes(s) for s in subject_ids)]
+        if not wanted:
+            return 0
+        pool = pool if pool is not None else await self._get_pool()
+        scope = SUBJECT_SCOPE_PREFIX + kind
+        for _attempt in range(2):
+            key_ids = [uuid.uuid4() for _ in wanted]
+            wrapped: list[bytes] = []
+            kek_ids: set[str] = set()
+            for _ in wanted:
+                w, kek_id = await self.wrap_for_new_key(os.urandom(DEK_LENGTH), pool)
+                wrapped.append(w)
+                kek_ids.add(kek_id)
+            if len(kek_ids) != 1:  # the primary KEK changed while wrapping: wrap again
+                self._wrap_kek = None
+                continue
+            with _keystore_errors():
+                status = await pool.execute(
+                    _INSERT_NEXT_SUBJECT_VERSIONS, key_ids, wanted, wrapped, scope, kind, kek_id
+                )
+            created = int(status.rsplit(" ", 1)[1])
+            if created:
+                log.info("created %d data key version(s) of data subjects of kind %s", created, kind)
+            if created == len(wanted):
+                return created
+            with _keystore_errors():  # some were current already, shredded, or the KEK is no longer ENABLED
+                kek_ok = await pool.fetchval("SELECT state = 'ENABLED' FROM pgveil.keks WHERE kek_id = $1", kek_id)
+            if kek_ok:
+                return created
+            self._wrap_kek = None  # the KEK was destroyed meanwhile: ask which one is primary now
+        return 0
 
     async def _create_first_version(self, pool: Any, column_id: str, subject: bytes | None) -> None:
         # Two instances may both get here; the unique index lets exactly one insert win and the

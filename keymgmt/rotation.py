@@ -24,8 +24,22 @@ It does not know the proxy's configuration: the table, its primary key, the encr
 declared type come in as a :class:`RotationTarget` (the CLI builds it from the configuration). It never
 logs values, keys or key material; identifiers of columns and key ids are not secret.
 
-Limits: per-subject keys (one DEK per data subject) are not rotated by this module; :func:`rotate_columns`
-refuses a column that has them rather than leaving them under the old version.
+Per-subject keys (one DEK per data subject, shared by every table of the subject's kind) rotate by kind:
+
+* :func:`rotate_subject_kind` raises the kind's generation (``pgveil.subject_kinds``) and queues one job for
+  every table and encrypted column of the kind; it creates no key. A subject's version below the kind's
+  generation is no longer current for writes (:mod:`keymgmt.keystore` creates the subject's next version on
+  its next write), and every proxy drops its cached pointers to such versions on the NOTIFY.
+* :class:`SubjectKindReEncryption` runs that job: every target in turn, keyset pagination over every stored
+  value, each value under an older generation re-sealed under the next version of its own subject's key
+  (created for a batch's subjects in one keystore statement, before the batch's transaction), written back
+  with compare-and-set; SHREDDED subjects are skipped; passes until nothing is left, then a sweep gives the
+  next version to the subjects whose rows it never met.
+* :func:`destroy_subject_versions` destroys every older version that is not its subject's current one, all or
+  none, refusing while any row of any target references one (SHARE locks on all the kind's tables).
+
+:func:`rotate_columns` refuses a column that has per-subject keys rather than leaving them under the old
+version.
 """
 
 from __future__ import annotations
@@ -37,9 +51,11 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
+
+import asyncpg
 
 from keymgmt.envelope import (
     DEK_LENGTH,
@@ -48,9 +64,11 @@ from keymgmt.envelope import (
     Opener,
     OpenFailed,
     column_associated_data,
+    peek_key_id,
     seal,
+    subject_scope,
 )
-from keymgmt.errors import KeyManagementError
+from keymgmt.errors import DecryptionFailed, KeyManagementError
 from keymgmt.jobs import JobError, JobRunner, JobState, JobStatus, Throttle
 from keymgmt.keystore import NOTIFY_CHANNEL, Keystore
 from keymgmt.providers import KeyProvider, provider_of
@@ -313,7 +331,7 @@ async def rotate_columns(
                 target.column_id,
             ):
                 raise RotationError(
-                    f"{target.column_id} has per-subject keys: rotating them is not supported by this command yet"
+                    f"{target.column_id} has per-subject keys: they rotate by subject kind (rotate_subject_kind)"
                 )
             current = await conn.fetchrow(
                 """SELECT key_id, version, state FROM pgveil.deks WHERE column_id = $1 AND subject_id IS NULL
@@ -696,3 +714,759 @@ _PROGRESS = """
         finished_at = CASE WHEN $7::text IS NULL THEN finished_at ELSE now() END,
         updated_at = now()
     WHERE job_id = $1"""
+
+
+# -- rotation by subject kind --------------------------------------------------------------------------------
+#
+# A kind's keys are one DEK per data subject, shared by every table of the kind, so they rotate together:
+# :func:`rotate_subject_kind` raises the kind's generation (``pgveil.subject_kinds``, migration 0014) and
+# queues one job for every table and encrypted column of the kind. No key is created up front: a subject's
+# highest version whose ``kind_generation`` is below the kind's generation is stale, so the next write of
+# that subject creates its next version (keymgmt.keystore), and the job creates the next versions of the
+# subjects it meets, a batch at a time, then sweeps the subjects none of whose rows it met.
+
+
+@dataclass(frozen=True, slots=True)
+class StartedKindRotation:
+    kind: str
+    generation: int
+    job_id: uuid.UUID
+    targets: tuple[RotationTarget, ...]
+    superseded: tuple[uuid.UUID, ...]
+
+    @property
+    def scope(self) -> str:
+        return subject_scope(self.kind)
+
+
+def _kind_lock(kind: str) -> str:
+    return "pgveil.subject-kind:" + kind
+
+
+async def rotate_subject_kind(
+    conn: Any,
+    kind: str,
+    targets: Sequence[RotationTarget],
+    *,
+    throttle: int | None = DEFAULT_THROTTLE,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> StartedKindRotation:
+    """Retires every current key of the data subjects of ``kind`` for writes and queues the job that
+    re-encrypts ``targets`` (every encrypted column of every table of the kind) under their subjects' next
+    versions. One keystore transaction; NOTIFYs ``pgveil_keys`` so every proxy drops its cached pointers to
+    the retired versions within about a second. An unfinished job of the kind is superseded (cancelled)."""
+    if batch_size < 1:
+        raise ValueError("the batch size must be at least 1")
+    if not targets:
+        raise RotationError(f"subject kind {kind}: no encrypted column to re-encrypt")
+    scope = subject_scope(kind)
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", _kind_lock(kind))
+        generation = await conn.fetchval(
+            """INSERT INTO pgveil.subject_kinds (kind, generation) VALUES ($1, 1)
+               ON CONFLICT (kind) DO UPDATE SET generation = pgveil.subject_kinds.generation + 1, rotated_at = now()
+               RETURNING generation""",
+            kind,
+        )
+        job_id = uuid.uuid4()
+        superseded = await conn.fetch(
+            """UPDATE pgveil.rotation_jobs SET state = 'cancelled', finished_at = now(), updated_at = now(),
+                   last_error = 'superseded by job ' || $2::text
+               WHERE kind = 'subject' AND column_id = $1 AND state NOT IN ('done', 'failed', 'cancelled')
+               RETURNING job_id""",
+            scope,
+            str(job_id),
+        )
+        target = {"kind": kind, "generation": generation, "targets": [t.to_json() for t in targets]}
+        await conn.execute(
+            """INSERT INTO pgveil.rotation_jobs (job_id, kind, column_id, state, target, throttle_rows_per_second,
+                   batch_size)
+               VALUES ($1, 'subject', $2, 'pending', $3::jsonb, $4, $5)""",
+            job_id,
+            scope,
+            json.dumps(target),
+            throttle or None,
+            batch_size,
+        )
+        await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, "rotate")
+    started = StartedKindRotation(kind, generation, job_id, tuple(targets), tuple(r["job_id"] for r in superseded))
+    log.info(
+        "rotated subject kind %s: generation %d, every subject's next write uses its next key version; "
+        "re-encryption job %s",
+        kind,
+        generation,
+        job_id,
+    )
+    return started
+
+
+@dataclass(frozen=True, slots=True)
+class SubjectKeyInfo:
+    """What the job needs to know about one key version of the kind (never its material)."""
+
+    subject_id: bytes
+    version: int
+    kind_generation: int
+    state: KeyState
+
+
+@dataclass(frozen=True, slots=True)
+class SubjectBatchPlan:
+    """A batch sorted by what it needs (pure, :func:`plan_subject_batch`)."""
+
+    stale: list[tuple[Sequence[str], bytes, bytes]]  # (primary key, envelope, subject id)
+    current: int  # already under a key of the kind's generation (written since the rotation)
+    unreadable: int  # not an envelope, or under a key that is not a live key of this kind
+
+    @property
+    def subjects(self) -> list[bytes]:
+        return list(dict.fromkeys(s for _, _, s in self.stale))
+
+
+def plan_subject_batch(
+    rows: Sequence[tuple[Sequence[str], bytes]], info: Callable[[bytes], SubjectKeyInfo | None], generation: int
+) -> SubjectBatchPlan:
+    """Sorts a batch's rows by the key version their envelope names: a version of the kind's current
+    generation needs nothing; an older one is re-sealed under its own subject's next version; anything else
+    (no envelope, a key unknown, destroyed or of another scope) cannot be re-encrypted."""
+    stale: list[tuple[Sequence[str], bytes, bytes]] = []
+    current = unreadable = 0
+    for pk, envelope in rows:
+        try:
+            kid = bytes(peek_key_id(envelope))
+        except DecryptionFailed:
+            unreadable += 1
+            continue
+        k = info(kid)
+        if k is None or k.state is KeyState.DESTROYED:
+            unreadable += 1
+        elif k.kind_generation >= generation:
+            current += 1
+        else:
+            stale.append((pk, envelope, k.subject_id))
+    return SubjectBatchPlan(stale, current, unreadable)
+
+
+def reseal_subject_batch(
+    rows: Sequence[tuple[Sequence[str], bytes, bytes]],
+    opener: Opener,
+    new_keys: Callable[[bytes], DataKey | None],
+    associated: bytes,
+) -> Resealed:
+    """Opens each value (its old key appends its subject's part of the associated data) and seals its
+    plaintext under ``new_keys(subject id)``, the same subject's new version, with the same associated data.
+    A row whose subject has no new key, or whose value does not open, is counted and left alone."""
+    width = len(rows[0][0]) if rows else 0
+    keys: list[list[str]] = [[] for _ in range(width)]
+    old: list[bytes] = []
+    new: list[bytes] = []
+    unreadable = 0
+    for pk, envelope, subject_id in rows:
+        key = new_keys(subject_id)
+        if key is None or key.subject != subject_id:
+            unreadable += 1
+            continue
+        try:
+            plaintext = opener.open(envelope, 0, len(envelope), associated)
+        except OpenFailed:
+            unreadable += 1
+            continue
+        for i, v in enumerate(pk):
+            keys[i].append(v)
+        old.append(envelope)
+        new.append(seal(key, plaintext, associated))
+    return Resealed(keys, old, new, unreadable)
+
+
+def select_all_batch_sql(target: RotationTarget, *, after: bool) -> str:
+    """The next batch of a subject kind's job: every stored value in primary-key order (which key a value
+    is under is told from the keystore, which may be another database: it cannot be a join). ``$1`` the
+    batch size, then (``after``) one text value per key column."""
+    pk = target.primary_key
+    col = "t." + quote_ident(target.column)
+    keys = [f"t.{quote_ident(k.name)}" for k in pk]
+    cols = ", ".join(f"{k}::text" for k in keys)
+    where = [f"{col} IS NOT NULL"]
+    if after:
+        rhs = ", ".join(f"${2 + i}::text::{k.sql_type}" for i, k in enumerate(pk))
+        where.append(f"({', '.join(keys)}) > ({rhs})")
+    return (
+        f"SELECT {cols}, {col} FROM {target.sql_table} AS t WHERE {' AND '.join(where)} "  # noqa: S608
+        f"ORDER BY {', '.join(keys)} LIMIT $1"
+    )
+
+
+def count_values_sql(target: RotationTarget) -> str:
+    return f"SELECT count(*) FROM {target.sql_table} WHERE {quote_ident(target.column)} IS NOT NULL"  # noqa: S608
+
+
+def count_under_any_sql(target: RotationTarget) -> str:
+    col = quote_ident(target.column)
+    return (
+        f"SELECT count(*) FROM {target.sql_table} WHERE {col} IS NOT NULL "  # noqa: S608
+        f"AND {key_id_expr(target)} = ANY($1::bytea[])"
+    )
+
+
+_KIND_KEYS = """
+    SELECT key_id, subject_id, version, kind_generation, state FROM pgveil.deks
+    WHERE column_id = $1 AND key_id = ANY($2::uuid[])"""
+# Each named subject's highest version, if it is an ENABLED version of generation $3 or later.
+_NEW_VERSIONS = """
+    SELECT cur.subject_id, cur.key_id
+    FROM unnest($2::bytea[]) AS s(subject_id)
+    CROSS JOIN LATERAL (SELECT d.subject_id, d.key_id, d.state, d.kind_generation FROM pgveil.deks d
+                        WHERE d.column_id = $1 AND d.subject_id = s.subject_id
+                        ORDER BY d.version DESC LIMIT 1) cur
+    WHERE cur.state = 'ENABLED' AND cur.kind_generation >= $3"""
+_SHREDDED = """
+    SELECT subject_id FROM pgveil.subjects WHERE kind = $1 AND subject_id = ANY($2::bytea[]) AND state = 'SHREDDED'"""
+# Subjects (after $4, in id order) whose highest version is ENABLED, below generation $2 and not shredded:
+# the ones the sweep gives their next version although no row of theirs was met.
+_STALE_SUBJECTS = """
+    SELECT d.subject_id FROM pgveil.deks d
+    WHERE d.column_id = $1 AND ($4::bytea IS NULL OR d.subject_id > $4) AND d.state = 'ENABLED'
+      AND d.kind_generation < $2
+      AND NOT EXISTS (SELECT 1 FROM pgveil.deks h WHERE h.column_id = d.column_id AND h.subject_id = d.subject_id
+                      AND h.version > d.version)
+      AND NOT EXISTS (SELECT 1 FROM pgveil.subjects s WHERE s.kind = $5 AND s.subject_id = d.subject_id
+                      AND s.state = 'SHREDDED')
+    ORDER BY d.subject_id LIMIT $3"""
+
+_KIND_PROGRESS = """
+    UPDATE pgveil.rotation_jobs SET
+        position = $2::jsonb,
+        rows_done = rows_done + $3,
+        rows_skipped = rows_skipped + $4,
+        rows_unreadable = $5,
+        passes = $6,
+        rows_remaining = CASE WHEN $6 = 1 THEN GREATEST(rows_total - $9, 0) ELSE 0 END,
+        state = coalesce($7::text, state),
+        last_error = coalesce($8::text, last_error),
+        finished_at = CASE WHEN $7::text IS NULL THEN finished_at ELSE now() END,
+        updated_at = now()
+    WHERE job_id = $1"""
+
+
+# A batch that PostgreSQL rolled back for a deadlock or a serialization failure is tried again, a few times.
+_RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+_MAX_RETRIES = 5
+_JOB_ROW = "SELECT state, position FROM pgveil.rotation_jobs WHERE job_id = $1"
+# Key versions a kind's job remembers (facts, and unwrapped old keys) before it forgets them and asks again.
+_MAX_REMEMBERED = 50_000
+_JOB_ROW_LOCKED = _JOB_ROW + " FOR UPDATE"
+
+
+class _KindKeys(Protocol):
+    async def key_by_id(self, key_id: bytes) -> DataKey: ...
+    async def keys_by_ids(self, key_ids: Iterable[bytes]) -> int: ...
+    async def create_subject_versions(self, kind: str, subject_ids: Iterable[bytes], pool: Any = None) -> int: ...
+
+
+def advance_position(
+    position: dict[str, Any],
+    target: RotationTarget,
+    n_targets: int,
+    pairs: Sequence[tuple[Sequence[str], bytes]],
+    batch_size: int,
+    updated: int,
+    skipped: int,
+    unreadable: int,
+    current: int,
+    shredded: int,
+) -> tuple[dict[str, Any], JobState | None, str | None]:
+    """The position after a batch of a subject kind's job (pure): the next keyset page, the next target, the
+    next pass, the sweep (a pass found nothing to re-encrypt) or the end (FAILED with a reason when what is
+    left cannot be re-encrypted, or writes under old versions keep coming after :data:`MAX_PASSES`)."""
+    pos = dict(position)
+    pos["pass_work"] = int(pos.get("pass_work", 0)) + updated + skipped
+    pos["pass_unreadable"] = int(pos.get("pass_unreadable", 0)) + unreadable
+    pos["pass_seen"] = int(pos.get("pass_seen", 0)) + len(pairs)
+    pos["current"] = int(pos.get("current", 0)) + current
+    pos["shredded"] = int(pos.get("shredded", 0)) + shredded
+    if len(pairs) >= batch_size:
+        pos["after"] = list(pairs[-1][0])
+        return pos, None, None
+    if int(pos["target"]) + 1 < n_targets:
+        pos["target"], pos["after"] = int(pos["target"]) + 1, None
+        return pos, None, None
+    # The pass is over.
+    pass_no = int(pos.get("pass", 1))
+    if pos["pass_work"] == 0:
+        if pos["pass_unreadable"]:
+            return (
+                pos | {"after": None},
+                JobState.FAILED,
+                (
+                    f"{pos['pass_unreadable']} value(s) of subject kind tables could not be re-encrypted "
+                    "(tampered, or under a destroyed, disabled or unknown key) and keep their old version"
+                ),
+            )
+        return pos | {"after": None, "phase": "keys", "swept_after": None}, None, None
+    if pass_no >= MAX_PASSES:
+        return (
+            pos | {"after": None},
+            JobState.FAILED,
+            (
+                f"after {pass_no} passes, values of {target.qualified_table} and its kind are still being written "
+                "under old key versions (is a pgveil instance not hearing keystore notifications?)"
+            ),
+        )
+    reset = {"pass": pass_no + 1, "target": 0, "after": None, "pass_work": 0, "pass_unreadable": 0}
+    return pos | reset | {"pass_seen": 0, "current": 0, "shredded": 0}, None, None
+
+
+class SubjectKindReEncryption(JobRunner):
+    """Runs a subject kind's job (:func:`rotate_subject_kind`): every target (table, encrypted column) in
+    turn, keyset pagination on its primary key, each value whose key version is older than the job's
+    generation re-sealed under the next version of its own subject's key (the subject named by the old
+    key's keystore row, which the envelope's associated data binds) and written back with compare-and-set.
+    A SHREDDED subject's rows are skipped and it is never given a key. Passes over all targets repeat until
+    one finds nothing to re-encrypt; then the subjects none of whose rows were met get their next version
+    too (the sweep), so that every old version can be destroyed.
+
+    Each batch reads its rows first, creates the new versions its subjects need (their own keystore
+    statement, committed), then, in one transaction with the job row locked, re-seals, writes and records
+    its progress: a concurrent write of the application is never waited on while keys are created."""
+
+    _label = "subject kind re-encryption job"
+    _keystore: _KindKeys
+
+    def __init__(
+        self,
+        keystore: _KindKeys,
+        keystore_conn: Any,
+        data_conn: Any,
+        job_id: uuid.UUID,
+        *,
+        throttle: int | None = None,
+        batch_size: int | None = None,
+        on_progress: ProgressCallback | None = None,
+        poll_seconds: float = _POLL_SECONDS,
+        stop: asyncio.Event | None = None,
+    ) -> None:
+        super().__init__(
+            keystore, keystore_conn, data_conn, job_id, on_progress=on_progress, poll_seconds=poll_seconds, stop=stop
+        )
+        self._throttle_override = throttle
+        self._batch_override = batch_size
+        self._info: dict[bytes, SubjectKeyInfo | None] = {}
+
+    async def _run_claimed(self) -> JobStatus:
+        row = await self._ks.fetchrow(
+            "SELECT kind, state, target, rows_total FROM pgveil.rotation_jobs WHERE job_id = $1", self.job_id
+        )
+        if row is None:
+            raise JobError(f"no such job: {self.job_id}")
+        if row["kind"] != "subject":
+            raise JobError(f"job {self.job_id} is a {row['kind']} job, not a subject kind's re-encryption")
+        if JobState(row["state"]).finished:
+            return await self._report(None)
+        spec = row["target"]
+        spec = json.loads(spec) if isinstance(spec, str) else dict(spec)
+        kind, generation = str(spec["kind"]), int(spec["generation"])
+        targets = [RotationTarget.from_json(t) for t in spec["targets"]]
+        if self._throttle_override is not None:  # 0: unlimited
+            await self._ks.execute(
+                "UPDATE pgveil.rotation_jobs SET throttle_rows_per_second = $2 WHERE job_id = $1",
+                self.job_id,
+                self._throttle_override or None,
+            )
+        if self._batch_override is not None:
+            await self._ks.execute(
+                "UPDATE pgveil.rotation_jobs SET batch_size = $2 WHERE job_id = $1", self.job_id, self._batch_override
+            )
+        if row["rows_total"] is None:
+            total = 0
+            for t in targets:
+                total += int(await self._data.fetchval(count_values_sql(t)))
+            first: dict[str, Any] = {"phase": "rows", "pass": 1, "target": 0, "after": None}
+            first |= {"pass_work": 0, "pass_unreadable": 0, "pass_seen": 0, "current": 0, "shredded": 0}
+            await self._ks.execute(
+                """UPDATE pgveil.rotation_jobs SET rows_total = $2, rows_remaining = $2, passes = 1,
+                       position = $3::jsonb WHERE job_id = $1""",
+                self.job_id,
+                total,
+                json.dumps(first),
+            )
+        await self._ks.execute(
+            """UPDATE pgveil.rotation_jobs SET state = 'running', started_at = coalesce(started_at, now()),
+                   updated_at = now() WHERE job_id = $1 AND state = 'pending'""",
+            self.job_id,
+        )
+        throttle = Throttle(None)
+        retries = 0
+        await self._report(None)
+        while True:
+            if self._stop.is_set():
+                return await self._status()
+            state, position, rate, batch_size = await self._job_row()
+            if state is JobState.PAUSED:
+                throttle.reset()
+                await self._wait(self._poll)
+                continue
+            if state.finished:
+                return await self._report(None)
+            throttle.rows_per_second = rate
+            started = time.perf_counter()
+            if position.get("phase") == "keys":
+                outcome = await self._sweep(kind, generation, position, batch_size)
+                if outcome is None:
+                    continue
+                charged, batch = outcome, BatchResult(0, 0, 0, 0, time.perf_counter() - started)
+            else:
+                try:
+                    result = await self._batch(kind, generation, targets, position, batch_size)
+                except _RETRYABLE as exc:
+                    # The batch's compare-and-set met an application transaction's row locks in another
+                    # order (PostgreSQL chose the job's transaction): it rolled back whole, so try it again.
+                    retries += 1
+                    if retries > _MAX_RETRIES:
+                        raise
+                    log.warning("job %s: batch rolled back (%s), retrying", self.job_id, type(exc).__name__)
+                    await self._wait(0.05 * retries)
+                    continue
+                retries = 0
+                if result is None:  # the job row changed under us (paused, cancelled): read it again
+                    continue
+                scanned, updated, skipped, unreadable, charged = result
+                batch = BatchResult(scanned, updated, skipped, unreadable, time.perf_counter() - started)
+            status = await self._report(batch)
+            if status.state.finished:
+                return status
+            delay = throttle.delay(charged)
+            if delay > 0:
+                await self._wait(delay)
+
+    async def _job_row(self) -> tuple[JobState, dict[str, Any], float | None, int]:
+        row = await self._ks.fetchrow(
+            "SELECT state, position, throttle_rows_per_second, batch_size FROM pgveil.rotation_jobs WHERE job_id = $1",
+            self.job_id,
+        )
+        if row is None:
+            raise JobError(f"job {self.job_id} disappeared")
+        position = row["position"]
+        position = json.loads(position) if isinstance(position, str) else dict(position)
+        return (
+            JobState(row["state"]),
+            position,
+            row["throttle_rows_per_second"],
+            row["batch_size"] or DEFAULT_BATCH_SIZE,
+        )
+
+    async def _key_info(self, scope: str, envelopes: Sequence[bytes]) -> None:
+        if len(self._info) > _MAX_REMEMBERED:  # a kind of millions of subjects: bounded memory
+            self._info.clear()
+        wanted: list[uuid.UUID] = []
+        for e in envelopes:
+            try:
+                kid = bytes(peek_key_id(e))
+            except DecryptionFailed:
+                continue
+            if kid not in self._info:
+                self._info[kid] = None
+                wanted.append(uuid.UUID(bytes=kid))
+        if not wanted:
+            return
+        for r in await self._ks.fetch(_KIND_KEYS, scope, wanted):
+            self._info[r["key_id"].bytes] = SubjectKeyInfo(
+                bytes(r["subject_id"]), r["version"], r["kind_generation"], KeyState(r["state"])
+            )
+
+    async def _locked_position(self, position: dict[str, Any], *, lock: bool) -> bool:
+        """Inside the batch's transaction: whether the job is still running at the position the batch
+        was read at (a pause, a cancel or another runner's progress since makes the batch void)."""
+        row = await self._ks.fetchrow(_JOB_ROW_LOCKED if lock else _JOB_ROW, self.job_id)
+        if row is None or JobState(row["state"]) is not JobState.RUNNING:
+            return False
+        raw = row["position"]
+        now = json.loads(raw) if isinstance(raw, str) else dict(raw)
+        return bool(now == position)
+
+    async def _batch(
+        self,
+        kind: str,
+        generation: int,
+        targets: Sequence[RotationTarget],
+        position: dict[str, Any],
+        batch_size: int,
+    ) -> tuple[int, int, int, int, int] | None:
+        if position.get("phase") != "rows" or position.get("target", 0) >= len(targets):
+            raise JobError(f"job {self.job_id} has an unexpected position")
+        scope = subject_scope(kind)
+        index = int(position["target"])
+        target = targets[index]
+        after = position.get("after")
+        if after is None:
+            rows = await self._data.fetch(select_all_batch_sql(target, after=False), batch_size)
+        else:
+            rows = await self._data.fetch(select_all_batch_sql(target, after=True), batch_size, *after)
+        width = len(target.primary_key)
+        pairs = [(tuple(r[i] for i in range(width)), bytes(r[width])) for r in rows]
+        await self._key_info(scope, [p[1] for p in pairs])
+        plan = plan_subject_batch(pairs, self._info.get, generation)
+        subjects = plan.subjects
+        shredded: set[bytes] = set()
+        new_ids: dict[bytes, bytes] = {}
+        if subjects:
+            shredded = {bytes(r["subject_id"]) for r in await self._ks.fetch(_SHREDDED, kind, subjects)}
+            live = [s for s in subjects if s not in shredded]
+            found = {
+                bytes(r["subject_id"]): r["key_id"].bytes
+                for r in await self._ks.fetch(_NEW_VERSIONS, scope, live, generation)
+            }
+            missing = [s for s in live if s not in found]
+            if missing:
+                await self._keystore.create_subject_versions(kind, missing)
+                again = await self._ks.fetch(_NEW_VERSIONS, scope, missing, generation)
+                found |= {bytes(r["subject_id"]): r["key_id"].bytes for r in again}
+            new_ids = found
+        await self._keystore.keys_by_ids(list(new_ids.values()))
+        new_keys: dict[bytes, DataKey | None] = {}
+        for subject_id, kid in new_ids.items():
+            try:
+                new_keys[subject_id] = await self._keystore.key_by_id(kid)
+            except KeyManagementError:
+                new_keys[subject_id] = None
+        work = [r for r in plan.stale if r[2] not in shredded]
+        shredded_rows = len(plan.stale) - len(work)
+        # The old keys of the batch in one keystore query (a batch may name a thousand subjects' keys), then
+        # the opener finds them in the cache.
+        if len(self._keys) > _MAX_REMEMBERED:
+            self._keys.clear()
+        await self._keystore.keys_by_ids([r[1][4:20] for r in work if r[1][4:20] not in self._keys])
+        opener = await self._opener_for([r[1] for r in work])
+        resealed = reseal_subject_batch(work, opener, new_keys.get, column_associated_data(target.column_id))
+        same = self._ks is self._data
+        update = update_batch_sql(target)
+        async with self._data.transaction():
+            if not await self._locked_position(position, lock=same):
+                return None
+            updated = 0
+            if resealed.old:
+                status = await self._data.execute(update, *resealed.keys, resealed.old, resealed.new)
+                updated = int(status.rsplit(" ", 1)[1])
+            skipped = len(resealed.old) - updated
+            unreadable = plan.unreadable + resealed.unreadable
+            new_position, finished, error = advance_position(
+                position, target, len(targets), pairs, batch_size, updated, skipped, unreadable,
+                plan.current, shredded_rows,
+            )  # fmt: skip
+            args = (
+                self.job_id,
+                json.dumps(new_position),
+                updated,
+                skipped,
+                new_position["pass_unreadable"],
+                new_position["pass"],
+                None if finished is None else finished.value,
+                error,
+                new_position["pass_seen"],
+            )
+            if same:
+                await self._ks.execute(_KIND_PROGRESS, *args)
+        if not same:
+            await self._ks.execute(_KIND_PROGRESS, *args)
+        if finished is not None:
+            log.info("re-encryption job %s of subject kind %s %s", self.job_id, kind, finished.value)
+        charged = len(resealed.old) + (len(pairs) - len(resealed.old)) // 10
+        return len(pairs), updated, skipped, unreadable, charged
+
+    async def _sweep(self, kind: str, generation: int, position: dict[str, Any], batch_size: int) -> int | None:
+        """One batch of the sweep: the next subjects (in id order) whose current version is still of an
+        older generation get their next version. Returns how many subjects it looked at, None if the job
+        row changed meanwhile."""
+        scope = subject_scope(kind)
+        raw_after = position.get("swept_after")
+        after = None if raw_after is None else bytes.fromhex(raw_after)
+        subjects = [
+            bytes(r["subject_id"])
+            for r in await self._ks.fetch(_STALE_SUBJECTS, scope, generation, batch_size, after, kind)
+        ]
+        created = await self._keystore.create_subject_versions(kind, subjects) if subjects else 0
+        done = len(subjects) < batch_size
+        new_position = dict(position)
+        new_position["swept_after"] = subjects[-1].hex() if subjects else raw_after
+        new_position["keys_created"] = int(position.get("keys_created", 0)) + created
+        async with self._ks.transaction():
+            if not await self._locked_position(position, lock=True):
+                return None
+            await self._ks.execute(
+                _KIND_PROGRESS,
+                self.job_id,
+                json.dumps(new_position),
+                0,
+                0,
+                int(position.get("pass_unreadable", 0)),
+                int(position.get("pass", 1)),
+                JobState.DONE.value if done else None,
+                None,
+                int(position.get("pass_seen", 0)),
+            )
+            if done:
+                await self._ks.execute(
+                    "UPDATE pgveil.rotation_jobs SET rows_remaining = 0 WHERE job_id = $1", self.job_id
+                )
+        if done:
+            log.info("re-encryption job %s of subject kind %s done", self.job_id, kind)
+        return len(subjects)
+
+
+# -- destroying a kind's old versions --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KindDestruction:
+    kind: str
+    generation: int
+    destroyed: int
+    kept_stale: int  # subjects whose current version is still of an older generation (shredded, or not swept)
+
+
+async def kind_generation(conn: Any, kind: str) -> int:
+    """The kind's generation (0: never rotated); ``conn`` is a keystore connection."""
+    value = await conn.fetchval("SELECT generation FROM pgveil.subject_kinds WHERE kind = $1", kind)
+    return 0 if value is None else int(value)
+
+
+_OLD_KIND_VERSIONS = """
+    SELECT d.key_id FROM pgveil.deks d
+    WHERE d.column_id = $1 AND d.state <> 'DESTROYED' AND d.kind_generation < $2
+      AND EXISTS (SELECT 1 FROM pgveil.deks h WHERE h.column_id = d.column_id AND h.subject_id = d.subject_id
+                  AND h.version > d.version)"""
+_STALE_CURRENT_COUNT = """
+    SELECT count(*) FROM pgveil.deks d
+    WHERE d.column_id = $1 AND d.state <> 'DESTROYED' AND d.kind_generation < $2
+      AND NOT EXISTS (SELECT 1 FROM pgveil.deks h WHERE h.column_id = d.column_id AND h.subject_id = d.subject_id
+                      AND h.version > d.version)"""
+
+
+async def destroy_subject_versions(
+    keystore_conn: Any, data_conn: Any, kind: str, targets: Sequence[RotationTarget]
+) -> KindDestruction:
+    """Destroys every version of the kind's subject keys older than the kind's generation that is not its
+    subject's current version, if no row of any target references one of them (tombstones stay).
+
+    As :func:`destroy_version`: every target table is locked in SHARE mode (writes wait, reads go on) while
+    the old versions are listed and the rows referencing them counted, and the keystore rows change before
+    the locks are released, so no value can be written under an old version in between. All or nothing:
+    it refuses while any row references any of them, naming the tables and counts."""
+    generation = await kind_generation(keystore_conn, kind)
+    if generation == 0:
+        raise RotationError(
+            f"subject kind {kind} was never rotated: it has no old key versions",
+            hint=f"pgveil keys rotate --subject-kind {kind}",
+        )
+    scope = subject_scope(kind)
+    same = keystore_conn is data_conn
+    async with data_conn.transaction():
+        for name in sorted({t.sql_table for t in targets}):
+            await data_conn.execute(f"LOCK TABLE {name} IN SHARE MODE")
+        old = [r["key_id"] for r in await keystore_conn.fetch(_OLD_KIND_VERSIONS, scope, generation)]
+        kept = int(await keystore_conn.fetchval(_STALE_CURRENT_COUNT, scope, generation))
+        old_bytes = [k.bytes for k in old]
+        held: list[str] = []
+        for t in targets:
+            n = int(await data_conn.fetchval(count_under_any_sql(t), old_bytes)) if old_bytes else 0
+            if n:
+                held.append(f"{n} in {t.qualified_column}")
+        if held:
+            raise RotationError(
+                f"refusing to destroy the old key versions of subject kind {kind}: rows still reference them "
+                f"({', '.join(held)})",
+                hint="run the kind's re-encryption job to completion (pgveil jobs status / pgveil jobs run)",
+            )
+        destroyed = 0
+        if old:
+            if same:
+                destroyed = await _destroy_rows(keystore_conn, old)
+            else:
+                async with keystore_conn.transaction():
+                    destroyed = await _destroy_rows(keystore_conn, old)
+    log.info("destroyed %d old key versions of subject kind %s (generation %d)", destroyed, kind, generation)
+    return KindDestruction(kind, generation, destroyed, kept)
+
+
+async def _destroy_rows(conn: Any, key_ids: Sequence[uuid.UUID]) -> int:
+    status = await conn.execute(
+        """UPDATE pgveil.deks SET state = 'DESTROYED', wrapped = NULL, destroyed_at = now()
+           WHERE key_id = ANY($1::uuid[]) AND state <> 'DESTROYED'""",
+        list(key_ids),
+    )
+    await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, "destroy")
+    return int(status.rsplit(" ", 1)[1])
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationSummary:
+    generation: int
+    enabled: int  # versions not destroyed (ENABLED or DISABLED)
+    current: int  # of which the subject's highest version
+    destroyed: int
+    rows: int  # values of the kind's tables under a version of this generation
+
+
+@dataclass(frozen=True, slots=True)
+class KindVersions:
+    kind: str
+    generation: int
+    subjects: int
+    generations: tuple[GenerationSummary, ...]
+    other_rows: int  # values under no key version of the kind (unreadable)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "subject_kind": self.kind,
+            "generation": self.generation,
+            "subjects": self.subjects,
+            "generations": [
+                {
+                    "generation": g.generation,
+                    "enabled": g.enabled,
+                    "current": g.current,
+                    "destroyed": g.destroyed,
+                    "rows": g.rows,
+                }
+                for g in self.generations
+            ],
+            "other_rows": self.other_rows,
+        }
+
+
+async def kind_versions(
+    keystore_conn: Any, data_conn: Any, kind: str, targets: Sequence[RotationTarget]
+) -> KindVersions:
+    """A subject kind's key versions by generation, and how many stored values each generation holds."""
+    scope = subject_scope(kind)
+    generation = await kind_generation(keystore_conn, kind)
+    keys = await keystore_conn.fetch(
+        """SELECT key_id, kind_generation, state, version = max(version) OVER (PARTITION BY subject_id) AS current
+           FROM pgveil.deks WHERE column_id = $1""",
+        scope,
+    )
+    gen_of = {r["key_id"].bytes: r["kind_generation"] for r in keys}
+    per: dict[int, list[int]] = {}
+    for r in keys:
+        g = per.setdefault(r["kind_generation"], [0, 0, 0, 0])
+        if r["state"] == KeyState.DESTROYED.value:
+            g[2] += 1
+        else:
+            g[0] += 1
+            g[1] += bool(r["current"])
+    other = 0
+    for t in targets:
+        sql = (
+            f"SELECT {key_id_expr(t)} AS k, count(*) AS n FROM {t.sql_table} "  # noqa: S608
+            f"WHERE {quote_ident(t.column)} IS NOT NULL GROUP BY 1"
+        )
+        for r in await data_conn.fetch(sql):
+            g_no = gen_of.get(bytes(r["k"]))
+            if g_no is None:
+                other += r["n"]
+            else:
+                per.setdefault(g_no, [0, 0, 0, 0])[3] += r["n"]
+    subjects = int(
+        await keystore_conn.fetchval("SELECT count(DISTINCT subject_id) FROM pgveil.deks WHERE column_id = $1", scope)
+    )
+    gens = tuple(GenerationSummary(g, *per[g]) for g in sorted(per))
+    return KindVersions(kind, generation, subjects, gens, other)

@@ -1,4 +1,4 @@
-"""``pgveil keys rotate`` / ``keys destroy`` and ``pgveil jobs status|run|pause|resume|cancel``.
+"""``pgveil keys rotate`` / ``keys destroy`` / ``keys versions`` and ``pgveil jobs status|run|pause|resume|cancel``.
 
 The command line of DEK rotation and its background jobs. It turns the configuration into the plain
 data :mod:`keymgmt.rotation` works on (the table, its primary key from the server's catalog, the
@@ -37,10 +37,14 @@ from keymgmt.rotation import (
     BatchResult,
     ReEncryption,
     RotationTarget,
+    SubjectKindReEncryption,
     column_versions,
+    destroy_subject_versions,
     destroy_version,
+    kind_versions,
     primary_key_of,
     rotate_columns,
+    rotate_subject_kind,
     rows_under,
 )
 from proxy.config import Config, default_config_path, load_config
@@ -77,6 +81,40 @@ def select_columns(config: Config, columns: Sequence[str], tables: Sequence[str]
     if not chosen:
         raise KeyManagementError("name at least one --column schema.table.column or --table schema.table")
     return [known[c] for c in dict.fromkeys(chosen)]
+
+
+def subject_kind_columns(config: Config, kind: str) -> list[tuple[str, str, str, str]]:
+    """Every encrypted column of every table whose ``subject.kind`` is ``kind``, in configuration order:
+    the kind's keys are shared by all of them, so a rotation of the kind re-encrypts all of them."""
+    out = [
+        (t.schema, t.name, c.name, c.type)
+        for t in config.tables
+        if t.subject is not None and t.subject.kind == kind
+        for c in t.columns
+        if c.encrypt
+    ]
+    if not out:
+        kinds = sorted({t.subject.kind for t in config.tables if t.subject is not None})
+        raise KeyManagementError(
+            f"no table of the configuration has subject kind {kind} with encrypted columns"
+            + (f" (kinds: {', '.join(kinds)})" if kinds else " (no table has tables.<t>.subject)")
+        )
+    return out
+
+
+def refuse_subject_columns(config: Config, chosen: Sequence[tuple[str, str, str, str]]) -> None:
+    """``--column`` / ``--table`` name per-column keys only: a column of a table with per-subject keys is
+    sealed with its subjects' keys, which every table of the kind shares, so it is rotated by kind."""
+    kinds = {(t.schema, t.name): t.subject.kind for t in config.tables if t.subject is not None}
+    for schema, table, column, _declared in chosen:
+        kind = kinds.get((schema, table))
+        if kind is not None:
+            # A column key would re-encrypt every subject's values under one key: never.
+            raise KeyManagementError(
+                f"{schema}.{table}.{column} has per-subject keys (tables.{schema}.{table}.subject, kind {kind}), "
+                "shared by every table of the kind: rotate the kind, which re-encrypts all of its tables",
+                hint=f"pgveil keys rotate --subject-kind {kind}",
+            )
 
 
 async def build_targets(data_conn: Any, columns: Sequence[tuple[str, str, str, str]]) -> list[RotationTarget]:
@@ -169,6 +207,7 @@ def describe(status: JobStatus) -> str:
         f"{status.kind}",
         status.column_id or "-",
         f"v{status.to_version}" if status.to_version else "",
+        f"generation {status.generation}" if status.generation else "",
         state,
         f"{_count(status.rows_done)} " + _DONE_VERB.get(status.kind, "re-encrypted"),
         f"{_count(status.rows_remaining)} remaining",
@@ -193,9 +232,12 @@ def render_bar(status: JobStatus, width: int, rate: float | None = None) -> str:
     bar_width = max(10, min(30, width // 4))
     filled = 0 if fraction is None else round(fraction * bar_width)
     pct = "   ?%" if fraction is None else f"{fraction * 100:4.0f}%"
-    label = f"{status.column_id or status.kind} " + (
-        status.kind if status.kind in _DONE_VERB else f"v{status.to_version or '?'}"
-    )
+    if status.generation is not None:
+        label = f"subject kind {status.subject_kind} generation {status.generation}"
+    else:
+        label = f"{status.column_id or status.kind} " + (
+            status.kind if status.kind in _DONE_VERB else f"v{status.to_version or '?'}"
+        )
     line = f"[{'#' * filled}{'-' * (bar_width - filled)}]{pct} {label}"
     line += f" {_count(status.rows_done)}/{_count(status.rows_total)}"
     if state != "running":
@@ -241,7 +283,8 @@ class Progress:
 class JobMetrics:
     """Prometheus gauges of the jobs this process runs, served on ``--metrics-listen``.
 
-    Labels: ``kind`` (dek) and ``column`` (a column of the configuration: a bounded set)."""
+    Labels: ``kind`` (dek, subject) and ``column`` (a column of the configuration, or a subject kind's
+    scope ``pgveil.subject.<kind>``: a bounded set)."""
 
     def __init__(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -313,15 +356,12 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
 
 async def _keys_rotate(config: Config, args: argparse.Namespace) -> int:
+    if args.subject_kind is not None:
+        if args.column or args.table:
+            raise KeyManagementError("--subject-kind rotates every table of the kind: give it without --column/--table")
+        return await _rotate_kind(config, args, args.subject_kind)
     chosen = select_columns(config, args.column or [], args.table or [])
-    by_subject = {(t.schema, t.name) for t in config.tables if t.subject is not None}
-    for schema, table, column, _declared in chosen:
-        if (schema, table) in by_subject:
-            # A column key would re-encrypt every subject's values under one key: never.
-            raise KeyManagementError(
-                f"{schema}.{table}.{column} has per-subject keys (tables.{schema}.{table}.subject): rotating "
-                "them (by subject kind) is not built yet"
-            )
+    refuse_subject_columns(config, chosen)
     async with connections(config, args.dsn) as c:
         targets = await build_targets(c.data, chosen)
         started = await rotate_columns(c.ks, c.provider, targets, throttle=args.throttle, batch_size=args.batch_size)
@@ -340,13 +380,57 @@ async def _keys_rotate(config: Config, args: argparse.Namespace) -> int:
         return await _run_jobs(c, [s.job_id for s in started], args)
 
 
+async def _rotate_kind(config: Config, args: argparse.Namespace, kind: str) -> int:
+    chosen = subject_kind_columns(config, kind)
+    async with connections(config, args.dsn) as c:
+        targets = await build_targets(c.data, chosen)
+        s = await rotate_subject_kind(c.ks, kind, targets, throttle=args.throttle, batch_size=args.batch_size)
+        tables = sorted({t.qualified_table for t in targets})
+        print(
+            f"subject kind {kind}: generation {s.generation} is now primary for writes (each subject's next write "
+            f"creates its next key version); re-encryption job {s.job_id} for {', '.join(tables)}"
+            + (f" (supersedes {', '.join(map(str, s.superseded))})" if s.superseded else "")
+        )
+        if args.no_run:
+            print("job queued: run it with `pgveil jobs run`")
+            return 0
+        if args.background:
+            _spawn_background(args, [s.job_id])
+            return 0
+        return await _run_jobs(c, [s.job_id], args)
+
+
 def cmd_keys_destroy(args: argparse.Namespace) -> int:
     config = _load(args)
     return _run(_keys_destroy(config, args))
 
 
 async def _keys_destroy(config: Config, args: argparse.Namespace) -> int:
+    if args.subject_kind is not None:
+        if args.column is not None or args.version is not None:
+            raise KeyManagementError(
+                "--subject-kind destroys the kind's old versions: give it without --column/--version"
+            )
+        kind = args.subject_kind
+        kind_columns = subject_kind_columns(config, kind)
+        async with connections(config, args.dsn) as c:
+            targets = await build_targets(c.data, kind_columns)
+            result = await destroy_subject_versions(c.ks, c.data, kind, targets)
+        print(
+            f"subject kind {kind}: destroyed {result.destroyed:,} key version(s) older than generation "
+            f"{result.generation}"
+        )
+        if result.kept_stale:
+            print(
+                f"{result.kept_stale:,} subject(s) still have a current key of an older generation (shredded "
+                "subjects, or ones the job has not reached): they keep it",
+                file=sys.stderr,
+            )
+        return 0
+    if args.column is None or args.version is None:
+        raise KeyManagementError("name --column SCHEMA.TABLE.COLUMN and --version N, or --subject-kind KIND")
     [chosen] = select_columns(config, [args.column], [])
+    refuse_subject_columns(config, [chosen])
     async with connections(config, args.dsn) as c:
         [target] = await build_targets(c.data, [chosen])
         key_id = await destroy_version(c.ks, c.data, target, args.version)
@@ -360,7 +444,12 @@ def cmd_keys_versions(args: argparse.Namespace) -> int:
 
 
 async def _keys_versions(config: Config, args: argparse.Namespace) -> int:
+    if args.subject_kind is not None:
+        return await _kind_versions(config, args, args.subject_kind)
+    if args.column is None:
+        raise KeyManagementError("name --column SCHEMA.TABLE.COLUMN or --subject-kind KIND")
     [chosen] = select_columns(config, [args.column], [])
+    refuse_subject_columns(config, [chosen])
     async with connections(config, args.dsn) as c:
         [target] = await build_targets(c.data, [chosen])
         rows = []
@@ -378,6 +467,23 @@ async def _keys_versions(config: Config, args: argparse.Namespace) -> int:
         flag = " (current)" if v.current else ""
         held = "-" if n is None else _count(n)
         print(f"{target.column_id} v{v.version} {v.key_id} {v.state.value}{flag}: {held} rows")
+    return 0
+
+
+async def _kind_versions(config: Config, args: argparse.Namespace, kind: str) -> int:
+    chosen = subject_kind_columns(config, kind)
+    async with connections(config, args.dsn) as c:
+        targets = await build_targets(c.data, chosen)
+        summary = await kind_versions(c.ks, c.data, kind, targets)
+    if args.json:
+        print(json.dumps(summary.to_json(), indent=2))
+        return 0
+    print(f"subject kind {kind}: generation {summary.generation}, {summary.subjects:,} subject(s)")
+    for g in summary.generations:
+        print(
+            f"  generation {g.generation}: {g.enabled:,} enabled ({g.current:,} current), {g.destroyed:,} destroyed;"
+            f" {g.rows:,} rows"
+        )
     return 0
 
 
@@ -425,7 +531,9 @@ async def _run_jobs(c: Connections, job_ids: Sequence[uuid.UUID], args: argparse
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    todo = await runnable_jobs(c.ks, "dek", job_ids)
+    kinds = {j: "dek" for j in await runnable_jobs(c.ks, "dek", job_ids)}
+    kinds |= {j: "subject" for j in await runnable_jobs(c.ks, "subject", job_ids)}
+    todo = list(kinds)
     if job_ids and not todo:
         for s in await job_status(c.ks, job_ids):
             print(describe(s))
@@ -438,7 +546,8 @@ async def _run_jobs(c: Connections, job_ids: Sequence[uuid.UUID], args: argparse
         if stop.is_set():
             break
         progress = Progress(sys.stderr, metrics=metrics)
-        runner = ReEncryption(
+        runner_class = SubjectKindReEncryption if kinds[job_id] == "subject" else ReEncryption
+        runner = runner_class(
             c.keystore,
             c.ks,
             c.data,
@@ -457,7 +566,7 @@ async def _run_jobs(c: Connections, job_ids: Sequence[uuid.UUID], args: argparse
             continue
         except KeyManagementError:
             if metrics is not None:
-                metrics.errors.labels("dek").inc()
+                metrics.errors.labels(kinds[job_id]).inc()
             raise
         progress.finish(status)
         print(describe(status))
@@ -583,6 +692,12 @@ def add_job_commands(sub: Any) -> None:
     _common(r)
     r.add_argument("--column", action="append", metavar="SCHEMA.TABLE.COLUMN", help="an encrypted column (repeatable)")
     r.add_argument("--table", action="append", metavar="SCHEMA.TABLE", help="every encrypted column of a table")
+    r.add_argument(
+        "--subject-kind",
+        default=None,
+        metavar="KIND",
+        help="every data subject's key of this kind, re-encrypting every table of the kind (tables.<t>.subject)",
+    )
     r.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per batch (one transaction each)")
     r.add_argument("--no-run", action="store_true", help="only rotate and queue the jobs (run them with `jobs run`)")
     r.add_argument("--background", action="store_true", help="run the jobs in a detached process")
@@ -592,13 +707,20 @@ def add_job_commands(sub: Any) -> None:
 
     d = ksub.add_parser("destroy", help="destroy an old data key version once no row references it")
     _common(d)
-    d.add_argument("--column", required=True, metavar="SCHEMA.TABLE.COLUMN")
-    d.add_argument("--version", required=True, type=int)
+    d.add_argument("--column", default=None, metavar="SCHEMA.TABLE.COLUMN")
+    d.add_argument("--version", default=None, type=int)
+    d.add_argument(
+        "--subject-kind",
+        default=None,
+        metavar="KIND",
+        help="every subject key version of the kind older than its generation",
+    )
     d.set_defaults(func=cmd_keys_destroy)
 
     v = ksub.add_parser("versions", help="a column's data key versions and how many rows each one holds")
     _common(v)
-    v.add_argument("--column", required=True, metavar="SCHEMA.TABLE.COLUMN")
+    v.add_argument("--column", default=None, metavar="SCHEMA.TABLE.COLUMN")
+    v.add_argument("--subject-kind", default=None, metavar="KIND", help="a subject kind's key versions by generation")
     v.add_argument("--json", action="store_true", help="machine-readable output")
     v.set_defaults(func=cmd_keys_versions)
 

@@ -11,7 +11,7 @@ import pytest
 from keymgmt.errors import KeyManagementError
 from keymgmt.jobs import JobState, JobStatus
 from proxy.cli import build_parser
-from proxy.cli_jobs import describe, render_bar, select_columns
+from proxy.cli_jobs import describe, refuse_subject_columns, render_bar, select_columns, subject_kind_columns
 from proxy.config import Config, parse_config
 
 
@@ -121,3 +121,64 @@ def test_parser_has_the_commands() -> None:
     assert args.version == 1
     for sub in ("pause", "resume", "cancel"):
         assert parser.parse_args(["jobs", sub, str(uuid.UUID(int=1))]).job_id == str(uuid.UUID(int=1))
+
+
+def subject_config() -> Config:
+    return parse_config(
+        {
+            "tables": {
+                "public.customers": {
+                    "subject": {"kind": "customer", "column": "id"},
+                    "columns": {"email": {"type": "text", "encrypt": True}, "tier": {"type": "text"}},
+                },
+                "public.orders": {
+                    "subject": {"kind": "customer", "column": "customer_id"},
+                    "columns": {"note": {"type": "text", "encrypt": True}},
+                },
+                "public.accounts": {
+                    "subject": {"kind": "account", "column": "id"},
+                    "columns": {"secret": {"type": "text", "encrypt": True}},
+                },
+                "public.people": {"columns": {"email": {"type": "text", "encrypt": True}}},
+            }
+        },
+        base_dir=Path.cwd(),
+        environ={},
+    )
+
+
+def test_a_subject_kind_names_every_encrypted_column_of_every_table_of_the_kind() -> None:
+    assert subject_kind_columns(subject_config(), "customer") == [
+        ("public", "customers", "email", "text"),
+        ("public", "orders", "note", "text"),
+    ]
+    assert subject_kind_columns(subject_config(), "account") == [("public", "accounts", "secret", "text")]
+    with pytest.raises(
+        KeyManagementError, match=r"subject kind nope with encrypted columns \(kinds: account, customer\)"
+    ):
+        subject_kind_columns(subject_config(), "nope")
+
+
+@pytest.mark.parametrize(("columns", "tables"), [(["public.orders.note"], []), ([], ["public.customers"])])
+def test_column_and_table_forms_refuse_per_subject_keys_and_name_the_kind(
+    columns: list[str], tables: list[str]
+) -> None:
+    chosen = select_columns(subject_config(), columns, tables)
+    with pytest.raises(KeyManagementError, match=r"per-subject keys .* kind customer") as caught:
+        refuse_subject_columns(subject_config(), chosen)
+    assert caught.value.hint == "pgveil keys rotate --subject-kind customer"
+    refuse_subject_columns(subject_config(), select_columns(subject_config(), [], ["public.people"]))  # column keys
+
+
+def test_parser_has_the_subject_kind_forms() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["keys", "rotate", "--subject-kind", "customer"]).subject_kind == "customer"
+    args = parser.parse_args(["keys", "destroy", "--subject-kind", "customer"])
+    assert (args.subject_kind, args.column, args.version) == ("customer", None, None)
+    assert parser.parse_args(["keys", "versions", "--subject-kind", "customer"]).subject_kind == "customer"
+
+
+def test_a_kind_jobs_bar_and_line_name_the_kind_and_generation() -> None:
+    s = status(kind="subject", column_id="pgveil.subject.customer", to_version=None, generation=4)
+    assert "subject kind customer generation 4 500/1,000" in render_bar(s, 200)
+    assert "generation 4" in describe(s)
