@@ -378,8 +378,8 @@ class Relay:
 
     @property
     def busy(self) -> bool:
-        """Something is outstanding: a reply is owed, or a COPY is running."""
-        return bool(self.pending) or self.outstanding > 0 or self.copy_in or self.copy_out
+        """Something is outstanding: a reply is owed, a COPY is running, or pgveil's own query is."""
+        return bool(self.pending) or self.outstanding > 0 or self.copy_in or self.copy_out or self._values is not None
 
     # -- framing shared by both modes ------------------------------------------------------------------
     def _client_frames(self, data: bytes) -> bytes:
