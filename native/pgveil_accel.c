@@ -970,6 +970,332 @@ malformed(const char *what)
     return NULL;
 }
 
+/* -- per-subject keys: the subject check of the DataRow kernel ------------------------------------------ */
+
+/* A value of a column with per-subject keys whose row's subject column is in the same result is checked
+ * before the row's values are opened: the key its envelope names must be the key of the subject the row
+ * names, or the value was moved into another subject's row (refused as "authentication", as a tampered
+ * one). proxy/encrypt/rows.py _check_subjects is the reference, check for check and in the same order.
+ *
+ * What is compared: a subject's Key holds its subject's part of the associated data (suffix: 0x00 . u16
+ * length . kind . u32 length . canonical id, keymgmt.envelope.subject_associated_data); the check holds
+ * the table's kind part (0x00 . u16 length . kind) and the row's subject id is made canonical here
+ * (proxy/encrypt/subjects.py), so that each value costs a key lookup in the Opener's table (which the
+ * open needs anyway) and a comparison of bytes. Forms of a text id that are not already canonical (which
+ * PostgreSQL's output functions never write: "007", " 5", an upper-case uuid) go to the caller's
+ * canonicaliser, the reference function itself. */
+
+enum { SUBJECT_NONE = 0, SUBJECT_INTEGER = 1, SUBJECT_UUID = 2, SUBJECT_TEXT = 3, SUBJECT_LAST = 3 };
+
+/* keymgmt.envelope.MAX_SUBJECT_ID_LENGTH: the longest subject id (exported as SUBJECT_CHECKS; rows.py uses
+ * the checks only when the two agree). */
+#define MAX_SUBJECT_ID 120
+/* Room for a canonical id: the longest a Key's suffix can name (a longer id matches no Key). */
+#define CANONICAL_ROOM MAX_SUBJECT_SUFFIX
+
+typedef struct {
+    Py_ssize_t column;     /* the checked column (a decrypted one) */
+    Py_ssize_t subject_at; /* the row's subject column */
+    int type_class;        /* SUBJECT_*: the subject column's type class */
+    int binary;            /* the server sends the subject column in binary */
+    int column_binary;     /* the server sends the checked column's envelope raw (else bytea hex text) */
+    const unsigned char *kind_part; /* borrowed (the checks tuple is held): 0x00 . u16 length . kind */
+    Py_ssize_t kind_part_len;
+    PyObject *canonical;   /* borrowed: canonical(text id: bytes) -> canonical id bytes, or None */
+} SubjectCheck;
+
+/* Whether s[0:n] is an integer's text exactly as str(int) writes it, in bigint's range: an optional '-',
+ * then 1 to 19 digits without a leading zero ("0" alone; "-0" is not canonical). */
+static int
+canonical_integer_text(const unsigned char *s, Py_ssize_t n)
+{
+    Py_ssize_t i = (n > 0 && s[0] == '-') ? 1 : 0;
+    Py_ssize_t digits = n - i;
+    if (digits < 1 || digits > 19)
+        return 0;
+    if (s[i] == '0')
+        return digits == 1 && i == 0;
+    for (Py_ssize_t k = i; k < n; k++)
+        if (s[k] < '0' || s[k] > '9')
+            return 0;
+    if (digits == 19)
+        return memcmp(s + i, i ? "9223372036854775808" : "9223372036854775807", 19) <= 0;
+    return 1;
+}
+
+/* Whether s[0:n] is a uuid as str(uuid.UUID) writes it: 36 characters, lower-case hex, hyphens at 8, 13,
+ * 18 and 23. */
+static int
+canonical_uuid_text(const unsigned char *s, Py_ssize_t n)
+{
+    if (n != 36)
+        return 0;
+    for (Py_ssize_t i = 0; i < 36; i++) {
+        if (i == 8 || i == 13 || i == 18 || i == 23) {
+            if (s[i] != '-')
+                return 0;
+        } else if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f'))) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* The canonical id of the subject id raw[0:n] (proxy/encrypt/subjects.py subject_from_text and
+ * subject_from_binary) into out[0:CANONICAL_ROOM]: its length, -2 when it is no id of the column's type
+ * (or longer than out: it matches no Key either), -1 with an exception set (the canonicaliser raised). */
+static Py_ssize_t
+subject_canonical(const SubjectCheck *chk, const unsigned char *raw, Py_ssize_t n, unsigned char *out)
+{
+    static const char digits[] = "0123456789abcdef";
+    switch (chk->type_class) {
+    case SUBJECT_INTEGER:
+        if (chk->binary) {
+            int64_t value;
+            if (n == 2)
+                value = (int16_t)(((uint16_t)raw[0] << 8) | raw[1]);
+            else if (n == 4)
+                value = (int32_t)be32(raw);
+            else if (n == 8)
+                value = (int64_t)(((uint64_t)be32(raw) << 32) | be32(raw + 4));
+            else
+                return -2;
+            /* Decimal, the magnitude as unsigned so that INT64_MIN needs no special case. */
+            uint64_t magnitude = value < 0 ? (uint64_t)0 - (uint64_t)value : (uint64_t)value;
+            unsigned char reversed[20];
+            Py_ssize_t len = 0, w = 0;
+            do {
+                reversed[len++] = (unsigned char)('0' + (int)(magnitude % 10));
+                magnitude /= 10;
+            } while (magnitude > 0 && len < (Py_ssize_t)sizeof(reversed));
+            if (value < 0)
+                out[w++] = '-';
+            while (len > 0)
+                out[w++] = reversed[--len];
+            return w;
+        }
+        if (canonical_integer_text(raw, n)) {
+            memcpy(out, raw, (size_t)n);
+            return n;
+        }
+        break; /* the canonicaliser decides */
+    case SUBJECT_UUID:
+        if (chk->binary) {
+            if (n != 16)
+                return -2;
+            Py_ssize_t w = 0;
+            for (Py_ssize_t i = 0; i < 16; i++) {
+                if (i == 4 || i == 6 || i == 8 || i == 10)
+                    out[w++] = '-';
+                out[w++] = (unsigned char)digits[raw[i] >> 4];
+                out[w++] = (unsigned char)digits[raw[i] & 0x0f];
+            }
+            return w; /* 36 */
+        }
+        if (canonical_uuid_text(raw, n)) {
+            memcpy(out, raw, (size_t)n);
+            return n;
+        }
+        break;
+    case SUBJECT_TEXT:
+        /* In either format: its bytes, strict UTF-8 without NUL, at most MAX_SUBJECT_ID bytes. */
+        if (n > MAX_SUBJECT_ID || memchr(raw, 0, (size_t)n) != NULL || utf8_chars(raw, n) < 0)
+            return -2;
+        memcpy(out, raw, (size_t)n);
+        return n;
+    default:
+        return -2; /* no subject column type known (catalog not read): no id is valid */
+    }
+    PyObject *arg = PyBytes_FromStringAndSize((const char *)raw, n);
+    if (arg == NULL)
+        return -1;
+    PyObject *got = PyObject_CallOneArg(chk->canonical, arg);
+    Py_DECREF(arg);
+    if (got == NULL)
+        return -1;
+    Py_ssize_t len = -2;
+    if (PyBytes_Check(got)) {
+        if (PyBytes_GET_SIZE(got) <= CANONICAL_ROOM) {
+            len = PyBytes_GET_SIZE(got);
+            memcpy(out, PyBytes_AS_STRING(got), (size_t)len);
+        }
+    } else if (got != Py_None) {
+        Py_DECREF(got);
+        PyErr_SetString(PyExc_TypeError, "a subject canonicaliser returns bytes or None");
+        return -1;
+    }
+    Py_DECREF(got);
+    return len;
+}
+
+/* Whether key's subject part is chk's kind with the canonical id id[0:idlen]. */
+static int
+key_names_subject(const KeyObject *key, const SubjectCheck *chk, const unsigned char *id, Py_ssize_t idlen)
+{
+    Py_ssize_t kp = chk->kind_part_len;
+    if (idlen < 0 || key->suffix_len != kp + 4 + idlen)
+        return 0;
+    const unsigned char *s = key->suffix;
+    return memcmp(s, chk->kind_part, (size_t)kp) == 0 && be32(s + kp) == (uint32_t)idlen &&
+           memcmp(s + kp + 4, id, (size_t)idlen) == 0;
+}
+
+/* Parses the checks argument of rewrite_rows: a tuple of (column, subject_at, type class, subject column
+ * in binary, kind part: bytes, canonical: callable), each column a decrypted one of columns[0:ncols].
+ * Returns a PyMem array (NULL with *count 0 for none), or NULL with an exception set. */
+static SubjectCheck *
+parse_subject_checks(PyObject *obj, const Column *columns, Py_ssize_t ncols, Py_ssize_t *count)
+{
+    *count = 0;
+    if (!PyTuple_Check(obj)) {
+        PyErr_SetString(PyExc_TypeError, "checks must be a tuple");
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(obj);
+    if (n == 0)
+        return NULL;
+    SubjectCheck *checks = PyMem_Calloc((size_t)n, sizeof(SubjectCheck));
+    if (checks == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *item = PyTuple_GET_ITEM(obj, k);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 6 || !PyLong_Check(PyTuple_GET_ITEM(item, 0)) ||
+            !PyLong_Check(PyTuple_GET_ITEM(item, 1)) || !PyLong_Check(PyTuple_GET_ITEM(item, 2)) ||
+            !PyBytes_Check(PyTuple_GET_ITEM(item, 4)) || !PyCallable_Check(PyTuple_GET_ITEM(item, 5))) {
+            PyErr_SetString(PyExc_TypeError, "a subject check is (column, subject_at, type class, binary, "
+                                             "kind part: bytes, canonical: callable)");
+            goto fail;
+        }
+        SubjectCheck *chk = &checks[k];
+        chk->column = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 0));
+        chk->subject_at = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 1));
+        long cls = PyLong_AsLong(PyTuple_GET_ITEM(item, 2));
+        if (PyErr_Occurred())
+            goto fail;
+        int binary = PyObject_IsTrue(PyTuple_GET_ITEM(item, 3));
+        if (binary < 0)
+            goto fail;
+        chk->binary = binary;
+        chk->kind_part = (const unsigned char *)PyBytes_AS_STRING(PyTuple_GET_ITEM(item, 4));
+        chk->kind_part_len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(item, 4));
+        chk->canonical = PyTuple_GET_ITEM(item, 5);
+        if (chk->column < 0 || chk->column >= ncols ||
+            (columns[chk->column].kind != COLUMN_BINARY && columns[chk->column].kind != COLUMN_HEX) ||
+            chk->subject_at < 0 ||
+            chk->subject_at >= ncols || cls < SUBJECT_NONE || cls > SUBJECT_LAST ||
+            chk->kind_part_len > MAX_SUBJECT_SUFFIX - 4) {
+            PyErr_SetString(PyExc_ValueError, "a subject check names a column that is not decrypted, a subject "
+                                              "column out of the row, an unknown type class or a kind too long");
+            goto fail;
+        }
+        chk->type_class = (int)cls;
+        chk->column_binary = columns[chk->column].kind == COLUMN_BINARY;
+    }
+    *count = n;
+    return checks;
+fail:
+    PyMem_Free(checks);
+    return NULL;
+}
+
+/*
+ * The subject checks of the row data[pos:row_end] (its type, length and column count already checked).
+ * voff and vlen have room for ncols entries. 0: every checked value may be opened; -1 with an exception
+ * set: RowRefused("authentication", column) for a value whose key is another subject's than its row's,
+ * Unsupported for a checked value in escape-format bytea text (the Python kernel checks those), or find's
+ * own exception (a key not in memory: nothing has been written, the run can be retried).
+ *
+ * In the order of the reference: the row's values are located first, and a row whose lengths do not fit
+ * it exactly is not checked (the kernel then refuses it). Then per check, in order: a NULL value, a value
+ * that does not start like an envelope (raw: 48 bytes or more and the v1 prefix; hex text: \x, an even
+ * number of at least 96 digits, the first 40 valid and decoding to the v1 prefix and a key id), a key the
+ * Opener does not give (unknown, disabled: the open refuses it), or a column's key are not checked; a
+ * subject's key must name the kind of the table and the canonical id of the row's subject column (NULL,
+ * or no id of its type, names none).
+ */
+static int
+check_row_subjects(OpenerObject *opener, const unsigned char *d, Py_ssize_t pos, Py_ssize_t row_end,
+                   Py_ssize_t ncols, const SubjectCheck *checks, Py_ssize_t nchecks, Py_ssize_t *voff, int32_t *vlen)
+{
+    Py_ssize_t p = pos + 7;
+    for (Py_ssize_t c = 0; c < ncols; c++) {
+        if (row_end - p < 4)
+            return 0;
+        int32_t n = (int32_t)be32(d + p);
+        Py_ssize_t size = n > 0 ? (Py_ssize_t)n : 0;
+        if (size > row_end - p - 4)
+            return 0;
+        voff[c] = p + 4;
+        vlen[c] = n;
+        p += 4 + size;
+    }
+    if (p != row_end)
+        return 0;
+    /* The last canonical id made for this row, reused by the checks that read the same subject column the
+     * same way (a table's encrypted columns all do). */
+    const SubjectCheck *made_for = NULL;
+    unsigned char id[CANONICAL_ROOM];
+    Py_ssize_t idlen = -2;
+    for (Py_ssize_t k = 0; k < nchecks; k++) {
+        const SubjectCheck *chk = &checks[k];
+        int32_t n = vlen[chk->column];
+        if (n < 0)
+            continue;
+        const unsigned char *v = d + voff[chk->column];
+        unsigned char prefix[KEY_END];
+        if (chk->column_binary) {
+            if (n < MIN_LENGTH || memcmp(v, PREFIX_V1, PREFIX_LENGTH) != 0)
+                continue;
+            memcpy(prefix, v, KEY_END);
+        } else {
+            if (n < 2 || v[0] != '\\' || v[1] != 'x') {
+                PyErr_SetString(Unsupported, "escape-format bytea");
+                return -1;
+            }
+            if ((n - 2) % 2 != 0 || (n - 2) / 2 < MIN_LENGTH)
+                continue;
+            int bad = 0;
+            for (int i = 0; i < KEY_END; i++) {
+                int hi = HEX[v[2 + 2 * i]], lo = HEX[v[3 + 2 * i]];
+                bad |= hi | lo;
+                prefix[i] = (unsigned char)(((unsigned)hi << 4) | ((unsigned)lo & 0x0fu));
+            }
+            if (bad < 0 || memcmp(prefix, PREFIX_V1, PREFIX_LENGTH) != 0)
+                continue;
+        }
+        PyObject *reason = NULL;
+        KeyObject *key = opener_key(opener, prefix, &reason);
+        if (key == NULL) {
+            if (reason == NULL)
+                return -1;
+            Py_DECREF(reason); /* refused keys are the open's to report */
+            continue;
+        }
+        if (key->suffix_len == 0)
+            continue; /* a column's key (a value written before the table had subject keys) */
+        Py_INCREF(key); /* held across the canonicaliser, which runs Python code */
+        if (made_for == NULL || made_for->subject_at != chk->subject_at || made_for->type_class != chk->type_class ||
+            made_for->binary != chk->binary || made_for->canonical != chk->canonical) {
+            int32_t sn = vlen[chk->subject_at];
+            idlen = sn < 0 ? -2 : subject_canonical(chk, d + voff[chk->subject_at], (Py_ssize_t)sn, id);
+            if (idlen == -1) {
+                Py_DECREF(key);
+                return -1;
+            }
+            made_for = chk;
+        }
+        int same = key_names_subject(key, chk, id, idlen);
+        Py_DECREF(key);
+        if (!same) {
+            row_refused("authentication", chk->column);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /*
  * rewrite_rows(data, start, end, columns, opener) -> bytes
  *
@@ -984,12 +1310,16 @@ malformed(const char *what)
  * first fault of a run gives the same error: Malformed for framing, RowRefused(reason, column index, or
  * -1 for "the plan's first protected column") for a value or row that cannot be delivered, Unsupported
  * for escape-format bytea, and find's own exception as it is. Nothing is returned for a failing run.
+ *
+ * checks (optional, a tuple, see parse_subject_checks): the subject checks of columns with per-subject
+ * keys, made for each row once its column count is checked and before any of its values is opened (see
+ * check_row_subjects).
  */
 static PyObject *
 rewrite_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "rewrite_rows(data, start, end, columns, opener)");
+    if (nargs != 5 && nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "rewrite_rows(data, start, end, columns, opener[, checks])");
         return NULL;
     }
     PyObject *data = args[0], *columns_obj = args[3];
@@ -1018,6 +1348,12 @@ rewrite_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return PyErr_NoMemory();
     Py_INCREF(columns_obj); /* keeps the associated bytes alive whatever find does */
     PyObject *out = NULL, *reason = NULL;
+    PyObject *checks_obj = nargs == 6 ? args[5] : Py_None;
+    Py_INCREF(checks_obj); /* keeps the kind parts and canonicalisers alive, as columns_obj */
+    SubjectCheck *checks = NULL;
+    Py_ssize_t nchecks = 0;
+    Py_ssize_t *voff = NULL; /* a checked row's value offsets and lengths */
+    int32_t *vlen = NULL;
     unsigned char *scratch = NULL; /* hex-decoded envelopes */
     Py_ssize_t scratch_cap = 0;
     for (Py_ssize_t c = 0; c < ncols; c++) {
@@ -1074,6 +1410,20 @@ rewrite_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         columns[c].assoc_len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(item, 0));
     }
 
+    if (checks_obj != Py_None) {
+        checks = parse_subject_checks(checks_obj, columns, ncols, &nchecks);
+        if (checks == NULL && PyErr_Occurred())
+            goto fail;
+        if (nchecks > 0) {
+            voff = PyMem_Calloc((size_t)ncols, sizeof(Py_ssize_t));
+            vlen = PyMem_Calloc((size_t)ncols, sizeof(int32_t));
+            if (voff == NULL || vlen == NULL) {
+                PyErr_NoMemory();
+                goto fail;
+            }
+        }
+    }
+
     const unsigned char *d = (const unsigned char *)PyBytes_AS_STRING(data);
     Py_ssize_t cap = end - start; /* every rewrite shrinks its value: the output never outgrows the input */
     out = PyBytes_FromStringAndSize(NULL, cap);
@@ -1107,6 +1457,8 @@ rewrite_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             row_refused("row_shape", -1);
             goto fail;
         }
+        if (nchecks > 0 && check_row_subjects(opener, d, pos, row_end, ncols, checks, nchecks, voff, vlen) < 0)
+            goto fail;
         Py_ssize_t row_w = w;
         ROOM(7);
         memcpy(o + w, d + pos, 7); /* type, length (patched below), count */
@@ -1285,7 +1637,11 @@ rewrite_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 #undef ROOM
     PyMem_Free(columns);
     PyMem_Free(scratch);
+    PyMem_Free(checks);
+    PyMem_Free(voff);
+    PyMem_Free(vlen);
     Py_DECREF(columns_obj);
+    Py_DECREF(checks_obj);
     if (!changed) {
         Py_DECREF(out);
         return PySequence_GetSlice(data, start, end); /* the same object when the run is all of data */
@@ -1299,7 +1655,11 @@ fail:
     Py_XDECREF(out);
     PyMem_Free(columns);
     PyMem_Free(scratch);
+    PyMem_Free(checks);
+    PyMem_Free(voff);
+    PyMem_Free(vlen);
     Py_DECREF(columns_obj);
+    Py_DECREF(checks_obj);
     return NULL;
 }
 
@@ -1338,7 +1698,7 @@ data_row_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
 static PyMethodDef module_methods[] = {
     {"rewrite_rows", (PyCFunction)(void (*)(void))rewrite_rows, METH_FASTCALL,
-     "rewrite_rows(data, start, end, columns, opener) -> the rewritten run of DataRows"},
+     "rewrite_rows(data, start, end, columns, opener[, checks]) -> the rewritten run of DataRows"},
     {"data_row_run", (PyCFunction)(void (*)(void))data_row_run, METH_FASTCALL,
      "data_row_run(data, end, n) -> (end, count) of the run of complete DataRows"},
     {NULL, NULL, 0, NULL},
@@ -1388,6 +1748,7 @@ PyInit_pgveil_accel(void)
         PyModule_AddIntConstant(m, "TEXT_MASKS", 1) < 0 ||
         PyModule_AddIntConstant(m, "SCREEN_COLUMNS", 2) < 0 ||
         PyModule_AddIntConstant(m, "SUBJECT_KEYS", MAX_SUBJECT_SUFFIX) < 0 ||
+        PyModule_AddIntConstant(m, "SUBJECT_CHECKS", MAX_SUBJECT_ID) < 0 ||
         PyModule_AddStringConstant(m, "OPENSSL_VERSION", OpenSSL_version(OPENSSL_VERSION)) < 0 ||
         PyModule_AddStringConstant(m, "__version__", ACCEL_VERSION) < 0)
         goto fail;
