@@ -54,9 +54,13 @@
 #define KEY_END (PREFIX_LENGTH + KEY_ID_LENGTH)      /* 20: where the nonce starts */
 #define HEADER_LENGTH (KEY_END + NONCE_LENGTH)       /* 32 */
 #define MIN_LENGTH (HEADER_LENGTH + TAG_LENGTH)      /* 48: an envelope of the empty plaintext */
-/* Keys an Opener keeps without calling back: a direct-mapped table by key id (random UUIDs), large
- * enough that a result of a thousand data subjects' keys rarely calls back twice for one key. */
-#define OPENER_SLOTS 1024
+/* Keys an Opener keeps without calling back: an open-addressed table by key id, each key in one of
+ * OPENER_WAYS consecutive slots. It starts small (an Opener made for one value or a small result costs
+ * little) and grows four-fold, up to OPENER_MAX_SLOTS, when it is half full or a key finds its slots
+ * taken, so that a result of thousands of data subjects' keys calls back about once per key (with a
+ * fixed 1,024 slots, a thousand keys evicted each other: some 280 callbacks per pass over them). */
+#define OPENER_MIN_SLOTS 64
+#define OPENER_MAX_SLOTS 16384
 #define OPENER_WAYS 4
 
 static const unsigned char PREFIX_V1[PREFIX_LENGTH] = {'P', 'V', 0x01, 0x01};
@@ -463,7 +467,9 @@ typedef struct {
     PyObject_HEAD
     PyObject *find;  /* find(prefix: bytes) -> Key | str (the refusal reason); may raise */
     PyObject *error; /* error(reason: str) -> the exception Opener.open raises */
-    Slot slots[OPENER_SLOTS];
+    Slot *slots;     /* capacity slots (PyMem), a power of two */
+    unsigned int capacity;
+    unsigned int used; /* slots holding a key */
 } OpenerObject;
 
 static PyTypeObject OpenerType;
@@ -479,13 +485,20 @@ Opener_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_TypeError, "find and error must be callable");
         return NULL;
     }
+    Slot *slots = PyMem_Calloc(OPENER_MIN_SLOTS, sizeof(Slot));
+    if (slots == NULL)
+        return PyErr_NoMemory();
     OpenerObject *self = (OpenerObject *)type->tp_alloc(type, 0);
-    if (self == NULL)
+    if (self == NULL) {
+        PyMem_Free(slots);
         return NULL;
+    }
     Py_INCREF(find);
     Py_INCREF(error);
     self->find = find;
     self->error = error;
+    self->slots = slots;
+    self->capacity = OPENER_MIN_SLOTS;
     return (PyObject *)self;
 }
 
@@ -502,8 +515,9 @@ Opener_clear(OpenerObject *self)
 {
     Py_CLEAR(self->find);
     Py_CLEAR(self->error);
-    for (int i = 0; i < OPENER_SLOTS; i++)
+    for (unsigned int i = 0; self->slots != NULL && i < self->capacity; i++)
         Py_CLEAR(self->slots[i].key);
+    self->used = 0;
     return 0;
 }
 
@@ -512,7 +526,70 @@ Opener_dealloc(OpenerObject *self)
 {
     PyObject_GC_UnTrack(self);
     Opener_clear(self);
+    PyMem_Free(self->slots);
+    self->slots = NULL;
     Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Where a key id's slots start. All 16 bytes of the key id (bytes 4.. of the prefix) are mixed: a key id
+ * need not be random (tests and benchmarks use patterned ones, and a result's keys colliding would call
+ * back for every value). */
+static inline unsigned int
+slot_hash(const unsigned char *prefix)
+{
+    uint64_t lo, hi;
+    memcpy(&lo, prefix + PREFIX_LENGTH, 8);
+    memcpy(&hi, prefix + PREFIX_LENGTH + 8, 8);
+    uint64_t mixed = (lo ^ (hi * 0x9e3779b97f4a7c15ull)) * 0xbf58476d1ce4e5b9ull;
+    return (unsigned int)(mixed >> 40);
+}
+
+/* The first free slot of prefix's ways in slots[0:capacity], or NULL. */
+static Slot *
+free_slot(Slot *slots, unsigned int capacity, const unsigned char *prefix)
+{
+    unsigned int h = slot_hash(prefix);
+    for (unsigned int way = 0; way < OPENER_WAYS; way++) {
+        Slot *s = &slots[(h + way) & (capacity - 1)];
+        if (s->key == NULL)
+            return s;
+    }
+    return NULL;
+}
+
+/* Grows the table four-fold (at most to OPENER_MAX_SLOTS), moving every key; a key whose ways are taken
+ * in the new table is dropped (found again by the next value that needs it). Without memory, the table
+ * stays as it is: keys then replace each other, as in a full table. Runs no Python code. */
+static void
+opener_grow(OpenerObject *self)
+{
+    unsigned int capacity = self->capacity * 4;
+    if (capacity > OPENER_MAX_SLOTS)
+        capacity = OPENER_MAX_SLOTS;
+    if (capacity <= self->capacity)
+        return;
+    Slot *slots = PyMem_Calloc(capacity, sizeof(Slot));
+    if (slots == NULL)
+        return;
+    unsigned int used = 0;
+    for (unsigned int i = 0; i < self->capacity; i++) {
+        Slot *old = &self->slots[i];
+        if (old->key == NULL)
+            continue;
+        Slot *s = free_slot(slots, capacity, old->prefix);
+        if (s == NULL) {
+            Py_DECREF(old->key);
+        } else {
+            memcpy(s->prefix, old->prefix, KEY_END);
+            s->key = old->key;
+            used++;
+        }
+        old->key = NULL;
+    }
+    PyMem_Free(self->slots);
+    self->slots = slots;
+    self->capacity = capacity;
+    self->used = used;
 }
 
 /* The Key for an envelope's first 20 bytes (prefix already checked). Returns a borrowed Key, or NULL
@@ -521,27 +598,16 @@ static KeyObject *
 opener_key(OpenerObject *self, const unsigned char *prefix, PyObject **reason)
 {
     *reason = NULL;
-    /* Bytes 4.. of the prefix are the key id. All 16 are mixed (a key id need not be random: tests and
-     * benchmarks use patterned ones, and a result's keys colliding in one slot would call back for every
-     * value), and a key is looked for in OPENER_WAYS consecutive slots. */
-    uint64_t lo, hi;
-    memcpy(&lo, prefix + PREFIX_LENGTH, 8);
-    memcpy(&hi, prefix + PREFIX_LENGTH + 8, 8);
-    uint64_t mixed = (lo ^ (hi * 0x9e3779b97f4a7c15ull)) * 0xbf58476d1ce4e5b9ull;
-    unsigned int h = (unsigned int)(mixed >> 40);
-    Slot *slot = NULL;
+    if (self->slots == NULL || self->find == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the Opener was cleared");
+        return NULL;
+    }
+    unsigned int h = slot_hash(prefix);
     for (unsigned int way = 0; way < OPENER_WAYS; way++) {
-        Slot *s = &self->slots[(h + way) & (OPENER_SLOTS - 1)];
-        if (s->key == NULL) {
-            if (slot == NULL)
-                slot = s; /* where a key found below goes */
-            continue;
-        }
-        if (memcmp(s->prefix, prefix, KEY_END) == 0)
+        Slot *s = &self->slots[(h + way) & (self->capacity - 1)];
+        if (s->key != NULL && memcmp(s->prefix, prefix, KEY_END) == 0)
             return s->key;
     }
-    if (slot == NULL)
-        slot = &self->slots[h & (OPENER_SLOTS - 1)]; /* all ways taken: replace the first */
     if (self->find == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "the Opener was cleared");
         return NULL;
@@ -562,7 +628,23 @@ opener_key(OpenerObject *self, const unsigned char *prefix, PyObject **reason)
         PyErr_SetString(PyExc_TypeError, "find must return a pgveil_accel.Key or a reason");
         return NULL;
     }
-    Slot *s = slot;
+    /* find ran Python code: the table is looked at anew. */
+    if (self->slots == NULL) {
+        Py_DECREF(found);
+        PyErr_SetString(PyExc_RuntimeError, "the Opener was cleared");
+        return NULL;
+    }
+    if (self->used >= self->capacity / 2)
+        opener_grow(self);
+    Slot *s = free_slot(self->slots, self->capacity, prefix);
+    if (s == NULL && self->capacity < OPENER_MAX_SLOTS) {
+        opener_grow(self);
+        s = free_slot(self->slots, self->capacity, prefix);
+    }
+    if (s == NULL)
+        s = &self->slots[slot_hash(prefix) & (self->capacity - 1)]; /* all ways taken: replace the first */
+    else
+        self->used++;
     KeyObject *old = s->key;
     memcpy(s->prefix, prefix, KEY_END);
     s->key = (KeyObject *)found; /* the slot takes the reference */

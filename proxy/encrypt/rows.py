@@ -48,6 +48,7 @@ unit tests hold them to that, on every fault at every row and column):
 from __future__ import annotations
 
 import binascii
+import functools
 import re
 import struct
 from collections.abc import Callable
@@ -495,14 +496,19 @@ def _subject_check(
     subject, table, binary = out.subject, out.subject_table, out.subject_binary
     if subject is None:
         return _SubjectCheck(index, out, out.subject_at, 0, binary, b"", _no_subject)
-    # The kind's part, from keymgmt's layout: the subject part of an empty id, less the id's length.
-    kind_part = subject_associated_data(Subject(subject.kind, b""))[:-4]
+    kind_part = _kind_part(subject.kind)
     canonical = readers.get((table, subject, binary))
     if canonical is None:
         canonical = readers[(table, subject, binary)] = _subject_reader(table, subject, binary)
     return _SubjectCheck(
         index, out, out.subject_at, _TYPE_CLASSES.get(subject.type_class, 0), binary, kind_part, canonical
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _kind_part(kind: str) -> bytes:
+    """0x00 · u16 length · kind, from keymgmt's layout: the subject part of an empty id, less the id's length."""
+    return subject_associated_data(Subject(kind, b""))[:-4]
 
 
 def _subject_reader(table: str, subject: SubjectColumn, binary: bool) -> _SubjectCanonical:

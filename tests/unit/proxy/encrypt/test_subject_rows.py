@@ -672,3 +672,36 @@ def test_a_key_not_in_memory_raises_before_anything_is_written_and_the_retry_del
         assert set(outcomes.values()) == {("miss", key(n).key_id)}
         fetched[key(n).key_id] = key(n)
     assert set(kernels(run, (None, out), lookup_).values()) == {frame((b"1", b"v1"), (b"2", b"v2"), (b"3", b"v3"))}
+
+
+@pytest.mark.skipif(envelope._accel is None, reason="the accelerator is not loaded (not built, or PGVEIL_IMPL=python)")
+@pytest.mark.parametrize("subjects", [1, 40, 1000, 5000])
+def test_the_accelerators_opener_keeps_many_subjects_keys(subjects: int) -> None:
+    """The native Opener's key table grows with the keys a result uses: a thousand data subjects' keys are
+    found by one callback each, not evicting each other pass after pass (some 280 callbacks a pass with
+    the fixed 1,024 slots it had); beyond its largest table, keys replace each other and still open."""
+    ks = [
+        DataKey.from_material(
+            hashlib.sha256(b"id%d" % n).digest()[:16],
+            hashlib.sha256(b"key%d" % n).digest(),
+            column_id=subject_scope("customer"),
+            subject=str(n).encode(),
+        )
+        for n in range(subjects)
+    ]
+    table: dict[bytes, DataKey] = {k.key_id: k for k in ks}
+    calls: list[bytes] = []
+
+    def find(prefix: bytes) -> object:
+        calls.append(prefix)
+        return table[prefix[4:]]._cipher
+
+    associated = column_associated_data(EMAIL.column_id)
+    envelopes = [seal(k, b"v%d" % n, associated) for n, k in enumerate(ks)]
+    opener = envelope._accel.Opener(find, envelope.OpenFailed)
+    for _ in range(3):
+        for n, env in enumerate(envelopes):
+            assert opener.open(env, 0, len(env), associated) == b"v%d" % n
+    assert len(set(calls)) == subjects
+    if subjects <= 1000:
+        assert len(calls) <= subjects * 1.01
