@@ -462,6 +462,7 @@ _HEX_PREFIX = b"\\x" + _PREFIX.hex().encode()
 # The subject column's type class (proxy.rewrite.catalog.SUBJECT_TYPES), as the accelerator knows it; 0:
 # none known (the catalog is not read, or the plan has no subject column), so no id is valid.
 _TYPE_CLASSES = {"integer": 1, "uuid": 2, "text": 3}
+_KEY_ENABLED = KeyState.ENABLED  # a module global: enum member access costs a class lookup per value
 _SubjectCanonical = Callable[[bytes], bytes | None]
 # What the accelerator's kernel takes per check: (checked column, subject column, type class code, the
 # server sends the subject column in binary, the kind part, the canonicaliser of text ids).
@@ -535,7 +536,7 @@ def subject_checker(
     result's) keeps the canonical id of each distinct subject id read, bounded."""
     if not checks:
         return None
-    named: dict[tuple[bytes, int, bool, bytes], bytes | None] = memo.setdefault(b"s", {})
+    named: dict[_SubjectCanonical, dict[bytes, bytes | None]] = memo.setdefault(b"s", {})
 
     def check(data: bytes, pos: int, row_end: int) -> None:
         _check_subjects(data, pos, row_end, checks, keys, named)
@@ -549,7 +550,7 @@ def _check_subjects(
     row_end: int,
     checks: tuple[_SubjectCheck, ...],
     keys: KeyLookup,
-    named: dict[tuple[bytes, int, bool, bytes], bytes | None],
+    named: dict[_SubjectCanonical, dict[bytes, bytes | None]],
 ) -> None:
     """The subject checks of the DataRow ``data[pos:row_end]``, whose type, length and column count the
     loop has checked; made before any of its values is opened.
@@ -570,27 +571,40 @@ def _check_subjects(
         v, n = values[check.index]
         if n < 0:
             continue
-        prefix = _envelope_prefix(data, v, n, check.out.server_binary)
-        if prefix is None:
+        if check.out.server_binary:
+            if n < MIN_LENGTH or data[v : v + 4] != _PREFIX:
+                continue
+            key_id = data[v + 4 : v + 20]
+        else:
+            prefix = _text_envelope_prefix(data, v, n)
+            if prefix is None:
+                continue
+            key_id = prefix[4:]
+        key = keys(key_id)
+        if key is None or key.state is not _KEY_ENABLED:
             continue
-        key = keys(prefix[4:])
-        if key is None or key.state is not KeyState.ENABLED or not key.subject_associated:
+        suffix = key.subject_associated
+        if not suffix:
             continue
         s, sn = values[check.subject_at]
         expected: bytes | None = None
         if sn >= 0:
+            # The subject part each distinct id names, per canonicaliser (one per table's subject column
+            # and format, so one kind), remembered for the result (bounded).
+            ids = named.get(check.canonical)
+            if ids is None:
+                ids = named[check.canonical] = {}
             raw = data[s : s + sn]
-            ck = (raw, check.type_class, check.binary, check.kind_part)
-            if ck in named:
-                expected = named[ck]
+            if raw in ids:
+                expected = ids[raw]
             else:
                 canonical = check.canonical(raw) if check.type_class else None
                 if canonical is not None:
                     expected = check.kind_part + len(canonical).to_bytes(4, "big") + canonical
-                if len(named) >= 4096:
-                    named.clear()
-                named[ck] = expected
-        if key.subject_associated != expected:
+                if len(ids) >= 4096:
+                    ids.clear()
+                ids[raw] = expected
+        if suffix != expected:
             raise RowDecryptError(check.out.column, OpenFailure.AUTHENTICATION.value)
 
 
@@ -611,14 +625,10 @@ def _row_values(data: bytes, pos: int, row_end: int) -> list[tuple[int, int]] | 
     return values if p == row_end else None
 
 
-def _envelope_prefix(data: bytes, v: int, n: int, server_binary: bool) -> bytes | None:
-    """The first 20 bytes (magic · version · algorithm · key id) of the envelope ``data[v:v+n]`` holds, if
-    it starts like one (see _check_subjects)."""
-    if server_binary:
-        if n < MIN_LENGTH:
-            return None
-        prefix = data[v : v + 20]
-    elif n >= 2 and data[v : v + 2] == b"\\x":
+def _text_envelope_prefix(data: bytes, v: int, n: int) -> bytes | None:
+    """The first 20 bytes (magic · version · algorithm · key id) of the envelope that the bytea text
+    ``data[v:v+n]`` holds, if it starts like one (see _check_subjects)."""
+    if n >= 2 and data[v : v + 2] == b"\\x":
         if (n - 2) % 2 or (n - 2) // 2 < MIN_LENGTH:
             return None
         try:
