@@ -2,8 +2,8 @@
  * pgveil_accel: pgveil's optional native hot path, a plain CPython extension over OpenSSL's libcrypto.
  *
  * What it owns: AES-256-GCM cipher contexts per data key (Key), the opening of v1 envelopes with a small
- * per-result key cache (Opener), the DataRow batch kernel (rewrite_rows) and the scan for the end of a
- * run of DataRows (data_row_run). What it must not do: decide policy, look keys up itself (it calls
+ * per-result key cache (Opener), the DataRow batch kernel (rewrite_rows, with the subject check of
+ * per-subject keys) and the scan for the end of a run of DataRows (data_row_run). What it must not do: decide policy, look keys up itself (it calls
  * back into keymgmt for that), log, or keep any value after a call returns.
  *
  * The pure-Python code is the reference: keymgmt/envelope.py defines the envelope layout (this file

@@ -30,6 +30,10 @@ result column, chosen once per statement (never per row):
 
 NULL stays NULL. Columns without a plan entry are copied as they are.
 
+A column with per-subject keys whose row's subject column is in the same result (``subject_at``) is also
+checked: each value's key must be the key of the subject that column names (see :func:`_check_subjects`,
+made for each row before its values are opened, by every kernel).
+
 Every envelope is opened through :class:`keymgmt.envelope.Opener`, the one decrypt boundary: this module
 knows the DataRow format, not the envelope's. A value that does not open ends the run in
 :class:`RowDecryptError`, which names the column and carries a bounded ``reason`` for the log and the
@@ -271,8 +275,8 @@ def rewrite_data_rows(
     dispatch of the relay. Returns the framed messages.
 
     ``memo`` belongs to one result (one plan): it holds the plan compiled for the kernels below (under
-    ``b""``) and the result's :class:`~keymgmt.envelope.Opener` (under ``b"o"``), which remembers the keys
-    it found enabled."""
+    ``b""``), the result's :class:`~keymgmt.envelope.Opener` (under ``b"o"``), which remembers the keys
+    it found enabled, and the Python kernels' canonical subject ids (under ``b"s"``)."""
     compiled = memo.get(b"")
     if compiled is None or compiled[0] is not plan:
         compiled = memo[b""] = _compile(plan)
