@@ -1252,9 +1252,13 @@ parse_subject_checks(PyObject *obj, const Column *columns, Py_ssize_t ncols, Py_
         }
         SubjectCheck *chk = &checks[k];
         chk->column = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 0));
+        if (chk->column == -1 && PyErr_Occurred())
+            goto fail;
         chk->subject_at = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 1));
+        if (chk->subject_at == -1 && PyErr_Occurred())
+            goto fail;
         long cls = PyLong_AsLong(PyTuple_GET_ITEM(item, 2));
-        if (PyErr_Occurred())
+        if (cls == -1 && PyErr_Occurred())
             goto fail;
         int binary = PyObject_IsTrue(PyTuple_GET_ITEM(item, 3));
         if (binary < 0)

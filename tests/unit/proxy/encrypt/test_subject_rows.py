@@ -705,3 +705,40 @@ def test_the_accelerators_opener_keeps_many_subjects_keys(subjects: int) -> None
     assert len(set(calls)) == subjects
     if subjects <= 1000:
         assert len(calls) <= subjects * 1.01
+
+
+@pytest.mark.skipif(envelope._accel is None, reason="the accelerator is not loaded (not built, or PGVEIL_IMPL=python)")
+def test_the_accelerator_refuses_checks_it_cannot_make_and_lets_the_canonicalisers_errors_through() -> None:
+    """rewrite_rows' checks argument is held to its shape before any row is read: a check of a column it
+    does not decrypt, a subject column outside the row, an unknown type class, a kind too long, a
+    canonicaliser that is not callable or returns something else than bytes or None."""
+    out = output(binary=True, subject_at=0)
+    compiled = rows._compile((None, out))
+    columns, checks = compiled[3], compiled[7]
+    assert columns is not None
+    assert checks is not None
+    (check,) = checks
+    opener = Opener(lookup)
+    run = frame((b" 1", stored(key(1), b"a", binary=True)))  # " 1" is no canonical form: the canonicaliser reads it
+    assert envelope._accel.rewrite_rows(run, 0, len(run), columns, opener.native, (check,)) == frame((b" 1", b"a"))
+    bad = [
+        ((0, *check[1:]), ValueError),  # column 0 is copied, not decrypted
+        ((2, *check[1:]), ValueError),
+        ((check[0], 2, *check[2:]), ValueError),
+        ((check[0], -1, *check[2:]), ValueError),
+        ((*check[:2], 4, *check[3:]), ValueError),
+        ((*check[:4], b"\x00" * 189, check[5]), ValueError),
+        ((*check[:5], None), TypeError),
+        (check[:5], TypeError),
+        ((*check[:5], lambda raw: "1"), TypeError),
+        ((1 << 70, *check[1:]), OverflowError),
+    ]
+    for item, error in bad:
+        with pytest.raises(error):
+            envelope._accel.rewrite_rows(run, 0, len(run), columns, opener.native, (item,))
+
+    def fails(raw: bytes) -> bytes | None:
+        raise LookupError("the canonicaliser's own error")
+
+    with pytest.raises(LookupError):
+        envelope._accel.rewrite_rows(run, 0, len(run), columns, opener.native, ((*check[:5], fails),))
