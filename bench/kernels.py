@@ -94,7 +94,7 @@ def _datarow_timings(
     """(native, python) µs per row: rows.rewrite_data_rows as the proxy calls it, with the accelerator,
     and the Python loop it falls back to, with cryptography's ciphers."""
     memo: dict[bytes, object] = {}
-    _, steps, fast, native_columns, _, _, _ = rows._compile(plan)
+    _, steps, fast, native_columns, _, _, _, _ = rows._compile(plan)
     assert native_columns is not None
     python_keys = {k: _python_key(v) for k, v in keys.items()}
     py_open = Opener(python_keys.get, python=True).open

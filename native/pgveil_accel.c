@@ -2,8 +2,8 @@
  * pgveil_accel: pgveil's optional native hot path, a plain CPython extension over OpenSSL's libcrypto.
  *
  * What it owns: AES-256-GCM cipher contexts per data key (Key), the opening of v1 envelopes with a small
- * per-result key cache (Opener), the DataRow batch kernel (rewrite_rows) and the scan for the end of a
- * run of DataRows (data_row_run). What it must not do: decide policy, look keys up itself (it calls
+ * per-result key cache (Opener), the DataRow batch kernel (rewrite_rows, with the subject check of
+ * per-subject keys) and the scan for the end of a run of DataRows (data_row_run). What it must not do: decide policy, look keys up itself (it calls
  * back into keymgmt for that), log, or keep any value after a call returns.
  *
  * The pure-Python code is the reference: keymgmt/envelope.py defines the envelope layout (this file
@@ -54,9 +54,13 @@
 #define KEY_END (PREFIX_LENGTH + KEY_ID_LENGTH)      /* 20: where the nonce starts */
 #define HEADER_LENGTH (KEY_END + NONCE_LENGTH)       /* 32 */
 #define MIN_LENGTH (HEADER_LENGTH + TAG_LENGTH)      /* 48: an envelope of the empty plaintext */
-/* Keys an Opener keeps without calling back: a direct-mapped table by key id (random UUIDs), large
- * enough that a result of a thousand data subjects' keys rarely calls back twice for one key. */
-#define OPENER_SLOTS 1024
+/* Keys an Opener keeps without calling back: an open-addressed table by key id, each key in one of
+ * OPENER_WAYS consecutive slots. It starts small (an Opener made for one value or a small result costs
+ * little) and grows four-fold, up to OPENER_MAX_SLOTS, when it is half full or a key finds its slots
+ * taken, so that a result of thousands of data subjects' keys calls back about once per key (with a
+ * fixed 1,024 slots, a thousand keys evicted each other: some 280 callbacks per pass over them). */
+#define OPENER_MIN_SLOTS 64
+#define OPENER_MAX_SLOTS 16384
 #define OPENER_WAYS 4
 
 static const unsigned char PREFIX_V1[PREFIX_LENGTH] = {'P', 'V', 0x01, 0x01};
@@ -463,7 +467,9 @@ typedef struct {
     PyObject_HEAD
     PyObject *find;  /* find(prefix: bytes) -> Key | str (the refusal reason); may raise */
     PyObject *error; /* error(reason: str) -> the exception Opener.open raises */
-    Slot slots[OPENER_SLOTS];
+    Slot *slots;     /* capacity slots (PyMem), a power of two */
+    unsigned int capacity;
+    unsigned int used; /* slots holding a key */
 } OpenerObject;
 
 static PyTypeObject OpenerType;
@@ -479,13 +485,20 @@ Opener_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_TypeError, "find and error must be callable");
         return NULL;
     }
+    Slot *slots = PyMem_Calloc(OPENER_MIN_SLOTS, sizeof(Slot));
+    if (slots == NULL)
+        return PyErr_NoMemory();
     OpenerObject *self = (OpenerObject *)type->tp_alloc(type, 0);
-    if (self == NULL)
+    if (self == NULL) {
+        PyMem_Free(slots);
         return NULL;
+    }
     Py_INCREF(find);
     Py_INCREF(error);
     self->find = find;
     self->error = error;
+    self->slots = slots;
+    self->capacity = OPENER_MIN_SLOTS;
     return (PyObject *)self;
 }
 
@@ -502,8 +515,9 @@ Opener_clear(OpenerObject *self)
 {
     Py_CLEAR(self->find);
     Py_CLEAR(self->error);
-    for (int i = 0; i < OPENER_SLOTS; i++)
+    for (unsigned int i = 0; self->slots != NULL && i < self->capacity; i++)
         Py_CLEAR(self->slots[i].key);
+    self->used = 0;
     return 0;
 }
 
@@ -512,7 +526,70 @@ Opener_dealloc(OpenerObject *self)
 {
     PyObject_GC_UnTrack(self);
     Opener_clear(self);
+    PyMem_Free(self->slots);
+    self->slots = NULL;
     Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Where a key id's slots start. All 16 bytes of the key id (bytes 4.. of the prefix) are mixed: a key id
+ * need not be random (tests and benchmarks use patterned ones, and a result's keys colliding would call
+ * back for every value). */
+static inline unsigned int
+slot_hash(const unsigned char *prefix)
+{
+    uint64_t lo, hi;
+    memcpy(&lo, prefix + PREFIX_LENGTH, 8);
+    memcpy(&hi, prefix + PREFIX_LENGTH + 8, 8);
+    uint64_t mixed = (lo ^ (hi * 0x9e3779b97f4a7c15ull)) * 0xbf58476d1ce4e5b9ull;
+    return (unsigned int)(mixed >> 40);
+}
+
+/* The first free slot of prefix's ways in slots[0:capacity], or NULL. */
+static Slot *
+free_slot(Slot *slots, unsigned int capacity, const unsigned char *prefix)
+{
+    unsigned int h = slot_hash(prefix);
+    for (unsigned int way = 0; way < OPENER_WAYS; way++) {
+        Slot *s = &slots[(h + way) & (capacity - 1)];
+        if (s->key == NULL)
+            return s;
+    }
+    return NULL;
+}
+
+/* Grows the table four-fold (at most to OPENER_MAX_SLOTS), moving every key; a key whose ways are taken
+ * in the new table is dropped (found again by the next value that needs it). Without memory, the table
+ * stays as it is: keys then replace each other, as in a full table. Runs no Python code. */
+static void
+opener_grow(OpenerObject *self)
+{
+    unsigned int capacity = self->capacity * 4;
+    if (capacity > OPENER_MAX_SLOTS)
+        capacity = OPENER_MAX_SLOTS;
+    if (capacity <= self->capacity)
+        return;
+    Slot *slots = PyMem_Calloc(capacity, sizeof(Slot));
+    if (slots == NULL)
+        return;
+    unsigned int used = 0;
+    for (unsigned int i = 0; i < self->capacity; i++) {
+        Slot *old = &self->slots[i];
+        if (old->key == NULL)
+            continue;
+        Slot *s = free_slot(slots, capacity, old->prefix);
+        if (s == NULL) {
+            Py_DECREF(old->key);
+        } else {
+            memcpy(s->prefix, old->prefix, KEY_END);
+            s->key = old->key;
+            used++;
+        }
+        old->key = NULL;
+    }
+    PyMem_Free(self->slots);
+    self->slots = slots;
+    self->capacity = capacity;
+    self->used = used;
 }
 
 /* The Key for an envelope's first 20 bytes (prefix already checked). Returns a borrowed Key, or NULL
@@ -521,27 +598,16 @@ static KeyObject *
 opener_key(OpenerObject *self, const unsigned char *prefix, PyObject **reason)
 {
     *reason = NULL;
-    /* Bytes 4.. of the prefix are the key id. All 16 are mixed (a key id need not be random: tests and
-     * benchmarks use patterned ones, and a result's keys colliding in one slot would call back for every
-     * value), and a key is looked for in OPENER_WAYS consecutive slots. */
-    uint64_t lo, hi;
-    memcpy(&lo, prefix + PREFIX_LENGTH, 8);
-    memcpy(&hi, prefix + PREFIX_LENGTH + 8, 8);
-    uint64_t mixed = (lo ^ (hi * 0x9e3779b97f4a7c15ull)) * 0xbf58476d1ce4e5b9ull;
-    unsigned int h = (unsigned int)(mixed >> 40);
-    Slot *slot = NULL;
+    if (self->slots == NULL || self->find == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the Opener was cleared");
+        return NULL;
+    }
+    unsigned int h = slot_hash(prefix);
     for (unsigned int way = 0; way < OPENER_WAYS; way++) {
-        Slot *s = &self->slots[(h + way) & (OPENER_SLOTS - 1)];
-        if (s->key == NULL) {
-            if (slot == NULL)
-                slot = s; /* where a key found below goes */
-            continue;
-        }
-        if (memcmp(s->prefix, prefix, KEY_END) == 0)
+        Slot *s = &self->slots[(h + way) & (self->capacity - 1)];
+        if (s->key != NULL && memcmp(s->prefix, prefix, KEY_END) == 0)
             return s->key;
     }
-    if (slot == NULL)
-        slot = &self->slots[h & (OPENER_SLOTS - 1)]; /* all ways taken: replace the first */
     if (self->find == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "the Opener was cleared");
         return NULL;
@@ -562,7 +628,23 @@ opener_key(OpenerObject *self, const unsigned char *prefix, PyObject **reason)
         PyErr_SetString(PyExc_TypeError, "find must return a pgveil_accel.Key or a reason");
         return NULL;
     }
-    Slot *s = slot;
+    /* find ran Python code: the table is looked at anew. */
+    if (self->slots == NULL) {
+        Py_DECREF(found);
+        PyErr_SetString(PyExc_RuntimeError, "the Opener was cleared");
+        return NULL;
+    }
+    if (self->used >= self->capacity / 2)
+        opener_grow(self);
+    Slot *s = free_slot(self->slots, self->capacity, prefix);
+    if (s == NULL && self->capacity < OPENER_MAX_SLOTS) {
+        opener_grow(self);
+        s = free_slot(self->slots, self->capacity, prefix);
+    }
+    if (s == NULL)
+        s = &self->slots[slot_hash(prefix) & (self->capacity - 1)]; /* all ways taken: replace the first */
+    else
+        self->used++;
     KeyObject *old = s->key;
     memcpy(s->prefix, prefix, KEY_END);
     s->key = (KeyObject *)found; /* the slot takes the reference */
@@ -970,6 +1052,336 @@ malformed(const char *what)
     return NULL;
 }
 
+/* -- per-subject keys: the subject check of the DataRow kernel ------------------------------------------ */
+
+/* A value of a column with per-subject keys whose row's subject column is in the same result is checked
+ * before the row's values are opened: the key its envelope names must be the key of the subject the row
+ * names, or the value was moved into another subject's row (refused as "authentication", as a tampered
+ * one). proxy/encrypt/rows.py _check_subjects is the reference, check for check and in the same order.
+ *
+ * What is compared: a subject's Key holds its subject's part of the associated data (suffix: 0x00 . u16
+ * length . kind . u32 length . canonical id, keymgmt.envelope.subject_associated_data); the check holds
+ * the table's kind part (0x00 . u16 length . kind) and the row's subject id is made canonical here
+ * (proxy/encrypt/subjects.py), so that each value costs a key lookup in the Opener's table (which the
+ * open needs anyway) and a comparison of bytes. Forms of a text id that are not already canonical (which
+ * PostgreSQL's output functions never write: "007", " 5", an upper-case uuid) go to the caller's
+ * canonicaliser, the reference function itself. */
+
+enum { SUBJECT_NONE = 0, SUBJECT_INTEGER = 1, SUBJECT_UUID = 2, SUBJECT_TEXT = 3, SUBJECT_LAST = 3 };
+
+/* keymgmt.envelope.MAX_SUBJECT_ID_LENGTH: the longest subject id (exported as SUBJECT_CHECKS; rows.py uses
+ * the checks only when the two agree). */
+#define MAX_SUBJECT_ID 120
+/* Room for a canonical id: the longest a Key's suffix can name (a longer id matches no Key). */
+#define CANONICAL_ROOM MAX_SUBJECT_SUFFIX
+
+typedef struct {
+    Py_ssize_t column;     /* the checked column (a decrypted one) */
+    Py_ssize_t subject_at; /* the row's subject column */
+    int type_class;        /* SUBJECT_*: the subject column's type class */
+    int binary;            /* the server sends the subject column in binary */
+    int column_binary;     /* the server sends the checked column's envelope raw (else bytea hex text) */
+    const unsigned char *kind_part; /* borrowed (the checks tuple is held): 0x00 . u16 length . kind */
+    Py_ssize_t kind_part_len;
+    PyObject *canonical;   /* borrowed: canonical(text id: bytes) -> canonical id bytes, or None */
+} SubjectCheck;
+
+/* Whether s[0:n] is an integer's text exactly as str(int) writes it, in bigint's range: an optional '-',
+ * then 1 to 19 digits without a leading zero ("0" alone; "-0" is not canonical). */
+static int
+canonical_integer_text(const unsigned char *s, Py_ssize_t n)
+{
+    Py_ssize_t i = (n > 0 && s[0] == '-') ? 1 : 0;
+    Py_ssize_t digits = n - i;
+    if (digits < 1 || digits > 19)
+        return 0;
+    if (s[i] == '0')
+        return digits == 1 && i == 0;
+    for (Py_ssize_t k = i; k < n; k++)
+        if (s[k] < '0' || s[k] > '9')
+            return 0;
+    if (digits == 19)
+        return memcmp(s + i, i ? "9223372036854775808" : "9223372036854775807", 19) <= 0;
+    return 1;
+}
+
+/* Whether s[0:n] is a uuid as str(uuid.UUID) writes it: 36 characters, lower-case hex, hyphens at 8, 13,
+ * 18 and 23. */
+static int
+canonical_uuid_text(const unsigned char *s, Py_ssize_t n)
+{
+    if (n != 36)
+        return 0;
+    for (Py_ssize_t i = 0; i < 36; i++) {
+        if (i == 8 || i == 13 || i == 18 || i == 23) {
+            if (s[i] != '-')
+                return 0;
+        } else if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f'))) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* The canonical id of the subject id raw[0:n] (proxy/encrypt/subjects.py subject_from_text and
+ * subject_from_binary) into out[0:CANONICAL_ROOM]: its length, -2 when it is no id of the column's type
+ * (or longer than out: it matches no Key either), -1 with an exception set (the canonicaliser raised). */
+static Py_ssize_t
+subject_canonical(const SubjectCheck *chk, const unsigned char *raw, Py_ssize_t n, unsigned char *out)
+{
+    static const char digits[] = "0123456789abcdef";
+    switch (chk->type_class) {
+    case SUBJECT_INTEGER:
+        if (chk->binary) {
+            int64_t value;
+            if (n == 2)
+                value = (int16_t)(((uint16_t)raw[0] << 8) | raw[1]);
+            else if (n == 4)
+                value = (int32_t)be32(raw);
+            else if (n == 8)
+                value = (int64_t)(((uint64_t)be32(raw) << 32) | be32(raw + 4));
+            else
+                return -2;
+            /* Decimal, the magnitude as unsigned so that INT64_MIN needs no special case. */
+            uint64_t magnitude = value < 0 ? (uint64_t)0 - (uint64_t)value : (uint64_t)value;
+            unsigned char reversed[20];
+            Py_ssize_t len = 0, w = 0;
+            do {
+                reversed[len++] = (unsigned char)('0' + (int)(magnitude % 10));
+                magnitude /= 10;
+            } while (magnitude > 0 && len < (Py_ssize_t)sizeof(reversed));
+            if (value < 0)
+                out[w++] = '-';
+            while (len > 0)
+                out[w++] = reversed[--len];
+            return w;
+        }
+        if (canonical_integer_text(raw, n)) {
+            memcpy(out, raw, (size_t)n);
+            return n;
+        }
+        break; /* the canonicaliser decides */
+    case SUBJECT_UUID:
+        if (chk->binary) {
+            if (n != 16)
+                return -2;
+            Py_ssize_t w = 0;
+            for (Py_ssize_t i = 0; i < 16; i++) {
+                if (i == 4 || i == 6 || i == 8 || i == 10)
+                    out[w++] = '-';
+                out[w++] = (unsigned char)digits[raw[i] >> 4];
+                out[w++] = (unsigned char)digits[raw[i] & 0x0f];
+            }
+            return w; /* 36 */
+        }
+        if (canonical_uuid_text(raw, n)) {
+            memcpy(out, raw, (size_t)n);
+            return n;
+        }
+        break;
+    case SUBJECT_TEXT:
+        /* In either format: its bytes, strict UTF-8 without NUL, at most MAX_SUBJECT_ID bytes. */
+        if (n > MAX_SUBJECT_ID || memchr(raw, 0, (size_t)n) != NULL || utf8_chars(raw, n) < 0)
+            return -2;
+        memcpy(out, raw, (size_t)n);
+        return n;
+    default:
+        return -2; /* no subject column type known (catalog not read): no id is valid */
+    }
+    PyObject *arg = PyBytes_FromStringAndSize((const char *)raw, n);
+    if (arg == NULL)
+        return -1;
+    PyObject *got = PyObject_CallOneArg(chk->canonical, arg);
+    Py_DECREF(arg);
+    if (got == NULL)
+        return -1;
+    Py_ssize_t len = -2;
+    if (PyBytes_Check(got)) {
+        if (PyBytes_GET_SIZE(got) <= CANONICAL_ROOM) {
+            len = PyBytes_GET_SIZE(got);
+            memcpy(out, PyBytes_AS_STRING(got), (size_t)len);
+        }
+    } else if (got != Py_None) {
+        Py_DECREF(got);
+        PyErr_SetString(PyExc_TypeError, "a subject canonicaliser returns bytes or None");
+        return -1;
+    }
+    Py_DECREF(got);
+    return len;
+}
+
+/* Whether key's subject part is chk's kind with the canonical id id[0:idlen]. */
+static int
+key_names_subject(const KeyObject *key, const SubjectCheck *chk, const unsigned char *id, Py_ssize_t idlen)
+{
+    Py_ssize_t kp = chk->kind_part_len;
+    if (idlen < 0 || key->suffix_len != kp + 4 + idlen)
+        return 0;
+    const unsigned char *s = key->suffix;
+    return memcmp(s, chk->kind_part, (size_t)kp) == 0 && be32(s + kp) == (uint32_t)idlen &&
+           memcmp(s + kp + 4, id, (size_t)idlen) == 0;
+}
+
+/* Parses the checks argument of rewrite_rows: a tuple of (column, subject_at, type class, subject column
+ * in binary, kind part: bytes, canonical: callable), each column a decrypted one of columns[0:ncols].
+ * Returns a PyMem array (NULL with *count 0 for none), or NULL with an exception set. */
+static SubjectCheck *
+parse_subject_checks(PyObject *obj, const Column *columns, Py_ssize_t ncols, Py_ssize_t *count)
+{
+    *count = 0;
+    if (!PyTuple_Check(obj)) {
+        PyErr_SetString(PyExc_TypeError, "checks must be a tuple");
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(obj);
+    if (n == 0)
+        return NULL;
+    SubjectCheck *checks = PyMem_Calloc((size_t)n, sizeof(SubjectCheck));
+    if (checks == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *item = PyTuple_GET_ITEM(obj, k);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 6 || !PyLong_Check(PyTuple_GET_ITEM(item, 0)) ||
+            !PyLong_Check(PyTuple_GET_ITEM(item, 1)) || !PyLong_Check(PyTuple_GET_ITEM(item, 2)) ||
+            !PyBytes_Check(PyTuple_GET_ITEM(item, 4)) || !PyCallable_Check(PyTuple_GET_ITEM(item, 5))) {
+            PyErr_SetString(PyExc_TypeError, "a subject check is (column, subject_at, type class, binary, "
+                                             "kind part: bytes, canonical: callable)");
+            goto fail;
+        }
+        SubjectCheck *chk = &checks[k];
+        chk->column = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 0));
+        if (chk->column == -1 && PyErr_Occurred())
+            goto fail;
+        chk->subject_at = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 1));
+        if (chk->subject_at == -1 && PyErr_Occurred())
+            goto fail;
+        long cls = PyLong_AsLong(PyTuple_GET_ITEM(item, 2));
+        if (cls == -1 && PyErr_Occurred())
+            goto fail;
+        int binary = PyObject_IsTrue(PyTuple_GET_ITEM(item, 3));
+        if (binary < 0)
+            goto fail;
+        chk->binary = binary;
+        chk->kind_part = (const unsigned char *)PyBytes_AS_STRING(PyTuple_GET_ITEM(item, 4));
+        chk->kind_part_len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(item, 4));
+        chk->canonical = PyTuple_GET_ITEM(item, 5);
+        if (chk->column < 0 || chk->column >= ncols ||
+            (columns[chk->column].kind != COLUMN_BINARY && columns[chk->column].kind != COLUMN_HEX) ||
+            chk->subject_at < 0 ||
+            chk->subject_at >= ncols || cls < SUBJECT_NONE || cls > SUBJECT_LAST ||
+            chk->kind_part_len > MAX_SUBJECT_SUFFIX - 4) {
+            PyErr_SetString(PyExc_ValueError, "a subject check names a column that is not decrypted, a subject "
+                                              "column out of the row, an unknown type class or a kind too long");
+            goto fail;
+        }
+        chk->type_class = (int)cls;
+        chk->column_binary = columns[chk->column].kind == COLUMN_BINARY;
+    }
+    *count = n;
+    return checks;
+fail:
+    PyMem_Free(checks);
+    return NULL;
+}
+
+/*
+ * The subject checks of the row data[pos:row_end] (its type, length and column count already checked).
+ * voff and vlen have room for ncols entries. 0: every checked value may be opened; -1 with an exception
+ * set: RowRefused("authentication", column) for a value whose key is another subject's than its row's,
+ * Unsupported for a checked value in escape-format bytea text (the Python kernel checks those), or find's
+ * own exception (a key not in memory: nothing has been written, the run can be retried).
+ *
+ * In the order of the reference: the row's values are located first, and a row whose lengths do not fit
+ * it exactly is not checked (the kernel then refuses it). Then per check, in order: a NULL value, a value
+ * that does not start like an envelope (raw: 48 bytes or more and the v1 prefix; hex text: \x, an even
+ * number of at least 96 digits, the first 40 valid and decoding to the v1 prefix and a key id), a key the
+ * Opener does not give (unknown, disabled: the open refuses it), or a column's key are not checked; a
+ * subject's key must name the kind of the table and the canonical id of the row's subject column (NULL,
+ * or no id of its type, names none).
+ */
+static int
+check_row_subjects(OpenerObject *opener, const unsigned char *d, Py_ssize_t pos, Py_ssize_t row_end,
+                   Py_ssize_t ncols, const SubjectCheck *checks, Py_ssize_t nchecks, Py_ssize_t *voff, int32_t *vlen)
+{
+    Py_ssize_t p = pos + 7;
+    for (Py_ssize_t c = 0; c < ncols; c++) {
+        if (row_end - p < 4)
+            return 0;
+        int32_t n = (int32_t)be32(d + p);
+        Py_ssize_t size = n > 0 ? (Py_ssize_t)n : 0;
+        if (size > row_end - p - 4)
+            return 0;
+        voff[c] = p + 4;
+        vlen[c] = n;
+        p += 4 + size;
+    }
+    if (p != row_end)
+        return 0;
+    /* The last canonical id made for this row, reused by the checks that read the same subject column the
+     * same way (a table's encrypted columns all do). */
+    const SubjectCheck *made_for = NULL;
+    unsigned char id[CANONICAL_ROOM];
+    Py_ssize_t idlen = -2;
+    for (Py_ssize_t k = 0; k < nchecks; k++) {
+        const SubjectCheck *chk = &checks[k];
+        int32_t n = vlen[chk->column];
+        if (n < 0)
+            continue;
+        const unsigned char *v = d + voff[chk->column];
+        unsigned char prefix[KEY_END];
+        if (chk->column_binary) {
+            if (n < MIN_LENGTH || memcmp(v, PREFIX_V1, PREFIX_LENGTH) != 0)
+                continue;
+            memcpy(prefix, v, KEY_END);
+        } else {
+            if (n < 2 || v[0] != '\\' || v[1] != 'x') {
+                PyErr_SetString(Unsupported, "escape-format bytea");
+                return -1;
+            }
+            if ((n - 2) % 2 != 0 || (n - 2) / 2 < MIN_LENGTH)
+                continue;
+            int bad = 0;
+            for (int i = 0; i < KEY_END; i++) {
+                int hi = HEX[v[2 + 2 * i]], lo = HEX[v[3 + 2 * i]];
+                bad |= hi | lo;
+                prefix[i] = (unsigned char)(((unsigned)hi << 4) | ((unsigned)lo & 0x0fu));
+            }
+            if (bad < 0 || memcmp(prefix, PREFIX_V1, PREFIX_LENGTH) != 0)
+                continue;
+        }
+        PyObject *reason = NULL;
+        KeyObject *key = opener_key(opener, prefix, &reason);
+        if (key == NULL) {
+            if (reason == NULL)
+                return -1;
+            Py_DECREF(reason); /* refused keys are the open's to report */
+            continue;
+        }
+        if (key->suffix_len == 0)
+            continue; /* a column's key (a value written before the table had subject keys) */
+        Py_INCREF(key); /* held across the canonicaliser, which runs Python code */
+        if (made_for == NULL || made_for->subject_at != chk->subject_at || made_for->type_class != chk->type_class ||
+            made_for->binary != chk->binary || made_for->canonical != chk->canonical) {
+            int32_t sn = vlen[chk->subject_at];
+            idlen = sn < 0 ? -2 : subject_canonical(chk, d + voff[chk->subject_at], (Py_ssize_t)sn, id);
+            if (idlen == -1) {
+                Py_DECREF(key);
+                return -1;
+            }
+            made_for = chk;
+        }
+        int same = key_names_subject(key, chk, id, idlen);
+        Py_DECREF(key);
+        if (!same) {
+            row_refused("authentication", chk->column);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /*
  * rewrite_rows(data, start, end, columns, opener) -> bytes
  *
@@ -984,12 +1396,16 @@ malformed(const char *what)
  * first fault of a run gives the same error: Malformed for framing, RowRefused(reason, column index, or
  * -1 for "the plan's first protected column") for a value or row that cannot be delivered, Unsupported
  * for escape-format bytea, and find's own exception as it is. Nothing is returned for a failing run.
+ *
+ * checks (optional, a tuple, see parse_subject_checks): the subject checks of columns with per-subject
+ * keys, made for each row once its column count is checked and before any of its values is opened (see
+ * check_row_subjects).
  */
 static PyObject *
 rewrite_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "rewrite_rows(data, start, end, columns, opener)");
+    if (nargs != 5 && nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "rewrite_rows(data, start, end, columns, opener[, checks])");
         return NULL;
     }
     PyObject *data = args[0], *columns_obj = args[3];
@@ -1018,6 +1434,12 @@ rewrite_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return PyErr_NoMemory();
     Py_INCREF(columns_obj); /* keeps the associated bytes alive whatever find does */
     PyObject *out = NULL, *reason = NULL;
+    PyObject *checks_obj = nargs == 6 ? args[5] : Py_None;
+    Py_INCREF(checks_obj); /* keeps the kind parts and canonicalisers alive, as columns_obj */
+    SubjectCheck *checks = NULL;
+    Py_ssize_t nchecks = 0;
+    Py_ssize_t *voff = NULL; /* a checked row's value offsets and lengths */
+    int32_t *vlen = NULL;
     unsigned char *scratch = NULL; /* hex-decoded envelopes */
     Py_ssize_t scratch_cap = 0;
     for (Py_ssize_t c = 0; c < ncols; c++) {
@@ -1074,6 +1496,20 @@ rewrite_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         columns[c].assoc_len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(item, 0));
     }
 
+    if (checks_obj != Py_None) {
+        checks = parse_subject_checks(checks_obj, columns, ncols, &nchecks);
+        if (checks == NULL && PyErr_Occurred())
+            goto fail;
+        if (nchecks > 0) {
+            voff = PyMem_Calloc((size_t)ncols, sizeof(Py_ssize_t));
+            vlen = PyMem_Calloc((size_t)ncols, sizeof(int32_t));
+            if (voff == NULL || vlen == NULL) {
+                PyErr_NoMemory();
+                goto fail;
+            }
+        }
+    }
+
     const unsigned char *d = (const unsigned char *)PyBytes_AS_STRING(data);
     Py_ssize_t cap = end - start; /* every rewrite shrinks its value: the output never outgrows the input */
     out = PyBytes_FromStringAndSize(NULL, cap);
@@ -1107,6 +1543,8 @@ rewrite_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             row_refused("row_shape", -1);
             goto fail;
         }
+        if (nchecks > 0 && check_row_subjects(opener, d, pos, row_end, ncols, checks, nchecks, voff, vlen) < 0)
+            goto fail;
         Py_ssize_t row_w = w;
         ROOM(7);
         memcpy(o + w, d + pos, 7); /* type, length (patched below), count */
@@ -1285,7 +1723,11 @@ rewrite_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 #undef ROOM
     PyMem_Free(columns);
     PyMem_Free(scratch);
+    PyMem_Free(checks);
+    PyMem_Free(voff);
+    PyMem_Free(vlen);
     Py_DECREF(columns_obj);
+    Py_DECREF(checks_obj);
     if (!changed) {
         Py_DECREF(out);
         return PySequence_GetSlice(data, start, end); /* the same object when the run is all of data */
@@ -1299,7 +1741,11 @@ fail:
     Py_XDECREF(out);
     PyMem_Free(columns);
     PyMem_Free(scratch);
+    PyMem_Free(checks);
+    PyMem_Free(voff);
+    PyMem_Free(vlen);
     Py_DECREF(columns_obj);
+    Py_DECREF(checks_obj);
     return NULL;
 }
 
@@ -1338,7 +1784,7 @@ data_row_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
 static PyMethodDef module_methods[] = {
     {"rewrite_rows", (PyCFunction)(void (*)(void))rewrite_rows, METH_FASTCALL,
-     "rewrite_rows(data, start, end, columns, opener) -> the rewritten run of DataRows"},
+     "rewrite_rows(data, start, end, columns, opener[, checks]) -> the rewritten run of DataRows"},
     {"data_row_run", (PyCFunction)(void (*)(void))data_row_run, METH_FASTCALL,
      "data_row_run(data, end, n) -> (end, count) of the run of complete DataRows"},
     {NULL, NULL, 0, NULL},
@@ -1388,6 +1834,7 @@ PyInit_pgveil_accel(void)
         PyModule_AddIntConstant(m, "TEXT_MASKS", 1) < 0 ||
         PyModule_AddIntConstant(m, "SCREEN_COLUMNS", 2) < 0 ||
         PyModule_AddIntConstant(m, "SUBJECT_KEYS", MAX_SUBJECT_SUFFIX) < 0 ||
+        PyModule_AddIntConstant(m, "SUBJECT_CHECKS", MAX_SUBJECT_ID) < 0 ||
         PyModule_AddStringConstant(m, "OPENSSL_VERSION", OpenSSL_version(OPENSSL_VERSION)) < 0 ||
         PyModule_AddStringConstant(m, "__version__", ACCEL_VERSION) < 0)
         goto fail;

@@ -30,6 +30,10 @@ result column, chosen once per statement (never per row):
 
 NULL stays NULL. Columns without a plan entry are copied as they are.
 
+A column with per-subject keys whose row's subject column is in the same result (``subject_at``) is also
+checked: each value's key must be the key of the subject that column names (see :func:`_check_subjects`,
+made for each row before its values are opened, by every kernel).
+
 Every envelope is opened through :class:`keymgmt.envelope.Opener`, the one decrypt boundary: this module
 knows the DataRow format, not the envelope's. A value that does not open ends the run in
 :class:`RowDecryptError`, which names the column and carries a bounded ``reason`` for the log and the
@@ -48,6 +52,7 @@ unit tests hold them to that, on every fault at every row and column):
 from __future__ import annotations
 
 import binascii
+import functools
 import re
 import struct
 from collections.abc import Callable
@@ -59,13 +64,16 @@ from keymgmt import native
 from keymgmt.envelope import (
     ALGORITHM_AES256GCM,
     MAGIC,
+    MAX_SUBJECT_ID_LENGTH,
     MIN_LENGTH,
     NATIVE_SUBJECT_KEYS,
     VERSION_1,
+    KeyState,
     Opener,
     OpenFailed,
     OpenFailure,
     Subject,
+    subject_associated_data,
 )
 from keymgmt.envelope import KeyLookup as KeyLookup  # re-exported: callers pass keymgmt's lookup
 from proxy.encrypt.subjects import InvalidSubject, subject_from_binary, subject_from_text
@@ -267,8 +275,8 @@ def rewrite_data_rows(
     dispatch of the relay. Returns the framed messages.
 
     ``memo`` belongs to one result (one plan): it holds the plan compiled for the kernels below (under
-    ``b""``) and the result's :class:`~keymgmt.envelope.Opener` (under ``b"o"``), which remembers the keys
-    it found enabled."""
+    ``b""``), the result's :class:`~keymgmt.envelope.Opener` (under ``b"o"``), which remembers the keys
+    it found enabled, and the Python kernels' canonical subject ids (under ``b"s"``)."""
     compiled = memo.get(b"")
     if compiled is None or compiled[0] is not plan:
         compiled = memo[b""] = _compile(plan)
@@ -279,20 +287,16 @@ def rewrite_data_rows(
     # subject keys by an accelerator build that cannot add their associated data.
     if opener is None or opener[0] != keys or (compiled[5] and opener[1].native is not None):
         opener = memo[b"o"] = (keys, Opener(keys, python=compiled[5]))
-    if compiled[6]:
-        try:
-            _check_subjects(data, start, end, compiled[6], keys, memo)
-        except (struct.error, IndexError):
-            raise CodecError("server", "malformed DataRow message") from None
     try:
         if compiled[3] is not None and opener[1].native is not None and type(data) is bytes:
             try:
-                return _rewrite_native(data, start, end, plan, compiled[3], opener[1])
+                return _rewrite_native(data, start, end, plan, compiled[3], opener[1], compiled[7])
             except _Unsupported:
                 pass  # escape-format bytea text, a mask longer than its stored value: the general loop
+        check = subject_checker(compiled[6], keys, memo)
         if compiled[2] is not None:
-            return _rewrite_fast(data, start, end, plan, compiled[2], opener[1].open)
-        return _rewrite_general(data, start, end, plan, compiled[1], opener[1].open, fmt)
+            return _rewrite_fast(data, start, end, plan, compiled[2], opener[1].open, check)
+        return _rewrite_general(data, start, end, plan, compiled[1], opener[1].open, fmt, check)
     except struct.error:
         raise CodecError("server", "malformed DataRow message") from None
 
@@ -311,8 +315,9 @@ _NativeColumns = tuple[_NativeColumn, ...]
 # associated bytes of each decrypted column, _HIDE for a NULL column, None for the others. The
 # accelerator's the same when every decrypted column is identity (see _NativeColumns).
 # (plan, steps, the fast loop's columns, the accelerator's columns, nothing to change, some column has
-# per-subject keys: its values open with the Python Opener, which adds each key's subject to the
-# associated data; the accelerator's kernel does not know subject keys yet).
+# per-subject keys and the accelerator's Opener cannot add a key's subject to the associated data (an old
+# build: its values open with the Python Opener), the subject checks (see _check_subjects), and the same
+# as the accelerator's kernel takes them (None: no checks)).
 _Compiled = tuple[
     RowPlan,
     tuple[_Step, ...],
@@ -320,7 +325,8 @@ _Compiled = tuple[
     _NativeColumns | None,
     bool,
     bool,
-    tuple[tuple[int, "ColumnOutput"], ...],  # the values whose row's subject column is in the result
+    tuple["_SubjectCheck", ...],
+    "tuple[_NativeCheck, ...] | None",
 ]
 _OpenFunction = Callable[[bytes, int, int, bytes], bytes]
 # The fast loop's mark for a column that goes out as NULL; compared by identity (associated data is never
@@ -336,6 +342,9 @@ _NATIVE_TEXT_MASKS = bool(getattr(_accel, "TEXT_MASKS", 0))
 # From its version 4 on, it screens unattributed columns for envelopes (a True column; 2 for a bytea
 # column, whose envelope can only be the whole value); SCREEN_COLUMNS 2: nested escape forms too.
 _NATIVE_SCREEN = getattr(_accel, "SCREEN_COLUMNS", 0) >= 2
+# A build whose SUBJECT_CHECKS is the longest subject id keymgmt allows makes the subject checks itself
+# (rewrite_rows' checks argument); with another build, plans with checks run in the Python loops.
+_NATIVE_SUBJECT_CHECKS = getattr(_accel, "SUBJECT_CHECKS", 0) == MAX_SUBJECT_ID_LENGTH
 
 
 def _native_column(step: _Step) -> _NativeColumn:
@@ -375,6 +384,12 @@ def _compile(plan: RowPlan) -> _Compiled:
     masks = any(step[4] is Action.MASK for step in decrypting)
     # An accelerator build that cannot add a subject key's associated data leaves such plans to Python.
     subjects = not NATIVE_SUBJECT_KEYS and any(step[0].column.subject_kind is not None for step in decrypting)
+    readers: dict[tuple[str, SubjectColumn | None, bool], _SubjectCanonical] = {}
+    checks = tuple(
+        _subject_check(i, out, len(plan), readers)
+        for i, out in enumerate(plan)
+        if out is not None and out.subject_at >= 0 and out.action in (Action.DECRYPT, Action.MASK)
+    )
     native = (
         all(step[4] in (Action.DECRYPT, Action.MASK) and step[3] for step in decrypting)
         and not subjects
@@ -382,6 +397,7 @@ def _compile(plan: RowPlan) -> _Compiled:
         and (_NATIVE_NULL or not hides)
         and (_NATIVE_MASK or not masks)
         and (_NATIVE_SCREEN or not screens)
+        and (_NATIVE_SUBJECT_CHECKS or not checks)
     )
     return (
         plan,
@@ -392,11 +408,8 @@ def _compile(plan: RowPlan) -> _Compiled:
         tuple(_native_column(step) for step in steps) if native else None,
         all(step is None for step in steps),
         subjects,
-        tuple(
-            (i, out)
-            for i, out in enumerate(plan)
-            if out is not None and out.subject_at >= 0 and out.action in (Action.DECRYPT, Action.MASK)
-        ),
+        checks,
+        tuple(c.native() for c in checks) if native and checks else None,
     )
 
 
@@ -443,77 +456,214 @@ def run_key_ids(data: bytes, start: int, end: int, plan: RowPlan) -> list[bytes]
 _HEX_PREFIX = b"\\x" + _PREFIX.hex().encode()
 
 
+# -- per-subject keys: the subject check ----------------------------------------------------------------
+# A value of a column with per-subject keys, in a result that also holds its row's subject column (same
+# table, see the engine's _subject_checks), must be sealed under the key of the subject that column names:
+# a value copied into another subject's row is refused as one that does not open. _check_subjects is the
+# reference; the accelerator's kernel makes the same checks in the same order (pgveil_accel.c,
+# check_row_subjects), holding each key's subject part and making the row's id canonical natively.
+
+# The subject column's type class (proxy.rewrite.catalog.SUBJECT_TYPES), as the accelerator knows it; 0:
+# none known (the catalog is not read, or the plan has no subject column), so no id is valid.
+_TYPE_CLASSES = {"integer": 1, "uuid": 2, "text": 3}
+_KEY_ENABLED = KeyState.ENABLED  # a module global: enum member access costs a class lookup per value
+_SubjectCanonical = Callable[[bytes], bytes | None]
+# What the accelerator's kernel takes per check: (checked column, subject column, type class code, the
+# server sends the subject column in binary, the kind part, the canonicaliser of text ids).
+_NativeCheck = tuple[int, int, int, bool, bytes, _SubjectCanonical]
+
+
+@dataclass(frozen=True, slots=True)
+class _SubjectCheck:
+    """One checked column of a plan: its value's key must be the key of the subject its row names."""
+
+    index: int  # the checked (decrypted or masked) column
+    out: ColumnOutput
+    subject_at: int  # the row's subject column
+    type_class: int  # _TYPE_CLASSES code
+    binary: bool  # the server sends the subject column in binary
+    # 0x00 · u16 length · kind: how a key of the table's subject kind begins its subject part
+    # (keymgmt.envelope.subject_associated_data); empty when the plan names no subject column.
+    kind_part: bytes
+    canonical: _SubjectCanonical  # a subject id as the server sends it -> its canonical id, None if invalid
+
+    def native(self) -> _NativeCheck:
+        return (self.index, self.subject_at, self.type_class, self.binary, self.kind_part, self.canonical)
+
+
+def _subject_check(
+    index: int, out: ColumnOutput, width: int, readers: dict[tuple[str, SubjectColumn | None, bool], _SubjectCanonical]
+) -> _SubjectCheck:
+    """The check of ``out`` (at ``index``); ``readers`` shares one canonicaliser between the checks of a
+    table's subject column, so that the accelerator makes a row's canonical id once for all of them."""
+    if not 0 <= out.subject_at < width:
+        raise ValueError("a subject check names a subject column outside the row")
+    subject, table, binary = out.subject, out.subject_table, out.subject_binary
+    if subject is None:
+        return _SubjectCheck(index, out, out.subject_at, 0, binary, b"", _no_subject)
+    kind_part = _kind_part(subject.kind)
+    canonical = readers.get((table, subject, binary))
+    if canonical is None:
+        canonical = readers[(table, subject, binary)] = _subject_reader(table, subject, binary)
+    return _SubjectCheck(
+        index, out, out.subject_at, _TYPE_CLASSES.get(subject.type_class, 0), binary, kind_part, canonical
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _kind_part(kind: str) -> bytes:
+    """0x00 · u16 length · kind, from keymgmt's layout: the subject part of an empty id, less the id's length."""
+    return subject_associated_data(Subject(kind, b""))[:-4]
+
+
+def _subject_reader(table: str, subject: SubjectColumn, binary: bool) -> _SubjectCanonical:
+    """The canonical id of a subject id as the server sends it (subjects.py), None for no id of its type."""
+    read = subject_from_binary if binary else subject_from_text
+
+    def canonical(raw: bytes) -> bytes | None:
+        try:
+            return read(table, subject, raw).subject_id
+        except InvalidSubject:
+            return None
+
+    return canonical
+
+
+def _no_subject(raw: bytes) -> bytes | None:
+    return None
+
+
+def subject_checker(
+    checks: tuple[_SubjectCheck, ...], keys: KeyLookup, memo: dict[bytes, Any]
+) -> Callable[[bytes, int, int], None] | None:
+    """The Python loops' per-row subject check for a plan's checks (None when it has none); ``memo`` (the
+    result's) keeps the canonical id of each distinct subject id read, bounded."""
+    if not checks:
+        return None
+    named: dict[_SubjectCanonical, dict[bytes, bytes | None]] = memo.setdefault(b"s", {})
+
+    def check(data: bytes, pos: int, row_end: int) -> None:
+        _check_subjects(data, pos, row_end, checks, keys, named)
+
+    return check
+
+
 def _check_subjects(
+    data: bytes,
+    pos: int,
+    row_end: int,
+    checks: tuple[_SubjectCheck, ...],
+    keys: KeyLookup,
+    named: dict[_SubjectCanonical, dict[bytes, bytes | None]],
+) -> None:
+    """The subject checks of the DataRow ``data[pos:row_end]``, whose type, length and column count the
+    loop has checked; made before any of its values is opened.
+
+    The row's values are located first; a row whose lengths do not fit it exactly is not checked (the
+    loop refuses it). Then per check, in order, these are not checked: a NULL value; a value that does not
+    start like an envelope (raw: at least MIN_LENGTH bytes and the v1 prefix; hex text: ``\\x``, an even
+    number of at least 2 * MIN_LENGTH digits whose first 40 are hex and decode to the prefix and a key id;
+    escape text: decoded, as raw); a key the lookup does not give enabled (the open refuses it); a column's
+    key (a value written before the table had subject keys). A subject's key must name the table's kind
+    and the canonical id of the row's subject column (NULL, or no id of its type, names none): else
+    RowDecryptError (authentication), as a value that does not open. The lookup's KeyMiss goes through
+    before anything is written, so the run can be retried."""
+    values = _row_values(data, pos, row_end)
+    if values is None:
+        return
+    for check in checks:
+        v, n = values[check.index]
+        if n < 0:
+            continue
+        if check.out.server_binary:
+            if n < MIN_LENGTH or data[v : v + 4] != _PREFIX:
+                continue
+            key_id = data[v + 4 : v + 20]
+        else:
+            prefix = _text_envelope_prefix(data, v, n)
+            if prefix is None:
+                continue
+            key_id = prefix[4:]
+        key = keys(key_id)
+        if key is None or key.state is not _KEY_ENABLED:
+            continue
+        suffix = key.subject_associated
+        if not suffix:
+            continue
+        s, sn = values[check.subject_at]
+        expected: bytes | None = None
+        if sn >= 0:
+            # The subject part each distinct id names, per canonicaliser (one per table's subject column
+            # and format, so one kind), remembered for the result (bounded).
+            ids = named.get(check.canonical)
+            if ids is None:
+                ids = named[check.canonical] = {}
+            raw = data[s : s + sn]
+            if raw in ids:
+                expected = ids[raw]
+            else:
+                canonical = check.canonical(raw) if check.type_class else None
+                if canonical is not None:
+                    expected = check.kind_part + len(canonical).to_bytes(4, "big") + canonical
+                if len(ids) >= 4096:
+                    ids.clear()
+                ids[raw] = expected
+        if suffix != expected:
+            raise RowDecryptError(check.out.column, OpenFailure.AUTHENTICATION.value)
+
+
+def _row_values(data: bytes, pos: int, row_end: int) -> list[tuple[int, int]] | None:
+    """(offset, length) of each value of the DataRow at ``pos``, None if its lengths do not fit it exactly."""
+    unpack = _I32.unpack_from
+    values: list[tuple[int, int]] = []
+    p = pos + 7
+    for _ in range(int.from_bytes(data[pos + 5 : pos + 7], "big", signed=True)):
+        if row_end - p < 4:
+            return None
+        (n,) = unpack(data, p)
+        size = n if n > 0 else 0
+        if size > row_end - p - 4:
+            return None
+        values.append((p + 4, n))
+        p += 4 + size
+    return values if p == row_end else None
+
+
+def _text_envelope_prefix(data: bytes, v: int, n: int) -> bytes | None:
+    """The first 20 bytes (magic · version · algorithm · key id) of the envelope that the bytea text
+    ``data[v:v+n]`` holds, if it starts like one (see _check_subjects)."""
+    if n >= 2 and data[v : v + 2] == b"\\x":
+        if (n - 2) % 2 or (n - 2) // 2 < MIN_LENGTH:
+            return None
+        try:
+            prefix = binascii.a2b_hex(data[v + 2 : v + 42])
+        except ValueError:
+            return None
+    else:
+        try:
+            prefix = BYTEA.canonical_from_text(data[v : v + n], _ASCII_FORMAT)
+        except (ValueError, ProxyError):
+            return None
+        if len(prefix) < MIN_LENGTH:
+            return None
+        prefix = prefix[:20]
+    return prefix if prefix[:4] == _PREFIX else None
+
+
+def _rewrite_native(
     data: bytes,
     start: int,
     end: int,
-    checks: tuple[tuple[int, ColumnOutput], ...],
-    keys: KeyLookup,
-    memo: dict[bytes, Any],
-) -> None:
-    """Each checked value's key must be the key of the data subject its row names (its subject column,
-    in the same result): a value copied into another subject's row is refused as a value that does not
-    open. A key that is a column's (written before the table had subject keys) or not found here (the
-    kernel then fails it) is left to the kernel. Raises the key lookup's KeyMiss before anything is
-    written, so the run can be retried."""
-    unpack = _I32.unpack_from
-    pos = start
-    while pos < end:
-        (length,) = unpack(data, pos + 1)
-        row_end = pos + 1 + length
-        offsets: list[tuple[int, int]] = []
-        p = pos + 7
-        for _ in range(int.from_bytes(data[pos + 5 : pos + 7], "big", signed=True)):
-            (n,) = unpack(data, p)
-            offsets.append((p + 4, n))
-            p += 4 + max(n, 0)
-        for i, out in checks:
-            v, n = offsets[i]
-            if n < 0:
-                continue
-            if out.server_binary:
-                key_id = data[v + 4 : v + 20] if n >= MIN_LENGTH else b""
-            else:
-                try:
-                    key_id = binascii.a2b_hex(data[v + 10 : v + 42]) if data[v : v + 2] == b"\\x" else b""
-                except ValueError:
-                    key_id = b""
-            if len(key_id) != 16:
-                continue  # not an envelope: the kernel says so
-            key = keys(key_id)
-            expected = None if key is None else key.data_subject
-            if expected is None:
-                continue
-            s, sn = offsets[out.subject_at]
-            named = None
-            if sn >= 0 and out.subject is not None:
-                raw = data[s : s + sn]
-                # The canonical subject of each distinct raw id, remembered for the result (bounded).
-                cache: dict[tuple[bytes, bool, int], Subject | None] = memo.setdefault(b"s", {})
-                ck = (raw, out.subject_binary, id(out.subject))
-                if ck in cache:
-                    named = cache[ck]
-                else:
-                    try:
-                        named = (
-                            subject_from_binary(out.subject_table, out.subject, raw)
-                            if out.subject_binary
-                            else subject_from_text(out.subject_table, out.subject, raw)
-                        )
-                    except InvalidSubject:
-                        named = None
-                    if len(cache) > 4096:
-                        cache.clear()
-                    cache[ck] = named
-            if named != expected:
-                raise RowDecryptError(out.column, OpenFailure.AUTHENTICATION.value)
-        pos = row_end
-
-
-def _rewrite_native(data: bytes, start: int, end: int, plan: RowPlan, columns: _NativeColumns, opener: Opener) -> bytes:
+    plan: RowPlan,
+    columns: _NativeColumns,
+    opener: Opener,
+    checks: tuple[_NativeCheck, ...] | None = None,
+) -> bytes:
     """The accelerator's kernel, its errors turned into this module's (see pgveil_accel.c)."""
     try:
-        return _accel.rewrite_rows(data, start, end, columns, opener.native)  # type: ignore[no-any-return]
+        if checks is None:
+            return _accel.rewrite_rows(data, start, end, columns, opener.native)  # type: ignore[no-any-return]
+        return _accel.rewrite_rows(data, start, end, columns, opener.native, checks)  # type: ignore[no-any-return]
     except _accel.RowRefused as e:
         reason, index = e.args
         out = plan[index] if index >= 0 else None
@@ -540,10 +690,12 @@ def _rewrite_fast(
     plan: RowPlan,
     associated_data: tuple[bytes | None, ...],
     open_: _OpenFunction,
+    check: Callable[[bytes, int, int], None] | None = None,
 ) -> bytes:
     """Every decrypted column comes from the server as a raw envelope and goes to the client as its
     canonical bytes, so a value's new length is its envelope's minus the envelope overhead; a hidden
-    column (``_HIDE``) becomes NULL unread."""
+    column (``_HIDE``) becomes NULL unread. ``check``: the plan's subject checks (subject_checker), made
+    per row before its values are opened."""
     ncols = len(associated_data)
     unpack_row = _ROW.unpack_from
     unpack = _I32.unpack_from
@@ -562,6 +714,8 @@ def _rewrite_fast(
             raise struct.error("not a complete DataRow")
         if count != ncols:
             raise RowDecryptError(_first(plan), ROW_SHAPE)
+        if check is not None:
+            check(data, pos, row_end)
         p = pos + 7  # the first column's length
         shrink = 0
         head = -1  # where the row's new message header goes in parts, once a value of it is rewritten
@@ -620,8 +774,10 @@ def _rewrite_general(
     steps: tuple[_Step, ...],
     open_: _OpenFunction,
     fmt: SessionFormat,
+    check: Callable[[bytes, int, int], None] | None = None,
 ) -> bytes:
-    """Any plan: envelopes in bytea text form (simple queries), codecs, fixed-width types, masks."""
+    """Any plan: envelopes in bytea text form (simple queries), codecs, fixed-width types, masks;
+    ``check`` as for _rewrite_fast."""
     ncols = len(steps)
     unpack_row = _ROW.unpack_from
     unpack = _I32.unpack_from
@@ -642,6 +798,8 @@ def _rewrite_general(
             raise struct.error("not a complete DataRow")
         if count != ncols:
             raise RowDecryptError(_first(plan), ROW_SHAPE)
+        if check is not None:
+            check(data, pos, row_end)
         p = pos + 7
         shrink = 0
         head = -1

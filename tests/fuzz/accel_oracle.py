@@ -4,7 +4,9 @@ bytes, or the same error: malformed, or refused naming the same column with the 
 
 Shared by the bounded hypothesis run in the test suite (test_fuzz_accel.py) and the coverage-guided
 atheris harness (fuzz_accel.py, ``make fuzz``). An input is one byte that picks a plan, then the bytes
-the server would send: a run of DataRow messages or anything else.
+the server would send: a run of DataRow messages or anything else. Some plans have per-subject keys with
+the row's subject column in the result (the subject check: integer, uuid and text ids, in text and binary
+format), so mutations reach the kernel's subject ids, key ids and framing there too.
 """
 
 from __future__ import annotations
@@ -13,7 +15,14 @@ import dataclasses
 import struct
 
 from keymgmt import envelope
-from keymgmt.envelope import DataKey, KeyState, Opener, _seal_with_nonce, column_associated_data
+from keymgmt.envelope import (
+    DataKey,
+    KeyState,
+    Opener,
+    _seal_with_nonce,
+    column_associated_data,
+    subject_scope,
+)
 from proxy.encrypt import rows
 from proxy.encrypt.engine import ColumnCrypto
 from proxy.encrypt.rows import Action, ColumnOutput, RowDecryptError, RowPlan, screen_output
@@ -22,7 +31,7 @@ from proxy.policy.masks import compile_mask
 from proxy.policy.model import Mask, MaskFunction
 from proxy.protocol import relay
 from proxy.protocol.codec import CodecError
-from proxy.rewrite.catalog import ProtectedColumn
+from proxy.rewrite.catalog import ProtectedColumn, SubjectColumn
 
 FMT = SessionFormat()
 SSN = ProtectedColumn("public", "customers", "ssn", "text", attnum=2, table_oid=16400)
@@ -32,6 +41,29 @@ DISABLED = DataKey.from_material(b"\x22" * 16, bytes(range(1, 33)), column_id=SS
     KeyState.DISABLED
 )
 KEYS: dict[bytes, DataKey] = {KEY.key_id: KEY, DISABLED.key_id: DISABLED}
+
+# Per-subject keys: two subjects of each kind, the subject column of each table in text or binary format.
+SUBJECT_IDS: dict[str, tuple[bytes, ...]] = {
+    "customer": (b"1", b"-42"),
+    "device": (b"0a1b2c3d-4e5f-4061-8293-a4b5c6d7e8f9", b"ffffffff-0000-4000-8000-000000000001"),
+    "member": (b"ann", "Zoë".encode()),
+}
+SUBJECTS = {
+    "customer": SubjectColumn("customer", "id", "integer"),
+    "device": SubjectColumn("device", "serial", "uuid"),
+    "member": SubjectColumn("member", "name", "text"),
+}
+SUBJECT_KEYS: dict[tuple[str, bytes], DataKey] = {}
+for _n, (_kind, _ids) in enumerate(SUBJECT_IDS.items()):
+    for _m, _sid in enumerate(_ids):
+        _k = DataKey.from_material(
+            bytes([0x30 + 2 * _n + _m]) * 16,
+            bytes([0x40 + 2 * _n + _m]) * 32,
+            column_id=subject_scope(_kind),
+            subject=_sid,
+        )
+        SUBJECT_KEYS[(_kind, _sid)] = _k
+        KEYS[_k.key_id] = _k
 
 Outcome = bytes | tuple[object, ...]
 SSN_ASSOCIATED = column_associated_data(SSN.column_id)
@@ -66,14 +98,72 @@ PLANS: tuple[RowPlan, ...] = (
     (screen_output(False), dataclasses.replace(_SSN_RAW, action=Action.NULL), None),
     (screen_output(True, whole=True), _SSN_HEX, screen_output(False, whole=True), screen_output(True)),
 )
+
+
+def _subject_output(
+    kind: str, name: str, at: int, *, server_binary: bool, subject_binary: bool, checked: bool = True
+) -> ColumnOutput:
+    col = ProtectedColumn("public", kind + "s", name, "text", attnum=3, table_oid=16600, subject_kind=kind)
+    out = _output(col, server_binary=server_binary, client_binary=False)
+    if not checked:
+        return out
+    return dataclasses.replace(
+        out, subject_at=at, subject=SUBJECTS[kind], subject_table=f"public.{kind}s", subject_binary=subject_binary
+    )
+
+
+def _hidden_subject(kind: str, binary: bool) -> ColumnOutput:
+    col = ProtectedColumn("public", kind + "s", SUBJECTS[kind].column, "text", attnum=1, table_oid=16600)
+    return ColumnOutput(col, codec_for("text"), b"", binary, False, action=Action.NULL)
+
+
+# Plans with subject checks, and where each has its tables' subject columns: position -> (kind, binary).
+SUBJECT_PLANS: tuple[tuple[RowPlan, dict[int, tuple[str, bool]]], ...] = (
+    (
+        (
+            None,
+            _subject_output("customer", "a", 0, server_binary=True, subject_binary=False),
+            _subject_output("customer", "b", 0, server_binary=False, subject_binary=False),
+        ),
+        {0: ("customer", False)},
+    ),
+    (
+        (
+            _subject_output("customer", "a", 2, server_binary=True, subject_binary=True),
+            _SSN_RAW,
+            None,
+            _subject_output("customer", "b", 2, server_binary=True, subject_binary=True, checked=False),
+        ),
+        {2: ("customer", True)},
+    ),
+    (
+        (
+            None,
+            _masked(_subject_output("device", "a", 0, server_binary=False, subject_binary=False), MaskFunction.PARTIAL),
+            _hidden_subject("member", True),
+            _subject_output("member", "b", 2, server_binary=True, subject_binary=True),
+        ),
+        {0: ("device", False), 2: ("member", True)},
+    ),
+    (
+        (
+            _subject_output("device", "a", 1, server_binary=True, subject_binary=True),
+            None,
+            _subject_output("member", "b", 2, server_binary=False, subject_binary=False, checked=False),
+        ),
+        {1: ("device", True)},
+    ),
+)
+PLANS += tuple(plan for plan, _ in SUBJECT_PLANS)
 # Plaintexts for the seeds: ASCII, multi-byte, 0 to 5 characters, no, one or several '@'.
 _VALUES = ("value", "", "é", "a😀", "abcd", "€uro5", "a@b@c.de", "@", "ann@例え.jp", "中文字符串")
 
 
 def _python_outcome(data: bytes, plan: RowPlan) -> Outcome:
-    steps = rows._compile(plan)[1]
+    compiled = rows._compile(plan)
+    steps, check = compiled[1], rows.subject_checker(compiled[6], KEYS.get, {})
     try:
-        return rows._rewrite_general(data, 0, len(data), plan, steps, Opener(KEYS.get, python=True).open, FMT)
+        return rows._rewrite_general(data, 0, len(data), plan, steps, Opener(KEYS.get, python=True).open, FMT, check)
     except RowDecryptError as e:
         return ("refused", e.column.column_id, e.reason)
     except struct.error:
@@ -139,6 +229,9 @@ def seeds() -> list[bytes]:
     seldom make an envelope that authenticates."""
     out: list[bytes] = []
     for index, plan in enumerate(PLANS):
+        if index >= len(PLANS) - len(SUBJECT_PLANS):
+            out += _subject_seeds(index, *SUBJECT_PLANS[index - len(PLANS) + len(SUBJECT_PLANS)])
+            continue
         bodies = []
         for i in range(3):
             values: list[bytes | None] = []
@@ -169,3 +262,51 @@ def seeds() -> list[bytes]:
         out.append(bytes([index]) + _frame(bodies[0]) + b"C\x00\x00\x00\x04")
         out.append(bytes([index]) + run.replace(KEY.key_id, DISABLED.key_id, 1))  # a disabled key's value
     return out
+
+
+def _subject_id(kind: str, sid: bytes, binary: bool) -> bytes:
+    """The id as the server sends it: text as written, binary as the type's send function."""
+    if not binary or kind == "member":
+        return sid
+    if kind == "customer":
+        return int(sid).to_bytes(8, "big", signed=True)
+    return bytes.fromhex(sid.decode().replace("-", ""))
+
+
+def _subject_seeds(index: int, plan: RowPlan, subjects: dict[int, tuple[str, bool]]) -> list[bytes]:
+    """Valid runs of a subject-checked plan (each row's values under its subject's key, unchecked ones
+    under a subject's key too), one with a value moved into another subject's row, and framing faults."""
+    runs: list[list[bytes]] = [[], []]
+    for i in range(3):
+        ids = {at: SUBJECT_IDS[kind][i % 2] for at, (kind, _binary) in subjects.items()}
+        for moved, bodies in enumerate(runs):
+            values: list[bytes | None] = []
+            for c, col in enumerate(plan):
+                if c in subjects:
+                    kind, binary = subjects[c]
+                    values.append(_subject_id(kind, ids[c], binary))
+                elif col is None:
+                    values.append(b"%d" % i if (i + c) % 3 else None)
+                elif col.column.subject_kind is None:
+                    sealed = _seal_with_nonce(KEY, b"v%d" % i, col.associated, bytes([i, c]) * 6)
+                    values.append(sealed if col.server_binary else b"\\x" + sealed.hex().encode())
+                else:
+                    kind = col.column.subject_kind
+                    # The row's subject of that kind (an unchecked column of a table whose subject
+                    # column is not in the result: any subject's key opens it).
+                    same = [a for a, (k, _binary) in subjects.items() if k == kind]
+                    at = col.subject_at if col.subject_at >= 0 else same[0] if same else -1
+                    sid = ids[at] if at >= 0 else SUBJECT_IDS[kind][0]
+                    if moved and i == 2:
+                        sid = SUBJECT_IDS[kind][(i + 1) % 2]
+                    plain = _VALUES[(index + i + c) % len(_VALUES)].encode()
+                    sealed = _seal_with_nonce(SUBJECT_KEYS[(kind, sid)], plain, col.associated, bytes([i, c]) * 6)
+                    values.append(sealed if col.server_binary else b"\\x" + sealed.hex().encode())
+            bodies.append(_row(*values))
+    run, moved_run = _frame(*runs[0]), _frame(*runs[1])
+    return [
+        bytes([index]) + run,
+        bytes([index]) + moved_run,
+        bytes([index]) + run[: len(run) - 3],
+        bytes([index]) + _frame(runs[0][0]) + b"C\x00\x00\x00\x04",
+    ]

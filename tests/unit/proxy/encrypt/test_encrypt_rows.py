@@ -351,16 +351,17 @@ def loops(data: bytes, plan: RowPlan, keys: KeyLookup = lookup, *, end: int | No
     """The outcome of each kernel that can run ``plan``: the general loop, the fast one where the plan
     allows it, each with the Python and (where built) the accelerator's Opener, and the accelerator's
     kernel where the plan allows it."""
-    _, steps, fast, native, _unchanged, _subjects, _checks = rows._compile(plan)
+    _, steps, fast, native, _unchanged, _subjects, checks, native_checks = rows._compile(plan)
     stop = len(data) if end is None else end
     openers = [Opener(keys, python=True)] + ([Opener(keys)] if envelope._accel is not None else [])
+    check = rows.subject_checker(checks, keys, {})
     runs: list[Callable[[], bytes]] = []
     for opener in openers:
-        runs.append(lambda o=opener: rows._rewrite_general(data, 0, stop, plan, steps, o.open, FMT))  # type: ignore[misc]
+        runs.append(lambda o=opener: rows._rewrite_general(data, 0, stop, plan, steps, o.open, FMT, check))  # type: ignore[misc]
         if fast is not None:
-            runs.append(lambda o=opener: rows._rewrite_fast(data, 0, stop, plan, fast, o.open))  # type: ignore[misc]
+            runs.append(lambda o=opener: rows._rewrite_fast(data, 0, stop, plan, fast, o.open, check))  # type: ignore[misc]
     if native is not None and envelope._accel is not None:
-        runs.append(lambda: rows._rewrite_native(data, 0, stop, plan, native, Opener(keys)))
+        runs.append(lambda: rows._rewrite_native(data, 0, stop, plan, native, Opener(keys), native_checks))
     outcomes: list[Outcome] = []
     for run in runs:
         try:
@@ -744,7 +745,7 @@ HIDDEN_PLAN: RowPlan = (
 
 def test_a_hidden_column_runs_in_the_fast_loop_and_the_accelerator() -> None:
     """Hiding decrypts nothing and needs no codec: it does not push a plan off the fast kernels."""
-    _, _, fast, native, unchanged, _subjects, _checks = rows._compile(HIDDEN_PLAN)
+    _, _, fast, native, unchanged, _subjects, _checks, _native_checks = rows._compile(HIDDEN_PLAN)
     assert fast is not None
     assert (native is not None) == (rows._accel is not None)
     assert not unchanged
