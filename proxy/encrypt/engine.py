@@ -242,7 +242,8 @@ class StatementCrypto(CryptoState):
     key_slots: int = field(init=False)
     targets_in_order: bool = field(init=False)  # ascending parameter index, as a Bind lists values
     copies_in: bool = field(init=False)
-    sealer: BindSealer | None = field(init=False, default=None)  # the native Bind plan (proxy/encrypt/bindseal.py)
+    # The native Bind plan (proxy/encrypt/bindseal.py), derived from targets: not part of the state's identity.
+    sealer: BindSealer | None = field(init=False, default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.adopt(self.view)

@@ -456,3 +456,14 @@ def test_seal_bind_refuses_what_the_decoder_refuses() -> None:
     assert bad_format != good
     with pytest.raises(_accel.Malformed):
         _accel.seal_bind(bad_format, ((0, 0, 1, -1, NAME_ASSOCIATED),), _keys())
+
+
+def test_the_native_plan_is_not_part_of_a_statement_state() -> None:
+    """Two versions of one prepared statement with the same plan are the same state (the relay compares
+    them), whatever their native plans' identities."""
+    crypto, *_ = make_session()
+    one, two = prepared(crypto, *NATIVE_STATEMENTS[0]), prepared(crypto, *NATIVE_STATEMENTS[0])
+    assert one.sealer is not None
+    assert one.sealer is not two.sealer
+    assert one == two
+    assert "sealer" not in repr(one)
