@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keymgmt import envelope
 from keymgmt.envelope import DataKey, Opener, column_associated_data, seal
+from keymgmt.keycache import KeyCache
 from proxy.encrypt import rows
 from proxy.encrypt.engine import ColumnCrypto, CryptoContext, SessionCrypto, StatementCrypto
 from proxy.encrypt.keyring import KeyRing
@@ -113,20 +114,17 @@ def _datarow_timings(
     return _time(native, repeat, n_rows), _time(python, repeat, n_rows)
 
 
-class _Generation:
-    generation = 0
-
-
 class _KeySource:
-    """The keystore's cached lookups for the Bind benchmark: every column's key in memory, under a key
-    cache generation that never changes (so the native Bind keeps its keys, as between invalidations)."""
+    """The keystore's cached lookups for the Bind benchmark: every column's key in a real KeyCache, as the
+    keystore holds them between refreshes (each Bind looks each column's key up there)."""
 
     def __init__(self, keys: list[DataKey]) -> None:
-        self.cache = _Generation()
-        self._active = {k.column_id: k for k in keys}
+        self.cache = KeyCache(1024, 3600.0, time.monotonic)
+        for key in keys:
+            self.cache.put(key, current=True)
 
     def cached_active_key(self, column_id: str, subject: bytes | None = None) -> DataKey | None:
-        return self._active.get(column_id)
+        return self.cache.get_current(column_id, subject)
 
 
 def _bind_timings(repeat: int, n: int) -> tuple[list[float], list[float]]:

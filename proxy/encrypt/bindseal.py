@@ -13,19 +13,20 @@ or none. Any other value (invalid text, too long, a binary value of another decl
 native call return None, and the Bind takes the Python path, which decides and words the error: so the
 client gets the same message and the same refusals either way, only the nonces differ.
 
-Keys: the column keys of a statement are looked up once and kept with a validity token, the key cache's
-generation (which every invalidation, refresh and flush changes, so a key disabled, destroyed or rotated
-away is never used by a later Bind) and the current second (so no key is used much past its cache TTL),
-as :meth:`~proxy.encrypt.engine.CryptoContext.shared_opener` does for results. A key source without a
-generation gets its keys looked up for every Bind. A lookup that fails (a key to fetch, a key not
-ENABLED, a keystore down) hands the Bind to the Python path, which looks up only the keys its values
-need and raises exactly what it raises today.
+Keys: every Bind looks up each column's current key as the Python path does (one lookup per column,
+through the key ring, so a key disabled, destroyed, rotated away or expired from the cache since the
+last Bind is never used); the native form of the keys is kept while the lookups return the same keys. A
+validity token that spares the lookups (the key cache's generation and the current second, as
+:meth:`~proxy.encrypt.engine.CryptoContext.shared_opener` uses for results) is not enough for writes:
+a refresh drops a rotated column's current-key pointer without changing the generation, and a key used
+a second past that keeps values coming under the old version after a rotation job's last pass. A lookup
+that fails (a key to fetch, a key not ENABLED, a keystore down) hands the Bind to the Python path, which
+looks up only the keys its values need and raises exactly what it raises today.
 """
 
 from __future__ import annotations
 
 import struct
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -98,14 +99,14 @@ def native_target(target: _Target) -> NativeTarget | None:
 class BindSealer:
     """A prepared statement's compiled plan for ``pgveil_accel.seal_bind`` and the keys it seals with."""
 
-    __slots__ = ("_generation", "_keys", "_second", "column_ids", "targets")
+    __slots__ = ("_found", "_keys", "column_ids", "targets")
 
     def __init__(self, targets: tuple[NativeTarget, ...], column_ids: tuple[str, ...]) -> None:
         self.targets = targets
         self.column_ids = column_ids  # the column of each key slot
+        # The keys the last Bind sealed with and their native forms, reused while the lookups give them.
+        self._found: tuple[DataKey, ...] = ()
         self._keys: tuple[tuple[Any, bytes], ...] | None = None
-        self._generation = -1
-        self._second = -1
 
     @classmethod
     def compile(cls, targets: Sequence[_Target]) -> BindSealer | None:
@@ -125,32 +126,30 @@ class BindSealer:
             return None
         return cls(tuple(plan), tuple(columns[i] for i in range(len(columns))))
 
-    def keys(self, write_key: Callable[[str], DataKey], source: object) -> tuple[tuple[Any, bytes], ...] | None:
-        """The (cipher, prefix) of each slot's current key; None when one cannot be had here."""
-        generation = getattr(getattr(source, "cache", None), "generation", None)
-        second = int(time.monotonic())
+    def keys(self, write_key: Callable[[str], DataKey]) -> tuple[tuple[Any, bytes], ...] | None:
+        """The (cipher, prefix) of each slot's current key, looked up for this Bind as the Python path
+        does (one lookup per column); None when one cannot be had here."""
         cached = self._keys
-        if cached is not None and generation == self._generation and second == self._second:
-            return cached
-        found: list[tuple[Any, bytes]] = []
+        found: list[DataKey] = []
         try:
             for column_id in self.column_ids:
-                sealer = native_sealer(write_key(column_id))
-                if sealer is None:
-                    return None
-                found.append(sealer)
+                found.append(write_key(column_id))
         except (KeyMiss, ProxyError):
             return None  # the Python path looks up the keys its values need, and raises what it raises
-        keys = tuple(found)
-        if isinstance(generation, int):
-            self._keys, self._generation, self._second = keys, generation, second
-        else:
-            self._keys = None
-        return keys
+        if cached is not None and all(a is b for a, b in zip(found, self._found, strict=True)):
+            return cached
+        sealers: list[tuple[Any, bytes]] = []
+        for key in found:
+            sealer = native_sealer(key)
+            if sealer is None:
+                return None
+            sealers.append(sealer)
+        self._found, self._keys = tuple(found), tuple(sealers)
+        return self._keys
 
-    def seal(self, body: bytes, write_key: Callable[[str], DataKey], source: object) -> tuple[bytes, int] | None:
+    def seal(self, body: bytes, write_key: Callable[[str], DataKey]) -> tuple[bytes, int] | None:
         """(the rewritten Bind message, the values sealed), or None: the Bind takes the Python path."""
-        keys = self.keys(write_key, source)
+        keys = self.keys(write_key)
         if keys is None:
             return None
         try:
