@@ -1529,11 +1529,18 @@ seal_bind(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto fail;
         }
         BindTarget *bt = &plan[t];
+        Py_ssize_t slot = -1, binary_ok = 0;
         bt->index = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 0));
-        Py_ssize_t slot = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 1));
-        long binary_ok = PyLong_AsLong(PyTuple_GET_ITEM(item, 2));
+        if (bt->index == -1 && PyErr_Occurred())
+            goto fail;
+        slot = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 1));
+        if (slot == -1 && PyErr_Occurred())
+            goto fail;
+        binary_ok = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 2));
+        if (binary_ok == -1 && PyErr_Occurred())
+            goto fail;
         bt->max_chars = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 3));
-        if (PyErr_Occurred())
+        if (bt->max_chars == -1 && PyErr_Occurred())
             goto fail;
         bt->binary_ok = binary_ok != 0;
         bt->aad = (const unsigned char *)PyBytes_AS_STRING(PyTuple_GET_ITEM(item, 4));
