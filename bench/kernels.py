@@ -5,7 +5,7 @@ one process and one run: no sockets, no server, so the numbers are the kernels' 
 
 Prints, per kernel, the median and the spread (min..max) over ``--repeat`` timings of µs per row (rows of
 5 encrypted text values of 20 bytes, as the ``wide-fetch-encrypted`` workload reads them) or per value
-(sealing), and the native/Python speed-up. On a shared machine the spread says how far to trust the
+(sealing) or per Bind, and the native/Python speed-up. On a shared machine the spread says how far to trust the
 median. The DataRow kernels are checked to give the same bytes before they are timed.
 """
 
@@ -22,11 +22,14 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keymgmt import envelope
 from keymgmt.envelope import DataKey, Opener, column_associated_data, seal
+from keymgmt.keycache import KeyCache
 from proxy.encrypt import rows
-from proxy.encrypt.engine import ColumnCrypto
+from proxy.encrypt.engine import ColumnCrypto, CryptoContext, SessionCrypto, StatementCrypto
+from proxy.encrypt.keyring import KeyRing
 from proxy.pgtypes import SessionFormat, codec_for
-from proxy.protocol import relay
-from proxy.rewrite.catalog import ProtectedColumn
+from proxy.protocol import codec, relay
+from proxy.protocol import messages as m
+from proxy.rewrite.catalog import Catalog, ProtectedColumn, ProtectedTable
 
 FMT = SessionFormat()
 COLUMNS = [ProtectedColumn("public", "bench_wide_enc", f"c{i}", "text", attnum=i + 1, table_oid=1) for i in range(5)]
@@ -111,6 +114,58 @@ def _datarow_timings(
     return _time(native, repeat, n_rows), _time(python, repeat, n_rows)
 
 
+class _KeySource:
+    """The keystore's cached lookups for the Bind benchmark: every column's key in a real KeyCache, as the
+    keystore holds them between refreshes (each Bind looks each column's key up there)."""
+
+    def __init__(self, keys: list[DataKey]) -> None:
+        self.cache = KeyCache(1024, 3600.0, time.monotonic)
+        for key in keys:
+            self.cache.put(key, current=True)
+
+    def cached_active_key(self, column_id: str, subject: bytes | None = None) -> DataKey | None:
+        return self.cache.get_current(column_id, subject)
+
+
+def _bind_timings(repeat: int, n: int) -> tuple[list[float], list[float]]:
+    """(native, python) µs per Bind: SessionCrypto.bind of the insert-encrypted INSERT (5 text parameters of
+    20 bytes), with the statement's native plan and without it (the Python path, its values sealed by the
+    accelerator's Key all the same)."""
+    columns = {
+        f"c{i}": ProtectedColumn("public", "bench_ins_enc", f"c{i}", "text", attnum=i + 1, table_oid=1)
+        for i in range(1, 6)
+    }
+    table = ProtectedTable("public", "bench_ins_enc", columns, ("id", *columns), oid=1)
+    keys = [
+        DataKey.from_material(bytes([i]) * 16, bytes([i]) * 32, column_id=c.column_id)
+        for i, c in enumerate(columns.values(), 1)
+    ]
+    ring = KeyRing(_KeySource(keys))  # type: ignore[arg-type]
+    crypto = SessionCrypto(CryptoContext(Catalog({("public", "bench_ins_enc"): table}), ring), "bench")
+    parsed = crypto.parse(
+        m.Parse("s", "INSERT INTO bench_ins_enc (c1, c2, c3, c4, c5) VALUES ($1, $2, $3, $4, $5)", ())
+    )
+    stmt = parsed.state
+    assert isinstance(stmt, StatementCrypto)
+    assert stmt.sealer is not None
+    bind = codec.decode_bind_frame(codec.encode_bind_body(m.Bind("", "s", (), (b"abcdefghijklmnopqrst",) * 5, ())))
+    sealer = stmt.sealer
+
+    def native() -> None:
+        for _ in range(n):
+            crypto.bind(bind, stmt, None)
+
+    def python() -> None:
+        stmt.sealer = None
+        try:
+            for _ in range(n):
+                crypto.bind(bind, stmt, None)
+        finally:
+            stmt.sealer = sealer
+
+    return _time(native, repeat, n), _time(python, repeat, n)
+
+
 def _line(name: str, native: list[float], python: list[float], unit: str) -> str:
     mn, mp = statistics.median(native), statistics.median(python)
     return (
@@ -162,6 +217,13 @@ def main(argv: list[str] | None = None) -> int:
             _time(seal_native, args.repeat, n),
             _time(seal_python, args.repeat, n),
             "value",
+        )
+    )
+    print(
+        _line(
+            "Bind of 5 text parameters (SessionCrypto.bind): one native call, or the Python path",
+            *_bind_timings(args.repeat, n),
+            "Bind",
         )
     )
     data, _, _ = _run(args.rows, server_binary=True)

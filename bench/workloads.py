@@ -52,6 +52,7 @@ from bench.targets import (
     TargetUnavailable,
 )
 from proxy.devcluster import DevCluster
+from proxy.schema import envelope_check
 
 log = logging.getLogger(__name__)
 
@@ -289,6 +290,26 @@ def setup_async_role(ctx: BenchContext) -> None:
     )
 
 
+def setup_envelope_domain(ctx: BenchContext) -> None:
+    """``bench_ins_dom``: bench_ins_enc's columns as a domain over bytea carrying the same envelope check
+    (proxy.schema.envelope_check) instead of one CHECK constraint per column, for the server-side
+    comparison of insert-envelopes-domain-async. Runs after setup_async_role (grants its own)."""
+    check = envelope_check("VALUE").replace('"VALUE"', "VALUE")
+    columns = ", ".join(f"c{i} bench_envelope" for i in range(1, 6))
+    _sql(
+        ctx.cluster,
+        "DROP TABLE IF EXISTS bench_ins_dom; DROP DOMAIN IF EXISTS bench_envelope;"
+        f"CREATE DOMAIN bench_envelope AS bytea CHECK ({check});"
+        f"CREATE TABLE bench_ins_dom (id bigserial PRIMARY KEY, {columns});"
+        f"GRANT INSERT ON bench_ins_dom TO {ASYNC_COMMIT_ROLE};"
+        f"GRANT USAGE ON SEQUENCE bench_ins_dom_id_seq TO {ASYNC_COMMIT_ROLE};",
+    )
+
+
+def truncate_insert_domain(ctx: BenchContext) -> None:
+    _sql(ctx.cluster, "TRUNCATE bench_ins_dom RESTART IDENTITY;", "CHECKPOINT;")
+
+
 def setup_visibility_roles(ctx: BenchContext) -> None:
     """The login roles of the ``wide-fetch-masked`` / ``-hidden`` workloads (the encrypted targets'
     policy names them); they may read the wide tables."""
@@ -428,6 +449,12 @@ WIDE_ENCRYPTED_SQL = "SELECT id, c1, c2, c3, c4, c5 FROM bench_wide_enc;"
 INSERT_SQL = "INSERT INTO bench_ins (c1, c2, c3, c4, c5) VALUES (:txt, :txt, :txt, :txt, :txt);"
 INSERT_ENCRYPTED_SQL = "INSERT INTO bench_ins_enc (c1, c2, c3, c4, c5) VALUES (:txt, :txt, :txt, :txt, :txt);"
 INSERT_TEXT = "txt=abcdefghijklmnopqrst"
+# The server's share of insert-encrypted: what pgveil sends for a 20-byte value (a 68-byte envelope: v1
+# prefix, then 64 bytes standing for key id, nonce, ciphertext and tag; the CHECK looks at the prefix and
+# the length only), as bytea hex text, straight to the server.
+INSERT_ENVELOPES_SQL = "INSERT INTO bench_ins_enc (c1, c2, c3, c4, c5) VALUES (:env, :env, :env, :env, :env);"
+INSERT_ENVELOPES_DOMAIN_SQL = INSERT_ENVELOPES_SQL.replace("bench_ins_enc", "bench_ins_dom")
+INSERT_ENVELOPE = "env=\\x50560101" + "a5" * 64
 PGCRYPTO_IV_SQL = (
     "SELECT id, "
     + ", ".join(f"convert_from(decrypt_iv(c{i}, {_iv_args()}), 'UTF8') AS c{i}" for i in range(1, 6))
@@ -699,6 +726,31 @@ WORKLOADS: tuple[Workload, ...] = (
         custom_script("insert-encrypted-async", INSERT_ENCRYPTED_SQL, defines=(INSERT_TEXT,), async_commit=True),
         setup=(setup_insert, setup_wide, setup_encrypted, setup_async_role),
         before_run=truncate_insert_encrypted,
+        baseline=("insert-single-async", "direct"),
+        check=check_async_commit,
+    ),
+    Workload(
+        "insert-envelopes-async",
+        "the server's share of insert-encrypted-async: five 68-byte envelopes (bytea hex text) into"
+        " bench_ins_enc, with its envelope CHECK constraints, straight to the server; its ratio is over"
+        " insert-single-async on direct",
+        ("direct",),
+        custom_script("insert-envelopes-async", INSERT_ENVELOPES_SQL, defines=(INSERT_ENVELOPE,), async_commit=True),
+        setup=(setup_insert, setup_wide, setup_encrypted, setup_async_role),
+        before_run=truncate_insert_encrypted,
+        baseline=("insert-single-async", "direct"),
+        check=check_async_commit,
+    ),
+    Workload(
+        "insert-envelopes-domain-async",
+        "insert-envelopes-async into bench_ins_dom, whose columns are a domain over bytea with the same"
+        " envelope check in place of the CHECK constraints; its ratio is over insert-single-async on direct",
+        ("direct",),
+        custom_script(
+            "insert-envelopes-domain-async", INSERT_ENVELOPES_DOMAIN_SQL, defines=(INSERT_ENVELOPE,), async_commit=True
+        ),
+        setup=(setup_insert, setup_wide, setup_encrypted, setup_async_role, setup_envelope_domain),
+        before_run=truncate_insert_domain,
         baseline=("insert-single-async", "direct"),
         check=check_async_commit,
     ),

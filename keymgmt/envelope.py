@@ -327,6 +327,16 @@ def seal(key: DataKey, plaintext: bytes, associated: bytes) -> bytes:
     return header + key._cipher.encrypt(nonce, plaintext, header + associated)  # type: ignore[no-any-return]
 
 
+def native_sealer(key: DataKey) -> tuple[Any, bytes] | None:
+    """(the accelerator's cipher, the 20-byte prefix of every header it writes) for a column's ENABLED
+    key, what ``pgveil_accel.seal_bind`` seals with; None where that cannot seal as :func:`seal` does
+    (Python runs, the key is not ENABLED, or a subject's key, whose part of the associated data the
+    caller's would lack)."""
+    if _accel is None or key.state is not _ENABLED or key.subject_associated:
+        return None
+    return key._cipher, key._prefix
+
+
 def _seal_with_nonce(key: DataKey, plaintext: bytes, associated: bytes, nonce: bytes) -> bytes:
     """:func:`seal` with a caller-chosen nonce, for test vectors only: reusing a nonce breaks GCM."""
     if len(nonce) != NONCE_LENGTH:

@@ -1782,11 +1782,344 @@ data_row_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(nn)", end, rows);
 }
 
+/* -- Bind rewrite: a prepared statement's protected parameters sealed in one call per Bind ------------- */
+
+/*
+ * Bind (PostgreSQL docs, "Message Formats"): String portal . String statement . Int16 n . Int16[n]
+ * parameter format codes . Int16 n . n * (Int32 length (-1: NULL, no bytes) . Byte[length]) . Int16 n .
+ * Int16[n] result format codes. The reference is proxy/encrypt/engine.py (SessionCrypto._seal_params,
+ * then proxy/protocol/codec.py encode_bind_frame), and proxy/protocol/codec.py _bind_frame for what a
+ * well-formed body is; proxy/encrypt/bindseal.py compiles the plan and keeps the Python path the fallback.
+ */
+
+typedef struct {
+    Py_ssize_t index;          /* 0-based parameter number */
+    KeyObject *key;            /* borrowed from the keys tuple, which the caller holds for the call */
+    const unsigned char *prefix;
+    int binary_ok;             /* a binary value is the column's canonical bytes if it is valid text */
+    Py_ssize_t max_chars;      /* varchar(N): N; -1: no limit */
+    const unsigned char *aad;  /* the column's associated data (borrowed from the targets tuple) */
+    Py_ssize_t aad_len;
+} BindTarget;
+
+static inline Py_ssize_t
+bind_u16(const unsigned char *p)
+{
+    return ((Py_ssize_t)p[0] << 8) | (Py_ssize_t)p[1];
+}
+
+/* 1 when s[0:n] is valid UTF-8 (exactly what Python's strict decoder accepts: no overlong forms, no
+ * surrogates, nothing above U+10FFFF, no truncated sequence) without a NUL, with its count of code points
+ * in *chars; 0 otherwise. Every read is at an index below n. */
+static int
+utf8_text(const unsigned char *s, Py_ssize_t n, Py_ssize_t *chars)
+{
+    Py_ssize_t i = 0, count = 0;
+    while (i < n) {
+        unsigned char c = s[i];
+        if (c < 0x80) {
+            if (c == 0)
+                return 0;
+            i++;
+            count++;
+            continue;
+        }
+        Py_ssize_t more;
+        unsigned char lo = 0x80, hi = 0xBF; /* the range of the byte after the lead byte */
+        if (c >= 0xC2 && c <= 0xDF)
+            more = 1;
+        else if (c == 0xE0) {
+            more = 2;
+            lo = 0xA0;
+        } else if ((c >= 0xE1 && c <= 0xEC) || c == 0xEE || c == 0xEF)
+            more = 2;
+        else if (c == 0xED) {
+            more = 2;
+            hi = 0x9F;
+        } else if (c == 0xF0) {
+            more = 3;
+            lo = 0x90;
+        } else if (c >= 0xF1 && c <= 0xF3)
+            more = 3;
+        else if (c == 0xF4) {
+            more = 3;
+            hi = 0x8F;
+        } else
+            return 0;
+        if (n - i - 1 < more)
+            return 0;
+        if (s[i + 1] < lo || s[i + 1] > hi)
+            return 0;
+        for (Py_ssize_t k = 2; k <= more; k++)
+            if (s[i + k] < 0x80 || s[i + k] > 0xBF)
+                return 0;
+        i += more + 1;
+        count++;
+    }
+    *chars = count;
+    return 1;
+}
+
+static PyObject *
+bind_malformed(void)
+{
+    PyErr_SetString(Malformed, "malformed Bind message");
+    return NULL;
+}
+
+/*
+ * seal_bind(body, targets, keys) -> (message, sealed) or None.
+ *
+ * body: a Bind message's body. targets: one (index, slot, binary_ok, max_chars, associated) tuple per
+ * protected parameter (distinct indexes; a target past the Bind's parameters is skipped, as in Python);
+ * keys: one (Key, prefix) per slot, prefix the 20 bytes magic . version . algorithm . key id of the
+ * column's current key (a column's key: no subject part).
+ *
+ * Returns the whole rewritten Bind ('B', Int32 length, body) and how many values it sealed: every target
+ * that is not NULL sealed into a v1 envelope (a fresh nonce each), sent in binary; the parameter formats
+ * written out in full, one per parameter; every other byte copied. None when some value is not what the
+ * Python path takes as is (text that is not valid UTF-8 or holds a NUL, a varchar(N) value of more than
+ * N characters, a binary value of a target that takes only text): the caller then runs the Python path,
+ * which decides and words the error. Malformed for a body that is not a well-formed Bind; ValueError or
+ * TypeError for a plan that is not one. Nothing is sealed before every value was checked.
+ *
+ * Memory safety: the body is read only at offsets checked against its length (lengths from the wire
+ * are Int32, sums are Py_ssize_t, so nothing overflows); the output's exact size is computed from the
+ * checked offsets first, and every write is checked against it again. Nothing calls back into Python
+ * between the checks and the writes, so the borrowed buffers cannot change.
+ */
+static PyObject *
+seal_bind(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "seal_bind(body, targets, keys)");
+        return NULL;
+    }
+    if (!PyBytes_Check(args[0]) || !PyTuple_Check(args[1]) || !PyTuple_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "seal_bind(body: bytes, targets: tuple, keys: tuple)");
+        return NULL;
+    }
+    const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    const Py_ssize_t len = PyBytes_GET_SIZE(args[0]);
+    PyObject *targets = args[1], *keys = args[2];
+    Py_ssize_t *offsets = NULL; /* n + 1 parameter offsets, then n target numbers (-1: none) */
+    BindTarget *plan = NULL;
+    PyObject *out = NULL;
+
+    /* The body, exactly as codec._bind_frame accepts it. */
+    const unsigned char *nul = memchr(b, 0, (size_t)len);
+    if (nul == NULL)
+        return bind_malformed();
+    Py_ssize_t portal_end = nul - b;
+    nul = memchr(b + portal_end + 1, 0, (size_t)(len - portal_end - 1));
+    if (nul == NULL)
+        return bind_malformed();
+    const Py_ssize_t names_end = nul - b + 1;
+    Py_ssize_t pos = names_end;
+    if (len - pos < 2)
+        return bind_malformed();
+    const Py_ssize_t nfmt = bind_u16(b + pos);
+    pos += 2;
+    if ((len - pos) / 2 < nfmt)
+        return bind_malformed();
+    const unsigned char *fmts = b + pos; /* nfmt Int16 codes, each 0 or 1 */
+    for (Py_ssize_t k = 0; k < nfmt; k++)
+        if (fmts[2 * k] != 0 || fmts[2 * k + 1] > 1)
+            return bind_malformed();
+    pos += 2 * nfmt;
+    const Py_ssize_t values_start = pos;
+    if (len - pos < 2)
+        return bind_malformed();
+    const Py_ssize_t n = bind_u16(b + pos);
+    pos += 2;
+    offsets = PyMem_Malloc((size_t)(2 * n + 1) * sizeof(Py_ssize_t));
+    if (offsets == NULL)
+        return PyErr_NoMemory();
+    Py_ssize_t *target_of = offsets + n + 1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        offsets[i] = pos;
+        target_of[i] = -1;
+        if (len - pos < 4)
+            goto malformed;
+        int32_t l = (int32_t)be32(b + pos);
+        pos += 4;
+        if (l > 0) {
+            if (len - pos < (Py_ssize_t)l)
+                goto malformed;
+            pos += l;
+        } else if (l < -1)
+            goto malformed;
+    }
+    offsets[n] = pos;
+    const Py_ssize_t results_start = pos;
+    if (len - pos < 2)
+        goto malformed;
+    const Py_ssize_t nres = bind_u16(b + pos);
+    if ((len - pos - 2) % 2 != 0 || (len - pos - 2) / 2 != nres)
+        goto malformed;
+    for (Py_ssize_t k = 0; k < nres; k++)
+        if (b[pos + 2 + 2 * k] != 0 || b[pos + 3 + 2 * k] > 1)
+            goto malformed;
+
+    /* The plan. */
+    const Py_ssize_t nt = PyTuple_GET_SIZE(targets), nk = PyTuple_GET_SIZE(keys);
+    plan = PyMem_Malloc((size_t)(nt > 0 ? nt : 1) * sizeof(BindTarget));
+    if (plan == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    for (Py_ssize_t t = 0; t < nt; t++) {
+        PyObject *item = PyTuple_GET_ITEM(targets, t);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 5 || !PyBytes_Check(PyTuple_GET_ITEM(item, 4))) {
+            PyErr_SetString(PyExc_TypeError, "a target is (index, slot, binary_ok, max_chars, associated)");
+            goto fail;
+        }
+        BindTarget *bt = &plan[t];
+        Py_ssize_t slot = -1, binary_ok = 0;
+        bt->index = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 0));
+        if (bt->index == -1 && PyErr_Occurred())
+            goto fail;
+        slot = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 1));
+        if (slot == -1 && PyErr_Occurred())
+            goto fail;
+        binary_ok = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 2));
+        if (binary_ok == -1 && PyErr_Occurred())
+            goto fail;
+        bt->max_chars = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 3));
+        if (bt->max_chars == -1 && PyErr_Occurred())
+            goto fail;
+        bt->binary_ok = binary_ok != 0;
+        bt->aad = (const unsigned char *)PyBytes_AS_STRING(PyTuple_GET_ITEM(item, 4));
+        bt->aad_len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(item, 4));
+        if (bt->index < 0 || slot < 0 || slot >= nk || bt->max_chars < -1) {
+            PyErr_SetString(PyExc_ValueError, "a target's index, slot or max_chars is out of range");
+            goto fail;
+        }
+        if (check_int_length(bt->aad_len, "associated data") < 0 || bt->aad_len > INT_MAX - HEADER_LENGTH)
+            goto fail;
+        PyObject *pair = PyTuple_GET_ITEM(keys, slot);
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 ||
+            !PyObject_TypeCheck(PyTuple_GET_ITEM(pair, 0), &KeyType) || !PyBytes_Check(PyTuple_GET_ITEM(pair, 1))) {
+            PyErr_SetString(PyExc_TypeError, "a key is (Key, prefix)");
+            goto fail;
+        }
+        bt->key = (KeyObject *)PyTuple_GET_ITEM(pair, 0);
+        PyObject *prefix = PyTuple_GET_ITEM(pair, 1);
+        bt->prefix = (const unsigned char *)PyBytes_AS_STRING(prefix);
+        if (PyBytes_GET_SIZE(prefix) != KEY_END || memcmp(bt->prefix, PREFIX_V1, PREFIX_LENGTH) != 0 ||
+            bt->key->suffix_len != 0) {
+            PyErr_SetString(PyExc_ValueError, "a key's prefix is a v1 envelope's first 20 bytes, of a column's key");
+            goto fail;
+        }
+        if (bt->index < n) {
+            if (target_of[bt->index] >= 0) {
+                PyErr_SetString(PyExc_ValueError, "two targets for one parameter");
+                goto fail;
+            }
+            target_of[bt->index] = t;
+        }
+    }
+
+    /* Every value checked, and the output's size, before anything is sealed. */
+    Py_ssize_t growth = 0, sealed = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (target_of[i] < 0)
+            continue;
+        int32_t l = (int32_t)be32(b + offsets[i]);
+        if (l < 0)
+            continue; /* NULL stays NULL */
+        const BindTarget *bt = &plan[target_of[i]];
+        int binary = nfmt == 0 ? 0 : nfmt == 1 ? fmts[1] : i < nfmt ? fmts[2 * i + 1] : 0;
+        Py_ssize_t chars = 0;
+        if ((binary && !bt->binary_ok) || !utf8_text(b + offsets[i] + 4, l, &chars) ||
+            (bt->max_chars >= 0 && chars > bt->max_chars) || l > INT_MAX - 2 * TAG_LENGTH - HEADER_LENGTH)
+            goto python;
+        growth += MIN_LENGTH;
+        sealed++;
+    }
+    /* 'B' . length . names . formats (n of them) . values . result formats */
+    const Py_ssize_t total = 5 + names_end + 2 + 2 * n + (results_start - values_start) + growth + (len - results_start);
+    if (total - 1 > (Py_ssize_t)UINT32_MAX)
+        goto python;
+    out = PyBytes_FromStringAndSize(NULL, total);
+    if (out == NULL)
+        goto fail;
+    unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
+    Py_ssize_t w = 0;
+#define ROOM(k) do { if (total - w < (Py_ssize_t)(k)) goto overrun; } while (0)
+    ROOM(5 + names_end + 2);
+    o[0] = 'B';
+    put_be32(o + 1, (uint32_t)(total - 1));
+    memcpy(o + 5, b, (size_t)names_end);
+    w = 5 + names_end;
+    o[w] = (unsigned char)(n >> 8);
+    o[w + 1] = (unsigned char)n;
+    w += 2;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int code = nfmt == 0 ? 0 : nfmt == 1 ? fmts[1] : i < nfmt ? fmts[2 * i + 1] : 0;
+        if (target_of[i] >= 0 && (int32_t)be32(b + offsets[i]) >= 0)
+            code = 1;
+        ROOM(2);
+        o[w] = 0;
+        o[w + 1] = (unsigned char)code;
+        w += 2;
+    }
+    ROOM(2);
+    memcpy(o + w, b + values_start, 2);
+    w += 2;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int32_t l = (int32_t)be32(b + offsets[i]);
+        if (target_of[i] < 0 || l < 0) {
+            Py_ssize_t k = offsets[i + 1] - offsets[i];
+            ROOM(k);
+            memcpy(o + w, b + offsets[i], (size_t)k);
+            w += k;
+            continue;
+        }
+        const BindTarget *bt = &plan[target_of[i]];
+        ROOM(4 + MIN_LENGTH + (Py_ssize_t)l);
+        unsigned char *env = o + w + 4;
+        put_be32(o + w, (uint32_t)(l + MIN_LENGTH));
+        memcpy(env, bt->prefix, KEY_END);
+        if (random_nonce(env + KEY_END) < 0 ||
+            gcm_seal(bt->key->enc, env + KEY_END, env, HEADER_LENGTH, bt->aad, (size_t)bt->aad_len,
+                     b + offsets[i] + 4, (size_t)l, env + HEADER_LENGTH, env + HEADER_LENGTH + l) < 0)
+            goto fail;
+        w += 4 + MIN_LENGTH + l;
+    }
+    ROOM(len - results_start);
+    memcpy(o + w, b + results_start, (size_t)(len - results_start));
+    w += len - results_start;
+#undef ROOM
+    if (w != total)
+        goto overrun;
+    PyMem_Free(offsets);
+    PyMem_Free(plan);
+    return Py_BuildValue("(Nn)", out, sealed);
+
+python:
+    PyMem_Free(offsets);
+    PyMem_Free(plan);
+    Py_RETURN_NONE;
+overrun:
+    PyErr_SetString(PyExc_SystemError, "seal_bind: output size mismatch");
+    goto fail;
+malformed:
+    PyErr_SetString(Malformed, "malformed Bind message");
+fail:
+    Py_XDECREF(out);
+    PyMem_Free(offsets);
+    PyMem_Free(plan);
+    return NULL;
+}
+
 static PyMethodDef module_methods[] = {
     {"rewrite_rows", (PyCFunction)(void (*)(void))rewrite_rows, METH_FASTCALL,
      "rewrite_rows(data, start, end, columns, opener[, checks]) -> the rewritten run of DataRows"},
     {"data_row_run", (PyCFunction)(void (*)(void))data_row_run, METH_FASTCALL,
      "data_row_run(data, end, n) -> (end, count) of the run of complete DataRows"},
+    {"seal_bind", (PyCFunction)(void (*)(void))seal_bind, METH_FASTCALL,
+     "seal_bind(body, targets, keys) -> (the rewritten Bind, values sealed), or None for the Python path"},
     {NULL, NULL, 0, NULL},
 };
 

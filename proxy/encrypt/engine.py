@@ -49,6 +49,7 @@ from keymgmt.envelope import (
     seal,
 )
 from proxy.audit import SessionAudit
+from proxy.encrypt.bindseal import BindSealer, with_result_formats
 from proxy.encrypt.casts import CastNotSupported, NumericOutOfRange, canonical_through_cast
 from proxy.encrypt.keyring import KeyRing, KeyUnavailable
 from proxy.encrypt.offload import TOO_LARGE, analyze_detached, read_detached
@@ -265,6 +266,8 @@ class StatementCrypto(CryptoState):
     key_slots: int = field(init=False)
     targets_in_order: bool = field(init=False)  # ascending parameter index, as a Bind lists values
     copies_in: bool = field(init=False)
+    # The native Bind plan (proxy/encrypt/bindseal.py), derived from targets: not part of the state's identity.
+    sealer: BindSealer | None = field(init=False, default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.adopt(self.view)
@@ -289,6 +292,7 @@ class StatementCrypto(CryptoState):
         self.targets = tuple(targets)
         self.key_slots = len(slots)
         self.targets_in_order = all(a.index < b.index for a, b in itertools.pairwise(targets))
+        self.sealer = BindSealer.compile(self.targets)
 
 
 @dataclass(slots=True)
@@ -1261,8 +1265,11 @@ class SessionCrypto:
             self._check_literal_keys(stmt)
         param_formats: tuple[int, ...] | None = None
         sealed: tuple[tuple[int, bytes], ...] = ()
+        native: bytes | None = None
         if stmt.targets and len(msg.param_offsets) > 1:  # protected parameters, and values for them
-            param_formats, sealed = self._seal_params(msg, stmt)
+            native = self._seal_native(msg, stmt)
+            if native is None:
+                param_formats, sealed = self._seal_params(msg, stmt)
         hint = stmt.result_hint
         if stmt_row_desc is not None:
             hint = self._merge_hint(hint, stmt_row_desc)
@@ -1296,6 +1303,10 @@ class SessionCrypto:
             self._note_plan(row_plan, view)
         sent_formats = client_formats if server_formats is None else server_formats
         portal = PortalCrypto(stmt, client_formats, sent_formats, row_plan, view=view)
+        if native is not None:
+            if server_formats is not None:
+                native = with_result_formats(native, len(msg.body) - msg.param_offsets[-1], server_formats)
+            return Outcome(native, portal)
         if param_formats is None and server_formats is None:
             return Outcome(None, portal)
         return Outcome(codec.encode_bind_frame(msg, param_formats, sealed, server_formats), portal)
@@ -1379,6 +1390,19 @@ class SessionCrypto:
                 cc = _hinted(hint[i], f)
             merged.append(cc)
         return tuple(merged) if any(c is not None for c in merged) else hint
+
+    def _seal_native(self, msg: m.BindFrame, stmt: StatementCrypto) -> bytes | None:
+        """The whole Bind with its protected parameters sealed, in one native call (see
+        proxy/encrypt/bindseal.py); None when the statement or one of its values takes the Python path,
+        :meth:`_seal_params`, which stays the reference."""
+        sealer = stmt.sealer
+        if sealer is None or not self._utf8_client:
+            return None
+        done = sealer.seal(msg.body, self.ctx.write_key)
+        if done is None:
+            return None
+        self.values_encrypted += done[1]
+        return done[0]
 
     def _seal_params(
         self, msg: m.BindFrame, stmt: StatementCrypto

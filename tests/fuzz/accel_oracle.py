@@ -6,7 +6,9 @@ Shared by the bounded hypothesis run in the test suite (test_fuzz_accel.py) and 
 atheris harness (fuzz_accel.py, ``make fuzz``). An input is one byte that picks a plan, then the bytes
 the server would send: a run of DataRow messages or anything else. Some plans have per-subject keys with
 the row's subject column in the result (the subject check: integer, uuid and text ids, in text and binary
-format), so mutations reach the kernel's subject ids, key ids and framing there too.
+format), so mutations reach the kernel's subject ids, key ids and framing there too. A first byte with its
+high bit set picks a Bind plan instead, and the rest is a client's Bind body for the native Bind rewrite
+(``pgveil_accel.seal_bind``), held to the Python reference :func:`reference_seal_bind`.
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ from keymgmt.envelope import (
     subject_scope,
 )
 from proxy.encrypt import rows
-from proxy.encrypt.engine import ColumnCrypto
+from proxy.encrypt.engine import ColumnCrypto, format_for
 from proxy.encrypt.rows import Action, ColumnOutput, RowDecryptError, RowPlan, screen_output
+from proxy.errors import ProxyError
 from proxy.pgtypes import SessionFormat, codec_for
+from proxy.pgtypes.text import TextCodec
 from proxy.policy.masks import compile_mask
 from proxy.policy.model import Mask, MaskFunction
-from proxy.protocol import relay
+from proxy.protocol import codec, relay
+from proxy.protocol import messages as m
 from proxy.protocol.codec import CodecError
 from proxy.rewrite.catalog import ProtectedColumn, SubjectColumn
 
@@ -192,6 +197,9 @@ def check(raw: bytes) -> None:
     assert envelope._accel is not None, "the accelerator is not built"
     if not raw:
         return
+    if raw[0] & 0x80:
+        check_bind(BIND_PLANS[(raw[0] & 0x7F) % len(BIND_PLANS)], raw[1:])
+        return
     plan = PLANS[raw[0] % len(PLANS)]
     data = raw[1:]
     compiled = rows._compile(plan)
@@ -261,6 +269,125 @@ def seeds() -> list[bytes]:
         out.append(bytes([index]) + run[: len(run) - 3])
         out.append(bytes([index]) + _frame(bodies[0]) + b"C\x00\x00\x00\x04")
         out.append(bytes([index]) + run.replace(KEY.key_id, DISABLED.key_id, 1))  # a disabled key's value
+    return out + bind_seeds()
+
+
+# -- the Bind rewrite -------------------------------------------------------------------------------------
+
+NAME = ProtectedColumn("public", "customers", "name", "text", attnum=3, table_oid=16400)
+CODE = ProtectedColumn("public", "customers", "code", "varchar(4)", attnum=5, table_oid=16400)
+NAME_KEY = DataKey.from_material(b"\x33" * 16, bytes(range(2, 34)), column_id=NAME.column_id)
+CODE_KEY = DataKey.from_material(b"\x44" * 16, bytes(range(3, 35)), column_id=CODE.column_id)
+BIND_KEYS: dict[bytes, DataKey] = {k.key_id: k for k in (NAME_KEY, CODE_KEY)}
+# A Bind plan: (parameter index, column, key slot, binary values taken as is) per protected parameter.
+BindPlan = tuple[tuple[int, ProtectedColumn, int, bool], ...]
+BIND_PLANS: tuple[BindPlan, ...] = (
+    ((0, NAME, 0, True),),
+    ((1, NAME, 0, True), (3, NAME, 0, False)),
+    ((0, CODE, 0, True), (1, NAME, 1, True), (2, CODE, 0, False)),
+    ((4, NAME, 0, True), (2, CODE, 1, True)),  # listed out of order
+    ((0, NAME, 0, True), (40, NAME, 0, True)),  # past the parameters of most Binds
+    (),
+)
+
+
+def _bind_native_args(plan: BindPlan) -> tuple[tuple[object, ...], tuple[object, ...]]:
+    slots: dict[int, DataKey] = {}
+    targets = []
+    for index, col, slot, binary_ok in plan:
+        codec = codec_for(col.declared_type)
+        assert isinstance(codec, TextCodec)
+        targets.append((index, slot, int(binary_ok), codec.max_chars, column_associated_data(col.column_id)))
+        slots[slot] = NAME_KEY if col is NAME else CODE_KEY
+    keys = tuple(envelope.native_sealer(slots[i]) for i in range(len(slots)))
+    return tuple(targets), keys
+
+
+def reference_seal_bind(plan: BindPlan, body: bytes) -> Outcome:
+    """What the Python path does with a Bind of this plan (SessionCrypto._seal_params and
+    codec.encode_bind_frame, for a UTF-8 client): ("malformed",) for a body the decoder refuses,
+    ("python",) where a value's canonical form is not its bytes or fails (the native path hands those to
+    Python), else the Bind with each sealed value opened: (message with the plaintexts, key id prefixes,
+    count)."""
+    try:
+        frame = codec.decode_bind_frame(body)
+    except CodecError:
+        return ("malformed",)
+    n = frame.param_count
+    formats = [format_for(frame.param_formats, i) for i in range(n)]
+    replaced: list[tuple[int, bytes]] = []
+    prefixes = []
+    for index, col, _slot, binary_ok in sorted(plan, key=lambda t: t[0]):
+        if index >= n:
+            continue
+        value = frame.param(index)
+        if value is None:
+            continue
+        if formats[index] == 1 and not binary_ok:
+            return ("python",)
+        try:
+            canonical = codec_for(col.declared_type).canonical_from_text(value, FMT)
+        except ProxyError:
+            return ("python",)
+        if canonical != value:
+            return ("python",)
+        replaced.append((index, value))
+        prefixes.append((NAME_KEY if col is NAME else CODE_KEY).key_id)
+        formats[index] = 1
+    message = codec.encode_bind_frame(frame, tuple(formats), tuple(replaced))
+    return (message, tuple(prefixes), len(replaced))
+
+
+def native_seal_bind(plan: BindPlan, body: bytes) -> Outcome:
+    """pgveil_accel.seal_bind's answer in the form of :func:`reference_seal_bind` (its envelopes opened
+    with the column's key and associated data)."""
+    targets, keys = _bind_native_args(plan)
+    try:
+        done = envelope._accel.seal_bind(body, targets, keys)
+    except envelope._accel.Malformed:
+        return ("malformed",)
+    if done is None:
+        return ("python",)
+    message, count = done
+    assert isinstance(message, bytes)
+    t, length = codec.read_header(message)
+    assert t == ord("B")
+    assert length == len(message) - 1
+    frame = codec.decode_bind_frame(message[5:])
+    by_index = {index: col for index, col, _slot, _b in plan}
+    replaced: list[tuple[int, bytes]] = []
+    prefixes = []
+    for i in range(frame.param_count):
+        col = by_index.get(i)
+        value = frame.param(i)
+        if col is None or value is None:
+            continue
+        assert frame.param_formats[i] == 1
+        plain = envelope.open_envelope(BIND_KEYS.__getitem__, value, column_associated_data(col.column_id))
+        assert len(value) == len(plain) + envelope.MIN_LENGTH
+        replaced.append((i, plain))
+        prefixes.append(value[4:20])
+    return (codec.encode_bind_frame(frame, None, tuple(replaced)), tuple(prefixes), count)
+
+
+def check_bind(plan: BindPlan, body: bytes) -> None:
+    expected = reference_seal_bind(plan, body)
+    got = native_seal_bind(plan, body)
+    assert got == expected, (got, expected)
+
+
+def bind_seeds() -> list[bytes]:
+    """Valid Bind bodies for every Bind plan: text and binary, NULLs, every format-list shape, values
+    the native path takes and values it hands to Python."""
+    values = (b"Ada", b"", "Zoë".encode(), b"abcd", b"abcde", b"ab\x00", b"\xff", None, "中文".encode())
+    out: list[bytes] = []
+    for p, _plan in enumerate(BIND_PLANS):
+        for k in range(4):
+            n = 2 + (p + k) % 4
+            params = tuple(values[(p + k + i) % len(values)] for i in range(n))
+            shapes: tuple[tuple[int, ...], ...] = ((), (0,), (1,), tuple((i + k) % 2 for i in range(n)))
+            body = codec.encode_bind_body(m.Bind("p" * (k % 2), "s", shapes[k], params, (k % 2,) * (k // 2)))
+            out.append(bytes([0x80 | p]) + body)
     return out
 
 

@@ -1,7 +1,8 @@
 """Coverage-guided fuzzing of the accelerator with atheris (libFuzzer): ``make fuzz``.
 
-Every input goes through accel_oracle.check, which runs the native DataRow kernel, the native Opener and
-the native DataRow run scan next to the Python reference and fails on any difference; a crash, a hang or
+Every input goes through accel_oracle.check, which runs the native DataRow kernel, the native Opener, the
+native DataRow run scan and the native Bind rewrite next to the Python reference and fails on any
+difference; a crash, a hang or
 (with the AddressSanitizer build ``make fuzz`` loads) an out-of-bounds access is reported by libFuzzer.
 The Python reference is instrumented, so its branches guide the mutations into the kernel's paths.
 
@@ -25,7 +26,9 @@ except ImportError:
     print("fuzz_accel: atheris is not installed; skipped")
     sys.exit(0)
 
-with atheris.instrument_imports(include=["accel_oracle", "proxy.encrypt.rows", "keymgmt.envelope"]):
+with atheris.instrument_imports(
+    include=["accel_oracle", "proxy.encrypt.rows", "keymgmt.envelope", "proxy.protocol.codec"]
+):
     import accel_oracle
 
 from keymgmt import envelope
