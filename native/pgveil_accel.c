@@ -44,7 +44,7 @@
 #include <openssl/evp.h>
 #include <openssl/params.h>
 
-#define ACCEL_VERSION "3"
+#define ACCEL_VERSION "4"
 
 #define KEY_ID_LENGTH 16
 #define NONCE_LENGTH 12
