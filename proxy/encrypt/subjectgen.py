@@ -75,6 +75,9 @@ def plan_generated_subjects(sql: str, table: str, column: str, default: ColumnDe
             return None
         values: tuple[tuple[object, ...], ...] = ((),)
     elif isinstance(select, ast.SelectStmt) and select.valuesLists:
+        if not stmt.cols:
+            # The values are the table's columns in order: which one is the subject is the catalog's.
+            raise _refuse(table, column, "the INSERT has no column list")
         values = tuple(tuple(row) for row in select.valuesLists)
     else:
         if at is not None:
