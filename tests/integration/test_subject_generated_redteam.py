@@ -44,6 +44,8 @@ SUBJECTS = {
     "public.rg_alt": ("g", "id"),
     "public.rg_cyc": ("h", "id"),
     "public.rg_txt": ("i", "id"),
+    "public.rg_part": ("j", "id"),
+    "public.rg_null": ("k", "id"),
 }
 TABLES: dict[str, Any] = {
     t: {"subject": {"kind": k, "column": col}, "columns": {"email": {"type": "text", "encrypt": True}}}
@@ -68,6 +70,13 @@ DDL = [
     "CREATE SEQUENCE rg_cyc_seq INCREMENT BY -7 MINVALUE 1 MAXVALUE 50 START 50 CYCLE",
     "CREATE TABLE rg_cyc (id bigint DEFAULT nextval('rg_cyc_seq'), email text, note text)",
     "CREATE TABLE rg_txt (id text PRIMARY KEY DEFAULT upper(gen_random_uuid()::text), email text, note text)",
+    "CREATE TABLE rg_part (id bigserial, email text, note text, PRIMARY KEY (id)) PARTITION BY RANGE (id)",
+    "CREATE TABLE rg_part_all PARTITION OF rg_part FOR VALUES FROM (MINVALUE) TO (MAXVALUE)",
+    "CREATE FUNCTION rg_bump() RETURNS trigger LANGUAGE plpgsql AS "
+    "$$BEGIN NEW.id := NEW.id + 100000; RETURN NEW; END$$",
+    "CREATE TRIGGER rg_bump BEFORE INSERT ON rg_part_all FOR EACH ROW EXECUTE FUNCTION rg_bump()",
+    "CREATE SEQUENCE rg_null_seq",
+    "CREATE TABLE rg_null (id bigint DEFAULT nullif(nextval('rg_null_seq') % 2, 0), email text, note text)",
 ]
 
 
@@ -113,7 +122,9 @@ def _canonical(table: str, value: str) -> bytes:
     return str(int(value)).encode()
 
 
-def _assert_every_row_sealed_for_itself(env: Env, table: str, plaintexts: list[str] = ()) -> int:  # type: ignore[assignment]
+def _assert_every_row_sealed_for_itself(
+    env: Env, table: str, plaintexts: list[str] | None = None, note: str | None = None
+) -> int:
     """Every stored email of ``table`` (read directly) is an envelope under the key of the subject id stored
     in its own row, and holds none of ``plaintexts``. Returns how many envelopes were checked."""
     column = SUBJECTS[table if "." in table else f"public.{table}"][1]
@@ -121,12 +132,13 @@ def _assert_every_row_sealed_for_itself(env: Env, table: str, plaintexts: list[s
         rows = c.execute(
             f'SELECT t."{column}"::text, t.email, d.subject_id FROM {table} t '
             "LEFT JOIN pgveil.deks d ON d.key_id = encode(substring(t.email FROM 5 FOR 16), 'hex')::uuid "
-            "WHERE t.email IS NOT NULL"
+            "WHERE t.email IS NOT NULL AND (%s::text IS NULL OR t.note = %s)",
+            (note, note),
         ).fetchall()
     for row_id, envelope, subject in rows:
         envelope = bytes(envelope)
         assert envelope[:2] == b"PV"
-        assert not any(p.encode() in envelope for p in plaintexts)
+        assert not any(p.encode() in envelope for p in plaintexts or ())
         assert subject is not None, "the envelope names no key of the keystore"
         assert bytes(subject) == _canonical(table, row_id), f"row {row_id}'s value is sealed under another subject"
     return len(rows)
@@ -855,3 +867,119 @@ def test_raw_generated_bind_after_a_message_pgveil_refused_in_the_same_pipeline(
     assert _last_value(env, "rg_kw_order_seq") == (before or 0) + 1
     with psycopg.connect(env.direct_dsn, autocommit=True) as d:
         assert d.execute("SELECT count(*) FROM rg_kw WHERE note = 'skip'").fetchone() == (1,)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="catalog_loader._SUBJECT_DEFAULT_SQL looks for BEFORE INSERT triggers on the configured table only "
+    "(t.tgrelid = c.oid): a row trigger on the partition the row is routed to changes the id after pgveil "
+    "chose the key, and the value is stored sealed under the subject of the id pgveil generated",
+)
+@pytest.mark.parametrize("extended", [False, True])
+def test_a_before_insert_trigger_on_a_partition_changes_the_generated_id(env: Env, extended: bool) -> None:
+    """rg_part's only partition has a BEFORE INSERT row trigger adding 100000 to the id. The INSERT must be
+    refused (as for such a trigger on the table itself) or every stored value sealed for its row's id."""
+    email = f"part-{extended}@x"
+    note = f"part-{extended}"
+    with psycopg.connect(env.dsn(), autocommit=True) as c:
+        try:
+            _execute(
+                c,
+                extended,
+                ("INSERT INTO rg_part (email, note) VALUES (%s, %s)", (email, note)),
+                (f"INSERT INTO rg_part (email, note) VALUES ('{email}', '{note}')",),
+            )
+        except psycopg.errors.FeatureNotSupported:
+            return  # refused, as for a trigger on the table itself: fine
+    _assert_every_row_sealed_for_itself(env, "rg_part", [email], note)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="not of the generated-id path (the subject-key INSERT path before 88ff38a): a client-given id is "
+    "changed by a BEFORE INSERT row trigger (here on the partition; on the table itself too) after pgveil "
+    "sealed the row's values for it; pgveil reads no triggers for client-given ids",
+)
+def test_a_before_insert_trigger_on_a_partition_changes_a_given_id(env: Env) -> None:
+    with psycopg.connect(env.dsn(), autocommit=True) as c:
+        try:
+            c.execute("INSERT INTO rg_part (id, email, note) VALUES (7, %s, 'part-given')", ("given@x",))
+        except psycopg.errors.FeatureNotSupported:
+            return
+    _assert_every_row_sealed_for_itself(env, "rg_part", ["given@x"], "part-given")
+
+
+@pytest.mark.parametrize("extended", [False, True])
+def test_a_default_that_gives_null_for_some_rows(env: Env, extended: bool) -> None:
+    """A NULL id has no subject: the INSERT is refused (the server would store NULL in the subject column)
+    and the session goes on."""
+    with psycopg.connect(env.dsn(), autocommit=True) as c:
+        for i in range(4):
+            email = f"null{i}-{extended}@x"
+            try:
+                _execute(
+                    c,
+                    extended,
+                    ("INSERT INTO rg_null (email, note) VALUES (%s, 'null')", (email,)),
+                    (f"INSERT INTO rg_null (email, note) VALUES ('{email}', 'null')",),
+                )
+            except psycopg.errors.FeatureNotSupported as e:
+                refused = str(e)
+                assert email not in refused
+            assert c.execute("SELECT 1").fetchone() == (1,)
+    with psycopg.connect(env.direct_dsn, autocommit=True) as d:
+        assert d.execute("SELECT count(*) FROM rg_null WHERE id IS NULL").fetchone() == (0,)
+        assert d.execute("SELECT count(*) FROM rg_null WHERE note = 'null'").fetchone() != (0,)
+    _assert_every_row_sealed_for_itself(env, "rg_null", ["null1-True@x"])
+
+
+def test_a_terminate_pipelined_after_the_held_insert(env: Env) -> None:
+    raw = env.raw()
+    try:
+        raw.send(
+            codec.encode_frontend(m.Query("INSERT INTO rg_kw (email, note) VALUES ('term@x', 'term')"))
+            + codec.encode_frontend(m.Terminate())
+        )
+        got = [t for t, _b in raw.read_until_closed()]
+        assert b"C" in got
+        assert b"E" not in got
+    finally:
+        raw.close()
+    with psycopg.connect(env.dsn(), autocommit=True) as c:
+        assert c.execute("SELECT email FROM rg_kw WHERE note = 'term'").fetchall() == [("term@x",)]
+    _assert_every_row_sealed_for_itself(env, "rg_kw", ["term@x"])
+
+
+@pytest.mark.parametrize("conforming", ["on", "off"])
+def test_literals_keep_their_values_when_pgveil_rewrites_the_insert(env: Env, conforming: str) -> None:
+    """The simple-Query INSERT is written again with the ids (pglast): every other literal must keep the
+    value the server would have read from the client's text, whatever standard_conforming_strings says."""
+    prefix = "rg-lit-" + uuid.uuid4().hex[:6] + ":"
+    expressions = [
+        "'a\\b'",
+        "E'c\\d\\x41'",
+        "$q$e'f\\$q$",
+        "B'101'::text",
+        "(INTERVAL '1' YEAR)::text",
+        "(1.000000000000000000001)::text",
+        "(-2147483648)::text",
+        "(ARRAY['x', NULL]::text[])::text",
+        "'it''s'",
+    ]
+    if conforming == "on":
+        expressions.append("U&'\\0041g'")
+    notes = [f"'{prefix}' || {e}" for e in expressions]
+    generated = "INSERT INTO rg_kw (email, note) VALUES " + ", ".join(f"('lit@x', {n})" for n in notes)
+    with psycopg.connect(env.direct_dsn, autocommit=True) as d:
+        d.execute(f"SET standard_conforming_strings = {conforming}")
+        expected = d.execute("SELECT " + ", ".join(notes)).fetchone()
+    assert expected is not None
+    with psycopg.connect(env.dsn(), autocommit=True) as c:
+        c.execute(f"SET standard_conforming_strings = {conforming}")
+        try:
+            c.execute(generated)
+        except psycopg.errors.FeatureNotSupported:
+            assert conforming == "off"  # refused in such a session: fine
+            return
+        got = c.execute("SELECT note FROM rg_kw WHERE note LIKE %s", (prefix + "%",)).fetchall()
+    assert sorted(g[0] for g in got) == sorted(expected)
