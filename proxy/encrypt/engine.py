@@ -240,6 +240,10 @@ class GeneratedParameters:
     given: int
     rows: int
     query: str
+    # The table and what the catalog said of its subject column when the statement was prepared: a Bind
+    # after a reload that says otherwise (a trigger, another default) is refused.
+    table: str = ""
+    default: ColumnDefault | None = None
 
 
 @dataclass(slots=True)
@@ -1166,7 +1170,9 @@ class SessionCrypto:
         except ProxyError as e:
             return Outcome(codec.encode_frontend(m.Parse(msg.statement, REFUSED_QUERY, ())), None, self.refusal(e))
         types = (*msg.param_types, *([0] * (given - len(msg.param_types) + plan.rows)))
-        spec = GeneratedParameters(given, plan.rows, default_values_query(default.expression, plan.rows))
+        spec = GeneratedParameters(
+            given, plan.rows, default_values_query(default.expression, plan.rows), refused.table, default
+        )
         return self.parse(m.Parse(msg.statement, wire_text(new_text, self.fmt), types), spec)
 
     def parameter_description(self, body: bytes, stmt: CryptoState) -> bytes | None:
@@ -1227,6 +1233,12 @@ class SessionCrypto:
             raise _BindMismatch(
                 f'bind message supplies {msg.param_count} parameters, but prepared statement "{msg.statement}" '
                 f"requires {g.given}"
+            )
+        if self.ctx.subject_defaults.get(g.table) != g.default:
+            raise _unsupported(
+                f"the default or the triggers of the subject column of table {g.table} changed since the "
+                "statement was prepared",
+                hint="prepare the statement again",
             )
         ids = self._generated_ids(("B", msg.body), g.query, g.rows)
         if len(ids) != g.rows:
