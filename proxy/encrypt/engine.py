@@ -873,7 +873,9 @@ class SessionCrypto:
         def deliver(ids: list[str]) -> None:
             self._generated = (purpose, ids)
 
-        raise ValuesMiss(query, rows, deliver)
+        # In the protocol codec's form, as the client's own statements: the catalog's expression may hold
+        # non-ASCII text, which the server reads in the client_encoding.
+        raise ValuesMiss(wire_text(query, self.fmt), rows, deliver)
 
     def _query_generated(self, sql: str, refused: SubjectNotGiven) -> Outcome:
         """A simple-Query INSERT that leaves its rows' subject ids to the database: the ids are obtained on
@@ -886,6 +888,8 @@ class SessionCrypto:
             return self._refuse(e)
         assert default.expression is not None
         ids = self._generated_ids(("Q", sql), default_values_query(default.expression, plan.rows), plan.rows)
+        # The server sent them in the client_encoding (the protocol codec's form): read as the statement is.
+        ids = [statement_text(i, self.fmt) for i in ids]
         try:
             new_sql = wire_text(
                 supply_subjects(text, refused.table, refused.subject_column, plan, ids, default.identity), self.fmt
@@ -1251,7 +1255,8 @@ class SessionCrypto:
             formats = formats * g.given
         if formats:
             formats = (*formats, *([0] * g.rows))
-        values = (*msg.params, *(i.encode() for i in ids))
+        # The ids go back as the bytes the server sent them in (the client_encoding's).
+        values = (*msg.params, *(i.encode("utf-8", "surrogateescape") for i in ids))
         return codec.decode_bind_frame(
             codec.encode_bind_body(m.Bind(msg.portal, msg.statement, formats, values, msg.result_formats))
         )
