@@ -1102,3 +1102,57 @@ def test_a_non_ascii_generated_text_id_in_a_latin1_session_is_the_defaults(env: 
         got = d.execute("SELECT id FROM rg_enc WHERE note = 'encid'").fetchall()
     assert got
     assert all(g[0].startswith("Ã©-") for g in got), got
+
+
+async def test_canary_of_pipelined_and_binary_generated_rows_is_nowhere_on_the_server(env: Env) -> None:
+    """The canary method for the paths of this file: asyncpg executemany, psycopg pipeline mode, a raw Bind
+    with one binary format code for all parameters and a held simple Query after a COMMIT in one packet.
+    No canary in the table files, the WAL or the server log; controls in the plain column are found."""
+    from test_encryption_canary import distinctive, search, server_files
+
+    hows = ("executemany", "pipeline", "binary", "packet")
+    canary = {how: distinctive("RGCANARY", how) for how in hows}
+    control = {how: distinctive("RGCONTROL", how) for how in hows}
+    conn = await asyncpg.connect(env.dsn())
+    try:
+        await conn.executemany(
+            "INSERT INTO rg_kw (email, note) VALUES ($1, $2)", [(canary["executemany"], control["executemany"])]
+        )
+    finally:
+        await conn.close()
+
+    def others() -> None:
+        with psycopg.connect(env.dsn(), autocommit=True) as c, c.pipeline():
+            c.execute("INSERT INTO rg_kw (email, note) VALUES (%s, %s)", (canary["pipeline"], control["pipeline"]))
+            c.execute("SELECT 1")
+        raw = env.raw()
+        try:
+            _send(
+                raw,
+                m.Parse("", "INSERT INTO rg_kw (email, note) VALUES ($1, $2)", (25, 25)),
+                m.Bind("", "", (1,), (canary["binary"].encode(), control["binary"].encode()), ()),
+                m.Execute("", 0),
+                m.Sync(),
+                m.Query("BEGIN"),
+                m.Query("COMMIT"),
+                m.Query(f"INSERT INTO rg_kw (email, note) VALUES ('{canary['packet']}', '{control['packet']}')"),
+            )
+            replies = _replies(raw, 4)
+            assert not [r for r in replies if r.startswith("E")]
+        finally:
+            raw.close()
+        with psycopg.connect(env.dsn(), autocommit=True) as c:
+            got = c.execute("SELECT email FROM rg_kw WHERE note LIKE 'RGCONTROL%'").fetchall()
+        assert sorted(g[0] for g in got) == sorted(canary.values())
+        with psycopg.connect(env.direct_dsn, autocommit=True) as d:
+            d.execute("CHECKPOINT")
+            d.execute("SELECT pg_switch_wal()")
+
+    await asyncio.to_thread(others)
+    found = search(server_files(env.pg), [*canary.values(), *control.values()])
+    leaks = {how: sorted(str(p) for p in found.files(v)) for how, v in canary.items() if found.files(v)}
+    assert leaks == {}, f"plaintext written through pgveil found on the server: {leaks}"
+    for how, v in control.items():
+        assert env.pg.log_file in found.files(v), f"control {how} not in the server log: the search is blind"
+        assert any(env.pg.data_dir / "pg_wal" in p.parents for p in found.files(v)), f"control {how} not in WAL"
+    _assert_every_row_sealed_for_itself(env, "rg_kw", list(canary.values()))
