@@ -68,6 +68,7 @@ from proxy.encrypt.sqlnames import MAX_PARSED_TEXT, namespace_ops
 from proxy.encrypt.subjectgen import (
     ColumnDefault,
     GeneratedPlan,
+    check_column_default,
     default_values_query,
     highest_parameter,
     plan_generated_subjects,
@@ -243,6 +244,7 @@ class GeneratedParameters:
     # The table and what the catalog said of its subject column when the statement was prepared: a Bind
     # after a reload that says otherwise (a trigger, another default) is refused.
     table: str = ""
+    subject_column: str = ""
     default: ColumnDefault | None = None
 
 
@@ -1175,7 +1177,12 @@ class SessionCrypto:
             return Outcome(codec.encode_frontend(m.Parse(msg.statement, REFUSED_QUERY, ())), None, self.refusal(e))
         types = (*msg.param_types, *([0] * (given - len(msg.param_types) + plan.rows)))
         spec = GeneratedParameters(
-            given, plan.rows, default_values_query(default.expression, plan.rows), refused.table, default
+            given,
+            plan.rows,
+            default_values_query(default.expression, plan.rows),
+            refused.table,
+            refused.subject_column,
+            default,
         )
         return self.parse(m.Parse(msg.statement, wire_text(new_text, self.fmt), types), spec)
 
@@ -1238,13 +1245,20 @@ class SessionCrypto:
                 f'bind message supplies {msg.param_count} parameters, but prepared statement "{msg.statement}" '
                 f"requires {g.given}"
             )
-        if self.ctx.subject_defaults.get(g.table) != g.default:
-            raise _unsupported(
-                f"the default or the triggers of the subject column of table {g.table} changed since the "
-                "statement was prepared",
-                hint="prepare the statement again",
-            )
-        ids = self._generated_ids(("B", msg.body), g.query, g.rows)
+        query = g.query
+        current = self.ctx.subject_defaults.get(g.table)
+        if current != g.default:
+            # The catalog was read again since the Parse: the ids come from the default as it is now, and
+            # what pgveil cannot generate now (a trigger created meanwhile) is refused, as a Query would be.
+            if current is None or g.default is None or current.identity != g.default.identity:
+                raise _unsupported(
+                    f"the subject column of table {g.table} changed since the statement was prepared",
+                    hint="prepare the statement again",
+                )
+            check_column_default(current, g.table, g.subject_column)
+            assert current.expression is not None
+            query = default_values_query(current.expression, g.rows)
+        ids = self._generated_ids(("B", msg.body), query, g.rows)
         if len(ids) != g.rows:
             raise _unsupported(
                 "the database gave no subject id (NULL) for a row of the INSERT that leaves it to its default",

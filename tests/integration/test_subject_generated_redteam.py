@@ -994,8 +994,8 @@ def test_literals_keep_their_values_when_pgveil_rewrites_the_insert(env: Env, co
 async def test_a_prepared_insert_after_a_trigger_was_created(env: Env) -> None:
     """The trigger check and the default were decided once, at Parse: a prepared INSERT kept generating ids
     after a trigger changing them was created (a simple Query was refused by then), and its values were
-    stored sealed under the subject of the id pgveil generated. Now its Bind is refused (0A000) once the
-    catalog read again says other than at Parse."""
+    stored sealed under the subject of the id pgveil generated. Now its Bind is refused (0A000, as a
+    simple Query is) once the catalog read again says so."""
     conn = await asyncpg.connect(env.dsn())
     try:
         stmt = await conn.prepare("INSERT INTO rg_late (email, note) VALUES ($1, 'late') RETURNING id")
@@ -1016,7 +1016,7 @@ async def test_a_prepared_insert_after_a_trigger_was_created(env: Env) -> None:
 
             await asyncio.to_thread(_wait_for, refused_now, "the trigger never reached pgveil")
             for i in range(1, 3):
-                with pytest.raises(asyncpg.FeatureNotSupportedError, match="prepare the statement again"):
+                with pytest.raises(asyncpg.FeatureNotSupportedError, match="BEFORE INSERT trigger"):
                     await stmt.fetchval(f"late{i}@x")
             assert await conn.fetchval("SELECT 1") == 1
         finally:
@@ -1157,3 +1157,42 @@ async def test_canary_of_pipelined_and_binary_generated_rows_is_nowhere_on_the_s
         assert env.pg.log_file in found.files(v), f"control {how} not in the server log: the search is blind"
         assert any(env.pg.data_dir / "pg_wal" in p.parents for p in found.files(v)), f"control {how} not in WAL"
     _assert_every_row_sealed_for_itself(env, "rg_kw", list(canary.values()))
+
+
+async def test_a_prepared_insert_follows_a_default_changed_after_it_was_prepared(env: Env) -> None:
+    """asyncpg keeps its prepared statements: after the default changed (DDL through pgveil) the same
+    statement takes its ids from the new default, as the server would."""
+
+    def no_trigger() -> bool:  # (the trigger of the test before is dropped: wait until pgveil has seen it)
+        with psycopg.connect(env.dsn(), autocommit=True) as c:
+            try:
+                c.execute("INSERT INTO rg_late (email, note) VALUES ('probe@x', 'probe')")
+            except (psycopg.errors.FeatureNotSupported, psycopg.errors.ObjectNotInPrerequisiteState):
+                return False
+        return True
+
+    await asyncio.to_thread(_wait_for, no_trigger, "the dropped trigger never reached pgveil")
+    conn = await asyncpg.connect(env.dsn())
+    try:
+        stmt = await conn.prepare("INSERT INTO rg_late (email, note) VALUES ($1, 'follow') RETURNING id")
+        first = await stmt.fetchval("follow1@x")
+        assert first < 700000
+        with psycopg.connect(env.dsn(), autocommit=True) as c:
+            c.execute("CREATE SEQUENCE rg_late_seq2 START 700000")
+            c.execute("ALTER TABLE rg_late ALTER COLUMN id SET DEFAULT nextval('rg_late_seq2')")
+
+        async def after() -> bool:
+            try:
+                return bool(await stmt.fetchval("follow2@x") >= 700000)
+            except asyncpg.ObjectNotInPrerequisiteStateError:
+                return False  # the catalog is being read again
+
+        deadline = time.monotonic() + 30
+        while not await after():
+            assert time.monotonic() < deadline, "the prepared statement never follows the new default"
+            await asyncio.sleep(0.2)
+    finally:
+        await conn.close()
+        with psycopg.connect(env.dsn(), autocommit=True) as c:
+            c.execute("ALTER TABLE rg_late ALTER COLUMN id SET DEFAULT nextval('rg_late_id_seq')")
+    _assert_every_row_sealed_for_itself(env, "rg_late", ["follow1@x", "follow2@x"], "follow")
