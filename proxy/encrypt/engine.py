@@ -69,6 +69,7 @@ from proxy.encrypt.sqlnames import MAX_PARSED_TEXT, namespace_ops
 from proxy.encrypt.subjectgen import (
     ColumnDefault,
     GeneratedPlan,
+    check_column_default,
     default_values_query,
     highest_parameter,
     plan_generated_subjects,
@@ -241,6 +242,11 @@ class GeneratedParameters:
     given: int
     rows: int
     query: str
+    # The table and what the catalog said of its subject column when the statement was prepared: a Bind
+    # after a reload that says otherwise (a trigger, another default) is refused.
+    table: str = ""
+    subject_column: str = ""
+    default: ColumnDefault | None = None
 
 
 @dataclass(slots=True)
@@ -873,7 +879,9 @@ class SessionCrypto:
         def deliver(ids: list[str]) -> None:
             self._generated = (purpose, ids)
 
-        raise ValuesMiss(query, rows, deliver)
+        # In the protocol codec's form, as the client's own statements: the catalog's expression may hold
+        # non-ASCII text, which the server reads in the client_encoding.
+        raise ValuesMiss(wire_text(query, self.fmt), rows, deliver)
 
     def _query_generated(self, sql: str, refused: SubjectNotGiven) -> Outcome:
         """A simple-Query INSERT that leaves its rows' subject ids to the database: the ids are obtained on
@@ -886,6 +894,8 @@ class SessionCrypto:
             return self._refuse(e)
         assert default.expression is not None
         ids = self._generated_ids(("Q", sql), default_values_query(default.expression, plan.rows), plan.rows)
+        # The server sent them in the client_encoding (the protocol codec's form): read as the statement is.
+        ids = [statement_text(i, self.fmt) for i in ids]
         try:
             new_sql = wire_text(
                 supply_subjects(text, refused.table, refused.subject_column, plan, ids, default.identity), self.fmt
@@ -1170,7 +1180,14 @@ class SessionCrypto:
         except ProxyError as e:
             return Outcome(codec.encode_frontend(m.Parse(msg.statement, REFUSED_QUERY, ())), None, self.refusal(e))
         types = (*msg.param_types, *([0] * (given - len(msg.param_types) + plan.rows)))
-        spec = GeneratedParameters(given, plan.rows, default_values_query(default.expression, plan.rows))
+        spec = GeneratedParameters(
+            given,
+            plan.rows,
+            default_values_query(default.expression, plan.rows),
+            refused.table,
+            refused.subject_column,
+            default,
+        )
         return self.parse(m.Parse(msg.statement, wire_text(new_text, self.fmt), types), spec)
 
     def parameter_description(self, body: bytes, stmt: CryptoState) -> bytes | None:
@@ -1232,7 +1249,20 @@ class SessionCrypto:
                 f'bind message supplies {msg.param_count} parameters, but prepared statement "{msg.statement}" '
                 f"requires {g.given}"
             )
-        ids = self._generated_ids(("B", msg.body), g.query, g.rows)
+        query = g.query
+        current = self.ctx.subject_defaults.get(g.table)
+        if current != g.default:
+            # The catalog was read again since the Parse: the ids come from the default as it is now, and
+            # what pgveil cannot generate now (a trigger created meanwhile) is refused, as a Query would be.
+            if current is None or g.default is None or current.identity != g.default.identity:
+                raise _unsupported(
+                    f"the subject column of table {g.table} changed since the statement was prepared",
+                    hint="prepare the statement again",
+                )
+            check_column_default(current, g.table, g.subject_column)
+            assert current.expression is not None
+            query = default_values_query(current.expression, g.rows)
+        ids = self._generated_ids(("B", msg.body), query, g.rows)
         if len(ids) != g.rows:
             raise _unsupported(
                 "the database gave no subject id (NULL) for a row of the INSERT that leaves it to its default",
@@ -1243,7 +1273,8 @@ class SessionCrypto:
             formats = formats * g.given
         if formats:
             formats = (*formats, *([0] * g.rows))
-        values = (*msg.params, *(i.encode() for i in ids))
+        # The ids go back as the bytes the server sent them in (the client_encoding's).
+        values = (*msg.params, *(i.encode("utf-8", "surrogateescape") for i in ids))
         return codec.decode_bind_frame(
             codec.encode_bind_body(m.Bind(msg.portal, msg.statement, formats, values, msg.result_formats))
         )

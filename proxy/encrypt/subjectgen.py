@@ -75,6 +75,9 @@ def plan_generated_subjects(sql: str, table: str, column: str, default: ColumnDe
             return None
         values: tuple[tuple[object, ...], ...] = ((),)
     elif isinstance(select, ast.SelectStmt) and select.valuesLists:
+        if not stmt.cols:
+            # The values are the table's columns in order: which one is the subject is the catalog's.
+            raise _refuse(table, column, "the INSERT has no column list")
         values = tuple(tuple(row) for row in select.valuesLists)
     else:
         if at is not None:
@@ -86,6 +89,13 @@ def plan_generated_subjects(sql: str, table: str, column: str, default: ColumnDe
         slots = tuple(i for i, row in enumerate(values) if isinstance(row[at], ast.SetToDefault))
     if not slots:
         return None
+    check_column_default(default, table, column)
+    return GeneratedPlan(len(slots), slots)
+
+
+def check_column_default(default: ColumnDefault, table: str, column: str) -> None:
+    """Refuses (0A000) a subject column whose value pgveil cannot generate safely: a BEFORE INSERT trigger
+    on the table, a generated column, no default, a default that reads a column or a subquery."""
     if default.before_insert_trigger:
         raise _refuse(table, column, "the table has a BEFORE INSERT trigger that could change it")
     if default.generated:
@@ -93,7 +103,6 @@ def plan_generated_subjects(sql: str, table: str, column: str, default: ColumnDe
     if default.expression is None:
         raise _refuse(table, column, "the column has no default, so the database would store NULL")
     _check_default(default.expression, table, column)
-    return GeneratedPlan(len(slots), slots)
 
 
 def _check_default(expression: str, table: str, column: str) -> None:

@@ -1172,10 +1172,8 @@ class Relay:
             if value is None:
                 v.null = True
             else:
-                try:
-                    v.values.append(value.decode("utf-8"))
-                except UnicodeDecodeError:
-                    v.null = True
+                # In the client_encoding: kept in the protocol codec's form (see pgtypes.statement_text).
+                v.values.append(value.decode("utf-8", "surrogateescape"))
         elif t in (0x31, 0x32, 0x43):  # ParseComplete, BindComplete, CommandComplete
             pass
         elif t == 0x33:  # CloseComplete: the portal's, then the statement's
