@@ -720,7 +720,8 @@ SELECT a.attidentity::text AS identity, a.attgenerated::text AS generated,
        CASE WHEN a.attidentity <> '' THEN
             format('nextval(%L::regclass)', pg_get_serial_sequence(format('%I.%I', n.nspname, c.relname), a.attname))
        ELSE pg_get_expr(d.adbin, d.adrelid) END AS expression,
-       EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal
+       EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid IN (SELECT relid FROM pg_partition_tree(c.oid))
+               AND NOT t.tgisinternal
                AND (t.tgtype & 2) <> 0 AND (t.tgtype & 4) <> 0) AS before_insert_trigger
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = $3 AND NOT a.attisdropped
@@ -733,8 +734,9 @@ async def read_subject_default(conn: CatalogConnection, schema: str, table: str,
     """What the database stores in a subject column an INSERT leaves out (a
     :class:`proxy.encrypt.subjectgen.ColumnDefault`), read with schema-qualified names so that the
     client's search_path cannot change which sequence or function it names; None when the column does
-    not exist. A table with a BEFORE INSERT row trigger is reported as one whose subject pgveil cannot
-    be certain of (the trigger may change the id after pgveil chose the key)."""
+    not exist. A table with a BEFORE INSERT row trigger, on itself or on any of its partitions (a row
+    routed there fires it), is reported as one whose subject pgveil cannot be certain of (the trigger may
+    change the id after pgveil chose the key)."""
     rows = await conn.fetch(_SUBJECT_DEFAULT_SQL, schema, table, column)
     if not rows:
         return None

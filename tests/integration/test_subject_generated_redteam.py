@@ -875,12 +875,6 @@ def test_raw_generated_bind_after_a_message_pgveil_refused_in_the_same_pipeline(
         assert d.execute("SELECT count(*) FROM rg_kw WHERE note = 'skip'").fetchone() == (1,)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="catalog_loader._SUBJECT_DEFAULT_SQL looks for BEFORE INSERT triggers on the configured table only "
-    "(t.tgrelid = c.oid): a row trigger on the partition the row is routed to changes the id after pgveil "
-    "chose the key, and the value is stored sealed under the subject of the id pgveil generated",
-)
 @pytest.mark.parametrize("extended", [False, True])
 def test_a_before_insert_trigger_on_a_partition_changes_the_generated_id(env: Env, extended: bool) -> None:
     """rg_part's only partition has a BEFORE INSERT row trigger adding 100000 to the id. The INSERT must be
