@@ -720,7 +720,8 @@ SELECT a.attidentity::text AS identity, a.attgenerated::text AS generated,
        CASE WHEN a.attidentity <> '' THEN
             format('nextval(%L::regclass)', pg_get_serial_sequence(format('%I.%I', n.nspname, c.relname), a.attname))
        ELSE pg_get_expr(d.adbin, d.adrelid) END AS expression,
-       EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid IN (SELECT relid FROM pg_partition_tree(c.oid))
+       EXISTS (SELECT 1 FROM pg_trigger t
+               WHERE (t.tgrelid = c.oid OR t.tgrelid IN (SELECT relid FROM pg_partition_tree(c.oid)))
                AND NOT t.tgisinternal
                AND (t.tgtype & 2) <> 0 AND (t.tgtype & 4) <> 0) AS before_insert_trigger
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
