@@ -470,6 +470,24 @@ async def _destroy_row(conn: Any, key_id: uuid.UUID) -> None:
 # -- the re-encryption job ---------------------------------------------------------------------------------
 
 
+async def _rotation_job_row(ks: Any, job_id: uuid.UUID) -> tuple[JobState, dict[str, Any], float | None, int]:
+    """A rotation job's state, position, throttle and batch size as its row holds them now."""
+    row = await ks.fetchrow(
+        "SELECT state, position, throttle_rows_per_second, batch_size FROM pgveil.rotation_jobs WHERE job_id = $1",
+        job_id,
+    )
+    if row is None:
+        raise JobError(f"job {job_id} disappeared")
+    position = row["position"]
+    position = json.loads(position) if isinstance(position, str) else dict(position)
+    return (
+        JobState(row["state"]),
+        position,
+        row["throttle_rows_per_second"],
+        row["batch_size"] or DEFAULT_BATCH_SIZE,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class BatchResult:
     scanned: int
@@ -588,20 +606,7 @@ class ReEncryption(JobRunner):
                 await self._wait(delay)
 
     async def _job_row(self) -> tuple[JobState, dict[str, Any], float | None, int]:
-        row = await self._ks.fetchrow(
-            "SELECT state, position, throttle_rows_per_second, batch_size FROM pgveil.rotation_jobs WHERE job_id = $1",
-            self.job_id,
-        )
-        if row is None:
-            raise JobError(f"job {self.job_id} disappeared")
-        position = row["position"]
-        position = json.loads(position) if isinstance(position, str) else dict(position)
-        return (
-            JobState(row["state"]),
-            position,
-            row["throttle_rows_per_second"],
-            row["batch_size"] or DEFAULT_BATCH_SIZE,
-        )
+        return await _rotation_job_row(self._ks, self.job_id)
 
     async def _batch(
         self,
@@ -1139,20 +1144,7 @@ class SubjectKindReEncryption(JobRunner):
                 await self._wait(delay)
 
     async def _job_row(self) -> tuple[JobState, dict[str, Any], float | None, int]:
-        row = await self._ks.fetchrow(
-            "SELECT state, position, throttle_rows_per_second, batch_size FROM pgveil.rotation_jobs WHERE job_id = $1",
-            self.job_id,
-        )
-        if row is None:
-            raise JobError(f"job {self.job_id} disappeared")
-        position = row["position"]
-        position = json.loads(position) if isinstance(position, str) else dict(position)
-        return (
-            JobState(row["state"]),
-            position,
-            row["throttle_rows_per_second"],
-            row["batch_size"] or DEFAULT_BATCH_SIZE,
-        )
+        return await _rotation_job_row(self._ks, self.job_id)
 
     async def _key_info(self, scope: str, envelopes: Sequence[bytes]) -> None:
         if len(self._info) > _MAX_REMEMBERED:  # a kind of millions of subjects: bounded memory
