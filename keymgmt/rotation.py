@@ -500,23 +500,13 @@ class BatchResult:
 ProgressCallback = Callable[[JobStatus, BatchResult | None], Awaitable[None] | None]
 
 
-class ReEncryption(JobRunner):
-    """Runs one DEK re-encryption job to its end (or until paused for good, cancelled, or stopped).
-
-    ``keystore`` supplies the keys (its cache unwraps each old version once); ``keystore_conn`` holds the
-    job's claim and its progress row; ``data_conn`` reads and writes the application table. Pass the same
-    connection for both when the keystore lives in the application's database (the default): then each
-    batch and its progress are one transaction and the counts survive any crash exactly. With two
-    databases the batch commits first and its progress right after; a crash between the two loses one
-    batch from the counts (never a row: the next run finds what is left by its key id).
-    """
-
-    _label = "re-encryption job"
-    _keystore: Keystore
+class _RotationJob(JobRunner):
+    """What both re-encryption jobs share: the command line's throttle and batch size, written into the job
+    row when a run starts, and the job row read at each batch."""
 
     def __init__(
         self,
-        keystore: Keystore,
+        keystore: Any,
         keystore_conn: Any,
         data_conn: Any,
         job_id: uuid.UUID,
@@ -532,6 +522,36 @@ class ReEncryption(JobRunner):
         )
         self._throttle_override = throttle
         self._batch_override = batch_size
+
+    async def _apply_overrides(self) -> None:
+        if self._throttle_override is not None:  # 0: unlimited
+            await self._ks.execute(
+                "UPDATE pgveil.rotation_jobs SET throttle_rows_per_second = $2 WHERE job_id = $1",
+                self.job_id,
+                self._throttle_override or None,
+            )
+        if self._batch_override is not None:
+            await self._ks.execute(
+                "UPDATE pgveil.rotation_jobs SET batch_size = $2 WHERE job_id = $1", self.job_id, self._batch_override
+            )
+
+    async def _job_row(self) -> tuple[JobState, dict[str, Any], float | None, int]:
+        return await _rotation_job_row(self._ks, self.job_id)
+
+
+class ReEncryption(_RotationJob):
+    """Runs one DEK re-encryption job to its end (or until paused for good, cancelled, or stopped).
+
+    ``keystore`` supplies the keys (its cache unwraps each old version once); ``keystore_conn`` holds the
+    job's claim and its progress row; ``data_conn`` reads and writes the application table. Pass the same
+    connection for both when the keystore lives in the application's database (the default): then each
+    batch and its progress are one transaction and the counts survive any crash exactly. With two
+    databases the batch commits first and its progress right after; a crash between the two loses one
+    batch from the counts (never a row: the next run finds what is left by its key id).
+    """
+
+    _label = "re-encryption job"
+    _keystore: Keystore
 
     async def _run_claimed(self) -> JobStatus:
         row = await self._ks.fetchrow(
@@ -551,16 +571,7 @@ class ReEncryption(JobRunner):
         if new_key.state is not KeyState.ENABLED or new_key.column_id != target.column_id:
             raise RotationError(f"the new data key of job {self.job_id} is not an enabled key of {target.column_id}")
         new_kid = new_key.key_id
-        if self._throttle_override is not None:  # 0: unlimited
-            await self._ks.execute(
-                "UPDATE pgveil.rotation_jobs SET throttle_rows_per_second = $2 WHERE job_id = $1",
-                self.job_id,
-                self._throttle_override or None,
-            )
-        if self._batch_override is not None:
-            await self._ks.execute(
-                "UPDATE pgveil.rotation_jobs SET batch_size = $2 WHERE job_id = $1", self.job_id, self._batch_override
-            )
+        await self._apply_overrides()
         if row["rows_total"] is None:
             total = await self._data.fetchval(count_not_under_sql(target), new_kid)
             await self._ks.execute(
@@ -604,9 +615,6 @@ class ReEncryption(JobRunner):
             delay = throttle.delay(batch.scanned)
             if delay > 0:
                 await self._wait(delay)
-
-    async def _job_row(self) -> tuple[JobState, dict[str, Any], float | None, int]:
-        return await _rotation_job_row(self._ks, self.job_id)
 
     async def _batch(
         self,
@@ -1021,7 +1029,7 @@ def advance_position(
     return pos | reset | {"pass_seen": 0, "current": 0, "shredded": 0}, None, None
 
 
-class SubjectKindReEncryption(JobRunner):
+class SubjectKindReEncryption(_RotationJob):
     """Runs a subject kind's job (:func:`rotate_subject_kind`): every target (table, encrypted column) in
     turn, keyset pagination on its primary key, each value whose key version is older than the job's
     generation re-sealed under the next version of its own subject's key (the subject named by the old
@@ -1037,24 +1045,8 @@ class SubjectKindReEncryption(JobRunner):
     _label = "subject kind re-encryption job"
     _keystore: _KindKeys
 
-    def __init__(
-        self,
-        keystore: _KindKeys,
-        keystore_conn: Any,
-        data_conn: Any,
-        job_id: uuid.UUID,
-        *,
-        throttle: int | None = None,
-        batch_size: int | None = None,
-        on_progress: ProgressCallback | None = None,
-        poll_seconds: float = _POLL_SECONDS,
-        stop: asyncio.Event | None = None,
-    ) -> None:
-        super().__init__(
-            keystore, keystore_conn, data_conn, job_id, on_progress=on_progress, poll_seconds=poll_seconds, stop=stop
-        )
-        self._throttle_override = throttle
-        self._batch_override = batch_size
+    def __init__(self, keystore: _KindKeys, keystore_conn: Any, data_conn: Any, job_id: uuid.UUID, **kw: Any) -> None:
+        super().__init__(keystore, keystore_conn, data_conn, job_id, **kw)
         self._info: dict[bytes, SubjectKeyInfo | None] = {}
 
     async def _run_claimed(self) -> JobStatus:
@@ -1071,16 +1063,7 @@ class SubjectKindReEncryption(JobRunner):
         spec = json.loads(spec) if isinstance(spec, str) else dict(spec)
         kind, generation = str(spec["kind"]), int(spec["generation"])
         targets = [RotationTarget.from_json(t) for t in spec["targets"]]
-        if self._throttle_override is not None:  # 0: unlimited
-            await self._ks.execute(
-                "UPDATE pgveil.rotation_jobs SET throttle_rows_per_second = $2 WHERE job_id = $1",
-                self.job_id,
-                self._throttle_override or None,
-            )
-        if self._batch_override is not None:
-            await self._ks.execute(
-                "UPDATE pgveil.rotation_jobs SET batch_size = $2 WHERE job_id = $1", self.job_id, self._batch_override
-            )
+        await self._apply_overrides()
         if row["rows_total"] is None:
             total = 0
             for t in targets:
@@ -1142,9 +1125,6 @@ class SubjectKindReEncryption(JobRunner):
             delay = throttle.delay(charged)
             if delay > 0:
                 await self._wait(delay)
-
-    async def _job_row(self) -> tuple[JobState, dict[str, Any], float | None, int]:
-        return await _rotation_job_row(self._ks, self.job_id)
 
     async def _key_info(self, scope: str, envelopes: Sequence[bytes]) -> None:
         if len(self._info) > _MAX_REMEMBERED:  # a kind of millions of subjects: bounded memory
