@@ -13,6 +13,12 @@ before reading the keystore and passes it to :meth:`KeyCache.put`; if an invalid
 started meanwhile the loaded key is not cached, so a change that races a load cannot be undone by the
 load finishing late (the refresh only checks keys that were cached when it started).
 
+``epoch`` changes whenever what :meth:`KeyCache.get` or :meth:`KeyCache.get_current` would return can
+change other than by the clock: every put, drop (invalidation, refresh, eviction, expiry), pointer change
+and flush. While it stays the same, a key found by ``get_current`` is the one it would find again until
+:meth:`KeyCache.fresh` says its entry is past its TTL, so a caller may reuse what it found instead of looking
+up again (the native Bind rewrite, proxy/encrypt/bindseal.py).
+
 Refresh: :meth:`KeyCache.begin_refresh` snapshots which keys and scope pointers are cached;
 the keystore re-reads their state and :meth:`KeyCache.apply_refresh` drops exactly the keys whose
 state, scope or version changed (or whose row is gone) and the pointers whose scope has another current
@@ -91,6 +97,7 @@ class KeyCache:
         self._keys: OrderedDict[bytes, _Entry] = OrderedDict()
         self._current: dict[Scope, bytes] = {}
         self.generation = 0
+        self.epoch = 0
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -118,14 +125,23 @@ class KeyCache:
         self.hits += 1
         return entry.key
 
+    def loaded_at(self, key_id: bytes) -> float:
+        """When ``key_id``'s entry was cached (its TTL runs from then); -inf when it is not cached."""
+        entry = self._keys.get(key_id)
+        return -math.inf if entry is None else entry.loaded_at
+
+    def fresh(self, loaded_at: float) -> bool:
+        """Whether an entry cached at ``loaded_at`` is still within the TTL (as :meth:`get` decides)."""
+        return self._clock() - loaded_at < self.ttl_seconds
+
     def get_current(self, column_id: str, subject: bytes | None = None) -> DataKey | None:
         scope = (column_id, subject)
         key_id = self._current.get(scope)
         if key_id is None:
             return None
         key = self.get(key_id)
-        if key is None:
-            self._current.pop(scope, None)
+        if key is None and self._current.pop(scope, None) is not None:
+            self.epoch += 1
         return key
 
     def put(self, key: DataKey, *, current: bool, generation: int | None = None) -> bool:
@@ -135,6 +151,7 @@ class KeyCache:
         """
         if generation is not None and generation != self.generation:
             return False
+        self.epoch += 1
         key_id = key.key_id
         self._keys[key_id] = _Entry(key, self._clock())
         self._keys.move_to_end(key_id)
@@ -162,9 +179,11 @@ class KeyCache:
             self.invalidations += 1
         for scope in [s for s in self._current if s[0] == column_id]:
             del self._current[scope]
+            self.epoch += 1
 
     def clear(self) -> None:
         self.generation += 1
+        self.epoch += 1
         self._keys.clear()
         self._current.clear()
         self.flushes += 1
@@ -199,6 +218,7 @@ class KeyCache:
         for scope, key_id in snapshot.current:
             if self._current.get(scope) == key_id and current.get(scope) != key_id:
                 del self._current[scope]
+                self.epoch += 1
                 pointers += 1
         self.invalidations += dropped
         return RefreshResult(len(snapshot.key_ids), dropped, pointers)
@@ -207,6 +227,7 @@ class KeyCache:
         entry = self._keys.pop(key_id, None)
         if entry is None:
             return False
+        self.epoch += 1
         self._forget_scope(key_id, entry.key)
         return True
 

@@ -13,21 +13,25 @@ or none. Any other value (invalid text, too long, a binary value of another decl
 native call return None, and the Bind takes the Python path, which decides and words the error: so the
 client gets the same message and the same refusals either way, only the nonces differ.
 
-Keys: every Bind looks up each column's current key as the Python path does (one lookup per column,
-through the key ring, so a key disabled, destroyed, rotated away or expired from the cache since the
-last Bind is never used); the native form of the keys is kept while the lookups return the same keys. A
-validity token that spares the lookups (the key cache's generation and the current second, as
-:meth:`~proxy.encrypt.engine.CryptoContext.shared_opener` uses for results) is not enough for writes:
-a refresh drops a rotated column's current-key pointer without changing the generation, and a key used
-a second past that keeps values coming under the old version after a rotation job's last pass. A lookup
-that fails (a key to fetch, a key not ENABLED, a keystore down) hands the Bind to the Python path, which
-looks up only the keys its values need and raises exactly what it raises today.
+Keys: a Bind seals under each column's current key as the Python path would find it (one lookup per
+column, through the key ring, so a key disabled, destroyed, rotated away or expired from the cache since
+the last Bind is never used). The lookups themselves are spared while the key cache's stamp of the keys
+found last holds (:meth:`~proxy.encrypt.keyring.KeyRing.stamp_holds`): the cache's ``epoch`` moves on
+every put, drop, refresh, flush and current-key pointer change, and the stamp also ends when the
+earliest of the keys reaches its TTL, so every lookup would have returned the same key objects. (The
+key cache's generation and the current second, the token
+:meth:`~proxy.encrypt.engine.CryptoContext.shared_opener` uses for results, would not do for writes: a
+refresh drops a rotated column's current-key pointer without changing the generation, and a key used a
+second past that keeps values coming under the old version after a rotation job's last pass.) The
+native form of the keys is kept while the lookups return the same keys. A lookup that fails (a key to
+fetch, a key not ENABLED, a keystore down) hands the Bind to the Python path, which looks up only the
+keys its values need and raises exactly what it raises today.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from keymgmt import native
@@ -99,14 +103,16 @@ def native_target(target: _Target) -> NativeTarget | None:
 class BindSealer:
     """A prepared statement's compiled plan for ``pgveil_accel.seal_bind`` and the keys it seals with."""
 
-    __slots__ = ("_found", "_keys", "column_ids", "targets")
+    __slots__ = ("_found", "_keys", "_stamp", "column_ids", "targets")
 
     def __init__(self, targets: tuple[NativeTarget, ...], column_ids: tuple[str, ...]) -> None:
         self.targets = targets
         self.column_ids = column_ids  # the column of each key slot
-        # The keys the last Bind sealed with and their native forms, reused while the lookups give them.
+        # The keys the last Bind sealed with and their native forms, reused while the lookups give them,
+        # and the key ring's stamp of them (reused without the lookups while it holds).
         self._found: tuple[DataKey, ...] = ()
         self._keys: tuple[tuple[Any, bytes], ...] | None = None
+        self._stamp: tuple[Any, ...] | None = None
 
     @classmethod
     def compile(cls, targets: Sequence[_Target]) -> BindSealer | None:
@@ -126,30 +132,46 @@ class BindSealer:
             return None
         return cls(tuple(plan), tuple(columns[i] for i in range(len(columns))))
 
-    def keys(self, write_key: Callable[[str], DataKey]) -> tuple[tuple[Any, bytes], ...] | None:
+    def keys(
+        self, write_key: Callable[[str], DataKey], ring: KeyStamps | None = None
+    ) -> tuple[tuple[Any, bytes], ...] | None:
         """The (cipher, prefix) of each slot's current key, looked up for this Bind as the Python path
-        does (one lookup per column); None when one cannot be had here."""
+        does (one lookup per column); None when one cannot be had here.
+
+        With ``ring`` (the key ring behind ``write_key``), the lookups are skipped while its stamp of the
+        keys found last holds: the key cache has not changed at all since (no put, drop, refresh, flush
+        or pointer change: its epoch) and none of the keys has reached its TTL, so every lookup would
+        return the same key object. (The key cache's generation and the clock's second, the shared
+        Opener's token for results, would not do for writes: a refresh drops a rotated column's pointer
+        without changing the generation.)"""
         cached = self._keys
+        stamp = self._stamp
+        if cached is not None and stamp is not None and ring is not None and ring.stamp_holds(stamp, len(cached)):
+            return cached
+        self._stamp = None
         found: list[DataKey] = []
         try:
             for column_id in self.column_ids:
                 found.append(write_key(column_id))
         except (KeyMiss, ProxyError):
             return None  # the Python path looks up the keys its values need, and raises what it raises
-        if cached is not None and all(a is b for a, b in zip(found, self._found, strict=True)):
-            return cached
-        sealers: list[tuple[Any, bytes]] = []
-        for key in found:
-            sealer = native_sealer(key)
-            if sealer is None:
-                return None
-            sealers.append(sealer)
-        self._found, self._keys = tuple(found), tuple(sealers)
+        if cached is None or not all(a is b for a, b in zip(found, self._found, strict=True)):
+            sealers: list[tuple[Any, bytes]] = []
+            for key in found:
+                sealer = native_sealer(key)
+                if sealer is None:
+                    return None
+                sealers.append(sealer)
+            self._found, self._keys = tuple(found), tuple(sealers)
+        if ring is not None:
+            self._stamp = ring.write_stamp(found)
         return self._keys
 
-    def seal(self, body: bytes, write_key: Callable[[str], DataKey]) -> tuple[bytes, int] | None:
+    def seal(
+        self, body: bytes, write_key: Callable[[str], DataKey], ring: KeyStamps | None = None
+    ) -> tuple[bytes, int] | None:
         """(the rewritten Bind message, the values sealed), or None: the Bind takes the Python path."""
-        keys = self.keys(write_key)
+        keys = self.keys(write_key, ring)
         if keys is None:
             return None
         try:
@@ -157,6 +179,14 @@ class BindSealer:
         except _accel.Malformed:
             return None  # not a Bind the decoder accepted: the Python path is the reference
         return done
+
+
+class KeyStamps(Protocol):
+    """The part of :class:`proxy.encrypt.keyring.KeyRing` the sealer's key reuse needs."""
+
+    def write_stamp(self, keys: Iterable[DataKey]) -> Any: ...
+
+    def stamp_holds(self, stamp: Any, lookups: int) -> bool: ...
 
 
 def with_result_formats(message: bytes, tail: int, formats: tuple[int, ...]) -> bytes:

@@ -1429,7 +1429,7 @@ class SessionCrypto:
         sealer = stmt.sealer
         if sealer is None or not self._utf8_client:
             return None
-        done = sealer.seal(msg.body, self.ctx.write_key)
+        done = sealer.seal(msg.body, self.ctx.write_key, self.ctx.keys)
         if done is None:
             return None
         self.values_encrypted += done[1]

@@ -9,12 +9,14 @@ instead of looping. Nothing here logs key ids together with data.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from keymgmt.envelope import DataKey, KeyState, Subject, derive_key
 from keymgmt.errors import KeyManagementError
+from keymgmt.keycache import KeyCache
 from proxy.errors import ProxyError, RefusalReason
 from proxy.protocol.relay import KeyMiss
 
@@ -100,6 +102,25 @@ class KeyRing:
             )
         self.misses += 1
         raise KeyMiss(column_id=column_id)
+
+    def write_stamp(self, keys: Iterable[DataKey]) -> tuple[KeyCache, int, float] | None:
+        """A stamp under which :meth:`active` keeps returning exactly these keys (just returned by it):
+        the key cache, its epoch, and when the earliest of the keys was cached (for its TTL). None when the
+        source has no such cache. See :meth:`stamp_holds`."""
+        cache = getattr(self.source, "cache", None)
+        if not isinstance(cache, KeyCache):
+            return None
+        return cache, cache.epoch, min((cache.loaded_at(k.key_id) for k in keys), default=-math.inf)
+
+    def stamp_holds(self, stamp: tuple[KeyCache, int, float], lookups: int) -> bool:
+        """Whether ``lookups`` calls of :meth:`active` would return the stamp's keys again (nothing in the
+        cache changed and no key reached its TTL); they are then counted as the cache hits they replace."""
+        cache, epoch, loaded_at = stamp
+        if cache.epoch != epoch or not cache.fresh(loaded_at) or getattr(self.source, "cache", None) is not cache:
+            return False
+        self.hits += lookups
+        cache.hits += lookups
+        return True
 
     def subject(self, subject: Subject, column_id: str) -> DataKey:
         """The data subject's current key for writing a value of ``column_id``; KeyMiss to fetch it (the

@@ -278,3 +278,85 @@ def test_gate_bounds_refreshes_per_second_under_a_steady_flood() -> None:
         clock.now += 0.001
     assert len(started_at) <= 10 / 0.1 + 1
     assert all(b - a >= 0.1 - 1e-9 for a, b in itertools.pairwise(started_at))
+
+
+# -- epoch: what a caller reusing a found key relies on ------------------------------------------------------
+def test_the_epoch_moves_on_every_change_and_only_then() -> None:
+    """Every way what get/get_current return can change (other than by the clock) moves the epoch; hits,
+    misses and reading the TTL do not."""
+    clock = FakeClock()
+    cache = KeyCache(max_keys=3, ttl_seconds=30, clock=clock)
+    a, b, alice = make_key(1), make_key(2, "s.t.d"), make_key(3, subject=b"alice")
+    epochs = [cache.epoch]
+
+    def moved() -> bool:
+        epochs.append(cache.epoch)
+        return epochs[-1] != epochs[-2]
+
+    cache.put(a, current=True)
+    assert moved()
+    cache.put(b, current=True)
+    assert moved()
+    for _ in range(3):  # hits and misses change nothing
+        assert cache.get(a.key_id) is a
+        assert cache.get_current("s.t.c") is a
+        assert cache.get(b"\x00" * 16) is None
+        assert cache.get_current("s.t.c", b"nobody") is None
+        assert cache.fresh(cache.loaded_at(a.key_id))
+    assert not moved()
+    cache.put(a, current=False)  # the same key no longer current: its pointer goes
+    assert moved()
+    assert cache.get_current("s.t.c") is None
+    cache.put(a, current=True)
+    cache.put(alice, current=True)
+    moved()
+    cache.invalidate_key(a.key_id)
+    assert moved()
+    cache.invalidate_key(a.key_id)  # nothing left to drop
+    assert not moved()
+    cache.put(a, current=True)
+    moved()
+    cache.invalidate_column("s.t.c")  # a and alice's key
+    assert moved()
+    cache.invalidate_column("s.t.nothing")
+    assert not moved()
+    cache.put(a, current=True)
+    moved()
+    snapshot = cache.begin_refresh()
+    assert not moved()  # a snapshot changes nothing yet
+    cache.apply_refresh(snapshot, facts_of(a, b), {("s.t.c", None): a.key_id, ("s.t.d", None): b.key_id})
+    assert not moved()  # nothing changed in the keystore
+    snapshot = cache.begin_refresh()
+    cache.apply_refresh(snapshot, facts_of(a, b), {("s.t.c", None): (9).to_bytes(16, "big"), ("s.t.d", None): b.key_id})
+    assert moved()  # a's pointer dropped, a itself kept for reading
+    assert cache.get(a.key_id) is a
+    cache.put(a, current=True)
+    moved()
+    clock.now += 31
+    assert cache.get_current("s.t.c") is None  # expired: entry and pointer dropped
+    assert moved()
+    cache.put(a, current=True)
+    moved()
+    for n in range(4, 8):  # evictions come with a put
+        cache.put(make_key(n, f"s.t.e{n}"), current=True)
+        assert moved()
+    cache.clear()
+    assert moved()
+    cache.clear()
+    assert moved()
+
+
+def test_fresh_follows_the_ttl_as_get_does_even_when_tightened() -> None:
+    clock = FakeClock()
+    cache = KeyCache(max_keys=10, ttl_seconds=300, clock=clock)
+    key = make_key(1)
+    cache.put(key, current=True)
+    loaded = cache.loaded_at(key.key_id)
+    assert loaded == clock.now
+    assert cache.loaded_at(b"\x00" * 16) == float("-inf")
+    assert not cache.fresh(cache.loaded_at(b"\x00" * 16))
+    clock.now += 2
+    assert cache.fresh(loaded)
+    cache.ttl_seconds = 1.0
+    assert not cache.fresh(loaded)
+    assert cache.get(key.key_id) is None

@@ -8,8 +8,9 @@ nonces (the envelopes open to the same plaintexts under the same keys, with the 
 nonce, and the same lengths), the same refusal, the same key miss and the same count of sealed values.
 
 Also: which statements the native path takes, that it is taken, its keys (looked up for every Bind as
-the Python path does, so a key rotated away, disabled or missing since the last Bind is never used), the
-plan checks of seal_bind itself, and its UTF-8 check against Python's decoder.
+the Python path does, so a key rotated away, disabled or missing since the last Bind is never used; with
+a real KeyCache behind the key ring the lookups are spared only while nothing in it changed and no key
+reached its TTL), the plan checks of seal_bind itself, and its UTF-8 check against Python's decoder.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import replace
 
 import pytest
@@ -26,7 +28,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keymgmt import envelope
-from keymgmt.envelope import HEADER_LENGTH, MIN_LENGTH, DataKey, KeyState, column_associated_data, open_envelope
+from keymgmt.envelope import (
+    HEADER_LENGTH,
+    MIN_LENGTH,
+    DataKey,
+    KeyState,
+    Subject,
+    column_associated_data,
+    open_envelope,
+)
+from keymgmt.keycache import KeyCache, KeyFacts, Scope
 from proxy.encrypt import bindseal
 from proxy.encrypt.engine import CryptoContext, Outcome, SessionCrypto, StatementCrypto
 from proxy.encrypt.keyring import KeyRing
@@ -467,3 +478,152 @@ def test_the_native_plan_is_not_part_of_a_statement_state() -> None:
     assert one.sealer is not two.sealer
     assert one == two
     assert "sealer" not in repr(one)
+
+
+# -- key reuse under a KeyCache's stamp ------------------------------------------------------------------------
+
+
+class KeyCacheSource:
+    """The keystore's hot path as it is (its ``cache`` a real KeyCache, the current keys its pointers), with a
+    clock the test moves; the loads a KeyMiss would lead to are not needed here."""
+
+    def __init__(self, keys: list[DataKey], ttl: float = 60.0) -> None:
+        self.now = 1000.0
+        self.cache = KeyCache(max_keys=100, ttl_seconds=ttl, clock=lambda: self.now)
+        self.lookups = 0
+        for key in keys:
+            self.cache.put(key, current=True)
+
+    def cached_key(self, key_id: bytes) -> DataKey | None:
+        return self.cache.get(key_id)
+
+    def cached_active_key(self, column_id: str, subject: bytes | None = None) -> DataKey | None:
+        self.lookups += 1
+        return self.cache.get_current(column_id, subject)
+
+    async def key_by_id(self, key_id: bytes) -> DataKey:
+        raise AssertionError("not loaded here")
+
+    async def active_key(self, column_id: str, subject: bytes | None = None) -> DataKey:
+        raise AssertionError("not loaded here")
+
+    async def preload(self, column_ids: Iterable[str]) -> int:
+        return 0
+
+    def cached_subject_key(self, subject: Subject) -> DataKey | None:
+        return None
+
+    async def subject_key(self, subject: Subject) -> DataKey:
+        raise AssertionError("not loaded here")
+
+    async def keys_by_ids(self, key_ids: Iterable[bytes]) -> int:
+        return 0
+
+
+def _stamped_session(ttl: float = 60.0) -> tuple[SessionCrypto, KeyCacheSource, KeyRing, StatementCrypto]:
+    source = KeyCacheSource(KEYS, ttl)
+    ring = KeyRing(source)
+    crypto = SessionCrypto(CryptoContext(Catalog({("public", "people"): PEOPLE}), ring), "app")
+    return crypto, source, ring, prepared(crypto, *NATIVE_STATEMENTS[2])
+
+
+def _sealed_with(crypto: SessionCrypto, stmt: StatementCrypto) -> set[bytes]:
+    out = _bind_names(crypto, stmt)
+    assert out.refusal is None
+    assert out.replacement is not None
+    return {h[4:20] for h in opened(stmt, out.replacement)[1]}
+
+
+NAME_KEY = next(k for k in KEYS if k.column_id == COLUMNS["name"].column_id)
+
+
+def _version_2() -> DataKey:
+    return DataKey.from_material(b"\x98" * 16, b"\x43" * 32, column_id=NAME_KEY.column_id, version=2)
+
+
+def test_an_unchanged_key_cache_spares_the_lookups_and_counts_them_as_hits() -> None:
+    crypto, source, ring, stmt = _stamped_session()
+    assert _sealed_with(crypto, stmt) == {NAME_KEY.key_id}
+    looked_up, hits, cache_hits = source.lookups, ring.hits, source.cache.hits
+    for _ in range(5):
+        assert _sealed_with(crypto, stmt) == {NAME_KEY.key_id}
+    assert source.lookups == looked_up  # not one lookup while nothing changed
+    assert ring.hits - hits == 5  # and the hits they stand for are still counted
+    assert source.cache.hits - cache_hits == 5
+
+
+def _after(change: str, crypto: SessionCrypto, source: KeyCacheSource, stmt: StatementCrypto) -> str:
+    """What the Bind after ``change`` does ("v2": sealed under version 2 only; "miss": wants the key
+    loaded; "refused"), checking that it looked its key up again."""
+    v2 = _version_2()
+    KEYS_BY_ID[bytes(v2.key_id)] = v2
+    cache = source.cache
+    if change == "put":  # a rotation loaded here: version 2 current
+        cache.put(v2, current=True)
+    elif change == "refresh":  # another instance rotated: the refresh drops the pointer, keeps the key
+        snapshot = cache.begin_refresh()
+        current: dict[Scope, bytes | None] = {(k.column_id, None): bytes(k.key_id) for k in KEYS}
+        current[(NAME_KEY.column_id, None)] = bytes(v2.key_id)
+        cache.apply_refresh(snapshot, {bytes(k.key_id): KeyFacts.of(k) for k in KEYS}, current)
+        assert cache.get(NAME_KEY.key_id) is NAME_KEY
+    elif change == "invalidate":
+        cache.invalidate_column(NAME_KEY.column_id)
+    elif change == "disabled":
+        cache.put(NAME_KEY.with_state(KeyState.DISABLED), current=True)
+    elif change == "expired":
+        source.now += 60
+    elif change == "ttl tightened":
+        source.now += 2
+        cache.ttl_seconds = 1.0
+    elif change == "flush":
+        cache.clear()
+    before = source.lookups
+    outcome: Result
+    try:
+        try:
+            outcome = _bind_names(crypto, stmt)
+        except KeyMiss as miss:
+            outcome = miss
+        assert source.lookups > before
+        if isinstance(outcome, KeyMiss):  # nothing sealed with the old key: it is to be loaded again
+            return "miss" if outcome.column_id == NAME_KEY.column_id else repr(outcome)
+        assert isinstance(outcome, Outcome)
+        if outcome.refusal is not None:
+            return "refused"
+        assert outcome.replacement is not None
+        ids = {h[4:20] for h in opened(stmt, outcome.replacement)[1]}
+        return "v2" if ids == {v2.key_id} else repr(ids)
+    finally:
+        del KEYS_BY_ID[bytes(v2.key_id)]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ("put", "v2"),
+        ("refresh", "miss"),
+        ("invalidate", "miss"),
+        ("disabled", "miss"),  # a disabled key is never current: its pointer went with the put
+        ("expired", "miss"),
+        ("ttl tightened", "miss"),
+        ("flush", "miss"),
+    ],
+)
+def test_every_change_of_the_key_cache_makes_the_next_bind_look_up(change: str, expected: str) -> None:
+    """A key rotated, dropped, disabled or past its TTL since the last Bind is never sealed with: the reuse
+    ends and the Bind looks its key up (and seals under the new version, or wants it loaded)."""
+    crypto, source, _, stmt = _stamped_session()
+    for _ in range(2):
+        assert _sealed_with(crypto, stmt) == {NAME_KEY.key_id}
+    assert _after(change, crypto, source, stmt) == expected
+
+
+def test_a_stamp_of_another_cache_does_not_hold() -> None:
+    crypto, source, ring, stmt = _stamped_session()
+    assert _sealed_with(crypto, stmt) == {NAME_KEY.key_id}
+    stamp = ring.write_stamp([NAME_KEY])
+    assert stamp is not None
+    assert ring.stamp_holds(stamp, 1)
+    source.cache = KeyCache(max_keys=100, ttl_seconds=60.0, clock=lambda: source.now)
+    assert not ring.stamp_holds(stamp, 1)
+    assert KeyRing(FakeKeySource(KEYS)).write_stamp([NAME_KEY]) is None  # no KeyCache: no stamp, lookups
