@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 
 .PHONY: install demo test lint bench fuzz clean
 
-$(BIN)/pgveil: pyproject.toml setup.py native/pgveil_accel.c
+$(BIN)/pgveil: pyproject.toml setup.py native/pgveil_accel.c native/pgveil_gcm.c native/pgveil_gcm.h
 	./scripts/bootstrap
 	touch $@
 

@@ -49,7 +49,7 @@ if MODE != "0":
     ext_modules.append(
         Extension(
             "pgveil_accel",
-            sources=["native/pgveil_accel.c"],
+            sources=["native/pgveil_accel.c", "native/pgveil_gcm.c"],
             libraries=["crypto"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
         )

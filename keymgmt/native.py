@@ -51,7 +51,10 @@ IMPLEMENTATION: Final[str] = "native" if accel is not None else "python"
 def describe() -> str:
     """One line for logs and ``pgveil --version``: which implementation runs, and why not native."""
     if accel is not None:
-        return f"native ({MODULE} {accel.__version__}, {accel.OPENSSL_VERSION})"
+        gcm = accel.gcm_implementation()
+        why = accel.gcm_fallback_reason()
+        opens = f"AES-GCM open: {gcm}" + (f" ({why})" if why else "")
+        return f"native ({MODULE} {accel.__version__}, {accel.OPENSSL_VERSION}, {opens})"
     return f"python ({_why})"
 
 

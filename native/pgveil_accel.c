@@ -25,8 +25,14 @@
  * Threads: a Key's two EVP contexts are used only while the calling thread holds the GIL, from
  * initialisation with a nonce to the tag check, so no two threads ever use one context at the same
  * time, and each use starts from a fresh nonce. The module does not declare free-threading support, so
- * a free-threaded interpreter runs it with the GIL enabled. Key material is handed to OpenSSL and not
- * kept here; EVP_CIPHER_CTX_free clears the expanded key when the Key is dropped.
+ * a free-threaded interpreter runs it with the GIL enabled. Key material is handed to OpenSSL and, for
+ * the own open, expanded once into the Key (pgveil_gcm.c); EVP_CIPHER_CTX_free and pv_gcm_wipe clear the
+ * expanded keys when the Key is dropped.
+ *
+ * Opens (the DataRow kernel, Key.decrypt) run pgveil_gcm.c's AES-256-GCM with AES-NI and PCLMULQDQ where
+ * the CPU has them and it agrees, when the module loads, with the GCM specification's test cases and with
+ * OpenSSL on inputs of every length class; otherwise, or with PGVEIL_GCM=evp, OpenSSL's EVP. Seals are
+ * always EVP.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -44,7 +50,9 @@
 #include <openssl/evp.h>
 #include <openssl/params.h>
 
-#define ACCEL_VERSION "4"
+#include "pgveil_gcm.h"
+
+#define ACCEL_VERSION "5"
 
 #define KEY_ID_LENGTH 16
 #define NONCE_LENGTH 12
@@ -95,6 +103,10 @@ typedef struct {
     PyObject_HEAD
     EVP_CIPHER_CTX *enc;
     EVP_CIPHER_CTX *dec;
+    /* The open's own AES-256-GCM (native/pgveil_gcm.c) where gcm_fast is set: the key schedule and the
+     * GHASH key powers, wiped when the Key is dropped. has_fast is 0 where it is not used (EVP opens). */
+    int has_fast;
+    pv_gcm_key fast;
     /* Per-subject keys: what the Opener appends to a column's associated data for this key (the
      * subject's kind and id, from the keystore record); empty for a column's key. Key.encrypt, decrypt
      * and seal do not append it: their callers pass the whole associated data. */
@@ -104,12 +116,17 @@ typedef struct {
 
 static PyTypeObject KeyType;
 
-/* 0: authentic, plaintext in out; 1: the tag does not verify; -1: OpenSSL failed (exception set).
- * Lengths are checked by callers to fit an int. */
+/* Which open runs (decided once, in PyInit_pgveil_accel): 1, pgveil_gcm's AES-NI and PCLMULQDQ code;
+ * 0, OpenSSL's EVP, for the reason in gcm_why. Sealing is always EVP. */
+static int gcm_fast;
+static const char *gcm_why = "not decided";
+
+/* The EVP sequence of an open. 0: authentic, plaintext in out; 1: the tag does not verify; -1: OpenSSL
+ * failed (exception set). Lengths are checked by callers to fit an int. */
 static int
-gcm_open(EVP_CIPHER_CTX *ctx, const unsigned char *nonce, const unsigned char *aad1, size_t aad1_len,
-         const unsigned char *aad2, size_t aad2_len, const unsigned char *ciphertext, size_t ciphertext_len,
-         const unsigned char *tag, unsigned char *out)
+gcm_open_evp(EVP_CIPHER_CTX *ctx, const unsigned char *nonce, const unsigned char *aad1, size_t aad1_len,
+             const unsigned char *aad2, size_t aad2_len, const unsigned char *ciphertext, size_t ciphertext_len,
+             const unsigned char *tag, unsigned char *out)
 {
     int outl = 0;
     /* One AAD update where the two parts fit a small buffer: each EVP call costs tens of nanoseconds. */
@@ -142,6 +159,21 @@ gcm_open(EVP_CIPHER_CTX *ctx, const unsigned char *nonce, const unsigned char *a
 error:
     PyErr_SetString(PyExc_RuntimeError, "OpenSSL AES-GCM decryption failed");
     return -1;
+}
+
+/* An open under key: its own GCM where it has one (and the associated data fits it), else EVP. Same
+ * results as gcm_open_evp; out is written only when the tag verifies. */
+static inline int
+gcm_open(const KeyObject *key, const unsigned char *nonce, const unsigned char *aad1, size_t aad1_len,
+         const unsigned char *aad2, size_t aad2_len, const unsigned char *ciphertext, size_t ciphertext_len,
+         const unsigned char *tag, unsigned char *out)
+{
+    if (key->has_fast) {
+        int r = pv_gcm_open(&key->fast, nonce, aad1, aad1_len, aad2, aad2_len, ciphertext, ciphertext_len, tag, out);
+        if (r >= 0)
+            return r;
+    }
+    return gcm_open_evp(key->dec, nonce, aad1, aad1_len, aad2, aad2_len, ciphertext, ciphertext_len, tag, out);
 }
 
 /* Encrypts into out (ciphertext_len bytes) and tag_out (16 bytes). 0, or -1 with an exception set. */
@@ -288,6 +320,12 @@ Key_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
              EVP_EncryptInit_ex(self->enc, EVP_aes_256_gcm(), NULL, material.buf, NULL) == 1 &&
              EVP_DecryptInit_ex(self->dec, EVP_aes_256_gcm(), NULL, material.buf, NULL) == 1 &&
              EVP_CIPHER_CTX_iv_length(self->enc) == NONCE_LENGTH;
+    /* The own open needs its schedule 16-byte aligned (the allocator gives that; checked, not assumed). */
+    self->has_fast = 0;
+    if (ok && gcm_fast && ((uintptr_t)&self->fast % 16) == 0) {
+        pv_gcm_init(&self->fast, material.buf);
+        self->has_fast = 1;
+    }
     PyBuffer_Release(&material);
     if (!ok) {
         Py_DECREF(self);
@@ -304,6 +342,8 @@ Key_dealloc(KeyObject *self)
     EVP_CIPHER_CTX_free(self->enc);
     EVP_CIPHER_CTX_free(self->dec);
     self->enc = self->dec = NULL;
+    pv_gcm_wipe(&self->fast);
+    self->has_fast = 0;
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -374,7 +414,7 @@ Key_decrypt(KeyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (result == NULL)
         goto done;
     const unsigned char *in = data.buf;
-    int r = gcm_open(self->dec, nonce.buf, aad.buf, (size_t)aad.len, NULL, 0, in, (size_t)n, in + n,
+    int r = gcm_open(self, nonce.buf, aad.buf, (size_t)aad.len, NULL, 0, in, (size_t)n, in + n,
                      (unsigned char *)PyBytes_AS_STRING(result));
     if (r != 0) {
         Py_CLEAR(result);
@@ -682,10 +722,10 @@ opener_open(OpenerObject *self, const unsigned char *env, Py_ssize_t size, const
         }
         memcpy(joined, assoc, (size_t)assoc_len);
         memcpy(joined + assoc_len, key->suffix, (size_t)key->suffix_len);
-        r = gcm_open(key->dec, env + KEY_END, env, HEADER_LENGTH, joined, (size_t)(assoc_len + key->suffix_len),
+        r = gcm_open(key, env + KEY_END, env, HEADER_LENGTH, joined, (size_t)(assoc_len + key->suffix_len),
                      env + HEADER_LENGTH, (size_t)(size - MIN_LENGTH), env + size - TAG_LENGTH, out);
     } else {
-        r = gcm_open(key->dec, env + KEY_END, env, HEADER_LENGTH, assoc, (size_t)assoc_len, env + HEADER_LENGTH,
+        r = gcm_open(key, env + KEY_END, env, HEADER_LENGTH, assoc, (size_t)assoc_len, env + HEADER_LENGTH,
                      (size_t)(size - MIN_LENGTH), env + size - TAG_LENGTH, out);
     }
     Py_DECREF(key);
@@ -2113,6 +2153,189 @@ fail:
     return NULL;
 }
 
+/* -- the own GCM open: its checks and the choice ------------------------------------------------------- */
+
+static int
+unhex(const char *hex, unsigned char *out, size_t cap)
+{
+    size_t n = strlen(hex) / 2;
+    if (n > cap)
+        return -1;
+    for (size_t i = 0; i < n; i++) {
+        unsigned int v;
+        if (sscanf(hex + 2 * i, "%2x", &v) != 1)
+            return -1;
+        out[i] = (unsigned char)v;
+    }
+    return (int)n;
+}
+
+/* The AES-256 test cases 13 to 16 of the GCM specification (McGrew and Viega), 96-bit IVs. */
+static const struct {
+    const char *key, *iv, *aad, *pt, *ct, *tag;
+} GCM_KATS[] = {
+    {"0000000000000000000000000000000000000000000000000000000000000000", "000000000000000000000000", "", "", "",
+     "530f8afbc74536b9a963b4f1c4cb738b"},
+    {"0000000000000000000000000000000000000000000000000000000000000000", "000000000000000000000000", "",
+     "00000000000000000000000000000000", "cea7403d4d606b6e074ec5d3baf39d18", "d0d1c8a799996bf0265b98b5d48ab919"},
+    {"feffe9928665731c6d6a8f9467308308feffe9928665731c6d6a8f9467308308", "cafebabefacedbaddecaf888", "",
+     "d9313225f88406e5a55909c5aff5269a86a7a9531534f7da2e4c303d8a318a721c3c0c95956809532fcf0e2449a6b525b16aedf5aa0de657"
+     "ba637b391aafd255",
+     "522dc1f099567d07f47f37a32a84427d643a8cdcbfe5c0c97598a2bd2555d1aa8cb08e48590dbb3da7b08b1056828838c5f61e6393ba7a"
+     "0abcc9f662898015ad",
+     "b094dac5d93471bdec1a502270e3cc6c"},
+    {"feffe9928665731c6d6a8f9467308308feffe9928665731c6d6a8f9467308308", "cafebabefacedbaddecaf888",
+     "feedfacedeadbeeffeedfacedeadbeefabaddad2",
+     "d9313225f88406e5a55909c5aff5269a86a7a9531534f7da2e4c303d8a318a721c3c0c95956809532fcf0e2449a6b525b16aedf5aa0de657"
+     "ba637b39",
+     "522dc1f099567d07f47f37a32a84427d643a8cdcbfe5c0c97598a2bd2555d1aa8cb08e48590dbb3da7b08b1056828838c5f61e6393ba7a"
+     "0abcc9f662",
+     "76fc6ece0f4e1768cddf8853bb2d551b"},
+};
+
+/* NULL when the own open gives the specification's answers and OpenSSL's on inputs of every length
+ * class (sealed by EVP, opened by both; each tampered with), else what failed. Needs the CPU support. */
+static const char *
+gcm_check(void)
+{
+    static const size_t LENGTHS[] = {0, 1, 15, 16, 17, 31, 32, 33, 47, 48, 63, 64, 65, 100, 257};
+    static const size_t AADS[] = {0, 1, 12, 16, 20, 32, 52, 64, 200, 1024};
+    const char *failed = NULL;
+    pv_gcm_key k;
+    unsigned char key[32], iv[12], aad[1024], pt[300], ct[300], tag[16], got[300], evp_out[300];
+    for (size_t i = 0; i < sizeof(GCM_KATS) / sizeof(GCM_KATS[0]); i++) {
+        int kl = unhex(GCM_KATS[i].key, key, sizeof(key)), il = unhex(GCM_KATS[i].iv, iv, sizeof(iv));
+        int al = unhex(GCM_KATS[i].aad, aad, sizeof(aad)), pl = unhex(GCM_KATS[i].pt, pt, sizeof(pt));
+        int cl = unhex(GCM_KATS[i].ct, ct, sizeof(ct)), tl = unhex(GCM_KATS[i].tag, tag, sizeof(tag));
+        if (kl != 32 || il != 12 || al < 0 || pl < 0 || cl != pl || tl != 16)
+            return "a known-answer vector does not parse";
+        pv_gcm_init(&k, key);
+        memset(got, 0xa5, sizeof(got));
+        if (pv_gcm_open(&k, iv, aad, (size_t)al, NULL, 0, ct, (size_t)cl, tag, got) != 0 ||
+            memcmp(got, pt, (size_t)pl) != 0) {
+            failed = "a known-answer test of the GCM specification failed";
+            goto done;
+        }
+        tag[15] ^= 1;
+        memset(got, 0xa5, sizeof(got));
+        if (pv_gcm_open(&k, iv, aad, (size_t)al, NULL, 0, ct, (size_t)cl, tag, got) != 1 || got[0] != 0xa5) {
+            failed = "a tampered known-answer tag was accepted or its plaintext written";
+            goto done;
+        }
+    }
+    EVP_CIPHER_CTX *enc = EVP_CIPHER_CTX_new(), *dec = EVP_CIPHER_CTX_new();
+    unsigned char material[32 + 12 + 1024 + 300];
+    if (enc == NULL || dec == NULL || getrandom(material, sizeof(material), 0) != (ssize_t)sizeof(material)) {
+        failed = "could not set up the comparison with OpenSSL";
+        goto evp_done;
+    }
+    memcpy(key, material, 32);
+    memcpy(iv, material + 32, 12);
+    memcpy(aad, material + 44, sizeof(aad));
+    memcpy(pt, material + 44 + sizeof(aad), sizeof(pt));
+    if (EVP_EncryptInit_ex(enc, EVP_aes_256_gcm(), NULL, key, NULL) != 1 ||
+        EVP_DecryptInit_ex(dec, EVP_aes_256_gcm(), NULL, key, NULL) != 1) {
+        failed = "could not set up the comparison with OpenSSL";
+        goto evp_done;
+    }
+    pv_gcm_init(&k, key);
+    for (size_t a = 0; a < sizeof(AADS) / sizeof(AADS[0]) && failed == NULL; a++) {
+        for (size_t l = 0; l < sizeof(LENGTHS) / sizeof(LENGTHS[0]) && failed == NULL; l++) {
+            size_t al = AADS[a], pl = LENGTHS[l], split = al / 3;
+            if (gcm_seal(enc, iv, aad, split, aad + split, al - split, pt, pl, ct, tag) < 0) {
+                PyErr_Clear();
+                failed = "OpenSSL failed to seal for the comparison";
+                break;
+            }
+            memset(got, 0xa5, sizeof(got));
+            if (pv_gcm_open(&k, iv, aad, split, aad + split, al - split, ct, pl, tag, got) != 0 ||
+                memcmp(got, pt, pl) != 0) {
+                failed = "the open disagrees with OpenSSL's seal";
+                break;
+            }
+            /* One bit of each part flipped: both refuse, and the own open writes nothing. */
+            unsigned char *parts[4] = {tag, pl > 0 ? ct : NULL, al > 0 ? aad : NULL, iv};
+            size_t sizes[4] = {16, pl, al, 12};
+            for (int p = 0; p < 4 && failed == NULL; p++) {
+                if (parts[p] == NULL)
+                    continue;
+                size_t bit = (a * 31 + l * 7 + (size_t)p) % (8 * sizes[p]);
+                parts[p][bit / 8] ^= (unsigned char)(1u << (bit % 8));
+                memset(got, 0xa5, sizeof(got));
+                int mine = pv_gcm_open(&k, iv, aad, split, aad + split, al - split, ct, pl, tag, got);
+                int theirs = gcm_open_evp(dec, iv, aad, split, aad + split, al - split, ct, pl, tag, evp_out);
+                if (theirs < 0)
+                    PyErr_Clear();
+                if (mine != 1 || theirs != 1 || got[0] != 0xa5)
+                    failed = "a tampered input was not refused";
+                parts[p][bit / 8] ^= (unsigned char)(1u << (bit % 8));
+            }
+        }
+    }
+evp_done:
+    EVP_CIPHER_CTX_free(enc);
+    EVP_CIPHER_CTX_free(dec);
+    OPENSSL_cleanse(material, sizeof(material));
+    OPENSSL_cleanse(evp_out, sizeof(evp_out));
+done:
+    pv_gcm_wipe(&k);
+    OPENSSL_cleanse(key, sizeof(key));
+    return failed;
+}
+
+/* Sets gcm_fast and gcm_why: PGVEIL_GCM=evp forces EVP; otherwise the own open where the build and the
+ * CPU support it and it passes gcm_check. */
+static void
+choose_gcm(void)
+{
+    const char *wanted = getenv("PGVEIL_GCM");
+    gcm_fast = 0;
+    if (wanted != NULL && strcmp(wanted, "evp") == 0) {
+        gcm_why = "PGVEIL_GCM=evp";
+        return;
+    }
+    if (wanted != NULL && wanted[0] != '\0' && strcmp(wanted, "auto") != 0) {
+        gcm_why = "PGVEIL_GCM is neither 'auto' nor 'evp'";
+        return;
+    }
+    const char *why = "";
+    if (!pv_gcm_supported(&why)) {
+        gcm_why = why;
+        return;
+    }
+    const char *failed = gcm_check();
+    if (failed != NULL) {
+        gcm_why = failed;
+        return;
+    }
+    gcm_fast = 1;
+    gcm_why = "";
+}
+
+static PyObject *
+gcm_implementation(PyObject *module, PyObject *unused)
+{
+    return PyUnicode_FromString(gcm_fast ? "aesni-pclmul" : "evp");
+}
+
+static PyObject *
+gcm_fallback_reason(PyObject *module, PyObject *unused)
+{
+    return PyUnicode_FromString(gcm_why);
+}
+
+static PyObject *
+gcm_self_test(PyObject *module, PyObject *unused)
+{
+    const char *why = "";
+    if (!pv_gcm_supported(&why))
+        Py_RETURN_NONE;
+    const char *failed = gcm_check();
+    if (failed != NULL)
+        return PyUnicode_FromString(failed);
+    Py_RETURN_TRUE;
+}
+
 static PyMethodDef module_methods[] = {
     {"rewrite_rows", (PyCFunction)(void (*)(void))rewrite_rows, METH_FASTCALL,
      "rewrite_rows(data, start, end, columns, opener[, checks]) -> the rewritten run of DataRows"},
@@ -2120,6 +2343,12 @@ static PyMethodDef module_methods[] = {
      "data_row_run(data, end, n) -> (end, count) of the run of complete DataRows"},
     {"seal_bind", (PyCFunction)(void (*)(void))seal_bind, METH_FASTCALL,
      "seal_bind(body, targets, keys) -> (the rewritten Bind, values sealed), or None for the Python path"},
+    {"gcm_implementation", gcm_implementation, METH_NOARGS,
+     "gcm_implementation() -> 'aesni-pclmul' (the own AES-GCM open) or 'evp' (OpenSSL's)"},
+    {"gcm_fallback_reason", gcm_fallback_reason, METH_NOARGS,
+     "gcm_fallback_reason() -> why the open runs on EVP ('' when it does not)"},
+    {"gcm_self_test", gcm_self_test, METH_NOARGS,
+     "gcm_self_test() -> True, what failed, or None where the CPU cannot run the own open"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2135,6 +2364,7 @@ PyMODINIT_FUNC
 PyInit_pgveil_accel(void)
 {
     init_hex();
+    choose_gcm();
     if (PyType_Ready(&KeyType) < 0 || PyType_Ready(&OpenerType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&accel_module);

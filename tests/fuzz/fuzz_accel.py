@@ -38,7 +38,7 @@ def main() -> None:
     if envelope._accel is None:
         print("fuzz_accel: the accelerator is not built; skipped")
         return
-    print(f"fuzz_accel: {envelope._accel.__file__}", flush=True)
+    print(f"fuzz_accel: {envelope._accel.__file__} (AES-GCM open: {envelope._accel.gcm_implementation()})", flush=True)
     args = list(sys.argv)
     if not any(not a.startswith("-") for a in args[1:]):  # no corpus given: start from the seeds
         corpus = tempfile.mkdtemp(prefix="pgveil-fuzz-")
