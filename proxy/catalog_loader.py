@@ -716,14 +716,21 @@ async def load_catalog(
 
 
 _SUBJECT_DEFAULT_SQL = """
+WITH RECURSIVE family(relid) AS (
+    SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = $1 AND c.relname = $2
+    UNION SELECT i.inhrelid FROM pg_inherits i JOIN family f ON i.inhparent = f.relid
+)
 SELECT a.attidentity::text AS identity, a.attgenerated::text AS generated,
        CASE WHEN a.attidentity <> '' THEN
             format('nextval(%L::regclass)', pg_get_serial_sequence(format('%I.%I', n.nspname, c.relname), a.attname))
        ELSE pg_get_expr(d.adbin, d.adrelid) END AS expression,
        EXISTS (SELECT 1 FROM pg_trigger t
-               WHERE (t.tgrelid = c.oid OR t.tgrelid IN (SELECT relid FROM pg_partition_tree(c.oid)))
-               AND NOT t.tgisinternal
-               AND (t.tgtype & 2) <> 0 AND (t.tgtype & 4) <> 0) AS before_insert_trigger
+               WHERE t.tgrelid IN (SELECT relid FROM family)
+               AND (t.tgtype & 3) = 3 AND (t.tgtype & 4) <> 0) AS before_insert_trigger,
+       EXISTS (SELECT 1 FROM pg_trigger t
+               WHERE t.tgrelid IN (SELECT relid FROM family)
+               AND (t.tgtype & 3) = 3 AND (t.tgtype & 20) <> 0) AS before_write_trigger
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = $3 AND NOT a.attisdropped
 LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
@@ -737,7 +744,11 @@ async def read_subject_default(conn: CatalogConnection, schema: str, table: str,
     client's search_path cannot change which sequence or function it names; None when the column does
     not exist. A table with a BEFORE INSERT row trigger, on itself or on any of its partitions (a row
     routed there fires it), is reported as one whose subject pgveil cannot be certain of (the trigger may
-    change the id after pgveil chose the key)."""
+    change the id after pgveil chose the key). A BEFORE INSERT or UPDATE row trigger (tgtype bits ROW=1,
+    BEFORE=2, INSERT=4, UPDATE=16; disabled ones too: the owner can enable them any time) on the table or
+    any descendant (partitions and inheritance children, by pg_inherits) is reported too: it could change
+    a client-given id after pgveil sealed the row's values for it. PostgreSQL's internal FK triggers are
+    AFTER triggers, so the bits leave them out."""
     rows = await conn.fetch(_SUBJECT_DEFAULT_SQL, schema, table, column)
     if not rows:
         return None
@@ -747,6 +758,7 @@ async def read_subject_default(conn: CatalogConnection, schema: str, table: str,
         identity=row["identity"] or "",
         generated=row["generated"] or "",
         before_insert_trigger=bool(row["before_insert_trigger"]),
+        before_write_trigger=bool(row["before_write_trigger"]),
     )
 
 

@@ -595,6 +595,21 @@ class CryptoContext:
             return seal(self.subject_write_key(subject, cc.column.column_id), canonical, cc.associated)
         return seal(self.write_key(cc.column.column_id), canonical, cc.associated)
 
+    def check_given_subject(self, table: str, subject: SubjectColumn) -> None:
+        """Refuses (0A000) to seal values for a client-given subject id of ``table`` (or of its root) when a
+        BEFORE INSERT or UPDATE row trigger on it or a descendant could change the id afterwards: the
+        values would be sealed under another subject's key than the row's, and shredding the row's
+        subject would not destroy them."""
+        found = [t for t in self.catalog.tables.values() if t.qualified_name == table]
+        root = found[0].root if found and found[0].root is not None else table
+        default = self.subject_defaults.get(root) or self.subject_defaults.get(table)
+        if default is not None and default.before_write_trigger:
+            raise _unsupported(
+                f"cannot seal the encrypted columns of {table} for the subject given in {subject.column}: "
+                f"a BEFORE INSERT or UPDATE trigger on {root} or its partitions may change it",
+                hint="drop the trigger, or have it leave the subject column unchanged and move it to AFTER",
+            )
+
     def check_envelope(
         self,
         cc: ColumnCrypto,
@@ -946,6 +961,7 @@ class SessionCrypto:
                     hint="bind the value as a parameter too",
                 )
             if t.subject is not None and t.subject.literal is not None:
+                self.ctx.check_given_subject(t.subject.table, t.subject.subject)
                 subject = subject_from_text(
                     t.subject.table, t.subject.subject, statement_bytes(t.subject.literal, self.fmt)
                 )
@@ -1294,6 +1310,12 @@ class SessionCrypto:
             view = stmt.view
         if stmt.literal_keys:
             self._check_literal_keys(stmt)
+        # Checked at each Bind, not only at Parse: a trigger created since is seen once the catalog is read
+        # again (both the native and the Python sealing paths seal for these subjects).
+        given = {(t.subject.table, t.subject.subject) for t in stmt.targets if t.subject is not None}
+        given.update((t.subject.table, t.subject.subject) for t in stmt.plan.literal_targets if t.subject is not None)
+        for table, subject_column in given:
+            self.ctx.check_given_subject(table, subject_column)
         param_formats: tuple[int, ...] | None = None
         sealed: tuple[tuple[int, bytes], ...] = ()
         native: bytes | None = None
@@ -1511,6 +1533,7 @@ class SessionCrypto:
         subject = memo.get(source)
         if subject is not None:
             return subject
+        self.ctx.check_given_subject(source.table, source.subject)
         if source.literal is not None:
             subject = subject_from_text(source.table, source.subject, statement_bytes(source.literal, self.fmt))
         else:
@@ -1767,6 +1790,7 @@ class SessionCrypto:
         transforms = CopyTransforms(self)
         row_field: tuple[int, Callable[[bytes | None], None]] | None = None
         if inbound and cp.subject_index >= 0 and cp.table is not None and cp.table.subject is not None:
+            self.ctx.check_given_subject(cp.table.qualified_name, cp.table.subject)
             row_field = (cp.subject_index, transforms.subject_reader(cp.table.qualified_name, cp.table.subject))
         fields: list[Callable[[bytes], bytes | None] | None] = []
         served: dict[tuple[str, str, str], int] = {}

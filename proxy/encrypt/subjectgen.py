@@ -30,6 +30,9 @@ class ColumnDefault:
     identity: str = ""  # pg_attribute.attidentity: '' none, 'a' ALWAYS, 'd' BY DEFAULT
     generated: str = ""  # pg_attribute.attgenerated: '' none, 's' STORED
     before_insert_trigger: bool = False  # a BEFORE INSERT row trigger could change the id after pgveil chose
+    # a BEFORE INSERT or UPDATE row trigger (on the table or a descendant, enabled or not) could change a
+    # client-given id after pgveil sealed the row's values for it
+    before_write_trigger: bool = False
 
 
 @dataclass(frozen=True, slots=True)

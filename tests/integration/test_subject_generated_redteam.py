@@ -48,6 +48,9 @@ SUBJECTS = {
     "public.rg_null": ("k", "id"),
     "public.rg_late": ("l", "id"),
     "public.rg_enc": ("m", "id"),
+    "public.rg_btrig": ("n", "id"),
+    "public.rg_butrig": ("o", "id"),
+    "public.rg_atrig": ("p", "id"),
 }
 TABLES: dict[str, Any] = {
     t: {"subject": {"kind": k, "column": col}, "columns": {"email": {"type": "text", "encrypt": True}}}
@@ -82,6 +85,14 @@ DDL = [
     "CREATE TABLE rg_enc (id text PRIMARY KEY DEFAULT 'Ã©-' || nextval('rg_enc_seq')::text, email text, note text)",
     "CREATE SEQUENCE rg_null_seq",
     "CREATE TABLE rg_null (id bigint DEFAULT nullif(nextval('rg_null_seq') % 2, 0), email text, note text)",
+    "CREATE TABLE rg_btrig (id bigint PRIMARY KEY, email text, note text)",
+    "CREATE TRIGGER rg_bump BEFORE INSERT ON rg_btrig FOR EACH ROW EXECUTE FUNCTION rg_bump()",
+    "CREATE TABLE rg_butrig (id bigint PRIMARY KEY, email text, note text)",
+    "CREATE TRIGGER rg_bump BEFORE UPDATE ON rg_butrig FOR EACH ROW EXECUTE FUNCTION rg_bump()",
+    "ALTER TABLE rg_butrig DISABLE TRIGGER rg_bump",
+    "CREATE TABLE rg_atrig (id bigint PRIMARY KEY, email text, note text)",
+    "CREATE FUNCTION rg_after() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NULL; END$$",
+    "CREATE TRIGGER rg_after AFTER INSERT OR UPDATE ON rg_atrig FOR EACH ROW EXECUTE FUNCTION rg_after()",
 ]
 
 
@@ -894,19 +905,82 @@ def test_a_before_insert_trigger_on_a_partition_changes_the_generated_id(env: En
     _assert_every_row_sealed_for_itself(env, "rg_part", [email], note)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not of the generated-id path (the subject-key INSERT path before 88ff38a): a client-given id is "
-    "changed by a BEFORE INSERT row trigger (here on the partition; on the table itself too) after pgveil "
-    "sealed the row's values for it; pgveil reads no triggers for client-given ids",
-)
 def test_a_before_insert_trigger_on_a_partition_changes_a_given_id(env: Env) -> None:
+    """A BEFORE INSERT row trigger on a partition could change a client-given id after pgveil sealed the
+    row's values for it: pgveil refuses (0A000) and the session goes on."""
     with psycopg.connect(env.dsn(), autocommit=True) as c:
-        try:
+        with pytest.raises(psycopg.errors.FeatureNotSupported) as refused:
             c.execute("INSERT INTO rg_part (id, email, note) VALUES (7, %s, 'part-given')", ("given@x",))
-        except psycopg.errors.FeatureNotSupported:
-            return
-    _assert_every_row_sealed_for_itself(env, "rg_part", ["given@x"], "part-given")
+        assert "BEFORE INSERT or UPDATE trigger" in str(refused.value)
+        assert "given@x" not in str(refused.value)
+        assert c.execute("SELECT 1").fetchone() == (1,)
+    with psycopg.connect(env.direct_dsn, autocommit=True) as d:
+        assert d.execute("SELECT count(*) FROM rg_part WHERE note = 'part-given'").fetchone() == (0,)
+
+
+def _write_btrig(c: psycopg.Connection[Any], how: str, canary: str) -> None:
+    if how == "copy":
+        with c.cursor().copy("COPY rg_btrig (id, email, note) FROM STDIN") as cp:
+            cp.write_row((11, canary, "btrig"))
+        return
+    _execute(
+        c,
+        how == "extended",
+        ("INSERT INTO rg_btrig (id, email, note) VALUES (11, %s, 'btrig')", (canary,)),
+        (f"INSERT INTO rg_btrig (id, email, note) VALUES (11, '{canary}', 'btrig')",),
+    )
+
+
+@pytest.mark.parametrize("how", ["simple", "extended", "copy"])
+def test_a_before_insert_trigger_on_the_table_refuses_a_given_id(env: Env, how: str) -> None:
+    """The canary method: after the refusal the canary is nowhere in the table read directly."""
+    canary = f"canary-btrig-{how}@x"
+    with psycopg.connect(env.dsn(), autocommit=True) as c:
+        with pytest.raises(psycopg.errors.FeatureNotSupported) as refused:
+            _write_btrig(c, how, canary)
+        message = str(refused.value)
+        assert "public.rg_btrig" in message
+        assert "BEFORE INSERT or UPDATE trigger" in message
+        assert canary not in message
+        assert c.execute("SELECT 1").fetchone() == (1,)
+    with psycopg.connect(env.direct_dsn, autocommit=True) as d:
+        assert d.execute("SELECT count(*) FROM rg_btrig").fetchone() == (0,)
+        assert d.execute("SELECT count(*) FROM rg_btrig WHERE email LIKE %s", (f"%{canary}%",)).fetchone() == (0,)
+
+
+@pytest.mark.parametrize("extended", [False, True])
+def test_a_disabled_before_update_trigger_refuses_an_update_of_a_sealed_column(env: Env, extended: bool) -> None:
+    """Disabled still counts: the owner may enable it at any time."""
+    canary = f"canary-butrig-{extended}@x"
+    with psycopg.connect(env.direct_dsn, autocommit=True) as d:
+        d.execute("INSERT INTO rg_butrig (id, note) VALUES (21, 'butrig') ON CONFLICT DO NOTHING")
+    with psycopg.connect(env.dsn(), autocommit=True) as c:
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="BEFORE INSERT or UPDATE trigger"):
+            _execute(
+                c,
+                extended,
+                ("UPDATE rg_butrig SET email = %s WHERE id = 21", (canary,)),
+                (f"UPDATE rg_butrig SET email = '{canary}' WHERE id = 21",),
+            )
+        assert c.execute("SELECT 1").fetchone() == (1,)
+    with psycopg.connect(env.direct_dsn, autocommit=True) as d:
+        assert d.execute("SELECT count(*) FROM rg_butrig WHERE email IS NOT NULL").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("extended", [False, True])
+def test_only_after_triggers_still_take_a_given_id(env: Env, extended: bool) -> None:
+    """The control: the refusal is for BEFORE row triggers, not for every trigger."""
+    ident = 31 + int(extended)
+    email = f"after-{extended}@x"
+    with psycopg.connect(env.dsn(), autocommit=True) as c:
+        _execute(
+            c,
+            extended,
+            ("INSERT INTO rg_atrig (id, email, note) VALUES (%s, %s, 'atrig')", (ident, email)),
+            (f"INSERT INTO rg_atrig (id, email, note) VALUES ({ident}, '{email}', 'atrig')",),
+        )
+        assert c.execute("SELECT email FROM rg_atrig WHERE id = %s", (ident,)).fetchall() == [(email,)]
+    _assert_every_row_sealed_for_itself(env, "rg_atrig", [email], "atrig")
 
 
 @pytest.mark.parametrize("extended", [False, True])
