@@ -15,7 +15,9 @@ insert workloads turn ``synchronous_commit`` off for their own sessions, the CPU
 ``pgbench -i -s 10`` and the workloads' tables, starts the targets (``direct``: the cluster; ``pgveil``:
 ``pgveil serve`` with a minimal config; ``pgveil-encrypted``: pgveil with a keystore and the ``*_enc``
 tables' columns encrypted, on the native accelerator when it is built; ``pgveil-encrypted-py``: the same
-forced onto the pure-Python kernels with ``PGVEIL_IMPL=python``; ``pgbouncer``: session pooling, SCRAM,
+forced onto the pure-Python kernels with ``PGVEIL_IMPL=python``; ``pgveil-encrypted-evp``: the
+accelerator with its AES-GCM opens on OpenSSL's EVP (``PGVEIL_GCM=evp``), on the encrypted wide fetch;
+``pgbouncer``: session pooling, SCRAM,
 when installed) and runs every workload on each of its targets, interleaved: each round visits the
 targets in a rotated order, so drift of the machine during the run (thermal, page cache, autovacuum)
 falls on all targets alike. A target that cannot start is skipped with its reason and log tail.
@@ -96,7 +98,7 @@ log = logging.getLogger("bench.run")
 QUICK_DURATION_S = 2
 QUICK_ROUNDS = 2
 PROFILE_DEFAULT_WORKLOAD = "wide-fetch-encrypted"
-PROFILABLE_TARGETS = ("pgveil-encrypted", "pgveil-encrypted-py", "pgveil")
+PROFILABLE_TARGETS = ("pgveil-encrypted", "pgveil-encrypted-py", "pgveil-encrypted-evp", "pgveil")
 DURABILITY_SETTINGS = ("fsync", "synchronous_commit", "full_page_writes", "wal_sync_method")
 CLUSTER_SETTINGS = {
     # 500 idle connections through a 1:1 middleman, plus pgbench and a margin.
@@ -324,6 +326,7 @@ def _target_factories(ctx: BenchContext, direct: DirectTarget) -> dict[str, Call
         "pgveil": lambda: PgveilTarget(ctx.cluster, ctx.workdir),
         "pgveil-encrypted": lambda: encrypted_target(ctx),
         "pgveil-encrypted-py": lambda: encrypted_target(ctx, python=True),
+        "pgveil-encrypted-evp": lambda: encrypted_target(ctx, evp=True),
         "pgveil-encrypted-2w": lambda: encrypted_target(ctx, workers=2),
         "pgbouncer": lambda: PgbouncerTarget(ctx.cluster, ctx.workdir),
     }

@@ -477,6 +477,23 @@ class PgveilEncryptedPythonTarget(PgveilEncryptedTarget):
         return f"pgveil {__version__}, python kernels (PGVEIL_IMPL=python)"
 
 
+class PgveilEncryptedEvpTarget(PgveilEncryptedTarget):
+    """pgveil-encrypted on the accelerator with its opens on OpenSSL's EVP (``PGVEIL_GCM=evp``) instead of
+    its own AES-NI GCM, for that code's effect in the same run."""
+
+    name = "pgveil-encrypted-evp"
+
+    def spawn_env(self) -> Mapping[str, str] | None:
+        return {**self.keystore_environ, "PGVEIL_GCM": "evp"}
+
+    def version(self) -> str:
+        try:
+            from proxy import __version__
+        except ImportError:
+            return "unknown"
+        return f"pgveil {__version__}, native kernels, AES-GCM open on EVP (PGVEIL_GCM=evp)"
+
+
 class PgveilEncrypted2Target(PgveilEncryptedTarget):
     """pgveil-encrypted with ``sessions.workers: 2``: the supervisor and one worker, each client placed on
     the less loaded (so the 2 benchmark clients run on both cores)."""

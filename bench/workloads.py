@@ -46,6 +46,7 @@ from bench.targets import (
     MASKED_ROLE,
     VISIBILITY_PASSWORD,
     PgveilEncrypted2Target,
+    PgveilEncryptedEvpTarget,
     PgveilEncryptedPythonTarget,
     PgveilEncryptedTarget,
     Target,
@@ -58,12 +59,28 @@ log = logging.getLogger(__name__)
 
 # Plaintext-table workloads run on these (pgveil-encrypted: the full statement model on a plain table).
 PLAIN_TABLE_TARGETS = ("direct", "pgveil", "pgveil-encrypted", "pgbouncer")
-ALL_TARGETS = ("direct", "pgveil", "pgveil-encrypted", "pgveil-encrypted-py", "pgveil-encrypted-2w", "pgbouncer")
-# pgveil-encrypted-py: the same as pgveil-encrypted on the pure-Python kernels (PGVEIL_IMPL=python).
+ALL_TARGETS = (
+    "direct",
+    "pgveil",
+    "pgveil-encrypted",
+    "pgveil-encrypted-py",
+    "pgveil-encrypted-evp",
+    "pgveil-encrypted-2w",
+    "pgbouncer",
+)
+# pgveil-encrypted-py: the same as pgveil-encrypted on the pure-Python kernels (PGVEIL_IMPL=python);
+# pgveil-encrypted-evp: on the accelerator with its opens on OpenSSL's EVP (PGVEIL_GCM=evp).
 ENCRYPTED_TARGETS = ("pgveil-encrypted", "pgveil-encrypted-py", "pgveil-encrypted-2w")
 # The workloads on plaintext tables that compare the middlemen among themselves.
 PLAIN_TARGETS = ("direct", "pgveil", "pgbouncer")
-MIDDLEMEN = ("pgveil", "pgveil-encrypted", "pgveil-encrypted-py", "pgveil-encrypted-2w", "pgbouncer")
+MIDDLEMEN = (
+    "pgveil",
+    "pgveil-encrypted",
+    "pgveil-encrypted-py",
+    "pgveil-encrypted-evp",
+    "pgveil-encrypted-2w",
+    "pgbouncer",
+)
 PGBENCH_SCALE = 10
 WIDE_ROWS = 1000
 TEXT_COLUMNS = ("c1", "c2", "c3", "c4", "c5")
@@ -187,9 +204,18 @@ def truncate_insert(ctx: BenchContext) -> None:
     _sql(ctx.cluster, "TRUNCATE bench_ins RESTART IDENTITY;", "CHECKPOINT;")
 
 
-def encrypted_target(ctx: BenchContext, workers: int = 1, *, python: bool = False) -> PgveilEncryptedTarget:
-    """pgveil with the protected tables; ``python``: on the pure-Python kernels (PGVEIL_IMPL=python)."""
-    cls = PgveilEncrypted2Target if workers == 2 else PgveilEncryptedPythonTarget if python else PgveilEncryptedTarget
+def encrypted_target(
+    ctx: BenchContext, workers: int = 1, *, python: bool = False, evp: bool = False
+) -> PgveilEncryptedTarget:
+    """pgveil with the protected tables; ``python``: on the pure-Python kernels (PGVEIL_IMPL=python);
+    ``evp``: the accelerator's opens on OpenSSL's EVP (PGVEIL_GCM=evp)."""
+    cls: type[PgveilEncryptedTarget] = PgveilEncryptedTarget
+    if workers == 2:
+        cls = PgveilEncrypted2Target
+    elif python:
+        cls = PgveilEncryptedPythonTarget
+    elif evp:
+        cls = PgveilEncryptedEvpTarget
     return cls(ctx.cluster, ctx.workdir, PROTECTED_TABLES, SUBJECT_TABLES)
 
 
@@ -611,7 +637,7 @@ WORKLOADS: tuple[Workload, ...] = (
     Workload(
         "wide-fetch-encrypted",
         f"wide-fetch of bench_wide_enc: the same {WIDE_ROWS} rows, 5 columns encrypted, decrypted by pgveil",
-        ENCRYPTED_TARGETS,
+        (*ENCRYPTED_TARGETS, "pgveil-encrypted-evp"),
         custom_script("wide-fetch-encrypted", WIDE_ENCRYPTED_SQL),
         setup=(setup_wide, setup_encrypted),
         baseline=("wide-fetch", "direct"),
