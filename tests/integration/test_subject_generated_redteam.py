@@ -51,6 +51,7 @@ SUBJECTS = {
     "public.rg_btrig": ("n", "id"),
     "public.rg_butrig": ("o", "id"),
     "public.rg_atrig": ("p", "id"),
+    "public.rg_lgiven": ("q", "id"),
 }
 TABLES: dict[str, Any] = {
     t: {"subject": {"kind": k, "column": col}, "columns": {"email": {"type": "text", "encrypt": True}}}
@@ -93,6 +94,7 @@ DDL = [
     "CREATE TABLE rg_atrig (id bigint PRIMARY KEY, email text, note text)",
     "CREATE FUNCTION rg_after() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NULL; END$$",
     "CREATE TRIGGER rg_after AFTER INSERT OR UPDATE ON rg_atrig FOR EACH ROW EXECUTE FUNCTION rg_after()",
+    "CREATE TABLE rg_lgiven (id bigint PRIMARY KEY, email text, note text)",
 ]
 
 
@@ -965,6 +967,63 @@ def test_a_disabled_before_update_trigger_refuses_an_update_of_a_sealed_column(e
         assert c.execute("SELECT 1").fetchone() == (1,)
     with psycopg.connect(env.direct_dsn, autocommit=True) as d:
         assert d.execute("SELECT count(*) FROM rg_butrig WHERE email IS NOT NULL").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("extended", [False, True])
+def test_an_upsert_under_a_before_update_trigger_refuses_a_given_id(env: Env, extended: bool) -> None:
+    """INSERT ... ON CONFLICT DO UPDATE may run the (disabled, so possibly enabled later) BEFORE UPDATE
+    trigger of rg_butrig on the conflicting row: refused, and the canary is not stored."""
+    canary = f"canary-upsert-{extended}@x"
+    with psycopg.connect(env.direct_dsn, autocommit=True) as d:
+        d.execute("INSERT INTO rg_butrig (id, note) VALUES (22, 'upsert') ON CONFLICT DO NOTHING")
+    sql = (
+        "INSERT INTO rg_butrig (id, email, note) VALUES (22, {v}, 'upsert')"
+        " ON CONFLICT (id) DO UPDATE SET email = EXCLUDED.email"
+    )
+    with psycopg.connect(env.dsn(), autocommit=True) as c:
+        with pytest.raises(psycopg.errors.FeatureNotSupported) as refused:
+            _execute(c, extended, (sql.format(v="%s"), (canary,)), (sql.format(v=f"'{canary}'"),))
+        assert canary not in str(refused.value)
+        assert c.execute("SELECT 1").fetchone() == (1,)
+    with psycopg.connect(env.direct_dsn, autocommit=True) as d:
+        assert d.execute("SELECT count(*) FROM rg_butrig WHERE id = 22 AND email IS NOT NULL").fetchone() == (0,)
+
+
+async def test_a_prepared_insert_of_a_given_id_after_a_trigger_was_created(env: Env) -> None:
+    """The trigger check is made again at every Bind: a statement prepared before a BEFORE INSERT trigger
+    was created directly (not through pgveil) is refused once pgveil has read the catalog again."""
+    conn = await asyncpg.connect(env.dsn())
+    try:
+        stmt = await conn.prepare("INSERT INTO rg_lgiven (id, email, note) VALUES ($1, $2, 'lgiven')")
+        await stmt.fetch(1, "lgiven1@x")
+        with psycopg.connect(env.app_direct, autocommit=True) as d:
+            d.execute("CREATE TRIGGER rg_lg_bump BEFORE INSERT ON rg_lgiven FOR EACH ROW EXECUTE FUNCTION rg_bump()")
+        try:
+
+            def refused_now() -> bool:
+                with psycopg.connect(env.dsn(), autocommit=True) as c:
+                    try:
+                        c.execute("INSERT INTO rg_lgiven (id, email, note) VALUES (99, 'probe@x', 'probe')")
+                    except psycopg.errors.FeatureNotSupported as e:
+                        return "BEFORE INSERT or UPDATE trigger" in str(e)
+                    except psycopg.errors.ObjectNotInPrerequisiteState:
+                        return False
+                    c.execute("DELETE FROM rg_lgiven WHERE note = 'probe'")
+                return False
+
+            await asyncio.to_thread(_wait_for, refused_now, "the trigger never reached pgveil")
+            for i in range(2, 4):
+                with pytest.raises(asyncpg.FeatureNotSupportedError, match="BEFORE INSERT or UPDATE trigger"):
+                    await stmt.fetch(i, f"canary-lgiven{i}@x")
+            assert await conn.fetchval("SELECT 1") == 1
+        finally:
+            with psycopg.connect(env.app_direct, autocommit=True) as d:
+                d.execute("DROP TRIGGER rg_lg_bump ON rg_lgiven")
+    finally:
+        await conn.close()
+    with psycopg.connect(env.direct_dsn, autocommit=True) as d:
+        assert d.execute("SELECT count(*) FROM rg_lgiven WHERE id IN (2, 3)").fetchone() == (0,)
+    _assert_every_row_sealed_for_itself(env, "rg_lgiven", ["lgiven1@x"], "lgiven")
 
 
 @pytest.mark.parametrize("extended", [False, True])
