@@ -962,9 +962,9 @@ class SessionCrypto:
                 )
             if t.subject is not None and t.subject.literal is not None:
                 self.ctx.check_given_subject(t.subject.table, t.subject.subject)
-                subject = subject_from_text(
-                    t.subject.table, t.subject.subject, statement_bytes(t.subject.literal, self.fmt)
-                )
+                given = statement_bytes(t.subject.literal, self.fmt)
+                given = self._client_subject(t.subject.table, t.subject.subject, given)
+                subject = subject_from_text(t.subject.table, t.subject.subject, given)
             if writes_envelopes(cc.column, view.grant(cc.column)):
                 if t.cast_type not in (None, "bytea") or t.numeric:
                     raise _NotAnEnvelope(
@@ -1535,7 +1535,8 @@ class SessionCrypto:
             return subject
         self.ctx.check_given_subject(source.table, source.subject)
         if source.literal is not None:
-            subject = subject_from_text(source.table, source.subject, statement_bytes(source.literal, self.fmt))
+            raw = self._client_subject(source.table, source.subject, statement_bytes(source.literal, self.fmt))
+            subject = subject_from_text(source.table, source.subject, raw)
         else:
             j = (source.param or 0) - 1
             n = len(msg.param_offsets) - 1
@@ -1546,13 +1547,27 @@ class SessionCrypto:
                     "or missing, so the row has no data subject to encrypt it for"
                 )
             off = msg.param_offsets[j] + 4
-            data = msg.body[off : off + length]
+            data = self._client_subject(source.table, source.subject, msg.body[off : off + length])
             if formats[j] == 1:
                 subject = subject_from_binary(source.table, source.subject, data)
             else:
                 subject = subject_from_text(source.table, source.subject, data)
         memo[source] = subject
         return subject
+
+    def _client_subject(self, table: str, subject: SubjectColumn, raw: bytes) -> bytes:
+        """``raw``, a text subject id as the client sent it, when its bytes are the id's UTF-8 bytes: always
+        from a UTF8 client, and for an ASCII id from any client. A non-ASCII text id from a client in
+        another encoding is refused (0A000): the server stores it converted to UTF-8, so its bytes here
+        name another subject than the row's, and the values would be sealed under a key that shredding
+        the row's subject does not destroy. (Integer and uuid ids are ASCII in every encoding.)"""
+        if self._utf8_client or subject.type_class != "text" or raw.isascii():
+            return raw
+        raise _unsupported(
+            f"cannot seal the encrypted columns of {table} for the subject id in {subject.column}: it is not "
+            f"ASCII and the session's client_encoding is {self.fmt.client_encoding}, not UTF8",
+            hint="set client_encoding to UTF8 for writes with non-ASCII subject ids",
+        )
 
     # -- results ---------------------------------------------------------------------------------------
     def row_description(
