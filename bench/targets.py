@@ -460,38 +460,39 @@ class PgbouncerTarget:
         return "unknown"
 
 
-class PgveilEncryptedPythonTarget(PgveilEncryptedTarget):
-    """pgveil-encrypted forced onto the pure-Python kernels (``PGVEIL_IMPL=python``), for the accelerator's
-    effect in the same run."""
+class _PgveilEncryptedVariant(PgveilEncryptedTarget):
+    """pgveil-encrypted started with an implementation switch in its environment (``switch``), for that
+    implementation's effect in the same run; ``kernels`` says what runs, in the report's target line."""
+
+    switch: Mapping[str, str] = {}
+    kernels = ""
+
+    def spawn_env(self) -> Mapping[str, str] | None:
+        return {**self.keystore_environ, **self.switch}
+
+    def version(self) -> str:
+        try:
+            from proxy import __version__
+        except ImportError:
+            return "unknown"
+        return f"pgveil {__version__}, {self.kernels}"
+
+
+class PgveilEncryptedPythonTarget(_PgveilEncryptedVariant):
+    """pgveil-encrypted forced onto the pure-Python kernels (``PGVEIL_IMPL=python``)."""
 
     name = "pgveil-encrypted-py"
-
-    def spawn_env(self) -> Mapping[str, str] | None:
-        return {**self.keystore_environ, "PGVEIL_IMPL": "python"}
-
-    def version(self) -> str:
-        try:
-            from proxy import __version__
-        except ImportError:
-            return "unknown"
-        return f"pgveil {__version__}, python kernels (PGVEIL_IMPL=python)"
+    switch = {"PGVEIL_IMPL": "python"}
+    kernels = "python kernels (PGVEIL_IMPL=python)"
 
 
-class PgveilEncryptedEvpTarget(PgveilEncryptedTarget):
+class PgveilEncryptedEvpTarget(_PgveilEncryptedVariant):
     """pgveil-encrypted on the accelerator with its opens on OpenSSL's EVP (``PGVEIL_GCM=evp``) instead of
-    its own AES-NI GCM, for that code's effect in the same run."""
+    its own AES-NI GCM."""
 
     name = "pgveil-encrypted-evp"
-
-    def spawn_env(self) -> Mapping[str, str] | None:
-        return {**self.keystore_environ, "PGVEIL_GCM": "evp"}
-
-    def version(self) -> str:
-        try:
-            from proxy import __version__
-        except ImportError:
-            return "unknown"
-        return f"pgveil {__version__}, native kernels, AES-GCM open on EVP (PGVEIL_GCM=evp)"
+    switch = {"PGVEIL_GCM": "evp"}
+    kernels = "native kernels, AES-GCM open on EVP (PGVEIL_GCM=evp)"
 
 
 class PgveilEncrypted2Target(PgveilEncryptedTarget):

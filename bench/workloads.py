@@ -73,14 +73,7 @@ ALL_TARGETS = (
 ENCRYPTED_TARGETS = ("pgveil-encrypted", "pgveil-encrypted-py", "pgveil-encrypted-2w")
 # The workloads on plaintext tables that compare the middlemen among themselves.
 PLAIN_TARGETS = ("direct", "pgveil", "pgbouncer")
-MIDDLEMEN = (
-    "pgveil",
-    "pgveil-encrypted",
-    "pgveil-encrypted-py",
-    "pgveil-encrypted-evp",
-    "pgveil-encrypted-2w",
-    "pgbouncer",
-)
+MIDDLEMEN = tuple(t for t in ALL_TARGETS if t != "direct")
 PGBENCH_SCALE = 10
 WIDE_ROWS = 1000
 TEXT_COLUMNS = ("c1", "c2", "c3", "c4", "c5")
