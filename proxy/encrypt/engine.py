@@ -274,6 +274,9 @@ class StatementCrypto(CryptoState):
     copies_in: bool = field(init=False)
     # The native Bind plan (proxy/encrypt/bindseal.py), derived from targets: not part of the state's identity.
     sealer: BindSealer | None = field(init=False, default=None, compare=False, repr=False)
+    # The (table, subject column) pairs whose client-given ids its values are sealed for, derived likewise:
+    # each Bind checks them against the catalog's triggers (CryptoContext.check_given_subject).
+    given_subjects: tuple[tuple[str, SubjectColumn], ...] = field(init=False, default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.adopt(self.view)
@@ -299,6 +302,9 @@ class StatementCrypto(CryptoState):
         self.key_slots = len(slots)
         self.targets_in_order = all(a.index < b.index for a, b in itertools.pairwise(targets))
         self.sealer = BindSealer.compile(self.targets)
+        given = {(t.subject.table, t.subject.subject) for t in self.targets if t.subject is not None}
+        given.update((t.subject.table, t.subject.subject) for t in self.plan.literal_targets if t.subject is not None)
+        self.given_subjects = tuple(given)
 
 
 @dataclass(slots=True)
@@ -1312,9 +1318,7 @@ class SessionCrypto:
             self._check_literal_keys(stmt)
         # Checked at each Bind, not only at Parse: a trigger created since is seen once the catalog is read
         # again (both the native and the Python sealing paths seal for these subjects).
-        given = {(t.subject.table, t.subject.subject) for t in stmt.targets if t.subject is not None}
-        given.update((t.subject.table, t.subject.subject) for t in stmt.plan.literal_targets if t.subject is not None)
-        for table, subject_column in given:
+        for table, subject_column in stmt.given_subjects:
             self.ctx.check_given_subject(table, subject_column)
         param_formats: tuple[int, ...] | None = None
         sealed: tuple[tuple[int, bytes], ...] = ()
