@@ -395,6 +395,16 @@ class CryptoContext:
         # What each table with per-subject keys stores in its subject column when an INSERT leaves it out
         # (by qualified name; read with the catalog, see catalog_loader.read_subject_defaults).
         self.subject_defaults: Mapping[str, ColumnDefault] = dict(subject_defaults or {})
+        # Every table (and member of a family) whose root has a BEFORE INSERT or UPDATE row trigger that
+        # could change a client-given subject id, by qualified name, to its root's (check_given_subject).
+        self._trigger_guarded: dict[str, str] = {
+            name: name for name, default in self.subject_defaults.items() if default.before_write_trigger
+        }
+        for t in catalog.tables.values():
+            root = t.root if t.root is not None else t.qualified_name
+            default = self.subject_defaults.get(root)
+            if default is not None and default.before_write_trigger:
+                self._trigger_guarded[t.qualified_name] = root
         self._cache.clear()
         self._cache_chars = 0
         self._detached.clear()
@@ -606,10 +616,8 @@ class CryptoContext:
         BEFORE INSERT or UPDATE row trigger on it or a descendant could change the id afterwards: the
         values would be sealed under another subject's key than the row's, and shredding the row's
         subject would not destroy them."""
-        found = [t for t in self.catalog.tables.values() if t.qualified_name == table]
-        root = found[0].root if found and found[0].root is not None else table
-        default = self.subject_defaults.get(root) or self.subject_defaults.get(table)
-        if default is not None and default.before_write_trigger:
+        root = self._trigger_guarded.get(table)
+        if root is not None:
             raise _unsupported(
                 f"cannot seal the encrypted columns of {table} for the subject given in {subject.column}: "
                 f"a BEFORE INSERT or UPDATE trigger on {root} or its partitions may change it",
@@ -1537,7 +1545,6 @@ class SessionCrypto:
         subject = memo.get(source)
         if subject is not None:
             return subject
-        self.ctx.check_given_subject(source.table, source.subject)
         if source.literal is not None:
             raw = self._client_subject(source.table, source.subject, statement_bytes(source.literal, self.fmt))
             subject = subject_from_text(source.table, source.subject, raw)
