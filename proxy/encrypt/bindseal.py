@@ -139,11 +139,7 @@ class BindSealer:
         does (one lookup per column); None when one cannot be had here.
 
         With ``ring`` (the key ring behind ``write_key``), the lookups are skipped while its stamp of the
-        keys found last holds: the key cache has not changed at all since (no put, drop, refresh, flush
-        or pointer change: its epoch) and none of the keys has reached its TTL, so every lookup would
-        return the same key object. (The key cache's generation and the clock's second, the shared
-        Opener's token for results, would not do for writes: a refresh drops a rotated column's pointer
-        without changing the generation.)"""
+        keys found last holds (see the module docstring for why that stamp and no weaker token)."""
         cached = self._keys
         stamp = self._stamp
         if cached is not None and stamp is not None and ring is not None and ring.stamp_holds(stamp, len(cached)):
